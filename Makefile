@@ -1,0 +1,41 @@
+# The Makefile is the interface: CI and the README call these targets, never copies of their commands.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.chorus-installed
+TORCH_VERSION ?= 2.13.0
+MOSHI_VERSION ?= 0.2.13
+
+.PHONY: install run test lint bench compose-check k8s-check checkpoints clean
+
+# Two steps on purpose: torch first (the local CPU build), then moshi without its pins
+# (it pins torch<2.10, sounddevice and bitsandbytes, none needed to run its models), then us.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet --no-deps moshi==$(MOSHI_VERSION)
+	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/chorus up
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+checkpoints: $(STAMP)
+	$(BIN)/chorus dev make-checkpoints checkpoints
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+
+from shared.settings import CommonSettings
+
+
+class DialogueSettings(CommonSettings):
+    dialogue_http_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="Port of this worker's /healthz, /readyz, /metrics (0 = off).",
+    )
+
+
+@lru_cache
+def get_settings() -> DialogueSettings:
+    return DialogueSettings()

@@ -1,0 +1,39 @@
+"""The gateway's FastAPI app: wiring only. Routes live in their own modules."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.gateway import health, problems
+from services.gateway.settings import GatewaySettings
+from shared.bus import Bus, make_bus_kwargs
+from shared.streams import StreamNames
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        names = StreamNames(settings.key_prefix)
+        app.state.bus = await Bus.connect(settings.require_redis_url(), names, **make_bus_kwargs(settings))
+        log.info("gateway ready", extra={"port": settings.port})
+        try:
+            yield
+        finally:
+            await app.state.bus.close()
+
+    app = FastAPI(
+        title="Chorus",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Full-duplex spoken conversation with personas and cloned voices.",
+    )
+    app.state.settings = settings
+    problems.install(app)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,30 @@
+"""`chorus gateway`: serve the FastAPI app with uvicorn until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from services.gateway.app import create_app
+from services.gateway.settings import get_settings
+from shared.logging import configure_logging
+
+log = logging.getLogger(__name__)
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging("gateway", settings.log_level, settings.log_format)
+    settings.require_redis_url()
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        lifespan="on",
+        ws_max_size=1 << 20,
+    )
+    # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, closes sockets, then runs the lifespan exit.
+    asyncio.run(uvicorn.Server(config).serve())

@@ -1,0 +1,18 @@
+"""`chorus router`: wiring only; the core loop lands with its issue."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.router.settings import get_settings
+from shared.runtime import ServiceRuntime
+
+
+async def serve(runtime: ServiceRuntime) -> None:
+    await runtime.stop.wait()
+
+
+def main() -> None:
+    settings = get_settings()
+    runtime = ServiceRuntime("router", settings, http_port=settings.router_http_port or None)
+    asyncio.run(runtime.run(serve))

@@ -1,0 +1,109 @@
+"""The one exception hierarchy. Mapped once to HTTP problem details (gateway) and once to protocol errors."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ChorusError(Exception):
+    """Base error. `code` is stable and machine-readable; `status` is the HTTP status it maps to."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def problem(self, instance: str | None = None) -> dict[str, Any]:
+        """RFC 9457 problem details body."""
+        body: dict[str, Any] = {
+            "type": f"https://chorus.dev/problems/{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+            "retryable": self.retryable,
+        }
+        if instance:
+            body["instance"] = instance
+        body.update(self.extra)
+        return body
+
+
+class MalformedMessage(ChorusError):
+    code = "malformed_message"
+    status = 400
+    title = "Malformed message"
+
+
+class InvalidRequest(ChorusError):
+    code = "invalid_request"
+    status = 400
+    title = "Invalid request"
+
+
+class Unauthorized(ChorusError):
+    code = "unauthorized"
+    status = 401
+    title = "Missing or invalid API key"
+
+
+class NotFound(ChorusError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class Conflict(ChorusError):
+    code = "conflict"
+    status = 409
+    title = "Conflict"
+
+
+class PayloadTooLarge(ChorusError):
+    code = "payload_too_large"
+    status = 413
+    title = "Payload too large"
+
+
+class UnsupportedMedia(ChorusError):
+    code = "unsupported_media_type"
+    status = 415
+    title = "Unsupported media type"
+
+
+class Unprocessable(ChorusError):
+    code = "unprocessable"
+    status = 422
+    title = "Unprocessable content"
+
+
+class RateLimited(ChorusError):
+    code = "rate_limited"
+    status = 429
+    title = "Too many requests"
+    retryable = True
+
+
+class NoCapacity(ChorusError):
+    code = "no_capacity"
+    status = 503
+    title = "No capacity"
+    retryable = True
+
+
+class ServiceUnavailable(ChorusError):
+    code = "service_unavailable"
+    status = 503
+    title = "Service unavailable"
+    retryable = True
+
+
+class ModelLoadError(ChorusError):
+    code = "model_load_error"
+    status = 503
+    title = "Model could not be loaded"

@@ -1,0 +1,48 @@
+"""Prometheus metrics, each named once here and used inline where the measurement happens."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+# Frame-scale latencies: 80 ms is the budget of one tick.
+FRAME_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
+
+BUS_DEAD_LETTERS = Counter(
+    "chorus_bus_dead_letters_total",
+    "Entries given up on (malformed or failing too often)",
+    ["stream_kind", "reason"],
+)
+SESSIONS_ACTIVE = Gauge("chorus_sessions_active", "Sessions this process is serving", ["service"])
+WORKER_SLOTS_FREE = Gauge("chorus_worker_slots_free", "Free session slots on this worker", ["service"])
+WORKER_SLOTS_TOTAL = Gauge("chorus_worker_slots_total", "Session slots on this worker", ["service"])
+FRAMES_DROPPED = Counter(
+    "chorus_frames_dropped_total",
+    "Audio frames dropped (late, stale, or queue overflow)",
+    ["service", "reason"],
+)
+FRAMES_FILLED = Counter("chorus_frames_silence_filled_total", "Missing input frames filled with silence")
+STAGE_LATENCY = Histogram(
+    "chorus_stage_latency_seconds",
+    "Time spent per frame in each pipeline stage",
+    ["stage"],
+    buckets=FRAME_BUCKETS,
+)
+STREAM_LAG = Histogram(
+    "chorus_stream_lag_seconds",
+    "Age of an entry when its consumer read it",
+    ["stream_kind"],
+    buckets=FRAME_BUCKETS,
+)
+VOICE_SWITCHES = Counter("chorus_voice_switches_total", "Audio source switches", ["to", "reason"])
+TTS_REALTIME_FACTOR = Histogram(
+    "chorus_tts_realtime_factor",
+    "Seconds of audio synthesised per second of compute",
+    buckets=(0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12),
+)
+UPLOAD_REJECTIONS = Counter("chorus_voice_upload_rejections_total", "Rejected voice uploads", ["reason"])
+HTTP_REQUESTS = Counter("chorus_http_requests_total", "HTTP requests", ["method", "route", "status"])
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition body and its content type, for a /metrics endpoint."""
+    return generate_latest(), CONTENT_TYPE_LATEST

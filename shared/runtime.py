@@ -1,0 +1,139 @@
+"""What every worker process shares: logging, the Redis bus, a stop event set by SIGTERM/SIGINT,
+presence heartbeats, and a small HTTP server for /healthz, /readyz and /metrics.
+
+A service's `worker.py` builds a `ServiceRuntime` and hands it its core loop; nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from shared import metrics
+from shared.bus import Bus, make_bus_kwargs
+from shared.logging import configure_logging
+from shared.presence import WorkerFields, WorkerPresence
+from shared.settings import CommonSettings
+from shared.streams import StreamNames
+
+log = logging.getLogger(__name__)
+
+ReadyCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+
+
+class EmbeddedUvicorn(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to its host process (we own SIGTERM)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def health_app(service: str, ready: ReadyCheck) -> Starlette:
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok", "service": service})
+
+    async def readyz(_: Request) -> Response:
+        ok, detail = await ready()
+        return JSONResponse({"ready": ok, "service": service, **detail}, status_code=200 if ok else 503)
+
+    async def metrics_endpoint(_: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return Starlette(
+        routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_endpoint)]
+    )
+
+
+class ServiceRuntime:
+    def __init__(
+        self,
+        service: str,
+        settings: CommonSettings,
+        *,
+        http_host: str = "0.0.0.0",
+        http_port: int | None = None,
+    ) -> None:
+        self.service = service
+        self.settings = settings
+        self.http_host = http_host
+        self.http_port = http_port
+        self.stop = asyncio.Event()
+        self.names = StreamNames(settings.key_prefix)
+        self._bus: Bus | None = None
+        self.ready_check: ReadyCheck = self._default_ready
+        self.describe: Callable[[], WorkerFields] = dict
+        self.presence: WorkerPresence | None = None
+
+    @property
+    def bus(self) -> Bus:
+        if self._bus is None:
+            raise RuntimeError("bus used before ServiceRuntime.run connected it")
+        return self._bus
+
+    async def _default_ready(self) -> tuple[bool, dict[str, Any]]:
+        ok = self._bus is not None and await self._bus.ping()
+        return ok, {"redis": ok}
+
+    async def run(self, main: Callable[[ServiceRuntime], Coroutine[Any, Any, None]]) -> None:
+        """Connect, start heartbeat + HTTP, run `main` until it returns or a stop signal arrives."""
+        s = self.settings
+        configure_logging(self.service, s.log_level, s.log_format)
+        install_stop_signals(self.stop)
+        self._bus = await Bus.connect(s.require_redis_url(), self.names, **make_bus_kwargs(s))
+        self.presence = WorkerPresence(
+            self.bus,
+            self.service,
+            s.worker_id,
+            ttl_s=s.worker_ttl_s,
+            interval_s=s.heartbeat_interval_s,
+            describe=self.describe,
+        )
+        server = None
+        if self.http_port is not None:
+            config = uvicorn.Config(
+                health_app(self.service, self.ready_check),
+                host=self.http_host,
+                port=self.http_port,
+                log_level="warning",
+                lifespan="off",
+            )
+            server = EmbeddedUvicorn(config)
+        log.info("%s starting", self.service, extra={"worker_id": s.worker_id, "http_port": self.http_port})
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.presence.run(self.stop), name="presence")
+                if server is not None:
+                    tasks.create_task(server.serve(), name="http")
+                main_task = tasks.create_task(main(self), name="main")
+                main_task.add_done_callback(lambda _: self.stop.set())
+                await self.stop.wait()
+                log.info("%s stopping", self.service)
+                # The core loop sees `stop` and drains (tells its sessions, leaves streams consistent).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(main_task), timeout=10)
+                main_task.cancel()
+                if server is not None:
+                    server.should_exit = True
+        finally:
+            await self.presence.leave()
+            await self.bus.close()
+            log.info("%s stopped", self.service)

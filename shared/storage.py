@@ -1,0 +1,92 @@
+"""Durable storage for voice profiles, personas and transcripts, behind a small interface.
+
+`LocalStorage` (a directory, a volume in containers) is the default; an S3-compatible backend only has
+to implement `Storage`. Writes are atomic: a crash mid-write leaves the old object or none, never half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from shared.errors import InvalidRequest, NotFound
+
+
+class Storage(Protocol):
+    async def put(self, key: str, data: bytes) -> None: ...
+    async def get(self, key: str) -> bytes: ...
+    async def exists(self, key: str) -> bool: ...
+    async def delete(self, key: str) -> None: ...
+    async def delete_prefix(self, prefix: str) -> None: ...
+    async def list(self, prefix: str) -> list[str]: ...
+
+
+class LocalStorage:
+    """Keys are '/'-separated relative paths under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not key or key.startswith("/") or not path.is_relative_to(self.root) or path == self.root:
+            raise InvalidRequest(f"invalid storage key {key!r}")
+        return path
+
+    def _put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic on POSIX
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put, key, data)
+
+    async def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise NotFound(f"no stored object {key!r}") from None
+
+    async def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    async def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    async def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix.rstrip("/"))
+        await asyncio.to_thread(shutil.rmtree, path, True)
+
+    async def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+
+        def walk() -> list[str]:
+            if not base.is_dir():
+                return []
+            return sorted(
+                str(p.relative_to(self.root))
+                for p in base.rglob("*")
+                if p.is_file() and not p.name.startswith(".")
+            )
+
+        return await asyncio.to_thread(walk)

@@ -1,0 +1,64 @@
+"""Every Redis key Chorus uses, in one place (see docs/architecture.md, "Redis Streams")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SERVICES = ("gateway", "dialogue", "tts", "router")
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    prefix: str = "chorus:"
+
+    @property
+    def control(self) -> str:
+        """Session lifecycle: start / update / stop (consumer groups per service)."""
+        return f"{self.prefix}control"
+
+    @property
+    def dead_letter(self) -> str:
+        """Entries a consumer gave up on (malformed, or failing past the retry limit), for inspection."""
+        return f"{self.prefix}dead-letter"
+
+    def session_input(self, sid: str) -> str:
+        """User audio, gateway -> dialogue."""
+        return f"{self.prefix}s:{sid}:in"
+
+    def session_dialogue(self, sid: str) -> str:
+        """Moshi's text pieces and native audio, dialogue -> router, tts."""
+        return f"{self.prefix}s:{sid}:dlg"
+
+    def session_tts(self, sid: str) -> str:
+        """Cloned audio and the words it covers, tts -> router."""
+        return f"{self.prefix}s:{sid}:tts"
+
+    def session_output(self, sid: str) -> str:
+        """What the client gets (audio/text/event), router -> gateway."""
+        return f"{self.prefix}s:{sid}:out"
+
+    def session(self, sid: str) -> str:
+        """Hash: owner workers, state, voice, persona, heartbeat."""
+        return f"{self.prefix}session:{sid}"
+
+    def session_transcript(self, sid: str) -> str:
+        """List of transcript turns (JSON), used to re-prime a session after failover."""
+        return f"{self.prefix}session:{sid}:transcript"
+
+    def session_keys(self, sid: str) -> list[str]:
+        """Every per-session key, so a finished session can be expired as a whole."""
+        return [
+            self.session_input(sid),
+            self.session_dialogue(sid),
+            self.session_tts(sid),
+            self.session_output(sid),
+            self.session(sid),
+            self.session_transcript(sid),
+        ]
+
+    def worker(self, service: str, worker_id: str) -> str:
+        """Hash: a worker's capacity, free slots, model and heartbeat (expires when it stops beating)."""
+        return f"{self.prefix}workers:{service}:{worker_id}"
+
+    def worker_pattern(self, service: str) -> str:
+        return f"{self.prefix}workers:{service}:*"

@@ -1,0 +1,52 @@
+"""Fixtures shared by the whole suite: one real redis-server per test session, a fresh key prefix per
+test (so tests never see each other's streams), and a Bus connected to it."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.bus import Bus
+from shared.redis_server import EmbeddedRedis
+from shared.streams import StreamNames
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Child processes the tests start (`python -m chorus.cli ...`) import this checkout, whatever is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+# Two cores are shared by everything the suite runs; one torch thread per model keeps ticks predictable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture
+def names(key_prefix: str) -> StreamNames:
+    return StreamNames(key_prefix)
+
+
+@pytest.fixture
+async def bus(redis_url: str, names: StreamNames) -> AsyncIterator[Bus]:
+    bus = await Bus.connect(redis_url, names, session_maxlen=200, control_maxlen=200)
+    try:
+        yield bus
+    finally:
+        await bus.close()
