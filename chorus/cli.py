@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def _run_service(name: str) -> Callable[[argparse.Namespace], int]:
@@ -30,6 +31,27 @@ def _up(args: argparse.Namespace) -> int:
     return up(args.port)
 
 
+def _make_checkpoints(args: argparse.Namespace) -> int:
+    from chorus.devtools.checkpoints import make_checkpoints
+
+    for part, path in make_checkpoints(args.dir, full_size=args.full_size).items():
+        print(f"{part}: {path}")
+    print(f"use them with CHORUS_MOSHI_DIR={args.dir / 'moshi'} CHORUS_TTS_DIR={args.dir / 'tts'}")
+    return 0
+
+
+def _voices_add(args: argparse.Namespace) -> int:
+    from chorus.voices import add_voice
+
+    return add_voice(args)
+
+
+def _talk(args: argparse.Namespace) -> int:
+    from chorus.talk import talk
+
+    return talk(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chorus",
@@ -51,6 +73,40 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, text in helps.items():
         commands.add_parser(name, help=text).set_defaults(func=_run_service(name))
+
+    gateway_url = "http://127.0.0.1:8000"
+    talk = commands.add_parser("talk", help="stream a WAV file through a conversation; save the reply")
+    talk.add_argument("input", type=Path, help="what the user says (any WAV; resampled to 24 kHz mono)")
+    talk.add_argument("--out", type=Path, required=True, help="where to write the reply audio (WAV)")
+    talk.add_argument("--transcript", type=Path, default=None, help="transcript JSON (default: OUT.json)")
+    talk.add_argument("--voice", default=None, help="moshiko, moshika or profile:<id>")
+    talk.add_argument("--persona", default=None, help="persona id")
+    talk.add_argument("--protocol", choices=("moshi", "realtime"), default="moshi")
+    talk.add_argument("--url", default=gateway_url, help=f"gateway URL (default {gateway_url})")
+    talk.add_argument("--api-key", default=None, help="API key (default: CHORUS_API_KEY)")
+    talk.add_argument("--tail", type=float, default=3.0, help="seconds of silence sent after the file")
+    talk.set_defaults(func=_talk)
+
+    voices = commands.add_parser("voices", help="manage cloned-voice profiles").add_subparsers(
+        dest="voices_command", required=True, metavar="ACTION"
+    )
+    add = voices.add_parser("add", help="upload a reference clip (3-30 s of one person speaking)")
+    add.add_argument("file", type=Path)
+    add.add_argument("--name", required=True)
+    add.add_argument("--url", default=gateway_url, help=f"gateway URL (default {gateway_url})")
+    add.add_argument("--api-key", default=None, help="API key (default: CHORUS_API_KEY)")
+    add.set_defaults(func=_voices_add)
+
+    dev = commands.add_parser("dev", help="developer tools").add_subparsers(
+        dest="dev_command", required=True, metavar="TOOL"
+    )
+    ckpt = dev.add_parser(
+        "make-checkpoints",
+        help="write small random-weight checkpoints in the published layouts to DIR/moshi and DIR/tts",
+    )
+    ckpt.add_argument("dir", type=Path)
+    ckpt.add_argument("--full-size", action="store_true", help="real model sizes (for benchmarks)")
+    ckpt.set_defaults(func=_make_checkpoints)
     return parser
 
 

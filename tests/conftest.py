@@ -50,3 +50,25 @@ async def bus(redis_url: str, names: StreamNames) -> AsyncIterator[Bus]:
         yield bus
     finally:
         await bus.close()
+
+
+CHECKPOINT_CACHE = REPO_ROOT / ".cache" / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def checkpoints() -> Path:
+    """Small random-weight checkpoints in the published layouts (generated once, cached in .cache/)."""
+    from chorus.devtools.checkpoints import make_checkpoints
+
+    make_checkpoints(CHECKPOINT_CACHE)
+    return CHECKPOINT_CACHE
+
+
+@pytest.fixture(scope="session")
+def moshi_dir(checkpoints: Path) -> Path:
+    return checkpoints / "moshi"
+
+
+@pytest.fixture(scope="session")
+def tts_dir(checkpoints: Path) -> Path:
+    return checkpoints / "tts"

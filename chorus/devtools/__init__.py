@@ -1,0 +1,1 @@
+"""Developer tools: generated checkpoints for tests, demos and benchmarks; docs generation."""
