@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.gateway import health, problems
+from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus, make_bus_kwargs
 from shared.streams import StreamNames
@@ -36,4 +37,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     problems.install(app)
     app.include_router(health.router)
+    app.include_router(moshi_chat.router)
+    app.include_router(realtime.router)
     return app
