@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway import health, problems
+from services.gateway import health, problems, web
 from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus, make_bus_kwargs
@@ -39,4 +39,5 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(moshi_chat.router)
     app.include_router(realtime.router)
+    web.install(app)
     return app
