@@ -102,7 +102,7 @@ class Mixer:
         self.budget_frames = budget_frames
         self.queue_frames = queue_frames
         self.tick = 0
-        self.source: AudioSource = "cloned" if self._tts_expected() else "native"
+        self.source: AudioSource = "cloned" if self.wants_tts else "native"
         self.tts_present = True
         self.tts_failed = False
         self.user_speaking = False
@@ -136,7 +136,8 @@ class Mixer:
     def next_seq(self) -> int:
         return self._seq
 
-    def _tts_expected(self) -> bool:
+    @property
+    def wants_tts(self) -> bool:
         """The TTS synthesises this session's words (design: profile voice and mode not native)."""
         return is_cloned_voice(self.voice) and self.mode != "native"
 
@@ -157,7 +158,7 @@ class Mixer:
         if frame.text:
             self._emit(OutputText(session_id=self.session_id, seq=self._seq, text=frame.text))
             chars = _speakable(frame.text)
-            if chars and self._tts_expected() and self.tts_up:
+            if chars and self.wants_tts and self.tts_up:
                 self._debts.append(_TextDebt(self.tick, chars))
         self._settle_source()
         self._emit(
@@ -188,7 +189,7 @@ class Mixer:
             return self._take()
         self._last_cloned_seq = frame.seq
         self.tts_failed = False  # it is producing audio again
-        if not self._tts_expected():
+        if not self.wants_tts:
             self._out.dropped[DropReason.SUPERSEDED] += 1
         elif self._in_flush_window(frame):
             self._out.dropped[DropReason.FLUSHED] += 1
@@ -228,11 +229,11 @@ class Mixer:
         new_voice = voice is not None and voice != self.voice
         self.voice = voice or self.voice
         self.mode = mode or self.mode
-        if new_voice or not self._tts_expected():
+        if new_voice or not self.wants_tts:
             self._out.dropped[DropReason.SUPERSEDED] += len(self._queue)
             self._queue.clear()
             self._debts.clear()
-        if new_voice and self.source == "cloned" and self._tts_expected():
+        if new_voice and self.source == "cloned" and self.wants_tts:
             # Same source, another profile: no switch, but the client is told its voice changed.
             self._event(
                 EventName.VOICE_CHANGED,
@@ -255,7 +256,7 @@ class Mixer:
     # --- policy --------------------------------------------------------------------------------
 
     def _wanted(self) -> tuple[AudioSource, str]:
-        if not self._tts_expected():
+        if not self.wants_tts:
             return "native", SwitchReason.VOICE_UPDATE
         if not self.tts_up:
             return "native", SwitchReason.TTS_DOWN
