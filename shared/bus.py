@@ -102,12 +102,14 @@ class Bus:
         return _s(entry_id)
 
     async def append_many(self, items: Sequence[tuple[str, Envelope]]) -> None:
-        """XADD several entries in one round trip (a pipeline), each capped like `append`."""
+        """XADD several entries in one round trip (a pipeline), each capped like `append` /
+        `append_control`."""
         if not items:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, message in items:
-                pipe.xadd(stream, encode(message), maxlen=self.session_maxlen, approximate=True)
+                cap = self.control_maxlen if stream == self.names.control else self.session_maxlen
+                pipe.xadd(stream, encode(message), maxlen=cap, approximate=True)
             await pipe.execute()
 
     async def append_control(self, message: Envelope) -> str:

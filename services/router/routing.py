@@ -122,13 +122,23 @@ class Router:
         if sid in self.sessions:
             return Handled.HOLD if self.sessions[sid].start_entry == entry.entry_id else Handled.ACK
         state = await self.store.get(sid)
-        if sid in self._recent_stops or state.get("state") == SessionState.ENDED:
+        if sid in self._recent_stops or await self._is_over(sid, state):
+            log.info("ignoring the start of a session that is over", extra={"session_id": sid})
             return Handled.ACK
         session = await self._open(message, entry.entry_id, state)
+        if sid in self._recent_stops:  # stopped while we were opening it: end it properly
+            session.stop_reason = "stopped"
         self.sessions[sid] = session
         metrics.SESSIONS_ACTIVE.labels(service=SERVICE).set(len(self.sessions))
         self._changed.set()
         return Handled.HOLD
+
+    async def _is_over(self, sid: str, state: dict[str, str]) -> bool:
+        """A `start` from the control stream's history (a new consumer group reads it all) may be of a
+        session long gone: its hash expired or says ended, or an owner already gave its keys a TTL."""
+        if not state or state.get("state") == SessionState.ENDED:
+            return True
+        return int(await self.bus.redis.ttl(self.names.session_input(sid))) > 0
 
     async def _open(self, start: SessionStart, entry_id: str, state: dict[str, str]) -> RoutedSession:
         sid = start.session_id
@@ -232,7 +242,8 @@ class Router:
             session = owners[entry.stream]
             session.cursors[entry.stream] = entry.entry_id
             by_session.setdefault(session.sid, []).append(entry)
-        speech = await asyncio.to_thread(self._detect_speech, owners, entries)
+        user_audio = [e for e in entries if e.stream == self.names.session_input(owners[e.stream].sid)]
+        speech = await asyncio.to_thread(self._detect_speech, owners, user_audio) if user_audio else {}
         for sid, session_entries in by_session.items():
             if (routed := self.sessions.get(sid)) is not None:
                 self._dispatch(routed, session_entries, speech.get(sid, []))
@@ -243,8 +254,6 @@ class Router:
         edges: dict[str, list[bool]] = {}
         for entry in entries:
             session = owners[entry.stream]
-            if entry.stream != self.names.session_input(session.sid):
-                continue
             message = _decode(INPUT, entry)
             if isinstance(message, UserAudio):
                 edge = session.edges.push(session.detector.speech_probability(message.pcm))

@@ -32,6 +32,7 @@ from shared.messages import (
     VoiceMode,
 )
 from shared.presence import WorkerPresence
+from shared.sessions import SessionStore
 from shared.streams import StreamNames
 
 SID = "sess1"
@@ -102,6 +103,8 @@ class Player:
         )
 
     async def start(self, voice: str, mode: VoiceMode) -> None:
+        """As the gateway does: the session hash first, then `start` on chorus:control."""
+        await SessionStore(self.bus, 60).update(self.sid, state="placing", voice=voice, voice_mode=mode)
         await self.bus.append_control(SessionStart(session_id=self.sid, voice=voice, voice_mode=mode))
 
     async def output(self) -> list[OutputMessage]:
@@ -247,3 +250,12 @@ async def test_a_session_taken_over_from_a_dead_router_goes_on_from_where_it_was
     fresh = out[10:]
     assert [m.text for m in fresh if isinstance(m, OutputText)] == [" new"], "old frames are not replayed"
     assert [m.seq for m in fresh] == list(range(10, 10 + len(fresh)))
+
+
+async def test_the_start_of_a_session_that_is_already_over_is_ignored(bus: Bus, names: StreamNames) -> None:
+    await bus.append_control(SessionStart(session_id="gone"))  # no session hash: it expired long ago
+    play = Player(bus)
+    async with running_router(bus) as router:
+        await play.start("moshiko", "native")
+        await play.wait_output(lambda _: SID in router.sessions, "the live session taken")
+        assert "gone" not in router.sessions
