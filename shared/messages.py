@@ -2,7 +2,7 @@
 
 Each stream has its own small union, discriminated by the `type` field:
 
-    chorus:control      SessionStart | SessionUpdate | SessionStop
+    chorus:control      SessionStart | SessionUpdate | SessionStop | SessionFlush
     chorus:s:{sid}:in   UserAudio | SessionEvent
     chorus:s:{sid}:dlg  DialogueFrame | SessionEvent
     chorus:s:{sid}:tts  ClonedAudio | SessionEvent
@@ -121,6 +121,12 @@ class SessionStop(Envelope):
     reason: str = "client_closed"
 
 
+class SessionFlush(Envelope):
+    """Router -> tts owner (barge-in): drop the session's queued text and audio not yet sent."""
+
+    type: Literal["flush"] = "flush"
+
+
 # --- per-session streams --------------------------------------------------------------------------
 
 
@@ -179,7 +185,7 @@ class OutputText(Envelope):
     text: str
 
 
-ControlMessage = SessionStart | SessionUpdate | SessionStop
+ControlMessage = SessionStart | SessionUpdate | SessionStop | SessionFlush
 InputMessage = UserAudio | SessionEvent
 DialogueMessage = DialogueFrame | SessionEvent
 TtsMessage = ClonedAudio | SessionEvent
@@ -274,7 +280,7 @@ class Codec(Generic[M]):
         return tuple(self._models)
 
 
-CONTROL: Codec[ControlMessage] = Codec(SessionStart, SessionUpdate, SessionStop)
+CONTROL: Codec[ControlMessage] = Codec(SessionStart, SessionUpdate, SessionStop, SessionFlush)
 INPUT: Codec[InputMessage] = Codec(UserAudio, SessionEvent)
 DIALOGUE: Codec[DialogueMessage] = Codec(DialogueFrame, SessionEvent)
 TTS: Codec[TtsMessage] = Codec(ClonedAudio, SessionEvent)
