@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 
+# How long the core loop gets to drain after SIGTERM before it is cancelled. The deploy files' grace
+# periods (docker-compose.yml stop_grace_period, Kubernetes terminationGracePeriodSeconds) are derived
+# from it; tests/deploy checks that they stay longer.
+DRAIN_TIMEOUT_S = 10.0
+
 
 class EmbeddedUvicorn(uvicorn.Server):
     """A uvicorn server that leaves signal handling to its host process (we own SIGTERM)."""
@@ -129,7 +134,7 @@ class ServiceRuntime:
                 log.info("%s stopping", self.service)
                 # The core loop sees `stop` and drains (tells its sessions, leaves streams consistent).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(main_task), timeout=10)
+                    await asyncio.wait_for(asyncio.shield(main_task), timeout=DRAIN_TIMEOUT_S)
                 main_task.cancel()
                 if server is not None:
                     server.should_exit = True
