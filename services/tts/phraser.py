@@ -1,0 +1,106 @@
+"""Groups Moshi's text pieces into phrases worth speaking, as they arrive.
+
+Moshi emits one text piece (a SentencePiece token, '▁' turned into a space) or nothing per 80 ms frame.
+Waiting for whole sentences would hold the first audio back by seconds, speaking every piece alone
+would sound broken. A phrase ends:
+- on sentence punctuation (. ! ? …), or on , ; : once it has `min_words_at_comma` words;
+- on a pause: `pause_frames` frames in a row without text after some words;
+- on the word budget: a new word would make it longer than `max_words`.
+
+Time comes from the frames' sequence numbers, never the wall clock, so tests run it instantly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SENTENCE_END = ".!?\u2026"
+CLAUSE_END = ",;:\u2013\u2014"
+CLOSERS = "\"')]\u201d\u2019\u00bb"
+
+
+@dataclass(frozen=True)
+class PhraseRules:
+    max_words: int = 12
+    min_words_at_comma: int = 4
+    pause_frames: int = 4
+
+
+@dataclass(frozen=True)
+class Phrase:
+    phrase_id: int
+    text: str
+    words: int
+    first_seq: int  # the dialogue frame of its first text piece
+    last_seq: int  # the dialogue frame of its last text piece
+
+
+@dataclass
+class _Pending:
+    pieces: list[str] = field(default_factory=list)
+    first_seq: int = -1
+    last_seq: int = -1
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces).strip()
+
+    @property
+    def words(self) -> int:
+        return len(self.text.split())
+
+
+class Phraser:
+    def __init__(self, rules: PhraseRules, next_phrase_id: int = 0) -> None:
+        self.rules = rules
+        self.next_phrase_id = next_phrase_id
+        self._pending = _Pending()
+
+    @property
+    def pending_words(self) -> int:
+        return self._pending.words
+
+    def push(self, seq: int, text: str) -> list[Phrase]:
+        """Feed one dialogue frame (its text piece, or '' for none); returns the phrases it completed."""
+        if not text.strip():
+            if self._pending.pieces and seq - self._pending.last_seq >= self.rules.pause_frames:
+                return self._close()
+            return []
+        done: list[Phrase] = []
+        starts_word = text[0].isspace() or not self._pending.pieces
+        if starts_word and self._pending.words >= self.rules.max_words:
+            done += self._close()
+        if not self._pending.pieces:
+            self._pending.first_seq = seq
+        self._pending.pieces.append(text)
+        self._pending.last_seq = seq
+        if self._ends_phrase(text):
+            done += self._close()
+        return done
+
+    def flush(self) -> list[Phrase]:
+        """Close whatever is pending (the dialogue ended)."""
+        return self._close()
+
+    def clear(self) -> int:
+        """Drop the pending words (barge-in); returns how many were dropped."""
+        words = self._pending.words
+        self._pending = _Pending()
+        return words
+
+    def _ends_phrase(self, piece: str) -> bool:
+        tail = piece.rstrip().rstrip(CLOSERS)
+        if not tail:
+            return False
+        if tail[-1] in SENTENCE_END:
+            return True
+        return tail[-1] in CLAUSE_END and self._pending.words >= self.rules.min_words_at_comma
+
+    def _close(self) -> list[Phrase]:
+        pending, self._pending = self._pending, _Pending()
+        text = pending.text
+        if not any(c.isalnum() for c in text):
+            return []  # punctuation alone has nothing to say
+        phrase = Phrase(self.next_phrase_id, text, len(text.split()), pending.first_seq, pending.last_seq)
+        self.next_phrase_id += 1
+        return [phrase]
