@@ -74,6 +74,7 @@ def _train_sentencepiece(directory: Path, corpus: list[str]) -> tuple[str, int]:
         minloglevel=2,
     )
     corpus_file.unlink()
+    (directory / "tokenizer.vocab").unlink(missing_ok=True)  # a human-readable copy nobody loads
     processor = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     return "tokenizer.model", int(processor.vocab_size())
 
