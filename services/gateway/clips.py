@@ -87,23 +87,23 @@ def unusable(reason: str, detail: str, measured: float, limit: float, unit: str)
     )
 
 
+def _unsupported(detail: str, reason: str, **extra: str) -> ChorusError:
+    return rejected(UnsupportedMedia(detail, reason=reason, **extra), reason)
+
+
 def _decode(data: bytes, max_s: float) -> tuple[FloatAudio, int, str]:
     """(samples [frames, channels] float32, sample rate, format name); never decodes more than max_s + 1 s."""
     try:
         info = soundfile.info(io.BytesIO(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
-        raise rejected(
-            UnsupportedMedia(
-                f"not an audio file this server can read; send {ACCEPTED_TEXT}", reason=str(exc)
-            ),
-            "not_audio",
-        ) from None
+        raise _unsupported(
+            f"not an audio file this server can read; send {ACCEPTED_TEXT}", "not_audio"
+        ) from exc
     if info.format not in ACCEPTED_FORMATS:
-        raise rejected(
-            UnsupportedMedia(
-                f"{info.format_info} audio is not accepted; send {ACCEPTED_TEXT}", format=info.format
-            ),
+        raise _unsupported(
+            f"{info.format_info} audio is not accepted; send {ACCEPTED_TEXT}",
             "unsupported_format",
+            format=info.format,
         )
     if info.samplerate > 0 and info.frames / info.samplerate > max_s:
         raise _too_long(info.frames / info.samplerate, max_s)
@@ -112,7 +112,7 @@ def _decode(data: bytes, max_s: float) -> tuple[FloatAudio, int, str]:
             io.BytesIO(data), dtype="float32", always_2d=True, frames=int((max_s + 1) * info.samplerate)
         )
     except (soundfile.SoundFileError, RuntimeError, ValueError) as exc:
-        raise rejected(UnsupportedMedia(f"the audio could not be decoded: {exc}"), "undecodable") from None
+        raise _unsupported("the audio could not be decoded (a damaged file?)", "undecodable") from exc
     return samples, int(rate), ACCEPTED_FORMATS[info.format]
 
 
