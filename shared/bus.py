@@ -101,6 +101,17 @@ class Bus:
         entry_id = await self.redis.xadd(stream, encode(message), maxlen=cap, approximate=True)  # type: ignore[arg-type]
         return _s(entry_id)
 
+    async def append_many(self, items: Sequence[tuple[str, Envelope]]) -> None:
+        """XADD several entries in one round trip (a pipeline), each capped like `append` /
+        `append_control`."""
+        if not items:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, message in items:
+                cap = self.control_maxlen if stream == self.names.control else self.session_maxlen
+                pipe.xadd(stream, encode(message), maxlen=cap, approximate=True)
+            await pipe.execute()
+
     async def append_control(self, message: Envelope) -> str:
         return await self.append(self.names.control, message, maxlen=self.control_maxlen)
 

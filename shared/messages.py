@@ -125,10 +125,9 @@ class SessionStop(Envelope):
 
 
 class SessionFlush(Envelope):
-    """Drop the session's queued cloned audio (barge-in); router -> the session's TTS owner."""
+    """Router -> tts owner (barge-in): drop the session's queued text and audio not yet sent."""
 
     type: Literal["flush"] = "flush"
-    reason: str = "barge_in"
 
 
 # --- per-session streams --------------------------------------------------------------------------

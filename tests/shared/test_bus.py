@@ -242,3 +242,12 @@ async def test_connect_fails_fast_with_a_clear_reason_when_redis_is_down() -> No
 
     with pytest.raises(ServiceUnavailable, match="cannot reach Redis"):
         await Bus.connect(f"redis://127.0.0.1:{free_port()}/0", StreamNames(), timeout_s=1)
+
+
+async def test_append_many_writes_entries_in_order_in_one_round_trip(bus: Bus, names: StreamNames) -> None:
+    frames = [DialogueFrame(session_id="s", seq=i, pcm=silence_frame()) for i in range(3)]
+    stop = SessionStop(session_id="s")
+    await bus.append_many([(names.session_dialogue("s"), f) for f in frames] + [(names.control, stop)])
+    written = [DIALOGUE.decode(e.fields) for e in await bus.range(names.session_dialogue("s"))]
+    assert [f.seq for f in written] == [0, 1, 2]
+    assert [CONTROL.decode(e.fields) for e in await bus.range(names.control)] == [stop]
