@@ -246,9 +246,11 @@ async def _sessions_run(bus: Bus, voice: str, count: int, run: int) -> dict[str,
     for sid in sessions:
         await store.update(sid, state="active", owner="", voice=voice, voice_mode="cloned")
         await bus.append_control(SessionStart(session_id=sid, voice=voice, voice_mode="cloned"))
-    while not all((await store.get(sid)).get("tts_worker") for sid in sessions):
+    for _ in range(2000):  # placement takes milliseconds; this only bounds a broken worker
+        if all((await store.get(sid)).get("tts_worker") for sid in sessions):
+            break
         await asyncio.sleep(0.05)
-    scripts = {sid: _script(seed=hash(sid) % 1000) for sid in sessions}
+    scripts = {sid: _script(seed=run * 100 + i) for i, sid in enumerate(sessions)}
     await _feed(bus, sessions, scripts, drain_frames=round(10 / FRAME_SEC))
     for sid in sessions:
         await bus.append_control(SessionStop(session_id=sid, reason="bench"))

@@ -102,11 +102,13 @@ class ClonedSession:
     def backlog(self) -> int:
         return self._backlog.qsize()
 
-    async def start(self, voice: str, voice_mode: VoiceMode, *, from_beginning: bool) -> None:
-        """Serve the session; `from_beginning`: read `:dlg` from its first entry (a new session), else
-        only what comes next (taken over from a dead worker, or switched to a cloned voice)."""
+    async def start(self, voice: str, voice_mode: VoiceMode, *, resumed: bool) -> None:
+        """Serve the session. A new one reads `:dlg` from its first entry; one `resumed` (taken over from
+        a dead worker) only what comes next, so nothing is said twice, and says so on `:tts`."""
         self._speaker = asyncio.create_task(self._speak_loop(), name=f"tts-speak-{self.session_id}")
-        await self.set_voice(voice, voice_mode, from_beginning=from_beginning)
+        if resumed:
+            await self._event(EventName.RESUMED)
+        await self.set_voice(voice, voice_mode, from_beginning=not resumed)
 
     async def set_voice(self, voice: str, voice_mode: VoiceMode, *, from_beginning: bool = False) -> None:
         self.voice, self.voice_mode = voice, voice_mode

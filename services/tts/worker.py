@@ -158,8 +158,7 @@ class TtsWorker:
             "session placed",
             extra={"session_id": sid, "resumed": resumed, "voice": voice, "voice_mode": mode},
         )
-        # A new session's :dlg is read from its start; a taken-over one from now on (no repeats).
-        await session.start(voice, mode, from_beginning=not resumed)
+        await session.start(voice, mode, resumed=resumed)
         return Handled.HOLD
 
     async def _next_tts_seq(self, sid: str) -> int:
@@ -205,7 +204,7 @@ class TtsWorker:
         if isinstance(message, SessionStop):
             await self.end(message.session_id, message.reason)
         elif isinstance(message, SessionFlush):
-            await session.flush(message.reason)
+            await session.flush("barge_in")
         elif isinstance(message, SessionUpdate) and (message.voice or message.voice_mode):
             await session.set_voice(message.voice or session.voice, message.voice_mode or session.voice_mode)
 

@@ -236,4 +236,5 @@ async def test_a_session_of_a_dead_worker_is_taken_over_and_its_seq_continues(
         after = await eventually(lambda: phrases_done(bus, "s1", 2), "the next phrase")
     new = after[len(before) :]
     assert [f.text for f in frames_of(new) if f.text] == ["Second."], "nothing said twice"
+    assert events(new, EventName.RESUMED), "the router is told the TTS is back"
     assert min(e.seq for e in new) > max(e.seq for e in before)  # type: ignore[attr-defined]
