@@ -6,8 +6,9 @@ order and appends `ClonedAudio` frames, the phrase's text on its first frame. A 
 change) bumps a generation number: queued phrases of an older generation are dropped, the phrase being
 synthesised is cancelled and none of its remaining frames is written.
 
-Events on `:tts`: `phrase_done` (phrase id, frames, dialogue seq range), `flush`, `error` (the voice
-cannot be used; the router falls back to native audio), `ended`.
+Events on `:tts`: `ready` (placed) or `resumed` (taken over from a dead worker), `phrase_done` (phrase
+id, frames, dialogue seq range), `flush`, `error` (the voice cannot be used; the router falls back to
+native audio), `ended`.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ class ClonedSession:
         """Serve the session. A new one reads `:dlg` from its first entry; one `resumed` (taken over from
         a dead worker) only what comes next, so nothing is said twice, and says so on `:tts`."""
         self._speaker = asyncio.create_task(self._speak_loop(), name=f"tts-speak-{self.session_id}")
-        if resumed:
-            await self._event(EventName.RESUMED)
+        # The router takes either as "this session's TTS is up" (clearing an earlier failure).
+        await self._event(EventName.RESUMED if resumed else EventName.READY)
         await self.set_voice(voice, voice_mode, from_beginning=not resumed)
 
     async def set_voice(self, voice: str, voice_mode: VoiceMode, *, from_beginning: bool = False) -> None:

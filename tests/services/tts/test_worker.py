@@ -103,6 +103,7 @@ async def test_two_sessions_speak_moshis_text_in_their_own_voices_at_once(
         (alice_out, ["Hello there.", "How are you?"]),
         (bob_out, ["Nice to meet you", "Bye!"]),
     ):
+        assert [e.name for e in events(entries, EventName.READY)] == ["ready"], "the router is told once"
         frames = frames_of(entries)
         assert [f.text for f in frames if f.text] == texts, "each phrase's text rides on its first frame"
         seqs = [e.seq for e in entries]  # type: ignore[attr-defined]
