@@ -239,3 +239,36 @@ async def test_a_session_of_a_dead_worker_is_taken_over_and_its_seq_continues(
     assert [f.text for f in frames_of(new) if f.text] == ["Second."], "nothing said twice"
     assert events(new, EventName.RESUMED), "the router is told the TTS is back"
     assert min(e.seq for e in new) > max(e.seq for e in before)  # type: ignore[attr-defined]
+
+
+async def test_a_start_of_a_session_that_is_over_is_ignored(
+    bus: Bus, settings: TtsSettings, store: VoiceProfileStore, tts_engine: Engine
+) -> None:
+    # A new consumer group reads the whole control history: old starts must not revive their sessions.
+    profile = await add_profile(store, SPEECH)
+    await bus.append_control(SessionStart(session_id="gone", voice=profile.voice, voice_mode="cloned"))
+    await start_session(bus, "ended", profile.voice)
+    await SessionStore(bus, 60).update("ended", state=SessionState.ENDED)
+    async with running_worker(bus, settings, tts_engine) as worker:
+        await start_session(bus, "live", profile.voice)
+        await eventually(lambda: _placed(worker, "live"), "the live session")
+        assert set(worker.sessions) == {"live"}
+        pending = await bus.redis.xpending(bus.names.control, "tts")
+        assert pending["pending"] == 1, "only the live session's start is held"
+
+
+async def test_a_full_backlog_drops_the_oldest_phrases_and_speaks_the_newest(
+    bus: Bus, tts_checkpoint: Path, tmp_path: Path, redis_url: str, key_prefix: str, tts_engine: Engine
+) -> None:
+    settings = tts_settings(tts_checkpoint, tmp_path / "data", redis_url, key_prefix, tts_backlog_phrases=1)
+    store = VoiceProfileStore(LocalStorage(settings.data_dir))
+    profile = await add_profile(store, SPEECH)
+    # Moshi's text is on :dlg before the session is placed: the worker reads it in one batch, so four
+    # phrases are queued before any is spoken and a backlog of one keeps only the last.
+    dialogue = Dialogue(bus, "s1")
+    await dialogue.say(" One", ".", " Two", ".", " Three", ".", " Four", ".")
+    async with running_worker(bus, settings, tts_engine):
+        await start_session(bus, "s1", profile.voice)
+        entries = await eventually(lambda: phrases_done(bus, "s1", 1), "a phrase")
+    assert [f.text for f in frames_of(entries) if f.text] == ["Four."]
+    assert [e.data["phrase_id"] for e in events(entries, EventName.PHRASE_DONE)] == [3]
