@@ -244,7 +244,7 @@ async def serve(runtime: ServiceRuntime, settings: TtsSettings) -> None:
     engine = await Engine.load(settings)
     store = VoiceProfileStore(LocalStorage(settings.data_dir))
     worker = TtsWorker(session_services(runtime.bus, settings, engine, store), settings)
-    runtime.describe = worker.describe
+    runtime.presence.describe = worker.describe  # the heartbeat already runs: give it our fields
     try:
         await worker.run(runtime.stop)
     finally:
