@@ -244,7 +244,8 @@ async def serve(runtime: ServiceRuntime, settings: TtsSettings) -> None:
     engine = await Engine.load(settings)
     store = VoiceProfileStore(LocalStorage(settings.data_dir))
     worker = TtsWorker(session_services(runtime.bus, settings, engine, store), settings)
-    runtime.presence.describe = worker.describe  # the heartbeat already runs: give it our fields
+    if runtime.presence is not None:  # the heartbeat already runs: from now on it carries our fields
+        runtime.presence.describe = worker.describe
     try:
         await worker.run(runtime.stop)
     finally:
