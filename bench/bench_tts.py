@@ -35,8 +35,9 @@ import soundfile
 
 from chorus.devtools.tts_checkpoint import _WORDS, write_tts_checkpoint
 from services.tts.engine import Engine
-from services.tts.phraser import Phraser, PhraseRules
+from services.tts.phraser import Phraser
 from services.tts.settings import TtsSettings
+from services.tts.worker import phrase_rules
 from shared.audio import FRAME_SEC, SAMPLE_RATE, FloatAudio, resample, silence_frame, to_mono
 from shared.bus import Bus
 from shared.messages import (
@@ -160,7 +161,8 @@ def tts_process(
             "CHORUS_TTS_MAX_SECONDS_PER_WORD": str(SECONDS_PER_WORD),
             "CHORUS_TTS_PHRASE_EXTRA_S": "0",
             "CHORUS_TTS_HTTP_PORT": "0",
-            "CHORUS_LOG_LEVEL": "WARNING",
+            "CHORUS_LOG_LEVEL": "INFO",
+            "CHORUS_LOG_FORMAT": "text",
         }
     )
     with open(data_dir / "tts.log", "wb") as log:
@@ -169,6 +171,9 @@ def tts_process(
         )
         try:
             yield
+        except BaseException:
+            print((data_dir / "tts.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
         finally:
             process.terminate()
             process.wait(30)
@@ -236,7 +241,7 @@ async def _latencies(bus: Bus, sid: str) -> tuple[list[float], int, float]:
 
 
 def _expected_phrases(script: list[str]) -> int:
-    phraser = Phraser(PhraseRules())
+    phraser = Phraser(phrase_rules(TtsSettings(_env_file=None)))  # type: ignore[call-arg]
     return sum(len(phraser.push(seq, piece)) for seq, piece in enumerate(script))
 
 
@@ -247,7 +252,8 @@ async def _sessions_run(bus: Bus, voice: str, count: int, run: int) -> dict[str,
         await store.update(sid, state="active", owner="", voice=voice, voice_mode="cloned")
         await bus.append_control(SessionStart(session_id=sid, voice=voice, voice_mode="cloned"))
     for _ in range(2000):  # placement takes milliseconds; this only bounds a broken worker
-        if all((await store.get(sid)).get("tts_worker") for sid in sessions):
+        placed = [(await store.get(sid)).get("tts_worker") for sid in sessions]
+        if all(placed):
             break
         await asyncio.sleep(0.05)
     scripts = {sid: _script(seed=run * 100 + i) for i, sid in enumerate(sessions)}

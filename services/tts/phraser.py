@@ -1,11 +1,13 @@
 """Groups Moshi's text pieces into phrases worth speaking, as they arrive.
 
-Moshi emits one text piece (a SentencePiece token, '▁' turned into a space) or nothing per 80 ms frame.
-Waiting for whole sentences would hold the first audio back by seconds, speaking every piece alone
-would sound broken. A phrase ends:
+Moshi emits one text piece (a SentencePiece token, '▁' turned into a space) or nothing per 80 ms frame;
+while it talks a word comes every 4-6 frames. Waiting for whole sentences would hold the first audio back
+by seconds, speaking every piece alone would sound broken. A phrase ends:
 - on sentence punctuation (. ! ? …), or on , ; : once it has `min_words_at_comma` words;
 - on a pause: `pause_frames` frames in a row without text after some words;
-- on the word budget: a new word would make it longer than `max_words`.
+- on the word budget: a new word would make it longer than `max_words`; the first phrase after a pause
+  (a new turn) has the smaller `first_max_words`, so its audio starts early; the phrases after it are
+  synthesised while it plays, so they can be longer and sound more natural.
 
 Time comes from the frames' sequence numbers, never the wall clock, so tests run it instantly.
 """
@@ -21,9 +23,10 @@ CLOSERS = "\"')]\u201d\u2019\u00bb"
 
 @dataclass(frozen=True)
 class PhraseRules:
-    max_words: int = 12
-    min_words_at_comma: int = 4
-    pause_frames: int = 4
+    max_words: int = 10
+    first_max_words: int = 3
+    min_words_at_comma: int = 3
+    pause_frames: int = 8
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class Phraser:
         self.rules = rules
         self.next_phrase_id = next_phrase_id
         self._pending = _Pending()
+        self._budget = rules.first_max_words
+        self._last_text_seq: int | None = None  # None: nothing said yet, or a flush; the next is a turn
 
     @property
     def pending_words(self) -> int:
@@ -68,12 +73,14 @@ class Phraser:
             return []
         done: list[Phrase] = []
         starts_word = text[0].isspace() or not self._pending.pieces
-        if starts_word and self._pending.words >= self.rules.max_words:
+        if starts_word and self._pending.words >= self._budget:
             done += self._close()
         if not self._pending.pieces:
             self._pending.first_seq = seq
+            self._budget = self.rules.first_max_words if self._turn_starts(seq) else self.rules.max_words
         self._pending.pieces.append(text)
         self._pending.last_seq = seq
+        self._last_text_seq = seq
         if self._ends_phrase(text):
             done += self._close()
         return done
@@ -83,10 +90,14 @@ class Phraser:
         return self._close()
 
     def clear(self) -> int:
-        """Drop the pending words (barge-in); returns how many were dropped."""
+        """Drop the pending words (barge-in); returns how many were dropped. What comes next is a turn."""
         words = self._pending.words
         self._pending = _Pending()
+        self._last_text_seq = None
         return words
+
+    def _turn_starts(self, seq: int) -> bool:
+        return self._last_text_seq is None or seq - self._last_text_seq >= self.rules.pause_frames
 
     def _ends_phrase(self, piece: str) -> bool:
         tail = piece.rstrip().rstrip(CLOSERS)

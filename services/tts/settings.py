@@ -40,17 +40,24 @@ class TtsSettings(CommonSettings):
         "random-weight test models, which otherwise stop at random.",
     )
     tts_phrase_max_words: int = Field(
-        default=12,
+        default=10,
         ge=1,
         description="A phrase is spoken once it has this many words, so long sentences start early.",
     )
+    tts_phrase_first_max_words: int = Field(
+        default=3,
+        ge=1,
+        description="Word budget of the first phrase after a pause, so a turn's audio starts early (the "
+        "next phrases are synthesised while it plays).",
+    )
     tts_phrase_min_words_at_comma: int = Field(
-        default=4, ge=1, description="A comma, semicolon or colon ends a phrase once it has this many words."
+        default=3, ge=1, description="A comma, semicolon or colon ends a phrase once it has this many words."
     )
     tts_pause_frames: int = Field(
-        default=4,
+        default=8,
         ge=1,
-        description="80 ms frames without text from Moshi after which the pending words are spoken.",
+        description="80 ms frames without text from Moshi after which the pending words are spoken (Moshi "
+        "leaves 3-6 frames between words while it talks).",
     )
     tts_backlog_phrases: int = Field(
         default=8,

@@ -49,6 +49,15 @@ SERVICE = "tts"
 VOICE_MODES = ("native", "cloned", "auto")
 
 
+def phrase_rules(settings: TtsSettings) -> PhraseRules:
+    return PhraseRules(
+        max_words=settings.tts_phrase_max_words,
+        first_max_words=settings.tts_phrase_first_max_words,
+        min_words_at_comma=settings.tts_phrase_min_words_at_comma,
+        pause_frames=settings.tts_pause_frames,
+    )
+
+
 def session_services(
     bus: Bus, settings: TtsSettings, engine: Engine, store: VoiceProfileStore
 ) -> SessionServices:
@@ -60,11 +69,7 @@ def session_services(
         engine=engine,
         voices=voices,
         profiles=store,
-        rules=PhraseRules(
-            max_words=settings.tts_phrase_max_words,
-            min_words_at_comma=settings.tts_phrase_min_words_at_comma,
-            pause_frames=settings.tts_pause_frames,
-        ),
+        rules=phrase_rules(settings),
         limits=SpeechLimits(
             backlog_phrases=settings.tts_backlog_phrases,
             seconds_per_word=settings.tts_max_seconds_per_word,

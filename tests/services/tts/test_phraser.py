@@ -39,10 +39,18 @@ def test_a_pause_in_moshis_text_speaks_the_pending_words() -> None:
 
 
 def test_the_word_budget_cuts_a_long_sentence_between_words() -> None:
-    phraser = Phraser(PhraseRules(max_words=4))
+    phraser = Phraser(PhraseRules(max_words=4, first_max_words=4))
     pieces = [" one", " two", " three", " fo", "ur", " five", " six", " seven", " eight", " nine", "."]
     phrases = feed(phraser, pieces)
     assert [p.text for p in phrases] == ["one two three four", "five six seven eight", "nine."]
+
+
+def test_the_first_phrase_of_a_turn_is_short_so_its_audio_starts_early() -> None:
+    phraser = Phraser(PhraseRules(max_words=4, first_max_words=2, pause_frames=3))
+    talking = [" a", "", " b", "", " c", "", " d", "", " e", "", " f", "", " g"]
+    assert [p.text for p in feed(phraser, talking)] == ["a b", "c d e f"]
+    after_a_pause = ["", "", "", " h", " i", " j"]
+    assert [p.text for p in feed(phraser, after_a_pause, start_seq=13)] == ["g", "h i"]
 
 
 def test_punctuation_alone_is_not_a_phrase() -> None:
