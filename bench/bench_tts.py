@@ -256,7 +256,11 @@ async def _sessions_run(bus: Bus, voice: str, count: int, run: int) -> dict[str,
         if all(placed):
             break
         await asyncio.sleep(0.05)
-    scripts = {sid: _script(seed=run * 100 + i) for i, sid in enumerate(sessions)}
+    # Sessions are not in step: each starts at its own point of a sentence.
+    period = SENTENCE_WORDS * FRAMES_PER_WORD
+    scripts = {
+        sid: [""] * (i * period // count) + _script(seed=run * 100 + i) for i, sid in enumerate(sessions)
+    }
     await _feed(bus, sessions, scripts, drain_frames=round(10 / FRAME_SEC))
     for sid in sessions:
         await bus.append_control(SessionStop(session_id=sid, reason="bench"))

@@ -23,8 +23,8 @@ CLOSERS = "\"')]\u201d\u2019\u00bb"
 
 @dataclass(frozen=True)
 class PhraseRules:
-    max_words: int = 10
-    first_max_words: int = 3
+    max_words: int = 4
+    first_max_words: int = 2
     min_words_at_comma: int = 3
     pause_frames: int = 8
 

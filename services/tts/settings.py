@@ -40,12 +40,14 @@ class TtsSettings(CommonSettings):
         "random-weight test models, which otherwise stop at random.",
     )
     tts_phrase_max_words: int = Field(
-        default=10,
+        default=4,
         ge=1,
-        description="A phrase is spoken once it has this many words, so long sentences start early.",
+        description="A phrase is spoken once it has this many words. Its first word waits for its last "
+        "(Moshi says ~2.5 words/s): 4 keeps cloned audio within the router's default 1.5 s auto budget; "
+        "raise both for more natural phrasing.",
     )
     tts_phrase_first_max_words: int = Field(
-        default=3,
+        default=2,
         ge=1,
         description="Word budget of the first phrase after a pause, so a turn's audio starts early (the "
         "next phrases are synthesised while it plays).",

@@ -24,7 +24,7 @@ def test_subword_pieces_join_into_words() -> None:
 
 
 def test_a_comma_ends_a_phrase_only_once_it_has_enough_words() -> None:
-    rules = PhraseRules(min_words_at_comma=3)
+    rules = PhraseRules(min_words_at_comma=3, first_max_words=8, max_words=8)
     assert feed(Phraser(rules), [" Well", ","]) == []
     phrases = feed(Phraser(rules), [" So", " I", " think", ",", " maybe"])
     assert [p.text for p in phrases] == ["So I think,"]
