@@ -23,6 +23,7 @@ FULL_CONFIG = "english.yaml"
 WEIGHTS = "model.safetensors"
 MARKER = ".complete"
 SEED = 20_240_917
+FORMAT = 2  # bump when what is written changes: cached checkpoints of another format are rewritten
 
 _WORD_TEXT = (
     "the a an and or but if when while because so then now here there this that these those i you he "
@@ -80,10 +81,13 @@ def _train_sentencepiece(directory: Path, corpus: list[str]) -> tuple[str, int]:
 
 
 def _train_json_tokenizer(directory: Path, corpus: list[str]) -> tuple[str, int]:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    # Pocket TTS decodes token spans back to text when it splits sentences: without the matching
+    # decoder the text would come back as 'Ġword' and be re-tokenized into many more tokens.
+    tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=["[UNK]"], show_progress=False)
     tokenizer.train_from_iterator(corpus, trainer)
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -130,7 +134,7 @@ def write_tts_checkpoint(directory: Path, *, full_size: bool = False) -> Path:
     """Write (or reuse) a random-weight Pocket TTS checkpoint in `directory`; returns the directory."""
     import yaml
 
-    variant = "full" if full_size else "small"
+    variant = f"{'full' if full_size else 'small'} v{FORMAT}"
     marker = directory / MARKER
     if marker.is_file() and marker.read_text(encoding="utf-8").strip() == variant:
         return directory
