@@ -5,7 +5,8 @@ while it talks a word comes every 4-6 frames. Waiting for whole sentences would 
 by seconds, speaking every piece alone would sound broken. A phrase ends:
 - on sentence punctuation (. ! ? …), or on , ; : once it has `min_words_at_comma` words;
 - on a pause: `pause_frames` frames in a row without text after some words;
-- on the word budget: a new word would make it longer than `max_words`; the first phrase after a pause
+- on the word budget: it has `max_words` and its last word is complete (a frame without text follows,
+  or the next word starts); the first phrase after a pause
   (a new turn) has the smaller `first_max_words`, so its audio starts early; the phrases after it are
   synthesised while it plays, so they can be longer and sound more natural.
 
@@ -68,7 +69,10 @@ class Phraser:
     def push(self, seq: int, text: str) -> list[Phrase]:
         """Feed one dialogue frame (its text piece, or '' for none); returns the phrases it completed."""
         if not text.strip():
-            if self._pending.pieces and seq - self._pending.last_seq >= self.rules.pause_frames:
+            # A frame without text also tells that the last word is complete (Moshi emits the pieces of
+            # one word in consecutive frames): a phrase at its budget need not wait for the next word.
+            full = self._pending.words >= self._budget
+            if self._pending.pieces and (full or seq - self._pending.last_seq >= self.rules.pause_frames):
                 return self._close()
             return []
         done: list[Phrase] = []

@@ -182,6 +182,9 @@ class ClonedSession:
                 if message.name == EventName.ENDED:
                     self._queue(self._phraser.flush(), message.created_at)
                     return
+                if message.name == EventName.RESUMED:
+                    # Another dialogue worker took over and may number its frames afresh.
+                    self._last_dialogue_seq = -1
                 continue
             if message.seq <= self._last_dialogue_seq:
                 continue  # a duplicate

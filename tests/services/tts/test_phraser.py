@@ -31,7 +31,7 @@ def test_a_comma_ends_a_phrase_only_once_it_has_enough_words() -> None:
 
 
 def test_a_pause_in_moshis_text_speaks_the_pending_words() -> None:
-    phraser = Phraser(PhraseRules(pause_frames=3))
+    phraser = Phraser(PhraseRules(pause_frames=3, first_max_words=8, max_words=8))
     assert feed(phraser, [" I", " see", "", ""]) == []
     (phrase,) = phraser.push(4, "")  # the third frame without text after " see" (seq 1)
     assert phrase.text == "I see"
@@ -43,6 +43,13 @@ def test_the_word_budget_cuts_a_long_sentence_between_words() -> None:
     pieces = [" one", " two", " three", " fo", "ur", " five", " six", " seven", " eight", " nine", "."]
     phrases = feed(phraser, pieces)
     assert [p.text for p in phrases] == ["one two three four", "five six seven eight", "nine."]
+
+
+def test_a_phrase_at_its_budget_ends_with_the_first_frame_without_text() -> None:
+    phraser = Phraser(PhraseRules(max_words=3, first_max_words=3, pause_frames=8))
+    assert feed(phraser, [" one", "", " two", "", " thr", "ee"]) == [], "the last word may go on"
+    (phrase,) = phraser.push(6, "")
+    assert (phrase.text, phrase.last_seq) == ("one two three", 5)
 
 
 def test_the_first_phrase_of_a_turn_is_short_so_its_audio_starts_early() -> None:
