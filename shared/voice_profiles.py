@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ PREFIX = "voices/"
 PROFILE_FILE = "profile.json"
 CLIP_FILE = "clip.wav"
 PENDING_FILE = "pending.json"
+_VALID_ID = re.compile(PROFILE_ID_PATTERN)
 
 
 def new_profile_id() -> str:
@@ -61,6 +63,9 @@ class VoiceProfile(BaseModel):
 
 
 def _key(profile_id: str, *parts: str) -> str:
+    # Ids come from URLs: only ids of our own form may become storage keys ('..' would climb out).
+    if not _VALID_ID.fullmatch(profile_id):
+        raise NotFound(f"no voice profile {profile_id!r}")
     return PREFIX + "/".join((profile_id, *parts))
 
 
@@ -99,6 +104,8 @@ class VoiceProfileStore:
         seen: set[str] = set()
         for key in await self.storage.list(PREFIX):
             parts = key.removeprefix(PREFIX).split("/")
+            if not _VALID_ID.fullmatch(parts[0]):
+                continue  # not ours (lost+found, an operator's backup...): neither listed nor swept
             seen.add(parts[0])
             if parts[1:] == [PROFILE_FILE]:
                 complete.add(parts[0])

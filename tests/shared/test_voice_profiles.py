@@ -62,3 +62,12 @@ async def test_delete_takes_the_metadata_the_clip_and_every_state(
     with pytest.raises(NotFound):
         await store.get(created.id)
     assert not (tmp_path / "voices" / created.id).exists()
+
+
+@pytest.mark.parametrize("bad_id", ["..", "../voices", "a/b", "x" * 65, ""])
+async def test_ids_that_are_not_profile_ids_never_reach_storage(
+    store: VoiceProfileStore, bad_id: str
+) -> None:
+    for call in (store.get(bad_id), store.delete(bad_id), store.states(bad_id)):
+        with pytest.raises(NotFound):
+            await call
