@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway import health, problems, web
+from services.gateway import health, problems, voices, web
 from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus, make_bus_kwargs
@@ -22,6 +22,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         names = StreamNames(settings.key_prefix)
         app.state.bus = await Bus.connect(settings.require_redis_url(), names, **make_bus_kwargs(settings))
+        app.state.voices = await voices.open_voice_store(settings)
         log.info("gateway ready", extra={"port": settings.port})
         try:
             yield
@@ -39,5 +40,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(moshi_chat.router)
     app.include_router(realtime.router)
+    app.include_router(voices.router)
     web.install(app)
     return app
