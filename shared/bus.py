@@ -101,16 +101,16 @@ class Bus:
         entry_id = await self.redis.xadd(stream, encode(message), maxlen=cap, approximate=True)  # type: ignore[arg-type]
         return _s(entry_id)
 
-    async def append_many(self, items: Sequence[tuple[str, Envelope]]) -> None:
+    async def append_many(self, items: Sequence[tuple[str, Envelope]]) -> list[str]:
         """XADD several entries in one round trip (a pipeline), each capped like `append` /
-        `append_control`."""
+        `append_control`; returns their ids."""
         if not items:
-            return
+            return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, message in items:
                 cap = self.control_maxlen if stream == self.names.control else self.session_maxlen
                 pipe.xadd(stream, encode(message), maxlen=cap, approximate=True)
-            await pipe.execute()
+            return [_s(entry_id) for entry_id in await pipe.execute()]
 
     async def append_control(self, message: Envelope) -> str:
         return await self.append(self.names.control, message, maxlen=self.control_maxlen)
@@ -234,6 +234,7 @@ class GroupConsumer(Generic[M]):
         batch: int = 10,
         block_ms: int = 500,
         can_take: Callable[[], bool] = lambda: True,
+        claim_batch: int | None = None,
     ) -> None:
         self.bus = bus
         self.stream = stream
@@ -246,6 +247,8 @@ class GroupConsumer(Generic[M]):
         self.batch = batch
         self.block_ms = block_ms
         self.can_take = can_take
+        # Claims may take more than `batch` at once: a dead worker's sessions move together.
+        self.claim_batch = claim_batch or batch
         self.held: set[str] = set()
         self._last_claim = 0.0
 
@@ -293,7 +296,7 @@ class GroupConsumer(Generic[M]):
         if not self.can_take():
             return
         for entry in await self.bus.claim_stale(
-            self.stream, self.group, self.consumer, min_idle_ms=self.claim_idle_ms, count=self.batch
+            self.stream, self.group, self.consumer, min_idle_ms=self.claim_idle_ms, count=self.claim_batch
         ):
             if entry.entry_id in self.held:
                 continue

@@ -27,6 +27,14 @@ STAGE_LATENCY = Histogram(
     ["stage"],
     buckets=FRAME_BUCKETS,
 )
+TICK_OVERRUNS = Counter(
+    "chorus_tick_overruns_total", "Fixed-interval ticks that ran past their interval", ["service"]
+)
+SESSIONS_PLACED = Counter(
+    "chorus_sessions_placed_total",
+    "Sessions a worker took (kind: new, or resumed after a failover)",
+    ["service", "kind"],
+)
 STREAM_LAG = Histogram(
     "chorus_stream_lag_seconds",
     "Age of an entry when its consumer read it",

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -13,6 +15,66 @@ class DialogueSettings(CommonSettings):
         ge=0,
         le=65535,
         description="Port of this worker's /healthz, /readyz, /metrics (0 = off).",
+    )
+    moshi_repo: str = Field(
+        default="kyutai/moshiko-pytorch-bf16",
+        description="Hugging Face repo of the Moshi checkpoint (moshika, `-q8` variants too).",
+    )
+    moshi_dir: Path | None = Field(
+        default=None,
+        description="Local checkpoint directory (config.json, LM and Mimi weights, tokenizer); "
+        "overrides the repo. `chorus dev make-checkpoints DIR` writes one to DIR/moshi.",
+    )
+    dialogue_model: Literal["moshiko", "moshika"] | None = Field(
+        default=None,
+        description="Which voice this checkpoint is; unset: `moshika` if the repo/dir name says so, "
+        "else `moshiko`. Sessions asking for the other model are left to its workers.",
+    )
+    dialogue_slots: int = Field(
+        default=4, ge=1, le=256, description="Sessions served at once: the batch size of every step."
+    )
+    dialogue_device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="Where the model runs; auto = cuda when present, else cpu."
+    )
+    dialogue_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="LM weights dtype; auto = bfloat16 on cuda, float32 on cpu."
+    )
+    dialogue_compile: bool | None = Field(
+        default=None,
+        description="Let moshi torch.compile its hot functions; unset = on for cuda, off for cpu "
+        "(on CPU it only adds start-up time).",
+    )
+    dialogue_tick_ms: float = Field(
+        default=80.0, gt=0, description="Interval between batched steps (one Mimi frame is 80 ms)."
+    )
+    dialogue_input_buffer_frames: int = Field(
+        default=25,
+        ge=2,
+        description="Per-session bound of buffered user frames (25 = 2 s); older ones are dropped.",
+    )
+    dialogue_jitter_frames: int = Field(
+        default=1,
+        ge=0,
+        description="Frames of user audio buffered before a session's timeline starts; absorbs "
+        "network jitter at the cost of this much latency.",
+    )
+    dialogue_audio_temperature: float = Field(
+        default=0.8, ge=0.0, le=2.0, description="Audio sampling temperature (per worker, not per session)."
+    )
+    dialogue_audio_top_k: int = Field(
+        default=250, ge=1, le=2048, description="Audio sampling top-k (per worker, not per session)."
+    )
+    dialogue_max_primer_tokens: int = Field(
+        default=64,
+        ge=0,
+        description="Bound on the text tokens forced into a session before it starts (persona primer "
+        "plus, after a failover, the transcript's tail); each costs one 80 ms tick of priming.",
+    )
+
+    dialogue_prime_ahead: bool = Field(
+        default=True,
+        description="Use a tick's spare time for extra steps of the rows still priming (the others "
+        "masked out), so primers are forced faster than real time when the batch has headroom.",
     )
 
 

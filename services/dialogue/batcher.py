@@ -1,0 +1,282 @@
+"""Many conversations, one Moshi: a fixed table of slots (batch rows) stepped together every tick.
+
+Every tick runs ONE Mimi encode, ONE `LMGen.step` and ONE Mimi decode for the whole batch. The batch
+size never changes (CUDA graphs are captured for one size); sessions come and go by row:
+- a joining session resets only its row (`reset_streaming(mask)` on Mimi and LMGen);
+- rows without a session are masked out (`set_exec_mask`): their state does not advance;
+- a session's first user frame resets its Mimi row after encoding, as moshi's server does for its one
+  connection (that frame is "in the past" for the model and carries the encoder's left padding);
+- persona priming: the session's primer tokens replace the sampled text token of its row, one per step
+  (LMGen's `on_text_hook`), while its user stream is silence; its output is not published until the
+  first step after the primer has come out of the model's acoustic delay;
+- per-row text sampling: `on_text_logits_hook` applies each row's temperature and top-k to the text
+  logits (LMGen's own text temperature is neutralised to 1, its text top-k off). Audio tokens are
+  sampled inside LMGen's depformer with one temperature and top-k for the whole batch.
+
+Nothing here knows about Redis: the worker feeds one frame per row and publishes what comes out.
+Not thread-safe: one thread steps it (the worker's model thread); the slot table is changed only
+between steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from moshi.models import LMGen
+from moshi.utils.compile import no_compile
+
+from services.dialogue.model import MoshiModel
+from shared.audio import FRAME_SAMPLES, FloatAudio
+from shared.errors import NoCapacity
+from shared.messages import Sampling
+
+# A temperature of 0 means greedy; dividing by this instead keeps one code path (softmax -> one-hot).
+_MIN_TEMPERATURE = 1e-4
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # no session: row masked out
+    PRIMING = "priming"  # forcing the primer; the user stream is silence
+    LIVE = "live"  # the user's audio in, the model's text and audio out
+
+
+@dataclass
+class Slot:
+    """One batch row and the session in it."""
+
+    row: int
+    session_id: str | None = None
+    forced: deque[int] = field(default_factory=deque)  # primer tokens still to force
+    primer_length: int = 0
+    age: int = 0  # steps taken since the session joined
+    needs_reset: bool = False
+
+    @property
+    def phase(self) -> Phase:
+        if self.session_id is None:
+            return Phase.IDLE
+        return Phase.PRIMING if self.forced else Phase.LIVE
+
+
+@dataclass(frozen=True)
+class RowOutput:
+    """What one step gave one session."""
+
+    session_id: str
+    row: int
+    phase: Phase  # during this step
+    went_live: bool  # this step consumed the session's first user frame: it is ready
+    text_token: int | None  # the text token of this frame; None = nothing to publish yet
+    pcm: FloatAudio | None  # [1920] float32 native audio; None = nothing to publish yet
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: MoshiModel,
+        slots: int,
+        *,
+        audio_temperature: float = 0.8,
+        audio_top_k: int = 250,
+        compile: bool = False,
+    ) -> None:
+        self.model = model
+        self.slots = [Slot(row) for row in range(slots)]
+        self.compile = compile
+        device = model.device
+        self._temperature = torch.ones(slots, device=device)
+        # Idle rows keep k=1, so the batch's largest k is the largest a session asked for.
+        self._top_k = torch.ones(slots, dtype=torch.long, device=device)
+        self._top_k_max = 1
+        self._force_mask = torch.zeros(slots, dtype=torch.bool, device=device)
+        self._force_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self._forcing = False
+        self.gen = LMGen(
+            model.lm,
+            temp=audio_temperature,
+            top_k=audio_top_k,
+            temp_text=1.0,  # per-row temperature and top-k are applied in _shape_text_logits
+            top_k_text=0,
+            on_text_hook=self._force_text,
+            on_text_logits_hook=self._shape_text_logits,
+            support_out_of_sync=True,  # rows start at different times: never hold back the whole batch
+        )
+        # Frames between a text token being sampled and its frame coming out (Moshi's acoustic delay).
+        self.delay = self.gen.max_delay
+        self._streaming = contextlib.ExitStack()
+        self._streaming.enter_context(model.mimi.streaming(slots))
+        self._streaming.enter_context(self.gen.streaming(slots))
+
+    def close(self) -> None:
+        """Leave streaming mode, so the same model can be batched again (tests, benchmarks)."""
+        self._streaming.close()
+
+    # --- the slot table (called between steps) --------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.slots)
+
+    def free_rows(self) -> list[int]:
+        return [s.row for s in self.slots if s.session_id is None]
+
+    def active(self) -> list[Slot]:
+        return [s for s in self.slots if s.session_id is not None]
+
+    def join(self, session_id: str, primer: Sequence[int] = (), sampling: Sampling | None = None) -> int:
+        """Seat a session on a free row; its row is reset before the next step. Returns the row."""
+        free = self.free_rows()
+        if not free:
+            raise NoCapacity(f"all {self.batch_size} slots are busy", session_id=session_id)
+        slot = self.slots[free[0]]
+        slot.session_id = session_id
+        slot.forced = deque(primer)
+        slot.primer_length = len(primer)
+        slot.age = 0
+        slot.needs_reset = True
+        self.set_sampling(slot.row, sampling or Sampling())
+        return slot.row
+
+    def leave(self, row: int) -> None:
+        """Free a row: from the next step it is masked out (its state is reset when reused)."""
+        slot = self.slots[row]
+        slot.session_id = None
+        slot.forced.clear()
+        self._top_k[row] = 1
+        self._top_k_max = int(self._top_k.max())
+
+    def set_sampling(self, row: int, sampling: Sampling) -> None:
+        self._temperature[row] = max(sampling.text_temperature, _MIN_TEMPERATURE)
+        self._top_k[row] = min(sampling.text_top_k, self.model.lm.text_card)
+        self._top_k_max = int(self._top_k.max())
+
+    # --- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, audio: FloatAudio, *, prime_until: float | None = None) -> list[RowOutput]:
+        """One tick for every row: `audio` is [batch, 1920] float32 user audio (rows not live: ignored).
+
+        With `prime_until` (a time.monotonic() deadline), spare time after the step goes to extra
+        steps of the priming rows alone (the others masked out, so they do not move): a primer is
+        forced faster than real time when the batch has headroom, one token per tick when it has not.
+        """
+        started = time.monotonic()
+        outputs = self._step(audio, priming_only=False)
+        step_s = time.monotonic() - started
+        while prime_until is not None and any(s.forced for s in self.slots):
+            if time.monotonic() + step_s > prime_until:
+                break
+            self._step(np.zeros_like(audio), priming_only=True)
+        return outputs
+
+    def _step(self, audio: FloatAudio, priming_only: bool) -> list[RowOutput]:
+        slots = [s for s in self.active() if s.forced or not priming_only]
+        phases = {s.row: Phase.IDLE for s in self.slots} | {s.row: s.phase for s in slots}
+        with self._compile_mode():
+            self._reset_joined_rows()
+            tokens, pcm = self._run_models(self._inputs(audio, phases), phases)
+        outputs = [self._output(slot, phases[slot.row], tokens, pcm) for slot in slots]
+        for slot in slots:
+            slot.age += 1
+        return outputs
+
+    def _inputs(self, audio: FloatAudio, phases: dict[int, Phase]) -> torch.Tensor:
+        if audio.shape != (self.batch_size, FRAME_SAMPLES):
+            raise ValueError(f"expected audio [{self.batch_size}, {FRAME_SAMPLES}], got {audio.shape}")
+        live = np.array([phases[row] is Phase.LIVE for row in range(self.batch_size)])
+        pcm = torch.from_numpy(np.where(live[:, None], audio, 0.0).astype(np.float32))
+        return pcm[:, None, :].to(self.model.device)
+
+    def _run_models(self, pcm: torch.Tensor, phases: dict[int, Phase]) -> tuple[torch.Tensor, torch.Tensor]:
+        mimi, device = self.model.mimi, self.model.device
+        active = torch.tensor([phases[r] is not Phase.IDLE for r in range(self.batch_size)], device=device)
+        first = torch.tensor(
+            [phases[s.row] is not Phase.IDLE and s.age == 0 for s in self.slots], device=device
+        )
+        mimi.set_exec_mask(active)
+        self.gen.set_exec_mask(active)
+        codes = mimi.encode(pcm)
+        if bool(first.any()):
+            mimi.reset_streaming(first)  # moshi's server does this after its first frame
+        self._prepare_forcing()
+        tokens = self.gen.step(codes)
+        assert tokens is not None  # support_out_of_sync: always a tensor, ungenerated rows negative
+        generated = active & (tokens[:, 1:, 0] >= 0).all(dim=1)
+        mimi.set_exec_mask(generated)  # rows with nothing generated yet keep their decoder state
+        out = mimi.decode(tokens[:, 1:].clamp(min=0))
+        return tokens[:, 0, 0].cpu(), out[:, 0].float().cpu()
+
+    def _output(self, slot: Slot, phase: Phase, tokens: torch.Tensor, pcm: torch.Tensor) -> RowOutput:
+        assert slot.session_id is not None
+        # The frame out of this step belongs to the step `delay` earlier: published once past the primer.
+        published = slot.age >= slot.primer_length + self.delay
+        token = int(tokens[slot.row])
+        return RowOutput(
+            session_id=slot.session_id,
+            row=slot.row,
+            phase=phase,
+            went_live=phase is Phase.LIVE and slot.age == slot.primer_length,
+            text_token=token if published and token >= 0 else None,
+            pcm=pcm[slot.row].numpy() if published and token >= 0 else None,
+        )
+
+    def _reset_joined_rows(self) -> None:
+        joined = [s for s in self.slots if s.needs_reset]
+        if not joined:
+            return
+        mask = torch.zeros(self.batch_size, dtype=torch.bool)
+        for slot in joined:
+            mask[slot.row] = True
+            slot.needs_reset = False
+        mask = mask.to(self.model.device)
+        self.model.mimi.reset_streaming(mask)
+        self.gen.reset_streaming(mask)
+
+    def _prepare_forcing(self) -> None:
+        self._forcing = False
+        self._force_mask.zero_()
+        for slot in self.slots:
+            if slot.session_id is not None and slot.forced:
+                self._force_mask[slot.row] = True
+                self._force_tokens[slot.row] = slot.forced.popleft()
+                self._forcing = True
+
+    # --- LMGen hooks (run inside gen.step) ------------------------------------------------------
+
+    def _force_text(self, text_token: torch.Tensor) -> None:
+        """Replace the sampled text token of priming rows by their primer's next token."""
+        if self._forcing:
+            text_token.copy_(torch.where(self._force_mask, self._force_tokens, text_token))
+
+    def _shape_text_logits(self, logits: torch.Tensor) -> None:
+        """Per-row top-k then temperature on the text logits [B, 1, 1, card], in place."""
+        rows = (self.batch_size, 1, 1, 1)
+        kth = logits.topk(self._top_k_max, dim=-1).values.gather(-1, (self._top_k - 1).view(rows))
+        logits.masked_fill_(logits < kth, float("-inf"))
+        logits.div_(self._temperature.view(rows).to(logits.dtype))
+
+    @contextlib.contextmanager
+    def _compile_mode(self) -> Iterator[None]:
+        if self.compile:
+            yield
+        else:
+            with no_compile():
+                yield
+
+    def warmup(self, steps: int = 4) -> None:
+        """Run a few full steps on silence (CUDA graphs and kernels get built), then reset every row."""
+        sessions = [s.session_id for s in self.slots]
+        for slot in self.slots:
+            slot.session_id, slot.age = "warmup", 0
+        silence = np.zeros((self.batch_size, FRAME_SAMPLES), dtype=np.float32)
+        for _ in range(steps):
+            self.step(silence)
+        for slot, session_id in zip(self.slots, sessions, strict=True):
+            slot.session_id, slot.age, slot.needs_reset = session_id, 0, True

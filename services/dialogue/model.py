@@ -1,0 +1,133 @@
+"""Loading one Moshi checkpoint (LM, Mimi, text tokenizer) through `moshi.models.loaders.CheckpointInfo`.
+
+A local directory (CHORUS_MOSHI_DIR) is read with the file names its `config.json` gives, exactly as the
+hub repo is (newer Kyutai repos ship a config.json); a directory without one is taken as the legacy
+7B layout under the published file names. Otherwise the files come from the hub repo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shared.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+    from moshi.models.compression import MimiModel
+    from moshi.models.lm import LMModel
+    from sentencepiece import SentencePieceProcessor
+
+    from services.dialogue.settings import DialogueSettings
+
+log = logging.getLogger(__name__)
+
+# The published file names (moshi.models.loaders uses the same defaults).
+MOSHI_NAME = "model.safetensors"
+MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
+
+
+@dataclass(frozen=True)
+class MoshiModel:
+    """Everything a dialogue worker runs: the codec, the LM, the text tokenizer, and what they are."""
+
+    mimi: MimiModel
+    lm: LMModel
+    tokenizer: SentencePieceProcessor
+    name: str  # moshiko / moshika: the voice it speaks with
+    source: str  # the repo or directory it came from
+    device: torch.device
+
+    def text_piece(self, token: int) -> str:
+        """A text token as moshi's server sends it: '' for padding, the piece with '▁' as a space."""
+        padding = (self.lm.text_padding_token_id, self.lm.end_of_text_padding_id)
+        if token in padding or not 0 <= token < self.tokenizer.vocab_size():
+            return ""
+        piece: str = self.tokenizer.id_to_piece(token)
+        return piece.replace("▁", " ")
+
+    def encode_text(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text)
+        return ids
+
+
+def resolve_device(choice: str) -> torch.device:
+    import torch
+
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CHORUS_DIALOGUE_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype: torch.dtype = getattr(torch, choice)
+    return dtype
+
+
+def model_name(settings: DialogueSettings) -> str:
+    if settings.dialogue_model:
+        return settings.dialogue_model
+    source = str(settings.moshi_dir) if settings.moshi_dir else settings.moshi_repo
+    return "moshika" if "moshika" in source.lower() else "moshiko"
+
+
+def checkpoint_info(settings: DialogueSettings) -> Any:
+    """The CheckpointInfo for the configured directory or repo (the repo may download)."""
+    from moshi.models import loaders
+
+    if settings.moshi_dir is None:
+        return loaders.CheckpointInfo.from_hf_repo(settings.moshi_repo)
+    directory = settings.moshi_dir
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        # A local copy of a legacy repo: the published 7B config under the published names.
+        files = {"moshi_weights": MOSHI_NAME, "mimi_weights": MIMI_NAME, "tokenizer": TOKENIZER_NAME}
+        return loaders.CheckpointInfo(**{k: _required(directory, v) for k, v in files.items()})
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    mimi_config = config.get("mimi_config_name")
+    return loaders.CheckpointInfo.from_hf_repo(
+        settings.moshi_repo,
+        moshi_weights=_required(directory, config.get("moshi_name", MOSHI_NAME)),
+        mimi_weights=_required(directory, config.get("mimi_name", MIMI_NAME)),
+        tokenizer=_required(directory, config.get("tokenizer_name", TOKENIZER_NAME)),
+        config_path=config_path,
+        mimi_config_path=_required(directory, mimi_config) if mimi_config else None,
+    )
+
+
+def _required(directory: Path, name: str) -> Path:
+    path = directory / name
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint directory {directory} has no {name}")
+    return path
+
+
+def load_moshi(settings: DialogueSettings) -> MoshiModel:
+    """Load the checkpoint on the configured device. Blocking: call it from a thread."""
+    device = resolve_device(settings.dialogue_device)
+    dtype = resolve_dtype(settings.dialogue_dtype, device)
+    source = str(settings.moshi_dir) if settings.moshi_dir else settings.moshi_repo
+    try:
+        info = checkpoint_info(settings)
+        mimi = info.get_mimi(device)
+        lm = info.get_moshi(device, dtype=dtype)
+        tokenizer = info.get_text_tokenizer()
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the Moshi checkpoint from {source}: {exc}") from exc
+    log.info(
+        "moshi checkpoint loaded",
+        extra={"source": source, "device": str(device), "dtype": str(dtype), "text_card": lm.text_card},
+    )
+    return MoshiModel(mimi, lm, tokenizer, model_name(settings), source, device)

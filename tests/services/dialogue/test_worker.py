@@ -1,0 +1,138 @@
+"""The dialogue worker through Redis (in-process, real redis-server, real model classes): placement,
+frames on :dlg, priming, silence filling for a slow client, stop, and a full worker."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+from prometheus_client import REGISTRY
+
+from shared.audio import FRAME_BYTES, float_to_pcm16
+from shared.bus import Bus
+from shared.messages import EventName, PersonaSpec, SessionEvent, SessionStart, SessionStop, UserAudio
+from shared.presence import list_workers
+from shared.sessions import SessionStore
+from tests.services.dialogue.conftest import DialogueReader, RunningWorker, wait_for
+
+StartWorker = Callable[..., Awaitable[RunningWorker]]
+
+
+def voice_frame(seq: int) -> bytes:
+    rng = np.random.default_rng(seq)
+    return float_to_pcm16(rng.standard_normal(1920) * 0.3)
+
+
+async def talk(bus: Bus, sid: str, seqs: range) -> None:
+    for seq in seqs:
+        frame = UserAudio(session_id=sid, seq=seq, pcm=voice_frame(seq))
+        await bus.append(bus.names.session_input(sid), frame)
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_started_session_gets_ready_then_one_frame_per_tick(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    running = await start_worker()
+    await bus.append_control(SessionStart(session_id="s1"))
+    reader = DialogueReader(bus, "s1")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready event")
+    await talk(bus, "s1", range(0, 30))
+    await reader.until(lambda r: len(r.frames) >= 8, 20, "frames did not follow")
+
+    ready = reader.event(EventName.READY)
+    assert ready is not None and ready.data["worker"] == running.settings.worker_id
+    seqs = [e.seq for e in sorted(reader.events + reader.frames, key=lambda e: e.seq)]
+    assert seqs == list(range(len(seqs))), "one seq counter for the whole stream, no gaps"
+    assert all(len(f.pcm) == FRAME_BYTES for f in reader.frames)
+    session = await SessionStore(bus, 60).get("s1")
+    assert session["state"] == "active" and session["dialogue_worker"] == running.settings.worker_id
+    transcript = await SessionStore(bus, 60).transcript("s1")
+    assert "".join(t["text"] for t in transcript) == "".join(f.text for f in reader.frames if f.text)
+
+
+async def test_a_persona_is_primed_before_the_session_is_ready(bus: Bus, start_worker: StartWorker) -> None:
+    running = await start_worker()
+    primer = "You are a pirate captain. Speak like one."
+    await bus.append_control(SessionStart(session_id="pirate", persona=PersonaSpec(primer=primer)))
+    reader = DialogueReader(bus, "pirate")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
+    ready = reader.event(EventName.READY)
+    assert ready is not None
+    assert ready.data["primer_tokens"] == len(running.worker.model.encode_text(primer)) > 5
+    assert not reader.frames, "nothing is published while the primer is forced"
+
+
+async def test_a_slow_client_is_filled_with_silence_and_its_late_frames_dropped(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    await start_worker(dialogue_jitter_frames=0)
+    filled = counter("chorus_frames_silence_filled_total")
+    late = counter("chorus_frames_dropped_total", service="dialogue", reason="late")
+    await bus.append_control(SessionStart(session_id="slow"))
+    reader = DialogueReader(bus, "slow")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready event")
+    await talk(bus, "slow", range(0, 1))
+    # The client then stalls: frames keep coming out, one per tick, on silence.
+    await reader.until(lambda r: len(r.frames) >= 6, 20, "the tick waited for the slow client")
+    assert counter("chorus_frames_silence_filled_total") > filled
+    await talk(bus, "slow", range(1, 3))  # their ticks are long gone
+
+    async def dropped() -> bool:
+        return counter("chorus_frames_dropped_total", service="dialogue", reason="late") >= late + 2
+
+    await wait_for(dropped, 10, "late frames were not dropped and counted")
+
+
+async def test_a_stop_ends_the_session_and_frees_its_slot(bus: Bus, start_worker: StartWorker) -> None:
+    running = await start_worker(dialogue_slots=1)
+    await bus.append_control(SessionStart(session_id="brief"))
+    reader = DialogueReader(bus, "brief")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready event")
+    await bus.append_control(SessionStop(session_id="brief", reason="client_closed"))
+    await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
+
+    for _ in range(3):  # a few more ticks' worth of reads: `ended` stays the last entry
+        await reader.poll()
+    last = reader.entries[-1]
+    assert isinstance(last, SessionEvent) and last.name == EventName.ENDED and last.detail == "client_closed"
+    assert running.worker.batcher.free_rows() == [0]
+    group = running.worker.consumer
+    assert (await bus.redis.xpending(bus.names.control, group.group))["pending"] == 0, "start released"
+    assert await bus.redis.ttl(bus.names.session_dialogue("brief")) > 0, "its keys now expire"
+
+
+async def test_a_full_worker_leaves_further_starts_for_others(bus: Bus, start_worker: StartWorker) -> None:
+    running = await start_worker(dialogue_slots=1)
+    await bus.append_control(SessionStart(session_id="first"))
+    first = DialogueReader(bus, "first")
+    await first.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready")
+    await bus.append_control(SessionStart(session_id="second"))
+
+    async def full_fleet_visible() -> bool:  # what the gateway checks before it sends a start
+        workers = await list_workers(bus, "dialogue")
+        return sum(w.free_slots for w in workers) == 0
+
+    await wait_for(full_fleet_visible, 10, "presence never showed the worker full")
+    second = DialogueReader(bus, "second")
+    # Let the worker run a couple of its placement rounds (it polls every 0.5 s while full).
+    await first.until(lambda r: len(r.frames) >= 20, 20, "the first session stopped")
+    await second.poll()
+    assert not second.events, "a full worker must not take a start"
+    group = running.worker.consumer.group
+    assert (await bus.redis.xpending(bus.names.control, group))["pending"] == 1, "only the first is held"
+
+    # The gateway gave up on `second` (no ready in time) and stopped it; when a slot frees, it is skipped.
+    await bus.append_control(SessionStop(session_id="second", reason="no_capacity"))
+    await bus.append_control(SessionStop(session_id="first"))
+    await wait_for(lambda: _pending_is(bus, group, 0), 15, "the second start was neither skipped nor acked")
+    await second.poll()
+    assert second.event(EventName.READY) is None
+
+
+async def _pending_is(bus: Bus, group: str, count: int) -> bool:
+    pending = await bus.redis.xpending(bus.names.control, group)
+    return bool(pending["pending"] == count)
