@@ -8,10 +8,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway import health, problems, web
+from services.gateway import health, personas, problems, web
+from services.gateway.auth import auth_enabled
 from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus, make_bus_kwargs
+from shared.personas import PersonaStore
+from shared.storage import LocalStorage
 from shared.streams import StreamNames
 
 log = logging.getLogger(__name__)
@@ -22,6 +25,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         names = StreamNames(settings.key_prefix)
         app.state.bus = await Bus.connect(settings.require_redis_url(), names, **make_bus_kwargs(settings))
+        if not auth_enabled(settings):
+            log.warning("AUTH IS OFF: no CHORUS_API_KEYS configured; every caller is the anonymous owner")
         log.info("gateway ready", extra={"port": settings.port})
         try:
             yield
@@ -35,8 +40,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="Full-duplex spoken conversation with personas and cloned voices.",
     )
     app.state.settings = settings
+    app.state.personas = PersonaStore(LocalStorage(settings.data_dir))
+    app.state.resolve_persona = app.state.personas.resolve
     problems.install(app)
     app.include_router(health.router)
+    app.include_router(personas.router)
     app.include_router(moshi_chat.router)
     app.include_router(realtime.router)
     web.install(app)

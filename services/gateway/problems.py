@@ -13,7 +13,11 @@ PROBLEM_JSON = "application/problem+json"
 
 
 def problem_response(error: ChorusError, instance: str | None = None) -> JSONResponse:
-    return JSONResponse(error.problem(instance), status_code=error.status, media_type=PROBLEM_JSON)
+    # RFC 6750: a 401 names the scheme the client should use.
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(
+        error.problem(instance), status_code=error.status, media_type=PROBLEM_JSON, headers=headers
+    )
 
 
 def install(app: FastAPI) -> None:
