@@ -40,6 +40,10 @@ TTS_REALTIME_FACTOR = Histogram(
     buckets=(0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12),
 )
 UPLOAD_REJECTIONS = Counter("chorus_voice_upload_rejections_total", "Rejected voice uploads", ["reason"])
+SESSIONS_REJECTED = Counter("chorus_sessions_rejected_total", "Sessions refused at start", ["reason"])
+LIMIT_REJECTIONS = Counter(
+    "chorus_limit_rejections_total", "Requests or messages refused by a gateway limit", ["limit"]
+)
 HTTP_REQUESTS = Counter("chorus_http_requests_total", "HTTP requests", ["method", "route", "status"])
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway import health, personas, problems, web
+from services.gateway import health, personas, problems, sessions, web
 from services.gateway.auth import auth_enabled
 from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
@@ -28,9 +29,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if not auth_enabled(settings):
             log.warning("AUTH IS OFF: no CHORUS_API_KEYS configured; every caller is the anonymous owner")
         log.info("gateway ready", extra={"port": settings.port})
+        cleanup = asyncio.create_task(sessions.clean_transcripts_forever(app.state.storage, settings))
         try:
             yield
         finally:
+            cleanup.cancel()
             await app.state.bus.close()
 
     app = FastAPI(
@@ -40,11 +43,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="Full-duplex spoken conversation with personas and cloned voices.",
     )
     app.state.settings = settings
-    app.state.personas = PersonaStore(LocalStorage(settings.data_dir))
+    app.state.storage = LocalStorage(settings.data_dir)
+    app.state.personas = PersonaStore(app.state.storage)
     app.state.resolve_persona = app.state.personas.resolve
     problems.install(app)
     app.include_router(health.router)
     app.include_router(personas.router)
+    app.include_router(sessions.router)
     app.include_router(moshi_chat.router)
     app.include_router(realtime.router)
     web.install(app)
