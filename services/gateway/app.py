@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway import health, personas, problems, sessions, web
+from services.gateway import health, limits, personas, problems, sessions, web
 from services.gateway.auth import auth_enabled
 from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
@@ -53,4 +53,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(moshi_chat.router)
     app.include_router(realtime.router)
     web.install(app)
+    # Outermost last: metrics see every answer, including the limits' refusals.
+    app.add_middleware(limits.RequestRateLimit, settings=settings)
+    app.add_middleware(limits.BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(limits.HttpMetrics)
     return app
