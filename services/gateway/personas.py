@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
 from services.gateway.auth import current_owner
+from services.gateway.problems import V1_ERRORS, problem_responses
 from shared.personas import Persona, PersonaFields, PersonaStore
 
 router = APIRouter(prefix="/v1/personas", tags=["personas"])
 
 Owner = Annotated[str, Depends(current_owner)]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid API key"},
-    404: {"description": "No such persona for this key"},
-    409: {"description": "Built-in personas cannot be changed"},
-    422: {"description": "Invalid request body"},
-}
+_ERRORS = {**V1_ERRORS, **problem_responses(404, 409)}
 
 
 class PersonaList(BaseModel):

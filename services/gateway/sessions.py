@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from services.gateway.auth import current_owner
+from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus
 from shared.errors import NotFound, RateLimited
@@ -27,10 +28,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 Owner = Annotated[str, Depends(current_owner)]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid API key"},
-    404: {"description": "No such session for this key"},
-}
+_ERRORS = {**V1_ERRORS, **problem_responses(404)}
 
 # Add a member only while the set is below the limit, atomically (two sockets racing for the last slot).
 _ADD_BOUNDED = """
@@ -204,7 +202,7 @@ async def get_session(session_id: str, request: Request, owner: Owner) -> Sessio
 @router.get(
     "/{session_id}/transcript",
     summary="The JSON transcript export of an ended session",
-    responses={**_ERRORS, 404: {"description": "No export for this key (session unknown, live or expired)"}},
+    responses=_ERRORS,
 )
 async def get_transcript(session_id: str, request: Request, owner: Owner) -> TranscriptExport:
     storage: Storage = request.app.state.storage
