@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import HTTPConnection
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.auth import ANONYMOUS, owner_of, presented_key
@@ -176,9 +175,5 @@ class HttpMetrics:
 
 
 def _route_template(scope: Scope) -> str:
-    app = scope.get("app")
-    for route in getattr(app, "routes", ()):
-        match, _ = route.matches(scope)
-        if match is Match.FULL:
-            return str(getattr(route, "path", "unmatched"))
-    return "unmatched"
+    route = scope.get("route")  # set by Starlette's router on the scope it was handed
+    return str(getattr(route, "path", "unmatched"))
