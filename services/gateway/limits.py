@@ -98,7 +98,7 @@ class RequestRateLimit:
         bus: Bus | None = getattr(scope["app"].state, "bus", None) if "app" in scope else None
         if bus is not None:
             window = int(time.time() // self.WINDOW_S)
-            counter = f"{bus.names.prefix}ratelimit:{owner or 'anonymous'}:{window}"
+            counter = bus.names.rate_window(owner, window)
             hits = int(await bus.redis.eval(_HIT, 1, counter, str(self.WINDOW_S + 5)))
             if hits > limit:
                 metrics.LIMIT_REJECTIONS.labels(limit="requests_per_minute").inc()

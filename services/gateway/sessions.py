@@ -41,7 +41,7 @@ return 1
 
 
 def owner_sessions_key(bus: Bus, owner: str) -> str:
-    return f"{bus.names.prefix}owner:{owner or 'anonymous'}:sessions"
+    return bus.names.owner_sessions(owner)
 
 
 async def live_session_ids(bus: Bus, owner: str) -> list[str]:
