@@ -59,6 +59,10 @@ TTS_PHRASES_DROPPED = Counter(
     "chorus_tts_phrases_dropped_total", "Phrases dropped before being spoken", ["reason"]
 )
 UPLOAD_REJECTIONS = Counter("chorus_voice_upload_rejections_total", "Rejected voice uploads", ["reason"])
+SESSIONS_REJECTED = Counter("chorus_sessions_rejected_total", "Sessions refused at start", ["reason"])
+LIMIT_REJECTIONS = Counter(
+    "chorus_limit_rejections_total", "Requests or messages refused by a gateway limit", ["limit"]
+)
 HTTP_REQUESTS = Counter("chorus_http_requests_total", "HTTP requests", ["method", "route", "status"])
 
 

@@ -76,3 +76,11 @@ class StreamNames:
 
     def worker_pattern(self, service: str) -> str:
         return f"{self.prefix}workers:{service}:*"
+
+    def owner_sessions(self, owner: str) -> str:
+        """Set: an API key owner's live session ids (bounds listings, enforces sessions per key)."""
+        return f"{self.prefix}owner:{owner or 'anonymous'}:sessions"
+
+    def rate_window(self, owner: str, window: int) -> str:
+        """Counter: an owner's REST requests in one fixed one-minute window (expires after it)."""
+        return f"{self.prefix}ratelimit:{owner or 'anonymous'}:{window}"

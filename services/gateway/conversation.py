@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from services.gateway.sessions import export_transcript, register_session, unregister_session
 from shared import metrics
 from shared.audio import FloatAudio, FrameSplitter, float_to_pcm16
 from shared.bus import Bus, tail
-from shared.errors import NoCapacity, ServiceUnavailable
+from shared.errors import NoCapacity, RateLimited, ServiceUnavailable
 from shared.messages import (
     OUTPUT,
     EventName,
@@ -32,6 +33,7 @@ from shared.messages import (
 )
 from shared.presence import list_workers
 from shared.sessions import SessionState, SessionStore
+from shared.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class Conversation:
         voice_mode: VoiceMode,
         session_ttl_s: int,
         session_id: str | None = None,
+        max_sessions: int = 0,
+        transcripts: Storage | None = None,
     ) -> None:
         self.bus = bus
         self.owner = owner
@@ -60,6 +64,8 @@ class Conversation:
         self.session_id = session_id or new_session_id()
         self.store = SessionStore(bus, session_ttl_s)
         self.session_ttl_s = session_ttl_s
+        self.max_sessions = max_sessions
+        self.transcripts = transcripts
         self._splitter = FrameSplitter()
         self._seq = 0
         self.started = False
@@ -87,6 +93,12 @@ class Conversation:
             persona_id=self.persona.id,
             started_at=time.time(),
         )
+        try:
+            await register_session(self.bus, self.owner, self.session_id, self.max_sessions)
+        except RateLimited:
+            await self.store.update(self.session_id, state=SessionState.ENDED, end_reason="limit")
+            metrics.SESSIONS_REJECTED.labels(reason="per_key_limit").inc()
+            raise
         await self.bus.append_control(
             SessionStart(
                 session_id=self.session_id,
@@ -168,6 +180,9 @@ class Conversation:
             await self.store.update(
                 self.session_id, state=SessionState.ENDED, ended_at=time.time(), end_reason=reason
             )
+            await unregister_session(self.bus, self.owner, self.session_id)
+            if self.transcripts is not None:
+                await export_transcript(self.bus, self.transcripts, self.store, self.session_id)
         except Exception:
             log.exception("could not signal the end of a session", extra=self.log_extra)
         log.info("session stopped", extra={**self.log_extra, "reason": reason})

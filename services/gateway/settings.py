@@ -26,6 +26,30 @@ class GatewaySettings(CommonSettings):
         ge=1,
         description="Realtime API: a response closes after this many 80 ms frames without text.",
     )
+    max_sessions_per_key: int = Field(
+        default=4, ge=0, description="Concurrent live sessions per API key (0 = unlimited)."
+    )
+    transcript_retention_s: int = Field(
+        default=7 * 24 * 3600, ge=60, description="How long transcript exports of ended sessions are kept."
+    )
+    max_body_bytes: int = Field(
+        default=20 * 1024 * 1024,
+        ge=1024,
+        description="Largest accepted REST request body (uploads included).",
+    )
+    requests_per_minute: int = Field(
+        default=600, ge=0, description="REST requests per minute per API key (0 = unlimited)."
+    )
+    ws_max_message_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest accepted WebSocket message; larger ones are dropped.",
+    )
+    ws_messages_per_second: float = Field(
+        default=100.0,
+        gt=0,
+        description="Sustained WebSocket messages per second per socket (burst: 2 s worth).",
+    )
 
     voice_max_upload_bytes: int = Field(
         default=10 * 1024 * 1024,

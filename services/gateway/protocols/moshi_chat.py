@@ -17,6 +17,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from services.gateway.conversation import Conversation
+from services.gateway.limits import SocketLimits
 from services.gateway.protocols.send_queue import SendQueue
 from services.gateway.protocols.session_socket import (
     SocketClosed,
@@ -84,6 +85,7 @@ class MoshiChatSession:
         self.websocket = websocket
         self.conversation = conversation
         self.queue: SendQueue[Outgoing] = SendQueue(queue_frames)
+        self.limits = SocketLimits(websocket.app.state.settings)
         self.decoder = OpusDecoder()
         self.encoder = OpusEncoder()
 
@@ -92,6 +94,9 @@ class MoshiChatSession:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 raise SocketClosed
+            if refused := self.limits.check(message):
+                self.error(refused)
+                continue
             data = message.get("bytes")
             if not data:
                 self.error("expected binary messages whose first byte is the kind")

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from services.gateway.conversation import Conversation
+from services.gateway.limits import SocketLimits
 from services.gateway.protocols import realtime_events as ev
 from services.gateway.protocols.send_queue import SendQueue
 from services.gateway.protocols.session_socket import (
@@ -85,6 +86,7 @@ class RealtimeSession:
         self.persona_id = websocket.query_params.get("persona")
         self.conversation: Conversation | None = None
         self.queue: SendQueue[str] = SendQueue(settings.ws_send_queue_frames)
+        self.limits = SocketLimits(settings)
         self.on_started: Callable[[], None] = lambda: None
         self._response: ev.ResponseObject | None = None
         self._item_id = ""
@@ -151,6 +153,9 @@ class RealtimeSession:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 raise SocketClosed
+            if refused := self.limits.check(message):
+                await self.error(refused, "rate_limited")
+                continue
             text = message.get("text")
             if text is None:
                 await self.error("send JSON text messages", "invalid_message")

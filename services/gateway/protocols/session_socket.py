@@ -55,6 +55,8 @@ def open_conversation(
         voice=voice,
         voice_mode=voice_mode,
         session_ttl_s=settings.session_ttl_s,
+        max_sessions=settings.max_sessions_per_key,
+        transcripts=getattr(websocket.app.state, "storage", None),
     )
 
 
