@@ -296,12 +296,12 @@ class ComposeStack:
             return error.code, json.loads(error.read())
 
     def wait_gateway_ready(self, timeout_s: float = MIN_WAIT_S) -> dict[str, Any]:
-        """The gateway's /readyz body once it says ready (workers registered in the same Redis)."""
+        """The gateway's /readyz body once it is ready and the models are loaded (free slots published)."""
         deadline = time.monotonic() + timeout_s
         body: dict[str, Any] = {}
         while time.monotonic() < deadline:
             status, body = self.get_json("/readyz")
-            if status == 200:
+            if status == 200 and body.get("free_slots", 0) > 0:
                 return body
             time.sleep(0.5)
         logs = "\n".join(f"--- {name}\n{self.log_tail(name)}" for name in self.processes)
