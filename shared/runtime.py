@@ -51,6 +51,21 @@ def install_stop_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
+async def cancel_and_wait(*tasks: asyncio.Task[Any], retry_s: float = 0.1) -> None:
+    """Cancel tasks and wait until they are done, cancelling again if needed.
+
+    One cancel can be lost on Python 3.11: `asyncio.wait_for` (redis-py wraps socket writes in it)
+    returns normally when the cancellation arrives just as its inner future completes, and the task
+    carries on (fixed in 3.12). A task cancelled in the middle of a Redis command would then hang.
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=retry_s)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def health_app(service: str, ready: ReadyCheck) -> Starlette:
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok", "service": service})

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway import health, limits, personas, problems, sessions, web
+from services.gateway import health, limits, personas, problems, sessions, voices, web
 from services.gateway.auth import auth_enabled
 from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
@@ -28,6 +28,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.bus = await Bus.connect(settings.require_redis_url(), names, **make_bus_kwargs(settings))
         if not auth_enabled(settings):
             log.warning("AUTH IS OFF: no CHORUS_API_KEYS configured; every caller is the anonymous owner")
+        app.state.voices = await voices.open_voice_store(settings)
         log.info("gateway ready", extra={"port": settings.port})
         cleanup = asyncio.create_task(sessions.clean_transcripts_forever(app.state.storage, settings))
         try:
@@ -52,6 +53,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(moshi_chat.router)
     app.include_router(realtime.router)
+    # Voice routes raise these too; documenting them here keeps the schema complete.
+    voice_errors = {**problems.V1_ERRORS, **problems.problem_responses(400, 404, 409, 415, 503)}
+    app.include_router(voices.router, responses=voice_errors)
     web.install(app)
     # Outermost last: metrics see every answer, including the limits' refusals.
     app.add_middleware(limits.RequestRateLimit, settings=settings)

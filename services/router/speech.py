@@ -52,10 +52,10 @@ class SileroDetector:
     """Adapter over `shared.vad` (silero-vad on onnxruntime): one stateful stream per session."""
 
     def __init__(self, vad: ModuleType) -> None:
-        self._stream = vad.SileroVad()
+        self._stream = vad.load_speech_detector().stream()
 
     def speech_probability(self, pcm: bytes) -> float:
-        return float(self._stream.probability(pcm16_to_float(pcm)))
+        return float(self._stream.push(pcm16_to_float(pcm)))
 
 
 class SpeechEdges:
@@ -93,7 +93,12 @@ def detector_factory(settings: RouterSettings) -> Callable[[], SpeechDetector]:
     """What makes one session's detector: silero-vad when available, else the energy fallback."""
     vad = _import_vad()
     if vad is not None:
-        return lambda: SileroDetector(vad)
+        try:
+            vad.load_speech_detector()  # loads the ONNX model once; fails here if it is not installed
+        except Exception:
+            log.exception("silero-vad could not be loaded")
+        else:
+            return lambda: SileroDetector(vad)
     log.warning("shared.vad (silero-vad) is not available: detecting user speech by energy (fallback)")
     floor, ceiling = settings.router_energy_floor_dbfs, settings.router_energy_ceiling_dbfs
     return lambda: EnergyFallbackDetector(floor, ceiling)

@@ -34,3 +34,16 @@ def test_the_gateway_is_ready_and_sees_every_worker_through_the_same_redis(
     assert body["dialogue_workers"] == 1 and body["free_slots"] > 0
     assert body["router_workers"] == 1
     assert body["tts_workers"] == 1
+
+
+async def test_a_conversation_through_the_compose_wired_gateway(running_compose_stack: ComposeStack) -> None:
+    """The wiring is proven by use: audio in through the gateway, Moshi's audio and text back out."""
+    from tests.e2e.conftest import speech_like
+    from tests.e2e.helpers import MoshiClient
+
+    running_compose_stack.wait_gateway_ready()
+    client = await MoshiClient.open(running_compose_stack.ws_url, voice="moshiko")
+    await client.send_audio(speech_like(2.0))
+    await client.drain(1.0)
+    await client.ws.close()
+    assert client.audio_seconds > 1.0 and client.text and not client.errors

@@ -89,7 +89,9 @@ class ChorusStack:
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
                     body = json.loads(response.read())
-                    if not need_tts or body.get("tts_workers"):
+                    # Ready is not enough: wait until the models are loaded (free slots published).
+                    loaded = int(str(body.get("free_slots", 0))) > 0
+                    if loaded and (not need_tts or body.get("tts_workers")):
                         return body
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass
