@@ -26,9 +26,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         names = StreamNames(settings.key_prefix)
         app.state.bus = await Bus.connect(settings.require_redis_url(), names, **make_bus_kwargs(settings))
-        app.state.voices = await voices.open_voice_store(settings)
         if not auth_enabled(settings):
             log.warning("AUTH IS OFF: no CHORUS_API_KEYS configured; every caller is the anonymous owner")
+        app.state.voices = await voices.open_voice_store(settings)
         log.info("gateway ready", extra={"port": settings.port})
         cleanup = asyncio.create_task(sessions.clean_transcripts_forever(app.state.storage, settings))
         try:
@@ -53,7 +53,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(moshi_chat.router)
     app.include_router(realtime.router)
-    app.include_router(voices.router)
+    # Voice routes raise these too; documenting them here keeps the schema complete.
+    voice_errors = {**problems.V1_ERRORS, **problems.problem_responses(400, 404, 409, 415, 503)}
+    app.include_router(voices.router, responses=voice_errors)
     web.install(app)
     # Outermost last: metrics see every answer, including the limits' refusals.
     app.add_middleware(limits.RequestRateLimit, settings=settings)

@@ -30,6 +30,9 @@ class Problem(BaseModel):
 
 
 _DESCRIPTIONS = {
+    400: "Invalid request",
+    415: "Unsupported media type",
+    503: "A needed worker is unavailable",
     401: "Missing or invalid API key (`WWW-Authenticate: Bearer`)",
     404: "Not found for this API key",
     409: "Conflict with the resource's state",
