@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install --quiet --no-deps moshi==$(MOSHI_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[all,dev,deploy]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +33,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Offline checks of the deploy files with tools installed from PyPI (docs/deploy.md, "Validation").
+# `make test` runs them too: tests/deploy/test_manifests.py calls the same functions.
+compose-check: $(STAMP)
+	$(BIN)/python -m chorus.devtools.deploy_check compose
+
+k8s-check: $(STAMP)
+	$(BIN)/python -m chorus.devtools.deploy_check k8s
 
 checkpoints: $(STAMP)
 	$(BIN)/chorus dev make-checkpoints checkpoints

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True)
     add.add_argument("--url", default=gateway_url, help=f"gateway URL (default {gateway_url})")
     add.add_argument("--api-key", default=None, help="API key (default: CHORUS_API_KEY)")
+    add.add_argument(
+        "--i-have-consent",
+        action="store_true",
+        help="confirm the speaker agreed to have their voice cloned (otherwise you are asked)",
+    )
     add.set_defaults(func=_voices_add)
 
     dev = commands.add_parser("dev", help="developer tools").add_subparsers(

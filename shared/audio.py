@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import wave
 from collections.abc import Iterator
 
 import numpy as np
@@ -111,3 +113,22 @@ def rms_dbfs(samples: FloatAudio) -> float:
         return float("-inf")
     rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
     return 20.0 * float(np.log10(rms)) if rms > 0 else float("-inf")
+
+
+def pcm16_to_wav(pcm: bytes, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """Mono PCM16 LE bytes -> a WAV file's bytes."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes(pcm)
+    return out.getvalue()
+
+
+def wav_to_pcm16(data: bytes) -> tuple[bytes, int]:
+    """A mono PCM16 WAV file's bytes (as `pcm16_to_wav` writes them) -> (PCM16 bytes, sample rate)."""
+    with wave.open(io.BytesIO(data), "rb") as wav:
+        if wav.getnchannels() != 1 or wav.getsampwidth() != 2:
+            raise ValueError("expected a mono 16-bit WAV")
+        return wav.readframes(wav.getnframes()), wav.getframerate()

@@ -101,15 +101,14 @@ class Bus:
         entry_id = await self.redis.xadd(stream, encode(message), maxlen=cap, approximate=True)  # type: ignore[arg-type]
         return _s(entry_id)
 
-    async def append_many(
-        self, items: Sequence[tuple[str, Envelope]], maxlen: int | None = None
-    ) -> list[str]:
-        """Several capped XADDs in one round trip (a worker publishing one frame per session per tick)."""
+    async def append_many(self, items: Sequence[tuple[str, Envelope]]) -> list[str]:
+        """XADD several entries in one round trip (a pipeline), each capped like `append` /
+        `append_control`; returns their ids."""
         if not items:
             return []
-        cap = maxlen if maxlen is not None else self.session_maxlen
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, message in items:
+                cap = self.control_maxlen if stream == self.names.control else self.session_maxlen
                 pipe.xadd(stream, encode(message), maxlen=cap, approximate=True)
             return [_s(entry_id) for entry_id in await pipe.execute()]
 

@@ -107,3 +107,14 @@ class ModelLoadError(ChorusError):
     code = "model_load_error"
     status = 503
     title = "Model could not be loaded"
+
+
+def error_for_code(code: str, detail: str, **extra: Any) -> ChorusError:
+    """Rebuild an error that crossed a process boundary as its `code` (unknown codes: a 500)."""
+    pending: list[type[ChorusError]] = [ChorusError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            return cls(detail, **extra)
+        pending.extend(cls.__subclasses__())
+    return ChorusError(detail, **extra)

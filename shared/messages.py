@@ -2,11 +2,14 @@
 
 Each stream has its own small union, discriminated by the `type` field:
 
-    chorus:control      SessionStart | SessionUpdate | SessionStop
+    chorus:control      SessionStart | SessionUpdate | SessionStop | SessionFlush
     chorus:s:{sid}:in   UserAudio | SessionEvent
     chorus:s:{sid}:dlg  DialogueFrame | SessionEvent
     chorus:s:{sid}:tts  ClonedAudio | SessionEvent
     chorus:s:{sid}:out  OutputAudio | OutputText | SessionEvent
+    chorus:tts:requests VoicePrepare | VoicePreview     (gateway -> any TTS worker)
+    chorus:tts:reply:{request id}  VoicePreviewReply    (that worker -> the gateway)
+    chorus:voices:events  VoiceDeleted                 (gateway -> every TTS worker)
 
 On Redis an entry is flat: one field per model field. Binary fields (`pcm`) are raw bytes, string
 fields raw UTF-8, everything else JSON. So `redis-cli XRANGE` shows `seq`, `text`, `pcm` as the
@@ -121,6 +124,12 @@ class SessionStop(Envelope):
     reason: str = "client_closed"
 
 
+class SessionFlush(Envelope):
+    """Router -> tts owner (barge-in): drop the session's queued text and audio not yet sent."""
+
+    type: Literal["flush"] = "flush"
+
+
 # --- per-session streams --------------------------------------------------------------------------
 
 
@@ -146,6 +155,7 @@ class EventName:
     SPEECH_STOPPED = "speech_stopped"
     FLUSH = "flush"  # drop queued cloned audio (barge-in)
     UPDATE = "update"  # a SessionUpdate forwarded in-band; data = the update's fields
+    PHRASE_DONE = "phrase_done"  # tts finished a phrase; data = phrase_id, frames, dialogue seq range
 
 
 class UserAudio(_AudioFrame):
@@ -179,11 +189,48 @@ class OutputText(Envelope):
     text: str
 
 
-ControlMessage = SessionStart | SessionUpdate | SessionStop
+# --- voice profiles: requests to the TTS service ----------------------------------------------------
+# These are not tied to a session: `session_id` carries the request id (or the profile id), so every
+# entry on every stream still has the same envelope.
+
+
+class VoicePrepare(Envelope):
+    """Compute and cache a profile's voice state now (after an upload), so the first session is quick."""
+
+    type: Literal["prepare"] = "prepare"
+    profile_id: Annotated[str, Field(pattern=rf"^{PROFILE_ID_PATTERN}$")]
+
+
+class VoicePreview(Envelope):
+    """Speak `text` in a profile's voice; the worker answers on `StreamNames.tts_reply(session_id)`."""
+
+    type: Literal["preview"] = "preview"
+    profile_id: Annotated[str, Field(pattern=rf"^{PROFILE_ID_PATTERN}$")]
+    text: str = Field(min_length=1, max_length=1000)
+
+
+class VoicePreviewReply(Envelope):
+    """The whole preview as PCM16 24 kHz mono (any length), or an error code (a ChorusError code)."""
+
+    type: Literal["reply"] = "reply"
+    pcm: bytes = Field(default=b"", repr=False)
+    error_code: str = ""
+    error: str = ""
+
+
+class VoiceDeleted(Envelope):
+    """A profile is gone: every TTS worker drops its cached voice state."""
+
+    type: Literal["voice_deleted"] = "voice_deleted"
+    profile_id: Annotated[str, Field(pattern=rf"^{PROFILE_ID_PATTERN}$")]
+
+
+ControlMessage = SessionStart | SessionUpdate | SessionStop | SessionFlush
 InputMessage = UserAudio | SessionEvent
 DialogueMessage = DialogueFrame | SessionEvent
 TtsMessage = ClonedAudio | SessionEvent
 OutputMessage = OutputAudio | OutputText | SessionEvent
+TtsRequest = VoicePrepare | VoicePreview
 
 M = TypeVar("M", bound=Envelope)
 
@@ -274,8 +321,11 @@ class Codec(Generic[M]):
         return tuple(self._models)
 
 
-CONTROL: Codec[ControlMessage] = Codec(SessionStart, SessionUpdate, SessionStop)
+CONTROL: Codec[ControlMessage] = Codec(SessionStart, SessionUpdate, SessionStop, SessionFlush)
 INPUT: Codec[InputMessage] = Codec(UserAudio, SessionEvent)
 DIALOGUE: Codec[DialogueMessage] = Codec(DialogueFrame, SessionEvent)
 TTS: Codec[TtsMessage] = Codec(ClonedAudio, SessionEvent)
 OUTPUT: Codec[OutputMessage] = Codec(OutputAudio, OutputText, SessionEvent)
+TTS_REQUESTS: Codec[TtsRequest] = Codec(VoicePrepare, VoicePreview)
+TTS_REPLIES: Codec[VoicePreviewReply] = Codec(VoicePreviewReply)
+VOICE_EVENTS: Codec[VoiceDeleted] = Codec(VoiceDeleted)

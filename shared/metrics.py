@@ -47,7 +47,22 @@ TTS_REALTIME_FACTOR = Histogram(
     "Seconds of audio synthesised per second of compute",
     buckets=(0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12),
 )
+TTS_FIRST_AUDIO = Histogram(
+    "chorus_tts_first_audio_seconds",
+    "From a phrase's last text piece leaving the dialogue service to its first cloned frame on :tts",
+    buckets=FRAME_BUCKETS,
+)
+TTS_VOICE_STATES = Counter(
+    "chorus_tts_voice_states_total", "Voice states served, by where they came from", ["source"]
+)
+TTS_PHRASES_DROPPED = Counter(
+    "chorus_tts_phrases_dropped_total", "Phrases dropped before being spoken", ["reason"]
+)
 UPLOAD_REJECTIONS = Counter("chorus_voice_upload_rejections_total", "Rejected voice uploads", ["reason"])
+SESSIONS_REJECTED = Counter("chorus_sessions_rejected_total", "Sessions refused at start", ["reason"])
+LIMIT_REJECTIONS = Counter(
+    "chorus_limit_rejections_total", "Requests or messages refused by a gateway limit", ["limit"]
+)
 HTTP_REQUESTS = Counter("chorus_http_requests_total", "HTTP requests", ["method", "route", "status"])
 
 

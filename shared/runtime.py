@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 
+# How long the core loop gets to drain after SIGTERM before it is cancelled. The deploy files' grace
+# periods (docker-compose.yml stop_grace_period, Kubernetes terminationGracePeriodSeconds) are derived
+# from it; tests/deploy checks that they stay longer.
+DRAIN_TIMEOUT_S = 10.0
+
 
 class EmbeddedUvicorn(uvicorn.Server):
     """A uvicorn server that leaves signal handling to its host process (we own SIGTERM)."""
@@ -44,6 +49,21 @@ def install_stop_signals(stop: asyncio.Event) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any], retry_s: float = 0.1) -> None:
+    """Cancel tasks and wait until they are done, cancelling again if needed.
+
+    One cancel can be lost on Python 3.11: `asyncio.wait_for` (redis-py wraps socket writes in it)
+    returns normally when the cancellation arrives just as its inner future completes, and the task
+    carries on (fixed in 3.12). A task cancelled in the middle of a Redis command would then hang.
+    """
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=retry_s)
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def health_app(service: str, ready: ReadyCheck) -> Starlette:
@@ -129,7 +149,7 @@ class ServiceRuntime:
                 log.info("%s stopping", self.service)
                 # The core loop sees `stop` and drains (tells its sessions, leaves streams consistent).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(main_task), timeout=10)
+                    await asyncio.wait_for(asyncio.shield(main_task), timeout=DRAIN_TIMEOUT_S)
                 main_task.cancel()
                 if server is not None:
                     server.should_exit = True

@@ -21,6 +21,20 @@ class StreamNames:
         """Entries a consumer gave up on (malformed, or failing past the retry limit), for inspection."""
         return f"{self.prefix}dead-letter"
 
+    @property
+    def tts_requests(self) -> str:
+        """Voice preview / prepare requests, gateway -> one TTS worker (consumer group "tts")."""
+        return f"{self.prefix}tts:requests"
+
+    def tts_reply(self, request_id: str) -> str:
+        """The answer to one request, TTS worker -> the gateway that asked (expires on its own)."""
+        return f"{self.prefix}tts:reply:{request_id}"
+
+    @property
+    def voice_events(self) -> str:
+        """Voice profile changes (deleted), gateway -> every TTS worker (tailed, no group)."""
+        return f"{self.prefix}voices:events"
+
     def session_input(self, sid: str) -> str:
         """User audio, gateway -> dialogue."""
         return f"{self.prefix}s:{sid}:in"
@@ -62,3 +76,11 @@ class StreamNames:
 
     def worker_pattern(self, service: str) -> str:
         return f"{self.prefix}workers:{service}:*"
+
+    def owner_sessions(self, owner: str) -> str:
+        """Set: an API key owner's live session ids (bounds listings, enforces sessions per key)."""
+        return f"{self.prefix}owner:{owner or 'anonymous'}:sessions"
+
+    def rate_window(self, owner: str, window: int) -> str:
+        """Counter: an owner's REST requests in one fixed one-minute window (expires after it)."""
+        return f"{self.prefix}ratelimit:{owner or 'anonymous'}:{window}"

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway import health, problems
+from services.gateway import health, limits, personas, problems, sessions, voices, web
+from services.gateway.auth import auth_enabled
+from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus, make_bus_kwargs
+from shared.personas import PersonaStore
+from shared.storage import LocalStorage
 from shared.streams import StreamNames
 
 log = logging.getLogger(__name__)
@@ -21,10 +26,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         names = StreamNames(settings.key_prefix)
         app.state.bus = await Bus.connect(settings.require_redis_url(), names, **make_bus_kwargs(settings))
+        app.state.voices = await voices.open_voice_store(settings)
+        if not auth_enabled(settings):
+            log.warning("AUTH IS OFF: no CHORUS_API_KEYS configured; every caller is the anonymous owner")
         log.info("gateway ready", extra={"port": settings.port})
+        cleanup = asyncio.create_task(sessions.clean_transcripts_forever(app.state.storage, settings))
         try:
             yield
         finally:
+            cleanup.cancel()
             await app.state.bus.close()
 
     app = FastAPI(
@@ -34,6 +44,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="Full-duplex spoken conversation with personas and cloned voices.",
     )
     app.state.settings = settings
+    app.state.storage = LocalStorage(settings.data_dir)
+    app.state.personas = PersonaStore(app.state.storage)
+    app.state.resolve_persona = app.state.personas.resolve
     problems.install(app)
     app.include_router(health.router)
+    app.include_router(personas.router)
+    app.include_router(sessions.router)
+    app.include_router(moshi_chat.router)
+    app.include_router(realtime.router)
+    app.include_router(voices.router)
+    web.install(app)
+    # Outermost last: metrics see every answer, including the limits' refusals.
+    app.add_middleware(limits.RequestRateLimit, settings=settings)
+    app.add_middleware(limits.BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(limits.HttpMetrics)
     return app

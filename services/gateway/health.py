@@ -20,7 +20,11 @@ async def healthz() -> dict[str, str]:
 
 
 async def readiness(bus: Bus) -> tuple[bool, dict[str, Any]]:
-    """Ready when Redis answers and a dialogue worker has a free slot; cloned voices need a TTS worker."""
+    """Ready when Redis answers and dialogue and router workers are alive.
+
+    Free slots are reported, not required: a full fleet must not take every gateway out of its load
+    balancer (new sessions get a clear `no_capacity` error instead). Cloned voices need a TTS worker.
+    """
     if not await bus.ping():
         return False, {"redis": False}
     dialogue = await list_workers(bus, "dialogue")
@@ -35,7 +39,8 @@ async def readiness(bus: Bus) -> tuple[bool, dict[str, Any]]:
         "router_workers": len(routers),
         "cloned_voices": "available" if tts else "unavailable",
     }
-    return bool(dialogue) and free > 0 and bool(routers), detail
+    detail["capacity"] = "available" if free > 0 else "full"
+    return bool(dialogue) and bool(routers), detail
 
 
 @router.get(

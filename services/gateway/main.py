@@ -10,6 +10,7 @@ import uvicorn
 from services.gateway.app import create_app
 from services.gateway.settings import get_settings
 from shared.logging import configure_logging
+from shared.runtime import DRAIN_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ def main() -> None:
         log_config=None,
         lifespan="on",
         ws_max_size=1 << 20,
+        timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S),
     )
     # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, closes sockets, then runs the lifespan exit.
     asyncio.run(uvicorn.Server(config).serve())

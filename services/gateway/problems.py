@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import ChorusError
@@ -12,8 +15,48 @@ from shared.errors import ChorusError
 PROBLEM_JSON = "application/problem+json"
 
 
+class Problem(BaseModel):
+    """RFC 9457 problem details, the body of every error answer."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str | None = None
+    retryable: bool | None = None
+    instance: str | None = None
+
+
+_DESCRIPTIONS = {
+    401: "Missing or invalid API key (`WWW-Authenticate: Bearer`)",
+    404: "Not found for this API key",
+    409: "Conflict with the resource's state",
+    413: "Request body too large",
+    422: "Invalid request",
+    429: "Rate limit reached (`Retry-After` says when to retry)",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` documenting error statuses with the problem-details body."""
+    return {
+        status: {"model": Problem, "description": _DESCRIPTIONS[status], "content": {PROBLEM_JSON: {}}}
+        for status in statuses
+    }
+
+
+# Every /v1 route can answer these: auth, body size and the per-key request rate.
+V1_ERRORS = problem_responses(401, 413, 422, 429)
+
+
 def problem_response(error: ChorusError, instance: str | None = None) -> JSONResponse:
-    return JSONResponse(error.problem(instance), status_code=error.status, media_type=PROBLEM_JSON)
+    # RFC 6750: a 401 names the scheme the client should use.
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(
+        error.problem(instance), status_code=error.status, media_type=PROBLEM_JSON, headers=headers
+    )
 
 
 def install(app: FastAPI) -> None:

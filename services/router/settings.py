@@ -14,6 +14,55 @@ class RouterSettings(CommonSettings):
         le=65535,
         description="Port of this worker's /healthz, /readyz, /metrics (0 = off).",
     )
+    router_budget_frames: int = Field(
+        default=19,
+        ge=1,
+        description=(
+            "Auto voice mode: the TTS is behind when a text piece has waited this many 80 ms frames "
+            "without cloned audio covering it (19 = 1.5 s); the router then plays Moshi's own voice."
+        ),
+    )
+    router_cloned_queue_frames: int = Field(
+        default=375,
+        ge=10,
+        description="Cloned frames queued per session at most (375 = 30 s); overflow drops the oldest.",
+    )
+    router_tts_check_frames: int = Field(
+        default=3,
+        ge=1,
+        description="How often (in 80 ms frames) the router checks that a TTS worker is alive.",
+    )
+    router_read_block_ms: int = Field(
+        default=40,
+        ge=1,
+        le=1000,
+        description="Longest wait of the router's one XREAD over all its sessions' streams.",
+    )
+    router_read_count: int = Field(
+        default=50, ge=1, description="Entries read per stream per XREAD (bounds one batch)."
+    )
+    router_vad_threshold: float = Field(
+        default=0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Speech probability above which a user frame counts as speech (barge-in detection).",
+    )
+    router_vad_start_frames: int = Field(
+        default=2, ge=1, description="Consecutive speech frames that start user speech (2 = 160 ms)."
+    )
+    router_vad_stop_frames: int = Field(
+        default=6, ge=1, description="Consecutive non-speech frames that end user speech (6 = 480 ms)."
+    )
+    router_energy_floor_dbfs: float = Field(
+        default=-45.0,
+        le=0.0,
+        description="Fallback energy detector only: frame level (dBFS) that maps to speech probability 0.",
+    )
+    router_energy_ceiling_dbfs: float = Field(
+        default=-25.0,
+        le=0.0,
+        description="Fallback energy detector only: frame level (dBFS) that maps to speech probability 1.",
+    )
 
 
 @lru_cache

@@ -1,15 +1,20 @@
-"""`chorus router`: wiring only; the core loop lands with its issue."""
+"""`chorus router`: wiring only; the core loop is `services/router/routing.py`, the policy `mixer.py`."""
 
 from __future__ import annotations
 
 import asyncio
 
-from services.router.settings import get_settings
+from services.router.routing import Router
+from services.router.settings import RouterSettings, get_settings
 from shared.runtime import ServiceRuntime
 
 
 async def serve(runtime: ServiceRuntime) -> None:
-    await runtime.stop.wait()
+    settings = runtime.settings if isinstance(runtime.settings, RouterSettings) else get_settings()
+    router = Router(runtime.bus, settings)
+    if runtime.presence is not None:
+        runtime.presence.describe = router.describe
+    await router.run(runtime.stop)
 
 
 def main() -> None:

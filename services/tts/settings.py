@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field
 
@@ -13,6 +14,79 @@ class TtsSettings(CommonSettings):
         ge=0,
         le=65535,
         description="Port of this worker's /healthz, /readyz, /metrics (0 = off).",
+    )
+    tts_dir: Path | None = Field(
+        default=None,
+        description="Local Pocket TTS checkpoint (config.yaml, weights, tokenizer); unset = the published "
+        "English model from the hub.",
+    )
+    tts_device: str = Field(default="cpu", description="Torch device of the Pocket TTS models.")
+    tts_instances: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Model instances in this worker, each synthesising one phrase at a time on its own "
+        "thread (Pocket TTS is not thread-safe per instance and uses one CPU core per instance).",
+    )
+    tts_max_sessions: int = Field(
+        default=8, ge=1, description="Sessions this worker serves at once (cloned or waiting to be)."
+    )
+    tts_temperature: float | None = Field(
+        default=None, gt=0, description="Pocket TTS sampling temperature; unset = the model config's."
+    )
+    tts_eos_threshold: float | None = Field(
+        default=None,
+        description="Pocket TTS end-of-speech threshold; unset = the model config's. Raise it for "
+        "random-weight test models, which otherwise stop at random.",
+    )
+    tts_phrase_max_words: int = Field(
+        default=4,
+        ge=1,
+        description="A phrase is spoken once it has this many words. Its first word waits for its last "
+        "(Moshi says ~2.5 words/s): 4 keeps cloned audio within the router's default 1.5 s auto budget; "
+        "raise both for more natural phrasing.",
+    )
+    tts_phrase_first_max_words: int = Field(
+        default=2,
+        ge=1,
+        description="Word budget of the first phrase after a pause, so a turn's audio starts early (the "
+        "next phrases are synthesised while it plays).",
+    )
+    tts_phrase_min_words_at_comma: int = Field(
+        default=3, ge=1, description="A comma, semicolon or colon ends a phrase once it has this many words."
+    )
+    tts_pause_frames: int = Field(
+        default=8,
+        ge=1,
+        description="80 ms frames without text from Moshi after which the pending words are spoken (Moshi "
+        "leaves 3-6 frames between words while it talks).",
+    )
+    tts_backlog_phrases: int = Field(
+        default=8,
+        ge=1,
+        description="Phrases queued per session; past it the oldest is dropped (the router falls back).",
+    )
+    tts_max_seconds_per_word: float = Field(
+        default=0.8,
+        gt=0,
+        description="Bound on synthesised audio per word of a phrase (plus tts_phrase_extra_s).",
+    )
+    tts_phrase_extra_s: float = Field(
+        default=1.0, ge=0, description="Audio allowed per phrase beyond the per-word bound."
+    )
+    tts_voice_cache_size: int = Field(
+        default=32, ge=1, description="Voice states kept in memory (least recently used are dropped)."
+    )
+    tts_voice_prompt_max_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Longest part of a reference clip used as the voice prompt (longer prompts make "
+        "every generated frame slower).",
+    )
+    tts_session_check_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often a worker checks its sessions still exist (a lost stop message).",
     )
 
 

@@ -1,0 +1,356 @@
+"""Pocket TTS on this CPU: real-time factor, text-to-first-audio latency, concurrent cloned sessions.
+
+The model is the published English architecture (106M parameters) with random weights, written by
+`chorus dev make-checkpoints --full-size`: speed does not depend on the weights' values. Random weights
+never end speech, so each phrase is bounded to the time it takes to say (0.4 s a word, 2.5 words/s).
+
+1. In process, one model instance: voice-state time for a 7.5 s clip; per phrase, time to the first
+   audio chunk and the real-time factor (seconds of audio per second of compute).
+2. Through Redis with a real `chorus tts` process: K sessions with a cloned voice, each fed Moshi-like
+   text at 2.5 words/s (one piece per 80 ms frame, a sentence every 10 words) for 20 s of continuous
+   speech; per phrase, the time from its last text piece on `:dlg` to its first frame on `:tts`. K is
+   "kept real time" when no phrase is dropped and 95% of phrases start within 1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+
+from chorus.devtools.tts_checkpoint import _WORDS, write_tts_checkpoint
+from services.tts.engine import Engine
+from services.tts.phraser import Phraser
+from services.tts.settings import TtsSettings
+from services.tts.worker import phrase_rules
+from shared.audio import FRAME_SEC, SAMPLE_RATE, FloatAudio, resample, silence_frame, to_mono
+from shared.bus import Bus
+from shared.messages import (
+    TTS,
+    TTS_REPLIES,
+    ClonedAudio,
+    DialogueFrame,
+    SessionEvent,
+    SessionStart,
+    SessionStop,
+    VoicePreview,
+    encode,
+)
+from shared.presence import list_workers
+from shared.redis_server import EmbeddedRedis
+from shared.sessions import SessionStore
+from shared.storage import LocalStorage
+from shared.streams import StreamNames
+from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / ".cache" / "checkpoints-full" / "tts"
+CLIP = REPO / "tests" / "fixtures" / "audio" / "speech.wav"
+WORDS_PER_S = 2.5
+SECONDS_PER_WORD = 1 / WORDS_PER_S
+FRAMES_PER_WORD = round(1 / (WORDS_PER_S * FRAME_SEC))  # 5 frames: a piece, then 4 frames without text
+SENTENCE_WORDS = 10
+SPEECH_S = 20.0
+REALTIME_P95_S = 1.0
+
+
+def _clip() -> FloatAudio:
+    samples, rate = soundfile.read(CLIP, dtype="float32", always_2d=True)
+    return resample(to_mono(samples), rate, SAMPLE_RATE)
+
+
+def _sentences(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        " ".join(rng.choice(_WORDS) for _ in range(SENTENCE_WORDS)).capitalize() + "." for _ in range(count)
+    ]
+
+
+def _settings(checkpoint: Path, **extra: Any) -> TtsSettings:
+    return TtsSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        tts_dir=checkpoint,
+        tts_eos_threshold=1e9,
+        tts_max_seconds_per_word=SECONDS_PER_WORD,
+        tts_phrase_extra_s=0.0,
+        **extra,
+    )
+
+
+def _p(values: list[float], q: float) -> float:
+    return round(float(np.quantile(values, q)), 3) if values else float("nan")
+
+
+# --- 1. one instance, in process ---------------------------------------------------------------------
+
+
+async def single_stream(checkpoint: Path) -> dict[str, Any]:
+    started = time.monotonic()
+    engine = await Engine.load(_settings(checkpoint))
+    load_s = time.monotonic() - started
+    clip = _clip()
+    state_times = []
+    for _ in range(3):
+        started = time.monotonic()
+        state = await engine.voice_state(clip)
+        state_times.append(time.monotonic() - started)
+    first_chunk, audio_s, compute_s = [], 0.0, 0.0
+    for text in _sentences(8, seed=1):
+        started = time.monotonic()
+        first: list[float] = []
+
+        async def sink(audio: FloatAudio, started: float = started, first: list[float] = first) -> None:
+            if not first:
+                first.append(time.monotonic() - started)
+
+        samples = await engine.synthesize(
+            state,
+            text,
+            max_samples=int(len(text.split()) * SECONDS_PER_WORD * SAMPLE_RATE),
+            cancel=threading.Event(),
+            sink=sink,
+        )
+        compute_s += time.monotonic() - started
+        audio_s += samples / SAMPLE_RATE
+        first_chunk += first
+    engine.close()
+    return {
+        "model_load_s": round(load_s, 2),
+        "voice_state_s": round(statistics.median(state_times), 3),
+        "voice_state_clip_s": round(len(clip) / SAMPLE_RATE, 2),
+        "first_chunk_s": {"p50": _p(first_chunk, 0.5), "max": _p(first_chunk, 1.0)},
+        "realtime_factor": round(audio_s / compute_s, 2),
+        "phrases": len(first_chunk),
+        "audio_s": round(audio_s, 1),
+    }
+
+
+# --- 2. sessions through Redis, a real worker process ------------------------------------------------
+
+
+@contextlib.contextmanager
+def tts_process(
+    redis_url: str, prefix: str, data_dir: Path, checkpoint: Path, instances: int
+) -> Iterator[None]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "CHORUS_REDIS_URL": redis_url,
+            "CHORUS_KEY_PREFIX": prefix,
+            "CHORUS_DATA_DIR": str(data_dir),
+            "CHORUS_TTS_DIR": str(checkpoint),
+            "CHORUS_TTS_INSTANCES": str(instances),
+            "CHORUS_TTS_MAX_SESSIONS": "32",
+            "CHORUS_TTS_EOS_THRESHOLD": "1e9",
+            "CHORUS_TTS_MAX_SECONDS_PER_WORD": str(SECONDS_PER_WORD),
+            "CHORUS_TTS_PHRASE_EXTRA_S": "0",
+            "CHORUS_TTS_HTTP_PORT": "0",
+            "CHORUS_LOG_LEVEL": "INFO",
+            "CHORUS_LOG_FORMAT": "text",
+        }
+    )
+    with open(data_dir / "tts.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "chorus.cli", "tts"], env=env, stdout=log, stderr=log
+        )
+        try:
+            yield
+        except BaseException:
+            print((data_dir / "tts.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+async def _wait_ready(bus: Bus, profile_id: str) -> None:
+    """The worker is up, its model loaded and the voice state computed (a preview does both)."""
+    deadline = time.monotonic() + 300
+    while not any("model" in w.fields for w in await list_workers(bus, "tts")):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the tts worker did not start")
+        await asyncio.sleep(0.2)
+    await bus.append(
+        bus.names.tts_requests,
+        VoicePreview(
+            session_id="warmup", profile_id=profile_id, text="Warming up.", deadline=time.time() + 120
+        ),
+    )
+    entries = await bus.read({bus.names.tts_reply("warmup"): "0-0"}, count=1, block_ms=120_000)
+    if not entries or TTS_REPLIES.decode(entries[0].fields).error_code:
+        raise RuntimeError("the tts worker did not answer the warm-up preview")
+
+
+def _script(seed: int) -> list[str]:
+    """Text pieces per 80 ms frame: a word every FRAMES_PER_WORD frames, '.' after each sentence."""
+    pieces: list[str] = []
+    for sentence in _sentences(int(SPEECH_S * WORDS_PER_S / SENTENCE_WORDS), seed):
+        for word in sentence.removesuffix(".").split():
+            pieces += [" " + word] + [""] * (FRAMES_PER_WORD - 1)
+        pieces[-1] = "."
+    return pieces
+
+
+async def _feed(bus: Bus, sessions: list[str], scripts: dict[str, list[str]], drain_frames: int) -> None:
+    """One DialogueFrame per session per 80 ms tick, on an absolute schedule, as the dialogue service."""
+    length = max(len(s) for s in scripts.values()) + drain_frames
+    start = time.monotonic()
+    for seq in range(length):
+        async with bus.redis.pipeline(transaction=False) as pipe:
+            for sid in sessions:
+                text = scripts[sid][seq] if seq < len(scripts[sid]) else ""
+                frame = DialogueFrame(session_id=sid, seq=seq, text=text, pcm=silence_frame())
+                pipe.xadd(bus.names.session_dialogue(sid), encode(frame), maxlen=5000, approximate=True)
+            await pipe.execute()
+        await asyncio.sleep(max(0.0, start + (seq + 1) * FRAME_SEC - time.monotonic()))
+
+
+async def _latencies(bus: Bus, sid: str) -> tuple[list[float], int, float]:
+    """(per phrase: last text piece -> first cloned frame, phrases spoken, audio seconds)."""
+    dialogue = {}
+    for entry in await bus.range(bus.names.session_dialogue(sid)):
+        dialogue[int(entry.fields[b"seq"])] = float(entry.fields[b"created_at"])
+    first_frame: dict[int, float] = {}
+    done: dict[int, int] = {}
+    frames = 0
+    for entry in await bus.range(bus.names.session_tts(sid)):
+        message = TTS.decode(entry.fields)
+        if isinstance(message, ClonedAudio):
+            frames += 1
+            first_frame.setdefault(message.phrase_id, message.created_at)
+        elif isinstance(message, SessionEvent) and message.name == "phrase_done":
+            done[int(message.data["phrase_id"])] = int(message.data["dialogue_seq"][1])
+    latencies = [first_frame[p] - dialogue[last] for p, last in done.items() if p in first_frame]
+    return latencies, len(done), frames * FRAME_SEC
+
+
+def _expected_phrases(script: list[str]) -> int:
+    phraser = Phraser(phrase_rules(TtsSettings(_env_file=None)))  # type: ignore[call-arg]
+    return sum(len(phraser.push(seq, piece)) for seq, piece in enumerate(script))
+
+
+async def _sessions_run(bus: Bus, voice: str, count: int, run: int) -> dict[str, Any]:
+    sessions = [f"bench-{run}-{i}" for i in range(count)]
+    store = SessionStore(bus, 600)
+    for sid in sessions:
+        await store.update(sid, state="active", owner="", voice=voice, voice_mode="cloned")
+        await bus.append_control(SessionStart(session_id=sid, voice=voice, voice_mode="cloned"))
+    for _ in range(2000):  # placement takes milliseconds; this only bounds a broken worker
+        placed = [(await store.get(sid)).get("tts_worker") for sid in sessions]
+        if all(placed):
+            break
+        await asyncio.sleep(0.05)
+    # Sessions are not in step: each starts at its own point of a sentence.
+    period = SENTENCE_WORDS * FRAMES_PER_WORD
+    scripts = {
+        sid: [""] * (i * period // count) + _script(seed=run * 100 + i) for i, sid in enumerate(sessions)
+    }
+    await _feed(bus, sessions, scripts, drain_frames=round(10 / FRAME_SEC))
+    for sid in sessions:
+        await bus.append_control(SessionStop(session_id=sid, reason="bench"))
+    latencies: list[float] = []
+    spoken = expected = 0
+    audio_s = 0.0
+    for sid in sessions:
+        lat, done, seconds = await _latencies(bus, sid)
+        latencies += lat
+        spoken += done
+        expected += _expected_phrases(scripts[sid])
+        audio_s += seconds
+    p95 = _p(latencies, 0.95)
+    return {
+        "sessions": count,
+        "phrases": expected,
+        "dropped_or_unspoken": expected - spoken,
+        "latency_s": {"p50": _p(latencies, 0.5), "p95": p95, "max": _p(latencies, 1.0)},
+        "audio_s_per_session": round(audio_s / count, 1),
+        "real_time": expected == spoken and p95 <= REALTIME_P95_S,
+    }
+
+
+async def concurrency(checkpoint: Path, instances: int, max_sessions: int) -> list[dict[str, Any]]:
+    prefix = f"bench{instances}:"
+    with tempfile.TemporaryDirectory(prefix="chorus-bench-") as tmp, EmbeddedRedis() as redis:
+        data_dir = Path(tmp)
+        store = VoiceProfileStore(LocalStorage(data_dir))
+        clip = _clip()
+        profile = await store.create(
+            VoiceProfile(
+                id=new_profile_id(),
+                owner="",
+                name="bench",
+                duration_s=len(clip) / SAMPLE_RATE,
+                speech_s=1,
+                consent=True,
+            ),
+            clip,
+        )
+        bus = await Bus.connect(redis.url, StreamNames(prefix), session_maxlen=5000)
+        results = []
+        try:
+            with tts_process(redis.url, prefix, data_dir, checkpoint, instances):
+                await _wait_ready(bus, profile.id)
+                for count in range(1, max_sessions + 1):
+                    result = await _sessions_run(bus, profile.voice, count, run=count)
+                    print(f"   {instances} instance(s), {count} session(s): {result}", flush=True)
+                    results.append(result)
+                    if not result["real_time"]:
+                        break
+        finally:
+            await bus.close()
+        return results
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": version("torch"),
+        "pocket_tts": version("pocket-tts"),
+        "python": platform.python_version(),
+    }
+
+
+def run() -> dict[str, Any]:
+    started = time.monotonic()
+    checkpoint = write_tts_checkpoint(CHECKPOINT, full_size=True)
+    print(f"   checkpoint ready in {time.monotonic() - started:.0f} s", flush=True)
+    single = asyncio.run(single_stream(checkpoint))
+    print(f"   single stream: {single}", flush=True)
+    sessions = {
+        f"{n}_instance{'s' if n > 1 else ''}": asyncio.run(concurrency(checkpoint, n, max_sessions=6))
+        for n in (1, 2)
+    }
+    kept = {k: max((r["sessions"] for r in v if r["real_time"]), default=0) for k, v in sessions.items()}
+    return {
+        "model": "Pocket TTS english.yaml architecture (106M parameters), random weights",
+        "machine": _machine(),
+        "words_per_s": WORDS_PER_S,
+        "single_stream": single,
+        "sessions": sessions,
+        "real_time_sessions": kept,
+        "note": "Measured on a shared 2-core machine (other work running); continuous speech is the worst "
+        "case: Moshi talks part of the time.",
+    }

@@ -1,0 +1,179 @@
+"""Gateway limits: request body size, REST requests per minute per key, WebSocket message size/rate.
+
+Concurrent sessions per key live with the session set (services/gateway/sessions.py). Every refusal
+counts in `chorus_limit_rejections_total{limit=...}`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.gateway.auth import ANONYMOUS, owner_of, presented_key
+from services.gateway.problems import problem_response
+from services.gateway.settings import GatewaySettings
+from shared import metrics
+from shared.bus import Bus
+from shared.errors import PayloadTooLarge, RateLimited
+
+
+class BodySizeLimit:
+    """Refuses bodies over `max_bytes` with a 413 problem: by Content-Length, else while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+        started = refused = False
+
+        async def bounded_receive() -> Message:
+            # Past the limit: answer 413 now and tell the app the client left, so it stops reading.
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes and not refused:
+                    refused = True
+                    if not started:
+                        await self._refuse(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 went out already
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, bounded_receive, tracking_send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics.LIMIT_REJECTIONS.labels(limit="body_size").inc()
+        error = PayloadTooLarge(
+            f"request body is larger than {self.max_bytes} bytes", max_bytes=self.max_bytes
+        )
+        await problem_response(error, scope.get("path"))(scope, receive, send)
+
+
+# INCR + EXPIRE on first hit: one fixed one-minute window per key.
+_HIT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+
+
+class RequestRateLimit:
+    """Fixed-window REST requests per minute per API key, counted in Redis (shared by every gateway)."""
+
+    WINDOW_S = 60
+
+    def __init__(self, app: ASGIApp, settings: GatewaySettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.settings.requests_per_minute
+        if scope["type"] != "http" or not limit or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        conn = HTTPConnection(scope)
+        key = presented_key(conn)
+        owner = owner_of(key) if key else ANONYMOUS
+        bus: Bus | None = getattr(scope["app"].state, "bus", None) if "app" in scope else None
+        if bus is not None:
+            window = int(time.time() // self.WINDOW_S)
+            counter = bus.names.rate_window(owner, window)
+            hits = int(await bus.redis.eval(_HIT, 1, counter, str(self.WINDOW_S + 5)))
+            if hits > limit:
+                metrics.LIMIT_REJECTIONS.labels(limit="requests_per_minute").inc()
+                retry_after = max(1, math.ceil((window + 1) * self.WINDOW_S - time.time()))
+                error = RateLimited(f"more than {limit} requests per minute", retry_after_s=retry_after)
+                response = problem_response(error, scope["path"])
+                response.headers["Retry-After"] = str(retry_after)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class TokenBucket:
+    """Per-socket message rate: `rate` per second sustained, `burst` at once."""
+
+    def __init__(self, rate: float, burst: float, now: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.updated = now if now is not None else time.monotonic()
+
+    def take(self, now: float | None = None) -> bool:
+        now = now if now is not None else time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class SocketLimits:
+    """What a WebSocket receive loop asks of each message: `None` = accept, else why it was dropped."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.max_bytes = settings.ws_max_message_bytes
+        self.bucket = TokenBucket(settings.ws_messages_per_second, 2 * settings.ws_messages_per_second)
+
+    def check(self, message: Mapping[str, Any]) -> str | None:
+        size = len(message.get("bytes") or b"") + len((message.get("text") or "").encode())
+        if size > self.max_bytes:
+            metrics.LIMIT_REJECTIONS.labels(limit="ws_message_size").inc()
+            return f"message of {size} bytes is larger than {self.max_bytes}; dropped"
+        if not self.bucket.take():
+            metrics.LIMIT_REJECTIONS.labels(limit="ws_message_rate").inc()
+            return "too many messages per second; dropped"
+        return None
+
+
+class HttpMetrics:
+    """Counts requests by method, route template (never the raw path: bounded labels) and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            metrics.HTTP_REQUESTS.labels(
+                method=scope["method"], route=_route_template(scope), status=str(status)
+            ).inc()
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")  # set by Starlette's router on the scope it was handed
+    return str(getattr(route, "path", "unmatched"))

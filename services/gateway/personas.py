@@ -1,0 +1,56 @@
+"""`/v1/personas`: built-in and stored personas, scoped to the caller's API key."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel
+
+from services.gateway.auth import current_owner
+from services.gateway.problems import V1_ERRORS, problem_responses
+from shared.personas import Persona, PersonaFields, PersonaStore
+
+router = APIRouter(prefix="/v1/personas", tags=["personas"])
+
+Owner = Annotated[str, Depends(current_owner)]
+
+_ERRORS = {**V1_ERRORS, **problem_responses(404, 409)}
+
+
+class PersonaList(BaseModel):
+    items: list[Persona]
+
+
+def _store(request: Request) -> PersonaStore:
+    store: PersonaStore = request.app.state.personas
+    return store
+
+
+Store = Annotated[PersonaStore, Depends(_store)]
+
+
+@router.get("", summary="List built-in and own personas", responses=_ERRORS)
+async def list_personas(owner: Owner, store: Store) -> PersonaList:
+    return PersonaList(items=await store.list(owner))
+
+
+@router.post("", status_code=201, summary="Create a persona", responses=_ERRORS)
+async def create_persona(fields: PersonaFields, owner: Owner, store: Store) -> Persona:
+    return await store.create(owner, fields)
+
+
+@router.get("/{persona_id}", summary="Get a persona", responses=_ERRORS)
+async def get_persona(persona_id: str, owner: Owner, store: Store) -> Persona:
+    return await store.get(owner, persona_id)
+
+
+@router.put("/{persona_id}", summary="Replace a persona", responses=_ERRORS)
+async def replace_persona(persona_id: str, fields: PersonaFields, owner: Owner, store: Store) -> Persona:
+    return await store.replace(owner, persona_id, fields)
+
+
+@router.delete("/{persona_id}", status_code=204, summary="Delete a persona", responses=_ERRORS)
+async def delete_persona(persona_id: str, owner: Owner, store: Store) -> Response:
+    await store.delete(owner, persona_id)
+    return Response(status_code=204)

@@ -1,0 +1,158 @@
+"""`GET /api/chat`: Moshi's own binary WebSocket protocol, so Kyutai's client and web UI work unchanged.
+
+Every message's first byte is its kind: 0x00 handshake (server -> client, once the session has a
+dialogue slot), 0x01 Ogg/Opus audio (both ways, as sphn.OpusStreamWriter/Reader make and read it),
+0x02 UTF-8 text piece (server -> client), 0x05 error with a UTF-8 reason (server -> client).
+Query parameters: `persona`, `voice`, `voice_mode`, `primer` (a per-session persona override).
+The session id is returned in the `x-chorus-session-id` response header of the upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect
+
+from services.gateway.conversation import Conversation
+from services.gateway.limits import SocketLimits
+from services.gateway.protocols.send_queue import SendQueue
+from services.gateway.protocols.session_socket import (
+    SocketClosed,
+    authenticate_socket,
+    check_voice,
+    close_quietly,
+    open_conversation,
+    resolve_persona,
+    run_loops,
+)
+from services.gateway.settings import GatewaySettings
+from shared.audio import OpusDecoder, OpusEncoder, pcm16_to_float
+from shared.errors import ChorusError, InvalidRequest
+from shared.messages import EventName, OutputAudio, OutputText, SessionEvent, VoiceMode
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+HANDSHAKE, AUDIO, TEXT, ERROR = 0x00, 0x01, 0x02, 0x05
+
+Outgoing = tuple[int, bytes]  # kind, payload (PCM16 for audio: encoded at send time)
+
+
+def _voice_mode(value: str | None) -> VoiceMode:
+    if value in (None, ""):
+        return "auto"
+    if value not in ("native", "cloned", "auto"):
+        raise InvalidRequest(f"voice_mode must be native, cloned or auto, not {value!r}")
+    return value  # type: ignore[return-value]
+
+
+@router.websocket("/api/chat")
+async def chat(websocket: WebSocket) -> None:
+    settings: GatewaySettings = websocket.app.state.settings
+    params = websocket.query_params
+    try:
+        owner = authenticate_socket(websocket)
+        voice = check_voice(params.get("voice") or "moshiko")
+        mode = _voice_mode(params.get("voice_mode"))
+        persona = await resolve_persona(websocket, owner, params.get("persona"), params.get("primer"))
+        conversation = open_conversation(websocket, owner, persona, voice, mode)
+        await websocket.accept(headers=[(b"x-chorus-session-id", conversation.session_id.encode())])
+    except ChorusError as exc:
+        await websocket.accept()
+        await websocket.send_bytes(bytes([ERROR]) + exc.detail.encode())
+        await close_quietly(websocket, 1008, exc.code)
+        return
+    try:
+        await conversation.start()
+        await conversation.wait_ready(settings.session_ready_timeout_s)
+    except ChorusError as exc:
+        await conversation.stop(exc.code)
+        await websocket.send_bytes(bytes([ERROR]) + exc.detail.encode())
+        await close_quietly(websocket, 1013, exc.code)
+        return
+    await websocket.send_bytes(bytes([HANDSHAKE]))
+    session = MoshiChatSession(websocket, conversation, settings.ws_send_queue_frames)
+    reason = await run_loops(conversation, session.receive_loop, session.emit_loop)
+    log.info("moshi chat closed", extra={**conversation.log_extra, "reason": reason})
+    await close_quietly(websocket)
+
+
+class MoshiChatSession:
+    def __init__(self, websocket: WebSocket, conversation: Conversation, queue_frames: int) -> None:
+        self.websocket = websocket
+        self.conversation = conversation
+        self.queue: SendQueue[Outgoing] = SendQueue(queue_frames)
+        self.limits = SocketLimits(websocket.app.state.settings)
+        self.decoder = OpusDecoder()
+        self.encoder = OpusEncoder()
+
+    async def receive_loop(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                raise SocketClosed
+            if refused := self.limits.check(message):
+                self.error(refused)
+                continue
+            data = message.get("bytes")
+            if not data:
+                self.error("expected binary messages whose first byte is the kind")
+                continue
+            if data[0] != AUDIO:
+                self.error(f"unsupported message kind 0x{data[0]:02x} from client")
+                continue
+            try:
+                pcm = self.decoder.decode(data[1:])
+            except Exception as exc:  # sphn raises plain exceptions on corrupt Ogg
+                self.error(f"undecodable Ogg/Opus audio: {exc}")
+                self.decoder = type(self.decoder)()
+                continue
+            if len(pcm):
+                await self.conversation.send_audio(pcm)
+
+    def error(self, reason: str) -> None:
+        log.info("client error: %s", reason, extra=self.conversation.log_extra)
+        self.queue.put((ERROR, reason.encode()), droppable=False)
+
+    async def emit_loop(self) -> None:
+        """Pump the router's output into the send queue while a sender drains it to the socket."""
+        sender = asyncio.create_task(self._send_loop(), name="moshi_sender")
+        try:
+            async for message in self.conversation.outputs():
+                if isinstance(message, OutputAudio):
+                    self.queue.put((AUDIO, message.pcm), droppable=True)
+                elif isinstance(message, OutputText):
+                    self.queue.put((TEXT, message.text.encode()), droppable=False)
+                elif isinstance(message, SessionEvent) and self._handle_event(message):
+                    break
+            if not sender.done():
+                await self.queue.drained()
+        finally:
+            sender.cancel()
+
+    def _handle_event(self, event: SessionEvent) -> bool:
+        """True when the session is over."""
+        if event.name == EventName.ENDED:
+            return True
+        if event.name == EventName.ERROR:
+            self.error(event.detail or "session error")
+        return False
+
+    async def _send_loop(self) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            while True:
+                kind, payload = await self.queue.get()
+                if kind == AUDIO:
+                    # Encoded here, not when queued: dropped frames never break the Ogg stream.
+                    opus = self.encoder.encode(pcm16_to_float(payload))
+                    if opus:
+                        await self.websocket.send_bytes(bytes([AUDIO]) + opus)
+                else:
+                    await self.websocket.send_bytes(bytes([kind]) + payload)
+                dropped = self.queue.take_drop_report()
+                if dropped:
+                    reason = f"slow client: dropped {dropped} audio frames"
+                    await self.websocket.send_bytes(bytes([ERROR]) + reason.encode())

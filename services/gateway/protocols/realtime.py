@@ -1,0 +1,361 @@
+"""`GET /v1/realtime`: OpenAI Realtime-compatible JSON events over a WebSocket.
+
+Moshi speaks continuously (it is full duplex), so "responses" are carved out of its output stream: a
+response opens when Moshi starts speaking after silence (a text piece) and closes after
+`CHORUS_REALTIME_RESPONSE_END_FRAMES` frames with neither text nor audible audio. The dialogue session
+starts on the first `input_audio_buffer.append`, so a `session.update` sent first (instructions -> persona
+primer, voice) shapes the whole conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable
+
+from fastapi import APIRouter, WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect
+
+from services.gateway.conversation import Conversation
+from services.gateway.limits import SocketLimits
+from services.gateway.protocols import realtime_events as ev
+from services.gateway.protocols.send_queue import SendQueue
+from services.gateway.protocols.session_socket import (
+    SocketClosed,
+    authenticate_socket,
+    check_voice,
+    close_quietly,
+    open_conversation,
+    resolve_persona,
+    run_loops,
+)
+from services.gateway.settings import GatewaySettings
+from shared.audio import FRAME_SEC, SAMPLE_RATE, pcm16_to_float, rms_dbfs
+from shared.errors import ChorusError, InvalidRequest
+from shared.messages import NATIVE_VOICES, EventName, OutputAudio, OutputText, SessionEvent
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+AUDIBLE_DBFS = -50.0  # below this a frame counts as silence when deciding that a response is over
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+@router.websocket("/v1/realtime")
+async def realtime(websocket: WebSocket) -> None:
+    settings: GatewaySettings = websocket.app.state.settings
+    await websocket.accept()
+    try:
+        owner = authenticate_socket(websocket)
+    except ChorusError as exc:
+        await websocket.send_text(
+            ev.ErrorEvent(
+                error=ev.ErrorDetail(type="invalid_request_error", code=exc.code, message=exc.detail)
+            ).model_dump_json()
+        )
+        await close_quietly(websocket, 1008, exc.code)
+        return
+    model = websocket.query_params.get("model") or "moshiko"
+    session = RealtimeSession(websocket, settings, owner, model)
+    await session.send(ev.SessionCreated(session=session.session_object()))
+    conversation_ready = asyncio.Event()
+    session.on_started = conversation_ready.set
+    reason = await session.run(conversation_ready)
+    log.info("realtime session closed", extra={"session_id": session.session_id, "reason": reason})
+    await close_quietly(websocket)
+
+
+class RealtimeSession:
+    def __init__(self, websocket: WebSocket, settings: GatewaySettings, owner: str, model: str) -> None:
+        self.websocket = websocket
+        self.settings = settings
+        self.owner = owner
+        self.model = model
+        self.session_id = _new_id("sess")
+        self.instructions = ""
+        self.voice = model if model in NATIVE_VOICES else "moshiko"
+        self.persona_id = websocket.query_params.get("persona")
+        self.conversation: Conversation | None = None
+        self.queue: SendQueue[str] = SendQueue(settings.ws_send_queue_frames)
+        self.limits = SocketLimits(settings)
+        self.on_started: Callable[[], None] = lambda: None
+        self._response: ev.ResponseObject | None = None
+        self._item_id = ""
+        self._transcript: list[str] = []
+        self._quiet_frames = 0
+        self._muted_until_quiet = False
+        self._speech_item = ""
+
+    def session_object(self) -> ev.SessionObject:
+        return ev.SessionObject(
+            id=self.session_id,
+            model=self.model,
+            instructions=self.instructions,
+            audio={
+                "input": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}},
+                "output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}, "voice": self.voice},
+            },
+        )
+
+    async def send(self, event: ev.ServerEvent, *, droppable: bool = False) -> None:
+        self.queue.put(event.model_dump_json(), droppable=droppable)
+
+    async def error(
+        self, message: str, code: str, client_event_id: str | None = None, param: str | None = None
+    ) -> None:
+        await self.send(
+            ev.ErrorEvent(
+                error=ev.ErrorDetail(code=code, message=message, param=param, event_id=client_event_id)
+            )
+        )
+
+    async def run(self, started: asyncio.Event) -> str:
+        async with asyncio.TaskGroup() as tasks:
+            sender = tasks.create_task(self._send_loop(), name="realtime_sender")
+            try:
+                reason = await self._serve(started)
+            finally:
+                if not sender.done():
+                    await self.queue.drained()
+                sender.cancel()
+        return reason
+
+    async def _serve(self, started: asyncio.Event) -> str:
+        # Before audio starts there is no Conversation yet: only the receive loop runs.
+        receive = asyncio.create_task(self.receive_loop(), name="receive_loop")
+        wait_started = asyncio.create_task(started.wait())
+        done, _ = await asyncio.wait({receive, wait_started}, return_when=asyncio.FIRST_COMPLETED)
+        if receive in done:
+            wait_started.cancel()
+            with contextlib.suppress(SocketClosed, WebSocketDisconnect, asyncio.CancelledError):
+                receive.result()
+            return "client_closed"
+        assert self.conversation is not None
+
+        async def keep_receiving() -> None:
+            await receive
+
+        return await run_loops(self.conversation, keep_receiving, self.emit_loop)
+
+    # --- client events -----------------------------------------------------------------------
+
+    async def receive_loop(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                raise SocketClosed
+            if refused := self.limits.check(message):
+                await self.error(refused, "rate_limited")
+                continue
+            text = message.get("text")
+            if text is None:
+                await self.error("send JSON text messages", "invalid_message")
+                continue
+            await self.handle_text(text)
+
+    async def handle_text(self, text: str) -> None:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            await self.error(f"invalid JSON: {exc}", "invalid_json")
+            return
+        client_event_id = raw.get("event_id") if isinstance(raw, dict) else None
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if kind not in ev.CLIENT_EVENT_TYPES:
+            await self.error(
+                f"unsupported event type {kind!r}; supported: {', '.join(ev.CLIENT_EVENT_TYPES)}",
+                "unsupported_event",
+                client_event_id,
+                "type",
+            )
+            return
+        try:
+            event = ev.CLIENT_EVENT.validate_python(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            await self.error(
+                f"invalid {kind}: {'.'.join(map(str, first['loc']))}: {first['msg']}",
+                "invalid_event",
+                client_event_id,
+            )
+            return
+        try:
+            await self.dispatch(event)
+        except ChorusError as exc:
+            await self.error(exc.detail, exc.code, client_event_id)
+
+    async def dispatch(self, event: ev.ClientEvent) -> None:
+        if isinstance(event, ev.SessionUpdateEvent):
+            await self.update_session(event.session)
+        elif isinstance(event, ev.InputAudioBufferAppend):
+            await self.append_audio(event.audio)
+        elif isinstance(event, ev.InputAudioBufferClear):
+            if self.conversation:
+                self.conversation.clear_input()
+            await self.send(ev.InputAudioBufferCleared())
+        elif isinstance(event, ev.ResponseCancel):
+            await self.cancel_response()
+        # input_audio_buffer.commit and response.create: Moshi listens and answers continuously.
+
+    async def update_session(self, config: ev.SessionConfig) -> None:
+        problem = config.input_format_problem()
+        if problem:
+            raise InvalidRequest(problem)
+        voice = config.requested_voice()
+        if voice is not None:
+            voice = check_voice(voice)
+        if config.instructions is not None:
+            if self.conversation is not None and config.instructions != self.instructions:
+                raise InvalidRequest(
+                    "instructions can only be set before the first audio is appended "
+                    "(they prime the model when the conversation starts)"
+                )
+            self.instructions = config.instructions
+        if voice is not None:
+            self.voice = voice
+            if self.conversation is not None:
+                await self.conversation.update(voice=voice)
+        await self.send(ev.SessionUpdated(session=self.session_object()))
+
+    async def append_audio(self, audio_b64: str) -> None:
+        try:
+            pcm = base64.b64decode(audio_b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidRequest(f"audio is not valid base64: {exc}") from None
+        if len(pcm) % 2:
+            raise InvalidRequest("audio must be PCM16: an even number of bytes")
+        if self.conversation is None:
+            await self.start_conversation()
+        assert self.conversation is not None
+        await self.conversation.send_audio(pcm16_to_float(pcm))
+
+    async def start_conversation(self) -> None:
+        persona = await resolve_persona(
+            self.websocket, self.owner, self.persona_id, self.instructions or None
+        )
+        conversation = open_conversation(self.websocket, self.owner, persona, self.voice, "auto")
+        conversation.session_id = self.session_id
+        await conversation.start()
+        try:
+            await conversation.wait_ready(self.settings.session_ready_timeout_s)
+        except ChorusError:
+            await conversation.stop("not_ready")
+            raise
+        self.conversation = conversation
+        self.on_started()
+
+    async def cancel_response(self) -> None:
+        if self._response is None:
+            return
+        await self._close_response("cancelled")
+        self._muted_until_quiet = True  # the rest of this utterance is not sent
+
+    # --- server events -----------------------------------------------------------------------
+
+    async def emit_loop(self) -> None:
+        assert self.conversation is not None
+        async for message in self.conversation.outputs():
+            if isinstance(message, OutputText):
+                await self._on_text(message.text)
+            elif isinstance(message, OutputAudio):
+                await self._on_audio(message.pcm)
+            elif isinstance(message, SessionEvent) and await self._on_event(message):
+                break
+        if self._response is not None:
+            await self._close_response("completed")
+
+    async def _on_text(self, text: str) -> None:
+        self._quiet_frames = 0
+        if self._muted_until_quiet:
+            return
+        if self._response is None:
+            await self._open_response()
+        assert self._response is not None
+        self._transcript.append(text)
+        await self.send(
+            ev.OutputAudioTranscriptDelta(response_id=self._response.id, item_id=self._item_id, delta=text)
+        )
+
+    async def _on_audio(self, pcm: bytes) -> None:
+        if rms_dbfs(pcm16_to_float(pcm)) > AUDIBLE_DBFS:
+            self._quiet_frames = 0
+        else:
+            self._quiet_frames += 1
+        if self._quiet_frames >= self.settings.realtime_response_end_frames:
+            self._muted_until_quiet = False
+            if self._response is not None:
+                await self._close_response("completed")
+        if self._response is not None and not self._muted_until_quiet:
+            await self.send(
+                ev.OutputAudioDelta(
+                    response_id=self._response.id, item_id=self._item_id, delta=base64.b64encode(pcm).decode()
+                ),
+                droppable=True,
+            )
+
+    async def _on_event(self, event: SessionEvent) -> bool:
+        """True when the session is over."""
+        audio_ms = int((self.conversation._seq if self.conversation else 0) * FRAME_SEC * 1000)
+        if event.name == EventName.SPEECH_STARTED:
+            self._speech_item = _new_id("item")
+            await self.send(ev.SpeechStarted(audio_start_ms=audio_ms, item_id=self._speech_item))
+        elif event.name == EventName.SPEECH_STOPPED:
+            await self.send(
+                ev.SpeechStopped(audio_end_ms=audio_ms, item_id=self._speech_item or _new_id("item"))
+            )
+        elif event.name == EventName.ENDED:
+            return True
+        elif event.name == EventName.ERROR:
+            await self.error(event.detail or "session error", "session_error")
+        else:
+            await self.send(ev.ChorusEvent(name=event.name, detail=event.detail, data=event.data))
+        return False
+
+    async def _open_response(self) -> None:
+        self._response = ev.ResponseObject(id=_new_id("resp"))
+        self._item_id = _new_id("item")
+        self._transcript = []
+        await self.send(ev.ResponseCreated(response=self._response))
+
+    async def _close_response(self, status: str) -> None:
+        assert self._response is not None
+        response_id, item_id = self._response.id, self._item_id
+        await self.send(ev.OutputAudioDone(response_id=response_id, item_id=item_id))
+        await self.send(
+            ev.OutputAudioTranscriptDone(
+                response_id=response_id, item_id=item_id, transcript="".join(self._transcript)
+            )
+        )
+        item = {
+            "id": item_id,
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_audio", "transcript": "".join(self._transcript)}],
+        }
+        done = self._response.model_copy(update={"status": status, "output": [item]})
+        await self.send(ev.ResponseDone(response=done))
+        self._response = None
+
+    async def _send_loop(self) -> None:
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            while True:
+                await self.websocket.send_text(await self.queue.get())
+                dropped = self.queue.take_drop_report()
+                if dropped:
+                    await self.websocket.send_text(
+                        ev.ChorusEvent(
+                            name="audio_dropped",
+                            detail=f"slow client: dropped {dropped} audio deltas",
+                            data={"frames": dropped},
+                        ).model_dump_json()
+                    )

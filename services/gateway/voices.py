@@ -1,0 +1,299 @@
+"""REST for voice profiles: upload a reference clip, list, get, delete, preview.
+
+The gateway holds no model. After an upload it asks the TTS service to compute the voice state now
+(`VoicePrepare` on `chorus:tts:requests`); a preview is a request/reply over Redis: `VoicePreview` to
+any TTS worker (consumer group "tts"), the answer on `chorus:tts:reply:{request id}`. A profile belongs to
+the API key that made it; another owner's profile answers 404, exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, Field
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from services.gateway.auth import current_owner
+from services.gateway.clips import ACCEPTED_TEXT, ClipLimits, prepare_clip, rejected, too_large
+from services.gateway.settings import GatewaySettings
+from shared.audio import pcm16_to_wav
+from shared.bus import Bus
+from shared.errors import InvalidRequest, ServiceUnavailable, UnsupportedMedia, error_for_code
+from shared.messages import TTS_REPLIES, VoiceDeleted, VoicePrepare, VoicePreview
+from shared.presence import list_workers
+from shared.storage import LocalStorage
+from shared.vad import load_speech_detector
+from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/voices", tags=["voices"])
+
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and the small fields around the file
+REQUEST_STREAM_MAXLEN = 1000
+TRUE_VALUES = ("true", "1", "yes", "on")
+
+
+class VoiceOut(BaseModel):
+    """A voice profile as clients see it (the owner stays private)."""
+
+    id: str
+    voice: str = Field(description="What a session's `voice` takes to speak in it: profile:<id>.")
+    name: str
+    duration_s: float
+    speech_s: float
+    sample_rate: int
+    consent: bool
+    created: datetime
+
+    @classmethod
+    def of(cls, p: VoiceProfile) -> VoiceOut:
+        return cls(
+            id=p.id,
+            voice=p.voice,
+            name=p.name,
+            duration_s=p.duration_s,
+            speech_s=p.speech_s,
+            sample_rate=p.sample_rate,
+            consent=p.consent,
+            created=p.created,
+        )
+
+
+class VoiceList(BaseModel):
+    items: list[VoiceOut]
+
+
+class PreviewIn(BaseModel):
+    text: str = Field(min_length=1, max_length=500, description="What to say in the voice.")
+
+
+async def open_voice_store(settings: GatewaySettings) -> VoiceProfileStore:
+    """The durable store under CHORUS_DATA_DIR, after removing what crashed uploads left behind."""
+    store = VoiceProfileStore(LocalStorage(settings.data_dir))
+    await store.sweep_incomplete(settings.voice_sweep_grace_s)
+    return store
+
+
+def _store(request: Request) -> VoiceProfileStore:
+    store: VoiceProfileStore = request.app.state.voices
+    return store
+
+
+def _settings(request: Request) -> GatewaySettings:
+    settings: GatewaySettings = request.app.state.settings
+    return settings
+
+
+# --- upload ---------------------------------------------------------------------------------------
+
+
+async def _read_form(request: Request, max_bytes: int) -> FormData:
+    """Parse the multipart body while counting it: past the limit the upload stops, nothing more is read."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise rejected(
+            UnsupportedMedia("send multipart/form-data with the fields file, name and consent=true"),
+            "not_multipart",
+        )
+    limit = max_bytes + FORM_OVERHEAD
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), max_bytes)
+
+    async def bounded() -> AsyncGenerator[bytes, None]:
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise too_large(received, max_bytes)
+            yield chunk
+
+    parser = MultiPartParser(request.headers, bounded(), max_files=1, max_fields=8, max_part_size=4096)
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(f"invalid multipart body: {exc.message}") from None
+
+
+async def _clip_bytes(form: FormData, max_bytes: int) -> bytes:
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise InvalidRequest(f"the `file` field is missing: attach the clip ({ACCEPTED_TEXT})")
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise too_large(len(data), max_bytes)
+    return data
+
+
+def _text_field(form: FormData, name: str) -> str:
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) else ""
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=VoiceOut,
+    summary="Upload a reference clip (3-30 s of one person speaking) as a new voice profile",
+    responses={
+        400: {"description": "A field is missing or consent was not given"},
+        413: {"description": "Larger than CHORUS_VOICE_MAX_UPLOAD_BYTES"},
+        415: {"description": f"Not audio, or not {ACCEPTED_TEXT}"},
+        422: {"description": "Too short, too long, silent, clipped or no speech (measured value and limit)"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "name", "consent"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "name": {"type": "string", "maxLength": 100},
+                            "consent": {
+                                "type": "boolean",
+                                "description": "true: the speaker agreed to have their voice cloned",
+                            },
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+async def create_voice(request: Request, owner: str = Depends(current_owner)) -> VoiceOut:
+    settings = _settings(request)
+    form = await _read_form(request, settings.voice_max_upload_bytes)
+    try:
+        data = await _clip_bytes(form, settings.voice_max_upload_bytes)
+    finally:
+        await form.close()
+    name = _text_field(form, "name")
+    if not 1 <= len(name) <= 100:
+        raise InvalidRequest("`name` is required (1 to 100 characters)")
+    if _text_field(form, "consent").lower() not in TRUE_VALUES:
+        raise rejected(
+            InvalidRequest("cloning a voice needs the speaker's consent: send consent=true"), "no_consent"
+        )
+    detector = load_speech_detector(settings.vad_model_path)
+    clip = await asyncio.to_thread(prepare_clip, data, ClipLimits.from_settings(settings), detector)
+    profile = VoiceProfile(
+        id=new_profile_id(),
+        owner=owner,
+        name=name,
+        duration_s=clip.duration_s,
+        speech_s=clip.speech_s,
+        consent=True,
+    )
+    await _store(request).create(profile, clip.samples)
+    log.info(
+        "voice profile created",
+        extra={"profile_id": profile.id, "format": clip.source_format, "duration_s": clip.duration_s},
+    )
+    await _ask_for_voice_state(request.app.state.bus, profile.id)
+    return VoiceOut.of(profile)
+
+
+async def _ask_for_voice_state(bus: Bus, profile_id: str) -> None:
+    """Best effort: without a TTS worker now, the state is computed on first use instead."""
+    try:
+        await bus.append(
+            bus.names.tts_requests,
+            VoicePrepare(session_id=profile_id, profile_id=profile_id),
+            maxlen=REQUEST_STREAM_MAXLEN,
+        )
+    except Exception:
+        log.warning("could not ask the TTS service for a voice state", extra={"profile_id": profile_id})
+
+
+# --- read, delete -----------------------------------------------------------------------------------
+
+
+@router.get("", response_model=VoiceList, summary="Your voice profiles, oldest first")
+async def list_voices(request: Request, owner: str = Depends(current_owner)) -> VoiceList:
+    return VoiceList(items=[VoiceOut.of(p) for p in await _store(request).profiles(owner)])
+
+
+@router.get("/{voice_id}", response_model=VoiceOut, summary="One voice profile")
+async def get_voice(voice_id: str, request: Request, owner: str = Depends(current_owner)) -> VoiceOut:
+    return VoiceOut.of(await _store(request).get_owned(voice_id, owner))
+
+
+@router.delete(
+    "/{voice_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a profile: its clip, metadata and every cached voice state",
+)
+async def delete_voice(voice_id: str, request: Request, owner: str = Depends(current_owner)) -> Response:
+    store = _store(request)
+    await store.get_owned(voice_id, owner)
+    await store.delete(voice_id)
+    bus: Bus = request.app.state.bus
+    try:
+        await bus.append(
+            bus.names.voice_events,
+            VoiceDeleted(session_id=voice_id, profile_id=voice_id),
+            maxlen=REQUEST_STREAM_MAXLEN,
+        )
+    except Exception:
+        # The files are gone already; a TTS worker that missed this still refuses the profile (no metadata).
+        log.warning("could not tell TTS workers about a deleted voice", extra={"profile_id": voice_id})
+    log.info("voice profile deleted", extra={"profile_id": voice_id})
+    return Response(status_code=204)
+
+
+# --- preview --------------------------------------------------------------------------------------
+
+
+async def request_preview(bus: Bus, profile_id: str, text: str, timeout_s: float) -> bytes:
+    """Ask any TTS worker to speak `text` in the profile's voice; PCM16 24 kHz mono back."""
+    if not await list_workers(bus, "tts"):
+        raise ServiceUnavailable("no TTS worker is running: cloned voices are unavailable right now")
+    request_id = "req_" + uuid.uuid4().hex[:20]
+    reply_key = bus.names.tts_reply(request_id)
+    await bus.append(
+        bus.names.tts_requests,
+        VoicePreview(
+            session_id=request_id, profile_id=profile_id, text=text, deadline=time.time() + timeout_s
+        ),
+        maxlen=REQUEST_STREAM_MAXLEN,
+    )
+    try:
+        entries = await bus.read({reply_key: "0-0"}, count=1, block_ms=int(timeout_s * 1000))
+    finally:
+        await bus.redis.delete(reply_key)
+    if not entries:
+        raise ServiceUnavailable(f"no TTS worker answered within {timeout_s:g} s")
+    reply = TTS_REPLIES.decode(entries[0].fields)
+    if reply.error_code:
+        raise error_for_code(reply.error_code, reply.error)
+    return reply.pcm
+
+
+@router.post(
+    "/{voice_id}/preview",
+    response_class=Response,
+    summary="Speak a text in this voice (audio/wav, 24 kHz mono)",
+    responses={
+        200: {"content": {"audio/wav": {}}, "description": "The speech"},
+        503: {"description": "No TTS worker is running, or none answered in time"},
+    },
+)
+async def preview_voice(
+    voice_id: str, body: PreviewIn, request: Request, owner: str = Depends(current_owner)
+) -> Response:
+    profile = await _store(request).get_owned(voice_id, owner)
+    pcm = await request_preview(
+        request.app.state.bus, profile.id, body.text, _settings(request).voice_preview_timeout_s
+    )
+    return Response(pcm16_to_wav(pcm), media_type="audio/wav")

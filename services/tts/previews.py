@@ -1,0 +1,96 @@
+"""Requests from the gateway on `chorus:tts:requests` (consumer group "tts": one worker takes each).
+
+- `prepare`: compute and cache a new profile's voice state now, so its first session starts quickly.
+- `preview`: speak a text in a profile's voice; the whole audio goes back on `chorus:tts:reply:{id}`,
+  which expires by itself if the gateway has given up.
+
+Requests are acked when taken and served as tasks (a preview takes seconds; the loop keeps reading).
+A request past its deadline is dropped: nobody waits for its answer any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+
+from services.tts.engine import Engine
+from services.tts.speaker import SpeechLimits
+from services.tts.voice_states import VoiceStates
+from shared.audio import FloatAudio, float_to_pcm16
+from shared.bus import Bus, Entry, Handled
+from shared.errors import ChorusError, NotFound
+from shared.messages import TtsRequest, VoicePrepare, VoicePreview, VoicePreviewReply
+from shared.runtime import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+REPLY_TTL_S = 60
+
+
+class VoiceRequests:
+    def __init__(self, bus: Bus, engine: Engine, voices: VoiceStates, limits: SpeechLimits) -> None:
+        self.bus = bus
+        self.engine = engine
+        self.voices = voices
+        self.limits = limits
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def handle(self, message: TtsRequest, entry: Entry) -> str:
+        if message.is_stale():
+            log.info("dropped a stale request", extra={"request_id": message.session_id})
+            return Handled.ACK
+        task = asyncio.create_task(self._serve(message), name=f"tts-request-{message.session_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return Handled.ACK
+
+    async def close(self) -> None:
+        await cancel_and_wait(*self._tasks)
+
+    async def _serve(self, message: TtsRequest) -> None:
+        if isinstance(message, VoicePrepare):
+            try:
+                await self.voices.get(message.profile_id)
+            except NotFound:
+                log.info("prepare for a profile that is gone", extra={"profile_id": message.profile_id})
+            except Exception:
+                log.exception("could not prepare a voice state", extra={"profile_id": message.profile_id})
+            return
+        await self._preview(message)
+
+    async def _preview(self, request: VoicePreview) -> None:
+        try:
+            reply = VoicePreviewReply(session_id=request.session_id, pcm=await self.speak(request))
+        except ChorusError as exc:
+            reply = VoicePreviewReply(session_id=request.session_id, error_code=exc.code, error=exc.detail)
+        except Exception as exc:
+            log.exception("preview failed", extra={"request_id": request.session_id})
+            reply = VoicePreviewReply(
+                session_id=request.session_id, error_code="internal_error", error=str(exc)
+            )
+        key = self.bus.names.tts_reply(request.session_id)
+        await self.bus.append(key, reply, maxlen=10)
+        await self.bus.redis.expire(key, REPLY_TTL_S)
+
+    async def speak(self, request: VoicePreview) -> bytes:
+        """The whole text in the profile's voice, as PCM16."""
+        state = await self.voices.get(request.profile_id)
+        chunks: list[FloatAudio] = []
+
+        async def collect(audio: FloatAudio) -> None:
+            chunks.append(audio)
+
+        words = max(1, len(request.text.split()))
+        await self.engine.synthesize(
+            state,
+            request.text,
+            max_samples=self.limits.max_samples(words),
+            cancel=threading.Event(),
+            sink=collect,
+        )
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        return float_to_pcm16(audio)

@@ -1,0 +1,322 @@
+"""One session's cloned speech: Moshi's text on `:dlg` -> phrases -> Pocket TTS -> 80 ms frames on `:tts`.
+
+Two loops per session: `_read_dialogue` turns dialogue frames into phrases (the `Phraser`) and queues
+them (bounded: the oldest is dropped when synthesis falls behind); `_speak_loop` synthesises the queue in
+order and appends `ClonedAudio` frames, the phrase's text on its first frame. A flush (barge-in, voice
+change) bumps a generation number: queued phrases of an older generation are dropped, the phrase being
+synthesised is cancelled and none of its remaining frames is written.
+
+Events on `:tts`: `ready` (placed) or `resumed` (taken over from a dead worker), `phrase_done` (phrase
+id, frames, dialogue seq range), `flush`, `error` (the voice cannot be used; the router falls back to
+native audio), `ended`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from services.tts.engine import Engine
+from services.tts.phraser import Phrase, Phraser, PhraseRules
+from services.tts.voice_states import VoiceStates
+from shared import metrics
+from shared.audio import FRAME_SAMPLES, FRAME_SEC, FloatAudio, FrameSplitter, float_to_pcm16
+from shared.bus import Bus, tail
+from shared.errors import NotFound
+from shared.messages import (
+    DIALOGUE,
+    ClonedAudio,
+    EventName,
+    SessionEvent,
+    VoiceMode,
+    profile_id_of,
+)
+from shared.runtime import cancel_and_wait
+from shared.voice_profiles import VoiceProfileStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeechLimits:
+    backlog_phrases: int = 8
+    seconds_per_word: float = 0.8
+    extra_s: float = 1.0
+
+    def max_samples(self, words: int) -> int:
+        """Random-weight models (and sometimes real ones) do not end speech by themselves: bound it."""
+        frames = math.ceil((words * self.seconds_per_word + self.extra_s) / FRAME_SEC)
+        return frames * FRAME_SAMPLES
+
+
+@dataclass(frozen=True)
+class QueuedPhrase:
+    phrase: Phrase
+    profile_id: str
+    generation: int
+    text_at: float  # when the dialogue service produced the phrase's last piece (unix time)
+
+
+@dataclass(frozen=True)
+class SessionServices:
+    """What every session of a worker shares."""
+
+    bus: Bus
+    engine: Engine
+    voices: VoiceStates
+    profiles: VoiceProfileStore
+    rules: PhraseRules
+    limits: SpeechLimits
+
+
+class ClonedSession:
+    def __init__(self, services: SessionServices, session_id: str, owner: str, next_seq: int = 0) -> None:
+        self.s = services
+        self.session_id = session_id
+        self.owner = owner
+        self.profile_id: str | None = None
+        self.voice = "moshiko"
+        self.voice_mode: VoiceMode = "auto"
+        self._phraser = Phraser(services.rules)
+        self._backlog: asyncio.Queue[QueuedPhrase] = asyncio.Queue()
+        self._generation = 0
+        self._cancel: threading.Event | None = None
+        self._seq = next_seq
+        self._last_dialogue_seq = -1
+        self._text_times: dict[int, float] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._speaker: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self.log_extra = {"session_id": session_id}
+
+    @property
+    def cloning(self) -> bool:
+        return self.profile_id is not None
+
+    @property
+    def backlog(self) -> int:
+        return self._backlog.qsize()
+
+    async def start(self, voice: str, voice_mode: VoiceMode, *, resumed: bool) -> None:
+        """Serve the session. A new one reads `:dlg` from its first entry; one `resumed` (taken over from
+        a dead worker) only what comes next, so nothing is said twice, and says so on `:tts`."""
+        self._speaker = asyncio.create_task(self._speak_loop(), name=f"tts-speak-{self.session_id}")
+        # The router takes either as "this session's TTS is up" (clearing an earlier failure).
+        await self._event(EventName.RESUMED if resumed else EventName.READY)
+        await self.set_voice(voice, voice_mode, from_beginning=not resumed)
+
+    async def set_voice(self, voice: str, voice_mode: VoiceMode, *, from_beginning: bool = False) -> None:
+        self.voice, self.voice_mode = voice, voice_mode
+        profile_id = profile_id_of(voice) if voice_mode != "native" else None
+        if profile_id == self.profile_id:
+            return
+        if self.cloning:
+            await self.flush("voice_changed")
+        if profile_id is not None and not await self._usable(profile_id):
+            await self._event(EventName.ERROR, f"voice profile {profile_id} not found", code="not_found")
+            profile_id = None
+        self.profile_id = profile_id
+        log.info(
+            "session voice", extra={**self.log_extra, "profile_id": profile_id, "voice_mode": voice_mode}
+        )
+        if profile_id is None:
+            await self._stop_reader()
+            return
+        self._spawn(self._warm(profile_id))
+        if self._reader is None:
+            cursor = "0-0" if from_beginning else "$"
+            self._reader = asyncio.create_task(
+                self._read_dialogue(cursor), name=f"tts-read-{self.session_id}"
+            )
+
+    async def drop_voice(self, detail: str) -> None:
+        """The profile became unusable (deleted): stop cloning and tell the router."""
+        if self.cloning:
+            await self.flush("voice_gone")
+            self.profile_id = None
+            await self._stop_reader()
+            await self._event(EventName.ERROR, detail, code="not_found")
+
+    async def flush(self, reason: str) -> None:
+        """Drop everything not yet spoken: queued phrases, pending words, the phrase being synthesised."""
+        self._generation += 1
+        dropped = 0
+        while not self._backlog.empty():
+            self._backlog.get_nowait()
+            dropped += 1
+        words = self._phraser.clear()
+        self._text_times.clear()
+        if self._cancel is not None:
+            self._cancel.set()
+        metrics.TTS_PHRASES_DROPPED.labels(reason="flush").inc(dropped)
+        await self._event(
+            EventName.FLUSH,
+            reason,
+            dropped_phrases=dropped,
+            dropped_words=words,
+            next_phrase_id=self._phraser.next_phrase_id,
+        )
+
+    async def close(self, reason: str, *, announce: bool = True) -> None:
+        """Stop both loops; `announce`: say so on `:tts` (not when handing the session to another worker)."""
+        if self._cancel is not None:
+            self._cancel.set()
+        await cancel_and_wait(*(t for t in (self._reader, self._speaker, *self._background) if t is not None))
+        self._reader = self._speaker = None
+        if announce:
+            with contextlib.suppress(Exception):
+                await self._event(EventName.ENDED, reason)
+
+    # --- reading Moshi's text ------------------------------------------------------------------------
+
+    async def _read_dialogue(self, cursor: str) -> None:
+        stream = self.s.bus.names.session_dialogue(self.session_id)
+        async for message, _ in tail(self.s.bus, stream, DIALOGUE, start=cursor, block_ms=500):
+            if isinstance(message, SessionEvent):
+                if message.name == EventName.ENDED:
+                    self._queue(self._phraser.flush(), message.created_at)
+                    return
+                if message.name == EventName.RESUMED:
+                    # Another dialogue worker took over and may number its frames afresh.
+                    self._last_dialogue_seq = -1
+                continue
+            if message.seq <= self._last_dialogue_seq:
+                continue  # a duplicate
+            self._last_dialogue_seq = message.seq
+            self.on_text(message.seq, message.text, message.created_at)
+
+    def on_text(self, seq: int, text: str, created_at: float) -> None:
+        """One dialogue frame's text piece ('' for none), as the dialogue service produced it."""
+        if text.strip():
+            self._text_times[seq] = created_at
+        self._queue(self._phraser.push(seq, text), created_at)
+
+    def _queue(self, phrases: list[Phrase], now: float) -> None:
+        for phrase in phrases:
+            text_at = self._text_times.get(phrase.last_seq, now)
+            self._text_times = {s: t for s, t in self._text_times.items() if s > phrase.last_seq}
+            if self.profile_id is None:
+                continue
+            if self._backlog.qsize() >= self.s.limits.backlog_phrases:
+                stale = self._backlog.get_nowait()
+                metrics.TTS_PHRASES_DROPPED.labels(reason="backlog").inc()
+                log.warning(
+                    "tts backlog full, dropped the oldest phrase",
+                    extra={**self.log_extra, "phrase_id": stale.phrase.phrase_id},
+                )
+            self._backlog.put_nowait(QueuedPhrase(phrase, self.profile_id, self._generation, text_at))
+
+    async def _stop_reader(self) -> None:
+        if self._reader is not None:
+            await cancel_and_wait(self._reader)
+            self._reader = None
+        self._phraser.clear()
+        self._text_times.clear()
+
+    # --- speaking --------------------------------------------------------------------------------------
+
+    async def _speak_loop(self) -> None:
+        while True:
+            item = await self._backlog.get()
+            if item.generation != self._generation or item.profile_id != self.profile_id:
+                continue
+            try:
+                await self._speak(item)
+            except NotFound:
+                await self.drop_voice(f"voice profile {item.profile_id} not found")
+            except Exception as exc:
+                log.exception(
+                    "synthesis failed", extra={**self.log_extra, "phrase_id": item.phrase.phrase_id}
+                )
+                await self._event(EventName.ERROR, f"synthesis failed: {exc}", code="tts_failed")
+
+    async def _speak(self, item: QueuedPhrase) -> None:
+        state = await self.s.voices.get(item.profile_id)
+        cancel = self._cancel = threading.Event()
+        splitter = FrameSplitter()
+        frames = 0
+
+        async def sink(audio: FloatAudio) -> None:
+            nonlocal frames
+            for frame in splitter.push(audio):
+                if not await self._write(item, frame, first=frames == 0):
+                    cancel.set()
+                    return
+                frames += 1
+
+        await self.s.engine.synthesize(
+            state,
+            item.phrase.text,
+            max_samples=self.s.limits.max_samples(item.phrase.words),
+            cancel=cancel,
+            sink=sink,
+        )
+        rest = splitter.flush()
+        if rest is not None and await self._write(item, rest, first=frames == 0):
+            frames += 1
+        if item.generation == self._generation:
+            await self._event(
+                EventName.PHRASE_DONE,
+                phrase_id=item.phrase.phrase_id,
+                frames=frames,
+                dialogue_seq=[item.phrase.first_seq, item.phrase.last_seq],
+            )
+
+    async def _write(self, item: QueuedPhrase, frame: FloatAudio, *, first: bool) -> bool:
+        """Append one frame unless a flush made the phrase stale; False = stop this phrase."""
+        if item.generation != self._generation:
+            return False
+        if first:
+            metrics.TTS_FIRST_AUDIO.observe(max(0.0, time.time() - item.text_at))
+        await self.s.bus.append(
+            self.s.bus.names.session_tts(self.session_id),
+            ClonedAudio(
+                session_id=self.session_id,
+                seq=self._next_seq(),
+                pcm=float_to_pcm16(frame),
+                text=item.phrase.text if first else "",
+                phrase_id=item.phrase.phrase_id,
+            ),
+        )
+        return True
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    async def _usable(self, profile_id: str) -> bool:
+        """The profile exists and belongs to the session's owner."""
+        try:
+            return (await self.s.profiles.get(profile_id)).owner == self.owner
+        except NotFound:
+            return False
+
+    async def _warm(self, profile_id: str) -> None:
+        """Have the voice state ready before the first phrase needs it."""
+        try:
+            await self.s.voices.get(profile_id)
+        except Exception:
+            log.warning(
+                "could not prepare the voice state", extra={**self.log_extra, "profile_id": profile_id}
+            )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _next_seq(self) -> int:
+        seq, self._seq = self._seq, self._seq + 1
+        return seq
+
+    async def _event(self, name: str, detail: str = "", **data: Any) -> None:
+        await self.s.bus.append(
+            self.s.bus.names.session_tts(self.session_id),
+            SessionEvent(
+                session_id=self.session_id, seq=self._next_seq(), name=name, detail=detail, data=data
+            ),
+        )

@@ -1,0 +1,106 @@
+"""Voice states: a profile's reference clip encoded by Pocket TTS, computed once and cached twice.
+
+`get_state_for_audio_prompt` costs about a second per clip. Its result is cached
+- on disk, next to the profile (`voices/{id}/states/{model version}.safetensors`), so every worker and
+  every restart reuses it; a new model version computes its own;
+- in memory, bounded (least recently used out), so a session's phrases never wait for storage.
+Concurrent requests for one profile wait for a single computation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+import safetensors.torch
+
+from services.tts.engine import Engine, ModelState
+from shared import metrics
+from shared.audio import SAMPLE_RATE
+from shared.errors import NotFound
+from shared.voice_profiles import VoiceProfileStore
+
+log = logging.getLogger(__name__)
+
+
+def state_to_bytes(state: ModelState) -> bytes:
+    """Flattened as '{module}/{tensor}', the naming Pocket TTS's own exported voice files use."""
+    flat = {
+        f"{module}/{name}": t.detach().cpu().contiguous().clone()
+        for module, d in state.items()
+        for name, t in d.items()
+    }
+    return bytes(safetensors.torch.save(flat))
+
+
+def state_from_bytes(data: bytes) -> ModelState:
+    state: ModelState = {}
+    for key, tensor in safetensors.torch.load(data).items():
+        module, name = key.rsplit("/", 1)
+        state.setdefault(module, {})[name] = tensor
+    return state
+
+
+class VoiceStates:
+    def __init__(
+        self, engine: Engine, store: VoiceProfileStore, *, capacity: int, prompt_max_s: float
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.capacity = capacity
+        self.prompt_max_samples = int(prompt_max_s * SAMPLE_RATE)
+        self._memory: OrderedDict[str, ModelState] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.computed = 0  # states this worker computed from clips (the expensive path)
+
+    def __contains__(self, profile_id: str) -> bool:
+        return profile_id in self._memory
+
+    async def get(self, profile_id: str) -> ModelState:
+        """The profile's voice state; raises NotFound when the profile does not exist (any more)."""
+        if profile_id in self._memory:
+            self._memory.move_to_end(profile_id)
+            metrics.TTS_VOICE_STATES.labels(source="memory").inc()
+            return self._memory[profile_id]
+        lock = self._locks.setdefault(profile_id, asyncio.Lock())
+        try:
+            async with lock:
+                if profile_id not in self._memory:
+                    self._remember(profile_id, await self._load_or_compute(profile_id))
+                return self._memory[profile_id]
+        finally:
+            if not lock.locked():
+                self._locks.pop(profile_id, None)
+
+    def forget(self, profile_id: str) -> bool:
+        """Drop the in-memory state (the profile was deleted); the caller owns disk cleanup."""
+        return self._memory.pop(profile_id, None) is not None
+
+    def _remember(self, profile_id: str, state: ModelState) -> None:
+        self._memory[profile_id] = state
+        self._memory.move_to_end(profile_id)
+        while len(self._memory) > self.capacity:
+            self._memory.popitem(last=False)
+
+    async def _load_or_compute(self, profile_id: str) -> ModelState:
+        await self.store.get(profile_id)  # NotFound for a deleted or incomplete profile
+        cached = await self.store.load_state(profile_id, self.engine.version)
+        if cached is not None:
+            metrics.TTS_VOICE_STATES.labels(source="disk").inc()
+            return state_from_bytes(cached)
+        clip = await self.store.clip(profile_id)
+        state = await self.engine.voice_state(clip[: self.prompt_max_samples])
+        self.computed += 1
+        metrics.TTS_VOICE_STATES.labels(source="computed").inc()
+        await self.store.save_state(profile_id, self.engine.version, state_to_bytes(state))
+        try:
+            await self.store.get(profile_id)
+        except NotFound:
+            # Deleted while we computed: leave no state behind for a profile that is gone.
+            await self.store.delete(profile_id)
+            raise
+        log.info(
+            "voice state computed", extra={"profile_id": profile_id, "model_version": self.engine.version}
+        )
+        return state

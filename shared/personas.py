@@ -1,0 +1,162 @@
+"""Personas: built-ins shipped in code plus ones stored per owner at `personas/{id}.json`.
+
+A persona is a `PersonaSpec` (what a session needs) plus who owns it and its default voice. Built-ins
+belong to nobody, every owner sees them, and they cannot be changed or deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.errors import Conflict, InvalidRequest, NotFound
+from shared.messages import PersonaSpec, Sampling
+from shared.storage import Storage
+
+_VOICE = re.compile(r"^(moshiko|moshika|profile:[A-Za-z0-9_-]{1,64})$")
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _check_voice(voice: str) -> str:
+    if not _VOICE.match(voice):
+        raise ValueError("voice must be 'moshiko', 'moshika' or 'profile:<id>'")
+    return voice
+
+
+class PersonaFields(BaseModel):
+    """What a client sends to create or replace a persona."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    primer: str = Field(default="", max_length=2000, description="Text forced into Moshi's text stream.")
+    greeting: str = Field(default="", max_length=500)
+    voice: str = Field(default="moshika", description="'moshiko', 'moshika' or 'profile:<id>'.")
+    sampling: Sampling = Field(default_factory=Sampling)
+
+    _voice = field_validator("voice")(_check_voice)
+
+
+class Persona(PersonaFields):
+    id: str = Field(max_length=64)
+    builtin: bool = False
+    owner: str = Field(default="", exclude=True)
+
+    def spec(self) -> PersonaSpec:
+        return PersonaSpec(
+            id=self.id, name=self.name, primer=self.primer, greeting=self.greeting, sampling=self.sampling
+        )
+
+
+BUILTINS: dict[str, Persona] = {
+    p.id: p
+    for p in (
+        Persona(id="default", name="Default", builtin=True, voice="moshika"),
+        Persona(
+            id="assistant",
+            name="Helpful assistant",
+            builtin=True,
+            voice="moshika",
+            primer="You are a helpful, concise voice assistant. Answer briefly and ask when unsure.",
+            greeting="Hi, how can I help?",
+        ),
+        Persona(
+            id="tutor",
+            name="Language tutor",
+            builtin=True,
+            voice="moshiko",
+            primer="You are a patient English tutor. Speak slowly and correct mistakes gently.",
+            greeting="Hello! What would you like to practise today?",
+        ),
+        Persona(
+            id="storyteller",
+            name="Storyteller",
+            builtin=True,
+            voice="moshiko",
+            primer="You are a warm storyteller who improvises short stories with the listener.",
+            greeting="Shall I tell you a story?",
+            sampling=Sampling(text_temperature=0.9),
+        ),
+    )
+}
+
+
+class PersonaStore:
+    """Owner-scoped persona CRUD over durable storage. Another owner's persona is NotFound, never 403."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @staticmethod
+    def _key(persona_id: str) -> str:
+        if not _ID.match(persona_id):
+            raise NotFound(f"no persona {persona_id!r}")
+        return f"personas/{persona_id}.json"
+
+    async def get(self, owner: str, persona_id: str) -> Persona:
+        if persona_id in BUILTINS:
+            return BUILTINS[persona_id]
+        raw = await self.storage.get(self._key(persona_id))
+        stored = _load(raw)
+        if stored.owner != owner:
+            raise NotFound(f"no persona {persona_id!r}")
+        return stored
+
+    async def list(self, owner: str) -> list[Persona]:
+        found: list[Persona] = list(BUILTINS.values())
+        for key in sorted(await self.storage.list("personas/")):
+            if not key.endswith(".json"):
+                continue
+            persona = _load(await self.storage.get(key))
+            if persona.owner == owner:
+                found.append(persona)
+        return found
+
+    async def create(self, owner: str, fields: PersonaFields) -> Persona:
+        persona = Persona(id=f"p_{uuid.uuid4().hex[:12]}", owner=owner, **fields.model_dump())
+        await self._save(persona)
+        return persona
+
+    async def replace(self, owner: str, persona_id: str, fields: PersonaFields) -> Persona:
+        current = await self.get(owner, persona_id)
+        if current.builtin:
+            raise Conflict(f"built-in persona {persona_id!r} cannot be modified")
+        persona = Persona(id=persona_id, owner=owner, **fields.model_dump())
+        await self._save(persona)
+        return persona
+
+    async def delete(self, owner: str, persona_id: str) -> None:
+        current = await self.get(owner, persona_id)
+        if current.builtin:
+            raise Conflict(f"built-in persona {persona_id!r} cannot be deleted")
+        await self.storage.delete(self._key(persona_id))
+
+    async def resolve(self, owner: str, persona_id: str | None, overrides: dict[str, Any]) -> PersonaSpec:
+        """The spec a session runs with: persona by id (default when none) with per-session overrides."""
+        try:
+            base = await self.get(owner, persona_id or "default")
+        except NotFound:
+            raise InvalidRequest(f"unknown persona {persona_id!r}") from None
+        data = base.spec().model_dump()
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return PersonaSpec.model_validate(data)
+        except ValueError as exc:
+            raise InvalidRequest(f"invalid persona override: {exc}") from None
+
+    async def _save(self, persona: Persona) -> None:
+        await self.storage.put(self._key(persona.id), _dump(persona))
+
+
+def _dump(persona: Persona) -> bytes:
+    data = persona.model_dump(mode="json")
+    data["owner"] = persona.owner  # excluded from API output, kept on disk
+    return json.dumps(data).encode()
+
+
+def _load(raw: bytes) -> Persona:
+    return Persona.model_validate_json(raw)

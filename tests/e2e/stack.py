@@ -1,0 +1,121 @@
+"""A whole Chorus stack as real processes (`python -m chorus.cli <service>`), as containers run them,
+against the suite's redis-server, with small generated checkpoints. Tests talk to it over real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.redis_server import free_port
+
+SERVICES = ("dialogue", "tts", "router", "gateway")
+
+
+@dataclass
+class ChorusStack:
+    redis_url: str
+    checkpoints: Path
+    workdir: Path
+    key_prefix: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ports = {name: free_port() for name in SERVICES}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway']}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ports['gateway']}"
+
+    def env(self, service: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
+        env.update(
+            {
+                "CHORUS_REDIS_URL": self.redis_url,
+                "CHORUS_KEY_PREFIX": self.key_prefix,
+                "CHORUS_DATA_DIR": str(self.workdir / "data"),
+                "CHORUS_MOSHI_DIR": str(self.checkpoints / "moshi"),
+                "CHORUS_TTS_DIR": str(self.checkpoints / "tts"),
+                "CHORUS_PORT": str(self.ports["gateway"]),
+                "CHORUS_DIALOGUE_HTTP_PORT": str(self.ports["dialogue"]),
+                "CHORUS_TTS_HTTP_PORT": str(self.ports["tts"]),
+                "CHORUS_ROUTER_HTTP_PORT": str(self.ports["router"]),
+                "CHORUS_WORKER_ID": f"{service}-{self.key_prefix.rstrip(':')}",
+                "CHORUS_LOG_FORMAT": "text",
+                "CHORUS_WORKER_TTL_S": "2",
+                "CHORUS_CLAIM_IDLE_MS": "2000",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, service: str) -> None:
+        log = (self.workdir / f"{service}.log").open("ab")
+        self.processes[service] = subprocess.Popen(
+            [sys.executable, "-m", "chorus.cli", service],
+            env=self.env(service),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start_all(self, timeout_s: float = 180) -> ChorusStack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for service in SERVICES:
+            self.start(service)
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float = 180, *, need_tts: bool = True) -> dict[str, object]:
+        deadline = time.monotonic() + timeout_s
+        body: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise AssertionError(f"{name} exited with {process.returncode}:\n{self.log_tail(name)}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
+                    body = json.loads(response.read())
+                    # Ready is not enough: wait until the models are loaded (free slots published).
+                    loaded = int(str(body.get("free_slots", 0))) > 0
+                    if loaded and (not need_tts or body.get("tts_workers")):
+                        return body
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                pass
+            time.sleep(0.3)
+        raise AssertionError(
+            f"stack not ready in {timeout_s}s: {body}\n"
+            + "\n".join(f"--- {n}\n{self.log_tail(n)}" for n in self.processes)
+        )
+
+    def stop(self, service: str, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
+        process = self.processes.pop(service)
+        if process.poll() is None:
+            os.killpg(process.pid, sig)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        return process.returncode
+
+    def stop_all(self) -> None:
+        for service in reversed(list(self.processes)):
+            self.stop(service)
+
+    def log_tail(self, service: str, chars: int = 4000) -> str:
+        path = self.workdir / f"{service}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""

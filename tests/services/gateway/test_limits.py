@@ -1,0 +1,72 @@
+"""Gateway limits: body size (413), REST requests per minute per key (429 + Retry-After), socket limits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from services.gateway.limits import SocketLimits, TokenBucket
+from services.gateway.settings import GatewaySettings
+from shared import metrics
+from tests.services.gateway.app_client import gateway_client
+
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"Authorization": "Bearer key-bob"}
+
+
+def rejections(limit: str) -> float:
+    return metrics.LIMIT_REJECTIONS.labels(limit=limit)._value.get()
+
+
+async def test_oversized_bodies_get_413(redis_url: str, key_prefix: str, tmp_path: Path) -> None:
+    before = rejections("body_size")
+    async with gateway_client(redis_url, key_prefix, tmp_path, max_body_bytes=1024) as client:
+        big = {"name": "x", "primer": "y" * 5000}
+        response = await client.post("/v1/personas", json=big)
+        assert response.status_code == 413
+        assert response.json()["code"] == "payload_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: bounded while streaming
+            yield b'{"name": "x", "primer": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}'
+
+        streamed = await client.post(
+            "/v1/personas", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert streamed.status_code == 413
+    assert rejections("body_size") == before + 2
+
+
+async def test_requests_per_minute_are_limited_per_key(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    async with gateway_client(
+        redis_url, key_prefix, tmp_path, api_keys="key-alice,key-bob", requests_per_minute=3
+    ) as client:
+        codes = [(await client.get("/v1/personas", headers=ALICE)).status_code for _ in range(4)]
+        # A minute boundary can fall inside the loop; then the window restarts and all four pass.
+        assert codes in ([200, 200, 200, 429], [200] * 4)
+        if codes[-1] == 429:
+            refused = await client.get("/v1/personas", headers=ALICE)
+            assert refused.status_code == 429
+            assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert (await client.get("/v1/personas", headers=BOB)).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200  # probes are never limited
+
+
+def test_token_bucket_allows_a_burst_then_the_sustained_rate() -> None:
+    bucket = TokenBucket(rate=2.0, burst=4.0, now=0.0)
+    assert [bucket.take(now=0.0) for _ in range(5)] == [True] * 4 + [False]
+    assert bucket.take(now=0.5) is True
+    assert bucket.take(now=0.5) is False
+
+
+def test_socket_limits_drop_oversized_and_excess_messages() -> None:
+    limits = SocketLimits(GatewaySettings(ws_max_message_bytes=1024, ws_messages_per_second=1.0))
+    assert limits.check({"bytes": b"x" * 2048}) is not None
+    assert limits.check({"text": "ok"}) is None
+    assert limits.check({"text": "ok"}) is None
+    refused = limits.check({"text": "ok"})
+    assert refused is not None and "per second" in refused

@@ -1,0 +1,97 @@
+"""`/v1/personas` against the real app and redis-server, with two API keys."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.gateway.auth import owner_of
+from shared.errors import InvalidRequest
+from shared.personas import PersonaStore
+from shared.storage import LocalStorage
+from tests.services.gateway.app_client import gateway_client
+
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"Authorization": "Bearer key-bob"}
+NEW = {"name": "Pirate", "primer": "You are a pirate.", "voice": "moshiko", "greeting": "Ahoy"}
+
+
+@pytest.fixture
+async def client(redis_url: str, key_prefix: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async with gateway_client(redis_url, key_prefix, tmp_path, api_keys="key-alice,key-bob") as c:
+        yield c
+
+
+async def test_builtin_personas_are_listed_for_every_key(client: httpx.AsyncClient) -> None:
+    for headers in (ALICE, BOB):
+        body = (await client.get("/v1/personas", headers=headers)).json()
+        ids = {p["id"] for p in body["items"]}
+        assert {"default", "assistant", "tutor", "storyteller"} <= ids
+
+
+async def test_a_persona_is_created_read_replaced_and_deleted(client: httpx.AsyncClient) -> None:
+    created = await client.post("/v1/personas", json=NEW, headers=ALICE)
+    assert created.status_code == 201
+    pid = created.json()["id"]
+    assert "owner" not in created.json()
+    assert (await client.get(f"/v1/personas/{pid}", headers=ALICE)).json()["name"] == "Pirate"
+    replaced = await client.put(f"/v1/personas/{pid}", json={**NEW, "name": "Captain"}, headers=ALICE)
+    assert replaced.json()["name"] == "Captain"
+    assert (await client.delete(f"/v1/personas/{pid}", headers=ALICE)).status_code == 204
+    assert (await client.get(f"/v1/personas/{pid}", headers=ALICE)).status_code == 404
+
+
+async def test_another_key_cannot_see_or_change_a_persona(client: httpx.AsyncClient) -> None:
+    pid = (await client.post("/v1/personas", json=NEW, headers=ALICE)).json()["id"]
+    assert (await client.get(f"/v1/personas/{pid}", headers=BOB)).status_code == 404
+    assert (await client.put(f"/v1/personas/{pid}", json=NEW, headers=BOB)).status_code == 404
+    assert (await client.delete(f"/v1/personas/{pid}", headers=BOB)).status_code == 404
+    bob_ids = {p["id"] for p in (await client.get("/v1/personas", headers=BOB)).json()["items"]}
+    assert pid not in bob_ids
+
+
+async def test_builtin_personas_cannot_be_modified_or_deleted(client: httpx.AsyncClient) -> None:
+    put = await client.put("/v1/personas/tutor", json=NEW, headers=ALICE)
+    assert put.status_code == 409
+    assert put.headers["content-type"] == "application/problem+json"
+    assert (await client.delete("/v1/personas/tutor", headers=ALICE)).status_code == 409
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {**NEW, "primer": "x" * 2001},
+        {**NEW, "voice": "robot"},
+        {**NEW, "sampling": {"text_temperature": 5.0}},
+        {**NEW, "sampling": {"audio_top_k": 0}},
+        {"primer": "no name"},
+    ],
+)
+async def test_invalid_personas_are_rejected(client: httpx.AsyncClient, bad: dict[str, object]) -> None:
+    response = await client.post("/v1/personas", json=bad, headers=ALICE)
+    assert response.status_code == 422
+
+
+async def test_personas_survive_a_restart(redis_url: str, key_prefix: str, tmp_path: Path) -> None:
+    async with gateway_client(redis_url, key_prefix, tmp_path, api_keys="key-alice") as c:
+        pid = (await c.post("/v1/personas", json=NEW, headers=ALICE)).json()["id"]
+    async with gateway_client(redis_url, key_prefix, tmp_path, api_keys="key-alice") as c:
+        assert (await c.get(f"/v1/personas/{pid}", headers=ALICE)).json()["primer"] == "You are a pirate."
+
+
+async def test_a_session_resolves_its_persona_with_overrides(tmp_path: Path) -> None:
+    store = PersonaStore(LocalStorage(tmp_path))
+    from shared.personas import PersonaFields
+
+    alice = owner_of("key-alice")
+    mine = await store.create(alice, PersonaFields(name="Pirate", primer="Arr"))
+    spec = await store.resolve(alice, mine.id, {"primer": "Be brief"})
+    assert (spec.id, spec.name, spec.primer) == (mine.id, "Pirate", "Be brief")
+    assert (await store.resolve(alice, None, {})).id == "default"
+    with pytest.raises(InvalidRequest):
+        await store.resolve(owner_of("key-bob"), mine.id, {})
+    with pytest.raises(InvalidRequest):
+        await store.resolve(alice, "nope", {})

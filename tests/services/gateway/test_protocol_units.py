@@ -1,0 +1,74 @@
+"""Protocol pieces that need no running stack: the bounded send queue and Realtime event parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.gateway.protocols import realtime_events as ev
+from services.gateway.protocols.send_queue import SendQueue
+
+
+async def test_a_slow_reader_loses_the_oldest_audio_never_text() -> None:
+    queue: SendQueue[str] = SendQueue(max_items=3)
+    queue.put("text-1", droppable=False)
+    for i in range(5):
+        queue.put(f"audio-{i}", droppable=True)
+    assert len(queue) == 3
+    assert queue.take_drop_report() == 3
+    assert queue.take_drop_report() == 0, "each drop is reported once"
+    assert [await queue.get() for _ in range(3)] == ["text-1", "audio-3", "audio-4"]
+    assert await queue.drained(0.1)
+
+
+def test_session_update_accepts_the_ga_shape() -> None:
+    event = ev.CLIENT_EVENT.validate_python(
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "instructions": "Be brief.",
+                "tools": [],
+                "audio": {
+                    "input": {"format": {"type": "audio/pcm", "rate": 24000}},
+                    "output": {"voice": "profile:abc"},
+                },
+            },
+        }
+    )
+    assert isinstance(event, ev.SessionUpdateEvent)
+    assert event.session.requested_voice() == "profile:abc"
+    assert event.session.instructions == "Be brief."
+    assert event.session.input_format_problem() is None
+
+
+def test_session_update_accepts_the_beta_shape() -> None:
+    event = ev.CLIENT_EVENT.validate_python(
+        {
+            "type": "session.update",
+            "session": {"instructions": "Hi", "voice": "moshika", "input_audio_format": "pcm16"},
+        }
+    )
+    assert isinstance(event, ev.SessionUpdateEvent)
+    assert event.session.requested_voice() == "moshika"
+    assert event.session.input_format_problem() is None
+
+
+@pytest.mark.parametrize(
+    "session",
+    [
+        {"input_audio_format": "g711_ulaw"},
+        {"audio": {"input": {"format": {"type": "audio/pcmu"}}}},
+        {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+    ],
+)
+def test_unusable_input_formats_are_explained(session: dict[str, object]) -> None:
+    event = ev.CLIENT_EVENT.validate_python({"type": "session.update", "session": session})
+    assert isinstance(event, ev.SessionUpdateEvent)
+    assert event.session.input_format_problem()
+
+
+def test_server_events_carry_event_id_and_type() -> None:
+    delta = ev.OutputAudioDelta(response_id="resp_1", item_id="item_1", delta="AAAA")
+    body = delta.model_dump()
+    assert body["type"] == "response.output_audio.delta" and body["event_id"].startswith("event_")
+    assert {"response_id", "item_id", "output_index", "content_index", "delta"} <= set(body)

@@ -1,0 +1,130 @@
+"""`/v1/sessions`: live sessions per key, details, per-key concurrency limit, transcript exports."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from services.gateway.app import create_app
+from services.gateway.auth import owner_of
+from services.gateway.conversation import Conversation
+from services.gateway.sessions import cleanup_transcripts
+from services.gateway.settings import GatewaySettings
+from shared.errors import RateLimited
+from shared.messages import PersonaSpec
+from shared.presence import WorkerPresence
+from shared.storage import LocalStorage
+
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"Authorization": "Bearer key-bob"}
+
+
+@asynccontextmanager
+async def running(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    settings = GatewaySettings(
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        data_dir=tmp_path,
+        api_keys="key-alice,key-bob",
+        max_sessions_per_key=2,
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        # Real presence records: one dialogue worker with free slots and one router.
+        for service, fields in (("dialogue", {"free_slots": 8}), ("router", {})):
+            await WorkerPresence(
+                app.state.bus, service, "w1", ttl_s=60, interval_s=5, describe=lambda f=fields: f
+            ).beat()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+            yield app, client
+
+
+def conversation(app: FastAPI, key: str) -> Conversation:
+    return Conversation(
+        app.state.bus,
+        owner=owner_of(key),
+        persona=PersonaSpec(),
+        voice="moshika",
+        voice_mode="native",
+        session_ttl_s=60,
+        max_sessions=app.state.settings.max_sessions_per_key,
+        transcripts=app.state.storage,
+    )
+
+
+async def test_each_key_lists_only_its_own_live_sessions(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    async with running(redis_url, key_prefix, tmp_path) as (app, client):
+        mine = conversation(app, "key-alice")
+        await mine.start()
+        items = (await client.get("/v1/sessions", headers=ALICE)).json()["items"]
+        assert [s["id"] for s in items] == [mine.session_id]
+        assert (await client.get("/v1/sessions", headers=BOB)).json()["items"] == []
+        assert (await client.get(f"/v1/sessions/{mine.session_id}", headers=BOB)).status_code == 404
+        await mine.stop("test")
+        assert (await client.get("/v1/sessions", headers=ALICE)).json()["items"] == []
+
+
+async def test_session_detail_shows_state_counters_and_transcript(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    async with running(redis_url, key_prefix, tmp_path) as (app, client):
+        conv = conversation(app, "key-alice")
+        await conv.start()
+        await conv.store.incr(conv.session_id, "voice_switches", 2)
+        await conv.store.append_transcript(conv.session_id, "assistant", "hello there")
+        detail = (await client.get(f"/v1/sessions/{conv.session_id}", headers=ALICE)).json()
+        assert detail["state"] == "placing"
+        assert detail["voice"] == "moshika" and detail["persona_id"] == "default"
+        assert detail["counters"]["voice_switches"] == 2
+        assert detail["transcript"][0]["text"] == "hello there"
+        await conv.stop("test")
+
+
+async def test_concurrent_sessions_per_key_are_limited(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    async with running(redis_url, key_prefix, tmp_path) as (app, _):
+        first, second = conversation(app, "key-alice"), conversation(app, "key-alice")
+        await first.start()
+        await second.start()
+        with pytest.raises(RateLimited):
+            await conversation(app, "key-alice").start()
+        await conversation(app, "key-bob").start()  # another key has its own budget
+        await first.stop("test")
+        await conversation(app, "key-alice").start()  # a freed slot is reusable
+
+
+async def test_an_ended_session_exports_its_transcript_to_its_owner_only(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    async with running(redis_url, key_prefix, tmp_path) as (app, client):
+        conv = conversation(app, "key-alice")
+        await conv.start()
+        await conv.store.append_transcript(conv.session_id, "user", "hi")
+        await conv.stop("client closed")
+        export = await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=ALICE)
+        assert export.status_code == 200
+        assert export.json()["turns"][0]["text"] == "hi"
+        assert (
+            await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=BOB)
+        ).status_code == 404
+    stored = json.loads((tmp_path / "transcripts" / f"{conv.session_id}.json").read_text())
+    assert stored["session_id"] == conv.session_id
+
+
+async def test_transcript_exports_are_deleted_after_the_retention(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    await storage.put("transcripts/old.json", json.dumps({"exported_at": 1000.0}).encode())
+    await storage.put("transcripts/new.json", json.dumps({"exported_at": 5000.0}).encode())
+    assert await cleanup_transcripts(storage, retention_s=3600, now=5000.0 + 60) == 1
+    assert await storage.list("transcripts/") == ["transcripts/new.json"]

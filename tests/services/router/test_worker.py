@@ -1,0 +1,261 @@
+"""The router's core loop against a real redis-server: the tests play dialogue, TTS and gateway by
+appending entries to the session's streams and chorus:control, and read what the router wrote to `:out`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+
+from services.router.routing import Router
+from services.router.settings import RouterSettings
+from services.router.speech import EnergyFallbackDetector
+from shared.audio import FRAME_SAMPLES, silence_frame
+from shared.bus import Bus
+from shared.messages import (
+    CONTROL,
+    OUTPUT,
+    ClonedAudio,
+    DialogueFrame,
+    EventName,
+    OutputAudio,
+    OutputMessage,
+    OutputText,
+    SessionEvent,
+    SessionFlush,
+    SessionStart,
+    SessionStop,
+    SessionUpdate,
+    UserAudio,
+    VoiceMode,
+)
+from shared.presence import WorkerPresence
+from shared.sessions import SessionStore
+from shared.streams import StreamNames
+
+SID = "sess1"
+PROFILE = "profile:alice"
+
+
+def pcm(level: int) -> bytes:
+    return np.full(FRAME_SAMPLES, level, dtype="<i2").tobytes()
+
+
+NATIVE = pcm(1000)
+CLONED = pcm(2000)
+LOUD_VOICE = (np.sin(np.arange(FRAME_SAMPLES) / 3) * 12000).astype("<i2").tobytes()
+
+
+@contextlib.asynccontextmanager
+async def running_router(bus: Bus, worker_id: str = "router-1") -> AsyncIterator[Router]:
+    settings = RouterSettings(worker_id=worker_id, router_tts_check_frames=1, session_ttl_s=60)
+    router = Router(bus, settings, make_detector=EnergyFallbackDetector)
+    stop = asyncio.Event()
+    task = asyncio.create_task(router.run(stop))
+    try:
+        yield router
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def tts_worker(bus: Bus) -> AsyncIterator[WorkerPresence]:
+    presence = WorkerPresence(bus, "tts", "tts-1", ttl_s=30, interval_s=1)
+    await presence.beat()
+    try:
+        yield presence
+    finally:
+        await presence.leave()
+
+
+class Player:
+    """Plays the dialogue and TTS services of one session."""
+
+    def __init__(self, bus: Bus, sid: str = SID) -> None:
+        self.bus, self.sid, self.names = bus, sid, bus.names
+        self.dlg_seq = self.tts_seq = self.in_seq = 0
+
+    async def dialogue(self, text: str = "", pcm: bytes = NATIVE) -> None:
+        self.dlg_seq += 1
+        frame = DialogueFrame(session_id=self.sid, seq=self.dlg_seq, pcm=pcm, text=text)
+        await self.bus.append(self.names.session_dialogue(self.sid), frame)
+
+    async def dialogue_event(self, name: str) -> None:
+        self.dlg_seq += 1
+        event = SessionEvent(session_id=self.sid, seq=self.dlg_seq, name=name)
+        await self.bus.append(self.names.session_dialogue(self.sid), event)
+
+    async def phrase(self, text: str, frames: int) -> None:
+        for i in range(frames):
+            self.tts_seq += 1
+            audio = ClonedAudio(
+                session_id=self.sid, seq=self.tts_seq, pcm=CLONED, text=text if i == 0 else ""
+            )
+            await self.bus.append(self.names.session_tts(self.sid), audio)
+
+    async def user(self, pcm: bytes) -> None:
+        self.in_seq += 1
+        await self.bus.append(
+            self.names.session_input(self.sid), UserAudio(session_id=self.sid, seq=self.in_seq, pcm=pcm)
+        )
+
+    async def start(self, voice: str, mode: VoiceMode) -> None:
+        """As the gateway does: the session hash first, then `start` on chorus:control."""
+        await SessionStore(self.bus, 60).update(self.sid, state="placing", voice=voice, voice_mode=mode)
+        await self.bus.append_control(SessionStart(session_id=self.sid, voice=voice, voice_mode=mode))
+
+    async def output(self) -> list[OutputMessage]:
+        return [OUTPUT.decode(e.fields) for e in await self.bus.range(self.names.session_output(self.sid))]
+
+    async def wait_output(
+        self, check: Callable[[list[OutputMessage]], bool], what: str, tick: bool = False
+    ) -> list[OutputMessage]:
+        """Read `:out` until `check` holds; with `tick`, keep the dialogue clock going meanwhile."""
+        for _ in range(400):
+            out = await self.output()
+            if check(out):
+                return out
+            if tick:
+                await self.dialogue()
+            await asyncio.sleep(0.025)
+        raise AssertionError(f"router never produced: {what}")
+
+
+def audio(out: list[OutputMessage]) -> list[OutputAudio]:
+    return [m for m in out if isinstance(m, OutputAudio)]
+
+
+def events(out: list[OutputMessage], name: str) -> list[SessionEvent]:
+    return [m for m in out if isinstance(m, SessionEvent) and m.name == name]
+
+
+async def test_a_native_session_gets_moshis_audio_text_and_events_even_those_written_before_it_started(
+    bus: Bus,
+) -> None:
+    play = Player(bus)
+    await play.dialogue_event(EventName.READY)  # before the router took the session
+    await play.dialogue(" Hello")
+    await play.dialogue(" there")
+    async with running_router(bus):
+        await play.start("moshiko", "auto")
+        out = await play.wait_output(lambda o: len(audio(o)) == 2, "two audio frames")
+    assert [m.text for m in out if isinstance(m, OutputText)] == [" Hello", " there"]
+    assert len(events(out, EventName.READY)) == 1
+    assert [(a.pcm, a.source) for a in audio(out)] == [(NATIVE, "native")] * 2
+    assert [m.seq for m in out] == list(range(len(out)))
+
+
+async def test_a_cloned_session_plays_the_tts_audio_and_mutes_moshi(bus: Bus) -> None:
+    play = Player(bus)
+    await play.phrase("Hi there", 3)
+    for piece in (" Hi", " there", ""):
+        await play.dialogue(piece)
+    async with tts_worker(bus), running_router(bus):
+        await play.start(PROFILE, "cloned")
+        out = await play.wait_output(lambda o: len(audio(o)) == 3, "three audio frames")
+    assert [(a.pcm, a.source) for a in audio(out)] == [(CLONED, "cloned")] * 3
+    assert [m.text for m in out if isinstance(m, OutputText)] == [" Hi", " there"]
+
+
+async def test_a_voice_update_switches_a_live_session_to_its_cloned_voice(bus: Bus) -> None:
+    play = Player(bus)
+    async with tts_worker(bus), running_router(bus):
+        await play.start("moshiko", "auto")
+        await play.dialogue(" one")
+        await play.wait_output(lambda o: len(audio(o)) == 1, "native audio")
+        await bus.append_control(SessionUpdate(session_id=SID, voice=PROFILE, voice_mode="cloned"))
+        out = await play.wait_output(
+            lambda o: bool(events(o, EventName.VOICE_CHANGED)), "a voice_changed event", tick=True
+        )
+        assert events(out, EventName.VOICE_CHANGED)[0].data["source"] == "cloned"
+        await play.phrase("two", 2)
+        await play.dialogue(" two")
+        out = await play.wait_output(lambda o: CLONED in [a.pcm for a in audio(o)], "cloned audio", tick=True)
+    assert audio(out)[0].pcm == NATIVE
+
+
+async def test_without_a_tts_worker_a_cloned_session_falls_back_to_native(bus: Bus) -> None:
+    play = Player(bus)
+    async with running_router(bus):
+        await play.start(PROFILE, "cloned")
+        await play.dialogue(" hi")
+        out = await play.wait_output(lambda o: len(audio(o)) == 1, "an audio frame")
+    assert audio(out)[0].pcm == NATIVE
+    assert events(out, EventName.VOICE_CHANGED)[0].data["reason"] == "tts_down"
+
+
+async def test_when_the_tts_worker_goes_away_the_session_falls_back_to_native(bus: Bus) -> None:
+    play = Player(bus)
+    async with running_router(bus), tts_worker(bus) as tts:
+        await play.start(PROFILE, "auto")
+        await play.dialogue()
+        await play.wait_output(lambda o: len(audio(o)) == 1, "an audio frame")
+        await tts.leave()
+        out = await play.wait_output(lambda o: NATIVE in [a.pcm for a in audio(o)], "native audio", tick=True)
+    assert audio(out)[0].source == "cloned"
+    switch = events(out, EventName.VOICE_CHANGED)
+    assert [(e.data["source"], e.data["reason"]) for e in switch] == [("native", "tts_down")]
+
+
+async def test_user_speech_over_queued_cloned_audio_flushes_the_tts(bus: Bus, names: StreamNames) -> None:
+    play = Player(bus)
+    async with tts_worker(bus), running_router(bus):
+        await play.start(PROFILE, "cloned")
+        await play.dialogue(" A long answer")
+        await play.phrase("A long answer", 40)
+        await play.wait_output(lambda o: len(audio(o)) == 1, "an audio frame")
+        for _ in range(3):
+            await play.user(LOUD_VOICE)
+        out = await play.wait_output(lambda o: bool(events(o, EventName.SPEECH_STARTED)), "speech_started")
+        control = [CONTROL.decode(e.fields) for e in await bus.range(names.control)]
+        await play.dialogue()
+        out = await play.wait_output(lambda o: len(audio(o)) == 2, "the next audio frame")
+    assert SessionFlush(session_id=SID, created_at=0) in [
+        c.model_copy(update={"created_at": 0}) for c in control
+    ]
+    assert audio(out)[1].pcm == silence_frame(), "queued cloned audio was dropped"
+
+
+async def test_stop_ends_the_session_releases_it_and_expires_its_keys(bus: Bus, names: StreamNames) -> None:
+    play = Player(bus)
+    async with running_router(bus) as router:
+        await play.start("moshiko", "native")
+        await play.dialogue(" hi")
+        await play.wait_output(lambda o: len(audio(o)) == 1, "an audio frame")
+        await bus.append_control(SessionStop(session_id=SID, reason="client_closed"))
+        out = await play.wait_output(lambda o: bool(events(o, EventName.ENDED)), "ended")
+        assert router.sessions == {}
+    assert events(out, EventName.ENDED)[0].detail == "client_closed"
+    pending = await bus.redis.xpending(names.control, "router")
+    assert pending["pending"] == 0, "the held start was released"
+    assert 0 < await bus.redis.ttl(names.session_output(SID)) <= 60
+
+
+async def test_a_session_taken_over_from_a_dead_router_goes_on_from_where_it_was(
+    bus: Bus, names: StreamNames
+) -> None:
+    play = Player(bus)
+    await play.dialogue(" already routed")
+    for seq in range(10):  # what the dead router wrote
+        await bus.append(names.session_output(SID), OutputText(session_id=SID, seq=seq, text="x"))
+    await bus.redis.hset(names.session(SID), mapping={"router_worker": "dead-router", "voice": "moshiko"})
+    async with running_router(bus) as router:
+        await play.start("moshiko", "native")
+        await play.wait_output(lambda _: SID in router.sessions, "the session taken")
+        await play.dialogue(" new")
+        out = await play.wait_output(lambda o: len(audio(o)) == 1, "an audio frame")
+    fresh = out[10:]
+    assert [m.text for m in fresh if isinstance(m, OutputText)] == [" new"], "old frames are not replayed"
+    assert [m.seq for m in fresh] == list(range(10, 10 + len(fresh)))
+
+
+async def test_the_start_of_a_session_that_is_already_over_is_ignored(bus: Bus, names: StreamNames) -> None:
+    await bus.append_control(SessionStart(session_id="gone"))  # no session hash: it expired long ago
+    play = Player(bus)
+    async with running_router(bus) as router:
+        await play.start("moshiko", "native")
+        await play.wait_output(lambda _: SID in router.sessions, "the live session taken")
+        assert "gone" not in router.sessions

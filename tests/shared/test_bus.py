@@ -1,0 +1,253 @@
+"""The bus against a real redis-server (started by tests/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from shared.audio import silence_frame
+from shared.bus import Bus, Entry, GroupConsumer, Handled, tail
+from shared.messages import CONTROL, DIALOGUE, ControlMessage, DialogueFrame, SessionStart, SessionStop
+from shared.streams import StreamNames
+
+
+def start(sid: str) -> SessionStart:
+    return SessionStart(session_id=sid)
+
+
+@contextlib.asynccontextmanager
+async def running(consumer: GroupConsumer[ControlMessage]) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def eventually(check: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await _value(check()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _value(result: bool | Awaitable[bool]) -> bool:
+    return await result if inspect.isawaitable(result) else result
+
+
+def collector(
+    into: list[str], outcome: str | None = None
+) -> Callable[[ControlMessage, Entry], Awaitable[str | None]]:
+    async def handle(message: ControlMessage, _: Entry) -> str | None:
+        into.append(message.session_id)
+        return outcome
+
+    return handle
+
+
+async def test_each_group_gets_every_entry_and_consumers_of_a_group_share_them(
+    bus: Bus, names: StreamNames
+) -> None:
+    seen_a1: list[str] = []
+    seen_a2: list[str] = []
+    seen_b: list[str] = []
+    stream = names.control
+    consumers = [
+        GroupConsumer(bus, stream, "A", "a1", CONTROL, collector(seen_a1), block_ms=50),
+        GroupConsumer(bus, stream, "A", "a2", CONTROL, collector(seen_a2), block_ms=50),
+        GroupConsumer(bus, stream, "B", "b1", CONTROL, collector(seen_b), block_ms=50),
+    ]
+    for c in consumers:
+        await bus.ensure_group(stream, c.group)
+    sids = [f"s{i}" for i in range(40)]
+    for sid in sids:
+        await bus.append_control(start(sid))
+    async with contextlib.AsyncExitStack() as stack:
+        for c in consumers:
+            await stack.enter_async_context(running(c))
+
+        async def all_seen() -> bool:
+            return len(seen_a1) + len(seen_a2) == len(sids) and len(seen_b) == len(sids)
+
+        await eventually(all_seen, "both groups to consume everything")
+    assert sorted(seen_a1 + seen_a2) == sorted(sids), "group A got each entry exactly once"
+    assert sorted(seen_b) == sorted(sids), "group B independently got each entry exactly once"
+    assert await bus.redis.xpending(stream, "A") == {"pending": 0, "min": None, "max": None, "consumers": []}
+
+
+async def test_a_dead_consumers_entries_are_claimed_by_another(bus: Bus, names: StreamNames) -> None:
+    stream = names.control
+    await bus.ensure_group(stream, "dialogue")
+    await bus.append_control(start("orphan"))
+    # A consumer reads the entry and dies before acking: it stays pending under its name.
+    taken = await bus.read_group(stream, "dialogue", "dead-worker", count=10, block_ms=100)
+    assert [e.entry_id for e in taken]
+    seen: list[str] = []
+    survivor = GroupConsumer(
+        bus, stream, "dialogue", "survivor", CONTROL, collector(seen), claim_idle_ms=300, block_ms=50
+    )
+    async with running(survivor):
+        await eventually(lambda: len(seen) == 1, "the survivor to claim the orphan")
+    assert seen == ["orphan"]
+    pending = await bus.redis.xpending(stream, "dialogue")
+    assert pending["pending"] == 0
+
+
+async def test_held_entries_stay_with_a_live_owner_and_move_when_it_dies(
+    bus: Bus, names: StreamNames
+) -> None:
+    stream = names.control
+    owner_seen: list[str] = []
+    other_seen: list[str] = []
+    owner = GroupConsumer(
+        bus,
+        stream,
+        "dialogue",
+        "owner",
+        CONTROL,
+        collector(owner_seen, Handled.HOLD),
+        claim_idle_ms=300,
+        block_ms=50,
+    )
+    other = GroupConsumer(
+        bus,
+        stream,
+        "dialogue",
+        "other",
+        CONTROL,
+        collector(other_seen, Handled.HOLD),
+        claim_idle_ms=300,
+        block_ms=50,
+        can_take=lambda: False,
+    )
+    await bus.ensure_group(stream, "dialogue")
+    await bus.append_control(start("held"))
+    async with running(owner) as owner_stop, running(other):
+        await eventually(lambda: owner_seen == ["held"], "the owner to take the session")
+        other.can_take = lambda: True
+        await asyncio.sleep(1.0)  # > 3 x claim_idle_ms: the owner keeps touching what it holds
+        assert other_seen == [], "a live owner's held entry must not be claimed"
+        owner_stop.set()  # the owner dies (stops touching) without releasing
+        await eventually(lambda: other_seen == ["held"], "the session to be re-placed")
+    # The new owner holds it until the session ends, then releases it.
+    assert len(other.held) == 1
+    await other.release(next(iter(other.held)))
+    assert (await bus.redis.xpending(stream, "dialogue"))["pending"] == 0
+
+
+async def test_maxlen_bounds_every_stream(bus: Bus, names: StreamNames) -> None:
+    stream = names.session_dialogue("long")
+    for seq in range(2000):
+        await bus.append(stream, DialogueFrame(session_id="long", seq=seq, pcm=silence_frame()), maxlen=100)
+    length = await bus.redis.xlen(stream)
+    assert 100 <= length < 300, f"approximate trimming keeps about 100 entries, got {length}"
+    newest = DIALOGUE.decode((await bus.range(stream, "-", "+"))[-1].fields)
+    assert newest.seq == 1999, "trimming drops the oldest entries, never the newest"
+
+
+async def test_expiry_removes_a_finished_sessions_keys(bus: Bus, names: StreamNames) -> None:
+    sid = "done"
+    await bus.append(names.session_dialogue(sid), DialogueFrame(session_id=sid, pcm=silence_frame()))
+    await bus.append(names.session_output(sid), DialogueFrame(session_id=sid, pcm=silence_frame()))
+    await bus.redis.hset(names.session(sid), mapping={"state": "ended"})
+    await bus.expire_session(sid, ttl_s=1)
+    for key in (names.session_dialogue(sid), names.session_output(sid), names.session(sid)):
+        assert 0 < await bus.redis.ttl(key) <= 1
+
+    async def gone() -> bool:
+        return not await bus.redis.exists(*names.session_keys(sid))
+
+    await eventually(gone, "the session's keys to expire", timeout_s=5)
+
+
+async def test_a_malformed_entry_is_logged_dead_lettered_and_acked_not_retried(
+    bus: Bus, names: StreamNames, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = names.control
+    await bus.ensure_group(stream, "router")
+    await bus.redis.xadd(stream, {b"type": b"start", b"session_id": b"../../etc/passwd"})
+    await bus.redis.xadd(stream, {b"garbage": b"\xff"})
+    await bus.append_control(start("good"))
+    seen: list[str] = []
+    consumer = GroupConsumer(
+        bus, stream, "router", "r1", CONTROL, collector(seen), claim_idle_ms=200, block_ms=50
+    )
+    with caplog.at_level(logging.WARNING, logger="shared.bus"):
+        async with running(consumer):
+            await eventually(lambda: seen == ["good"], "the good entry")
+            await asyncio.sleep(0.6)  # several claim rounds: nothing comes back
+    assert seen == ["good"]
+    reasons = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(reasons) == 2
+    assert any("session_id" in r for r in reasons) and any("unknown entry type" in r for r in reasons)
+    assert (await bus.redis.xpending(stream, "router"))["pending"] == 0
+    dead = await bus.range(names.dead_letter)
+    assert len(dead) == 2 and all(b"reason" in e.fields for e in dead)
+
+
+async def test_a_failing_handler_is_retried_then_dead_lettered(bus: Bus, names: StreamNames) -> None:
+    stream = names.control
+    attempts: list[str] = []
+
+    async def flaky(message: ControlMessage, _: Entry) -> None:
+        attempts.append(message.session_id)
+        raise RuntimeError("worker bug")
+
+    await bus.ensure_group(stream, "tts")
+    await bus.append_control(start("poison"))
+    consumer = GroupConsumer(
+        bus, stream, "tts", "t1", CONTROL, flaky, claim_idle_ms=100, max_deliveries=3, block_ms=50
+    )
+    async with running(consumer):
+
+        async def dead_lettered() -> bool:
+            return bool(await bus.range(names.dead_letter))
+
+        await eventually(dead_lettered, "the poison entry to be dead-lettered")
+    assert len(attempts) == 3, "tried max_deliveries times, then given up"
+    assert (await bus.redis.xpending(stream, "tts"))["pending"] == 0
+
+
+async def test_tail_yields_only_new_entries_in_order(bus: Bus, names: StreamNames) -> None:
+    stream = names.control
+    await bus.append_control(start("old"))
+    received: list[str] = []
+    stop = asyncio.Event()
+
+    async def reader() -> None:
+        async for message, _ in tail(bus, stream, CONTROL, block_ms=50, stop=stop):
+            received.append(message.session_id)
+            if len(received) == 3:
+                stop.set()
+
+    task = asyncio.create_task(reader())
+    await asyncio.sleep(0.2)
+    for sid in ("a", "b", "c"):
+        await bus.append_control(SessionStop(session_id=sid))
+    await asyncio.wait_for(task, 5)
+    assert received == ["a", "b", "c"]
+
+
+async def test_connect_fails_fast_with_a_clear_reason_when_redis_is_down() -> None:
+    from shared.errors import ServiceUnavailable
+    from shared.redis_server import free_port
+
+    with pytest.raises(ServiceUnavailable, match="cannot reach Redis"):
+        await Bus.connect(f"redis://127.0.0.1:{free_port()}/0", StreamNames(), timeout_s=1)
+
+
+async def test_append_many_writes_entries_in_order_in_one_round_trip(bus: Bus, names: StreamNames) -> None:
+    frames = [DialogueFrame(session_id="s", seq=i, pcm=silence_frame()) for i in range(3)]
+    stop = SessionStop(session_id="s")
+    await bus.append_many([(names.session_dialogue("s"), f) for f in frames] + [(names.control, stop)])
+    written = [DIALOGUE.decode(e.fields) for e in await bus.range(names.session_dialogue("s"))]
+    assert [f.seq for f in written] == [0, 1, 2]
+    assert [CONTROL.decode(e.fields) for e in await bus.range(names.control)] == [stop]

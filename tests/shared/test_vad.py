@@ -1,0 +1,54 @@
+"""Silero VAD through onnxruntime: speech is told from silence, noise and tones, whole or frame by frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared.audio import FRAME_SAMPLES, SAMPLE_RATE
+from shared.vad import SpeechDetector, load_speech_detector, silero_model_path
+from tests.services.tts.support import SPEECH, read_clip
+
+
+@pytest.fixture(scope="module")
+def detector() -> SpeechDetector:
+    return load_speech_detector()
+
+
+def test_the_model_comes_from_the_installed_package_without_importing_it() -> None:
+    import sys
+
+    path = silero_model_path()
+    assert path.name == "silero_vad.onnx" and path.is_file()
+    assert "silero_vad" not in sys.modules, "importing it would import torch"
+
+
+def test_recorded_speech_is_mostly_speech(detector: SpeechDetector) -> None:
+    clip = read_clip(SPEECH)
+    assert detector.speech_seconds(clip) > 0.6 * len(clip) / SAMPLE_RATE
+
+
+@pytest.mark.parametrize("kind", ["silence", "noise", "tone"])
+def test_non_speech_has_no_speech(detector: SpeechDetector, kind: str) -> None:
+    t = np.arange(SAMPLE_RATE * 4) / SAMPLE_RATE
+    signal = {
+        "silence": np.zeros_like(t),
+        "noise": 0.1 * np.random.default_rng(0).standard_normal(len(t)),
+        "tone": 0.3 * np.sin(2 * np.pi * 220 * t),
+    }[kind].astype(np.float32)
+    assert detector.speech_seconds(signal) < 0.2
+
+
+def test_the_stream_api_takes_80ms_frames_and_agrees_with_the_whole_clip(detector: SpeechDetector) -> None:
+    clip = read_clip(SPEECH)
+    silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    audio = np.concatenate([silence, clip, silence])
+    stream = detector.stream()
+    per_frame = [
+        stream.push(audio[i : i + FRAME_SAMPLES]) for i in range(0, len(audio) - FRAME_SAMPLES, FRAME_SAMPLES)
+    ]
+    lead = len(silence) // FRAME_SAMPLES
+    assert max(per_frame[: lead - 1]) < 0.5, "the leading second of silence"
+    assert np.mean(np.array(per_frame[lead:-lead]) > 0.5) > 0.6, "the speech"
+    stream.reset()
+    assert stream.push(silence[:FRAME_SAMPLES]) < 0.5
