@@ -135,6 +135,7 @@ def run() -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # a shared machine is noisy
         },
         "tick_budget_ms": FRAME_SEC * 1000,
         "ticks_per_point": TICKS,
