@@ -322,10 +322,10 @@ class DialogueWorker:
             return Handled.ACK  # another worker won it
         # Held by a worker of this group that is gone (its entry went idle and was claimed): a failover.
         resumed_from = previous_worker if previous_worker not in ("", self.worker_id) else None
-        await self._place(message, entry.entry_id, resumed_from)
-        return Handled.HOLD
+        placed = await self._place(message, entry.entry_id, resumed_from)
+        return Handled.HOLD if placed else Handled.ACK
 
-    async def _place(self, start: SessionStart, entry_id: str, resumed_from: str | None) -> None:
+    async def _place(self, start: SessionStart, entry_id: str, resumed_from: str | None) -> bool:
         sid = start.session_id
         spoken = spoken_so_far(await self.store.transcript(sid)) if resumed_from else ""
         tokens = primer_tokens(
@@ -334,6 +334,8 @@ class DialogueWorker:
         next_seq = await self._next_dialogue_seq(sid)
         s = self.settings
         async with self._table:
+            if sid in self._ended:  # stopped while we were placing it
+                return False
             row = self.batcher.join(sid, tokens, start.persona.sampling)
             timeline = InputTimeline(s.dialogue_input_buffer_frames, s.dialogue_jitter_frames)
             self.sessions[sid] = Session(start, entry_id, row, timeline, next_seq, resumed_from, len(tokens))
@@ -346,6 +348,7 @@ class DialogueWorker:
             "session placed",
             extra={"session_id": sid, "slot": row, "primer_tokens": len(tokens), "resumed": resumed_from},
         )
+        return True
 
     async def _next_dialogue_seq(self, sid: str) -> int:
         """After a failover :dlg already holds entries: continue their numbering."""

@@ -43,3 +43,16 @@ def test_generation_is_deterministic(moshi_dir: Path, tmp_path: Path) -> None:
     again = write_moshi_checkpoint(tmp_path / "moshi")
     for name in ("config.json", MOSHI_NAME, MIMI_NAME, TOKENIZER_NAME):
         assert (again / name).read_bytes() == (moshi_dir / name).read_bytes(), name
+
+
+def test_the_published_bfloat16_lm_format_loads_through_moshi(tmp_path: Path) -> None:
+    """The full-size LM is streamed to disk in bfloat16 (too big to hold): the same writer, small dims."""
+    import torch
+
+    from chorus.devtools.moshi_checkpoint import _lm_config, _write_random_lm
+
+    config = _lm_config(full=False, card=2048)
+    _write_random_lm(tmp_path / MOSHI_NAME, config, torch.bfloat16)
+    lm = loaders.get_moshi_lm(tmp_path / MOSHI_NAME, lm_kwargs=config, device="cpu", dtype=torch.bfloat16)
+    assert lm.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.float()).all() for p in lm.parameters())
