@@ -240,13 +240,13 @@ class Batcher:
         self.gen.reset_streaming(mask)
 
     def _prepare_forcing(self) -> None:
-        self._forcing = False
-        self._force_mask.zero_()
-        for slot in self.slots:
-            if slot.session_id is not None and slot.forced:
-                self._force_mask[slot.row] = True
-                self._force_tokens[slot.row] = slot.forced.popleft()
-                self._forcing = True
+        """Pop this step's primer token of every priming row (one host-to-device copy, not one per row)."""
+        tokens = [s.forced.popleft() if s.session_id is not None and s.forced else -1 for s in self.slots]
+        self._forcing = any(t >= 0 for t in tokens)
+        if self._forcing:
+            forced = torch.tensor(tokens)
+            self._force_mask.copy_(forced >= 0)
+            self._force_tokens.copy_(forced.clamp(min=0))
 
     # --- LMGen hooks (run inside gen.step) ------------------------------------------------------
 
@@ -271,7 +271,8 @@ class Batcher:
                 yield
 
     def warmup(self, steps: int = 4) -> None:
-        """Run a few full steps on silence (CUDA graphs and kernels get built), then reset every row."""
+        """Before any session joins: a few full steps on silence (CUDA graphs and kernels get built),
+        then every row is reset."""
         sessions = [s.session_id for s in self.slots]
         for slot in self.slots:
             slot.session_id, slot.age = "warmup", 0

@@ -50,7 +50,7 @@ from shared.messages import (
     SessionUpdate,
     UserAudio,
 )
-from shared.presence import WorkerFields
+from shared.presence import WorkerFields, WorkerPresence
 from shared.runtime import ServiceRuntime
 from shared.sessions import SessionState, SessionStore
 
@@ -117,8 +117,15 @@ class TickClock:
 
 
 class DialogueWorker:
-    def __init__(self, bus: Bus, settings: DialogueSettings, model: MoshiModel) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        settings: DialogueSettings,
+        model: MoshiModel,
+        presence: WorkerPresence | None = None,
+    ) -> None:
         self.bus = bus
+        self.presence = presence  # beaten at once when a slot is taken or freed: placement sees it now
         self.settings = settings
         self.model = model
         self.worker_id = settings.worker_id
@@ -151,7 +158,7 @@ class DialogueWorker:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dialogue-model")
         self._tick = 0
         metrics.WORKER_SLOTS_TOTAL.labels(service=SERVICE).set(self.batcher.batch_size)
-        self._count_sessions()
+        metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(self.batcher.batch_size)
 
     # --- presence ------------------------------------------------------------------------------
 
@@ -339,7 +346,7 @@ class DialogueWorker:
             row = self.batcher.join(sid, tokens, start.persona.sampling)
             timeline = InputTimeline(s.dialogue_input_buffer_frames, s.dialogue_jitter_frames)
             self.sessions[sid] = Session(start, entry_id, row, timeline, next_seq, resumed_from, len(tokens))
-        self._count_sessions()
+        await self._slots_changed()
         self._joined.set()
         state = SessionState.RESUMING if resumed_from else SessionState.PLACING
         await self.store.update(sid, state=state, dialogue_worker=self.worker_id, dialogue_slot=row)
@@ -391,10 +398,11 @@ class DialogueWorker:
             session = self.sessions.pop(sid, None)
             if session is None:
                 return
-            self.batcher.leave(session.row)
             ended = SessionEvent(session_id=sid, seq=session.take_seq(), name=EventName.ENDED, detail=reason)
+            # `ended` goes out before the slot shows free: whoever sees the slot free finds it ended.
             await self.bus.append(self.bus.names.session_dialogue(sid), ended)
-        self._count_sessions()
+            self.batcher.leave(session.row)
+        await self._slots_changed()
         await self.consumer.release(session.entry_id)
         await self.bus.expire_session(sid, self.settings.session_ttl_s)
         late = session.late_frames
@@ -415,9 +423,14 @@ class DialogueWorker:
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, call)
 
-    def _count_sessions(self) -> None:
+    async def _slots_changed(self) -> None:
         metrics.SESSIONS_ACTIVE.labels(service=SERVICE).set(len(self.sessions))
         metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(len(self.batcher.free_rows()))
+        if self.presence is not None:
+            try:
+                await self.presence.beat()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("presence update failed (the next heartbeat retries): %s", exc)
 
 
 # --- wiring ------------------------------------------------------------------------------------
@@ -441,7 +454,7 @@ class _Service:
 
     async def serve(self, runtime: ServiceRuntime) -> None:
         model = await asyncio.to_thread(load_moshi, self.settings)
-        self.worker = DialogueWorker(runtime.bus, self.settings, model)
+        self.worker = DialogueWorker(runtime.bus, self.settings, model, runtime.presence)
         await self.worker.run(runtime.stop)
 
 

@@ -98,6 +98,7 @@ async def start_worker(
         presence = WorkerPresence(
             bus, "dialogue", settings.worker_id, ttl_s=5, interval_s=0.2, describe=worker.describe
         )
+        worker.presence = presence
         stop = asyncio.Event()
 
         async def serve() -> None:
