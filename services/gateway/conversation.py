@@ -11,8 +11,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import numpy as np
-
 from services.gateway.sessions import export_transcript, register_session, unregister_session
 from shared import metrics
 from shared.audio import FloatAudio, FrameSplitter, float_to_pcm16
@@ -137,6 +135,11 @@ class Conversation:
             sent += 1
         return sent
 
+    @property
+    def frames_sent(self) -> int:
+        """80 ms frames of user audio sent so far: the session's audio clock."""
+        return self._seq
+
     def clear_input(self) -> None:
         """Drop a partial frame not yet sent (realtime `input_audio_buffer.clear`)."""
         self._splitter.clear()
@@ -186,7 +189,3 @@ class Conversation:
         except Exception:
             log.exception("could not signal the end of a session", extra=self.log_extra)
         log.info("session stopped", extra={**self.log_extra, "reason": reason})
-
-
-def silence(seconds: float) -> FloatAudio:
-    return np.zeros(int(seconds * 24_000), dtype=np.float32)

@@ -16,12 +16,12 @@ import logging
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
+from services.gateway.auth import authenticate
 from services.gateway.conversation import Conversation
 from services.gateway.limits import SocketLimits
 from services.gateway.protocols.send_queue import SendQueue
 from services.gateway.protocols.session_socket import (
     SocketClosed,
-    authenticate_socket,
     check_voice,
     close_quietly,
     open_conversation,
@@ -54,7 +54,7 @@ async def chat(websocket: WebSocket) -> None:
     settings: GatewaySettings = websocket.app.state.settings
     params = websocket.query_params
     try:
-        owner = authenticate_socket(websocket)
+        owner = authenticate(websocket)
         voice = check_voice(params.get("voice") or "moshiko")
         mode = _voice_mode(params.get("voice_mode"))
         persona = await resolve_persona(websocket, owner, params.get("persona"), params.get("primer"))

@@ -16,19 +16,18 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Callable
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
+from services.gateway.auth import authenticate
 from services.gateway.conversation import Conversation
 from services.gateway.limits import SocketLimits
 from services.gateway.protocols import realtime_events as ev
 from services.gateway.protocols.send_queue import SendQueue
 from services.gateway.protocols.session_socket import (
     SocketClosed,
-    authenticate_socket,
     check_voice,
     close_quietly,
     open_conversation,
@@ -55,7 +54,7 @@ async def realtime(websocket: WebSocket) -> None:
     settings: GatewaySettings = websocket.app.state.settings
     await websocket.accept()
     try:
-        owner = authenticate_socket(websocket)
+        owner = authenticate(websocket)
     except ChorusError as exc:
         await websocket.send_text(
             ev.ErrorEvent(
@@ -67,9 +66,7 @@ async def realtime(websocket: WebSocket) -> None:
     model = websocket.query_params.get("model") or "moshiko"
     session = RealtimeSession(websocket, settings, owner, model)
     await session.send(ev.SessionCreated(session=session.session_object()))
-    conversation_ready = asyncio.Event()
-    session.on_started = conversation_ready.set
-    reason = await session.run(conversation_ready)
+    reason = await session.run()
     log.info("realtime session closed", extra={"session_id": session.session_id, "reason": reason})
     await close_quietly(websocket)
 
@@ -87,7 +84,7 @@ class RealtimeSession:
         self.conversation: Conversation | None = None
         self.queue: SendQueue[str] = SendQueue(settings.ws_send_queue_frames)
         self.limits = SocketLimits(settings)
-        self.on_started: Callable[[], None] = lambda: None
+        self.started = asyncio.Event()  # set once the first audio has started the conversation
         self._response: ev.ResponseObject | None = None
         self._item_id = ""
         self._transcript: list[str] = []
@@ -118,21 +115,21 @@ class RealtimeSession:
             )
         )
 
-    async def run(self, started: asyncio.Event) -> str:
+    async def run(self) -> str:
         async with asyncio.TaskGroup() as tasks:
             sender = tasks.create_task(self._send_loop(), name="realtime_sender")
             try:
-                reason = await self._serve(started)
+                reason = await self._serve()
             finally:
                 if not sender.done():
                     await self.queue.drained()
                 sender.cancel()
         return reason
 
-    async def _serve(self, started: asyncio.Event) -> str:
+    async def _serve(self) -> str:
         # Before audio starts there is no Conversation yet: only the receive loop runs.
         receive = asyncio.create_task(self.receive_loop(), name="receive_loop")
-        wait_started = asyncio.create_task(started.wait())
+        wait_started = asyncio.create_task(self.started.wait())
         done, _ = await asyncio.wait({receive, wait_started}, return_when=asyncio.FIRST_COMPLETED)
         if receive in done:
             wait_started.cancel()
@@ -242,8 +239,9 @@ class RealtimeSession:
         persona = await resolve_persona(
             self.websocket, self.owner, self.persona_id, self.instructions or None
         )
-        conversation = open_conversation(self.websocket, self.owner, persona, self.voice, "auto")
-        conversation.session_id = self.session_id
+        conversation = open_conversation(
+            self.websocket, self.owner, persona, self.voice, "auto", session_id=self.session_id
+        )
         await conversation.start()
         try:
             await conversation.wait_ready(self.settings.session_ready_timeout_s)
@@ -251,7 +249,7 @@ class RealtimeSession:
             await conversation.stop("not_ready")
             raise
         self.conversation = conversation
-        self.on_started()
+        self.started.set()
 
     async def cancel_response(self) -> None:
         if self._response is None:
@@ -304,7 +302,7 @@ class RealtimeSession:
 
     async def _on_event(self, event: SessionEvent) -> bool:
         """True when the session is over."""
-        audio_ms = int((self.conversation._seq if self.conversation else 0) * FRAME_SEC * 1000)
+        audio_ms = int((self.conversation.frames_sent if self.conversation else 0) * FRAME_SEC * 1000)
         if event.name == EventName.SPEECH_STARTED:
             self._speech_item = _new_id("item")
             await self.send(ev.SpeechStarted(audio_start_ms=audio_ms, item_id=self._speech_item))

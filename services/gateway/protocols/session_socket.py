@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from services.gateway.auth import authenticate
 from services.gateway.conversation import Conversation
 from services.gateway.settings import GatewaySettings
 from shared.errors import ChorusError, InvalidRequest
@@ -45,7 +44,13 @@ async def resolve_persona(
 
 
 def open_conversation(
-    websocket: WebSocket, owner: str, persona: PersonaSpec, voice: str, voice_mode: VoiceMode
+    websocket: WebSocket,
+    owner: str,
+    persona: PersonaSpec,
+    voice: str,
+    voice_mode: VoiceMode,
+    *,
+    session_id: str | None = None,
 ) -> Conversation:
     settings: GatewaySettings = websocket.app.state.settings
     return Conversation(
@@ -54,14 +59,11 @@ def open_conversation(
         persona=persona,
         voice=voice,
         voice_mode=voice_mode,
+        session_id=session_id,
         session_ttl_s=settings.session_ttl_s,
         max_sessions=settings.max_sessions_per_key,
         transcripts=getattr(websocket.app.state, "storage", None),
     )
-
-
-def authenticate_socket(websocket: WebSocket) -> str:
-    return authenticate(websocket)
 
 
 async def run_loops(
