@@ -4,7 +4,11 @@ Services append typed messages and register handlers with `GroupConsumer`; they 
 stream commands themselves. Rules enforced here: every append is capped (MAXLEN ~), a malformed
 entry is logged, dead-lettered and acked (never retried), a failing handler is retried through the
 pending list up to `max_deliveries` and then dead-lettered, and stale pending entries of a dead
-consumer are taken over with XAUTOCLAIM.
+consumer are taken over with XAUTOCLAIM. No blocking read outlives the client's socket timeout.
+
+Writes to a session's streams go through `append_sessions`: one script that appends only while the
+writer still owns the session (a fence: a worker that was paused and lost its sessions cannot publish
+for them any more) and keeps every session stream on a TTL, short once the session has ended.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -23,8 +27,9 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import metrics
-from shared.errors import MalformedMessage, ServiceUnavailable
+from shared.errors import ChorusError, MalformedMessage, ServiceUnavailable
 from shared.messages import Codec, Envelope, encode
+from shared.retry import is_retryable, keep_running
 from shared.streams import StreamNames
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,61 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@dataclass(frozen=True)
+class Fence:
+    """Who may write for a session: the session hash's `field` must still hold `token` (its owner)."""
+
+    field: str
+    token: str
+
+
+@dataclass(frozen=True)
+class SessionKeyTimes:
+    """How long a session's keys live: `ttl_s` while it runs (refreshed by every write) and after it
+    ended for its hash and transcript; `linger_s` for its streams once it ended (readers finish)."""
+
+    ttl_s: int = 600
+    linger_s: int = 10
+
+
+# Appends each session's entries only while the writer owns it (or unfenced: field ''), and keeps each
+# written stream on a TTL: the live one, or the short one once the session hash says `ended`.
+# KEYS: per session its hash, then one stream key per entry. ARGV: fence field, token, MAXLEN, live TTL
+# ms, ended TTL ms, session count; then per session its entry count, then per entry the number n of
+# field/value strings followed by those n strings. Returns 1/0 per session: written / fenced off.
+_APPEND_SESSIONS = """
+local field, token, maxlen, live_ttl, ended_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local k, a = 1, 7
+local written = {}
+for s = 1, tonumber(ARGV[6]) do
+  local hash = KEYS[k]
+  k = k + 1
+  local entries = tonumber(ARGV[a])
+  a = a + 1
+  local owned = field == '' or redis.call('HGET', hash, field) == token
+  local ttl = live_ttl
+  if redis.call('HGET', hash, 'state') == 'ended' then ttl = ended_ttl end
+  for e = 1, entries do
+    local stream = KEYS[k]
+    k = k + 1
+    local n = tonumber(ARGV[a])
+    a = a + 1
+    if owned then
+      local args = {stream, 'MAXLEN', '~', maxlen, '*'}
+      for i = 0, n - 1 do args[#args + 1] = ARGV[a + i] end
+      redis.call('XADD', unpack(args))
+      redis.call('PEXPIRE', stream, ttl)
+    end
+    a = a + n
+  end
+  written[s] = owned and 1 or 0
+end
+return written
+"""
+
+SessionWrites = Mapping[str, Sequence[tuple[str, Envelope]]]
+
+
 class Bus:
     """A thin async layer over one Redis connection pool. Binary-safe (decode_responses=False)."""
 
@@ -55,12 +115,19 @@ class Bus:
         names: StreamNames,
         session_maxlen: int = 1500,
         control_maxlen: int = 10_000,
+        *,
+        key_times: SessionKeyTimes | None = None,
+        max_block_ms: int = 1000,
     ) -> None:
         # redis-py types replies as str | bytes | int unions; with decode_responses=False they are bytes.
         self.redis: Any = redis
         self.names = names
         self.session_maxlen = session_maxlen
         self.control_maxlen = control_maxlen
+        self.key_times = key_times or SessionKeyTimes()
+        # A blocking read must come back well before the client's socket timeout would fire.
+        self.max_block_ms = max_block_ms
+        self._append_sessions = redis.register_script(_APPEND_SESSIONS)
 
     @classmethod
     async def connect(
@@ -69,12 +136,22 @@ class Bus:
         names: StreamNames,
         *,
         timeout_s: float = 5.0,
+        socket_timeout_s: float = 5.0,
         session_maxlen: int = 1500,
         control_maxlen: int = 10_000,
+        key_times: SessionKeyTimes | None = None,
     ) -> Bus:
-        """Connect and PING within `timeout_s`; raises ServiceUnavailable with the reason otherwise."""
+        """Connect and PING within `timeout_s`; raises ServiceUnavailable with the reason otherwise.
+
+        Every command fails after `socket_timeout_s` without an answer (a hung or partitioned Redis
+        surfaces as a retryable TimeoutError instead of a hang); blocking reads block at most half of it.
+        """
         redis = aioredis.Redis.from_url(
-            url, decode_responses=False, socket_connect_timeout=timeout_s, health_check_interval=30
+            url,
+            decode_responses=False,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=socket_timeout_s,
+            health_check_interval=30,
         )
         try:
             async with asyncio.timeout(timeout_s):
@@ -82,7 +159,10 @@ class Bus:
         except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
             await redis.aclose()
             raise ServiceUnavailable(f"cannot reach Redis at {url}: {exc}") from exc
-        return cls(redis, names, session_maxlen, control_maxlen)
+        max_block_ms = max(1, min(1000, int(socket_timeout_s * 500)))
+        return cls(
+            redis, names, session_maxlen, control_maxlen, key_times=key_times, max_block_ms=max_block_ms
+        )
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -115,13 +195,47 @@ class Bus:
     async def append_control(self, message: Envelope) -> str:
         return await self.append(self.names.control, message, maxlen=self.control_maxlen)
 
+    async def append_sessions(self, writes: SessionWrites, fence: Fence | None = None) -> set[str]:
+        """Append entries to sessions' streams in one round trip; with a `fence`, only for the sessions
+        whose hash still names this writer. Returns the session ids that were fenced off (not written)."""
+        writes = {sid: items for sid, items in writes.items() if items}
+        if not writes:
+            return set()
+        keys: list[str] = []
+        args: list[Any] = [
+            fence.field if fence else "",
+            fence.token if fence else "",
+            self.session_maxlen,
+            self.key_times.ttl_s * 1000,
+            self.key_times.linger_s * 1000,
+            len(writes),
+        ]
+        for sid, items in writes.items():
+            keys.append(self.names.session(sid))
+            args.append(len(items))
+            for stream, message in items:
+                keys.append(stream)
+                fields = encode(message)
+                args.append(2 * len(fields))
+                for name, value in fields.items():
+                    args.extend((name, value))
+        written = await self._append_sessions(keys=keys, args=args)
+        return {sid for sid, ok in zip(writes, written, strict=True) if not ok}
+
+    async def append_session(
+        self, sid: str, items: Sequence[tuple[str, Envelope]], fence: Fence | None = None
+    ) -> bool:
+        """`append_sessions` for one session: False when it was fenced off."""
+        return not await self.append_sessions({sid: items}, fence)
+
     # --- reading without a group (a session's single owner tails its stream) -----------------------
 
     async def read(
         self, cursors: dict[str, str], *, count: int = 100, block_ms: int | None = None
     ) -> list[Entry]:
         """XREAD after each stream's cursor (an entry id, '0' for all, '$' for new only)."""
-        result = await self.redis.xread(cursors, count=count, block=block_ms)  # type: ignore[arg-type]
+        block = None if block_ms is None else min(block_ms, self.max_block_ms)
+        result = await self.redis.xread(cursors, count=count, block=block)  # type: ignore[arg-type]
         return [
             Entry(_s(stream), _s(eid), fields) for stream, entries in result or [] for eid, fields in entries
         ]
@@ -150,7 +264,8 @@ class Bus:
     async def read_group(
         self, stream: str, group: str, consumer: str, *, count: int = 10, block_ms: int | None = 1000
     ) -> list[Entry]:
-        result = await self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+        block = None if block_ms is None else min(block_ms, self.max_block_ms)
+        result = await self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block)
         return [Entry(_s(s), _s(eid), fields) for s, entries in result or [] for eid, fields in entries]
 
     async def ack(self, stream: str, group: str, *entry_ids: str) -> int:
@@ -172,10 +287,15 @@ class Bus:
             if cursor == "0-0" or len(entries) >= count:
                 return entries
 
-    async def touch(self, stream: str, group: str, consumer: str, *entry_ids: str) -> None:
-        """Reset the idle time of entries this consumer still holds, so nobody claims them."""
-        if entry_ids:
-            await self.redis.xclaim(stream, group, consumer, 0, list(entry_ids), justid=True)
+    async def forget_idle_consumers(self, stream: str, group: str, idle_ms: int) -> int:
+        """Delete consumers with nothing pending that have not read for `idle_ms` (workers that stopped:
+        each process start has its own consumer name). A live one that was idle is recreated on its next
+        read. Returns how many went."""
+        gone = 0
+        for consumer in await self.redis.xinfo_consumers(stream, group):
+            if int(consumer["pending"]) == 0 and int(consumer["idle"]) > idle_ms:
+                gone += int(await self.redis.xgroup_delconsumer(stream, group, consumer["name"]) == 0)
+        return gone
 
     async def delivery_count(self, stream: str, group: str, entry_id: str) -> int:
         pending = await self.redis.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
@@ -194,30 +314,31 @@ class Bus:
 
     # --- per-session keys ----------------------------------------------------------------------
 
-    async def expire_session(self, sid: str, ttl_s: int) -> None:
-        """Give every key of a finished session a TTL (they are rebuildable; durable data lives elsewhere)."""
+    async def expire_session(self, sid: str) -> None:
+        """A finished session: its streams (most of its memory) go after the short linger, so readers can
+        finish; its hash and transcript keep the session TTL (rebuildable; durable data lives elsewhere)."""
+        times = self.key_times
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key in self.names.session_keys(sid):
-                pipe.expire(key, ttl_s)
+            for key in self.names.session_streams(sid):
+                pipe.expire(key, times.linger_s)
+            pipe.expire(self.names.session(sid), times.ttl_s)
+            pipe.expire(self.names.session_transcript(sid), times.ttl_s)
+            pipe.delete(self.names.session_lease(sid))
             await pipe.execute()
 
 
-class Handled:
-    """What a handler may return: ACK (default) or HOLD (keep it pending; the owner touches it)."""
+Handler = Callable[[M, Entry], Awaitable[None]]
 
-    ACK = "ack"
-    HOLD = "hold"
-
-
-Handler = Callable[[M, Entry], Awaitable[str | None]]
+IDLE_CONSUMER_MS = 3_600_000  # a consumer of a group that has not read for an hour is forgotten
 
 
 class GroupConsumer(Generic[M]):
     """The consumer loop, written once: read-group, decode, handle, ack; claim stale entries.
 
-    The handler returns None / Handled.ACK to ack, or Handled.HOLD to keep the entry pending while
-    the work it started lives on (e.g. a session placed on this worker): `held` entries are touched
-    every claim interval, so only a dead consumer's entries go idle and get claimed by another.
+    An entry is acked when its handler returns; one whose handler raised stays pending and is retried
+    (claimed after `claim_idle_ms`, by this or another consumer) up to `max_deliveries` times. Work that
+    outlives the handler (a session placed on this worker) is owned through `shared.ownership`, not by
+    keeping entries pending. Redis outages are waited out (`shared.retry.keep_running`).
     """
 
     def __init__(
@@ -247,59 +368,46 @@ class GroupConsumer(Generic[M]):
         self.batch = batch
         self.block_ms = block_ms
         self.can_take = can_take
-        # Claims may take more than `batch` at once: a dead worker's sessions move together.
         self.claim_batch = claim_batch or batch
-        self.held: set[str] = set()
         self._last_claim = 0.0
 
-    async def release(self, entry_id: str) -> None:
-        """Ack an entry that was held (its work ended)."""
-        self.held.discard(entry_id)
-        await self.bus.ack(self.stream, self.group, entry_id)
-
     async def run(self, stop: asyncio.Event) -> None:
+        await keep_running(
+            f"{self.group} consumer", lambda: self._consume(stop), stop, extra={"stream": self.stream}
+        )
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         await self.bus.ensure_group(self.stream, self.group)
-        backoff = 0.1
         while not stop.is_set():
             try:
                 await self._maintain()
                 if not self.can_take():
-                    await asyncio.sleep(self.block_ms / 1000)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.block_ms / 1000)
                     continue
                 entries = await self.bus.read_group(
                     self.stream, self.group, self.consumer, count=self.batch, block_ms=self.block_ms
                 )
                 for entry in entries:
                     await self.process(entry)
-                backoff = 0.1
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    # The stream or group was deleted under us (FLUSHALL, manual cleanup): recreate.
-                    log.warning("consumer group missing, recreating", extra={"stream": self.stream})
-                    await self.bus.ensure_group(self.stream, self.group)
-                    continue
-                raise
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning(
-                    "bus read failed, retrying in %.1fs: %s", backoff, exc, extra={"stream": self.stream}
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, 5.0)
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or group is gone (Redis restarted without persistence, FLUSHALL): recreate.
+                log.warning("consumer group missing, recreating", extra={"stream": self.stream})
+                await self.bus.ensure_group(self.stream, self.group)
 
     async def _maintain(self) -> None:
         now = time.monotonic()
         if now - self._last_claim < self.claim_idle_ms / 2000:
             return
         self._last_claim = now
-        await self.bus.touch(self.stream, self.group, self.consumer, *self.held)
+        await self.bus.forget_idle_consumers(self.stream, self.group, IDLE_CONSUMER_MS)
         if not self.can_take():
             return
         for entry in await self.bus.claim_stale(
             self.stream, self.group, self.consumer, min_idle_ms=self.claim_idle_ms, count=self.claim_batch
         ):
-            if entry.entry_id in self.held:
-                continue
             deliveries = await self.bus.delivery_count(self.stream, self.group, entry.entry_id)
             if deliveries > self.max_deliveries:
                 log.error(
@@ -330,24 +438,22 @@ class GroupConsumer(Generic[M]):
             await self.bus.ack(self.stream, self.group, entry.entry_id)
             metrics.BUS_DEAD_LETTERS.labels(stream_kind="control", reason="malformed").inc()
             return
+        extra = {"stream": self.stream, "entry_id": entry.entry_id, "session_id": message.session_id}
         try:
-            outcome = await self.handler(message, entry)
-        except Exception:
+            await self.handler(message, entry)
+        except ChorusError as exc:
+            # An expected refusal (e.g. no free slot since the read): pending, retried later.
+            log.warning("entry left pending for retry: %s", exc.detail, extra={**extra, "claimed": claimed})
+            return
+        except Exception as exc:
+            if is_retryable(exc):
+                raise  # Redis is away: the loop waits it out; the entry stays pending and is retried
             # Left pending: it is retried after claim_idle_ms, up to max_deliveries.
             log.exception(
-                "handler failed; entry stays pending for retry",
-                extra={
-                    "stream": self.stream,
-                    "entry_id": entry.entry_id,
-                    "session_id": message.session_id,
-                    "claimed": claimed,
-                },
+                "handler failed; entry stays pending for retry", extra={**extra, "claimed": claimed}
             )
             return
-        if outcome == Handled.HOLD:
-            self.held.add(entry.entry_id)
-        else:
-            await self.bus.ack(self.stream, self.group, entry.entry_id)
+        await self.bus.ack(self.stream, self.group, entry.entry_id)
 
 
 async def tail(
@@ -385,9 +491,19 @@ def make_bus_kwargs(settings: Any) -> dict[str, Any]:
     """Bus.connect keyword arguments from a CommonSettings."""
     return {
         "timeout_s": settings.redis_connect_timeout_s,
+        "socket_timeout_s": settings.redis_socket_timeout_s,
         "session_maxlen": settings.session_stream_maxlen,
         "control_maxlen": settings.control_stream_maxlen,
+        "key_times": SessionKeyTimes(settings.session_ttl_s, settings.session_stream_linger_s),
     }
 
 
-__all__: Sequence[str] = ("Bus", "Entry", "GroupConsumer", "Handled", "tail", "make_bus_kwargs")
+__all__: Sequence[str] = (
+    "Bus",
+    "Entry",
+    "Fence",
+    "GroupConsumer",
+    "SessionKeyTimes",
+    "tail",
+    "make_bus_kwargs",
+)

@@ -103,6 +103,16 @@ class ServiceUnavailable(ChorusError):
     retryable = True
 
 
+class SessionLost(ChorusError):
+    """A live session is over without its client asking: its state was lost (Redis restarted without
+    persistence) or a worker ended it. The client may start a new one."""
+
+    code = "session_lost"
+    status = 410
+    title = "Session lost"
+    retryable = True
+
+
 class ModelLoadError(ChorusError):
     code = "model_load_error"
     status = 503

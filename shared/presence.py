@@ -13,10 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from shared.bus import Bus
+from shared.retry import is_retryable
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +29,13 @@ class WorkerInfo:
 
     @property
     def free_slots(self) -> int:
-        return int(self.fields.get("free_slots", "0"))
+        """Slots it can take now: none while it is still loading."""
+        return int(self.fields.get("free_slots", "0")) if self.serving else 0
+
+    @property
+    def serving(self) -> bool:
+        """Its model is loaded and warmed up (workers without a model say so at once)."""
+        return self.fields.get("state", "serving") == "serving"
 
     @property
     def heartbeat_age_s(self) -> float:
@@ -72,17 +76,29 @@ class WorkerPresence:
             await pipe.execute()
 
     async def run(self, stop: asyncio.Event) -> None:
+        failing = False
         while not stop.is_set():
             try:
                 await self.beat()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("heartbeat failed: %s", exc)
+                if failing:
+                    log.info("heartbeat restored")
+                failing = False
+            except Exception as exc:
+                if not is_retryable(exc):
+                    raise
+                if not failing:
+                    log.warning("heartbeat failed (retrying every beat): %s", exc)
+                failing = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)
 
     async def leave(self) -> None:
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+        """Gone at once, not after the TTL: other workers take this one's sessions over now."""
+        try:
             await self.bus.redis.delete(self.key)
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
 
 
 async def list_workers(bus: Bus, service: str) -> list[WorkerInfo]:

@@ -21,8 +21,10 @@ from starlette.routing import Route
 
 from shared import metrics
 from shared.bus import Bus, make_bus_kwargs
+from shared.errors import ServiceUnavailable
 from shared.logging import configure_logging
 from shared.presence import WorkerFields, WorkerPresence
+from shared.retry import Backoff, sleep_unless_stopped
 from shared.settings import CommonSettings
 from shared.streams import StreamNames
 
@@ -100,8 +102,10 @@ class ServiceRuntime:
         self.names = StreamNames(settings.key_prefix)
         self._bus: Bus | None = None
         self.ready_check: ReadyCheck = self._default_ready
+        # The service's presence fields; `state` (loading/serving) is added here.
         self.describe: Callable[[], WorkerFields] = dict
         self.presence: WorkerPresence | None = None
+        self.serving = False
 
     @property
     def bus(self) -> Bus:
@@ -109,23 +113,46 @@ class ServiceRuntime:
             raise RuntimeError("bus used before ServiceRuntime.run connected it")
         return self._bus
 
+    def mark_serving(self) -> None:
+        """The service can take work now (its model is loaded and warmed up): /readyz says so, and so
+        does its presence, which placement and the gateway's readiness read."""
+        self.serving = True
+        log.info("%s ready", self.service, extra={"worker_id": self.settings.worker_id})
+
+    def _presence_fields(self) -> WorkerFields:
+        return {**self.describe(), "state": "serving" if self.serving else "loading"}
+
     async def _default_ready(self) -> tuple[bool, dict[str, Any]]:
-        ok = self._bus is not None and await self._bus.ping()
-        return ok, {"redis": ok}
+        redis = self._bus is not None and await self._bus.ping()
+        return redis and self.serving, {"redis": redis, "state": "serving" if self.serving else "loading"}
+
+    async def _connect(self) -> Bus | None:
+        """Connect to Redis, waiting (with backoff) while it is unreachable; None if stopped meanwhile."""
+        s = self.settings
+        backoff = Backoff(first_s=0.2, cap_s=2.0)
+        while not self.stop.is_set():
+            try:
+                return await Bus.connect(s.require_redis_url(), self.names, **make_bus_kwargs(s))
+            except ServiceUnavailable as exc:
+                log.warning("%s; retrying", exc.detail)
+                await sleep_unless_stopped(self.stop, backoff.next_delay())
+        return None
 
     async def run(self, main: Callable[[ServiceRuntime], Coroutine[Any, Any, None]]) -> None:
         """Connect, start heartbeat + HTTP, run `main` until it returns or a stop signal arrives."""
         s = self.settings
         configure_logging(self.service, s.log_level, s.log_format)
         install_stop_signals(self.stop)
-        self._bus = await Bus.connect(s.require_redis_url(), self.names, **make_bus_kwargs(s))
+        self._bus = await self._connect()
+        if self._bus is None:
+            return
         self.presence = WorkerPresence(
             self.bus,
             self.service,
             s.worker_id,
             ttl_s=s.worker_ttl_s,
             interval_s=s.heartbeat_interval_s,
-            describe=self.describe,
+            describe=self._presence_fields,
         )
         server = None
         if self.http_port is not None:

@@ -1,17 +1,28 @@
-"""Live session state in Redis: the `chorus:session:{sid}` hash and its transcript list.
+"""Live session state in Redis: the `chorus:session:{sid}` hash, its lease, its transcript list, and the
+owner's set of live sessions.
 
-Redis holds only live, rebuildable state; the durable transcript export belongs to the storage layer.
+A session's life as every process sees it (docs/architecture.md, "Session lifecycle"):
+- `create`: the gateway writes the hash (with the `start` itself, so a worker taking it over after a
+  failure needs nothing else) and the lease, before the `start` goes on `chorus:control`;
+- `renew_leases`: the gateway keeps the lease of every session whose socket it serves alive;
+- `finalize`: whoever ends it (the gateway, or a worker that found its lease lapsed) marks it ended,
+  once, and tells every owner with a `stop`.
+
+Redis holds only live, rebuildable state; the durable transcript belongs to `shared.transcripts`.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from shared.bus import Bus
+from shared.errors import RateLimited
+from shared.messages import Sampling, SessionStart, SessionStop
 
-TRANSCRIPT_MAX_TURNS = 2000
+TRANSCRIPT_MAX_UTTERANCES = 2000  # the live list (session detail, re-priming); storage keeps them all
 
 # Set a hash field only if it still holds the expected value ('' = unset): safe hand-over of ownership.
 _COMPARE_AND_SET = """
@@ -23,6 +34,27 @@ end
 return 0
 """
 
+# Mark a session ended unless it is gone or already ended; drop its lease. Returns its owner ('' = no
+# auth) when this call ended it, nil otherwise: exactly one caller finalizes a session.
+_FINALIZE = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'state') == 'ended' then
+  return false
+end
+redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_at', ARGV[1], 'end_reason', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('DEL', KEYS[2])
+return redis.call('HGET', KEYS[1], 'owner') or ''
+"""
+
+# Add a member only while the set is below the limit, atomically (two sockets racing for the last slot).
+_ADD_BOUNDED = """
+if ARGV[2] ~= '0' and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
+
 
 class SessionState:
     PLACING = "placing"
@@ -31,11 +63,61 @@ class SessionState:
     ENDED = "ended"
 
 
+def start_of(info: dict[str, str]) -> SessionStart | None:
+    """The session's `start` as the gateway wrote it, with what updates changed since (voice, mode,
+    sampling): what a worker taking the session over serves. None for a hash without one."""
+    raw = info.get("start")
+    if not raw:
+        return None
+    start = SessionStart.model_validate_json(raw)
+    changes: dict[str, Any] = {}
+    if info.get("voice"):
+        changes["voice"] = info["voice"]
+    if info.get("voice_mode"):
+        changes["voice_mode"] = info["voice_mode"]
+    if info.get("sampling"):
+        sampling = Sampling.model_validate_json(info["sampling"])
+        changes["persona"] = start.persona.model_copy(update={"sampling": sampling})
+    # Validated again: a hash field written by hand must not put an unchecked voice in a start.
+    return SessionStart.model_validate({**start.model_dump(), **changes}) if changes else start
+
+
 class SessionStore:
     def __init__(self, bus: Bus, ttl_s: int) -> None:
         self.bus = bus
         self.ttl_s = ttl_s
         self._cas = bus.redis.register_script(_COMPARE_AND_SET)
+        self._finalize = bus.redis.register_script(_FINALIZE)
+        self._add_bounded = bus.redis.register_script(_ADD_BOUNDED)
+
+    # --- the hash --------------------------------------------------------------------------------
+
+    async def create(self, start: SessionStart, *, lease_s: float, **fields: str | float) -> None:
+        """The session hash (state `placing`, the start itself) and its first lease, in one transaction."""
+        sid = start.session_id
+        now = time.time()
+        mapping = {
+            "state": SessionState.PLACING,
+            "owner": start.owner,
+            "voice": start.voice,
+            "voice_mode": start.voice_mode,
+            "persona_id": start.persona.id,
+            "started_at": now,
+            "updated_at": now,
+            "start": start.model_dump_json(),
+            **fields,
+        }
+        async with self.bus.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.bus.names.session(sid), mapping={k: str(v) for k, v in mapping.items()})
+            pipe.expire(self.bus.names.session(sid), self.ttl_s)
+            pipe.set(self.bus.names.session_lease(sid), b"1", px=int(lease_s * 1000))
+            await pipe.execute()
+
+    async def open(self, start: SessionStart, *, lease_s: float) -> None:
+        """`create` the session, then hand its `start` to the workers (in that order: a worker that reads
+        the start must find the hash)."""
+        await self.create(start, lease_s=lease_s)
+        await self.bus.append_control(start)
 
     async def update(self, sid: str, **fields: str | int | float) -> None:
         """Set fields and refresh the TTL (live sessions keep refreshing it; dead ones age out)."""
@@ -55,13 +137,74 @@ class SessionStore:
     async def incr(self, sid: str, counter: str, by: int = 1) -> int:
         return int(await self.bus.redis.hincrby(self.bus.names.session(sid), counter, by))
 
-    async def append_transcript(self, sid: str, speaker: str, text: str, **extra: Any) -> None:
-        """Append to the running transcript (bounded); readers join consecutive pieces of a speaker."""
-        key = self.bus.names.session_transcript(sid)
-        turn = json.dumps({"speaker": speaker, "text": text, "t": time.time(), **extra})
+    # --- lease and end -------------------------------------------------------------------------------
+
+    async def renew_leases(self, sids: Iterable[str], lease_s: float) -> dict[str, str | None]:
+        """Extend the leases of sessions still running (one round trip for all); returns each session's
+        state, None when its hash is gone. An ended or gone session's lease is not renewed."""
+        sids = list(sids)
+        if not sids:
+            return {}
+        names = self.bus.names
         async with self.bus.redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, turn)
-            pipe.ltrim(key, -TRANSCRIPT_MAX_TURNS, -1)
+            for sid in sids:
+                pipe.hget(names.session(sid), "state")
+            states = [s.decode() if s is not None else None for s in await pipe.execute()]
+        running = [sid for sid, state in zip(sids, states, strict=True) if state not in (None, "ended")]
+        if running:
+            async with self.bus.redis.pipeline(transaction=False) as pipe:
+                for sid in running:
+                    pipe.set(names.session_lease(sid), b"1", px=int(lease_s * 1000))
+                    pipe.expire(names.session(sid), self.ttl_s)
+                await pipe.execute()
+        return dict(zip(sids, states, strict=True))
+
+    async def finalize(self, sid: str, reason: str, *, owner: str | None = None) -> bool:
+        """End a session for everyone: mark it ended (once), drop its lease, take it out of its owner's
+        live set and append a `stop` (workers find it ended when they read the stop). True when this call
+        ended it. `owner`: the API key owner, when the caller knows it (the hash may be gone)."""
+        names = self.bus.names
+        ended_owner = await self._finalize(
+            keys=[names.session(sid), names.session_lease(sid)], args=[time.time(), reason, self.ttl_s]
+        )
+        ended = ended_owner is not None
+        who = owner if owner is not None else (ended_owner.decode() if ended else None)
+        if who is not None:
+            await self.bus.redis.srem(names.owner_sessions(who), sid)
+        if ended or owner is not None:
+            await self.bus.append_control(SessionStop(session_id=sid, reason=reason))
+        return ended
+
+    # --- the owner's live sessions -------------------------------------------------------------------
+
+    async def live_session_ids(self, owner: str) -> list[str]:
+        """An owner's live sessions; prunes ids whose hash expired or ended."""
+        key = self.bus.names.owner_sessions(owner)
+        ids = sorted(m.decode() for m in await self.bus.redis.smembers(key))
+        live = []
+        for sid in ids:
+            state = await self.bus.redis.hget(self.bus.names.session(sid), "state")
+            if state is None or state.decode() == SessionState.ENDED:
+                await self.bus.redis.srem(key, sid)
+            else:
+                live.append(sid)
+        return live
+
+    async def register(self, owner: str, sid: str, limit: int) -> None:
+        """Count a new session against its owner's limit (0 = unlimited); RateLimited when full."""
+        await self.live_session_ids(owner)
+        key = self.bus.names.owner_sessions(owner)
+        if not await self._add_bounded(keys=[key], args=[sid, str(limit)]):
+            raise RateLimited(f"this API key already has {limit} live sessions", limit=limit)
+
+    # --- the live transcript ---------------------------------------------------------------------------
+
+    async def append_utterance(self, sid: str, utterance: dict[str, Any]) -> None:
+        """Append one finished utterance to the live list (bounded; storage keeps every one)."""
+        key = self.bus.names.session_transcript(sid)
+        async with self.bus.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, json.dumps(utterance))
+            pipe.ltrim(key, -TRANSCRIPT_MAX_UTTERANCES, -1)
             pipe.expire(key, self.ttl_s)
             await pipe.execute()
 

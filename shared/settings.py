@@ -7,6 +7,7 @@ every one. Settings are never built at import time: call the cached getter of th
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -17,8 +18,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def _default_worker_id() -> str:
-    # Pod name in Kubernetes (HOSTNAME), plus the pid so several workers on one machine differ.
-    return f"{socket.gethostname()}-{os.getpid()}"
+    # Pod name in Kubernetes (HOSTNAME), the pid so several workers on one machine differ, and a few
+    # random characters: a restarted container is often pid 1 again, and it must not pass for the
+    # worker that died (whose sessions are still to be taken over).
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class CommonSettings(BaseSettings):
@@ -42,11 +45,29 @@ class CommonSettings(BaseSettings):
         default=10_000, ge=100, description="Approximate cap of chorus:control."
     )
     session_ttl_s: int = Field(
-        default=600, ge=1, description="Per-session keys expire this long after the end."
+        default=600,
+        ge=1,
+        description="A session's hash and transcript expire this long after its end (or after its last "
+        "write, were every process to vanish).",
     )
-    heartbeat_interval_s: float = Field(default=1.0, gt=0, description="How often workers refresh presence.")
+    session_stream_linger_s: int = Field(
+        default=10,
+        ge=1,
+        description="A session's audio streams are deleted this long after it ends (readers finish first).",
+    )
+    session_check_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often a worker checks that its sessions are still live (not ended, lease held).",
+    )
+    heartbeat_interval_s: float = Field(default=0.25, gt=0, description="How often workers refresh presence.")
     worker_ttl_s: float = Field(
-        default=5.0, gt=0, description="A worker silent this long is considered dead."
+        default=1.0,
+        gt=0,
+        description="A worker silent this long is considered dead; its sessions move to live workers.",
+    )
+    failover_poll_s: float = Field(
+        default=0.2, gt=0, description="How often workers look for sessions of dead workers to take over."
     )
     claim_idle_ms: int = Field(
         default=5_000, ge=100, description="Pending entries idle this long are claimed from a dead consumer."
@@ -57,6 +78,12 @@ class CommonSettings(BaseSettings):
         description="An entry whose handler failed this often goes to the dead-letter stream.",
     )
     redis_connect_timeout_s: float = Field(default=5.0, gt=0, description="Bound on connecting to Redis.")
+    redis_socket_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="A Redis command unanswered this long fails (and is retried); blocking reads "
+        "block at most half of it.",
+    )
 
     def require_redis_url(self) -> str:
         if not self.redis_url:

@@ -56,19 +56,38 @@ class StreamNames:
         return f"{self.prefix}session:{sid}"
 
     def session_transcript(self, sid: str) -> str:
-        """List of transcript turns (JSON), used to re-prime a session after failover."""
+        """List of transcript utterances (JSON): the session detail, and re-priming after a failover."""
         return f"{self.prefix}session:{sid}:transcript"
 
-    def session_keys(self, sid: str) -> list[str]:
-        """Every per-session key, so a finished session can be expired as a whole."""
+    def session_lease(self, sid: str) -> str:
+        """String with a TTL, renewed by the gateway serving the session's socket; gone = nobody is."""
+        return f"{self.prefix}session:{sid}:lease"
+
+    def session_streams(self, sid: str) -> list[str]:
+        """The session's audio streams: deleted soon after it ends (they are most of its memory)."""
         return [
             self.session_input(sid),
             self.session_dialogue(sid),
             self.session_tts(sid),
             self.session_output(sid),
+        ]
+
+    def session_keys(self, sid: str) -> list[str]:
+        """Every per-session key, so a finished session can be expired as a whole."""
+        return [
+            *self.session_streams(sid),
             self.session(sid),
             self.session_transcript(sid),
+            self.session_lease(sid),
         ]
+
+    def owners(self, group: str) -> str:
+        """Set: the workers of a placement group that own sessions (failover looks for dead ones here)."""
+        return f"{self.prefix}owners:{group}"
+
+    def owned(self, group: str, worker_id: str) -> str:
+        """Set: the session ids one worker serves (moved as a whole to live workers when it dies)."""
+        return f"{self.prefix}owned:{group}:{worker_id}"
 
     def worker(self, service: str, worker_id: str) -> str:
         """Hash: a worker's capacity, free slots, model and heartbeat (expires when it stops beating)."""

@@ -110,6 +110,7 @@ class Batcher:
         )
         # Frames between a text token being sampled and its frame coming out (Moshi's acoustic delay).
         self.delay = self.gen.max_delay
+        self.warmed_up = False
         self._streaming = contextlib.ExitStack()
         self._streaming.enter_context(model.mimi.streaming(slots))
         self._streaming.enter_context(self.gen.streaming(slots))
@@ -281,3 +282,4 @@ class Batcher:
             self.step(silence)
         for slot, session_id in zip(self.slots, sessions, strict=True):
             slot.session_id, slot.age, slot.needs_reset = session_id, 0, True
+        self.warmed_up = True

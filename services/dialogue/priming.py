@@ -13,17 +13,25 @@ from typing import Any
 ASSISTANT = "assistant"
 
 
-def spoken_so_far(turns: Iterable[Mapping[str, Any]]) -> str:
-    """The model's own words from a session transcript (pieces carry their leading spaces)."""
-    return "".join(str(t.get("text", "")) for t in turns if t.get("speaker") == ASSISTANT).strip()
+def spoken_so_far(utterances: Iterable[Mapping[str, Any]]) -> str:
+    """The model's own words from a session transcript (one entry per utterance)."""
+    texts = (str(u.get("text", "")).strip() for u in utterances if u.get("speaker") == ASSISTANT)
+    return " ".join(t for t in texts if t)
 
 
 def primer_tokens(
-    encode: Callable[[str], list[int]], primer: str, spoken: str = "", limit: int = 64
+    encode: Callable[[str], list[int]],
+    primer: str,
+    spoken: str = "",
+    limit: int = 64,
+    *,
+    history_limit: int | None = None,
 ) -> list[int]:
     """The tokens to force, at most `limit`: the primer first (cut at its end if it alone is too
-    long), then the most recent part of what was said that still fits."""
+    long), then the most recent part of what was said that still fits (at most `history_limit`)."""
     persona = encode(primer.strip())[:limit] if primer.strip() else []
     room = limit - len(persona)
+    if history_limit is not None:
+        room = min(room, history_limit)
     history = encode(spoken) if spoken and room > 0 else []
     return persona + history[-room:] if history else persona

@@ -71,6 +71,18 @@ class DialogueSettings(CommonSettings):
         "plus, after a failover, the transcript's tail); each costs one 80 ms tick of priming.",
     )
 
+    dialogue_resume_history_tokens: int = Field(
+        default=16,
+        ge=0,
+        description="After a failover, at most this many tokens of what the session said are forced "
+        "(after the persona primer): more continuity, longer gap before the user hears it again.",
+    )
+    dialogue_utterance_pause_frames: int = Field(
+        default=10,
+        ge=1,
+        description="80 ms frames without text that end an utterance (one transcript entry each).",
+    )
+
     dialogue_prime_ahead: bool = Field(
         default=True,
         description="Use a tick's spare time for extra steps of the rows still priming (the others "

@@ -1,12 +1,13 @@
 """`chorus dialogue`: one Moshi worker serving up to CHORUS_DIALOGUE_SLOTS sessions in one batch.
 
-Three loops share one slot table (batcher.py):
-- placement: this model's consumer group on chorus:control takes a `start` while a slot is free and
-  holds it while the session lives; a dead worker's held starts go idle and another worker claims
-  them (failover: the session is primed again with its persona and transcript, and `resumed` is sent);
+Loops sharing one slot table (batcher.py); sessions are owned through `shared.ownership`:
+- placement: this model's consumer group on chorus:control takes a `start` while a slot is free;
+- failover: sessions of a dead worker of this model move here while slots are free (primed again with
+  their persona and transcript; `resumed` is sent);
 - control: every worker tails chorus:control for `update` / `stop` of the sessions it owns;
+- liveness: sessions that ended, moved away or lost their lease are let go;
 - ticks: every 80 ms, ONE read of all live sessions' input streams, ONE batched model step in the
-  model thread (the event loop never waits on a forward pass), ONE write of all their frames.
+  model thread (the event loop never waits on a forward pass), ONE fenced write of all their frames.
 """
 
 from __future__ import annotations
@@ -14,26 +15,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.dialogue.batcher import Batcher, Phase, RowOutput
 from services.dialogue.inputs import Arrival, InputTimeline, Take
 from services.dialogue.model import MoshiModel, load_moshi
-from services.dialogue.priming import ASSISTANT, primer_tokens, spoken_so_far
+from services.dialogue.priming import primer_tokens, spoken_so_far
 from services.dialogue.settings import DialogueSettings, get_settings
+from services.dialogue.utterances import UtteranceBuilder
 from shared import metrics
 from shared.audio import FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
-from shared.bus import Bus, Entry, GroupConsumer, Handled, tail
+from shared.bus import Bus, Entry, GroupConsumer
 from shared.errors import MalformedMessage, NoCapacity
 from shared.messages import (
     CONTROL,
@@ -50,9 +50,13 @@ from shared.messages import (
     SessionUpdate,
     UserAudio,
 )
+from shared.ownership import Liveness, SessionOwnership, TakeOutcome, Takeover, next_seq
 from shared.presence import WorkerFields, WorkerPresence
+from shared.retry import is_retryable, keep_running
 from shared.runtime import ServiceRuntime
 from shared.sessions import SessionState, SessionStore
+from shared.storage import LocalStorage
+from shared.transcripts import TranscriptLog, TranscriptWriter
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +79,12 @@ class Session:
     """A session this worker serves: its I/O side (its model side is the batcher's slot `row`)."""
 
     start: SessionStart
-    entry_id: str  # the held start entry
     row: int
     timeline: InputTimeline
     next_seq: int  # of the next entry on :dlg
     resumed_from: str | None
     primer_tokens: int
+    utterances: UtteranceBuilder
     cursor: str | None = None  # position in :in, from the moment the session listens
     late_frames: int = 0
 
@@ -123,6 +127,7 @@ class DialogueWorker:
         settings: DialogueSettings,
         model: MoshiModel,
         presence: WorkerPresence | None = None,
+        transcripts: TranscriptLog | None = None,
     ) -> None:
         self.bus = bus
         self.presence = presence  # beaten at once when a slot is taken or freed: placement sees it now
@@ -139,6 +144,16 @@ class DialogueWorker:
         )
         self.sessions: dict[str, Session] = {}
         self.store = SessionStore(bus, settings.session_ttl_s)
+        self.ownership = SessionOwnership(
+            bus,
+            self.store,
+            service=SERVICE,
+            group=placement_group(model.name),
+            worker_id=self.worker_id,
+            field="dialogue_owner",  # "model/worker": who serves it, and from which group
+            token_of=lambda worker_id: f"{model.name}/{worker_id}",
+        )
+        self.transcripts = TranscriptWriter(transcripts or TranscriptLog(LocalStorage(settings.data_dir)))
         self.consumer: GroupConsumer[ControlMessage] = GroupConsumer(
             bus,
             bus.names.control,
@@ -149,14 +164,11 @@ class DialogueWorker:
             claim_idle_ms=settings.claim_idle_ms,
             max_deliveries=settings.max_deliveries,
             batch=1,  # take one start at a time, so a burst spreads over the workers with free slots
-            claim_batch=settings.dialogue_slots,
             can_take=self.can_take,
         )
         self._table = asyncio.Lock()  # the slot table changes only between steps
         self._joined = asyncio.Event()
-        self._ended: OrderedDict[str, None] = OrderedDict()  # recently stopped: a late start is ignored
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dialogue-model")
-        self._tick = 0
         metrics.WORKER_SLOTS_TOTAL.labels(service=SERVICE).set(self.batcher.batch_size)
         metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(self.batcher.batch_size)
 
@@ -177,18 +189,48 @@ class DialogueWorker:
 
     # --- the core loop -------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def warmup(self) -> None:
+        """Build kernels (and CUDA graphs) before the first session: a worker is ready only after this."""
         await self._in_model_thread(self.batcher.warmup)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.batcher.warmed_up:
+            await self.warmup()
         log.info("dialogue worker serving", extra=self.describe())
+        control_start = await self.bus.last_id(self.bus.names.control)
+        writer = asyncio.create_task(self.transcripts.run(), name="transcripts")
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.consumer.run(stop), name="placement")
-                tasks.create_task(self._follow_control(stop), name="control")
-                tasks.create_task(self._tick_loop(stop), name="ticks")
+                tasks.create_task(
+                    self.ownership.follow_failures(
+                        stop,
+                        capacity=lambda: len(self.batcher.free_rows()),
+                        on_takeover=self._on_takeover,
+                        poll_s=self.settings.failover_poll_s,
+                    ),
+                    name="failover",
+                )
+                tasks.create_task(
+                    self.ownership.follow_control(stop, self._apply_control, start=control_start),
+                    name="control",
+                )
+                tasks.create_task(
+                    self.ownership.watch(
+                        stop,
+                        sessions=lambda: list(self.sessions),
+                        on_over=self._on_over,
+                        check_s=self.settings.session_check_s,
+                    ),
+                    name="liveness",
+                )
+                tasks.create_task(keep_running("ticks", lambda: self._tick_loop(stop), stop), name="ticks")
         finally:
             if self.sessions:
-                # Their starts stay pending: another worker claims and resumes them.
+                # Owned still: once this worker's presence is gone, another worker takes them over.
                 log.info("leaving sessions for re-placement", extra={"sessions": sorted(self.sessions)})
+            await self.transcripts.drain()
+            writer.cancel()
             self._model_thread.shutdown(wait=True)
             self.batcher.close()
 
@@ -208,7 +250,7 @@ class DialogueWorker:
                 )
                 outputs = await self._in_model_thread(self.batcher.step, audio, prime_until=prime_until)
                 metrics.STAGE_LATENCY.labels(stage="dialogue_step").observe(time.monotonic() - started)
-                await self._publish(outputs)
+            await self._publish(outputs)
             await clock.wait(stop)
 
     # --- input: one XREAD for every listening session, one frame per row -----------------------------
@@ -265,32 +307,61 @@ class DialogueWorker:
                 metrics.FRAMES_FILLED.inc()
         return audio
 
-    # --- output: one pipeline with every session's frame ---------------------------------------
+    # --- output: one fenced write with every session's frame -----------------------------------
 
     async def _publish(self, outputs: list[RowOutput]) -> None:
-        entries: list[tuple[str, Envelope]] = []
-        writes: list[Awaitable[Any]] = []
+        writes: dict[str, list[tuple[str, Envelope]]] = {}
+        went_live: list[str] = []
+        spoke: dict[str, list[dict[str, Any]]] = {}  # sessions with text this tick: utterances it closed
         for out in outputs:
             session = self.sessions.get(out.session_id)
             if session is None:
                 continue
             stream = self.bus.names.session_dialogue(session.sid)
+            entries = writes.setdefault(session.sid, [])
             if out.went_live:
                 entries.append((stream, self._started_event(session)))
-                writes.append(self.store.update(session.sid, state=SessionState.ACTIVE))
+                went_live.append(session.sid)
             if out.pcm is None or out.text_token is None:
                 continue
             seq = session.take_seq()
             text = self.model.text_piece(out.text_token)
             pcm = float_to_pcm16(out.pcm)
             entries.append((stream, DialogueFrame(session_id=session.sid, seq=seq, text=text, pcm=pcm)))
-            if text:
-                writes.append(self.store.append_transcript(session.sid, ASSISTANT, text, seq=seq))
-        self._tick += 1
-        if self._tick % 25 == 0:  # every 2 s: live sessions keep their hash alive
-            writes.extend(self.store.update(sid, dialogue_worker=self.worker_id) for sid in self.sessions)
-        await self.bus.append_many(entries)
-        await asyncio.gather(*writes)
+            closed = session.utterances.push(seq, text)
+            if text or closed is not None:
+                spoke[session.sid] = [closed.record()] if closed is not None else []
+        lost = await self.bus.append_sessions(writes, self.ownership.fence)
+        for sid in lost:
+            await self._forget(sid, Liveness.MOVED)
+        await self._save_progress(
+            [sid for sid in went_live if sid not in lost], {k: v for k, v in spoke.items() if k not in lost}
+        )
+
+    async def _save_progress(self, went_live: list[str], spoke: dict[str, list[dict[str, Any]]]) -> None:
+        """Session hash updates of a tick, in one round trip: `active` for sessions that went live, and the
+        utterance in progress (a worker taking the session over records it: nothing said is lost)."""
+        for sid, closed in spoke.items():
+            for utterance in closed:
+                await self._record(sid, utterance)
+        if not went_live and not spoke:
+            return
+        names, now = self.bus.names, str(time.time())
+        async with self.bus.redis.pipeline(transaction=False) as pipe:
+            for sid in went_live:
+                pipe.hset(names.session(sid), mapping={"state": SessionState.ACTIVE, "updated_at": now})
+            for sid in spoke:
+                current = self.sessions[sid].utterances.current if sid in self.sessions else None
+                if current is not None:
+                    pipe.hset(names.session(sid), "utterance", json.dumps(current.record()))
+                else:
+                    pipe.hdel(names.session(sid), "utterance")
+            await pipe.execute()
+
+    async def _record(self, sid: str, utterance: dict[str, Any]) -> None:
+        """A finished utterance: the live list now, the durable log soon after (off the tick)."""
+        await self.store.append_utterance(sid, utterance)
+        self.transcripts.append(sid, utterance)
 
     def _started_event(self, session: Session) -> SessionEvent:
         data: dict[str, Any] = {
@@ -305,47 +376,50 @@ class DialogueWorker:
         log.info("session %s", name, extra={"session_id": session.sid, **data})
         return SessionEvent(session_id=session.sid, seq=session.take_seq(), name=name, data=data)
 
-    # --- placement -----------------------------------------------------------------------------
+    # --- placement and failover ----------------------------------------------------------------------
 
-    async def _on_control(self, message: ControlMessage, entry: Entry) -> str:
+    async def _on_control(self, message: ControlMessage, entry: Entry) -> None:
         """Placement group handler: starts only (update/stop reach every worker through the tail)."""
         if not isinstance(message, SessionStart) or required_model(message) not in (None, self.model.name):
-            return Handled.ACK
+            return
         sid = message.session_id
-        if sid in self.sessions or sid in self._ended:
-            return Handled.ACK
-        state = await self.store.get(sid)
-        if state.get("state") == SessionState.ENDED:
-            return Handled.ACK
-        # `dialogue_owner` = "model/worker", set atomically: who serves it, and from which group.
-        previous = state.get("dialogue_owner", "")
-        previous_model, _, previous_worker = previous.partition("/")
-        if previous and previous_model != self.model.name:
-            return Handled.ACK  # the other model's group placed this any-model session
-        if not self.can_take():
+        if sid in self.sessions:
+            return
+        if not self.can_take():  # a takeover filled the last slot since the read: retried later
             raise NoCapacity("no free slot; the start stays pending for another worker", session_id=sid)
-        owner = f"{self.model.name}/{self.worker_id}"
-        if not await self.store.compare_and_set(sid, "dialogue_owner", previous, owner):
-            return Handled.ACK  # another worker won it
-        # Held by a worker of this group that is gone (its entry went idle and was claimed): a failover.
-        resumed_from = previous_worker if previous_worker not in ("", self.worker_id) else None
-        placed = await self._place(message, entry.entry_id, resumed_from)
-        return Handled.HOLD if placed else Handled.ACK
+        taken = await self.ownership.take(sid)
+        if taken is TakeOutcome.LEASE_LAPSED:
+            await self.ownership.end_lapsed(sid)
+        if taken is not TakeOutcome.TAKEN:
+            log.info("start not placed here: %s", taken, extra={"session_id": sid})
+            return
+        await self._place(message, resumed_from=None)
 
-    async def _place(self, start: SessionStart, entry_id: str, resumed_from: str | None) -> bool:
+    async def _on_takeover(self, takeover: Takeover) -> None:
+        await self._place(takeover.start, resumed_from=takeover.previous_worker, info=takeover.info)
+
+    async def _place(
+        self, start: SessionStart, *, resumed_from: str | None, info: dict[str, str] | None = None
+    ) -> None:
         sid = start.session_id
-        spoken = spoken_so_far(await self.store.transcript(sid)) if resumed_from else ""
-        tokens = primer_tokens(
-            self.model.encode_text, start.persona.primer, spoken, self.settings.dialogue_max_primer_tokens
-        )
-        next_seq = await self._next_dialogue_seq(sid)
+        spoken = await self._spoken_before(sid, info) if resumed_from else ""
         s = self.settings
+        tokens = primer_tokens(
+            self.model.encode_text,
+            start.persona.primer,
+            spoken,
+            s.dialogue_max_primer_tokens,
+            history_limit=s.dialogue_resume_history_tokens,
+        )
+        seq = await next_seq(self.bus, self.bus.names.session_dialogue(sid), DIALOGUE)
         async with self._table:
-            if sid in self._ended:  # stopped while we were placing it
-                return False
+            if sid in self.ownership.stops or sid in self.sessions:  # stopped while we were placing it
+                await self.ownership.release(sid)
+                return
             row = self.batcher.join(sid, tokens, start.persona.sampling)
             timeline = InputTimeline(s.dialogue_input_buffer_frames, s.dialogue_jitter_frames)
-            self.sessions[sid] = Session(start, entry_id, row, timeline, next_seq, resumed_from, len(tokens))
+            utterances = UtteranceBuilder(s.dialogue_utterance_pause_frames)
+            self.sessions[sid] = Session(start, row, timeline, seq, resumed_from, len(tokens), utterances)
         await self._slots_changed()
         self._joined.set()
         state = SessionState.RESUMING if resumed_from else SessionState.PLACING
@@ -355,30 +429,17 @@ class DialogueWorker:
             "session placed",
             extra={"session_id": sid, "slot": row, "primer_tokens": len(tokens), "resumed": resumed_from},
         )
-        return True
 
-    async def _next_dialogue_seq(self, sid: str) -> int:
-        """After a failover :dlg already holds entries: continue their numbering."""
-        stream = self.bus.names.session_dialogue(sid)
-        last = await self.bus.last_id(stream)
-        if last == "0-0":
-            return 0
-        try:
-            return DIALOGUE.decode((await self.bus.range(stream, last, last))[0].fields).seq + 1
-        except (MalformedMessage, IndexError):
-            return 0
+    async def _spoken_before(self, sid: str, info: dict[str, str] | None) -> str:
+        """What the session said before its worker died: the live transcript, plus the utterance the dead
+        worker had not finished (kept in the hash for exactly this), which is recorded now."""
+        partial = (info or {}).get("utterance")
+        if partial:
+            await self._record(sid, json.loads(partial))
+            await self.bus.redis.hdel(self.bus.names.session(sid), "utterance")
+        return spoken_so_far(await self.store.transcript(sid))
 
-    # --- update / stop -------------------------------------------------------------------------
-
-    async def _follow_control(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                async for message, _ in tail(self.bus, self.bus.names.control, CONTROL, stop=stop):
-                    await self._apply_control(message)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("control tail failed, retrying: %s", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+    # --- update / stop / liveness ------------------------------------------------------------------
 
     async def _apply_control(self, message: ControlMessage) -> None:
         if isinstance(message, SessionStop):
@@ -389,24 +450,43 @@ class DialogueWorker:
                 async with self._table:
                     self.batcher.set_sampling(session.row, message.sampling)
 
+    async def _on_over(self, sid: str, liveness: Liveness) -> None:
+        if liveness in (Liveness.MOVED, Liveness.GONE):
+            await self._forget(sid, liveness)
+        else:
+            await self.end(sid, liveness.value)
+
     async def end(self, sid: str, reason: str) -> None:
-        """Stop serving a session: free its row, send `ended`, release its start, let its keys expire."""
-        self._ended[sid] = None
-        while len(self._ended) > 1000:
-            self._ended.popitem(last=False)
+        """Stop serving a session: `ended` on :dlg, free its row, record its last words, let its keys go."""
         async with self._table:
             session = self.sessions.pop(sid, None)
             if session is None:
                 return
             ended = SessionEvent(session_id=sid, seq=session.take_seq(), name=EventName.ENDED, detail=reason)
             # `ended` goes out before the slot shows free: whoever sees the slot free finds it ended.
-            await self.bus.append(self.bus.names.session_dialogue(sid), ended)
+            await self.bus.append_session(
+                sid, [(self.bus.names.session_dialogue(sid), ended)], self.ownership.fence
+            )
             self.batcher.leave(session.row)
         await self._slots_changed()
-        await self.consumer.release(session.entry_id)
-        await self.bus.expire_session(sid, self.settings.session_ttl_s)
+        if (utterance := session.utterances.flush()) is not None:
+            await self._record(sid, utterance.record())
+        self.transcripts.end(sid, reason)
+        await self.ownership.release(sid)
+        await self.bus.expire_session(sid)
         late = session.late_frames
         log.info("session ended", extra={"session_id": sid, "reason": reason, "late_frames": late})
+
+    async def _forget(self, sid: str, why: Liveness) -> None:
+        """Let go of a session without a word: another worker owns it now, or Redis lost it."""
+        async with self._table:
+            session = self.sessions.pop(sid, None)
+            if session is None:
+                return
+            self.batcher.leave(session.row)
+        await self._slots_changed()
+        await self.ownership.release(sid)
+        log.warning("session let go: %s", why, extra={"session_id": sid})
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -429,39 +509,27 @@ class DialogueWorker:
         if self.presence is not None:
             try:
                 await self.presence.beat()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except Exception as exc:
+                if not is_retryable(exc):
+                    raise
                 log.warning("presence update failed (the next heartbeat retries): %s", exc)
 
 
 # --- wiring ------------------------------------------------------------------------------------
 
 
-class _Service:
-    """Loads the model inside the runtime (heartbeats go on meanwhile), then runs the worker."""
-
-    def __init__(self, settings: DialogueSettings) -> None:
-        self.settings = settings
-        self.worker: DialogueWorker | None = None
-
-    def describe(self) -> WorkerFields:
-        if self.worker is None:  # loading: present, but placing nothing here yet
-            return {"capacity": self.settings.dialogue_slots, "free_slots": 0, "state": "loading"}
-        return {**self.worker.describe(), "state": "serving"}
-
-    async def ready(self, runtime: ServiceRuntime) -> tuple[bool, dict[str, Any]]:
-        redis = await runtime.bus.ping()
-        return redis and self.worker is not None, {"redis": redis, "model_loaded": self.worker is not None}
-
-    async def serve(self, runtime: ServiceRuntime) -> None:
-        model = await asyncio.to_thread(load_moshi, self.settings)
-        self.worker = DialogueWorker(runtime.bus, self.settings, model, runtime.presence)
-        await self.worker.run(runtime.stop)
+async def serve(runtime: ServiceRuntime, settings: DialogueSettings) -> None:
+    """Load the model (heartbeats say `loading` meanwhile), warm it up, then serve."""
+    runtime.describe = lambda: {"capacity": settings.dialogue_slots, "free_slots": 0}
+    model = await asyncio.to_thread(load_moshi, settings)
+    worker = DialogueWorker(runtime.bus, settings, model, runtime.presence)
+    await worker.warmup()
+    runtime.describe = worker.describe
+    runtime.mark_serving()
+    await worker.run(runtime.stop)
 
 
 def main() -> None:
     settings = get_settings()
     runtime = ServiceRuntime(SERVICE, settings, http_port=settings.dialogue_http_port or None)
-    service = _Service(settings)
-    runtime.describe = service.describe
-    runtime.ready_check = lambda: service.ready(runtime)
-    asyncio.run(runtime.run(service.serve))
+    asyncio.run(runtime.run(lambda rt: serve(rt, settings)))

@@ -10,13 +10,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.gateway import health, limits, personas, problems, sessions, voices, web
+from services.gateway.admission import Admission
 from services.gateway.auth import auth_enabled
+from services.gateway.conversation import finish_stops
+from services.gateway.leases import LeaseKeeper
 from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus, make_bus_kwargs
 from shared.personas import PersonaStore
+from shared.runtime import cancel_and_wait
+from shared.sessions import SessionStore
 from shared.storage import LocalStorage
 from shared.streams import StreamNames
+from shared.transcripts import TranscriptLog
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +31,31 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         names = StreamNames(settings.key_prefix)
-        app.state.bus = await Bus.connect(settings.require_redis_url(), names, **make_bus_kwargs(settings))
+        bus = app.state.bus = await Bus.connect(
+            settings.require_redis_url(), names, **make_bus_kwargs(settings)
+        )
         if not auth_enabled(settings):
             log.warning("AUTH IS OFF: no CHORUS_API_KEYS configured; every caller is the anonymous owner")
         app.state.voices = await voices.open_voice_store(settings)
+        app.state.admission = Admission(bus, settings)
+        app.state.leases = LeaseKeeper(
+            SessionStore(bus, settings.session_ttl_s),
+            lease_s=settings.session_lease_s,
+            renew_s=settings.session_lease_renew_s,
+        )
+        stop = asyncio.Event()
+        background = [
+            asyncio.create_task(app.state.leases.run(stop), name="leases"),
+            asyncio.create_task(sessions.clean_transcripts_forever(app.state.transcripts, settings)),
+        ]
         log.info("gateway ready", extra={"port": settings.port})
-        cleanup = asyncio.create_task(sessions.clean_transcripts_forever(app.state.storage, settings))
         try:
             yield
         finally:
-            cleanup.cancel()
-            await app.state.bus.close()
+            stop.set()
+            await finish_stops()
+            await cancel_and_wait(*background)
+            await bus.close()
 
     app = FastAPI(
         title="Chorus",
@@ -45,6 +65,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.storage = LocalStorage(settings.data_dir)
+    app.state.transcripts = TranscriptLog(app.state.storage)
     app.state.personas = PersonaStore(app.state.storage)
     app.state.resolve_persona = app.state.personas.resolve
     problems.install(app)

@@ -1,6 +1,11 @@
 """A conversation as the gateway sees it: placement, user audio in, the router's output out, stop.
 
 Both WebSocket protocols drive a `Conversation`; neither touches Redis directly.
+
+Lifecycle: `start` opens the session (hash, lease, `start` on chorus:control); `wait_ready` waits for a
+dialogue slot (up to CHORUS_PLACEMENT_WAIT_S: a full fleet queues new sessions briefly instead of refusing
+them at once) and then for the session to be primed; the `LeaseKeeper` renews its lease while the socket
+lives; `stop` ends it for every worker, on every exit path, shielded from cancellation and time-bounded.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
-from services.gateway.sessions import export_transcript, register_session, unregister_session
+from services.gateway.leases import LeaseKeeper
 from shared import metrics
 from shared.audio import FloatAudio, FrameSplitter, float_to_pcm16
-from shared.bus import Bus, tail
-from shared.errors import NoCapacity, RateLimited, ServiceUnavailable
+from shared.bus import Bus
+from shared.errors import ChorusError, NoCapacity, ServiceUnavailable, SessionLost
 from shared.messages import (
     OUTPUT,
     EventName,
@@ -24,16 +30,24 @@ from shared.messages import (
     Sampling,
     SessionEvent,
     SessionStart,
-    SessionStop,
     SessionUpdate,
     UserAudio,
     VoiceMode,
 )
-from shared.presence import list_workers
-from shared.sessions import SessionState, SessionStore
-from shared.storage import Storage
+from shared.retry import Backoff, is_retryable
+from shared.sessions import SessionStore
+from shared.transcripts import TranscriptLog
 
 log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 5.0  # ending a session never holds a closing socket (or a shutdown) longer than this
+_stopping: set[asyncio.Task[Any]] = set()  # stops that outlive a cancelled caller (shielded)
+
+
+async def finish_stops(timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Shutting down: let the stops of sockets that were cancelled finish first (the lease ends the rest)."""
+    if _stopping:
+        await asyncio.wait(set(_stopping), timeout=timeout_s)
 
 
 def new_session_id() -> str:
@@ -52,7 +66,9 @@ class Conversation:
         session_ttl_s: int,
         session_id: str | None = None,
         max_sessions: int = 0,
-        transcripts: Storage | None = None,
+        lease_s: float = 30.0,
+        leases: LeaseKeeper | None = None,
+        transcripts: TranscriptLog | None = None,
     ) -> None:
         self.bus = bus
         self.owner = owner
@@ -61,11 +77,14 @@ class Conversation:
         self.voice_mode = voice_mode
         self.session_id = session_id or new_session_id()
         self.store = SessionStore(bus, session_ttl_s)
-        self.session_ttl_s = session_ttl_s
         self.max_sessions = max_sessions
+        self.lease_s = lease_s
+        self.leases = leases
         self.transcripts = transcripts
         self._splitter = FrameSplitter()
         self._seq = 0
+        self._lost: str | None = None  # why the session ended without this gateway (see LeaseKeeper)
+        self._input_dropped = 0
         self.started = False
         self.closed = False
 
@@ -74,66 +93,88 @@ class Conversation:
         return {"session_id": self.session_id}
 
     async def start(self) -> None:
-        """Place the session: fail fast with NoCapacity when no dialogue worker has a free slot."""
-        workers = await list_workers(self.bus, "dialogue")
-        if not any(w.free_slots > 0 for w in workers):
-            raise NoCapacity(
-                "no dialogue worker has a free slot; try again shortly", dialogue_workers=len(workers)
-            )
-        if not await list_workers(self.bus, "router"):
-            raise ServiceUnavailable("no router worker is running")
-        await self.store.update(
-            self.session_id,
-            state=SessionState.PLACING,
+        """Open the session: count it against its owner's limit, write its hash and lease, and hand its
+        `start` to the workers. A dialogue slot is waited for in `wait_ready`."""
+        await self.store.register(self.owner, self.session_id, self.max_sessions)
+        start = SessionStart(
+            session_id=self.session_id,
             owner=self.owner,
+            persona=self.persona,
             voice=self.voice,
             voice_mode=self.voice_mode,
-            persona_id=self.persona.id,
-            started_at=time.time(),
         )
-        try:
-            await register_session(self.bus, self.owner, self.session_id, self.max_sessions)
-        except RateLimited:
-            await self.store.update(self.session_id, state=SessionState.ENDED, end_reason="limit")
-            metrics.SESSIONS_REJECTED.labels(reason="per_key_limit").inc()
-            raise
-        await self.bus.append_control(
-            SessionStart(
-                session_id=self.session_id,
-                owner=self.owner,
-                persona=self.persona,
-                voice=self.voice,
-                voice_mode=self.voice_mode,
-            )
-        )
-        self.started = True
+        self.started = True  # from here on, `stop` must run: the owner's set holds the session
+        await self._begin_transcript()
+        await self.store.open(start, lease_s=self.lease_s)
+        if self.leases is not None:
+            self.leases.add(self.session_id, self._on_lost)
         metrics.SESSIONS_ACTIVE.labels(service="gateway").inc()
         log.info("session started", extra={**self.log_extra, "voice": self.voice, "persona": self.persona.id})
 
-    async def wait_ready(self, timeout_s: float) -> None:
-        """Wait for the dialogue worker's `ready` (forwarded by the router) or a refusal."""
+    async def _begin_transcript(self) -> None:
+        if self.transcripts is None:
+            return
         try:
-            async with asyncio.timeout(timeout_s):
-                async for message in self.outputs():
-                    if isinstance(message, SessionEvent):
-                        if message.name in (EventName.READY, EventName.RESUMED):
-                            return
-                        if message.name in (EventName.NO_CAPACITY, EventName.ERROR, EventName.ENDED):
-                            raise NoCapacity(message.detail or f"session refused: {message.name}")
-        except TimeoutError:
-            raise NoCapacity(f"no dialogue worker took the session within {timeout_s:.0f}s") from None
+            await self.transcripts.begin(
+                self.session_id, owner=self.owner, persona_id=self.persona.id, voice=self.voice
+            )
+        except OSError:
+            # The conversation matters more than its record: go on, loudly.
+            log.exception("could not store the transcript's header", extra=self.log_extra)
+
+    def _on_lost(self, why: str) -> None:
+        self._lost = why
+
+    async def wait_ready(self, placement_wait_s: float, ready_timeout_s: float) -> None:
+        """Wait for a dialogue slot (`placement_wait_s`), then for `ready` (`ready_timeout_s` more, the
+        priming); NoCapacity with the reason otherwise, or when a worker refused the session."""
+        began = time.monotonic()
+        placed_at: float | None = None
+        cursor = "0-0"
+        while True:
+            messages, cursor = await self._read_outputs(cursor)
+            for message in messages:
+                if isinstance(message, SessionEvent):
+                    if message.name in (EventName.READY, EventName.RESUMED):
+                        return
+                    if message.name in (EventName.NO_CAPACITY, EventName.ERROR, EventName.ENDED):
+                        raise NoCapacity(message.detail or f"session refused: {message.name}")
+            now = time.monotonic()
+            if placed_at is None:
+                if await self._placed():
+                    placed_at = now
+                elif now - began > placement_wait_s:
+                    metrics.SESSIONS_REJECTED.labels(reason="no_capacity").inc()
+                    raise NoCapacity(f"no dialogue worker had a free slot within {placement_wait_s:g} s")
+            elif now - placed_at > ready_timeout_s:
+                raise NoCapacity(f"the session was placed but not ready within {ready_timeout_s:g} s")
+
+    async def _placed(self) -> bool:
+        return bool(await self.bus.redis.hget(self.bus.names.session(self.session_id), "dialogue_worker"))
 
     async def send_audio(self, samples: FloatAudio) -> int:
-        """Cut arbitrary-length 24 kHz audio into 80 ms frames and append them to `:in`."""
-        sent = 0
+        """Cut arbitrary-length 24 kHz audio into 80 ms frames and append them to `:in`. While Redis is
+        away the frames are dropped (it is live audio: late is as good as lost), counted and logged."""
         stream = self.bus.names.session_input(self.session_id)
-        for frame in self._splitter.push(samples):
-            await self.bus.append(
-                stream, UserAudio(session_id=self.session_id, seq=self._seq, pcm=float_to_pcm16(frame))
-            )
-            self._seq += 1
-            sent += 1
-        return sent
+        frames = [
+            (stream, UserAudio(session_id=self.session_id, seq=self._seq + i, pcm=float_to_pcm16(frame)))
+            for i, frame in enumerate(self._splitter.push(samples))
+        ]
+        self._seq += len(frames)
+        if not frames:
+            return 0
+        try:
+            await self.bus.append_session(self.session_id, frames)
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            self._input_dropped += len(frames)
+            metrics.FRAMES_DROPPED.labels(service="gateway", reason="redis_unavailable").inc(len(frames))
+            if self._input_dropped == len(frames):
+                log.warning("user audio dropped while Redis is unavailable: %s", exc, extra=self.log_extra)
+            return 0
+        self._input_dropped = 0
+        return len(frames)
 
     @property
     def frames_sent(self) -> int:
@@ -145,11 +186,44 @@ class Conversation:
         self._splitter.clear()
 
     async def outputs(self, start: str = "0-0") -> AsyncIterator[OutputMessage]:
-        async for message, _ in tail(
-            self.bus, self.bus.names.session_output(self.session_id), OUTPUT, start=start, block_ms=200
-        ):
-            metrics.STREAM_LAG.labels(stream_kind="out").observe(max(0.0, time.time() - message.created_at))
-            yield message
+        """The router's output for this session, in order. Waits out a short Redis outage; raises
+        SessionLost when the session ended without this gateway, ServiceUnavailable when Redis stays
+        away longer than the session's lease (workers will have ended it by then)."""
+        cursor = start
+        backoff = Backoff()
+        outage_since: float | None = None
+        while True:
+            if self._lost is not None:
+                raise SessionLost(_LOST_REASONS.get(self._lost, self._lost), reason=self._lost)
+            try:
+                messages, cursor = await self._read_outputs(cursor)
+            except Exception as exc:
+                if not is_retryable(exc):
+                    raise
+                outage_since = outage_since or time.monotonic()
+                if time.monotonic() - outage_since > self.lease_s:
+                    raise ServiceUnavailable(f"lost Redis for over {self.lease_s:g} s: {exc}") from exc
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            outage_since = None
+            backoff.reset()
+            for message in messages:
+                metrics.STREAM_LAG.labels(stream_kind="out").observe(
+                    max(0.0, time.time() - message.created_at)
+                )
+                yield message
+
+    async def _read_outputs(self, cursor: str) -> tuple[list[OutputMessage], str]:
+        """One blocking read of `:out` after `cursor` (malformed entries are logged and skipped)."""
+        messages: list[OutputMessage] = []
+        stream = self.bus.names.session_output(self.session_id)
+        for entry in await self.bus.read({stream: cursor}, count=100, block_ms=200):
+            cursor = entry.entry_id
+            try:
+                messages.append(OUTPUT.decode(entry.fields))
+            except ChorusError as exc:
+                log.warning("malformed output entry skipped: %s", exc.detail, extra=self.log_extra)
+        return messages, cursor
 
     async def update(
         self,
@@ -168,24 +242,43 @@ class Conversation:
                     session_id=self.session_id, voice=voice, voice_mode=voice_mode, sampling=sampling
                 )
             )
-            await self.store.update(self.session_id, voice=self.voice, voice_mode=self.voice_mode)
+            # The hash keeps the latest: a worker that takes the session over serves these.
+            fields: dict[str, str] = {"voice": self.voice, "voice_mode": self.voice_mode}
+            if sampling is not None:
+                fields["sampling"] = sampling.model_dump_json()
+            await self.store.update(self.session_id, **fields)
 
     async def stop(self, reason: str) -> None:
-        """Idempotent: tell every owner the session is over (frees the dialogue slot) and expire keys."""
+        """Idempotent: end the session for every worker (frees its dialogue slot). Runs to completion
+        even if the caller is cancelled (a shutdown); gives up after STOP_TIMEOUT_S (the lease ends it)."""
         if self.closed:
             return
         self.closed = True
+        if self.leases is not None:
+            self.leases.discard(self.session_id)
         if not self.started:
             return
         metrics.SESSIONS_ACTIVE.labels(service="gateway").dec()
+        task = asyncio.create_task(self._end(reason), name=f"stop-{self.session_id}")
+        _stopping.add(task)
+        task.add_done_callback(_stopping.discard)
         try:
-            await self.bus.append_control(SessionStop(session_id=self.session_id, reason=reason))
-            await self.store.update(
-                self.session_id, state=SessionState.ENDED, ended_at=time.time(), end_reason=reason
-            )
-            await unregister_session(self.bus, self.owner, self.session_id)
-            if self.transcripts is not None:
-                await export_transcript(self.bus, self.transcripts, self.store, self.session_id)
+            await asyncio.wait_for(asyncio.shield(task), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.error("could not end the session in time; its lease will", extra=self.log_extra)
+
+    async def _end(self, reason: str) -> None:
+        try:
+            ended = await self.store.finalize(self.session_id, reason, owner=self.owner)
+            if ended and self.transcripts is not None:
+                await self.transcripts.end(self.session_id, reason)
         except Exception:
-            log.exception("could not signal the end of a session", extra=self.log_extra)
+            log.exception("could not signal the end of a session; its lease will", extra=self.log_extra)
+            return
         log.info("session stopped", extra={**self.log_extra, "reason": reason})
+
+
+_LOST_REASONS = {
+    "session_lost": "the session's state was lost (Redis restarted); start a new session",
+    "ended": "the session was ended by the service",
+}

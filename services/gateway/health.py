@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from shared import metrics
 from shared.bus import Bus
-from shared.presence import list_workers
+from shared.presence import WorkerInfo, list_workers
 
 router = APIRouter(tags=["health"])
 
@@ -19,33 +19,43 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok", "service": "gateway"}
 
 
+def _service_state(workers: list[WorkerInfo]) -> dict[str, Any]:
+    serving = [w for w in workers if w.serving]
+    return {
+        "ready": bool(serving),
+        "workers": len(workers),
+        "serving": len(serving),
+        "free_slots": sum(w.free_slots for w in serving),
+    }
+
+
 async def readiness(bus: Bus) -> tuple[bool, dict[str, Any]]:
-    """Ready when Redis answers and dialogue and router workers are alive.
+    """Ready when Redis answers and a dialogue worker and a router are serving (models loaded and warmed
+    up: a worker still loading does not count). `services` says which are; cloned voices need a TTS worker.
 
     Free slots are reported, not required: a full fleet must not take every gateway out of its load
-    balancer (new sessions get a clear `no_capacity` error instead). Cloned voices need a TTS worker.
+    balancer (new sessions wait for a slot, then get a clear `no_capacity` error).
     """
     if not await bus.ping():
         return False, {"redis": False}
-    dialogue = await list_workers(bus, "dialogue")
-    tts = await list_workers(bus, "tts")
-    routers = await list_workers(bus, "router")
-    free = sum(w.free_slots for w in dialogue)
+    services = {name: _service_state(await list_workers(bus, name)) for name in ("dialogue", "router", "tts")}
+    dialogue, tts = services["dialogue"], services["tts"]
     detail: dict[str, Any] = {
         "redis": True,
-        "dialogue_workers": len(dialogue),
-        "free_slots": free,
-        "tts_workers": len(tts),
-        "router_workers": len(routers),
-        "cloned_voices": "available" if tts else "unavailable",
+        "services": services,
+        "dialogue_workers": dialogue["serving"],
+        "free_slots": dialogue["free_slots"],
+        "tts_workers": tts["serving"],
+        "router_workers": services["router"]["serving"],
+        "cloned_voices": "available" if tts["ready"] else "unavailable",
+        "capacity": "available" if dialogue["free_slots"] > 0 else "full",
     }
-    detail["capacity"] = "available" if free > 0 else "full"
-    return bool(dialogue) and bool(routers), detail
+    return dialogue["ready"] and services["router"]["ready"], detail
 
 
 @router.get(
     "/readyz",
-    summary="Redis reachable and a dialogue worker has a free slot",
+    summary="Redis reachable, a dialogue worker and a router serving",
     responses={503: {"description": "Not ready; the body says what is missing"}},
 )
 async def readyz(request: Request) -> JSONResponse:

@@ -1,27 +1,28 @@
-"""`/v1/sessions`: the caller's live sessions, their state, and transcript exports after they end.
+"""`/v1/sessions`: the caller's live sessions, their state, and their transcripts.
 
-Each owner's live session ids sit in a Redis set (`{prefix}owner:{owner}:sessions`) written by
-`Conversation.start/stop`; it bounds the listing and enforces concurrent sessions per key.
+Each owner's live session ids sit in a Redis set (`{prefix}owner:{owner}:sessions`, `shared.sessions`)
+written when a session starts and ends; it bounds the listing and enforces concurrent sessions per key.
+Transcripts come from durable storage (`shared.transcripts`), written while the session runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.gateway.auth import current_owner
 from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus
-from shared.errors import NotFound, RateLimited
-from shared.sessions import SessionState, SessionStore
-from shared.storage import Storage
+from shared.errors import NotFound
+from shared.messages import SESSION_ID_PATTERN
+from shared.sessions import SessionStore
+from shared.transcripts import TranscriptLog
 
 log = logging.getLogger(__name__)
 
@@ -30,88 +31,14 @@ Owner = Annotated[str, Depends(current_owner)]
 
 _ERRORS = {**V1_ERRORS, **problem_responses(404)}
 
-# Add a member only while the set is below the limit, atomically (two sockets racing for the last slot).
-_ADD_BOUNDED = """
-if ARGV[2] ~= '0' and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('SADD', KEYS[1], ARGV[1])
-return 1
-"""
 
-
-def owner_sessions_key(bus: Bus, owner: str) -> str:
-    return bus.names.owner_sessions(owner)
-
-
-async def live_session_ids(bus: Bus, owner: str) -> list[str]:
-    """The owner's live sessions; prunes ids whose hash expired or ended (a gateway that crashed)."""
-    key = owner_sessions_key(bus, owner)
-    ids = sorted(m.decode() for m in await bus.redis.smembers(key))
-    live = []
-    for sid in ids:
-        state = await bus.redis.hget(bus.names.session(sid), "state")
-        if state is None or state.decode() == SessionState.ENDED:
-            await bus.redis.srem(key, sid)
-        else:
-            live.append(sid)
-    return live
-
-
-async def register_session(bus: Bus, owner: str, sid: str, limit: int) -> None:
-    """Count a new session against its owner's limit (0 = unlimited); RateLimited when full."""
-    await live_session_ids(bus, owner)
-    added = await bus.redis.eval(_ADD_BOUNDED, 1, owner_sessions_key(bus, owner), sid, str(limit))
-    if not added:
-        raise RateLimited(f"this API key already has {limit} live sessions", limit=limit)
-
-
-async def unregister_session(bus: Bus, owner: str, sid: str) -> None:
-    await bus.redis.srem(owner_sessions_key(bus, owner), sid)
-
-
-def transcript_key(sid: str) -> str:
-    return f"transcripts/{sid}.json"
-
-
-async def export_transcript(bus: Bus, storage: Storage, store: SessionStore, sid: str) -> None:
-    """Write the durable JSON export of an ended session (owner inside, for isolation on read)."""
-    info = await store.get(sid)
-    document = {
-        "session_id": sid,
-        "owner": info.get("owner", ""),
-        "persona_id": info.get("persona_id", ""),
-        "voice": info.get("voice", ""),
-        "started_at": _float(info.get("started_at")),
-        "ended_at": _float(info.get("ended_at")) or time.time(),
-        "exported_at": time.time(),
-        "turns": await store.transcript(sid),
-    }
-    await storage.put(transcript_key(sid), json.dumps(document).encode())
-
-
-async def cleanup_transcripts(storage: Storage, retention_s: float, now: float | None = None) -> int:
-    """Delete exports older than the retention; returns how many went."""
-    now = now if now is not None else time.time()
-    removed = 0
-    for key in await storage.list("transcripts/"):
-        try:
-            document = json.loads(await storage.get(key))
-        except (NotFound, ValueError):
-            continue
-        if now - float(document.get("exported_at", 0)) > retention_s:
-            await storage.delete(key)
-            removed += 1
-    return removed
-
-
-async def clean_transcripts_forever(storage: Storage, settings: GatewaySettings) -> None:
+async def clean_transcripts_forever(transcripts: TranscriptLog, settings: GatewaySettings) -> None:
     """Hourly retention sweep; a failed sweep is logged and retried next time."""
     while True:
         try:
-            removed = await cleanup_transcripts(storage, settings.transcript_retention_s)
+            removed = await transcripts.sweep(settings.transcript_retention_s)
             if removed:
-                log.info("expired transcript exports", extra={"removed": removed})
+                log.info("expired transcripts", extra={"removed": removed})
         except Exception:
             log.exception("transcript cleanup failed")
         await asyncio.sleep(3600)
@@ -145,8 +72,9 @@ class TranscriptExport(BaseModel):
     persona_id: str
     voice: str
     started_at: float | None
-    ended_at: float | None
-    turns: list[dict[str, Any]]
+    ended_at: float | None = Field(description="None while the session runs (or if every process died)")
+    end_reason: str | None = None
+    turns: list[dict[str, Any]] = Field(description="One entry per utterance, in order")
 
 
 def _bus(request: Request) -> Bus:
@@ -175,10 +103,9 @@ def _summary(sid: str, info: dict[str, str]) -> dict[str, Any]:
 
 @router.get("", summary="List the caller's live sessions", responses=_ERRORS)
 async def list_sessions(request: Request, owner: Owner) -> SessionList:
-    bus = _bus(request)
-    store = SessionStore(bus, request.app.state.settings.session_ttl_s)
+    store = SessionStore(_bus(request), request.app.state.settings.session_ttl_s)
     items = [
-        SessionSummary(**_summary(sid, await store.get(sid))) for sid in await live_session_ids(bus, owner)
+        SessionSummary(**_summary(sid, await store.get(sid))) for sid in await store.live_session_ids(owner)
     ]
     return SessionList(items=items)
 
@@ -201,14 +128,17 @@ async def get_session(session_id: str, request: Request, owner: Owner) -> Sessio
 
 @router.get(
     "/{session_id}/transcript",
-    summary="The JSON transcript export of an ended session",
+    summary="A session's transcript, complete so far (while it runs) or whole (after it ended)",
     responses=_ERRORS,
 )
 async def get_transcript(session_id: str, request: Request, owner: Owner) -> TranscriptExport:
-    storage: Storage = request.app.state.storage
-    if not session_id.replace("_", "").isalnum():
+    transcripts: TranscriptLog = request.app.state.transcripts
+    if not re.fullmatch(SESSION_ID_PATTERN, session_id):
         raise NotFound(f"no transcript for {session_id!r}")
-    document = json.loads(await storage.get(transcript_key(session_id)))
+    try:
+        document = await transcripts.document(session_id)
+    except NotFound:
+        raise NotFound(f"no transcript for {session_id!r}") from None
     if document.get("owner", "") != owner:
         raise NotFound(f"no transcript for {session_id!r}")
     return TranscriptExport.model_validate(document)

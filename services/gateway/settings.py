@@ -16,7 +16,33 @@ class GatewaySettings(CommonSettings):
     session_ready_timeout_s: float = Field(
         default=30.0,
         gt=0,
-        description="How long a new conversation waits for a dialogue slot before failing.",
+        description="How long a placed conversation waits for its priming to finish before failing.",
+    )
+    placement_wait_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a new conversation waits for a free dialogue slot before `no_capacity`.",
+    )
+    placement_queue_max: int = Field(
+        default=100,
+        ge=1,
+        description="Conversations of this gateway waiting for a slot at once; more are refused at once.",
+    )
+    session_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A session whose gateway stops renewing its lease (it died) is ended by its workers "
+        "this long after the last renewal.",
+    )
+    session_lease_renew_s: float = Field(
+        default=5.0, gt=0, description="How often the gateway renews the leases of its live sessions."
+    )
+    redis_max_memory_share: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="New sessions are refused while Redis uses more than this share of its maxmemory "
+        "(no limit set: not checked).",
     )
     ws_send_queue_frames: int = Field(
         default=64, ge=4, description="Per-socket send queue bound; a slow reader loses the oldest audio."

@@ -24,7 +24,7 @@ from services.gateway.auth import current_owner
 from services.gateway.clips import ACCEPTED_TEXT, ClipLimits, prepare_clip, rejected, too_large
 from services.gateway.settings import GatewaySettings
 from shared.audio import pcm16_to_wav
-from shared.bus import Bus
+from shared.bus import Bus, Entry
 from shared.errors import InvalidRequest, ServiceUnavailable, UnsupportedMedia, error_for_code
 from shared.messages import TTS_REPLIES, VoiceDeleted, VoicePrepare, VoicePreview
 from shared.presence import list_workers
@@ -268,8 +268,13 @@ async def request_preview(bus: Bus, profile_id: str, text: str, timeout_s: float
         ),
         maxlen=REQUEST_STREAM_MAXLEN,
     )
+    deadline = time.monotonic() + timeout_s
+    entries: list[Entry] = []
     try:
-        entries = await bus.read({reply_key: "0-0"}, count=1, block_ms=int(timeout_s * 1000))
+        # Short blocking reads (the bus caps them below the socket timeout) until the deadline.
+        while not entries and time.monotonic() < deadline:
+            wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            entries = await bus.read({reply_key: "0-0"}, count=1, block_ms=wait_ms)
     finally:
         await bus.redis.delete(reply_key)
     if not entries:

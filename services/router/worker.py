@@ -11,9 +11,9 @@ from shared.runtime import ServiceRuntime
 
 async def serve(runtime: ServiceRuntime) -> None:
     settings = runtime.settings if isinstance(runtime.settings, RouterSettings) else get_settings()
-    router = Router(runtime.bus, settings)
-    if runtime.presence is not None:
-        runtime.presence.describe = router.describe
+    router = Router(runtime.bus, settings)  # loads the speech detector's model
+    runtime.describe = router.describe
+    runtime.mark_serving()
     await router.run(runtime.stop)
 
 

@@ -21,7 +21,7 @@ from services.tts.engine import Engine
 from services.tts.speaker import SpeechLimits
 from services.tts.voice_states import VoiceStates
 from shared.audio import FloatAudio, float_to_pcm16
-from shared.bus import Bus, Entry, Handled
+from shared.bus import Bus, Entry
 from shared.errors import ChorusError, NotFound
 from shared.messages import TtsRequest, VoicePrepare, VoicePreview, VoicePreviewReply
 from shared.runtime import cancel_and_wait
@@ -39,14 +39,13 @@ class VoiceRequests:
         self.limits = limits
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def handle(self, message: TtsRequest, entry: Entry) -> str:
+    async def handle(self, message: TtsRequest, entry: Entry) -> None:
         if message.is_stale():
             log.info("dropped a stale request", extra={"request_id": message.session_id})
-            return Handled.ACK
+            return
         task = asyncio.create_task(self._serve(message), name=f"tts-request-{message.session_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return Handled.ACK
 
     async def close(self) -> None:
         await cancel_and_wait(*self._tasks)

@@ -83,11 +83,6 @@ class TtsSettings(CommonSettings):
         description="Longest part of a reference clip used as the voice prompt (longer prompts make "
         "every generated frame slower).",
     )
-    tts_session_check_s: float = Field(
-        default=10.0,
-        gt=0,
-        description="How often a worker checks its sessions still exist (a lost stop message).",
-    )
 
 
 @lru_cache

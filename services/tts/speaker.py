@@ -27,7 +27,7 @@ from services.tts.phraser import Phrase, Phraser, PhraseRules
 from services.tts.voice_states import VoiceStates
 from shared import metrics
 from shared.audio import FRAME_SAMPLES, FRAME_SEC, FloatAudio, FrameSplitter, float_to_pcm16
-from shared.bus import Bus, tail
+from shared.bus import Bus, Fence, tail
 from shared.errors import NotFound
 from shared.messages import (
     DIALOGUE,
@@ -76,10 +76,20 @@ class SessionServices:
 
 
 class ClonedSession:
-    def __init__(self, services: SessionServices, session_id: str, owner: str, next_seq: int = 0) -> None:
+    def __init__(
+        self,
+        services: SessionServices,
+        session_id: str,
+        owner: str,
+        *,
+        fence: Fence | None = None,
+        next_seq: int = 0,
+    ) -> None:
         self.s = services
         self.session_id = session_id
         self.owner = owner
+        self.fence = fence  # writes only while this worker owns the session
+        self.lost = False  # a write was fenced off: the session moved to another worker
         self.profile_id: str | None = None
         self.voice = "moshiko"
         self.voice_mode: VoiceMode = "auto"
@@ -274,17 +284,15 @@ class ClonedSession:
             return False
         if first:
             metrics.TTS_FIRST_AUDIO.observe(max(0.0, time.time() - item.text_at))
-        await self.s.bus.append(
-            self.s.bus.names.session_tts(self.session_id),
+        return await self._append(
             ClonedAudio(
                 session_id=self.session_id,
                 seq=self._next_seq(),
                 pcm=float_to_pcm16(frame),
                 text=item.phrase.text if first else "",
                 phrase_id=item.phrase.phrase_id,
-            ),
+            )
         )
-        return True
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -314,9 +322,19 @@ class ClonedSession:
         return seq
 
     async def _event(self, name: str, detail: str = "", **data: Any) -> None:
-        await self.s.bus.append(
-            self.s.bus.names.session_tts(self.session_id),
+        await self._append(
             SessionEvent(
                 session_id=self.session_id, seq=self._next_seq(), name=name, detail=detail, data=data
-            ),
+            )
         )
+
+    async def _append(self, message: ClonedAudio | SessionEvent) -> bool:
+        """One entry on `:tts`, fenced: False once the session has moved to another worker (the worker's
+        liveness check then lets it go; nothing more is written for it from here)."""
+        if self.lost:
+            return False
+        stream = self.s.bus.names.session_tts(self.session_id)
+        if not await self.s.bus.append_session(self.session_id, [(stream, message)], self.fence):
+            self.lost = True
+            log.warning("session moved to another worker: not writing for it", extra=self.log_extra)
+        return not self.lost

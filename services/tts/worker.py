@@ -1,7 +1,7 @@
 """`chorus tts`: a Pocket TTS worker. Wiring: which stream feeds which part.
 
-- `chorus:control`, group "tts": a `start` is taken by one TTS worker, which holds it for the session's
-  life (released at `stop`; claimed by another worker if this one dies). A session is held whatever
+- `chorus:control`, group "tts": a `start` is taken by one TTS worker, which owns the session for its
+  life (`shared.ownership`; taken over by another worker if this one dies). A session is owned whatever
   its voice, so a switch to a cloned voice mid-session has an owner; a native session costs nothing.
 - `chorus:control`, tailed by every worker: `update` (voice, mode), `stop`, `flush` for owned sessions.
 - `chorus:tts:requests`, group "tts": voice state preparation and previews (`previews.py`).
@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-from typing import Any, cast
+from typing import Any
 
 from services.tts.engine import Engine
 from services.tts.phraser import PhraseRules
@@ -23,30 +22,29 @@ from services.tts.settings import TtsSettings, get_settings
 from services.tts.speaker import ClonedSession, SessionServices, SpeechLimits
 from services.tts.voice_states import VoiceStates
 from shared import metrics
-from shared.bus import Bus, Entry, GroupConsumer, Handled, tail
+from shared.bus import Bus, Entry, GroupConsumer, tail
 from shared.messages import (
     CONTROL,
     TTS,
     TTS_REQUESTS,
     VOICE_EVENTS,
-    VOICE_PATTERN,
     ControlMessage,
     SessionFlush,
     SessionStart,
     SessionStop,
     SessionUpdate,
-    VoiceMode,
 )
+from shared.ownership import Liveness, SessionOwnership, TakeOutcome, Takeover, next_seq
 from shared.presence import WorkerFields
+from shared.retry import keep_running
 from shared.runtime import ServiceRuntime
-from shared.sessions import SessionState, SessionStore
+from shared.sessions import SessionStore, start_of
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
 
 log = logging.getLogger(__name__)
 
 SERVICE = "tts"
-VOICE_MODES = ("native", "cloned", "auto")
 
 
 def phrase_rules(settings: TtsSettings) -> PhraseRules:
@@ -84,9 +82,16 @@ class TtsWorker:
         self.settings = settings
         self.bus = services.bus
         self.sessions: dict[str, ClonedSession] = {}
-        self.held: dict[str, str] = {}
         self.following = asyncio.Event()  # set once the tails read from fixed cursors (tests wait for it)
         self.session_store = SessionStore(self.bus, settings.session_ttl_s)
+        self.ownership = SessionOwnership(
+            self.bus,
+            self.session_store,
+            service=SERVICE,
+            group=SERVICE,
+            worker_id=settings.worker_id,
+            field="tts_worker",
+        )
         consumer_options: dict[str, Any] = {
             "claim_idle_ms": settings.claim_idle_ms,
             "max_deliveries": settings.max_deliveries,
@@ -98,7 +103,7 @@ class TtsWorker:
             settings.worker_id,
             CONTROL,
             self.on_start,
-            can_take=lambda: len(self.sessions) < settings.tts_max_sessions,
+            can_take=lambda: self.room() > 0,
             **consumer_options,
         )
         self.requests = VoiceRequests(self.bus, services.engine, services.voices, services.limits)
@@ -112,11 +117,13 @@ class TtsWorker:
             **consumer_options,
         )
 
+    def room(self) -> int:
+        return max(0, self.settings.tts_max_sessions - len(self.sessions))
+
     def describe(self) -> WorkerFields:
-        capacity = self.settings.tts_max_sessions
         return {
-            "capacity": capacity,
-            "free_slots": max(0, capacity - len(self.sessions)),
+            "capacity": self.settings.tts_max_sessions,
+            "free_slots": self.room(),
             "cloning": sum(s.cloning for s in self.sessions.values()),
             "instances": self.s.engine.instances,
             "model": self.s.engine.version,
@@ -127,85 +134,118 @@ class TtsWorker:
         control_cursor = await self.bus.last_id(names.control)
         voice_events_cursor = await self.bus.last_id(names.voice_events)
         self.following.set()
+        own = self.ownership
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.control.run(stop), name="tts-control-group")
                 tasks.create_task(self.request_consumer.run(stop), name="tts-requests")
-                tasks.create_task(self._follow_control(control_cursor, stop), name="tts-control-tail")
+                tasks.create_task(
+                    own.follow_control(stop, self.apply, start=control_cursor), name="tts-control-tail"
+                )
                 tasks.create_task(
                     self._follow_voice_events(voice_events_cursor, stop), name="tts-voice-events"
                 )
-                tasks.create_task(self._check_sessions(stop), name="tts-session-check")
+                tasks.create_task(
+                    own.watch(
+                        stop,
+                        sessions=lambda: list(self.sessions),
+                        on_over=self._on_over,
+                        check_s=self.settings.session_check_s,
+                    ),
+                    name="tts-session-check",
+                )
+                tasks.create_task(
+                    own.follow_failures(
+                        stop,
+                        capacity=self.room,
+                        on_takeover=self._on_takeover,
+                        poll_s=self.settings.failover_poll_s,
+                    ),
+                    name="tts-failover",
+                )
         finally:
             await self._hand_over()
 
-    # --- placement -------------------------------------------------------------------------------------
+    # --- placement and failover ------------------------------------------------------------------------
 
-    async def on_start(self, message: ControlMessage, entry: Entry) -> str:
-        """Take a `start` (hold it while serving); other control entries are the tail's business."""
-        if not isinstance(message, SessionStart):
-            return Handled.ACK
+    async def on_start(self, message: ControlMessage, entry: Entry) -> None:
+        """Take a `start`; other control entries are the tail's business."""
+        if not isinstance(message, SessionStart) or message.session_id in self.sessions:
+            return
         sid = message.session_id
-        if sid in self.sessions:
-            return Handled.HOLD if self.held.get(sid) == entry.entry_id else Handled.ACK
-        info = await self.session_store.get(sid)
-        if not info or info.get("state") == SessionState.ENDED:
-            return Handled.ACK  # over before we got to it (or long gone: an old entry)
-        previous = info.get("tts_worker", "")
-        resumed = previous not in ("", self.settings.worker_id)
-        await self.session_store.update(sid, tts_worker=self.settings.worker_id)
-        session = ClonedSession(self.s, sid, message.owner, next_seq=await self._next_tts_seq(sid))
+        taken = await self.ownership.take(sid)
+        if taken is TakeOutcome.LEASE_LAPSED:
+            await self.ownership.end_lapsed(sid)
+        if taken is not TakeOutcome.TAKEN:
+            log.info("start not served here: %s", taken, extra={"session_id": sid})
+            return
+        # The hash holds the latest voice (an update may have raced the start).
+        await self._serve(start_of(await self.session_store.get(sid)) or message, resumed=False)
+
+    async def _on_takeover(self, takeover: Takeover) -> None:
+        await self._serve(takeover.start, resumed=True)
+
+    async def _serve(self, start: SessionStart, *, resumed: bool) -> None:
+        sid = start.session_id
+        stream = self.bus.names.session_tts(sid)
+        session = ClonedSession(
+            self.s,
+            sid,
+            start.owner,
+            fence=self.ownership.fence,
+            next_seq=await next_seq(self.bus, stream, TTS),
+        )
         self.sessions[sid] = session
-        self.held[sid] = entry.entry_id
         metrics.SESSIONS_ACTIVE.labels(service=SERVICE).set(len(self.sessions))
-        voice, mode = _current_voice(info, message)
         log.info(
             "session placed",
-            extra={"session_id": sid, "resumed": resumed, "voice": voice, "voice_mode": mode},
+            extra={
+                "session_id": sid,
+                "resumed": resumed,
+                "voice": start.voice,
+                "voice_mode": start.voice_mode,
+            },
         )
-        await session.start(voice, mode, resumed=resumed)
-        return Handled.HOLD
-
-    async def _next_tts_seq(self, sid: str) -> int:
-        """Continue the `:tts` seq where a previous owner stopped (consumers drop repeated seqs)."""
-        stream = self.bus.names.session_tts(sid)
-        last = await self.bus.last_id(stream)
-        if last == "0-0":
-            return 0
-        entries = await self.bus.range(stream, last, last)
-        return TTS.decode(entries[0].fields).seq + 1 if entries else 0
+        await session.start(start.voice, start.voice_mode, resumed=resumed)
 
     async def end(self, sid: str, reason: str) -> None:
         session = self.sessions.pop(sid, None)
         if session is None:
             return
         await session.close(reason)
-        entry_id = self.held.pop(sid, None)
-        if entry_id is not None:
-            await self.control.release(entry_id)
-        await self.bus.expire_session(sid, self.settings.session_ttl_s)
+        await self.ownership.release(sid)
+        await self.bus.expire_session(sid)
         metrics.SESSIONS_ACTIVE.labels(service=SERVICE).set(len(self.sessions))
         log.info("session ended", extra={"session_id": sid, "reason": reason})
 
+    async def _forget(self, sid: str, why: Liveness) -> None:
+        """Let go without a word: another worker owns the session now, or Redis lost it."""
+        session = self.sessions.pop(sid, None)
+        if session is None:
+            return
+        await session.close(why.value, announce=False)
+        await self.ownership.release(sid)
+        metrics.SESSIONS_ACTIVE.labels(service=SERVICE).set(len(self.sessions))
+        log.warning("session let go: %s", why, extra={"session_id": sid})
+
+    async def _on_over(self, sid: str, liveness: Liveness) -> None:
+        if liveness in (Liveness.MOVED, Liveness.GONE):
+            await self._forget(sid, liveness)
+        else:
+            await self.end(sid, liveness.value)
+
     async def _hand_over(self) -> None:
-        """Stopping: leave the held starts pending, so another TTS worker claims these sessions."""
+        """Stopping: the sessions stay owned by this worker, for another one to take over."""
         await self.requests.close()
         for sid in list(self.sessions):
             await self.sessions.pop(sid).close("worker_stopped", announce=False)
 
     # --- control fan-out ---------------------------------------------------------------------------------
 
-    async def _follow_control(self, cursor: str, stop: asyncio.Event) -> None:
-        async for message, _ in tail(self.bus, self.bus.names.control, CONTROL, start=cursor, stop=stop):
-            if message.session_id not in self.sessions:
-                continue
-            try:
-                await self.apply(message)
-            except Exception:
-                log.exception("control message failed", extra={"session_id": message.session_id})
-
     async def apply(self, message: ControlMessage) -> None:
-        session = self.sessions[message.session_id]
+        session = self.sessions.get(message.session_id)
+        if session is None:
+            return
         if isinstance(message, SessionStop):
             await self.end(message.session_id, message.reason)
         elif isinstance(message, SessionFlush):
@@ -214,43 +254,25 @@ class TtsWorker:
             await session.set_voice(message.voice or session.voice, message.voice_mode or session.voice_mode)
 
     async def _follow_voice_events(self, cursor: str, stop: asyncio.Event) -> None:
-        events = tail(self.bus, self.bus.names.voice_events, VOICE_EVENTS, start=cursor, stop=stop)
-        async for message, _ in events:
-            self.s.voices.forget(message.profile_id)
-            for session in list(self.sessions.values()):
-                if session.profile_id == message.profile_id:
-                    await session.drop_voice(f"voice profile {message.profile_id} was deleted")
+        async def loop() -> None:
+            nonlocal cursor
+            events = tail(self.bus, self.bus.names.voice_events, VOICE_EVENTS, start=cursor, stop=stop)
+            async for message, entry in events:
+                self.s.voices.forget(message.profile_id)
+                for session in list(self.sessions.values()):
+                    if session.profile_id == message.profile_id:
+                        await session.drop_voice(f"voice profile {message.profile_id} was deleted")
+                cursor = entry.entry_id
 
-    async def _check_sessions(self, stop: asyncio.Event) -> None:
-        """End sessions whose stop we never saw (the gateway died): their hash says ended, or is gone."""
-        while not stop.is_set():
-            try:
-                async with asyncio.timeout(self.settings.tts_session_check_s):
-                    await stop.wait()
-            except TimeoutError:
-                pass
-            for sid in list(self.sessions):
-                info = await self.session_store.get(sid)
-                if not info or info.get("state") == SessionState.ENDED:
-                    await self.end(sid, "session_gone")
-
-
-def _current_voice(info: dict[str, str], start: SessionStart) -> tuple[str, VoiceMode]:
-    """The session hash holds the latest voice (an update may have raced the start); else the start's."""
-    voice = info.get("voice", "")
-    mode = info.get("voice_mode", "")
-    return (
-        voice if re.match(VOICE_PATTERN, voice) else start.voice,
-        cast(VoiceMode, mode) if mode in VOICE_MODES else start.voice_mode,
-    )
+        await keep_running("voice events", loop, stop)
 
 
 async def serve(runtime: ServiceRuntime, settings: TtsSettings) -> None:
     engine = await Engine.load(settings)
     store = VoiceProfileStore(LocalStorage(settings.data_dir))
     worker = TtsWorker(session_services(runtime.bus, settings, engine, store), settings)
-    if runtime.presence is not None:  # the heartbeat already runs: from now on it carries our fields
-        runtime.presence.describe = worker.describe
+    runtime.describe = worker.describe
+    runtime.mark_serving()
     try:
         await worker.run(runtime.stop)
     finally:

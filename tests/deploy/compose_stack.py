@@ -296,12 +296,13 @@ class ComposeStack:
             return error.code, json.loads(error.read())
 
     def wait_gateway_ready(self, timeout_s: float = MIN_WAIT_S) -> dict[str, Any]:
-        """The gateway's /readyz body once it is ready and the models are loaded (free slots published)."""
+        """The gateway's /readyz body once it is ready (dialogue and router models loaded) and cloned
+        voices are available (the TTS worker too: this stack runs every service)."""
         deadline = time.monotonic() + timeout_s
         body: dict[str, Any] = {}
         while time.monotonic() < deadline:
             status, body = self.get_json("/readyz")
-            if status == 200 and body.get("free_slots", 0) > 0:
+            if status == 200 and body.get("cloned_voices") == "available":
                 return body
             time.sleep(0.5)
         logs = "\n".join(f"--- {name}\n{self.log_tail(name)}" for name in self.processes)

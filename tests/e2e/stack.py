@@ -89,9 +89,9 @@ class ChorusStack:
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
                     body = json.loads(response.read())
-                    # Ready is not enough: wait until the models are loaded (free slots published).
-                    loaded = int(str(body.get("free_slots", 0))) > 0
-                    if loaded and (not need_tts or body.get("tts_workers")):
+                    # 200 means the dialogue and router models are loaded and warmed up; cloned voices
+                    # also need the TTS worker, which readiness reports on its own.
+                    if not need_tts or body.get("cloned_voices") == "available":
                         return body
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from shared.audio import silence_frame
-from shared.bus import Bus, Entry, GroupConsumer, Handled, tail
+from shared.bus import Bus, Entry, Fence, GroupConsumer, SessionKeyTimes, tail
 from shared.messages import CONTROL, DIALOGUE, ControlMessage, DialogueFrame, SessionStart, SessionStop
 from shared.streams import StreamNames
 
@@ -43,12 +43,9 @@ async def _value(result: bool | Awaitable[bool]) -> bool:
     return await result if inspect.isawaitable(result) else result
 
 
-def collector(
-    into: list[str], outcome: str | None = None
-) -> Callable[[ControlMessage, Entry], Awaitable[str | None]]:
-    async def handle(message: ControlMessage, _: Entry) -> str | None:
+def collector(into: list[str]) -> Callable[[ControlMessage, Entry], Awaitable[None]]:
+    async def handle(message: ControlMessage, _: Entry) -> None:
         into.append(message.session_id)
-        return outcome
 
     return handle
 
@@ -101,46 +98,39 @@ async def test_a_dead_consumers_entries_are_claimed_by_another(bus: Bus, names: 
     assert pending["pending"] == 0
 
 
-async def test_held_entries_stay_with_a_live_owner_and_move_when_it_dies(
+async def test_a_fenced_write_lands_only_while_the_writer_owns_the_session(
     bus: Bus, names: StreamNames
 ) -> None:
-    stream = names.control
-    owner_seen: list[str] = []
-    other_seen: list[str] = []
-    owner = GroupConsumer(
-        bus,
-        stream,
-        "dialogue",
-        "owner",
-        CONTROL,
-        collector(owner_seen, Handled.HOLD),
-        claim_idle_ms=300,
-        block_ms=50,
-    )
-    other = GroupConsumer(
-        bus,
-        stream,
-        "dialogue",
-        "other",
-        CONTROL,
-        collector(other_seen, Handled.HOLD),
-        claim_idle_ms=300,
-        block_ms=50,
-        can_take=lambda: False,
-    )
-    await bus.ensure_group(stream, "dialogue")
-    await bus.append_control(start("held"))
-    async with running(owner) as owner_stop, running(other):
-        await eventually(lambda: owner_seen == ["held"], "the owner to take the session")
-        other.can_take = lambda: True
-        await asyncio.sleep(1.0)  # > 3 x claim_idle_ms: the owner keeps touching what it holds
-        assert other_seen == [], "a live owner's held entry must not be claimed"
-        owner_stop.set()  # the owner dies (stops touching) without releasing
-        await eventually(lambda: other_seen == ["held"], "the session to be re-placed")
-    # The new owner holds it until the session ends, then releases it.
-    assert len(other.held) == 1
-    await other.release(next(iter(other.held)))
-    assert (await bus.redis.xpending(stream, "dialogue"))["pending"] == 0
+    await bus.redis.hset(names.session("mine"), mapping={"state": "active", "dialogue_owner": "w1"})
+    await bus.redis.hset(names.session("moved"), mapping={"state": "active", "dialogue_owner": "w2"})
+    fence = Fence("dialogue_owner", "w1")
+    frame = {
+        sid: [(names.session_dialogue(sid), DialogueFrame(session_id=sid, seq=0, pcm=silence_frame()))]
+        for sid in ("mine", "moved", "gone")
+    }
+    fenced_off = await bus.append_sessions(frame, fence)
+    assert fenced_off == {"moved", "gone"}, "a session owned by another worker (or by nobody) is refused"
+    assert await bus.redis.xlen(names.session_dialogue("mine")) == 1
+    assert not await bus.redis.exists(names.session_dialogue("moved"), names.session_dialogue("gone"))
+    assert not await bus.append_sessions({"moved": frame["moved"]}), "unfenced writes (the gateway) land"
+
+
+async def test_session_streams_live_on_a_ttl_that_shortens_once_the_session_ended(
+    redis_url: str, names: StreamNames
+) -> None:
+    times = SessionKeyTimes(ttl_s=600, linger_s=5)
+    bus = await Bus.connect(redis_url, names, key_times=times)
+    try:
+        sid, stream = "s", names.session_output("s")
+        message = DialogueFrame(session_id=sid, pcm=silence_frame())
+        await bus.redis.hset(names.session(sid), "state", "active")
+        await bus.append_session(sid, [(stream, message)])
+        assert 590 < await bus.redis.ttl(stream) <= 600, "a live session's stream never outlives the TTL"
+        await bus.redis.hset(names.session(sid), "state", "ended")
+        await bus.append_session(sid, [(stream, message)])  # a late write after the end
+        assert 0 < await bus.redis.ttl(stream) <= 5, "written after the end: deleted soon, never kept"
+    finally:
+        await bus.close()
 
 
 async def test_maxlen_bounds_every_stream(bus: Bus, names: StreamNames) -> None:
@@ -153,19 +143,28 @@ async def test_maxlen_bounds_every_stream(bus: Bus, names: StreamNames) -> None:
     assert newest.seq == 1999, "trimming drops the oldest entries, never the newest"
 
 
-async def test_expiry_removes_a_finished_sessions_keys(bus: Bus, names: StreamNames) -> None:
+async def test_a_finished_sessions_streams_go_first_and_its_state_later(
+    redis_url: str, names: StreamNames
+) -> None:
+    bus = await Bus.connect(redis_url, names, key_times=SessionKeyTimes(ttl_s=60, linger_s=1))
     sid = "done"
-    await bus.append(names.session_dialogue(sid), DialogueFrame(session_id=sid, pcm=silence_frame()))
-    await bus.append(names.session_output(sid), DialogueFrame(session_id=sid, pcm=silence_frame()))
-    await bus.redis.hset(names.session(sid), mapping={"state": "ended"})
-    await bus.expire_session(sid, ttl_s=1)
-    for key in (names.session_dialogue(sid), names.session_output(sid), names.session(sid)):
-        assert 0 < await bus.redis.ttl(key) <= 1
+    try:
+        await bus.append(names.session_dialogue(sid), DialogueFrame(session_id=sid, pcm=silence_frame()))
+        await bus.append(names.session_output(sid), DialogueFrame(session_id=sid, pcm=silence_frame()))
+        await bus.redis.hset(names.session(sid), mapping={"state": "ended"})
+        await bus.redis.set(names.session_lease(sid), b"1")
+        await bus.expire_session(sid)
+        for key in (names.session_dialogue(sid), names.session_output(sid)):
+            assert 0 < await bus.redis.ttl(key) <= 1, "the audio streams (most of the memory) go soon"
+        assert 50 < await bus.redis.ttl(names.session(sid)) <= 60, "the hash stays for the session TTL"
+        assert not await bus.redis.exists(names.session_lease(sid))
 
-    async def gone() -> bool:
-        return not await bus.redis.exists(*names.session_keys(sid))
+        async def streams_gone() -> bool:
+            return not await bus.redis.exists(*names.session_streams(sid))
 
-    await eventually(gone, "the session's keys to expire", timeout_s=5)
+        await eventually(streams_gone, "the session's streams to be deleted", timeout_s=5)
+    finally:
+        await bus.close()
 
 
 async def test_a_malformed_entry_is_logged_dead_lettered_and_acked_not_retried(

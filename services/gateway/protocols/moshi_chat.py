@@ -25,6 +25,7 @@ from services.gateway.protocols.session_socket import (
     check_voice,
     close_quietly,
     open_conversation,
+    place,
     resolve_persona,
     run_loops,
 )
@@ -66,8 +67,7 @@ async def chat(websocket: WebSocket) -> None:
         await close_quietly(websocket, 1008, exc.code)
         return
     try:
-        await conversation.start()
-        await conversation.wait_ready(settings.session_ready_timeout_s)
+        await place(websocket, conversation)
     except ChorusError as exc:
         await conversation.stop(exc.code)
         await websocket.send_bytes(bytes([ERROR]) + exc.detail.encode())

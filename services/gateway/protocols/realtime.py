@@ -31,6 +31,7 @@ from services.gateway.protocols.session_socket import (
     check_voice,
     close_quietly,
     open_conversation,
+    place,
     resolve_persona,
     run_loops,
 )
@@ -242,9 +243,8 @@ class RealtimeSession:
         conversation = open_conversation(
             self.websocket, self.owner, persona, self.voice, "auto", session_id=self.session_id
         )
-        await conversation.start()
         try:
-            await conversation.wait_ready(self.settings.session_ready_timeout_s)
+            await place(self.websocket, conversation)
         except ChorusError:
             await conversation.stop("not_ready")
             raise

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from services.gateway.admission import Admission
 from services.gateway.conversation import Conversation
 from services.gateway.settings import GatewaySettings
 from shared.errors import ChorusError, InvalidRequest
@@ -53,8 +54,9 @@ def open_conversation(
     session_id: str | None = None,
 ) -> Conversation:
     settings: GatewaySettings = websocket.app.state.settings
+    state = websocket.app.state
     return Conversation(
-        websocket.app.state.bus,
+        state.bus,
         owner=owner,
         persona=persona,
         voice=voice,
@@ -62,8 +64,21 @@ def open_conversation(
         session_id=session_id,
         session_ttl_s=settings.session_ttl_s,
         max_sessions=settings.max_sessions_per_key,
-        transcripts=getattr(websocket.app.state, "storage", None),
+        lease_s=settings.session_lease_s,
+        leases=state.leases,
+        transcripts=state.transcripts,
     )
+
+
+async def place(websocket: WebSocket, conversation: Conversation) -> None:
+    """Start the conversation and wait until its session is ready: refused at once when Redis is nearly
+    full or too many conversations already wait for a slot; NoCapacity after the placement wait."""
+    settings: GatewaySettings = websocket.app.state.settings
+    admission: Admission = websocket.app.state.admission
+    await admission.check_memory()
+    async with admission.in_queue():
+        await conversation.start()
+        await conversation.wait_ready(settings.placement_wait_s, settings.session_ready_timeout_s)
 
 
 async def run_loops(

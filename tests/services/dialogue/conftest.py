@@ -79,7 +79,7 @@ class RunningWorker:
 
 @pytest.fixture
 async def start_worker(
-    bus: Bus, redis_url: str, key_prefix: str, moshi_dir: Path
+    bus: Bus, redis_url: str, key_prefix: str, moshi_dir: Path, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Awaitable[RunningWorker]]]:
     """In-process dialogue workers (their own model each), with presence heartbeats; stopped at the end."""
     tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
@@ -91,6 +91,7 @@ async def start_worker(
             key_prefix=key_prefix,
             worker_id=f"w-{uuid.uuid4().hex[:6]}",
             heartbeat_interval_s=0.2,
+            data_dir=tmp_path,
             **overrides,
         )
         model = await asyncio.to_thread(load_moshi, settings)
@@ -193,6 +194,7 @@ def worker_processes(
             "CHORUS_KEY_PREFIX": key_prefix,
             "CHORUS_MOSHI_DIR": str(moshi_dir),
             "CHORUS_WORKER_ID": worker_id,
+            "CHORUS_DATA_DIR": str(tmp_path / "data"),
             "CHORUS_DIALOGUE_HTTP_PORT": "0",
             "CHORUS_LOG_FORMAT": "text",
             "CHORUS_HEARTBEAT_INTERVAL_S": "0.5",

@@ -12,6 +12,7 @@ from shared.presence import list_workers
 from shared.sessions import SessionStore
 from tests.services.dialogue.conftest import DialogueReader, WorkerProcess, wait_for
 from tests.services.dialogue.test_worker import talk
+from tests.sessions import open_session
 
 StartProcess = Callable[..., WorkerProcess]
 
@@ -33,7 +34,7 @@ async def test_chorus_dialogue_serves_four_sessions_in_one_batch(
     await serving(bus, worker)
     sids = [f"conv{i}" for i in range(4)]
     for sid in sids:
-        await bus.append_control(SessionStart(session_id=sid))
+        await open_session(bus, SessionStart(session_id=sid))
     readers = [DialogueReader(bus, sid) for sid in sids]
     for reader in readers:
         await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
@@ -57,7 +58,7 @@ async def test_dead_worker_sessions_are_resumed_on_a_live_worker(
 ) -> None:
     first = worker_processes("first")
     await serving(bus, first)
-    await bus.append_control(SessionStart(session_id="survivor"))
+    await open_session(bus, SessionStart(session_id="survivor"))
     reader = DialogueReader(bus, "survivor")
     await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
     await talk(bus, "survivor", range(0, 30))

@@ -14,6 +14,7 @@ from shared.messages import EventName, PersonaSpec, SessionEvent, SessionStart, 
 from shared.presence import list_workers
 from shared.sessions import SessionStore
 from tests.services.dialogue.conftest import DialogueReader, RunningWorker, wait_for
+from tests.sessions import open_session
 
 StartWorker = Callable[..., Awaitable[RunningWorker]]
 
@@ -37,7 +38,7 @@ async def test_a_started_session_gets_ready_then_one_frame_per_tick(
     bus: Bus, start_worker: StartWorker
 ) -> None:
     running = await start_worker()
-    await bus.append_control(SessionStart(session_id="s1"))
+    await open_session(bus, SessionStart(session_id="s1"))
     reader = DialogueReader(bus, "s1")
     await reader.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready event")
     await talk(bus, "s1", range(0, 30))
@@ -54,13 +55,15 @@ async def test_a_started_session_gets_ready_then_one_frame_per_tick(
     await bus.append_control(SessionStop(session_id="s1"))
     await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
     transcript = await SessionStore(bus, 60).transcript("s1")
-    assert "".join(t["text"] for t in transcript) == "".join(f.text for f in reader.frames), "every piece"
+    spoken = "".join(f.text for f in reader.frames)
+    assert " ".join(u["text"] for u in transcript) == " ".join(spoken.split()), "every piece, in order"
+    assert all(u["speaker"] == "assistant" for u in transcript)
 
 
 async def test_a_persona_is_primed_before_the_session_is_ready(bus: Bus, start_worker: StartWorker) -> None:
     running = await start_worker()
     primer = "You are a pirate captain. Speak like one."
-    await bus.append_control(SessionStart(session_id="pirate", persona=PersonaSpec(primer=primer)))
+    await open_session(bus, SessionStart(session_id="pirate", persona=PersonaSpec(primer=primer)))
     reader = DialogueReader(bus, "pirate")
     await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
     ready = reader.event(EventName.READY)
@@ -76,7 +79,7 @@ async def test_a_slow_client_is_filled_with_silence_and_its_late_frames_dropped(
     await start_worker(dialogue_jitter_frames=0)
     filled = counter("chorus_frames_silence_filled_total")
     late = counter("chorus_frames_dropped_total", service="dialogue", reason="late")
-    await bus.append_control(SessionStart(session_id="slow"))
+    await open_session(bus, SessionStart(session_id="slow"))
     reader = DialogueReader(bus, "slow")
     await reader.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready event")
     await talk(bus, "slow", range(0, 1))
@@ -93,7 +96,7 @@ async def test_a_slow_client_is_filled_with_silence_and_its_late_frames_dropped(
 
 async def test_a_stop_ends_the_session_and_frees_its_slot(bus: Bus, start_worker: StartWorker) -> None:
     running = await start_worker(dialogue_slots=1)
-    await bus.append_control(SessionStart(session_id="brief"))
+    await open_session(bus, SessionStart(session_id="brief"))
     reader = DialogueReader(bus, "brief")
     await reader.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready event")
     await bus.append_control(SessionStop(session_id="brief", reason="client_closed"))
@@ -111,10 +114,10 @@ async def test_a_stop_ends_the_session_and_frees_its_slot(bus: Bus, start_worker
 
 async def test_a_full_worker_leaves_further_starts_for_others(bus: Bus, start_worker: StartWorker) -> None:
     running = await start_worker(dialogue_slots=1)
-    await bus.append_control(SessionStart(session_id="first"))
+    await open_session(bus, SessionStart(session_id="first"))
     first = DialogueReader(bus, "first")
     await first.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready")
-    await bus.append_control(SessionStart(session_id="second"))
+    await open_session(bus, SessionStart(session_id="second"))
 
     async def full_fleet_visible() -> bool:  # what the gateway checks before it sends a start
         workers = await list_workers(bus, "dialogue")
@@ -127,16 +130,26 @@ async def test_a_full_worker_leaves_further_starts_for_others(bus: Bus, start_wo
     await second.poll()
     assert not second.events, "a full worker must not take a start"
     group = running.worker.consumer.group
-    assert (await bus.redis.xpending(bus.names.control, group))["pending"] == 1, "only the first is held"
+    second_start = (await bus.range(bus.names.control))[-1].entry_id
+    assert not await _delivered(bus, group, second_start), "the second start waits in the group, unread"
 
-    # The gateway gave up on `second` (no ready in time) and stopped it; when a slot frees, it is skipped.
-    await bus.append_control(SessionStop(session_id="second", reason="no_capacity"))
+    # The gateway gave up on `second` (no slot in time) and ended it; when a slot frees, it is skipped.
+    await SessionStore(bus, 60).finalize("second", "no_capacity")
     await bus.append_control(SessionStop(session_id="first"))
-    await wait_for(lambda: _pending_is(bus, group, 0), 15, "the second start was neither skipped nor acked")
+    await wait_for(lambda: _delivered(bus, group, second_start), 15, "the second start was never read")
+    await wait_for(lambda: _pending_is(bus, group, 0), 15, "the second start was not acked")
     await second.poll()
     assert second.event(EventName.READY) is None
+    assert running.worker.batcher.free_rows() == [0]
 
 
 async def _pending_is(bus: Bus, group: str, count: int) -> bool:
     pending = await bus.redis.xpending(bus.names.control, group)
     return bool(pending["pending"] == count)
+
+
+async def _delivered(bus: Bus, group: str, entry_id: str) -> bool:
+    """The group has read up to `entry_id`."""
+    info = next(g for g in await bus.redis.xinfo_groups(bus.names.control) if g["name"].decode() == group)
+    last = info["last-delivered-id"].decode()
+    return tuple(map(int, last.split("-"))) >= tuple(map(int, entry_id.split("-")))

@@ -14,12 +14,12 @@ from fastapi import FastAPI
 from services.gateway.app import create_app
 from services.gateway.auth import owner_of
 from services.gateway.conversation import Conversation
-from services.gateway.sessions import cleanup_transcripts
 from services.gateway.settings import GatewaySettings
 from shared.errors import RateLimited
 from shared.messages import PersonaSpec
 from shared.presence import WorkerPresence
 from shared.storage import LocalStorage
+from shared.transcripts import TranscriptLog
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}
@@ -56,7 +56,8 @@ def conversation(app: FastAPI, key: str) -> Conversation:
         voice_mode="native",
         session_ttl_s=60,
         max_sessions=app.state.settings.max_sessions_per_key,
-        transcripts=app.state.storage,
+        leases=app.state.leases,
+        transcripts=app.state.transcripts,
     )
 
 
@@ -81,7 +82,7 @@ async def test_session_detail_shows_state_counters_and_transcript(
         conv = conversation(app, "key-alice")
         await conv.start()
         await conv.store.incr(conv.session_id, "voice_switches", 2)
-        await conv.store.append_transcript(conv.session_id, "assistant", "hello there")
+        await conv.store.append_utterance(conv.session_id, {"speaker": "assistant", "text": "hello there"})
         detail = (await client.get(f"/v1/sessions/{conv.session_id}", headers=ALICE)).json()
         assert detail["state"] == "placing"
         assert detail["voice"] == "moshika" and detail["persona_id"] == "default"
@@ -110,21 +111,41 @@ async def test_an_ended_session_exports_its_transcript_to_its_owner_only(
     async with running(redis_url, key_prefix, tmp_path) as (app, client):
         conv = conversation(app, "key-alice")
         await conv.start()
-        await conv.store.append_transcript(conv.session_id, "user", "hi")
-        await conv.stop("client closed")
+        # What the dialogue worker writes while the session runs: one record per utterance.
+        await app.state.transcripts.append(conv.session_id, {"speaker": "assistant", "text": "hi"})
+        await conv.stop("client_closed")
         export = await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=ALICE)
         assert export.status_code == 200
-        assert export.json()["turns"][0]["text"] == "hi"
+        document = export.json()
+        assert [t["text"] for t in document["turns"]] == ["hi"]
+        assert document["end_reason"] == "client_closed" and document["ended_at"] is not None
         assert (
             await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=BOB)
         ).status_code == 404
-    stored = json.loads((tmp_path / "transcripts" / f"{conv.session_id}.json").read_text())
-    assert stored["session_id"] == conv.session_id
+    stored = tmp_path / "transcripts" / conv.session_id
+    assert json.loads((stored / "meta.json").read_text())["session_id"] == conv.session_id
+    assert (stored / "utterances.jsonl").read_text().count("\n") == 1
 
 
-async def test_transcript_exports_are_deleted_after_the_retention(tmp_path: Path) -> None:
+async def test_a_transcript_is_complete_whatever_the_session_length(tmp_path: Path) -> None:
+    log = TranscriptLog(LocalStorage(tmp_path))
+    await log.begin("long", owner="", persona_id="default", voice="moshiko")
+    for i in range(2100):  # more than the live list in Redis keeps
+        await log.append("long", {"speaker": "assistant", "text": f"utterance {i}"})
+    turns = (await log.document("long"))["turns"]
+    assert [t["text"] for t in turns] == [f"utterance {i}" for i in range(2100)]
+
+
+async def test_transcripts_are_deleted_after_the_retention(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
-    await storage.put("transcripts/old.json", json.dumps({"exported_at": 1000.0}).encode())
-    await storage.put("transcripts/new.json", json.dumps({"exported_at": 5000.0}).encode())
-    assert await cleanup_transcripts(storage, retention_s=3600, now=5000.0 + 60) == 1
-    assert await storage.list("transcripts/") == ["transcripts/new.json"]
+    await storage.put("transcripts/old/meta.json", json.dumps({"started_at": 900.0}).encode())
+    await storage.put("transcripts/old/end.json", json.dumps({"ended_at": 1000.0}).encode())
+    await storage.put("transcripts/new/meta.json", json.dumps({"started_at": 4000.0}).encode())
+    await storage.put("transcripts/new/end.json", json.dumps({"ended_at": 5000.0}).encode())
+    await storage.put("transcripts/running/meta.json", json.dumps({"started_at": 5000.0}).encode())
+    assert await TranscriptLog(storage).sweep(retention_s=3600, now=5000.0 + 60) == 1
+    assert sorted(await storage.list("transcripts/")) == [
+        "transcripts/new/end.json",
+        "transcripts/new/meta.json",
+        "transcripts/running/meta.json",
+    ]

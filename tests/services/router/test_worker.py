@@ -31,9 +31,11 @@ from shared.messages import (
     UserAudio,
     VoiceMode,
 )
+from shared.ownership import SessionOwnership, TakeOutcome
 from shared.presence import WorkerPresence
 from shared.sessions import SessionStore
 from shared.streams import StreamNames
+from tests.sessions import open_session
 
 SID = "sess1"
 PROFILE = "profile:alice"
@@ -104,8 +106,7 @@ class Player:
 
     async def start(self, voice: str, mode: VoiceMode) -> None:
         """As the gateway does: the session hash first, then `start` on chorus:control."""
-        await SessionStore(self.bus, 60).update(self.sid, state="placing", voice=voice, voice_mode=mode)
-        await self.bus.append_control(SessionStart(session_id=self.sid, voice=voice, voice_mode=mode))
+        await open_session(self.bus, self.sid, voice=voice, voice_mode=mode)
 
     async def output(self) -> list[OutputMessage]:
         return [OUTPUT.decode(e.fields) for e in await self.bus.range(self.names.session_output(self.sid))]
@@ -230,8 +231,9 @@ async def test_stop_ends_the_session_releases_it_and_expires_its_keys(bus: Bus, 
         assert router.sessions == {}
     assert events(out, EventName.ENDED)[0].detail == "client_closed"
     pending = await bus.redis.xpending(names.control, "router")
-    assert pending["pending"] == 0, "the held start was released"
-    assert 0 < await bus.redis.ttl(names.session_output(SID)) <= 60
+    assert pending["pending"] == 0, "the start was acked"
+    assert await bus.redis.smembers(names.owned("router", "router-1")) == set(), "the session was released"
+    assert 0 < await bus.redis.ttl(names.session_output(SID)) <= 10, "its streams are deleted soon"
 
 
 async def test_a_session_taken_over_from_a_dead_router_goes_on_from_where_it_was(
@@ -241,10 +243,18 @@ async def test_a_session_taken_over_from_a_dead_router_goes_on_from_where_it_was
     await play.dialogue(" already routed")
     for seq in range(10):  # what the dead router wrote
         await bus.append(names.session_output(SID), OutputText(session_id=SID, seq=seq, text="x"))
-    await bus.redis.hset(names.session(SID), mapping={"router_worker": "dead-router", "voice": "moshiko"})
+    await play.start("moshiko", "native")
+    dead = SessionOwnership(
+        bus,
+        SessionStore(bus, 60),
+        service="router",
+        group="router",
+        worker_id="dead-router",
+        field="router_worker",
+    )
+    assert await dead.take(SID) is TakeOutcome.TAKEN  # it never beats: its presence is gone
     async with running_router(bus) as router:
-        await play.start("moshiko", "native")
-        await play.wait_output(lambda _: SID in router.sessions, "the session taken")
+        await play.wait_output(lambda _: SID in router.sessions, "the session taken over")
         await play.dialogue(" new")
         out = await play.wait_output(lambda o: len(audio(o)) == 1, "an audio frame")
     fresh = out[10:]

@@ -47,7 +47,7 @@ def tts_settings(
         "tts_eos_threshold": 1e9,
         "tts_max_seconds_per_word": 0.24,
         "tts_phrase_extra_s": 0.16,
-        "tts_session_check_s": 0.5,
+        "session_check_s": 0.5,
         "claim_idle_ms": 500,
         "log_format": "text",
     }

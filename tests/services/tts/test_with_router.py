@@ -23,10 +23,8 @@ from shared.messages import (
     OutputAudio,
     OutputMessage,
     SessionEvent,
-    SessionStart,
     UserAudio,
 )
-from shared.sessions import SessionState, SessionStore
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
 from tests.services.tts.support import (
@@ -38,6 +36,7 @@ from tests.services.tts.support import (
     tts_entries,
     tts_settings,
 )
+from tests.sessions import open_session
 
 SID = "s1"
 USER_SPEAKING = (np.sin(np.arange(FRAME_SAMPLES) / 3) * 12000).astype("<i2").tobytes()
@@ -79,10 +78,7 @@ async def test_the_router_plays_the_workers_cloned_phrases_and_a_barge_in_flushe
         dialogue_seq += 1
 
     async with running_worker(bus, settings, tts_engine), running_router(bus):
-        await SessionStore(bus, 60).update(
-            SID, state=SessionState.PLACING, voice=profile.voice, voice_mode="cloned"
-        )
-        await bus.append_control(SessionStart(session_id=SID, voice=profile.voice, voice_mode="cloned"))
+        await open_session(bus, SID, voice=profile.voice, voice_mode="cloned")
         for piece in (" Hello", " there", "."):
             await tick(piece)
 

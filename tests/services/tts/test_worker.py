@@ -37,6 +37,7 @@ from tests.services.tts.support import (
     tts_entries,
     tts_settings,
 )
+from tests.sessions import open_session
 
 
 @pytest.fixture
@@ -64,10 +65,7 @@ class Dialogue:
 
 async def start_session(bus: Bus, sid: str, voice: str, mode: VoiceMode = "cloned", owner: str = "") -> None:
     """What the gateway does: the session hash, then `start` on chorus:control."""
-    await SessionStore(bus, 60).update(
-        sid, state=SessionState.PLACING, owner=owner, voice=voice, voice_mode=mode
-    )
-    await bus.append_control(SessionStart(session_id=sid, owner=owner, voice=voice, voice_mode=mode))
+    await open_session(bus, sid, owner=owner, voice=voice, voice_mode=mode)
 
 
 async def phrases_done(bus: Bus, sid: str, count: int) -> list[object] | None:
@@ -216,7 +214,8 @@ async def test_stop_ends_the_session_releases_it_and_expires_its_keys(
         await eventually(lambda: _event(bus, "s1", EventName.ENDED), "the ended event")
         assert "s1" not in worker.sessions
         pending = await bus.redis.xpending(bus.names.control, "tts")
-        assert pending["pending"] == 0, "the held start was released"
+        assert pending["pending"] == 0, "the start was acked"
+        assert not await bus.redis.smembers(bus.names.owned("tts", worker.settings.worker_id)), "released"
         assert await bus.redis.ttl(bus.names.session_tts("s1")) > 0
 
 
@@ -225,11 +224,11 @@ async def test_a_session_of_a_dead_worker_is_taken_over_and_its_seq_continues(
 ) -> None:
     profile = await add_profile(store, SPEECH)
     dialogue = Dialogue(bus, "s1")
-    async with running_worker(bus, settings, tts_engine) as first:
+    async with running_worker(bus, settings, tts_engine):
         await start_session(bus, "s1", profile.voice)
         await dialogue.say(" First", ".")
         before = await eventually(lambda: phrases_done(bus, "s1", 1), "the first phrase")
-        first.control.held.clear()  # "dies": stops touching its held start, never releases it
+    # The first worker is gone (its presence too) and still owns the session: the next one takes it over.
     successor = tts_settings(settings.tts_dir, settings.data_dir, settings.redis_url or "", names.prefix)  # type: ignore[arg-type]
     async with running_worker(bus, successor, tts_engine) as second:
         await eventually(lambda: _placed(second, "s1"), "the takeover")
@@ -253,8 +252,8 @@ async def test_a_start_of_a_session_that_is_over_is_ignored(
         await start_session(bus, "live", profile.voice)
         await eventually(lambda: _placed(worker, "live"), "the live session")
         assert set(worker.sessions) == {"live"}
-        pending = await bus.redis.xpending(bus.names.control, "tts")
-        assert pending["pending"] == 1, "only the live session's start is held"
+        owned = await bus.redis.smembers(bus.names.owned("tts", worker.settings.worker_id))
+        assert owned == {b"live"}, "only the live session is served"
 
 
 async def test_a_full_backlog_drops_the_oldest_phrases_and_speaks_the_newest(

@@ -1,0 +1,139 @@
+"""Durable transcripts: written while a session runs, one record per utterance, so the export is
+complete for any session length and survives whichever process dies.
+
+Storage layout (`shared.storage`, under CHORUS_DATA_DIR), one folder per session:
+- `transcripts/{sid}/meta.json`: who and what (owner, persona, voice, start time), by the gateway at start;
+- `transcripts/{sid}/utterances.jsonl`: one JSON line per finished utterance, by the dialogue worker
+  serving the session (after a failover, by the one that took it over);
+- `transcripts/{sid}/end.json`: when and why it ended, by whoever finalized the session (the gateway, or
+  a worker that found its lease lapsed). Missing if every process died: the rest is still there.
+
+The export (`GET /v1/sessions/{id}/transcript`) is read from these files, never from Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from shared.errors import NotFound
+from shared.storage import Storage
+
+log = logging.getLogger(__name__)
+
+PREFIX = "transcripts/"
+
+
+def _key(sid: str, name: str) -> str:
+    return f"{PREFIX}{sid}/{name}"
+
+
+class TranscriptLog:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    async def begin(self, sid: str, *, owner: str, persona_id: str, voice: str) -> None:
+        meta = {"session_id": sid, "owner": owner, "persona_id": persona_id, "voice": voice}
+        await self.storage.put(
+            _key(sid, "meta.json"), json.dumps({**meta, "started_at": time.time()}).encode()
+        )
+
+    async def append(self, sid: str, utterance: dict[str, Any]) -> None:
+        line = json.dumps(utterance, ensure_ascii=False, separators=(",", ":")) + "\n"
+        await self.storage.append(_key(sid, "utterances.jsonl"), line.encode())
+
+    async def end(self, sid: str, reason: str) -> None:
+        await self.storage.put(
+            _key(sid, "end.json"), json.dumps({"ended_at": time.time(), "reason": reason}).encode()
+        )
+
+    async def document(self, sid: str) -> dict[str, Any]:
+        """The whole transcript of a session (NotFound if it never started here)."""
+        meta = json.loads(await self.storage.get(_key(sid, "meta.json")))
+        end = await self._optional_json(sid, "end.json")
+        return {
+            **meta,
+            "ended_at": end.get("ended_at"),
+            "end_reason": end.get("reason"),
+            "turns": await self._utterances(sid),
+        }
+
+    async def _utterances(self, sid: str) -> list[dict[str, Any]]:
+        try:
+            raw = await self.storage.get(_key(sid, "utterances.jsonl"))
+        except NotFound:
+            return []
+        turns = []
+        for line in raw.decode(errors="replace").splitlines():
+            try:
+                turns.append(json.loads(line))
+            except json.JSONDecodeError:
+                # A line cut by a crash mid-write (a full disk): the others are intact.
+                log.warning("skipped a damaged transcript line", extra={"session_id": sid})
+        return turns
+
+    async def _optional_json(self, sid: str, name: str) -> dict[str, Any]:
+        try:
+            document: dict[str, Any] = json.loads(await self.storage.get(_key(sid, name)))
+            return document
+        except (NotFound, json.JSONDecodeError):
+            return {}
+
+    async def sweep(self, retention_s: float, now: float | None = None) -> int:
+        """Delete the transcripts of sessions that ended (or, with no end, started) longer than
+        `retention_s` ago; returns how many went."""
+        now = now if now is not None else time.time()
+        sids = {key[len(PREFIX) :].split("/", 1)[0] for key in await self.storage.list(PREFIX)}
+        removed = 0
+        for sid in sorted(sids):
+            end = await self._optional_json(sid, "end.json")
+            meta = await self._optional_json(sid, "meta.json")
+            when = end.get("ended_at") or meta.get("started_at") or 0
+            if now - float(when) > retention_s:
+                await self.storage.delete_prefix(f"{PREFIX}{sid}/")
+                removed += 1
+        return removed
+
+
+class TranscriptWriter:
+    """Writes a worker's transcript records off its hot path: one queue, one task, so each session's
+    records land in order and a slow or full disk never delays a tick (a failed write is logged; the
+    live list in Redis still has the utterance)."""
+
+    def __init__(self, log_: TranscriptLog, max_pending: int = 10_000) -> None:
+        self.log = log_
+        self._queue: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue(max_pending)
+
+    def append(self, sid: str, utterance: dict[str, Any]) -> None:
+        self._put(("append", sid, utterance))
+
+    def end(self, sid: str, reason: str) -> None:
+        self._put(("end", sid, reason))
+
+    def _put(self, item: tuple[str, str, Any]) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            log.error("transcript writes are backed up; one was dropped", extra={"session_id": item[1]})
+
+    async def run(self) -> None:
+        """Until cancelled; `drain` first to write what is queued."""
+        while True:
+            kind, sid, value = await self._queue.get()
+            try:
+                if kind == "append":
+                    await self.log.append(sid, value)
+                else:
+                    await self.log.end(sid, value)
+            except Exception:
+                log.exception("could not write the transcript", extra={"session_id": sid})
+            finally:
+                self._queue.task_done()
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout_s)
