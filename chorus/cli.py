@@ -60,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser(
-        "up", help="run every service on this machine (embedded redis unless CHORUS_REDIS_URL is set)"
+        "up",
+        help="run every service on this machine (embedded redis unless CHORUS_REDIS_URL is set)",
+        description=(
+            "Run the four services as child processes, with an embedded redis-server unless "
+            "CHORUS_REDIS_URL is set. A child that dies is restarted with backoff (0.5 s doubling to "
+            "30 s); Redis comes back on the same port, without the live sessions. One line says when "
+            "the gateway's /readyz is ready. SIGTERM or Ctrl-C stops everything: gateway, workers, Redis."
+        ),
     )
     up.add_argument("--port", type=int, default=None, help="gateway port (default: CHORUS_PORT or 8000)")
     up.set_defaults(func=_up)

