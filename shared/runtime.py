@@ -24,7 +24,7 @@ from shared.bus import Bus, make_bus_kwargs
 from shared.errors import ServiceUnavailable
 from shared.logging import configure_logging
 from shared.presence import WorkerFields, WorkerPresence
-from shared.retry import Backoff, sleep_unless_stopped
+from shared.retry import Backoff, is_retryable, sleep_unless_stopped
 from shared.settings import CommonSettings
 from shared.streams import StreamNames
 
@@ -113,11 +113,17 @@ class ServiceRuntime:
             raise RuntimeError("bus used before ServiceRuntime.run connected it")
         return self._bus
 
-    def mark_serving(self) -> None:
+    async def mark_serving(self) -> None:
         """The service can take work now (its model is loaded and warmed up): /readyz says so, and so
-        does its presence, which placement and the gateway's readiness read."""
+        does its presence (rewritten at once), which placement and the gateway's readiness read."""
         self.serving = True
         log.info("%s ready", self.service, extra={"worker_id": self.settings.worker_id})
+        if self.presence is not None:
+            try:
+                await self.presence.beat()
+            except Exception as exc:
+                if not is_retryable(exc):
+                    raise  # otherwise the next heartbeat says it
 
     def _presence_fields(self) -> WorkerFields:
         return {**self.describe(), "state": "serving" if self.serving else "loading"}

@@ -525,7 +525,7 @@ async def serve(runtime: ServiceRuntime, settings: DialogueSettings) -> None:
     worker = DialogueWorker(runtime.bus, settings, model, runtime.presence)
     await worker.warmup()
     runtime.describe = worker.describe
-    runtime.mark_serving()
+    await runtime.mark_serving()
     await worker.run(runtime.stop)
 
 

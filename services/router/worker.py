@@ -13,7 +13,7 @@ async def serve(runtime: ServiceRuntime) -> None:
     settings = runtime.settings if isinstance(runtime.settings, RouterSettings) else get_settings()
     router = Router(runtime.bus, settings)  # loads the speech detector's model
     runtime.describe = router.describe
-    runtime.mark_serving()
+    await runtime.mark_serving()
     await router.run(runtime.stop)
 
 

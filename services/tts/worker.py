@@ -272,7 +272,7 @@ async def serve(runtime: ServiceRuntime, settings: TtsSettings) -> None:
     store = VoiceProfileStore(LocalStorage(settings.data_dir))
     worker = TtsWorker(session_services(runtime.bus, settings, engine, store), settings)
     runtime.describe = worker.describe
-    runtime.mark_serving()
+    await runtime.mark_serving()
     try:
         await worker.run(runtime.stop)
     finally:
