@@ -40,7 +40,8 @@ class ChorusStack:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.ports['gateway']}"
 
-    def env(self, service: str) -> dict[str, str]:
+    def env(self, service: str, instance: str | None = None) -> dict[str, str]:
+        instance = instance or service
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
         env.update(
             {
@@ -53,24 +54,36 @@ class ChorusStack:
                 "CHORUS_DIALOGUE_HTTP_PORT": str(self.ports["dialogue"]),
                 "CHORUS_TTS_HTTP_PORT": str(self.ports["tts"]),
                 "CHORUS_ROUTER_HTTP_PORT": str(self.ports["router"]),
-                "CHORUS_WORKER_ID": f"{service}-{self.key_prefix.rstrip(':')}",
+                "CHORUS_WORKER_ID": f"{instance}-{self.key_prefix.rstrip(':')}",
                 "CHORUS_LOG_FORMAT": "text",
                 "CHORUS_WORKER_TTL_S": "2",
                 "CHORUS_CLAIM_IDLE_MS": "2000",
             }
         )
+        if instance != service:  # a second worker of a service: its own health port
+            self.ports.setdefault(instance, free_port())
+            env[f"CHORUS_{service.upper()}_HTTP_PORT"] = str(self.ports[instance])
         env.update(self.extra_env)
         return env
 
-    def start(self, service: str) -> None:
-        log = (self.workdir / f"{service}.log").open("ab")
-        self.processes[service] = subprocess.Popen(
+    def start(self, service: str, instance: str | None = None, **env: str) -> None:
+        """Start `chorus <service>`; `instance` names a further worker of the same service ("dialogue-2")."""
+        instance = instance or service
+        log = (self.workdir / f"{instance}.log").open("ab")
+        self.processes[instance] = subprocess.Popen(
             [sys.executable, "-m", "chorus.cli", service],
-            env=self.env(service),
+            env={**self.env(service, instance), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    def signal(self, instance: str, sig: int) -> None:
+        """Send a signal to a running service process (SIGKILL, SIGSTOP, SIGCONT...)."""
+        os.killpg(self.processes[instance].pid, sig)
+
+    def worker_id(self, instance: str) -> str:
+        return f"{instance}-{self.key_prefix.rstrip(':')}"
 
     def start_all(self, timeout_s: float = 180) -> ChorusStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -101,8 +114,8 @@ class ChorusStack:
             + "\n".join(f"--- {n}\n{self.log_tail(n)}" for n in self.processes)
         )
 
-    def stop(self, service: str, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
-        process = self.processes.pop(service)
+    def stop(self, instance: str, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
+        process = self.processes.pop(instance)
         if process.poll() is None:
             os.killpg(process.pid, sig)
             try:
@@ -116,6 +129,6 @@ class ChorusStack:
         for service in reversed(list(self.processes)):
             self.stop(service)
 
-    def log_tail(self, service: str, chars: int = 4000) -> str:
-        path = self.workdir / f"{service}.log"
+    def log_tail(self, instance: str, chars: int = 4000) -> str:
+        path = self.workdir / f"{instance}.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
