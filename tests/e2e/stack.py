@@ -78,7 +78,7 @@ class ChorusStack:
             start_new_session=True,
         )
 
-    def signal(self, instance: str, sig: int) -> None:
+    def send_signal(self, instance: str, sig: int) -> None:
         """Send a signal to a running service process (SIGKILL, SIGSTOP, SIGCONT...)."""
         os.killpg(self.processes[instance].pid, sig)
 
