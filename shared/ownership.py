@@ -71,8 +71,9 @@ return 'taken'
 
 # Move up to ARGV[4] sessions of a dead worker to this one: each only if its hash still names the dead
 # worker and it has not ended (two live workers never both take one). Forgets the dead worker once its
-# set is empty. KEYS: owners registry, dead owned set, my owned set. ARGV: field, dead token, my token,
-# limit, session hash key prefix, dead worker id, my worker id. Returns the session ids taken.
+# set is empty. KEYS: owners registry, the dead worker's owned set (or this worker's leftovers), my owned
+# set. ARGV: field, dead token, my token, limit, session hash key prefix, dead worker id, my worker id.
+# Returns the session ids taken.
 _TAKE_OVER = """
 local taken = {}
 while #taken < tonumber(ARGV[4]) do
@@ -85,9 +86,19 @@ while #taken < tonumber(ARGV[4]) do
     taken[#taken + 1] = sid
   end
 end
-if redis.call('SCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[1], ARGV[6]) end
+if ARGV[6] ~= ARGV[7] and redis.call('SCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[1], ARGV[6]) end
 if #taken > 0 then redis.call('SADD', KEYS[1], ARGV[7]) end
 return taken
+"""
+
+
+# KEYS: my owned set, my leftovers set. Moves what a worker owns when it starts to its leftovers.
+_SET_LEFTOVERS_ASIDE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SUNIONSTORE', KEYS[2], KEYS[2], KEYS[1])
+  redis.call('DEL', KEYS[1])
+end
+return redis.call('SCARD', KEYS[2])
 """
 
 
@@ -141,6 +152,7 @@ class SessionOwnership:
         self.stops = RecentStops()
         self._take = bus.redis.register_script(_TAKE)
         self._take_over = bus.redis.register_script(_TAKE_OVER)
+        self._set_leftovers_aside = bus.redis.register_script(_SET_LEFTOVERS_ASIDE)
 
     # --- placement ---------------------------------------------------------------------------------
 
@@ -179,19 +191,25 @@ class SessionOwnership:
             alive = await pipe.execute()
         return [worker for worker, present in zip(owners, alive, strict=True) if not present]
 
-    async def take_over(self, limit: int) -> list[Takeover]:
-        """Move up to `limit` sessions of dead workers to this one."""
-        takeovers: list[Takeover] = []
+    async def set_leftovers_aside(self) -> int:
+        """At start, before taking anything: sessions already in this worker's owned set belong to an
+        earlier process with the same worker id (a restarted container), dead with them. They are taken
+        over like a dead worker's (`take_over`). Returns how many there are."""
         names = self.bus.names
-        for dead in await self.dead_owners():
+        keys = [names.owned(self.group, self.worker_id), names.leftovers(self.group, self.worker_id)]
+        return int(await self._set_leftovers_aside(keys=keys))
+
+    async def take_over(self, limit: int) -> list[Takeover]:
+        """Move up to `limit` sessions of dead workers (and this worker's leftovers) to this one."""
+        names = self.bus.names
+        sources = [(dead, names.owned(self.group, dead)) for dead in await self.dead_owners()]
+        sources.append((self.worker_id, names.leftovers(self.group, self.worker_id)))
+        takeovers: list[Takeover] = []
+        for dead, source in sources:
             if len(takeovers) >= limit:
                 break
             sids = await self._take_over(
-                keys=[
-                    names.owners(self.group),
-                    names.owned(self.group, dead),
-                    names.owned(self.group, self.worker_id),
-                ],
+                keys=[names.owners(self.group), source, names.owned(self.group, self.worker_id)],
                 args=[
                     self.fence.field,
                     self.token_of(dead),
@@ -203,8 +221,7 @@ class SessionOwnership:
                 ],
             )
             for raw in sids:
-                sid = raw.decode()
-                takeover = await self._takeover(sid, dead)
+                takeover = await self._takeover(raw.decode(), dead)
                 if takeover is not None:
                     takeovers.append(takeover)
         return takeovers

@@ -89,6 +89,11 @@ class StreamNames:
         """Set: the session ids one worker serves (moved as a whole to live workers when it dies)."""
         return f"{self.prefix}owned:{group}:{worker_id}"
 
+    def leftovers(self, group: str, worker_id: str) -> str:
+        """Set: sessions a worker found in its owned set when it started (an earlier process with the
+        same worker id died with them): they are taken over like a dead worker's."""
+        return f"{self.prefix}leftovers:{group}:{worker_id}"
+
     def worker(self, service: str, worker_id: str) -> str:
         """Hash: a worker's capacity, free slots, model and heartbeat (expires when it stops beating)."""
         return f"{self.prefix}workers:{service}:{worker_id}"

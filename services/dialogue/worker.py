@@ -197,6 +197,7 @@ class DialogueWorker:
         if not self.batcher.warmed_up:
             await self.warmup()
         log.info("dialogue worker serving", extra=self.describe())
+        await self.ownership.set_leftovers_aside()
         control_start = await self.bus.last_id(self.bus.names.control)
         writer = asyncio.create_task(self.transcripts.run(), name="transcripts")
         try:
@@ -413,7 +414,9 @@ class DialogueWorker:
         )
         seq = await next_seq(self.bus, self.bus.names.session_dialogue(sid), DIALOGUE)
         async with self._table:
-            if sid in self.ownership.stops or sid in self.sessions:  # stopped while we were placing it
+            if sid in self.sessions:
+                return
+            if sid in self.ownership.stops:  # stopped while we were placing it
                 await self.ownership.release(sid)
                 return
             row = self.batcher.join(sid, tokens, start.persona.sampling)

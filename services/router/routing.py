@@ -101,6 +101,7 @@ class Router:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop`. Sessions stay owned, not ended: another router takes them over."""
+        await self.ownership.set_leftovers_aside()
         control_start = await self.bus.last_id(self.names.control)
         own = self.ownership
         async with asyncio.TaskGroup() as tasks:

@@ -131,6 +131,7 @@ class TtsWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         names = self.bus.names
+        await self.ownership.set_leftovers_aside()
         control_cursor = await self.bus.last_id(names.control)
         voice_events_cursor = await self.bus.last_id(names.voice_events)
         self.following.set()

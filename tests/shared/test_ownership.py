@@ -112,3 +112,20 @@ async def test_a_lapsed_lease_ends_the_session_once_for_everyone(bus: Bus) -> No
         SessionStop(session_id="lost", reason="lease_expired", created_at=stops[-1].created_at)
     ], "exactly one stop, so every owner ends it"
     assert await store.live_session_ids("alice") == [], "the owner's session budget is back"
+
+
+async def test_a_worker_restarted_under_the_same_id_takes_over_what_it_owned_before(bus: Bus) -> None:
+    before = ownership(bus, "pod-1")  # e.g. a container restarted as pid 1 with an explicit worker id
+    for sid in ("s1", "s2"):
+        await open_session(bus, sid)
+        await before.take(sid)
+    after = ownership(bus, "pod-1")
+    await alive(bus, "pod-1")  # its presence is back at once: nobody else would take these over
+    assert await after.set_leftovers_aside() == 2
+    await open_session(bus, "new")
+    assert await after.take("new") is TakeOutcome.TAKEN  # placed while the leftovers wait: not one of them
+    taken = await after.take_over(10)
+    assert sorted(t.start.session_id for t in taken) == ["s1", "s2"]
+    assert await bus.redis.smembers(bus.names.owned("router", "pod-1")) == {b"s1", b"s2", b"new"}
+    assert await after.take_over(10) == [], "adopted once"
+    assert b"pod-1" in await bus.redis.smembers(bus.names.owners("router")), "still findable if it dies"
