@@ -6,7 +6,7 @@ STAMP := $(VENV)/.chorus-installed
 TORCH_VERSION ?= 2.13.0
 MOSHI_VERSION ?= 0.2.13
 
-.PHONY: install run test lint bench compose-check k8s-check checkpoints clean
+.PHONY: install run test lint bench soak compose-check k8s-check checkpoints clean
 
 # Two steps on purpose: torch first (the local CPU build), then moshi without its pins
 # (it pins torch<2.10, sounddevice and bitsandbytes, none needed to run its models), then us.
@@ -33,6 +33,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# 30 minutes of sessions starting and ending on a whole stack: memory flat, no frame or slot lost
+# (bench/soak.py; results in bench/results/soak.json, quoted in docs/reliability.md).
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --minutes $(or $(SOAK_MINUTES),30)
 
 # Offline checks of the deploy files with tools installed from PyPI (docs/deploy.md, "Validation").
 # `make test` runs them too: tests/deploy/test_manifests.py calls the same functions.

@@ -425,8 +425,12 @@ class DialogueWorker:
             self.sessions[sid] = Session(start, row, timeline, seq, resumed_from, len(tokens), utterances)
         await self._slots_changed()
         self._joined.set()
-        state = SessionState.RESUMING if resumed_from else SessionState.PLACING
-        await self.store.update(sid, state=state, dialogue_worker=self.worker_id, dialogue_slot=row)
+        placed: dict[str, str | int | float] = {"dialogue_worker": self.worker_id, "dialogue_slot": row}
+        if resumed_from:
+            placed.update(state=SessionState.RESUMING, resumed_at=time.time())
+        else:
+            placed.update(state=SessionState.PLACING)
+        await self.store.update(sid, **placed)
         metrics.SESSIONS_PLACED.labels(service=SERVICE, kind="resumed" if resumed_from else "new").inc()
         log.info(
             "session placed",
