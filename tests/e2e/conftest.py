@@ -23,7 +23,11 @@ def stack(
         checkpoints,
         tmp_path_factory.mktemp("stack"),
         key_prefix=f"e2e{uuid.uuid4().hex[:6]}:",
-        extra_env={"CHORUS_DIALOGUE_SLOTS": "4"},
+        extra_env={
+            "CHORUS_DIALOGUE_SLOTS": "4",
+            "CHORUS_PLACEMENT_WAIT_S": "3",
+            "CHORUS_MAX_SESSIONS_PER_KEY": "16",
+        },
     )
     try:
         yield chorus.start_all()

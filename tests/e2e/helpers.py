@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from shared.audio import FRAME_SAMPLES, FRAME_SEC, OpusDecoder, OpusEncoder, float_to_pcm16, pcm16_to_float
 
@@ -77,6 +79,15 @@ class MoshiClient:
     @property
     def audio_seconds(self) -> float:
         return sum(len(a) for a in self.audio) / 24_000
+
+    async def close(self) -> None:
+        """Close, reading what still arrives meanwhile: the server's close frame queues behind the audio
+        it sent, and a client that stops reading waits out its own close timeout."""
+        closing = asyncio.create_task(self.ws.close())
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in self.ws:
+                pass
+        await closing
 
 
 @dataclass
