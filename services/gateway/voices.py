@@ -157,6 +157,7 @@ def _text_field(form: FormData, name: str) -> str:
         413: {"description": "Larger than CHORUS_VOICE_MAX_UPLOAD_BYTES"},
         415: {"description": f"Not audio, or not {ACCEPTED_TEXT}"},
         422: {"description": "Too short, too long, silent, clipped or no speech (measured value and limit)"},
+        **problem_responses(507),
     },
     openapi_extra={
         "requestBody": {

@@ -219,6 +219,26 @@ async def test_cloning_needs_consent(gateway_settings: Settings) -> None:
     assert "consent" in refused.json()["detail"]
 
 
+async def test_an_upload_onto_a_full_disk_answers_507_and_stores_nothing(
+    gateway_settings: Settings, tiny_disk: Path
+) -> None:
+    settings = gateway_settings(data_dir=tiny_disk)
+    filler = tiny_disk / "filler"
+    filler.write_bytes(bytes(256 * 1024))  # what is left holds the pending marker, not the clip
+    async with gateway(settings) as client:
+        full = await upload(client, SPEECH.read_bytes())
+        listed = (await client.get("/v1/voices")).json()["items"]
+        filler.unlink()
+        after = await upload(client, SPEECH.read_bytes())
+    assert full.status_code == 507, full.text
+    assert full.headers["content-type"] == "application/problem+json"
+    assert (full.json()["code"], full.json()["retryable"]) == ("insufficient_storage", True)
+    assert "retry-after" in full.headers
+    assert listed == []
+    assert after.status_code == 201, "with space back, the same upload is stored"
+    assert [p.name for p in (tiny_disk / "voices").iterdir()] == [after.json()["id"]], "no half profile"
+
+
 # --- lifecycle ------------------------------------------------------------------------------------
 
 
