@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from services.gateway import health, limits, personas, problems, sessions, voices, web
 from services.gateway.auth import auth_enabled
-from services.gateway.protocols import moshi_chat, realtime
+from services.gateway.protocols import moshi_chat, realtime, session_socket
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus, make_bus_kwargs
 from shared.personas import PersonaStore
@@ -35,6 +35,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             yield
         finally:
             cleanup.cancel()
+            await session_socket.wait_for_stops(app.state.stopping)
             await app.state.bus.close()
 
     app = FastAPI(
@@ -44,6 +45,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="Full-duplex spoken conversation with personas and cloned voices.",
     )
     app.state.settings = settings
+    app.state.stopping = set()  # stops of sessions whose socket handler is gone (shutdown): bus outlives them
     app.state.storage = LocalStorage(settings.data_dir)
     app.state.personas = PersonaStore(app.state.storage)
     app.state.resolve_persona = app.state.personas.resolve
