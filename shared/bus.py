@@ -234,11 +234,17 @@ class Bus:
         self, cursors: dict[str, str], *, count: int = 100, block_ms: int | None = None
     ) -> list[Entry]:
         """XREAD after each stream's cursor (an entry id, '0' for all, '$' for new only)."""
-        block = None if block_ms is None else min(block_ms, self.max_block_ms)
+        block = self._block(block_ms)
         result = await self.redis.xread(cursors, count=count, block=block)  # type: ignore[arg-type]
         return [
             Entry(_s(stream), _s(eid), fields) for stream, entries in result or [] for eid, fields in entries
         ]
+
+    def _block(self, block_ms: int | None) -> int | None:
+        """BLOCK for a read: never longer than `max_block_ms` (0 would mean forever: the cap too)."""
+        if block_ms is None:
+            return None
+        return self.max_block_ms if block_ms <= 0 else min(block_ms, self.max_block_ms)
 
     async def last_id(self, stream: str) -> str:
         """The newest entry id of a stream ('0-0' when empty): a cursor that skips the backlog."""
@@ -264,7 +270,7 @@ class Bus:
     async def read_group(
         self, stream: str, group: str, consumer: str, *, count: int = 10, block_ms: int | None = 1000
     ) -> list[Entry]:
-        block = None if block_ms is None else min(block_ms, self.max_block_ms)
+        block = self._block(block_ms)
         result = await self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block)
         return [Entry(_s(s), _s(eid), fields) for s, entries in result or [] for eid, fields in entries]
 

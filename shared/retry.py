@@ -23,8 +23,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 log = logging.getLogger(__name__)
 
 # Server replies that mean "not now" rather than "wrong": out of memory (noeviction), still loading its
-# data after a restart, a replica that is read-only or lost its master, a cluster asking to retry.
-_TRANSIENT_REPLIES = ("OOM ", "LOADING ", "READONLY ", "MASTERDOWN ", "TRYAGAIN ", "CLUSTERDOWN ")
+# data after a restart, a replica that is read-only or lost its master, a busy script, a cluster asking
+# to retry.
+_TRANSIENT_REPLIES = {"OOM", "LOADING", "READONLY", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN"}
+
+
+def reply_code(exc: ResponseError) -> str:
+    """An error reply's code (`OOM`, `LOADING`, ...), also when a script's call got it: Redis 6 wraps
+    those as "Error running script (call to f_...): @user_script:2: -OOM command not allowed ..."."""
+    message = str(exc)
+    if message.startswith("Error running script") and " -" in message:
+        message = message.rsplit(" -", 1)[1]
+    return message.split(" ", 1)[0].upper()
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -33,7 +43,7 @@ def is_retryable(exc: BaseException) -> bool:
     # escape from a half-closed socket.
     if isinstance(exc, RedisConnectionError | RedisTimeoutError | BusyLoadingError | ConnectionError):
         return True
-    return isinstance(exc, ResponseError) and str(exc).upper().startswith(_TRANSIENT_REPLIES)
+    return isinstance(exc, ResponseError) and reply_code(exc) in _TRANSIENT_REPLIES
 
 
 class Backoff:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from shared import metrics
 from shared.bus import Bus
 from shared.presence import WorkerInfo, list_workers
+from shared.retry import is_retryable
 
 router = APIRouter(tags=["health"])
 
@@ -59,7 +60,12 @@ async def readiness(bus: Bus) -> tuple[bool, dict[str, Any]]:
     responses={503: {"description": "Not ready; the body says what is missing"}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    ok, detail = await readiness(request.app.state.bus)
+    try:
+        ok, detail = await readiness(request.app.state.bus)
+    except Exception as exc:
+        if not is_retryable(exc):
+            raise
+        ok, detail = False, {"redis": False}  # Redis went away between the ping and the worker scan
     return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
 
 
