@@ -77,7 +77,7 @@ async def test_the_router_plays_the_workers_cloned_phrases_and_a_barge_in_flushe
         await bus.append(bus.names.session_dialogue(SID), frame)
         dialogue_seq += 1
 
-    async with running_worker(bus, settings, tts_engine), running_router(bus):
+    async with running_worker(bus, settings, tts_engine), running_router(bus) as router:
         await open_session(bus, SID, voice=profile.voice, voice_mode="cloned")
         for piece in (" Hello", " there", "."):
             await tick(piece)
@@ -88,6 +88,13 @@ async def test_the_router_plays_the_workers_cloned_phrases_and_a_barge_in_flushe
             return played if any(np.frombuffer(m.pcm, "<i2").any() for m in played) else None
 
         await eventually(cloned_speech, "cloned speech on :out")
+
+        async def queued_at_the_router() -> bool:
+            """The precondition of a barge-in: cloned frames the router holds, not played yet (the dialogue
+            clock has stopped, so it plays none meanwhile). On a loaded machine the TTS may lag behind."""
+            return router.sessions[SID].mixer.queued_frames > 0
+
+        await eventually(queued_at_the_router, "cloned audio queued at the router")
 
         async def flushed() -> list[object] | None:
             nonlocal user_seq
