@@ -286,3 +286,38 @@ async def test_a_cancelled_handler_still_stops_its_session(
     gateway.cancel_handlers()
     await assert_stopped(bus, sid, "shutdown")
     await ws.close()
+
+
+# --- the session is lost under a live socket --------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_session_whose_state_vanishes_tells_its_client_why_and_closes(
+    redis_url: str, key_prefix: str, tmp_path: Path, bus: Bus, protocol: str
+) -> None:
+    async with running_gateway(redis_url, key_prefix, tmp_path, session_lease_renew_s=0.2) as gateway:
+        ws, sid = await open_session(protocol, gateway.ws_url)
+        await ready(bus, sid, protocol, ws)
+        await bus.redis.delete(bus.names.session(sid))  # what a Redis restart without persistence does
+        messages = await received_until_closed(ws)
+    if protocol == "moshi":
+        assert messages[-1].startswith(bytes([ERROR])) and b"Redis restarted" in messages[-1]
+    else:
+        error = json.loads(messages[-1])
+        assert error["type"] == "error" and error["error"]["code"] == "session_lost"
+    assert ws.close_code == 1013, "try again: a new session will work"
+    assert not await bus.redis.sismember(bus.names.owner_sessions(OWNER), sid)
+
+
+async def test_a_live_session_keeps_its_lease_and_loses_it_when_its_socket_goes(
+    redis_url: str, key_prefix: str, tmp_path: Path, bus: Bus
+) -> None:
+    overrides = {"session_lease_s": 1.0, "session_lease_renew_s": 0.2}
+    async with running_gateway(redis_url, key_prefix, tmp_path, **overrides) as gateway:
+        ws, sid = await open_session("moshi", gateway.ws_url)
+        await ready(bus, sid, "moshi", ws)
+        await asyncio.sleep(2.0)  # twice the lease: renewed all along
+        assert await bus.redis.exists(bus.names.session_lease(sid))
+        await ws.close()
+        await assert_stopped(bus, sid, "client_closed")
+        assert not await bus.redis.exists(bus.names.session_lease(sid)), "an ended session holds no lease"
