@@ -3,7 +3,9 @@ frames on :dlg, priming, silence filling for a slow client, stop, and a full wor
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import REGISTRY
@@ -153,3 +155,52 @@ async def _delivered(bus: Bus, group: str, entry_id: str) -> bool:
     info = next(g for g in await bus.redis.xinfo_groups(bus.names.control) if g["name"].decode() == group)
     last = info["last-delivered-id"].decode()
     return tuple(map(int, last.split("-"))) >= tuple(map(int, entry_id.split("-")))
+
+
+async def test_a_session_whose_lease_lapsed_is_ended_for_everyone_and_its_slot_freed(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    running = await start_worker(dialogue_slots=1, session_check_s=0.2)
+    store = SessionStore(bus, 60)
+    await store.register("alice", "orphan", limit=4)
+    # Its gateway renews the lease... until it dies: nobody renews this one past a second.
+    await open_session(bus, SessionStart(session_id="orphan", owner="alice"), lease_s=1.0)
+    reader = DialogueReader(bus, "orphan")
+    await reader.until(lambda r: r.event(EventName.ENDED) is not None, 20, "the lapsed session never ended")
+
+    ended = reader.event(EventName.ENDED)
+    assert ended is not None and ended.detail == "lease_expired"
+    info = await store.get("orphan")
+    assert info["state"] == "ended" and info["end_reason"] == "lease_expired"
+    assert running.worker.batcher.free_rows() == [0], "the slot is free again"
+    assert await store.live_session_ids("alice") == [], "the key's session budget is back"
+    end = running.settings.data_dir / "transcripts" / "orphan" / "end.json"
+    await wait_for(lambda: _exists(end), 5, "the transcript's end was not recorded")
+
+
+async def test_a_worker_that_lost_its_session_while_paused_stops_publishing_for_it(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    running = await start_worker(dialogue_slots=1)
+    await open_session(bus, SessionStart(session_id="moved"))
+    reader = DialogueReader(bus, "moved")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready event")
+    await talk(bus, "moved", range(0, 10))
+    await reader.until(lambda r: len(r.frames) >= 3, 20, "frames did not flow")
+    # Another worker took it over (what failover does while this one is paused): the fence moves.
+    await SessionStore(bus, 60).update("moved", dialogue_owner="moshiko/someone-else")
+    written = len(reader.entries)
+    await wait_for(lambda: _slot_free(running), 10, "the worker kept the session's slot")
+    await talk(bus, "moved", range(10, 20))
+    for _ in range(5):
+        await reader.poll()
+    assert len(reader.entries) <= written + 1, "at most the tick in flight; nothing after the fence"
+    assert reader.event(EventName.ENDED) is None, "it is not this worker's to end"
+
+
+async def _exists(path: Path) -> bool:
+    return await asyncio.to_thread(path.exists)
+
+
+async def _slot_free(running: RunningWorker) -> bool:
+    return running.worker.batcher.free_rows() == [0]
