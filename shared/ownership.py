@@ -172,6 +172,19 @@ class SessionOwnership:
         )
         return TakeOutcome(result.decode() if isinstance(result, bytes) else result)
 
+    async def admit(self, start: SessionStart) -> SessionStart | None:
+        """Placement of a `start` this worker read: take the session. Returns what to serve (the start as
+        the session hash has it now: an update may have raced it), None when it is not this worker's to
+        serve (over, or owned by another); a lapsed lease is finalized on the way."""
+        sid = start.session_id
+        taken = await self.take(sid)
+        if taken is TakeOutcome.LEASE_LAPSED:
+            await self.end_lapsed(sid)
+        if taken is not TakeOutcome.TAKEN:
+            log.info("start not taken: %s", taken, extra={"session_id": sid, "group": self.group})
+            return None
+        return start_of(await self.store.get(sid)) or start
+
     async def release(self, sid: str) -> None:
         """This worker serves the session no more (it ended, or moved)."""
         await self.bus.redis.srem(self.bus.names.owned(self.group, self.worker_id), sid)

@@ -50,7 +50,7 @@ from shared.messages import (
     SessionUpdate,
     UserAudio,
 )
-from shared.ownership import Liveness, SessionOwnership, TakeOutcome, Takeover, next_seq
+from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
 from shared.presence import WorkerFields, WorkerPresence
 from shared.retry import is_retryable, keep_running
 from shared.runtime import ServiceRuntime
@@ -388,13 +388,8 @@ class DialogueWorker:
             return
         if not self.can_take():  # a takeover filled the last slot since the read: retried later
             raise NoCapacity("no free slot; the start stays pending for another worker", session_id=sid)
-        taken = await self.ownership.take(sid)
-        if taken is TakeOutcome.LEASE_LAPSED:
-            await self.ownership.end_lapsed(sid)
-        if taken is not TakeOutcome.TAKEN:
-            log.info("start not placed here: %s", taken, extra={"session_id": sid})
-            return
-        await self._place(message, resumed_from=None)
+        if (start := await self.ownership.admit(message)) is not None:
+            await self._place(start, resumed_from=None)
 
     async def _on_takeover(self, takeover: Takeover) -> None:
         await self._place(takeover.start, resumed_from=takeover.previous_worker, info=takeover.info)

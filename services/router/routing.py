@@ -45,10 +45,10 @@ from shared.messages import (
     SessionUpdate,
     UserAudio,
 )
-from shared.ownership import Liveness, SessionOwnership, TakeOutcome, Takeover, next_seq
+from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
 from shared.presence import WorkerFields, list_workers
 from shared.retry import keep_running, sleep_unless_stopped
-from shared.sessions import SessionStore, start_of
+from shared.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +136,8 @@ class Router:
         """Group delivery: take `start`s; `update`/`stop`/`flush` are the tail's business."""
         if not isinstance(message, SessionStart) or message.session_id in self.sessions:
             return
-        sid = message.session_id
-        taken = await self.ownership.take(sid)
-        if taken is TakeOutcome.LEASE_LAPSED:
-            await self.ownership.end_lapsed(sid)
-        if taken is not TakeOutcome.TAKEN:
-            log.info("start not routed here: %s", taken, extra={"session_id": sid})
-            return
-        # The hash may be fresher than the start (an update applied while no router owned the session).
-        await self._open(start_of(await self.store.get(sid)) or message, failover=False)
+        if (start := await self.ownership.admit(message)) is not None:
+            await self._open(start, failover=False)
 
     async def _on_takeover(self, takeover: Takeover) -> None:
         await self._open(takeover.start, failover=True)
@@ -288,9 +281,11 @@ class Router:
                 log.info("audio source switched to %s (%s)", to, reason, extra={"session_id": session.sid})
             for reason, count in out.dropped.items():
                 metrics.FRAMES_DROPPED.labels(service=SERVICE, reason=reason).inc(count)
+        # Flushes first: control beats data (the TTS drops what the user interrupted as early as possible,
+        # and whoever sees the barge-in on :out finds the flush already asked for).
+        await self.bus.append_many(flushes)
         for sid in await self.bus.append_sessions(outputs, self.ownership.fence):
             await self._forget(sid, Liveness.MOVED)
-        await self.bus.append_many(flushes)
 
     async def _finish_stopped(self) -> None:
         stopped = [s for s in self.sessions.values() if s.stop_reason is not None]

@@ -34,11 +34,11 @@ from shared.messages import (
     SessionStop,
     SessionUpdate,
 )
-from shared.ownership import Liveness, SessionOwnership, TakeOutcome, Takeover, next_seq
+from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
 from shared.presence import WorkerFields
 from shared.retry import keep_running
 from shared.runtime import ServiceRuntime
-from shared.sessions import SessionStore, start_of
+from shared.sessions import SessionStore
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
 
@@ -173,15 +173,8 @@ class TtsWorker:
         """Take a `start`; other control entries are the tail's business."""
         if not isinstance(message, SessionStart) or message.session_id in self.sessions:
             return
-        sid = message.session_id
-        taken = await self.ownership.take(sid)
-        if taken is TakeOutcome.LEASE_LAPSED:
-            await self.ownership.end_lapsed(sid)
-        if taken is not TakeOutcome.TAKEN:
-            log.info("start not served here: %s", taken, extra={"session_id": sid})
-            return
-        # The hash holds the latest voice (an update may have raced the start).
-        await self._serve(start_of(await self.session_store.get(sid)) or message, resumed=False)
+        if (start := await self.ownership.admit(message)) is not None:
+            await self._serve(start, resumed=False)
 
     async def _on_takeover(self, takeover: Takeover) -> None:
         await self._serve(takeover.start, resumed=True)
