@@ -109,7 +109,12 @@ async def _takeover_times(bus: Bus, sid: str) -> tuple[float, float]:
         message = DIALOGUE.decode(entry.fields)
         if isinstance(message, SessionEvent) and message.name == EventName.RESUMED:
             return placed, int(entry.entry_id.split("-")[0]) / 1000
-    raise RuntimeError("no resumed event")
+    events = [
+        (m.name, m.detail, m.data)
+        for m in (DIALOGUE.decode(e.fields) for e in await bus.range(bus.names.session_dialogue(sid)))
+        if isinstance(m, SessionEvent)
+    ]
+    raise RuntimeError(f"no resumed event in {events}")
 
 
 async def _serving_instance(bus: Bus, sid: str, stack: Any) -> str:

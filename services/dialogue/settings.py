@@ -72,7 +72,7 @@ class DialogueSettings(CommonSettings):
     )
 
     dialogue_resume_history_tokens: int = Field(
-        default=16,
+        default=8,
         ge=0,
         description="After a failover, at most this many tokens of what the session said are forced "
         "(after the persona primer): more continuity, longer gap before the user hears it again.",

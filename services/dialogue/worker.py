@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 SERVICE = "dialogue"
 T = TypeVar("T")
+PRIME_SHARE_LIVE = 0.75  # of a tick, spent on priming steps at most while live sessions need theirs
+PRIME_SHARE_IDLE = 0.95
 
 
 def placement_group(model: str) -> str:
@@ -246,13 +248,20 @@ class DialogueWorker:
                 await self._read_inputs()
                 audio = self._frames_due()
                 started = time.monotonic()
-                prime_until = (
-                    started + 0.75 * clock.interval_s if self.settings.dialogue_prime_ahead else None
-                )
+                prime_until = self._prime_until(started, clock.interval_s)
                 outputs = await self._in_model_thread(self.batcher.step, audio, prime_until=prime_until)
                 metrics.STAGE_LATENCY.labels(stage="dialogue_step").observe(time.monotonic() - started)
             await self._publish(outputs)
             await clock.wait(stop)
+
+    def _prime_until(self, started: float, interval_s: float) -> float | None:
+        """How long a tick's spare time may go on priming steps: most of the tick while a live session
+        needs the next one on time, nearly all of it while none is live (a session taken over after a
+        failover is primed as fast as the model steps: its user is waiting)."""
+        if not self.settings.dialogue_prime_ahead:
+            return None
+        share = PRIME_SHARE_LIVE if self._listening() else PRIME_SHARE_IDLE
+        return started + share * interval_s
 
     # --- input: one XREAD for every listening session, one frame per row -----------------------------
 
