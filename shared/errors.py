@@ -113,6 +113,24 @@ class SessionLost(ChorusError):
     retryable = True
 
 
+class GatewayTimeout(ChorusError):
+    """A worker the request needs did not answer in time (busy, or gone meanwhile)."""
+
+    code = "timeout"
+    status = 504
+    title = "Gateway timeout"
+    retryable = True
+
+
+class InsufficientStorage(ChorusError):
+    """The data volume is full (ENOSPC) or over its quota (EDQUOT): nothing was stored."""
+
+    code = "insufficient_storage"
+    status = 507
+    title = "Insufficient storage"
+    retryable = True
+
+
 class ModelLoadError(ChorusError):
     code = "model_load_error"
     status = 503

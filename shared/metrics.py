@@ -58,6 +58,11 @@ TTS_VOICE_STATES = Counter(
 TTS_PHRASES_DROPPED = Counter(
     "chorus_tts_phrases_dropped_total", "Phrases dropped before being spoken", ["reason"]
 )
+TTS_REQUESTS_DROPPED = Counter(
+    "chorus_tts_requests_dropped_total",
+    "Voice requests dropped unanswered because their deadline passed (waited: in the queue, for a model)",
+    ["kind", "waited"],
+)
 UPLOAD_REJECTIONS = Counter("chorus_voice_upload_rejections_total", "Rejected voice uploads", ["reason"])
 SESSIONS_REJECTED = Counter("chorus_sessions_rejected_total", "Sessions refused at start", ["reason"])
 LIMIT_REJECTIONS = Counter(

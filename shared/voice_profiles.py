@@ -74,12 +74,21 @@ class VoiceProfileStore:
         self.storage = storage
 
     async def create(self, profile: VoiceProfile, clip: FloatAudio) -> VoiceProfile:
-        """Write the clip, then the metadata; only the metadata makes the profile visible."""
-        await self.storage.put(
-            _key(profile.id, PENDING_FILE), json.dumps({"started_at": time.time()}).encode()
-        )
-        await self.storage.put(_key(profile.id, CLIP_FILE), pcm16_to_wav(float_to_pcm16(clip)))
-        await self.storage.put(_key(profile.id, PROFILE_FILE), profile.model_dump_json().encode())
+        """Write the clip, then the metadata; only the metadata makes the profile visible.
+
+        A write that fails (a full disk: ENOSPC) removes what this upload wrote before it re-raises, so
+        no half profile waits for the start-up sweep.
+        """
+        try:
+            await self.storage.put(
+                _key(profile.id, PENDING_FILE), json.dumps({"started_at": time.time()}).encode()
+            )
+            await self.storage.put(_key(profile.id, CLIP_FILE), pcm16_to_wav(float_to_pcm16(clip)))
+            await self.storage.put(_key(profile.id, PROFILE_FILE), profile.model_dump_json().encode())
+        except BaseException:
+            await self.storage.delete_prefix(_key(profile.id))
+            log.warning("removed a voice profile whose upload failed", extra={"profile_id": profile.id})
+            raise
         await self.storage.delete(_key(profile.id, PENDING_FILE))
         return profile
 

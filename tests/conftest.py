@@ -4,6 +4,7 @@ test (so tests never see each other's streams), and a Bus connected to it."""
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -72,3 +73,20 @@ def moshi_dir(checkpoints: Path) -> Path:
 @pytest.fixture(scope="session")
 def tts_dir(checkpoints: Path) -> Path:
     return checkpoints / "tts"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs: a data volume that really fills up (ENOSPC). Mounting one needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("a full disk needs a tiny tmpfs, and mounting one needs root")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)]
+    mounted = subprocess.run(command, check=False, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from services.gateway.problems import redis_unavailable
 from shared import metrics
 from shared.bus import Bus
 from shared.presence import WorkerInfo, list_workers
@@ -59,7 +60,12 @@ async def readiness(bus: Bus) -> tuple[bool, dict[str, Any]]:
     responses={503: {"description": "Not ready; the body says what is missing"}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    ok, detail = await readiness(request.app.state.bus)
+    try:
+        ok, detail = await readiness(request.app.state.bus)
+    except Exception as exc:
+        if not redis_unavailable(exc):
+            raise
+        ok, detail = False, {"redis": False}  # Redis went away between the ping and the worker scan
     return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
 
 

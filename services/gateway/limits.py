@@ -6,6 +6,7 @@ counts in `chorus_limit_rejections_total{limit=...}`.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -15,11 +16,13 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.auth import ANONYMOUS, owner_of, presented_key
-from services.gateway.problems import problem_response
+from services.gateway.problems import outage_error, problem_response
 from services.gateway.settings import GatewaySettings
 from shared import metrics
 from shared.bus import Bus
-from shared.errors import PayloadTooLarge, RateLimited
+from shared.errors import ChorusError, PayloadTooLarge, RateLimited
+
+log = logging.getLogger(__name__)
 
 
 class BodySizeLimit:
@@ -97,18 +100,32 @@ class RequestRateLimit:
         owner = owner_of(key) if key else ANONYMOUS
         bus: Bus | None = getattr(scope["app"].state, "bus", None) if "app" in scope else None
         if bus is not None:
-            window = int(time.time() // self.WINDOW_S)
-            counter = bus.names.rate_window(owner, window)
-            hits = int(await bus.redis.eval(_HIT, 1, counter, str(self.WINDOW_S + 5)))
-            if hits > limit:
-                metrics.LIMIT_REJECTIONS.labels(limit="requests_per_minute").inc()
-                retry_after = max(1, math.ceil((window + 1) * self.WINDOW_S - time.time()))
-                error = RateLimited(f"more than {limit} requests per minute", retry_after_s=retry_after)
-                response = problem_response(error, scope["path"])
-                response.headers["Retry-After"] = str(retry_after)
-                await response(scope, receive, send)
+            refusal = await self._count(bus, owner, limit)
+            if refusal is not None:
+                await problem_response(refusal, scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    async def _count(self, bus: Bus, owner: str, limit: int) -> ChorusError | None:
+        """Count this request in the owner's window: why it is refused, or None.
+
+        Without Redis the window cannot be counted: the request is refused (503) rather than let through
+        unmetered, like every route that needs Redis.
+        """
+        window = int(time.time() // self.WINDOW_S)
+        counter = bus.names.rate_window(owner, window)
+        try:
+            hits = int(await bus.redis.eval(_HIT, 1, counter, str(self.WINDOW_S + 5)))
+        except Exception as exc:
+            if (outage := outage_error(exc)) is None:
+                raise
+            log.warning("cannot count the request rate: %r", exc)
+            return outage
+        if hits <= limit:
+            return None
+        metrics.LIMIT_REJECTIONS.labels(limit="requests_per_minute").inc()
+        retry_after = max(1, math.ceil((window + 1) * self.WINDOW_S - time.time()))
+        return RateLimited(f"more than {limit} requests per minute", retry_after_s=retry_after)
 
 
 class TokenBucket:

@@ -1,18 +1,67 @@
-"""The one mapping of errors to RFC 9457 problem details."""
+"""The one mapping of errors to RFC 9457 problem details.
+
+Besides our own `ChorusError`s, two failures from below have a meaning for clients: Redis away (a
+connection error, a timeout, or a "not now" reply such as `OOM command not allowed` or `LOADING`) is a
+retryable `503 service_unavailable`, and a full data volume (ENOSPC, EDQUOT) a `507 insufficient_storage`.
+`outage_error` says which; REST answers it here, the rate limit middleware and the WebSockets use it too.
+Every retryable problem carries `Retry-After`.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import ChorusError
+from shared.errors import ChorusError, InsufficientStorage, ServiceUnavailable
+
+log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+RETRY_AFTER_S = 5  # for a retryable problem that names no delay of its own
+REDIS_RETRY_AFTER_S = 2  # a restarted Redis answers within seconds; the client reconnects by itself
+
+# Replies that mean "not now" rather than "wrong": out of memory (noeviction), loading its data after a
+# restart, a replica that is read-only or lost its master, a busy script, a cluster asking to retry.
+_TRANSIENT_REPLIES = {"OOM", "LOADING", "READONLY", "MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN"}
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _reply_code(exc: ResponseError) -> str:
+    """An error reply's code (`OOM`, `LOADING`, ...), also when a script's call got it: Redis 6 wraps
+    those as "Error running script (call to f_...): @user_script:2: -OOM command not allowed ..."."""
+    message = str(exc)
+    if message.startswith("Error running script") and " -" in message:
+        message = message.rsplit(" -", 1)[1]
+    return message.split(" ", 1)[0].upper()
+
+
+def redis_unavailable(exc: BaseException) -> bool:
+    """Redis cannot serve us right now; a later attempt may succeed. Other Redis errors are our bugs."""
+    # A bare ConnectionError (reset, refused) may escape redis-py from a half-closed socket.
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | ConnectionError):
+        return True
+    return isinstance(exc, ResponseError) and _reply_code(exc) in _TRANSIENT_REPLIES
+
+
+def outage_error(exc: BaseException) -> ChorusError | None:
+    """What a failure of Redis or of the data volume means to a client; None: it is a bug (500)."""
+    if redis_unavailable(exc):
+        return ServiceUnavailable(
+            "the session store is unavailable right now; retry shortly", retry_after_s=REDIS_RETRY_AFTER_S
+        )
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return InsufficientStorage("the data volume is full: nothing was stored; retry later")
+    return None
 
 
 class Problem(BaseModel):
@@ -32,10 +81,12 @@ class Problem(BaseModel):
 _DESCRIPTIONS = {
     400: "Invalid request",
     415: "Unsupported media type",
-    503: "A needed worker is unavailable",
+    503: "Redis or a needed worker is unavailable (`Retry-After` says when to retry)",
     401: "Missing or invalid API key (`WWW-Authenticate: Bearer`)",
     404: "Not found for this API key",
     409: "Conflict with the resource's state",
+    504: "A worker did not answer in time (`Retry-After` says when to retry)",
+    507: "The data volume is full; nothing was stored",
     413: "Request body too large",
     422: "Invalid request",
     429: "Rate limit reached (`Retry-After` says when to retry)",
@@ -50,13 +101,16 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-# Every /v1 route can answer these: auth, body size and the per-key request rate.
-V1_ERRORS = problem_responses(401, 413, 422, 429)
+# Every /v1 route can answer these: auth, body size, the per-key request rate, and Redis being away.
+V1_ERRORS = problem_responses(401, 413, 422, 429, 503)
 
 
 def problem_response(error: ChorusError, instance: str | None = None) -> JSONResponse:
-    # RFC 6750: a 401 names the scheme the client should use.
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    headers = {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: a 401 names the scheme to use
+    if error.retryable:
+        headers["Retry-After"] = str(error.extra.get("retry_after_s", RETRY_AFTER_S))
     return JSONResponse(
         error.problem(instance), status_code=error.status, media_type=PROBLEM_JSON, headers=headers
     )
@@ -66,6 +120,16 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ChorusError)
     async def chorus_error(request: Request, exc: ChorusError) -> JSONResponse:
         return problem_response(exc, request.url.path)
+
+    # OSError covers the builtin ConnectionError too; anything outage_error does not know stays a 500.
+    @app.exception_handler(RedisError)
+    @app.exception_handler(OSError)
+    async def outage(request: Request, exc: Exception) -> JSONResponse:
+        error = outage_error(exc)
+        if error is None:
+            raise exc
+        log.warning("%s %s: %s (%r)", request.method, request.url.path, error.code, exc)
+        return problem_response(error, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -22,10 +22,17 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from services.gateway.auth import current_owner
 from services.gateway.clips import ACCEPTED_TEXT, ClipLimits, prepare_clip, rejected, too_large
+from services.gateway.problems import problem_responses
 from services.gateway.settings import GatewaySettings
 from shared.audio import pcm16_to_wav
 from shared.bus import Bus, Entry
-from shared.errors import InvalidRequest, ServiceUnavailable, UnsupportedMedia, error_for_code
+from shared.errors import (
+    GatewayTimeout,
+    InvalidRequest,
+    ServiceUnavailable,
+    UnsupportedMedia,
+    error_for_code,
+)
 from shared.messages import TTS_REPLIES, VoiceDeleted, VoicePrepare, VoicePreview
 from shared.presence import list_workers
 from shared.storage import LocalStorage
@@ -38,6 +45,9 @@ router = APIRouter(prefix="/v1/voices", tags=["voices"])
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and the small fields around the file
 REQUEST_STREAM_MAXLEN = 1000
+POLL_MS = 1000  # one blocking read for a preview's reply: well under the Redis client's socket timeout
+NO_WORKER_RETRY_AFTER_S = 10  # a TTS worker starting up loads its model first
+BUSY_RETRY_AFTER_S = 5
 TRUE_VALUES = ("true", "1", "yes", "on")
 
 
@@ -147,6 +157,7 @@ def _text_field(form: FormData, name: str) -> str:
         413: {"description": "Larger than CHORUS_VOICE_MAX_UPLOAD_BYTES"},
         415: {"description": f"Not audio, or not {ACCEPTED_TEXT}"},
         422: {"description": "Too short, too long, silent, clipped or no speech (measured value and limit)"},
+        **problem_responses(507),
     },
     openapi_extra={
         "requestBody": {
@@ -256,9 +267,16 @@ async def delete_voice(voice_id: str, request: Request, owner: str = Depends(cur
 
 
 async def request_preview(bus: Bus, profile_id: str, text: str, timeout_s: float) -> bytes:
-    """Ask any TTS worker to speak `text` in the profile's voice; PCM16 24 kHz mono back."""
+    """Ask any TTS worker to speak `text` in the profile's voice; PCM16 24 kHz mono back.
+
+    The reply is awaited in short blocking reads (each well under the Redis client's socket timeout)
+    until the deadline, which the request carries: a worker that takes it too late drops it.
+    """
     if not await list_workers(bus, "tts"):
-        raise ServiceUnavailable("no TTS worker is running: cloned voices are unavailable right now")
+        raise ServiceUnavailable(
+            "no TTS worker is running: cloned voices are unavailable right now",
+            retry_after_s=NO_WORKER_RETRY_AFTER_S,
+        )
     request_id = "req_" + uuid.uuid4().hex[:20]
     reply_key = bus.names.tts_reply(request_id)
     await bus.append(
@@ -268,21 +286,29 @@ async def request_preview(bus: Bus, profile_id: str, text: str, timeout_s: float
         ),
         maxlen=REQUEST_STREAM_MAXLEN,
     )
-    deadline = time.monotonic() + timeout_s
-    entries: list[Entry] = []
     try:
-        # Short blocking reads (the bus caps them below the socket timeout) until the deadline.
-        while not entries and time.monotonic() < deadline:
-            wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
-            entries = await bus.read({reply_key: "0-0"}, count=1, block_ms=wait_ms)
+        entry = await _first_entry(bus, reply_key, time.monotonic() + timeout_s)
     finally:
         await bus.redis.delete(reply_key)
-    if not entries:
-        raise ServiceUnavailable(f"no TTS worker answered within {timeout_s:g} s")
-    reply = TTS_REPLIES.decode(entries[0].fields)
+    if entry is None:
+        raise GatewayTimeout(
+            f"no TTS worker answered within {timeout_s:g} s (busy, or gone meanwhile)",
+            retry_after_s=BUSY_RETRY_AFTER_S,
+        )
+    reply = TTS_REPLIES.decode(entry.fields)
     if reply.error_code:
         raise error_for_code(reply.error_code, reply.error)
     return reply.pcm
+
+
+async def _first_entry(bus: Bus, stream: str, deadline: float) -> Entry | None:
+    """The stream's first entry, polled until `deadline` (monotonic) in reads of at most POLL_MS."""
+    while (remaining_ms := int((deadline - time.monotonic()) * 1000)) > 0:
+        # block=0 would wait forever: never less than 1 ms.
+        entries = await bus.read({stream: "0-0"}, count=1, block_ms=max(1, min(POLL_MS, remaining_ms)))
+        if entries:
+            return entries[0]
+    return None
 
 
 @router.post(
@@ -291,7 +317,7 @@ async def request_preview(bus: Bus, profile_id: str, text: str, timeout_s: float
     summary="Speak a text in this voice (audio/wav, 24 kHz mono)",
     responses={
         200: {"content": {"audio/wav": {}}, "description": "The speech"},
-        503: {"description": "No TTS worker is running, or none answered in time"},
+        **problem_responses(503, 504),
     },
 )
 async def preview_voice(

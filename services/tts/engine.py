@@ -106,6 +106,10 @@ def load_model(settings: TtsSettings) -> Any:
     return model.eval()
 
 
+class DeadlinePassed(Exception):
+    """A request's deadline passed while it waited for a free model instance: nobody wants its answer."""
+
+
 class Engine:
     """N model instances and a thread per instance; `synthesize` and `voice_state` borrow one."""
 
@@ -166,10 +170,17 @@ class Engine:
         max_samples: int,
         cancel: threading.Event,
         sink: AudioSink,
+        deadline: float | None = None,
     ) -> int:
         """Stream `text` in the voice of `state` into `sink` (float chunks at 24 kHz) until the model
-        ends the speech, `max_samples` are out, or `cancel` is set. Returns the samples produced."""
+        ends the speech, `max_samples` are out, or `cancel` is set. Returns the samples produced.
+
+        `deadline` (unix time): checked once an instance is free, since waiting for one can take seconds
+        on a busy worker; past it, `DeadlinePassed` is raised and nothing is synthesised.
+        """
         async with self._instance() as model:
+            if deadline is not None and time.time() > deadline:
+                raise DeadlinePassed(f"{time.time() - deadline:.1f} s past its deadline")
             loop = asyncio.get_running_loop()
             chunks: asyncio.Queue[FloatAudio | None] = asyncio.Queue()
 

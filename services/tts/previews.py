@@ -5,7 +5,9 @@
   which expires by itself if the gateway has given up.
 
 Requests are acked when taken and served as tasks (a preview takes seconds; the loop keeps reading).
-A request past its deadline is dropped: nobody waits for its answer any more.
+A request past its deadline is dropped: nobody waits for its answer any more. A preview checks again once
+a model instance is free for it (a busy worker can keep it waiting for seconds), so stale previews never
+take synthesis time from fresh ones (`chorus_tts_requests_dropped_total`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from services.tts.engine import Engine
+from services.tts.engine import DeadlinePassed, Engine
 from services.tts.speaker import SpeechLimits
 from services.tts.voice_states import VoiceStates
+from shared import metrics
 from shared.audio import FloatAudio, float_to_pcm16
 from shared.bus import Bus, Entry
 from shared.errors import ChorusError, NotFound
@@ -42,6 +45,7 @@ class VoiceRequests:
     async def handle(self, message: TtsRequest, entry: Entry) -> None:
         if message.is_stale():
             log.info("dropped a stale request", extra={"request_id": message.session_id})
+            metrics.TTS_REQUESTS_DROPPED.labels(kind=message.type, waited="queue").inc()
             return
         task = asyncio.create_task(self._serve(message), name=f"tts-request-{message.session_id}")
         self._tasks.add(task)
@@ -64,6 +68,15 @@ class VoiceRequests:
     async def _preview(self, request: VoicePreview) -> None:
         try:
             reply = VoicePreviewReply(session_id=request.session_id, pcm=await self.speak(request))
+        except DeadlinePassed as exc:
+            # The gateway gave up waiting (504): an answer now would only expire unread.
+            log.info(
+                "dropped a stale preview after waiting for a model instance: %s",
+                exc,
+                extra={"request_id": request.session_id, "profile_id": request.profile_id},
+            )
+            metrics.TTS_REQUESTS_DROPPED.labels(kind=request.type, waited="model").inc()
+            return
         except ChorusError as exc:
             reply = VoicePreviewReply(session_id=request.session_id, error_code=exc.code, error=exc.detail)
         except Exception as exc:
@@ -90,6 +103,7 @@ class VoiceRequests:
             max_samples=self.limits.max_samples(words),
             cancel=threading.Event(),
             sink=collect,
+            deadline=request.deadline,
         )
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
         return float_to_pcm16(audio)

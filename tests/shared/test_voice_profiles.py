@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,7 +13,14 @@ import pytest
 
 from shared.errors import NotFound
 from shared.storage import LocalStorage
-from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id
+from shared.voice_profiles import (
+    CLIP_FILE,
+    PENDING_FILE,
+    PROFILE_FILE,
+    VoiceProfile,
+    VoiceProfileStore,
+    new_profile_id,
+)
 
 
 def profile(owner: str = "") -> VoiceProfile:
@@ -71,3 +80,40 @@ async def test_ids_that_are_not_profile_ids_never_reach_storage(
     for call in (store.get(bad_id), store.delete(bad_id), store.states(bad_id)):
         with pytest.raises(NotFound):
             await call
+
+
+class DiskFullAt(LocalStorage):
+    """Local storage whose disk is full by the time `file` is written: that write fails with ENOSPC."""
+
+    def __init__(self, root: Path, file: str) -> None:
+        super().__init__(root)
+        self.file = file
+
+    async def put(self, key: str, data: bytes) -> None:
+        if key.endswith("/" + self.file):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+        await super().put(key, data)
+
+
+def files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("file", [PENDING_FILE, CLIP_FILE, PROFILE_FILE])
+async def test_an_upload_that_fills_the_disk_leaves_no_half_profile(tmp_path: Path, file: str) -> None:
+    store = VoiceProfileStore(DiskFullAt(tmp_path, file))
+    with pytest.raises(OSError) as raised:
+        await store.create(profile(), np.zeros(24_000, dtype=np.float32))
+    assert raised.value.errno == errno.ENOSPC, "the caller learns why (the gateway answers 507)"
+    assert await store.profiles() == []
+    assert files_under(tmp_path) == [], "not even a pending marker waits for the start-up sweep"
+
+
+async def test_a_clip_larger_than_the_free_space_leaves_nothing_on_the_disk(tiny_disk: Path) -> None:
+    store = VoiceProfileStore(LocalStorage(tiny_disk))
+    twelve_seconds = np.zeros(12 * 24_000, dtype=np.float32)  # 576 KB as PCM16: more than the disk holds
+    with pytest.raises(OSError) as raised:
+        await store.create(profile(), twelve_seconds)
+    assert raised.value.errno == errno.ENOSPC
+    assert files_under(tiny_disk) == []
+    assert await store.create(profile(), twelve_seconds[:24_000]), "its space is free: a short one fits"

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 
 from fastapi import APIRouter, WebSocket
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
 from services.gateway.auth import authenticate
@@ -21,18 +23,22 @@ from services.gateway.conversation import Conversation
 from services.gateway.limits import SocketLimits
 from services.gateway.protocols.send_queue import SendQueue
 from services.gateway.protocols.session_socket import (
+    Ending,
     SocketClosed,
     check_voice,
     close_quietly,
+    guarded,
     open_conversation,
     place,
     resolve_persona,
     run_loops,
+    serve_and_stop,
 )
 from services.gateway.settings import GatewaySettings
 from shared.audio import OpusDecoder, OpusEncoder, pcm16_to_float
 from shared.errors import ChorusError, InvalidRequest
 from shared.messages import EventName, OutputAudio, OutputText, SessionEvent, VoiceMode
+from shared.runtime import cancel_and_wait
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -63,21 +69,13 @@ async def chat(websocket: WebSocket) -> None:
         await websocket.accept(headers=[(b"x-chorus-session-id", conversation.session_id.encode())])
     except ChorusError as exc:
         await websocket.accept()
-        await websocket.send_bytes(bytes([ERROR]) + exc.detail.encode())
+        with contextlib.suppress(WebSocketDisconnect):
+            await websocket.send_bytes(bytes([ERROR]) + exc.detail.encode())
         await close_quietly(websocket, 1008, exc.code)
         return
-    try:
-        await place(websocket, conversation)
-    except ChorusError as exc:
-        await conversation.stop(exc.code)
-        await websocket.send_bytes(bytes([ERROR]) + exc.detail.encode())
-        await close_quietly(websocket, 1013, exc.code)
-        return
-    await websocket.send_bytes(bytes([HANDSHAKE]))
     session = MoshiChatSession(websocket, conversation, settings.ws_send_queue_frames)
-    reason = await run_loops(conversation, session.receive_loop, session.emit_loop)
-    log.info("moshi chat closed", extra={**conversation.log_extra, "reason": reason})
-    await close_quietly(websocket)
+    ending = await serve_and_stop(websocket, session.run, lambda: conversation)
+    log.info("moshi chat closed", extra={**conversation.log_extra, "reason": ending.reason})
 
 
 class MoshiChatSession:
@@ -88,12 +86,32 @@ class MoshiChatSession:
         self.limits = SocketLimits(websocket.app.state.settings)
         self.decoder = OpusDecoder()
         self.encoder = OpusEncoder()
+        self.early: deque[Message] = deque()  # received while waiting for the dialogue slot
+
+    async def run(self) -> Ending:
+        """Place the session, send the handshake once it has a slot, then serve it until either side ends
+        it. Whatever is queued for the client (an error saying why, above all) is sent before returning."""
+        sender = asyncio.create_task(self._send_loop(), name="moshi_sender")
+        log_extra = self.conversation.log_extra
+        try:
+            refused = await guarded(self._place(), log_extra, self.report)
+            if refused is not None:
+                return refused
+            self.queue.put((HANDSHAKE, b""), droppable=False)
+            return await run_loops(log_extra, self.receive_loop, self.emit_loop, self.report)
+        finally:
+            if not sender.done():
+                await self.queue.drained()
+            await cancel_and_wait(sender)
+
+    async def _place(self) -> None:
+        self.early.extend(await place(self.websocket, self.conversation))
 
     async def receive_loop(self) -> None:
         while True:
-            message = await self.websocket.receive()
+            message = self.early.popleft() if self.early else await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
-                raise SocketClosed
+                raise SocketClosed(message.get("code"))
             if refused := self.limits.check(message):
                 self.error(refused)
                 continue
@@ -117,21 +135,19 @@ class MoshiChatSession:
         log.info("client error: %s", reason, extra=self.conversation.log_extra)
         self.queue.put((ERROR, reason.encode()), droppable=False)
 
+    def report(self, error: ChorusError) -> None:
+        """Why the session ends, as the protocol's error message (the caller logged it)."""
+        self.queue.put((ERROR, error.detail.encode()), droppable=False)
+
     async def emit_loop(self) -> None:
-        """Pump the router's output into the send queue while a sender drains it to the socket."""
-        sender = asyncio.create_task(self._send_loop(), name="moshi_sender")
-        try:
-            async for message in self.conversation.outputs():
-                if isinstance(message, OutputAudio):
-                    self.queue.put((AUDIO, message.pcm), droppable=True)
-                elif isinstance(message, OutputText):
-                    self.queue.put((TEXT, message.text.encode()), droppable=False)
-                elif isinstance(message, SessionEvent) and self._handle_event(message):
-                    break
-            if not sender.done():
-                await self.queue.drained()
-        finally:
-            sender.cancel()
+        """Pump the router's output into the send queue (the sender drains it to the socket)."""
+        async for message in self.conversation.outputs():
+            if isinstance(message, OutputAudio):
+                self.queue.put((AUDIO, message.pcm), droppable=True)
+            elif isinstance(message, OutputText):
+                self.queue.put((TEXT, message.text.encode()), droppable=False)
+            elif isinstance(message, SessionEvent) and self._handle_event(message):
+                break
 
     def _handle_event(self, event: SessionEvent) -> bool:
         """True when the session is over."""

@@ -16,9 +16,11 @@ import contextlib
 import json
 import logging
 import uuid
+from collections import deque
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
 from services.gateway.auth import authenticate
@@ -27,18 +29,22 @@ from services.gateway.limits import SocketLimits
 from services.gateway.protocols import realtime_events as ev
 from services.gateway.protocols.send_queue import SendQueue
 from services.gateway.protocols.session_socket import (
+    Ending,
     SocketClosed,
     check_voice,
     close_quietly,
+    end_conversation,
     open_conversation,
     place,
     resolve_persona,
     run_loops,
+    serve_and_stop,
 )
 from services.gateway.settings import GatewaySettings
 from shared.audio import FRAME_SEC, SAMPLE_RATE, pcm16_to_float, rms_dbfs
 from shared.errors import ChorusError, InvalidRequest
 from shared.messages import NATIVE_VOICES, EventName, OutputAudio, OutputText, SessionEvent
+from shared.runtime import cancel_and_wait
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -67,9 +73,19 @@ async def realtime(websocket: WebSocket) -> None:
     model = websocket.query_params.get("model") or "moshiko"
     session = RealtimeSession(websocket, settings, owner, model)
     await session.send(ev.SessionCreated(session=session.session_object()))
-    reason = await session.run()
-    log.info("realtime session closed", extra={"session_id": session.session_id, "reason": reason})
-    await close_quietly(websocket)
+    ending = await serve_and_stop(websocket, session.run, lambda: session.conversation)
+    log.info("realtime session closed", extra={**session.log_extra, "reason": ending.reason})
+
+
+def _client_event_id(raw: object) -> str | None:
+    """The client's `event_id`, to echo in an error about its event. The API says it is a string; a
+    number is echoed as its text so the client still learns which event failed; anything else is not."""
+    value = raw.get("event_id") if isinstance(raw, dict) else None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 class RealtimeSession:
@@ -82,10 +98,12 @@ class RealtimeSession:
         self.instructions = ""
         self.voice = model if model in NATIVE_VOICES else "moshiko"
         self.persona_id = websocket.query_params.get("persona")
+        # Opened by the first audio; from then on, however the socket ends, the conversation is stopped.
         self.conversation: Conversation | None = None
         self.queue: SendQueue[str] = SendQueue(settings.ws_send_queue_frames)
         self.limits = SocketLimits(settings)
-        self.started = asyncio.Event()  # set once the first audio has started the conversation
+        self.started = asyncio.Event()  # set once the conversation is ready (it has a dialogue slot)
+        self.early: deque[Message] = deque()  # received while waiting for the dialogue slot
         self._response: ev.ResponseObject | None = None
         self._item_id = ""
         self._transcript: list[str] = []
@@ -107,6 +125,10 @@ class RealtimeSession:
     async def send(self, event: ev.ServerEvent, *, droppable: bool = False) -> None:
         self.queue.put(event.model_dump_json(), droppable=droppable)
 
+    @property
+    def log_extra(self) -> dict[str, str]:
+        return {"session_id": self.session_id}
+
     async def error(
         self, message: str, code: str, client_event_id: str | None = None, param: str | None = None
     ) -> None:
@@ -116,41 +138,30 @@ class RealtimeSession:
             )
         )
 
-    async def run(self) -> str:
-        async with asyncio.TaskGroup() as tasks:
-            sender = tasks.create_task(self._send_loop(), name="realtime_sender")
-            try:
-                reason = await self._serve()
-            finally:
-                if not sender.done():
-                    await self.queue.drained()
-                sender.cancel()
-        return reason
+    def report(self, error: ChorusError) -> None:
+        """Why the session ends, as an `error` event (the caller logged it)."""
+        kind = "server_error" if error.status >= 500 else "invalid_request_error"
+        event = ev.ErrorEvent(error=ev.ErrorDetail(type=kind, code=error.code, message=error.detail))
+        self.queue.put(event.model_dump_json(), droppable=False)
 
-    async def _serve(self) -> str:
-        # Before audio starts there is no Conversation yet: only the receive loop runs.
-        receive = asyncio.create_task(self.receive_loop(), name="receive_loop")
-        wait_started = asyncio.create_task(self.started.wait())
-        done, _ = await asyncio.wait({receive, wait_started}, return_when=asyncio.FIRST_COMPLETED)
-        if receive in done:
-            wait_started.cancel()
-            with contextlib.suppress(SocketClosed, WebSocketDisconnect, asyncio.CancelledError):
-                receive.result()
-            return "client_closed"
-        assert self.conversation is not None
-
-        async def keep_receiving() -> None:
-            await receive
-
-        return await run_loops(self.conversation, keep_receiving, self.emit_loop)
+    async def run(self) -> Ending:
+        """Serve the socket until either side ends it; what is queued for the client (an error saying
+        why, above all) is sent before returning. The conversation starts with the first audio."""
+        sender = asyncio.create_task(self._send_loop(), name="realtime_sender")
+        try:
+            return await run_loops(self.log_extra, self.receive_loop, self.emit_loop, self.report)
+        finally:
+            if not sender.done():
+                await self.queue.drained()
+            await cancel_and_wait(sender)
 
     # --- client events -----------------------------------------------------------------------
 
     async def receive_loop(self) -> None:
         while True:
-            message = await self.websocket.receive()
+            message = self.early.popleft() if self.early else await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
-                raise SocketClosed
+                raise SocketClosed(message.get("code"))
             if refused := self.limits.check(message):
                 await self.error(refused, "rate_limited")
                 continue
@@ -166,7 +177,7 @@ class RealtimeSession:
         except json.JSONDecodeError as exc:
             await self.error(f"invalid JSON: {exc}", "invalid_json")
             return
-        client_event_id = raw.get("event_id") if isinstance(raw, dict) else None
+        client_event_id = _client_event_id(raw)
         kind = raw.get("type") if isinstance(raw, dict) else None
         if kind not in ev.CLIENT_EVENT_TYPES:
             await self.error(
@@ -243,12 +254,14 @@ class RealtimeSession:
         conversation = open_conversation(
             self.websocket, self.owner, persona, self.voice, "auto", session_id=self.session_id
         )
-        try:
-            await place(self.websocket, conversation)
-        except ChorusError:
-            await conversation.stop("not_ready")
-            raise
         self.conversation = conversation
+        try:
+            self.early.extend(await place(self.websocket, conversation))
+        except ChorusError as exc:
+            # Refused (no capacity, no slot in time): the socket stays open, the next audio tries again.
+            self.conversation = None
+            await end_conversation(conversation, exc.code)
+            raise
         self.started.set()
 
     async def cancel_response(self) -> None:
@@ -260,6 +273,7 @@ class RealtimeSession:
     # --- server events -----------------------------------------------------------------------
 
     async def emit_loop(self) -> None:
+        await self.started.wait()
         assert self.conversation is not None
         async for message in self.conversation.outputs():
             if isinstance(message, OutputText):

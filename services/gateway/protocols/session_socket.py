@@ -1,6 +1,12 @@
 """What both WebSocket protocols share: authenticating the socket, opening a Conversation with a
-persona and voice, and running the receive / emit loops in one TaskGroup that ends the session when
-either side finishes."""
+persona and voice, running the receive / emit loops in one TaskGroup that ends the session when either
+side finishes, and stopping the conversation however the socket's life ends.
+
+Every way out is accounted for: the client leaving (before, while or after the session gets a slot),
+a protocol or placement error, an unexpected exception in a loop (logged with the session id, the client
+told with a protocol error before the close), and the server shutting down. `serve_and_stop` guarantees
+`conversation.stop(reason)` for all of them.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +15,51 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from services.gateway.admission import Admission
 from services.gateway.conversation import Conversation
+from services.gateway.problems import outage_error
 from services.gateway.settings import GatewaySettings
 from shared.errors import ChorusError, InvalidRequest
 from shared.messages import NATIVE_VOICES, VOICE_PATTERN, PersonaSpec, VoiceMode
+from shared.runtime import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
+SERVICE_RESTART = 1012  # the close code uvicorn gives a socket when the server shuts down
+
 
 class SocketClosed(Exception):
-    """The client went away: end the session quietly."""
+    """The client went away, or the server closed the socket while shutting down: end the session quietly."""
+
+    def __init__(self, code: int | None = None) -> None:
+        super().__init__(code)
+        self.reason = closed_reason(code)
+
+
+def closed_reason(code: int | None) -> str:
+    return "shutdown" if code == SERVICE_RESTART else "client_closed"
+
+
+@dataclass(frozen=True)
+class Ending:
+    """Why a socket's session ended, and the error the client was told (None: a normal end)."""
+
+    reason: str
+    error: ChorusError | None = None
+
+    @property
+    def close_code(self) -> int:
+        if self.error is None:
+            return 1000
+        return 1013 if self.error.retryable else 1011  # 1013: try again later
+
+
+Report = Callable[[ChorusError], None]  # queues a protocol error for the client
 
 
 def check_voice(voice: str) -> str:
@@ -70,49 +107,138 @@ def open_conversation(
     )
 
 
-async def place(websocket: WebSocket, conversation: Conversation) -> None:
-    """Start the conversation and wait until its session is ready: refused at once when Redis is nearly
-    full or too many conversations already wait for a slot; NoCapacity after the placement wait."""
-    settings: GatewaySettings = websocket.app.state.settings
+async def place(websocket: WebSocket, conversation: Conversation) -> list[Message]:
+    """Start the conversation and wait until its session is ready, watching the socket meanwhile
+    (`wait_ready_watching`): refused at once when Redis is nearly full or too many conversations already
+    wait for a slot; NoCapacity after the placement wait. Returns what the client sent meanwhile."""
     admission: Admission = websocket.app.state.admission
     await admission.check_memory()
     async with admission.in_queue():
         await conversation.start()
-        await conversation.wait_ready(settings.placement_wait_s, settings.session_ready_timeout_s)
+        return await wait_ready_watching(websocket, conversation)
+
+
+async def wait_ready_watching(websocket: WebSocket, conversation: Conversation) -> list[Message]:
+    """`conversation.wait_ready` while reading the socket: a client that leaves meanwhile ends the wait
+    (`SocketClosed`) instead of holding a dialogue slot until the session is ready.
+
+    What the client sent meanwhile is returned in order, for the receive loop to handle first (audio
+    before `ready` would not be heard; keeping it keeps what the client said). At most a socket rate
+    limit's burst is kept, what the receive loop accepts at once anyway; the rest is dropped.
+    """
+    settings: GatewaySettings = websocket.app.state.settings
+    max_early = int(2 * settings.ws_messages_per_second)
+    early: list[Message] = []
+    dropped = 0
+
+    async def watch() -> None:
+        nonlocal dropped
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                raise SocketClosed(message.get("code"))
+            if len(early) < max_early:
+                early.append(message)
+            else:
+                dropped += 1
+
+    watcher = asyncio.create_task(watch(), name="ready_watch")
+    ready = asyncio.create_task(
+        conversation.wait_ready(settings.placement_wait_s, settings.session_ready_timeout_s),
+        name="wait_ready",
+    )
+    try:
+        await asyncio.wait({watcher, ready}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait(watcher, ready)
+    if dropped:
+        log.info(
+            "dropped %d messages sent before the session was ready", dropped, extra=conversation.log_extra
+        )
+    if not watcher.cancelled():
+        watcher.result()  # the client left (or reading failed): that ends the session first
+    ready.result()  # the session was refused, or did not get a slot in time
+    return early
+
+
+async def guarded(work: Awaitable[None], log_extra: dict[str, str], report: Report) -> Ending | None:
+    """Await `work`: None when it returns, else why the session ends. Errors are reported to the client
+    (`report` queues a protocol error) before the socket closes; unexpected ones are logged in full."""
+    try:
+        await work
+    except SocketClosed as exc:
+        return Ending(exc.reason)
+    except WebSocketDisconnect as exc:
+        return Ending(closed_reason(exc.code))
+    except ChorusError as exc:
+        log.warning("session failed: %s", exc.detail, extra=log_extra)
+        report(exc)
+        return Ending(exc.code, exc)
+    except Exception as exc:
+        log.exception("session failed unexpectedly", extra=log_extra)
+        # The client learns what kind of failure it was, never our internals (those are in the log).
+        error = outage_error(exc) or ChorusError("internal error; the session ended")
+        report(error)
+        return Ending("error", error)
+    return None
 
 
 async def run_loops(
-    conversation: Conversation, receive: Callable[[], Awaitable[None]], emit: Callable[[], Awaitable[None]]
-) -> str:
-    """Run both loops; the first to finish (client gone, session ended) cancels the other.
+    log_extra: dict[str, str],
+    receive: Callable[[], Awaitable[None]],
+    emit: Callable[[], Awaitable[None]],
+    report: Report,
+) -> Ending:
+    """Run both loops; the first to finish (client gone, session ended, an error) cancels the other.
 
-    Returns why the session ended. The session is always stopped (its dialogue slot freed).
+    Returns why the session ended: the receive loop only ends by an exception, the emit loop returns
+    when the session is over (`session_ended`). Stopping the conversation is the caller's `finally`.
     """
-    reason = "client_closed"
+    endings: list[Ending] = []
 
-    async def guarded(name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        nonlocal reason
-        try:
-            await loop()
-            if name == "emit":
-                reason = "session_ended"
-        except (SocketClosed, WebSocketDisconnect):
-            reason = "client_closed"
-        except ChorusError as exc:
-            reason = exc.code
-            log.warning("session failed: %s", exc.detail, extra=conversation.log_extra)
-        finally:
-            for task in tasks:
-                if task is not asyncio.current_task():
-                    task.cancel()
+    async def loop(body: Callable[[], Awaitable[None]]) -> None:
+        endings.append(await guarded(body(), log_extra, report) or Ending("session_ended"))
 
-    tasks: list[asyncio.Task[None]] = []
-    with contextlib.suppress(asyncio.CancelledError):
-        async with asyncio.TaskGroup() as group:
-            tasks.append(group.create_task(guarded("receive", receive), name="receive_loop"))
-            tasks.append(group.create_task(guarded("emit", emit), name="emit_loop"))
-    await conversation.stop(reason)
-    return reason
+    loops = [
+        asyncio.create_task(loop(receive), name="receive_loop"),
+        asyncio.create_task(loop(emit), name="emit_loop"),
+    ]
+    try:
+        await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait(*loops)  # also when we are cancelled: no loop outlives the socket
+    return endings[0]
+
+
+async def serve_and_stop(
+    websocket: WebSocket,
+    serve: Callable[[], Awaitable[Ending]],
+    conversation: Callable[[], Conversation | None],
+) -> Ending:
+    """Serve a socket's session, then stop its conversation (once one was opened) and close the socket,
+    whatever ended it: the client, an error, or the handler's cancellation when the server shuts down."""
+    ending = Ending("error")  # an exception nobody classified: serve itself failed
+    try:
+        ending = await serve()
+    except asyncio.CancelledError:
+        ending = Ending("shutdown")
+        raise
+    finally:
+        opened = conversation()
+        if opened is not None:
+            await end_conversation(opened, ending.reason)
+        await close_quietly(websocket, ending.close_code, ending.reason)
+    return ending
+
+
+async def end_conversation(conversation: Conversation, reason: str) -> None:
+    """`conversation.stop(reason)`: shielded from the handler's cancellation (a server shutting down still
+    frees the dialogue slot) and bounded (`Conversation.stop`); a failure is logged, never raised into the
+    socket's close."""
+    try:
+        await conversation.stop(reason)
+    except Exception:
+        log.exception("could not stop the session", extra=conversation.log_extra)
 
 
 async def close_quietly(websocket: WebSocket, code: int = 1000, reason: str = "") -> None:

@@ -7,8 +7,10 @@ redis-server; the preview is answered by the real TTS worker core with the small
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import threading
 import time
 import wave
 from collections.abc import AsyncIterator, Callable
@@ -21,10 +23,11 @@ import numpy as np
 import pytest
 import soundfile
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
-from services.tts.engine import Engine
+from services.tts.engine import Engine, ModelState
 from shared.bus import Bus
 from shared.messages import VOICE_EVENTS, VoicePrepare
 from shared.storage import LocalStorage
@@ -216,6 +219,26 @@ async def test_cloning_needs_consent(gateway_settings: Settings) -> None:
     assert "consent" in refused.json()["detail"]
 
 
+async def test_an_upload_onto_a_full_disk_answers_507_and_stores_nothing(
+    gateway_settings: Settings, tiny_disk: Path
+) -> None:
+    settings = gateway_settings(data_dir=tiny_disk)
+    filler = tiny_disk / "filler"
+    filler.write_bytes(bytes(256 * 1024))  # what is left holds the pending marker, not the clip
+    async with gateway(settings) as client:
+        full = await upload(client, SPEECH.read_bytes())
+        listed = (await client.get("/v1/voices")).json()["items"]
+        filler.unlink()
+        after = await upload(client, SPEECH.read_bytes())
+    assert full.status_code == 507, full.text
+    assert full.headers["content-type"] == "application/problem+json"
+    assert (full.json()["code"], full.json()["retryable"]) == ("insufficient_storage", True)
+    assert "retry-after" in full.headers
+    assert listed == []
+    assert after.status_code == 201, "with space back, the same upload is stored"
+    assert [p.name for p in (tiny_disk / "voices").iterdir()] == [after.json()["id"]], "no half profile"
+
+
 # --- lifecycle ------------------------------------------------------------------------------------
 
 
@@ -319,6 +342,99 @@ async def test_preview_without_a_tts_worker_is_unavailable(gateway_settings: Set
         response = await client.post(f"/v1/voices/{voice_id}/preview", json={"text": "Hello."})
     assert response.status_code == 503
     assert "TTS" in response.json()["detail"]
+
+
+def dropped_stale_previews() -> float:
+    value = REGISTRY.get_sample_value(
+        "chorus_tts_requests_dropped_total", {"kind": "preview", "waited": "model"}
+    )
+    return value or 0.0
+
+
+def assert_busy_timeout(response: httpx.Response) -> None:
+    assert response.status_code == 504, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert (problem["code"], problem["retryable"]) == ("timeout", True)
+    assert int(response.headers["retry-after"]) > 0
+
+
+@contextlib.asynccontextmanager
+async def busy(engine: Engine, state: ModelState) -> AsyncIterator[None]:
+    """The engine's only model instance speaks, without end, until the block is left."""
+    stop = threading.Event()
+
+    async def discard(audio: np.ndarray) -> None:
+        pass
+
+    speaking = asyncio.create_task(
+        engine.synthesize(state, "on and on " * 50, max_samples=10**9, cancel=stop, sink=discard)
+    )
+
+    async def taken() -> bool:
+        return engine.idle_instances == 0
+
+    await eventually(taken, "the model instance to be taken")
+    try:
+        yield
+    finally:
+        stop.set()
+        await speaking
+
+
+async def test_a_preview_that_waits_too_long_for_a_busy_worker_answers_504_and_is_never_synthesised(
+    gateway_settings: Settings,
+    bus: Bus,
+    tts_checkpoint: Path,
+    tts_engine: Engine,
+    redis_url: str,
+    key_prefix: str,
+) -> None:
+    assert tts_engine.instances == 1
+    settings = gateway_settings(voice_preview_timeout_s=1.0)
+    worker_settings = tts_settings(tts_checkpoint, settings.data_dir, redis_url, key_prefix)
+    async with gateway(settings) as client, running_worker(bus, worker_settings, tts_engine) as worker:
+        voice_id = (await upload(client, SPEECH.read_bytes())).json()["id"]
+        state = await worker.s.voices.get(voice_id)
+        dropped = dropped_stale_previews()
+        async with busy(tts_engine, state):
+            started = time.monotonic()
+            response = await client.post(f"/v1/voices/{voice_id}/preview", json={"text": "Hello."})
+            waited = time.monotonic() - started
+        # The worker took the request at once; its model instance came free after the deadline.
+
+        async def stale_dropped() -> bool:
+            return dropped_stale_previews() == dropped + 1
+
+        await eventually(stale_dropped, "the worker to drop the stale preview", timeout_s=10)
+        assert tts_engine.idle_instances == 1, "nothing was synthesised for it"
+    assert_busy_timeout(response)
+    assert 1.0 <= waited < 2.5, "the answer came at the deadline, not at the Redis client's timeout"
+
+
+async def test_previews_queued_behind_each_other_answer_200_or_504_in_bounded_time(
+    gateway_settings: Settings,
+    bus: Bus,
+    tts_checkpoint: Path,
+    tts_engine: Engine,
+    redis_url: str,
+    key_prefix: str,
+) -> None:
+    settings = gateway_settings(voice_preview_timeout_s=1.5)
+    worker_settings = tts_settings(tts_checkpoint, settings.data_dir, redis_url, key_prefix)
+    async with gateway(settings) as client, running_worker(bus, worker_settings, tts_engine):
+        voice_ids = [(await upload(client, SPEECH.read_bytes())).json()["id"] for _ in range(3)]
+        # Right after the uploads the worker is still computing their voice states.
+        started = time.monotonic()
+        text = "This is a rather long sentence to say in my own voice, word after word."
+        responses = await asyncio.gather(
+            *(client.post(f"/v1/voices/{v}/preview", json={"text": text}) for v in voice_ids * 2)
+        )
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.5 + 2.0
+    for response in responses:
+        if response.status_code != 200:
+            assert_busy_timeout(response)
 
 
 # --- the CLI --------------------------------------------------------------------------------------

@@ -1,0 +1,64 @@
+"""Which failures from below have a meaning for clients (`outage_error`), and how problems carry it."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.gateway.problems import outage_error, problem_response
+from shared.errors import GatewayTimeout, NotFound
+
+SCRIPT_OOM = (
+    "Error running script (call to f_8045): @user_script:2: @user_script: 2: "
+    "-OOM command not allowed when used memory > 'maxmemory'."
+)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."),
+        RedisTimeoutError("Timeout reading from 127.0.0.1:6379"),
+        BusyLoadingError("Redis is loading the dataset in memory"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        ResponseError("OOM command not allowed when used memory > 'maxmemory'."),
+        ResponseError(SCRIPT_OOM),
+        ResponseError("READONLY You can't write against a read only replica."),
+    ],
+    ids=["refused", "timeout", "loading", "reset", "oom", "oom_in_script", "readonly"],
+)
+def test_redis_that_cannot_serve_now_is_a_retryable_503(exc: Exception) -> None:
+    error = outage_error(exc)
+    assert error is not None
+    assert (error.status, error.code, error.retryable) == (503, "service_unavailable", True)
+    assert "127.0.0.1" not in error.detail, "no internals in what clients see"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_data_volume_is_a_retryable_507(code: int) -> None:
+    error = outage_error(OSError(code, "No space left on device"))
+    assert error is not None
+    assert (error.status, error.code, error.retryable) == (507, "insufficient_storage", True)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        FileNotFoundError(errno.ENOENT, "No such file or directory"),
+        ValueError("a bug"),
+    ],
+)
+def test_anything_else_stays_a_bug(exc: Exception) -> None:
+    assert outage_error(exc) is None
+
+
+def test_every_retryable_problem_says_when_to_retry() -> None:
+    timeout = problem_response(GatewayTimeout("busy", retry_after_s=7))
+    assert (timeout.status_code, timeout.headers["retry-after"]) == (504, "7")
+    assert timeout.media_type == "application/problem+json"
+    assert "retry-after" not in problem_response(NotFound("gone")).headers

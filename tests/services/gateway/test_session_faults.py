@@ -1,0 +1,288 @@
+"""Both WebSocket protocols stop their conversation however the socket's life ends: the client leaving
+while the session waits for a slot, a malformed event, an error inside a loop, the server shutting down.
+
+The real gateway runs in-process under uvicorn against the test's redis-server and is reached over real
+sockets. The test plays the workers: presence records say a dialogue worker has free slots and a router
+runs, and the test writes what the router would (`ready` on the session's `:out`). A stopped session is
+one whose hash says `ended` (with why), whose `stop` is on the control stream for every worker, and whose
+id left its owner's set of live sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
+from shared.bus import Bus
+from shared.messages import CONTROL, EventName, SessionEvent, SessionStop
+from shared.presence import WorkerPresence
+from shared.redis_server import free_port
+from shared.sessions import SessionState
+
+HANDSHAKE, ERROR = 0x00, 0x05
+OWNER = ""  # auth is off: every caller is the anonymous owner
+SILENCE_80MS = base64.b64encode(bytes(3840)).decode()
+PROTOCOLS = ["moshi", "realtime"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class Gateway:
+    app: FastAPI
+    server: uvicorn.Server
+    serving: asyncio.Task[None]
+    ws_url: str
+
+    async def shut_down(self) -> None:
+        """What SIGTERM does: uvicorn closes every socket (code 1012), waits, runs the lifespan's exit."""
+        self.server.should_exit = True
+        await self.serving
+
+    def cancel_handlers(self) -> None:
+        """What uvicorn does to handlers still running after its graceful shutdown timeout."""
+        for task in self.server.server_state.tasks:
+            task.cancel()
+
+
+async def until(probe: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 5.0) -> T:
+    deadline = time.monotonic() + timeout_s
+    while not (result := await probe()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0.05)
+    return result
+
+
+@asynccontextmanager
+async def running_gateway(
+    redis_url: str, key_prefix: str, data_dir: Path, **overrides: Any
+) -> AsyncIterator[Gateway]:
+    port = free_port()
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "key_prefix": key_prefix,
+        "data_dir": data_dir,
+        "port": port,
+        "session_ready_timeout_s": 30.0,  # longer than any test waits: nothing here ends by timing out
+    }
+    values.update(overrides)
+    app = create_app(GatewaySettings(_env_file=None, **values))  # type: ignore[call-arg]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
+    await until(started, "uvicorn to listen")
+    gateway = Gateway(app, server, serving, f"ws://127.0.0.1:{port}")
+    # Real presence records: one dialogue worker with free slots and one router.
+    for service, fields in (("dialogue", {"free_slots": 8}), ("router", {})):
+        await WorkerPresence(
+            app.state.bus, service, "w1", ttl_s=60, interval_s=5, describe=lambda f=fields: f
+        ).beat()
+    try:
+        yield gateway
+    finally:
+        if not serving.done():
+            await gateway.shut_down()
+
+
+@pytest.fixture
+async def gateway(redis_url: str, key_prefix: str, tmp_path: Path) -> AsyncIterator[Gateway]:
+    async with running_gateway(redis_url, key_prefix, tmp_path) as running:
+        yield running
+
+
+# --- the two protocols, as a client opens a session -------------------------------------------------
+
+
+async def open_session(protocol: str, ws_url: str) -> tuple[ClientConnection, str]:
+    """Connect and start a conversation (it now waits for its dialogue slot); the socket and session id."""
+    if protocol == "moshi":
+        ws = await connect(f"{ws_url}/api/chat?voice=moshika")
+        assert ws.response is not None
+        return ws, ws.response.headers["x-chorus-session-id"]
+    ws = await connect(f"{ws_url}/v1/realtime?model=moshika")
+    created = json.loads(await ws.recv())
+    assert created["type"] == "session.created"
+    await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": SILENCE_80MS}))
+    return ws, created["session"]["id"]
+
+
+async def placing(bus: Bus, sid: str) -> None:
+    async def written() -> bool:
+        return await bus.redis.hget(bus.names.session(sid), "state") is not None
+
+    await until(written, f"session {sid} to be placed")
+
+
+async def ready(bus: Bus, sid: str, protocol: str, ws: ClientConnection) -> None:
+    """Play the router: the session has its slot. The moshi client waits for the handshake."""
+    await placing(bus, sid)
+    await bus.append(bus.names.session_output(sid), SessionEvent(session_id=sid, seq=0, name=EventName.READY))
+    if protocol == "moshi":
+        assert await asyncio.wait_for(ws.recv(), 5) == bytes([HANDSHAKE])
+    else:
+        await until(lambda: _active(bus, sid), "the gateway to read ready")
+
+
+async def _active(bus: Bus, sid: str) -> bool:
+    # The realtime client sees nothing on ready; the audio it sent before goes to `:in` once it is.
+    return bool(await bus.redis.xlen(bus.names.session_input(sid)))
+
+
+async def received_until_closed(ws: ClientConnection) -> list[str | bytes]:
+    messages: list[str | bytes] = []
+    try:
+        async with asyncio.timeout(5):
+            async for message in ws:
+                messages.append(message)
+    except ConnectionClosed:
+        pass
+    return messages
+
+
+# --- what a stopped session looks like --------------------------------------------------------------
+
+
+async def stop_entries(bus: Bus, sid: str) -> list[SessionStop]:
+    entries = [CONTROL.decode(e.fields) for e in await bus.range(bus.names.control)]
+    return [e for e in entries if isinstance(e, SessionStop) and e.session_id == sid]
+
+
+async def session_info(bus: Bus, sid: str) -> dict[str, str]:
+    raw = await bus.redis.hgetall(bus.names.session(sid))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+async def assert_stopped(bus: Bus, sid: str, reason: str, *, timeout_s: float = 5.0) -> None:
+    async def ended() -> dict[str, str] | None:
+        info = await session_info(bus, sid)
+        return info if info.get("state") == SessionState.ENDED else None
+
+    info = await until(ended, f"session {sid} to end", timeout_s)
+    assert info["end_reason"] == reason
+    assert [stop.reason for stop in await stop_entries(bus, sid)] == [reason], "every worker is told"
+    assert not await bus.redis.sismember(bus.names.owner_sessions(OWNER), sid), "its key's slot is free"
+
+
+# --- the client leaves ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_client_that_leaves_while_its_session_waits_for_a_slot_ends_it(
+    gateway: Gateway, bus: Bus, protocol: str
+) -> None:
+    ws, sid = await open_session(protocol, gateway.ws_url)
+    await placing(bus, sid)
+    await ws.close()
+    # Not after the 30 s ready timeout: the slot a worker may be priming for it is freed at once.
+    await assert_stopped(bus, sid, "client_closed")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_client_that_leaves_mid_session_ends_it(gateway: Gateway, bus: Bus, protocol: str) -> None:
+    ws, sid = await open_session(protocol, gateway.ws_url)
+    await ready(bus, sid, protocol, ws)
+    await ws.close()
+    await assert_stopped(bus, sid, "client_closed")
+
+
+# --- malformed input --------------------------------------------------------------------------------
+
+
+async def test_an_event_id_that_is_a_number_gets_an_error_event_and_the_socket_stays_usable(
+    gateway: Gateway,
+) -> None:
+    async with connect(f"{gateway.ws_url}/v1/realtime") as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "event_id": 5, "audio": "!!"}))
+        error = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert error["type"] == "error"
+        assert error["error"]["code"] == "invalid_event"
+        assert error["error"]["event_id"] == "5", "the client learns which of its events failed"
+        assert "event_id" in error["error"]["message"]
+        await ws.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
+        updated = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert updated["type"] == "session.updated"
+        assert updated["session"]["instructions"] == "Be brief."
+
+
+# --- an error inside a loop -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_an_error_in_a_loop_is_logged_told_to_the_client_and_ends_the_session(
+    gateway: Gateway, bus: Bus, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ws, sid = await open_session(protocol, gateway.ws_url)
+    await ready(bus, sid, protocol, ws)
+    # A real Redis error in the emit loop's read: `:out` is no longer a stream (WRONGTYPE).
+    out = bus.names.session_output(sid)
+    with caplog.at_level(logging.ERROR, logger="services.gateway"):
+        await bus.redis.delete(out)
+        await bus.redis.set(out, "not a stream")
+        messages = await received_until_closed(ws)
+        await assert_stopped(bus, sid, "error")
+    if protocol == "moshi":
+        assert messages[-1] == bytes([ERROR]) + b"internal error; the session ended"
+    else:
+        error = json.loads(messages[-1])
+        assert error["type"] == "error"
+        assert (error["error"]["type"], error["error"]["code"]) == ("server_error", "internal_error")
+    assert ws.close_code == 1011
+    (record,) = [r for r in caplog.records if r.exc_info and getattr(r, "session_id", None) == sid]
+    assert "WRONGTYPE" in str(record.exc_info[1])
+
+
+# --- the server shuts down --------------------------------------------------------------------------
+
+
+async def open_in_phase(
+    protocol: str, phase: str, gateway: Gateway, bus: Bus
+) -> tuple[ClientConnection, str]:
+    ws, sid = await open_session(protocol, gateway.ws_url)
+    if phase == "live":
+        await ready(bus, sid, protocol, ws)
+    else:
+        await placing(bus, sid)
+    return ws, sid
+
+
+@pytest.mark.parametrize("phase", ["waiting_for_a_slot", "live"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_server_shutting_down_stops_its_sessions_before_it_exits(
+    gateway: Gateway, bus: Bus, protocol: str, phase: str
+) -> None:
+    ws, sid = await open_in_phase(protocol, phase, gateway, bus)
+    await gateway.shut_down()
+    await assert_stopped(bus, sid, "shutdown", timeout_s=0)
+    assert ws.close_code == 1012
+
+
+@pytest.mark.parametrize("phase", ["waiting_for_a_slot", "live"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_cancelled_handler_still_stops_its_session(
+    gateway: Gateway, bus: Bus, protocol: str, phase: str
+) -> None:
+    ws, sid = await open_in_phase(protocol, phase, gateway, bus)
+    gateway.cancel_handlers()
+    await assert_stopped(bus, sid, "shutdown")
+    await ws.close()
