@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from shared.redis_server import EmbeddedRedis
-from tests.chaos.harness import Observer
+from tests.chaos.harness import Observer, listening_port
 from tests.e2e.stack import ChorusStack
 
 LEASE_S = 3.0
@@ -67,6 +67,10 @@ def make_stack(
             key_prefix=f"chaos{uuid.uuid4().hex[:6]}:",
             extra_env={**CHAOS_ENV, **env},
         )
+        ports: list[int] = []
+        for name in stack.ports:
+            ports.append(listening_port(ports))
+            stack.ports[name] = ports[-1]
         stacks.append(stack)
         return stack
 

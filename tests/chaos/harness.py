@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
+import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,14 +36,22 @@ M = TypeVar("M", bound=Envelope)
 
 
 async def wait_until(
-    check: Callable[[], Awaitable[T]], timeout_s: float, what: str, *, every_s: float = 0.1
+    check: Callable[[], Awaitable[T]],
+    timeout_s: float,
+    what: str,
+    *,
+    every_s: float = 0.1,
+    seen: Callable[[], object] | None = None,
 ) -> tuple[T, float]:
-    """Poll `check` until it returns something truthy; returns it and how long that took."""
+    """Poll `check` until it returns something truthy; returns it and how long that took. On timeout the
+    message shows the last value, or what `seen()` says."""
     began = time.monotonic()
     value = await check()
     while not value:
         elapsed = time.monotonic() - began
-        assert elapsed < timeout_s, f"{what}: not within {timeout_s:g} s (last: {value!r})"
+        assert elapsed < timeout_s, (
+            f"{what}: not within {timeout_s:g} s (last: {seen() if seen else value!r})"
+        )
         await asyncio.sleep(every_s)
         value = await check()
     return value, time.monotonic() - began
@@ -75,6 +85,23 @@ def wait_serving(stack: ChorusStack, timeout_s: float = 120, **serving: int) -> 
     raise AssertionError(f"not serving {serving} within {timeout_s}s: {body}\n{logs}")
 
 
+def listening_port(taken: Iterable[int] = ()) -> int:
+    """A free port below the kernel's ephemeral range (32768-60999 on Linux). `free_port()` hands out
+    ephemeral ports, which any outgoing connection on the machine (a Redis client, another engineer's
+    tests) may take as its local port before our worker binds it: "address already in use"."""
+    taken = set(taken)
+    while True:
+        port = random.randrange(20_000, 32_000)
+        if port in taken:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+
+
 def start_services(stack: ChorusStack, *instances: str, timeout_s: float = 120) -> None:
     """Start worker instances ("dialogue", "dialogue-2", "router", ...) and the gateway, and wait until
     every one of them is serving."""
@@ -82,6 +109,8 @@ def start_services(stack: ChorusStack, *instances: str, timeout_s: float = 120) 
     wanted: dict[str, int] = {}
     for instance in instances:
         service = instance.split("-")[0]
+        if instance not in stack.ports:  # a further worker's health port (the stack would take any)
+            stack.ports[instance] = listening_port(stack.ports.values())
         stack.start(service, instance)
         wanted[service] = wanted.get(service, 0) + 1
     stack.start("gateway")

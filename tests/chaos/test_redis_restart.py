@@ -94,11 +94,6 @@ REST_WHILE_DOWN = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="waits on branch gateway-faults: the rate-limit middleware and the session routes let Redis "
-    "ConnectionErrors through as 500 text/plain",
-)
 async def test_rest_answers_503_problem_json_while_redis_is_down(
     own_redis: EmbeddedRedis, make_stack: MakeStack
 ) -> None:
