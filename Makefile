@@ -27,7 +27,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not chaos or chaos_smoke"
 
-# Every fault case against real processes: kill -9, SIGSTOP, Redis restarts, abusive clients (~10 min).
+# Every fault case against real processes: kill -9, SIGSTOP, Redis restarts, abusive clients (~4 min).
 chaos: $(STAMP)
 	$(BIN)/python -m pytest -m chaos tests/chaos
 
