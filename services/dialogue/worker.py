@@ -87,6 +87,7 @@ class Session:
     utterances: UtteranceBuilder
     cursor: str | None = None  # position in :in, from the moment the session listens
     late_frames: int = 0
+    announce_due: bool = False  # its `ready` / `resumed` is not on :dlg yet (went live; the write failed)
 
     @property
     def sid(self) -> str:
@@ -319,7 +320,8 @@ class DialogueWorker:
                 continue
             stream = self.bus.names.session_dialogue(session.sid)
             entries = writes.setdefault(session.sid, [])
-            if out.went_live:
+            session.announce_due = session.announce_due or out.went_live
+            if session.announce_due:
                 entries.append((stream, self._started_event(session)))
                 went_live.append(session.sid)
             if out.pcm is None or out.text_token is None:
@@ -332,6 +334,9 @@ class DialogueWorker:
             if text or closed is not None:
                 spoke[session.sid] = [closed.record()] if closed is not None else []
         lost = await self.bus.append_sessions(writes, self.ownership.fence)
+        for sid in went_live:
+            if (session := self.sessions.get(sid)) is not None:
+                session.announce_due = False
         for sid in lost:
             await self._forget(sid, Liveness.MOVED)
         await self._save_progress(
