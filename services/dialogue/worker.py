@@ -464,14 +464,16 @@ class DialogueWorker:
     async def end(self, sid: str, reason: str) -> None:
         """Stop serving a session: `ended` on :dlg, free its row, record its last words, let its keys go."""
         async with self._table:
-            session = self.sessions.pop(sid, None)
+            session = self.sessions.get(sid)
             if session is None:
                 return
             ended = SessionEvent(session_id=sid, seq=session.take_seq(), name=EventName.ENDED, detail=reason)
-            # `ended` goes out before the slot shows free: whoever sees the slot free finds it ended.
+            # `ended` goes out before the slot shows free: whoever sees the slot free finds it ended. If
+            # the write fails (Redis away), the session stays, and the stop is applied again.
             await self.bus.append_session(
                 sid, [(self.bus.names.session_dialogue(sid), ended)], self.ownership.fence
             )
+            del self.sessions[sid]
             self.batcher.leave(session.row)
         await self._slots_changed()
         if (utterance := session.utterances.flush()) is not None:
