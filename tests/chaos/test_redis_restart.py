@@ -10,8 +10,11 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from shared.bus import Bus
 from shared.redis_server import EmbeddedRedis
+from shared.streams import StreamNames
 from tests.chaos.conftest import LEASE_S, SESSION_CHECK_S
 from tests.chaos.harness import Call, Observer, start_services, wait_until
 from tests.e2e.helpers import MoshiClient
@@ -27,26 +30,30 @@ NEW_SESSION_TARGET_S = 5.0  # the issue's promise, from Redis being back to a ne
 ALLOWANCE_S = 2.0  # a busy 2-core machine
 
 
+def fmt(seconds: list[float]) -> str:
+    return ", ".join(f"{s:.2f}" for s in seconds)
+
+
 def kill(redis: EmbeddedRedis) -> None:
     assert redis.process is not None
     redis.process.kill()
     redis.process.wait()
 
 
-async def handshake_within(ws_url: str, timeout_s: float) -> list[str]:
-    """Open new sessions until one gets its handshake, as a client would; every refusal's reason, in
-    order. Each attempt is bounded (a hang is a failure, not a retry)."""
+async def handshake_within(ws_url: str, timeout_s: float) -> tuple[MoshiClient, list[str]]:
+    """Open new sessions until one gets its handshake, as a client would: that client, and every
+    refusal's reason, in order. Each attempt is bounded (a hang is a failure, not a retry)."""
     deadline = time.monotonic() + timeout_s
     refusals: list[str] = []
-    while time.monotonic() < deadline:
+    while (left := deadline - time.monotonic()) > 0:
         try:
-            client = await asyncio.wait_for(MoshiClient.open(ws_url, voice="moshiko"), timeout_s)
+            async with asyncio.timeout(left):
+                return await MoshiClient.open(ws_url, voice="moshiko"), refusals
         except ConnectionRefusedError as refused:  # the gateway said why (a protocol error message)
             refusals.append(str(refused))
             await asyncio.sleep(0.2)
-            continue
-        await client.ws.close()
-        return refusals
+        except TimeoutError:
+            break
     raise AssertionError(f"no new session within {timeout_s:g} s; refusals: {refusals}")
 
 
@@ -63,8 +70,9 @@ async def test_a_redis_restart_loses_sessions_cleanly_and_new_sessions_work_with
     own_redis.start()
     back_at = time.monotonic()
 
-    refusals = await handshake_within(stack.ws_url, NEW_SESSION_TARGET_S + ALLOWANCE_S)
+    client, refusals = await handshake_within(stack.ws_url, NEW_SESSION_TARGET_S + ALLOWANCE_S)
     took = time.monotonic() - back_at
+    await client.ws.close()
     print(f"redis restart: a new session had its handshake {took:.2f} s after Redis was back; {refusals=}")
 
     closed = await call.finished(LEASE_S + ALLOWANCE_S)
@@ -111,3 +119,38 @@ async def test_rest_answers_503_problem_json_while_redis_is_down(
     own_redis.start()
     print(f"REST while Redis is down: {answers}")
     assert all(answer == (503, "application/problem+json") for answer in answers.values()), answers
+
+
+ROUNDS = 10
+
+
+async def test_dropped_redis_connections_never_lose_a_new_session_or_its_slot(
+    own_redis: EmbeddedRedis, make_stack: MakeStack, observe: Observe
+) -> None:
+    """Redis drops every client connection (a proxy or a managed Redis failing over, `CLIENT KILL`),
+    keeping its data, just as a new session starts: the first write on each pooled connection fails.
+    Each new session still gets its handshake, and its slot back once the client hangs up."""
+    stack = make_stack(own_redis.url)
+    start_services(stack, "router", "tts", "dialogue")
+    observer = await observe(stack)
+    admin = await Bus.connect(own_redis.url, StreamNames(stack.key_prefix))
+    took: list[float] = []
+    try:
+        for _ in range(ROUNDS):
+            await admin.redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            dropped_at = time.monotonic()
+            client, _ = await handshake_within(stack.ws_url, NEW_SESSION_TARGET_S + ALLOWANCE_S)
+            took.append(time.monotonic() - dropped_at)
+            await client.ws.close()
+
+            async def all_slots_free() -> bool:
+                try:
+                    free, capacity = await observer.dialogue_slots()
+                except RedisConnectionError:  # the observer's connection was dropped too
+                    return False
+                return free == capacity > 0
+
+            await wait_until(all_slots_free, SESSION_CHECK_S + ALLOWANCE_S, "the slot free again")
+    finally:
+        await admin.close()
+    print(f"connections dropped {ROUNDS} times: new sessions had their handshake after {fmt(took)} s")
