@@ -6,7 +6,7 @@ STAMP := $(VENV)/.chorus-installed
 TORCH_VERSION ?= 2.13.0
 MOSHI_VERSION ?= 0.2.13
 
-.PHONY: install run test lint bench soak compose-check k8s-check checkpoints clean
+.PHONY: install run test chaos lint bench soak compose-check k8s-check checkpoints clean
 
 # Two steps on purpose: torch first (the local CPU build), then moshi without its pins
 # (it pins torch<2.10, sounddevice and bitsandbytes, none needed to run its models), then us.
@@ -23,8 +23,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/chorus up
 
+# The fault-injection suite (tests/chaos, marker `chaos`) is slow: `make test` runs only its smoke subset.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not chaos or chaos_smoke"
+
+# Every fault case against real processes: kill -9, SIGSTOP, Redis restarts, abusive clients (~4 min).
+chaos: $(STAMP)
+	$(BIN)/python -m pytest -m chaos tests/chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -89,6 +89,7 @@ class Session:
     utterances: UtteranceBuilder
     cursor: str | None = None  # position in :in, from the moment the session listens
     late_frames: int = 0
+    announce_due: bool = False  # its `ready` / `resumed` is not on :dlg yet (went live; the write failed)
 
     @property
     def sid(self) -> str:
@@ -329,7 +330,8 @@ class DialogueWorker:
                 continue
             stream = self.bus.names.session_dialogue(session.sid)
             entries = writes.setdefault(session.sid, [])
-            if out.went_live:
+            session.announce_due = session.announce_due or out.went_live
+            if session.announce_due:
                 entries.append((stream, self._started_event(session)))
                 went_live.append(session.sid)
             if out.pcm is None or out.text_token is None:
@@ -342,6 +344,9 @@ class DialogueWorker:
             if text or closed is not None:
                 spoke[session.sid] = [closed.record()] if closed is not None else []
         lost = await self.bus.append_sessions(writes, self.ownership.fence)
+        for sid in went_live:
+            if (session := self.sessions.get(sid)) is not None:
+                session.announce_due = False
         for sid in lost:
             await self._forget(sid, Liveness.MOVED)
         await self._save_progress(
@@ -470,14 +475,16 @@ class DialogueWorker:
     async def end(self, sid: str, reason: str) -> None:
         """Stop serving a session: `ended` on :dlg, free its row, record its last words, let its keys go."""
         async with self._table:
-            session = self.sessions.pop(sid, None)
+            session = self.sessions.get(sid)
             if session is None:
                 return
             ended = SessionEvent(session_id=sid, seq=session.take_seq(), name=EventName.ENDED, detail=reason)
-            # `ended` goes out before the slot shows free: whoever sees the slot free finds it ended.
+            # `ended` goes out before the slot shows free: whoever sees the slot free finds it ended. If
+            # the write fails (Redis away), the session stays, and the stop is applied again.
             await self.bus.append_session(
                 sid, [(self.bus.names.session_dialogue(sid), ended)], self.ownership.fence
             )
+            del self.sessions[sid]
             self.batcher.leave(session.row)
         await self._slots_changed()
         if (utterance := session.utterances.flush()) is not None:

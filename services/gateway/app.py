@@ -53,7 +53,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             yield
         finally:
             stop.set()
-            await finish_stops()
+            await finish_stops()  # stops still running for sockets the shutdown cancelled
             await cancel_and_wait(*background)
             await bus.close()
 

@@ -258,8 +258,10 @@ class RealtimeSession:
         try:
             self.early.extend(await place(self.websocket, conversation))
         except ChorusError as exc:
-            # Refused (no capacity, no slot in time): the socket stays open, the next audio tries again.
+            # Refused (no capacity, no slot in time): the socket stays open, the next audio tries again,
+            # as a new session: every worker remembers the refused id as stopped, and its `:out` ends.
             self.conversation = None
+            self.session_id = _new_id("sess")
             await end_conversation(conversation, exc.code)
             raise
         self.started.set()

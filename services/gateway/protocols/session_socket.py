@@ -108,9 +108,9 @@ def open_conversation(
 
 
 async def place(websocket: WebSocket, conversation: Conversation) -> list[Message]:
-    """Start the conversation and wait until its session is ready (`wait_ready_watching`): refused at
-    once when Redis is nearly full or too many conversations already wait for a slot; NoCapacity after the
-    placement wait. Returns what the client sent meanwhile."""
+    """Start the conversation and wait until its session is ready, watching the socket meanwhile
+    (`wait_ready_watching`): refused at once when Redis is nearly full or too many conversations already
+    wait for a slot; NoCapacity after the placement wait. Returns what the client sent meanwhile."""
     admission: Admission = websocket.app.state.admission
     await admission.check_memory()
     async with admission.in_queue():
@@ -232,8 +232,9 @@ async def serve_and_stop(
 
 
 async def end_conversation(conversation: Conversation, reason: str) -> None:
-    """`conversation.stop(reason)`: shielded from the handler's cancellation (a server shutting down
-    still frees the dialogue slot) and bounded by `STOP_TIMEOUT_S` (conversation.py)."""
+    """`conversation.stop(reason)`: shielded from the handler's cancellation (a server shutting down still
+    frees the dialogue slot) and bounded (`Conversation.stop`); a failure is logged, never raised into the
+    socket's close."""
     try:
         await conversation.stop(reason)
     except Exception:
