@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -152,6 +154,9 @@ class Bus:
             socket_connect_timeout=timeout_s,
             socket_timeout=socket_timeout_s,
             health_check_interval=30,
+            # After Redis restarted (or dropped clients), every idle pooled connection is dead and its
+            # next command fails: one immediate retry on a fresh connection, never on a timeout.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         try:
             async with asyncio.timeout(timeout_s):

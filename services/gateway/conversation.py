@@ -186,12 +186,14 @@ class Conversation:
         self._splitter.clear()
 
     async def outputs(self, start: str = "0-0") -> AsyncIterator[OutputMessage]:
-        """The router's output for this session, in order. Waits out a short Redis outage; raises
+        """The router's output for this session, in order, without repeats. Waits out a short Redis
+        outage; raises
         SessionLost when the session ended without this gateway, ServiceUnavailable when Redis stays
         away longer than the session's lease (workers will have ended it by then)."""
         cursor = start
         backoff = Backoff()
         outage_since: float | None = None
+        last_seq = -1  # a router that retried a write it could not confirm may repeat entries
         while True:
             if self._lost is not None:
                 raise SessionLost(_LOST_REASONS.get(self._lost, self._lost), reason=self._lost)
@@ -208,6 +210,9 @@ class Conversation:
             outage_since = None
             backoff.reset()
             for message in messages:
+                if message.seq <= last_seq:
+                    continue
+                last_seq = message.seq
                 metrics.STREAM_LAG.labels(stream_kind="out").observe(
                     max(0.0, time.time() - message.created_at)
                 )

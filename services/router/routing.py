@@ -268,23 +268,33 @@ class Router:
                     out.merge(mixer.on_dialogue(dialogue))
 
     async def _publish(self, sessions: Iterable[RoutedSession]) -> None:
+        taken = [(session, session.pending) for session in sessions]
         outputs: dict[str, list[tuple[str, Envelope]]] = {}
         flushes: list[tuple[str, Envelope]] = []
-        for session in sessions:
-            out, session.pending = session.pending, MixerOutput()
+        for session, out in taken:
+            session.pending = MixerOutput()
             stream = self.names.session_output(session.sid)
             outputs[session.sid] = [(stream, message) for message in out.messages]
             if out.flush_tts:
                 flushes.append((self.names.control, SessionFlush(session_id=session.sid)))
+        try:
+            # Flushes first: control beats data (the TTS drops what the user interrupted as early as
+            # possible, and whoever sees the barge-in on :out finds the flush already asked for).
+            await self.bus.append_many(flushes)
+            lost = await self.bus.append_sessions(outputs, self.ownership.fence)
+        except Exception:
+            # Not written (Redis away): each session gets its output back, ahead of what comes next, and
+            # the next round writes it (`ready` or `ended` must not be lost; the gateway drops repeats).
+            for session, out in taken:
+                session.pending = out.merge(session.pending)
+            raise
+        for session, out in taken:
             for to, reason in out.switches:
                 metrics.VOICE_SWITCHES.labels(to=to, reason=reason).inc()
                 log.info("audio source switched to %s (%s)", to, reason, extra={"session_id": session.sid})
             for reason, count in out.dropped.items():
                 metrics.FRAMES_DROPPED.labels(service=SERVICE, reason=reason).inc(count)
-        # Flushes first: control beats data (the TTS drops what the user interrupted as early as possible,
-        # and whoever sees the barge-in on :out finds the flush already asked for).
-        await self.bus.append_many(flushes)
-        for sid in await self.bus.append_sessions(outputs, self.ownership.fence):
+        for sid in lost:
             await self._forget(sid, Liveness.MOVED)
 
     async def _finish_stopped(self) -> None:

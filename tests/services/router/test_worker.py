@@ -8,6 +8,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
+import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.router.routing import Router
 from services.router.settings import RouterSettings
@@ -33,6 +35,7 @@ from shared.messages import (
 )
 from shared.ownership import SessionOwnership, TakeOutcome
 from shared.presence import WorkerPresence
+from shared.redis_server import EmbeddedRedis
 from shared.sessions import SessionStore
 from shared.streams import StreamNames
 from tests.sessions import open_session
@@ -228,7 +231,8 @@ async def test_stop_ends_the_session_releases_it_and_expires_its_keys(bus: Bus, 
         await play.wait_output(lambda o: len(audio(o)) == 1, "an audio frame")
         await bus.append_control(SessionStop(session_id=SID, reason="client_closed"))
         out = await play.wait_output(lambda o: bool(events(o, EventName.ENDED)), "ended")
-        assert router.sessions == {}
+        # `ended` goes out first; the router lets the session go right after (a few Redis calls later).
+        await play.wait_output(lambda _: router.sessions == {}, "the router to let the session go")
     assert events(out, EventName.ENDED)[0].detail == "client_closed"
     pending = await bus.redis.xpending(names.control, "router")
     assert pending["pending"] == 0, "the start was acked"
@@ -269,3 +273,29 @@ async def test_the_start_of_a_session_that_is_already_over_is_ignored(bus: Bus, 
         await play.start("moshiko", "native")
         await play.wait_output(lambda _: SID in router.sessions, "the live session taken")
         assert "gone" not in router.sessions
+
+
+async def test_output_that_could_not_be_written_is_not_lost_but_written_next_round(
+    names: StreamNames,
+) -> None:
+    """A write that fails (Redis paused past the socket timeout) keeps the session's output: `ended` or
+    `ready` must reach the client, not vanish with the failed round."""
+    with EmbeddedRedis() as server:
+        bus = await Bus.connect(server.url, names, socket_timeout_s=0.5)
+        try:
+            router = Router(bus, RouterSettings(worker_id="router-1"), make_detector=EnergyFallbackDetector)
+            start = await router.ownership.admit(await open_session(bus, SID, voice="moshiko"))
+            assert start is not None
+            await router._open(start, failover=False)
+            session = router.sessions[SID]
+            session.pending.merge(session.mixer.end("client_closed"))
+            await bus.redis.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+            with pytest.raises(RedisTimeoutError):
+                await router._publish([session])
+            assert [m.name for m in session.pending.messages if isinstance(m, SessionEvent)] == ["ended"]
+            await asyncio.sleep(1.5)  # the pause is over
+            await router._publish([session])
+            written = [OUTPUT.decode(e.fields) for e in await bus.range(names.session_output(SID))]
+            assert [m.name for m in written if isinstance(m, SessionEvent)] == ["ended"], "once, not lost"
+        finally:
+            await bus.close()
