@@ -99,8 +99,8 @@ async def keep_running(
                 failures = 0
             failures += 1
             delay = backoff.next_delay()
-            # The first failure of an outage is a warning; the repeats while it lasts are not news.
-            level = logging.WARNING if failures == 1 else logging.DEBUG
+            # The first failure of an outage is a warning; while it lasts, every tenth says it still does.
+            level = logging.WARNING if failures % 10 == 1 else logging.DEBUG
             log.log(
                 level,
                 "%s: Redis unavailable (%s: %s), retrying in %.2fs",
