@@ -22,6 +22,7 @@ Each loop here runs under `shared.retry.keep_running`: a Redis outage is waited 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from collections import OrderedDict
@@ -318,14 +319,16 @@ class SessionOwnership:
         capacity: Callable[[], int],
         on_takeover: Callable[[Takeover], Awaitable[None]],
         poll_s: float,
+        placing: asyncio.Lock | None = None,
     ) -> None:
-        """Every `poll_s`: take over sessions of dead workers, up to `capacity()` at a time."""
+        """Every `poll_s`: take over sessions of dead workers, up to `capacity()` at a time. `placing`: a
+        lock the worker's own placement holds too, so the two never count the same free slot."""
 
         async def loop() -> None:
             while not stop.is_set():
-                room = capacity()
-                if room > 0:
-                    for takeover in await self.take_over(room):
+                async with placing or contextlib.nullcontext():
+                    room = capacity()
+                    for takeover in await self.take_over(room) if room > 0 else []:
                         await on_takeover(takeover)
                 await sleep_unless_stopped(stop, poll_s)
 

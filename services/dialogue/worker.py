@@ -170,6 +170,7 @@ class DialogueWorker:
             can_take=self.can_take,
         )
         self._table = asyncio.Lock()  # the slot table changes only between steps
+        self._placing = asyncio.Lock()  # placement and failover never count the same free slot
         self._joined = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dialogue-model")
         metrics.WORKER_SLOTS_TOTAL.labels(service=SERVICE).set(self.batcher.batch_size)
@@ -212,6 +213,7 @@ class DialogueWorker:
                         capacity=lambda: len(self.batcher.free_rows()),
                         on_takeover=self._on_takeover,
                         poll_s=self.settings.failover_poll_s,
+                        placing=self._placing,
                     ),
                     name="failover",
                 )
@@ -400,10 +402,11 @@ class DialogueWorker:
         sid = message.session_id
         if sid in self.sessions:
             return
-        if not self.can_take():  # a takeover filled the last slot since the read: retried later
-            raise NoCapacity("no free slot; the start stays pending for another worker", session_id=sid)
-        if (start := await self.ownership.admit(message)) is not None:
-            await self._place(start, resumed_from=None)
+        async with self._placing:
+            if not self.can_take():  # a takeover filled the last slot since the read: retried later
+                raise NoCapacity("no free slot; the start stays pending for another worker", session_id=sid)
+            if (start := await self.ownership.admit(message)) is not None:
+                await self._place(start, resumed_from=None)
 
     async def _on_takeover(self, takeover: Takeover) -> None:
         await self._place(takeover.start, resumed_from=takeover.previous_worker, info=takeover.info)

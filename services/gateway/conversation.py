@@ -104,11 +104,11 @@ class Conversation:
             voice_mode=self.voice_mode,
         )
         self.started = True  # from here on, `stop` must run: the owner's set holds the session
+        metrics.SESSIONS_ACTIVE.labels(service="gateway").inc()
         await self._begin_transcript()
         await self.store.open(start, lease_s=self.lease_s)
         if self.leases is not None:
             self.leases.add(self.session_id, self._on_lost)
-        metrics.SESSIONS_ACTIVE.labels(service="gateway").inc()
         log.info("session started", extra={**self.log_extra, "voice": self.voice, "persona": self.persona.id})
 
     async def _begin_transcript(self) -> None:
