@@ -1,0 +1,117 @@
+"""Fixtures of the hostile-client suite: a real gateway process (`python -m chorus.cli gateway`, as its
+container runs it) against the suite's redis-server, reached over real sockets. Tests that need a whole
+conversation start the other services too (`tests/e2e/stack.py`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shared.redis_server import free_port
+from tests.conftest import REPO_ROOT
+
+
+@dataclass
+class GatewayProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    key_prefix: str
+    data_dir: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def rss_mb(self) -> float:
+        """Resident memory now (Linux)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+
+StartGateway = Callable[..., GatewayProcess]
+
+
+@pytest.fixture
+def start_gateway(redis_url: str, tmp_path: Path) -> Iterator[StartGateway]:
+    """`start_gateway(**env)`: a gateway process with these CHORUS_* settings added; it is up (its
+    /healthz answers) when this returns, or the test fails with its log. Stopped at the end."""
+    started: list[GatewayProcess] = []
+
+    def start(wait: bool = True, **env: str) -> GatewayProcess:
+        port = free_port()
+        prefix = f"sec{uuid.uuid4().hex[:8]}:"
+        data_dir = tmp_path / f"data-{len(started)}"
+        log = tmp_path / f"gateway-{len(started)}.log"
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
+        environment.update(
+            {
+                "CHORUS_REDIS_URL": redis_url,
+                "CHORUS_KEY_PREFIX": prefix,
+                "CHORUS_DATA_DIR": str(data_dir),
+                "CHORUS_PORT": str(port),
+                "CHORUS_LOG_FORMAT": "text",
+                **env,
+            }
+        )
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "chorus.cli", "gateway"],
+                cwd=REPO_ROOT,
+                env=environment,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        gateway = GatewayProcess(process, port, prefix, data_dir, log)
+        started.append(gateway)
+        if wait:
+            _wait_healthy(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        if gateway.process.poll() is None:
+            os.killpg(gateway.process.pid, signal.SIGTERM)
+            try:
+                gateway.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(gateway.process.pid, signal.SIGKILL)
+                gateway.process.wait()
+
+
+def _wait_healthy(gateway: GatewayProcess, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if gateway.process.poll() is not None:
+            pytest.fail(
+                f"the gateway exited with {gateway.process.returncode}:\n{gateway.log_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(f"{gateway.url}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"the gateway did not answer /healthz within {timeout_s} s:\n{gateway.log_text()[-3000:]}")
