@@ -345,7 +345,14 @@ class DialogueWorker:
             closed = session.utterances.push(seq, text)
             if text or closed is not None:
                 spoke[session.sid] = [closed.record()] if closed is not None else []
-        lost = await self.bus.append_sessions(writes, self.ownership.fence)
+        try:
+            lost = await self.bus.append_sessions(writes, self.ownership.fence)
+        except Exception:
+            # Redis is away: this tick's audio is gone (it is live), its finished words are not.
+            for sid, finished in spoke.items():
+                for utterance in finished:
+                    self.transcripts.append(sid, utterance)
+            raise
         for sid in went_live:
             if (session := self.sessions.get(sid)) is not None:
                 session.announce_due = False
@@ -376,9 +383,9 @@ class DialogueWorker:
             await pipe.execute()
 
     async def _record(self, sid: str, utterance: dict[str, Any]) -> None:
-        """A finished utterance: the live list now, the durable log soon after (off the tick)."""
-        await self.store.append_utterance(sid, utterance)
+        """A finished utterance: the durable log soon after (off the tick), the live list now."""
         self.transcripts.append(sid, utterance)
+        await self.store.append_utterance(sid, utterance)
 
     def _started_event(self, session: Session) -> SessionEvent:
         data: dict[str, Any] = {
