@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -50,10 +51,21 @@ def redis_server_version(binary: str) -> tuple[int, ...]:
     return tuple(int(x) for x in token[2:].split("."))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(taken: Iterable[int] = ()) -> int:
+    """A free port below the kernel's ephemeral range (32768-60999 on Linux): a port the kernel hands out
+    for port 0 is ephemeral, and any outgoing connection on the machine may take it as its local port
+    before our server binds it ("address already in use")."""
+    taken = set(taken)
+    while True:
+        port = random.randrange(20_000, 32_000)
+        if port in taken:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
 
 
 def _die_with_parent() -> Callable[[], None] | None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.redis_server import EmbeddedRedis
-from tests.chaos.harness import Observer, listening_port
+from shared.redis_server import EmbeddedRedis, free_port
+from tests.chaos.harness import Observer
 from tests.e2e.stack import ChorusStack
 
 LEASE_S = 3.0
@@ -69,7 +69,7 @@ def make_stack(
         )
         ports: list[int] = []
         for name in stack.ports:
-            ports.append(listening_port(ports))
+            ports.append(free_port(ports))
             stack.ports[name] = ports[-1]
         stacks.append(stack)
         return stack

@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
-import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,6 +21,7 @@ from shared.audio import FRAME_SEC
 from shared.bus import Bus
 from shared.messages import DIALOGUE, OUTPUT, TTS, Codec, Envelope
 from shared.presence import list_workers
+from shared.redis_server import free_port
 from shared.streams import StreamNames
 from tests.e2e.conftest import speech_like
 from tests.e2e.helpers import AUDIO, ERROR, TEXT, MoshiClient, frames
@@ -85,23 +84,6 @@ def wait_serving(stack: ChorusStack, timeout_s: float = 120, **serving: int) -> 
     raise AssertionError(f"not serving {serving} within {timeout_s}s: {body}\n{logs}")
 
 
-def listening_port(taken: Iterable[int] = ()) -> int:
-    """A free port below the kernel's ephemeral range (32768-60999 on Linux). `free_port()` hands out
-    ephemeral ports, which any outgoing connection on the machine (a Redis client, another engineer's
-    tests) may take as its local port before our worker binds it: "address already in use"."""
-    taken = set(taken)
-    while True:
-        port = random.randrange(20_000, 32_000)
-        if port in taken:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        return port
-
-
 def start_services(stack: ChorusStack, *instances: str, timeout_s: float = 120) -> None:
     """Start worker instances ("dialogue", "dialogue-2", "router", ...) and the gateway, and wait until
     every one of them is serving."""
@@ -110,7 +92,7 @@ def start_services(stack: ChorusStack, *instances: str, timeout_s: float = 120) 
     for instance in instances:
         service = instance.split("-")[0]
         if instance not in stack.ports:  # a further worker's health port (the stack would take any)
-            stack.ports[instance] = listening_port(stack.ports.values())
+            stack.ports[instance] = free_port(stack.ports.values())
         stack.start(service, instance)
         wanted[service] = wanted.get(service, 0) + 1
     stack.start("gateway")
