@@ -30,7 +30,8 @@ class ChorusStack:
     ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.ports = {name: free_port() for name in SERVICES}
+        for name in SERVICES:
+            self.ports[name] = free_port(self.ports.values())
 
     @property
     def url(self) -> str:
@@ -61,7 +62,7 @@ class ChorusStack:
             }
         )
         if instance != service:  # a second worker of a service: its own health port
-            self.ports.setdefault(instance, free_port())
+            self.ports.setdefault(instance, free_port(self.ports.values()))
             env[f"CHORUS_{service.upper()}_HTTP_PORT"] = str(self.ports[instance])
         env.update(self.extra_env)
         return env
