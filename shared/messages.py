@@ -19,6 +19,7 @@ design names them, and PCM needs no base64.
 from __future__ import annotations
 
 import json
+import re
 import time
 import typing
 from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin
@@ -30,10 +31,25 @@ from shared.errors import MalformedMessage
 
 PROTOCOL_VERSION = 1
 
-SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-PROFILE_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+# Pydantic checks these patterns with Rust's regex, where `$` is the end of the text. Python's `re` also
+# lets `$` match before a final newline ("moshiko\n"), so Python code checks a value with `valid_id` /
+# `valid_voice` (`fullmatch`), never with `re.match(PATTERN, ...)`.
+PROFILE_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"  # every id: sessions, voice profiles, personas
+SESSION_ID_PATTERN = rf"^{PROFILE_ID_PATTERN}$"
 NATIVE_VOICES = ("moshiko", "moshika")
 VOICE_PATTERN = rf"^(moshiko|moshika|profile:{PROFILE_ID_PATTERN})$"
+_ID = re.compile(PROFILE_ID_PATTERN)
+_VOICE = re.compile(VOICE_PATTERN)
+
+
+def valid_id(value: str) -> bool:
+    """A session, voice profile or persona id: what may become part of a Redis key or a storage path."""
+    return _ID.fullmatch(value) is not None
+
+
+def valid_voice(value: str) -> bool:
+    return _VOICE.fullmatch(value) is not None
+
 
 SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
 VoiceName = Annotated[str, Field(pattern=VOICE_PATTERN, description="moshiko, moshika or profile:<id>")]

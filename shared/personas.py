@@ -7,22 +7,18 @@ belong to nobody, every owner sees them, and they cannot be changed or deleted.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.errors import Conflict, InvalidRequest, NotFound
-from shared.messages import PersonaSpec, Sampling
+from shared.messages import PersonaSpec, Sampling, valid_id, valid_voice
 from shared.storage import Storage
-
-_VOICE = re.compile(r"^(moshiko|moshika|profile:[A-Za-z0-9_-]{1,64})$")
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def _check_voice(voice: str) -> str:
-    if not _VOICE.match(voice):
+    if not valid_voice(voice):
         raise ValueError("voice must be 'moshiko', 'moshika' or 'profile:<id>'")
     return voice
 
@@ -93,7 +89,7 @@ class PersonaStore:
 
     @staticmethod
     def _key(persona_id: str) -> str:
-        if not _ID.match(persona_id):
+        if not valid_id(persona_id):
             raise NotFound(f"no persona {persona_id!r}")
         return f"personas/{persona_id}.json"
 

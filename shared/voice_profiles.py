@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -26,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.audio import SAMPLE_RATE, FloatAudio, float_to_pcm16, pcm16_to_float, pcm16_to_wav, wav_to_pcm16
 from shared.errors import NotFound
-from shared.messages import PROFILE_ID_PATTERN
+from shared.messages import PROFILE_ID_PATTERN, valid_id
 from shared.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,6 @@ PREFIX = "voices/"
 PROFILE_FILE = "profile.json"
 CLIP_FILE = "clip.wav"
 PENDING_FILE = "pending.json"
-_VALID_ID = re.compile(PROFILE_ID_PATTERN)
 
 
 def new_profile_id() -> str:
@@ -64,7 +62,7 @@ class VoiceProfile(BaseModel):
 
 def _key(profile_id: str, *parts: str) -> str:
     # Ids come from URLs: only ids of our own form may become storage keys ('..' would climb out).
-    if not _VALID_ID.fullmatch(profile_id):
+    if not valid_id(profile_id):
         raise NotFound(f"no voice profile {profile_id!r}")
     return PREFIX + "/".join((profile_id, *parts))
 
@@ -113,7 +111,7 @@ class VoiceProfileStore:
         seen: set[str] = set()
         for key in await self.storage.list(PREFIX):
             parts = key.removeprefix(PREFIX).split("/")
-            if not _VALID_ID.fullmatch(parts[0]):
+            if not valid_id(parts[0]):
                 continue  # not ours (lost+found, an operator's backup...): neither listed nor swept
             seen.add(parts[0])
             if parts[1:] == [PROFILE_FILE]:

@@ -68,6 +68,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.transcripts = TranscriptLog(app.state.storage)
     app.state.personas = PersonaStore(app.state.storage)
     app.state.resolve_persona = app.state.personas.resolve
+    app.state.upload_slots = voices.UploadSlots(settings.voice_max_concurrent_uploads)
     problems.install(app)
     app.include_router(health.router)
     app.include_router(personas.router)
@@ -80,6 +81,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     web.install(app)
     # Outermost last: metrics see every answer, including the limits' refusals.
     app.add_middleware(limits.RequestRateLimit, settings=settings)
-    app.add_middleware(limits.BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        limits.BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        routes={voices.UPLOAD_ROUTE: voices.upload_body_cap(settings)},
+    )
     app.add_middleware(limits.HttpMetrics)
     return app

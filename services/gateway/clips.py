@@ -4,6 +4,12 @@ Decoding is libsndfile's (through `soundfile`): WAV, FLAC, OGG (Opus or Vorbis) 
 hand-written. A clip is refused with the measured value and the limit when it is too short, too long,
 silent, clipped, or has too little speech (Silero VAD). An accepted clip is mixed to mono, resampled to
 24 kHz, trimmed to its speech (with a margin) and normalised so its speech has the target RMS loudness.
+
+A few hundred kilobytes of FLAC can claim 8 channels at 655,350 Hz for 30 s: 629 MB once decoded to
+float32. So the header is checked before any sample is decoded (at most 2 channels, 48 kHz and
+`max_s` seconds: at most 2.9 M samples for 30 s), and decoding runs in blocks of `BLOCK_FRAMES`, each
+mixed to mono and resampled to 24 kHz before the next is read. What the gateway holds is the upload, one
+block and the 24 kHz mono result (2.9 MB for 30 s), whatever the file's header says.
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import soundfile
+import soxr
 
 from services.gateway.settings import GatewaySettings
 from shared import metrics
-from shared.audio import SAMPLE_RATE, FloatAudio, resample, rms_dbfs, to_mono
+from shared.audio import SAMPLE_RATE, FloatAudio, rms_dbfs, to_mono
 from shared.errors import ChorusError, PayloadTooLarge, Unprocessable, UnsupportedMedia
 from shared.vad import VAD_RATE, WINDOW, SpeechDetector
 
@@ -28,6 +35,9 @@ FULL_SCALE = 0.999  # a sample at or beyond this is at the converter's limit
 PEAK_CEILING = 10 ** (-1 / 20)  # -1 dBFS: headroom left after normalising
 SPEECH_MARGIN_S = 0.3  # kept around the first and last speech window
 SILENCE_FLOOR_DBFS = -120.0  # digital silence is -inf dBFS; JSON has no -inf
+MAX_CHANNELS = 2  # mono or stereo: what a microphone recording is
+MAX_SAMPLE_RATE = 48_000  # the highest common recording rate; the clip is stored at 24 kHz anyway
+BLOCK_FRAMES = 32_768  # decoded per step: 256 KB of float32 stereo
 
 
 @dataclass(frozen=True)
@@ -91,8 +101,15 @@ def _unsupported(detail: str, reason: str, **extra: str) -> ChorusError:
     return rejected(UnsupportedMedia(detail, reason=reason, **extra), reason)
 
 
-def _decode(data: bytes, max_s: float) -> tuple[FloatAudio, int, str]:
-    """(samples [frames, channels] float32, sample rate, format name); never decodes more than max_s + 1 s."""
+@dataclass(frozen=True)
+class _Header:
+    format: str  # the name a user knows it by (WAV, FLAC, ...)
+    channels: int
+    rate: int
+
+
+def _read_header(data: bytes, max_s: float) -> _Header:
+    """The file's header, refused before any sample is decoded: format, channels, sample rate, length."""
     try:
         info = soundfile.info(io.BytesIO(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
@@ -105,15 +122,66 @@ def _decode(data: bytes, max_s: float) -> tuple[FloatAudio, int, str]:
             "unsupported_format",
             format=info.format,
         )
-    if info.samplerate > 0 and info.frames / info.samplerate > max_s:
-        raise _too_long(info.frames / info.samplerate, max_s)
-    try:
-        samples, rate = soundfile.read(
-            io.BytesIO(data), dtype="float32", always_2d=True, frames=int((max_s + 1) * info.samplerate)
+    if info.channels > MAX_CHANNELS:
+        raise unusable(
+            "too_many_channels",
+            f"the clip has {info.channels} channels; send mono or stereo (at most {MAX_CHANNELS})",
+            info.channels,
+            MAX_CHANNELS,
+            "channels",
         )
+    if info.samplerate <= 0:
+        raise _unsupported("the audio header names no sample rate (a damaged file?)", "undecodable")
+    if info.samplerate > MAX_SAMPLE_RATE:
+        raise unusable(
+            "sample_rate_too_high",
+            f"the clip is sampled at {info.samplerate} Hz; the maximum is {MAX_SAMPLE_RATE} Hz",
+            info.samplerate,
+            MAX_SAMPLE_RATE,
+            "Hz",
+        )
+    if info.frames / info.samplerate > max_s:
+        raise _too_long(info.frames / info.samplerate, max_s)
+    return _Header(ACCEPTED_FORMATS[info.format], info.channels, info.samplerate)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    mono: FloatAudio  # 24 kHz
+    seconds: float  # as decoded, at the source rate
+    clipped_ratio: float  # share of all samples (every channel) at full scale
+
+
+def _decode(data: bytes, header: _Header, max_s: float) -> _Decoded:
+    """Decode block by block, each mixed to mono and resampled before the next: memory stays O(block).
+
+    libsndfile never reads past the length its header gave, which `_read_header` bounded; counting what
+    is decoded keeps that bound even for a decoder that does.
+    """
+    rate = header.rate
+    max_frames = int(max_s * rate)
+    resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32") if rate != SAMPLE_RATE else None
+    pieces: list[FloatAudio] = []
+    frames = clipped = 0
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as source:
+            while len(block := source.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):
+                frames += len(block)
+                if frames > max_frames:
+                    raise _too_long(frames / rate, max_s)
+                clipped += int(np.count_nonzero(np.abs(block) >= FULL_SCALE))
+                mono = to_mono(block)
+                pieces.append(resampler.resample_chunk(mono) if resampler else mono)
     except (soundfile.SoundFileError, RuntimeError, ValueError) as exc:
         raise _unsupported("the audio could not be decoded (a damaged file?)", "undecodable") from exc
-    return samples, int(rate), ACCEPTED_FORMATS[info.format]
+    if resampler is not None:
+        pieces.append(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+    mono_24k = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    return _Decoded(
+        mono=mono_24k.astype(np.float32, copy=False),
+        seconds=frames / rate,
+        clipped_ratio=clipped / max(1, frames * header.channels),
+    )
 
 
 def _too_long(seconds: float, limit: float) -> ChorusError:
@@ -135,8 +203,7 @@ def _check_length(seconds: float, limits: ClipLimits) -> None:
         )
 
 
-def _check_clipping(samples: FloatAudio, limits: ClipLimits) -> None:
-    ratio = float(np.count_nonzero(np.abs(samples) >= FULL_SCALE)) / max(1, samples.size)
+def _check_clipping(ratio: float, limits: ClipLimits) -> None:
     if ratio > limits.max_clipped_ratio:
         raise unusable(
             "clipped",
@@ -193,10 +260,11 @@ def _trim_and_normalise(mono: FloatAudio, speech: npt.NDArray[np.bool_], target_
 
 def prepare_clip(data: bytes, limits: ClipLimits, detector: SpeechDetector) -> PreparedClip:
     """Decode and check an uploaded clip; raises UnsupportedMedia (415) or Unprocessable (422)."""
-    raw, rate, source_format = _decode(data, limits.max_s)
-    _check_length(len(raw) / rate, limits)
-    _check_clipping(raw, limits)
-    mono = resample(to_mono(raw), rate, SAMPLE_RATE)
+    header = _read_header(data, limits.max_s)
+    decoded = _decode(data, header, limits.max_s)
+    _check_length(decoded.seconds, limits)
+    _check_clipping(decoded.clipped_ratio, limits)
+    mono = decoded.mono
     _check_loudness(mono, limits)
     speech = _speech_windows(mono, detector, limits)
     clip = _trim_and_normalise(mono, speech, limits.target_dbfs)
@@ -204,6 +272,6 @@ def prepare_clip(data: bytes, limits: ClipLimits, detector: SpeechDetector) -> P
         samples=clip,
         duration_s=round(len(clip) / SAMPLE_RATE, 3),
         speech_s=round(float(np.count_nonzero(speech)) * WINDOW / VAD_RATE, 3),
-        source_format=source_format,
-        source_rate=rate,
+        source_format=header.format,
+        source_rate=header.rate,
     )

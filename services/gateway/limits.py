@@ -1,4 +1,4 @@
-"""Gateway limits: request body size, REST requests per minute per key, WebSocket message size/rate.
+"""Gateway limits: body size per route, REST requests per minute per key, WebSocket message size/rate.
 
 Concurrent sessions per key live with the session set (services/gateway/sessions.py). Every refusal
 counts in `chorus_limit_rejections_total{limit=...}`.
@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import HTTPConnection
@@ -25,20 +26,42 @@ from shared.errors import ChorusError, PayloadTooLarge, RateLimited
 log = logging.getLogger(__name__)
 
 
-class BodySizeLimit:
-    """Refuses bodies over `max_bytes` with a 413 problem: by Content-Length, else while streaming."""
+@dataclass(frozen=True)
+class BodyCap:
+    """A route's body limit: `limit` bytes, what a 413 names, plus `framing` let through around them
+    (a multipart upload's boundaries and small fields)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    limit: int
+    framing: int = 0
+
+    @property
+    def allowed(self) -> int:
+        return self.limit + self.framing
+
+
+class BodySizeLimit:
+    """Refuses request bodies over their route's cap with a 413 problem: by Content-Length, else while
+    streaming, so a refused body is never parsed.
+
+    Every route gets `max_bytes` (JSON bodies: small), except the (method, path) pairs in `routes`, which
+    carry their own cap: the voice upload's is the upload setting, and it applies nowhere else.
+    """
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, routes: Mapping[tuple[str, str], BodyCap] | None = None
+    ) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default = BodyCap(max_bytes)
+        self.routes = dict(routes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        cap = self.routes.get((scope["method"], scope["path"]), self.default)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > cap.allowed:
+            await self._refuse(cap, int(declared), scope, receive, send)
             return
         seen = 0
         started = refused = False
@@ -49,10 +72,10 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes and not refused:
+                if seen > cap.allowed and not refused:
                     refused = True
                     if not started:
-                        await self._refuse(scope, receive, send)
+                        await self._refuse(cap, seen, scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -65,10 +88,14 @@ class BodySizeLimit:
 
         await self.app(scope, bounded_receive, tracking_send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, cap: BodyCap, measured: int, scope: Scope, receive: Receive, send: Send) -> None:
         metrics.LIMIT_REJECTIONS.labels(limit="body_size").inc()
         error = PayloadTooLarge(
-            f"request body is larger than {self.max_bytes} bytes", max_bytes=self.max_bytes
+            f"the request body is larger than the limit of {cap.limit} bytes",
+            reason="too_large",
+            measured=measured,
+            limit=cap.limit,
+            unit="bytes",
         )
         await problem_response(error, scope.get("path"))(scope, receive, send)
 

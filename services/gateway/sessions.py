@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -20,7 +19,7 @@ from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus
 from shared.errors import NotFound
-from shared.messages import SESSION_ID_PATTERN
+from shared.messages import valid_id
 from shared.sessions import SessionStore
 from shared.transcripts import TranscriptLog
 
@@ -82,9 +81,17 @@ def _bus(request: Request) -> Bus:
     return bus
 
 
+def _checked(sid: str) -> str:
+    """A path's session id, refused (404) unless it has our ids' form, before it becomes part of a Redis
+    key or a storage path: `x:transcript` would name another key of the session (a list, not a hash)."""
+    if not valid_id(sid):
+        raise NotFound(f"no session {sid!r}")
+    return sid
+
+
 async def _owned(request: Request, owner: str, sid: str) -> dict[str, str]:
     settings = request.app.state.settings
-    info = await SessionStore(_bus(request), settings.session_ttl_s).get(sid)
+    info = await SessionStore(_bus(request), settings.session_ttl_s).get(_checked(sid))
     if not info or info.get("owner", "") != owner:
         raise NotFound(f"no session {sid!r}")
     return info
@@ -133,10 +140,8 @@ async def get_session(session_id: str, request: Request, owner: Owner) -> Sessio
 )
 async def get_transcript(session_id: str, request: Request, owner: Owner) -> TranscriptExport:
     transcripts: TranscriptLog = request.app.state.transcripts
-    if not re.fullmatch(SESSION_ID_PATTERN, session_id):
-        raise NotFound(f"no transcript for {session_id!r}")
     try:
-        document = await transcripts.document(session_id)
+        document = await transcripts.document(_checked(session_id))
     except NotFound:
         raise NotFound(f"no transcript for {session_id!r}") from None
     if document.get("owner", "") != owner:

@@ -59,9 +59,10 @@ class GatewaySettings(CommonSettings):
         default=7 * 24 * 3600, ge=60, description="How long transcript exports of ended sessions are kept."
     )
     max_body_bytes: int = Field(
-        default=20 * 1024 * 1024,
+        default=64 * 1024,
         ge=1024,
-        description="Largest accepted REST request body (uploads included).",
+        description="Largest accepted request body on every route but the voice upload (JSON bodies); "
+        "larger ones are refused (413) before they are parsed.",
     )
     requests_per_minute: int = Field(
         default=600, ge=0, description="REST requests per minute per API key (0 = unlimited)."
@@ -80,7 +81,14 @@ class GatewaySettings(CommonSettings):
     voice_max_upload_bytes: int = Field(
         default=10 * 1024 * 1024,
         ge=1024,
-        description="Largest voice clip upload in bytes; bigger bodies are refused (413) while streaming.",
+        description="Largest voice clip upload in bytes (POST /v1/voices only); bigger bodies are refused "
+        "(413) by Content-Length or while streaming.",
+    )
+    voice_max_concurrent_uploads: int = Field(
+        default=2,
+        ge=1,
+        description="Voice uploads one gateway receives and decodes at once; past it a new one is refused "
+        "at once (503 `busy`, Retry-After) before its body is read.",
     )
     voice_min_s: float = Field(default=3.0, gt=0, description="Shortest accepted voice clip, in seconds.")
     voice_max_s: float = Field(default=30.0, gt=0, description="Longest accepted voice clip, in seconds.")

@@ -1,5 +1,9 @@
 """REST for voice profiles: upload a reference clip, list, get, delete, preview.
 
+Uploads are bounded three ways: the body by its own cap (`upload_body_cap`, enforced by the body size
+middleware on this route only), the decoded audio by the clip's header (`clips.py`), and the number
+processed at once by `UploadSlots`: past it a new upload is refused before its body is read.
+
 The gateway holds no model. After an upload it asks the TTS service to compute the voice state now
 (`VoicePrepare` on `chorus:tts:requests`); a preview is a request/reply over Redis: `VoicePreview` to
 any TTS worker (consumer group "tts"), the answer on `chorus:tts:reply:{request id}`. A profile belongs to
@@ -9,21 +13,25 @@ the API key that made it; another owner's profile answers 404, exactly like a mi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import Iterator
 from datetime import datetime
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from services.gateway.auth import current_owner
 from services.gateway.clips import ACCEPTED_TEXT, ClipLimits, prepare_clip, rejected, too_large
+from services.gateway.limits import BodyCap
 from services.gateway.problems import problem_responses
 from services.gateway.settings import GatewaySettings
+from shared import metrics
 from shared.audio import pcm16_to_wav
 from shared.bus import Bus, Entry
 from shared.errors import (
@@ -43,7 +51,9 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/voices", tags=["voices"])
 
+UPLOAD_ROUTE = ("POST", "/v1/voices")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and the small fields around the file
+UPLOAD_BUSY_RETRY_AFTER_S = 2  # an upload takes well under a second to decode and check
 REQUEST_STREAM_MAXLEN = 1000
 POLL_MS = 1000  # one blocking read for a preview's reply: well under the Redis client's socket timeout
 NO_WORKER_RETRY_AFTER_S = 10  # a TTS worker starting up loads its model first
@@ -105,31 +115,56 @@ def _settings(request: Request) -> GatewaySettings:
 # --- upload ---------------------------------------------------------------------------------------
 
 
-async def _read_form(request: Request, max_bytes: int) -> FormData:
-    """Parse the multipart body while counting it: past the limit the upload stops, nothing more is read."""
+def upload_body_cap(settings: GatewaySettings) -> BodyCap:
+    """The body an upload may send: the clip's cap plus the multipart framing around it."""
+    return BodyCap(settings.voice_max_upload_bytes, framing=FORM_OVERHEAD)
+
+
+class UploadSlots:
+    """Uploads this gateway processes at once. Each holds its body, its decoded audio and a CPU core for
+    up to a second: past the bound a new upload is refused at once (503 `busy`, Retry-After) instead of
+    queueing, before any of its body is read. One event loop takes and frees them: no lock needed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[None]:
+        if self.in_use >= self.limit:
+            raise rejected(
+                ServiceUnavailable(
+                    f"this gateway is processing {self.limit} uploads already; retry shortly",
+                    reason="busy",
+                    limit=self.limit,
+                    retry_after_s=UPLOAD_BUSY_RETRY_AFTER_S,
+                ),
+                "busy",
+            )
+        self.in_use += 1
+        metrics.UPLOADS_IN_PROGRESS.inc()
+        try:
+            yield
+        finally:
+            self.in_use -= 1
+            metrics.UPLOADS_IN_PROGRESS.dec()
+
+
+async def _read_form(request: Request) -> FormData:
+    """Parse the multipart body. Its size is bounded before it gets here: the body size middleware
+    refuses it past `upload_body_cap` (and then reports the client gone, which ends the parse)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise rejected(
             UnsupportedMedia("send multipart/form-data with the fields file, name and consent=true"),
             "not_multipart",
         )
-    limit = max_bytes + FORM_OVERHEAD
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large(int(declared), max_bytes)
-
-    async def bounded() -> AsyncGenerator[bytes, None]:
-        received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise too_large(received, max_bytes)
-            yield chunk
-
-    parser = MultiPartParser(request.headers, bounded(), max_files=1, max_fields=8, max_part_size=4096)
+    parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=8, max_part_size=4096)
     try:
         return await parser.parse()
     except MultiPartException as exc:
         raise InvalidRequest(f"invalid multipart body: {exc.message}") from None
+    except ClientDisconnect:
+        raise InvalidRequest("the client left before the whole body arrived") from None
 
 
 async def _clip_bytes(form: FormData, max_bytes: int) -> bytes:
@@ -156,7 +191,10 @@ def _text_field(form: FormData, name: str) -> str:
         400: {"description": "A field is missing or consent was not given"},
         413: {"description": "Larger than CHORUS_VOICE_MAX_UPLOAD_BYTES"},
         415: {"description": f"Not audio, or not {ACCEPTED_TEXT}"},
-        422: {"description": "Too short, too long, silent, clipped or no speech (measured value and limit)"},
+        422: {
+            "description": "More than 2 channels, above 48 kHz, too short, too long, silent, clipped or "
+            "no speech (measured value and limit)"
+        },
         **problem_responses(507),
     },
     openapi_extra={
@@ -182,8 +220,14 @@ def _text_field(form: FormData, name: str) -> str:
     },
 )
 async def create_voice(request: Request, owner: str = Depends(current_owner)) -> VoiceOut:
+    slots: UploadSlots = request.app.state.upload_slots
+    with slots.take():
+        return await _create_voice(request, owner)
+
+
+async def _create_voice(request: Request, owner: str) -> VoiceOut:
     settings = _settings(request)
-    form = await _read_form(request, settings.voice_max_upload_bytes)
+    form = await _read_form(request)
     try:
         data = await _clip_bytes(form, settings.voice_max_upload_bytes)
     finally:

@@ -43,8 +43,24 @@ class GatewayProcess:
 
     def rss_mb(self) -> float:
         """Resident memory now (Linux)."""
+        return self._status_mb("VmRSS:")
+
+    def peak_rss_mb(self) -> float:
+        """The most resident memory since the process started, or since `reset_peak_rss` (Linux)."""
+        return self._status_mb("VmHWM:")
+
+    def reset_peak_rss(self) -> None:
+        """Start measuring the peak afresh: the peak becomes the memory resident now (Linux >= 4.0)."""
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    def _status_mb(self, field: str) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
         return 0.0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from services.gateway.conversation import Conversation
 from services.gateway.problems import outage_error
 from services.gateway.settings import GatewaySettings
 from shared.errors import ChorusError, InvalidRequest
-from shared.messages import NATIVE_VOICES, VOICE_PATTERN, PersonaSpec, VoiceMode
+from shared.messages import NATIVE_VOICES, PersonaSpec, VoiceMode, valid_voice
 from shared.runtime import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ Report = Callable[[ChorusError], None]  # queues a protocol error for the client
 
 
 def check_voice(voice: str) -> str:
-    if not re.match(VOICE_PATTERN, voice):
+    if not valid_voice(voice):
         raise InvalidRequest(f"unknown voice {voice!r}: use {' or '.join(NATIVE_VOICES)} or profile:<id>")
     return voice
 
