@@ -52,6 +52,22 @@ class Unauthorized(ChorusError):
     title = "Missing or invalid API key"
 
 
+class Forbidden(ChorusError):
+    """A browser request from an origin the gateway does not serve (CSRF, a page driving a local gateway)."""
+
+    code = "forbidden_origin"
+    status = 403
+    title = "Origin not allowed"
+
+
+class MisdirectedRequest(ChorusError):
+    """A Host name the gateway does not answer for (DNS rebinding): `CHORUS_ALLOWED_HOSTS`."""
+
+    code = "unknown_host"
+    status = 421
+    title = "Host not allowed"
+
+
 class NotFound(ChorusError):
     code = "not_found"
     status = 404

@@ -1,10 +1,17 @@
 """Structured logging: one JSON object per line with the service name and any `extra` fields
-(session_id, stream, ...). Transcripts and user text go in `extra`, never in the message text."""
+(session_id, stream, ...). Transcripts and user text go in `extra`, never in the message text.
+
+Every line is redacted before it is written (`redact`), whoever logged it (uvicorn's "WebSocket
+/v1/realtime?..." lines included): query strings keep their parameter names but lose their values
+(`?api_key=`, `?client_secret=`, `?primer=` carry keys and user text), and URL passwords
+(`redis://:pw@host`) are masked.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -15,6 +22,31 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "taskName",
     "color_message",  # uvicorn duplicates its message with ANSI colours
 }
+
+
+MASK = "***"
+# A query string: a "?" inside a token, up to whitespace, a quote or a backslash (the end of a JSON
+# string). Masked when the token is a path or URL, or the query has a "=": "ready?" or "a?b" stay.
+# The look-behind starts a match at a token's start only: linear in the line's length.
+_QUERY = re.compile(r"(?<![^\s\"'\\<>?])(?P<before>[^\s\"'\\<>?]*)\?(?P<query>[^\s\"'\\<>]+)")
+_URL_PASSWORD = re.compile(r"(?<=://)([^\s/:@\"']*):[^\s/@\"']+@")
+
+
+def _mask_query(match: re.Match[str]) -> str:
+    before, query = match.group("before"), match.group("query")
+    if "/" not in before and "=" not in query:
+        return match.group(0)
+    pairs = (pair.partition("=") for pair in query.split("&"))
+    return before + "?" + "&".join(f"{name}={MASK}" if sep else MASK for name, sep, _ in pairs)
+
+
+def redact(text: str) -> str:
+    """`text` without query values and URL passwords."""
+    if "?" in text:
+        text = _QUERY.sub(_mask_query, text)
+    if "@" in text:
+        text = _URL_PASSWORD.sub(rf"\1:{MASK}@", text)
+    return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,7 +66,7 @@ class JsonFormatter(logging.Formatter):
         body.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)
-        return json.dumps(body, default=str, ensure_ascii=False)
+        return redact(json.dumps(body, default=str, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
@@ -44,7 +76,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = {k: v for k, v in vars(record).items() if k not in _STANDARD}
         line = super().format(record)
-        return line + (" " + " ".join(f"{k}={v}" for k, v in extras.items()) if extras else "")
+        return redact(line + (" " + " ".join(f"{k}={v}" for k, v in extras.items()) if extras else ""))
 
 
 def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:

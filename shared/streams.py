@@ -105,6 +105,12 @@ class StreamNames:
         """Set: an API key owner's live session ids (bounds listings, enforces sessions per key)."""
         return f"{self.prefix}owner:{owner or 'anonymous'}:sessions"
 
-    def rate_window(self, owner: str, window: int) -> str:
-        """Counter: an owner's REST requests in one fixed one-minute window (expires after it)."""
-        return f"{self.prefix}ratelimit:{owner or 'anonymous'}:{window}"
+    @property
+    def rate_limits(self) -> str:
+        """Prefix of the rate limit counters (the `limits` library names the rest; they expire)."""
+        return f"{self.prefix}limits"
+
+    def client_secret(self, digest: str) -> str:
+        """String with a TTL: a realtime client secret's owner and session, under the secret's SHA-256;
+        deleted by the socket that uses it."""
+        return f"{self.prefix}client_secret:{digest}"

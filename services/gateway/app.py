@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway import health, limits, personas, problems, sessions, voices, web
+from services.gateway import client_secrets, health, hosts, limits, personas, problems, sessions, voices, web
 from services.gateway.admission import Admission
-from services.gateway.auth import auth_enabled
+from services.gateway.auth import Authentication, open_key_ring
 from services.gateway.conversation import finish_stops
 from services.gateway.leases import LeaseKeeper
 from services.gateway.protocols import moshi_chat, realtime
@@ -34,8 +34,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         bus = app.state.bus = await Bus.connect(
             settings.require_redis_url(), names, **make_bus_kwargs(settings)
         )
-        if not auth_enabled(settings):
-            log.warning("AUTH IS OFF: no CHORUS_API_KEYS configured; every caller is the anonymous owner")
+        app.state.rate_limits = limits.RateLimits(bus.redis, names.rate_limits, settings)
+        app.state.client_secrets = client_secrets.ClientSecretStore(bus.redis, names)
+        if not app.state.keys.enabled:
+            why = "CHORUS_AUTH=off" if settings.auth == "off" else "no CHORUS_API_KEYS configured"
+            log.warning("AUTH IS OFF (%s): every caller is the anonymous owner", why)
         app.state.voices = await voices.open_voice_store(settings)
         app.state.admission = Admission(bus, settings)
         app.state.leases = LeaseKeeper(
@@ -64,6 +67,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="Full-duplex spoken conversation with personas and cloned voices.",
     )
     app.state.settings = settings
+    app.state.keys = open_key_ring(settings)  # AuthSetupError: the gateway must not start
     app.state.storage = LocalStorage(settings.data_dir)
     app.state.transcripts = TranscriptLog(app.state.storage)
     app.state.personas = PersonaStore(app.state.storage)
@@ -75,16 +79,20 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(moshi_chat.router)
     app.include_router(realtime.router)
+    app.include_router(client_secrets.router)
     # Voice routes raise these too; documenting them here keeps the schema complete.
     voice_errors = {**problems.V1_ERRORS, **problems.problem_responses(400, 404, 409, 415, 503)}
     app.include_router(voices.router, responses=voice_errors)
     web.install(app)
-    # Outermost last: metrics see every answer, including the limits' refusals.
+    # Outermost last: metrics see every answer, including the limits' refusals. A /v1 request's key is
+    # checked before its body is read and before it counts against its owner's rate.
     app.add_middleware(limits.RequestRateLimit, settings=settings)
     app.add_middleware(
         limits.BodySizeLimit,
         max_bytes=settings.max_body_bytes,
         routes={voices.UPLOAD_ROUTE: voices.upload_body_cap(settings)},
     )
+    app.add_middleware(Authentication)  # outside the body caps: an unknown caller learns no limits
+    app.add_middleware(hosts.HostAndOriginCheck, settings=settings)
     app.add_middleware(limits.HttpMetrics)
     return app

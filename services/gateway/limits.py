@@ -1,4 +1,4 @@
-"""Gateway limits: body size per route, REST requests per minute per key, WebSocket message size/rate.
+"""Gateway limits: body size per route, REST requests per minute per owner, WebSocket message size/rate.
 
 Concurrent sessions per key live with the session set (services/gateway/sessions.py). Every refusal
 counts in `chorus_limit_rejections_total{limit=...}`.
@@ -13,14 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import HTTPConnection
+from limits import RateLimitItem, RateLimitItemPerMinute
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from redis.asyncio import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway.auth import ANONYMOUS, owner_of, presented_key
+from services.gateway.auth import ANONYMOUS, OWNER
 from services.gateway.problems import outage_error, problem_response
 from services.gateway.settings import GatewaySettings
 from shared import metrics
-from shared.bus import Bus
 from shared.errors import ChorusError, PayloadTooLarge, RateLimited
 
 log = logging.getLogger(__name__)
@@ -100,59 +102,80 @@ class BodySizeLimit:
         await problem_response(error, scope.get("path"))(scope, receive, send)
 
 
-# INCR + EXPIRE on first hit: one fixed one-minute window per key.
-_HIT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return n
-"""
+class RateLimits:
+    """Request budgets counted in Redis, shared by every gateway: the `limits` library's sliding window
+    counters (two counters per identity, no per-request entries)."""
+
+    def __init__(self, redis: Redis, key_prefix: str, settings: GatewaySettings) -> None:
+        # The gateway's own connection pool (its timeouts, password, reconnects): limits passes it on to
+        # redis-py, though it types its options as plain values.
+        storage = RedisStorage(
+            "async+redis://",
+            implementation="redispy",
+            key_prefix=key_prefix,
+            connection_pool=redis.connection_pool,  # type: ignore[arg-type]
+        )
+        self.limiter = SlidingWindowCounterRateLimiter(storage)
+        per_minute = settings.requests_per_minute
+        self.requests = RateLimitItemPerMinute(per_minute, namespace="requests") if per_minute else None
+        self.auth_failures = RateLimitItemPerMinute(
+            settings.auth_failures_per_minute, namespace="auth_failures"
+        )
+
+    async def request(self, owner: str) -> ChorusError | None:
+        """Count an authenticated owner's REST request: why it is refused, or None."""
+        if self.requests is None:
+            return None
+        return await self._hit(self.requests, owner or "anonymous", "requests_per_minute", "requests")
+
+    async def auth_failure(self, client_ip: str) -> ChorusError | None:
+        """Count a missing or unknown credential from this IP: a 429 once over budget, or None."""
+        what = "requests with a missing or unknown API key from your address"
+        return await self._hit(self.auth_failures, client_ip, "auth_failures", what)
+
+    async def _hit(self, item: RateLimitItem, identity: str, limit: str, what: str) -> ChorusError | None:
+        """Without Redis nothing can be counted: the request is refused (503) rather than let through
+        unmetered, like every route that needs Redis."""
+        try:
+            if await self.limiter.hit(item, identity):
+                return None
+            stats = await self.limiter.get_window_stats(item, identity)
+        except Exception as exc:
+            if (outage := outage_error(exc)) is None:
+                raise
+            log.warning("cannot count the request rate: %r", exc)
+            return outage
+        metrics.LIMIT_REJECTIONS.labels(limit=limit).inc()
+        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        return RateLimited(f"more than {item.amount} {what} per minute", retry_after_s=retry_after)
 
 
 class RequestRateLimit:
-    """Fixed-window REST requests per minute per API key, counted in Redis (shared by every gateway)."""
-
-    WINDOW_S = 60
+    """REST requests per minute per authenticated owner. Runs inside `auth.Authentication`, so it only
+    ever counts owners whose key was verified (unknown keys are counted per IP there)."""
 
     def __init__(self, app: ASGIApp, settings: GatewaySettings) -> None:
         self.app = app
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = self.settings.requests_per_minute
-        if scope["type"] != "http" or not limit or not scope["path"].startswith("/v1/"):
+        if (
+            scope["type"] != "http"
+            or not self.settings.requests_per_minute
+            or not scope["path"].startswith("/v1/")
+        ):
             await self.app(scope, receive, send)
             return
-        conn = HTTPConnection(scope)
-        key = presented_key(conn)
-        owner = owner_of(key) if key else ANONYMOUS
-        bus: Bus | None = getattr(scope["app"].state, "bus", None) if "app" in scope else None
-        if bus is not None:
-            refusal = await self._count(bus, owner, limit)
+        limits: RateLimits | None = (
+            getattr(scope["app"].state, "rate_limits", None) if "app" in scope else None
+        )
+        if limits is not None:
+            owner = scope.get("state", {}).get(OWNER, ANONYMOUS)
+            refusal = await limits.request(owner)
             if refusal is not None:
                 await problem_response(refusal, scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-    async def _count(self, bus: Bus, owner: str, limit: int) -> ChorusError | None:
-        """Count this request in the owner's window: why it is refused, or None.
-
-        Without Redis the window cannot be counted: the request is refused (503) rather than let through
-        unmetered, like every route that needs Redis.
-        """
-        window = int(time.time() // self.WINDOW_S)
-        counter = bus.names.rate_window(owner, window)
-        try:
-            hits = int(await bus.redis.eval(_HIT, 1, counter, str(self.WINDOW_S + 5)))
-        except Exception as exc:
-            if (outage := outage_error(exc)) is None:
-                raise
-            log.warning("cannot count the request rate: %r", exc)
-            return outage
-        if hits <= limit:
-            return None
-        metrics.LIMIT_REJECTIONS.labels(limit="requests_per_minute").inc()
-        retry_after = max(1, math.ceil((window + 1) * self.WINDOW_S - time.time()))
-        return RateLimited(f"more than {limit} requests per minute", retry_after_s=retry_after)
 
 
 class TokenBucket:

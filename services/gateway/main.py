@@ -8,6 +8,7 @@ import logging
 import uvicorn
 
 from services.gateway.app import create_app
+from services.gateway.auth import AuthSetupError
 from services.gateway.settings import get_settings
 from shared.logging import configure_logging
 from shared.runtime import DRAIN_TIMEOUT_S
@@ -19,8 +20,13 @@ def main() -> None:
     settings = get_settings()
     configure_logging("gateway", settings.log_level, settings.log_format)
     settings.require_redis_url()
+    try:
+        app = create_app(settings)
+    except AuthSetupError as exc:
+        log.critical("not starting: %s", exc)
+        raise SystemExit(2) from None
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,

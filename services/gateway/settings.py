@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -11,8 +12,50 @@ from shared.settings import CommonSettings
 class GatewaySettings(CommonSettings):
     host: str = Field(default="127.0.0.1", description="Interface the gateway binds (0.0.0.0 in containers).")
     port: int = Field(default=8000, ge=1, le=65535, description="Gateway HTTP/WebSocket port.")
-    api_keys: str = Field(default="", description="Comma-separated API keys; empty with no file = auth off.")
-    api_keys_file: Path | None = Field(default=None, description="File with one API key per line (a Secret).")
+    api_keys: str = Field(default="", description="Comma-separated API keys (`CHORUS_AUTH`: without any).")
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="File with one API key per line, `#` comments (a Secret). Re-read when it changes: "
+        "a key removed from it is refused within `CHORUS_API_KEYS_RELOAD_S`. Empty: a start-up error.",
+    )
+    api_keys_reload_s: float = Field(
+        default=1.0, gt=0, description="At most this often the keys file is checked for changes (mtime)."
+    )
+    auth: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="`auto`: on when keys are configured; with none, off only while the gateway is reachable "
+        "on loopback alone (`CHORUS_HOST`, or `CHORUS_PUBLISHED_ADDRESS`), else it refuses to start. `on`: "
+        "keys required. `off`: no authentication even on a network address (logged loudly).",
+    )
+    published_address: str | None = Field(
+        default=None,
+        description="Address clients reach this gateway on when it is not `CHORUS_HOST` (a container binds "
+        "0.0.0.0 and is published on the host: docker-compose passes its PUBLISH_ADDRESS). Decides, in "
+        "place of `CHORUS_HOST`, whether auth may be off, and is an allowed Host.",
+    )
+    allowed_hosts: str = Field(
+        default="",
+        description="Comma-separated Host names answered besides localhost, 127.0.0.1, ::1 and the bind and "
+        "published addresses (the names clients and proxies use); `*` = any. Others get 421.",
+    )
+    allowed_origins: str = Field(
+        default="",
+        description="Comma-separated browser origins (`https://app.example.com`) allowed besides the same "
+        "origin and localhost ones, for WebSockets and POST/PUT/PATCH/DELETE; `*` = any. Others get 403.",
+    )
+    client_secret_ttl_s: int = Field(
+        default=60,
+        ge=10,
+        le=7200,
+        description="Longest life of a realtime client secret (`POST /v1/realtime/client_secrets`); "
+        "a shorter `expires_after.seconds` is honoured.",
+    )
+    auth_failures_per_minute: int = Field(
+        default=20,
+        ge=1,
+        description="Requests and WebSocket connections with a missing or unknown key per client IP per "
+        "minute; past it they are answered 429 instead of 401.",
+    )
     session_ready_timeout_s: float = Field(
         default=30.0,
         gt=0,
@@ -65,7 +108,9 @@ class GatewaySettings(CommonSettings):
         "larger ones are refused (413) before they are parsed.",
     )
     requests_per_minute: int = Field(
-        default=600, ge=0, description="REST requests per minute per API key (0 = unlimited)."
+        default=600,
+        ge=0,
+        description="REST requests per minute per authenticated owner (sliding window; 0 = unlimited).",
     )
     ws_max_message_bytes: int = Field(
         default=1024 * 1024,

@@ -3,7 +3,8 @@
 Every message's first byte is its kind: 0x00 handshake (server -> client, once the session has a
 dialogue slot), 0x01 Ogg/Opus audio (both ways, as sphn.OpusStreamWriter/Reader make and read it),
 0x02 UTF-8 text piece (server -> client), 0x05 error with a UTF-8 reason (server -> client).
-Query parameters: `persona`, `voice`, `voice_mode`, `primer` (a per-session persona override).
+Query parameters: `persona`, `voice`, `voice_mode`, `primer` (a per-session persona override), and
+`client_secret` (from `POST /v1/realtime/client_secrets`; its voice and instructions are the defaults).
 The session id is returned in the `x-chorus-session-id` response header of the upgrade.
 """
 
@@ -18,7 +19,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
-from services.gateway.auth import authenticate
+from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
 from services.gateway.limits import SocketLimits
 from services.gateway.protocols.send_queue import SendQueue
@@ -61,10 +62,12 @@ async def chat(websocket: WebSocket) -> None:
     settings: GatewaySettings = websocket.app.state.settings
     params = websocket.query_params
     try:
-        owner = authenticate(websocket)
-        voice = check_voice(params.get("voice") or "moshiko")
+        caller = await authenticate_socket(websocket)
+        owner = caller.owner
+        voice = check_voice(params.get("voice") or caller.voice or "moshiko")
         mode = _voice_mode(params.get("voice_mode"))
-        persona = await resolve_persona(websocket, owner, params.get("persona"), params.get("primer"))
+        primer = params.get("primer") or caller.instructions
+        persona = await resolve_persona(websocket, owner, params.get("persona"), primer)
         conversation = open_conversation(websocket, owner, persona, voice, mode)
         await websocket.accept(headers=[(b"x-chorus-session-id", conversation.session_id.encode())])
     except ChorusError as exc:

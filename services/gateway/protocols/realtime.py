@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
-from services.gateway.auth import authenticate
+from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
 from services.gateway.limits import SocketLimits
 from services.gateway.protocols import realtime_events as ev
@@ -61,7 +61,7 @@ async def realtime(websocket: WebSocket) -> None:
     settings: GatewaySettings = websocket.app.state.settings
     await websocket.accept()
     try:
-        owner = authenticate(websocket)
+        caller = await authenticate_socket(websocket)
     except ChorusError as exc:
         await websocket.send_text(
             ev.ErrorEvent(
@@ -70,8 +70,10 @@ async def realtime(websocket: WebSocket) -> None:
         )
         await close_quietly(websocket, 1008, exc.code)
         return
-    model = websocket.query_params.get("model") or "moshiko"
-    session = RealtimeSession(websocket, settings, owner, model)
+    model = websocket.query_params.get("model") or caller.model or "moshiko"
+    session = RealtimeSession(websocket, settings, caller.owner, model)
+    session.instructions = caller.instructions or ""  # a client secret's session config, if any
+    session.voice = caller.voice or session.voice
     await session.send(ev.SessionCreated(session=session.session_object()))
     ending = await serve_and_stop(websocket, session.run, lambda: session.conversation)
     log.info("realtime session closed", extra={**session.log_extra, "reason": ending.reason})

@@ -1,5 +1,8 @@
 // Chorus browser client: microphone -> /v1/realtime (PCM16 24 kHz, base64) -> speaker + live transcript.
 // No build step: plain ES module. State is exposed on window.chorus for the headless browser test.
+// The API key (pasted once, kept in this browser's localStorage) only ever travels in an Authorization
+// header: each conversation opens its WebSocket with a one-use client secret minted for it, since a
+// browser's WebSocket cannot send headers and a URL ends up in histories and proxies' logs.
 const RATE = 24000;
 const FRAME = 1920; // 80 ms
 const $ = (id) => document.getElementById(id);
@@ -14,6 +17,18 @@ function logEvent(text) {
   const line = document.createElement("div");
   line.textContent = text;
   $("events").prepend(line);
+}
+
+// A one-use secret for one WebSocket (POST /v1/realtime/client_secrets, OpenAI's shape).
+async function clientSecret(voice) {
+  const response = await fetch("/v1/realtime/client_secrets", {
+    method: "POST",
+    headers: { ...authHeaders(), "Content-Type": "application/json" },
+    body: JSON.stringify({ session: { type: "realtime", model: "moshiko", audio: { output: { voice } } } }),
+  });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.detail ?? `HTTP ${response.status}`);
+  return body.value;
 }
 
 async function fetchJson(path) {
@@ -104,8 +119,8 @@ async function start() {
   const capture = new AudioWorkletNode(context, "chorus-capture");
   context.createMediaStreamSource(stream).connect(capture);
 
-  const query = new URLSearchParams({ model: "moshiko", persona: $("persona").value });
-  if (apiKey()) query.set("api_key", apiKey());
+  const secret = await clientSecret($("voice").value);
+  const query = new URLSearchParams({ model: "moshiko", persona: $("persona").value, client_secret: secret });
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   socket = new WebSocket(`${scheme}://${location.host}/v1/realtime?${query}`);
   socket.onopen = () => {

@@ -55,7 +55,13 @@ def fuzz_operation(client: TestClient, operation: Any) -> None:
 
 def test_no_operation_answers_with_a_server_error(redis_url: str, key_prefix: str, tmp_path: Path) -> None:
     app = create_app(
-        GatewaySettings(redis_url=redis_url, key_prefix=key_prefix, data_dir=tmp_path, api_keys=KEY)
+        GatewaySettings(
+            redis_url=redis_url,
+            key_prefix=key_prefix,
+            data_dir=tmp_path,
+            api_keys=KEY,
+            allowed_hosts="testserver",  # the name Starlette's test client sends
+        )
     )
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]

@@ -43,7 +43,9 @@ async def running(
             await WorkerPresence(
                 app.state.bus, service, "w1", ttl_s=60, interval_s=5, describe=lambda f=fields: f
             ).beat()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+        ) as client:
             yield app, client
 
 

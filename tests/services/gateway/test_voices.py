@@ -70,7 +70,7 @@ async def gateway(settings: GatewaySettings, api_key: str | None = None) -> Asyn
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers=headers, timeout=60
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost", headers=headers, timeout=60
         ) as client,
     ):
         yield client

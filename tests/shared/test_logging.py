@@ -1,0 +1,54 @@
+"""Log redaction: query values and URL passwords never reach a log line, whatever logged it."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from shared.logging import JsonFormatter, TextFormatter, redact
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            '127.0.0.1:5 - "WebSocket /v1/realtime?model=moshiko&api_key=sk-1" [accepted]',
+            '127.0.0.1:5 - "WebSocket /v1/realtime?model=***&api_key=***" [accepted]',
+        ),
+        ("GET /api/chat?primer=my%20secret HTTP/1.1", "GET /api/chat?primer=*** HTTP/1.1"),
+        ("ws://h:8000/v1/realtime?client_secret=ek_abc", "ws://h:8000/v1/realtime?client_secret=***"),
+        ("/v1/realtime?sk-bare-key", "/v1/realtime?***"),
+        ("redis://:hunter2@10.0.0.1:6379/0", "redis://:***@10.0.0.1:6379/0"),
+        ("rediss://user:pw@redis.example:6380", "rediss://user:***@redis.example:6380"),
+        ("is the slot free? not yet", "is the slot free? not yet"),
+        ("really?yes", "really?yes"),
+    ],
+)
+def test_redact(line: str, expected: str) -> None:
+    assert redact(line) == expected
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter("gateway"), TextFormatter("gateway")])
+def test_formatters_redact_messages_extras_and_tracebacks(formatter: logging.Formatter) -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    log = logging.getLogger("test_redaction")
+    log.addHandler(handler)
+    try:
+        log.warning("open %s", "/api/chat?api_key=k1", extra={"url": "/v1/x?primer=p1"})
+        try:
+            raise ValueError("bad url /v1/realtime?client_secret=s1")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        log.removeHandler(handler)
+    text = out.getvalue()
+    for secret in ("k1", "p1", "s1"):
+        assert f"={secret}" not in text
+    assert "api_key=***" in text and "primer=***" in text and "client_secret=***" in text
+    if isinstance(formatter, JsonFormatter):
+        assert all(json.loads(line) for line in text.splitlines() if line.startswith("{"))
