@@ -58,6 +58,24 @@ class GatewaySettings(CommonSettings):
     transcript_retention_s: int = Field(
         default=7 * 24 * 3600, ge=60, description="How long transcript exports of ended sessions are kept."
     )
+    max_voices_per_key: int = Field(
+        default=50,
+        ge=0,
+        description="Voice profiles one API key may have (0 = unlimited); past it an upload is refused "
+        "(409 quota_exceeded) before its body is read.",
+    )
+    max_personas_per_key: int = Field(
+        default=100,
+        ge=0,
+        description="Stored personas one API key may have (0 = unlimited); past it creating one is refused "
+        "(409 quota_exceeded).",
+    )
+    max_transcripts_per_key: int = Field(
+        default=1000,
+        ge=0,
+        description="Transcripts kept per API key (0 = unlimited); a new session deletes the key's oldest "
+        "past it (never refused). Keep it above CHORUS_MAX_SESSIONS_PER_KEY.",
+    )
     max_body_bytes: int = Field(
         default=20 * 1024 * 1024,
         ge=1024,

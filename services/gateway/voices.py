@@ -86,9 +86,11 @@ class PreviewIn(BaseModel):
 
 
 async def open_voice_store(settings: GatewaySettings) -> VoiceProfileStore:
-    """The durable store under CHORUS_DATA_DIR, after removing what crashed uploads left behind."""
-    store = VoiceProfileStore(LocalStorage(settings.data_dir))
+    """The durable store under CHORUS_DATA_DIR, after removing what crashed uploads left behind and
+    indexing profiles the owner index lacks (`shared.owner_index`)."""
+    store = VoiceProfileStore(LocalStorage(settings.data_dir), max_per_owner=settings.max_voices_per_key)
     await store.sweep_incomplete(settings.voice_sweep_grace_s)
+    await store.reconcile_index()
     return store
 
 
@@ -156,6 +158,7 @@ def _text_field(form: FormData, name: str) -> str:
         400: {"description": "A field is missing or consent was not given"},
         413: {"description": "Larger than CHORUS_VOICE_MAX_UPLOAD_BYTES"},
         415: {"description": f"Not audio, or not {ACCEPTED_TEXT}"},
+        409: {"description": "The key has CHORUS_MAX_VOICES_PER_KEY profiles already (quota_exceeded)"},
         422: {"description": "Too short, too long, silent, clipped or no speech (measured value and limit)"},
         **problem_responses(507),
     },
@@ -183,6 +186,7 @@ def _text_field(form: FormData, name: str) -> str:
 )
 async def create_voice(request: Request, owner: str = Depends(current_owner)) -> VoiceOut:
     settings = _settings(request)
+    await _store(request).check_quota(owner)  # before the body is read; `create` holds the place
     form = await _read_form(request, settings.voice_max_upload_bytes)
     try:
         data = await _clip_bytes(form, settings.voice_max_upload_bytes)
@@ -231,6 +235,7 @@ async def _ask_for_voice_state(bus: Bus, profile_id: str) -> None:
 
 @router.get("", response_model=VoiceList, summary="Your voice profiles, oldest first")
 async def list_voices(request: Request, owner: str = Depends(current_owner)) -> VoiceList:
+    # Read through the caller's owner index: no other key's profile is opened.
     return VoiceList(items=[VoiceOut.of(p) for p in await _store(request).profiles(owner)])
 
 
