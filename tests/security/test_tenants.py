@@ -50,6 +50,82 @@ def assert_quota_problem(response: httpx.Response, resource: str, limit: int, co
     assert body["retryable"] is False and "delete one" in body["detail"]
 
 
+# --- isolation -----------------------------------------------------------------------------------------
+
+
+def assert_not_found(response: httpx.Response) -> None:
+    """Another key's object answers exactly like a missing one: a 404 problem, nothing of the object."""
+    assert response.status_code == 404, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == "not_found"
+
+
+def test_a_key_can_neither_see_nor_reach_another_keys_voices_personas_and_transcripts(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = start_gateway(CHORUS_API_KEYS=f"{KEY_A},{KEY_B}", CHORUS_PLACEMENT_WAIT_S="0")
+    with client(gateway, KEY_A) as a, client(gateway, KEY_B) as b:
+        voice = upload_voice(b, SPEECH.read_bytes()).json()["id"]
+        persona = b.post("/v1/personas", json={"name": "theirs", "primer": "a secret primer"}).json()["id"]
+        session = asyncio.run(open_and_refuse(gateway, KEY_B))
+
+        assert a.get("/v1/voices").json()["items"] == []
+        assert [p for p in a.get("/v1/personas").json()["items"] if not p["builtin"]] == []
+        assert_not_found(a.get(f"/v1/voices/{voice}"))
+        assert_not_found(a.post(f"/v1/voices/{voice}/preview", json={"text": "hello"}))
+        assert_not_found(a.delete(f"/v1/voices/{voice}"))
+        assert_not_found(a.get(f"/v1/personas/{persona}"))
+        assert_not_found(a.put(f"/v1/personas/{persona}", json={"name": "mine now"}))
+        assert_not_found(a.delete(f"/v1/personas/{persona}"))
+        assert_not_found(a.get(f"/v1/sessions/{session}"))
+        assert_not_found(a.get(f"/v1/sessions/{session}/transcript"))
+        assert session not in [s["id"] for s in a.get("/v1/sessions").json()["items"]]
+
+        # Nothing of theirs was changed or removed by those attempts.
+        assert b.get(f"/v1/voices/{voice}").status_code == 200
+        assert b.get(f"/v1/personas/{persona}").json()["name"] == "theirs"
+        assert b.get(f"/v1/sessions/{session}/transcript").json()["session_id"] == session
+
+    # Nor used in a conversation: refused by the gateway when asked for, exactly like a missing one.
+    refusal = asyncio.run(refused_at_open(gateway, KEY_A, f"persona={persona}"))
+    assert refusal == (1008, "invalid_request", f"unknown persona {persona!r}")
+    code, reason, detail = asyncio.run(refused_at_open(gateway, KEY_A, f"voice=profile:{voice}"))
+    assert (code, reason) == (1008, "invalid_request") and detail.startswith(
+        f"unknown voice 'profile:{voice}'"
+    )
+    error = asyncio.run(realtime_voice_update(gateway, KEY_A, f"profile:{voice}"))
+    assert error["code"] == "invalid_request" and error["message"].startswith(
+        f"unknown voice 'profile:{voice}'"
+    )
+
+
+async def realtime_voice_update(gateway: GatewayProcess, key: str, voice: str) -> dict[str, Any]:
+    """The error event a realtime `session.update` to `voice` gets."""
+    async with connect(
+        f"{gateway.ws_url}/v1/realtime", additional_headers={"Authorization": f"Bearer {key}"}
+    ) as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "session.created"
+        await ws.send(
+            json.dumps({"type": "session.update", "session": {"audio": {"output": {"voice": voice}}}})
+        )
+        event = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert event["type"] == "error", event
+        error: dict[str, Any] = event["error"]
+        return error
+
+
+async def refused_at_open(gateway: GatewayProcess, key: str, query: str) -> tuple[int, str, str]:
+    """A conversation refused before it starts: (close code, close reason, the error frame's text)."""
+    async with connect(
+        f"{gateway.ws_url}/api/chat?{query}", additional_headers={"Authorization": f"Bearer {key}"}
+    ) as ws:
+        first = await asyncio.wait_for(ws.recv(), 30)
+        assert isinstance(first, bytes) and first[0] == 0x05, first
+        await ws.wait_closed()
+        assert ws.close_code is not None
+        return ws.close_code, ws.close_reason or "", first[1:].decode()
+
+
 # --- quotas --------------------------------------------------------------------------------------------
 
 

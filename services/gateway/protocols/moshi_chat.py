@@ -26,6 +26,7 @@ from services.gateway.protocols.session_socket import (
     Ending,
     SocketClosed,
     check_voice,
+    check_voice_owned,
     close_quietly,
     guarded,
     open_conversation,
@@ -63,6 +64,7 @@ async def chat(websocket: WebSocket) -> None:
     try:
         owner = authenticate(websocket)
         voice = check_voice(params.get("voice") or "moshiko")
+        await check_voice_owned(websocket, owner, voice)
         mode = _voice_mode(params.get("voice_mode"))
         persona = await resolve_persona(websocket, owner, params.get("persona"), params.get("primer"))
         conversation = open_conversation(websocket, owner, persona, voice, mode)
