@@ -4,8 +4,10 @@ services' environment carries."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,9 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
-from shared.redis_server import free_port
+from shared.redis_server import EmbeddedRedis, free_port
 from tests.conftest import REPO_ROOT
+from tests.e2e.conftest import SPEECH_WAV, speech_like
+from tests.e2e.helpers import MoshiClient, upload_voice
 from tests.test_up import SERVICES, ChorusUp
 
 pytestmark = pytest.mark.timeout(300)
@@ -151,3 +156,64 @@ def test_a_worker_told_its_pod_ip_answers_there_and_not_on_loopback(redis_url: s
     finally:
         os.killpg(router.pid, signal.SIGTERM)
         router.wait(30)
+
+
+# The user docs/deploy.md tells operators to create on their own Redis: Chorus's keys only, no admin
+# command, no other dangerous one but INFO (the gateway reads `INFO memory` to refuse sessions early), and
+# the two CLIENT subcommands redis-py sends on connect (it names itself and asks for maintenance notices;
+# both are ignored where the server lacks them, but CLIENT is an admin command before Redis 7.2).
+CHORUS_ACL = (
+    "on ~chorus:* resetchannels +@all -@admin -@dangerous +info +client|setinfo +client|maint_notifications"
+)
+
+
+class RedisWithAclUser(EmbeddedRedis):
+    """A redis-server whose default user (the operator's, with `password`) is admin, plus a `chorus` user
+    with CHORUS_ACL and its own password: a real Redis set up as docs/deploy.md says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chorus_password = secrets.token_urlsafe(24)
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        with self.config_path.open("a", encoding="ascii") as config:
+            config.write(f"user chorus {CHORUS_ACL} >{self.chorus_password}\n")
+
+    @property
+    def chorus_url(self) -> str:
+        return f"redis://chorus:{self.chorus_password}@127.0.0.1:{self.port}/0"
+
+
+async def converse(gateway_port: int) -> MoshiClient:
+    """A voice upload (the TTS worker computes its state) and two seconds of conversation."""
+    await upload_voice(f"http://127.0.0.1:{gateway_port}", str(SPEECH_WAV))
+    client = await MoshiClient.open(f"ws://127.0.0.1:{gateway_port}", voice="moshiko")
+    await client.send_audio(speech_like(2.0))
+    await client.drain(1.0)
+    await client.ws.close()
+    return client
+
+
+def test_every_service_runs_on_a_redis_user_limited_to_chorus_keys_without_admin_commands(
+    tmp_path: Path, checkpoints: Path
+) -> None:
+    server = RedisWithAclUser().start()
+    admin = redis.Redis(port=server.port, password=server.password)
+    up = ChorusUp(tmp_path, checkpoints, {"CHORUS_REDIS_URL": server.chorus_url})
+    try:
+        up.wait_for_line("chorus is ready", 120)
+        up.wait_until_ready()
+        client = asyncio.run(converse(up.ports["gateway"]))
+        denied = admin.acl_log()
+        chorus_keys = admin.keys("chorus:*")
+        other_keys = [k for k in admin.keys("*") if not k.startswith(b"chorus:")]
+    finally:
+        up.kill()
+        admin.close()
+        server.stop()
+    assert client.errors == [] and client.audio_seconds > 0, client.errors
+    assert denied == [], f"commands or keys the documented ACL refused: {denied}"
+    assert chorus_keys and other_keys == []
+    assert server.chorus_password not in up.output()
+    print(f"chorus ACL user: {len(chorus_keys)} keys, {client.audio_seconds:.1f} s of audio back, 0 denials")
