@@ -3,7 +3,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.settings import CommonSettings
 
@@ -74,8 +74,21 @@ class GatewaySettings(CommonSettings):
         default=1000,
         ge=0,
         description="Transcripts kept per API key (0 = unlimited); a new session deletes the key's oldest "
-        "past it (never refused). Keep it above CHORUS_MAX_SESSIONS_PER_KEY.",
+        "past it (never refused). At least CHORUS_MAX_SESSIONS_PER_KEY, so no live session's goes.",
     )
+
+    @model_validator(mode="after")
+    def _live_transcripts_within_the_quota(self) -> GatewaySettings:
+        """Pruning deletes a key's oldest transcripts: with fewer places than live sessions it would delete
+        the transcript of a conversation still going on."""
+        transcripts, sessions = self.max_transcripts_per_key, self.max_sessions_per_key
+        if transcripts and sessions and transcripts < sessions:
+            raise ValueError(
+                f"CHORUS_MAX_TRANSCRIPTS_PER_KEY ({transcripts}) must be at least "
+                f"CHORUS_MAX_SESSIONS_PER_KEY ({sessions}), or 0"
+            )
+        return self
+
     max_body_bytes: int = Field(
         default=20 * 1024 * 1024,
         ge=1024,

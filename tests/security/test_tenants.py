@@ -176,7 +176,10 @@ def test_a_session_past_the_transcript_quota_deletes_the_keys_oldest_transcripts
     start_gateway: StartGateway,
 ) -> None:
     gateway = start_gateway(
-        CHORUS_API_KEYS=f"{KEY_A},{KEY_B}", CHORUS_MAX_TRANSCRIPTS_PER_KEY="2", CHORUS_PLACEMENT_WAIT_S="0"
+        CHORUS_API_KEYS=f"{KEY_A},{KEY_B}",
+        CHORUS_MAX_TRANSCRIPTS_PER_KEY="2",
+        CHORUS_MAX_SESSIONS_PER_KEY="2",
+        CHORUS_PLACEMENT_WAIT_S="0",
     )
 
     async def sessions() -> tuple[list[str], str]:
@@ -190,6 +193,19 @@ def test_a_session_past_the_transcript_quota_deletes_the_keys_oldest_transcripts
         assert a.get(f"/v1/sessions/{mine[0]}/transcript").status_code == 404
         assert a.get(f"/v1/sessions/{mine[-1]}/transcript").json()["session_id"] == mine[-1]
     assert "deleted the oldest transcripts of an owner past its quota" in gateway.log_text()
+
+
+def test_a_transcript_quota_below_the_live_session_limit_is_a_start_up_error(
+    start_gateway: StartGateway,
+) -> None:
+    """Pruning would delete the transcripts of conversations still going on: the gateway does not start."""
+    gateway = start_gateway(
+        wait=False, CHORUS_MAX_TRANSCRIPTS_PER_KEY="3", CHORUS_MAX_SESSIONS_PER_KEY="4", CHORUS_API_KEYS=KEY_A
+    )
+    assert gateway.process.wait(60) != 0
+    assert "CHORUS_MAX_TRANSCRIPTS_PER_KEY (3) must be at least CHORUS_MAX_SESSIONS_PER_KEY (4)" in (
+        gateway.log_text()
+    )
 
 
 # --- listings read only the caller's index -----------------------------------------------------------
