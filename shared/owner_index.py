@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
+from shared import metrics
 from shared.errors import NotFound, QuotaExceeded
 from shared.storage import Storage
 
@@ -108,8 +109,10 @@ class OwnerIndex:
             raise self._over(limit, len(names) - 1)
 
     def _over(self, limit: int, count: int) -> QuotaExceeded:
+        metrics.LIMIT_REJECTIONS.labels(limit=f"{self.kind}_per_key").inc()
         return QuotaExceeded(
             f"this API key has {count} {self.kind}, its quota is {limit}: delete one first",
+            reason="quota_exceeded",
             resource=self.kind,
             limit=limit,
             count=count,

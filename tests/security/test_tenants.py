@@ -41,7 +41,8 @@ def assert_quota_problem(response: httpx.Response, resource: str, limit: int, co
     assert response.status_code == 409, response.text
     body = response.json()
     assert response.headers["content-type"].startswith("application/problem+json")
-    assert (body["code"], body["resource"], body["limit"], body["count"]) == (
+    assert (body["code"], body["reason"], body["resource"], body["limit"], body["count"]) == (
+        "quota_exceeded",
         "quota_exceeded",
         resource,
         limit,
@@ -143,6 +144,8 @@ def test_past_the_voice_quota_an_upload_is_refused_before_its_body_is_read(
         assert a.delete(f"/v1/voices/{first.json()['id']}").status_code == 204
         assert upload_voice(a, SPEECH.read_bytes()).status_code == 201, "a deleted voice frees its place"
         assert len(a.get("/v1/voices").json()["items"]) == 1
+        metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert 'chorus_limit_rejections_total{limit="voices_per_key"} 2.0' in metrics
 
 
 def test_past_the_persona_quota_creating_one_is_refused_with_the_limit_and_the_count(

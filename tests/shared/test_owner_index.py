@@ -104,13 +104,23 @@ async def test_past_the_quota_creating_is_refused_with_the_limit_and_the_count(t
     with pytest.raises(QuotaExceeded) as raised:
         await voices.create(refused, CLIP)
     assert raised.value.status == 409
-    assert raised.value.extra == {"resource": "voices", "limit": 2, "count": 2}
+    assert raised.value.extra == {
+        "reason": "quota_exceeded",
+        "resource": "voices",
+        "limit": 2,
+        "count": 2,
+    }
     assert not (tmp_path / "voices" / refused.id).exists(), "nothing of a refused upload is stored"
     with pytest.raises(QuotaExceeded):
         await voices.check_quota(ME)
     with pytest.raises(QuotaExceeded) as raised:
         await personas.create(ME, PersonaFields(name="p"))
-    assert raised.value.extra == {"resource": "personas", "limit": 2, "count": 2}
+    assert raised.value.extra == {
+        "reason": "quota_exceeded",
+        "resource": "personas",
+        "limit": 2,
+        "count": 2,
+    }
     assert len(await voices.index.names(ME)) == 2 and len(await personas.index.names(ME)) == 2
 
     await voices.create(voice(OTHER), CLIP)  # the quota is per owner
