@@ -6,9 +6,11 @@ cheapest check that the services work as separate processes.
 A child that exits while `chorus up` is not stopping is restarted after a backoff of its own (0.5 s,
 doubling up to 30 s, back to 0.5 s once it stayed up 60 s): a crash is logged, not a reason to stop
 everything, and a child that cannot start (a configuration error) retries every 30 s, loudly. The
-embedded redis-server is restarted the same way on the same port, so clients keep their URL; its
-streams are not persisted, so live sessions are lost. SIGTERM / Ctrl-C stops everything in reverse
-order (gateway first, so clients are told, then workers, then Redis) and exits 0.
+embedded redis-server is restarted the same way on the same port with the same password (generated for
+this run; it reaches the services in CHORUS_REDIS_URL, their environment, never a command line or a log
+line), so clients keep their URL; its streams are not persisted, so live sessions are lost. SIGTERM /
+Ctrl-C stops everything in reverse order (gateway first, so clients are told, then workers, then Redis)
+and exits 0.
 
 A thread polls the gateway's /readyz and says once when the stack is ready, and once when it is not
 any more.
@@ -96,7 +98,7 @@ def redis_child(redis: EmbeddedRedis) -> Child:
     return Child(
         "redis-server",
         spawn,
-        lost_on_exit=f"live sessions are lost (streams are not persisted); it comes back on {redis.url}",
+        lost_on_exit=f"live sessions are lost (streams are not persisted); it comes back on {redis.safe_url}",
     )
 
 
@@ -292,7 +294,11 @@ def up(port: int | None, services: Sequence[str] = SERVICE_ORDER) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if redis is not None:
-        log.info("embedded redis-server on %s (set CHORUS_REDIS_URL to use your own)", redis.url)
+        log.info(
+            "embedded redis-server on %s (password generated for this run; set CHORUS_REDIS_URL to use "
+            "your own)",
+            redis.safe_url,
+        )
     try:
         supervisor.start()
         if watch is not None:

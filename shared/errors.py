@@ -80,6 +80,14 @@ class Conflict(ChorusError):
     title = "Conflict"
 
 
+class QuotaExceeded(Conflict):
+    """The caller has as many voices, personas... as its quota allows; it must delete one first. A 409,
+    not a 429 (waiting does not help) nor a 507 (the disk is not full: the quota is the caller's)."""
+
+    code = "quota_exceeded"
+    title = "Quota exceeded"
+
+
 class PayloadTooLarge(ChorusError):
     code = "payload_too_large"
     status = 413

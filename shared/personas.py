@@ -2,6 +2,9 @@
 
 A persona is a `PersonaSpec` (what a session needs) plus who owns it and its default voice. Built-ins
 belong to nobody, every owner sees them, and they cannot be changed or deleted.
+
+Each owner's stored personas are indexed (`shared.owner_index`: `owners/{owner}/personas/{id}`, written
+before the persona and removed after it), so an owner's listing and quota read only that owner's files.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.messages import PersonaSpec, Sampling, valid_id, valid_voice
+from shared.owner_index import OwnerIndex, Reconciled
 from shared.storage import Storage
 
 
@@ -82,10 +86,13 @@ BUILTINS: dict[str, Persona] = {
 
 
 class PersonaStore:
-    """Owner-scoped persona CRUD over durable storage. Another owner's persona is NotFound, never 403."""
+    """Owner-scoped persona CRUD over durable storage. Another owner's persona is NotFound, never 403.
+    `max_per_owner`: stored personas one owner may have (0 = no limit); past it `create` is refused."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, *, max_per_owner: int = 0) -> None:
         self.storage = storage
+        self.max_per_owner = max_per_owner
+        self.index = OwnerIndex(storage, "personas")
 
     @staticmethod
     def _key(persona_id: str) -> str:
@@ -103,19 +110,30 @@ class PersonaStore:
         return stored
 
     async def list(self, owner: str) -> list[Persona]:
+        """The built-ins, then the owner's own, read through its index: no other owner's file is opened."""
         found: list[Persona] = list(BUILTINS.values())
-        for key in sorted(await self.storage.list("personas/")):
-            if not key.endswith(".json"):
+        for persona_id in await self.index.names(owner):
+            try:
+                persona = _load(await self.storage.get(self._key(persona_id)))
+            except NotFound:  # not written yet, or deleted meanwhile
                 continue
-            persona = _load(await self.storage.get(key))
             if persona.owner == owner:
                 found.append(persona)
         return found
 
     async def create(self, owner: str, fields: PersonaFields) -> Persona:
+        """A new persona, within the owner's quota (QuotaExceeded otherwise)."""
         persona = Persona(id=f"p_{uuid.uuid4().hex[:12]}", owner=owner, **fields.model_dump())
-        await self._save(persona)
+        await self.index.reserve(owner, persona.id, self.max_per_owner, self._stored)
+        try:
+            await self._save(persona)
+        except BaseException:
+            await self.index.remove(owner, persona.id)
+            raise
         return persona
+
+    async def _stored(self, persona_id: str) -> bool:
+        return await self.storage.exists(self._key(persona_id))
 
     async def replace(self, owner: str, persona_id: str, fields: PersonaFields) -> Persona:
         current = await self.get(owner, persona_id)
@@ -130,6 +148,23 @@ class PersonaStore:
         if current.builtin:
             raise Conflict(f"built-in persona {persona_id!r} cannot be deleted")
         await self.storage.delete(self._key(persona_id))
+        await self.index.remove(owner, persona_id)
+
+    async def reconcile_index(self) -> Reconciled:
+        """At start-up: index entries for stored personas that lack one, none left for personas gone."""
+        stored = [
+            key.removeprefix("personas/").removesuffix(".json")
+            for key in await self.storage.list("personas/")
+        ]
+        present = [persona_id for persona_id in stored if _ID.match(persona_id)]
+
+        async def describe(persona_id: str) -> tuple[str, str] | None:
+            try:
+                return _load(await self.storage.get(self._key(persona_id))).owner, persona_id
+            except (NotFound, ValueError):
+                return None
+
+        return await self.index.reconcile(present, describe)
 
     async def resolve(self, owner: str, persona_id: str | None, overrides: dict[str, Any]) -> PersonaSpec:
         """The spec a session runs with: persona by id (default when none) with per-session overrides."""

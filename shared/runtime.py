@@ -1,6 +1,10 @@
 """What every worker process shares: logging, the Redis bus, a stop event set by SIGTERM/SIGINT,
 presence heartbeats, and a small HTTP server for /healthz, /readyz and /metrics.
 
+That server answers on loopback unless the service's `*_HTTP_HOST` setting names another interface: its
+readiness and metrics are for the probes and the scraper of this machine or pod (Kubernetes sets the
+pod IP), not for whoever can reach the host.
+
 A service's `worker.py` builds a `ServiceRuntime` and hands it its core loop; nothing else.
 """
 
@@ -91,7 +95,7 @@ class ServiceRuntime:
         service: str,
         settings: CommonSettings,
         *,
-        http_host: str = "0.0.0.0",
+        http_host: str = "127.0.0.1",
         http_port: int | None = None,
     ) -> None:
         self.service = service
@@ -170,7 +174,11 @@ class ServiceRuntime:
                 lifespan="off",
             )
             server = EmbeddedUvicorn(config)
-        log.info("%s starting", self.service, extra={"worker_id": s.worker_id, "http_port": self.http_port})
+        log.info(
+            "%s starting",
+            self.service,
+            extra={"worker_id": s.worker_id, "http_host": self.http_host, "http_port": self.http_port},
+        )
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.presence.run(self.stop), name="presence")

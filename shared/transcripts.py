@@ -9,6 +9,10 @@ Storage layout (`shared.storage`, under CHORUS_DATA_DIR), one folder per session
   a worker that found its lease lapsed). Missing if every process died: the rest is still there.
 
 The export (`GET /v1/sessions/{id}/transcript`) is read from these files, never from Redis.
+
+Each owner's transcripts are indexed (`shared.owner_index`: `owners/{owner}/transcripts/{start ms}.{sid}`,
+written before `meta.json`, removed after the folder), oldest first by name. Past `max_per_owner` a new
+session is never refused: the owner's oldest transcripts are deleted instead, and the log says which.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from typing import Any
 
 from shared.errors import NotFound
+from shared.owner_index import OwnerIndex, Reconciled
 from shared.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -32,14 +37,49 @@ def _key(sid: str, name: str) -> str:
     return f"{PREFIX}{sid}/{name}"
 
 
+def _entry(sid: str, started_at: float) -> str:
+    """The index entry's name: sorts by start time (ms, fixed width), then session id."""
+    return f"{round(started_at * 1000):015d}.{sid}"
+
+
+def _session_of(entry: str) -> str:
+    return entry.split(".", 1)[-1]
+
+
 class TranscriptLog:
-    def __init__(self, storage: Storage) -> None:
+    """`max_per_owner`: transcripts kept per owner (0 = no limit); `begin` prunes the oldest past it."""
+
+    def __init__(self, storage: Storage, *, max_per_owner: int = 0) -> None:
         self.storage = storage
+        self.max_per_owner = max_per_owner
+        self.index = OwnerIndex(storage, "transcripts")
 
     async def begin(self, sid: str, *, owner: str, persona_id: str, voice: str) -> None:
+        started_at = time.time()
         meta = {"session_id": sid, "owner": owner, "persona_id": persona_id, "voice": voice}
+        await self.index.add(owner, _entry(sid, started_at))
         await self.storage.put(
-            _key(sid, "meta.json"), json.dumps({**meta, "started_at": time.time()}).encode()
+            _key(sid, "meta.json"), json.dumps({**meta, "started_at": started_at}).encode()
+        )
+        await self._prune(owner)
+
+    async def _prune(self, owner: str) -> None:
+        """Delete the owner's oldest transcripts past the quota: a conversation is never refused for the
+        records of old ones."""
+        entries = await self.index.names(owner)
+        if not self.max_per_owner or len(entries) <= self.max_per_owner:
+            return
+        oldest = entries[: len(entries) - self.max_per_owner]
+        for entry in oldest:
+            await self.storage.delete_prefix(f"{PREFIX}{_session_of(entry)}/")
+            await self.index.remove(owner, entry)
+        log.warning(
+            "deleted the oldest transcripts of an owner past its quota",
+            extra={
+                "owner": owner,
+                "limit": self.max_per_owner,
+                "session_ids": [_session_of(e) for e in oldest],
+            },
         )
 
     async def append(self, sid: str, utterance: dict[str, Any]) -> None:
@@ -87,16 +127,32 @@ class TranscriptLog:
         """Delete the transcripts of sessions that ended (or, with no end, started) longer than
         `retention_s` ago; returns how many went."""
         now = now if now is not None else time.time()
-        sids = {key[len(PREFIX) :].split("/", 1)[0] for key in await self.storage.list(PREFIX)}
         removed = 0
-        for sid in sorted(sids):
+        for sid in sorted(await self._sessions()):
             end = await self._optional_json(sid, "end.json")
             meta = await self._optional_json(sid, "meta.json")
             when = end.get("ended_at") or meta.get("started_at") or 0
             if now - float(when) > retention_s:
                 await self.storage.delete_prefix(f"{PREFIX}{sid}/")
+                if "owner" in meta and "started_at" in meta:
+                    await self.index.remove(str(meta["owner"]), _entry(sid, float(meta["started_at"])))
                 removed += 1
         return removed
+
+    async def _sessions(self) -> set[str]:
+        return {key[len(PREFIX) :].split("/", 1)[0] for key in await self.storage.list(PREFIX)}
+
+    async def reconcile_index(self) -> Reconciled:
+        """At start-up: index entries for transcripts that lack one, none left for transcripts gone."""
+
+        async def describe(sid: str) -> tuple[str, str] | None:
+            meta = await self._optional_json(sid, "meta.json")
+            try:
+                return str(meta["owner"]), _entry(sid, float(meta["started_at"]))
+            except (KeyError, TypeError, ValueError):
+                return None  # no header (yet): nothing says whose it is
+
+        return await self.index.reconcile(await self._sessions(), describe, _session_of)
 
 
 class TranscriptWriter:

@@ -2,7 +2,7 @@
 
 Layout under the storage root (`CHORUS_DATA_DIR`):
 
-    voices/{id}/pending.json                     while an upload is being written (start time)
+    voices/{id}/pending.json                     while an upload is being written (start time, owner)
     voices/{id}/clip.wav                         the normalised clip: PCM16, mono, 24 kHz
     voices/{id}/profile.json                     the metadata; written last, so its presence = complete
     voices/{id}/states/{model_version}.safetensors  Pocket TTS voice states, one per model version
@@ -11,6 +11,10 @@ A profile exists exactly when its `profile.json` does: a crash mid-upload leaves
 pending marker, which nobody lists and `sweep_incomplete` removes. Delete removes `profile.json` first
 (the profile disappears at once), then everything under its prefix. Every write goes through `Storage`,
 whose writes are atomic; an S3-compatible backend only has to implement that interface.
+
+Each owner's profiles are also indexed (`shared.owner_index`: `owners/{owner}/voices/{id}`, written
+before the upload and removed after the delete), so an owner's listing and quota read only that
+owner's entries and profiles.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import logging
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.audio import SAMPLE_RATE, FloatAudio, float_to_pcm16, pcm16_to_float, pcm16_to_wav, wav_to_pcm16
 from shared.errors import NotFound
 from shared.messages import PROFILE_ID_PATTERN, valid_id
+from shared.owner_index import OwnerIndex, Reconciled
 from shared.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -68,27 +74,40 @@ def _key(profile_id: str, *parts: str) -> str:
 
 
 class VoiceProfileStore:
-    def __init__(self, storage: Storage) -> None:
+    """`max_per_owner`: profiles one owner may have (0 = no limit); past it `create` is refused."""
+
+    def __init__(self, storage: Storage, *, max_per_owner: int = 0) -> None:
         self.storage = storage
+        self.max_per_owner = max_per_owner
+        self.index = OwnerIndex(storage, "voices")
+
+    async def check_quota(self, owner: str) -> None:
+        """QuotaExceeded when `owner` has `max_per_owner` profiles already: before an upload is read."""
+        await self.index.check(owner, self.max_per_owner)
 
     async def create(self, profile: VoiceProfile, clip: FloatAudio) -> VoiceProfile:
-        """Write the clip, then the metadata; only the metadata makes the profile visible.
+        """Take a place in the owner's quota (QuotaExceeded), write the clip, then the metadata; only the
+        metadata makes the profile visible.
 
         A write that fails (a full disk: ENOSPC) removes what this upload wrote before it re-raises, so
         no half profile waits for the start-up sweep.
         """
+        await self.index.reserve(profile.owner, profile.id, self.max_per_owner, self._complete)
         try:
-            await self.storage.put(
-                _key(profile.id, PENDING_FILE), json.dumps({"started_at": time.time()}).encode()
-            )
+            pending = {"started_at": time.time(), "owner": profile.owner}
+            await self.storage.put(_key(profile.id, PENDING_FILE), json.dumps(pending).encode())
             await self.storage.put(_key(profile.id, CLIP_FILE), pcm16_to_wav(float_to_pcm16(clip)))
             await self.storage.put(_key(profile.id, PROFILE_FILE), profile.model_dump_json().encode())
         except BaseException:
             await self.storage.delete_prefix(_key(profile.id))
+            await self.index.remove(profile.owner, profile.id)
             log.warning("removed a voice profile whose upload failed", extra={"profile_id": profile.id})
             raise
         await self.storage.delete(_key(profile.id, PENDING_FILE))
         return profile
+
+    async def _complete(self, profile_id: str) -> bool:
+        return await self.storage.exists(_key(profile_id, PROFILE_FILE))
 
     async def get(self, profile_id: str) -> VoiceProfile:
         """Raises NotFound for an unknown or incomplete profile."""
@@ -119,13 +138,14 @@ class VoiceProfileStore:
         return complete, seen
 
     async def profiles(self, owner: str | None = None) -> list[VoiceProfile]:
-        """Complete profiles (of `owner`, or all), oldest first."""
-        complete, _ = await self._ids()
+        """Complete profiles of `owner` (read through its index: no other owner's file is opened), or
+        of everyone (None: every profile is read), oldest first."""
+        ids = await self.index.names(owner) if owner is not None else (await self._ids())[0]
         profiles = []
-        for profile_id in complete:
+        for profile_id in ids:
             try:
                 profile = await self.get(profile_id)
-            except NotFound:  # deleted meanwhile
+            except NotFound:  # not complete yet, or deleted meanwhile
                 continue
             if owner is None or profile.owner == owner:
                 profiles.append(profile)
@@ -140,9 +160,16 @@ class VoiceProfileStore:
         return pcm16_to_float(pcm)
 
     async def delete(self, profile_id: str) -> None:
-        """The metadata first (the profile is gone for every reader), then the clip and every state."""
+        """The metadata first (the profile is gone for every reader), then the clip and every state, then
+        its owner's index entry (also called for a profile already gone: what is left is removed)."""
+        try:
+            owner: str | None = (await self.get(profile_id)).owner
+        except NotFound:
+            owner = None
         await self.storage.delete(_key(profile_id, PROFILE_FILE))
         await self.storage.delete_prefix(_key(profile_id))
+        if owner is not None:
+            await self.index.remove(owner, profile_id)
 
     # --- cached voice states (the TTS service's) -----------------------------------------------------
 
@@ -168,17 +195,34 @@ class VoiceProfileStore:
         complete, seen = await self._ids()
         removed = []
         for profile_id in sorted(seen - complete):
-            if await self._upload_in_progress(profile_id, grace_s):
+            pending = await self._pending(profile_id)
+            if time.time() - float(pending.get("started_at", 0.0)) < grace_s:
                 continue
             await self.storage.delete_prefix(_key(profile_id))
+            if isinstance(owner := pending.get("owner"), str):
+                await self.index.remove(owner, profile_id)
             removed.append(profile_id)
         if removed:
             log.warning("removed incomplete voice profiles", extra={"profile_ids": removed})
         return removed
 
-    async def _upload_in_progress(self, profile_id: str, grace_s: float) -> bool:
+    async def _pending(self, profile_id: str) -> dict[str, Any]:
+        """The pending marker of an upload ({} when there is none, or it is unreadable)."""
         try:
-            started = float(json.loads(await self.storage.get(_key(profile_id, PENDING_FILE)))["started_at"])
+            marker = json.loads(await self.storage.get(_key(profile_id, PENDING_FILE)))
+            float(marker["started_at"])
         except (NotFound, ValueError, KeyError, TypeError):
-            return False
-        return time.time() - started < grace_s
+            return {}
+        return marker if isinstance(marker, dict) else {}
+
+    async def reconcile_index(self) -> Reconciled:
+        """At start-up: index entries for complete profiles that lack one, none left for profiles gone."""
+        complete, _ = await self._ids()
+
+        async def describe(profile_id: str) -> tuple[str, str] | None:
+            try:
+                return (await self.get(profile_id)).owner, profile_id
+            except (NotFound, ValueError):
+                return None
+
+        return await self.index.reconcile(complete, describe)

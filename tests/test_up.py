@@ -45,11 +45,11 @@ def wait_for(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> di
     raise AssertionError(f"{url} not ready within {timeout_s}s")
 
 
-def redis_answers_ping(port: int) -> bool:
+def redis_refuses_ping_without_password(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(16).startswith(b"-NOAUTH")
     except OSError:
         return False
 
@@ -117,7 +117,7 @@ class ChorusUp:
         }
 
     def redis_port(self) -> int:
-        return int(self.wait_for_line(r"embedded redis-server on redis://127\.0\.0\.1:(\d+)/", 10)[1])
+        return int(self.wait_for_line(r"embedded redis-server on redis://:\*\*\*@127\.0\.0\.1:(\d+)/", 10)[1])
 
     def wait_until_ready(self) -> None:
         for service in SERVICES:
@@ -204,7 +204,9 @@ def test_the_ready_line_comes_again_once_after_the_gateway_was_restarted(
     assert up.stop() == 0
 
 
-def test_redis_killed_with_sigkill_comes_back_on_the_same_port(start_up: Callable[..., ChorusUp]) -> None:
+def test_redis_killed_with_sigkill_comes_back_on_the_same_port_with_the_same_password(
+    start_up: Callable[..., ChorusUp],
+) -> None:
     up = start_up()
     up.wait_for_line("chorus is ready", 60)
     port = up.redis_port()
@@ -212,8 +214,8 @@ def test_redis_killed_with_sigkill_comes_back_on_the_same_port(start_up: Callabl
     os.kill(children["redis-server"], signal.SIGKILL)
     up.wait_for_line(r"redis-server is down \(killed by SIGKILL .*live sessions are lost", 10)
     up.wait_for_line(r"restarted redis-server \(pid \d+\)", 15)
-    assert redis_answers_ping(port)
-    up.wait_until_ready()  # every worker and the gateway answer again, against the new Redis
+    assert redis_refuses_ping_without_password(port)
+    up.wait_until_ready()  # every worker and the gateway answer again: same port, same password
     assert up.process.poll() is None
     assert all(pid_exists(pid) for pid in up.pids().values())
     assert up.stop() == 0

@@ -16,6 +16,11 @@ class DialogueSettings(CommonSettings):
         le=65535,
         description="Port of this worker's /healthz, /readyz, /metrics (0 = off).",
     )
+    dialogue_http_host: str = Field(
+        default="127.0.0.1",
+        description="Interface of this worker's /healthz, /readyz, /metrics: loopback unless set (Kubernetes "
+        "sets the pod IP, so probes and Prometheus reach it; 0.0.0.0 exposes it on every interface).",
+    )
     moshi_repo: str = Field(
         default="kyutai/moshiko-pytorch-bf16",
         description="Hugging Face repo of the Moshi checkpoint (moshika, `-q8` variants too).",

@@ -559,5 +559,10 @@ async def serve(runtime: ServiceRuntime, settings: DialogueSettings) -> None:
 
 def main() -> None:
     settings = get_settings()
-    runtime = ServiceRuntime(SERVICE, settings, http_port=settings.dialogue_http_port or None)
+    runtime = ServiceRuntime(
+        SERVICE,
+        settings,
+        http_host=settings.dialogue_http_host,
+        http_port=settings.dialogue_http_port or None,
+    )
     asyncio.run(runtime.run(lambda rt: serve(rt, settings)))

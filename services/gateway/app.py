@@ -40,6 +40,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             why = "CHORUS_AUTH=off" if settings.auth == "off" else "no CHORUS_API_KEYS configured"
             log.warning("AUTH IS OFF (%s): every caller is the anonymous owner", why)
         app.state.voices = await voices.open_voice_store(settings)
+        # Stored data from before the owner index, or put back by hand: indexed before anyone lists.
+        await app.state.personas.reconcile_index()
+        await app.state.transcripts.reconcile_index()
         app.state.admission = Admission(bus, settings)
         app.state.leases = LeaseKeeper(
             SessionStore(bus, settings.session_ttl_s),
@@ -69,8 +72,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.keys = open_key_ring(settings)  # AuthSetupError: the gateway must not start
     app.state.storage = LocalStorage(settings.data_dir)
-    app.state.transcripts = TranscriptLog(app.state.storage)
-    app.state.personas = PersonaStore(app.state.storage)
+    app.state.transcripts = TranscriptLog(app.state.storage, max_per_owner=settings.max_transcripts_per_key)
+    app.state.personas = PersonaStore(app.state.storage, max_per_owner=settings.max_personas_per_key)
     app.state.resolve_persona = app.state.personas.resolve
     app.state.upload_slots = voices.UploadSlots(settings.voice_max_concurrent_uploads)
     problems.install(app)

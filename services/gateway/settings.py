@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.settings import CommonSettings
 
@@ -101,6 +101,37 @@ class GatewaySettings(CommonSettings):
     transcript_retention_s: int = Field(
         default=7 * 24 * 3600, ge=60, description="How long transcript exports of ended sessions are kept."
     )
+    max_voices_per_key: int = Field(
+        default=50,
+        ge=0,
+        description="Voice profiles one API key may have (0 = unlimited); past it an upload is refused "
+        "(409 quota_exceeded) before its body is read.",
+    )
+    max_personas_per_key: int = Field(
+        default=100,
+        ge=0,
+        description="Stored personas one API key may have (0 = unlimited); past it creating one is refused "
+        "(409 quota_exceeded).",
+    )
+    max_transcripts_per_key: int = Field(
+        default=1000,
+        ge=0,
+        description="Transcripts kept per API key (0 = unlimited); a new session deletes the key's oldest "
+        "past it (never refused). At least CHORUS_MAX_SESSIONS_PER_KEY, so no live session's goes.",
+    )
+
+    @model_validator(mode="after")
+    def _live_transcripts_within_the_quota(self) -> GatewaySettings:
+        """Pruning deletes a key's oldest transcripts: with fewer places than live sessions it would delete
+        the transcript of a conversation still going on."""
+        transcripts, sessions = self.max_transcripts_per_key, self.max_sessions_per_key
+        if transcripts and sessions and transcripts < sessions:
+            raise ValueError(
+                f"CHORUS_MAX_TRANSCRIPTS_PER_KEY ({transcripts}) must be at least "
+                f"CHORUS_MAX_SESSIONS_PER_KEY ({sessions}), or 0"
+            )
+        return self
+
     max_body_bytes: int = Field(
         default=64 * 1024,
         ge=1024,

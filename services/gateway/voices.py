@@ -96,9 +96,11 @@ class PreviewIn(BaseModel):
 
 
 async def open_voice_store(settings: GatewaySettings) -> VoiceProfileStore:
-    """The durable store under CHORUS_DATA_DIR, after removing what crashed uploads left behind."""
-    store = VoiceProfileStore(LocalStorage(settings.data_dir))
+    """The durable store under CHORUS_DATA_DIR, after removing what crashed uploads left behind and
+    indexing profiles the owner index lacks (`shared.owner_index`)."""
+    store = VoiceProfileStore(LocalStorage(settings.data_dir), max_per_owner=settings.max_voices_per_key)
     await store.sweep_incomplete(settings.voice_sweep_grace_s)
+    await store.reconcile_index()
     return store
 
 
@@ -191,6 +193,7 @@ def _text_field(form: FormData, name: str) -> str:
         400: {"description": "A field is missing or consent was not given"},
         413: {"description": "Larger than CHORUS_VOICE_MAX_UPLOAD_BYTES"},
         415: {"description": f"Not audio, or not {ACCEPTED_TEXT}"},
+        409: {"description": "The key has CHORUS_MAX_VOICES_PER_KEY profiles already (quota_exceeded)"},
         422: {
             "description": "More than 2 channels, above 48 kHz, too short, too long, silent, clipped or "
             "no speech (measured value and limit)"
@@ -220,6 +223,8 @@ def _text_field(form: FormData, name: str) -> str:
     },
 )
 async def create_voice(request: Request, owner: str = Depends(current_owner)) -> VoiceOut:
+    # Both refusals come before the body is read; `create` holds the quota place.
+    await _store(request).check_quota(owner)
     slots: UploadSlots = request.app.state.upload_slots
     with slots.take():
         return await _create_voice(request, owner)
@@ -275,6 +280,7 @@ async def _ask_for_voice_state(bus: Bus, profile_id: str) -> None:
 
 @router.get("", response_model=VoiceList, summary="Your voice profiles, oldest first")
 async def list_voices(request: Request, owner: str = Depends(current_owner)) -> VoiceList:
+    # Read through the caller's owner index: no other key's profile is opened.
     return VoiceList(items=[VoiceOut.of(p) for p in await _store(request).profiles(owner)])
 
 

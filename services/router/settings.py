@@ -14,6 +14,11 @@ class RouterSettings(CommonSettings):
         le=65535,
         description="Port of this worker's /healthz, /readyz, /metrics (0 = off).",
     )
+    router_http_host: str = Field(
+        default="127.0.0.1",
+        description="Interface of this worker's /healthz, /readyz, /metrics: loopback unless set (Kubernetes "
+        "sets the pod IP, so probes and Prometheus reach it; 0.0.0.0 exposes it on every interface).",
+    )
     router_budget_frames: int = Field(
         default=19,
         ge=1,

@@ -19,5 +19,7 @@ async def serve(runtime: ServiceRuntime) -> None:
 
 def main() -> None:
     settings = get_settings()
-    runtime = ServiceRuntime("router", settings, http_port=settings.router_http_port or None)
+    runtime = ServiceRuntime(
+        "router", settings, http_host=settings.router_http_host, http_port=settings.router_http_port or None
+    )
     asyncio.run(runtime.run(serve))

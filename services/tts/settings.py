@@ -15,6 +15,11 @@ class TtsSettings(CommonSettings):
         le=65535,
         description="Port of this worker's /healthz, /readyz, /metrics (0 = off).",
     )
+    tts_http_host: str = Field(
+        default="127.0.0.1",
+        description="Interface of this worker's /healthz, /readyz, /metrics: loopback unless set (Kubernetes "
+        "sets the pod IP, so probes and Prometheus reach it; 0.0.0.0 exposes it on every interface).",
+    )
     tts_dir: Path | None = Field(
         default=None,
         description="Local Pocket TTS checkpoint (config.yaml, weights, tokenizer); unset = the published "

@@ -275,5 +275,7 @@ async def serve(runtime: ServiceRuntime, settings: TtsSettings) -> None:
 
 def main() -> None:
     settings = get_settings()
-    runtime = ServiceRuntime(SERVICE, settings, http_port=settings.tts_http_port or None)
+    runtime = ServiceRuntime(
+        SERVICE, settings, http_host=settings.tts_http_host, http_port=settings.tts_http_port or None
+    )
     asyncio.run(runtime.run(lambda rt: serve(rt, settings)))

@@ -8,8 +8,9 @@ container has and a process on this machine does not is translated, and only tha
 - a service the test provides itself (Redis: the suite's redis-server) is not started; URLs that name it
   (`redis://redis:6379/0`) point at the test's server instead;
 - every container has its own network namespace, these processes share one: each port a service
-  exposes gets a free local port, and an `environment:` value equal to that port is rewritten to it;
-  binding every interface (`0.0.0.0`) becomes binding loopback;
+  listens on (exposed, published, or set by an `environment:` variable named `*_PORT`, such as a
+  worker's health port on its container's loopback) gets a free local port, and an `environment:` value
+  equal to that port is rewritten to it; binding every interface (`0.0.0.0`) becomes binding loopback;
 - named volumes become directories under the stack's workdir, and `environment:` paths under a mount
   point follow (only `environment:` is translated: it is the wiring, .env holds plain settings);
 - `chorus ...` runs as `python -m chorus.cli ...` and `python` as this interpreter, so the checkout
@@ -90,6 +91,9 @@ class LocalService:
 
 def container_ports(service: Mapping[str, Any]) -> list[int]:
     ports = [int(str(p).split("/")[0]) for p in service.get("expose", [])]
+    ports += [
+        int(v) for k, v in service.get("environment", {}).items() if k.endswith("_PORT") and str(v).isdigit()
+    ]
     for entry in service.get("ports", []):
         target = entry["target"] if isinstance(entry, dict) else str(entry).rsplit(":", 1)[-1]
         ports.append(int(str(target).split("/")[0]))

@@ -389,3 +389,19 @@ def test_compose_publishes_only_the_gateway_and_on_loopback_by_default(compose: 
     published = {name: s["ports"] for name, s in compose["services"].items() if s.get("ports")}
     assert list(published) == ["gateway"]
     assert published["gateway"] == ["127.0.0.1:8000:8000"]
+
+
+def test_worker_health_servers_listen_on_the_pod_ip_in_kubernetes_and_loopback_in_compose(
+    rendered: dict[str, list[dict[str, Any]]], compose: dict[str, Any]
+) -> None:
+    """Loopback is the default (shared/runtime.py); the kubelet's probes and Prometheus reach a pod on its
+    IP, so the manifests bind that. Compose's health checks run inside the container, on loopback."""
+    for name in ("router", "dialogue", "tts"):
+        variable = f"CHORUS_{name.upper()}_HTTP_HOST"
+        for overlay in OVERLAYS:
+            container = workload(rendered[overlay], name)["spec"]["template"]["spec"]["containers"][0]
+            host = next(e for e in container["env"] if e["name"] == variable)
+            assert host["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, (overlay, name)
+        service = compose["services"][name]
+        assert variable not in service.get("environment", {}) and "expose" not in service, name
+        assert "127.0.0.1" in " ".join(service["healthcheck"]["test"]), name

@@ -27,6 +27,7 @@ from services.gateway.protocols.session_socket import (
     Ending,
     SocketClosed,
     check_voice,
+    check_voice_owned,
     close_quietly,
     guarded,
     open_conversation,
@@ -65,6 +66,7 @@ async def chat(websocket: WebSocket) -> None:
         caller = await authenticate_socket(websocket)
         owner = caller.owner
         voice = check_voice(params.get("voice") or caller.voice or "moshiko")
+        await check_voice_owned(websocket, owner, voice)
         mode = _voice_mode(params.get("voice_mode"))
         primer = params.get("primer") or caller.instructions
         persona = await resolve_persona(websocket, owner, params.get("persona"), primer)

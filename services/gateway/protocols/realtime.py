@@ -32,6 +32,7 @@ from services.gateway.protocols.session_socket import (
     Ending,
     SocketClosed,
     check_voice,
+    check_voice_owned,
     close_quietly,
     end_conversation,
     open_conversation,
@@ -224,6 +225,7 @@ class RealtimeSession:
         voice = config.requested_voice()
         if voice is not None:
             voice = check_voice(voice)
+            await check_voice_owned(self.websocket, self.owner, voice)
         if config.instructions is not None:
             if self.conversation is not None and config.instructions != self.instructions:
                 raise InvalidRequest(

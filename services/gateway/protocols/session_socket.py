@@ -23,7 +23,7 @@ from services.gateway.admission import Admission
 from services.gateway.conversation import Conversation
 from services.gateway.problems import outage_error
 from services.gateway.settings import GatewaySettings
-from shared.errors import ChorusError, InvalidRequest
+from shared.errors import ChorusError, InvalidRequest, NotFound
 from shared.messages import NATIVE_VOICES, PersonaSpec, VoiceMode, valid_voice
 from shared.runtime import cancel_and_wait
 
@@ -65,6 +65,18 @@ def check_voice(voice: str) -> str:
     if not valid_voice(voice):
         raise InvalidRequest(f"unknown voice {voice!r}: use {' or '.join(NATIVE_VOICES)} or profile:<id>")
     return voice
+
+
+async def check_voice_owned(websocket: WebSocket, owner: str, voice: str) -> None:
+    """A cloned voice must be the caller's own: another key's profile is refused at once, exactly like a
+    missing one (the TTS worker checks again when it switches voices)."""
+    store = getattr(websocket.app.state, "voices", None)
+    if store is None or not voice.startswith("profile:"):
+        return
+    try:
+        await store.get_owned(voice.removeprefix("profile:"), owner)
+    except NotFound:
+        raise InvalidRequest(f"unknown voice {voice!r}: no such profile for this API key") from None
 
 
 async def resolve_persona(

@@ -57,7 +57,7 @@ async def test_every_v1_route_answers_503_while_redis_is_away_and_works_again_on
             assert readyz.status_code == 503
             assert readyz.json() == {"ready": False, "redis": False}
 
-            redis = EmbeddedRedis(port=redis.port).start()
+            redis = EmbeddedRedis(port=redis.port, password=redis.password).start()
             started = time.monotonic()
             for method, path in ROUTES:
                 while (response := await call(client, method, path)).status_code == 503:
