@@ -156,7 +156,7 @@ class PersonaStore:
             key.removeprefix("personas/").removesuffix(".json")
             for key in await self.storage.list("personas/")
         ]
-        present = [persona_id for persona_id in stored if _ID.match(persona_id)]
+        present = [persona_id for persona_id in stored if valid_id(persona_id)]
 
         async def describe(persona_id: str) -> tuple[str, str] | None:
             try:

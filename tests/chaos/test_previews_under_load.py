@@ -37,7 +37,11 @@ async def preview(http: httpx.AsyncClient, voice_id: str, delay_s: float) -> tup
 async def test_previews_while_the_only_tts_worker_is_busy_answer_in_time_and_never_500(
     make_stack: Callable[..., ChorusStack],
 ) -> None:
-    stack = make_stack(CHORUS_VOICE_PREVIEW_TIMEOUT_S=str(PREVIEW_TIMEOUT_S))
+    # Four uploads in flight at once is the load under test: the gateway lets them all in.
+    stack = make_stack(
+        CHORUS_VOICE_PREVIEW_TIMEOUT_S=str(PREVIEW_TIMEOUT_S),
+        CHORUS_VOICE_MAX_CONCURRENT_UPLOADS=str(UPLOADS),
+    )
     start_services(stack, "tts")
     voice_id = await upload_voice(stack.url, str(SPEECH_WAV))
     async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
