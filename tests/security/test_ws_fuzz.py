@@ -17,6 +17,7 @@ import time
 from collections import Counter
 
 import httpx
+import pytest
 
 from shared.bus import Bus
 from shared.presence import list_workers
@@ -27,28 +28,40 @@ from tests.security.ws_fuzz import Outcome, run_fuzz
 
 SEED = int(os.environ.get("CHORUS_FUZZ_SEED", "1105"))
 CASES_PER_PROTOCOL = 40
+LONG_CASES_PER_PROTOCOL = 400
 LEASE_S = 5.0  # the stack's CHORUS_SESSION_LEASE_S
 
 
 async def test_hostile_sockets_never_crash_leak_or_go_unexplained(socket_stack: ChorusStack) -> None:
-    started = time.monotonic()
-    async with HealthProbe(socket_stack.url) as probe:
-        outcomes = await run_fuzz(socket_stack.ws_url, SEED, CASES_PER_PROTOCOL)
-    figures = probe.result.summary()
-    elapsed_s = time.monotonic() - started
-    print(f"\nfuzz seed {SEED}: {len(outcomes)} sockets in {elapsed_s:.1f} s; {_tally(outcomes)}")
-    print(f"/healthz meanwhile: {figures}")
+    await _fuzz_and_check(socket_stack, SEED, CASES_PER_PROTOCOL)
 
-    assert socket_stack.processes["gateway"].poll() is None, socket_stack.log_tail("gateway")
-    async with httpx.AsyncClient(base_url=socket_stack.url, timeout=5) as client:
+
+@pytest.mark.chaos
+@pytest.mark.timeout(1200)
+async def test_a_long_fuzz_of_both_protocols(socket_stack: ChorusStack) -> None:
+    """`pytest -m chaos tests/security`: ten times the cases, from three seeds."""
+    for seed in (SEED, SEED + 1, SEED + 2):
+        await _fuzz_and_check(socket_stack, seed, LONG_CASES_PER_PROTOCOL)
+
+
+async def _fuzz_and_check(stack: ChorusStack, seed: int, cases: int) -> None:
+    started = time.monotonic()
+    async with HealthProbe(stack.url) as probe:
+        outcomes = await run_fuzz(stack.ws_url, seed, cases)
+    elapsed_s = time.monotonic() - started
+    print(f"\nfuzz seed {seed}: {len(outcomes)} sockets in {elapsed_s:.1f} s; {_tally(outcomes)}")
+    print(f"/healthz meanwhile: {probe.result.summary()}")
+
+    assert stack.processes["gateway"].poll() is None, stack.log_tail("gateway")
+    async with httpx.AsyncClient(base_url=stack.url, timeout=5) as client:
         assert (await client.get("/healthz")).status_code == 200
-    log = (socket_stack.workdir / "gateway.log").read_text(errors="replace")
+    log = (stack.workdir / "gateway.log").read_text(errors="replace")
     for sign in ("Traceback", "unexpectedly"):
         assert sign not in log, log[max(0, log.index(sign) - 1500) : log.index(sign) + 3000]
     assert probe.result.failures == {}
     problems = {o.case.describe(): o.problems() for o in outcomes if o.problems()}
-    assert not problems, f"seed {SEED}: {problems}"
-    await _no_session_left(socket_stack)
+    assert not problems, f"seed {seed}: {problems}"
+    await _no_session_left(stack)
     assert probe.result.p99_ms < 1000  # generous: the machine is shared; the figure is printed above
 
 

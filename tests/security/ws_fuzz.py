@@ -295,6 +295,7 @@ class Outcome:
         """What a hostile client must never see: an error without a reason, an internal error, a server
         close without a reason, or a connection that just ended (1006) without a close."""
         found = [f"an error without a reason: {e!r}" for e in self.errors if not e.strip()]
+        found += [e for e in self.errors if e.startswith("connect failed")]
         found += [f"an internal error: {e!r}" for e in self.errors if "internal error" in e]
         found += [f"error code {c}" for c in self.error_codes if c in ("internal_error", "", None)]
         if self.closed_by_server and self.close_code not in (1000, None) and not self.close_reason:
