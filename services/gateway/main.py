@@ -8,6 +8,7 @@ import logging
 import uvicorn
 
 from services.gateway.app import create_app
+from services.gateway.fair_websocket import FairWebSocketProtocol
 from services.gateway.settings import get_settings
 from shared.logging import configure_logging
 from shared.runtime import DRAIN_TIMEOUT_S
@@ -25,6 +26,7 @@ def main() -> None:
         port=settings.port,
         log_config=None,
         lifespan="on",
+        ws=FairWebSocketProtocol,  # one socket's input never holds the event loop for long
         ws_max_size=1 << 20,
         timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S),
     )

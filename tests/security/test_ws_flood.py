@@ -14,7 +14,7 @@ import json
 import time
 
 import httpx
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 
 from tests.security.conftest import StartGateway
 from tests.security.health_probe import HealthProbe
@@ -58,6 +58,23 @@ async def test_a_flood_of_tiny_messages_does_not_hold_up_other_requests(start_ga
     assert await _metric(gateway.url, 'chorus_ws_errors_suppressed_total{protocol="realtime"}') > 0
     assert probe.result.failures == {}
     assert probe.result.p99_ms < 1000  # generous: the machine is shared; the figure is printed above
+
+
+async def test_large_and_tiny_messages_are_parsed_whole_and_in_order(start_gateway: StartGateway) -> None:
+    """The gateway parses a large read a slice at a time (so a flood cannot hold the event loop):
+    messages spanning slices, and many in one slice, still arrive whole and in order."""
+    gateway = start_gateway()
+    async with connect(f"{gateway.ws_url}/v1/realtime?model=moshiko", max_size=1 << 24) as ws:
+        await ws.recv()  # session.created
+        padding = "x" * 50_000
+        for i in range(150):
+            event = {"type": "no.such.event", "event_id": f"evt_{i}"}
+            if i % 3 == 0:
+                event["padding"] = padding  # three slices' worth
+            await ws.send(json.dumps(event))
+        errors = [json.loads(await asyncio.wait_for(ws.recv(), 10))["error"] for _ in range(150)]
+    assert [e["event_id"] for e in errors] == [f"evt_{i}" for i in range(150)]
+    assert {e["code"] for e in errors} == {"unsupported_event"}
 
 
 async def test_a_client_that_never_reads_is_closed_with_1008_and_the_reason(
