@@ -27,7 +27,7 @@ def main() -> None:
         log_config=None,
         lifespan="on",
         ws=FairWebSocketProtocol,  # one socket's input never holds the event loop for long
-        ws_max_size=1 << 20,
+        ws_max_size=settings.ws_max_message_bytes,  # a larger frame: close 1009, with the reason
         timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S),
     )
     # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, closes sockets, then runs the lifespan exit.

@@ -9,12 +9,13 @@ same seed gives the same cases, whatever the timing; a failing case prints its p
 What the messages are:
 - moshi (binary, first byte the kind): real Ogg/Opus audio, truncated Ogg, garbage after `OggS`, a page
   with a broken CRC, random bytes as audio, an Opus "bomb" (one page that decodes to 8 s), 3 s of audio in
-  one message (over the pacing burst), unknown kinds, empty messages, text frames, rapid bursts;
+  one message (over the pacing burst), unknown kinds, empty messages, text frames, rapid bursts,
+  messages over the size limit;
 - realtime (JSON): every client event with a wrong JSON type (null, bool, numbers, huge ints, strings,
   lists, objects) in each of its fields in turn (`event_id`, `type`, every `session` field down to
   `audio.input.format.rate`, `audio`, `response_id`), invalid and truncated JSON, nesting too deep,
   integers past Python's digit limit, unknown types, binary frames, odd/invalid/over-burst base64 audio,
-  rapid bursts, and valid events (appends start a real session).
+  rapid bursts, messages over the size limit, and valid events (appends start a real session).
 
 `Outcome` is what the client saw: every error's reason, and how the socket closed (code and reason).
 """
@@ -25,6 +26,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import itertools
 import json
 import os
 import random
@@ -49,6 +51,7 @@ ENDINGS = ("close", "drop", "mid_frame")
 UNKNOWN_KINDS = (0x00, 0x02, 0x03, 0x05, 0x7F, 0xFF)  # kinds a client may not send
 DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY)
 READ_AFTER_S = 0.3  # how long a case listens after its last message
+OVERSIZED = (1 << 20) + 1024  # just past CHORUS_WS_MAX_MESSAGE_BYTES' default
 
 
 # --- what the messages are made of ------------------------------------------------------------------
@@ -202,7 +205,8 @@ class Case:
     ending: str
 
     def describe(self) -> str:
-        steps = ", ".join(name for name, _ in self.messages)
+        runs = [(name, len(list(group))) for name, group in itertools.groupby(n for n, _ in self.messages)]
+        steps = ", ".join(name if count == 1 else f"{name} x{count}" for name, count in runs)
         return f"{self.protocol} case {self.index} [{steps}] then {self.ending}"
 
 
@@ -221,6 +225,7 @@ def moshi_case(seed: int, index: int) -> Case:
         ("empty", lambda: b""),
         ("text_frame", lambda: rng.choice(["hello", "\x01audio", json.dumps({"type": "x"})])),
         ("rapid_burst", lambda: [bytes([AUDIO]) + rng.randbytes(3) for _ in range(300)]),
+        ("oversized", lambda: bytes([AUDIO]) + rng.randbytes(OVERSIZED)),
     ]
     return _case("moshi", index, rng, choices)
 
@@ -258,6 +263,7 @@ def realtime_case(seed: int, index: int) -> Case:
         ("empty_audio", lambda: append("")),
         ("over_burst_audio", lambda: append(pcm_b64(3.0, rng))),
         ("rapid_burst", lambda: [append(pcm_b64(0.02, rng)) for _ in range(300)]),
+        ("oversized", lambda: append("A" * OVERSIZED)),
     ]
     return _case("realtime", index, rng, choices)
 
