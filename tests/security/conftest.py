@@ -136,6 +136,7 @@ def socket_stack(
             "CHORUS_MAX_SESSIONS_PER_KEY": "16",
             "CHORUS_SESSION_LEASE_S": "5",
             "CHORUS_SESSION_LEASE_RENEW_S": "1",
+            "CHORUS_REQUESTS_PER_MINUTE": "100000",  # the latency probe calls a REST route 50 times a second
         },
     )
     stack.workdir.mkdir(parents=True, exist_ok=True)

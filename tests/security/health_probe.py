@@ -68,8 +68,8 @@ class ProbeResult:
 
     @property
     def failures(self) -> dict[str, int]:
-        """Answers that were not 2xx (a 5xx, or no answer at all)."""
-        return {k: n for k, n in self.statuses.items() if not k.split()[-1].startswith("2")}
+        """Server errors (5xx) and requests with no answer at all (a 4xx such as a 429 is an answer)."""
+        return {k: n for k, n in self.statuses.items() if k.split()[-1][:1] not in "234"}
 
 
 class HealthProbe:
