@@ -113,6 +113,15 @@ class RateLimited(ChorusError):
     retryable = True
 
 
+class ClientNotReading(ChorusError):
+    """A WebSocket client stopped reading what it is sent (errors, text, events) past its socket's send
+    queue bound: the session ends and the socket closes with 1008 (policy violation) and the reason."""
+
+    code = "client_not_reading"
+    status = 429
+    title = "Client does not read"
+
+
 class NoCapacity(ChorusError):
     code = "no_capacity"
     status = 503

@@ -76,6 +76,9 @@ class Sampling(BaseModel):
     audio_top_k: int = Field(default=250, ge=1, le=2048)
 
 
+PRIMER_MAX_CHARS = 2000
+
+
 class PersonaSpec(BaseModel):
     """What a session needs of a persona; the gateway resolves a persona id into this."""
 
@@ -83,7 +86,9 @@ class PersonaSpec(BaseModel):
 
     id: str = Field(default="default", max_length=64)
     name: str = Field(default="Default", max_length=100)
-    primer: str = Field(default="", max_length=2000, description="Text forced into Moshi's text stream.")
+    primer: str = Field(
+        default="", max_length=PRIMER_MAX_CHARS, description="Text forced into Moshi's text stream."
+    )
     greeting: str = Field(default="", max_length=500)
     sampling: Sampling = Field(default_factory=Sampling)
 

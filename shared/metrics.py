@@ -69,6 +69,22 @@ SESSIONS_REJECTED = Counter("chorus_sessions_rejected_total", "Sessions refused 
 LIMIT_REJECTIONS = Counter(
     "chorus_limit_rejections_total", "Requests or messages refused by a gateway limit", ["limit"]
 )
+WS_ERRORS_SUPPRESSED = Counter(
+    "chorus_ws_errors_suppressed_total",
+    "Rate-limit errors not sent: the socket was told less than a second before (the message was dropped)",
+    ["protocol"],
+)
+WS_AUDIO_PACING_WAIT = Histogram(
+    "chorus_ws_audio_pacing_wait_seconds",
+    "How long a socket's receive loop waited before input audio it had read was within its pace",
+    ["protocol"],
+    buckets=FRAME_BUCKETS,
+)
+WS_AUDIO_REFUSED = Counter(
+    "chorus_ws_audio_refused_seconds_total",
+    "Seconds of input audio refused: one message carried more than the pacing burst",
+    ["protocol"],
+)
 HTTP_REQUESTS = Counter("chorus_http_requests_total", "HTTP requests", ["method", "route", "status"])
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aiolimiter import AsyncLimiter
 from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
@@ -178,41 +179,84 @@ class RequestRateLimit:
         await self.app(scope, receive, send)
 
 
-class TokenBucket:
-    """Per-socket message rate: `rate` per second sustained, `burst` at once."""
+@dataclass(frozen=True)
+class Refusal:
+    """Why a socket's message was not served, and whether the client is told (`tell`) or the message is
+    dropped silently (it was told less than a second ago)."""
 
-    def __init__(self, rate: float, burst: float, now: float | None = None) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.updated = now if now is not None else time.monotonic()
-
-    def take(self, now: float | None = None) -> bool:
-        now = now if now is not None else time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
+    error: ChorusError
+    tell: bool = True
 
 
 class SocketLimits:
-    """What a WebSocket receive loop asks of each message: `None` = accept, else why it was dropped."""
+    """What a WebSocket receive loop asks of each message (`check`) and of the audio it carries
+    (`pace_audio`), for one socket.
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    Both rates are leaky buckets (aiolimiter's `AsyncLimiter`: float amounts, a burst, and an awaitable
+    wait on the running loop): messages per second (a burst of 2 s worth), and seconds of input audio per
+    second of wall clock (`ws_audio_pace`, a burst of `ws_audio_burst_s`).
+    """
+
+    RATE_ERROR_INTERVAL_S = 1.0  # at most one rate-limit error per socket per this
+
+    def __init__(self, settings: GatewaySettings, protocol: str) -> None:
+        self.protocol = protocol
         self.max_bytes = settings.ws_max_message_bytes
-        self.bucket = TokenBucket(settings.ws_messages_per_second, 2 * settings.ws_messages_per_second)
+        self.message_rate = settings.ws_messages_per_second
+        self.messages = AsyncLimiter(2 * self.message_rate, 2.0)
+        burst = settings.ws_audio_burst_s
+        self.audio = AsyncLimiter(burst, burst / settings.ws_audio_pace)
+        self._rate_error_at = -math.inf
 
-    def check(self, message: Mapping[str, Any]) -> str | None:
+    async def check(self, message: Mapping[str, Any]) -> Refusal | None:
+        """`None` = serve it. Every message counts against the rate (oversized ones too); past the rate
+        it is dropped, and the client is told at most once a second (the rest are only counted)."""
+        if not self.messages.has_capacity(1):
+            return self._rate_limited()
+        await self.messages.acquire(1)  # there is capacity: returns at once
         size = len(message.get("bytes") or b"") + len((message.get("text") or "").encode())
         if size > self.max_bytes:
             metrics.LIMIT_REJECTIONS.labels(limit="ws_message_size").inc()
-            return f"message of {size} bytes is larger than {self.max_bytes}; dropped"
-        if not self.bucket.take():
-            metrics.LIMIT_REJECTIONS.labels(limit="ws_message_rate").inc()
-            return "too many messages per second; dropped"
+            detail = f"message of {size} bytes is larger than {self.max_bytes}; dropped"
+            return Refusal(PayloadTooLarge(detail))
         return None
+
+    def _rate_limited(self) -> Refusal:
+        metrics.LIMIT_REJECTIONS.labels(limit="ws_message_rate").inc()
+        now = time.monotonic()
+        tell = now - self._rate_error_at >= self.RATE_ERROR_INTERVAL_S
+        if tell:
+            self._rate_error_at = now
+        else:
+            metrics.WS_ERRORS_SUPPRESSED.labels(protocol=self.protocol).inc()
+        detail = (
+            f"more than {self.message_rate:g} messages per second; dropped "
+            "(this error is sent at most once a second)"
+        )
+        return Refusal(RateLimited(detail), tell=tell)
+
+    async def pace_audio(self, seconds: float) -> ChorusError | None:
+        """Wait until `seconds` more input audio is within this socket's pace: backpressure (the socket is
+        not read meanwhile, so TCP flow control slows the client; other sockets and the event loop go on).
+        `None` = send it on. A message carrying more than the burst could never fit: it is refused, and
+        still charged a full burst, so refusing is paced too (the gateway decodes no faster than the pace)."""
+        burst = self.audio.max_rate
+        charge = min(seconds, burst)
+        if self.audio.has_capacity(charge):
+            await self.audio.acquire(charge)
+        else:
+            started = time.monotonic()
+            await self.audio.acquire(charge)
+            waited = time.monotonic() - started
+            metrics.WS_AUDIO_PACING_WAIT.labels(protocol=self.protocol).observe(waited)
+        if seconds <= burst:
+            return None
+        metrics.LIMIT_REJECTIONS.labels(limit="ws_audio_burst").inc()
+        metrics.WS_AUDIO_REFUSED.labels(protocol=self.protocol).inc(seconds)
+        return PayloadTooLarge(
+            f"one message carries {seconds:.2f} s of audio, more than the {burst:g} s a socket may send at "
+            "once; send audio in smaller messages as it is captured"
+        )
 
 
 class HttpMetrics:

@@ -9,6 +9,7 @@ import uvicorn
 
 from services.gateway.app import create_app
 from services.gateway.auth import AuthSetupError
+from services.gateway.fair_websocket import FairWebSocketProtocol
 from services.gateway.settings import get_settings
 from shared.logging import configure_logging
 from shared.runtime import DRAIN_TIMEOUT_S
@@ -31,7 +32,8 @@ def main() -> None:
         port=settings.port,
         log_config=None,
         lifespan="on",
-        ws_max_size=1 << 20,
+        ws=FairWebSocketProtocol,  # one socket's input never holds the event loop for long
+        ws_max_size=settings.ws_max_message_bytes,  # a larger frame: close 1009, with the reason
         timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S),
     )
     # uvicorn handles SIGTERM/SIGINT itself: it stops accepting, closes sockets, then runs the lifespan exit.

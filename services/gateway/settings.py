@@ -90,6 +90,17 @@ class GatewaySettings(CommonSettings):
     ws_send_queue_frames: int = Field(
         default=64, ge=4, description="Per-socket send queue bound; a slow reader loses the oldest audio."
     )
+    ws_send_queue_messages: int = Field(
+        default=256,
+        ge=4,
+        description="Per-socket bound on queued text, events and errors (never dropped): past it, or past "
+        "`ws_send_queue_bytes`, the client is not reading and the socket closes (1008).",
+    )
+    ws_send_queue_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Per-socket bound on the bytes of queued text, events and errors (see above).",
+    )
     realtime_response_end_frames: int = Field(
         default=10,
         ge=1,
@@ -151,7 +162,20 @@ class GatewaySettings(CommonSettings):
     ws_messages_per_second: float = Field(
         default=100.0,
         gt=0,
-        description="Sustained WebSocket messages per second per socket (burst: 2 s worth).",
+        description="Sustained WebSocket messages per second per socket (burst: 2 s worth); past it "
+        "messages are dropped, with at most one `rate_limited` error a second.",
+    )
+    ws_audio_pace: float = Field(
+        default=1.5,
+        gt=0,
+        description="Input audio a socket may send, in seconds of audio per second (1.0 = real time); "
+        "a faster client waits (its socket is read no faster).",
+    )
+    ws_audio_burst_s: float = Field(
+        default=2.0,
+        ge=0.08,
+        description="Seconds of input audio a socket may send at once above its pace; one message "
+        "carrying more is refused.",
     )
 
     voice_max_upload_bytes: int = Field(

@@ -20,6 +20,7 @@ import pytest
 
 from shared.redis_server import free_port
 from tests.conftest import REPO_ROOT
+from tests.e2e.stack import ChorusStack
 
 
 @dataclass
@@ -131,3 +132,34 @@ def _wait_healthy(gateway: GatewayProcess, timeout_s: float = 60) -> None:
             pass
         time.sleep(0.1)
     pytest.fail(f"the gateway did not answer /healthz within {timeout_s} s:\n{gateway.log_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def socket_stack(
+    redis_url: str, checkpoints: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ChorusStack]:
+    """A gateway with real dialogue and router workers (small generated checkpoints; no TTS worker), for
+    the socket tests whose sessions must really be placed, primed, paced and stopped. Short leases, so a
+    leaked session would show within seconds."""
+    stack = ChorusStack(
+        redis_url,
+        checkpoints,
+        tmp_path_factory.mktemp("socket-stack"),
+        key_prefix=f"ws{uuid.uuid4().hex[:6]}:",
+        extra_env={
+            "CHORUS_DIALOGUE_SLOTS": "4",
+            "CHORUS_PLACEMENT_WAIT_S": "3",
+            "CHORUS_MAX_SESSIONS_PER_KEY": "16",
+            "CHORUS_SESSION_LEASE_S": "5",
+            "CHORUS_SESSION_LEASE_RENEW_S": "1",
+            "CHORUS_REQUESTS_PER_MINUTE": "100000",  # the latency probe calls a REST route 50 times a second
+        },
+    )
+    stack.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        for service in ("dialogue", "router", "gateway"):
+            stack.start(service)
+        stack.wait_ready(120, need_tts=False)
+        yield stack
+    finally:
+        stack.stop_all()

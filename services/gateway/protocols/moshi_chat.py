@@ -32,13 +32,14 @@ from services.gateway.protocols.session_socket import (
     guarded,
     open_conversation,
     place,
+    receive_fairly,
     resolve_persona,
     run_loops,
     serve_and_stop,
 )
 from services.gateway.settings import GatewaySettings
-from shared.audio import OpusDecoder, OpusEncoder, pcm16_to_float
-from shared.errors import ChorusError, InvalidRequest
+from shared.audio import SAMPLE_RATE, FloatAudio, OpusDecoder, OpusEncoder, pcm16_to_float
+from shared.errors import ChorusError, ClientNotReading, InvalidRequest
 from shared.messages import EventName, OutputAudio, OutputText, SessionEvent, VoiceMode
 from shared.runtime import cancel_and_wait
 
@@ -48,6 +49,10 @@ router = APIRouter()
 HANDSHAKE, AUDIO, TEXT, ERROR = 0x00, 0x01, 0x02, 0x05
 
 Outgoing = tuple[int, bytes]  # kind, payload (PCM16 for audio: encoded at send time)
+
+
+def _payload_size(item: Outgoing) -> int:
+    return len(item[1])
 
 
 def _voice_mode(value: str | None) -> VoiceMode:
@@ -87,8 +92,11 @@ class MoshiChatSession:
     def __init__(self, websocket: WebSocket, conversation: Conversation, queue_frames: int) -> None:
         self.websocket = websocket
         self.conversation = conversation
-        self.queue: SendQueue[Outgoing] = SendQueue(queue_frames)
-        self.limits = SocketLimits(websocket.app.state.settings)
+        settings: GatewaySettings = websocket.app.state.settings
+        self.queue: SendQueue[Outgoing] = SendQueue(
+            queue_frames, settings.ws_send_queue_messages, settings.ws_send_queue_bytes, _payload_size
+        )
+        self.limits = SocketLimits(settings, "moshi")
         self.decoder = OpusDecoder()
         self.encoder = OpusEncoder()
         self.early: deque[Message] = deque()  # received while waiting for the dialogue slot
@@ -114,35 +122,48 @@ class MoshiChatSession:
 
     async def receive_loop(self) -> None:
         while True:
-            message = self.early.popleft() if self.early else await self.websocket.receive()
+            message = self.early.popleft() if self.early else await receive_fairly(self.websocket)
             if message["type"] == "websocket.disconnect":
                 raise SocketClosed(message.get("code"))
-            if refused := self.limits.check(message):
-                self.error(refused)
+            if refusal := await self.limits.check(message):
+                if refusal.tell:
+                    self.error(refusal.error.detail)
                 continue
-            data = message.get("bytes")
-            if not data:
-                self.error("expected binary messages whose first byte is the kind")
+            pcm = self._decode(message)
+            if pcm is None or not len(pcm):
                 continue
-            if data[0] != AUDIO:
-                self.error(f"unsupported message kind 0x{data[0]:02x} from client")
+            # Waits while the client sends audio faster than its pace (backpressure), before decoding more.
+            if refused := await self.limits.pace_audio(len(pcm) / SAMPLE_RATE):
+                self.error(refused.detail)
                 continue
-            try:
-                pcm = self.decoder.decode(data[1:])
-            except Exception as exc:  # sphn raises plain exceptions on corrupt Ogg
-                self.error(f"undecodable Ogg/Opus audio: {exc}")
-                self.decoder = type(self.decoder)()
-                continue
-            if len(pcm):
-                await self.conversation.send_audio(pcm)
+            await self.conversation.send_audio(pcm)
+
+    def _decode(self, message: Message) -> FloatAudio | None:
+        """The audio of a client message, or None after telling the client why there is none."""
+        data = message.get("bytes")
+        if not data:
+            self.error("expected binary messages whose first byte is the kind")
+            return None
+        if data[0] != AUDIO:
+            self.error(f"unsupported message kind 0x{data[0]:02x} from client")
+            return None
+        try:
+            # Bounded: sphn decodes at most ~5 s of audio per call and raises past it.
+            return self.decoder.decode(data[1:])
+        except Exception as exc:  # sphn raises plain exceptions on corrupt Ogg
+            self.error(f"undecodable Ogg/Opus audio: {exc}")
+            self.decoder = type(self.decoder)()
+            return None
 
     def error(self, reason: str) -> None:
         log.info("client error: %s", reason, extra=self.conversation.log_extra)
         self.queue.put((ERROR, reason.encode()), droppable=False)
 
     def report(self, error: ChorusError) -> None:
-        """Why the session ends, as the protocol's error message (the caller logged it)."""
-        self.queue.put((ERROR, error.detail.encode()), droppable=False)
+        """Why the session ends, as the protocol's error message (the caller logged it). A client that
+        stopped reading is told by the close frame's reason alone."""
+        if self.queue.closed is None:
+            self.queue.put((ERROR, error.detail.encode()), droppable=False)
 
     async def emit_loop(self) -> None:
         """Pump the router's output into the send queue (the sender drains it to the socket)."""
@@ -163,7 +184,8 @@ class MoshiChatSession:
         return False
 
     async def _send_loop(self) -> None:
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        # Ends when the client leaves, or stops reading (the queue closed: the session ends with 1008).
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, ClientNotReading):
             while True:
                 kind, payload = await self.queue.get()
                 if kind == AUDIO:

@@ -37,13 +37,14 @@ from services.gateway.protocols.session_socket import (
     end_conversation,
     open_conversation,
     place,
+    receive_fairly,
     resolve_persona,
     run_loops,
     serve_and_stop,
 )
 from services.gateway.settings import GatewaySettings
 from shared.audio import FRAME_SEC, SAMPLE_RATE, pcm16_to_float, rms_dbfs
-from shared.errors import ChorusError, InvalidRequest
+from shared.errors import ChorusError, ClientNotReading, InvalidRequest
 from shared.messages import NATIVE_VOICES, EventName, OutputAudio, OutputText, SessionEvent
 from shared.runtime import cancel_and_wait
 
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 AUDIBLE_DBFS = -50.0  # below this a frame counts as silence when deciding that a response is over
+MAX_ECHOED_ID = 512  # a longer client `event_id` is not echoed in errors about its event
 
 
 def _new_id(prefix: str) -> str:
@@ -80,12 +82,18 @@ async def realtime(websocket: WebSocket) -> None:
     log.info("realtime session closed", extra={**session.log_extra, "reason": ending.reason})
 
 
+def _excerpt(value: object, limit: int = 64) -> str:
+    """A client's value quoted in an error, cut short: an error never echoes a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _client_event_id(raw: object) -> str | None:
     """The client's `event_id`, to echo in an error about its event. The API says it is a string; a
     number is echoed as its text so the client still learns which event failed; anything else is not."""
     value = raw.get("event_id") if isinstance(raw, dict) else None
     if isinstance(value, str):
-        return value
+        return value if len(value) <= MAX_ECHOED_ID else None
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     return None
@@ -103,8 +111,10 @@ class RealtimeSession:
         self.persona_id = websocket.query_params.get("persona")
         # Opened by the first audio; from then on, however the socket ends, the conversation is stopped.
         self.conversation: Conversation | None = None
-        self.queue: SendQueue[str] = SendQueue(settings.ws_send_queue_frames)
-        self.limits = SocketLimits(settings)
+        self.queue: SendQueue[str] = SendQueue(
+            settings.ws_send_queue_frames, settings.ws_send_queue_messages, settings.ws_send_queue_bytes, len
+        )
+        self.limits = SocketLimits(settings, "realtime")
         self.started = asyncio.Event()  # set once the conversation is ready (it has a dialogue slot)
         self.early: deque[Message] = deque()  # received while waiting for the dialogue slot
         self._response: ev.ResponseObject | None = None
@@ -142,7 +152,10 @@ class RealtimeSession:
         )
 
     def report(self, error: ChorusError) -> None:
-        """Why the session ends, as an `error` event (the caller logged it)."""
+        """Why the session ends, as an `error` event (the caller logged it). A client that stopped reading
+        is told by the close frame's reason alone."""
+        if self.queue.closed is not None:
+            return
         kind = "server_error" if error.status >= 500 else "invalid_request_error"
         event = ev.ErrorEvent(error=ev.ErrorDetail(type=kind, code=error.code, message=error.detail))
         self.queue.put(event.model_dump_json(), droppable=False)
@@ -162,11 +175,12 @@ class RealtimeSession:
 
     async def receive_loop(self) -> None:
         while True:
-            message = self.early.popleft() if self.early else await self.websocket.receive()
+            message = self.early.popleft() if self.early else await receive_fairly(self.websocket)
             if message["type"] == "websocket.disconnect":
                 raise SocketClosed(message.get("code"))
-            if refused := self.limits.check(message):
-                await self.error(refused, "rate_limited")
+            if refusal := await self.limits.check(message):
+                if refusal.tell:
+                    await self.error(refusal.error.detail, refusal.error.code)
                 continue
             text = message.get("text")
             if text is None:
@@ -177,14 +191,15 @@ class RealtimeSession:
     async def handle_text(self, text: str) -> None:
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as exc:
+        # ValueError: also an integer over Python's digit limit; RecursionError: nested too deep.
+        except (ValueError, RecursionError) as exc:
             await self.error(f"invalid JSON: {exc}", "invalid_json")
             return
         client_event_id = _client_event_id(raw)
         kind = raw.get("type") if isinstance(raw, dict) else None
         if kind not in ev.CLIENT_EVENT_TYPES:
             await self.error(
-                f"unsupported event type {kind!r}; supported: {', '.join(ev.CLIENT_EVENT_TYPES)}",
+                f"unsupported event type {_excerpt(kind)}; supported: {', '.join(ev.CLIENT_EVENT_TYPES)}",
                 "unsupported_event",
                 client_event_id,
                 "type",
@@ -246,6 +261,11 @@ class RealtimeSession:
             raise InvalidRequest(f"audio is not valid base64: {exc}") from None
         if len(pcm) % 2:
             raise InvalidRequest("audio must be PCM16: an even number of bytes")
+        if not pcm:
+            return
+        # Waits while the client sends audio faster than its pace (backpressure).
+        if refused := await self.limits.pace_audio(len(pcm) / (2 * SAMPLE_RATE)):
+            raise refused
         if self.conversation is None:
             await self.start_conversation()
         assert self.conversation is not None
@@ -365,7 +385,8 @@ class RealtimeSession:
         self._response = None
 
     async def _send_loop(self) -> None:
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        # Ends when the client leaves, or stops reading (the queue closed: the session ends with 1008).
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, ClientNotReading):
             while True:
                 await self.websocket.send_text(await self.queue.get())
                 dropped = self.queue.take_drop_report()

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from shared.messages import PRIMER_MAX_CHARS
+
 
 def event_id() -> str:
     return "event_" + uuid.uuid4().hex[:20]
@@ -48,7 +50,7 @@ class AudioConfig(_Lenient):
 
 class SessionConfig(_Lenient):
     type: str | None = None
-    instructions: str | None = None
+    instructions: str | None = Field(default=None, max_length=PRIMER_MAX_CHARS)  # the persona primer
     audio: AudioConfig | None = None
     # beta shape
     voice: str | None = None

@@ -23,13 +23,15 @@ from services.gateway.admission import Admission
 from services.gateway.conversation import Conversation
 from services.gateway.problems import outage_error
 from services.gateway.settings import GatewaySettings
-from shared.errors import ChorusError, InvalidRequest, NotFound
+from shared.errors import ChorusError, ClientNotReading, InvalidRequest, NotFound
 from shared.messages import NATIVE_VOICES, PersonaSpec, VoiceMode, valid_voice
 from shared.runtime import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 SERVICE_RESTART = 1012  # the close code uvicorn gives a socket when the server shuts down
+POLICY_VIOLATION = 1008  # a client that broke a socket limit it cannot be served past (it stopped reading)
+CLOSE_TIMEOUT_S = 10.0  # a close frame waits this long for a client that does not read (uvicorn's too)
 
 
 class SocketClosed(Exception):
@@ -55,6 +57,8 @@ class Ending:
     def close_code(self) -> int:
         if self.error is None:
             return 1000
+        if isinstance(self.error, ClientNotReading):
+            return POLICY_VIOLATION
         return 1013 if self.error.retryable else 1011  # 1013: try again later
 
 
@@ -129,27 +133,40 @@ async def place(websocket: WebSocket, conversation: Conversation) -> list[Messag
         return await wait_ready_watching(websocket, conversation)
 
 
+async def receive_fairly(websocket: WebSocket) -> Message:
+    """The next message, after letting every other task run once. Receiving does not yield while
+    messages are already queued (uvicorn parses a whole TCP read, thousands of tiny messages, at once):
+    a client flooding its socket would otherwise hold the event loop, and every other request, for as
+    long as the flood lasts."""
+    await asyncio.sleep(0)
+    return await websocket.receive()
+
+
 async def wait_ready_watching(websocket: WebSocket, conversation: Conversation) -> list[Message]:
     """`conversation.wait_ready` while reading the socket: a client that leaves meanwhile ends the wait
     (`SocketClosed`) instead of holding a dialogue slot until the session is ready.
 
     What the client sent meanwhile is returned in order, for the receive loop to handle first (audio
     before `ready` would not be heard; keeping it keeps what the client said). At most a socket rate
-    limit's burst is kept, what the receive loop accepts at once anyway; the rest is dropped.
+    limit's burst is kept, what the receive loop accepts at once anyway, and at most two of the largest
+    messages' worth of bytes; the rest is dropped.
     """
     settings: GatewaySettings = websocket.app.state.settings
     max_early = int(2 * settings.ws_messages_per_second)
+    max_early_bytes = 2 * settings.ws_max_message_bytes
     early: list[Message] = []
-    dropped = 0
+    early_bytes = dropped = 0
 
     async def watch() -> None:
-        nonlocal dropped
+        nonlocal dropped, early_bytes
         while True:
-            message = await websocket.receive()
+            message = await receive_fairly(websocket)
             if message["type"] == "websocket.disconnect":
                 raise SocketClosed(message.get("code"))
-            if len(early) < max_early:
+            size = len(message.get("bytes") or b"") + len(message.get("text") or "")
+            if len(early) < max_early and early_bytes + size <= max_early_bytes:
                 early.append(message)
+                early_bytes += size
             else:
                 dropped += 1
 
@@ -253,6 +270,9 @@ async def end_conversation(conversation: Conversation, reason: str) -> None:
 
 
 async def close_quietly(websocket: WebSocket, code: int = 1000, reason: str = "") -> None:
+    """Close with a code and reason, bounded: a close frame waits behind everything already sent, and a
+    client that does not read would hold the handler forever (then the connection just ends)."""
     if websocket.application_state != WebSocketState.DISCONNECTED:
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await websocket.close(code, reason[:120])
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await websocket.close(code, reason[:120])

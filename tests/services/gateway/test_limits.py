@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from services.gateway.limits import SocketLimits, TokenBucket
-from services.gateway.settings import GatewaySettings
 from shared import metrics
 from tests.services.gateway.app_client import gateway_client
 
@@ -54,19 +52,3 @@ async def test_requests_per_minute_are_limited_per_key(
             assert 1 <= int(refused.headers["retry-after"]) <= 60
         assert (await client.get("/v1/personas", headers=BOB)).status_code == 200
         assert (await client.get("/healthz")).status_code == 200  # probes are never limited
-
-
-def test_token_bucket_allows_a_burst_then_the_sustained_rate() -> None:
-    bucket = TokenBucket(rate=2.0, burst=4.0, now=0.0)
-    assert [bucket.take(now=0.0) for _ in range(5)] == [True] * 4 + [False]
-    assert bucket.take(now=0.5) is True
-    assert bucket.take(now=0.5) is False
-
-
-def test_socket_limits_drop_oversized_and_excess_messages() -> None:
-    limits = SocketLimits(GatewaySettings(ws_max_message_bytes=1024, ws_messages_per_second=1.0))
-    assert limits.check({"bytes": b"x" * 2048}) is not None
-    assert limits.check({"text": "ok"}) is None
-    assert limits.check({"text": "ok"}) is None
-    refused = limits.check({"text": "ok"})
-    assert refused is not None and "per second" in refused

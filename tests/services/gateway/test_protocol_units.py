@@ -1,23 +1,11 @@
-"""Protocol pieces that need no running stack: the bounded send queue and Realtime event parsing."""
+"""Protocol pieces that need no running stack: Realtime event parsing (the send queue and socket limits:
+tests/services/gateway/test_socket_limits.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from services.gateway.protocols import realtime_events as ev
-from services.gateway.protocols.send_queue import SendQueue
-
-
-async def test_a_slow_reader_loses_the_oldest_audio_never_text() -> None:
-    queue: SendQueue[str] = SendQueue(max_items=3)
-    queue.put("text-1", droppable=False)
-    for i in range(5):
-        queue.put(f"audio-{i}", droppable=True)
-    assert len(queue) == 3
-    assert queue.take_drop_report() == 3
-    assert queue.take_drop_report() == 0, "each drop is reported once"
-    assert [await queue.get() for _ in range(3)] == ["text-1", "audio-3", "audio-4"]
-    assert await queue.drained(0.1)
 
 
 def test_session_update_accepts_the_ga_shape() -> None:
