@@ -27,9 +27,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not chaos or chaos_smoke"
 
-# Every fault case against real processes: kill -9, SIGSTOP, Redis restarts, abusive clients (~4 min).
+# Every fault case against real processes: kill -9, SIGSTOP, Redis restarts, abusive clients (~3 min),
+# and the long WebSocket fuzz of tests/security (~5 min).
 chaos: $(STAMP)
-	$(BIN)/python -m pytest -m chaos tests/chaos
+	$(BIN)/python -m pytest -m chaos tests/chaos tests/security
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
