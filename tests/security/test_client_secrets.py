@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ import redis.asyncio as aioredis
 from openai import AsyncOpenAI, AuthenticationError
 from websockets.asyncio.client import ClientConnection, connect
 
-from shared.redis_server import free_port
+from tests.browser import MEDIA_FLAGS, chromium_page, needs_chromium
 from tests.security.conftest import GatewayProcess, StartGateway
 
 ALICE, BOB = "key-alice", "key-bob"
@@ -167,49 +164,21 @@ async def test_minting_needs_a_key(start_gateway: StartGateway) -> None:
     assert bad_voice.status_code == 422
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (.ci/run installs Debian's chromium)")
+@needs_chromium
 async def test_the_bundled_page_opens_its_socket_with_a_secret_not_the_key(
     start_gateway: StartGateway, tmp_path: Path
 ) -> None:
     gateway = start_gateway(CHORUS_API_KEYS=KEYS, CHORUS_PLACEMENT_WAIT_S="30")
-    assert CHROMIUM is not None
-    port = free_port()
-    chromium = subprocess.Popen(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--remote-debugging-port={port}",
-            "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream",
-            "--autoplay-policy=no-user-gesture-required",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        async with connect(await _page_websocket(port), max_size=1 << 24) as ws:
-            page = Page(ws)
-            await page.call("Network.enable")
-            await page.call("Page.navigate", url=f"{gateway.url}/")
-            await page.wait_for("window.chorus && window.chorus.ready === true")
-            paste_key = f"const k = document.getElementById('apiKey'); k.value = {ALICE!r}; k.onchange();"
-            await page.evaluate(f"(() => {{ {paste_key} }})()")
-            await page.evaluate("document.getElementById('start').click()")
-            await page.wait_for("window.chorus.sessionId !== null || window.chorus.errors.length > 0")
-            state = json.loads(await page.evaluate("JSON.stringify(window.chorus)"))
-            await page.evaluate("document.getElementById('stop').click()")
-    finally:
-        chromium.terminate()
-        chromium.wait(10)
+    async with chromium_page(tmp_path / "profile", "about:blank", *MEDIA_FLAGS) as page:
+        await page.call("Network.enable")
+        await page.call("Page.navigate", url=f"{gateway.url}/")
+        await page.wait_for("window.chorus && window.chorus.ready === true")
+        paste_key = f"const k = document.getElementById('apiKey'); k.value = {ALICE!r}; k.onchange();"
+        await page.evaluate(f"(() => {{ {paste_key} }})()")
+        await page.evaluate("document.getElementById('start').click()")
+        await page.wait_for("window.chorus.sessionId !== null || window.chorus.errors.length > 0")
+        state = json.loads(await page.evaluate("JSON.stringify(window.chorus)"))
+        await page.evaluate("document.getElementById('stop').click()")
     assert state["errors"] == [] and state["sessionId"].startswith("sess_")
     sockets = [e["params"]["url"] for e in page.events if e["method"] == "Network.webSocketCreated"]
     assert len(sockets) == 1 and "client_secret=ek_" in sockets[0]
@@ -217,51 +186,3 @@ async def test_the_bundled_page_opens_its_socket_with_a_secret_not_the_key(
         e["params"]["request"]["url"] for e in page.events if e["method"] == "Network.requestWillBeSent"
     ]
     assert requested and all(ALICE not in url for url in requested + sockets), "the key is in no URL"
-
-
-class Page:
-    """Just enough of the DevTools protocol: calls, and the events that arrive meanwhile."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.ids = itertools.count(1)
-        self.events: list[dict[str, Any]] = []
-
-    async def call(self, method: str, **params: Any) -> dict[str, Any]:
-        call_id = next(self.ids)
-        await self.ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(await self.ws.recv())
-            if message.get("id") == call_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return dict(message.get("result", {}))
-            if "method" in message:
-                self.events.append(message)
-
-    async def evaluate(self, expression: str) -> Any:
-        result = await self.call(
-            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
-        )
-        return result.get("result", {}).get("value")
-
-    async def wait_for(self, condition: str, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not await self.evaluate(f"Boolean({condition})"):
-            assert time.monotonic() < deadline, f"the page never got to: {condition}"
-            await asyncio.sleep(0.1)
-
-
-async def _page_websocket(port: int, timeout_s: float = 20) -> str:
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(timeout=1) as devtools:
-        while time.monotonic() < deadline:
-            try:
-                listing = (await devtools.get(f"http://127.0.0.1:{port}/json/list")).json()
-            except httpx.HTTPError:
-                listing = []
-            pages = [t for t in listing if t["type"] == "page"]
-            if pages:
-                return str(pages[0]["webSocketDebuggerUrl"])
-            await asyncio.sleep(0.2)
-    raise AssertionError("Chromium's DevTools endpoint did not come up")
