@@ -66,11 +66,13 @@ async def realtime(websocket: WebSocket) -> None:
     try:
         caller = await authenticate_socket(websocket)
     except ChorusError as exc:
-        await websocket.send_text(
-            ev.ErrorEvent(
-                error=ev.ErrorDetail(type="invalid_request_error", code=exc.code, message=exc.detail)
-            ).model_dump_json()
-        )
+        # A refused client may have left already (key guessers do not wait): nothing to tell then.
+        with contextlib.suppress(WebSocketDisconnect):
+            await websocket.send_text(
+                ev.ErrorEvent(
+                    error=ev.ErrorDetail(type="invalid_request_error", code=exc.code, message=exc.detail)
+                ).model_dump_json()
+            )
         await close_quietly(websocket, 1008, exc.code)
         return
     model = websocket.query_params.get("model") or caller.model or "moshiko"
