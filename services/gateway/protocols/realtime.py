@@ -65,6 +65,8 @@ async def realtime(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         caller = await authenticate_socket(websocket)
+        if caller.voice is not None:  # a client secret's: still the owner's own profile?
+            await check_voice_owned(websocket, caller.owner, check_voice(caller.voice))
     except ChorusError as exc:
         # A refused client may have left already (key guessers do not wait): nothing to tell then.
         with contextlib.suppress(WebSocketDisconnect):
