@@ -38,6 +38,7 @@ from services.gateway.protocols.session_socket import (
     serve_and_stop,
 )
 from services.gateway.settings import GatewaySettings
+from shared import metrics
 from shared.audio import SAMPLE_RATE, FloatAudio, OpusDecoder, OpusEncoder, pcm16_to_float
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest
 from shared.messages import EventName, OutputAudio, OutputText, SessionEvent, VoiceMode
@@ -78,6 +79,7 @@ async def chat(websocket: WebSocket) -> None:
         conversation = open_conversation(websocket, owner, persona, voice, mode)
         await websocket.accept(headers=[(b"x-chorus-session-id", conversation.session_id.encode())])
     except ChorusError as exc:
+        metrics.SESSIONS_REJECTED.labels(reason=exc.code).inc()
         await websocket.accept()
         with contextlib.suppress(WebSocketDisconnect):
             await websocket.send_bytes(bytes([ERROR]) + exc.detail.encode())

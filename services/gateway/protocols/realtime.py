@@ -43,6 +43,7 @@ from services.gateway.protocols.session_socket import (
     serve_and_stop,
 )
 from services.gateway.settings import GatewaySettings
+from shared import metrics
 from shared.audio import FRAME_SEC, SAMPLE_RATE, pcm16_to_float, rms_dbfs
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest
 from shared.messages import NATIVE_VOICES, EventName, OutputAudio, OutputText, SessionEvent
@@ -68,6 +69,7 @@ async def realtime(websocket: WebSocket) -> None:
         if caller.voice is not None:  # a client secret's: still the owner's own profile?
             await check_voice_owned(websocket, caller.owner, check_voice(caller.voice))
     except ChorusError as exc:
+        metrics.SESSIONS_REJECTED.labels(reason=exc.code).inc()
         # A refused client may have left already (key guessers do not wait): nothing to tell then.
         with contextlib.suppress(WebSocketDisconnect):
             await websocket.send_text(
