@@ -33,6 +33,7 @@ from services.gateway.protocols.session_socket import (
     open_conversation,
     place,
     receive_fairly,
+    refusal_close_code,
     resolve_persona,
     run_loops,
     serve_and_stop,
@@ -83,7 +84,7 @@ async def chat(websocket: WebSocket) -> None:
         await websocket.accept()
         with contextlib.suppress(WebSocketDisconnect):
             await websocket.send_bytes(bytes([ERROR]) + exc.detail.encode())
-        await close_quietly(websocket, 1008, exc.code)
+        await close_quietly(websocket, refusal_close_code(exc), exc.code)
         return
     session = MoshiChatSession(websocket, conversation, settings.ws_send_queue_frames)
     ending = await serve_and_stop(websocket, session.run, lambda: conversation)

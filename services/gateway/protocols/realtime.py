@@ -38,6 +38,7 @@ from services.gateway.protocols.session_socket import (
     open_conversation,
     place,
     receive_fairly,
+    refusal_close_code,
     resolve_persona,
     run_loops,
     serve_and_stop,
@@ -71,13 +72,11 @@ async def realtime(websocket: WebSocket) -> None:
     except ChorusError as exc:
         metrics.SESSIONS_REJECTED.labels(reason=exc.code).inc()
         # A refused client may have left already (key guessers do not wait): nothing to tell then.
+        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+        refusal = ev.ErrorEvent(error=ev.ErrorDetail(type=kind, code=exc.code, message=exc.detail))
         with contextlib.suppress(WebSocketDisconnect):
-            await websocket.send_text(
-                ev.ErrorEvent(
-                    error=ev.ErrorDetail(type="invalid_request_error", code=exc.code, message=exc.detail)
-                ).model_dump_json()
-            )
-        await close_quietly(websocket, 1008, exc.code)
+            await websocket.send_text(refusal.model_dump_json())
+        await close_quietly(websocket, refusal_close_code(exc), exc.code)
         return
     model = websocket.query_params.get("model") or caller.model or "moshiko"
     session = RealtimeSession(websocket, settings, caller.owner, model)

@@ -63,6 +63,12 @@ class Ending:
         return 1013 if self.error.retryable else 1011  # 1013: try again later
 
 
+def refusal_close_code(error: ChorusError) -> int:
+    """The close code of a socket refused at open: 1013 (try again later) when waiting helps (over the
+    auth failure budget, Redis away), else 1008 (a wrong key, voice or persona)."""
+    return 1013 if error.retryable else POLICY_VIOLATION
+
+
 Report = Callable[[ChorusError], None]  # queues a protocol error for the client
 
 
