@@ -67,11 +67,17 @@ def _voice_mode(value: str | None) -> VoiceMode:
 
 @router.websocket("/api/chat")
 async def chat(websocket: WebSocket) -> None:
+    with contextlib.ExitStack() as held:  # the socket's place among its key's open sockets, once taken
+        await _chat(websocket, held)
+
+
+async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     settings: GatewaySettings = websocket.app.state.settings
     params = websocket.query_params
     try:
         caller = await authenticate_socket(websocket)
         owner = caller.owner
+        held.enter_context(websocket.app.state.open_sockets.take(owner))
         voice = check_voice(params.get("voice") or caller.voice or "moshiko")
         await check_voice_owned(websocket, owner, voice)
         mode = _voice_mode(params.get("voice_mode"))

@@ -63,10 +63,16 @@ def _new_id(prefix: str) -> str:
 
 @router.websocket("/v1/realtime")
 async def realtime(websocket: WebSocket) -> None:
+    with contextlib.ExitStack() as held:  # the socket's place among its key's open sockets, once taken
+        await _realtime(websocket, held)
+
+
+async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     settings: GatewaySettings = websocket.app.state.settings
     await websocket.accept()
     try:
         caller = await authenticate_socket(websocket)
+        held.enter_context(websocket.app.state.open_sockets.take(caller.owner))
         if caller.voice is not None:  # a client secret's: still the owner's own profile?
             await check_voice_owned(websocket, caller.owner, check_voice(caller.voice))
     except ChorusError as exc:
