@@ -180,6 +180,25 @@ async def test_a_secret_never_carries_another_keys_voice(start_gateway: StartGat
     assert (ws.close_code, ws.close_reason) == (1008, "invalid_request")
 
 
+async def test_a_secret_of_a_revoked_key_opens_nothing(start_gateway: StartGateway, tmp_path: Path) -> None:
+    """Revoking a key revokes the secrets minted with it: they are not a way around the keys file."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"{ALICE}\n{BOB}\n")
+    reload_s = 0.2
+    gateway = start_gateway(CHORUS_API_KEYS_FILE=str(keys), CHORUS_API_KEYS_RELOAD_S=str(reload_s))
+    alices, bobs = await mint(gateway, ALICE), await mint(gateway, BOB)
+    keys.write_text(f"{BOB}\n")  # Alice's key revoked
+    await asyncio.sleep(reload_s + 0.3)
+    async with connect(f"{gateway.ws_url}/v1/realtime?client_secret={alices}", open_timeout=10) as ws:
+        error = await first_event(ws)
+        await asyncio.wait_for(ws.wait_closed(), 10)
+    assert error["type"] == "error" and error["error"]["code"] == "unauthorized", error
+    assert "revoked" in error["error"]["message"]
+    assert (ws.close_code, ws.close_reason) == (1008, "unauthorized")
+    async with connect(f"{gateway.ws_url}/v1/realtime?client_secret={bobs}", open_timeout=10) as ws:
+        assert (await first_event(ws))["type"] == "session.created", "Bob's key stands"
+
+
 async def test_rest_routes_do_not_take_client_secrets(start_gateway: StartGateway) -> None:
     gateway = start_gateway(CHORUS_API_KEYS=KEYS)
     secret = await mint(gateway)
