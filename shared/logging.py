@@ -25,19 +25,25 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 
 
 MASK = "***"
-# A query string: a "?" inside a token, up to whitespace, a quote or a backslash (the end of a JSON
-# string). Masked when the token is a path or URL, or the query has a "=": "ready?" or "a?b" stay.
-# The look-behind starts a match at a token's start only: linear in the line's length.
-_QUERY = re.compile(r"(?<![^\s\"'\\<>?])(?P<before>[^\s\"'\\<>?]*)\?(?P<query>[^\s\"'\\<>]+)")
+# A query string: a "?" inside a token, up to whitespace. Quotes, backslashes and brackets end it only at
+# its end (`"WebSocket /p?q" [accepted]`, a JSON string's `\"`, `'/p?q',`): inside, they are part of it,
+# since uvicorn logs the raw query and clients send `'` unencoded (JavaScript's encodeURIComponent keeps
+# it), so `?primer=don't&api_key=...` is one query. Masked when the token is a path or URL, or the query
+# has a "=": "ready?" or "a?b" stay. The look-behind starts a match at a token's start only: linear in
+# the line's length.
+_QUERY = re.compile(r"(?<![^\s\"'\\<>?])(?P<before>[^\s\"'\\<>?]*)\?(?P<query>\S+)")
+_CLOSING = "\"'\\<>()[]{},;"  # what may close the quote, bracket or list around a query
 _URL_PASSWORD = re.compile(r"(?<=://)([^\s/:@\"']*):[^\s/@\"']+@")
 
 
 def _mask_query(match: re.Match[str]) -> str:
-    before, query = match.group("before"), match.group("query")
-    if "/" not in before and "=" not in query:
+    before, whole = match.group("before"), match.group("query")
+    query = whole.rstrip(_CLOSING)
+    if not query or ("/" not in before and "=" not in query):
         return match.group(0)
     pairs = (pair.partition("=") for pair in query.split("&"))
-    return before + "?" + "&".join(f"{name}={MASK}" if sep else MASK for name, sep, _ in pairs)
+    masked = "&".join(f"{name}={MASK}" if sep else MASK for name, sep, _ in pairs)
+    return before + "?" + masked + whole[len(query) :]
 
 
 def redact(text: str) -> str:

@@ -94,6 +94,8 @@ class KeyRing:
         self._stamp: tuple[int, int, int] | None = None
         self._loaded = False  # read once: later changes are logged (the first read is open_key_ring's)
         self._next_check = 0.0
+        self._owners_of: tuple[str, ...] = ()  # the keys `_owners` was computed from
+        self._owners: frozenset[str] = frozenset()
         self._refresh()
 
     @classmethod
@@ -107,6 +109,14 @@ class KeyRing:
         for candidate in self.inline + self.from_file:
             matched |= hmac.compare_digest(candidate.encode(), key.encode())
         return matched
+
+    def has_owner(self, owner: str) -> bool:
+        """Whether a configured key belongs to `owner`: a client secret outlives no revoked key."""
+        self._refresh()
+        keys = self.inline + self.from_file
+        if keys != self._owners_of:
+            self._owners_of, self._owners = keys, frozenset(owner_of(key) for key in keys)
+        return owner in self._owners
 
     def _refresh(self) -> None:
         if self.file is None or time.monotonic() < self._next_check:
@@ -251,9 +261,12 @@ async def authenticate_socket(conn: HTTPConnection) -> Caller:
             if (outage := outage_error(exc)) is None:
                 raise
             raise outage from exc
-        if caller is not None:
+        if caller is None:
+            refusal = Unauthorized("unknown, expired or already used client secret")
+        elif keys.enabled and not keys.has_owner(caller.owner):
+            refusal = Unauthorized("the API key this client secret was minted with was revoked")
+        else:
             return caller
-        refusal = Unauthorized("unknown, expired or already used client secret")
     elif key is None:
         refusal = Unauthorized("send `Authorization: Bearer <api key>` or `?client_secret=`")
     else:

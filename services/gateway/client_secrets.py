@@ -6,7 +6,8 @@ The shape is OpenAI's (the official SDK's `client.realtime.client_secrets.create
 `{"value": "ek_...", "expires_at": <unix s>, "session": {...}}` out. Unlike OpenAI's, which opens
 sessions until it expires, ours opens one: the socket that presents it deletes it (GETDEL). It lives at
 most `CHORUS_CLIENT_SECRET_TTL_S` (60 s by default; a shorter `expires_after.seconds` is honoured) and
-belongs to the owner of the key that minted it. The session's `model`, `instructions` and
+belongs to the owner of the key that minted it; a cloned voice in it must be that owner's (checked
+when it is minted and again when it is used). The session's `model`, `instructions` and
 `audio.output.voice` are what the socket starts with; the client may still change them.
 
 Redis holds the secret's SHA-256, never the secret itself.
@@ -25,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from services.gateway.auth import CLIENT_SECRET_PREFIX, Caller, current_owner
-from services.gateway.problems import V1_ERRORS
+from services.gateway.problems import V1_ERRORS, problem_responses
+from services.gateway.protocols.session_socket import check_voice_owned
 from services.gateway.settings import GatewaySettings
 from shared.audio import SAMPLE_RATE
 from shared.messages import NATIVE_VOICES, VoiceName
@@ -111,7 +113,9 @@ class ClientSecretStore:
         return None if raw is None else Caller(**json.loads(raw))
 
 
-@router.post("/client_secrets", status_code=200, response_model=ClientSecret)
+@router.post(
+    "/client_secrets", status_code=200, response_model=ClientSecret, responses=problem_responses(400)
+)
 async def create_client_secret(
     request: Request, owner: Owner, body: ClientSecretRequest | None = None
 ) -> ClientSecret:
@@ -122,6 +126,8 @@ async def create_client_secret(
     requested = body.expires_after.seconds if body.expires_after else settings.client_secret_ttl_s
     ttl_s = min(requested, settings.client_secret_ttl_s)
     model = config.model or "moshiko"
+    if config.voice is not None:  # another key's profile: refused now, like a session.update to it
+        await check_voice_owned(request, owner, config.voice)
     voice = config.voice or (model if model in NATIVE_VOICES else "moshiko")
     caller = Caller(owner, model=config.model, instructions=config.instructions, voice=config.voice)
     store: ClientSecretStore = request.app.state.client_secrets

@@ -21,7 +21,7 @@ from services.gateway.leases import LeaseKeeper
 from shared import metrics
 from shared.audio import FloatAudio, FrameSplitter, float_to_pcm16
 from shared.bus import Bus
-from shared.errors import ChorusError, NoCapacity, ServiceUnavailable, SessionLost
+from shared.errors import ChorusError, NoCapacity, RateLimited, ServiceUnavailable, SessionLost
 from shared.messages import (
     OUTPUT,
     EventName,
@@ -95,7 +95,11 @@ class Conversation:
     async def start(self) -> None:
         """Open the session: count it against its owner's limit, write its hash and lease, and hand its
         `start` to the workers. A dialogue slot is waited for in `wait_ready`."""
-        await self.store.register(self.owner, self.session_id, self.max_sessions)
+        try:
+            await self.store.register(self.owner, self.session_id, self.max_sessions)
+        except RateLimited:
+            metrics.SESSIONS_REJECTED.labels(reason="per_key_limit").inc()
+            raise
         start = SessionStart(
             session_id=self.session_id,
             owner=self.owner,

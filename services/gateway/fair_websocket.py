@@ -12,6 +12,11 @@ code and reason. uvicorn then closes the TCP connection at once; a client still 
 oversized message) then gets a reset, and its kernel drops the close frame unread: the client never
 learns why. Here the gateway half-closes instead (the close frame, then FIN), discards what the client
 still sends, and closes when the client does, or after uvicorn's close timeout.
+
+Quiet refusals: an upgrade answered with an HTTP response (the Host and Origin checks' 421 and 403
+problems) is a complete handshake, but uvicorn does not mark it so and logs "ASGI callable returned
+without completing handshake." at ERROR for each: anyone could fill the log with alarms. It is marked
+complete here once the response is sent.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 SLICE_BYTES = 4 * 1024  # ~600 of the smallest frames: ~2 ms of parsing
@@ -62,6 +68,11 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
         while self._backlog:
             self._parse_slice()
         super().connection_lost(exc)
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True  # answered with an HTTP response: nothing left to complete
 
     def handle_parser_exception(self) -> None:
         if self._failed:

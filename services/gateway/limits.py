@@ -6,10 +6,12 @@ counts in `chorus_limit_rejections_total{limit=...}`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,6 +179,35 @@ class RequestRateLimit:
                 await problem_response(refusal, scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class OpenSockets:
+    """WebSockets open on this gateway per owner, at most `limit` each (0: unlimited). One event loop
+    takes and frees them: no lock needed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count: Counter[str] = Counter()
+
+    def take(self, owner: str) -> contextlib.AbstractContextManager[None]:
+        """Count a socket of `owner` now (RateLimited past the limit); the returned context frees it."""
+        if self.limit and self.count[owner] >= self.limit:
+            metrics.LIMIT_REJECTIONS.labels(limit="ws_sockets_per_key").inc()
+            raise RateLimited(
+                f"this API key has {self.limit} WebSockets open on this gateway already; close one first",
+                limit=self.limit,
+            )
+        self.count[owner] += 1
+        return self._held(owner)
+
+    @contextlib.contextmanager
+    def _held(self, owner: str) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self.count[owner] -= 1
+            if self.count[owner] <= 0:
+                del self.count[owner]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -126,11 +127,18 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own answers (no route: 404, a wrong method: 405) carry a code like ours.
+        try:
+            code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        except ValueError:
+            code = "http_error"
         body = {
             "type": "about:blank",
             "title": str(exc.detail),
             "status": exc.status_code,
             "detail": str(exc.detail),
+            "code": code,
+            "retryable": exc.status_code in (429, 503),
             "instance": request.url.path,
         }
         return JSONResponse(

@@ -154,6 +154,13 @@ class GatewaySettings(CommonSettings):
         ge=0,
         description="REST requests per minute per authenticated owner (sliding window; 0 = unlimited).",
     )
+    ws_max_sockets_per_key: int = Field(
+        default=64,
+        ge=0,
+        description="WebSockets one API key may hold open on one gateway at once (0 = unlimited); past it "
+        "a new one is refused (`rate_limited`, close 1013). A realtime socket holds no session until its "
+        "first audio, so the session limit does not bound idle ones (~90 KB each).",
+    )
     ws_max_message_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,

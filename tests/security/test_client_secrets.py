@@ -18,6 +18,7 @@ from openai import AsyncOpenAI, AuthenticationError
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.browser import MEDIA_FLAGS, chromium_page, needs_chromium
+from tests.conftest import REPO_ROOT
 from tests.security.conftest import GatewayProcess, StartGateway
 
 ALICE, BOB = "key-alice", "key-bob"
@@ -138,6 +139,61 @@ async def test_a_secret_opens_a_moshi_chat_socket_as_its_keys_owner(start_gatewa
     session_id, refused = await open_chat(BOB)
     assert session_id is None
     assert refused[0] == 0x05 and b"unknown persona" in refused
+
+
+SPEECH = REPO_ROOT / "tests" / "fixtures" / "audio" / "speech.wav"
+
+
+async def upload_voice(rest: httpx.AsyncClient) -> str:
+    files = {"file": ("clip.wav", SPEECH.read_bytes())}
+    created = await rest.post("/v1/voices", files=files, data={"name": "mine", "consent": "true"})
+    assert created.status_code == 201, created.text
+    voice: str = created.json()["voice"]
+    return voice
+
+
+async def test_a_secret_never_carries_another_keys_voice(start_gateway: StartGateway) -> None:
+    """A secret's voice is checked like a `session.update`'s: another key's profile is refused when the
+    secret is minted, and a profile gone by the time the secret is used refuses the socket."""
+    gateway = start_gateway(CHORUS_API_KEYS=KEYS)
+    alice = httpx.AsyncClient(base_url=gateway.url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=30)
+    bob = httpx.AsyncClient(base_url=gateway.url, headers={"Authorization": f"Bearer {BOB}"}, timeout=30)
+    async with alice, bob:
+        bobs_voice = await upload_voice(bob)
+        session = {"type": "realtime", "audio": {"output": {"voice": bobs_voice}}}
+        refused = await alice.post("/v1/realtime/client_secrets", json={"session": session})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["code"] == "invalid_request"
+        assert f"unknown voice {bobs_voice!r}" in refused.json()["detail"]
+
+        own_voice = await upload_voice(alice)
+        secret = await mint(gateway, ALICE, audio={"output": {"voice": own_voice}})
+        assert (await alice.delete(f"/v1/voices/{own_voice.removeprefix('profile:')}")).status_code == 204
+    async with connect(f"{gateway.ws_url}/v1/realtime?client_secret={secret}", open_timeout=10) as ws:
+        error = await first_event(ws)
+        await ws.wait_closed()
+    assert error["type"] == "error" and error["error"]["code"] == "invalid_request", error
+    assert error["error"]["message"].startswith(f"unknown voice {own_voice!r}")
+    assert (ws.close_code, ws.close_reason) == (1008, "invalid_request")
+
+
+async def test_a_secret_of_a_revoked_key_opens_nothing(start_gateway: StartGateway, tmp_path: Path) -> None:
+    """Revoking a key revokes the secrets minted with it: they are not a way around the keys file."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"{ALICE}\n{BOB}\n")
+    reload_s = 0.2
+    gateway = start_gateway(CHORUS_API_KEYS_FILE=str(keys), CHORUS_API_KEYS_RELOAD_S=str(reload_s))
+    alices, bobs = await mint(gateway, ALICE), await mint(gateway, BOB)
+    keys.write_text(f"{BOB}\n")  # Alice's key revoked
+    await asyncio.sleep(reload_s + 0.3)
+    async with connect(f"{gateway.ws_url}/v1/realtime?client_secret={alices}", open_timeout=10) as ws:
+        error = await first_event(ws)
+        await asyncio.wait_for(ws.wait_closed(), 10)
+    assert error["type"] == "error" and error["error"]["code"] == "unauthorized", error
+    assert "revoked" in error["error"]["message"]
+    assert (ws.close_code, ws.close_reason) == (1008, "unauthorized")
+    async with connect(f"{gateway.ws_url}/v1/realtime?client_secret={bobs}", open_timeout=10) as ws:
+        assert (await first_event(ws))["type"] == "session.created", "Bob's key stands"
 
 
 async def test_rest_routes_do_not_take_client_secrets(start_gateway: StartGateway) -> None:

@@ -38,12 +38,25 @@ def test_random_keys_are_counted_per_client_ip_then_refused(start_gateway: Start
 
 async def test_websocket_key_guessing_counts_against_the_same_budget(start_gateway: StartGateway) -> None:
     gateway = start_gateway(CHORUS_API_KEYS=ALICE, CHORUS_AUTH_FAILURES_PER_MINUTE="2")
-    codes = []
-    for _ in range(3):
+    refusals = []
+    for path in ("/v1/realtime", "/v1/realtime", "/v1/realtime", "/api/chat"):
         headers = {"Authorization": f"Bearer {secrets.token_hex(8)}"}
-        async with connect(f"{gateway.ws_url}/v1/realtime", additional_headers=headers) as ws:
-            codes.append(json.loads(await ws.recv())["error"]["code"])
-    assert codes == ["unauthorized", "unauthorized", "rate_limited"]
+        async with connect(f"{gateway.ws_url}{path}", additional_headers=headers) as ws:
+            first = await ws.recv()
+            await ws.wait_closed()
+        code = json.loads(first)["error"]["code"] if isinstance(first, str) else first[1:].decode()
+        refusals.append((code, ws.close_code, ws.close_reason))
+    # Over budget is "try again later" (1013), as every retryable refusal; a wrong key is final (1008).
+    assert refusals == [
+        ("unauthorized", 1008, "unauthorized"),
+        ("unauthorized", 1008, "unauthorized"),
+        ("rate_limited", 1013, "rate_limited"),
+        (
+            "more than 2 requests with a missing or unknown API key from your address per minute",
+            1013,
+            "rate_limited",
+        ),
+    ]
     assert get(gateway.url, "guess").status_code == 429, "REST and WebSockets share the budget"
 
 

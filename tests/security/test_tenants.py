@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from services.gateway.auth import owner_of
 from shared.personas import PersonaFields, PersonaStore
@@ -299,3 +299,40 @@ def test_listing_voices_and_personas_opens_no_file_of_another_tenant(start_gatew
         "median_listing_ms_among_them": {k: round(v, 1) for k, v in crowded.items()},
     }
     print(json.dumps(figures))
+
+
+async def test_a_key_holds_a_bounded_number_of_sockets_open(start_gateway: StartGateway) -> None:
+    """A realtime socket holds no session until its first audio, so the session limit does not bound idle
+    ones: without a bound of its own one key could open sockets until the gateway's memory runs out."""
+    gateway = start_gateway(CHORUS_API_KEYS=f"{KEY_A},{KEY_B}", CHORUS_WS_MAX_SOCKETS_PER_KEY="20")
+
+    async def open_realtime(key: str) -> tuple[ClientConnection, dict[str, Any]]:
+        headers = {"Authorization": f"Bearer {key}"}
+        ws = await connect(f"{gateway.ws_url}/v1/realtime", additional_headers=headers, open_timeout=10)
+        return ws, json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+    idle_mb = gateway.rss_mb()
+    opened = [await open_realtime(KEY_A) for _ in range(20)]
+    assert all(first["type"] == "session.created" for _, first in opened)
+    per_socket_kb = (gateway.rss_mb() - idle_mb) * 1024 / 20
+    print(f"\nan idle realtime socket: ~{per_socket_kb:.0f} KB of gateway memory")
+
+    refused, error = await open_realtime(KEY_A)
+    await asyncio.wait_for(refused.wait_closed(), 10)
+    assert error["type"] == "error" and error["error"]["code"] == "rate_limited", error
+    assert "20 WebSockets open on this gateway" in error["error"]["message"]
+    assert (refused.close_code, refused.close_reason) == (1013, "rate_limited")
+    chat = await connect(
+        f"{gateway.ws_url}/api/chat", additional_headers={"Authorization": f"Bearer {KEY_A}"}, open_timeout=10
+    )
+    assert (await asyncio.wait_for(chat.recv(), 10))[:1] == b"\x05", "both protocols count"
+    await asyncio.wait_for(chat.wait_closed(), 10)
+    assert chat.close_code == 1013
+
+    other, first = await open_realtime(KEY_B)
+    assert first["type"] == "session.created", "another key is not affected"
+    await opened[0][0].close()
+    again, first = await open_realtime(KEY_A)
+    assert first["type"] == "session.created", "a closed socket gives its place back"
+    for ws in [again, other, *(ws for ws, _ in opened[1:])]:
+        await ws.close()

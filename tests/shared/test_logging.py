@@ -24,6 +24,15 @@ from shared.logging import JsonFormatter, TextFormatter, redact
         ("redis://:hunter2@10.0.0.1:6379/0", "redis://:***@10.0.0.1:6379/0"),
         ("rediss://user:pw@redis.example:6380", "rediss://user:***@redis.example:6380"),
         ("is the slot free? not yet", "is the slot free? not yet"),
+        ('"is it free?" she asked', '"is it free?" she asked'),
+        # uvicorn logs the raw query: quotes and backslashes inside it do not end it.
+        (
+            '127.0.0.1:5 - "WebSocket /api/chat?primer=don\'t&api_key=sk-1" [accepted]',
+            '127.0.0.1:5 - "WebSocket /api/chat?primer=***&api_key=***" [accepted]',
+        ),
+        ('"WebSocket /v1/realtime?x=a"b&api_key=sk-1" 403', '"WebSocket /v1/realtime?x=***&api_key=***" 403'),
+        ('"WebSocket /v1/realtime?x=a\\b&api_key=sk-1"', '"WebSocket /v1/realtime?x=***&api_key=***"'),
+        ("['/v1/x?a=b<c>&api_key=sk-1', 'next']", "['/v1/x?a=***&api_key=***', 'next']"),
         ("really?yes", "really?yes"),
     ],
 )
@@ -40,6 +49,7 @@ def test_formatters_redact_messages_extras_and_tracebacks(formatter: logging.For
     log.addHandler(handler)
     try:
         log.warning("open %s", "/api/chat?api_key=k1", extra={"url": "/v1/x?primer=p1"})
+        log.warning('"WebSocket %s" [accepted]', "/v1/realtime?x=\"\\&primer=don't&api_key=k2")
         try:
             raise ValueError("bad url /v1/realtime?client_secret=s1")
         except ValueError:
@@ -47,7 +57,7 @@ def test_formatters_redact_messages_extras_and_tracebacks(formatter: logging.For
     finally:
         log.removeHandler(handler)
     text = out.getvalue()
-    for secret in ("k1", "p1", "s1"):
+    for secret in ("k1", "k2", "p1", "s1"):
         assert f"={secret}" not in text
     assert "api_key=***" in text and "primer=***" in text and "client_secret=***" in text
     if isinstance(formatter, JsonFormatter):

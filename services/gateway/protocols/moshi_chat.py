@@ -33,11 +33,13 @@ from services.gateway.protocols.session_socket import (
     open_conversation,
     place,
     receive_fairly,
+    refusal_close_code,
     resolve_persona,
     run_loops,
     serve_and_stop,
 )
 from services.gateway.settings import GatewaySettings
+from shared import metrics
 from shared.audio import SAMPLE_RATE, FloatAudio, OpusDecoder, OpusEncoder, pcm16_to_float
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest
 from shared.messages import EventName, OutputAudio, OutputText, SessionEvent, VoiceMode
@@ -65,11 +67,17 @@ def _voice_mode(value: str | None) -> VoiceMode:
 
 @router.websocket("/api/chat")
 async def chat(websocket: WebSocket) -> None:
+    with contextlib.ExitStack() as held:  # the socket's place among its key's open sockets, once taken
+        await _chat(websocket, held)
+
+
+async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     settings: GatewaySettings = websocket.app.state.settings
     params = websocket.query_params
     try:
         caller = await authenticate_socket(websocket)
         owner = caller.owner
+        held.enter_context(websocket.app.state.open_sockets.take(owner))
         voice = check_voice(params.get("voice") or caller.voice or "moshiko")
         await check_voice_owned(websocket, owner, voice)
         mode = _voice_mode(params.get("voice_mode"))
@@ -78,10 +86,11 @@ async def chat(websocket: WebSocket) -> None:
         conversation = open_conversation(websocket, owner, persona, voice, mode)
         await websocket.accept(headers=[(b"x-chorus-session-id", conversation.session_id.encode())])
     except ChorusError as exc:
+        metrics.SESSIONS_REJECTED.labels(reason=exc.code).inc()
         await websocket.accept()
         with contextlib.suppress(WebSocketDisconnect):
             await websocket.send_bytes(bytes([ERROR]) + exc.detail.encode())
-        await close_quietly(websocket, 1008, exc.code)
+        await close_quietly(websocket, refusal_close_code(exc), exc.code)
         return
     session = MoshiChatSession(websocket, conversation, settings.ws_send_queue_frames)
     ending = await serve_and_stop(websocket, session.run, lambda: conversation)

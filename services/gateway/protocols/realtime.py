@@ -38,11 +38,13 @@ from services.gateway.protocols.session_socket import (
     open_conversation,
     place,
     receive_fairly,
+    refusal_close_code,
     resolve_persona,
     run_loops,
     serve_and_stop,
 )
 from services.gateway.settings import GatewaySettings
+from shared import metrics
 from shared.audio import FRAME_SEC, SAMPLE_RATE, pcm16_to_float, rms_dbfs
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest
 from shared.messages import NATIVE_VOICES, EventName, OutputAudio, OutputText, SessionEvent
@@ -61,17 +63,26 @@ def _new_id(prefix: str) -> str:
 
 @router.websocket("/v1/realtime")
 async def realtime(websocket: WebSocket) -> None:
+    with contextlib.ExitStack() as held:  # the socket's place among its key's open sockets, once taken
+        await _realtime(websocket, held)
+
+
+async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     settings: GatewaySettings = websocket.app.state.settings
     await websocket.accept()
     try:
         caller = await authenticate_socket(websocket)
+        held.enter_context(websocket.app.state.open_sockets.take(caller.owner))
+        if caller.voice is not None:  # a client secret's: still the owner's own profile?
+            await check_voice_owned(websocket, caller.owner, check_voice(caller.voice))
     except ChorusError as exc:
-        await websocket.send_text(
-            ev.ErrorEvent(
-                error=ev.ErrorDetail(type="invalid_request_error", code=exc.code, message=exc.detail)
-            ).model_dump_json()
-        )
-        await close_quietly(websocket, 1008, exc.code)
+        metrics.SESSIONS_REJECTED.labels(reason=exc.code).inc()
+        # A refused client may have left already (key guessers do not wait): nothing to tell then.
+        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+        refusal = ev.ErrorEvent(error=ev.ErrorDetail(type=kind, code=exc.code, message=exc.detail))
+        with contextlib.suppress(WebSocketDisconnect):
+            await websocket.send_text(refusal.model_dump_json())
+        await close_quietly(websocket, refusal_close_code(exc), exc.code)
         return
     model = websocket.query_params.get("model") or caller.model or "moshiko"
     session = RealtimeSession(websocket, settings, caller.owner, model)

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from starlette.requests import HTTPConnection
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -62,6 +63,12 @@ class Ending:
         return 1013 if self.error.retryable else 1011  # 1013: try again later
 
 
+def refusal_close_code(error: ChorusError) -> int:
+    """The close code of a socket refused at open: 1013 (try again later) when waiting helps (over the
+    auth failure budget, Redis away), else 1008 (a wrong key, voice or persona)."""
+    return 1013 if error.retryable else POLICY_VIOLATION
+
+
 Report = Callable[[ChorusError], None]  # queues a protocol error for the client
 
 
@@ -71,10 +78,11 @@ def check_voice(voice: str) -> str:
     return voice
 
 
-async def check_voice_owned(websocket: WebSocket, owner: str, voice: str) -> None:
+async def check_voice_owned(conn: HTTPConnection, owner: str, voice: str) -> None:
     """A cloned voice must be the caller's own: another key's profile is refused at once, exactly like a
-    missing one (the TTS worker checks again when it switches voices)."""
-    store = getattr(websocket.app.state, "voices", None)
+    missing one (the TTS worker checks again when it switches voices). Sockets and the client secret
+    route ask it."""
+    store = getattr(conn.app.state, "voices", None)
     if store is None or not voice.startswith("profile:"):
         return
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 from redis.exceptions import BusyLoadingError, ResponseError
@@ -11,6 +12,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.gateway.problems import outage_error, problem_response
 from shared.errors import GatewayTimeout, NotFound
+from tests.services.gateway.app_client import gateway_client
 
 SCRIPT_OOM = (
     "Error running script (call to f_8045): @user_script:2: @user_script: 2: "
@@ -62,3 +64,17 @@ def test_every_retryable_problem_says_when_to_retry() -> None:
     assert (timeout.status_code, timeout.headers["retry-after"]) == (504, "7")
     assert timeout.media_type == "application/problem+json"
     assert "retry-after" not in problem_response(NotFound("gone")).headers
+
+
+async def test_unknown_routes_and_methods_are_problems_with_a_code(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """Starlette's own 404 and 405 carry a `code` too, as docs/api.md promises of every problem."""
+    async with gateway_client(redis_url, key_prefix, tmp_path) as client:
+        missing = await client.get("/v1/no-such-route")
+        wrong_method = await client.put("/v1/voices")
+    for response, status, code in ((missing, 404, "not_found"), (wrong_method, 405, "method_not_allowed")):
+        assert response.status_code == status
+        assert response.headers["content-type"] == "application/problem+json"
+        body = response.json()
+        assert (body["code"], body["retryable"], body["detail"]) == (code, False, body["title"])
