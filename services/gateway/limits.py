@@ -7,6 +7,7 @@ counts in `chorus_limit_rejections_total{limit=...}`.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import math
 import time
@@ -105,6 +106,20 @@ class BodySizeLimit:
         await problem_response(error, scope.get("path"))(scope, receive, send)
 
 
+def client_network(client_ip: str) -> str:
+    """Whom an auth-failure budget belongs to: an IPv4 address, or an IPv6 address's /64 (one subscriber
+    is given a whole /64: counting single addresses would give it 2^64 budgets)."""
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return client_ip  # not an address (a test client's name): counted as it is
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # IPv4 through a dual-stack socket
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class RateLimits:
     """Request budgets counted in Redis, shared by every gateway: the `limits` library's sliding window
     counters (two counters per identity, no per-request entries)."""
@@ -132,9 +147,9 @@ class RateLimits:
         return await self._hit(self.requests, owner or "anonymous", "requests_per_minute", "requests")
 
     async def auth_failure(self, client_ip: str) -> ChorusError | None:
-        """Count a missing or unknown credential from this IP: a 429 once over budget, or None."""
+        """Count a missing or unknown credential from this client: a 429 once over budget, or None."""
         what = "requests with a missing or unknown API key from your address"
-        return await self._hit(self.auth_failures, client_ip, "auth_failures", what)
+        return await self._hit(self.auth_failures, client_network(client_ip), "auth_failures", what)
 
     async def _hit(self, item: RateLimitItem, identity: str, limit: str, what: str) -> ChorusError | None:
         """Without Redis nothing can be counted: the request is refused (503) rather than let through

@@ -53,8 +53,8 @@ class GatewaySettings(CommonSettings):
     auth_failures_per_minute: int = Field(
         default=20,
         ge=1,
-        description="Requests and WebSocket connections with a missing or unknown key per client IP per "
-        "minute; past it they are answered 429 instead of 401.",
+        description="Requests and WebSocket connections with a missing or unknown key per client IP (an IPv6 "
+        "client's /64) per minute; past it they are answered 429 instead of 401.",
     )
     session_ready_timeout_s: float = Field(
         default=30.0,

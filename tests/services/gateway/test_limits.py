@@ -1,10 +1,14 @@
-"""Gateway limits: body size (413), REST requests per minute per key (429 + Retry-After), socket limits."""
+"""Gateway limits: body size (413), REST requests per minute per key (429 + Retry-After), whom an
+auth-failure budget belongs to (socket limits: test_socket_limits.py)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
+from services.gateway.limits import client_network
 from shared import metrics
 from tests.services.gateway.app_client import gateway_client
 
@@ -52,3 +56,17 @@ async def test_requests_per_minute_are_limited_per_key(
             assert 1 <= int(refused.headers["retry-after"]) <= 60
         assert (await client.get("/v1/personas", headers=BOB)).status_code == 200
         assert (await client.get("/healthz")).status_code == 200  # probes are never limited
+
+
+@pytest.mark.parametrize(
+    ("client", "counted_as"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # the same subscriber's /64
+        ("::ffff:203.0.113.7", "203.0.113.7"),  # IPv4 through a dual-stack socket
+        ("testclient", "testclient"),
+    ],
+)
+def test_auth_failures_are_counted_per_ipv4_address_or_ipv6_64(client: str, counted_as: str) -> None:
+    assert client_network(client) == counted_as
