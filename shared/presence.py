@@ -1,7 +1,10 @@
-"""Worker presence: each worker keeps a hash `chorus:workers:{service}:{id}` alive with a heartbeat TTL.
+"""Worker presence: each worker keeps a hash `chorus:workers:{service}:{id}` alive with a heartbeat TTL,
+and its id in the service's index `chorus:workers:{service}` (a sorted set by heartbeat).
 
 Placement reads it (free slots), readiness reads it (is any worker of a service alive), and a worker
-that stops beating disappears by itself when its TTL runs out.
+that stops beating disappears by itself when its TTL runs out. Listing reads the index and the hashes
+it names: its cost follows the number of workers, never the size of the keyspace (`/readyz` is open to
+anyone).
 """
 
 from __future__ import annotations
@@ -70,9 +73,11 @@ class WorkerPresence:
             "started_at": self.started_at,
         }
         fields.update(self.describe())
+        index = self.bus.names.worker_index(self.service)
         async with self.bus.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key, mapping={k: str(v) for k, v in fields.items()})
             pipe.pexpire(self.key, self.ttl_ms)
+            pipe.zadd(index, {self.worker_id: fields["heartbeat"]})
             await pipe.execute()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -95,19 +100,35 @@ class WorkerPresence:
     async def leave(self) -> None:
         """Gone at once, not after the TTL: other workers take this one's sessions over now."""
         try:
-            await self.bus.redis.delete(self.key)
+            async with self.bus.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self.key)
+                pipe.zrem(self.bus.names.worker_index(self.service), self.worker_id)
+                await pipe.execute()
         except Exception as exc:
             if not is_retryable(exc):
                 raise
 
 
 async def list_workers(bus: Bus, service: str) -> list[WorkerInfo]:
-    workers = []
-    async for key in bus.redis.scan_iter(match=bus.names.worker_pattern(service), count=100):
-        raw = await bus.redis.hgetall(key)
+    """The service's live workers: those in its index whose hash has not expired. Ids whose hash is gone
+    (a worker that died without leaving) are dropped from the index on the way."""
+    index = bus.names.worker_index(service)
+    ids = [member.decode() for member in await bus.redis.zrange(index, 0, -1)]
+    if not ids:
+        return []
+    async with bus.redis.pipeline(transaction=False) as pipe:
+        for worker_id in ids:
+            pipe.hgetall(bus.names.worker(service, worker_id))
+        hashes = await pipe.execute()
+    workers, gone = [], []
+    for worker_id, raw in zip(ids, hashes, strict=True):
         if raw:
             fields = {k.decode(): v.decode() for k, v in raw.items()}
-            workers.append(WorkerInfo(service, fields.get("worker_id", ""), fields))
+            workers.append(WorkerInfo(service, fields.get("worker_id", worker_id), fields))
+        else:
+            gone.append(worker_id)
+    if gone:
+        await bus.redis.zrem(index, *gone)
     return workers
 
 

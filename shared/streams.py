@@ -98,8 +98,10 @@ class StreamNames:
         """Hash: a worker's capacity, free slots, model and heartbeat (expires when it stops beating)."""
         return f"{self.prefix}workers:{service}:{worker_id}"
 
-    def worker_pattern(self, service: str) -> str:
-        return f"{self.prefix}workers:{service}:*"
+    def worker_index(self, service: str) -> str:
+        """Sorted set: a service's worker ids by last heartbeat, so listing workers reads them, not the
+        keyspace (members whose hash expired are dropped by the next listing)."""
+        return f"{self.prefix}workers:{service}"
 
     def owner_sessions(self, owner: str) -> str:
         """Set: an API key owner's live session ids (bounds listings, enforces sessions per key)."""

@@ -77,7 +77,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.resolve_persona = app.state.personas.resolve
     app.state.upload_slots = voices.UploadSlots(settings.voice_max_concurrent_uploads)
     app.state.open_sockets = limits.OpenSockets(settings.ws_max_sockets_per_key)
-    app.state.readiness = health.ReadinessCache()
     problems.install(app)
     app.include_router(health.router)
     app.include_router(personas.router)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import math
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -57,41 +54,18 @@ async def readiness(bus: Bus) -> tuple[bool, dict[str, Any]]:
     return dialogue["ready"] and services["router"]["ready"], detail
 
 
-READINESS_TTL_S = 1.0  # probes come every few seconds; anyone may ask /readyz, as often as they like
-
-
-class ReadinessCache:
-    """`readiness`, computed at most once per `ttl_s` and shared by every caller meanwhile (those that ask
-    while it is computed wait for that answer): each computation scans Redis's keyspace for workers, and
-    /readyz is open to anyone, without a key or a rate limit."""
-
-    def __init__(self, ttl_s: float = READINESS_TTL_S) -> None:
-        self.ttl_s = ttl_s
-        self._lock = asyncio.Lock()
-        self._answer: tuple[bool, dict[str, Any]] | None = None
-        self._at = -math.inf
-
-    async def get(self, bus: Bus) -> tuple[bool, dict[str, Any]]:
-        async with self._lock:
-            if self._answer is None or time.monotonic() - self._at >= self.ttl_s:
-                try:
-                    self._answer = await readiness(bus)
-                except Exception as exc:
-                    if not is_retryable(exc):
-                        raise
-                    self._answer = False, {"redis": False}  # Redis went away between the ping and the scan
-                self._at = time.monotonic()
-            return self._answer
-
-
 @router.get(
     "/readyz",
     summary="Redis reachable, a dialogue worker and a router serving",
     responses={503: {"description": "Not ready; the body says what is missing"}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    cache: ReadinessCache = request.app.state.readiness
-    ok, detail = await cache.get(request.app.state.bus)
+    try:
+        ok, detail = await readiness(request.app.state.bus)
+    except Exception as exc:
+        if not is_retryable(exc):
+            raise
+        ok, detail = False, {"redis": False}  # Redis went away between the ping and the worker listing
     return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
 
 
