@@ -69,59 +69,64 @@ class GatewayProcess:
 StartGateway = Callable[..., GatewayProcess]
 
 
-@pytest.fixture
-def start_gateway(redis_url: str, tmp_path: Path) -> Iterator[StartGateway]:
-    """`start_gateway(**env)`: a gateway process with these CHORUS_* settings added; it is up (its
-    /healthz answers) when this returns, or the test fails with its log. Stopped at the end."""
-    started: list[GatewayProcess] = []
+class GatewayNotHealthy(RuntimeError):
+    """The gateway exited, or did not answer /healthz in time (the message ends with its log)."""
 
-    def start(wait: bool = True, **env: str) -> GatewayProcess:
-        port = free_port()
-        prefix = f"sec{uuid.uuid4().hex[:8]}:"
-        data_dir = tmp_path / f"data-{len(started)}"
-        log = tmp_path / f"gateway-{len(started)}.log"
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
-        environment.update(
-            {
-                "CHORUS_REDIS_URL": redis_url,
-                "CHORUS_KEY_PREFIX": prefix,
-                "CHORUS_DATA_DIR": str(data_dir),
-                "CHORUS_PORT": str(port),
-                "CHORUS_LOG_FORMAT": "text",
-                **env,
-            }
+
+def launch_gateway(
+    redis_url: str, workdir: Path, name: str, env: dict[str, str] | None = None, wait: bool = True
+) -> GatewayProcess:
+    """A gateway process with these CHORUS_* settings added, its data and log under `workdir`; up (its
+    /healthz answers) when this returns, unless `wait` is false. `stop_gateway` stops it."""
+    port = free_port()
+    prefix = f"sec{uuid.uuid4().hex[:8]}:"
+    data_dir = workdir / f"data-{name}"
+    log = workdir / f"gateway-{name}.log"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
+    environment.update(
+        {
+            "CHORUS_REDIS_URL": redis_url,
+            "CHORUS_KEY_PREFIX": prefix,
+            "CHORUS_DATA_DIR": str(data_dir),
+            "CHORUS_PORT": str(port),
+            "CHORUS_LOG_FORMAT": "text",
+            **(env or {}),
+        }
+    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "chorus.cli", "gateway"],
+            cwd=REPO_ROOT,
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "chorus.cli", "gateway"],
-                cwd=REPO_ROOT,
-                env=environment,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        gateway = GatewayProcess(process, port, prefix, data_dir, log)
-        started.append(gateway)
-        if wait:
-            _wait_healthy(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        if gateway.process.poll() is None:
-            os.killpg(gateway.process.pid, signal.SIGTERM)
-            try:
-                gateway.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(gateway.process.pid, signal.SIGKILL)
-                gateway.process.wait()
+    gateway = GatewayProcess(process, port, prefix, data_dir, log)
+    if wait:
+        try:
+            wait_healthy(gateway)
+        except GatewayNotHealthy:
+            stop_gateway(gateway)
+            raise
+    return gateway
 
 
-def _wait_healthy(gateway: GatewayProcess, timeout_s: float = 60) -> None:
+def stop_gateway(gateway: GatewayProcess) -> None:
+    if gateway.process.poll() is None:
+        os.killpg(gateway.process.pid, signal.SIGTERM)
+        try:
+            gateway.process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(gateway.process.pid, signal.SIGKILL)
+            gateway.process.wait()
+
+
+def wait_healthy(gateway: GatewayProcess, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if gateway.process.poll() is not None:
-            pytest.fail(
+            raise GatewayNotHealthy(
                 f"the gateway exited with {gateway.process.returncode}:\n{gateway.log_text()[-3000:]}"
             )
         try:
@@ -131,7 +136,30 @@ def _wait_healthy(gateway: GatewayProcess, timeout_s: float = 60) -> None:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.1)
-    pytest.fail(f"the gateway did not answer /healthz within {timeout_s} s:\n{gateway.log_text()[-3000:]}")
+    raise GatewayNotHealthy(
+        f"the gateway did not answer /healthz within {timeout_s} s:\n{gateway.log_text()[-3000:]}"
+    )
+
+
+@pytest.fixture
+def start_gateway(redis_url: str, tmp_path: Path) -> Iterator[StartGateway]:
+    """`start_gateway(**env)`: a gateway process with these CHORUS_* settings added; it is up (its
+    /healthz answers) when this returns, or the test fails with its log. Stopped at the end."""
+    started: list[GatewayProcess] = []
+
+    def start(wait: bool = True, **env: str) -> GatewayProcess:
+        gateway = launch_gateway(redis_url, tmp_path, str(len(started)), env, wait=False)
+        started.append(gateway)
+        if wait:
+            try:
+                wait_healthy(gateway)
+            except GatewayNotHealthy as exc:
+                pytest.fail(str(exc))
+        return gateway
+
+    yield start
+    for gateway in started:
+        stop_gateway(gateway)
 
 
 @pytest.fixture(scope="session")

@@ -14,23 +14,14 @@ import json
 import time
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from tests.security.conftest import StartGateway
 from tests.security.health_probe import HealthProbe
-from tests.security.ws_fuzz import NonReadingClient, flood_without_reading
+from tests.security.ws_fuzz import NonReadingClient, flood_without_reading, read_until_quiet
 
 FLOOD_MESSAGES = 80_000
 QUIET_S = 2.0  # no message for this long: the gateway has handled the whole flood
-
-
-async def _read_until_quiet(ws: ClientConnection) -> list[dict[str, object]]:
-    events = []
-    while True:
-        try:
-            events.append(json.loads(await asyncio.wait_for(ws.recv(), QUIET_S)))
-        except TimeoutError:
-            return events
 
 
 async def test_a_flood_of_tiny_messages_does_not_hold_up_other_requests(start_gateway: StartGateway) -> None:
@@ -39,7 +30,7 @@ async def test_a_flood_of_tiny_messages_does_not_hold_up_other_requests(start_ga
         await asyncio.sleep(0.3)
         started = time.monotonic()
         ws = await flood_without_reading(gateway.ws_url, FLOOD_MESSAGES)
-        events = await _read_until_quiet(ws)
+        events = await read_until_quiet(ws, QUIET_S)
         handled_s = time.monotonic() - started - QUIET_S
         # The socket still works: the tokens are back after the quiet, and its next event is answered.
         await ws.send(json.dumps({"type": "session.update", "event_id": "after", "session": {}}))

@@ -412,6 +412,16 @@ async def flood_without_reading(ws_url: str, messages: int, payload: str = "x") 
     return ws
 
 
+async def read_until_quiet(ws: ClientConnection, quiet_s: float) -> list[dict[str, Any]]:
+    """Every realtime event that comes until none has come for `quiet_s`."""
+    events = []
+    while True:
+        try:
+            events.append(json.loads(await asyncio.wait_for(ws.recv(), quiet_s)))
+        except TimeoutError:
+            return events
+
+
 class NonReadingClient:
     """A WebSocket client over a raw socket with a small receive buffer, that reads nothing until told to.
     (A client library keeps reading into its own memory; this one leaves what it is sent to back up in the
