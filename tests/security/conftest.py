@@ -191,3 +191,17 @@ def socket_stack(
         yield stack
     finally:
         stack.stop_all()
+
+
+def upgrade_request(path: str, host: str = "localhost", origin: str | None = None) -> bytes:
+    """A raw WebSocket upgrade request with these Host and Origin headers (what no client library sends)."""
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *([f"Origin: {origin}"] if origin else []),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()

@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
-from tests.security.conftest import GatewayProcess, StartGateway
+from tests.security.conftest import GatewayProcess, StartGateway, upgrade_request
 
 SOCKETS = ["/api/chat", "/v1/realtime"]
 EVIL = "http://evil.example"
@@ -23,17 +23,8 @@ def upgrade_status(
     gateway: GatewayProcess, path: str, host: str, origin: str | None = None
 ) -> tuple[int, str]:
     """Status and body of a WebSocket upgrade request sent with these Host and Origin headers."""
-    headers = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {host}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version: 13",
-        *([f"Origin: {origin}"] if origin else []),
-    ]
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as conn:
-        conn.sendall(("\r\n".join(headers) + "\r\n\r\n").encode())
+        conn.sendall(upgrade_request(path, host, origin))
         answer = conn.recv(65536).decode(errors="replace")
     status = int(answer.split(" ", 2)[1])
     return status, answer.partition("\r\n\r\n")[2]

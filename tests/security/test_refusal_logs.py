@@ -14,24 +14,11 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from tests.security.conftest import GatewayProcess, StartGateway
+from tests.security.conftest import GatewayProcess, StartGateway, upgrade_request
 
 KEY = "sk-refusal-logs-0123456789"
 SOCKETS = ["/api/chat", "/v1/realtime"]
 ATTEMPTS = 10
-
-
-def upgrade(path: str, host: str = "localhost", origin: str | None = None) -> bytes:
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {host}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version: 13",
-        *([f"Origin: {origin}"] if origin else []),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def send_and_leave(gateway: GatewayProcess, request: bytes, *, reset: bool) -> None:
@@ -51,10 +38,10 @@ def send_and_read(gateway: GatewayProcess, request: bytes) -> bytes:
 def test_refused_websockets_leave_no_error_in_the_log(start_gateway: StartGateway) -> None:
     gateway = start_gateway(CHORUS_API_KEYS=KEY, CHORUS_AUTH_FAILURES_PER_MINUTE="10000")
     refusals = {
-        "foreign origin": lambda path: upgrade(path, origin="http://evil.example"),
-        "foreign host": lambda path: upgrade(path, host="rebind.attacker.example"),
-        "unknown key": lambda path: upgrade(f"{path}?api_key=wrong"),
-        "unknown client secret": lambda path: upgrade(f"{path}?client_secret=ek_unknown"),
+        "foreign origin": lambda path: upgrade_request(path, origin="http://evil.example"),
+        "foreign host": lambda path: upgrade_request(path, host="rebind.attacker.example"),
+        "unknown key": lambda path: upgrade_request(f"{path}?api_key=wrong"),
+        "unknown client secret": lambda path: upgrade_request(f"{path}?client_secret=ek_unknown"),
     }
     for path in SOCKETS:
         for build in refusals.values():
