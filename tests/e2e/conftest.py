@@ -10,6 +10,7 @@ import pytest
 from tests.e2e.stack import ChorusStack
 
 SPEECH_WAV = Path(__file__).resolve().parents[1] / "fixtures" / "audio" / "speech.wav"
+DIALOGUE_SLOTS = 4  # the shared stack's CHORUS_DIALOGUE_SLOTS
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +25,7 @@ def stack(
         tmp_path_factory.mktemp("stack"),
         key_prefix=f"e2e{uuid.uuid4().hex[:6]}:",
         extra_env={
-            "CHORUS_DIALOGUE_SLOTS": "4",
+            "CHORUS_DIALOGUE_SLOTS": str(DIALOGUE_SLOTS),
             "CHORUS_PLACEMENT_WAIT_S": "3",
             "CHORUS_MAX_SESSIONS_PER_KEY": "16",
         },

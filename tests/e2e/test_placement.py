@@ -10,17 +10,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.e2e.conftest import speech_like
+from tests.e2e.conftest import DIALOGUE_SLOTS, speech_like
 from tests.e2e.helpers import MoshiClient
 from tests.e2e.stack import ChorusStack
 
-SLOTS = 4  # the stack's CHORUS_DIALOGUE_SLOTS
 PLACEMENT_WAIT_S = 3.0  # the stack's CHORUS_PLACEMENT_WAIT_S
 
 
 @contextlib.asynccontextmanager
 async def every_slot_taken(stack: ChorusStack) -> AsyncIterator[list[MoshiClient]]:
-    clients = list(await asyncio.gather(*(MoshiClient.open(stack.ws_url) for _ in range(SLOTS))))
+    clients = list(await asyncio.gather(*(MoshiClient.open(stack.ws_url) for _ in range(DIALOGUE_SLOTS))))
     try:
         yield clients
     finally:
