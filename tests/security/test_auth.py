@@ -4,6 +4,7 @@ without a restart, and a /v1 request's key is checked before its body is read.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -128,3 +129,30 @@ async def test_websockets_refuse_an_unknown_key_with_a_reason(start_gateway: Sta
     assert ws.close_code == 1008
     reason = first[1:].decode() if isinstance(first, bytes) else json.loads(first)["error"]["message"]
     assert reason == "unknown API key"
+
+
+async def test_revoking_a_key_closes_its_open_sockets(start_gateway: StartGateway, tmp_path: Path) -> None:
+    """A realtime socket holds no session until its first audio, so this needs no dialogue worker: the
+    socket itself is what a revoked key must lose."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice\nbob\n")
+    reload_s = 0.2
+    gateway = start_gateway(CHORUS_API_KEYS_FILE=str(keys), CHORUS_API_KEYS_RELOAD_S=str(reload_s))
+    url = f"{gateway.ws_url}/v1/realtime"
+    async with (
+        connect(url, additional_headers={"Authorization": "Bearer alice"}, open_timeout=10) as alice,
+        connect(url, additional_headers={"Authorization": "Bearer bob"}, open_timeout=10) as bob,
+    ):
+        for ws in (alice, bob):
+            assert json.loads(await ws.recv())["type"] == "session.created"
+        keys.write_text("alice\n")  # bob revoked
+        revoked_at = time.monotonic()
+        told = json.loads(await asyncio.wait_for(bob.recv(), 10))
+        await bob.wait_closed()
+        closed_after = time.monotonic() - revoked_at
+        await alice.send(json.dumps({"type": "session.update", "session": {"instructions": "still here"}}))
+        assert json.loads(await asyncio.wait_for(alice.recv(), 10))["type"] == "session.updated"
+    print(f"\na revoked key's socket closed {closed_after:.2f} s after the keys file changed")
+    assert told["type"] == "error" and told["error"]["code"] == "unauthorized", told
+    assert "revoked" in told["error"]["message"]
+    assert bob.close_code == 1008 and bob.close_reason == "unauthorized"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 
@@ -37,6 +38,7 @@ from services.gateway.protocols.session_socket import (
     resolve_persona,
     run_loops,
     serve_and_stop,
+    watch_key,
 )
 from services.gateway.settings import GatewaySettings
 from shared import metrics
@@ -120,7 +122,8 @@ class MoshiChatSession:
             if refused is not None:
                 return refused
             self.queue.put((HANDSHAKE, b""), droppable=False)
-            return await run_loops(log_extra, self.receive_loop, self.emit_loop, self.report)
+            key = functools.partial(watch_key, self.websocket.app.state.keys, self.conversation.owner)
+            return await run_loops(log_extra, self.receive_loop, self.emit_loop, self.report, key)
         finally:
             if not sender.done():
                 await self.queue.drained()

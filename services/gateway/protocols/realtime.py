@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import uuid
@@ -42,6 +43,7 @@ from services.gateway.protocols.session_socket import (
     resolve_persona,
     run_loops,
     serve_and_stop,
+    watch_key,
 )
 from services.gateway.settings import GatewaySettings
 from shared import metrics
@@ -176,7 +178,8 @@ class RealtimeSession:
         why, above all) is sent before returning. The conversation starts with the first audio."""
         sender = asyncio.create_task(self._send_loop(), name="realtime_sender")
         try:
-            return await run_loops(self.log_extra, self.receive_loop, self.emit_loop, self.report)
+            key = functools.partial(watch_key, self.websocket.app.state.keys, self.owner)
+            return await run_loops(self.log_extra, self.receive_loop, self.emit_loop, self.report, key)
         finally:
             if not sender.done():
                 await self.queue.drained()

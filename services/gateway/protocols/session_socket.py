@@ -21,10 +21,11 @@ from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from services.gateway.admission import Admission
+from services.gateway.auth import KeyRing
 from services.gateway.conversation import Conversation
 from services.gateway.problems import outage_error
 from services.gateway.settings import GatewaySettings
-from shared.errors import ChorusError, ClientNotReading, InvalidRequest, NotFound
+from shared.errors import ChorusError, ClientNotReading, InvalidRequest, NotFound, Unauthorized
 from shared.messages import NATIVE_VOICES, PersonaSpec, VoiceMode, valid_voice
 from shared.runtime import cancel_and_wait
 
@@ -58,7 +59,7 @@ class Ending:
     def close_code(self) -> int:
         if self.error is None:
             return 1000
-        if isinstance(self.error, ClientNotReading):
+        if isinstance(self.error, (ClientNotReading, Unauthorized)):
             return POLICY_VIOLATION
         return 1013 if self.error.retryable else 1011  # 1013: try again later
 
@@ -219,16 +220,30 @@ async def guarded(work: Awaitable[None], log_extra: dict[str, str], report: Repo
     return None
 
 
+async def watch_key(keys: KeyRing, owner: str) -> None:
+    """Raises Unauthorized once no configured key belongs to `owner`: a key revoked in the keys file ends
+    its open sessions too, within the file's reload period (each gateway re-reads the file itself)."""
+    if not keys.enabled:
+        await asyncio.Event().wait()  # nothing to revoke: until the other loops end
+    while True:  # the keys file has no change event: it is looked at every reload period anyway
+        if not keys.has_owner(owner):
+            raise Unauthorized("the API key of this session was revoked")
+        await asyncio.sleep(keys.reload_s)
+
+
 async def run_loops(
     log_extra: dict[str, str],
     receive: Callable[[], Awaitable[None]],
     emit: Callable[[], Awaitable[None]],
     report: Report,
+    key: Callable[[], Awaitable[None]],
 ) -> Ending:
-    """Run both loops; the first to finish (client gone, session ended, an error) cancels the other.
+    """Run the loops; the first to finish (client gone, session ended, its key revoked, an error) cancels
+    the others.
 
     Returns why the session ended: the receive loop only ends by an exception, the emit loop returns
-    when the session is over (`session_ended`). Stopping the conversation is the caller's `finally`.
+    when the session is over (`session_ended`), the `key` watch raises when the key is revoked
+    (`watch_key`). Stopping the conversation is the caller's `finally`.
     """
     endings: list[Ending] = []
 
@@ -238,6 +253,7 @@ async def run_loops(
     loops = [
         asyncio.create_task(loop(receive), name="receive_loop"),
         asyncio.create_task(loop(emit), name="emit_loop"),
+        asyncio.create_task(loop(key), name="key_watch"),
     ]
     try:
         await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
