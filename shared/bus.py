@@ -30,8 +30,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import metrics
 from shared.errors import ChorusError, MalformedMessage, ServiceUnavailable
+from shared.logging import without_passwords
 from shared.messages import Codec, Envelope, encode
-from shared.redis_server import redacted_url
 from shared.retry import is_retryable, keep_running
 from shared.streams import StreamNames
 
@@ -164,7 +164,7 @@ class Bus:
                 await redis.ping()
         except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
             await redis.aclose()
-            raise ServiceUnavailable(f"cannot reach Redis at {redacted_url(url)}: {exc}") from exc
+            raise ServiceUnavailable(f"cannot reach Redis at {without_passwords(url)}: {exc}") from exc
         max_block_ms = max(1, min(1000, int(socket_timeout_s * 500)))
         return cls(
             redis, names, session_maxlen, control_maxlen, key_times=key_times, max_block_ms=max_block_ms

@@ -50,9 +50,13 @@ def redact(text: str) -> str:
     """`text` without query values and URL passwords."""
     if "?" in text:
         text = _QUERY.sub(_mask_query, text)
-    if "@" in text:
-        text = _URL_PASSWORD.sub(rf"\1:{MASK}@", text)
-    return text
+    return without_passwords(text)
+
+
+def without_passwords(text: str) -> str:
+    """`text` with every URL's password replaced by `***` (user names kept): for log lines, and for
+    messages that name a Redis URL."""
+    return _URL_PASSWORD.sub(rf"\1:{MASK}@", text) if "@" in text else text
 
 
 class JsonFormatter(logging.Formatter):

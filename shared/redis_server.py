@@ -29,7 +29,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import urlsplit, urlunsplit
+
+from shared.logging import without_passwords
 
 MIN_VERSION = (6, 2)
 PR_SET_PDEATHSIG = 1
@@ -91,18 +92,6 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def redacted_url(url: str) -> str:
-    """A Redis URL fit for a log line: its password replaced by `***`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
-
-
 def _command(*parts: str) -> bytes:
     """One command in the Redis protocol (RESP)."""
     encoded = [part.encode() for part in parts]
@@ -145,7 +134,7 @@ class EmbeddedRedis:
     @property
     def safe_url(self) -> str:
         """The URL without its password, for log lines."""
-        return redacted_url(self.url)
+        return without_passwords(self.url)
 
     @property
     def config_path(self) -> Path:
