@@ -1,4 +1,5 @@
-"""`chorus dialogue`: one Moshi worker serving up to CHORUS_DIALOGUE_SLOTS sessions in one batch.
+"""A Moshi dialogue worker's core: up to CHORUS_DIALOGUE_SLOTS sessions served in one batch (the process
+wiring is `worker.py`).
 
 Loops sharing one slot table (batcher.py); sessions are owned through `shared.ownership`:
 - placement: this model's consumer group on chorus:control takes a `start` while a slot is free;
@@ -27,9 +28,9 @@ import numpy as np
 
 from services.dialogue.batcher import Batcher, Phase, RowOutput
 from services.dialogue.inputs import Arrival, InputTimeline, Take
-from services.dialogue.model import MoshiModel, load_moshi
+from services.dialogue.model import MoshiModel
 from services.dialogue.priming import primer_tokens, spoken_so_far
-from services.dialogue.settings import DialogueSettings, get_settings
+from services.dialogue.settings import DialogueSettings
 from services.dialogue.utterances import UtteranceBuilder
 from shared import metrics
 from shared.audio import FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
@@ -52,8 +53,7 @@ from shared.messages import (
 )
 from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
 from shared.presence import WorkerFields, WorkerPresence
-from shared.retry import is_retryable, keep_running
-from shared.runtime import ServiceRuntime
+from shared.retry import keep_running
 from shared.sessions import SessionState, SessionStore
 from shared.storage import LocalStorage
 from shared.transcripts import TranscriptLog, TranscriptWriter
@@ -535,34 +535,4 @@ class DialogueWorker:
         metrics.SESSIONS_ACTIVE.labels(service=SERVICE).set(len(self.sessions))
         metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(len(self.batcher.free_rows()))
         if self.presence is not None:
-            try:
-                await self.presence.beat()
-            except Exception as exc:
-                if not is_retryable(exc):
-                    raise
-                log.warning("presence update failed (the next heartbeat retries): %s", exc)
-
-
-# --- wiring ------------------------------------------------------------------------------------
-
-
-async def serve(runtime: ServiceRuntime, settings: DialogueSettings) -> None:
-    """Load the model (heartbeats say `loading` meanwhile), warm it up, then serve."""
-    runtime.describe = lambda: {"capacity": settings.dialogue_slots, "free_slots": 0}
-    model = await asyncio.to_thread(load_moshi, settings)
-    worker = DialogueWorker(runtime.bus, settings, model, runtime.presence)
-    await worker.warmup()
-    runtime.describe = worker.describe
-    await runtime.mark_serving()
-    await worker.run(runtime.stop)
-
-
-def main() -> None:
-    settings = get_settings()
-    runtime = ServiceRuntime(
-        SERVICE,
-        settings,
-        http_host=settings.dialogue_http_host,
-        http_port=settings.dialogue_http_port or None,
-    )
-    asyncio.run(runtime.run(lambda rt: serve(rt, settings)))
+            await self.presence.refresh()

@@ -1,4 +1,4 @@
-"""`chorus tts`: a Pocket TTS worker. Wiring: which stream feeds which part.
+"""A Pocket TTS worker's core (the process wiring is `worker.py`): which stream feeds which part.
 
 - `chorus:control`, group "tts": a `start` is taken by one TTS worker, which owns the session for its
   life (`shared.ownership`; taken over by another worker if this one dies). A session is owned whatever
@@ -18,7 +18,7 @@ from typing import Any
 from services.tts.engine import Engine
 from services.tts.phraser import PhraseRules
 from services.tts.previews import VoiceRequests
-from services.tts.settings import TtsSettings, get_settings
+from services.tts.settings import TtsSettings
 from services.tts.speaker import ClonedSession, SessionServices, SpeechLimits
 from services.tts.voice_states import VoiceStates
 from shared import metrics
@@ -37,9 +37,7 @@ from shared.messages import (
 from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
 from shared.presence import WorkerFields
 from shared.retry import keep_running
-from shared.runtime import ServiceRuntime
 from shared.sessions import SessionStore
-from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
 
 log = logging.getLogger(__name__)
@@ -128,6 +126,9 @@ class TtsWorker:
             "instances": self.s.engine.instances,
             "model": self.s.engine.version,
         }
+
+    async def warmup(self) -> None:
+        """Nothing to build before the first session: the engine is ready once loaded."""
 
     async def run(self, stop: asyncio.Event) -> None:
         names = self.bus.names
@@ -259,23 +260,3 @@ class TtsWorker:
                 cursor = entry.entry_id
 
         await keep_running("voice events", loop, stop)
-
-
-async def serve(runtime: ServiceRuntime, settings: TtsSettings) -> None:
-    engine = await Engine.load(settings)
-    store = VoiceProfileStore(LocalStorage(settings.data_dir))
-    worker = TtsWorker(session_services(runtime.bus, settings, engine, store), settings)
-    runtime.describe = worker.describe
-    await runtime.mark_serving()
-    try:
-        await worker.run(runtime.stop)
-    finally:
-        engine.close()
-
-
-def main() -> None:
-    settings = get_settings()
-    runtime = ServiceRuntime(
-        SERVICE, settings, http_host=settings.tts_http_host, http_port=settings.tts_http_port or None
-    )
-    asyncio.run(runtime.run(lambda rt: serve(rt, settings)))
