@@ -14,7 +14,6 @@ Loops sharing one slot table (batcher.py); sessions are owned through `shared.ow
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -31,6 +30,7 @@ from services.dialogue.inputs import Arrival, InputTimeline, Take
 from services.dialogue.model import MoshiModel
 from services.dialogue.priming import primer_tokens, spoken_so_far
 from services.dialogue.settings import DialogueSettings
+from services.dialogue.ticks import TickClock, prime_deadline
 from services.dialogue.utterances import UtteranceBuilder
 from shared import metrics
 from shared.audio import FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
@@ -62,8 +62,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = "dialogue"
 T = TypeVar("T")
-PRIME_SHARE_LIVE = 0.75  # of a tick, spent on priming steps at most while live sessions need theirs
-PRIME_SHARE_IDLE = 0.95
 
 
 def placement_group(model: str) -> str:
@@ -98,29 +96,6 @@ class Session:
     def take_seq(self) -> int:
         self.next_seq += 1
         return self.next_seq - 1
-
-
-class TickClock:
-    """Paces ticks at a fixed interval. A late tick is followed at once; one more than a whole interval
-    late re-bases the clock (no burst of catch-up ticks)."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._next = time.monotonic()
-
-    def restart(self) -> None:
-        self._next = time.monotonic()
-
-    async def wait(self, stop: asyncio.Event) -> None:
-        self._next += self.interval_s
-        delay = self._next - time.monotonic()
-        if delay < 0:
-            metrics.TICK_OVERRUNS.labels(service=SERVICE).inc()
-            if delay < -self.interval_s:
-                self._next = time.monotonic()
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
 
 
 class DialogueWorker:
@@ -258,13 +233,10 @@ class DialogueWorker:
             await clock.wait(stop)
 
     def _prime_until(self, started: float, interval_s: float) -> float | None:
-        """How long a tick's spare time may go on priming steps: most of the tick while a live session
-        needs the next one on time, nearly all of it while none is live (a session taken over after a
-        failover is primed as fast as the model steps: its user is waiting)."""
+        """How long a tick's spare time may go on priming steps (`ticks.prime_deadline`); none when off."""
         if not self.settings.dialogue_prime_ahead:
             return None
-        share = PRIME_SHARE_LIVE if self._listening() else PRIME_SHARE_IDLE
-        return started + share * interval_s
+        return prime_deadline(started, interval_s, live=bool(self._listening()))
 
     # --- input: one XREAD for every listening session, one frame per row -----------------------------
 
