@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from shared import metrics
 from shared.bus import Bus, make_bus_kwargs
-from shared.errors import ServiceUnavailable
+from shared.errors import ModelLoadError, ServiceUnavailable
 from shared.logging import configure_logging
 from shared.presence import WorkerFields, WorkerPresence
 from shared.retry import Backoff, sleep_unless_stopped
@@ -157,8 +157,13 @@ class ServiceRuntime:
         return {**self._service.describe(), "state": "serving" if self.serving else "loading"}
 
     async def _serve(self, open_service: OpenService) -> None:
-        async with open_service(self) as service:
-            await service.warmup()
+        async with contextlib.AsyncExitStack() as opened:
+            try:
+                service = await opened.enter_async_context(open_service(self))
+                await service.warmup()
+            except ModelLoadError as exc:
+                log.critical("%s cannot start: %s", self.service, exc.detail)  # then the traceback
+                raise
             self._service = service
             await self.mark_serving()
             await service.run(self.stop)
