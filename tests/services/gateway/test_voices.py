@@ -446,7 +446,7 @@ async def test_chorus_voices_add_uploads_a_clip_and_prints_its_id(
     import uvicorn
 
     from chorus.cli import main
-    from shared.redis_server import free_port
+    from chorus.devtools.redis_server import free_port
 
     port = free_port()
     settings = gateway_settings(port=port)
