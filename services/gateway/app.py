@@ -98,5 +98,5 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.add_middleware(Authentication)  # outside the body caps: an unknown caller learns no limits
     app.add_middleware(hosts.HostAndOriginCheck, settings=settings)
-    app.add_middleware(limits.HttpMetrics)
+    health.count_requests(app)
     return app

@@ -303,34 +303,3 @@ class SocketLimits:
             f"one message carries {seconds:.2f} s of audio, more than the {burst:g} s a socket may send at "
             "once; send audio in smaller messages as it is captured"
         )
-
-
-class HttpMetrics:
-    """Counts requests by method, route template (never the raw path: bounded labels) and status."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            metrics.HTTP_REQUESTS.labels(
-                method=scope["method"], route=_route_template(scope), status=str(status)
-            ).inc()
-
-
-def _route_template(scope: Scope) -> str:
-    route = scope.get("route")  # set by Starlette's router on the scope it was handed
-    return str(getattr(route, "path", "unmatched"))
