@@ -51,6 +51,10 @@ class BodySizeLimit:
 
     Every route gets `max_bytes` (JSON bodies: small), except the (method, path) pairs in `routes`, which
     carry their own cap: the voice upload's is the upload setting, and it applies nowhere else.
+
+    Not Starlette's `max_body_size` (FastAPI's per-route one is the same middleware): its 413 carries no
+    measured size, limit or unit and is counted nowhere, and per route it runs inside the app, after the
+    rate limit has counted the request.
     """
 
     def __init__(
