@@ -188,15 +188,11 @@ class RequestRateLimit:
         ):
             await self.app(scope, receive, send)
             return
-        limits: RateLimits | None = (
-            getattr(scope["app"].state, "rate_limits", None) if "app" in scope else None
-        )
-        if limits is not None:
-            owner = scope.get("state", {}).get(OWNER, ANONYMOUS)
-            refusal = await limits.request(owner)
-            if refusal is not None:
-                await problem_response(refusal, scope["path"])(scope, receive, send)
-                return
+        limits: RateLimits = scope["app"].state.rate_limits
+        refusal = await limits.request(scope.get("state", {}).get(OWNER, ANONYMOUS))
+        if refusal is not None:
+            await problem_response(refusal, scope["path"])(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
