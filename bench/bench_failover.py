@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from websockets.exceptions import ConnectionClosed
 
+from chorus.devtools.redis_server import EmbeddedRedis
 from shared.bus import Bus
-from shared.redis_server import EmbeddedRedis
 from shared.settings import CommonSettings
 from shared.streams import StreamNames
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from shared.redis_server import EmbeddedRedis
+from chorus.devtools.redis_server import EmbeddedRedis
 
 if TYPE_CHECKING:  # imported where used: the tests' modules import pytest
     from tests.security.conftest import GatewayProcess

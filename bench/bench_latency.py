@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 from websockets.exceptions import ConnectionClosed
 
+from chorus.devtools.redis_server import EmbeddedRedis
 from shared.audio import FRAME_SEC
 from shared.bus import Bus
 from shared.messages import DIALOGUE, INPUT, DialogueFrame, UserAudio
-from shared.redis_server import EmbeddedRedis
 from shared.streams import StreamNames
 
 SESSION_COUNTS = (1, 10, 100)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.personas import PersonaFields, PersonaStore
+from services.gateway.persona_store import PersonaFields, PersonaStore
 from shared.storage import LocalStorage
 from shared.transcripts import TranscriptLog
 from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import soundfile
 
+from chorus.devtools.redis_server import EmbeddedRedis
 from chorus.devtools.tts_checkpoint import _WORDS, write_tts_checkpoint
 from services.tts.engine import Engine
 from services.tts.phraser import Phraser
@@ -52,7 +53,6 @@ from shared.messages import (
     encode,
 )
 from shared.presence import list_workers
-from shared.redis_server import EmbeddedRedis
 from shared.sessions import SessionStore
 from shared.storage import LocalStorage
 from shared.streams import StreamNames

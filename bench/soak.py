@@ -33,8 +33,8 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from chorus.devtools.redis_server import EmbeddedRedis
 from shared.bus import Bus
-from shared.redis_server import EmbeddedRedis
 from shared.streams import StreamNames
 
 RESULTS = Path(__file__).resolve().parent / "results"

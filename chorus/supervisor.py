@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from pydantic_settings import BaseSettings
 
-from shared.redis_server import EmbeddedRedis
+from chorus.devtools.redis_server import EmbeddedRedis
 from shared.settings import CommonSettings
 
 log = logging.getLogger("chorus.up")

@@ -36,10 +36,6 @@ def silence_frame() -> bytes:
     return bytes(FRAME_BYTES)
 
 
-def seconds_to_frames(seconds: float) -> int:
-    return round(seconds / FRAME_SEC)
-
-
 def resample(samples: FloatAudio, from_rate: int, to_rate: int = SAMPLE_RATE) -> FloatAudio:
     """High-quality resampling (soxr); mono float32 in, mono float32 out."""
     if from_rate == to_rate:
@@ -81,10 +77,6 @@ class FrameSplitter:
 
     def clear(self) -> None:
         self._pending = np.zeros(0, dtype=np.float32)
-
-    @property
-    def pending_samples(self) -> int:
-        return len(self._pending)
 
 
 class OpusEncoder:

@@ -9,12 +9,14 @@ Every line is redacted before it is written (`redact`), whoever logged it (uvico
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
 import time
 from typing import Any
+
+from pythonjsonlogger import json as jsonlogger
+from pythonjsonlogger.core import RESERVED_ATTRS
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -59,24 +61,36 @@ def without_passwords(text: str) -> str:
     return _URL_PASSWORD.sub(rf"\1:{MASK}@", text) if "@" in text else text
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(jsonlogger.JsonFormatter):
+    """One JSON object per line: `ts` (UTC, milliseconds), `level`, `logger`, `msg`, `service`, `exc` when
+    there is a traceback, then the record's `extra` fields; the whole line redacted."""
+
     def __init__(self, service: str) -> None:
-        super().__init__()
-        self.service = service
+        super().__init__(
+            "{asctime}{levelname}{name}{message}",
+            style="{",
+            rename_fields={
+                "asctime": "ts",
+                "levelname": "level",
+                "name": "logger",
+                "message": "msg",
+                "exc_info": "exc",
+            },
+            static_fields={"service": service},
+            reserved_attrs=[*RESERVED_ATTRS, "taskName", "color_message"],
+            json_default=str,
+            json_ensure_ascii=False,
+        )
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        log_data["level"] = log_data["level"].lower()
+        return log_data
 
     def format(self, record: logging.LogRecord) -> str:
-        body: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "service": self.service,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        body.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
-        if record.exc_info:
-            body["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(body, default=str, ensure_ascii=False))
+        return redact(super().format(record))
 
 
 class TextFormatter(logging.Formatter):

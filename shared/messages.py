@@ -175,7 +175,6 @@ class EventName:
     SPEECH_STARTED = "speech_started"
     SPEECH_STOPPED = "speech_stopped"
     FLUSH = "flush"  # drop queued cloned audio (barge-in)
-    UPDATE = "update"  # a SessionUpdate forwarded in-band; data = the update's fields
     PHRASE_DONE = "phrase_done"  # tts finished a phrase; data = phrase_id, frames, dialogue seq range
 
 
@@ -336,10 +335,6 @@ class Codec(Generic[M]):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise MalformedMessage(f"invalid {type_name!r} entry: {where}: {first['msg']}") from exc
-
-    @property
-    def types(self) -> tuple[str, ...]:
-        return tuple(self._models)
 
 
 CONTROL: Codec[ControlMessage] = Codec(SessionStart, SessionUpdate, SessionStop, SessionFlush)

@@ -40,10 +40,6 @@ class WorkerInfo:
         """Its model is loaded and warmed up (workers without a model say so at once)."""
         return self.fields.get("state", "serving") == "serving"
 
-    @property
-    def heartbeat_age_s(self) -> float:
-        return time.time() - float(self.fields.get("heartbeat", "0"))
-
 
 class WorkerPresence:
     def __init__(
@@ -140,7 +136,3 @@ async def list_workers(bus: Bus, service: str) -> list[WorkerInfo]:
     if gone:
         await bus.redis.zrem(index, *gone)
     return workers
-
-
-async def worker_alive(bus: Bus, service: str, worker_id: str) -> bool:
-    return bool(await bus.redis.exists(bus.names.worker(service, worker_id)))

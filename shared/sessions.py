@@ -24,16 +24,6 @@ from shared.messages import Sampling, SessionStart, SessionStop
 
 TRANSCRIPT_MAX_UTTERANCES = 2000  # the live list (session detail, re-priming); storage keeps them all
 
-# Set a hash field only if it still holds the expected value ('' = unset): safe hand-over of ownership.
-_COMPARE_AND_SET = """
-local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-if current == ARGV[2] then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-  return 1
-end
-return 0
-"""
-
 # Mark a session ended unless it is gone or already ended; drop its lease. Returns its owner ('' = no
 # auth) when this call ended it, nil otherwise: exactly one caller finalizes a session.
 _FINALIZE = """
@@ -86,7 +76,6 @@ class SessionStore:
     def __init__(self, bus: Bus, ttl_s: int) -> None:
         self.bus = bus
         self.ttl_s = ttl_s
-        self._cas = bus.redis.register_script(_COMPARE_AND_SET)
         self._finalize = bus.redis.register_script(_FINALIZE)
         self._add_bounded = bus.redis.register_script(_ADD_BOUNDED)
 
@@ -130,12 +119,6 @@ class SessionStore:
     async def get(self, sid: str) -> dict[str, str]:
         raw = await self.bus.redis.hgetall(self.bus.names.session(sid))
         return {k.decode(): v.decode() for k, v in raw.items()}
-
-    async def compare_and_set(self, sid: str, field: str, expected: str, new: str) -> bool:
-        return bool(await self._cas(keys=[self.bus.names.session(sid)], args=[field, expected, new]))
-
-    async def incr(self, sid: str, counter: str, by: int = 1) -> int:
-        return int(await self.bus.redis.hincrby(self.bus.names.session(sid), counter, by))
 
     # --- lease and end -------------------------------------------------------------------------------
 

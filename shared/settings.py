@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -92,8 +91,3 @@ class CommonSettings(BaseSettings):
                 "redis-server, or point CHORUS_REDIS_URL at a Redis >= 6.2."
             )
         return self.redis_url
-
-
-@lru_cache
-def get_common_settings() -> CommonSettings:
-    return CommonSettings()

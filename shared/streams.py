@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SERVICES = ("gateway", "dialogue", "tts", "router")
-
 
 @dataclass(frozen=True)
 class StreamNames:
@@ -70,15 +68,6 @@ class StreamNames:
             self.session_dialogue(sid),
             self.session_tts(sid),
             self.session_output(sid),
-        ]
-
-    def session_keys(self, sid: str) -> list[str]:
-        """Every per-session key, so a finished session can be expired as a whole."""
-        return [
-            *self.session_streams(sid),
-            self.session(sid),
-            self.session_transcript(sid),
-            self.session_lease(sid),
         ]
 
     def owners(self, group: str) -> str:

@@ -83,12 +83,6 @@ class SpeechDetector:
             out[i], context, state = self._run(audio[i * WINDOW : (i + 1) * WINDOW], context, state)
         return out
 
-    def speech_seconds(
-        self, samples: FloatAudio, sample_rate: int = SAMPLE_RATE, threshold: float = 0.5
-    ) -> float:
-        windows = int(np.count_nonzero(self.probabilities(samples, sample_rate) >= threshold))
-        return windows * WINDOW / VAD_RATE
-
     def stream(self) -> VadStream:
         return VadStream(self)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from chorus.devtools.redis_server import EmbeddedRedis
 from shared.bus import Bus
-from shared.redis_server import EmbeddedRedis
 from shared.streams import StreamNames
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

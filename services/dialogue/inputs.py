@@ -64,7 +64,3 @@ class InputTimeline:
         self._frames.clear()
         self._next_seq = seq
         self._slack = self.jitter
-
-    @property
-    def buffered(self) -> int:
-        return len(self._frames)

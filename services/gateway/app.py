@@ -14,10 +14,10 @@ from services.gateway.admission import Admission
 from services.gateway.auth import Authentication, open_key_ring
 from services.gateway.conversation import finish_stops
 from services.gateway.leases import LeaseKeeper
+from services.gateway.persona_store import PersonaStore
 from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus, make_bus_kwargs
-from shared.personas import PersonaStore
 from shared.runtime import cancel_and_wait
 from shared.sessions import SessionStore
 from shared.storage import LocalStorage
@@ -98,5 +98,5 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.add_middleware(Authentication)  # outside the body caps: an unknown caller learns no limits
     app.add_middleware(hosts.HostAndOriginCheck, settings=settings)
-    app.add_middleware(limits.HttpMetrics)
+    health.count_requests(app)
     return app

@@ -194,9 +194,7 @@ def authenticate(conn: HTTPConnection) -> str:
 async def counted_refusal(conn: HTTPConnection, refusal: Unauthorized) -> ChorusError:
     """What to answer a caller whose credential failed: the 401, a 429 once its IP is over budget, or a
     503 when Redis cannot count it."""
-    limits: RateLimits | None = getattr(conn.app.state, "rate_limits", None)
-    if limits is None:
-        return refusal
+    limits: RateLimits = conn.app.state.rate_limits
     over = await limits.auth_failure(conn.client.host if conn.client else "unknown")
     return over or refusal
 

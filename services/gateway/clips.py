@@ -69,7 +69,6 @@ class PreparedClip:
     duration_s: float
     speech_s: float
     source_format: str
-    source_rate: int
 
 
 def rejected(error: ChorusError, reason: str) -> ChorusError:
@@ -273,5 +272,4 @@ def prepare_clip(data: bytes, limits: ClipLimits, detector: SpeechDetector) -> P
         duration_s=round(len(clip) / SAMPLE_RATE, 3),
         speech_s=round(float(np.count_nonzero(speech)) * WINDOW / VAD_RATE, 3),
         source_format=header.format,
-        source_rate=header.rate,
     )

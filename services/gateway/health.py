@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator.metrics import Info
 
 from shared import metrics
 from shared.bus import Bus
@@ -73,3 +75,17 @@ async def readyz(request: Request) -> JSONResponse:
 async def metrics_endpoint() -> Response:
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
+
+
+def count_requests(app: FastAPI) -> None:
+    """Count every HTTP answer in `chorus_http_requests_total{method,route,status}` with the
+    instrumentator's middleware. Call it after the other middleware: added last, it is outermost and
+    counts the limits' refusals too."""
+    Instrumentator(should_group_status_codes=False).add(_count_request).instrument(app)
+
+
+def _count_request(info: Info) -> None:
+    # The route is its template (bounded labels, never the raw path); the instrumentator names a path
+    # no route matches "none".
+    route = "unmatched" if info.modified_handler == "none" else info.modified_handler
+    metrics.HTTP_REQUESTS.labels(method=info.method, route=route, status=info.modified_status).inc()

@@ -51,6 +51,10 @@ class BodySizeLimit:
 
     Every route gets `max_bytes` (JSON bodies: small), except the (method, path) pairs in `routes`, which
     carry their own cap: the voice upload's is the upload setting, and it applies nowhere else.
+
+    Not Starlette's `max_body_size` (FastAPI's per-route one is the same middleware): its 413 carries no
+    measured size, limit or unit and is counted nowhere, and per route it runs inside the app, after the
+    rate limit has counted the request.
     """
 
     def __init__(
@@ -184,15 +188,11 @@ class RequestRateLimit:
         ):
             await self.app(scope, receive, send)
             return
-        limits: RateLimits | None = (
-            getattr(scope["app"].state, "rate_limits", None) if "app" in scope else None
-        )
-        if limits is not None:
-            owner = scope.get("state", {}).get(OWNER, ANONYMOUS)
-            refusal = await limits.request(owner)
-            if refusal is not None:
-                await problem_response(refusal, scope["path"])(scope, receive, send)
-                return
+        limits: RateLimits = scope["app"].state.rate_limits
+        refusal = await limits.request(scope.get("state", {}).get(OWNER, ANONYMOUS))
+        if refusal is not None:
+            await problem_response(refusal, scope["path"])(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -303,34 +303,3 @@ class SocketLimits:
             f"one message carries {seconds:.2f} s of audio, more than the {burst:g} s a socket may send at "
             "once; send audio in smaller messages as it is captured"
         )
-
-
-class HttpMetrics:
-    """Counts requests by method, route template (never the raw path: bounded labels) and status."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            metrics.HTTP_REQUESTS.labels(
-                method=scope["method"], route=_route_template(scope), status=str(status)
-            ).inc()
-
-
-def _route_template(scope: Scope) -> str:
-    route = scope.get("route")  # set by Starlette's router on the scope it was handed
-    return str(getattr(route, "path", "unmatched"))

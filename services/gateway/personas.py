@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
 from services.gateway.auth import current_owner
+from services.gateway.persona_store import Persona, PersonaFields, PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
-from shared.personas import Persona, PersonaFields, PersonaStore
 
 router = APIRouter(prefix="/v1/personas", tags=["personas"])
 

@@ -141,6 +141,4 @@ def install(app: FastAPI) -> None:
             "retryable": exc.status_code in (429, 503),
             "instance": request.url.path,
         }
-        return JSONResponse(
-            body, status_code=exc.status_code, media_type=PROBLEM_JSON, headers=getattr(exc, "headers", None)
-        )
+        return JSONResponse(body, status_code=exc.status_code, media_type=PROBLEM_JSON, headers=exc.headers)

@@ -154,7 +154,10 @@ class UploadSlots:
 
 async def _read_form(request: Request) -> FormData:
     """Parse the multipart body. Its size is bounded before it gets here: the body size middleware
-    refuses it past `upload_body_cap` (and then reports the client gone, which ends the parse)."""
+    refuses it past `upload_body_cap` (and then reports the client gone, which ends the parse).
+
+    Starlette's parser streams the body through python-multipart's: it bounds the files, the fields and
+    each field's size, and spools the file part (to disk past 1 MiB) instead of holding the raw body."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise rejected(
             UnsupportedMedia("send multipart/form-data with the fields file, name and consent=true"),

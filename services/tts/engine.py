@@ -140,10 +140,6 @@ class Engine:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    @property
-    def idle_instances(self) -> int:
-        return self._free.qsize()
-
     @contextlib.asynccontextmanager
     async def _instance(self) -> AsyncIterator[Any]:
         model = await self._free.get()

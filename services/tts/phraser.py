@@ -62,10 +62,6 @@ class Phraser:
         self._budget = rules.first_max_words
         self._last_text_seq: int | None = None  # None: nothing said yet, or a flush; the next is a turn
 
-    @property
-    def pending_words(self) -> int:
-        return self._pending.words
-
     def push(self, seq: int, text: str) -> list[Phrase]:
         """Feed one dialogue frame (its text piece, or '' for none); returns the phrases it completed."""
         if not text.strip():

@@ -109,10 +109,6 @@ class ClonedSession:
     def cloning(self) -> bool:
         return self.profile_id is not None
 
-    @property
-    def backlog(self) -> int:
-        return self._backlog.qsize()
-
     async def start(self, voice: str, voice_mode: VoiceMode, *, resumed: bool) -> None:
         """Serve the session. A new one reads `:dlg` from its first entry; one `resumed` (taken over from
         a dead worker) only what comes next, so nothing is said twice, and says so on `:tts`."""

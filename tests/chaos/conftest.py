@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.redis_server import EmbeddedRedis, free_port
+from chorus.devtools.redis_server import EmbeddedRedis, free_port
 from tests.chaos.harness import Observer
 from tests.e2e.stack import ChorusStack
 

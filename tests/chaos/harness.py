@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 import numpy as np
 from websockets.exceptions import ConnectionClosed
 
+from chorus.devtools.redis_server import free_port
 from shared.audio import FRAME_SEC
 from shared.bus import Bus
 from shared.messages import DIALOGUE, OUTPUT, TTS, Codec, Envelope
 from shared.presence import list_workers
-from shared.redis_server import free_port
 from shared.streams import StreamNames
 from tests.e2e.conftest import speech_like
 from tests.e2e.helpers import AUDIO, ERROR, TEXT, MoshiClient, frames

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from chorus.devtools.redis_server import EmbeddedRedis
 from shared.bus import Bus
-from shared.redis_server import EmbeddedRedis
 from shared.streams import StreamNames
 from tests.chaos.conftest import LEASE_S, SESSION_CHECK_S
 from tests.chaos.harness import Call, Observer, start_services, wait_until

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
+from chorus.devtools.redis_server import free_port
 from chorus.supervisor import Backoff, ReadinessWatch, describe_exit, probe_ready
-from shared.redis_server import free_port
 
 
 def test_backoff_doubles_per_crash_in_a_row_up_to_30_s() -> None:

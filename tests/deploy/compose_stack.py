@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from chorus.devtools.compose import load_project, read_env_file, service_environment
-from shared.redis_server import free_port
+from chorus.devtools.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = (ROOT / "docker-compose.yml", ROOT / "compose.cpu.yml")

@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.redis_server import free_port
+from chorus.devtools.redis_server import free_port
 
 SERVICES = ("dialogue", "tts", "router", "gateway")
 

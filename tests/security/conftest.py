@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.redis_server import free_port
+from chorus.devtools.redis_server import free_port
 from tests.conftest import REPO_ROOT
 from tests.e2e.stack import ChorusStack
 

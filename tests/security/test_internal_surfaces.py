@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.redis_server import EmbeddedRedis, free_port
+from chorus.devtools.redis_server import EmbeddedRedis, free_port
 from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import SPEECH_WAV, speech_like
 from tests.e2e.helpers import MoshiClient, upload_voice

@@ -15,7 +15,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
 from services.gateway.auth import owner_of
-from shared.personas import PersonaFields, PersonaStore
+from services.gateway.persona_store import PersonaFields, PersonaStore
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id
 from tests.conftest import REPO_ROOT

@@ -236,8 +236,8 @@ async def test_tail_yields_only_new_entries_in_order(bus: Bus, names: StreamName
 
 
 async def test_connect_fails_fast_with_a_clear_reason_when_redis_is_down() -> None:
+    from chorus.devtools.redis_server import free_port
     from shared.errors import ServiceUnavailable
-    from shared.redis_server import free_port
 
     with pytest.raises(ServiceUnavailable, match="cannot reach Redis"):
         await Bus.connect(f"redis://127.0.0.1:{free_port()}/0", StreamNames(), timeout_s=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 
 import pytest
 
@@ -62,3 +63,31 @@ def test_formatters_redact_messages_extras_and_tracebacks(formatter: logging.For
     assert "api_key=***" in text and "primer=***" in text and "client_secret=***" in text
     if isinstance(formatter, JsonFormatter):
         assert all(json.loads(line) for line in text.splitlines() if line.startswith("{"))
+
+
+def test_json_lines_carry_time_level_service_logger_message_extras_and_traceback() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter("router"))
+    log = logging.getLogger("test_json_fields")
+    log.addHandler(handler)
+    try:
+        log.warning("slot %s free", 3, extra={"session_id": "sess_1", "color_message": "dup"})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        log.removeHandler(handler)
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["ts"])
+    assert first == {
+        "ts": first["ts"],
+        "level": "warning",
+        "service": "router",
+        "logger": "test_json_fields",
+        "msg": "slot 3 free",
+        "session_id": "sess_1",
+    }
+    assert second["level"] == "error" and second["msg"] == "failed"
+    assert second["exc"].startswith("Traceback") and "ValueError: boom" in second["exc"]

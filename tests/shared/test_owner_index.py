@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.gateway.persona_store import PersonaFields, PersonaStore
 from shared.errors import QuotaExceeded
 from shared.owner_index import OwnerIndex, owner_folder
-from shared.personas import PersonaFields, PersonaStore
 from shared.storage import LocalStorage
 from shared.transcripts import TranscriptLog
 from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id

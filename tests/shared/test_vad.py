@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 
 from shared.audio import FRAME_SAMPLES, SAMPLE_RATE
-from shared.vad import SpeechDetector, load_speech_detector, silero_model_path
+from shared.vad import VAD_RATE, WINDOW, SpeechDetector, load_speech_detector, silero_model_path
 from tests.services.tts.support import SPEECH, read_clip
 
 
 @pytest.fixture(scope="module")
 def detector() -> SpeechDetector:
     return load_speech_detector()
+
+
+def speech_seconds(detector: SpeechDetector, samples: np.ndarray) -> float:
+    """How long the 32 ms windows the detector calls speech (probability >= 0.5) last."""
+    return int(np.count_nonzero(detector.probabilities(samples) >= 0.5)) * WINDOW / VAD_RATE
 
 
 def test_the_model_comes_from_the_installed_package_without_importing_it() -> None:
@@ -25,7 +30,7 @@ def test_the_model_comes_from_the_installed_package_without_importing_it() -> No
 
 def test_recorded_speech_is_mostly_speech(detector: SpeechDetector) -> None:
     clip = read_clip(SPEECH)
-    assert detector.speech_seconds(clip) > 0.6 * len(clip) / SAMPLE_RATE
+    assert speech_seconds(detector, clip) > 0.6 * len(clip) / SAMPLE_RATE
 
 
 @pytest.mark.parametrize("kind", ["silence", "noise", "tone"])
@@ -36,7 +41,7 @@ def test_non_speech_has_no_speech(detector: SpeechDetector, kind: str) -> None:
         "noise": 0.1 * np.random.default_rng(0).standard_normal(len(t)),
         "tone": 0.3 * np.sin(2 * np.pi * 220 * t),
     }[kind].astype(np.float32)
-    assert detector.speech_seconds(signal) < 0.2
+    assert speech_seconds(detector, signal) < 0.2
 
 
 def test_the_stream_api_takes_80ms_frames_and_agrees_with_the_whole_clip(detector: SpeechDetector) -> None:

@@ -28,6 +28,7 @@ from services.gateway.settings import GatewaySettings
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest, NotFound, Unauthorized
 from shared.messages import NATIVE_VOICES, PersonaSpec, VoiceMode, valid_voice
 from shared.runtime import cancel_and_wait
+from shared.voice_profiles import VoiceProfileStore
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,9 @@ async def check_voice_owned(conn: HTTPConnection, owner: str, voice: str) -> Non
     """A cloned voice must be the caller's own: another key's profile is refused at once, exactly like a
     missing one (the TTS worker checks again when it switches voices). Sockets and the client secret
     route ask it."""
-    store = getattr(conn.app.state, "voices", None)
-    if store is None or not voice.startswith("profile:"):
+    if not voice.startswith("profile:"):
         return
+    store: VoiceProfileStore = conn.app.state.voices
     try:
         await store.get_owned(voice.removeprefix("profile:"), owner)
     except NotFound:
@@ -96,13 +97,10 @@ async def resolve_persona(
     websocket: WebSocket, owner: str, persona_id: str | None, primer: str | None = None
 ) -> PersonaSpec:
     """The persona a conversation runs with: a stored/built-in one by id, with per-session overrides."""
-    resolver = getattr(websocket.app.state, "resolve_persona", None)
-    if resolver is not None:
-        persona: PersonaSpec = await resolver(owner, persona_id, {"primer": primer} if primer else {})
-        return persona
-    if persona_id not in (None, "", "default"):
-        raise InvalidRequest(f"unknown persona {persona_id!r}")
-    return PersonaSpec(primer=primer or "")
+    persona: PersonaSpec = await websocket.app.state.resolve_persona(
+        owner, persona_id, {"primer": primer} if primer else {}
+    )
+    return persona
 
 
 def open_conversation(

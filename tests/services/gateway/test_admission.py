@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from chorus.devtools.redis_server import EmbeddedRedis
 from services.gateway.admission import MEMORY_CHECK_S
 from shared.bus import Bus
-from shared.redis_server import EmbeddedRedis
 from tests.services.gateway.test_session_faults import ERROR, running_gateway, until
 
 

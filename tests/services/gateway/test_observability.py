@@ -41,3 +41,14 @@ async def test_http_metrics_are_labelled_by_route_template(
     assert 'route="/v1/personas/{persona_id}"' in body
     assert "does-not-exist" not in body
     assert "chorus_limit_rejections_total" in body or "chorus_http_requests_total" in body
+
+
+async def test_refusals_before_routing_are_counted_under_their_route(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    async with gateway_client(redis_url, key_prefix, tmp_path, api_keys="k") as client:
+        assert (await client.get("/v1/personas")).status_code == 401  # the key check answers, no route ran
+        assert (await client.get("/no-such-page")).status_code == 404
+        body = (await client.get("/metrics")).text
+    assert 'chorus_http_requests_total{method="GET",route="/v1/personas",status="401"}' in body
+    assert 'chorus_http_requests_total{method="GET",route="unmatched",status="404"}' in body

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from services.gateway.auth import owner_of
+from services.gateway.persona_store import PersonaStore
 from shared.errors import InvalidRequest
-from shared.personas import PersonaStore
 from shared.storage import LocalStorage
 from tests.services.gateway.app_client import gateway_client
 
@@ -84,7 +84,7 @@ async def test_personas_survive_a_restart(redis_url: str, key_prefix: str, tmp_p
 
 async def test_a_session_resolves_its_persona_with_overrides(tmp_path: Path) -> None:
     store = PersonaStore(LocalStorage(tmp_path))
-    from shared.personas import PersonaFields
+    from services.gateway.persona_store import PersonaFields
 
     alice = owner_of("key-alice")
     mine = await store.create(alice, PersonaFields(name="Pirate", primer="Arr"))

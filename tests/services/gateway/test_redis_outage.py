@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
-from shared.redis_server import EmbeddedRedis
+from chorus.devtools.redis_server import EmbeddedRedis
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
 from tests.services.gateway.app_client import gateway_client

@@ -27,12 +27,12 @@ from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from chorus.devtools.redis_server import free_port
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus
 from shared.messages import CONTROL, EventName, SessionEvent, SessionStop
 from shared.presence import WorkerPresence
-from shared.redis_server import free_port
 from shared.sessions import SessionState
 
 HANDSHAKE, ERROR = 0x00, 0x05

@@ -83,7 +83,7 @@ async def test_session_detail_shows_state_counters_and_transcript(
     async with running(redis_url, key_prefix, tmp_path) as (app, client):
         conv = conversation(app, "key-alice")
         await conv.start()
-        await conv.store.incr(conv.session_id, "voice_switches", 2)
+        await conv.store.update(conv.session_id, voice_switches=2)
         await conv.store.append_utterance(conv.session_id, {"speaker": "assistant", "text": "hello there"})
         detail = (await client.get(f"/v1/sessions/{conv.session_id}", headers=ALICE)).json()
         assert detail["state"] == "placing"

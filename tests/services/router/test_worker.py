@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from chorus.devtools.redis_server import EmbeddedRedis
 from services.router.routing import Router
 from services.router.settings import RouterSettings
 from services.router.speech import EnergyGate
@@ -35,7 +36,6 @@ from shared.messages import (
 )
 from shared.ownership import SessionOwnership, TakeOutcome
 from shared.presence import WorkerPresence
-from shared.redis_server import EmbeddedRedis
 from shared.sessions import SessionStore
 from shared.streams import StreamNames
 from tests.sessions import open_session

@@ -1,0 +1,61 @@
+"""Names `vulture` (the dead-code check of `make lint`) cannot see used, each with who uses it.
+
+Vulture reads shared/, services/, chorus/ and bench/ but not tests/: code that only tests call counts as
+dead. Routes, exception handlers and pydantic validators are skipped by their decorators
+(pyproject.toml, [tool.vulture]). Add a name here only with the reason it is not dead.
+"""
+
+import logging
+
+import onnxruntime
+import uvicorn
+from tokenizers import Tokenizer
+
+from chorus.devtools import compose
+from services.gateway.client_secrets import ExpiresAfter
+from services.gateway.fair_websocket import FairWebSocketProtocol
+from services.gateway.protocols import realtime_events
+from services.gateway.sessions import TranscriptExport
+from services.router.mixer import Mixer
+from services.tts.voice_states import VoiceStates
+from shared.logging import JsonFormatter
+from shared.ownership import TakeOutcome
+from shared.runtime import EmbeddedUvicorn
+
+# Called by the libraries they subclass or configure.
+FairWebSocketProtocol.handle_parser_exception  # uvicorn's websockets-sansio protocol calls it
+FairWebSocketProtocol.handshake_complete  # read by uvicorn's protocol
+FairWebSocketProtocol.close_timer  # cancelled by uvicorn's protocol when the connection closes
+EmbeddedUvicorn.capture_signals  # uvicorn.Server.serve enters it
+uvicorn.Server.should_exit  # uvicorn's main loop polls it
+JsonFormatter.formatTime  # logging.Formatter calls it for asctime
+JsonFormatter.process_log_record  # python-json-logger calls it before serialising
+logging.Formatter.datefmt  # the name of formatTime's parameter, which is logging.Formatter's
+onnxruntime.SessionOptions.intra_op_num_threads  # read by onnxruntime when the session is made
+onnxruntime.SessionOptions.inter_op_num_threads
+Tokenizer.pre_tokenizer  # read by the tokenizers library
+
+# Wire fields: serialised to clients or validated on what they send, never read by name.
+ExpiresAfter.anchor
+TranscriptExport.end_reason
+realtime_events.SessionConfig.output_audio_format  # the beta shape: accepted, type-checked, unused
+realtime_events.SessionConfig.temperature
+realtime_events.SessionObject.output_modalities
+realtime_events.ResponseObject.output_modalities
+realtime_events.ResponseObject.conversation_id
+realtime_events._ContentEvent.output_index
+realtime_events._ContentEvent.content_index
+realtime_events.OutputAudioDelta.delta
+realtime_events.OutputAudioTranscriptDelta.delta
+realtime_events.SpeechStarted.audio_start_ms
+realtime_events.SpeechStopped.audio_end_ms
+
+# Made from a value the Redis script returns (`TakeOutcome(result)`).
+TakeOutcome.OWNED
+
+# Dev tools the test harnesses call (chorus/devtools is shared by `chorus`, the tests and the benchmarks).
+compose.service_environment  # tests/deploy/compose_stack.py
+
+# Read only by tests, kept as the observable state their specifications assert (not test plumbing):
+Mixer.queued_frames  # tests/services/router/test_mixer.py: the queue the mixer bounds, frame by frame
+VoiceStates.computed  # tests/services/tts: a state is computed once per profile (the metric is global)
