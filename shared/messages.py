@@ -18,6 +18,7 @@ design names them, and PCM needs no base64.
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 import time
@@ -163,8 +164,8 @@ class SessionEvent(Envelope):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-class EventName:
-    """Known event names (a class of constants, so services and tests spell them once)."""
+class EventName(enum.StrEnum):
+    """Known event names (services and tests spell them once; a str on the wire)."""
 
     READY = "ready"  # dialogue placed the session and it is generating
     RESUMED = "resumed"  # re-placed on another dialogue worker after a failure

@@ -13,6 +13,7 @@ Redis holds only live, rebuildable state; the durable transcript belongs to `sha
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 from collections.abc import Iterable
@@ -56,7 +57,7 @@ return 1
 """
 
 
-class SessionState:
+class SessionState(enum.StrEnum):
     PLACING = "placing"
     ACTIVE = "active"
     RESUMING = "resuming"

@@ -18,6 +18,7 @@ Policy (docs/architecture.md, "router"):
 
 from __future__ import annotations
 
+import enum
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -38,14 +39,14 @@ from shared.messages import (
 )
 
 
-class SwitchReason:
+class SwitchReason(enum.StrEnum):
     VOICE_UPDATE = "voice_update"  # the session's voice or voice mode asked for it
     TTS_DOWN = "tts_down"  # no live TTS worker, or the TTS reported an error / end
     TTS_BEHIND = "tts_behind"  # auto mode: cloned audio is later than the budget
     TTS_RECOVERED = "tts_recovered"
 
 
-class DropReason:
+class DropReason(enum.StrEnum):
     QUEUE_FULL = "queue_full"
     BARGE_IN = "barge_in"
     SUPERSEDED = "superseded"  # cloned audio not played because native audio covered those words
@@ -53,7 +54,7 @@ class DropReason:
     DUPLICATE = "duplicate"
 
 
-VoiceSwitch = tuple[AudioSource, str]
+VoiceSwitch = tuple[AudioSource, SwitchReason]
 
 
 @dataclass
@@ -63,7 +64,7 @@ class MixerOutput:
     messages: list[OutputMessage] = field(default_factory=list)
     flush_tts: bool = False
     switches: list[VoiceSwitch] = field(default_factory=list)
-    dropped: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[DropReason] = field(default_factory=Counter)
 
     def merge(self, other: MixerOutput) -> MixerOutput:
         self.messages.extend(other.messages)
@@ -255,7 +256,7 @@ class Mixer:
 
     # --- policy --------------------------------------------------------------------------------
 
-    def _wanted(self) -> tuple[AudioSource, str]:
+    def _wanted(self) -> tuple[AudioSource, SwitchReason]:
         if not self.wants_tts:
             return "native", SwitchReason.VOICE_UPDATE
         if not self.tts_up:
@@ -290,7 +291,7 @@ class Mixer:
         if self._queue:  # a phrase starts here: switch without cutting one
             self._switch("cloned", reason)
 
-    def _switch(self, to: AudioSource, reason: str) -> None:
+    def _switch(self, to: AudioSource, reason: SwitchReason) -> None:
         self.source = to
         self._out.switches.append((to, reason))
         self._event(EventName.VOICE_CHANGED, data={"source": to, "reason": reason, "voice": self.voice})
