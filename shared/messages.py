@@ -32,15 +32,22 @@ from shared.errors import MalformedMessage
 
 PROTOCOL_VERSION = 1
 
-# Pydantic checks these patterns with Rust's regex, where `$` is the end of the text. Python's `re` also
-# lets `$` match before a final newline ("moshiko\n"), so Python code checks a value with `valid_id` /
-# `valid_voice` (`fullmatch`), never with `re.match(PATTERN, ...)`.
+# Every id and voice rule is here, once. Pydantic checks the patterns with Rust's regex, where `$` is the
+# end of the text. Python's `re` also lets `$` match before a final newline ("moshiko\n"), so Python code
+# checks a value with `valid_id` / `parse_voice` (`fullmatch`), never with `re.match(PATTERN, ...)`.
 PROFILE_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"  # every id: sessions, voice profiles, personas
 SESSION_ID_PATTERN = rf"^{PROFILE_ID_PATTERN}$"
 NATIVE_VOICES = ("moshiko", "moshika")
 VOICE_PATTERN = rf"^(moshiko|moshika|profile:{PROFILE_ID_PATTERN})$"
 _ID = re.compile(PROFILE_ID_PATTERN)
 _VOICE = re.compile(VOICE_PATTERN)
+
+SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
+ProfileId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
+VoiceName = Annotated[str, Field(pattern=VOICE_PATTERN, description="moshiko, moshika or profile:<id>")]
+VoiceMode = Literal["native", "cloned", "auto"]
+VOICE_MODES: tuple[VoiceMode, ...] = ("native", "cloned", "auto")
+AudioSource = Literal["native", "cloned"]
 
 
 def valid_id(value: str) -> bool:
@@ -52,18 +59,44 @@ def valid_voice(value: str) -> bool:
     return _VOICE.fullmatch(value) is not None
 
 
-SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
-VoiceName = Annotated[str, Field(pattern=VOICE_PATTERN, description="moshiko, moshika or profile:<id>")]
-VoiceMode = Literal["native", "cloned", "auto"]
-AudioSource = Literal["native", "cloned"]
+def parse_voice(value: str) -> str:
+    """A voice name from outside (a query parameter, a realtime event); ValueError saying what is
+    accepted otherwise. Models declare `VoiceName` instead, which pydantic checks the same way."""
+    if not valid_voice(value):
+        raise ValueError(f"unknown voice {value!r}: use {' or '.join(NATIVE_VOICES)} or profile:<id>")
+    return value
+
+
+def parse_voice_mode(value: str | None) -> VoiceMode:
+    """A voice mode from outside; missing or empty means `auto`, anything unknown is a ValueError."""
+    if not value:
+        return "auto"
+    for mode in VOICE_MODES:
+        if value == mode:
+            return mode
+    raise ValueError(f"voice_mode must be native, cloned or auto, not {value!r}")
+
+
+_CLONED = "profile:"
+
+
+def cloned_voice(profile_id: str) -> str:
+    """How a session names a voice profile's voice."""
+    return f"{_CLONED}{profile_id}"
 
 
 def is_cloned_voice(voice: str) -> bool:
-    return voice.startswith("profile:")
+    return voice.startswith(_CLONED)
 
 
 def profile_id_of(voice: str) -> str | None:
-    return voice.removeprefix("profile:") if is_cloned_voice(voice) else None
+    """The voice profile a voice name speaks with; None for Moshi's own voices."""
+    return voice.removeprefix(_CLONED) if is_cloned_voice(voice) else None
+
+
+def native_voice_for(model: str | None) -> str:
+    """The Moshi voice a session on `model` speaks with when it names none."""
+    return model if model is not None and model in NATIVE_VOICES else "moshiko"
 
 
 class Sampling(BaseModel):
@@ -220,14 +253,14 @@ class VoicePrepare(Envelope):
     """Compute and cache a profile's voice state now (after an upload), so the first session is quick."""
 
     type: Literal["prepare"] = "prepare"
-    profile_id: Annotated[str, Field(pattern=rf"^{PROFILE_ID_PATTERN}$")]
+    profile_id: ProfileId
 
 
 class VoicePreview(Envelope):
     """Speak `text` in a profile's voice; the worker answers on `StreamNames.tts_reply(session_id)`."""
 
     type: Literal["preview"] = "preview"
-    profile_id: Annotated[str, Field(pattern=rf"^{PROFILE_ID_PATTERN}$")]
+    profile_id: ProfileId
     text: str = Field(min_length=1, max_length=1000)
 
 
@@ -244,7 +277,7 @@ class VoiceDeleted(Envelope):
     """A profile is gone: every TTS worker drops its cached voice state."""
 
     type: Literal["voice_deleted"] = "voice_deleted"
-    profile_id: Annotated[str, Field(pattern=rf"^{PROFILE_ID_PATTERN}$")]
+    profile_id: ProfileId
 
 
 ControlMessage = SessionStart | SessionUpdate | SessionStop | SessionFlush
