@@ -33,8 +33,8 @@ from services.dialogue.settings import DialogueSettings, get_settings
 from services.dialogue.utterances import UtteranceBuilder
 from shared import metrics
 from shared.audio import FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
-from shared.bus import Bus, Entry, GroupConsumer
-from shared.errors import MalformedMessage, NoCapacity
+from shared.bus import Bus, Entry, GroupConsumer, Handled
+from shared.errors import MalformedMessage
 from shared.messages import (
     CONTROL,
     DIALOGUE,
@@ -402,18 +402,18 @@ class DialogueWorker:
 
     # --- placement and failover ----------------------------------------------------------------------
 
-    async def _on_control(self, message: ControlMessage, entry: Entry) -> None:
+    async def _on_control(self, message: ControlMessage, entry: Entry) -> Handled | None:
         """Placement group handler: starts only (update/stop reach every worker through the tail)."""
         if not isinstance(message, SessionStart) or required_model(message) not in (None, self.model.name):
-            return
-        sid = message.session_id
-        if sid in self.sessions:
-            return
+            return None
+        if message.session_id in self.sessions:
+            return None
         async with self._placing:
-            if not self.can_take():  # a takeover filled the last slot since the read: retried later
-                raise NoCapacity("no free slot; the start stays pending for another worker", session_id=sid)
+            if not self.can_take():  # a takeover filled the last slot since the read: pending for another
+                return Handled.RETRY_LATER
             if (start := await self.ownership.admit(message)) is not None:
                 await self._place(start, resumed_from=None)
+        return None
 
     async def _on_takeover(self, takeover: Takeover) -> None:
         await self._place(takeover.start, resumed_from=takeover.previous_worker, info=takeover.info)
