@@ -252,7 +252,8 @@ async def _sessions_run(bus: Bus, voice: str, count: int, run: int) -> dict[str,
         await store.update(sid, state="active", owner="", voice=voice, voice_mode="cloned")
         await bus.append_control(SessionStart(session_id=sid, voice=voice, voice_mode="cloned"))
     for _ in range(2000):  # placement takes milliseconds; this only bounds a broken worker
-        placed = [(await store.get(sid)).get("tts_worker") for sid in sessions]
+        infos = [await store.get(sid) for sid in sessions]
+        placed = [info.workers.get("tts_worker") if info else None for info in infos]
         if all(placed):
             break
         await asyncio.sleep(0.05)

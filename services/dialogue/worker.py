@@ -54,7 +54,7 @@ from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
 from shared.presence import WorkerFields, WorkerPresence
 from shared.retry import is_retryable, keep_running
 from shared.runtime import ServiceRuntime
-from shared.sessions import SessionState, SessionStore
+from shared.sessions import SessionInfo, SessionState, SessionStore
 from shared.storage import LocalStorage
 from shared.transcripts import TranscriptLog, TranscriptWriter
 
@@ -419,7 +419,7 @@ class DialogueWorker:
         await self._place(takeover.start, resumed_from=takeover.previous_worker, info=takeover.info)
 
     async def _place(
-        self, start: SessionStart, *, resumed_from: str | None, info: dict[str, str] | None = None
+        self, start: SessionStart, *, resumed_from: str | None, info: SessionInfo | None = None
     ) -> None:
         sid = start.session_id
         spoken = await self._spoken_before(sid, info) if resumed_from else ""
@@ -456,12 +456,11 @@ class DialogueWorker:
             extra={"session_id": sid, "slot": row, "primer_tokens": len(tokens), "resumed": resumed_from},
         )
 
-    async def _spoken_before(self, sid: str, info: dict[str, str] | None) -> str:
+    async def _spoken_before(self, sid: str, info: SessionInfo | None) -> str:
         """What the session said before its worker died: the live transcript, plus the utterance the dead
         worker had not finished (kept in the hash for exactly this), which is recorded now."""
-        partial = (info or {}).get("utterance")
-        if partial:
-            await self._record(sid, json.loads(partial))
+        if info is not None and info.utterance is not None:
+            await self._record(sid, info.utterance)
             await self.bus.redis.hdel(self.bus.names.session(sid), "utterance")
         return spoken_so_far(await self.store.transcript(sid))
 

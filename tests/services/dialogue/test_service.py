@@ -79,4 +79,5 @@ async def test_dead_worker_sessions_are_resumed_on_a_live_worker(
     assert resumed.data["primer_tokens"] > 0 or not spoken_before.strip(), "re-primed with the transcript"
     seqs = [e.seq for e in reader.entries]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "the new owner continued the numbering"
-    assert (await SessionStore(bus, 60).get("survivor"))["dialogue_worker"] == "second"
+    survivor = await SessionStore(bus, 60).get("survivor")
+    assert survivor is not None and survivor.workers["dialogue_worker"] == "second"

@@ -52,7 +52,8 @@ async def test_a_started_session_gets_ready_then_one_frame_per_tick(
     assert seqs == list(range(len(seqs))), "one seq counter for the whole stream, no gaps"
     assert all(len(f.pcm) == FRAME_BYTES for f in reader.frames)
     session = await SessionStore(bus, 60).get("s1")
-    assert session["state"] == "active" and session["dialogue_worker"] == running.settings.worker_id
+    assert session is not None
+    assert session.state == "active" and session.workers["dialogue_worker"] == running.settings.worker_id
 
     await bus.append_control(SessionStop(session_id="s1"))
     await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
@@ -171,7 +172,8 @@ async def test_a_session_whose_lease_lapsed_is_ended_for_everyone_and_its_slot_f
     ended = reader.event(EventName.ENDED)
     assert ended is not None and ended.detail == "lease_expired"
     info = await store.get("orphan")
-    assert info["state"] == "ended" and info["end_reason"] == "lease_expired"
+    assert info is not None
+    assert info.state == "ended" and info.end_reason == "lease_expired"
     assert running.worker.batcher.free_rows() == [0], "the slot is free again"
     assert await store.live_session_ids("alice") == [], "the key's session budget is back"
     end = running.settings.data_dir / "transcripts" / "orphan" / "end.json"
