@@ -45,6 +45,7 @@ from shared.messages import (
     TTS_REPLIES,
     ClonedAudio,
     DialogueFrame,
+    PhraseDone,
     SessionEvent,
     SessionStart,
     SessionStop,
@@ -235,7 +236,8 @@ async def _latencies(bus: Bus, sid: str) -> tuple[list[float], int, float]:
             frames += 1
             first_frame.setdefault(message.phrase_id, message.created_at)
         elif isinstance(message, SessionEvent) and message.name == "phrase_done":
-            done[int(message.data["phrase_id"])] = int(message.data["dialogue_seq"][1])
+            phrase = message.data_as(PhraseDone)
+            done[phrase.phrase_id] = phrase.dialogue_seq[1]
     latencies = [first_frame[p] - dialogue[last] for p, last in done.items() if p in first_frame]
     return latencies, len(done), frames * FRAME_SEC
 

@@ -18,6 +18,7 @@ design names them, and PCM needs no base64.
 
 from __future__ import annotations
 
+import builtins
 import enum
 import json
 import re
@@ -25,7 +26,17 @@ import time
 import typing
 from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from shared.audio import FRAME_BYTES
 from shared.errors import MalformedMessage
@@ -188,29 +199,136 @@ class SessionFlush(Envelope):
 # --- per-session streams --------------------------------------------------------------------------
 
 
+class EventName(enum.StrEnum):
+    """Known event names (services and tests spell them once; a str on the wire)."""
+
+    READY = "ready"  # dialogue (or tts) placed the session and it is generating; data: `Placement`
+    RESUMED = "resumed"  # re-placed on another worker after a failure; data: `Placement`
+    NO_CAPACITY = "no_capacity"
+    ERROR = "error"  # data: `Failure`
+    ENDED = "ended"  # the session is over; the last entry of a stream
+    VOICE_CHANGED = "voice_changed"  # data: `VoiceChanged`
+    SPEECH_STARTED = "speech_started"
+    SPEECH_STOPPED = "speech_stopped"
+    FLUSH = "flush"  # drop queued cloned audio (barge-in); data: `Flushed`
+    UPDATE = "update"  # a SessionUpdate forwarded in-band
+    PHRASE_DONE = "phrase_done"  # tts finished a phrase; data: `PhraseDone`
+
+
+class SwitchReason(enum.StrEnum):
+    """Why the router switched a session's audio source (a `voice_changed` event says it)."""
+
+    VOICE_UPDATE = "voice_update"  # the session's voice or voice mode asked for it
+    TTS_DOWN = "tts_down"  # no live TTS worker, or the TTS reported an error / end
+    TTS_BEHIND = "tts_behind"  # auto mode: cloned audio is later than the budget
+    TTS_RECOVERED = "tts_recovered"
+
+
+class EventData(BaseModel):
+    """An event's payload: one model per event name (`EVENT_DATA`); no payload for the other names.
+
+    On the wire it is the `data` field, a JSON object without the fields left unset (None)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class Placement(EventData):
+    """`ready` / `resumed`: who serves the session now. A dialogue worker says all of it (and, resumed,
+    whom it took over from); a TTS worker says none."""
+
+    worker: str | None = None
+    slot: int | None = None
+    model: str | None = None
+    primer_tokens: int | None = None
+    previous_worker: str | None = None
+
+
+class Failure(EventData):
+    """`error`: a ChorusError code when one applies (the detail says what happened)."""
+
+    code: str | None = None
+
+
+class Flushed(EventData):
+    """`flush`: the TTS dropped what it had not said yet; its phrase ids go on from `next_phrase_id`."""
+
+    dropped_phrases: int
+    dropped_words: int
+    next_phrase_id: int
+
+
+class PhraseDone(EventData):
+    """`phrase_done`: the TTS finished a phrase: its frames and the dialogue frames its words came from."""
+
+    phrase_id: int
+    frames: int
+    dialogue_seq: tuple[int, int] = Field(description="First and last dialogue seq of its words.")
+
+
+class VoiceChanged(EventData):
+    """`voice_changed`: the router switched the audio the client hears."""
+
+    source: AudioSource
+    reason: SwitchReason
+    voice: VoiceName
+
+
+EVENT_DATA: dict[str, type[EventData]] = {
+    EventName.READY: Placement,
+    EventName.RESUMED: Placement,
+    EventName.ERROR: Failure,
+    EventName.FLUSH: Flushed,
+    EventName.PHRASE_DONE: PhraseDone,
+    EventName.VOICE_CHANGED: VoiceChanged,
+}
+
+D = TypeVar("D", bound=EventData)
+
+
 class SessionEvent(Envelope):
-    """Something happened to a session; travels on any per-session stream. Names: see `EventName`."""
+    """Something happened to a session; travels on any per-session stream. Names: see `EventName`; the
+    payload's model follows from the name (`EVENT_DATA`)."""
 
     type: Literal["event"] = "event"
     name: str = Field(max_length=64)
     detail: str = ""
-    data: dict[str, Any] = Field(default_factory=dict)
+    # Not given: {} of the name's model (the `before` validator sees to it; the default is for the type).
+    data: SerializeAsAny[EventData] = Field(default_factory=EventData)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _data_by_name(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(data := values.get("data", {}), dict):
+            model = EVENT_DATA.get(str(values.get("name", "")), EventData)
+            values = {**values, "data": model.model_validate(data)}
+        return values
 
-class EventName(enum.StrEnum):
-    """Known event names (services and tests spell them once; a str on the wire)."""
+    @model_validator(mode="after")
+    def _data_fits_the_name(self) -> SessionEvent:
+        expected = EVENT_DATA.get(self.name, EventData)
+        if type(self.data) is not expected:
+            raise ValueError(
+                f"a {self.name!r} event carries {expected.__name__}, not {type(self.data).__name__}"
+            )
+        return self
 
-    READY = "ready"  # dialogue placed the session and it is generating
-    RESUMED = "resumed"  # re-placed on another dialogue worker after a failure
-    NO_CAPACITY = "no_capacity"
-    ERROR = "error"
-    ENDED = "ended"  # the session is over; the last entry of a stream
-    VOICE_CHANGED = "voice_changed"
-    SPEECH_STARTED = "speech_started"
-    SPEECH_STOPPED = "speech_stopped"
-    FLUSH = "flush"  # drop queued cloned audio (barge-in)
-    UPDATE = "update"  # a SessionUpdate forwarded in-band; data = the update's fields
-    PHRASE_DONE = "phrase_done"  # tts finished a phrase; data = phrase_id, frames, dialogue seq range
+    @classmethod
+    def of(
+        cls, session_id: str, seq: int, name: str, detail: str = "", data: EventData | None = None
+    ) -> SessionEvent:
+        """An event; without `data`, its name's payload saying nothing (a `ready` without details)."""
+        fields = {"session_id": session_id, "seq": seq, "name": name, "detail": detail}
+        return cls.model_validate({**fields, "data": data if data is not None else {}})
+
+    def data_as(self, model: builtins.type[D]) -> D:
+        """The payload as the model its name promises (a `ready`'s `Placement`...)."""
+        if not isinstance(self.data, model):
+            raise TypeError(f"a {self.name!r} event carries {type(self.data).__name__}, not {model.__name__}")
+        return self.data
 
 
 class UserAudio(_AudioFrame):

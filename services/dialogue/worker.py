@@ -44,6 +44,7 @@ from shared.messages import (
     DialogueFrame,
     Envelope,
     EventName,
+    Placement,
     SessionEvent,
     SessionStart,
     SessionStop,
@@ -388,17 +389,16 @@ class DialogueWorker:
         await self.store.append_utterance(sid, utterance)
 
     def _started_event(self, session: Session) -> SessionEvent:
-        data: dict[str, Any] = {
-            "worker": self.worker_id,
-            "slot": session.row,
-            "model": self.model.name,
-            "primer_tokens": session.primer_tokens,
-        }
-        name = EventName.READY
-        if session.resumed_from is not None:
-            name, data["previous_worker"] = EventName.RESUMED, session.resumed_from
-        log.info("session %s", name, extra={"session_id": session.sid, **data})
-        return SessionEvent(session_id=session.sid, seq=session.take_seq(), name=name, data=data)
+        placement = Placement(
+            worker=self.worker_id,
+            slot=session.row,
+            model=self.model.name,
+            primer_tokens=session.primer_tokens,
+            previous_worker=session.resumed_from,
+        )
+        name = EventName.READY if session.resumed_from is None else EventName.RESUMED
+        log.info("session %s", name, extra={"session_id": session.sid, **placement.model_dump()})
+        return SessionEvent(session_id=session.sid, seq=session.take_seq(), name=name, data=placement)
 
     # --- placement and failover ----------------------------------------------------------------------
 

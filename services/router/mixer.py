@@ -28,22 +28,18 @@ from shared.messages import (
     ClonedAudio,
     DialogueFrame,
     DialogueMessage,
+    EventData,
     EventName,
     OutputAudio,
     OutputMessage,
     OutputText,
     SessionEvent,
+    SwitchReason,
     TtsMessage,
+    VoiceChanged,
     VoiceMode,
     is_cloned_voice,
 )
-
-
-class SwitchReason(enum.StrEnum):
-    VOICE_UPDATE = "voice_update"  # the session's voice or voice mode asked for it
-    TTS_DOWN = "tts_down"  # no live TTS worker, or the TTS reported an error / end
-    TTS_BEHIND = "tts_behind"  # auto mode: cloned audio is later than the budget
-    TTS_RECOVERED = "tts_recovered"
 
 
 class DropReason(enum.StrEnum):
@@ -176,7 +172,7 @@ class Mixer:
             if self.ended:
                 return self._take()
             self.ended = True
-        self._event(event.name, event.detail, dict(event.data))
+        self._event(event.name, event.detail, event.data)
         return self._take()
 
     def on_tts(self, message: TtsMessage) -> MixerOutput:
@@ -238,7 +234,7 @@ class Mixer:
             # Same source, another profile: no switch, but the client is told its voice changed.
             self._event(
                 EventName.VOICE_CHANGED,
-                data={"source": "cloned", "reason": SwitchReason.VOICE_UPDATE, "voice": self.voice},
+                data=VoiceChanged(source="cloned", reason=SwitchReason.VOICE_UPDATE, voice=self.voice),
             )
         return self._take()
 
@@ -294,7 +290,7 @@ class Mixer:
     def _switch(self, to: AudioSource, reason: SwitchReason) -> None:
         self.source = to
         self._out.switches.append((to, reason))
-        self._event(EventName.VOICE_CHANGED, data={"source": to, "reason": reason, "voice": self.voice})
+        self._event(EventName.VOICE_CHANGED, data=VoiceChanged(source=to, reason=reason, voice=self.voice))
 
     def _audio(self, frame: DialogueFrame) -> bytes:
         if self.source == "native":
@@ -338,10 +334,8 @@ class Mixer:
         self._out.messages.append(message)
         self._seq += 1
 
-    def _event(self, name: str, detail: str = "", data: dict[str, object] | None = None) -> None:
-        self._emit(
-            SessionEvent(session_id=self.session_id, seq=self._seq, name=name, detail=detail, data=data or {})
-        )
+    def _event(self, name: str, detail: str = "", data: EventData | None = None) -> None:
+        self._emit(SessionEvent.of(self.session_id, self._seq, name, detail, data))
 
     def _take(self) -> MixerOutput:
         out, self._out = self._out, MixerOutput()
