@@ -34,7 +34,7 @@ from shared.bus import Bus, Fence, tail
 from shared.errors import MalformedMessage
 from shared.messages import CONTROL, Codec, ControlMessage, SessionStart, SessionStop
 from shared.retry import is_retryable, keep_running, sleep_unless_stopped
-from shared.sessions import SessionInfo, SessionStore, start_of
+from shared.sessions import SessionInfo, SessionState, SessionStore, start_of
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class SessionOwnership:
             (state, holder), lease = replies[2 * i], replies[2 * i + 1]
             if state is None:
                 result[sid] = Liveness.GONE
-            elif state == b"ended":
+            elif state.decode() == SessionState.ENDED:
                 result[sid] = Liveness.ENDED
             elif holder is not None and holder.decode() != self.fence.token:
                 result[sid] = Liveness.MOVED
