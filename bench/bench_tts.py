@@ -36,8 +36,8 @@ import soundfile
 from chorus.devtools.tts_checkpoint import _WORDS, write_tts_checkpoint
 from services.tts.engine import Engine
 from services.tts.phraser import Phraser
+from services.tts.serving import phrase_rules
 from services.tts.settings import TtsSettings
-from services.tts.worker import phrase_rules
 from shared.audio import FRAME_SEC, SAMPLE_RATE, FloatAudio, resample, silence_frame, to_mono
 from shared.bus import Bus
 from shared.messages import (

@@ -80,6 +80,16 @@ class WorkerPresence:
             pipe.zadd(index, {self.worker_id: fields["heartbeat"]})
             await pipe.execute()
 
+    async def refresh(self) -> None:
+        """Beat now, not at the next interval (a slot taken or freed, the model ready): placement and
+        readiness see it at once. A failure Redis may recover from is left to the next heartbeat."""
+        try:
+            await self.beat()
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            log.warning("presence update failed (the next heartbeat retries): %s", exc)
+
     async def run(self, stop: asyncio.Event) -> None:
         failing = False
         while not stop.is_set():

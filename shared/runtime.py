@@ -5,7 +5,10 @@ That server answers on loopback unless the service's `*_HTTP_HOST` setting names
 readiness and metrics are for the probes and the scraper of this machine or pod (Kubernetes sets the
 pod IP), not for whoever can reach the host.
 
-A service's `worker.py` builds a `ServiceRuntime` and hands it its core loop; nothing else.
+A service's `worker.py` builds a `ServiceRuntime` and hands it a way to open its `Service`; nothing else.
+Every service plugs in the same way: the runtime owns presence and readiness, opens the service (loading
+its model while the heartbeats say `loading`), warms it up, asks it to describe itself from then on, and
+runs it until the stop signal.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 import uvicorn
 from starlette.applications import Starlette
@@ -25,10 +29,10 @@ from starlette.routing import Route
 
 from shared import metrics
 from shared.bus import Bus, make_bus_kwargs
-from shared.errors import ServiceUnavailable
+from shared.errors import ModelLoadError, ServiceUnavailable
 from shared.logging import configure_logging
 from shared.presence import WorkerFields, WorkerPresence
-from shared.retry import Backoff, is_retryable, sleep_unless_stopped
+from shared.retry import Backoff, sleep_unless_stopped
 from shared.settings import CommonSettings
 from shared.streams import StreamNames
 
@@ -40,6 +44,26 @@ ReadyCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 # periods (docker-compose.yml stop_grace_period, Kubernetes terminationGracePeriodSeconds) are derived
 # from it; tests/deploy checks that they stay longer.
 DRAIN_TIMEOUT_S = 10.0
+
+
+class Service(Protocol):
+    """What a worker process serves, as the runtime sees it."""
+
+    def describe(self) -> WorkerFields:
+        """Its presence fields (capacity, free slots, model, ...); the runtime adds `state` and beats them."""
+        ...
+
+    async def warmup(self) -> None:
+        """Whatever must happen before the first session (kernels built); `serving` once it returns."""
+        ...
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The core loop, until `stop` is set (it drains before returning)."""
+        ...
+
+
+# Opens a service on the runtime's bus (loads its model) and closes what it holds when it is done.
+OpenService = Callable[["ServiceRuntime"], AbstractAsyncContextManager[Service]]
 
 
 class EmbeddedUvicorn(uvicorn.Server):
@@ -97,6 +121,7 @@ class ServiceRuntime:
         *,
         http_host: str = "127.0.0.1",
         http_port: int | None = None,
+        loading: WorkerFields | None = None,
     ) -> None:
         self.service = service
         self.settings = settings
@@ -106,8 +131,9 @@ class ServiceRuntime:
         self.names = StreamNames(settings.key_prefix)
         self._bus: Bus | None = None
         self.ready_check: ReadyCheck = self._default_ready
-        # The service's presence fields; `state` (loading/serving) is added here.
-        self.describe: Callable[[], WorkerFields] = dict
+        # What presence says while the service is opened and warmed up (say, its capacity, none free).
+        self.loading: WorkerFields = loading or {}
+        self._service: Service | None = None
         self.presence: WorkerPresence | None = None
         self.serving = False
 
@@ -123,14 +149,24 @@ class ServiceRuntime:
         self.serving = True
         log.info("%s ready", self.service, extra={"worker_id": self.settings.worker_id})
         if self.presence is not None:
-            try:
-                await self.presence.beat()
-            except Exception as exc:
-                if not is_retryable(exc):
-                    raise  # otherwise the next heartbeat says it
+            await self.presence.refresh()
 
     def _presence_fields(self) -> WorkerFields:
-        return {**self.describe(), "state": "serving" if self.serving else "loading"}
+        if self._service is None:
+            return {**self.loading, "state": "loading"}
+        return {**self._service.describe(), "state": "serving" if self.serving else "loading"}
+
+    async def _serve(self, open_service: OpenService) -> None:
+        async with contextlib.AsyncExitStack() as opened:
+            try:
+                service = await opened.enter_async_context(open_service(self))
+                await service.warmup()
+            except ModelLoadError as exc:
+                log.critical("%s cannot start: %s", self.service, exc.detail)  # then the traceback
+                raise
+            self._service = service
+            await self.mark_serving()
+            await service.run(self.stop)
 
     async def _default_ready(self) -> tuple[bool, dict[str, Any]]:
         redis = self._bus is not None and await self._bus.ping()
@@ -148,8 +184,9 @@ class ServiceRuntime:
                 await sleep_unless_stopped(self.stop, backoff.next_delay())
         return None
 
-    async def run(self, main: Callable[[ServiceRuntime], Coroutine[Any, Any, None]]) -> None:
-        """Connect, start heartbeat + HTTP, run `main` until it returns or a stop signal arrives."""
+    async def run(self, open_service: OpenService) -> None:
+        """Connect, start heartbeat + HTTP, open and serve the service until it returns or a stop signal
+        arrives."""
         s = self.settings
         configure_logging(self.service, s.log_level, s.log_format)
         install_stop_signals(self.stop)
@@ -184,7 +221,7 @@ class ServiceRuntime:
                 tasks.create_task(self.presence.run(self.stop), name="presence")
                 if server is not None:
                     tasks.create_task(server.serve(), name="http")
-                main_task = tasks.create_task(main(self), name="main")
+                main_task = tasks.create_task(self._serve(open_service), name="main")
                 main_task.add_done_callback(lambda _: self.stop.set())
                 await self.stop.wait()
                 log.info("%s stopping", self.service)

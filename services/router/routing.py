@@ -20,14 +20,14 @@ import contextlib
 import logging
 import time
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from services.router.mixer import Mixer, MixerOutput
 from services.router.settings import RouterSettings
-from services.router.speech import SpeechDetector, SpeechEdges, detector_factory
+from services.router.speech import SpeechDetector, SpeechEdges, SpeechStream
 from shared import metrics
-from shared.audio import FRAME_SEC
+from shared.audio import FRAME_SEC, pcm16_to_float
 from shared.bus import Bus, Entry, GroupConsumer
 from shared.errors import MalformedMessage
 from shared.messages import (
@@ -59,7 +59,7 @@ SERVICE = "router"
 class RoutedSession:
     sid: str
     mixer: Mixer
-    detector: SpeechDetector
+    detector: SpeechStream
     edges: SpeechEdges
     cursors: dict[str, str]  # stream key -> id of the last entry read
     pending: MixerOutput = field(default_factory=MixerOutput)  # produced outside the route loop
@@ -71,15 +71,14 @@ class Router:
         self,
         bus: Bus,
         settings: RouterSettings,
-        *,
-        make_detector: Callable[[], SpeechDetector] | None = None,
+        detector: SpeechDetector,
     ) -> None:
         self.bus = bus
         self.names = bus.names
         self.settings = settings
         self.worker_id = settings.worker_id
         self.store = SessionStore(bus, settings.session_ttl_s)
-        self.make_detector = make_detector or detector_factory(settings)
+        self.detector = detector  # each session gets its own stream of it
         self.sessions: dict[str, RoutedSession] = {}
         self.ownership = SessionOwnership(
             bus, self.store, service=SERVICE, group=SERVICE, worker_id=self.worker_id, field="router_worker"
@@ -98,6 +97,9 @@ class Router:
 
     def describe(self) -> WorkerFields:
         return {"sessions": len(self.sessions)}
+
+    async def warmup(self) -> None:
+        """Nothing to build before the first session: the speech detector is loaded."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop`. Sessions stay owned, not ended: another router takes them over."""
@@ -163,7 +165,7 @@ class Router:
         session = RoutedSession(
             sid,
             mixer,
-            self.make_detector(),
+            self.detector.stream(),
             SpeechEdges(s.router_vad_threshold, s.router_vad_start_frames, s.router_vad_stop_frames),
             cursors,
         )
@@ -246,7 +248,7 @@ class Router:
             session = owners[entry.stream]
             message = _decode(INPUT, entry)
             if isinstance(message, UserAudio):
-                edge = session.edges.push(session.detector.speech_probability(message.pcm))
+                edge = session.edges.push(session.detector.push(pcm16_to_float(message.pcm)))
                 if edge is not None:
                     edges.setdefault(session.sid, []).append(edge)
         return edges

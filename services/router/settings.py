@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -58,15 +60,23 @@ class RouterSettings(CommonSettings):
     router_vad_stop_frames: int = Field(
         default=6, ge=1, description="Consecutive non-speech frames that end user speech (6 = 480 ms)."
     )
+    router_vad: Literal["silero", "energy"] = Field(
+        default="silero",
+        description="User speech detector: `silero` (silero-vad on onnxruntime; the router does not start "
+        "without it) or `energy`, a loudness gate for synthetic audio only.",
+    )
+    vad_model_path: Path | None = Field(
+        default=None, description="Silero VAD ONNX file; unset = the one inside the silero-vad package."
+    )
     router_energy_floor_dbfs: float = Field(
         default=-45.0,
         le=0.0,
-        description="Fallback energy detector only: frame level (dBFS) that maps to speech probability 0.",
+        description="`energy` detector only: frame level (dBFS) that maps to speech probability 0.",
     )
     router_energy_ceiling_dbfs: float = Field(
         default=-25.0,
         le=0.0,
-        description="Fallback energy detector only: frame level (dBFS) that maps to speech probability 1.",
+        description="`energy` detector only: frame level (dBFS) that maps to speech probability 1.",
     )
 
 

@@ -1,38 +1,37 @@
 """User speech detection on a session's input frames, for barge-in and speech_started/stopped events.
 
-Two small pieces: a `SpeechDetector` scores one 80 ms frame (probability of speech; stateful per session,
-as silero-vad's recurrent state is), and `SpeechEdges` turns those scores into started/stopped edges with
-hysteresis, so a click does not start speech and a breath does not end it.
+Two small pieces: a `SpeechDetector` opens one `SpeechStream` per session, which scores each 80 ms frame
+(probability of speech; stateful, as silero-vad's recurrent state is), and `SpeechEdges` turns those
+scores into started/stopped edges with hysteresis, so a click does not start speech and a breath does not
+end it.
 
-The real detector is silero-vad (`shared.vad`, onnxruntime). Where it cannot be imported the router falls
-back to `EnergyFallbackDetector`, a loudness gate: fine for tests with synthetic audio, poor with noise.
+The router is given its detector (`worker.py` builds it from CHORUS_ROUTER_VAD): silero-vad
+(`shared.vad.SpeechDetector`, onnxruntime) unless the setting selects `EnergyGate`, a loudness gate fine
+for synthetic audio and poor with noise.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-import math
-from collections.abc import Callable
-from types import ModuleType
 from typing import Protocol
 
-import numpy as np
-
-from services.router.settings import RouterSettings
-from shared.audio import pcm16_to_float
-
-log = logging.getLogger(__name__)
+from shared.audio import FloatAudio, rms_dbfs
 
 
-class SpeechDetector(Protocol):
-    def speech_probability(self, pcm: bytes) -> float:
-        """Probability in [0, 1] that this 80 ms PCM16 frame is user speech."""
+class SpeechStream(Protocol):
+    def push(self, frame: FloatAudio) -> float:
+        """Probability in [0, 1] that this 80 ms frame (24 kHz) is user speech."""
         ...
 
 
-class EnergyFallbackDetector:
-    """Fallback only: maps the frame's RMS level linearly from `floor_dbfs` (0) to `ceiling_dbfs` (1)."""
+class SpeechDetector(Protocol):
+    def stream(self) -> SpeechStream:
+        """A fresh stream for one session (one session's audio never leaks into another's state)."""
+        ...
+
+
+class EnergyGate:
+    """Maps a frame's RMS level linearly from `floor_dbfs` (0) to `ceiling_dbfs` (1). Stateless: it is its
+    own stream."""
 
     def __init__(self, floor_dbfs: float = -45.0, ceiling_dbfs: float = -25.0) -> None:
         if ceiling_dbfs <= floor_dbfs:
@@ -40,22 +39,12 @@ class EnergyFallbackDetector:
         self.floor_dbfs = floor_dbfs
         self.ceiling_dbfs = ceiling_dbfs
 
-    def speech_probability(self, pcm: bytes) -> float:
-        samples = pcm16_to_float(pcm)
-        rms = float(np.sqrt(np.mean(np.square(samples)))) if samples.size else 0.0
-        level = 20 * math.log10(max(rms, 1e-9))
-        ratio = (level - self.floor_dbfs) / (self.ceiling_dbfs - self.floor_dbfs)
+    def stream(self) -> EnergyGate:
+        return self
+
+    def push(self, frame: FloatAudio) -> float:
+        ratio = (rms_dbfs(frame) - self.floor_dbfs) / (self.ceiling_dbfs - self.floor_dbfs)
         return min(1.0, max(0.0, ratio))
-
-
-class SileroDetector:
-    """Adapter over `shared.vad` (silero-vad on onnxruntime): one stateful stream per session."""
-
-    def __init__(self, vad: ModuleType) -> None:
-        self._stream = vad.load_speech_detector().stream()
-
-    def speech_probability(self, pcm: bytes) -> float:
-        return float(self._stream.push(pcm16_to_float(pcm)))
 
 
 class SpeechEdges:
@@ -80,25 +69,3 @@ class SpeechEdges:
         self.speaking = not self.speaking
         self._run = 0
         return self.speaking
-
-
-def _import_vad() -> ModuleType | None:
-    try:
-        return importlib.import_module("shared.vad")
-    except ImportError:
-        return None
-
-
-def detector_factory(settings: RouterSettings) -> Callable[[], SpeechDetector]:
-    """What makes one session's detector: silero-vad when available, else the energy fallback."""
-    vad = _import_vad()
-    if vad is not None:
-        try:
-            vad.load_speech_detector()  # loads the ONNX model once; fails here if it is not installed
-        except Exception:
-            log.exception("silero-vad could not be loaded")
-        else:
-            return lambda: SileroDetector(vad)
-    log.warning("shared.vad (silero-vad) is not available: detecting user speech by energy (fallback)")
-    floor, ceiling = settings.router_energy_floor_dbfs, settings.router_energy_ceiling_dbfs
-    return lambda: EnergyFallbackDetector(floor, ceiling)

@@ -22,8 +22,8 @@ import torch
 from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
 from services.dialogue.batcher import Batcher
 from services.dialogue.model import MoshiModel, load_moshi
+from services.dialogue.serving import DialogueWorker
 from services.dialogue.settings import DialogueSettings
-from services.dialogue.worker import DialogueWorker
 from shared.bus import Bus
 from shared.messages import DIALOGUE, DialogueFrame, SessionEvent
 from shared.presence import WorkerPresence, list_workers

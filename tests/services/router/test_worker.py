@@ -13,7 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.router.routing import Router
 from services.router.settings import RouterSettings
-from services.router.speech import EnergyFallbackDetector
+from services.router.speech import EnergyGate
 from shared.audio import FRAME_SAMPLES, silence_frame
 from shared.bus import Bus
 from shared.messages import (
@@ -57,7 +57,7 @@ LOUD_VOICE = (np.sin(np.arange(FRAME_SAMPLES) / 3) * 12000).astype("<i2").tobyte
 @contextlib.asynccontextmanager
 async def running_router(bus: Bus, worker_id: str = "router-1") -> AsyncIterator[Router]:
     settings = RouterSettings(worker_id=worker_id, router_tts_check_frames=1, session_ttl_s=60)
-    router = Router(bus, settings, make_detector=EnergyFallbackDetector)
+    router = Router(bus, settings, EnergyGate())
     stop = asyncio.Event()
     task = asyncio.create_task(router.run(stop))
     try:
@@ -286,7 +286,7 @@ async def test_output_that_could_not_be_written_is_not_lost_but_written_next_rou
     with EmbeddedRedis() as server:
         bus = await Bus.connect(server.url, names, socket_timeout_s=0.5)
         try:
-            router = Router(bus, RouterSettings(worker_id="router-1"), make_detector=EnergyFallbackDetector)
+            router = Router(bus, RouterSettings(worker_id="router-1"), EnergyGate())
             start = await router.ownership.admit(await open_session(bus, SID, voice="moshiko"))
             assert start is not None
             await router._open(start, failover=False)

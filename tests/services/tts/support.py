@@ -16,8 +16,8 @@ import pytest
 import soundfile
 
 from services.tts.engine import Engine
+from services.tts.serving import TtsWorker, session_services
 from services.tts.settings import TtsSettings
-from services.tts.worker import TtsWorker, session_services
 from shared.audio import SAMPLE_RATE, resample, to_mono
 from shared.bus import Bus
 from shared.messages import TTS, SessionEvent, TtsMessage

@@ -12,7 +12,7 @@ import numpy as np
 
 from services.router.routing import Router
 from services.router.settings import RouterSettings
-from services.router.speech import EnergyFallbackDetector
+from services.router.speech import EnergyGate
 from services.tts.engine import Engine
 from shared.audio import FRAME_SAMPLES, silence_frame
 from shared.bus import Bus
@@ -46,7 +46,7 @@ USER_SPEAKING = (np.sin(np.arange(FRAME_SAMPLES) / 3) * 12000).astype("<i2").tob
 async def running_router(bus: Bus) -> AsyncIterator[Router]:
     settings = RouterSettings(worker_id="router-1", router_tts_check_frames=1, session_ttl_s=60)
     # The energy detector: the loud tone below is "speech" to it, and the test stays about the contract.
-    router = Router(bus, settings, make_detector=EnergyFallbackDetector)
+    router = Router(bus, settings, EnergyGate())
     stop = asyncio.Event()
     task = asyncio.create_task(router.run(stop))
     try:

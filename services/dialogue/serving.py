@@ -1,0 +1,509 @@
+"""A Moshi dialogue worker's core: up to CHORUS_DIALOGUE_SLOTS sessions served in one batch (the process
+wiring is `worker.py`).
+
+Loops sharing one slot table (batcher.py); sessions are owned through `shared.ownership`:
+- placement: this model's consumer group on chorus:control takes a `start` while a slot is free;
+- failover: sessions of a dead worker of this model move here while slots are free (primed again with
+  their persona and transcript; `resumed` is sent);
+- control: every worker tails chorus:control for `update` / `stop` of the sessions it owns;
+- liveness: sessions that ended, moved away or lost their lease are let go;
+- ticks: every 80 ms, ONE read of all live sessions' input streams, ONE batched model step in the
+  model thread (the event loop never waits on a forward pass), ONE fenced write of all their frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from services.dialogue.batcher import Batcher, Phase, RowOutput
+from services.dialogue.inputs import Arrival, InputTimeline, Take
+from services.dialogue.model import MoshiModel
+from services.dialogue.priming import primer_tokens, spoken_so_far
+from services.dialogue.settings import DialogueSettings
+from services.dialogue.ticks import TickClock, prime_deadline
+from services.dialogue.utterances import UtteranceBuilder
+from shared import metrics
+from shared.audio import FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
+from shared.bus import Bus, Entry, GroupConsumer, Handled
+from shared.errors import MalformedMessage
+from shared.messages import (
+    CONTROL,
+    DIALOGUE,
+    INPUT,
+    NATIVE_VOICES,
+    ControlMessage,
+    DialogueFrame,
+    Envelope,
+    EventName,
+    Placement,
+    SessionEvent,
+    SessionStart,
+    SessionStop,
+    SessionUpdate,
+    UserAudio,
+)
+from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
+from shared.presence import WorkerFields, WorkerPresence
+from shared.retry import keep_running
+from shared.sessions import SessionInfo, SessionState, SessionStore
+from shared.storage import LocalStorage
+from shared.transcripts import TranscriptLog, TranscriptWriter
+
+log = logging.getLogger(__name__)
+
+SERVICE = "dialogue"
+T = TypeVar("T")
+
+
+def placement_group(model: str) -> str:
+    """One consumer group per model: a start is placed by the workers of the model it needs."""
+    return f"{SERVICE}-{model}"
+
+
+def required_model(start: SessionStart) -> str | None:
+    """The model a session needs: named, or implied by a native voice; None = any (cloned voices)."""
+    return start.model or (start.voice if start.voice in NATIVE_VOICES else None)
+
+
+@dataclass
+class Session:
+    """A session this worker serves: its I/O side (its model side is the batcher's slot `row`)."""
+
+    start: SessionStart
+    row: int
+    timeline: InputTimeline
+    next_seq: int  # of the next entry on :dlg
+    resumed_from: str | None
+    primer_tokens: int
+    utterances: UtteranceBuilder
+    cursor: str | None = None  # position in :in, from the moment the session listens
+    late_frames: int = 0
+    announce_due: bool = False  # its `ready` / `resumed` is not on :dlg yet (went live; the write failed)
+
+    @property
+    def sid(self) -> str:
+        return self.start.session_id
+
+    def take_seq(self) -> int:
+        self.next_seq += 1
+        return self.next_seq - 1
+
+
+class DialogueWorker:
+    def __init__(
+        self,
+        bus: Bus,
+        settings: DialogueSettings,
+        model: MoshiModel,
+        presence: WorkerPresence | None = None,
+        transcripts: TranscriptLog | None = None,
+    ) -> None:
+        self.bus = bus
+        self.presence = presence  # beaten at once when a slot is taken or freed: placement sees it now
+        self.settings = settings
+        self.model = model
+        self.worker_id = settings.worker_id
+        compile_ = settings.dialogue_compile
+        self.batcher = Batcher(
+            model,
+            settings.dialogue_slots,
+            audio_temperature=settings.dialogue_audio_temperature,
+            audio_top_k=settings.dialogue_audio_top_k,
+            compile=model.device.type == "cuda" if compile_ is None else compile_,
+        )
+        self.sessions: dict[str, Session] = {}
+        self.store = SessionStore(bus, settings.session_ttl_s)
+        self.ownership = SessionOwnership(
+            bus,
+            self.store,
+            service=SERVICE,
+            group=placement_group(model.name),
+            worker_id=self.worker_id,
+            field="dialogue_owner",  # "model/worker": who serves it, and from which group
+            token_of=lambda worker_id: f"{model.name}/{worker_id}",
+        )
+        self.transcripts = TranscriptWriter(transcripts or TranscriptLog(LocalStorage(settings.data_dir)))
+        self.consumer: GroupConsumer[ControlMessage] = GroupConsumer(
+            bus,
+            bus.names.control,
+            placement_group(model.name),
+            self.worker_id,
+            CONTROL,
+            self._on_control,
+            claim_idle_ms=settings.claim_idle_ms,
+            max_deliveries=settings.max_deliveries,
+            batch=1,  # take one start at a time, so a burst spreads over the workers with free slots
+            can_take=self.can_take,
+        )
+        self._table = asyncio.Lock()  # the slot table changes only between steps
+        self._placing = asyncio.Lock()  # placement and failover never count the same free slot
+        self._joined = asyncio.Event()
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dialogue-model")
+        metrics.WORKER_SLOTS_TOTAL.labels(service=SERVICE).set(self.batcher.batch_size)
+        metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(self.batcher.batch_size)
+
+    # --- presence ------------------------------------------------------------------------------
+
+    def can_take(self) -> bool:
+        return bool(self.batcher.free_rows())
+
+    def describe(self) -> WorkerFields:
+        return {
+            "capacity": self.batcher.batch_size,
+            "free_slots": len(self.batcher.free_rows()),
+            "model": self.model.name,
+            "checkpoint": self.model.source,
+            "device": str(self.model.device),
+            "group": placement_group(self.model.name),
+        }
+
+    # --- the core loop -------------------------------------------------------------------------
+
+    async def warmup(self) -> None:
+        """Build kernels (and CUDA graphs) before the first session: a worker is ready only after this."""
+        await self._in_model_thread(self.batcher.warmup)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.batcher.warmed_up:
+            await self.warmup()
+        log.info("dialogue worker serving", extra=self.describe())
+        await self.ownership.set_leftovers_aside()
+        control_start = await self.bus.last_id(self.bus.names.control)
+        writer = asyncio.create_task(self.transcripts.run(), name="transcripts")
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.consumer.run(stop), name="placement")
+                tasks.create_task(
+                    self.ownership.follow_failures(
+                        stop,
+                        capacity=lambda: len(self.batcher.free_rows()),
+                        on_takeover=self._on_takeover,
+                        poll_s=self.settings.failover_poll_s,
+                        placing=self._placing,
+                    ),
+                    name="failover",
+                )
+                tasks.create_task(
+                    self.ownership.follow_control(stop, self._apply_control, start=control_start),
+                    name="control",
+                )
+                tasks.create_task(
+                    self.ownership.watch(
+                        stop,
+                        sessions=lambda: list(self.sessions),
+                        on_over=self._on_over,
+                        check_s=self.settings.session_check_s,
+                    ),
+                    name="liveness",
+                )
+                tasks.create_task(keep_running("ticks", lambda: self._tick_loop(stop), stop), name="ticks")
+        finally:
+            if self.sessions:
+                # Owned still: once this worker's presence is gone, another worker takes them over.
+                log.info("leaving sessions for re-placement", extra={"sessions": sorted(self.sessions)})
+            await self.transcripts.drain()
+            writer.cancel()
+            self._model_thread.shutdown(wait=True)
+            self.batcher.close()
+
+    async def _tick_loop(self, stop: asyncio.Event) -> None:
+        clock = TickClock(self.settings.dialogue_tick_ms / 1000)
+        while not stop.is_set():
+            if not self.sessions:
+                await self._wait_for_sessions(stop)
+                clock.restart()
+                continue
+            async with self._table:
+                await self._read_inputs()
+                audio = self._frames_due()
+                started = time.monotonic()
+                prime_until = self._prime_until(started, clock.interval_s)
+                outputs = await self._in_model_thread(self.batcher.step, audio, prime_until=prime_until)
+                metrics.STAGE_LATENCY.labels(stage="dialogue_step").observe(time.monotonic() - started)
+            await self._publish(outputs)
+            await clock.wait(stop)
+
+    def _prime_until(self, started: float, interval_s: float) -> float | None:
+        """How long a tick's spare time may go on priming steps (`ticks.prime_deadline`); none when off."""
+        if not self.settings.dialogue_prime_ahead:
+            return None
+        return prime_deadline(started, interval_s, live=bool(self._listening()))
+
+    # --- input: one XREAD for every listening session, one frame per row -----------------------------
+
+    def _listening(self) -> list[Session]:
+        return [s for s in self.sessions.values() if self.batcher.slots[s.row].phase is Phase.LIVE]
+
+    async def _read_inputs(self) -> None:
+        listening = self._listening()
+        for session in listening:
+            if session.cursor is None:  # it starts listening now; earlier audio was not heard
+                session.cursor = await self.bus.last_id(self.bus.names.session_input(session.sid))
+        by_stream = {self.bus.names.session_input(s.sid): s for s in listening}
+        if not by_stream:
+            return
+        cursors = {stream: s.cursor or "0-0" for stream, s in by_stream.items()}
+        entries = await self.bus.read(cursors, count=self.settings.dialogue_input_buffer_frames)
+        for entry in entries:
+            session = by_stream[entry.stream]
+            session.cursor = entry.entry_id
+            self._accept_input(session, entry)
+
+    def _accept_input(self, session: Session, entry: Entry) -> None:
+        try:
+            message = INPUT.decode(entry.fields)
+        except MalformedMessage as exc:
+            log.warning("malformed input entry skipped: %s", exc.detail, extra={"session_id": session.sid})
+            return
+        if not isinstance(message, UserAudio):
+            return
+        metrics.STREAM_LAG.labels(stream_kind="in").observe(max(0.0, time.time() - message.created_at))
+        if message.is_stale():
+            metrics.FRAMES_DROPPED.labels(service=SERVICE, reason="stale").inc()
+            return
+        arrival = session.timeline.push(message.seq, message.pcm)
+        if arrival is Arrival.LATE:
+            session.late_frames += 1
+            metrics.FRAMES_DROPPED.labels(service=SERVICE, reason="late").inc()
+            if session.late_frames in (1, 10) or session.late_frames % 100 == 0:
+                log.warning(
+                    "late input frame dropped (its tick was filled with silence)",
+                    extra={"session_id": session.sid, "seq": message.seq, "late_frames": session.late_frames},
+                )
+        elif arrival is Arrival.OVERFLOW:
+            metrics.FRAMES_DROPPED.labels(service=SERVICE, reason="overflow").inc()
+
+    def _frames_due(self) -> np.ndarray[Any, np.dtype[np.float32]]:
+        audio = np.zeros((self.batcher.batch_size, FRAME_SAMPLES), dtype=np.float32)
+        for session in self._listening():
+            taken, pcm = session.timeline.take()
+            if pcm is not None:
+                audio[session.row] = pcm16_to_float(pcm)
+            elif taken is Take.MISSING:
+                metrics.FRAMES_FILLED.inc()
+        return audio
+
+    # --- output: one fenced write with every session's frame -----------------------------------
+
+    async def _publish(self, outputs: list[RowOutput]) -> None:
+        writes: dict[str, list[tuple[str, Envelope]]] = {}
+        went_live: list[str] = []
+        spoke: dict[str, list[dict[str, Any]]] = {}  # sessions with text this tick: utterances it closed
+        for out in outputs:
+            session = self.sessions.get(out.session_id)
+            if session is None:
+                continue
+            stream = self.bus.names.session_dialogue(session.sid)
+            entries = writes.setdefault(session.sid, [])
+            session.announce_due = session.announce_due or out.went_live
+            if session.announce_due:
+                entries.append((stream, self._started_event(session)))
+                went_live.append(session.sid)
+            if out.pcm is None or out.text_token is None:
+                continue
+            seq = session.take_seq()
+            text = self.model.text_piece(out.text_token)
+            pcm = float_to_pcm16(out.pcm)
+            entries.append((stream, DialogueFrame(session_id=session.sid, seq=seq, text=text, pcm=pcm)))
+            closed = session.utterances.push(seq, text)
+            if text or closed is not None:
+                spoke[session.sid] = [closed.record()] if closed is not None else []
+        try:
+            lost = await self.bus.append_sessions(writes, self.ownership.fence)
+        except Exception:
+            # Redis is away: this tick's audio is gone (it is live), its finished words are not.
+            for sid, finished in spoke.items():
+                for utterance in finished:
+                    self.transcripts.append(sid, utterance)
+            raise
+        for sid in went_live:
+            if (session := self.sessions.get(sid)) is not None:
+                session.announce_due = False
+        for sid in lost:
+            await self._forget(sid, Liveness.MOVED)
+        await self._save_progress(
+            [sid for sid in went_live if sid not in lost], {k: v for k, v in spoke.items() if k not in lost}
+        )
+
+    async def _save_progress(self, went_live: list[str], spoke: dict[str, list[dict[str, Any]]]) -> None:
+        """Session hash updates of a tick, in one round trip: `active` for sessions that went live, and the
+        utterance in progress (a worker taking the session over records it: nothing said is lost)."""
+        for sid, closed in spoke.items():
+            for utterance in closed:
+                await self._record(sid, utterance)
+        if not went_live and not spoke:
+            return
+        names, now = self.bus.names, str(time.time())
+        async with self.bus.redis.pipeline(transaction=False) as pipe:
+            for sid in went_live:
+                pipe.hset(names.session(sid), mapping={"state": SessionState.ACTIVE, "updated_at": now})
+            for sid in spoke:
+                current = self.sessions[sid].utterances.current if sid in self.sessions else None
+                if current is not None:
+                    pipe.hset(names.session(sid), "utterance", json.dumps(current.record()))
+                else:
+                    pipe.hdel(names.session(sid), "utterance")
+            await pipe.execute()
+
+    async def _record(self, sid: str, utterance: dict[str, Any]) -> None:
+        """A finished utterance: the durable log soon after (off the tick), the live list now."""
+        self.transcripts.append(sid, utterance)
+        await self.store.append_utterance(sid, utterance)
+
+    def _started_event(self, session: Session) -> SessionEvent:
+        placement = Placement(
+            worker=self.worker_id,
+            slot=session.row,
+            model=self.model.name,
+            primer_tokens=session.primer_tokens,
+            previous_worker=session.resumed_from,
+        )
+        name = EventName.READY if session.resumed_from is None else EventName.RESUMED
+        log.info("session %s", name, extra={"session_id": session.sid, **placement.model_dump()})
+        return SessionEvent(session_id=session.sid, seq=session.take_seq(), name=name, data=placement)
+
+    # --- placement and failover ----------------------------------------------------------------------
+
+    async def _on_control(self, message: ControlMessage, entry: Entry) -> Handled | None:
+        """Placement group handler: starts only (update/stop reach every worker through the tail)."""
+        if not isinstance(message, SessionStart) or required_model(message) not in (None, self.model.name):
+            return None
+        if message.session_id in self.sessions:
+            return None
+        async with self._placing:
+            if not self.can_take():  # a takeover filled the last slot since the read: pending for another
+                return Handled.RETRY_LATER
+            if (start := await self.ownership.admit(message)) is not None:
+                await self._place(start, resumed_from=None)
+        return None
+
+    async def _on_takeover(self, takeover: Takeover) -> None:
+        await self._place(takeover.start, resumed_from=takeover.previous_worker, info=takeover.info)
+
+    async def _place(
+        self, start: SessionStart, *, resumed_from: str | None, info: SessionInfo | None = None
+    ) -> None:
+        sid = start.session_id
+        spoken = await self._spoken_before(sid, info) if resumed_from else ""
+        s = self.settings
+        tokens = primer_tokens(
+            self.model.encode_text,
+            start.persona.primer,
+            spoken,
+            s.dialogue_max_primer_tokens,
+            history_limit=s.dialogue_resume_history_tokens,
+        )
+        seq = await next_seq(self.bus, self.bus.names.session_dialogue(sid), DIALOGUE)
+        async with self._table:
+            if sid in self.sessions:
+                return
+            if sid in self.ownership.stops:  # stopped while we were placing it
+                await self.ownership.release(sid)
+                return
+            row = self.batcher.join(sid, tokens, start.persona.sampling)
+            timeline = InputTimeline(s.dialogue_input_buffer_frames, s.dialogue_jitter_frames)
+            utterances = UtteranceBuilder(s.dialogue_utterance_pause_frames)
+            self.sessions[sid] = Session(start, row, timeline, seq, resumed_from, len(tokens), utterances)
+        await self._slots_changed()
+        self._joined.set()
+        placed: dict[str, str | int | float] = {"dialogue_worker": self.worker_id, "dialogue_slot": row}
+        if resumed_from:
+            placed.update(state=SessionState.RESUMING, resumed_at=time.time())
+        else:
+            placed.update(state=SessionState.PLACING)
+        await self.store.update(sid, **placed)
+        metrics.SESSIONS_PLACED.labels(service=SERVICE, kind="resumed" if resumed_from else "new").inc()
+        log.info(
+            "session placed",
+            extra={"session_id": sid, "slot": row, "primer_tokens": len(tokens), "resumed": resumed_from},
+        )
+
+    async def _spoken_before(self, sid: str, info: SessionInfo | None) -> str:
+        """What the session said before its worker died: the live transcript, plus the utterance the dead
+        worker had not finished (kept in the hash for exactly this), which is recorded now."""
+        if info is not None and info.utterance is not None:
+            await self._record(sid, info.utterance)
+            await self.bus.redis.hdel(self.bus.names.session(sid), "utterance")
+        return spoken_so_far(await self.store.transcript(sid))
+
+    # --- update / stop / liveness ------------------------------------------------------------------
+
+    async def _apply_control(self, message: ControlMessage) -> None:
+        if isinstance(message, SessionStop):
+            await self.end(message.session_id, message.reason)
+        elif isinstance(message, SessionUpdate) and message.sampling is not None:
+            session = self.sessions.get(message.session_id)
+            if session is not None:
+                async with self._table:
+                    self.batcher.set_sampling(session.row, message.sampling)
+
+    async def _on_over(self, sid: str, liveness: Liveness) -> None:
+        if liveness in (Liveness.MOVED, Liveness.GONE):
+            await self._forget(sid, liveness)
+        else:
+            await self.end(sid, liveness.value)
+
+    async def end(self, sid: str, reason: str) -> None:
+        """Stop serving a session: `ended` on :dlg, free its row, record its last words, let its keys go."""
+        async with self._table:
+            session = self.sessions.get(sid)
+            if session is None:
+                return
+            ended = SessionEvent(session_id=sid, seq=session.take_seq(), name=EventName.ENDED, detail=reason)
+            # `ended` goes out before the slot shows free: whoever sees the slot free finds it ended. If
+            # the write fails (Redis away), the session stays, and the stop is applied again.
+            await self.bus.append_session(
+                sid, [(self.bus.names.session_dialogue(sid), ended)], self.ownership.fence
+            )
+            del self.sessions[sid]
+            self.batcher.leave(session.row)
+        await self._slots_changed()
+        if (utterance := session.utterances.flush()) is not None:
+            await self._record(sid, utterance.record())
+        self.transcripts.end(sid, reason)
+        await self.ownership.release(sid)
+        await self.bus.expire_session(sid)
+        late = session.late_frames
+        log.info("session ended", extra={"session_id": sid, "reason": reason, "late_frames": late})
+
+    async def _forget(self, sid: str, why: Liveness) -> None:
+        """Let go of a session without a word: another worker owns it now, or Redis lost it."""
+        async with self._table:
+            session = self.sessions.pop(sid, None)
+            if session is None:
+                return
+            self.batcher.leave(session.row)
+        await self._slots_changed()
+        await self.ownership.release(sid)
+        log.warning("session let go: %s", why, extra={"session_id": sid})
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    async def _wait_for_sessions(self, stop: asyncio.Event) -> None:
+        self._joined.clear()
+        waiters = [asyncio.ensure_future(self._joined.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _in_model_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, call)
+
+    async def _slots_changed(self) -> None:
+        metrics.SESSIONS_ACTIVE.labels(service=SERVICE).set(len(self.sessions))
+        metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(len(self.batcher.free_rows()))
+        if self.presence is not None:
+            await self.presence.refresh()
