@@ -105,6 +105,11 @@ def profile_id_of(voice: str) -> str | None:
     return voice.removeprefix(_CLONED) if is_cloned_voice(voice) else None
 
 
+def cloned_profile(voice: str, mode: VoiceMode) -> str | None:
+    """The voice profile a session speaks with through the TTS: its voice's, unless the mode is native."""
+    return profile_id_of(voice) if mode != "native" else None
+
+
 def native_voice_for(model: str | None) -> str:
     """The Moshi voice a session on `model` speaks with when it names none."""
     return model if model is not None and model in NATIVE_VOICES else "moshiko"

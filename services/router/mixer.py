@@ -38,7 +38,7 @@ from shared.messages import (
     TtsMessage,
     VoiceChanged,
     VoiceMode,
-    is_cloned_voice,
+    cloned_profile,
 )
 
 
@@ -136,7 +136,7 @@ class Mixer:
     @property
     def wants_tts(self) -> bool:
         """The TTS synthesises this session's words (design: profile voice and mode not native)."""
-        return is_cloned_voice(self.voice) and self.mode != "native"
+        return cloned_profile(self.voice, self.mode) is not None
 
     # --- inputs --------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from shared.messages import (
     PhraseDone,
     SessionEvent,
     VoiceMode,
-    profile_id_of,
+    cloned_profile,
 )
 from shared.runtime import cancel_and_wait
 from shared.voice_profiles import VoiceProfileStore
@@ -127,7 +127,7 @@ class ClonedSession:
 
     async def set_voice(self, voice: str, voice_mode: VoiceMode, *, from_beginning: bool = False) -> None:
         self.voice, self.voice_mode = voice, voice_mode
-        profile_id = profile_id_of(voice) if voice_mode != "native" else None
+        profile_id = cloned_profile(voice, voice_mode)
         if profile_id == self.profile_id:
             return
         if self.cloning:

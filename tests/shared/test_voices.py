@@ -8,7 +8,9 @@ from pydantic import BaseModel, ValidationError
 
 from shared.messages import (
     ProfileId,
+    VoiceMode,
     VoiceName,
+    cloned_profile,
     cloned_voice,
     is_cloned_voice,
     native_voice_for,
@@ -99,3 +101,19 @@ def test_a_session_without_a_voice_speaks_with_its_models_own() -> None:
     assert native_voice_for("moshiko") == "moshiko"
     assert native_voice_for(None) == "moshiko"
     assert native_voice_for("gpt-realtime") == "moshiko"
+
+
+@pytest.mark.parametrize(
+    ("voice", "mode", "profile"),
+    [
+        ("profile:v1", "cloned", "v1"),
+        ("profile:v1", "auto", "v1"),
+        ("profile:v1", "native", None),
+        ("moshiko", "cloned", None),
+        ("moshika", "auto", None),
+    ],
+)
+def test_a_session_clones_its_voices_profile_unless_its_mode_is_native(
+    voice: str, mode: VoiceMode, profile: str | None
+) -> None:
+    assert cloned_profile(voice, mode) == profile
