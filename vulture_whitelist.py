@@ -18,9 +18,12 @@ from services.gateway.protocols import realtime_events
 from services.gateway.sessions import TranscriptExport
 from services.router.mixer import Mixer
 from services.tts.voice_states import VoiceStates
+from shared.bus import Handled
 from shared.logging import JsonFormatter
+from shared.messages import Flushed
 from shared.ownership import TakeOutcome
 from shared.runtime import EmbeddedUvicorn
+from shared.sessions import SessionInfo
 
 # Called by the libraries they subclass or configure.
 FairWebSocketProtocol.handle_parser_exception  # uvicorn's websockets-sansio protocol calls it
@@ -59,3 +62,9 @@ compose.service_environment  # tests/deploy/compose_stack.py
 # Read only by tests, kept as the observable state their specifications assert (not test plumbing):
 Mixer.queued_frames  # tests/services/router/test_mixer.py: the queue the mixer bounds, frame by frame
 VoiceStates.computed  # tests/services/tts: a state is computed once per profile (the metric is global)
+
+# Session hash and event payload fields: written by one service, read by clients or operators by name.
+Handled.DONE  # the outcome a handler returning None stands for (spelled out where a handler says it)
+Flushed.dropped_phrases  # the `flush` event's payload, forwarded to clients
+Flushed.dropped_words
+SessionInfo.updated_at  # parsed from the hash; shown by operators' tools

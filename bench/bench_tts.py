@@ -46,6 +46,7 @@ from shared.messages import (
     TTS_REPLIES,
     ClonedAudio,
     DialogueFrame,
+    PhraseDone,
     SessionEvent,
     SessionStart,
     SessionStop,
@@ -235,7 +236,8 @@ async def _latencies(bus: Bus, sid: str) -> tuple[list[float], int, float]:
             frames += 1
             first_frame.setdefault(message.phrase_id, message.created_at)
         elif isinstance(message, SessionEvent) and message.name == "phrase_done":
-            done[int(message.data["phrase_id"])] = int(message.data["dialogue_seq"][1])
+            phrase = message.data_as(PhraseDone)
+            done[phrase.phrase_id] = phrase.dialogue_seq[1]
     latencies = [first_frame[p] - dialogue[last] for p, last in done.items() if p in first_frame]
     return latencies, len(done), frames * FRAME_SEC
 
@@ -252,7 +254,8 @@ async def _sessions_run(bus: Bus, voice: str, count: int, run: int) -> dict[str,
         await store.update(sid, state="active", owner="", voice=voice, voice_mode="cloned")
         await bus.append_control(SessionStart(session_id=sid, voice=voice, voice_mode="cloned"))
     for _ in range(2000):  # placement takes milliseconds; this only bounds a broken worker
-        placed = [(await store.get(sid)).get("tts_worker") for sid in sessions]
+        infos = [await store.get(sid) for sid in sessions]
+        placed = [info.workers.get("tts_worker") if info else None for info in infos]
         if all(placed):
             break
         await asyncio.sleep(0.05)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -339,7 +340,14 @@ class Bus:
             await pipe.execute()
 
 
-Handler = Callable[[M, Entry], Awaitable[None]]
+class Handled(enum.StrEnum):
+    """What a consumer handler made of an entry (returning None is `DONE`)."""
+
+    DONE = "done"  # acked
+    RETRY_LATER = "retry_later"  # not now (e.g. no free slot since the read): stays pending, claimed again
+
+
+Handler = Callable[[M, Entry], Awaitable[Handled | None]]
 
 IDLE_CONSUMER_MS = 3_600_000  # a consumer of a group that has not read for an hour is forgotten
 
@@ -347,7 +355,8 @@ IDLE_CONSUMER_MS = 3_600_000  # a consumer of a group that has not read for an h
 class GroupConsumer(Generic[M]):
     """The consumer loop, written once: read-group, decode, handle, ack; claim stale entries.
 
-    An entry is acked when its handler returns; one whose handler raised stays pending and is retried
+    An entry is acked when its handler returns (`Handled.DONE` or None); one it answers
+    `Handled.RETRY_LATER`, or whose handler raised, stays pending and is retried
     (claimed after `claim_idle_ms`, by this or another consumer) up to `max_deliveries` times. Work that
     outlives the handler (a session placed on this worker) is owned through `shared.ownership`, not by
     keeping entries pending. Redis outages are waited out (`shared.retry.keep_running`).
@@ -452,7 +461,7 @@ class GroupConsumer(Generic[M]):
             return
         extra = {"stream": self.stream, "entry_id": entry.entry_id, "session_id": message.session_id}
         try:
-            await self.handler(message, entry)
+            handled = await self.handler(message, entry)
         except ChorusError as exc:
             # An expected refusal (e.g. no free slot since the read): pending, retried later.
             log.warning("entry left pending for retry: %s", exc.detail, extra={**extra, "claimed": claimed})
@@ -464,6 +473,9 @@ class GroupConsumer(Generic[M]):
             log.exception(
                 "handler failed; entry stays pending for retry", extra={**extra, "claimed": claimed}
             )
+            return
+        if handled is Handled.RETRY_LATER:
+            log.info("entry left pending for retry", extra={**extra, "claimed": claimed})
             return
         await self.bus.ack(self.stream, self.group, entry.entry_id)
 
@@ -515,6 +527,7 @@ __all__: Sequence[str] = (
     "Entry",
     "Fence",
     "GroupConsumer",
+    "Handled",
     "SessionKeyTimes",
     "tail",
     "make_bus_kwargs",

@@ -18,28 +18,47 @@ design names them, and PCM needs no base64.
 
 from __future__ import annotations
 
+import builtins
+import enum
 import json
 import re
 import time
 import typing
 from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from shared.audio import FRAME_BYTES
 from shared.errors import MalformedMessage
 
 PROTOCOL_VERSION = 1
 
-# Pydantic checks these patterns with Rust's regex, where `$` is the end of the text. Python's `re` also
-# lets `$` match before a final newline ("moshiko\n"), so Python code checks a value with `valid_id` /
-# `valid_voice` (`fullmatch`), never with `re.match(PATTERN, ...)`.
+# Every id and voice rule is here, once. Pydantic checks the patterns with Rust's regex, where `$` is the
+# end of the text. Python's `re` also lets `$` match before a final newline ("moshiko\n"), so Python code
+# checks a value with `valid_id` / `parse_voice` (`fullmatch`), never with `re.match(PATTERN, ...)`.
 PROFILE_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"  # every id: sessions, voice profiles, personas
 SESSION_ID_PATTERN = rf"^{PROFILE_ID_PATTERN}$"
 NATIVE_VOICES = ("moshiko", "moshika")
 VOICE_PATTERN = rf"^(moshiko|moshika|profile:{PROFILE_ID_PATTERN})$"
 _ID = re.compile(PROFILE_ID_PATTERN)
 _VOICE = re.compile(VOICE_PATTERN)
+
+SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
+ProfileId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
+VoiceName = Annotated[str, Field(pattern=VOICE_PATTERN, description="moshiko, moshika or profile:<id>")]
+VoiceMode = Literal["native", "cloned", "auto"]
+VOICE_MODES: tuple[VoiceMode, ...] = ("native", "cloned", "auto")
+AudioSource = Literal["native", "cloned"]
 
 
 def valid_id(value: str) -> bool:
@@ -51,18 +70,49 @@ def valid_voice(value: str) -> bool:
     return _VOICE.fullmatch(value) is not None
 
 
-SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
-VoiceName = Annotated[str, Field(pattern=VOICE_PATTERN, description="moshiko, moshika or profile:<id>")]
-VoiceMode = Literal["native", "cloned", "auto"]
-AudioSource = Literal["native", "cloned"]
+def parse_voice(value: str) -> str:
+    """A voice name from outside (a query parameter, a realtime event); ValueError saying what is
+    accepted otherwise. Models declare `VoiceName` instead, which pydantic checks the same way."""
+    if not valid_voice(value):
+        raise ValueError(f"unknown voice {value!r}: use {' or '.join(NATIVE_VOICES)} or profile:<id>")
+    return value
+
+
+def parse_voice_mode(value: str | None) -> VoiceMode:
+    """A voice mode from outside; missing or empty means `auto`, anything unknown is a ValueError."""
+    if not value:
+        return "auto"
+    for mode in VOICE_MODES:
+        if value == mode:
+            return mode
+    raise ValueError(f"voice_mode must be native, cloned or auto, not {value!r}")
+
+
+_CLONED = "profile:"
+
+
+def cloned_voice(profile_id: str) -> str:
+    """How a session names a voice profile's voice."""
+    return f"{_CLONED}{profile_id}"
 
 
 def is_cloned_voice(voice: str) -> bool:
-    return voice.startswith("profile:")
+    return voice.startswith(_CLONED)
 
 
 def profile_id_of(voice: str) -> str | None:
-    return voice.removeprefix("profile:") if is_cloned_voice(voice) else None
+    """The voice profile a voice name speaks with; None for Moshi's own voices."""
+    return voice.removeprefix(_CLONED) if is_cloned_voice(voice) else None
+
+
+def cloned_profile(voice: str, mode: VoiceMode) -> str | None:
+    """The voice profile a session speaks with through the TTS: its voice's, unless the mode is native."""
+    return profile_id_of(voice) if mode != "native" else None
+
+
+def native_voice_for(model: str | None) -> str:
+    """The Moshi voice a session on `model` speaks with when it names none."""
+    return model if model is not None and model in NATIVE_VOICES else "moshiko"
 
 
 class Sampling(BaseModel):
@@ -154,28 +204,135 @@ class SessionFlush(Envelope):
 # --- per-session streams --------------------------------------------------------------------------
 
 
+class EventName(enum.StrEnum):
+    """Known event names (services and tests spell them once; a str on the wire)."""
+
+    READY = "ready"  # dialogue (or tts) placed the session and it is generating; data: `Placement`
+    RESUMED = "resumed"  # re-placed on another worker after a failure; data: `Placement`
+    NO_CAPACITY = "no_capacity"
+    ERROR = "error"  # data: `Failure`
+    ENDED = "ended"  # the session is over; the last entry of a stream
+    VOICE_CHANGED = "voice_changed"  # data: `VoiceChanged`
+    SPEECH_STARTED = "speech_started"
+    SPEECH_STOPPED = "speech_stopped"
+    FLUSH = "flush"  # drop queued cloned audio (barge-in); data: `Flushed`
+    PHRASE_DONE = "phrase_done"  # tts finished a phrase; data: `PhraseDone`
+
+
+class SwitchReason(enum.StrEnum):
+    """Why the router switched a session's audio source (a `voice_changed` event says it)."""
+
+    VOICE_UPDATE = "voice_update"  # the session's voice or voice mode asked for it
+    TTS_DOWN = "tts_down"  # no live TTS worker, or the TTS reported an error / end
+    TTS_BEHIND = "tts_behind"  # auto mode: cloned audio is later than the budget
+    TTS_RECOVERED = "tts_recovered"
+
+
+class EventData(BaseModel):
+    """An event's payload: one model per event name (`EVENT_DATA`); no payload for the other names.
+
+    On the wire it is the `data` field, a JSON object without the fields left unset (None)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class Placement(EventData):
+    """`ready` / `resumed`: who serves the session now. A dialogue worker says all of it (and, resumed,
+    whom it took over from); a TTS worker says none."""
+
+    worker: str | None = None
+    slot: int | None = None
+    model: str | None = None
+    primer_tokens: int | None = None
+    previous_worker: str | None = None
+
+
+class Failure(EventData):
+    """`error`: a ChorusError code when one applies (the detail says what happened)."""
+
+    code: str | None = None
+
+
+class Flushed(EventData):
+    """`flush`: the TTS dropped what it had not said yet; its phrase ids go on from `next_phrase_id`."""
+
+    dropped_phrases: int
+    dropped_words: int
+    next_phrase_id: int
+
+
+class PhraseDone(EventData):
+    """`phrase_done`: the TTS finished a phrase: its frames and the dialogue frames its words came from."""
+
+    phrase_id: int
+    frames: int
+    dialogue_seq: tuple[int, int] = Field(description="First and last dialogue seq of its words.")
+
+
+class VoiceChanged(EventData):
+    """`voice_changed`: the router switched the audio the client hears."""
+
+    source: AudioSource
+    reason: SwitchReason
+    voice: VoiceName
+
+
+EVENT_DATA: dict[str, type[EventData]] = {
+    EventName.READY: Placement,
+    EventName.RESUMED: Placement,
+    EventName.ERROR: Failure,
+    EventName.FLUSH: Flushed,
+    EventName.PHRASE_DONE: PhraseDone,
+    EventName.VOICE_CHANGED: VoiceChanged,
+}
+
+D = TypeVar("D", bound=EventData)
+
+
 class SessionEvent(Envelope):
-    """Something happened to a session; travels on any per-session stream. Names: see `EventName`."""
+    """Something happened to a session; travels on any per-session stream. Names: see `EventName`; the
+    payload's model follows from the name (`EVENT_DATA`)."""
 
     type: Literal["event"] = "event"
     name: str = Field(max_length=64)
     detail: str = ""
-    data: dict[str, Any] = Field(default_factory=dict)
+    # Not given: {} of the name's model (the `before` validator sees to it; the default is for the type).
+    data: SerializeAsAny[EventData] = Field(default_factory=EventData)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _data_by_name(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(data := values.get("data", {}), dict):
+            model = EVENT_DATA.get(str(values.get("name", "")), EventData)
+            values = {**values, "data": model.model_validate(data)}
+        return values
 
-class EventName:
-    """Known event names (a class of constants, so services and tests spell them once)."""
+    @model_validator(mode="after")
+    def _data_fits_the_name(self) -> SessionEvent:
+        expected = EVENT_DATA.get(self.name, EventData)
+        if type(self.data) is not expected:
+            raise ValueError(
+                f"a {self.name!r} event carries {expected.__name__}, not {type(self.data).__name__}"
+            )
+        return self
 
-    READY = "ready"  # dialogue placed the session and it is generating
-    RESUMED = "resumed"  # re-placed on another dialogue worker after a failure
-    NO_CAPACITY = "no_capacity"
-    ERROR = "error"
-    ENDED = "ended"  # the session is over; the last entry of a stream
-    VOICE_CHANGED = "voice_changed"
-    SPEECH_STARTED = "speech_started"
-    SPEECH_STOPPED = "speech_stopped"
-    FLUSH = "flush"  # drop queued cloned audio (barge-in)
-    PHRASE_DONE = "phrase_done"  # tts finished a phrase; data = phrase_id, frames, dialogue seq range
+    @classmethod
+    def of(
+        cls, session_id: str, seq: int, name: str, detail: str = "", data: EventData | None = None
+    ) -> SessionEvent:
+        """An event; without `data`, its name's payload saying nothing (a `ready` without details)."""
+        fields = {"session_id": session_id, "seq": seq, "name": name, "detail": detail}
+        return cls.model_validate({**fields, "data": data if data is not None else {}})
+
+    def data_as(self, model: builtins.type[D]) -> D:
+        """The payload as the model its name promises (a `ready`'s `Placement`...)."""
+        if not isinstance(self.data, model):
+            raise TypeError(f"a {self.name!r} event carries {type(self.data).__name__}, not {model.__name__}")
+        return self.data
 
 
 class UserAudio(_AudioFrame):
@@ -218,14 +375,14 @@ class VoicePrepare(Envelope):
     """Compute and cache a profile's voice state now (after an upload), so the first session is quick."""
 
     type: Literal["prepare"] = "prepare"
-    profile_id: Annotated[str, Field(pattern=rf"^{PROFILE_ID_PATTERN}$")]
+    profile_id: ProfileId
 
 
 class VoicePreview(Envelope):
     """Speak `text` in a profile's voice; the worker answers on `StreamNames.tts_reply(session_id)`."""
 
     type: Literal["preview"] = "preview"
-    profile_id: Annotated[str, Field(pattern=rf"^{PROFILE_ID_PATTERN}$")]
+    profile_id: ProfileId
     text: str = Field(min_length=1, max_length=1000)
 
 
@@ -242,7 +399,7 @@ class VoiceDeleted(Envelope):
     """A profile is gone: every TTS worker drops its cached voice state."""
 
     type: Literal["voice_deleted"] = "voice_deleted"
-    profile_id: Annotated[str, Field(pattern=rf"^{PROFILE_ID_PATTERN}$")]
+    profile_id: ProfileId
 
 
 ControlMessage = SessionStart | SessionUpdate | SessionStop | SessionFlush

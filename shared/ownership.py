@@ -34,7 +34,7 @@ from shared.bus import Bus, Fence, tail
 from shared.errors import MalformedMessage
 from shared.messages import CONTROL, Codec, ControlMessage, SessionStart, SessionStop
 from shared.retry import is_retryable, keep_running, sleep_unless_stopped
-from shared.sessions import SessionStore, start_of
+from shared.sessions import SessionInfo, SessionState, SessionStore, start_of
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Takeover:
 
     start: SessionStart
     previous_worker: str
-    info: dict[str, str]
+    info: SessionInfo
 
 
 class RecentStops:
@@ -241,14 +241,14 @@ class SessionOwnership:
         return takeovers
 
     async def _takeover(self, sid: str, dead: str) -> Takeover | None:
-        info = await self.store.get(sid)
         try:
+            info = await self.store.get(sid)
             start = start_of(info)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            start, problem = None, str(exc)
+            info, start, problem = None, None, str(exc)
         else:
             problem = "its hash holds no start"
-        if start is None:
+        if info is None or start is None:
             log.error("cannot take over a session: %s", problem, extra={"session_id": sid, "dead": dead})
             await self.release(sid)
             return None
@@ -273,7 +273,7 @@ class SessionOwnership:
             (state, holder), lease = replies[2 * i], replies[2 * i + 1]
             if state is None:
                 result[sid] = Liveness.GONE
-            elif state == b"ended":
+            elif state.decode() == SessionState.ENDED:
                 result[sid] = Liveness.ENDED
             elif holder is not None and holder.decode() != self.fence.token:
                 result[sid] = Liveness.MOVED

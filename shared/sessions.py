@@ -13,14 +13,17 @@ Redis holds only live, rebuildable state; the durable transcript belongs to `sha
 
 from __future__ import annotations
 
+import enum
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.bus import Bus
 from shared.errors import RateLimited
-from shared.messages import Sampling, SessionStart, SessionStop
+from shared.messages import Sampling, SessionStart, SessionStop, VoiceMode, VoiceName
 
 TRANSCRIPT_MAX_UTTERANCES = 2000  # the live list (session detail, re-priming); storage keeps them all
 
@@ -46,30 +49,82 @@ return 1
 """
 
 
-class SessionState:
+class SessionState(enum.StrEnum):
     PLACING = "placing"
     ACTIVE = "active"
     RESUMING = "resuming"
     ENDED = "ended"
 
 
-def start_of(info: dict[str, str]) -> SessionStart | None:
+_JSON_FIELDS = ("start", "sampling", "utterance")
+
+
+class SessionInfo(BaseModel):
+    """The session hash, parsed once: every reader of `chorus:session:{sid}` gets this, not raw strings.
+
+    Fields nobody declared are sorted here too: `*worker` and `*_owner` fields name who serves the
+    session (`workers`, `owners`), any other all-digit field is a counter (`counters`), the rest is
+    ignored. A field that does not parse (a voice written by hand) raises `ValueError` (pydantic's
+    ValidationError): no unchecked value reaches a worker."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    session_id: str
+    state: SessionState | None = None
+    owner: str = Field(default="", description="Hash of the API key that owns it ('' = no auth).")
+    voice: VoiceName | None = Field(default=None, description="The latest voice (updates change it).")
+    voice_mode: VoiceMode | None = None
+    persona_id: str = ""
+    started_at: float | None = None
+    updated_at: float | None = None
+    resumed_at: float | None = None
+    ended_at: float | None = None
+    end_reason: str | None = None
+    start: SessionStart | None = Field(default=None, description="The start as the gateway wrote it.")
+    sampling: Sampling | None = Field(default=None, description="The latest sampling, once updated.")
+    utterance: dict[str, Any] | None = Field(
+        default=None, description="The dialogue's unfinished utterance (kept for a worker taking over)."
+    )
+    workers: dict[str, str] = Field(default_factory=dict)
+    owners: dict[str, str] = Field(default_factory=dict)
+    counters: dict[str, int] = Field(default_factory=dict)
+
+    @classmethod
+    def from_hash(cls, sid: str, raw: Mapping[str, str]) -> SessionInfo:
+        known = set(cls.model_fields) - {"session_id", "workers", "owners", "counters"}
+        fields: dict[str, Any] = {k: v for k, v in raw.items() if k in known and v != ""}
+        for name in _JSON_FIELDS:
+            if name in fields:
+                fields[name] = json.loads(fields[name])
+        workers = {k: v for k, v in raw.items() if k.endswith("worker")}
+        owners = {k: v for k, v in raw.items() if k.endswith("_owner")}
+        counters = {k: int(v) for k, v in raw.items() if v.isdigit() and k not in workers and k not in owners}
+        return cls(session_id=sid, workers=workers, owners=owners, counters=counters, **fields)
+
+    @property
+    def ended(self) -> bool:
+        return self.state is SessionState.ENDED
+
+
+def start_of(info: SessionInfo | None) -> SessionStart | None:
     """The session's `start` as the gateway wrote it, with what updates changed since (voice, mode,
     sampling): what a worker taking the session over serves. None for a hash without one."""
-    raw = info.get("start")
-    if not raw:
+    if info is None or info.start is None:
         return None
-    start = SessionStart.model_validate_json(raw)
+    start = info.start
     changes: dict[str, Any] = {}
-    if info.get("voice"):
-        changes["voice"] = info["voice"]
-    if info.get("voice_mode"):
-        changes["voice_mode"] = info["voice_mode"]
-    if info.get("sampling"):
-        sampling = Sampling.model_validate_json(info["sampling"])
-        changes["persona"] = start.persona.model_copy(update={"sampling": sampling})
-    # Validated again: a hash field written by hand must not put an unchecked voice in a start.
-    return SessionStart.model_validate({**start.model_dump(), **changes}) if changes else start
+    if info.voice:
+        changes["voice"] = info.voice
+    if info.voice_mode:
+        changes["voice_mode"] = info.voice_mode
+    if info.sampling:
+        changes["persona"] = start.persona.model_copy(update={"sampling": info.sampling})
+    # Every value was validated when the hash was parsed.
+    return start.model_copy(update=changes) if changes else start
+
+
+def _state(raw: bytes | None) -> SessionState | None:
+    return SessionState(raw.decode()) if raw is not None else None
 
 
 class SessionStore:
@@ -116,13 +171,16 @@ class SessionStore:
             pipe.expire(key, self.ttl_s)
             await pipe.execute()
 
-    async def get(self, sid: str) -> dict[str, str]:
+    async def get(self, sid: str) -> SessionInfo | None:
+        """The session hash, parsed; None when there is none (never created, or expired)."""
         raw = await self.bus.redis.hgetall(self.bus.names.session(sid))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        if not raw:
+            return None
+        return SessionInfo.from_hash(sid, {k.decode(): v.decode() for k, v in raw.items()})
 
     # --- lease and end -------------------------------------------------------------------------------
 
-    async def renew_leases(self, sids: Iterable[str], lease_s: float) -> dict[str, str | None]:
+    async def renew_leases(self, sids: Iterable[str], lease_s: float) -> dict[str, SessionState | None]:
         """Extend the leases of sessions still running (one round trip for all); returns each session's
         state, None when its hash is gone. An ended or gone session's lease is not renewed."""
         sids = list(sids)
@@ -132,8 +190,10 @@ class SessionStore:
         async with self.bus.redis.pipeline(transaction=False) as pipe:
             for sid in sids:
                 pipe.hget(names.session(sid), "state")
-            states = [s.decode() if s is not None else None for s in await pipe.execute()]
-        running = [sid for sid, state in zip(sids, states, strict=True) if state not in (None, "ended")]
+            states = [_state(s) for s in await pipe.execute()]
+        running = [
+            sid for sid, state in zip(sids, states, strict=True) if state not in (None, SessionState.ENDED)
+        ]
         if running:
             async with self.bus.redis.pipeline(transaction=False) as pipe:
                 for sid in running:
@@ -166,8 +226,8 @@ class SessionStore:
         ids = sorted(m.decode() for m in await self.bus.redis.smembers(key))
         live = []
         for sid in ids:
-            state = await self.bus.redis.hget(self.bus.names.session(sid), "state")
-            if state is None or state.decode() == SessionState.ENDED:
+            state = _state(await self.bus.redis.hget(self.bus.names.session(sid), "state"))
+            if state is None or state is SessionState.ENDED:
                 await self.bus.redis.srem(key, sid)
             else:
                 live.append(sid)

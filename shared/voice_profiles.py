@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.audio import SAMPLE_RATE, FloatAudio, float_to_pcm16, pcm16_to_float, pcm16_to_wav, wav_to_pcm16
 from shared.errors import NotFound
-from shared.messages import PROFILE_ID_PATTERN, valid_id
+from shared.messages import ProfileId, cloned_voice, valid_id
 from shared.owner_index import OwnerIndex, Reconciled
 from shared.storage import Storage
 
@@ -51,7 +51,7 @@ class VoiceProfile(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    id: str = Field(pattern=rf"^{PROFILE_ID_PATTERN}$")
+    id: ProfileId
     owner: str = Field(description="Hash of the API key that made it ('' = no auth).")
     name: str = Field(min_length=1, max_length=100)
     duration_s: float = Field(description="Length of the stored clip.")
@@ -63,7 +63,7 @@ class VoiceProfile(BaseModel):
     @property
     def voice(self) -> str:
         """How a session names this voice."""
-        return f"profile:{self.id}"
+        return cloned_voice(self.id)
 
 
 def _key(profile_id: str, *parts: str) -> str:

@@ -34,8 +34,8 @@ from services.dialogue.ticks import TickClock, prime_deadline
 from services.dialogue.utterances import UtteranceBuilder
 from shared import metrics
 from shared.audio import FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
-from shared.bus import Bus, Entry, GroupConsumer
-from shared.errors import MalformedMessage, NoCapacity
+from shared.bus import Bus, Entry, GroupConsumer, Handled
+from shared.errors import MalformedMessage
 from shared.messages import (
     CONTROL,
     DIALOGUE,
@@ -45,6 +45,7 @@ from shared.messages import (
     DialogueFrame,
     Envelope,
     EventName,
+    Placement,
     SessionEvent,
     SessionStart,
     SessionStop,
@@ -54,7 +55,7 @@ from shared.messages import (
 from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
 from shared.presence import WorkerFields, WorkerPresence
 from shared.retry import keep_running
-from shared.sessions import SessionState, SessionStore
+from shared.sessions import SessionInfo, SessionState, SessionStore
 from shared.storage import LocalStorage
 from shared.transcripts import TranscriptLog, TranscriptWriter
 
@@ -360,38 +361,37 @@ class DialogueWorker:
         await self.store.append_utterance(sid, utterance)
 
     def _started_event(self, session: Session) -> SessionEvent:
-        data: dict[str, Any] = {
-            "worker": self.worker_id,
-            "slot": session.row,
-            "model": self.model.name,
-            "primer_tokens": session.primer_tokens,
-        }
-        name = EventName.READY
-        if session.resumed_from is not None:
-            name, data["previous_worker"] = EventName.RESUMED, session.resumed_from
-        log.info("session %s", name, extra={"session_id": session.sid, **data})
-        return SessionEvent(session_id=session.sid, seq=session.take_seq(), name=name, data=data)
+        placement = Placement(
+            worker=self.worker_id,
+            slot=session.row,
+            model=self.model.name,
+            primer_tokens=session.primer_tokens,
+            previous_worker=session.resumed_from,
+        )
+        name = EventName.READY if session.resumed_from is None else EventName.RESUMED
+        log.info("session %s", name, extra={"session_id": session.sid, **placement.model_dump()})
+        return SessionEvent(session_id=session.sid, seq=session.take_seq(), name=name, data=placement)
 
     # --- placement and failover ----------------------------------------------------------------------
 
-    async def _on_control(self, message: ControlMessage, entry: Entry) -> None:
+    async def _on_control(self, message: ControlMessage, entry: Entry) -> Handled | None:
         """Placement group handler: starts only (update/stop reach every worker through the tail)."""
         if not isinstance(message, SessionStart) or required_model(message) not in (None, self.model.name):
-            return
-        sid = message.session_id
-        if sid in self.sessions:
-            return
+            return None
+        if message.session_id in self.sessions:
+            return None
         async with self._placing:
-            if not self.can_take():  # a takeover filled the last slot since the read: retried later
-                raise NoCapacity("no free slot; the start stays pending for another worker", session_id=sid)
+            if not self.can_take():  # a takeover filled the last slot since the read: pending for another
+                return Handled.RETRY_LATER
             if (start := await self.ownership.admit(message)) is not None:
                 await self._place(start, resumed_from=None)
+        return None
 
     async def _on_takeover(self, takeover: Takeover) -> None:
         await self._place(takeover.start, resumed_from=takeover.previous_worker, info=takeover.info)
 
     async def _place(
-        self, start: SessionStart, *, resumed_from: str | None, info: dict[str, str] | None = None
+        self, start: SessionStart, *, resumed_from: str | None, info: SessionInfo | None = None
     ) -> None:
         sid = start.session_id
         spoken = await self._spoken_before(sid, info) if resumed_from else ""
@@ -428,12 +428,11 @@ class DialogueWorker:
             extra={"session_id": sid, "slot": row, "primer_tokens": len(tokens), "resumed": resumed_from},
         )
 
-    async def _spoken_before(self, sid: str, info: dict[str, str] | None) -> str:
+    async def _spoken_before(self, sid: str, info: SessionInfo | None) -> str:
         """What the session said before its worker died: the live transcript, plus the utterance the dead
         worker had not finished (kept in the hash for exactly this), which is recorded now."""
-        partial = (info or {}).get("utterance")
-        if partial:
-            await self._record(sid, json.loads(partial))
+        if info is not None and info.utterance is not None:
+            await self._record(sid, info.utterance)
             await self.bus.redis.hdel(self.bus.names.session(sid), "utterance")
         return spoken_so_far(await self.store.transcript(sid))
 

@@ -30,7 +30,7 @@ from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.protocols.session_socket import check_voice_owned
 from services.gateway.settings import GatewaySettings
 from shared.audio import SAMPLE_RATE
-from shared.messages import NATIVE_VOICES, VoiceName
+from shared.messages import VoiceName, native_voice_for
 from shared.streams import StreamNames
 
 router = APIRouter(prefix="/v1/realtime", tags=["realtime"], responses=V1_ERRORS)
@@ -128,7 +128,7 @@ async def create_client_secret(
     model = config.model or "moshiko"
     if config.voice is not None:  # another key's profile: refused now, like a session.update to it
         await check_voice_owned(request, owner, config.voice)
-    voice = config.voice or (model if model in NATIVE_VOICES else "moshiko")
+    voice = config.voice or native_voice_for(model)
     caller = Caller(owner, model=config.model, instructions=config.instructions, voice=config.voice)
     store: ClientSecretStore = request.app.state.client_secrets
     value = await store.mint(caller, ttl_s)

@@ -13,18 +13,12 @@ import json
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import Conflict, InvalidRequest, NotFound
-from shared.messages import PersonaSpec, Sampling, valid_id, valid_voice
+from shared.messages import PersonaSpec, Sampling, VoiceName, valid_id
 from shared.owner_index import OwnerIndex, Reconciled
 from shared.storage import Storage
-
-
-def _check_voice(voice: str) -> str:
-    if not valid_voice(voice):
-        raise ValueError("voice must be 'moshiko', 'moshika' or 'profile:<id>'")
-    return voice
 
 
 class PersonaFields(BaseModel):
@@ -35,10 +29,8 @@ class PersonaFields(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     primer: str = Field(default="", max_length=2000, description="Text forced into Moshi's text stream.")
     greeting: str = Field(default="", max_length=500)
-    voice: str = Field(default="moshika", description="'moshiko', 'moshika' or 'profile:<id>'.")
+    voice: VoiceName = "moshika"
     sampling: Sampling = Field(default_factory=Sampling)
-
-    _voice = field_validator("voice")(_check_voice)
 
 
 class Persona(PersonaFields):

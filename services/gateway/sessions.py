@@ -20,7 +20,7 @@ from services.gateway.settings import GatewaySettings
 from shared.bus import Bus
 from shared.errors import NotFound
 from shared.messages import valid_id
-from shared.sessions import SessionStore
+from shared.sessions import SessionInfo, SessionStore
 from shared.transcripts import TranscriptLog
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ async def clean_transcripts_forever(transcripts: TranscriptLog, settings: Gatewa
         except Exception:
             log.exception("transcript cleanup failed")
         await asyncio.sleep(3600)
-
-
-def _float(value: str | None) -> float | None:
-    return float(value) if value else None
 
 
 class SessionSummary(BaseModel):
@@ -89,22 +85,22 @@ def _checked(sid: str) -> str:
     return sid
 
 
-async def _owned(request: Request, owner: str, sid: str) -> dict[str, str]:
+async def _owned(request: Request, owner: str, sid: str) -> SessionInfo:
     settings = request.app.state.settings
     info = await SessionStore(_bus(request), settings.session_ttl_s).get(_checked(sid))
-    if not info or info.get("owner", "") != owner:
+    if info is None or info.owner != owner:
         raise NotFound(f"no session {sid!r}")
     return info
 
 
-def _summary(sid: str, info: dict[str, str]) -> dict[str, Any]:
+def _summary(info: SessionInfo) -> dict[str, Any]:
     return {
-        "id": sid,
-        "state": info.get("state", ""),
-        "voice": info.get("voice", ""),
-        "voice_mode": info.get("voice_mode", ""),
-        "persona_id": info.get("persona_id", ""),
-        "started_at": _float(info.get("started_at")),
+        "id": info.session_id,
+        "state": info.state or "",
+        "voice": info.voice or "",
+        "voice_mode": info.voice_mode or "",
+        "persona_id": info.persona_id,
+        "started_at": info.started_at,
     }
 
 
@@ -112,7 +108,9 @@ def _summary(sid: str, info: dict[str, str]) -> dict[str, Any]:
 async def list_sessions(request: Request, owner: Owner) -> SessionList:
     store = SessionStore(_bus(request), request.app.state.settings.session_ttl_s)
     items = [
-        SessionSummary(**_summary(sid, await store.get(sid))) for sid in await store.live_session_ids(owner)
+        # A hash that expired since the listing: a summary without details, as the id was listed.
+        SessionSummary(**_summary(await store.get(sid) or SessionInfo(session_id=sid)))
+        for sid in await store.live_session_ids(owner)
     ]
     return SessionList(items=items)
 
@@ -123,12 +121,10 @@ async def list_sessions(request: Request, owner: Owner) -> SessionList:
 async def get_session(session_id: str, request: Request, owner: Owner) -> SessionDetail:
     info = await _owned(request, owner, session_id)
     store = SessionStore(_bus(request), request.app.state.settings.session_ttl_s)
-    workers = {k: v for k, v in info.items() if k.endswith("worker") or k.endswith("_owner")}
-    counters = {k: int(v) for k, v in info.items() if v.isdigit() and k not in workers}
     return SessionDetail(
-        **_summary(session_id, info),
-        workers=workers,
-        counters=counters,
+        **_summary(info),
+        workers={**info.workers, **info.owners},
+        counters=info.counters,
         transcript=await store.transcript(session_id),
     )
 

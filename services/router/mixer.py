@@ -18,6 +18,7 @@ Policy (docs/architecture.md, "router"):
 
 from __future__ import annotations
 
+import enum
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -27,25 +28,21 @@ from shared.messages import (
     ClonedAudio,
     DialogueFrame,
     DialogueMessage,
+    EventData,
     EventName,
     OutputAudio,
     OutputMessage,
     OutputText,
     SessionEvent,
+    SwitchReason,
     TtsMessage,
+    VoiceChanged,
     VoiceMode,
-    is_cloned_voice,
+    cloned_profile,
 )
 
 
-class SwitchReason:
-    VOICE_UPDATE = "voice_update"  # the session's voice or voice mode asked for it
-    TTS_DOWN = "tts_down"  # no live TTS worker, or the TTS reported an error / end
-    TTS_BEHIND = "tts_behind"  # auto mode: cloned audio is later than the budget
-    TTS_RECOVERED = "tts_recovered"
-
-
-class DropReason:
+class DropReason(enum.StrEnum):
     QUEUE_FULL = "queue_full"
     BARGE_IN = "barge_in"
     SUPERSEDED = "superseded"  # cloned audio not played because native audio covered those words
@@ -53,7 +50,7 @@ class DropReason:
     DUPLICATE = "duplicate"
 
 
-VoiceSwitch = tuple[AudioSource, str]
+VoiceSwitch = tuple[AudioSource, SwitchReason]
 
 
 @dataclass
@@ -63,7 +60,7 @@ class MixerOutput:
     messages: list[OutputMessage] = field(default_factory=list)
     flush_tts: bool = False
     switches: list[VoiceSwitch] = field(default_factory=list)
-    dropped: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[DropReason] = field(default_factory=Counter)
 
     def merge(self, other: MixerOutput) -> MixerOutput:
         self.messages.extend(other.messages)
@@ -139,7 +136,7 @@ class Mixer:
     @property
     def wants_tts(self) -> bool:
         """The TTS synthesises this session's words (design: profile voice and mode not native)."""
-        return is_cloned_voice(self.voice) and self.mode != "native"
+        return cloned_profile(self.voice, self.mode) is not None
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -175,7 +172,7 @@ class Mixer:
             if self.ended:
                 return self._take()
             self.ended = True
-        self._event(event.name, event.detail, dict(event.data))
+        self._event(event.name, event.detail, event.data)
         return self._take()
 
     def on_tts(self, message: TtsMessage) -> MixerOutput:
@@ -237,7 +234,7 @@ class Mixer:
             # Same source, another profile: no switch, but the client is told its voice changed.
             self._event(
                 EventName.VOICE_CHANGED,
-                data={"source": "cloned", "reason": SwitchReason.VOICE_UPDATE, "voice": self.voice},
+                data=VoiceChanged(source="cloned", reason=SwitchReason.VOICE_UPDATE, voice=self.voice),
             )
         return self._take()
 
@@ -255,7 +252,7 @@ class Mixer:
 
     # --- policy --------------------------------------------------------------------------------
 
-    def _wanted(self) -> tuple[AudioSource, str]:
+    def _wanted(self) -> tuple[AudioSource, SwitchReason]:
         if not self.wants_tts:
             return "native", SwitchReason.VOICE_UPDATE
         if not self.tts_up:
@@ -290,10 +287,10 @@ class Mixer:
         if self._queue:  # a phrase starts here: switch without cutting one
             self._switch("cloned", reason)
 
-    def _switch(self, to: AudioSource, reason: str) -> None:
+    def _switch(self, to: AudioSource, reason: SwitchReason) -> None:
         self.source = to
         self._out.switches.append((to, reason))
-        self._event(EventName.VOICE_CHANGED, data={"source": to, "reason": reason, "voice": self.voice})
+        self._event(EventName.VOICE_CHANGED, data=VoiceChanged(source=to, reason=reason, voice=self.voice))
 
     def _audio(self, frame: DialogueFrame) -> bytes:
         if self.source == "native":
@@ -337,10 +334,8 @@ class Mixer:
         self._out.messages.append(message)
         self._seq += 1
 
-    def _event(self, name: str, detail: str = "", data: dict[str, object] | None = None) -> None:
-        self._emit(
-            SessionEvent(session_id=self.session_id, seq=self._seq, name=name, detail=detail, data=data or {})
-        )
+    def _event(self, name: str, detail: str = "", data: EventData | None = None) -> None:
+        self._emit(SessionEvent.of(self.session_id, self._seq, name, detail, data))
 
     def _take(self) -> MixerOutput:
         out, self._out = self._out, MixerOutput()

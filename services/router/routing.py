@@ -294,8 +294,8 @@ class Router:
             for to, reason in out.switches:
                 metrics.VOICE_SWITCHES.labels(to=to, reason=reason).inc()
                 log.info("audio source switched to %s (%s)", to, reason, extra={"session_id": session.sid})
-            for reason, count in out.dropped.items():
-                metrics.FRAMES_DROPPED.labels(service=SERVICE, reason=reason).inc(count)
+            for dropped, count in out.dropped.items():
+                metrics.FRAMES_DROPPED.labels(service=SERVICE, reason=dropped).inc(count)
         for sid in lost:
             await self._forget(sid, Liveness.MOVED)
 

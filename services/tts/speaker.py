@@ -32,10 +32,14 @@ from shared.errors import NotFound
 from shared.messages import (
     DIALOGUE,
     ClonedAudio,
+    EventData,
     EventName,
+    Failure,
+    Flushed,
+    PhraseDone,
     SessionEvent,
     VoiceMode,
-    profile_id_of,
+    cloned_profile,
 )
 from shared.runtime import cancel_and_wait
 from shared.voice_profiles import VoiceProfileStore
@@ -119,13 +123,15 @@ class ClonedSession:
 
     async def set_voice(self, voice: str, voice_mode: VoiceMode, *, from_beginning: bool = False) -> None:
         self.voice, self.voice_mode = voice, voice_mode
-        profile_id = profile_id_of(voice) if voice_mode != "native" else None
+        profile_id = cloned_profile(voice, voice_mode)
         if profile_id == self.profile_id:
             return
         if self.cloning:
             await self.flush("voice_changed")
         if profile_id is not None and not await self._usable(profile_id):
-            await self._event(EventName.ERROR, f"voice profile {profile_id} not found", code="not_found")
+            await self._event(
+                EventName.ERROR, f"voice profile {profile_id} not found", Failure(code="not_found")
+            )
             profile_id = None
         self.profile_id = profile_id
         log.info(
@@ -147,7 +153,7 @@ class ClonedSession:
             await self.flush("voice_gone")
             self.profile_id = None
             await self._stop_reader()
-            await self._event(EventName.ERROR, detail, code="not_found")
+            await self._event(EventName.ERROR, detail, Failure(code="not_found"))
 
     async def flush(self, reason: str) -> None:
         """Drop everything not yet spoken: queued phrases, pending words, the phrase being synthesised."""
@@ -164,9 +170,9 @@ class ClonedSession:
         await self._event(
             EventName.FLUSH,
             reason,
-            dropped_phrases=dropped,
-            dropped_words=words,
-            next_phrase_id=self._phraser.next_phrase_id,
+            Flushed(
+                dropped_phrases=dropped, dropped_words=words, next_phrase_id=self._phraser.next_phrase_id
+            ),
         )
 
     async def close(self, reason: str, *, announce: bool = True) -> None:
@@ -240,7 +246,7 @@ class ClonedSession:
                 log.exception(
                     "synthesis failed", extra={**self.log_extra, "phrase_id": item.phrase.phrase_id}
                 )
-                await self._event(EventName.ERROR, f"synthesis failed: {exc}", code="tts_failed")
+                await self._event(EventName.ERROR, f"synthesis failed: {exc}", Failure(code="tts_failed"))
 
     async def _speak(self, item: QueuedPhrase) -> None:
         state = await self.s.voices.get(item.profile_id)
@@ -267,12 +273,12 @@ class ClonedSession:
         if rest is not None and await self._write(item, rest, first=frames == 0):
             frames += 1
         if item.generation == self._generation:
-            await self._event(
-                EventName.PHRASE_DONE,
+            done = PhraseDone(
                 phrase_id=item.phrase.phrase_id,
                 frames=frames,
-                dialogue_seq=[item.phrase.first_seq, item.phrase.last_seq],
+                dialogue_seq=(item.phrase.first_seq, item.phrase.last_seq),
             )
+            await self._event(EventName.PHRASE_DONE, data=done)
 
     async def _write(self, item: QueuedPhrase, frame: FloatAudio, *, first: bool) -> bool:
         """Append one frame unless a flush made the phrase stale; False = stop this phrase."""
@@ -317,12 +323,8 @@ class ClonedSession:
         seq, self._seq = self._seq, self._seq + 1
         return seq
 
-    async def _event(self, name: str, detail: str = "", **data: Any) -> None:
-        await self._append(
-            SessionEvent(
-                session_id=self.session_id, seq=self._next_seq(), name=name, detail=detail, data=data
-            )
-        )
+    async def _event(self, name: EventName, detail: str = "", data: EventData | None = None) -> None:
+        await self._append(SessionEvent.of(self.session_id, self._next_seq(), name, detail, data))
 
     async def _append(self, message: ClonedAudio | SessionEvent) -> bool:
         """One entry on `:tts`, fenced: False once the session has moved to another worker (the worker's

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
-from shared.messages import DialogueFrame, OutputAudio, SessionEvent
+from shared.messages import DialogueFrame, OutputAudio, Placement, SessionEvent, VoiceChanged
 from tests.chaos.conftest import SLOTS
 from tests.chaos.harness import Call, Observer, instance_of, start_services, strictly_increasing, wait_until
 from tests.e2e.conftest import SPEECH_WAV
@@ -59,7 +59,9 @@ def sources(out: list[object]) -> list[str]:
 def switches(out: list[object]) -> list[str]:
     """The reasons of the `voice_changed` events among `:out` entries."""
     return [
-        e.data.get("reason", "") for e in out if isinstance(e, SessionEvent) and e.name == "voice_changed"
+        e.data_as(VoiceChanged).reason
+        for e in out
+        if isinstance(e, SessionEvent) and e.name == "voice_changed"
     ]
 
 
@@ -245,7 +247,7 @@ async def test_a_paused_dialogue_worker_loses_its_session_and_cannot_publish_for
     assert strictly_increasing(seqs), f"a duplicate or stale entry on :dlg: {seqs}"
     assert event_names(dialogue).count("resumed") == 1
     resumed = next(i for i, e in enumerate(dialogue) if isinstance(e, SessionEvent) and e.name == "resumed")
-    assert dialogue[resumed].data["worker"] == survivor
+    assert dialogue[resumed].data_as(Placement).worker == survivor
     assert any(isinstance(e, DialogueFrame) for e in dialogue[resumed:])
     out = await observer.output(call.session_id)
     assert strictly_increasing([e.seq for e in out]), "the client got no duplicate frame"

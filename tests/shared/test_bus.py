@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from shared.audio import silence_frame
-from shared.bus import Bus, Entry, Fence, GroupConsumer, SessionKeyTimes, tail
+from shared.bus import Bus, Entry, Fence, GroupConsumer, Handled, SessionKeyTimes, tail
 from shared.messages import CONTROL, DIALOGUE, ControlMessage, DialogueFrame, SessionStart, SessionStop
 from shared.streams import StreamNames
 
@@ -213,6 +213,36 @@ async def test_a_failing_handler_is_retried_then_dead_lettered(bus: Bus, names: 
         await eventually(dead_lettered, "the poison entry to be dead-lettered")
     assert len(attempts) == 3, "tried max_deliveries times, then given up"
     assert (await bus.redis.xpending(stream, "tts"))["pending"] == 0
+
+
+async def test_an_entry_its_handler_cannot_take_yet_stays_pending_and_comes_back_without_a_traceback(
+    bus: Bus, names: StreamNames, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = names.control
+    answers = [Handled.RETRY_LATER, Handled.RETRY_LATER, Handled.DONE]
+    attempts: list[str] = []
+
+    async def no_slot_yet(message: ControlMessage, _: Entry) -> Handled:
+        attempts.append(message.session_id)
+        return answers[len(attempts) - 1]
+
+    await bus.ensure_group(stream, "dialogue")
+    await bus.append_control(start("waiting"))
+    consumer = GroupConsumer(
+        bus, stream, "dialogue", "d1", CONTROL, no_slot_yet, claim_idle_ms=100, max_deliveries=5, block_ms=50
+    )
+    with caplog.at_level(logging.INFO, logger="shared.bus"):
+        async with running(consumer):
+            await eventually(lambda: len(attempts) == 3, "the third delivery")
+
+            async def acked() -> bool:
+                return (await bus.redis.xpending(stream, "dialogue"))["pending"] == 0
+
+            await eventually(acked, "the entry to be acked once handled")
+    assert attempts == ["waiting"] * 3
+    assert not await bus.range(names.dead_letter)
+    retried = [r for r in caplog.records if "left pending for retry" in r.getMessage()]
+    assert len(retried) == 2 and not any(r.exc_info for r in caplog.records)
 
 
 async def test_tail_yields_only_new_entries_in_order(bus: Bus, names: StreamNames) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from shared.audio import FRAME_BYTES, silence_frame
@@ -8,10 +10,20 @@ from shared.messages import (
     CONTROL,
     DIALOGUE,
     OUTPUT,
+    TTS,
     DialogueFrame,
+    EventData,
+    EventName,
+    Failure,
+    Flushed,
     OutputText,
+    PhraseDone,
+    Placement,
+    SessionEvent,
     SessionStart,
     SessionStop,
+    SwitchReason,
+    VoiceChanged,
     encode,
 )
 
@@ -63,3 +75,77 @@ def test_a_type_from_another_stream_is_rejected() -> None:
 def test_invalid_voice_names_are_refused() -> None:
     with pytest.raises(ValueError, match="voice"):
         SessionStart(session_id="s1", voice="profile:../../etc")
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "wire"),
+    [
+        (
+            EventName.READY,
+            Placement(worker="d1", slot=2, model="moshiko", primer_tokens=7),
+            {"worker": "d1", "slot": 2, "model": "moshiko", "primer_tokens": 7},
+        ),
+        (
+            EventName.RESUMED,
+            Placement(worker="d2", previous_worker="d1"),
+            {"worker": "d2", "previous_worker": "d1"},
+        ),
+        (EventName.READY, Placement(), {}),
+        (EventName.ERROR, Failure(code="not_found"), {"code": "not_found"}),
+        (
+            EventName.FLUSH,
+            Flushed(dropped_phrases=2, dropped_words=5, next_phrase_id=9),
+            {"dropped_phrases": 2, "dropped_words": 5, "next_phrase_id": 9},
+        ),
+        (
+            EventName.PHRASE_DONE,
+            PhraseDone(phrase_id=3, frames=20, dialogue_seq=(10, 14)),
+            {"phrase_id": 3, "frames": 20, "dialogue_seq": [10, 14]},
+        ),
+        (
+            EventName.VOICE_CHANGED,
+            VoiceChanged(source="native", reason=SwitchReason.TTS_DOWN, voice="profile:v1"),
+            {"source": "native", "reason": "tts_down", "voice": "profile:v1"},
+        ),
+        (EventName.ENDED, EventData(), {}),
+    ],
+    ids=["ready", "resumed", "ready_from_tts", "error", "flush", "phrase_done", "voice_changed", "ended"],
+)
+def test_event_payloads_are_models_in_code_and_the_same_json_object_on_the_wire(
+    name: EventName, data: EventData, wire: dict[str, object]
+) -> None:
+    event = SessionEvent(session_id="s1", seq=4, name=name, detail="why", data=data)
+    fields = encode(event)
+    assert json.loads(fields["data"]) == wire, "unset fields are left out, as before"
+    assert fields["name"] == name.value.encode()
+    decoded = TTS.decode({k.encode(): v for k, v in fields.items()})
+    assert isinstance(decoded, SessionEvent)
+    assert decoded == event and type(decoded.data) is type(data)
+    assert event.data_as(type(data)) == data
+
+
+def test_an_event_without_data_carries_its_names_payload_saying_nothing() -> None:
+    assert SessionEvent(session_id="s1", name=EventName.READY).data == Placement()
+    assert SessionEvent.of("s1", 0, EventName.SPEECH_STARTED).data == EventData()
+    with pytest.raises(ValueError, match="next_phrase_id"):
+        SessionEvent(session_id="s1", name=EventName.FLUSH)
+
+
+def test_an_event_whose_payload_does_not_fit_its_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="carries Flushed, not VoiceChanged"):
+        SessionEvent(
+            session_id="s1",
+            name=EventName.FLUSH,
+            data=VoiceChanged(source="native", reason=SwitchReason.TTS_DOWN, voice="moshiko"),
+        )
+    wrong = encode(SessionEvent(session_id="s1", name=EventName.ERROR, data=Failure(code="x")))
+    with pytest.raises(MalformedMessage, match="invalid 'event' entry"):
+        TTS.decode({**wrong, "name": b"phrase_done"})
+    with pytest.raises(TypeError, match="carries Failure, not Placement"):
+        SessionEvent.of("s1", 0, EventName.ERROR, data=Failure()).data_as(Placement)
+
+
+def test_an_event_name_is_a_plain_string_on_the_wire_and_compares_equal_to_its_enum() -> None:
+    assert EventName.PHRASE_DONE == "phrase_done" and f"{EventName.PHRASE_DONE}" == "phrase_done"
+    event = OUTPUT.decode(encode(SessionEvent(session_id="s1", name=EventName.SPEECH_STOPPED)))
+    assert isinstance(event, SessionEvent) and event.name == EventName.SPEECH_STOPPED

@@ -29,7 +29,8 @@ async def test_a_live_session_is_taken_by_exactly_one_worker(bus: Bus) -> None:
     outcomes = await asyncio.gather(first.take("s1"), second.take("s1"))
     assert sorted(outcomes) == [TakeOutcome.OWNED, TakeOutcome.TAKEN]
     winner = "w1" if outcomes[0] is TakeOutcome.TAKEN else "w2"
-    assert (await SessionStore(bus, 60).get("s1"))["router_worker"] == winner
+    info = await SessionStore(bus, 60).get("s1")
+    assert info is not None and info.workers["router_worker"] == winner
     assert await bus.redis.smembers(bus.names.owned("router", winner)) == {b"s1"}
     assert await ownership(bus, winner).take("s1") is TakeOutcome.TAKEN, "taking again is harmless"
 
@@ -106,7 +107,8 @@ async def test_a_lapsed_lease_ends_the_session_once_for_everyone(bus: Bus) -> No
     await asyncio.gather(ownership(bus, "w1").end_lapsed("lost"), ownership(bus, "w2").end_lapsed("lost"))
 
     info = await store.get("lost")
-    assert info["state"] == SessionState.ENDED and info["end_reason"] == "lease_expired"
+    assert info is not None
+    assert info.state == SessionState.ENDED and info.end_reason == "lease_expired"
     stops = [CONTROL.decode(e.fields) for e in await bus.range(bus.names.control)]
     assert [m for m in stops if isinstance(m, SessionStop)] == [
         SessionStop(session_id="lost", reason="lease_expired", created_at=stops[-1].created_at)

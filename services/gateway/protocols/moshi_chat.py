@@ -44,7 +44,7 @@ from services.gateway.settings import GatewaySettings
 from shared import metrics
 from shared.audio import SAMPLE_RATE, FloatAudio, OpusDecoder, OpusEncoder, pcm16_to_float
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest
-from shared.messages import EventName, OutputAudio, OutputText, SessionEvent, VoiceMode
+from shared.messages import EventName, OutputAudio, OutputText, SessionEvent, VoiceMode, parse_voice_mode
 from shared.runtime import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,10 @@ def _payload_size(item: Outgoing) -> int:
 
 
 def _voice_mode(value: str | None) -> VoiceMode:
-    if value in (None, ""):
-        return "auto"
-    if value not in ("native", "cloned", "auto"):
-        raise InvalidRequest(f"voice_mode must be native, cloned or auto, not {value!r}")
-    return value  # type: ignore[return-value]
+    try:
+        return parse_voice_mode(value)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 @router.websocket("/api/chat")

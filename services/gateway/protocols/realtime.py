@@ -369,7 +369,8 @@ class RealtimeSession:
         elif event.name == EventName.ERROR:
             await self.error(event.detail or "session error", "session_error")
         else:
-            await self.send(ev.ChorusEvent(name=event.name, detail=event.detail, data=event.data))
+            data = event.data.model_dump(mode="json")
+            await self.send(ev.ChorusEvent(name=event.name, detail=event.detail, data=data))
         return False
 
     async def _open_response(self) -> None:

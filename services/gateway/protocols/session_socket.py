@@ -26,7 +26,7 @@ from services.gateway.conversation import Conversation
 from services.gateway.problems import outage_error
 from services.gateway.settings import GatewaySettings
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest, NotFound, Unauthorized
-from shared.messages import NATIVE_VOICES, PersonaSpec, VoiceMode, valid_voice
+from shared.messages import PersonaSpec, VoiceMode, parse_voice, profile_id_of
 from shared.runtime import cancel_and_wait
 from shared.voice_profiles import VoiceProfileStore
 
@@ -75,20 +75,22 @@ Report = Callable[[ChorusError], None]  # queues a protocol error for the client
 
 
 def check_voice(voice: str) -> str:
-    if not valid_voice(voice):
-        raise InvalidRequest(f"unknown voice {voice!r}: use {' or '.join(NATIVE_VOICES)} or profile:<id>")
-    return voice
+    try:
+        return parse_voice(voice)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 async def check_voice_owned(conn: HTTPConnection, owner: str, voice: str) -> None:
     """A cloned voice must be the caller's own: another key's profile is refused at once, exactly like a
     missing one (the TTS worker checks again when it switches voices). Sockets and the client secret
     route ask it."""
-    if not voice.startswith("profile:"):
+    profile_id = profile_id_of(voice)
+    if profile_id is None:
         return
     store: VoiceProfileStore = conn.app.state.voices
     try:
-        await store.get_owned(voice.removeprefix("profile:"), owner)
+        await store.get_owned(profile_id, owner)
     except NotFound:
         raise InvalidRequest(f"unknown voice {voice!r}: no such profile for this API key") from None
 

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable
 
 from shared.bus import Bus
-from shared.messages import EventName, SessionStart, SessionStop
+from shared.messages import EventName, Placement, SessionStart, SessionStop
 from shared.presence import list_workers
 from shared.sessions import SessionStore
 from tests.services.dialogue.conftest import DialogueReader, WorkerProcess, wait_for
@@ -43,8 +43,10 @@ async def test_chorus_dialogue_serves_four_sessions_in_one_batch(
         await reader.until(lambda r: len(r.frames) >= 10, 30, "frames did not flow")
 
     readies = [r.event(EventName.READY) for r in readers]
-    assert {e.data["worker"] for e in readies if e} == {"solo"}
-    assert sorted(e.data["slot"] for e in readies if e) == [0, 1, 2, 3], "one row each of one batch"
+    assert {e.data_as(Placement).worker for e in readies if e} == {"solo"}
+    assert sorted(e.data_as(Placement).slot for e in readies if e) == [0, 1, 2, 3], (
+        "one row each of one batch"
+    )
     (info,) = await list_workers(bus, "dialogue")
     assert info.fields["capacity"] == "4" and info.free_slots == 0
     for sid in sids:
@@ -75,8 +77,14 @@ async def test_dead_worker_sessions_are_resumed_on_a_live_worker(
 
     resumed = reader.event(EventName.RESUMED)
     assert resumed is not None
-    assert resumed.data["worker"] == "second" and resumed.data["previous_worker"] == "first"
-    assert resumed.data["primer_tokens"] > 0 or not spoken_before.strip(), "re-primed with the transcript"
+    assert (
+        resumed.data_as(Placement).worker == "second"
+        and resumed.data_as(Placement).previous_worker == "first"
+    )
+    assert resumed.data_as(Placement).primer_tokens > 0 or not spoken_before.strip(), (
+        "re-primed with the transcript"
+    )
     seqs = [e.seq for e in reader.entries]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "the new owner continued the numbering"
-    assert (await SessionStore(bus, 60).get("survivor"))["dialogue_worker"] == "second"
+    survivor = await SessionStore(bus, 60).get("survivor")
+    assert survivor is not None and survivor.workers["dialogue_worker"] == "second"

@@ -12,7 +12,15 @@ from prometheus_client import REGISTRY
 
 from shared.audio import FRAME_BYTES, float_to_pcm16
 from shared.bus import Bus
-from shared.messages import EventName, PersonaSpec, SessionEvent, SessionStart, SessionStop, UserAudio
+from shared.messages import (
+    EventName,
+    PersonaSpec,
+    Placement,
+    SessionEvent,
+    SessionStart,
+    SessionStop,
+    UserAudio,
+)
 from shared.presence import list_workers
 from shared.sessions import SessionStore
 from tests.services.dialogue.conftest import DialogueReader, RunningWorker, wait_for
@@ -47,12 +55,13 @@ async def test_a_started_session_gets_ready_then_one_frame_per_tick(
     await reader.until(lambda r: len(r.frames) >= 8, 20, "frames did not follow")
 
     ready = reader.event(EventName.READY)
-    assert ready is not None and ready.data["worker"] == running.settings.worker_id
+    assert ready is not None and ready.data_as(Placement).worker == running.settings.worker_id
     seqs = [e.seq for e in sorted(reader.events + reader.frames, key=lambda e: e.seq)]
     assert seqs == list(range(len(seqs))), "one seq counter for the whole stream, no gaps"
     assert all(len(f.pcm) == FRAME_BYTES for f in reader.frames)
     session = await SessionStore(bus, 60).get("s1")
-    assert session["state"] == "active" and session["dialogue_worker"] == running.settings.worker_id
+    assert session is not None
+    assert session.state == "active" and session.workers["dialogue_worker"] == running.settings.worker_id
 
     await bus.append_control(SessionStop(session_id="s1"))
     await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
@@ -70,7 +79,7 @@ async def test_a_persona_is_primed_before_the_session_is_ready(bus: Bus, start_w
     await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
     ready = reader.event(EventName.READY)
     assert ready is not None
-    assert ready.data["primer_tokens"] == len(running.worker.model.encode_text(primer)) > 5
+    assert ready.data_as(Placement).primer_tokens == len(running.worker.model.encode_text(primer)) > 5
     before_ready = reader.entries[: reader.entries.index(ready)]
     assert not before_ready, "nothing is published while the primer is forced"
 
@@ -171,7 +180,8 @@ async def test_a_session_whose_lease_lapsed_is_ended_for_everyone_and_its_slot_f
     ended = reader.event(EventName.ENDED)
     assert ended is not None and ended.detail == "lease_expired"
     info = await store.get("orphan")
-    assert info["state"] == "ended" and info["end_reason"] == "lease_expired"
+    assert info is not None
+    assert info.state == "ended" and info.end_reason == "lease_expired"
     assert running.worker.batcher.free_rows() == [0], "the slot is free again"
     assert await store.live_session_ids("alice") == [], "the key's session budget is back"
     end = running.settings.data_dir / "transcripts" / "orphan" / "end.json"

@@ -6,15 +6,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.router.mixer import DropReason, Mixer, MixerOutput, SwitchReason
+from services.router.mixer import DropReason, Mixer, MixerOutput
 from shared.audio import FRAME_SAMPLES, silence_frame
 from shared.messages import (
     ClonedAudio,
     DialogueFrame,
+    EventData,
     EventName,
+    Flushed,
     OutputAudio,
     OutputText,
+    Placement,
     SessionEvent,
+    SwitchReason,
+    VoiceChanged,
     VoiceMode,
 )
 
@@ -64,9 +69,9 @@ class Conversation:
             out.merge(self.mixer.on_cloned(frame))
         return out
 
-    def tts_event(self, name: str) -> MixerOutput:
+    def tts_event(self, name: str, data: EventData | None = None) -> MixerOutput:
         self.tts_seq += 1
-        return self.mixer.on_tts_event(SessionEvent(session_id=SID, seq=self.tts_seq, name=name))
+        return self.mixer.on_tts_event(SessionEvent.of(SID, self.tts_seq, name, data=data))
 
 
 def audio(out: MixerOutput) -> OutputAudio:
@@ -125,8 +130,8 @@ def test_cloned_mode_falls_back_to_native_within_three_frames_when_the_tts_is_do
     outs = [talk.tick() for _ in range(3)]
     assert NATIVE in [audio(o).pcm for o in outs]
     switched = [e for o in outs for e in events(o, EventName.VOICE_CHANGED)]
-    assert [e.data["source"] for e in switched] == ["native"]
-    assert switched[0].data["reason"] == SwitchReason.TTS_DOWN
+    assert [e.data_as(VoiceChanged).source for e in switched] == ["native"]
+    assert switched[0].data_as(VoiceChanged).reason == SwitchReason.TTS_DOWN
     assert outs[0].switches == [("native", SwitchReason.TTS_DOWN)]
 
 
@@ -136,7 +141,7 @@ def test_an_error_event_from_the_tts_counts_as_down() -> None:
     talk.tts_event(EventName.ERROR)
     out = talk.tick()
     assert audio(out).source == "native"
-    assert events(out, EventName.VOICE_CHANGED)[0].data["reason"] == SwitchReason.TTS_DOWN
+    assert events(out, EventName.VOICE_CHANGED)[0].data_as(VoiceChanged).reason == SwitchReason.TTS_DOWN
 
 
 def test_after_recovery_cloned_audio_resumes_at_a_phrase_boundary() -> None:
@@ -152,11 +157,9 @@ def test_after_recovery_cloned_audio_resumes_at_a_phrase_boundary() -> None:
     talk.phrase_audio("next phrase", 2)
     out = talk.tick()
     assert audio(out).pcm == CLONED and audio(out).source == "cloned"
-    assert events(out, EventName.VOICE_CHANGED)[0].data == {
-        "source": "cloned",
-        "reason": SwitchReason.TTS_RECOVERED,
-        "voice": PROFILE,
-    }
+    assert events(out, EventName.VOICE_CHANGED)[0].data == VoiceChanged(
+        source="cloned", reason=SwitchReason.TTS_RECOVERED, voice=PROFILE
+    )
 
 
 def test_auto_mode_stays_cloned_while_the_tts_keeps_up() -> None:
@@ -184,7 +187,7 @@ def test_auto_mode_returns_to_cloned_at_a_phrase_start_once_the_tts_catches_up()
     talk.phrase_audio("Hello", 3)
     out = talk.tick()
     assert audio(out).pcm == CLONED and audio(out).source == "cloned"
-    assert events(out, EventName.VOICE_CHANGED)[0].data["reason"] == SwitchReason.TTS_RECOVERED
+    assert events(out, EventName.VOICE_CHANGED)[0].data_as(VoiceChanged).reason == SwitchReason.TTS_RECOVERED
 
 
 def test_barge_in_drops_queued_cloned_audio_flushes_the_tts_and_says_speech_started() -> None:
@@ -225,7 +228,7 @@ def test_the_tts_confirming_the_flush_ends_the_drop_window() -> None:
     talk = Conversation(mode="cloned")
     talk.tick(" Old")
     talk.mixer.on_user_speech(True)
-    talk.tts_event(EventName.FLUSH)
+    talk.tts_event(EventName.FLUSH, Flushed(dropped_phrases=1, dropped_words=0, next_phrase_id=2))
     talk.phrase_audio("something else", 1)
     assert talk.mixer.queued_frames == 1
 
@@ -255,11 +258,15 @@ def test_dialogue_events_reach_the_client_with_the_routers_own_seq() -> None:
     talk = Conversation(voice="moshiko")
     ready = talk.mixer.on_dialogue(SessionEvent(session_id=SID, seq=0, name=EventName.READY))
     talk.tick()
+    placement = Placement(worker="d2", slot=3, previous_worker="d1")
     resumed = talk.mixer.on_dialogue(
-        SessionEvent(session_id=SID, seq=7, name=EventName.RESUMED, detail="worker died", data={"at": 3})
+        SessionEvent(session_id=SID, seq=7, name=EventName.RESUMED, detail="worker died", data=placement)
     )
     forwarded = [*events(ready, EventName.READY), *events(resumed, EventName.RESUMED)]
-    assert [(e.seq, e.detail, e.data) for e in forwarded] == [(0, "", {}), (2, "worker died", {"at": 3})]
+    assert [(e.seq, e.detail, e.data) for e in forwarded] == [
+        (0, "", Placement()),
+        (2, "worker died", placement),
+    ]
     # A resumed dialogue may number its frames afresh: they are not taken for duplicates.
     assert audio(talk.mixer.on_frame(DialogueFrame(session_id=SID, seq=1, pcm=NATIVE))).pcm == NATIVE
 
@@ -278,17 +285,15 @@ def test_a_voice_update_switches_the_source_mid_session() -> None:
     talk.mixer.set_voice(PROFILE, "cloned")
     out = talk.tick()
     assert audio(out).source == "cloned", "cloned mode mutes Moshi at once"
-    assert events(out, EventName.VOICE_CHANGED)[0].data["reason"] == SwitchReason.VOICE_UPDATE
+    assert events(out, EventName.VOICE_CHANGED)[0].data_as(VoiceChanged).reason == SwitchReason.VOICE_UPDATE
     talk.phrase_audio("hi", 5)
     talk.tick()
     talk.mixer.set_voice("moshika")
     out = talk.tick()
     assert audio(out).pcm == NATIVE
-    assert events(out, EventName.VOICE_CHANGED)[0].data == {
-        "source": "native",
-        "reason": SwitchReason.VOICE_UPDATE,
-        "voice": "moshika",
-    }
+    assert events(out, EventName.VOICE_CHANGED)[0].data == VoiceChanged(
+        source="native", reason=SwitchReason.VOICE_UPDATE, voice="moshika"
+    )
     assert talk.mixer.queued_frames == 0
 
 

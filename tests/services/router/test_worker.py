@@ -32,6 +32,7 @@ from shared.messages import (
     SessionStop,
     SessionUpdate,
     UserAudio,
+    VoiceChanged,
     VoiceMode,
 )
 from shared.ownership import SessionOwnership, TakeOutcome
@@ -174,7 +175,7 @@ async def test_a_voice_update_switches_a_live_session_to_its_cloned_voice(bus: B
         out = await play.wait_output(
             lambda o: bool(events(o, EventName.VOICE_CHANGED)), "a voice_changed event", tick=True
         )
-        assert events(out, EventName.VOICE_CHANGED)[0].data["source"] == "cloned"
+        assert events(out, EventName.VOICE_CHANGED)[0].data_as(VoiceChanged).source == "cloned"
         await play.phrase("two", 2)
         await play.dialogue(" two")
         out = await play.wait_output(lambda o: CLONED in [a.pcm for a in audio(o)], "cloned audio", tick=True)
@@ -188,7 +189,7 @@ async def test_without_a_tts_worker_a_cloned_session_falls_back_to_native(bus: B
         await play.dialogue(" hi")
         out = await play.wait_output(lambda o: len(audio(o)) == 1, "an audio frame")
     assert audio(out)[0].pcm == NATIVE
-    assert events(out, EventName.VOICE_CHANGED)[0].data["reason"] == "tts_down"
+    assert events(out, EventName.VOICE_CHANGED)[0].data_as(VoiceChanged).reason == "tts_down"
 
 
 async def test_when_the_tts_worker_goes_away_the_session_falls_back_to_native(bus: Bus) -> None:
@@ -201,7 +202,9 @@ async def test_when_the_tts_worker_goes_away_the_session_falls_back_to_native(bu
         out = await play.wait_output(lambda o: NATIVE in [a.pcm for a in audio(o)], "native audio", tick=True)
     assert audio(out)[0].source == "cloned"
     switch = events(out, EventName.VOICE_CHANGED)
-    assert [(e.data["source"], e.data["reason"]) for e in switch] == [("native", "tts_down")]
+    assert [(e.data_as(VoiceChanged).source, e.data_as(VoiceChanged).reason) for e in switch] == [
+        ("native", "tts_down")
+    ]
 
 
 async def test_user_speech_over_queued_cloned_audio_flushes_the_tts(bus: Bus, names: StreamNames) -> None:

@@ -16,6 +16,9 @@ from shared.messages import (
     ClonedAudio,
     DialogueFrame,
     EventName,
+    Failure,
+    Flushed,
+    PhraseDone,
     SessionFlush,
     SessionStart,
     SessionStop,
@@ -134,8 +137,8 @@ async def test_flush_drops_queued_phrases_and_the_one_being_spoken(
         await eventually(speaking, "the first frames")
         await bus.append_control(SessionFlush(session_id="s1"))
         flushed = (await eventually(lambda: _event(bus, "s1", EventName.FLUSH), "the flush"))[0]
-        assert flushed.data["dropped_phrases"] >= 1
-        assert flushed.data["next_phrase_id"] == 3
+        assert flushed.data_as(Flushed).dropped_phrases >= 1
+        assert flushed.data_as(Flushed).next_phrase_id == 3
 
         await dialogue.say(" Sorry", ".")
         entries = await eventually(lambda: _after(bus, "s1", flushed.seq), "speech after the flush")
@@ -184,7 +187,7 @@ async def test_another_owners_profile_is_refused_with_an_error_event(
     async with running_worker(bus, settings, tts_engine):
         await start_session(bus, "s1", profile.voice, owner="me")
         (error,) = await eventually(lambda: _event(bus, "s1", EventName.ERROR), "the error")
-    assert error.data["code"] == "not_found"
+    assert error.data_as(Failure).code == "not_found"
 
 
 async def test_a_deleted_voice_stops_its_sessions_and_leaves_memory(
@@ -270,4 +273,4 @@ async def test_a_full_backlog_drops_the_oldest_phrases_and_speaks_the_newest(
         await start_session(bus, "s1", profile.voice)
         entries = await eventually(lambda: phrases_done(bus, "s1", 1), "a phrase")
     assert [f.text for f in frames_of(entries) if f.text] == ["Four."]
-    assert [e.data["phrase_id"] for e in events(entries, EventName.PHRASE_DONE)] == [3]
+    assert [e.data_as(PhraseDone).phrase_id for e in events(entries, EventName.PHRASE_DONE)] == [3]

@@ -1,0 +1,154 @@
+"""The session hash as every reader sees it: `SessionInfo`, parsed once from the strings Redis holds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from shared.bus import Bus
+from shared.messages import PersonaSpec, Sampling, SessionStart
+from shared.sessions import SessionInfo, SessionState, SessionStore, start_of
+
+
+def test_every_known_field_is_parsed_to_its_type() -> None:
+    start = SessionStart(session_id="s1", owner="alice", voice="moshika", persona=PersonaSpec(id="tutor"))
+    info = SessionInfo.from_hash(
+        "s1",
+        {
+            "state": "resuming",
+            "owner": "alice",
+            "voice": "profile:v1",
+            "voice_mode": "cloned",
+            "persona_id": "tutor",
+            "started_at": "1700000000.25",
+            "updated_at": "1700000001.5",
+            "resumed_at": "1700000001",
+            "start": start.model_dump_json(),
+            "sampling": Sampling(text_top_k=5).model_dump_json(),
+            "utterance": json.dumps({"speaker": "assistant", "text": " hel"}),
+        },
+    )
+    assert info.session_id == "s1"
+    assert info.state is SessionState.RESUMING and not info.ended
+    assert (info.owner, info.voice, info.voice_mode, info.persona_id) == (
+        "alice",
+        "profile:v1",
+        "cloned",
+        "tutor",
+    )
+    assert (info.started_at, info.updated_at, info.resumed_at, info.ended_at) == (
+        1700000000.25,
+        1700000001.5,
+        1700000001.0,
+        None,
+    )
+    assert info.start == start
+    assert info.sampling == Sampling(text_top_k=5)
+    assert info.utterance == {"speaker": "assistant", "text": " hel"}
+
+
+def test_workers_owners_and_counters_are_sorted_out_of_the_other_fields() -> None:
+    info = SessionInfo.from_hash(
+        "s1",
+        {
+            "state": "active",
+            "dialogue_worker": "d1",
+            "dialogue_owner": "moshiko/d1",
+            "tts_worker": "t2",
+            "dialogue_slot": "3",
+            "barge_ins": "12",
+            "something_new": "text",
+        },
+    )
+    assert info.workers == {"dialogue_worker": "d1", "tts_worker": "t2"}
+    assert info.owners == {"dialogue_owner": "moshiko/d1"}
+    assert info.counters == {"dialogue_slot": 3, "barge_ins": 12}
+
+
+def test_missing_and_empty_fields_read_as_unset() -> None:
+    info = SessionInfo.from_hash("s1", {"state": "ended", "voice": "", "start": ""})
+    assert info.ended
+    assert (info.owner, info.voice, info.voice_mode, info.start, info.started_at) == (
+        "",
+        None,
+        None,
+        None,
+        None,
+    )
+    assert start_of(info) is None
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"voice": "moshiko\n"},
+        {"voice": "profile:../etc"},
+        {"voice_mode": "loud"},
+        {"state": "sleeping"},
+        {"started_at": "yesterday"},
+        {"start": "{not json"},
+    ],
+    ids=["voice_newline", "voice_path", "voice_mode", "state", "float", "start"],
+)
+def test_a_field_that_does_not_parse_is_refused_not_passed_on(field: dict[str, str]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 (pydantic's ValidationError and json's error are both)
+        SessionInfo.from_hash("s1", {"state": "active", **field})
+
+
+def test_the_start_a_takeover_serves_carries_the_latest_voice_mode_and_sampling() -> None:
+    start = SessionStart(
+        session_id="s1", voice="moshiko", voice_mode="auto", persona=PersonaSpec(primer="hi")
+    )
+    info = SessionInfo.from_hash(
+        "s1",
+        {
+            "start": start.model_dump_json(),
+            "voice": "profile:v1",
+            "voice_mode": "cloned",
+            "sampling": Sampling(audio_top_k=10).model_dump_json(),
+        },
+    )
+    served = start_of(info)
+    assert served is not None
+    assert (served.voice, served.voice_mode, served.persona.sampling) == (
+        "profile:v1",
+        "cloned",
+        Sampling(audio_top_k=10),
+    )
+    assert served.persona.primer == "hi" and served.session_id == "s1"
+
+
+async def test_the_store_returns_the_parsed_hash_and_none_without_one(bus: Bus) -> None:
+    store = SessionStore(bus, 60)
+    assert await store.get("nobody") is None
+    start = SessionStart(session_id="s1", owner="alice", voice="moshika", voice_mode="native")
+    await store.create(start, lease_s=60)
+    await store.update("s1", dialogue_worker="d1", dialogue_slot=2)
+    await store.incr("s1", "barge_ins")
+    info = await store.get("s1")
+    assert info is not None
+    assert (info.state, info.owner, info.voice, info.voice_mode) == (
+        SessionState.PLACING,
+        "alice",
+        "moshika",
+        "native",
+    )
+    assert info.start == start and start_of(info) == start
+    assert info.workers == {"dialogue_worker": "d1"}
+    assert info.counters == {"dialogue_slot": 2, "barge_ins": 1}
+    assert info.started_at is not None and info.updated_at is not None and info.updated_at >= info.started_at
+
+    await store.finalize("s1", "client_closed")
+    ended = await store.get("s1")
+    assert ended is not None and ended.ended and ended.end_reason == "client_closed"
+    assert ended.ended_at is not None
+
+
+async def test_a_hash_written_by_hand_with_a_bad_voice_is_refused(bus: Bus) -> None:
+    store = SessionStore(bus, 60)
+    await store.create(SessionStart(session_id="s1"), lease_s=60)
+    await bus.redis.hset(bus.names.session("s1"), "voice", "profile:a/b")
+    with pytest.raises(ValidationError):
+        await store.get("s1")
