@@ -125,8 +125,7 @@ async def test_the_store_returns_the_parsed_hash_and_none_without_one(bus: Bus) 
     assert await store.get("nobody") is None
     start = SessionStart(session_id="s1", owner="alice", voice="moshika", voice_mode="native")
     await store.create(start, lease_s=60)
-    await store.update("s1", dialogue_worker="d1", dialogue_slot=2)
-    await store.incr("s1", "barge_ins")
+    await store.update("s1", dialogue_worker="d1", dialogue_slot=2, barge_ins=1)
     info = await store.get("s1")
     assert info is not None
     assert (info.state, info.owner, info.voice, info.voice_mode) == (
