@@ -107,6 +107,20 @@ end
 return written
 """
 
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Redis memory: `used` bytes of at most `limit` (0 = no limit)."""
+
+    used: int
+    limit: int
+
+    @property
+    def share(self) -> float:
+        """Used over the limit (0 without one)."""
+        return self.used / self.limit if self.limit else 0.0
+
+
 SessionWrites = Mapping[str, Sequence[tuple[str, Envelope]]]
 
 
@@ -124,7 +138,7 @@ class Bus:
         max_block_ms: int = 1000,
     ) -> None:
         # redis-py types replies as str | bytes | int unions; with decode_responses=False they are bytes.
-        self.redis: Any = redis
+        self._redis: Any = redis
         self.names = names
         self.session_maxlen = session_maxlen
         self.control_maxlen = control_maxlen
@@ -170,6 +184,14 @@ class Bus:
         return cls(
             redis, names, session_maxlen, control_maxlen, key_times=key_times, max_block_ms=max_block_ms
         )
+
+    @property
+    def redis(self) -> Any:
+        """The client, for the stores of `shared/` (sessions, presence, ownership, ...) and for tests only.
+
+        Services never reach it: they call Bus and store methods, so Redis stays an implementation detail
+        of `shared/` (checked by tests/test_architecture.py and the import contracts of `make lint`)."""
+        return self._redis
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -324,6 +346,11 @@ class Bus:
         }
         fields.update({b"f:" + k: v for k, v in entry.fields.items()})
         await self.redis.xadd(self.names.dead_letter, fields, maxlen=1000, approximate=True)
+
+    async def memory_use(self) -> MemoryUse:
+        """How much memory Redis uses, and its limit (`maxmemory`, 0 = none)."""
+        info = await self.redis.info("memory")
+        return MemoryUse(int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)))
 
     # --- per-session keys ----------------------------------------------------------------------
 
@@ -528,6 +555,7 @@ __all__: Sequence[str] = (
     "Fence",
     "GroupConsumer",
     "Handled",
+    "MemoryUse",
     "SessionKeyTimes",
     "tail",
     "make_bus_kwargs",

@@ -16,11 +16,15 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
+
+# Every error of the Redis client (an outage or a refused command): what services catch, since none of
+# them imports `redis` (the bus and the stores of `shared/` hide it).
+StoreError = RedisError
 
 # Server replies that mean "not now" rather than "wrong": out of memory (noeviction), still loading its
 # data after a restart, a replica that is read-only or lost its master, a busy script, a cluster asking

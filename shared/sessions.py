@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -254,3 +254,37 @@ class SessionStore:
     async def transcript(self, sid: str) -> list[dict[str, Any]]:
         raw = await self.bus.redis.lrange(self.bus.names.session_transcript(sid), 0, -1)
         return [json.loads(item) for item in raw]
+
+    # --- what workers record and read in the hash ------------------------------------------------------
+
+    async def save_progress(self, went_live: Iterable[str], utterances: Mapping[str, str | None]) -> None:
+        """A dialogue tick's hash updates, in one round trip: `active` for the sessions that went live, and
+        each session's utterance in progress (JSON; None: none, the field goes) for a worker taking the
+        session over."""
+        names, now = self.bus.names, str(time.time())
+        async with self.bus.redis.pipeline(transaction=False) as pipe:
+            for sid in went_live:
+                pipe.hset(names.session(sid), mapping={"state": SessionState.ACTIVE, "updated_at": now})
+            for sid, utterance in utterances.items():
+                if utterance is not None:
+                    pipe.hset(names.session(sid), "utterance", utterance)
+                else:
+                    pipe.hdel(names.session(sid), "utterance")
+            await pipe.execute()
+
+    async def clear_utterance(self, sid: str) -> None:
+        """Forget the utterance in progress a dead worker left in the hash (it was recorded)."""
+        await self.bus.redis.hdel(self.bus.names.session(sid), "utterance")
+
+    async def dialogue_worker(self, sid: str) -> str:
+        """The dialogue worker serving the session ('' before one took it)."""
+        worker = await self.bus.redis.hget(self.bus.names.session(sid), "dialogue_worker")
+        return worker.decode() if worker else ""
+
+    async def tts_workers(self, sids: Sequence[str]) -> list[str]:
+        """The TTS worker named in each session's hash ('' where none is yet), in one round trip."""
+        async with self.bus.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hget(self.bus.names.session(sid), "tts_worker")
+            named: list[bytes | None] = await pipe.execute()
+        return [worker.decode() if worker else "" for worker in named]

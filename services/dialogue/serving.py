@@ -343,17 +343,11 @@ class DialogueWorker:
                 await self._record(sid, utterance)
         if not went_live and not spoke:
             return
-        names, now = self.bus.names, str(time.time())
-        async with self.bus.redis.pipeline(transaction=False) as pipe:
-            for sid in went_live:
-                pipe.hset(names.session(sid), mapping={"state": SessionState.ACTIVE, "updated_at": now})
-            for sid in spoke:
-                current = self.sessions[sid].utterances.current if sid in self.sessions else None
-                if current is not None:
-                    pipe.hset(names.session(sid), "utterance", json.dumps(current.record()))
-                else:
-                    pipe.hdel(names.session(sid), "utterance")
-            await pipe.execute()
+        in_progress: dict[str, str | None] = {}
+        for sid in spoke:
+            current = self.sessions[sid].utterances.current if sid in self.sessions else None
+            in_progress[sid] = json.dumps(current.record()) if current is not None else None
+        await self.store.save_progress(went_live, in_progress)
 
     async def _record(self, sid: str, utterance: dict[str, Any]) -> None:
         """A finished utterance: the durable log soon after (off the tick), the live list now."""
@@ -433,7 +427,7 @@ class DialogueWorker:
         worker had not finished (kept in the hash for exactly this), which is recorded now."""
         if info is not None and info.utterance is not None:
             await self._record(sid, info.utterance)
-            await self.bus.redis.hdel(self.bus.names.session(sid), "utterance")
+            await self.store.clear_utterance(sid)
         return spoken_so_far(await self.store.transcript(sid))
 
     # --- update / stop / liveness ------------------------------------------------------------------

@@ -38,9 +38,7 @@ class Admission:
     async def memory_share(self) -> float:
         """Used memory over `maxmemory` (0 when Redis has no limit)."""
         if time.monotonic() - self._checked_at > MEMORY_CHECK_S:
-            info = await self.bus.redis.info("memory")
-            limit = int(info.get("maxmemory", 0))
-            self._share = int(info.get("used_memory", 0)) / limit if limit else 0.0
+            self._share = (await self.bus.memory_use()).share
             self._checked_at = time.monotonic()
         return self._share
 

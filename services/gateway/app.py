@@ -34,8 +34,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         bus = app.state.bus = await Bus.connect(
             settings.require_redis_url(), names, **make_bus_kwargs(settings)
         )
-        app.state.rate_limits = limits.RateLimits(bus.redis, names.rate_limits, settings)
-        app.state.client_secrets = client_secrets.ClientSecretStore(bus.redis, names)
+        app.state.rate_limits = limits.RateLimits(bus, settings)
+        app.state.client_secrets = client_secrets.ClientSecretStore(bus)
         if not app.state.keys.enabled:
             why = "CHORUS_AUTH=off" if settings.auth == "off" else "no CHORUS_API_KEYS configured"
             log.warning("AUTH IS OFF (%s): every caller is the anonymous owner", why)

@@ -15,23 +15,21 @@ Redis holds the secret's SHA-256, never the secret itself.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
 import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
-from redis.asyncio import Redis
 
 from services.gateway.auth import CLIENT_SECRET_PREFIX, Caller, current_owner
 from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.protocols.session_socket import check_voice_owned
 from services.gateway.settings import GatewaySettings
 from shared.audio import SAMPLE_RATE
+from shared.bus import Bus
+from shared.client_secrets import OneUseSecrets
 from shared.messages import VoiceName, native_voice_for
-from shared.streams import StreamNames
 
 router = APIRouter(prefix="/v1/realtime", tags=["realtime"], responses=V1_ERRORS)
 Owner = Annotated[str, Depends(current_owner)]
@@ -90,27 +88,23 @@ class ClientSecret(BaseModel):
 
 
 class ClientSecretStore:
-    """Client secrets in Redis: a key with a TTL under the secret's digest, deleted when redeemed."""
+    """Client secrets, each granting its caller one socket (`shared.client_secrets`: one-use, with a TTL)."""
 
-    def __init__(self, redis: Redis, names: StreamNames) -> None:
-        self.redis = redis
-        self.names = names
-
-    def _key(self, secret: str) -> str:
-        return self.names.client_secret(hashlib.sha256(secret.encode()).hexdigest())
+    def __init__(self, bus: Bus) -> None:
+        self.stored = OneUseSecrets(bus)
 
     async def mint(self, caller: Caller, ttl_s: int) -> str:
         secret = CLIENT_SECRET_PREFIX + secrets.token_urlsafe(32)
         grant = {k: v for k, v in vars(caller).items() if v is not None}
-        await self.redis.set(self._key(secret), json.dumps(grant), ex=ttl_s)
+        await self.stored.put(secret, grant, ttl_s)
         return secret
 
     async def redeem(self, secret: str) -> Caller | None:
         """The caller the secret was minted for, or None (unknown, expired or used); usable once."""
         if not secret.startswith(CLIENT_SECRET_PREFIX) or len(secret) > 100:
             return None
-        raw = await self.redis.getdel(self._key(secret))
-        return None if raw is None else Caller(**json.loads(raw))
+        grant = await self.stored.take(secret)
+        return None if grant is None else Caller(**grant)
 
 
 @router.post(

@@ -154,7 +154,7 @@ class Conversation:
                 raise NoCapacity(f"the session was placed but not ready within {ready_timeout_s:g} s")
 
     async def _placed(self) -> bool:
-        return bool(await self.bus.redis.hget(self.bus.names.session(self.session_id), "dialogue_worker"))
+        return bool(await self.store.dialogue_worker(self.session_id))
 
     async def send_audio(self, samples: FloatAudio) -> int:
         """Cut arbitrary-length 24 kHz audio into 80 ms frames and append them to `:in`. While Redis is

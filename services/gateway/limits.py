@@ -1,6 +1,6 @@
 """Gateway limits: body size per route, REST requests per minute per owner, WebSocket message size/rate.
 
-Concurrent sessions per key live with the session set (services/gateway/sessions.py). Every refusal
+Concurrent sessions per key live with the owner's session set (`shared.sessions`). Every refusal
 counts in `chorus_limit_rejections_total{limit=...}`.
 """
 
@@ -18,16 +18,15 @@ from typing import Any
 
 from aiolimiter import AsyncLimiter
 from limits import RateLimitItem, RateLimitItemPerMinute
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from redis.asyncio import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.auth import ANONYMOUS, OWNER
 from services.gateway.problems import outage_error, problem_response
 from services.gateway.settings import GatewaySettings
 from shared import metrics
+from shared.bus import Bus
 from shared.errors import ChorusError, PayloadTooLarge, RateLimited
+from shared.rate_windows import RateWindows
 
 log = logging.getLogger(__name__)
 
@@ -125,19 +124,10 @@ def client_network(client_ip: str) -> str:
 
 
 class RateLimits:
-    """Request budgets counted in Redis, shared by every gateway: the `limits` library's sliding window
-    counters (two counters per identity, no per-request entries)."""
+    """The gateway's request budgets, counted in windows shared by every gateway (`shared.rate_windows`)."""
 
-    def __init__(self, redis: Redis, key_prefix: str, settings: GatewaySettings) -> None:
-        # The gateway's own connection pool (its timeouts, password, reconnects): limits passes it on to
-        # redis-py, though it types its options as plain values.
-        storage = RedisStorage(
-            "async+redis://",
-            implementation="redispy",
-            key_prefix=key_prefix,
-            connection_pool=redis.connection_pool,  # type: ignore[arg-type]
-        )
-        self.limiter = SlidingWindowCounterRateLimiter(storage)
+    def __init__(self, bus: Bus, settings: GatewaySettings) -> None:
+        self.windows = RateWindows(bus)
         per_minute = settings.requests_per_minute
         self.requests = RateLimitItemPerMinute(per_minute, namespace="requests") if per_minute else None
         self.auth_failures = RateLimitItemPerMinute(
@@ -159,16 +149,16 @@ class RateLimits:
         """Without Redis nothing can be counted: the request is refused (503) rather than let through
         unmetered, like every route that needs Redis."""
         try:
-            if await self.limiter.hit(item, identity):
+            if await self.windows.hit(item, identity):
                 return None
-            stats = await self.limiter.get_window_stats(item, identity)
+            reset_at = await self.windows.reset_at(item, identity)
         except Exception as exc:
             if (outage := outage_error(exc)) is None:
                 raise
             log.warning("cannot count the request rate: %r", exc)
             return outage
         metrics.LIMIT_REJECTIONS.labels(limit=limit).inc()
-        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        retry_after = max(1, math.ceil(reset_at - time.time()))
         return RateLimited(f"more than {item.amount} {what} per minute", retry_after_s=retry_after)
 
 

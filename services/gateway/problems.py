@@ -18,11 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import ChorusError, InsufficientStorage, ServiceUnavailable
-from shared.retry import is_retryable
+from shared.retry import StoreError, is_retryable
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def install(app: FastAPI) -> None:
         return problem_response(exc, request.url.path)
 
     # OSError covers the builtin ConnectionError too; anything outage_error does not know stays a 500.
-    @app.exception_handler(RedisError)
+    @app.exception_handler(StoreError)
     @app.exception_handler(OSError)
     async def outage(request: Request, exc: Exception) -> JSONResponse:
         error = outage_error(exc)

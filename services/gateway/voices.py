@@ -43,6 +43,7 @@ from shared.errors import (
 )
 from shared.messages import TTS_REPLIES, VoiceDeleted, VoicePrepare, VoicePreview
 from shared.presence import list_workers
+from shared.preview_replies import PreviewReplies
 from shared.storage import LocalStorage
 from shared.vad import load_speech_detector
 from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id
@@ -331,7 +332,7 @@ async def request_preview(bus: Bus, profile_id: str, text: str, timeout_s: float
             retry_after_s=NO_WORKER_RETRY_AFTER_S,
         )
     request_id = "req_" + uuid.uuid4().hex[:20]
-    reply_key = bus.names.tts_reply(request_id)
+    replies = PreviewReplies(bus)
     await bus.append(
         bus.names.tts_requests,
         VoicePreview(
@@ -340,9 +341,9 @@ async def request_preview(bus: Bus, profile_id: str, text: str, timeout_s: float
         maxlen=REQUEST_STREAM_MAXLEN,
     )
     try:
-        entry = await _first_entry(bus, reply_key, time.monotonic() + timeout_s)
+        entry = await _first_entry(bus, replies.stream(request_id), time.monotonic() + timeout_s)
     finally:
-        await bus.redis.delete(reply_key)
+        await replies.discard(request_id)
     if entry is None:
         raise GatewayTimeout(
             f"no TTS worker answered within {timeout_s:g} s (busy, or gone meanwhile)",

@@ -328,12 +328,9 @@ class Router:
         if not sessions:
             return
         alive = {worker.worker_id for worker in await list_workers(self.bus, "tts")}
-        async with self.bus.redis.pipeline(transaction=False) as pipe:
-            for session in sessions:
-                pipe.hget(self.names.session(session.sid), "tts_worker")
-            named: list[bytes | None] = await pipe.execute()
+        named = await self.store.tts_workers([session.sid for session in sessions])
         for session, worker in zip(sessions, named, strict=True):
-            up = worker.decode() in alive if worker else bool(alive)
+            up = worker in alive if worker else bool(alive)
             session.pending.merge(session.mixer.set_tts_available(up))
 
 

@@ -27,11 +27,10 @@ from shared.audio import FloatAudio, float_to_pcm16
 from shared.bus import Bus, Entry
 from shared.errors import ChorusError, NotFound
 from shared.messages import TtsRequest, VoicePrepare, VoicePreview, VoicePreviewReply
+from shared.preview_replies import PreviewReplies
 from shared.runtime import cancel_and_wait
 
 log = logging.getLogger(__name__)
-
-REPLY_TTL_S = 60
 
 
 class VoiceRequests:
@@ -40,6 +39,7 @@ class VoiceRequests:
         self.engine = engine
         self.voices = voices
         self.limits = limits
+        self.replies = PreviewReplies(bus)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def handle(self, message: TtsRequest, entry: Entry) -> None:
@@ -84,9 +84,7 @@ class VoiceRequests:
             reply = VoicePreviewReply(
                 session_id=request.session_id, error_code="internal_error", error=str(exc)
             )
-        key = self.bus.names.tts_reply(request.session_id)
-        await self.bus.append(key, reply, maxlen=10)
-        await self.bus.redis.expire(key, REPLY_TTL_S)
+        await self.replies.send(reply)
 
     async def speak(self, request: VoicePreview) -> bytes:
         """The whole text in the profile's voice, as PCM16."""
