@@ -23,11 +23,13 @@ async def test_a_tick_marks_sessions_live_and_keeps_only_utterances_in_progress(
         await open_session(bus, sid)
     await store.update("done", utterance=json.dumps({"text": "old"}))
     await store.save_progress(["live"], {"speaking": json.dumps({"text": "hel"}), "done": None})
-    assert (await store.get("live"))["state"] == SessionState.ACTIVE
-    assert json.loads((await store.get("speaking"))["utterance"]) == {"text": "hel"}
-    assert "utterance" not in await store.get("done")
+    live, speaking, done = [await store.get(sid) for sid in ("live", "speaking", "done")]
+    assert live is not None and live.state == SessionState.ACTIVE
+    assert speaking is not None and speaking.utterance == {"text": "hel"}
+    assert done is not None and done.utterance is None
     await store.clear_utterance("speaking")
-    assert "utterance" not in await store.get("speaking")
+    cleared = await store.get("speaking")
+    assert cleared is not None and cleared.utterance is None
 
 
 async def test_the_workers_named_in_a_session_hash(bus: Bus) -> None:
