@@ -60,7 +60,7 @@ def _model_step_seconds(metrics_url: str) -> tuple[float, float]:
 
 
 async def _one_session(stack: Any, samples: np.ndarray) -> dict[str, Any]:
-    from tests.e2e.helpers import MoshiClient, frames
+    from tests.support.clients import MoshiClient, frames
 
     client = await MoshiClient.open(stack.ws_url, voice="moshiko")
     sent: list[float] = []
@@ -135,7 +135,7 @@ async def _measure(stack: Any, sessions: int) -> dict[str, Any]:
 
 def run() -> dict[str, Any]:
     from chorus.devtools.checkpoints import make_checkpoints
-    from tests.e2e.stack import ChorusStack
+    from tests.support.stack import ChorusStack
 
     root = Path(__file__).resolve().parents[1]
     checkpoints = root / ".cache" / "checkpoints"

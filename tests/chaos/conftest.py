@@ -16,7 +16,7 @@ import pytest
 
 from shared.redis_server import EmbeddedRedis, free_port
 from tests.chaos.harness import Observer
-from tests.e2e.stack import ChorusStack
+from tests.support.stack import ChorusStack
 
 LEASE_S = 3.0
 LEASE_RENEW_S = 0.5

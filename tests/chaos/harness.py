@@ -23,9 +23,9 @@ from shared.messages import DIALOGUE, OUTPUT, TTS, Codec, Envelope
 from shared.presence import list_workers
 from shared.redis_server import free_port
 from shared.streams import StreamNames
-from tests.e2e.conftest import speech_like
-from tests.e2e.helpers import AUDIO, ERROR, TEXT, MoshiClient, frames
-from tests.e2e.stack import ChorusStack
+from tests.support.audio import speech_like
+from tests.support.clients import AUDIO, ERROR, TEXT, MoshiClient, frames
+from tests.support.stack import ChorusStack
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Envelope)

@@ -23,9 +23,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from shared.audio import float_to_pcm16
 from tests.chaos.conftest import LEASE_S, SESSION_CHECK_S, SLOTS
 from tests.chaos.harness import Call, Observer, start_services, wait_until
-from tests.e2e.conftest import speech_like
-from tests.e2e.helpers import AUDIO, ERROR, HANDSHAKE, MoshiClient, frames
-from tests.e2e.stack import ChorusStack
+from tests.support.audio import speech_like
+from tests.support.clients import AUDIO, ERROR, HANDSHAKE, MoshiClient, frames
+from tests.support.stack import ChorusStack
 
 pytestmark = pytest.mark.chaos
 

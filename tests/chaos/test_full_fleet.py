@@ -9,9 +9,9 @@ import pytest
 
 from shared.audio import float_to_pcm16
 from tests.chaos.harness import Call, Observer, start_services, wait_until
-from tests.e2e.conftest import speech_like
-from tests.e2e.helpers import RealtimeClient
-from tests.e2e.stack import ChorusStack
+from tests.support.audio import speech_like
+from tests.support.clients import RealtimeClient
+from tests.support.stack import ChorusStack
 
 pytestmark = pytest.mark.chaos
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.chaos.conftest import LEASE_S, SESSION_CHECK_S, SLOTS
 from tests.chaos.harness import Call, Observer, start_services, wait_until
-from tests.e2e.stack import ChorusStack
+from tests.support.stack import ChorusStack
 
 pytestmark = pytest.mark.chaos
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from tests.chaos.harness import start_services
-from tests.e2e.conftest import SPEECH_WAV
-from tests.e2e.helpers import upload_voice
-from tests.e2e.stack import ChorusStack
+from tests.support.audio import SPEECH_WAV
+from tests.support.clients import upload_voice
+from tests.support.stack import ChorusStack
 
 pytestmark = pytest.mark.chaos
 

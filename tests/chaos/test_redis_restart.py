@@ -17,8 +17,8 @@ from shared.redis_server import EmbeddedRedis
 from shared.streams import StreamNames
 from tests.chaos.conftest import LEASE_S, SESSION_CHECK_S
 from tests.chaos.harness import Call, Observer, start_services, wait_until
-from tests.e2e.helpers import MoshiClient
-from tests.e2e.stack import ChorusStack
+from tests.support.clients import MoshiClient
+from tests.support.stack import ChorusStack
 
 pytestmark = pytest.mark.chaos
 

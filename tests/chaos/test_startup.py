@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import MoshiClient
+from tests.support.clients import MoshiClient
 from tests.test_up import ChorusUp
 
 pytestmark = pytest.mark.chaos

@@ -14,9 +14,9 @@ import pytest
 from shared.messages import DialogueFrame, OutputAudio, SessionEvent
 from tests.chaos.conftest import SLOTS
 from tests.chaos.harness import Call, Observer, instance_of, start_services, strictly_increasing, wait_until
-from tests.e2e.conftest import SPEECH_WAV
-from tests.e2e.helpers import upload_voice
-from tests.e2e.stack import ChorusStack
+from tests.support.audio import SPEECH_WAV
+from tests.support.clients import upload_voice
+from tests.support.stack import ChorusStack
 
 pytestmark = pytest.mark.chaos
 

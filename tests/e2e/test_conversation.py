@@ -14,9 +14,10 @@ import pytest
 from shared.bus import Bus
 from shared.messages import OUTPUT, OutputAudio, SessionEvent
 from shared.streams import StreamNames
-from tests.e2e.conftest import DIALOGUE_SLOTS, SPEECH_WAV, speech_like
-from tests.e2e.helpers import MoshiClient, RealtimeClient, upload_voice
-from tests.e2e.stack import ChorusStack
+from tests.e2e.conftest import DIALOGUE_SLOTS
+from tests.support.audio import SPEECH_WAV, speech_like
+from tests.support.clients import MoshiClient, RealtimeClient, upload_voice
+from tests.support.stack import ChorusStack
 
 
 async def out_entries(stack: ChorusStack, session_id: str) -> list[object]:

@@ -1,6 +1,6 @@
 """Fixtures of the hostile-client suite: a real gateway process (`python -m chorus.cli gateway`, as its
 container runs it) against the suite's redis-server, reached over real sockets. Tests that need a whole
-conversation start the other services too (`tests/e2e/stack.py`)."""
+conversation start the other services too (`tests/support/stack.py`)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from shared.redis_server import free_port
-from tests.conftest import REPO_ROOT
-from tests.e2e.stack import ChorusStack
+from tests.support.paths import REPO_ROOT
+from tests.support.stack import ChorusStack
 
 
 @dataclass

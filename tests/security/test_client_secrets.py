@@ -17,9 +17,9 @@ import redis.asyncio as aioredis
 from openai import AsyncOpenAI, AuthenticationError
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.browser import MEDIA_FLAGS, chromium_page, needs_chromium
-from tests.conftest import REPO_ROOT
 from tests.security.conftest import GatewayProcess, StartGateway
+from tests.support.browser import MEDIA_FLAGS, chromium_page, needs_chromium
+from tests.support.paths import REPO_ROOT
 
 ALICE, BOB = "key-alice", "key-bob"
 KEYS = f"{ALICE},{BOB}"

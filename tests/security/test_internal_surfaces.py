@@ -21,9 +21,9 @@ import pytest
 import redis
 
 from shared.redis_server import EmbeddedRedis, free_port
-from tests.conftest import REPO_ROOT
-from tests.e2e.conftest import SPEECH_WAV, speech_like
-from tests.e2e.helpers import MoshiClient, upload_voice
+from tests.support.audio import SPEECH_WAV, speech_like
+from tests.support.clients import MoshiClient, upload_voice
+from tests.support.paths import REPO_ROOT
 from tests.test_up import SERVICES, ChorusUp
 
 pytestmark = pytest.mark.timeout(300)

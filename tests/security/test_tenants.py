@@ -18,9 +18,9 @@ from services.gateway.auth import owner_of
 from shared.personas import PersonaFields, PersonaStore
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id
-from tests.conftest import REPO_ROOT
 from tests.security.conftest import GatewayProcess, StartGateway
 from tests.security.file_access import FileAccessWatch
+from tests.support.paths import REPO_ROOT
 
 SPEECH = REPO_ROOT / "tests" / "fixtures" / "audio" / "speech.wav"
 KEY_A, KEY_B = "tenant-a-0123456789abcdef", "tenant-b-0123456789abcdef"

@@ -27,7 +27,7 @@ from services.dialogue.worker import DialogueWorker
 from shared.bus import Bus
 from shared.messages import DIALOGUE, DialogueFrame, SessionEvent
 from shared.presence import WorkerPresence, list_workers
-from tests.conftest import CHECKPOINT_CACHE, REPO_ROOT
+from tests.support.paths import CHECKPOINT_CACHE, REPO_ROOT
 
 # Two cores serve the whole suite; one thread per model keeps ticks (and the box) predictable.
 torch.set_num_threads(1)

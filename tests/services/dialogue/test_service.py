@@ -12,7 +12,7 @@ from shared.presence import list_workers
 from shared.sessions import SessionStore
 from tests.services.dialogue.conftest import DialogueReader, WorkerProcess, wait_for
 from tests.services.dialogue.test_worker import talk
-from tests.sessions import open_session
+from tests.support.sessions import open_session
 
 StartProcess = Callable[..., WorkerProcess]
 

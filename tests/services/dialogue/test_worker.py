@@ -16,7 +16,7 @@ from shared.messages import EventName, PersonaSpec, SessionEvent, SessionStart, 
 from shared.presence import list_workers
 from shared.sessions import SessionStore
 from tests.services.dialogue.conftest import DialogueReader, RunningWorker, wait_for
-from tests.sessions import open_session
+from tests.support.sessions import open_session
 
 StartWorker = Callable[..., Awaitable[RunningWorker]]
 

@@ -33,7 +33,6 @@ from shared.messages import VOICE_EVENTS, VoicePrepare
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
 from tests.services.tts.support import (
-    AUDIO,
     SPEECH,
     eventually,
     read_clip,
@@ -42,6 +41,7 @@ from tests.services.tts.support import (
     tts_engine,
     tts_settings,
 )
+from tests.support.paths import FIXTURE_AUDIO
 
 __all__ = ["tts_checkpoint", "tts_engine"]  # fixtures this module uses
 
@@ -105,7 +105,7 @@ async def test_each_accepted_format_becomes_a_24khz_mono_profile(
 ) -> None:
     settings = gateway_settings()
     async with gateway(settings) as client:
-        response = await upload(client, (AUDIO / fixture).read_bytes(), filename=fixture, name="Ada")
+        response = await upload(client, (FIXTURE_AUDIO / fixture).read_bytes(), filename=fixture, name="Ada")
     assert response.status_code == 201, response.text
     profile = response.json()
     assert profile["voice"] == f"profile:{profile['id']}"
@@ -186,7 +186,7 @@ async def test_unusable_clips_are_refused_with_the_measured_value_and_the_limit(
 async def test_an_upload_over_the_size_limit_is_refused_before_it_is_read_whole(
     gateway_settings: Settings,
 ) -> None:
-    data = (AUDIO / "speech.wav").read_bytes()
+    data = (FIXTURE_AUDIO / "speech.wav").read_bytes()
     limit = len(data) // 4
     async with gateway(gateway_settings(voice_max_upload_bytes=limit)) as client:
         declared = await upload(client, data)

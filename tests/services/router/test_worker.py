@@ -38,7 +38,7 @@ from shared.presence import WorkerPresence
 from shared.redis_server import EmbeddedRedis
 from shared.sessions import SessionStore
 from shared.streams import StreamNames
-from tests.sessions import open_session
+from tests.support.sessions import open_session
 
 SID = "sess1"
 PROFILE = "profile:alice"

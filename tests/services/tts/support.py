@@ -24,11 +24,11 @@ from shared.messages import TTS, SessionEvent, TtsMessage
 from shared.presence import WorkerPresence
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id
-from tests.conftest import CHECKPOINT_CACHE
+from tests.support.audio import SPEECH2_FLAC, SPEECH_WAV
+from tests.support.paths import CHECKPOINT_CACHE
 
-AUDIO = Path(__file__).resolve().parents[2] / "fixtures" / "audio"
-SPEECH = AUDIO / "speech.wav"
-SPEECH2 = AUDIO / "speech2.flac"
+SPEECH = SPEECH_WAV
+SPEECH2 = SPEECH2_FLAC
 
 T = TypeVar("T")
 

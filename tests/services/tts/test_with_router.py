@@ -36,7 +36,7 @@ from tests.services.tts.support import (
     tts_entries,
     tts_settings,
 )
-from tests.sessions import open_session
+from tests.support.sessions import open_session
 
 SID = "s1"
 USER_SPEAKING = (np.sin(np.arange(FRAME_SAMPLES) / 3) * 12000).astype("<i2").tobytes()

@@ -37,7 +37,7 @@ from tests.services.tts.support import (
     tts_entries,
     tts_settings,
 )
-from tests.sessions import open_session
+from tests.support.sessions import open_session
 
 
 @pytest.fixture
