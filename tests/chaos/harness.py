@@ -10,7 +10,6 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -31,29 +30,7 @@ T = TypeVar("T")
 M = TypeVar("M", bound=Envelope)
 
 
-# --- waiting -----------------------------------------------------------------------------------------
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[T]],
-    timeout_s: float,
-    what: str,
-    *,
-    every_s: float = 0.1,
-    seen: Callable[[], object] | None = None,
-) -> tuple[T, float]:
-    """Poll `check` until it returns something truthy; returns it and how long that took. On timeout the
-    message shows the last value, or what `seen()` says."""
-    began = time.monotonic()
-    value = await check()
-    while not value:
-        elapsed = time.monotonic() - began
-        assert elapsed < timeout_s, (
-            f"{what}: not within {timeout_s:g} s (last: {seen() if seen else value!r})"
-        )
-        await asyncio.sleep(every_s)
-        value = await check()
-    return value, time.monotonic() - began
+# --- the stack's readiness ---------------------------------------------------------------------------
 
 
 def readiness(stack: ChorusStack) -> dict[str, Any]:

@@ -8,10 +8,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from shared.audio import float_to_pcm16
-from tests.chaos.harness import Call, Observer, start_services, wait_until
+from tests.chaos.harness import Call, Observer, start_services
 from tests.support.audio import speech_like
 from tests.support.clients import RealtimeClient
 from tests.support.stack import ChorusStack
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -45,7 +46,7 @@ async def test_a_realtime_socket_refused_for_capacity_gets_a_session_with_its_ne
         free, capacity = await observer.dialogue_slots()
         return free == capacity
 
-    await wait_until(slot_free, 5, "the slot free again")
+    await wait_until(slot_free, "the slot free again", 5)
     await append(realtime, 0.5)  # "the socket stays open, the next audio tries again"
     await realtime.wait_for("chorus.event", timeout_s=PLACEMENT_WAIT_S + 10, name="ready")
     assert [e["error"]["code"] for e in realtime.of_type("error")] == ["no_capacity"]

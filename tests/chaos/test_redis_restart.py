@@ -16,9 +16,10 @@ from shared.bus import Bus
 from shared.redis_server import EmbeddedRedis
 from shared.streams import StreamNames
 from tests.chaos.conftest import LEASE_S, SESSION_CHECK_S
-from tests.chaos.harness import Call, Observer, start_services, wait_until
+from tests.chaos.harness import Call, Observer, start_services
 from tests.support.clients import MoshiClient
 from tests.support.stack import ChorusStack
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -63,7 +64,7 @@ async def test_a_redis_restart_loses_sessions_cleanly_and_new_sessions_work_with
     stack = make_stack(own_redis.url)
     start_services(stack, "router", "tts", "dialogue")
     call = await Call.open(stack.ws_url, voice="moshiko")
-    await wait_until(lambda: call.audio_flowing(0, 10), 15, "audio before the restart")
+    await wait_until(lambda: call.audio_flowing(0, 10), "audio before the restart", 15)
 
     kill(own_redis)
     await asyncio.sleep(DOWN_S)
@@ -91,7 +92,7 @@ async def test_a_redis_restart_loses_sessions_cleanly_and_new_sessions_work_with
         return free == capacity > 0
 
     # The lost session's slot, and the new session's once its client hung up.
-    await wait_until(all_slots_free, SESSION_CHECK_S + ALLOWANCE_S, "every dialogue slot free again")
+    await wait_until(all_slots_free, "every dialogue slot free again", SESSION_CHECK_S + ALLOWANCE_S)
 
 
 REST_WHILE_DOWN = [
@@ -150,7 +151,7 @@ async def test_dropped_redis_connections_never_lose_a_new_session_or_its_slot(
                     return False
                 return free == capacity > 0
 
-            await wait_until(all_slots_free, SESSION_CHECK_S + ALLOWANCE_S, "the slot free again")
+            await wait_until(all_slots_free, "the slot free again", SESSION_CHECK_S + ALLOWANCE_S)
     finally:
         await admin.close()
     print(f"connections dropped {ROUNDS} times: new sessions had their handshake after {fmt(took)} s")

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from shared.bus import Bus
 from shared.messages import DIALOGUE, DialogueFrame, SessionEvent
 from shared.presence import WorkerPresence, list_workers
 from tests.support.paths import CHECKPOINT_CACHE, REPO_ROOT
+from tests.support.waiting import wait_until
 
 # Two cores serve the whole suite; one thread per model keeps ticks (and the box) predictable.
 torch.set_num_threads(1)
@@ -109,7 +109,7 @@ async def start_worker(
             await presence.leave()
 
         tasks.append((stop, asyncio.create_task(serve())))
-        await wait_for(lambda: _has_free_slots(bus, settings.worker_id), 30, "the worker never registered")
+        await wait_until(lambda: _has_free_slots(bus, settings.worker_id), "the worker never registered", 30)
         return RunningWorker(worker, settings, stop)
 
     yield start
@@ -121,15 +121,6 @@ async def start_worker(
 
 async def _has_free_slots(bus: Bus, worker_id: str) -> bool:
     return any(w.worker_id == worker_id and w.free_slots > 0 for w in await list_workers(bus, "dialogue"))
-
-
-async def wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float, failure: str) -> None:
-    """Poll `check` until true; fail with `failure` after `timeout_s` (a bound, not a timing claim)."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{failure} (waited {timeout_s:.0f} s)")
-        await asyncio.sleep(0.05)
 
 
 class DialogueReader:
@@ -162,7 +153,7 @@ class DialogueReader:
             await self.poll()
             return check(self)
 
-        await wait_for(ready, timeout_s, f"session {self.sid}: {failure}")
+        await wait_until(ready, f"session {self.sid}: {failure}", timeout_s)
 
 
 @dataclass

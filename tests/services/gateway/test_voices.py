@@ -34,7 +34,6 @@ from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
 from tests.services.tts.support import (
     SPEECH,
-    eventually,
     read_clip,
     running_worker,
     tts_checkpoint,
@@ -42,6 +41,7 @@ from tests.services.tts.support import (
     tts_settings,
 )
 from tests.support.paths import FIXTURE_AUDIO
+from tests.support.waiting import wait_until
 
 __all__ = ["tts_checkpoint", "tts_engine"]  # fixtures this module uses
 
@@ -374,7 +374,7 @@ async def busy(engine: Engine, state: ModelState) -> AsyncIterator[None]:
     async def taken() -> bool:
         return engine.idle_instances == 0
 
-    await eventually(taken, "the model instance to be taken")
+    await wait_until(taken, "the model instance to be taken")
     try:
         yield
     finally:
@@ -406,7 +406,7 @@ async def test_a_preview_that_waits_too_long_for_a_busy_worker_answers_504_and_i
         async def stale_dropped() -> bool:
             return dropped_stale_previews() == dropped + 1
 
-        await eventually(stale_dropped, "the worker to drop the stale preview", timeout_s=10)
+        await wait_until(stale_dropped, "the worker to drop the stale preview", timeout_s=10)
         assert tts_engine.idle_instances == 1, "nothing was synthesised for it"
     assert_busy_timeout(response)
     assert 1.0 <= waited < 2.5, "the answer came at the deadline, not at the Redis client's timeout"
@@ -456,7 +456,7 @@ async def test_chorus_voices_add_uploads_a_clip_and_prints_its_id(
     async def started() -> bool:
         return server.started
 
-    await eventually(started, "uvicorn to listen")
+    await wait_until(started, "uvicorn to listen")
     try:
         argv = ["voices", "add", str(SPEECH), "--name", "me", "--url", f"http://127.0.0.1:{port}"]
         code = await asyncio.to_thread(main, [*argv, "--i-have-consent"])
