@@ -162,7 +162,9 @@ async def _measure(checkpoints: Path, workdir: Path) -> dict[str, Any]:
             "CHORUS_WORKER_TTL_S": str(defaults.worker_ttl_s),
             "CHORUS_CLAIM_IDLE_MS": str(defaults.claim_idle_ms),
         }
-        stack = ChorusStack(redis.url, checkpoints, workdir, key_prefix=prefix, extra_env=env)
+        stack = ChorusStack(
+            workdir=workdir, redis_url=redis.url, checkpoints=checkpoints, key_prefix=prefix, extra_env=env
+        )
         for service, instance in (("router", None), ("gateway", None), ("dialogue", None)):
             stack.start(service, instance)
         stack.start("dialogue", "dialogue-2")

@@ -146,9 +146,9 @@ def run() -> dict[str, Any]:
             # One stack per count with exactly that many slots: a worker's batch is fixed, so empty
             # slots would still cost compute on every tick.
             stack = ChorusStack(
-                redis.url,
-                checkpoints,
-                Path(tmp) / str(count),
+                workdir=Path(tmp) / str(count),
+                redis_url=redis.url,
+                checkpoints=checkpoints,
                 key_prefix=f"bench{uuid.uuid4().hex[:6]}:",
                 extra_env={
                     "CHORUS_DIALOGUE_SLOTS": str(count),

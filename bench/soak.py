@@ -176,7 +176,9 @@ async def soak(minutes: float, sessions: int, workdir: Path) -> dict[str, Any]:
             "CHORUS_MAX_SESSIONS_PER_KEY": str(2 * sessions),
             "CHORUS_SESSION_LEASE_S": "10",
         }
-        stack = ChorusStack(redis.url, CHECKPOINTS, workdir, key_prefix=prefix, extra_env=env)
+        stack = ChorusStack(
+            workdir=workdir, redis_url=redis.url, checkpoints=CHECKPOINTS, key_prefix=prefix, extra_env=env
+        )
         bus = await Bus.connect(redis.url, StreamNames(prefix))
         try:
             stack.start_all()

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from shared.audio import float_to_pcm16
 from tests.chaos.conftest import LEASE_S, SESSION_CHECK_S, SLOTS
-from tests.chaos.harness import Call, Observer, start_services
+from tests.chaos.harness import Call, Observer
 from tests.support.audio import speech_like
 from tests.support.clients import AUDIO, ERROR, HANDSHAKE, MoshiClient, frames
 from tests.support.stack import ChorusStack
@@ -203,7 +203,7 @@ async def test_two_hundred_abusive_connections_leave_nothing_held_and_the_gatewa
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack(CHORUS_PLACEMENT_WAIT_S="2")
-    start_services(stack, "router", "tts", "dialogue")
+    stack.start_services("router", "tts", "dialogue")
     observer = await observe(stack)
     began = time.monotonic()
     outcomes: list[str] = []

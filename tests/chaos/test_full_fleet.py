@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from shared.audio import float_to_pcm16
-from tests.chaos.harness import Call, Observer, start_services
+from tests.chaos.harness import Call, Observer
 from tests.support.audio import speech_like
 from tests.support.clients import RealtimeClient
 from tests.support.stack import ChorusStack
@@ -31,7 +31,7 @@ async def test_a_realtime_socket_refused_for_capacity_gets_a_session_with_its_ne
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack(CHORUS_DIALOGUE_SLOTS="1", CHORUS_PLACEMENT_WAIT_S=str(PLACEMENT_WAIT_S))
-    start_services(stack, "router", "tts", "dialogue")
+    stack.start_services("router", "tts", "dialogue")
     observer = await observe(stack)
     busy = await Call.open(stack.ws_url, voice="moshiko")  # the only slot
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from tests.chaos.conftest import LEASE_S, SESSION_CHECK_S, SLOTS
-from tests.chaos.harness import Call, Observer, start_services
+from tests.chaos.harness import Call, Observer
 from tests.support.stack import ChorusStack
 from tests.support.waiting import seconds_until, wait_until
 
@@ -28,7 +28,7 @@ async def test_sessions_of_a_killed_gateway_end_within_the_lease_and_free_every_
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack()
-    start_services(stack, "router", "tts", "dialogue")
+    stack.start_services("router", "tts", "dialogue")
     observer = await observe(stack)
     calls = [await Call.open(stack.ws_url, voice="moshiko") for _ in range(SLOTS)]
     for call in calls:

@@ -13,7 +13,7 @@ import pytest
 
 from shared.messages import DialogueFrame, OutputAudio, SessionEvent
 from tests.chaos.conftest import SLOTS
-from tests.chaos.harness import Call, Observer, instance_of, start_services, strictly_increasing
+from tests.chaos.harness import Call, Observer, strictly_increasing
 from tests.support.audio import SPEECH_WAV
 from tests.support.clients import upload_voice
 from tests.support.stack import ChorusStack
@@ -38,7 +38,7 @@ def other(stack: ChorusStack, service: str, than: str) -> str:
 
 async def kill_owner(stack: ChorusStack, observer: Observer, call: Call, field: str) -> tuple[str, float]:
     """SIGKILL the worker the session hash names in `field`; returns its instance and when."""
-    victim = instance_of(stack, (await observer.session(call.session_id))[field])
+    victim = stack.instance_of((await observer.session(call.session_id))[field])
     stack.send_signal(victim, signal.SIGKILL)
     return victim, time.monotonic()
 
@@ -73,7 +73,7 @@ async def test_a_dialogue_worker_killed_mid_session_is_replaced_within_seconds(
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack()
-    start_services(stack, "router", "tts", "dialogue", "dialogue-2")
+    stack.start_services("router", "tts", "dialogue", "dialogue-2")
     observer = await observe(stack)
     call = await Call.open(stack.ws_url, voice="moshiko")
     await wait_until(lambda: call.audio_flowing(0, 15), "audio before the kill", 15)
@@ -95,7 +95,7 @@ async def test_a_router_killed_mid_session_is_replaced_and_audio_flows_again(
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack()
-    start_services(stack, "router", "router-2", "tts", "dialogue")
+    stack.start_services("router", "router-2", "tts", "dialogue")
     observer = await observe(stack)
     call = await Call.open(stack.ws_url, voice="moshiko")
     await wait_until(lambda: call.audio_flowing(0, 15), "audio before the kill", 15)
@@ -136,7 +136,7 @@ async def test_a_tts_worker_killed_in_a_cloned_session_is_replaced_and_cloned_sp
     audio meanwhile depends on which notices the death first (both poll presence): printed, not asserted
     (see the next test for the fallback itself)."""
     stack = make_stack()
-    start_services(stack, "router", "tts", "tts-2", "dialogue")
+    stack.start_services("router", "tts", "tts-2", "dialogue")
     observer = await observe(stack)
     call = await cloned_session(stack, observer)
     heard_before = len(await observer.output(call.session_id))
@@ -175,7 +175,7 @@ async def test_the_only_tts_worker_killed_falls_back_to_native_then_a_new_worker
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack()
-    start_services(stack, "router", "tts", "dialogue")
+    stack.start_services("router", "tts", "dialogue")
     observer = await observe(stack)
     call = await cloned_session(stack, observer)
     heard_before = len(await observer.output(call.session_id))
@@ -216,12 +216,12 @@ async def test_a_paused_dialogue_worker_loses_its_session_and_cannot_publish_for
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack()
-    start_services(stack, "router", "tts", "dialogue", "dialogue-2")
+    stack.start_services("router", "tts", "dialogue", "dialogue-2")
     observer = await observe(stack)
     call = await Call.open(stack.ws_url, voice="moshiko")
     await wait_until(lambda: call.audio_flowing(0, 15), "audio before the pause", 15)
 
-    paused = instance_of(stack, (await observer.session(call.session_id))["dialogue_worker"])
+    paused = stack.instance_of((await observer.session(call.session_id))["dialogue_worker"])
     paused_id, survivor = stack.worker_id(paused), stack.worker_id(other(stack, "dialogue", paused))
     stack.send_signal(paused, signal.SIGSTOP)
     paused_at = time.monotonic()

@@ -1,12 +1,12 @@
 """docker-compose.yml's services started as local processes with the environment compose gives them,
-waited on with the health checks it declares (tests/deploy/compose_stack.py says what is translated)."""
+waited on with the health checks it declares (tests/support/compose.py says what is translated)."""
 
 from __future__ import annotations
 
 import pytest
 
 from chorus.devtools.compose import load_project, read_env_file
-from tests.deploy.compose_stack import COMPOSE_FILES, ENV_EXAMPLE, ComposeStack
+from tests.support.compose import COMPOSE_FILES, ENV_EXAMPLE, ComposeStack
 
 pytestmark = pytest.mark.timeout(600)
 

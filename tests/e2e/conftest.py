@@ -18,9 +18,9 @@ def stack(
     """One stack shared by the e2e tests (loading models is the slow part). Tests that stop a service
     restart it before they end."""
     chorus = ChorusStack(
-        redis_url,
-        checkpoints,
-        tmp_path_factory.mktemp("stack"),
+        workdir=tmp_path_factory.mktemp("stack"),
+        redis_url=redis_url,
+        checkpoints=checkpoints,
         key_prefix=f"e2e{uuid.uuid4().hex[:6]}:",
         extra_env={
             "CHORUS_DIALOGUE_SLOTS": str(DIALOGUE_SLOTS),

@@ -4,7 +4,6 @@ in-process workers on the suite's redis-server, and `chorus dialogue` processes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from shared.bus import Bus
 from shared.messages import DIALOGUE, DialogueFrame, SessionEvent
 from shared.presence import WorkerPresence, list_workers
 from tests.support.paths import CHECKPOINT_CACHE, REPO_ROOT
+from tests.support.stack import ProcessStack
 from tests.support.waiting import wait_until
 
 # Two cores serve the whole suite; one thread per model keeps ticks (and the box) predictable.
@@ -174,11 +174,11 @@ class WorkerProcess:
 def worker_processes(
     redis_url: str, key_prefix: str, moshi_dir: Path, tmp_path: Path
 ) -> Iterator[Callable[..., WorkerProcess]]:
-    """`python -m chorus.cli dialogue` processes, as the container runs them; killed at the end."""
-    started: list[WorkerProcess] = []
+    """`python -m chorus.cli dialogue` processes, as the container runs them (launched and stopped by
+    the suite's process harness, tests/support/stack.py); stopped at the end."""
+    stack = ProcessStack(workdir=tmp_path)
 
     def start(worker_id: str, **env: str) -> WorkerProcess:
-        log = tmp_path / f"{worker_id}.log"
         environment = {
             **os.environ,
             "CHORUS_REDIS_URL": redis_url,
@@ -194,23 +194,9 @@ def worker_processes(
             "OMP_NUM_THREADS": "1",
             **env,
         }
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "chorus.cli", "dialogue"],
-                cwd=REPO_ROOT,
-                env=environment,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        started.append(WorkerProcess(worker_id, process, log))
-        return started[-1]
+        argv = [sys.executable, "-m", "chorus.cli", "dialogue"]
+        process = stack.launch(worker_id, argv, environment, REPO_ROOT)
+        return WorkerProcess(worker_id, process, tmp_path / f"{worker_id}.log")
 
     yield start
-    for worker in started:
-        if worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGTERM)
-    for worker in started:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            worker.process.wait(15)
-        if worker.process.poll() is None:
-            worker.kill()
+    stack.stop_all(timeout_s=15)
