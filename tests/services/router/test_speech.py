@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import soundfile
 
 from services.router.settings import RouterSettings
 from services.router.speech import EnergyFallbackDetector, SileroDetector, SpeechEdges, detector_factory
 from shared.audio import FRAME_SAMPLES, SAMPLE_RATE, float_to_pcm16, resample, silence_frame, to_mono
-
-SPEECH_WAV = Path(__file__).parents[2] / "fixtures" / "audio" / "speech.wav"
+from tests.support.audio import SPEECH_WAV
 
 TONE = (np.sin(np.arange(FRAME_SAMPLES) / 3) * 12000).astype("<i2").tobytes()
 HISS = (np.random.default_rng(0).normal(0, 30, FRAME_SAMPLES)).astype("<i2").tobytes()
