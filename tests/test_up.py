@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from shared.redis_server import free_port
+from tests.support.waiting import wait_until_blocking
 
 SERVICES = ("dialogue", "tts", "router")
 
@@ -32,17 +33,15 @@ def get_json(url: str) -> tuple[int, dict[str, object]]:
 
 
 def wait_for(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> dict[str, object]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ready() -> dict[str, object] | None:
         assert process.poll() is None, f"chorus up exited early with {process.returncode}"
         try:
             status, body = get_json(url)
-            if status == 200:
-                return body
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} not ready within {timeout_s}s")
+            return None
+        return body if status == 200 else None
+
+    return wait_until_blocking(ready, f"{url} ready", timeout_s)
 
 
 def redis_refuses_ping_without_password(port: int) -> bool:
