@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chorus_up import ChorusUp
 from tests.support.clients import MoshiClient
-from tests.test_up import ChorusUp
 
 pytestmark = pytest.mark.chaos
 

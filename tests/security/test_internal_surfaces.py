@@ -22,10 +22,10 @@ import redis
 
 from shared.redis_server import EmbeddedRedis, free_port
 from tests.support.audio import SPEECH_WAV, speech_like
+from tests.support.chorus_up import SERVICES, ChorusUp
 from tests.support.clients import MoshiClient, upload_voice
 from tests.support.paths import REPO_ROOT
 from tests.support.waiting import wait_until_blocking
-from tests.test_up import SERVICES, ChorusUp
 
 pytestmark = pytest.mark.timeout(300)
 
