@@ -21,7 +21,7 @@ import pytest
 import soundfile
 
 from tests.security.conftest import GatewayProcess, StartGateway
-from tests.services.tts.support import SPEECH, read_clip
+from tests.support.tts import SPEECH, read_clip
 from tests.support.waiting import wait_until_blocking
 
 RSS_BOUND_MB = 300  # the bound for any accepted-size body; the pod's limit is 1 GiB

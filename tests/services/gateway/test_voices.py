@@ -32,7 +32,8 @@ from shared.bus import Bus
 from shared.messages import VOICE_EVENTS, VoicePrepare
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
-from tests.services.tts.support import (
+from tests.support.paths import FIXTURE_AUDIO
+from tests.support.tts import (
     SPEECH,
     read_clip,
     running_worker,
@@ -40,7 +41,6 @@ from tests.services.tts.support import (
     tts_engine,
     tts_settings,
 )
-from tests.support.paths import FIXTURE_AUDIO
 from tests.support.waiting import wait_until
 
 __all__ = ["tts_checkpoint", "tts_engine"]  # fixtures this module uses

@@ -27,7 +27,8 @@ from shared.messages import (
 )
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
-from tests.services.tts.support import (
+from tests.support.sessions import open_session
+from tests.support.tts import (
     SPEECH,
     add_profile,
     events,
@@ -35,7 +36,6 @@ from tests.services.tts.support import (
     tts_entries,
     tts_settings,
 )
-from tests.support.sessions import open_session
 from tests.support.waiting import wait_until
 
 SID = "s1"

@@ -27,7 +27,8 @@ from shared.sessions import SessionState, SessionStore
 from shared.storage import LocalStorage
 from shared.streams import StreamNames
 from shared.voice_profiles import VoiceProfileStore
-from tests.services.tts.support import (
+from tests.support.sessions import open_session
+from tests.support.tts import (
     SPEECH,
     SPEECH2,
     add_profile,
@@ -36,7 +37,6 @@ from tests.services.tts.support import (
     tts_entries,
     tts_settings,
 )
-from tests.support.sessions import open_session
 from tests.support.waiting import wait_until
 
 
