@@ -66,8 +66,8 @@ class Listener:
                     self.audio_at.append(time.monotonic())
 
     async def _send(self) -> None:
-        from tests.e2e.conftest import speech_like
-        from tests.e2e.helpers import frames
+        from tests.support.audio import speech_like
+        from tests.support.clients import frames
 
         with contextlib.suppress(ConnectionClosed):
             for i, frame in enumerate(frames(speech_like(120.0, seed=3))):
@@ -123,7 +123,7 @@ async def _serving_instance(bus: Bus, sid: str, stack: Any) -> str:
 
 
 async def _round(stack: Any, bus: Bus) -> dict[str, float]:
-    from tests.e2e.helpers import MoshiClient
+    from tests.support.clients import MoshiClient
 
     listener = Listener(await MoshiClient.open(stack.ws_url, voice="moshiko"))
     listener.start()
@@ -151,7 +151,7 @@ async def _round(stack: Any, bus: Bus) -> dict[str, float]:
 
 
 async def _measure(checkpoints: Path, workdir: Path) -> dict[str, Any]:
-    from tests.e2e.stack import ChorusStack
+    from tests.support.stack import ChorusStack
 
     with EmbeddedRedis() as redis:
         prefix = f"fo{uuid.uuid4().hex[:6]}:"
@@ -162,7 +162,9 @@ async def _measure(checkpoints: Path, workdir: Path) -> dict[str, Any]:
             "CHORUS_WORKER_TTL_S": str(defaults.worker_ttl_s),
             "CHORUS_CLAIM_IDLE_MS": str(defaults.claim_idle_ms),
         }
-        stack = ChorusStack(redis.url, checkpoints, workdir, key_prefix=prefix, extra_env=env)
+        stack = ChorusStack(
+            workdir=workdir, redis_url=redis.url, checkpoints=checkpoints, key_prefix=prefix, extra_env=env
+        )
         for service, instance in (("router", None), ("gateway", None), ("dialogue", None)):
             stack.start(service, instance)
         stack.start("dialogue", "dialogue-2")

@@ -60,7 +60,7 @@ def _model_step_seconds(metrics_url: str) -> tuple[float, float]:
 
 
 async def _one_session(stack: Any, samples: np.ndarray) -> dict[str, Any]:
-    from tests.e2e.helpers import MoshiClient, frames
+    from tests.support.clients import MoshiClient, frames
 
     client = await MoshiClient.open(stack.ws_url, voice="moshiko")
     sent: list[float] = []
@@ -135,7 +135,7 @@ async def _measure(stack: Any, sessions: int) -> dict[str, Any]:
 
 def run() -> dict[str, Any]:
     from chorus.devtools.checkpoints import make_checkpoints
-    from tests.e2e.stack import ChorusStack
+    from tests.support.stack import ChorusStack
 
     root = Path(__file__).resolve().parents[1]
     checkpoints = root / ".cache" / "checkpoints"
@@ -146,9 +146,9 @@ def run() -> dict[str, Any]:
             # One stack per count with exactly that many slots: a worker's batch is fixed, so empty
             # slots would still cost compute on every tick.
             stack = ChorusStack(
-                redis.url,
-                checkpoints,
-                Path(tmp) / str(count),
+                workdir=Path(tmp) / str(count),
+                redis_url=redis.url,
+                checkpoints=checkpoints,
                 key_prefix=f"bench{uuid.uuid4().hex[:6]}:",
                 extra_env={
                     "CHORUS_DIALOGUE_SLOTS": str(count),

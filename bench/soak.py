@@ -92,8 +92,8 @@ async def snapshot(stack: Any, redis: EmbeddedRedis, bus: Bus) -> dict[str, Any]
 
 
 async def one_session(stack: Any, voice: str, seconds: float, tally: Tally) -> None:
-    from tests.e2e.conftest import speech_like
-    from tests.e2e.helpers import MoshiClient, frames
+    from tests.support.audio import speech_like
+    from tests.support.clients import MoshiClient, frames
 
     try:
         client = await MoshiClient.open(stack.ws_url, voice=voice)
@@ -164,9 +164,9 @@ async def leaks(bus: Bus, capacity: int) -> dict[str, Any]:
 
 async def soak(minutes: float, sessions: int, workdir: Path) -> dict[str, Any]:
     from chorus.devtools.checkpoints import make_checkpoints
-    from tests.e2e.conftest import SPEECH_WAV
-    from tests.e2e.helpers import upload_voice
-    from tests.e2e.stack import ChorusStack
+    from tests.support.audio import SPEECH_WAV
+    from tests.support.clients import upload_voice
+    from tests.support.stack import ChorusStack
 
     make_checkpoints(CHECKPOINTS)
     with EmbeddedRedis() as redis:
@@ -176,7 +176,9 @@ async def soak(minutes: float, sessions: int, workdir: Path) -> dict[str, Any]:
             "CHORUS_MAX_SESSIONS_PER_KEY": str(2 * sessions),
             "CHORUS_SESSION_LEASE_S": "10",
         }
-        stack = ChorusStack(redis.url, CHECKPOINTS, workdir, key_prefix=prefix, extra_env=env)
+        stack = ChorusStack(
+            workdir=workdir, redis_url=redis.url, checkpoints=CHECKPOINTS, key_prefix=prefix, extra_env=env
+        )
         bus = await Bus.connect(redis.url, StreamNames(prefix))
         try:
             stack.start_all()

@@ -14,8 +14,7 @@ import pytest
 from chorus.devtools.redis_server import EmbeddedRedis
 from shared.bus import Bus
 from shared.streams import StreamNames
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.support.paths import CHECKPOINT_CACHE, REPO_ROOT
 
 # Child processes the tests start (`python -m chorus.cli ...`) import this checkout, whatever is installed.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -51,9 +50,6 @@ async def bus(redis_url: str, names: StreamNames) -> AsyncIterator[Bus]:
         yield bus
     finally:
         await bus.close()
-
-
-CHECKPOINT_CACHE = REPO_ROOT / ".cache" / "checkpoints"
 
 
 @pytest.fixture(scope="session")

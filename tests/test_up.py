@@ -3,46 +3,17 @@ when they die, one line when everything is ready, clean SIGTERM."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from chorus.devtools.redis_server import free_port
-
-SERVICES = ("dialogue", "tts", "router")
-
-
-def get_json(url: str) -> tuple[int, dict[str, object]]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def wait_for(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> dict[str, object]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"chorus up exited early with {process.returncode}"
-        try:
-            status, body = get_json(url)
-            if status == 200:
-                return body
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} not ready within {timeout_s}s")
+from tests.support.chorus_up import SERVICES, ChorusUp, get_json, wait_answering
 
 
 def redis_refuses_ping_without_password(port: int) -> bool:
@@ -62,78 +33,6 @@ def pid_exists(pid: int) -> bool:
     return True
 
 
-class ChorusUp:
-    """A running `chorus up` on tiny checkpoints, with its own ports and its log in a file."""
-
-    def __init__(self, tmp_path: Path, checkpoints: Path, extra_env: dict[str, str]) -> None:
-        self.ports = {name: free_port() for name in ("gateway", *SERVICES)}
-        self.log_path = tmp_path / "up.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
-        env.update(
-            {
-                "CHORUS_DATA_DIR": str(tmp_path / "data"),
-                "CHORUS_MOSHI_DIR": str(checkpoints / "moshi"),
-                "CHORUS_TTS_DIR": str(checkpoints / "tts"),
-                **{f"CHORUS_{name.upper()}_HTTP_PORT": str(self.ports[name]) for name in SERVICES},
-                "CHORUS_LOG_FORMAT": "text",
-                **extra_env,
-            }
-        )
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "chorus.cli", "up", "--port", str(self.ports["gateway"])],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def url(self, service: str, path: str) -> str:
-        return f"http://127.0.0.1:{self.ports[service]}{path}"
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def up_lines(self) -> list[str]:
-        """What `chorus up` itself logged (the services log to the same terminal)."""
-        return [line for line in self.output().splitlines() if " up       " in line]
-
-    def wait_for_line(self, pattern: str, timeout_s: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"chorus up exited with {self.process.returncode}"
-            for line in self.up_lines():
-                if match := re.search(pattern, line):
-                    return match
-            time.sleep(0.05)
-        raise AssertionError(f"no line like {pattern!r} within {timeout_s}s:\n{self.output()[-3000:]}")
-
-    def pids(self) -> dict[str, int]:
-        """The pid each child was last started with, as `chorus up` logged it."""
-        return {
-            m[1]: int(m[2])
-            for line in self.up_lines()
-            if (m := re.search(r"started (\S+) \(pid (\d+)\)", line))
-        }
-
-    def redis_port(self) -> int:
-        return int(self.wait_for_line(r"embedded redis-server on redis://:\*\*\*@127\.0\.0\.1:(\d+)/", 10)[1])
-
-    def wait_until_ready(self) -> None:
-        for service in SERVICES:
-            assert wait_for(self.url(service, "/readyz"), 120, self.process)["ready"] is True, service
-        wait_for(self.url("gateway", "/readyz"), 60, self.process)
-
-    def stop(self, timeout_s: float = 30) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout_s)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the embedded Redis dies with it (PDEATHSIG)
-            self.process.wait()
-
-
 @pytest.fixture
 def start_up(tmp_path: Path, checkpoints: Path) -> Iterator[Callable[..., ChorusUp]]:
     started: list[ChorusUp] = []
@@ -150,9 +49,9 @@ def start_up(tmp_path: Path, checkpoints: Path) -> Iterator[Callable[..., Chorus
 
 def test_chorus_up_serves_health_and_stops_everything_on_sigterm(start_up: Callable[..., ChorusUp]) -> None:
     up = start_up()
-    assert wait_for(up.url("gateway", "/healthz"), 60, up.process)["status"] == "ok"
+    assert wait_answering(up.url("gateway", "/healthz"), 60, up.process)["status"] == "ok"
     up.wait_until_ready()
-    ready = wait_for(up.url("gateway", "/readyz"), 60, up.process)
+    ready = wait_answering(up.url("gateway", "/readyz"), 60, up.process)
     assert ready["dialogue_workers"] == 1 and ready["tts_workers"] == 1 and ready["router_workers"] == 1
     assert up.stop() == 0
     output = up.output()
@@ -196,7 +95,7 @@ def test_the_ready_line_comes_again_once_after_the_gateway_was_restarted(
     os.kill(up.pids()["gateway"], signal.SIGKILL)
     up.wait_for_line(r"restarted gateway \(pid \d+\)", 10)
     up.wait_for_line("chorus is not ready any more: the gateway does not answer", 10)
-    wait_for(up.url("gateway", "/readyz"), 60, up.process)
+    wait_answering(up.url("gateway", "/readyz"), 60, up.process)
     time.sleep(1.5)  # the watch polls every 0.5 s
     lines = up.up_lines()
     said = [line.split(" up       ")[1].split(":")[0] for line in lines if "chorus is" in line]

@@ -7,16 +7,15 @@ A failing test prints the tail of every process's log."""
 
 from __future__ import annotations
 
-import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from chorus.devtools.redis_server import EmbeddedRedis, free_port
+from chorus.devtools.redis_server import EmbeddedRedis
 from tests.chaos.harness import Observer
-from tests.e2e.stack import ChorusStack
+from tests.support.stack import ChorusStack
 
 LEASE_S = 3.0
 LEASE_RENEW_S = 0.5
@@ -56,21 +55,17 @@ def make_stack(
     request: pytest.FixtureRequest, redis_url: str, checkpoints: Path, tmp_path: Path
 ) -> Iterator[Callable[..., ChorusStack]]:
     """`make_stack(redis_url=None, **env)`: a stack (nothing started yet) on the suite's Redis or the
-    given one, with the chaos settings plus `env`. Stopped (continued first, if paused) at the end."""
+    given one, with the chaos settings plus `env`. Stopped at the end (a paused process is continued)."""
     stacks: list[ChorusStack] = []
 
     def make(redis: str | None = None, **env: str) -> ChorusStack:
         stack = ChorusStack(
-            redis or redis_url,
-            checkpoints,
-            tmp_path / f"stack{len(stacks)}",
+            workdir=tmp_path / f"stack{len(stacks)}",
+            redis_url=redis or redis_url,
+            checkpoints=checkpoints,
             key_prefix=f"chaos{uuid.uuid4().hex[:6]}:",
             extra_env={**CHAOS_ENV, **env},
         )
-        ports: list[int] = []
-        for name in stack.ports:
-            ports.append(free_port(ports))
-            stack.ports[name] = ports[-1]
         stacks.append(stack)
         return stack
 
@@ -80,9 +75,6 @@ def make_stack(
         if failed:
             for name in stack.processes:
                 print(f"--- {name} (log tail)\n{stack.log_tail(name, 6000)}")
-        for name in list(stack.processes):
-            if stack.processes[name].poll() is None:
-                stack.send_signal(name, signal.SIGCONT)
         stack.stop_all()
 
 

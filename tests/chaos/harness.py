@@ -1,109 +1,29 @@
 """What the chaos tests share: a client that talks and listens in real time while faults happen (and
-records when each message arrived), a read-only view of Redis to check what the services did, and
-small waiting helpers. Nothing here retries or hides a failure: it observes."""
+records when each message arrived), and a read-only view of Redis to check what the services did.
+Starting, signalling and waiting on the processes is the stack's (tests/support/stack.py). Nothing here
+retries or hides a failure: it observes."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from websockets.exceptions import ConnectionClosed
 
-from chorus.devtools.redis_server import free_port
 from shared.audio import FRAME_SEC
 from shared.bus import Bus
 from shared.messages import DIALOGUE, OUTPUT, TTS, Codec, Envelope
 from shared.presence import list_workers
 from shared.streams import StreamNames
-from tests.e2e.conftest import speech_like
-from tests.e2e.helpers import AUDIO, ERROR, TEXT, MoshiClient, frames
-from tests.e2e.stack import ChorusStack
+from tests.support.audio import speech_like
+from tests.support.clients import AUDIO, ERROR, TEXT, MoshiClient, frames
+from tests.support.stack import ChorusStack
 
-T = TypeVar("T")
 M = TypeVar("M", bound=Envelope)
-
-
-# --- waiting -----------------------------------------------------------------------------------------
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[T]],
-    timeout_s: float,
-    what: str,
-    *,
-    every_s: float = 0.1,
-    seen: Callable[[], object] | None = None,
-) -> tuple[T, float]:
-    """Poll `check` until it returns something truthy; returns it and how long that took. On timeout the
-    message shows the last value, or what `seen()` says."""
-    began = time.monotonic()
-    value = await check()
-    while not value:
-        elapsed = time.monotonic() - began
-        assert elapsed < timeout_s, (
-            f"{what}: not within {timeout_s:g} s (last: {seen() if seen else value!r})"
-        )
-        await asyncio.sleep(every_s)
-        value = await check()
-    return value, time.monotonic() - began
-
-
-def readiness(stack: ChorusStack) -> dict[str, Any]:
-    """The gateway's /readyz body (whatever its status); {} while it does not answer."""
-    try:
-        with urllib.request.urlopen(f"{stack.url}/readyz", timeout=2) as response:
-            return dict(json.loads(response.read()))
-    except urllib.error.HTTPError as error:
-        return dict(json.loads(error.read()))
-    except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-        return {}
-
-
-def wait_serving(stack: ChorusStack, timeout_s: float = 120, **serving: int) -> dict[str, Any]:
-    """Wait until the gateway's readiness counts at least `serving[service]` serving workers of each
-    service (e.g. dialogue=2, router=1, tts=1): models loaded and warmed up."""
-    deadline = time.monotonic() + timeout_s
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        for name, process in stack.processes.items():
-            assert process.poll() is None, f"{name} exited with {process.returncode}:\n{stack.log_tail(name)}"
-        body = readiness(stack)
-        services = body.get("services") or {}
-        if body and all(services.get(s, {}).get("serving", 0) >= n for s, n in serving.items()):
-            return body
-        time.sleep(0.3)
-    logs = "\n".join(f"--- {n}\n{stack.log_tail(n)}" for n in stack.processes)
-    raise AssertionError(f"not serving {serving} within {timeout_s}s: {body}\n{logs}")
-
-
-def start_services(stack: ChorusStack, *instances: str, timeout_s: float = 120) -> None:
-    """Start worker instances ("dialogue", "dialogue-2", "router", ...) and the gateway, and wait until
-    every one of them is serving."""
-    stack.workdir.mkdir(parents=True, exist_ok=True)
-    wanted: dict[str, int] = {}
-    for instance in instances:
-        service = instance.split("-")[0]
-        if instance not in stack.ports:  # a further worker's health port (the stack would take any)
-            stack.ports[instance] = free_port(stack.ports.values())
-        stack.start(service, instance)
-        wanted[service] = wanted.get(service, 0) + 1
-    stack.start("gateway")
-    wait_serving(stack, timeout_s, **wanted)
-
-
-def instance_of(stack: ChorusStack, worker_id: str) -> str:
-    """The stack instance ("dialogue-2") running the worker with this id."""
-    matches = [name for name in stack.processes if stack.worker_id(name) == worker_id]
-    assert matches, f"no instance runs worker {worker_id!r}"
-    return matches[0]
 
 
 # --- a client in a real-time conversation ------------------------------------------------------------

@@ -22,10 +22,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from shared.audio import float_to_pcm16
 from tests.chaos.conftest import LEASE_S, SESSION_CHECK_S, SLOTS
-from tests.chaos.harness import Call, Observer, start_services, wait_until
-from tests.e2e.conftest import speech_like
-from tests.e2e.helpers import AUDIO, ERROR, HANDSHAKE, MoshiClient, frames
-from tests.e2e.stack import ChorusStack
+from tests.chaos.harness import Call, Observer
+from tests.support.audio import speech_like
+from tests.support.clients import AUDIO, ERROR, HANDSHAKE, MoshiClient, frames
+from tests.support.stack import ChorusStack
+from tests.support.waiting import seconds_until, wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -202,7 +203,7 @@ async def test_two_hundred_abusive_connections_leave_nothing_held_and_the_gatewa
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack(CHORUS_PLACEMENT_WAIT_S="2")
-    start_services(stack, "router", "tts", "dialogue")
+    stack.start_services("router", "tts", "dialogue")
     observer = await observe(stack)
     began = time.monotonic()
     outcomes: list[str] = []
@@ -216,8 +217,8 @@ async def test_two_hundred_abusive_connections_leave_nothing_held_and_the_gatewa
         free, capacity = await observer.dialogue_slots()
         return free == capacity == SLOTS and not await observer.live_sessions_of("")
 
-    _, took = await wait_until(
-        nothing_held, LEASE_S + SESSION_CHECK_S + ALLOWANCE_S, "every slot free, the key's set empty"
+    took = await seconds_until(
+        nothing_held, "every slot free, the key's set empty", LEASE_S + SESSION_CHECK_S + ALLOWANCE_S
     )
     print(f"nothing held {took:.2f} s after the last abusive connection")
     violations = [o for o in outcomes if o.startswith("VIOLATION")]
@@ -227,7 +228,7 @@ async def test_two_hundred_abusive_connections_leave_nothing_held_and_the_gatewa
         assert (await http.get("/healthz")).status_code == 200
         assert (await http.get("/readyz")).status_code == 200
     call = await Call.open(stack.ws_url, voice="moshiko")
-    await wait_until(lambda: call.audio_flowing(0, 15), 15, "a normal conversation after the abuse")
+    await wait_until(lambda: call.audio_flowing(0, 15), "a normal conversation after the abuse", 15)
     assert not call.errors, call.errors
     await call.hang_up()
     assert stack.processes["gateway"].poll() is None

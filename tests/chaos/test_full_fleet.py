@@ -8,10 +8,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from shared.audio import float_to_pcm16
-from tests.chaos.harness import Call, Observer, start_services, wait_until
-from tests.e2e.conftest import speech_like
-from tests.e2e.helpers import RealtimeClient
-from tests.e2e.stack import ChorusStack
+from tests.chaos.harness import Call, Observer
+from tests.support.audio import speech_like
+from tests.support.clients import RealtimeClient
+from tests.support.stack import ChorusStack
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -30,7 +31,7 @@ async def test_a_realtime_socket_refused_for_capacity_gets_a_session_with_its_ne
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack(CHORUS_DIALOGUE_SLOTS="1", CHORUS_PLACEMENT_WAIT_S=str(PLACEMENT_WAIT_S))
-    start_services(stack, "router", "tts", "dialogue")
+    stack.start_services("router", "tts", "dialogue")
     observer = await observe(stack)
     busy = await Call.open(stack.ws_url, voice="moshiko")  # the only slot
 
@@ -45,7 +46,7 @@ async def test_a_realtime_socket_refused_for_capacity_gets_a_session_with_its_ne
         free, capacity = await observer.dialogue_slots()
         return free == capacity
 
-    await wait_until(slot_free, 5, "the slot free again")
+    await wait_until(slot_free, "the slot free again", 5)
     await append(realtime, 0.5)  # "the socket stays open, the next audio tries again"
     await realtime.wait_for("chorus.event", timeout_s=PLACEMENT_WAIT_S + 10, name="ready")
     assert [e["error"]["code"] for e in realtime.of_type("error")] == ["no_capacity"]

@@ -11,8 +11,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from tests.chaos.conftest import LEASE_S, SESSION_CHECK_S, SLOTS
-from tests.chaos.harness import Call, Observer, start_services, wait_until
-from tests.e2e.stack import ChorusStack
+from tests.chaos.harness import Call, Observer
+from tests.support.stack import ChorusStack
+from tests.support.waiting import seconds_until, wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -27,11 +28,11 @@ async def test_sessions_of_a_killed_gateway_end_within_the_lease_and_free_every_
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack()
-    start_services(stack, "router", "tts", "dialogue")
+    stack.start_services("router", "tts", "dialogue")
     observer = await observe(stack)
     calls = [await Call.open(stack.ws_url, voice="moshiko") for _ in range(SLOTS)]
     for call in calls:
-        await wait_until(lambda call=call: call.audio_flowing(0, 10), 15, "audio before the kill")
+        await wait_until(lambda call=call: call.audio_flowing(0, 10), "audio before the kill", 15)
     assert await observer.dialogue_slots() == (0, SLOTS)
 
     stack.send_signal("gateway", signal.SIGKILL)
@@ -41,7 +42,7 @@ async def test_sessions_of_a_killed_gateway_end_within_the_lease_and_free_every_
         free, capacity = await observer.dialogue_slots()
         return free == capacity == SLOTS
 
-    _, took = await wait_until(all_slots_free, bound, "every dialogue slot free again")
+    took = await seconds_until(all_slots_free, "every dialogue slot free again", bound)
     print(f"gateway SIGKILL: every slot free again after {took:.2f} s (lease {LEASE_S:g} s)")
 
     for call in calls:
@@ -53,7 +54,7 @@ async def test_sessions_of_a_killed_gateway_end_within_the_lease_and_free_every_
     async def ends_recorded() -> bool:
         return all((transcripts / c.session_id / "end.json").exists() for c in calls)
 
-    await wait_until(ends_recorded, 2, "end.json written for every session")
+    await wait_until(ends_recorded, "end.json written for every session", 2)
     for call in calls:
         end = json.loads((transcripts / call.session_id / "end.json").read_text())
         assert end["reason"] == "lease_expired"

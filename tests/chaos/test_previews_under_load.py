@@ -12,10 +12,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.chaos.harness import start_services
-from tests.e2e.conftest import SPEECH_WAV
-from tests.e2e.helpers import upload_voice
-from tests.e2e.stack import ChorusStack
+from tests.support.audio import SPEECH_WAV
+from tests.support.clients import upload_voice
+from tests.support.stack import ChorusStack
 
 pytestmark = pytest.mark.chaos
 
@@ -42,7 +41,7 @@ async def test_previews_while_the_only_tts_worker_is_busy_answer_in_time_and_nev
         CHORUS_VOICE_PREVIEW_TIMEOUT_S=str(PREVIEW_TIMEOUT_S),
         CHORUS_VOICE_MAX_CONCURRENT_UPLOADS=str(UPLOADS),
     )
-    start_services(stack, "tts")
+    stack.start_services("tts")
     voice_id = await upload_voice(stack.url, str(SPEECH_WAV))
     async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         uploads = [upload_voice(stack.url, str(SPEECH_WAV), name=f"busy {i}") for i in range(UPLOADS)]

@@ -16,9 +16,10 @@ from chorus.devtools.redis_server import EmbeddedRedis
 from shared.bus import Bus
 from shared.streams import StreamNames
 from tests.chaos.conftest import LEASE_S, SESSION_CHECK_S
-from tests.chaos.harness import Call, Observer, start_services, wait_until
-from tests.e2e.helpers import MoshiClient
-from tests.e2e.stack import ChorusStack
+from tests.chaos.harness import Call, Observer
+from tests.support.clients import MoshiClient
+from tests.support.stack import ChorusStack
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -61,9 +62,9 @@ async def test_a_redis_restart_loses_sessions_cleanly_and_new_sessions_work_with
     own_redis: EmbeddedRedis, make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack(own_redis.url)
-    start_services(stack, "router", "tts", "dialogue")
+    stack.start_services("router", "tts", "dialogue")
     call = await Call.open(stack.ws_url, voice="moshiko")
-    await wait_until(lambda: call.audio_flowing(0, 10), 15, "audio before the restart")
+    await wait_until(lambda: call.audio_flowing(0, 10), "audio before the restart", 15)
 
     kill(own_redis)
     await asyncio.sleep(DOWN_S)
@@ -91,7 +92,7 @@ async def test_a_redis_restart_loses_sessions_cleanly_and_new_sessions_work_with
         return free == capacity > 0
 
     # The lost session's slot, and the new session's once its client hung up.
-    await wait_until(all_slots_free, SESSION_CHECK_S + ALLOWANCE_S, "every dialogue slot free again")
+    await wait_until(all_slots_free, "every dialogue slot free again", SESSION_CHECK_S + ALLOWANCE_S)
 
 
 REST_WHILE_DOWN = [
@@ -106,7 +107,7 @@ async def test_rest_answers_503_problem_json_while_redis_is_down(
     own_redis: EmbeddedRedis, make_stack: MakeStack
 ) -> None:
     stack = make_stack(own_redis.url)
-    start_services(stack)  # the gateway alone: REST does not need a worker
+    stack.start_services()  # the gateway alone: REST does not need a worker
     kill(own_redis)
     answers = {}
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
@@ -131,7 +132,7 @@ async def test_dropped_redis_connections_never_lose_a_new_session_or_its_slot(
     keeping its data, just as a new session starts: the first write on each pooled connection fails.
     Each new session still gets its handshake, and its slot back once the client hangs up."""
     stack = make_stack(own_redis.url)
-    start_services(stack, "router", "tts", "dialogue")
+    stack.start_services("router", "tts", "dialogue")
     observer = await observe(stack)
     admin = await Bus.connect(own_redis.url, StreamNames(stack.key_prefix))
     took: list[float] = []
@@ -150,7 +151,7 @@ async def test_dropped_redis_connections_never_lose_a_new_session_or_its_slot(
                     return False
                 return free == capacity > 0
 
-            await wait_until(all_slots_free, SESSION_CHECK_S + ALLOWANCE_S, "the slot free again")
+            await wait_until(all_slots_free, "the slot free again", SESSION_CHECK_S + ALLOWANCE_S)
     finally:
         await admin.close()
     print(f"connections dropped {ROUNDS} times: new sessions had their handshake after {fmt(took)} s")

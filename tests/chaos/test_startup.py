@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import MoshiClient
-from tests.test_up import ChorusUp
+from tests.support.chorus_up import ChorusUp
+from tests.support.clients import MoshiClient
 
 pytestmark = pytest.mark.chaos
 

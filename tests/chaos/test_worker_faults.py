@@ -13,10 +13,11 @@ import pytest
 
 from shared.messages import DialogueFrame, OutputAudio, Placement, SessionEvent, VoiceChanged
 from tests.chaos.conftest import SLOTS
-from tests.chaos.harness import Call, Observer, instance_of, start_services, strictly_increasing, wait_until
-from tests.e2e.conftest import SPEECH_WAV
-from tests.e2e.helpers import upload_voice
-from tests.e2e.stack import ChorusStack
+from tests.chaos.harness import Call, Observer, strictly_increasing
+from tests.support.audio import SPEECH_WAV
+from tests.support.clients import upload_voice
+from tests.support.stack import ChorusStack
+from tests.support.waiting import seconds_until, wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -37,7 +38,7 @@ def other(stack: ChorusStack, service: str, than: str) -> str:
 
 async def kill_owner(stack: ChorusStack, observer: Observer, call: Call, field: str) -> tuple[str, float]:
     """SIGKILL the worker the session hash names in `field`; returns its instance and when."""
-    victim = instance_of(stack, (await observer.session(call.session_id))[field])
+    victim = stack.instance_of((await observer.session(call.session_id))[field])
     stack.send_signal(victim, signal.SIGKILL)
     return victim, time.monotonic()
 
@@ -45,7 +46,7 @@ async def kill_owner(stack: ChorusStack, observer: Observer, call: Call, field: 
 async def audio_again(call: Call, since: float, seconds: float = 2.0, timeout_s: float = 20) -> float:
     """Wait until the client heard `seconds` of audio after `since`; the longest gap since then."""
     frames = round(seconds / 0.08)
-    await wait_until(lambda: call.audio_flowing(since, frames), timeout_s, "audio after the fault")
+    await wait_until(lambda: call.audio_flowing(since, frames), "audio after the fault", timeout_s)
     return call.longest_audio_gap(since)
 
 
@@ -74,10 +75,10 @@ async def test_a_dialogue_worker_killed_mid_session_is_replaced_within_seconds(
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack()
-    start_services(stack, "router", "tts", "dialogue", "dialogue-2")
+    stack.start_services("router", "tts", "dialogue", "dialogue-2")
     observer = await observe(stack)
     call = await Call.open(stack.ws_url, voice="moshiko")
-    await wait_until(lambda: call.audio_flowing(0, 15), 15, "audio before the kill")
+    await wait_until(lambda: call.audio_flowing(0, 15), "audio before the kill", 15)
 
     victim, killed_at = await kill_owner(stack, observer, call, "dialogue_worker")
     gap = await audio_again(call, killed_at)
@@ -96,10 +97,10 @@ async def test_a_router_killed_mid_session_is_replaced_and_audio_flows_again(
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack()
-    start_services(stack, "router", "router-2", "tts", "dialogue")
+    stack.start_services("router", "router-2", "tts", "dialogue")
     observer = await observe(stack)
     call = await Call.open(stack.ws_url, voice="moshiko")
-    await wait_until(lambda: call.audio_flowing(0, 15), 15, "audio before the kill")
+    await wait_until(lambda: call.audio_flowing(0, 15), "audio before the kill", 15)
 
     victim, killed_at = await kill_owner(stack, observer, call, "router_worker")
     gap = await audio_again(call, killed_at)
@@ -122,7 +123,7 @@ async def cloned_session(stack: ChorusStack, observer: Observer) -> Call:
     async def speaking_cloned() -> bool:
         return any(audible(e, "cloned") for e in await observer.output(call.session_id))
 
-    await wait_until(speaking_cloned, 30, "cloned speech before the fault")
+    await wait_until(speaking_cloned, "cloned speech before the fault", 30)
     return call
 
 
@@ -137,7 +138,7 @@ async def test_a_tts_worker_killed_in_a_cloned_session_is_replaced_and_cloned_sp
     audio meanwhile depends on which notices the death first (both poll presence): printed, not asserted
     (see the next test for the fallback itself)."""
     stack = make_stack()
-    start_services(stack, "router", "tts", "tts-2", "dialogue")
+    stack.start_services("router", "tts", "tts-2", "dialogue")
     observer = await observe(stack)
     call = await cloned_session(stack, observer)
     heard_before = len(await observer.output(call.session_id))
@@ -158,7 +159,7 @@ async def test_a_tts_worker_killed_in_a_cloned_session_is_replaced_and_cloned_sp
     def seen() -> str:
         return f"audio sources {sources(since_kill)}, voice switches {switches(since_kill)}"
 
-    _, took = await wait_until(cloned_from_the_survivor, 30, "cloned speech from the survivor", seen=seen)
+    took = await seconds_until(cloned_from_the_survivor, "cloned speech from the survivor", 30, seen=seen)
     gap = call.longest_audio_gap(killed_at)
     print(
         f"tts SIGKILL with a second worker: cloned speech again after {took:.2f} s; longest gap between "
@@ -176,7 +177,7 @@ async def test_the_only_tts_worker_killed_falls_back_to_native_then_a_new_worker
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack()
-    start_services(stack, "router", "tts", "dialogue")
+    stack.start_services("router", "tts", "dialogue")
     observer = await observe(stack)
     call = await cloned_session(stack, observer)
     heard_before = len(await observer.output(call.session_id))
@@ -190,7 +191,7 @@ async def test_the_only_tts_worker_killed_falls_back_to_native_then_a_new_worker
     def seen() -> str:
         return f"audio sources {sources(since_kill)}, voice switches {switches(since_kill)}"
 
-    _, fell_back = await wait_until(native_fallback, FAILOVER_BOUND_S, "Moshi's own voice", seen=seen)
+    fell_back = await seconds_until(native_fallback, "Moshi's own voice", FAILOVER_BOUND_S, seen=seen)
     stack.start("tts", "tts-2")  # a restarted TTS pod: it takes over the dead worker's sessions
     restarted_at = time.monotonic()
 
@@ -198,7 +199,7 @@ async def test_the_only_tts_worker_killed_falls_back_to_native_then_a_new_worker
         since_kill[:] = (await observer.output(call.session_id))[heard_before:]
         return sources(since_kill)[-2:] == ["native", "cloned"]
 
-    _, took = await wait_until(cloned_again, 60, "cloned audio from the new worker", seen=seen)
+    took = await seconds_until(cloned_again, "cloned audio from the new worker", 60, seen=seen)
     print(
         f"tts SIGKILL, no other worker: native audio after {fell_back:.2f} s; cloned again "
         f"{took:.2f} s after a new worker started; longest gap between frames "
@@ -217,12 +218,12 @@ async def test_a_paused_dialogue_worker_loses_its_session_and_cannot_publish_for
     make_stack: MakeStack, observe: Observe
 ) -> None:
     stack = make_stack()
-    start_services(stack, "router", "tts", "dialogue", "dialogue-2")
+    stack.start_services("router", "tts", "dialogue", "dialogue-2")
     observer = await observe(stack)
     call = await Call.open(stack.ws_url, voice="moshiko")
-    await wait_until(lambda: call.audio_flowing(0, 15), 15, "audio before the pause")
+    await wait_until(lambda: call.audio_flowing(0, 15), "audio before the pause", 15)
 
-    paused = instance_of(stack, (await observer.session(call.session_id))["dialogue_worker"])
+    paused = stack.instance_of((await observer.session(call.session_id))["dialogue_worker"])
     paused_id, survivor = stack.worker_id(paused), stack.worker_id(other(stack, "dialogue", paused))
     stack.send_signal(paused, signal.SIGSTOP)
     paused_at = time.monotonic()
@@ -238,9 +239,9 @@ async def test_a_paused_dialogue_worker_loses_its_session_and_cannot_publish_for
         fields = await observer.worker_fields("dialogue", paused_id)
         return fields.get("free_slots") == str(SLOTS)
 
-    _, took = await wait_until(slots_free_again, 10, "the paused worker frees its slot")
+    took = await seconds_until(slots_free_again, "the paused worker frees its slot", 10)
     print(f"the continued worker showed its slot free after {took:.2f} s")
-    await wait_until(lambda: call.audio_flowing(continued_at, 25), 10, "audio after SIGCONT")
+    await wait_until(lambda: call.audio_flowing(continued_at, 25), "audio after SIGCONT", 10)
 
     dialogue = await observer.dialogue(call.session_id)
     seqs = [e.seq for e in dialogue]

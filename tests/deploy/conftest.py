@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.compose_stack import ComposeStack, checkpoint_env, compose_stack
+from tests.support.compose import ComposeStack, checkpoint_env, compose_stack
 
 # The generators `checkpoints` imports; without them the stack cannot load a model. Only their absence
 # skips the compose test: any other failure to make checkpoints is an error.

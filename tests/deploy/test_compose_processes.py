@@ -1,12 +1,12 @@
 """docker-compose.yml's services started as local processes with the environment compose gives them,
-waited on with the health checks it declares (tests/deploy/compose_stack.py says what is translated)."""
+waited on with the health checks it declares (tests/support/compose.py says what is translated)."""
 
 from __future__ import annotations
 
 import pytest
 
 from chorus.devtools.compose import load_project, read_env_file
-from tests.deploy.compose_stack import COMPOSE_FILES, ENV_EXAMPLE, ComposeStack
+from tests.support.compose import COMPOSE_FILES, ENV_EXAMPLE, ComposeStack
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,8 +38,8 @@ def test_the_gateway_is_ready_and_sees_every_worker_through_the_same_redis(
 
 async def test_a_conversation_through_the_compose_wired_gateway(running_compose_stack: ComposeStack) -> None:
     """The wiring is proven by use: audio in through the gateway, Moshi's audio and text back out."""
-    from tests.e2e.conftest import speech_like
-    from tests.e2e.helpers import MoshiClient
+    from tests.support.audio import speech_like
+    from tests.support.clients import MoshiClient
 
     running_compose_stack.wait_gateway_ready()
     client = await MoshiClient.open(running_compose_stack.ws_url, voice="moshiko")

@@ -6,9 +6,9 @@ import base64
 import json
 from pathlib import Path
 
-from tests.browser import MEDIA_FLAGS, chromium_page, needs_chromium
-from tests.e2e.conftest import SPEECH_WAV
-from tests.e2e.stack import ChorusStack
+from tests.support.audio import SPEECH_WAV
+from tests.support.browser import MEDIA_FLAGS, chromium_page, needs_chromium
+from tests.support.stack import ChorusStack
 
 pytestmark = needs_chromium
 

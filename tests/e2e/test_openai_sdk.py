@@ -9,8 +9,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from shared.audio import float_to_pcm16
-from tests.e2e.conftest import speech_like
-from tests.e2e.stack import ChorusStack
+from tests.support.audio import speech_like
+from tests.support.stack import ChorusStack
 
 
 async def test_openai_sdk_client_holds_a_conversation(stack: ChorusStack) -> None:

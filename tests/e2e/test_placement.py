@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.e2e.conftest import DIALOGUE_SLOTS, speech_like
-from tests.e2e.helpers import MoshiClient
-from tests.e2e.stack import ChorusStack
+from tests.e2e.conftest import DIALOGUE_SLOTS
+from tests.support.audio import speech_like
+from tests.support.clients import MoshiClient
+from tests.support.stack import ChorusStack
 
 PLACEMENT_WAIT_S = 3.0  # the stack's CHORUS_PLACEMENT_WAIT_S
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import sphn
 
-from tests.e2e.conftest import SPEECH_WAV
-from tests.e2e.helpers import upload_voice
-from tests.e2e.stack import ChorusStack
+from tests.support.audio import SPEECH_WAV
+from tests.support.clients import upload_voice
+from tests.support.stack import ChorusStack
 
 
 @pytest.mark.parametrize(("protocol", "cloned"), [("moshi", False), ("realtime", True)])

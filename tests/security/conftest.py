@@ -1,43 +1,43 @@
 """Fixtures of the hostile-client suite: a real gateway process (`python -m chorus.cli gateway`, as its
 container runs it) against the suite's redis-server, reached over real sockets. Tests that need a whole
-conversation start the other services too (`tests/e2e/stack.py`)."""
+conversation start the other services too (`tests/support/stack.py`)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from chorus.devtools.redis_server import free_port
-from tests.conftest import REPO_ROOT
-from tests.e2e.stack import ChorusStack
+from tests.support.paths import REPO_ROOT
+from tests.support.stack import ChorusStack, ProcessStack
+from tests.support.waiting import wait_until_blocking
 
 
-@dataclass
-class GatewayProcess:
-    process: subprocess.Popen[bytes]
+@dataclass(kw_only=True)
+class GatewayProcess(ProcessStack):
+    """A stack of one: the gateway process alone (tests/support/stack.py launches and stops it)."""
+
     port: int
     key_prefix: str
     data_dir: Path
-    log: Path
+    process: subprocess.Popen[bytes] = field(init=False)
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def gateway_port(self) -> int:
+        return self.port
 
     @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+    def log(self) -> Path:
+        return self.workdir / "gateway.log"
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -59,9 +59,9 @@ class GatewayProcess:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
-    def _status_mb(self, field: str) -> float:
+    def _status_mb(self, name: str) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(field):
+            if line.startswith(name):
                 return int(line.split()[1]) / 1024
         return 0.0
 
@@ -80,29 +80,23 @@ def launch_gateway(
     /healthz answers) when this returns, unless `wait` is false. `stop_gateway` stops it."""
     port = free_port()
     prefix = f"sec{uuid.uuid4().hex[:8]}:"
-    data_dir = workdir / f"data-{name}"
-    log = workdir / f"gateway-{name}.log"
+    gateway = GatewayProcess(
+        workdir=workdir / f"gateway-{name}", port=port, key_prefix=prefix, data_dir=workdir / f"data-{name}"
+    )
     environment = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
     environment.update(
         {
             "CHORUS_REDIS_URL": redis_url,
             "CHORUS_KEY_PREFIX": prefix,
-            "CHORUS_DATA_DIR": str(data_dir),
+            "CHORUS_DATA_DIR": str(gateway.data_dir),
             "CHORUS_PORT": str(port),
             "CHORUS_LOG_FORMAT": "text",
             **(env or {}),
         }
     )
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "chorus.cli", "gateway"],
-            cwd=REPO_ROOT,
-            env=environment,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    gateway = GatewayProcess(process, port, prefix, data_dir, log)
+    gateway.process = gateway.launch(
+        "gateway", [sys.executable, "-m", "chorus.cli", "gateway"], environment, REPO_ROOT
+    )
     if wait:
         try:
             wait_healthy(gateway)
@@ -113,32 +107,25 @@ def launch_gateway(
 
 
 def stop_gateway(gateway: GatewayProcess) -> None:
-    if gateway.process.poll() is None:
-        os.killpg(gateway.process.pid, signal.SIGTERM)
-        try:
-            gateway.process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(gateway.process.pid, signal.SIGKILL)
-            gateway.process.wait()
+    gateway.stop_all()
 
 
 def wait_healthy(gateway: GatewayProcess, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         if gateway.process.poll() is not None:
             raise GatewayNotHealthy(
                 f"the gateway exited with {gateway.process.returncode}:\n{gateway.log_text()[-3000:]}"
             )
         try:
             with urllib.request.urlopen(f"{gateway.url}/healthz", timeout=2) as response:
-                if response.status == 200:
-                    return
+                return bool(response.status == 200)
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    raise GatewayNotHealthy(
-        f"the gateway did not answer /healthz within {timeout_s} s:\n{gateway.log_text()[-3000:]}"
-    )
+            return False
+
+    try:
+        wait_until_blocking(answers, "the gateway answering /healthz", timeout_s, every_s=0.1)
+    except AssertionError as timeout:
+        raise GatewayNotHealthy(f"{timeout}:\n{gateway.log_text()[-3000:]}") from None
 
 
 @pytest.fixture
@@ -170,9 +157,9 @@ def socket_stack(
     the socket tests whose sessions must really be placed, primed, paced and stopped. Short leases, so a
     leaked session would show within seconds."""
     stack = ChorusStack(
-        redis_url,
-        checkpoints,
-        tmp_path_factory.mktemp("socket-stack"),
+        workdir=tmp_path_factory.mktemp("socket-stack"),
+        redis_url=redis_url,
+        checkpoints=checkpoints,
         key_prefix=f"ws{uuid.uuid4().hex[:6]}:",
         extra_env={
             "CHORUS_DIALOGUE_SLOTS": "4",
@@ -183,7 +170,6 @@ def socket_stack(
             "CHORUS_REQUESTS_PER_MINUTE": "100000",  # the latency probe calls a REST route 50 times a second
         },
     )
-    stack.workdir.mkdir(parents=True, exist_ok=True)
     try:
         for service in ("dialogue", "router", "gateway"):
             stack.start(service)

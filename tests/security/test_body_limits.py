@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.security.conftest import GatewayProcess, StartGateway
-from tests.services.tts.support import SPEECH
+from tests.support.tts import SPEECH
 
 JSON_CAP = 64 * 1024  # the default CHORUS_MAX_BODY_BYTES
 UPLOAD_CAP = 1024 * 1024  # CHORUS_VOICE_MAX_UPLOAD_BYTES, lowered to keep the bodies small

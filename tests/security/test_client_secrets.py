@@ -17,9 +17,9 @@ import redis.asyncio as aioredis
 from openai import AsyncOpenAI, AuthenticationError
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.browser import MEDIA_FLAGS, chromium_page, needs_chromium
-from tests.conftest import REPO_ROOT
 from tests.security.conftest import GatewayProcess, StartGateway
+from tests.support.audio import SPEECH_WAV
+from tests.support.browser import MEDIA_FLAGS, chromium_page, needs_chromium
 
 ALICE, BOB = "key-alice", "key-bob"
 KEYS = f"{ALICE},{BOB}"
@@ -141,11 +141,8 @@ async def test_a_secret_opens_a_moshi_chat_socket_as_its_keys_owner(start_gatewa
     assert refused[0] == 0x05 and b"unknown persona" in refused
 
 
-SPEECH = REPO_ROOT / "tests" / "fixtures" / "audio" / "speech.wav"
-
-
 async def upload_voice(rest: httpx.AsyncClient) -> str:
-    files = {"file": ("clip.wav", SPEECH.read_bytes())}
+    files = {"file": ("clip.wav", SPEECH_WAV.read_bytes())}
     created = await rest.post("/v1/voices", files=files, data={"name": "mine", "consent": "true"})
     assert created.status_code == 201, created.text
     voice: str = created.json()["voice"]

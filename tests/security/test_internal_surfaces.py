@@ -21,10 +21,11 @@ import pytest
 import redis
 
 from chorus.devtools.redis_server import EmbeddedRedis, free_port
-from tests.conftest import REPO_ROOT
-from tests.e2e.conftest import SPEECH_WAV, speech_like
-from tests.e2e.helpers import MoshiClient, upload_voice
-from tests.test_up import SERVICES, ChorusUp
+from tests.support.audio import SPEECH_WAV, speech_like
+from tests.support.chorus_up import SERVICES, ChorusUp
+from tests.support.clients import MoshiClient, upload_voice
+from tests.support.paths import REPO_ROOT
+from tests.support.waiting import wait_until_blocking
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -144,12 +145,12 @@ def test_a_worker_told_its_pod_ip_answers_there_and_not_on_loopback(redis_url: s
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while listening_addresses(port) != {outward}:
-            assert router.poll() is None and time.monotonic() < deadline, (
-                "the router's health server never came up"
-            )
-            time.sleep(0.2)
+
+        def health_server_up() -> bool:
+            assert router.poll() is None, "the router exited"
+            return listening_addresses(port) == {outward}
+
+        wait_until_blocking(health_server_up, "the router's health server", 60, every_s=0.2)
         with urllib.request.urlopen(f"http://{outward}:{port}/healthz", timeout=5) as response:
             assert response.status == 200
         assert refuses_connections("127.0.0.1", port)

@@ -29,7 +29,7 @@ from shared.messages import (
 from shared.streams import StreamNames
 from shared.voice_profiles import VoiceProfile
 from tests.security.conftest import GatewayProcess, StartGateway
-from tests.services.tts.support import SPEECH
+from tests.support.tts import SPEECH
 
 ERROR = 0x05  # Moshi wire protocol: an error message
 

@@ -18,11 +18,10 @@ from services.gateway.auth import owner_of
 from services.gateway.persona_store import PersonaFields, PersonaStore
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id
-from tests.conftest import REPO_ROOT
 from tests.security.conftest import GatewayProcess, StartGateway
 from tests.security.file_access import FileAccessWatch
+from tests.support.audio import SPEECH_WAV
 
-SPEECH = REPO_ROOT / "tests" / "fixtures" / "audio" / "speech.wav"
 KEY_A, KEY_B = "tenant-a-0123456789abcdef", "tenant-b-0123456789abcdef"
 OTHER_TENANTS, OBJECTS_EACH = 20, 10
 
@@ -66,7 +65,7 @@ def test_a_key_can_neither_see_nor_reach_another_keys_voices_personas_and_transc
 ) -> None:
     gateway = start_gateway(CHORUS_API_KEYS=f"{KEY_A},{KEY_B}", CHORUS_PLACEMENT_WAIT_S="0")
     with client(gateway, KEY_A) as a, client(gateway, KEY_B) as b:
-        voice = upload_voice(b, SPEECH.read_bytes()).json()["id"]
+        voice = upload_voice(b, SPEECH_WAV.read_bytes()).json()["id"]
         persona = b.post("/v1/personas", json={"name": "theirs", "primer": "a secret primer"}).json()["id"]
         session = asyncio.run(open_and_refuse(gateway, KEY_B))
 
@@ -135,14 +134,14 @@ def test_past_the_voice_quota_an_upload_is_refused_before_its_body_is_read(
 ) -> None:
     gateway = start_gateway(CHORUS_API_KEYS=f"{KEY_A},{KEY_B}", CHORUS_MAX_VOICES_PER_KEY="1")
     with client(gateway, KEY_A) as a, client(gateway, KEY_B) as b:
-        first = upload_voice(a, SPEECH.read_bytes())
+        first = upload_voice(a, SPEECH_WAV.read_bytes())
         assert first.status_code == 201, first.text
-        assert_quota_problem(upload_voice(a, SPEECH.read_bytes()), "voices", 1, 1)
+        assert_quota_problem(upload_voice(a, SPEECH_WAV.read_bytes()), "voices", 1, 1)
         # Not audio at all: a 415 had it been read; the quota answers first.
         assert_quota_problem(upload_voice(a, b"not audio" * 1000), "voices", 1, 1)
-        assert upload_voice(b, SPEECH.read_bytes()).status_code == 201, "the quota is per key"
+        assert upload_voice(b, SPEECH_WAV.read_bytes()).status_code == 201, "the quota is per key"
         assert a.delete(f"/v1/voices/{first.json()['id']}").status_code == 204
-        assert upload_voice(a, SPEECH.read_bytes()).status_code == 201, "a deleted voice frees its place"
+        assert upload_voice(a, SPEECH_WAV.read_bytes()).status_code == 201, "a deleted voice frees its place"
         assert len(a.get("/v1/voices").json()["items"]) == 1
         metrics = httpx.get(f"{gateway.url}/metrics").text
     assert 'chorus_limit_rejections_total{limit="voices_per_key"} 2.0' in metrics
@@ -262,7 +261,7 @@ def test_listing_voices_and_personas_opens_no_file_of_another_tenant(start_gatew
     gateway = start_gateway(CHORUS_API_KEYS=f"{KEY_A},{KEY_B}")
     data_dir, me = gateway.data_dir, owner_of(KEY_A)
     with client(gateway, KEY_A) as a:
-        my_voice = upload_voice(a, SPEECH.read_bytes()).json()["id"]
+        my_voice = upload_voice(a, SPEECH_WAV.read_bytes()).json()["id"]
         my_personas = [a.post("/v1/personas", json={"name": f"mine {i}"}).json()["id"] for i in range(2)]
         alone = {path: listing_ms(a, path) for path in ("/v1/voices", "/v1/personas")}
         theirs = asyncio.run(store_other_tenants(data_dir))

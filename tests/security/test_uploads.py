@@ -21,7 +21,8 @@ import pytest
 import soundfile
 
 from tests.security.conftest import GatewayProcess, StartGateway
-from tests.services.tts.support import SPEECH, read_clip
+from tests.support.tts import SPEECH, read_clip
+from tests.support.waiting import wait_until_blocking
 
 RSS_BOUND_MB = 300  # the bound for any accepted-size body; the pod's limit is 1 GiB
 
@@ -202,9 +203,7 @@ def test_uploads_past_the_concurrency_bound_are_refused_busy_at_once(start_gatew
     release = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(post_clip, gateway, held_open_upload(release))
-        deadline = time.monotonic() + 30
-        while uploads_in_progress(gateway) < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until_blocking(lambda: uploads_in_progress(gateway) >= 1, "the slow upload in progress", 30)
         busy = post_clip(gateway, SPEECH.read_bytes())
         release.set()
         assert slow.result().status_code == 201, slow.result().text

@@ -22,9 +22,9 @@ import pytest
 from shared.bus import Bus
 from shared.presence import list_workers
 from shared.streams import StreamNames
-from tests.e2e.stack import ChorusStack
 from tests.security.health_probe import HealthProbe
 from tests.security.ws_fuzz import Outcome, run_fuzz
+from tests.support.stack import ChorusStack
 
 SEED = int(os.environ.get("CHORUS_FUZZ_SEED", "1105"))
 CASES_PER_PROTOCOL = 40

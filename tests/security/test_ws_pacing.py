@@ -19,7 +19,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
 from shared.audio import SAMPLE_RATE
-from tests.e2e.stack import ChorusStack
+from tests.support.stack import ChorusStack
 
 PACE = 1.5  # the defaults
 BURST_S = 2.0

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from redis.asyncio import Redis
 
 from shared.audio import silence_frame
 from shared.bus import Bus, Entry, Fence, GroupConsumer, Handled, SessionKeyTimes, tail
 from shared.messages import CONTROL, DIALOGUE, ControlMessage, DialogueFrame, SessionStart, SessionStop
 from shared.streams import StreamNames
+from tests.support.waiting import wait_until
 
 
 def start(sid: str) -> SessionStart:
@@ -31,16 +32,13 @@ async def running(consumer: GroupConsumer[ControlMessage]) -> AsyncIterator[asyn
         await asyncio.wait_for(task, 5)
 
 
-async def eventually(check: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await _value(check()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.05)
-
-
-async def _value(result: bool | Awaitable[bool]) -> bool:
-    return await result if inspect.isawaitable(result) else result
+async def reading_clients(redis_url: str) -> int:
+    """How many clients of the server are blocked in XREAD now (seen from a client of its own)."""
+    observer = Redis.from_url(redis_url)
+    try:
+        return sum(1 for client in await observer.client_list() if client.get("cmd") == "xread")
+    finally:
+        await observer.aclose()
 
 
 def collector(into: list[str]) -> Callable[[ControlMessage, Entry], Awaitable[None]]:
@@ -74,7 +72,7 @@ async def test_each_group_gets_every_entry_and_consumers_of_a_group_share_them(
         async def all_seen() -> bool:
             return len(seen_a1) + len(seen_a2) == len(sids) and len(seen_b) == len(sids)
 
-        await eventually(all_seen, "both groups to consume everything")
+        await wait_until(all_seen, "both groups to consume everything")
     assert sorted(seen_a1 + seen_a2) == sorted(sids), "group A got each entry exactly once"
     assert sorted(seen_b) == sorted(sids), "group B independently got each entry exactly once"
     assert await bus.redis.xpending(stream, "A") == {"pending": 0, "min": None, "max": None, "consumers": []}
@@ -92,7 +90,7 @@ async def test_a_dead_consumers_entries_are_claimed_by_another(bus: Bus, names: 
         bus, stream, "dialogue", "survivor", CONTROL, collector(seen), claim_idle_ms=300, block_ms=50
     )
     async with running(survivor):
-        await eventually(lambda: len(seen) == 1, "the survivor to claim the orphan")
+        await wait_until(lambda: len(seen) == 1, "the survivor to claim the orphan")
     assert seen == ["orphan"]
     pending = await bus.redis.xpending(stream, "dialogue")
     assert pending["pending"] == 0
@@ -162,7 +160,7 @@ async def test_a_finished_sessions_streams_go_first_and_its_state_later(
         async def streams_gone() -> bool:
             return not await bus.redis.exists(*names.session_streams(sid))
 
-        await eventually(streams_gone, "the session's streams to be deleted", timeout_s=5)
+        await wait_until(streams_gone, "the session's streams to be deleted", timeout_s=5)
     finally:
         await bus.close()
 
@@ -181,7 +179,7 @@ async def test_a_malformed_entry_is_logged_dead_lettered_and_acked_not_retried(
     )
     with caplog.at_level(logging.WARNING, logger="shared.bus"):
         async with running(consumer):
-            await eventually(lambda: seen == ["good"], "the good entry")
+            await wait_until(lambda: seen == ["good"], "the good entry")
             await asyncio.sleep(0.6)  # several claim rounds: nothing comes back
     assert seen == ["good"]
     reasons = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
@@ -210,7 +208,7 @@ async def test_a_failing_handler_is_retried_then_dead_lettered(bus: Bus, names: 
         async def dead_lettered() -> bool:
             return bool(await bus.range(names.dead_letter))
 
-        await eventually(dead_lettered, "the poison entry to be dead-lettered")
+        await wait_until(dead_lettered, "the poison entry to be dead-lettered")
     assert len(attempts) == 3, "tried max_deliveries times, then given up"
     assert (await bus.redis.xpending(stream, "tts"))["pending"] == 0
 
@@ -233,19 +231,19 @@ async def test_an_entry_its_handler_cannot_take_yet_stays_pending_and_comes_back
     )
     with caplog.at_level(logging.INFO, logger="shared.bus"):
         async with running(consumer):
-            await eventually(lambda: len(attempts) == 3, "the third delivery")
+            await wait_until(lambda: len(attempts) == 3, "the third delivery")
 
             async def acked() -> bool:
                 return (await bus.redis.xpending(stream, "dialogue"))["pending"] == 0
 
-            await eventually(acked, "the entry to be acked once handled")
+            await wait_until(acked, "the entry to be acked once handled")
     assert attempts == ["waiting"] * 3
     assert not await bus.range(names.dead_letter)
     retried = [r for r in caplog.records if "left pending for retry" in r.getMessage()]
     assert len(retried) == 2 and not any(r.exc_info for r in caplog.records)
 
 
-async def test_tail_yields_only_new_entries_in_order(bus: Bus, names: StreamNames) -> None:
+async def test_tail_yields_only_new_entries_in_order(bus: Bus, names: StreamNames, redis_url: str) -> None:
     stream = names.control
     await bus.append_control(start("old"))
     received: list[str] = []
@@ -258,7 +256,9 @@ async def test_tail_yields_only_new_entries_in_order(bus: Bus, names: StreamName
                 stop.set()
 
     task = asyncio.create_task(reader())
-    await asyncio.sleep(0.2)
+    # Entries appended before the reader resolved '$' would be (rightly) skipped: append once it is
+    # blocked reading, which Redis shows as a client waiting in XREAD.
+    await wait_until(lambda: reading_clients(redis_url), "the reader to block in XREAD", 10)
     for sid in ("a", "b", "c"):
         await bus.append_control(SessionStop(session_id=sid))
     await asyncio.wait_for(task, 5)

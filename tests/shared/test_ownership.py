@@ -10,7 +10,7 @@ from shared.messages import CONTROL, SessionStart, SessionStop
 from shared.ownership import Liveness, SessionOwnership, TakeOutcome
 from shared.presence import WorkerPresence
 from shared.sessions import SessionState, SessionStore
-from tests.sessions import open_session
+from tests.support.sessions import open_session
 
 
 def ownership(bus: Bus, worker_id: str, group: str = "router") -> SessionOwnership:

@@ -14,7 +14,7 @@ from shared.messages import VoicePreviewReply
 from shared.preview_replies import PreviewReplies
 from shared.rate_windows import RateWindows
 from shared.sessions import SessionState, SessionStore
-from tests.sessions import open_session
+from tests.support.sessions import open_session
 
 
 async def test_a_tick_marks_sessions_live_and_keeps_only_utterances_in_progress(bus: Bus) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from shared.audio import FRAME_SAMPLES, SAMPLE_RATE
 from shared.vad import VAD_RATE, WINDOW, SpeechDetector, load_speech_detector, silero_model_path
-from tests.services.tts.support import SPEECH, read_clip
+from tests.support.tts import SPEECH, read_clip
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,10 @@ in-process workers on the suite's redis-server, and `chorus dialogue` processes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +25,9 @@ from services.dialogue.settings import DialogueSettings
 from shared.bus import Bus
 from shared.messages import DIALOGUE, DialogueFrame, SessionEvent
 from shared.presence import WorkerPresence, list_workers
-from tests.conftest import CHECKPOINT_CACHE, REPO_ROOT
+from tests.support.paths import CHECKPOINT_CACHE, REPO_ROOT
+from tests.support.stack import ProcessStack
+from tests.support.waiting import wait_until
 
 # Two cores serve the whole suite; one thread per model keeps ticks (and the box) predictable.
 torch.set_num_threads(1)
@@ -109,7 +109,7 @@ async def start_worker(
             await presence.leave()
 
         tasks.append((stop, asyncio.create_task(serve())))
-        await wait_for(lambda: _has_free_slots(bus, settings.worker_id), 30, "the worker never registered")
+        await wait_until(lambda: _has_free_slots(bus, settings.worker_id), "the worker never registered", 30)
         return RunningWorker(worker, settings, stop)
 
     yield start
@@ -121,15 +121,6 @@ async def start_worker(
 
 async def _has_free_slots(bus: Bus, worker_id: str) -> bool:
     return any(w.worker_id == worker_id and w.free_slots > 0 for w in await list_workers(bus, "dialogue"))
-
-
-async def wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float, failure: str) -> None:
-    """Poll `check` until true; fail with `failure` after `timeout_s` (a bound, not a timing claim)."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{failure} (waited {timeout_s:.0f} s)")
-        await asyncio.sleep(0.05)
 
 
 class DialogueReader:
@@ -162,7 +153,7 @@ class DialogueReader:
             await self.poll()
             return check(self)
 
-        await wait_for(ready, timeout_s, f"session {self.sid}: {failure}")
+        await wait_until(ready, f"session {self.sid}: {failure}", timeout_s)
 
 
 @dataclass
@@ -183,11 +174,11 @@ class WorkerProcess:
 def worker_processes(
     redis_url: str, key_prefix: str, moshi_dir: Path, tmp_path: Path
 ) -> Iterator[Callable[..., WorkerProcess]]:
-    """`python -m chorus.cli dialogue` processes, as the container runs them; killed at the end."""
-    started: list[WorkerProcess] = []
+    """`python -m chorus.cli dialogue` processes, as the container runs them (launched and stopped by
+    the suite's process harness, tests/support/stack.py); stopped at the end."""
+    stack = ProcessStack(workdir=tmp_path)
 
     def start(worker_id: str, **env: str) -> WorkerProcess:
-        log = tmp_path / f"{worker_id}.log"
         environment = {
             **os.environ,
             "CHORUS_REDIS_URL": redis_url,
@@ -203,23 +194,9 @@ def worker_processes(
             "OMP_NUM_THREADS": "1",
             **env,
         }
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "chorus.cli", "dialogue"],
-                cwd=REPO_ROOT,
-                env=environment,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        started.append(WorkerProcess(worker_id, process, log))
-        return started[-1]
+        argv = [sys.executable, "-m", "chorus.cli", "dialogue"]
+        process = stack.launch(worker_id, argv, environment, REPO_ROOT)
+        return WorkerProcess(worker_id, process, tmp_path / f"{worker_id}.log")
 
     yield start
-    for worker in started:
-        if worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGTERM)
-    for worker in started:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            worker.process.wait(15)
-        if worker.process.poll() is None:
-            worker.kill()
+    stack.stop_all(timeout_s=15)

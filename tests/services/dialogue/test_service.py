@@ -10,9 +10,10 @@ from shared.bus import Bus
 from shared.messages import EventName, Placement, SessionStart, SessionStop
 from shared.presence import list_workers
 from shared.sessions import SessionStore
-from tests.services.dialogue.conftest import DialogueReader, WorkerProcess, wait_for
+from tests.services.dialogue.conftest import DialogueReader, WorkerProcess
 from tests.services.dialogue.test_worker import talk
-from tests.sessions import open_session
+from tests.support.sessions import open_session
+from tests.support.waiting import wait_until
 
 StartProcess = Callable[..., WorkerProcess]
 
@@ -24,7 +25,7 @@ async def serving(bus: Bus, *workers: WorkerProcess) -> None:
         up = {w.worker_id for w in await list_workers(bus, "dialogue") if w.free_slots > 0}
         return up >= {w.worker_id for w in workers}
 
-    await wait_for(all_up, 90, "the dialogue workers did not come up")
+    await wait_until(all_up, "the dialogue workers did not come up", 90)
 
 
 async def test_chorus_dialogue_serves_four_sessions_in_one_batch(

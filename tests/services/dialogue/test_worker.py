@@ -23,8 +23,9 @@ from shared.messages import (
 )
 from shared.presence import list_workers
 from shared.sessions import SessionStore
-from tests.services.dialogue.conftest import DialogueReader, RunningWorker, wait_for
-from tests.sessions import open_session
+from tests.services.dialogue.conftest import DialogueReader, RunningWorker
+from tests.support.sessions import open_session
+from tests.support.waiting import wait_until
 
 StartWorker = Callable[..., Awaitable[RunningWorker]]
 
@@ -102,7 +103,7 @@ async def test_a_slow_client_is_filled_with_silence_and_its_late_frames_dropped(
     async def dropped() -> bool:
         return counter("chorus_frames_dropped_total", service="dialogue", reason="late") >= late + 2
 
-    await wait_for(dropped, 10, "late frames were not dropped and counted")
+    await wait_until(dropped, "late frames were not dropped and counted", 10)
 
 
 async def test_a_stop_ends_the_session_and_frees_its_slot(bus: Bus, start_worker: StartWorker) -> None:
@@ -134,7 +135,7 @@ async def test_a_full_worker_leaves_further_starts_for_others(bus: Bus, start_wo
         workers = await list_workers(bus, "dialogue")
         return sum(w.free_slots for w in workers) == 0
 
-    await wait_for(full_fleet_visible, 10, "presence never showed the worker full")
+    await wait_until(full_fleet_visible, "presence never showed the worker full", 10)
     second = DialogueReader(bus, "second")
     # Let the worker run a couple of its placement rounds (it polls every 0.5 s while full).
     await first.until(lambda r: len(r.frames) >= 20, 20, "the first session stopped")
@@ -147,8 +148,8 @@ async def test_a_full_worker_leaves_further_starts_for_others(bus: Bus, start_wo
     # The gateway gave up on `second` (no slot in time) and ended it; when a slot frees, it is skipped.
     await SessionStore(bus, 60).finalize("second", "no_capacity")
     await bus.append_control(SessionStop(session_id="first"))
-    await wait_for(lambda: _delivered(bus, group, second_start), 15, "the second start was never read")
-    await wait_for(lambda: _pending_is(bus, group, 0), 15, "the second start was not acked")
+    await wait_until(lambda: _delivered(bus, group, second_start), "the second start was never read", 15)
+    await wait_until(lambda: _pending_is(bus, group, 0), "the second start was not acked", 15)
     await second.poll()
     assert second.event(EventName.READY) is None
     assert running.worker.batcher.free_rows() == [0]
@@ -185,7 +186,7 @@ async def test_a_session_whose_lease_lapsed_is_ended_for_everyone_and_its_slot_f
     assert running.worker.batcher.free_rows() == [0], "the slot is free again"
     assert await store.live_session_ids("alice") == [], "the key's session budget is back"
     end = running.settings.data_dir / "transcripts" / "orphan" / "end.json"
-    await wait_for(lambda: _exists(end), 5, "the transcript's end was not recorded")
+    await wait_until(lambda: _exists(end), "the transcript's end was not recorded", 5)
 
 
 async def test_a_worker_that_lost_its_session_while_paused_stops_publishing_for_it(
@@ -200,7 +201,7 @@ async def test_a_worker_that_lost_its_session_while_paused_stops_publishing_for_
     # Another worker took it over (what failover does while this one is paused): the fence moves.
     await SessionStore(bus, 60).update("moved", dialogue_owner="moshiko/someone-else")
     written = len(reader.entries)
-    await wait_for(lambda: _slot_free(running), 10, "the worker kept the session's slot")
+    await wait_until(lambda: _slot_free(running), "the worker kept the session's slot", 10)
     await talk(bus, "moved", range(10, 20))
     for _ in range(5):
         await reader.poll()

@@ -17,7 +17,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from chorus.devtools.redis_server import EmbeddedRedis
 from services.gateway.admission import MEMORY_CHECK_S
 from shared.bus import Bus
-from tests.services.gateway.test_session_faults import ERROR, running_gateway, until
+from tests.services.gateway.test_session_faults import ERROR, running_gateway
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ async def waiting_for_a_slot(bus: Bus, ws_url: str) -> AsyncIterator[ClientConne
         async def opened() -> bool:
             return bool(await bus.redis.exists(bus.names.session(sid)))
 
-        await until(opened, "the session to be opened")
+        await wait_until(opened, "the session to be opened")
         yield ws
 
 

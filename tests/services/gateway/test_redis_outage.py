@@ -17,7 +17,7 @@ from chorus.devtools.redis_server import EmbeddedRedis
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
 from tests.services.gateway.app_client import gateway_client
-from tests.services.tts.support import SPEECH, add_profile
+from tests.support.tts import SPEECH, add_profile
 
 ROUTES = [
     ("GET", "/v1/voices"),

@@ -14,8 +14,7 @@ import asyncio
 import base64
 import json
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from shared.bus import Bus
 from shared.messages import CONTROL, EventName, SessionEvent, SessionStop
 from shared.presence import WorkerPresence
 from shared.sessions import SessionState
+from tests.support.waiting import wait_until
 
 HANDSHAKE, ERROR = 0x00, 0x05
 OWNER = ""  # auth is off: every caller is the anonymous owner
@@ -61,15 +61,6 @@ class Gateway:
             task.cancel()
 
 
-async def until(probe: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 5.0) -> T:
-    deadline = time.monotonic() + timeout_s
-    while not (result := await probe()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.05)
-    return result
-
-
 @asynccontextmanager
 async def running_gateway(
     redis_url: str, key_prefix: str, data_dir: Path, **overrides: Any
@@ -90,7 +81,7 @@ async def running_gateway(
     async def started() -> bool:
         return server.started
 
-    await until(started, "uvicorn to listen")
+    await wait_until(started, "uvicorn to listen")
     gateway = Gateway(app, server, serving, f"ws://127.0.0.1:{port}")
     # Real presence records: one dialogue worker with free slots and one router.
     for service, fields in (("dialogue", {"free_slots": 8}), ("router", {})):
@@ -130,7 +121,7 @@ async def placing(bus: Bus, sid: str) -> None:
     async def written() -> bool:
         return await bus.redis.hget(bus.names.session(sid), "state") is not None
 
-    await until(written, f"session {sid} to be placed")
+    await wait_until(written, f"session {sid} to be placed")
 
 
 async def ready(bus: Bus, sid: str, protocol: str, ws: ClientConnection) -> None:
@@ -140,7 +131,7 @@ async def ready(bus: Bus, sid: str, protocol: str, ws: ClientConnection) -> None
     if protocol == "moshi":
         assert await asyncio.wait_for(ws.recv(), 5) == bytes([HANDSHAKE])
     else:
-        await until(lambda: _active(bus, sid), "the gateway to read ready")
+        await wait_until(lambda: _active(bus, sid), "the gateway to read ready")
 
 
 async def _active(bus: Bus, sid: str) -> bool:
@@ -177,7 +168,7 @@ async def assert_stopped(bus: Bus, sid: str, reason: str, *, timeout_s: float = 
         info = await session_info(bus, sid)
         return info if info.get("state") == SessionState.ENDED else None
 
-    info = await until(ended, f"session {sid} to end", timeout_s)
+    info = await wait_until(ended, f"session {sid} to end", timeout_s)
     assert info["end_reason"] == reason
     assert [stop.reason for stop in await stop_entries(bus, sid)] == [reason], "every worker is told"
     assert not await bus.redis.sismember(bus.names.owner_sessions(OWNER), sid), "its key's slot is free"

@@ -32,16 +32,16 @@ from shared.bus import Bus
 from shared.messages import VOICE_EVENTS, VoicePrepare
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
-from tests.services.tts.support import (
-    AUDIO,
+from tests.support.paths import FIXTURE_AUDIO
+from tests.support.tts import (
     SPEECH,
-    eventually,
     read_clip,
     running_worker,
     tts_checkpoint,
     tts_engine,
     tts_settings,
 )
+from tests.support.waiting import wait_until
 
 __all__ = ["tts_checkpoint", "tts_engine"]  # fixtures this module uses
 
@@ -105,7 +105,7 @@ async def test_each_accepted_format_becomes_a_24khz_mono_profile(
 ) -> None:
     settings = gateway_settings()
     async with gateway(settings) as client:
-        response = await upload(client, (AUDIO / fixture).read_bytes(), filename=fixture, name="Ada")
+        response = await upload(client, (FIXTURE_AUDIO / fixture).read_bytes(), filename=fixture, name="Ada")
     assert response.status_code == 201, response.text
     profile = response.json()
     assert profile["voice"] == f"profile:{profile['id']}"
@@ -186,7 +186,7 @@ async def test_unusable_clips_are_refused_with_the_measured_value_and_the_limit(
 async def test_an_upload_over_the_size_limit_is_refused_before_it_is_read_whole(
     gateway_settings: Settings,
 ) -> None:
-    data = (AUDIO / "speech.wav").read_bytes()
+    data = (FIXTURE_AUDIO / "speech.wav").read_bytes()
     limit = len(data) // 4
     async with gateway(gateway_settings(voice_max_upload_bytes=limit)) as client:
         declared = await upload(client, data)
@@ -379,7 +379,7 @@ async def busy(engine: Engine, state: ModelState) -> AsyncIterator[None]:
     async def taken() -> bool:
         return idle_instances(engine) == 0
 
-    await eventually(taken, "the model instance to be taken")
+    await wait_until(taken, "the model instance to be taken")
     try:
         yield
     finally:
@@ -411,7 +411,7 @@ async def test_a_preview_that_waits_too_long_for_a_busy_worker_answers_504_and_i
         async def stale_dropped() -> bool:
             return dropped_stale_previews() == dropped + 1
 
-        await eventually(stale_dropped, "the worker to drop the stale preview", timeout_s=10)
+        await wait_until(stale_dropped, "the worker to drop the stale preview", timeout_s=10)
         assert idle_instances(tts_engine) == 1, "nothing was synthesised for it"
     assert_busy_timeout(response)
     assert 1.0 <= waited < 2.5, "the answer came at the deadline, not at the Redis client's timeout"
@@ -461,7 +461,7 @@ async def test_chorus_voices_add_uploads_a_clip_and_prints_its_id(
     async def started() -> bool:
         return server.started
 
-    await eventually(started, "uvicorn to listen")
+    await wait_until(started, "uvicorn to listen")
     try:
         argv = ["voices", "add", str(SPEECH), "--name", "me", "--url", f"http://127.0.0.1:{port}"]
         code = await asyncio.to_thread(main, [*argv, "--i-have-consent"])

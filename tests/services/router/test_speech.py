@@ -24,8 +24,7 @@ from shared.audio import (
 )
 from shared.errors import ModelLoadError
 from shared.vad import SpeechDetector
-
-SPEECH_WAV = Path(__file__).parents[2] / "fixtures" / "audio" / "speech.wav"
+from tests.support.audio import SPEECH_WAV
 
 TONE = pcm16_to_float((np.sin(np.arange(FRAME_SAMPLES) / 3) * 12000).astype("<i2").tobytes())
 HISS = pcm16_to_float((np.random.default_rng(0).normal(0, 30, FRAME_SAMPLES)).astype("<i2").tobytes())

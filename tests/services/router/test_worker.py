@@ -39,7 +39,7 @@ from shared.ownership import SessionOwnership, TakeOutcome
 from shared.presence import WorkerPresence
 from shared.sessions import SessionStore
 from shared.streams import StreamNames
-from tests.sessions import open_session
+from tests.support.sessions import open_session
 
 SID = "sess1"
 PROFILE = "profile:alice"

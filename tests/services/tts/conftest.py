@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from tests.services.tts.support import tts_checkpoint, tts_engine
+from tests.support.tts import tts_checkpoint, tts_engine
 
 __all__ = ["tts_checkpoint", "tts_engine"]

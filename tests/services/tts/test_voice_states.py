@@ -13,7 +13,7 @@ from services.tts.voice_states import VoiceStates, state_from_bytes, state_to_by
 from shared.errors import NotFound
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
-from tests.services.tts.support import SPEECH, SPEECH2, add_profile
+from tests.support.tts import SPEECH, SPEECH2, add_profile
 
 
 def same_state(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> bool:

@@ -27,16 +27,16 @@ from shared.messages import (
 )
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfileStore
-from tests.services.tts.support import (
+from tests.support.sessions import open_session
+from tests.support.tts import (
     SPEECH,
     add_profile,
     events,
-    eventually,
     running_worker,
     tts_entries,
     tts_settings,
 )
-from tests.sessions import open_session
+from tests.support.waiting import wait_until
 
 SID = "s1"
 USER_SPEAKING = (np.sin(np.arange(FRAME_SAMPLES) / 3) * 12000).astype("<i2").tobytes()
@@ -87,14 +87,14 @@ async def test_the_router_plays_the_workers_cloned_phrases_and_a_barge_in_flushe
             played = [m for m in await output(bus) if isinstance(m, OutputAudio) and m.source == "cloned"]
             return played if any(np.frombuffer(m.pcm, "<i2").any() for m in played) else None
 
-        await eventually(cloned_speech, "cloned speech on :out")
+        await wait_until(cloned_speech, "cloned speech on :out")
 
         async def queued_at_the_router() -> bool:
             """The precondition of a barge-in: cloned frames the router holds, not played yet (the dialogue
             clock has stopped, so it plays none meanwhile). On a loaded machine the TTS may lag behind."""
             return router.sessions[SID].mixer.queued_frames > 0
 
-        await eventually(queued_at_the_router, "cloned audio queued at the router")
+        await wait_until(queued_at_the_router, "cloned audio queued at the router")
 
         async def flushed() -> list[object] | None:
             nonlocal user_seq
@@ -103,7 +103,7 @@ async def test_the_router_plays_the_workers_cloned_phrases_and_a_barge_in_flushe
             await bus.append(bus.names.session_input(SID), frame)
             return events(await tts_entries(bus, SID), EventName.FLUSH) or None  # type: ignore[return-value]
 
-        (flush,) = await eventually(flushed, "the worker's flush after the barge-in")
+        (flush,) = await wait_until(flushed, "the worker's flush after the barge-in")
     assert flush.detail == "barge_in"
     out = await output(bus)
     assert any(isinstance(m, SessionEvent) and m.name == EventName.SPEECH_STARTED for m in out)

@@ -30,17 +30,17 @@ from shared.sessions import SessionState, SessionStore
 from shared.storage import LocalStorage
 from shared.streams import StreamNames
 from shared.voice_profiles import VoiceProfileStore
-from tests.services.tts.support import (
+from tests.support.sessions import open_session
+from tests.support.tts import (
     SPEECH,
     SPEECH2,
     add_profile,
     events,
-    eventually,
     running_worker,
     tts_entries,
     tts_settings,
 )
-from tests.sessions import open_session
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -95,8 +95,8 @@ async def test_two_sessions_speak_moshis_text_in_their_own_voices_at_once(
         ):
             await a.say(piece_a)
             await b.say(piece_b)
-        alice_out = await eventually(lambda: phrases_done(bus, "s-alice", 2), "alice's two phrases")
-        bob_out = await eventually(lambda: phrases_done(bus, "s-bob", 2), "bob's two phrases")
+        alice_out = await wait_until(lambda: phrases_done(bus, "s-alice", 2), "alice's two phrases")
+        bob_out = await wait_until(lambda: phrases_done(bus, "s-bob", 2), "bob's two phrases")
 
         assert worker.s.voices.computed == 2, "one voice state per profile"
         assert worker.describe()["cloning"] == 2
@@ -134,14 +134,14 @@ async def test_flush_drops_queued_phrases_and_the_one_being_spoken(
             entries = await tts_entries(bus, "s1")
             return entries if frames_of(entries) else None
 
-        await eventually(speaking, "the first frames")
+        await wait_until(speaking, "the first frames")
         await bus.append_control(SessionFlush(session_id="s1"))
-        flushed = (await eventually(lambda: _event(bus, "s1", EventName.FLUSH), "the flush"))[0]
+        flushed = (await wait_until(lambda: _event(bus, "s1", EventName.FLUSH), "the flush"))[0]
         assert flushed.data_as(Flushed).dropped_phrases >= 1
         assert flushed.data_as(Flushed).next_phrase_id == 3
 
         await dialogue.say(" Sorry", ".")
-        entries = await eventually(lambda: _after(bus, "s1", flushed.seq), "speech after the flush")
+        entries = await wait_until(lambda: _after(bus, "s1", flushed.seq), "speech after the flush")
     after = frames_of(entries)
     assert after and {f.phrase_id for f in after} == {3}, "nothing from before the flush is spoken after it"
     assert after[0].text == "Sorry."
@@ -162,13 +162,13 @@ async def test_a_native_session_starts_cloning_when_its_voice_changes(
     profile = await add_profile(store, SPEECH)
     async with running_worker(bus, settings, tts_engine) as worker:
         await start_session(bus, "s1", "moshiko", mode="auto")
-        await eventually(lambda: _placed(worker, "s1"), "placement")
+        await wait_until(lambda: _placed(worker, "s1"), "placement")
         dialogue = Dialogue(bus, "s1")
         await dialogue.say(" Native", " words", ".")
         await bus.append_control(SessionUpdate(session_id="s1", voice=profile.voice))
-        await eventually(lambda: _cloning(worker, "s1"), "the switch")
+        await wait_until(lambda: _cloning(worker, "s1"), "the switch")
         await dialogue.say(" Cloned", " now", ".")
-        entries = await eventually(lambda: phrases_done(bus, "s1", 1), "the cloned phrase")
+        entries = await wait_until(lambda: phrases_done(bus, "s1", 1), "the cloned phrase")
     assert [f.text for f in frames_of(entries) if f.text] == ["Cloned now."], "only text after the switch"
 
 
@@ -186,7 +186,7 @@ async def test_another_owners_profile_is_refused_with_an_error_event(
     profile = await add_profile(store, SPEECH, owner="someone-else")
     async with running_worker(bus, settings, tts_engine):
         await start_session(bus, "s1", profile.voice, owner="me")
-        (error,) = await eventually(lambda: _event(bus, "s1", EventName.ERROR), "the error")
+        (error,) = await wait_until(lambda: _event(bus, "s1", EventName.ERROR), "the error")
     assert error.data_as(Failure).code == "not_found"
 
 
@@ -197,10 +197,10 @@ async def test_a_deleted_voice_stops_its_sessions_and_leaves_memory(
     async with running_worker(bus, settings, tts_engine) as worker:
         await start_session(bus, "s1", profile.voice)
         await Dialogue(bus, "s1").say(" Hi", ".")
-        await eventually(lambda: phrases_done(bus, "s1", 1), "a phrase")
+        await wait_until(lambda: phrases_done(bus, "s1", 1), "a phrase")
         await store.delete(profile.id)
         await bus.append(bus.names.voice_events, VoiceDeleted(session_id=profile.id, profile_id=profile.id))
-        (error,) = await eventually(lambda: _event(bus, "s1", EventName.ERROR), "the error")
+        (error,) = await wait_until(lambda: _event(bus, "s1", EventName.ERROR), "the error")
         assert profile.id not in worker.s.voices
         assert not worker.sessions["s1"].cloning
     assert "deleted" in error.detail
@@ -212,9 +212,9 @@ async def test_stop_ends_the_session_releases_it_and_expires_its_keys(
     profile = await add_profile(store, SPEECH)
     async with running_worker(bus, settings, tts_engine) as worker:
         await start_session(bus, "s1", profile.voice)
-        await eventually(lambda: _placed(worker, "s1"), "placement")
+        await wait_until(lambda: _placed(worker, "s1"), "placement")
         await bus.append_control(SessionStop(session_id="s1"))
-        await eventually(lambda: _event(bus, "s1", EventName.ENDED), "the ended event")
+        await wait_until(lambda: _event(bus, "s1", EventName.ENDED), "the ended event")
         assert "s1" not in worker.sessions
         pending = await bus.redis.xpending(bus.names.control, "tts")
         assert pending["pending"] == 0, "the start was acked"
@@ -230,13 +230,13 @@ async def test_a_session_of_a_dead_worker_is_taken_over_and_its_seq_continues(
     async with running_worker(bus, settings, tts_engine):
         await start_session(bus, "s1", profile.voice)
         await dialogue.say(" First", ".")
-        before = await eventually(lambda: phrases_done(bus, "s1", 1), "the first phrase")
+        before = await wait_until(lambda: phrases_done(bus, "s1", 1), "the first phrase")
     # The first worker is gone (its presence too) and still owns the session: the next one takes it over.
     successor = tts_settings(settings.tts_dir, settings.data_dir, settings.redis_url or "", names.prefix)  # type: ignore[arg-type]
     async with running_worker(bus, successor, tts_engine) as second:
-        await eventually(lambda: _placed(second, "s1"), "the takeover")
+        await wait_until(lambda: _placed(second, "s1"), "the takeover")
         await dialogue.say(" Second", ".")
-        after = await eventually(lambda: phrases_done(bus, "s1", 2), "the next phrase")
+        after = await wait_until(lambda: phrases_done(bus, "s1", 2), "the next phrase")
     new = after[len(before) :]
     assert [f.text for f in frames_of(new) if f.text] == ["Second."], "nothing said twice"
     assert events(new, EventName.RESUMED), "the router is told the TTS is back"
@@ -253,7 +253,7 @@ async def test_a_start_of_a_session_that_is_over_is_ignored(
     await SessionStore(bus, 60).update("ended", state=SessionState.ENDED)
     async with running_worker(bus, settings, tts_engine) as worker:
         await start_session(bus, "live", profile.voice)
-        await eventually(lambda: _placed(worker, "live"), "the live session")
+        await wait_until(lambda: _placed(worker, "live"), "the live session")
         assert set(worker.sessions) == {"live"}
         owned = await bus.redis.smembers(bus.names.owned("tts", worker.settings.worker_id))
         assert owned == {b"live"}, "only the live session is served"
@@ -271,6 +271,6 @@ async def test_a_full_backlog_drops_the_oldest_phrases_and_speaks_the_newest(
     await dialogue.say(" One", ".", " Two", ".", " Three", ".", " Four", ".")
     async with running_worker(bus, settings, tts_engine):
         await start_session(bus, "s1", profile.voice)
-        entries = await eventually(lambda: phrases_done(bus, "s1", 1), "a phrase")
+        entries = await wait_until(lambda: phrases_done(bus, "s1", 1), "a phrase")
     assert [f.text for f in frames_of(entries) if f.text] == ["Four."]
     assert [e.data_as(PhraseDone).phrase_id for e in events(entries, EventName.PHRASE_DONE)] == [3]

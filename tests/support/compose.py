@@ -22,30 +22,26 @@ checkpoints (CHORUS_MOSHI_DIR / CHORUS_TTS_DIR) in place of the hub downloads.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from chorus.devtools.compose import load_project, read_env_file, service_environment
 from chorus.devtools.redis_server import free_port
+from tests.support.paths import REPO_ROOT
+from tests.support.stack import LOOPBACK, ProcessStack
+from tests.support.waiting import wait_until_blocking
 
-ROOT = Path(__file__).resolve().parents[2]
-COMPOSE_FILES = (ROOT / "docker-compose.yml", ROOT / "compose.cpu.yml")
-ENV_EXAMPLE = ROOT / ".env.example"
-LOOPBACK = "127.0.0.1"
+COMPOSE_FILES = (REPO_ROOT / "docker-compose.yml", REPO_ROOT / "compose.cpu.yml")
+ENV_EXAMPLE = REPO_ROOT / ".env.example"
 # A health check's own budget can be long (the dialogue's start_period allows a 15 GB download); local
 # checkpoints load in seconds, so waits are capped, and never shorter than a loaded CI machine needs.
 MAX_WAIT_S = 300.0
@@ -213,22 +209,19 @@ def start_order(services: Mapping[str, LocalService]) -> list[str]:
     return order
 
 
-@dataclass
-class ComposeStack:
+@dataclass(kw_only=True)
+class ComposeStack(ProcessStack):
+    """The compose services as the one process harness runs them (tests/support/stack.py), started in
+    `depends_on` order and waited on with their own health checks."""
+
     services: dict[str, LocalService]
-    workdir: Path
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def port(self, service: str, container_port: int) -> int:
         return self.services[service].ports[container_port]
 
     @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port('gateway', 8000)}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{LOOPBACK}:{self.port('gateway', 8000)}"
+    def gateway_port(self) -> int:
+        return self.port("gateway", 8000)
 
     def start_all(self) -> ComposeStack:
         for name in start_order(self.services):
@@ -243,16 +236,8 @@ class ComposeStack:
         service = self.services[name]
         # The images' WORKDIR holds no .env; neither does this (pydantic-settings would read one).
         home = self.workdir / "home"
-        home.mkdir(exist_ok=True)
-        log = (self.workdir / f"{name}.log").open("ab")
-        self.processes[name] = subprocess.Popen(
-            service.argv,
-            env=service.env,
-            cwd=home,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        home.mkdir(parents=True, exist_ok=True)
+        self.launch(name, service.argv, service.env, cwd=home)
 
     def wait_for(self, name: str, condition: str) -> None:
         if name not in self.services:  # provided by the test (Redis), up before the stack
@@ -282,55 +267,28 @@ class ComposeStack:
     def wait_healthy(self, name: str) -> None:
         check = self.services[name].healthcheck
         budget = min(MAX_WAIT_S, max(MIN_WAIT_S, check.budget_s if check else 0.0))
-        deadline = time.monotonic() + budget
-        while time.monotonic() < deadline:
+
+        def running_and_healthy() -> bool:
             code = self.processes[name].poll()
             if code is not None:
                 raise AssertionError(f"{name} exited with {code}:\n{self.log_tail(name)}")
-            if self.healthy(name):
-                return
-            time.sleep(min(check.interval_s if check else 1.0, 1.0))
-        raise AssertionError(f"{name} not healthy within {budget:.0f}s:\n{self.log_tail(name)}")
+            return self.healthy(name)
 
-    def get_json(self, path: str, timeout_s: float = 5) -> tuple[int, dict[str, Any]]:
-        try:
-            with urllib.request.urlopen(f"{self.url}{path}", timeout=timeout_s) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        wait_until_blocking(
+            running_and_healthy,
+            f"{name} healthy",
+            budget,
+            every_s=min(check.interval_s if check else 1.0, 1.0),
+            seen=lambda: self.log_tail(name),
+        )
 
     def wait_gateway_ready(self, timeout_s: float = MIN_WAIT_S) -> dict[str, Any]:
         """The gateway's /readyz body once it is ready (dialogue and router models loaded) and cloned
         voices are available (the TTS worker too: this stack runs every service)."""
-        deadline = time.monotonic() + timeout_s
-        body: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            status, body = self.get_json("/readyz")
-            if status == 200 and body.get("cloned_voices") == "available":
-                return body
-            time.sleep(0.5)
-        logs = "\n".join(f"--- {name}\n{self.log_tail(name)}" for name in self.processes)
-        raise AssertionError(f"gateway not ready within {timeout_s}s: {body}\n{logs}")
+        return self.wait_ready(timeout_s, need_tts=True)
 
-    def stop(self, name: str, timeout_s: float = 30) -> int:
-        process = self.processes.pop(name)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        return process.returncode
-
-    def stop_all(self) -> None:
-        for name in reversed(start_order(self.services)):
-            if name in self.processes:
-                self.stop(name)
-
-    def log_tail(self, name: str, chars: int = 4000) -> str:
-        path = self.workdir / f"{name}.log"
-        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+    def stop_all(self, timeout_s: float = 30) -> None:
+        super().stop_all(timeout_s)
 
 
 @contextmanager
@@ -349,7 +307,7 @@ def compose_stack(
     services = resolve_services(workdir, {"redis": redis_url}, files=files)
     for name, service in services.items():
         service.env.update({"CHORUS_KEY_PREFIX": key_prefix, **(service_env or {}).get(name, {})})
-    stack = ComposeStack(services, workdir)
+    stack = ComposeStack(workdir=workdir, services=services)
     try:
         yield stack.start_all()
     finally:

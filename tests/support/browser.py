@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import json
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from chorus.devtools.redis_server import free_port
+from tests.support.waiting import wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 needs_chromium = pytest.mark.skipif(
@@ -60,12 +59,11 @@ class Page:
 
     async def wait_for(self, condition: str, what: str = "", timeout_s: float = 30) -> None:
         """Until the page's `condition` holds; past the timeout, fail with the page's `window.chorus`."""
-        deadline = time.monotonic() + timeout_s
-        while not await self.evaluate(f"Boolean({condition})"):
-            if time.monotonic() >= deadline:
-                state = await self.evaluate("JSON.stringify(window.chorus || null)")
-                raise AssertionError(f"the page never got to {what or condition}; page state: {state}")
-            await asyncio.sleep(0.1)
+        try:
+            await wait_until(lambda: self.evaluate(f"Boolean({condition})"), what or condition, timeout_s)
+        except AssertionError as never:
+            state = await self.evaluate("JSON.stringify(window.chorus || null)")
+            raise AssertionError(f"the page never got there ({never}); page state: {state}") from None
 
 
 @contextlib.asynccontextmanager
@@ -101,15 +99,14 @@ async def chromium_page(profile: Path, url: str = "about:blank", *flags: str) ->
 
 
 async def _page_websocket(port: int, timeout_s: float = 20) -> str:
-    deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(timeout=1) as devtools:
-        while time.monotonic() < deadline:
+
+        async def page_url() -> str | None:
             try:
                 listing = (await devtools.get(f"http://127.0.0.1:{port}/json/list")).json()
             except httpx.HTTPError:
-                listing = []
+                return None
             pages = [t for t in listing if t["type"] == "page"]
-            if pages:
-                return str(pages[0]["webSocketDebuggerUrl"])
-            await asyncio.sleep(0.2)
-    raise AssertionError("Chromium's DevTools endpoint did not come up")
+            return str(pages[0]["webSocketDebuggerUrl"]) if pages else None
+
+        return await wait_until(page_url, "Chromium's DevTools endpoint", timeout_s, every_s=0.2)

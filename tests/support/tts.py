@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,11 +23,11 @@ from shared.messages import TTS, SessionEvent, TtsMessage
 from shared.presence import WorkerPresence
 from shared.storage import LocalStorage
 from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id
-from tests.conftest import CHECKPOINT_CACHE
+from tests.support.audio import SPEECH2_FLAC, SPEECH_WAV
+from tests.support.paths import CHECKPOINT_CACHE
 
-AUDIO = Path(__file__).resolve().parents[2] / "fixtures" / "audio"
-SPEECH = AUDIO / "speech.wav"
-SPEECH2 = AUDIO / "speech2.flac"
+SPEECH = SPEECH_WAV
+SPEECH2 = SPEECH2_FLAC
 
 T = TypeVar("T")
 
@@ -93,17 +92,6 @@ async def running_worker(bus: Bus, settings: TtsSettings, engine: Engine) -> Asy
         stop.set()
         await asyncio.gather(*tasks)
         await presence.leave()
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 60) -> T:
-    """Poll until `probe` returns something; the deadline only guards against a hang."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = await probe()
-        if result:
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def tts_entries(bus: Bus, sid: str) -> list[TtsMessage]:

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,23 @@ HANDSHAKE, AUDIO, TEXT, ERROR = 0x00, 0x01, 0x02, 0x05
 def frames(samples: np.ndarray) -> list[np.ndarray]:
     padded = np.pad(samples, (0, (-len(samples)) % FRAME_SAMPLES)).astype(np.float32)
     return list(padded.reshape(-1, FRAME_SAMPLES))
+
+
+async def send_paced(
+    samples: np.ndarray,
+    send_frame: Callable[[np.ndarray], Awaitable[None]],
+    drain: Callable[[], Awaitable[None]],
+    *,
+    realtime: bool,
+) -> None:
+    """Send `samples` frame by frame, at the pace a microphone would (unless not `realtime`), reading
+    whatever arrives between two frames."""
+    start = time.monotonic()
+    for i, frame in enumerate(frames(samples)):
+        await send_frame(frame)
+        if realtime:
+            await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SEC - time.monotonic()))
+        await drain()
 
 
 @dataclass
@@ -49,14 +67,12 @@ class MoshiClient:
         return cls(ws, session_id)
 
     async def send_audio(self, samples: np.ndarray, *, realtime: bool = True) -> None:
-        start = time.monotonic()
-        for i, frame in enumerate(frames(samples)):
-            opus = self.encoder.encode(frame)
-            if opus:
-                await self.ws.send(bytes([AUDIO]) + opus)
-            if realtime:
-                await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SEC - time.monotonic()))
-            await self.drain()
+        await send_paced(samples, self.send_frame, self.drain, realtime=realtime)
+
+    async def send_frame(self, frame: np.ndarray) -> None:
+        opus = self.encoder.encode(frame)
+        if opus:  # the encoder may hold a frame back
+            await self.ws.send(bytes([AUDIO]) + opus)
 
     async def drain(self, wait_s: float = 0.0) -> None:
         """Read whatever has arrived (or for `wait_s`)."""
@@ -114,17 +130,11 @@ class RealtimeClient:
         await self.ws.send(event if isinstance(event, str) else json.dumps(event))
 
     async def append(self, samples: np.ndarray, *, realtime: bool = True) -> None:
-        start = time.monotonic()
-        for i, frame in enumerate(frames(samples)):
-            await self.send(
-                {
-                    "type": "input_audio_buffer.append",
-                    "audio": base64.b64encode(float_to_pcm16(frame)).decode(),
-                }
-            )
-            if realtime:
-                await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SEC - time.monotonic()))
-            await self.drain()
+        await send_paced(samples, self.append_frame, self.drain, realtime=realtime)
+
+    async def append_frame(self, frame: np.ndarray) -> None:
+        audio = base64.b64encode(float_to_pcm16(frame)).decode()
+        await self.send({"type": "input_audio_buffer.append", "audio": audio})
 
     async def drain(self, wait_s: float = 0.0) -> None:
         deadline = time.monotonic() + wait_s
