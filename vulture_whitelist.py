@@ -57,7 +57,7 @@ realtime_events.SpeechStopped.audio_end_ms
 TakeOutcome.OWNED
 
 # Dev tools the test harnesses call (chorus/devtools is shared by `chorus`, the tests and the benchmarks).
-compose.service_environment  # tests/deploy/compose_stack.py
+compose.service_environment  # tests/support/compose.py
 
 # Read only by tests, kept as the observable state their specifications assert (not test plumbing):
 Mixer.queued_frames  # tests/services/router/test_mixer.py: the queue the mixer bounds, frame by frame
