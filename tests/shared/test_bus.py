@@ -230,7 +230,7 @@ async def test_tail_yields_only_new_entries_in_order(bus: Bus, names: StreamName
     task = asyncio.create_task(reader())
     await asyncio.sleep(0.2)
     for sid in ("a", "b", "c"):
-        await bus.append_control(SessionStop(session_id=sid))
+        await bus.append_control(start(sid))
     await asyncio.wait_for(task, 5)
     assert received == ["a", "b", "c"]
 
