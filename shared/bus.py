@@ -32,7 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared import metrics
 from shared.errors import ChorusError, MalformedMessage, ServiceUnavailable
 from shared.logging import without_passwords
-from shared.messages import Codec, Envelope, encode
+from shared.messages import Codec, Envelope, SessionStart, encode
 from shared.retry import is_retryable, keep_running
 from shared.streams import StreamNames
 
@@ -222,7 +222,17 @@ class Bus:
             return [_s(entry_id) for entry_id in await pipe.execute()]
 
     async def append_control(self, message: Envelope) -> str:
-        return await self.append(self.names.control, message, maxlen=self.control_maxlen)
+        """A `start` goes on the shared control stream (placement, through consumer groups); every other
+        control message on its session's control stream, which only that session's owners read. That
+        stream lives on the session TTL (refreshed by each write; `expire_session` keeps it as long)."""
+        if isinstance(message, SessionStart):
+            return await self.append(self.names.control, message, maxlen=self.control_maxlen)
+        stream = self.names.session_control(message.session_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, encode(message), maxlen=self.session_maxlen, approximate=True)
+            pipe.expire(stream, self.key_times.ttl_s)
+            entry_id, _ = await pipe.execute()
+        return _s(entry_id)
 
     async def append_sessions(self, writes: SessionWrites, fence: Fence | None = None) -> set[str]:
         """Append entries to sessions' streams in one round trip; with a `fence`, only for the sessions
@@ -362,6 +372,7 @@ class Bus:
             for key in self.names.session_streams(sid):
                 pipe.expire(key, times.linger_s)
             pipe.expire(self.names.session(sid), times.ttl_s)
+            pipe.expire(self.names.session_control(sid), times.ttl_s)  # its stop, for late readers
             pipe.expire(self.names.session_transcript(sid), times.ttl_s)
             pipe.delete(self.names.session_lease(sid))
             await pipe.execute()

@@ -2,7 +2,8 @@
 
 Each stream has its own small union, discriminated by the `type` field:
 
-    chorus:control      SessionStart | SessionUpdate | SessionStop | SessionFlush
+    chorus:control      SessionStart                    (placement; the CONTROL codec reads both)
+    chorus:s:{sid}:ctl  SessionUpdate | SessionStop | SessionFlush  (to the session's owners)
     chorus:s:{sid}:in   UserAudio | SessionEvent
     chorus:s:{sid}:dlg  DialogueFrame | SessionEvent
     chorus:s:{sid}:tts  ClonedAudio | SessionEvent

@@ -14,7 +14,13 @@
   and its lease (renewed by the gateway serving the client's socket) is held. A lapsed lease means the
   client is gone without a word (its gateway died): the first owner to see it `finalize`s the session,
   and everyone ends it through the `stop` that follows.
-- **Stops** seen on the control tail are remembered, so a late `start` cannot revive a session.
+- **Control** (`follow_control`): a session's `update`, `stop` and `flush` go on its own control stream
+  (`{prefix}s:{sid}:ctl`), and a worker reads only the streams of the sessions it owns, all in one
+  blocking XREAD (`SessionControl`): its control work grows with its own sessions, not the fleet's. A
+  session is followed from the moment it is taken, from a cursor read at that moment: what was sent
+  before is already in what the worker serves (the gateway writes the hash before it sends an `update`,
+  and marks a session ended before it sends its `stop`, so an ended session is never taken), what comes
+  after is read. Stops read are remembered, so a session stopped while it was being placed is let go.
 
 Each loop here runs under `shared.retry.keep_running`: a Redis outage is waited out, not fatal.
 """
@@ -30,7 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.bus import Bus, Fence, tail
+from shared.bus import Bus, Entry, Fence
 from shared.errors import MalformedMessage
 from shared.messages import CONTROL, Codec, ControlMessage, SessionStart, SessionStop
 from shared.retry import is_retryable, keep_running, sleep_unless_stopped
@@ -57,27 +63,45 @@ class TakeOutcome(enum.StrEnum):
     OWNED = "owned"  # by another worker
 
 
-# KEYS: hash, lease, my owned set, owners registry. ARGV: field, my token, my worker id, session id.
-_TAKE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
-if redis.call('HGET', KEYS[1], 'state') == 'ended' then return 'ended' end
-if redis.call('EXISTS', KEYS[2]) == 0 then return 'lease' end
+# The last id of a session's control stream ('0-0' for none): where its new owner starts reading it.
+# Read in the same script as the take, so a stop sent before it found the session ended (the take refused
+# it) and an update sent before it is in the hash (the gateway writes the hash first).
+_CONTROL_CURSOR = """
+local function control_cursor(stream)
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  if #last > 0 then return last[1][1] end
+  return '0-0'
+end
+"""
+
+# KEYS: hash, lease, my owned set, owners registry, the session's control stream. ARGV: field, my token,
+# my worker id, session id. Returns {outcome} or {'taken', control cursor}.
+_TAKE = (
+    _CONTROL_CURSOR
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+if redis.call('HGET', KEYS[1], 'state') == 'ended' then return {'ended'} end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'lease'} end
 local holder = redis.call('HGET', KEYS[1], ARGV[1])
-if holder and holder ~= '' and holder ~= ARGV[2] then return 'owned' end
+if holder and holder ~= '' and holder ~= ARGV[2] then return {'owned'} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[3])
-return 'taken'
+return {'taken', control_cursor(KEYS[5])}
 """
+)
 
 # Move up to ARGV[4] sessions of a dead worker to this one: each only if its hash still names the dead
 # worker and it has not ended (two live workers never both take one). Forgets the dead worker once its
 # set is empty. KEYS: owners registry, the dead worker's owned set (or this worker's leftovers), my owned
-# set. ARGV: field, dead token, my token, limit, session hash key prefix, dead worker id, my worker id.
-# Returns the session ids taken.
-_TAKE_OVER = """
+# set. ARGV: field, dead token, my token, limit, session hash key prefix, dead worker id, my worker id,
+# then the session control stream key's head and tail (around the session id). Returns the session ids
+# taken, each followed by its control cursor.
+_TAKE_OVER = (
+    _CONTROL_CURSOR
+    + """
 local taken = {}
-while #taken < tonumber(ARGV[4]) do
+while #taken < 2 * tonumber(ARGV[4]) do
   local sid = redis.call('SPOP', KEYS[2])
   if not sid then break end
   local hash = ARGV[5] .. sid
@@ -85,12 +109,14 @@ while #taken < tonumber(ARGV[4]) do
     redis.call('HSET', hash, ARGV[1], ARGV[3])
     redis.call('SADD', KEYS[3], sid)
     taken[#taken + 1] = sid
+    taken[#taken + 1] = control_cursor(ARGV[8] .. sid .. ARGV[9])
   end
 end
 if ARGV[6] ~= ARGV[7] and redis.call('SCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[1], ARGV[6]) end
 if #taken > 0 then redis.call('SADD', KEYS[1], ARGV[7]) end
 return taken
 """
+)
 
 
 # KEYS: my owned set, my leftovers set. Moves what a worker owns when it starts to its leftovers.
@@ -129,6 +155,58 @@ class RecentStops:
         return sid in self._ids
 
 
+class SessionControl:
+    """The control streams of the sessions one worker owns, read together in one blocking XREAD, each from
+    its own cursor. `follow` adds a session (waking a read in flight, so its first entry is not held up by
+    the others' block), `unfollow` drops it; the cursors outlive Redis outages."""
+
+    def __init__(self, bus: Bus, *, block_ms: int = 500) -> None:
+        self.bus = bus
+        self.block_ms = block_ms  # capped below the socket timeout by `Bus.read`
+        self.cursors: dict[str, str] = {}  # session id -> id of the last entry read (or the take's cursor)
+        self._added = asyncio.Event()
+
+    def follow(self, sid: str, cursor: str) -> None:
+        """Read the session's control entries after `cursor` (kept if it is followed already)."""
+        if sid not in self.cursors:
+            self.cursors[sid] = cursor
+            self._added.set()
+
+    def unfollow(self, sid: str) -> None:
+        self.cursors.pop(sid, None)
+
+    def advance(self, sid: str, entry_id: str) -> None:
+        """An entry was handled: the next read starts after it (unless the session was let go meanwhile)."""
+        if sid in self.cursors:
+            self.cursors[sid] = entry_id
+
+    async def read(self, count: int = 100) -> list[tuple[str, Entry]]:
+        """The next entries of the followed sessions, with their session ids; [] after `block_ms` or when
+        a session was added meanwhile (the caller reads again, the new one included)."""
+        self._added.clear()
+        if not self.cursors:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._added.wait(), self.block_ms / 1000)
+            return []
+        sid_of = {self.bus.names.session_control(sid): sid for sid in self.cursors}
+        streams = {stream: self.cursors[sid] for stream, sid in sid_of.items()}
+        reading = asyncio.ensure_future(self.bus.read(streams, count=count, block_ms=self.block_ms))
+        added = asyncio.ensure_future(self._added.wait())
+        try:
+            await asyncio.wait({reading, added}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            added.cancel()
+            if not reading.done():
+                # A session joined: cancel the read (redis-py drops that connection; nothing was consumed:
+                # the cursors did not move) and read again with it.
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+        if reading.cancelled():
+            return []
+        return [(sid_of[entry.stream], entry) for entry in reading.result()]
+
+
 class SessionOwnership:
     """One worker's sessions of one placement group (`dialogue-moshiko`, `tts`, `router`)."""
 
@@ -151,6 +229,8 @@ class SessionOwnership:
         self.token_of = token_of  # the hash field's value for a worker of this group
         self.fence = Fence(field, token_of(worker_id))
         self.stops = RecentStops()
+        self.control = SessionControl(bus)
+        self._moved_in: set[str] = set()  # sessions taken over (not placed) that this worker serves
         self._take = bus.redis.register_script(_TAKE)
         self._take_over = bus.redis.register_script(_TAKE_OVER)
         self._set_leftovers_aside = bus.redis.register_script(_SET_LEFTOVERS_ASIDE)
@@ -162,16 +242,20 @@ class SessionOwnership:
         if sid in self.stops:
             return TakeOutcome.ENDED
         names = self.bus.names
-        result = await self._take(
+        reply = await self._take(
             keys=[
                 names.session(sid),
                 names.session_lease(sid),
                 names.owned(self.group, self.worker_id),
                 names.owners(self.group),
+                names.session_control(sid),
             ],
             args=[self.fence.field, self.fence.token, self.worker_id, sid],
         )
-        return TakeOutcome(result.decode() if isinstance(result, bytes) else result)
+        outcome = TakeOutcome(reply[0].decode())
+        if outcome is TakeOutcome.TAKEN:
+            self.control.follow(sid, reply[1].decode())
+        return outcome
 
     async def admit(self, start: SessionStart) -> SessionStart | None:
         """Placement of a `start` this worker read: take the session. Returns what to serve (the start as
@@ -184,10 +268,14 @@ class SessionOwnership:
         if taken is not TakeOutcome.TAKEN:
             log.info("start not taken: %s", taken, extra={"session_id": sid, "group": self.group})
             return None
+        if sid in self._moved_in:  # its start came after a takeover (the take is this worker's already)
+            return None
         return start_of(await self.store.get(sid)) or start
 
     async def release(self, sid: str) -> None:
         """This worker serves the session no more (it ended, or moved)."""
+        self.control.unfollow(sid)
+        self._moved_in.discard(sid)
         await self.bus.redis.srem(self.bus.names.owned(self.group, self.worker_id), sid)
 
     # --- failover ----------------------------------------------------------------------------------
@@ -216,13 +304,14 @@ class SessionOwnership:
     async def take_over(self, limit: int) -> list[Takeover]:
         """Move up to `limit` sessions of dead workers (and this worker's leftovers) to this one."""
         names = self.bus.names
+        control_head, _, control_tail = names.session_control("\n").partition("\n")
         sources = [(dead, names.owned(self.group, dead)) for dead in await self.dead_owners()]
         sources.append((self.worker_id, names.leftovers(self.group, self.worker_id)))
         takeovers: list[Takeover] = []
         for dead, source in sources:
             if len(takeovers) >= limit:
                 break
-            sids = await self._take_over(
+            reply = await self._take_over(
                 keys=[names.owners(self.group), source, names.owned(self.group, self.worker_id)],
                 args=[
                     self.fence.field,
@@ -232,15 +321,18 @@ class SessionOwnership:
                     names.session(""),
                     dead,
                     self.worker_id,
+                    control_head,
+                    control_tail,
                 ],
             )
-            for raw in sids:
-                takeover = await self._takeover(raw.decode(), dead)
+            self._moved_in.update(raw.decode() for raw in reply[::2])
+            for raw_sid, raw_cursor in zip(reply[::2], reply[1::2], strict=True):
+                takeover = await self._takeover(raw_sid.decode(), raw_cursor.decode(), dead)
                 if takeover is not None:
                     takeovers.append(takeover)
         return takeovers
 
-    async def _takeover(self, sid: str, dead: str) -> Takeover | None:
+    async def _takeover(self, sid: str, cursor: str, dead: str) -> Takeover | None:
         try:
             info = await self.store.get(sid)
             start = start_of(info)
@@ -253,6 +345,7 @@ class SessionOwnership:
             await self.release(sid)
             return None
         log.info("taking over a session of a dead worker", extra={"session_id": sid, "dead": dead})
+        self.control.follow(sid, cursor)
         return Takeover(start, dead, info)
 
     # --- liveness ------------------------------------------------------------------------------------
@@ -335,28 +428,36 @@ class SessionOwnership:
         await keep_running(f"{self.group} failover", loop, stop)
 
     async def follow_control(
-        self, stop: asyncio.Event, apply: Callable[[ControlMessage], Awaitable[None]], *, start: str
+        self, stop: asyncio.Event, apply: Callable[[ControlMessage], Awaitable[None]]
     ) -> None:
-        """Tail chorus:control from `start`: stops are remembered, every message goes to `apply`.
-        The cursor survives Redis outages (nothing is applied twice or skipped)."""
-        cursor = start
+        """Read the control streams of the sessions this worker owns (`SessionControl`): stops are
+        remembered, every message goes to `apply`. Nothing is applied twice or skipped, Redis outages
+        included (a session's cursor moves past an entry once `apply` returned)."""
 
         async def loop() -> None:
-            nonlocal cursor
-            async for message, entry in tail(
-                self.bus, self.bus.names.control, CONTROL, start=cursor, stop=stop
-            ):
-                if isinstance(message, SessionStop):
-                    self.stops.remember(message.session_id)
-                try:
-                    await apply(message)
-                except Exception as exc:
-                    if is_retryable(exc):
-                        raise
-                    log.exception("control message failed", extra={"session_id": message.session_id})
-                cursor = entry.entry_id
+            while not stop.is_set():
+                for sid, entry in await self.control.read():
+                    await self._apply_control(sid, entry, apply)
 
-        await keep_running(f"{self.group} control tail", loop, stop)
+        await keep_running(f"{self.group} control", loop, stop)
+
+    async def _apply_control(
+        self, sid: str, entry: Entry, apply: Callable[[ControlMessage], Awaitable[None]]
+    ) -> None:
+        try:
+            message = CONTROL.decode(entry.fields)
+        except MalformedMessage as exc:
+            log.warning("malformed control entry skipped: %s", exc.detail, extra={"session_id": sid})
+        else:
+            if isinstance(message, SessionStop):
+                self.stops.remember(sid)
+            try:
+                await apply(message)
+            except Exception as exc:
+                if is_retryable(exc):
+                    raise
+                log.exception("control message failed", extra={"session_id": sid})
+        self.control.advance(sid, entry.entry_id)
 
 
 async def next_seq(bus: Bus, stream: str, codec: Codec[Any]) -> int:

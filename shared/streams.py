@@ -11,7 +11,8 @@ class StreamNames:
 
     @property
     def control(self) -> str:
-        """Session lifecycle: start / update / stop (consumer groups per service)."""
+        """Placement: session `start`s, one consumer group per placement group (a session's `update`,
+        `stop` and `flush` go to its own `session_control` stream)."""
         return f"{self.prefix}control"
 
     @property
@@ -48,6 +49,11 @@ class StreamNames:
     def session_output(self, sid: str) -> str:
         """What the client gets (audio/text/event), router -> gateway."""
         return f"{self.prefix}s:{sid}:out"
+
+    def session_control(self, sid: str) -> str:
+        """`update` / `stop` / `flush` for one session, read only by its owners (gateway, router ->
+        dialogue, tts, router): a worker's control reading grows with its own sessions, not the fleet's."""
+        return f"{self.prefix}s:{sid}:ctl"
 
     def session(self, sid: str) -> str:
         """Hash: owner workers, state, voice, persona, heartbeat."""

@@ -5,7 +5,7 @@ Loops sharing one slot table (batcher.py); sessions are owned through `shared.ow
 - placement: this model's consumer group on chorus:control takes a `start` while a slot is free;
 - failover: sessions of a dead worker of this model move here while slots are free (primed again with
   their persona and transcript; `resumed` is sent);
-- control: every worker tails chorus:control for `update` / `stop` of the sessions it owns;
+- control: each worker reads the control streams of the sessions it owns (`update` / `stop`);
 - liveness: sessions that ended, moved away or lost their lease are let go;
 - ticks: every 80 ms, ONE read of all live sessions' input streams, ONE batched model step in the
   model thread (the event loop never waits on a forward pass), ONE fenced write of all their frames.
@@ -178,7 +178,6 @@ class DialogueWorker:
             await self.warmup()
         log.info("dialogue worker serving", extra=self.describe())
         await self.ownership.set_leftovers_aside()
-        control_start = await self.bus.last_id(self.bus.names.control)
         writer = asyncio.create_task(self.transcripts.run(), name="transcripts")
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -194,7 +193,7 @@ class DialogueWorker:
                     name="failover",
                 )
                 tasks.create_task(
-                    self.ownership.follow_control(stop, self._apply_control, start=control_start),
+                    self.ownership.follow_control(stop, self._apply_control),
                     name="control",
                 )
                 tasks.create_task(
@@ -369,7 +368,7 @@ class DialogueWorker:
     # --- placement and failover ----------------------------------------------------------------------
 
     async def _on_control(self, message: ControlMessage, entry: Entry) -> Handled | None:
-        """Placement group handler: starts only (update/stop reach every worker through the tail)."""
+        """Placement group handler: starts only (update/stop come on each session's control stream)."""
         if not isinstance(message, SessionStart) or required_model(message) not in (None, self.model.name):
             return None
         if message.session_id in self.sessions:

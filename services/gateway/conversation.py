@@ -246,16 +246,18 @@ class Conversation:
         if voice_mode is not None:
             self.voice_mode = voice_mode
         if self.started:
+            # The hash keeps the latest: a worker that takes the session over serves these. Written
+            # before the update is sent, so a worker taking the session finds each update in one or the
+            # other (it reads the session's control stream from a cursor read before the hash).
+            fields: dict[str, str] = {"voice": self.voice, "voice_mode": self.voice_mode}
+            if sampling is not None:
+                fields["sampling"] = sampling.model_dump_json()
+            await self.store.update(self.session_id, **fields)
             await self.bus.append_control(
                 SessionUpdate(
                     session_id=self.session_id, voice=voice, voice_mode=voice_mode, sampling=sampling
                 )
             )
-            # The hash keeps the latest: a worker that takes the session over serves these.
-            fields: dict[str, str] = {"voice": self.voice, "voice_mode": self.voice_mode}
-            if sampling is not None:
-                fields["sampling"] = sampling.model_dump_json()
-            await self.store.update(self.session_id, **fields)
 
     async def stop(self, reason: str) -> None:
         """Idempotent: end the session for every worker (frees its dialogue slot). Runs to completion

@@ -4,7 +4,7 @@ session's `Mixer`, out to `:out` in one pipelined write.
 Tasks (one `Router.run`); sessions are owned through `shared.ownership`:
 - `control_group`: the "router" consumer group on chorus:control takes `start`s;
 - `failover`: sessions of a dead router move here;
-- `control_tail`: every `update` / `stop` for owned sessions (no group: each owner sees each one);
+- `session_control`: `update` / `stop` of owned sessions, from each one's control stream;
 - `liveness`: sessions that ended, moved away or lost their lease are let go;
 - `route`: the reader loop, the only writer of `:out`, so a session's output stays in seq order;
 - `tts_watch`: TTS presence every few frames, one scan for all sessions.
@@ -104,10 +104,9 @@ class Router:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop`. Sessions stay owned, not ended: another router takes them over."""
         await self.ownership.set_leftovers_aside()
-        control_start = await self.bus.last_id(self.names.control)
         own = self.ownership
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(own.follow_control(stop, self._apply, start=control_start), name="control_tail")
+            tasks.create_task(own.follow_control(stop, self._apply), name="session_control")
             tasks.create_task(self.consumer.run(stop), name="control_group")
             tasks.create_task(
                 own.follow_failures(
@@ -135,7 +134,7 @@ class Router:
     # --- control -------------------------------------------------------------------------------
 
     async def _on_control(self, message: ControlMessage, entry: Entry) -> None:
-        """Group delivery: take `start`s; `update`/`stop`/`flush` are the tail's business."""
+        """Group delivery: take `start`s (`update`/`stop` come on each session's control stream)."""
         if not isinstance(message, SessionStart) or message.session_id in self.sessions:
             return
         if (start := await self.ownership.admit(message)) is not None:
@@ -272,17 +271,18 @@ class Router:
     async def _publish(self, sessions: Iterable[RoutedSession]) -> None:
         taken = [(session, session.pending) for session in sessions]
         outputs: dict[str, list[tuple[str, Envelope]]] = {}
-        flushes: list[tuple[str, Envelope]] = []
+        flushes: list[SessionFlush] = []
         for session, out in taken:
             session.pending = MixerOutput()
             stream = self.names.session_output(session.sid)
             outputs[session.sid] = [(stream, message) for message in out.messages]
             if out.flush_tts:
-                flushes.append((self.names.control, SessionFlush(session_id=session.sid)))
+                flushes.append(SessionFlush(session_id=session.sid))
         try:
             # Flushes first: control beats data (the TTS drops what the user interrupted as early as
             # possible, and whoever sees the barge-in on :out finds the flush already asked for).
-            await self.bus.append_many(flushes)
+            for flush in flushes:  # on the session's control stream, which its TTS worker reads
+                await self.bus.append_control(flush)
             lost = await self.bus.append_sessions(outputs, self.ownership.fence)
         except Exception:
             # Not written (Redis away): each session gets its output back, ahead of what comes next, and

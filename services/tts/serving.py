@@ -3,7 +3,7 @@
 - `chorus:control`, group "tts": a `start` is taken by one TTS worker, which owns the session for its
   life (`shared.ownership`; taken over by another worker if this one dies). A session is owned whatever
   its voice, so a switch to a cloned voice mid-session has an owner; a native session costs nothing.
-- `chorus:control`, tailed by every worker: `update` (voice, mode), `stop`, `flush` for owned sessions.
+- each owned session's control stream: `update` (voice, mode), `stop`, `flush` (`shared.ownership`).
 - `chorus:tts:requests`, group "tts": voice state preparation and previews (`previews.py`).
 - `chorus:voices:events`, tailed: a deleted profile's cached state is dropped.
 - per cloned session, `:dlg` -> `:tts` (`speaker.py`).
@@ -133,7 +133,6 @@ class TtsWorker:
     async def run(self, stop: asyncio.Event) -> None:
         names = self.bus.names
         await self.ownership.set_leftovers_aside()
-        control_cursor = await self.bus.last_id(names.control)
         voice_events_cursor = await self.bus.last_id(names.voice_events)
         self.following.set()
         own = self.ownership
@@ -141,9 +140,7 @@ class TtsWorker:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.control.run(stop), name="tts-control-group")
                 tasks.create_task(self.request_consumer.run(stop), name="tts-requests")
-                tasks.create_task(
-                    own.follow_control(stop, self.apply, start=control_cursor), name="tts-control-tail"
-                )
+                tasks.create_task(own.follow_control(stop, self.apply), name="tts-session-control")
                 tasks.create_task(
                     self._follow_voice_events(voice_events_cursor, stop), name="tts-voice-events"
                 )
@@ -171,7 +168,7 @@ class TtsWorker:
     # --- placement and failover ------------------------------------------------------------------------
 
     async def on_start(self, message: ControlMessage, entry: Entry) -> None:
-        """Take a `start`; other control entries are the tail's business."""
+        """Take a `start` (the only entries of the shared control stream)."""
         if not isinstance(message, SessionStart) or message.session_id in self.sessions:
             return
         if (start := await self.ownership.admit(message)) is not None:
@@ -235,7 +232,7 @@ class TtsWorker:
         for sid in list(self.sessions):
             await self.sessions.pop(sid).close("worker_stopped", announce=False)
 
-    # --- control fan-out ---------------------------------------------------------------------------------
+    # --- session control ---------------------------------------------------------------------------------
 
     async def apply(self, message: ControlMessage) -> None:
         session = self.sessions.get(message.session_id)

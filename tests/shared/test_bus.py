@@ -260,7 +260,7 @@ async def test_tail_yields_only_new_entries_in_order(bus: Bus, names: StreamName
     # blocked reading, which Redis shows as a client waiting in XREAD.
     await wait_until(lambda: reading_clients(redis_url), "the reader to block in XREAD", 10)
     for sid in ("a", "b", "c"):
-        await bus.append_control(SessionStop(session_id=sid))
+        await bus.append_control(start(sid))
     await asyncio.wait_for(task, 5)
     assert received == ["a", "b", "c"]
 

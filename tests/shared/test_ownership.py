@@ -109,7 +109,7 @@ async def test_a_lapsed_lease_ends_the_session_once_for_everyone(bus: Bus) -> No
     info = await store.get("lost")
     assert info is not None
     assert info.state == SessionState.ENDED and info.end_reason == "lease_expired"
-    stops = [CONTROL.decode(e.fields) for e in await bus.range(bus.names.control)]
+    stops = [CONTROL.decode(e.fields) for e in await bus.range(bus.names.session_control("lost"))]
     assert [m for m in stops if isinstance(m, SessionStop)] == [
         SessionStop(session_id="lost", reason="lease_expired", created_at=stops[-1].created_at)
     ], "exactly one stop, so every owner ends it"

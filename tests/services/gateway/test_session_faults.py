@@ -154,7 +154,7 @@ async def received_until_closed(ws: ClientConnection) -> list[str | bytes]:
 
 
 async def stop_entries(bus: Bus, sid: str) -> list[SessionStop]:
-    entries = [CONTROL.decode(e.fields) for e in await bus.range(bus.names.control)]
+    entries = [CONTROL.decode(e.fields) for e in await bus.range(bus.names.session_control(sid))]
     return [e for e in entries if isinstance(e, SessionStop) and e.session_id == sid]
 
 

@@ -217,7 +217,7 @@ async def test_user_speech_over_queued_cloned_audio_flushes_the_tts(bus: Bus, na
         for _ in range(3):
             await play.user(LOUD_VOICE)
         out = await play.wait_output(lambda o: bool(events(o, EventName.SPEECH_STARTED)), "speech_started")
-        control = [CONTROL.decode(e.fields) for e in await bus.range(names.control)]
+        control = [CONTROL.decode(e.fields) for e in await bus.range(names.session_control(SID))]
         await play.dialogue()
         out = await play.wait_output(lambda o: len(audio(o)) == 2, "the next audio frame")
     assert SessionFlush(session_id=SID, created_at=0) in [
