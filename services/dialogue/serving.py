@@ -447,11 +447,15 @@ class DialogueWorker:
             await self.end(sid, liveness.value)
 
     async def end(self, sid: str, reason: str) -> None:
-        """Stop serving a session: `ended` on :dlg, free its row, record its last words, let its keys go."""
+        """Stop serving a session: record its last words, `ended` on :dlg, free its row, let its keys go."""
         async with self._table:
             session = self.sessions.get(sid)
             if session is None:
                 return
+            # Its last words are recorded before `ended`: whoever reads `ended` finds the transcript whole.
+            if (utterance := session.utterances.current) is not None and utterance.text:
+                await self._record(sid, utterance.record())
+            session.utterances.flush()
             ended = SessionEvent(session_id=sid, seq=session.take_seq(), name=EventName.ENDED, detail=reason)
             # `ended` goes out before the slot shows free: whoever sees the slot free finds it ended. If
             # the write fails (Redis away), the session stays, and the stop is applied again.
@@ -461,8 +465,6 @@ class DialogueWorker:
             del self.sessions[sid]
             self.batcher.leave(session.row)
         await self._slots_changed()
-        if (utterance := session.utterances.flush()) is not None:
-            await self._record(sid, utterance.record())
         self.transcripts.end(sid, reason)
         await self.ownership.release(sid)
         await self.bus.expire_session(sid)
