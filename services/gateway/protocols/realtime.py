@@ -50,7 +50,6 @@ from shared import metrics
 from shared.audio import FRAME_SEC, SAMPLE_RATE, pcm16_to_float, rms_dbfs
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest
 from shared.messages import NATIVE_VOICES, EventName, OutputAudio, OutputText, SessionEvent
-from shared.runtime import cancel_and_wait
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -176,14 +175,15 @@ class RealtimeSession:
     async def run(self) -> Ending:
         """Serve the socket until either side ends it; what is queued for the client (an error saying
         why, above all) is sent before returning. The conversation starts with the first audio."""
-        sender = asyncio.create_task(self._send_loop(), name="realtime_sender")
-        try:
-            key = functools.partial(watch_key, self.websocket.app.state.keys, self.owner)
-            return await run_loops(self.log_extra, self.receive_loop, self.emit_loop, self.report, key)
-        finally:
-            if not sender.done():
-                await self.queue.drained()
-            await cancel_and_wait(sender)
+        return await run_loops(
+            self.log_extra,
+            self.report,
+            send=self._send_loop,
+            drained=self.queue.drained,
+            receive=self.receive_loop,
+            emit=self.emit_loop,
+            key=functools.partial(watch_key, self.websocket.app.state.keys, self.owner),
+        )
 
     # --- client events -----------------------------------------------------------------------
 
