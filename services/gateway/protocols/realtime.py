@@ -14,12 +14,10 @@ import base64
 import binascii
 import contextlib
 import functools
-import json
 import logging
 from collections import deque
 
 from fastapi import APIRouter, WebSocket
-from pydantic import ValidationError
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
@@ -54,8 +52,6 @@ from shared.messages import NATIVE_VOICES, EventName, SessionEvent
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-MAX_ECHOED_ID = 512  # a longer client `event_id` is not echoed in errors about its event
-
 
 @router.websocket("/v1/realtime")
 async def realtime(websocket: WebSocket) -> None:
@@ -74,10 +70,8 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     except ChorusError as exc:
         metrics.SESSIONS_REJECTED.labels(reason=exc.code).inc()
         # A refused client may have left already (key guessers do not wait): nothing to tell then.
-        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-        refusal = ev.ErrorEvent(error=ev.ErrorDetail(type=kind, code=exc.code, message=exc.detail))
         with contextlib.suppress(WebSocketDisconnect):
-            await websocket.send_text(refusal.model_dump_json())
+            await websocket.send_text(_error_event(exc).model_dump_json())
         await close_quietly(websocket, refusal_close_code(exc), exc.code)
         return
     model = websocket.query_params.get("model") or caller.model or "moshiko"
@@ -89,42 +83,9 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     log.info("realtime session closed", extra={**session.log_extra, "reason": ending.reason})
 
 
-def _excerpt(value: object, limit: int = 64) -> str:
-    """A client's value quoted in an error, cut short: an error never echoes a megabyte back."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _client_event_id(raw: object) -> str | None:
-    """The client's `event_id`, to echo in an error about its event. The API says it is a string; a
-    number is echoed as its text so the client still learns which event failed; anything else is not."""
-    value = raw.get("event_id") if isinstance(raw, dict) else None
-    if isinstance(value, str):
-        return value if len(value) <= MAX_ECHOED_ID else None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def parse_client_event(text: str) -> ev.ClientEvent | ev.ErrorDetail:
-    """A client's text message as its event, or the error telling the client why it is not one."""
-    try:
-        raw = json.loads(text)
-    # ValueError: also an integer over Python's digit limit; RecursionError: nested too deep.
-    except (ValueError, RecursionError) as exc:
-        return ev.ErrorDetail(code="invalid_json", message=f"invalid JSON: {exc}")
-    event_id = _client_event_id(raw)
-    kind = raw.get("type") if isinstance(raw, dict) else None
-    if kind not in ev.CLIENT_EVENT_TYPES:
-        supported = ", ".join(ev.CLIENT_EVENT_TYPES)
-        message = f"unsupported event type {_excerpt(kind)}; supported: {supported}"
-        return ev.ErrorDetail(code="unsupported_event", message=message, param="type", event_id=event_id)
-    try:
-        return ev.CLIENT_EVENT.validate_python(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        message = f"invalid {kind}: {'.'.join(map(str, first['loc']))}: {first['msg']}"
-        return ev.ErrorDetail(code="invalid_event", message=message, event_id=event_id)
+def _error_event(error: ChorusError) -> ev.ErrorEvent:
+    kind = "server_error" if error.status >= 500 else "invalid_request_error"
+    return ev.ErrorEvent(error=ev.ErrorDetail(type=kind, code=error.code, message=error.detail))
 
 
 class RealtimeSession:
@@ -176,11 +137,8 @@ class RealtimeSession:
     def report(self, error: ChorusError) -> None:
         """Why the session ends, as an `error` event (the caller logged it). A client that stopped reading
         is told by the close frame's reason alone."""
-        if self.queue.closed is not None:
-            return
-        kind = "server_error" if error.status >= 500 else "invalid_request_error"
-        event = ev.ErrorEvent(error=ev.ErrorDetail(type=kind, code=error.code, message=error.detail))
-        self.queue.put(event.model_dump_json(), droppable=False)
+        if self.queue.closed is None:
+            self.send(_error_event(error))
 
     async def run(self) -> Ending:
         """Serve the socket until either side ends it; what is queued for the client (an error saying
@@ -213,15 +171,14 @@ class RealtimeSession:
             await self.handle_text(text)
 
     async def handle_text(self, text: str) -> None:
-        event = parse_client_event(text)
+        event = ev.parse_client_event(text)
         if isinstance(event, ev.ErrorDetail):
             self.send(ev.ErrorEvent(error=event))
             return
         try:
             await self.dispatch(event)
         except ChorusError as exc:
-            echoed = event.event_id if event.event_id and len(event.event_id) <= MAX_ECHOED_ID else None
-            self.error(exc.detail, exc.code, echoed)
+            self.error(exc.detail, exc.code, ev.echoed_event_id(event.event_id))
 
     async def dispatch(self, event: ev.ClientEvent) -> None:
         if isinstance(event, ev.SessionUpdateEvent):
