@@ -255,6 +255,9 @@ async def run_loops(
     ends by an exception, the emit loop returns when the session is over (`session_ended`), the `key` watch
     raises when the key is revoked (`watch_key`). A cancellation from outside (the server shutting down)
     cancels every task and propagates; stopping the conversation is the caller's `finally`.
+
+    Every task is cancelled with `cancel_and_wait` before the group exits: the group cancels only once,
+    and one cancel can be lost on Python 3.11, which would hold the socket's handler forever.
     """
     async with asyncio.TaskGroup() as group:
         sender = group.create_task(_sending(send, log_extra), name="send_loop")
@@ -266,7 +269,7 @@ async def run_loops(
             if not sender.done():
                 await drained()
         finally:
-            await cancel_and_wait(sender)  # retried: one cancel can be lost on Python 3.11 (see there)
+            await cancel_and_wait(sender)
     return ending
 
 

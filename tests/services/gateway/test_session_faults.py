@@ -350,4 +350,5 @@ async def test_a_cancelled_handler_raises_its_cancellation_once_its_session_is_s
 
     await until(handler_done, "the handler to end")
     assert isinstance(outcomes[0], asyncio.CancelledError), "the cancellation propagates, never swallowed"
+    assert not gateway.app.state.open_sockets.count[OWNER], "and the socket's place is given back"
     await ws.close()
