@@ -15,6 +15,7 @@ from chorus.devtools import compose
 from services.gateway.client_secrets import ExpiresAfter
 from services.gateway.fair_websocket import FairWebSocketProtocol
 from services.gateway.protocols import realtime_events
+from services.gateway.protocols.response_carver import ResponseCarver
 from services.gateway.sessions import TranscriptExport
 from services.router.mixer import Mixer
 from services.tts.voice_states import VoiceStates
@@ -52,6 +53,7 @@ realtime_events.OutputAudioDelta.delta
 realtime_events.OutputAudioTranscriptDelta.delta
 realtime_events.SpeechStarted.audio_start_ms
 realtime_events.SpeechStopped.audio_end_ms
+realtime_events.ErrorDetail.param  # the OpenAI error shape's field, sent as null
 
 # Made from a value the Redis script returns (`TakeOutcome(result)`).
 TakeOutcome.OWNED
@@ -60,6 +62,7 @@ TakeOutcome.OWNED
 compose.service_environment  # tests/support/compose.py
 
 # Read only by tests, kept as the observable state their specifications assert (not test plumbing):
+ResponseCarver.responding  # tests/services/gateway/test_response_carver.py: whether a response is open
 Mixer.queued_frames  # tests/services/router/test_mixer.py: the queue the mixer bounds, frame by frame
 VoiceStates.computed  # tests/services/tts: a state is computed once per profile (the metric is global)
 

@@ -10,7 +10,6 @@ The session id is returned in the `x-chorus-session-id` response header of the u
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -30,7 +29,6 @@ from services.gateway.protocols.session_socket import (
     check_voice,
     check_voice_owned,
     close_quietly,
-    guarded,
     open_conversation,
     place,
     receive_fairly,
@@ -45,7 +43,6 @@ from shared import metrics
 from shared.audio import SAMPLE_RATE, FloatAudio, OpusDecoder, OpusEncoder, pcm16_to_float
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest
 from shared.messages import EventName, OutputAudio, OutputText, SessionEvent, VoiceMode, parse_voice_mode
-from shared.runtime import cancel_and_wait
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -114,22 +111,21 @@ class MoshiChatSession:
     async def run(self) -> Ending:
         """Place the session, send the handshake once it has a slot, then serve it until either side ends
         it. Whatever is queued for the client (an error saying why, above all) is sent before returning."""
-        sender = asyncio.create_task(self._send_loop(), name="moshi_sender")
-        log_extra = self.conversation.log_extra
-        try:
-            refused = await guarded(self._place(), log_extra, self.report)
-            if refused is not None:
-                return refused
-            self.queue.put((HANDSHAKE, b""), droppable=False)
-            key = functools.partial(watch_key, self.websocket.app.state.keys, self.conversation.owner)
-            return await run_loops(log_extra, self.receive_loop, self.emit_loop, self.report, key)
-        finally:
-            if not sender.done():
-                await self.queue.drained()
-            await cancel_and_wait(sender)
+        key = functools.partial(watch_key, self.websocket.app.state.keys, self.conversation.owner)
+        return await run_loops(
+            self.conversation.log_extra,
+            self.report,
+            send=self._send_loop,
+            drained=self.queue.drained,
+            place=self._place,
+            receive=self.receive_loop,
+            emit=self.emit_loop,
+            key=key,
+        )
 
     async def _place(self) -> None:
         self.early.extend(await place(self.websocket, self.conversation))
+        self.queue.put((HANDSHAKE, b""), droppable=False)
 
     async def receive_loop(self) -> None:
         while True:

@@ -1,10 +1,10 @@
 """`GET /v1/realtime`: OpenAI Realtime-compatible JSON events over a WebSocket.
 
-Moshi speaks continuously (it is full duplex), so "responses" are carved out of its output stream: a
-response opens when Moshi starts speaking after silence (a text piece) and closes after
-`CHORUS_REALTIME_RESPONSE_END_FRAMES` frames with neither text nor audible audio. The dialogue session
-starts on the first `input_audio_buffer.append`, so a `session.update` sent first (instructions -> persona
-primer, voice) shapes the whole conversation.
+This module is the socket's wiring: client events are parsed and applied here; the conversation's output
+becomes responses in `response_carver` (Moshi speaks continuously, so a response is a stretch of its
+speech, closed after `CHORUS_REALTIME_RESPONSE_END_FRAMES` quiet frames); the loops run in
+`session_socket.run_loops`. The dialogue session starts on the first `input_audio_buffer.append`, so a
+`session.update` sent first (instructions -> persona primer, voice) shapes the whole conversation.
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ import base64
 import binascii
 import contextlib
 import functools
-import json
 import logging
-import uuid
 from collections import deque
 
 from fastapi import APIRouter, WebSocket
-from pydantic import ValidationError
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
@@ -28,6 +25,7 @@ from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
 from services.gateway.limits import SocketLimits
 from services.gateway.protocols import realtime_events as ev
+from services.gateway.protocols.response_carver import ResponseCarver, new_id
 from services.gateway.protocols.send_queue import SendQueue
 from services.gateway.protocols.session_socket import (
     Ending,
@@ -47,20 +45,12 @@ from services.gateway.protocols.session_socket import (
 )
 from services.gateway.settings import GatewaySettings
 from shared import metrics
-from shared.audio import FRAME_SEC, SAMPLE_RATE, pcm16_to_float, rms_dbfs
+from shared.audio import FRAME_SEC, SAMPLE_RATE, pcm16_to_float
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest
-from shared.messages import NATIVE_VOICES, EventName, OutputAudio, OutputText, SessionEvent
-from shared.runtime import cancel_and_wait
+from shared.messages import EventName, SessionEvent, native_voice_for
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-
-AUDIBLE_DBFS = -50.0  # below this a frame counts as silence when deciding that a response is over
-MAX_ECHOED_ID = 512  # a longer client `event_id` is not echoed in errors about its event
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
 @router.websocket("/v1/realtime")
@@ -80,36 +70,22 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     except ChorusError as exc:
         metrics.SESSIONS_REJECTED.labels(reason=exc.code).inc()
         # A refused client may have left already (key guessers do not wait): nothing to tell then.
-        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-        refusal = ev.ErrorEvent(error=ev.ErrorDetail(type=kind, code=exc.code, message=exc.detail))
         with contextlib.suppress(WebSocketDisconnect):
-            await websocket.send_text(refusal.model_dump_json())
+            await websocket.send_text(_error_event(exc).model_dump_json())
         await close_quietly(websocket, refusal_close_code(exc), exc.code)
         return
     model = websocket.query_params.get("model") or caller.model or "moshiko"
     session = RealtimeSession(websocket, settings, caller.owner, model)
     session.instructions = caller.instructions or ""  # a client secret's session config, if any
     session.voice = caller.voice or session.voice
-    await session.send(ev.SessionCreated(session=session.session_object()))
+    session.send(ev.SessionCreated(session=session.session_object()))
     ending = await serve_and_stop(websocket, session.run, lambda: session.conversation)
     log.info("realtime session closed", extra={**session.log_extra, "reason": ending.reason})
 
 
-def _excerpt(value: object, limit: int = 64) -> str:
-    """A client's value quoted in an error, cut short: an error never echoes a megabyte back."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _client_event_id(raw: object) -> str | None:
-    """The client's `event_id`, to echo in an error about its event. The API says it is a string; a
-    number is echoed as its text so the client still learns which event failed; anything else is not."""
-    value = raw.get("event_id") if isinstance(raw, dict) else None
-    if isinstance(value, str):
-        return value if len(value) <= MAX_ECHOED_ID else None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
+def _error_event(error: ChorusError) -> ev.ErrorEvent:
+    kind = "server_error" if error.status >= 500 else "invalid_request_error"
+    return ev.ErrorEvent(error=ev.ErrorDetail(type=kind, code=error.code, message=error.detail))
 
 
 class RealtimeSession:
@@ -118,9 +94,9 @@ class RealtimeSession:
         self.settings = settings
         self.owner = owner
         self.model = model
-        self.session_id = _new_id("sess")
+        self.session_id = new_id("sess")
         self.instructions = ""
-        self.voice = model if model in NATIVE_VOICES else "moshiko"
+        self.voice = native_voice_for(model)
         self.persona_id = websocket.query_params.get("persona")
         # Opened by the first audio; from then on, however the socket ends, the conversation is stopped.
         self.conversation: Conversation | None = None
@@ -130,12 +106,7 @@ class RealtimeSession:
         self.limits = SocketLimits(settings, "realtime")
         self.started = asyncio.Event()  # set once the conversation is ready (it has a dialogue slot)
         self.early: deque[Message] = deque()  # received while waiting for the dialogue slot
-        self._response: ev.ResponseObject | None = None
-        self._item_id = ""
-        self._transcript: list[str] = []
-        self._quiet_frames = 0
-        self._muted_until_quiet = False
-        self._speech_item = ""
+        self.carver = ResponseCarver(settings.realtime_response_end_frames)
 
     def session_object(self) -> ev.SessionObject:
         return ev.SessionObject(
@@ -148,42 +119,39 @@ class RealtimeSession:
             },
         )
 
-    async def send(self, event: ev.ServerEvent, *, droppable: bool = False) -> None:
-        self.queue.put(event.model_dump_json(), droppable=droppable)
+    def send(self, event: ev.ServerEvent) -> None:
+        # Only audio may be dropped for a slow client: a lost event would break its transcript or state.
+        self.queue.put(event.model_dump_json(), droppable=isinstance(event, ev.OutputAudioDelta))
+
+    def send_all(self, events: list[ev.ServerEvent]) -> None:
+        for event in events:
+            self.send(event)
 
     @property
     def log_extra(self) -> dict[str, str]:
         return {"session_id": self.session_id}
 
-    async def error(
-        self, message: str, code: str, client_event_id: str | None = None, param: str | None = None
-    ) -> None:
-        await self.send(
-            ev.ErrorEvent(
-                error=ev.ErrorDetail(code=code, message=message, param=param, event_id=client_event_id)
-            )
-        )
+    def error(self, message: str, code: str, client_event_id: str | None = None) -> None:
+        self.send(ev.ErrorEvent(error=ev.ErrorDetail(code=code, message=message, event_id=client_event_id)))
 
     def report(self, error: ChorusError) -> None:
         """Why the session ends, as an `error` event (the caller logged it). A client that stopped reading
         is told by the close frame's reason alone."""
-        if self.queue.closed is not None:
-            return
-        kind = "server_error" if error.status >= 500 else "invalid_request_error"
-        event = ev.ErrorEvent(error=ev.ErrorDetail(type=kind, code=error.code, message=error.detail))
-        self.queue.put(event.model_dump_json(), droppable=False)
+        if self.queue.closed is None:
+            self.send(_error_event(error))
 
     async def run(self) -> Ending:
         """Serve the socket until either side ends it; what is queued for the client (an error saying
         why, above all) is sent before returning. The conversation starts with the first audio."""
-        sender = asyncio.create_task(self._send_loop(), name="realtime_sender")
-        try:
-            key = functools.partial(watch_key, self.websocket.app.state.keys, self.owner)
-            return await run_loops(self.log_extra, self.receive_loop, self.emit_loop, self.report, key)
-        finally:
-            if not sender.done():
-                await self.queue.drained()
-            await cancel_and_wait(sender)
+        return await run_loops(
+            self.log_extra,
+            self.report,
+            send=self._send_loop,
+            drained=self.queue.drained,
+            receive=self.receive_loop,
+            emit=self.emit_loop,
+            key=functools.partial(watch_key, self.websocket.app.state.keys, self.owner),
+        )
 
     # --- client events -----------------------------------------------------------------------
 
@@ -194,45 +162,23 @@ class RealtimeSession:
                 raise SocketClosed(message.get("code"))
             if refusal := await self.limits.check(message):
                 if refusal.tell:
-                    await self.error(refusal.error.detail, refusal.error.code)
+                    self.error(refusal.error.detail, refusal.error.code)
                 continue
             text = message.get("text")
             if text is None:
-                await self.error("send JSON text messages", "invalid_message")
+                self.error("send JSON text messages", "invalid_message")
                 continue
             await self.handle_text(text)
 
     async def handle_text(self, text: str) -> None:
-        try:
-            raw = json.loads(text)
-        # ValueError: also an integer over Python's digit limit; RecursionError: nested too deep.
-        except (ValueError, RecursionError) as exc:
-            await self.error(f"invalid JSON: {exc}", "invalid_json")
-            return
-        client_event_id = _client_event_id(raw)
-        kind = raw.get("type") if isinstance(raw, dict) else None
-        if kind not in ev.CLIENT_EVENT_TYPES:
-            await self.error(
-                f"unsupported event type {_excerpt(kind)}; supported: {', '.join(ev.CLIENT_EVENT_TYPES)}",
-                "unsupported_event",
-                client_event_id,
-                "type",
-            )
-            return
-        try:
-            event = ev.CLIENT_EVENT.validate_python(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            await self.error(
-                f"invalid {kind}: {'.'.join(map(str, first['loc']))}: {first['msg']}",
-                "invalid_event",
-                client_event_id,
-            )
+        event = ev.parse_client_event(text)
+        if isinstance(event, ev.ErrorDetail):
+            self.send(ev.ErrorEvent(error=event))
             return
         try:
             await self.dispatch(event)
         except ChorusError as exc:
-            await self.error(exc.detail, exc.code, client_event_id)
+            self.error(exc.detail, exc.code, ev.echoed_event_id(event.event_id))
 
     async def dispatch(self, event: ev.ClientEvent) -> None:
         if isinstance(event, ev.SessionUpdateEvent):
@@ -242,9 +188,9 @@ class RealtimeSession:
         elif isinstance(event, ev.InputAudioBufferClear):
             if self.conversation:
                 self.conversation.clear_input()
-            await self.send(ev.InputAudioBufferCleared())
+            self.send(ev.InputAudioBufferCleared())
         elif isinstance(event, ev.ResponseCancel):
-            await self.cancel_response()
+            self.send_all(self.carver.cancel())
         # input_audio_buffer.commit and response.create: Moshi listens and answers continuously.
 
     async def update_session(self, config: ev.SessionConfig) -> None:
@@ -266,7 +212,7 @@ class RealtimeSession:
             self.voice = voice
             if self.conversation is not None:
                 await self.conversation.update(voice=voice)
-        await self.send(ev.SessionUpdated(session=self.session_object()))
+        self.send(ev.SessionUpdated(session=self.session_object()))
 
     async def append_audio(self, audio_b64: str) -> None:
         try:
@@ -299,16 +245,10 @@ class RealtimeSession:
             # Refused (no capacity, no slot in time): the socket stays open, the next audio tries again,
             # as a new session: every worker remembers the refused id as stopped, and its `:out` ends.
             self.conversation = None
-            self.session_id = _new_id("sess")
+            self.session_id = new_id("sess")
             await end_conversation(conversation, exc.code)
             raise
         self.started.set()
-
-    async def cancel_response(self) -> None:
-        if self._response is None:
-            return
-        await self._close_response("cancelled")
-        self._muted_until_quiet = True  # the rest of this utterance is not sent
 
     # --- server events -----------------------------------------------------------------------
 
@@ -316,88 +256,11 @@ class RealtimeSession:
         await self.started.wait()
         assert self.conversation is not None
         async for message in self.conversation.outputs():
-            if isinstance(message, OutputText):
-                await self._on_text(message.text)
-            elif isinstance(message, OutputAudio):
-                await self._on_audio(message.pcm)
-            elif isinstance(message, SessionEvent) and await self._on_event(message):
+            if isinstance(message, SessionEvent) and message.name == EventName.ENDED:
                 break
-        if self._response is not None:
-            await self._close_response("completed")
-
-    async def _on_text(self, text: str) -> None:
-        self._quiet_frames = 0
-        if self._muted_until_quiet:
-            return
-        if self._response is None:
-            await self._open_response()
-        assert self._response is not None
-        self._transcript.append(text)
-        await self.send(
-            ev.OutputAudioTranscriptDelta(response_id=self._response.id, item_id=self._item_id, delta=text)
-        )
-
-    async def _on_audio(self, pcm: bytes) -> None:
-        if rms_dbfs(pcm16_to_float(pcm)) > AUDIBLE_DBFS:
-            self._quiet_frames = 0
-        else:
-            self._quiet_frames += 1
-        if self._quiet_frames >= self.settings.realtime_response_end_frames:
-            self._muted_until_quiet = False
-            if self._response is not None:
-                await self._close_response("completed")
-        if self._response is not None and not self._muted_until_quiet:
-            await self.send(
-                ev.OutputAudioDelta(
-                    response_id=self._response.id, item_id=self._item_id, delta=base64.b64encode(pcm).decode()
-                ),
-                droppable=True,
-            )
-
-    async def _on_event(self, event: SessionEvent) -> bool:
-        """True when the session is over."""
-        audio_ms = int((self.conversation.frames_sent if self.conversation else 0) * FRAME_SEC * 1000)
-        if event.name == EventName.SPEECH_STARTED:
-            self._speech_item = _new_id("item")
-            await self.send(ev.SpeechStarted(audio_start_ms=audio_ms, item_id=self._speech_item))
-        elif event.name == EventName.SPEECH_STOPPED:
-            await self.send(
-                ev.SpeechStopped(audio_end_ms=audio_ms, item_id=self._speech_item or _new_id("item"))
-            )
-        elif event.name == EventName.ENDED:
-            return True
-        elif event.name == EventName.ERROR:
-            await self.error(event.detail or "session error", "session_error")
-        else:
-            data = event.data.model_dump(mode="json")
-            await self.send(ev.ChorusEvent(name=event.name, detail=event.detail, data=data))
-        return False
-
-    async def _open_response(self) -> None:
-        self._response = ev.ResponseObject(id=_new_id("resp"))
-        self._item_id = _new_id("item")
-        self._transcript = []
-        await self.send(ev.ResponseCreated(response=self._response))
-
-    async def _close_response(self, status: str) -> None:
-        assert self._response is not None
-        response_id, item_id = self._response.id, self._item_id
-        await self.send(ev.OutputAudioDone(response_id=response_id, item_id=item_id))
-        await self.send(
-            ev.OutputAudioTranscriptDone(
-                response_id=response_id, item_id=item_id, transcript="".join(self._transcript)
-            )
-        )
-        item = {
-            "id": item_id,
-            "type": "message",
-            "role": "assistant",
-            "status": "completed",
-            "content": [{"type": "output_audio", "transcript": "".join(self._transcript)}],
-        }
-        done = self._response.model_copy(update={"status": status, "output": [item]})
-        await self.send(ev.ResponseDone(response=done))
-        self._response = None
+            heard_ms = int(self.conversation.frames_sent * FRAME_SEC * 1000)
+            self.send_all(self.carver.on_output(message, heard_ms))
+        self.send_all(self.carver.finish())
 
     async def _send_loop(self) -> None:
         # Ends when the client leaves, or stops reading (the queue closed: the session ends with 1008).

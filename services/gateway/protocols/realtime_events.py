@@ -4,15 +4,17 @@ its client parses them. Chorus-only additions are prefixed `chorus.` (ours, not 
 
 Both the GA `session.update` shape (`session.type = "realtime"`, `session.audio.output.voice`,
 `session.audio.input.format`) and the older beta shape (`session.voice`, `input_audio_format`) are
-accepted; `SessionConfig.voice()` / `.input_format_ok()` hide the difference.
+accepted; `SessionConfig.voice()` / `.input_format_ok()` hide the difference. `parse_client_event` turns
+a client's text message into its event, or into the error that tells the client why it is not one.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from shared.messages import PRIMER_MAX_CHARS
 
@@ -125,6 +127,55 @@ CLIENT_EVENT_TYPES = (
     "response.create",
     "response.cancel",
 )
+
+
+# --- parsing a client's message ---------------------------------------------------------------------
+
+
+MAX_ECHOED_ID = 512  # a longer client `event_id` is not echoed in errors about its event
+
+
+def _excerpt(value: object, limit: int = 64) -> str:
+    """A client's value quoted in an error, cut short: an error never echoes a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def echoed_event_id(value: str | None) -> str | None:
+    """A valid event's `event_id` as echoed in an error about it: not when it is over MAX_ECHOED_ID."""
+    return value if value is not None and len(value) <= MAX_ECHOED_ID else None
+
+
+def _client_event_id(raw: object) -> str | None:
+    """The client's `event_id`, to echo in an error about its event. The API says it is a string; a
+    number is echoed as its text so the client still learns which event failed; anything else is not."""
+    value = raw.get("event_id") if isinstance(raw, dict) else None
+    if isinstance(value, str):
+        return echoed_event_id(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def parse_client_event(text: str) -> ClientEvent | ErrorDetail:
+    """A client's text message as its event, or the error telling the client why it is not one."""
+    try:
+        raw = json.loads(text)
+    # ValueError: also an integer over Python's digit limit; RecursionError: nested too deep.
+    except (ValueError, RecursionError) as exc:
+        return ErrorDetail(code="invalid_json", message=f"invalid JSON: {exc}")
+    client_id = _client_event_id(raw)
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind not in CLIENT_EVENT_TYPES:
+        supported = ", ".join(CLIENT_EVENT_TYPES)
+        message = f"unsupported event type {_excerpt(kind)}; supported: {supported}"
+        return ErrorDetail(code="unsupported_event", message=message, param="type", event_id=client_id)
+    try:
+        return CLIENT_EVENT.validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = f"invalid {kind}: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+        return ErrorDetail(code="invalid_event", message=message, event_id=client_id)
 
 
 # --- server -> client -------------------------------------------------------------------------------

@@ -231,35 +231,71 @@ async def watch_key(keys: KeyRing, owner: str) -> None:
         await asyncio.sleep(keys.reload_s)
 
 
+Loop = Callable[[], Awaitable[None]]
+
+
 async def run_loops(
     log_extra: dict[str, str],
-    receive: Callable[[], Awaitable[None]],
-    emit: Callable[[], Awaitable[None]],
     report: Report,
-    key: Callable[[], Awaitable[None]],
+    *,
+    send: Loop,
+    drained: Callable[[], Awaitable[object]],
+    receive: Loop,
+    emit: Loop,
+    key: Loop,
+    place: Loop | None = None,
 ) -> Ending:
-    """Run the loops; the first to finish (client gone, session ended, its key revoked, an error) cancels
-    the others.
+    """Serve a socket with one TaskGroup for every task it starts: the `send` loop (draining the send
+    queue to the client) throughout; `place` first, if given; then the receive and emit loops and the `key`
+    watch, the first of which to finish (client gone, session ended, its key revoked, an error) cancels
+    the others. What is queued for the client (an error saying why, above all) is sent before returning
+    (`drained`, bounded).
 
-    Returns why the session ended: the receive loop only ends by an exception, the emit loop returns
-    when the session is over (`session_ended`), the `key` watch raises when the key is revoked
-    (`watch_key`). Stopping the conversation is the caller's `finally`.
+    Returns why the session ended: a refused placement, or the first loop's end. The receive loop only
+    ends by an exception, the emit loop returns when the session is over (`session_ended`), the `key` watch
+    raises when the key is revoked (`watch_key`). A cancellation from outside (the server shutting down)
+    cancels every task and propagates; stopping the conversation is the caller's `finally`.
+
+    Every task is cancelled with `cancel_and_wait` before the group exits: the group cancels only once,
+    and one cancel can be lost on Python 3.11, which would hold the socket's handler forever.
     """
+    async with asyncio.TaskGroup() as group:
+        sender = group.create_task(_sending(send, log_extra), name="send_loop")
+        try:
+            ending = await guarded(place(), log_extra, report) if place is not None else None
+            if ending is None:
+                loops = {"receive_loop": receive, "emit_loop": emit, "key_watch": key}
+                ending = await _first_ending(group, log_extra, report, loops)
+            if not sender.done():
+                await drained()
+        finally:
+            await cancel_and_wait(sender)
+    return ending
+
+
+async def _first_ending(
+    group: asyncio.TaskGroup, log_extra: dict[str, str], report: Report, loops: dict[str, Loop]
+) -> Ending:
     endings: list[Ending] = []
 
-    async def loop(body: Callable[[], Awaitable[None]]) -> None:
+    async def run(body: Loop) -> None:
         endings.append(await guarded(body(), log_extra, report) or Ending("session_ended"))
 
-    loops = [
-        asyncio.create_task(loop(receive), name="receive_loop"),
-        asyncio.create_task(loop(emit), name="emit_loop"),
-        asyncio.create_task(loop(key), name="key_watch"),
-    ]
+    tasks = [group.create_task(run(body), name=name) for name, body in loops.items()]
     try:
-        await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await cancel_and_wait(*loops)  # also when we are cancelled: no loop outlives the socket
+        await cancel_and_wait(*tasks)  # also when we are cancelled: no loop outlives the socket
     return endings[0]
+
+
+async def _sending(send: Loop, log_extra: dict[str, str]) -> None:
+    """The send loop, which ends quietly when the client leaves or stops reading; a failure of its own
+    is logged (nothing more reaches the client, the other loops still end the session)."""
+    try:
+        await send()
+    except Exception:
+        log.exception("sending to the client failed", extra=log_extra)
 
 
 async def serve_and_stop(

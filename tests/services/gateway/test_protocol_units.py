@@ -3,6 +3,8 @@ tests/services/gateway/test_socket_limits.py)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from services.gateway.protocols import realtime_events as ev
@@ -60,3 +62,21 @@ def test_server_events_carry_event_id_and_type() -> None:
     body = delta.model_dump()
     assert body["type"] == "response.output_audio.delta" and body["event_id"].startswith("event_")
     assert {"response_id", "item_id", "output_index", "content_index", "delta"} <= set(body)
+
+
+def test_a_client_message_that_is_no_event_becomes_the_error_that_says_why() -> None:
+    not_json = ev.parse_client_event("{")
+    assert isinstance(not_json, ev.ErrorDetail) and not_json.code == "invalid_json"
+    unknown = ev.parse_client_event('{"type": "conversation.item.create", "event_id": "e1"}')
+    assert isinstance(unknown, ev.ErrorDetail)
+    assert (unknown.code, unknown.param, unknown.event_id) == ("unsupported_event", "type", "e1")
+    invalid = ev.parse_client_event('{"type": "input_audio_buffer.append", "event_id": 5}')
+    assert isinstance(invalid, ev.ErrorDetail) and invalid.code == "invalid_event"
+    assert invalid.event_id == "5", "a number is echoed as its text"
+    long_id = ev.parse_client_event(json.dumps({"type": "x", "event_id": "e" * (ev.MAX_ECHOED_ID + 1)}))
+    assert isinstance(long_id, ev.ErrorDetail) and long_id.event_id is None, "never echoed at length"
+
+
+def test_a_client_message_that_is_an_event_is_parsed() -> None:
+    event = ev.parse_client_event('{"type": "response.cancel", "event_id": "e2"}')
+    assert isinstance(event, ev.ResponseCancel) and event.event_id == "e2"

@@ -312,3 +312,34 @@ async def test_a_live_session_keeps_its_lease_and_loses_it_when_its_socket_goes(
         await ws.close()
         await assert_stopped(bus, sid, "client_closed")
         assert not await bus.redis.exists(bus.names.session_lease(sid)), "an ended session holds no lease"
+
+
+@pytest.mark.parametrize("phase", ["waiting_for_a_slot", "live"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_cancelled_handler_raises_its_cancellation_once_its_session_is_stopped(
+    gateway: Gateway, bus: Bus, protocol: str, phase: str
+) -> None:
+    # What the handler does with the cancellation, seen from the server that runs it (uvicorn logs it).
+    outcomes: list[BaseException | None] = []
+    app = gateway.server.config.loaded_app
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        except BaseException as exc:
+            outcomes.append(exc)
+            raise
+        outcomes.append(None)
+
+    gateway.server.config.loaded_app = recording
+    ws, sid = await open_in_phase(protocol, phase, gateway, bus)
+    gateway.cancel_handlers()
+    await assert_stopped(bus, sid, "shutdown")
+
+    async def handler_done() -> bool:
+        return bool(outcomes)
+
+    await wait_until(handler_done, "the handler to end")
+    assert isinstance(outcomes[0], asyncio.CancelledError), "the cancellation propagates, never swallowed"
+    assert not gateway.app.state.open_sockets.count[OWNER], "and the socket's place is given back"
+    await ws.close()
