@@ -168,7 +168,8 @@ class Supervisor:
         return child.process.pid if child.process else -1
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """Gateway first (clients are told), then the workers, then the Redis they drained against."""
+        """SIGTERM to every service at once (each drains on its own), then, once they exited, the Redis they
+        drained against."""
         self.stopping = True
         terminate(list(reversed(self.services)), timeout_s)
         if self.redis:
@@ -176,7 +177,8 @@ class Supervisor:
 
 
 def terminate(children: Sequence[Child], timeout_s: float) -> None:
-    """SIGTERM each running child in order, then wait for all of them; kill those that outstay `timeout_s`."""
+    """SIGTERM every running child without waiting in between, then wait for all of them; kill those that
+    outstay `timeout_s`."""
     running = [c for c in children if c.alive]
     for child in running:
         assert child.process is not None

@@ -1,5 +1,5 @@
 """Request budgets counted in Redis and shared by every gateway: the `limits` library's sliding window
-counters (two counters per identity, no per-request entries), under `{prefix}ratelimit:`.
+counters (two counters per identity, no per-request entries), under `{prefix}limits`.
 
 What is counted, and how much is allowed, is the caller's (services/gateway/limits.py `RateLimits`).
 """

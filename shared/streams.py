@@ -1,4 +1,4 @@
-"""Every Redis key Chorus uses, in one place (see docs/architecture.md, "Redis Streams")."""
+"""Every Redis key Chorus uses, in one place (see docs/architecture.md, "Redis keys")."""
 
 from __future__ import annotations
 
