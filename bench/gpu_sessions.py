@@ -37,6 +37,7 @@ import platform
 import resource
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "dialogue_gpu.json"
 DEFAULT_SLOTS = "8,16,24,32,40,48,64,80,96,128"
 BUDGET_MS = FRAME_SEC * 1000
 STAGES = ("encode", "lm", "decode")
+# The tick's wall time less the three stages: resets of joining rows, copies, host bookkeeping, waits.
+OTHER = "other"
 
 
 def _voice(rng: np.random.Generator, rows: int) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -95,7 +98,7 @@ class StageClock:
         self._cuda = device.type == "cuda"
         self._pending: list[tuple[str, Any, Any]] = []
         self._undo: list[tuple[object, str]] = []
-        self.samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        self.samples: dict[str, list[float]] = {stage: [] for stage in (*STAGES, OTHER)}
 
     def wrap(self, owner: object, method: str, stage: str) -> None:
         original: Callable[..., Any] = getattr(owner, method)
@@ -119,8 +122,8 @@ class StageClock:
     def discard(self) -> None:
         self._pending.clear()
 
-    def end_tick(self) -> None:
-        """After the tick has synchronised: add this tick's time per stage."""
+    def end_tick(self, tick_ms: float) -> None:
+        """After the tick has synchronised: add this tick's time per stage, and what the rest took."""
         spent: dict[str, float] = {}
         for stage, started, ended in self._pending:
             ms = started.elapsed_time(ended) if self._cuda else (ended - started) * 1000
@@ -128,9 +131,10 @@ class StageClock:
         self._pending.clear()
         for stage, ms in spent.items():
             self.samples[stage].append(ms)
+        self.samples[OTHER].append(max(0.0, tick_ms - sum(spent.values())))
 
     def summary(self) -> dict[str, dict[str, float] | None]:
-        return {stage: _percentiles(self.samples[stage]) for stage in STAGES}
+        return {stage: _percentiles(self.samples[stage]) for stage in (*STAGES, OTHER)}
 
     def close(self) -> None:
         for owner, method in reversed(self._undo):
@@ -153,6 +157,13 @@ def _peak_memory_mib(device: torch.device) -> float:
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     # The process's peak resident memory (KiB on Linux): monotonic over the run.
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _held_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.memory_allocated(device) / 2**20, 1)
+    pages = int(Path("/proc/self/statm").read_text(encoding="utf-8").split()[1])  # resident
+    return round(pages * resource.getpagesize() / 2**20, 1)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -232,7 +243,7 @@ def baseline_loop(model: MoshiModel, config: Config) -> dict[str, Any]:
                 _sync(device)
                 if i >= config.warmup_ticks:
                     ticks.append((time.perf_counter() - started) * 1000)
-                    clock.end_tick()
+                    clock.end_tick(ticks[-1])
                 else:
                     clock.discard()
     finally:
@@ -312,7 +323,7 @@ def sessions_point(model: MoshiModel, slots: int, config: Config) -> dict[str, A
             if not measured:
                 clock.discard()
                 continue
-            clock.end_tick()
+            clock.end_tick(elapsed_ms)
             ticks.append(elapsed_ms)
             if joined:
                 join_ticks.append(elapsed_ms)
@@ -427,7 +438,7 @@ def run(config: Config) -> dict[str, Any]:
             "time_budget_s": config.budget_s,
             "tick_budget_ms": BUDGET_MS,
         },
-        "weights_memory_mib": _peak_memory_mib(device),
+        "weights_memory_mib": _held_memory_mib(device),
         "int8_logits": None,
         "baseline_batch1": None,
         "points": [],
@@ -437,13 +448,16 @@ def run(config: Config) -> dict[str, Any]:
     }
     if config.int8:
         results["int8_logits"] = quantize_int8(model, config.seed)
-        if device.type == "cuda":
-            results["weights_memory_mib"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
+        results["weights_memory_mib"] = _held_memory_mib(device)
     if config.max_memory_mib is not None:
         limit_memory(device, config.max_memory_mib)
     _write(results, config.out)
-    results["baseline_batch1"] = baseline = baseline_loop(model, config)
-    print(f"baseline batch 1: {baseline['tick_ms']}", flush=True)
+    try:
+        results["baseline_batch1"] = baseline_loop(model, config)
+        print(f"baseline batch 1: {results['baseline_batch1']['tick_ms']}", flush=True)
+    except Exception as exc:  # recorded; the sweep still runs
+        traceback.print_exc()
+        results["baseline_batch1"] = {"outcome": "error", "error": _first_line(exc)}
     _write(results, config.out)
     last_point_s = 0.0
     for slots in config.slots:
@@ -458,11 +472,11 @@ def run(config: Config) -> dict[str, Any]:
         print(_describe(point), flush=True)
         measured = [p for p in results["points"] if p["outcome"] == "measured" and p["realtime"]]
         results["realtime_sessions"] = max((p["slots"] for p in measured), default=0)
-        if point["outcome"] == "out_of_memory":
-            results["stopped_by"] = f"out of memory at {slots} slots"
+        if point["outcome"] != "measured":
+            results["stopped_by"] = f"{point['outcome'].replace('_', ' ')} at {slots} slots"
         results["wall_s"] = round(time.time() - started, 1)
         _write(results, config.out)
-        if point["outcome"] == "out_of_memory":
+        if point["outcome"] != "measured":
             break
     results["finished"] = True
     _write(results, config.out)
@@ -472,15 +486,19 @@ def run(config: Config) -> dict[str, Any]:
 def measure_point(model: MoshiModel, slots: int, config: Config) -> dict[str, Any]:
     try:
         return sessions_point(model, slots, config)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        error = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        return {"slots": slots, "outcome": "out_of_memory", "error": error}
+    except Exception as exc:
+        # Any failure ends the sweep with what it measured kept: a lease may not allow a second try.
+        traceback.print_exc()
+        outcome = "out_of_memory" if is_out_of_memory(exc) else "error"
+        return {"slots": slots, "outcome": outcome, "error": _first_line(exc)}
     finally:
         gc.collect()
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
 def _describe(point: dict[str, Any]) -> str:

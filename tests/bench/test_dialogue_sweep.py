@@ -52,7 +52,7 @@ def test_every_measured_point_has_the_tick_its_split_and_its_memory(sweep: dict[
         assert point["outcome"] == "measured" and point["ticks"] == 24
         assert set(point["tick_ms"]) == PERCENTILES
         assert point["tick_ms"]["p50"] <= point["tick_ms"]["p99"] <= point["tick_ms"]["max"]
-        assert set(point["stages_ms"]) == {"encode", "lm", "decode"}
+        assert set(point["stages_ms"]) == {"encode", "lm", "decode", "other"}
         assert all(set(stage) == PERCENTILES for stage in point["stages_ms"].values())
         assert point["peak_memory_mib"] > 0 and isinstance(point["realtime"], bool)
         assert point["session_frames_per_s"] > 0
@@ -76,7 +76,7 @@ def test_the_sweep_stops_at_the_first_out_of_memory_and_keeps_what_it_measured(s
 def test_the_baseline_and_the_configuration_are_in_the_same_results(sweep: dict[str, Any]) -> None:
     baseline = sweep["baseline_batch1"]
     assert baseline["ticks"] == 24 and set(baseline["tick_ms"]) == PERCENTILES
-    assert set(baseline["stages_ms"]) == {"encode", "lm", "decode"}
+    assert set(baseline["stages_ms"]) == {"encode", "lm", "decode", "other"}
     configuration = sweep["configuration"]
     assert configuration["size"] == "small" and configuration["ticks_per_point"] == 24
     assert configuration["torch_compile"] is False, "the worker's rule on cpu: compile off"
