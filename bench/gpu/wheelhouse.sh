@@ -21,6 +21,7 @@ WHEELS=(
   annotated-types==0.8.0
   typing-inspection==0.4.5
   python-dotenv==1.2.4
+  typing-extensions==4.16.0  # the image has one; pydantic wants a recent one, this is the version tested here
 )
 # bitsandbytes: moshi's int8 layers (`--int8`; WITH_INT8=0 leaves it out), slimmed to the CPU library and the
 # one CUDA library the GPU machine's torch loads (BNB_CUDA, default 130 for torch 2.11+cu130): the
