@@ -415,11 +415,28 @@ def _write(results: dict[str, Any], out: Path) -> None:
 
 
 def run(config: Config) -> dict[str, Any]:
+    """Build the model, measure the baseline, sweep the slot counts; the JSON is rewritten at each step."""
     started = time.time()
     model = build_model(config)
+    config.compile = compile_setting(config.settings, model.device)
+    results = _header(model, config)
+    if config.int8:
+        results["int8_logits"] = quantize_int8(model, config.seed)
+        results["weights_memory_mib"] = _held_memory_mib(model.device)
+    if config.max_memory_mib is not None:
+        limit_memory(model.device, config.max_memory_mib)
+    _write(results, config.out)
+    results["baseline_batch1"] = measure_baseline(model, config)
+    _write(results, config.out)
+    sweep(model, config, results, started)
+    results["finished"] = True
+    _write(results, config.out)
+    return results
+
+
+def _header(model: MoshiModel, config: Config) -> dict[str, Any]:
     device = model.device
-    config.compile = compile_setting(config.settings, device)
-    results: dict[str, Any] = {
+    return {
         "benchmark": "gpu_sessions",
         "machine": _machine(device),
         "configuration": {
@@ -446,41 +463,39 @@ def run(config: Config) -> dict[str, Any]:
         "stopped_by": None,
         "finished": False,
     }
-    if config.int8:
-        results["int8_logits"] = quantize_int8(model, config.seed)
-        results["weights_memory_mib"] = _held_memory_mib(device)
-    if config.max_memory_mib is not None:
-        limit_memory(device, config.max_memory_mib)
-    _write(results, config.out)
+
+
+def measure_baseline(model: MoshiModel, config: Config) -> dict[str, Any]:
     try:
-        results["baseline_batch1"] = baseline_loop(model, config)
-        print(f"baseline batch 1: {results['baseline_batch1']['tick_ms']}", flush=True)
+        baseline = baseline_loop(model, config)
     except Exception as exc:  # recorded; the sweep still runs
         traceback.print_exc()
-        results["baseline_batch1"] = {"outcome": "error", "error": _first_line(exc)}
-    _write(results, config.out)
+        return {"outcome": "error", "error": _first_line(exc)}
+    print(f"baseline batch 1: {baseline['tick_ms']}", flush=True)
+    return baseline
+
+
+def sweep(model: MoshiModel, config: Config, results: dict[str, Any], started: float) -> None:
+    """Slot counts in order, until the first that fails (out of memory) or would pass the time budget."""
     last_point_s = 0.0
     for slots in config.slots:
         # A point costs at least what the smaller one before it did: stop before passing the budget.
         if config.budget_s is not None and time.time() - started + 1.5 * last_point_s > config.budget_s:
             results["stopped_by"] = f"time budget of {config.budget_s:.0f} s before {slots} slots"
-            break
+            return
         point_started = time.time()
         point = measure_point(model, slots, config)
         last_point_s = time.time() - point_started
-        results["points"].append(point)
         print(_describe(point), flush=True)
-        measured = [p for p in results["points"] if p["outcome"] == "measured" and p["realtime"]]
-        results["realtime_sessions"] = max((p["slots"] for p in measured), default=0)
+        results["points"].append(point)
+        realtime = [p["slots"] for p in results["points"] if p["outcome"] == "measured" and p["realtime"]]
+        results["realtime_sessions"] = max(realtime, default=0)
+        results["wall_s"] = round(time.time() - started, 1)
         if point["outcome"] != "measured":
             results["stopped_by"] = f"{point['outcome'].replace('_', ' ')} at {slots} slots"
-        results["wall_s"] = round(time.time() - started, 1)
         _write(results, config.out)
         if point["outcome"] != "measured":
-            break
-    results["finished"] = True
-    _write(results, config.out)
-    return results
+            return
 
 
 def measure_point(model: MoshiModel, slots: int, config: Config) -> dict[str, Any]:
