@@ -6,7 +6,7 @@ STAMP := $(VENV)/.chorus-installed
 TORCH_VERSION ?= 2.13.0
 MOSHI_VERSION ?= 0.2.13
 
-.PHONY: install run test chaos lint bench soak compose-check k8s-check checkpoints clean
+.PHONY: install run test chaos lint bench soak compose-check k8s-check checkpoints clean gpu-wheelhouse
 
 # Two steps on purpose: torch first (the local CPU build), then moshi without its pins
 # (it pins torch<2.10, sounddevice and bitsandbytes, none needed to run its models), then us.
@@ -41,6 +41,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The wheels bench/gpu/run.sh installs on a GPU machine that has only torch (docs/performance.md, "Dialogue").
+gpu-wheelhouse: $(STAMP)
+	PYTHON=$(BIN)/python bench/gpu/wheelhouse.sh .whl
 
 # 30 minutes of sessions starting and ending on a whole stack: memory flat, no frame or slot lost
 # (bench/soak.py; results in bench/results/soak.json, quoted in docs/reliability.md).

@@ -10,8 +10,8 @@ A slot count is real-time when its p99 tick is at most 80 ms. Throughput is sess
 (slots / mean tick); the ratio compares the best batched throughput with the baseline's.
 
 Sizes: the small test checkpoint, and the published Mimi (79M) with the small LM. The full 7B LM is
-measured on a GPU only (`--full-size` checkpoints); on a CPU it is far from real time. Random weights:
-speed does not depend on their values.
+measured on a GPU only, by `bench/gpu_sessions.py` (`bench/gpu/run.sh`); on a CPU it is far from real
+time. Random weights: speed does not depend on their values.
 """
 
 from __future__ import annotations

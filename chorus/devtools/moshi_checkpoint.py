@@ -97,6 +97,13 @@ def write_moshi_checkpoint(
     return directory
 
 
+def published_architecture(*, full: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (LM config, Mimi config) this module writes: the published 7B LM and Mimi when `full`,
+    else the small test sizes. The GPU benchmark builds the full pair in place (no file written)."""
+    mimi_config = _mimi_config(full)
+    return _lm_config(full, _mimi_card(mimi_config)), mimi_config
+
+
 def _is_complete(directory: Path, spec: dict[str, Any]) -> bool:
     marker = directory / MARKER
     return marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == spec

@@ -131,3 +131,43 @@ def load_moshi(settings: DialogueSettings) -> MoshiModel:
         extra={"source": source, "device": str(device), "dtype": str(dtype), "text_card": lm.text_card},
     )
     return MoshiModel(mimi, lm, tokenizer, model_name(settings), source, device)
+
+
+# About the spread of a random encoder's projected latents (as chorus.devtools.moshi_checkpoint uses).
+_RANDOM_CODEBOOK_SCALE = 0.02
+
+
+def build_random_moshi(
+    lm_config: dict[str, Any],
+    mimi_config: dict[str, Any],
+    tokenizer: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    seed: int = 0,
+) -> MoshiModel:
+    """An architecture with random weights, built in place on `device`: no checkpoint is written or read.
+
+    For the full-size GPU benchmark: writing the 7B LM to disk and reading it back costs minutes and
+    15 GB on every fresh machine, and a step's cost does not depend on the weights' values. The LM is
+    built as `loaders.get_moshi_lm` builds it (LMModel on the device in `dtype`, moshi's own init, eval
+    mode); Mimi as `loaders.get_mimi` does, with random codebooks (a fresh Mimi's are all zero, so every
+    input would encode to code 0). Weights only: the text tokenizer is read from `tokenizer`.
+    """
+    import sentencepiece
+    import torch
+    from moshi.models import loaders
+    from moshi.models.lm import LMModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        lm = LMModel(device=device, dtype=dtype, **lm_config).eval()
+        mimi = loaders.get_mimi(None, mimi_config, device=device)
+        for name, buffer in mimi.named_buffers():
+            if name.endswith("_codebook.embedding_sum"):
+                buffer.normal_(std=_RANDOM_CODEBOOK_SCALE)
+            elif name.endswith("_codebook._initialized"):
+                buffer.fill_(1)
+    text = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    log.info("random moshi built", extra={"device": str(device), "dtype": str(dtype)})
+    return MoshiModel(mimi, lm, text, "moshiko", "random:published-architecture", device)

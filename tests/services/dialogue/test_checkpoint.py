@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
 from moshi.models import loaders
 
-from chorus.devtools.moshi_checkpoint import MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, write_moshi_checkpoint
-from services.dialogue.model import MoshiModel, checkpoint_info
+from chorus.devtools.moshi_checkpoint import (
+    MIMI_NAME,
+    MOSHI_NAME,
+    TOKENIZER_NAME,
+    published_architecture,
+    write_moshi_checkpoint,
+)
+from services.dialogue.batcher import Batcher
+from services.dialogue.model import MoshiModel, build_random_moshi, checkpoint_info
 from services.dialogue.settings import DialogueSettings
+from shared.audio import FRAME_SAMPLES
 
 
 def test_the_checkpoint_has_the_published_layout(moshi_dir: Path) -> None:
@@ -56,3 +66,42 @@ def test_the_published_bfloat16_lm_format_loads_through_moshi(tmp_path: Path) ->
     lm = loaders.get_moshi_lm(tmp_path / MOSHI_NAME, lm_kwargs=config, device="cpu", dtype=torch.bfloat16)
     assert lm.dtype == torch.bfloat16
     assert all(torch.isfinite(p.float()).all() for p in lm.parameters())
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(value.shape) for name, value in module.state_dict().items()}
+
+
+def test_the_published_architecture_is_built_in_place_with_no_checkpoint(moshi_dir: Path) -> None:
+    """What the GPU benchmark runs, built here on `meta` (shapes, no memory): the 7B LM and the 79M Mimi."""
+    lm_config, mimi_config = published_architecture(full=True)
+    model = build_random_moshi(
+        lm_config, mimi_config, moshi_dir / TOKENIZER_NAME, torch.device("meta"), torch.bfloat16
+    )
+    assert 7.6e9 < sum(p.numel() for p in model.lm.parameters()) < 7.8e9
+    assert 79e6 < sum(p.numel() for p in model.mimi.parameters()) < 80e6
+    assert {p.dtype for p in model.lm.parameters()} == {torch.bfloat16}
+    assert model.mimi.num_codebooks == model.lm.dep_q
+
+
+def test_a_random_build_has_the_checkpoints_shapes_and_runs_the_batcher(
+    moshi_dir: Path, moshi_model: MoshiModel
+) -> None:
+    lm_config, mimi_config = published_architecture(full=False)
+    built = build_random_moshi(
+        lm_config, mimi_config, moshi_dir / TOKENIZER_NAME, torch.device("cpu"), torch.float32
+    )
+    assert _shapes(built.lm) == _shapes(moshi_model.lm) and _shapes(built.mimi) == _shapes(moshi_model.mimi)
+    rng = np.random.default_rng(0)
+    voices = torch.from_numpy((rng.standard_normal((2, 1, FRAME_SAMPLES)) * 0.3).astype(np.float32))
+    with torch.no_grad():
+        codes = built.mimi.encode(voices)
+    assert not torch.equal(codes[0], codes[1]), "random codebooks: the codes depend on the audio"
+    batcher = Batcher(built, 2)
+    try:
+        batcher.join("s")
+        for _ in range(batcher.delay + 2):
+            outputs = batcher.step((rng.standard_normal((2, FRAME_SAMPLES)) * 0.3).astype(np.float32))
+    finally:
+        batcher.close()
+    assert outputs[0].pcm is not None and outputs[0].pcm.shape == (FRAME_SAMPLES,)

@@ -1,0 +1,578 @@
+"""Real-time Moshi sessions per GPU: the dialogue worker's `Batcher` swept over slot counts.
+
+`python -m bench.gpu_sessions` (or `bench/gpu/run.sh`, which first installs the wheelhouse on a machine
+that has only torch). What it measures, in one run on one device:
+
+- the production configuration: the worker's own settings (`DialogueSettings` from the environment:
+  device, dtype, torch.compile as the worker decides it; moshi's CUDA graphs are on for cuda unless
+  NO_CUDA_GRAPH is set, exactly as in the worker);
+- at full size (the default on cuda) the published 7B LM and Mimi built in place on the device with
+  random weights (`build_random_moshi`); `--size small` is the test checkpoint (the CPU proof);
+- baseline: moshi's own batch-1 loop (`mimi.encode` -> `LMGen.step` -> `mimi.decode`, as moshi's server
+  runs its one connection), same ticks;
+- per slot count (`--slots`): every row busy, sessions leaving and joining at `--session-s` mean length
+  (exponential lifetimes, a leaving session's row taken at once by a new one with a `--primer-tokens`
+  persona primer): join ticks count in the percentiles. `--ticks` measured ticks after `--warmup-ticks`.
+  Tick p50 / p99 / max, the split encode / LM / decode (CUDA events on GPU, perf_counter on CPU), peak
+  memory; a point is real-time when its p99 tick is at most 80 ms;
+- the sweep stops at the first point that runs out of memory (its outcome is recorded), or before a
+  point that would end past `--budget-s`; the results file is rewritten after every point, so a sweep
+  cut short (a device command's time limit) keeps what it measured.
+
+`--max-memory-mib` caps the memory the process may take: on cuda through the caching allocator's
+per-process fraction, on cpu through RLIMIT_DATA (the kernel refuses the allocation). Either way the
+refusal is a real allocation failure. `--int8` replaces the LM's linear layers with moshi's
+bitsandbytes int8 layers (its `-q8` path; the wheelhouse carries bitsandbytes) and reports the
+logits' difference from bf16 on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from chorus.devtools.moshi_checkpoint import TOKENIZER_NAME, published_architecture, write_moshi_checkpoint
+from services.dialogue.batcher import Batcher
+from services.dialogue.model import (
+    MoshiModel,
+    build_random_moshi,
+    load_moshi,
+    resolve_device,
+    resolve_dtype,
+)
+from services.dialogue.settings import DialogueSettings
+from shared.audio import FRAME_SAMPLES, FRAME_SEC
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "checkpoints"
+DEFAULT_OUT = ROOT / "bench" / "results" / "dialogue_gpu.json"
+DEFAULT_SLOTS = "8,16,24,32,40,48,64,80,96,128"
+BUDGET_MS = FRAME_SEC * 1000
+STAGES = ("encode", "lm", "decode")
+# The tick's wall time less the three stages: resets of joining rows, copies, host bookkeeping, waits.
+OTHER = "other"
+
+
+def _voice(rng: np.random.Generator, rows: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+    return (rng.standard_normal((rows, FRAME_SAMPLES)) * 0.3).astype(np.float32)
+
+
+def _percentiles(values_ms: list[float]) -> dict[str, float] | None:
+    if not values_ms:
+        return None
+    ordered = sorted(values_ms)
+    return {
+        "p50": round(ordered[len(ordered) // 2], 2),
+        "p99": round(ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))], 2),
+        "max": round(ordered[-1], 2),
+        "mean": round(sum(ordered) / len(ordered), 2),
+    }
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+class StageClock:
+    """Times encode / LM step / decode inside a tick by wrapping the model objects' methods.
+
+    On cuda each call is bracketed by CUDA events (read after the tick's synchronisation), on cpu by
+    perf_counter. A stage the tick did not call through these methods reads as absent.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._pending: list[tuple[str, Any, Any]] = []
+        self._undo: list[tuple[object, str]] = []
+        self.samples: dict[str, list[float]] = {stage: [] for stage in (*STAGES, OTHER)}
+
+    def wrap(self, owner: object, method: str, stage: str) -> None:
+        original: Callable[..., Any] = getattr(owner, method)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = self._mark()
+            result = original(*args, **kwargs)
+            self._pending.append((stage, started, self._mark()))
+            return result
+
+        setattr(owner, method, timed)
+        self._undo.append((owner, method))
+
+    def _mark(self) -> Any:
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def discard(self) -> None:
+        self._pending.clear()
+
+    def end_tick(self, tick_ms: float) -> None:
+        """After the tick has synchronised: add this tick's time per stage, and what the rest took."""
+        spent: dict[str, float] = {}
+        for stage, started, ended in self._pending:
+            ms = started.elapsed_time(ended) if self._cuda else (ended - started) * 1000
+            spent[stage] = spent.get(stage, 0.0) + ms
+        self._pending.clear()
+        for stage, ms in spent.items():
+            self.samples[stage].append(ms)
+        self.samples[OTHER].append(max(0.0, tick_ms - sum(spent.values())))
+
+    def summary(self) -> dict[str, dict[str, float] | None]:
+        return {stage: _percentiles(self.samples[stage]) for stage in (*STAGES, OTHER)}
+
+    def close(self) -> None:
+        for owner, method in reversed(self._undo):
+            delattr(owner, method)  # the instance attribute goes: the class's method shows again
+        self._undo.clear()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    # The process's peak resident memory (KiB on Linux): monotonic over the run.
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _held_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.memory_allocated(device) / 2**20, 1)
+    pages = int(Path("/proc/self/statm").read_text(encoding="utf-8").split()[1])  # resident
+    return round(pages * resource.getpagesize() / 2**20, 1)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (cuda), the cpu allocator's refusal, or Python's own (RLIMIT_DATA)."""
+    oom = (torch.OutOfMemoryError, MemoryError)
+    return isinstance(exc, oom) or "can't allocate memory" in str(exc)
+
+
+def limit_memory(device: torch.device, max_mib: int) -> None:
+    """Refuse allocations past `max_mib` more than the process holds now (cpu) or in all (cuda)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max_mib * 2**20 / total), device)
+        return
+    status = Path("/proc/self/status").read_text(encoding="utf-8")
+    data_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmData:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, ((data_kib * 1024) + max_mib * 2**20, hard))
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    size: str
+    slots: list[int]
+    ticks: int
+    warmup_ticks: int
+    baseline_ticks: int
+    session_s: float
+    primer_tokens: int
+    max_memory_mib: int | None
+    int8: bool
+    out: Path
+    budget_s: float | None = None
+    seed: int = 0
+    compile: bool = False
+    settings: DialogueSettings = field(default_factory=DialogueSettings)
+
+
+def compile_setting(settings: DialogueSettings, device: torch.device) -> bool:
+    """What the worker passes to its Batcher (services/dialogue/serving.py): unset = on for cuda."""
+    return device.type == "cuda" if settings.dialogue_compile is None else settings.dialogue_compile
+
+
+def cuda_graphs_on(device: torch.device) -> bool:
+    from moshi.utils.compile import _is_cuda_graph_enabled
+
+    return device.type == "cuda" and _is_cuda_graph_enabled()
+
+
+@torch.no_grad()
+def baseline_loop(model: MoshiModel, config: Config) -> dict[str, Any]:
+    """moshi's server loop for its one connection, at batch 1, compiled as the worker would be."""
+    from moshi.models import LMGen
+    from moshi.utils.compile import no_compile
+
+    device = model.device
+    rng = np.random.default_rng(config.seed)
+    gen = LMGen(model.lm, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25)
+    clock = StageClock(device)
+    clock.wrap(model.mimi, "encode", "encode")
+    clock.wrap(gen, "step", "lm")
+    clock.wrap(model.mimi, "decode", "decode")
+    ticks: list[float] = []
+    _reset_peak(device)
+    compiled = contextlib.nullcontext() if config.compile else no_compile()
+    try:
+        with model.mimi.streaming(1), gen.streaming(1), compiled:
+            for i in range(config.warmup_ticks + config.baseline_ticks):
+                pcm = torch.from_numpy(_voice(rng, 1))[:, None].to(device)
+                started = time.perf_counter()
+                tokens = gen.step(model.mimi.encode(pcm))
+                if tokens is not None:
+                    model.mimi.decode(tokens[:, 1:]).cpu()
+                _sync(device)
+                if i >= config.warmup_ticks:
+                    ticks.append((time.perf_counter() - started) * 1000)
+                    clock.end_tick(ticks[-1])
+                else:
+                    clock.discard()
+    finally:
+        clock.close()
+    tick = _percentiles(ticks)
+    assert tick is not None
+    return {
+        "ticks": len(ticks),
+        "tick_ms": tick,
+        "stages_ms": clock.summary(),
+        "peak_memory_mib": _peak_memory_mib(device),
+        "realtime": tick["p99"] <= BUDGET_MS,
+        "session_frames_per_s": round(1000 / tick["mean"], 1),
+    }
+
+
+class Churn:
+    """Every row busy; sessions end after exponential lifetimes and a new one takes the row at once."""
+
+    def __init__(self, batcher: Batcher, config: Config, rng: np.random.Generator) -> None:
+        self.batcher = batcher
+        self.rng = rng
+        self.mean_ticks = config.session_s / FRAME_SEC
+        text_card = batcher.model.lm.text_card
+        self.primer = [int(t) for t in rng.integers(4, text_card, config.primer_tokens)]
+        self.ends: dict[int, int] = {}
+        self.started = 0
+        for _ in range(batcher.batch_size):
+            self._join(now=0)
+
+    def _join(self, now: int) -> None:
+        row = self.batcher.join(f"bench-{self.started}", self.primer)
+        self.started += 1
+        self.ends[row] = now + max(1, round(self.rng.exponential(self.mean_ticks)))
+
+    def turn(self, now: int) -> int:
+        """Sessions due to end leave and as many join; returns how many joined this tick."""
+        due = [row for row, end in self.ends.items() if end <= now]
+        for row in due:
+            self.batcher.leave(row)
+            del self.ends[row]
+        for _ in due:
+            self._join(now)
+        return len(due)
+
+
+@torch.no_grad()
+def sessions_point(model: MoshiModel, slots: int, config: Config) -> dict[str, Any]:
+    device = model.device
+    rng = np.random.default_rng(config.seed + slots)
+    settings = config.settings
+    _reset_peak(device)
+    batcher = Batcher(
+        model,
+        slots,
+        audio_temperature=settings.dialogue_audio_temperature,
+        audio_top_k=settings.dialogue_audio_top_k,
+        compile=config.compile,
+    )
+    clock = StageClock(device)
+    ticks: list[float] = []
+    join_ticks: list[float] = []
+    try:
+        batcher.warmup()
+        churn = Churn(batcher, config, rng)
+        clock.wrap(model.mimi, "encode", "encode")
+        clock.wrap(batcher.gen, "step", "lm")
+        clock.wrap(model.mimi, "decode", "decode")
+        for i in range(config.warmup_ticks + config.ticks):
+            measured = i >= config.warmup_ticks
+            joined = churn.turn(i)
+            audio = _voice(rng, slots)
+            started = time.perf_counter()
+            batcher.step(audio)
+            _sync(device)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            if not measured:
+                clock.discard()
+                continue
+            clock.end_tick(elapsed_ms)
+            ticks.append(elapsed_ms)
+            if joined:
+                join_ticks.append(elapsed_ms)
+    finally:
+        clock.close()
+        batcher.close()
+    tick = _percentiles(ticks)
+    assert tick is not None
+    return {
+        "slots": slots,
+        "outcome": "measured",
+        "ticks": len(ticks),
+        "sessions_started": churn.started,
+        "join_ticks": len(join_ticks),
+        "tick_ms": tick,
+        "join_tick_ms": _percentiles(join_ticks),
+        "stages_ms": clock.summary(),
+        "peak_memory_mib": _peak_memory_mib(device),
+        "realtime": tick["p99"] <= BUDGET_MS,
+        "session_frames_per_s": round(slots * 1000 / tick["mean"], 1),
+    }
+
+
+def build_model(config: Config) -> MoshiModel:
+    settings = config.settings
+    small = write_moshi_checkpoint(CACHE / "moshi")  # the CPU path, and the text tokenizer of both
+    if config.size == "small":
+        return load_moshi(settings.model_copy(update={"moshi_dir": small}))
+    device = resolve_device(settings.dialogue_device)
+    lm_config, mimi_config = published_architecture(full=True)
+    dtype = resolve_dtype(settings.dialogue_dtype, device)
+    return build_random_moshi(lm_config, mimi_config, small / TOKENIZER_NAME, device, dtype, seed=config.seed)
+
+
+@torch.no_grad()
+def quantize_int8(model: MoshiModel, seed: int) -> dict[str, Any]:
+    """moshi's int8 LM (its `-q8` checkpoints' layers: bitsandbytes, linear layers only), in place;
+    returns the logits' relative difference from the bf16 model on the same random codes."""
+    from moshi.utils.quantize import replace_linear_with_qlinear
+
+    lm = model.lm
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    codes = torch.randint(0, lm.card, (2, lm.num_codebooks, 16), device=model.device, generator=generator)
+    codes[:, 0] = codes[:, 0] % lm.text_card
+    before = lm(codes)
+    replace_linear_with_qlinear(lm)
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    after = lm(codes)
+
+    def relative(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+        a, b = a.float()[mask], b.float()[mask]
+        return round(float((a - b).norm() / b.norm()), 5)
+
+    text_mask = before.text_mask.expand_as(before.text_logits[..., 0]).bool()
+    audio_mask = before.mask.bool()
+    return {
+        "inputs": "2 x 16 steps of random codes through LMModel.forward",
+        "text_logits_relative_l2": relative(after.text_logits, before.text_logits, text_mask),
+        "audio_logits_relative_l2": relative(after.logits, before.logits, audio_mask),
+        "text_argmax_agreement": round(
+            float((after.text_logits.argmax(-1) == before.text_logits.argmax(-1))[text_mask].float().mean()),
+            4,
+        ),
+    }
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    machine: dict[str, Any] = {
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        machine |= {"gpu": properties.name, "gpu_memory_mib": round(properties.total_memory / 2**20)}
+    return machine
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".tmp")
+    partial.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    partial.replace(out)
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Build the model, measure the baseline, sweep the slot counts; the JSON is rewritten at each step."""
+    started = time.time()
+    model = build_model(config)
+    config.compile = compile_setting(config.settings, model.device)
+    results = _header(model, config)
+    if config.int8:
+        results["int8_logits"] = quantize_int8(model, config.seed)
+        results["weights_memory_mib"] = _held_memory_mib(model.device)
+    if config.max_memory_mib is not None:
+        limit_memory(model.device, config.max_memory_mib)
+    _write(results, config.out)
+    results["baseline_batch1"] = measure_baseline(model, config)
+    _write(results, config.out)
+    sweep(model, config, results, started)
+    results["finished"] = True
+    _write(results, config.out)
+    return results
+
+
+def _header(model: MoshiModel, config: Config) -> dict[str, Any]:
+    device = model.device
+    return {
+        "benchmark": "gpu_sessions",
+        "machine": _machine(device),
+        "configuration": {
+            "size": config.size,
+            "lm_parameters": sum(p.numel() for p in model.lm.parameters()),
+            "mimi_parameters": sum(p.numel() for p in model.mimi.parameters()),
+            "dtype": str(next(model.lm.parameters()).dtype),
+            "torch_compile": config.compile,
+            "cuda_graphs": cuda_graphs_on(device),
+            "int8": config.int8,
+            "ticks_per_point": config.ticks,
+            "warmup_ticks": config.warmup_ticks,
+            "mean_session_s": config.session_s,
+            "primer_tokens": config.primer_tokens,
+            "max_memory_mib": config.max_memory_mib,
+            "time_budget_s": config.budget_s,
+            "tick_budget_ms": BUDGET_MS,
+        },
+        "weights_memory_mib": _held_memory_mib(device),
+        "int8_logits": None,
+        "baseline_batch1": None,
+        "points": [],
+        "realtime_sessions": 0,
+        "stopped_by": None,
+        "finished": False,
+    }
+
+
+def measure_baseline(model: MoshiModel, config: Config) -> dict[str, Any]:
+    try:
+        baseline = baseline_loop(model, config)
+    except Exception as exc:  # recorded; the sweep still runs
+        traceback.print_exc()
+        return {"outcome": "error", "error": _first_line(exc)}
+    print(f"baseline batch 1: {baseline['tick_ms']}", flush=True)
+    return baseline
+
+
+def sweep(model: MoshiModel, config: Config, results: dict[str, Any], started: float) -> None:
+    """Slot counts in order, until the first that fails (out of memory) or would pass the time budget."""
+    last_point_s = 0.0
+    for slots in config.slots:
+        # A point costs at least what the smaller one before it did: stop before passing the budget.
+        if config.budget_s is not None and time.time() - started + 1.5 * last_point_s > config.budget_s:
+            results["stopped_by"] = f"time budget of {config.budget_s:.0f} s before {slots} slots"
+            return
+        point_started = time.time()
+        point = measure_point(model, slots, config)
+        last_point_s = time.time() - point_started
+        print(_describe(point), flush=True)
+        results["points"].append(point)
+        realtime = [p["slots"] for p in results["points"] if p["outcome"] == "measured" and p["realtime"]]
+        results["realtime_sessions"] = max(realtime, default=0)
+        results["wall_s"] = round(time.time() - started, 1)
+        if point["outcome"] != "measured":
+            results["stopped_by"] = f"{point['outcome'].replace('_', ' ')} at {slots} slots"
+        _write(results, config.out)
+        if point["outcome"] != "measured":
+            return
+
+
+def measure_point(model: MoshiModel, slots: int, config: Config) -> dict[str, Any]:
+    try:
+        return sessions_point(model, slots, config)
+    except Exception as exc:
+        # Any failure ends the sweep with what it measured kept: a lease may not allow a second try.
+        traceback.print_exc()
+        outcome = "out_of_memory" if is_out_of_memory(exc) else "error"
+        return {"slots": slots, "outcome": outcome, "error": _first_line(exc)}
+    finally:
+        gc.collect()
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+def _describe(point: dict[str, Any]) -> str:
+    if point["outcome"] != "measured":
+        return f"{point['slots']:4d} slots: {point['outcome']} ({point['error']})"
+    tick, stages = point["tick_ms"], point["stages_ms"]
+    split = " / ".join(f"{s} {stages[s]['p50'] if stages[s] else '-'}" for s in STAGES)
+    return (
+        f"{point['slots']:4d} slots: tick p50 {tick['p50']} p99 {tick['p99']} max {tick['max']} ms "
+        f"({split} p50 ms), peak {point['peak_memory_mib']} MiB, "
+        f"{'real-time' if point['realtime'] else 'NOT real-time'}"
+    )
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_sessions", description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=["full", "small"], default=None, help="default: full on cuda")
+    parser.add_argument("--slots", default=DEFAULT_SLOTS, help=f"comma-separated (default {DEFAULT_SLOTS})")
+    parser.add_argument("--ticks", type=int, default=1000, help="measured ticks a point (>= 500 to publish)")
+    parser.add_argument("--warmup-ticks", type=int, default=20)
+    parser.add_argument("--baseline-ticks", type=int, default=None, help="default: --ticks")
+    parser.add_argument("--session-s", type=float, default=120.0, help="mean session length, seconds")
+    parser.add_argument("--primer-tokens", type=int, default=32, help="persona primer of a joining session")
+    parser.add_argument("--max-memory-mib", type=int, default=None, help="refuse allocations past this")
+    parser.add_argument("--int8", action="store_true", help="moshi's bitsandbytes int8 LM")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="start no point that would end past this (seconds)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help=f"results JSON (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    settings = DialogueSettings()
+    size = args.size or ("full" if resolve_device(settings.dialogue_device).type == "cuda" else "small")
+    device_out = os.environ.get("OUT")  # the device tool's folder: what is written there comes back
+    out = args.out or (Path(device_out) / "dialogue_gpu.json" if device_out else DEFAULT_OUT)
+    return Config(
+        size=size,
+        slots=[int(s) for s in args.slots.split(",") if s.strip()],
+        ticks=args.ticks,
+        warmup_ticks=args.warmup_ticks,
+        baseline_ticks=args.ticks if args.baseline_ticks is None else args.baseline_ticks,
+        session_s=args.session_s,
+        primer_tokens=args.primer_tokens,
+        max_memory_mib=args.max_memory_mib,
+        int8=args.int8,
+        out=out,
+        budget_s=args.budget_s,
+        settings=settings,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse(argv)
+    if not torch.cuda.is_available():
+        # One torch thread on cpu (as bench_dialogue: a small shared machine stalls on more).
+        torch.set_num_threads(int(os.environ.get("CHORUS_BENCH_THREADS", "1")))
+    results = run(config)
+    print(f"real-time sessions: {results['realtime_sessions']}; wrote {config.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The sessions-per-GPU benchmark's one command (`bench/gpu/run.sh`), proved on CPU with the small checkpoint.
+
+The same entry point a GPU machine runs, as a real process: two slot points with sessions leaving and
+joining, then a slot count whose allocation the kernel refuses (`--max-memory-mib` sets RLIMIT_DATA on
+cpu): the sweep records that point as out of memory, stops, and keeps the points measured before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.paths import REPO_ROOT
+
+RUN = REPO_ROOT / "bench" / "gpu" / "run.sh"
+PERCENTILES = {"p50", "p99", "max", "mean"}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("sweep")
+    out = tmp / "dialogue_gpu.json"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env |= {
+        "PYTHON": sys.executable,
+        "WHEELHOUSE": str(tmp / "no-wheelhouse"),  # the interpreter's own packages, as in the suite
+        "CHORUS_DIALOGUE_DEVICE": "cpu",  # the CPU proof, also on a machine with a GPU
+        "CHORUS_BENCH_THREADS": "1",
+    }
+    # 100,000 slots would need about 50 GB of streaming state: refused within the 256 MiB allowed.
+    # The point listed after it must not run: the sweep stops at the first out-of-memory.
+    args = ["--size", "small", "--slots", "2,3,100000,4", "--ticks", "16", "--warmup-ticks", "2"]
+    args += ["--session-s", "0.3", "--primer-tokens", "2", "--max-memory-mib", "256", "--out", str(out)]
+    done = subprocess.run(
+        [str(RUN), *args], env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    return results
+
+
+def test_every_measured_point_has_the_tick_its_split_and_its_memory(sweep: dict[str, Any]) -> None:
+    measured = sweep["points"][:2]
+    assert [p["slots"] for p in measured] == [2, 3]
+    for point in measured:
+        assert point["outcome"] == "measured" and point["ticks"] == 16
+        assert set(point["tick_ms"]) == PERCENTILES
+        assert point["tick_ms"]["p50"] <= point["tick_ms"]["p99"] <= point["tick_ms"]["max"]
+        assert set(point["stages_ms"]) == {"encode", "lm", "decode", "other"}
+        assert all(set(stage) == PERCENTILES for stage in point["stages_ms"].values())
+        assert point["peak_memory_mib"] > 0 and isinstance(point["realtime"], bool)
+        assert point["session_frames_per_s"] > 0
+
+
+def test_sessions_leave_and_join_during_the_measured_ticks(sweep: dict[str, Any]) -> None:
+    for point in sweep["points"][:2]:
+        assert point["join_ticks"] >= 1, "0.3 s sessions over 16 ticks: several end and are replaced"
+        assert point["sessions_started"] > point["slots"]
+        assert set(point["join_tick_ms"]) == PERCENTILES
+
+
+def test_the_sweep_stops_at_the_first_out_of_memory_and_keeps_what_it_measured(sweep: dict[str, Any]) -> None:
+    assert [p["slots"] for p in sweep["points"]] == [2, 3, 100000], "4 slots, listed after, never ran"
+    refused = sweep["points"][-1]
+    assert refused["outcome"] == "out_of_memory" and "allocate" in refused["error"]
+    assert sweep["stopped_by"] == "out of memory at 100000 slots" and sweep["finished"]
+    assert sweep["realtime_sessions"] in {0, 2, 3}
+
+
+def test_the_baseline_and_the_configuration_are_in_the_same_results(sweep: dict[str, Any]) -> None:
+    baseline = sweep["baseline_batch1"]
+    assert baseline["ticks"] == 16 and set(baseline["tick_ms"]) == PERCENTILES
+    assert set(baseline["stages_ms"]) == {"encode", "lm", "decode", "other"}
+    configuration = sweep["configuration"]
+    assert configuration["size"] == "small" and configuration["ticks_per_point"] == 16
+    assert configuration["torch_compile"] is False, "the worker's rule on cpu: compile off"
+    assert configuration["cuda_graphs"] is False and configuration["int8"] is False
+    assert sweep["machine"]["device"] == "cpu"
+
+
+def test_results_go_to_out_when_the_device_tool_sets_it(tmp_path: Path) -> None:
+    from bench.gpu_sessions import parse
+
+    os.environ["OUT"] = str(tmp_path)
+    try:
+        assert parse([]).out == tmp_path / "dialogue_gpu.json"
+    finally:
+        del os.environ["OUT"]
