@@ -112,7 +112,7 @@ class Batcher:
         self._temperature = torch.ones(slots, device=device)
         # Idle rows keep k=1, so the batch's largest k is the largest a session asked for.
         self._top_k = torch.ones(slots, dtype=torch.long, device=device)
-        self._top_k_max = 1
+        self._top_k_rows = [1] * slots  # the same on the host: the batch's largest k without a device read
         self._force_tokens = torch.full((slots,), -1, dtype=torch.long, device=device)  # -1: not forced
         self._forcing = False
         # The user audio of a tick: written on the host, copied once (non-blocking) to the device.
@@ -179,13 +179,11 @@ class Batcher:
         slot = self.slots[row]
         slot.session_id = None
         slot.forced.clear()
-        self._top_k[row] = 1
-        self._top_k_max = int(self._top_k.max())
+        self._top_k[row] = self._top_k_rows[row] = 1
 
     def set_sampling(self, row: int, sampling: Sampling) -> None:
         self._temperature[row] = max(sampling.text_temperature, _MIN_TEMPERATURE)
-        self._top_k[row] = min(sampling.text_top_k, self.model.lm.text_card)
-        self._top_k_max = int(self._top_k.max())
+        self._top_k[row] = self._top_k_rows[row] = min(sampling.text_top_k, self.model.lm.text_card)
 
     # --- the step ----------------------------------------------------------------------------
 
@@ -214,8 +212,7 @@ class Batcher:
         with self._compile_mode():
             self._reset_joined_rows()
             self._load_audio(audio, [phase is Phase.LIVE for phase in phases])
-            tokens, pcm = self._run_models(phases, "active")
-            tokens, pcm = self._fetch(tokens, pcm)
+            tokens, pcm = self._fetch(*self._run_models(phases, "active"))
         outputs = [self._output(slot, phases[slot.row], tokens, pcm) for slot in slots]
         for slot in slots:
             slot.age += 1
@@ -270,29 +267,30 @@ class Batcher:
         out = mimi.decode(tokens[:, 1:].clamp(min=0))
         return tokens[:, 0, 0], out[:, 0]
 
-    def _fetch(self, tokens: torch.Tensor, pcm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fetch(self, tokens: torch.Tensor, pcm: torch.Tensor) -> tuple[list[int], FloatAudio]:
         """The text tokens and PCM of every row on the host, in one copy ([B, 1 + 1920] float32: a text
-        token id is exact in float32). The tensor is new each tick: outputs may outlive the next step."""
+        token id is exact in float32). The array is new each tick: outputs may outlive the next step."""
         packed = torch.cat([tokens[:, None].float(), pcm.float()], dim=1)
         if self._cuda:
             host = torch.empty(packed.shape, pin_memory=True)
             host.copy_(packed, non_blocking=True)
             torch.cuda.current_stream(self.model.device).synchronize()
             packed = host
-        return packed[:, 0].long(), packed[:, 1:]
+        values = packed.numpy()
+        return values[:, 0].astype(np.int64).tolist(), values[:, 1:]
 
-    def _output(self, slot: Slot, phase: Phase, tokens: torch.Tensor, pcm: torch.Tensor) -> RowOutput:
+    def _output(self, slot: Slot, phase: Phase, tokens: list[int], pcm: FloatAudio) -> RowOutput:
         assert slot.session_id is not None
         # The frame out of this step belongs to the step `delay` earlier: published once past the primer.
         published = slot.age >= slot.primer_length + self.delay
-        token = int(tokens[slot.row])
+        token = tokens[slot.row]
         return RowOutput(
             session_id=slot.session_id,
             row=slot.row,
             phase=phase,
             went_live=phase is Phase.LIVE and slot.age == slot.primer_length,
             text_token=token if published and token >= 0 else None,
-            pcm=pcm[slot.row].numpy() if published and token >= 0 else None,
+            pcm=pcm[slot.row] if published and token >= 0 else None,
         )
 
     def _mask(self, role: str, rows: list[bool]) -> torch.Tensor:
@@ -340,7 +338,7 @@ class Batcher:
     def _shape_text_logits(self, logits: torch.Tensor) -> None:
         """Per-row top-k then temperature on the text logits [B, 1, 1, card], in place."""
         rows = (self.batch_size, 1, 1, 1)
-        kth = logits.topk(self._top_k_max, dim=-1).values.gather(-1, (self._top_k - 1).view(rows))
+        kth = logits.topk(max(self._top_k_rows), dim=-1).values.gather(-1, (self._top_k - 1).view(rows))
         logits.masked_fill_(logits < kth, float("-inf"))
         logits.div_(self._temperature.view(rows).to(logits.dtype))
 

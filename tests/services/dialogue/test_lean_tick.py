@@ -1,7 +1,7 @@
-"""The lean tick gives exactly what the straightforward one gave: a reference batcher that steps the way
-the batcher used to (fresh tensors each tick, blocking copies, masks rebuilt every step, eager resets)
-runs the same sessions, joins, leaves, primers and samples as the lean one; and the lean one copies its
-row masks to the device only when the slot table changes."""
+"""The lean tick gives exactly what the straightforward one gave: the batcher stepping the way it used to
+(bench/bench_tick.py's baseline: fresh tensors each tick, blocking copies, masks rebuilt every step,
+eager resets) runs the same sessions, joins, leaves, primers and samples as the lean one; and the lean
+one copies its row masks to the device only when the slot table changes."""
 
 from __future__ import annotations
 
@@ -13,82 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.dialogue.batcher import Batcher, Phase, RowOutput
-from shared.audio import FRAME_SAMPLES, FloatAudio
+from bench.bench_tick import StraightforwardBatcher
+from services.dialogue.batcher import Batcher, RowOutput
+from shared.audio import FRAME_SAMPLES
 from shared.messages import Sampling
 
 SAMPLING = Sampling(text_temperature=0.8, text_top_k=40, audio_temperature=0.8)
-
-
-class ReferenceBatcher(Batcher):
-    """The step as it was written before the tick was made lean (kept here as the specification)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ref_force_mask = torch.zeros(self.batch_size, dtype=torch.bool)
-        self._ref_force_tokens = torch.zeros(self.batch_size, dtype=torch.long)
-
-    def _live_step(self, audio: FloatAudio) -> list[RowOutput]:
-        return self._step(audio, priming_only=False)
-
-    def _priming_step(self) -> None:
-        self._step(np.zeros((self.batch_size, FRAME_SAMPLES), dtype=np.float32), priming_only=True)
-
-    def _step(self, audio: FloatAudio, priming_only: bool) -> list[RowOutput]:
-        slots = [s for s in self.active() if s.forced or not priming_only]
-        phases = {s.row: Phase.IDLE for s in self.slots} | {s.row: s.phase for s in slots}
-        with self._compile_mode():
-            self._reset_joined_rows()
-            live = np.array([phases[row] is Phase.LIVE for row in range(self.batch_size)])
-            pcm = torch.from_numpy(np.where(live[:, None], audio, 0.0).astype(np.float32))[:, None, :]
-            tokens, out = self._reference_models(pcm.to(self.model.device), phases)
-        outputs = [self._output(slot, phases[slot.row], tokens, out) for slot in slots]
-        for slot in slots:
-            slot.age += 1
-        return outputs
-
-    def _reference_models(
-        self, pcm: torch.Tensor, phases: dict[int, Phase]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        mimi, device = self.model.mimi, self.model.device
-        active = torch.tensor([phases[r] is not Phase.IDLE for r in range(self.batch_size)], device=device)
-        first = torch.tensor([phases[s.row] is not Phase.IDLE and s.age == 0 for s in self.slots])
-        first = first.to(device)
-        mimi.set_exec_mask(active)
-        self.gen.set_exec_mask(active)
-        codes = mimi.encode(pcm)
-        if bool(first.any()):
-            mimi.reset_streaming(first)
-        self._prepare_forcing()
-        tokens = self.gen.step(codes)
-        assert tokens is not None
-        generated = active & (tokens[:, 1:, 0] >= 0).all(dim=1)
-        mimi.set_exec_mask(generated)
-        out = mimi.decode(tokens[:, 1:].clamp(min=0))
-        return tokens[:, 0, 0].cpu(), out[:, 0].float().cpu()
-
-    def _reset_joined_rows(self) -> None:
-        joined = [s for s in self.slots if s.needs_reset]
-        if not joined:
-            return
-        mask = torch.zeros(self.batch_size, dtype=torch.bool)
-        for slot in joined:
-            mask[slot.row] = True
-            slot.needs_reset = False
-        self.model.mimi.reset_streaming(mask.to(self.model.device))
-        self.gen.reset_streaming(mask.to(self.model.device))
-
-    def _prepare_forcing(self) -> None:
-        tokens = [s.forced.popleft() if s.session_id is not None and s.forced else -1 for s in self.slots]
-        self._forcing = any(t >= 0 for t in tokens)
-        if self._forcing:
-            forced = torch.tensor(tokens)
-            self._ref_force_mask = (forced >= 0).to(self.model.device)
-            self._ref_force_tokens = forced.clamp(min=0).to(self.model.device)
-
-    def _force_text(self, text_token: torch.Tensor) -> None:
-        if self._forcing:
-            text_token.copy_(torch.where(self._ref_force_mask, self._ref_force_tokens, text_token))
 
 
 # tick -> what happens to the slot table before that tick's step
@@ -126,14 +56,14 @@ def play(batcher: Batcher, changes: dict[int, list[Change]], ticks: int) -> list
 def test_the_lean_tick_gives_the_same_outputs_as_the_straightforward_one(
     make_batcher: Callable[..., Batcher],
 ) -> None:
-    reference = make_batcher(3, cls=ReferenceBatcher)
+    reference = make_batcher(3, cls=StraightforwardBatcher)
     primer = reference.model.encode_text("You are a pirate captain who loves maps.")
     expected = play(reference, script(primer), 18)
     reference.close()
 
     # graph_resets on the CPU: no graph, but the state tensors moshi reassigns are updated in place.
     lean = make_batcher(3, graph_resets=True)
-    assert not isinstance(lean, ReferenceBatcher)
+    assert not isinstance(lean, StraightforwardBatcher)
     got = play(lean, script(primer), 18)
 
     assert len(got) == len(expected) and any(o[-1] is not None for o in got), "the script publishes frames"
