@@ -7,10 +7,11 @@ on the same model, seeds and audio:
   read mid-tick (`bool(first.any())`), two device-to-host copies, eager resets;
 - lean: `services.dialogue.batcher.Batcher` as the worker runs it.
 
-Per variant: tick wall time (p50 / p99 / mean), and per tick, from `torch.profiler`, the host reads of a
-device value (`aten::_local_scalar_dense`: on CUDA each one waits for the device), the copies
-(`aten::copy_`, including the model's own), and every aten op (a proxy for kernel launches), on
-steady ticks and on join ticks.
+Per variant: CPU time per tick of the stepping thread (p50 / p99 / mean, join ticks apart), and per
+tick, from `torch.profiler`, the reads of a tensor's value (`aten::_local_scalar_dense`: on CUDA each
+one of a device tensor waits for the device), the copies (`aten::copy_`, including the model's own)
+and every aten op (a proxy for kernel launches), on steady ticks and on join ticks; on CUDA also the
+implicit device waits `torch.cuda.set_sync_debug_mode` reports (`device_waits`; 0 on a CPU).
 
 On a CPU the copies are memcpys and nothing waits on a device, so wall times barely move: the CPU
 proves the counts and that the lean tick gives the same outputs (tests/services/dialogue/
@@ -20,10 +21,13 @@ be measured there; the `device` field says where this ran.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
 from services.dialogue.batcher import Batcher, Phase, RowOutput, Slot
-from services.dialogue.model import load_moshi
+from services.dialogue.model import MoshiModel, load_moshi
 from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES, FloatAudio
 
@@ -146,9 +150,11 @@ def _churn(batcher: Batcher, tick: int, primer: list[int]) -> bool:
 
 def _play(batchers: dict[str, Batcher], ticks: int, primer: list[int]) -> dict[str, list[float]]:
     """Both variants step tick by tick in turn (same audio, same seeds), so a neighbour's load on the
-    machine weighs on both alike. Returns each variant's per-tick CPU time of this thread (the model
-    runs in it with one torch thread), and "join" flags under the key "joins"."""
+    machine weighs on both alike. Returns each variant's time per tick: CPU time of this thread on a CPU
+    (the model runs in it with one torch thread), wall time on CUDA (a step ends with a stream sync);
+    and the join flags under the key "joins"."""
     rng = np.random.default_rng(0)
+    clock = time.perf_counter if _on_cuda(batchers) else time.thread_time
     cpu: dict[str, list[float]] = {name: [] for name in batchers}
     joins: list[float] = []
     for tick in range(ticks):
@@ -156,9 +162,9 @@ def _play(batchers: dict[str, Batcher], ticks: int, primer: list[int]) -> dict[s
         for name, batcher in batchers.items():
             joined = _churn(batcher, tick, primer)
             torch.manual_seed(tick)
-            started = time.thread_time()
+            started = clock()
             batcher.step(audio)
-            cpu[name].append(time.thread_time() - started)
+            cpu[name].append(clock() - started)
         joins.append(float(joined))
     return cpu | {"joins": joins}
 
@@ -171,11 +177,12 @@ def _counts(batcher: Batcher, primer: list[int]) -> dict[str, Any]:
     builds_before = getattr(batcher, "mask_builds", 0)
     for tick in range(PROFILED_TICKS):
         joined = _churn(batcher, tick + 1, primer)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with _device_waits(batcher) as waits, profile(activities=[ProfilerActivity.CPU]) as prof:
             batcher.step(audio)
         ops = {e.key: e.count for e in prof.key_averages()}
         per_kind["join" if joined else "steady"].append(
             {
+                "device_waits": len(waits),
                 "tensor_value_reads": sum(ops.get(name, 0) for name in SYNC_OPS),
                 "copies": sum(ops.get(name, 0) for name in COPY_OPS),
                 "aten_ops": sum(count for name, count in ops.items() if name.startswith("aten::")),
@@ -192,6 +199,27 @@ def _counts(batcher: Batcher, primer: list[int]) -> dict[str, Any]:
     return summary
 
 
+def _on_cuda(batchers: dict[str, Batcher]) -> bool:
+    return any(b.model.device.type == "cuda" for b in batchers.values())
+
+
+@contextlib.contextmanager
+def _device_waits(batcher: Batcher) -> Iterator[list[warnings.WarningMessage]]:
+    """On CUDA, the implicit waits on the device (`torch.cuda.set_sync_debug_mode`: value reads, blocking
+    copies; the batcher's one explicit stream sync is not one of them). On a CPU: none, by definition."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cuda = batcher.model.device.type == "cuda"
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+            caught[:] = [w for w in caught if "synchroniz" in str(w.message)]
+
+
 def _timing(times: list[float], joins: list[float]) -> dict[str, float]:
     ms = sorted(t * 1000 for t in times)
     join_ms = [t * 1000 for t, j in zip(times, joins, strict=True) if j]
@@ -206,20 +234,27 @@ def _timing(times: list[float], joins: list[float]) -> dict[str, float]:
 VARIANTS: dict[str, type[Batcher]] = {"straightforward": StraightforwardBatcher, "lean": Batcher}
 
 
+def _make(variant: type[Batcher], model: MoshiModel) -> Batcher:
+    """On CUDA the lean batcher resets joining rows with its CUDA graph (the worker does so with compile
+    on; compile itself stays off here: both variants run the same kernels)."""
+    graph_resets = variant is Batcher and model.device.type == "cuda"
+    return variant(model, SLOTS, compile=False, graph_resets=graph_resets or None)
+
+
 def run() -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     directory = write_moshi_checkpoint(CACHE / "moshi")
     settings = DialogueSettings(moshi_dir=directory)
     primer = load_moshi(settings).encode_text("You are a helpful assistant.")[:6]
     # One model each (the same weights): both stream at once, stepping in turn.
-    batchers = {name: cls(load_moshi(settings), SLOTS, compile=False) for name, cls in VARIANTS.items()}
+    batchers = {name: _make(cls, load_moshi(settings)) for name, cls in VARIANTS.items()}
     try:
         for batcher in batchers.values():
             batcher.warmup()
         cpu = _play(batchers, TICKS, primer)
         joins = cpu.pop("joins")
         results = {
-            name: {"cpu_time": _timing(cpu[name], joins), "per_tick": _counts(batcher, primer)}
+            name: {"tick_time": _timing(cpu[name], joins), "per_tick": _counts(batcher, primer)}
             for name, batcher in batchers.items()
         }
         lean, plain = cpu["lean"], cpu["straightforward"]
@@ -235,7 +270,9 @@ def run() -> dict[str, Any]:
         "slots": SLOTS,
         "ticks": TICKS,
         "join_every": JOIN_EVERY,
-        "clock": "CPU time of the stepping thread per tick (the model runs in it: one torch thread)",
+        "clock": "wall time per tick (the step ends with a stream sync)"
+        if _on_cuda(batchers)
+        else "CPU time of the stepping thread per tick (the model runs in it: one torch thread)",
         "lean_saves_per_tick_ms": {
             "p50": round(saved[len(saved) // 2], 3),
             "mean": round(statistics.fmean(saved), 3),
