@@ -9,6 +9,7 @@ import logging
 
 import onnxruntime
 import uvicorn
+from moshi.modules.streaming import State
 from tokenizers import Tokenizer
 
 from chorus.devtools import compose
@@ -38,6 +39,7 @@ logging.Formatter.datefmt  # the name of formatTime's parameter, which is loggin
 onnxruntime.SessionOptions.intra_op_num_threads  # read by onnxruntime when the session is made
 onnxruntime.SessionOptions.inter_op_num_threads
 Tokenizer.pre_tokenizer  # read by the tokenizers library
+State.__class__  # services/dialogue/batcher.py: a moshi state's class swapped for its in-place subclass
 
 # Wire fields: serialised to clients or validated on what they send, never read by name.
 ExpiresAfter.anchor

@@ -13,6 +13,14 @@ size never changes (CUDA graphs are captured for one size); sessions come and go
   logits (LMGen's own text temperature is neutralised to 1, its text top-k off). Audio tokens are
   sampled inside LMGen's depformer with one temperature and top-k for the whole batch.
 
+The tick is lean on the host: the user audio goes through one persistent (pinned, on CUDA) host buffer
+with a non-blocking copy, the row masks live on the device and are rebuilt only when the slot table
+changes, nothing mid-tick waits on the device (what a mask holds is known on the host), and the text
+tokens and the PCM of every row come back in ONE device-to-host copy. Joining rows are reset in one
+batched call; with `graph_resets` (default: on CUDA with compile) that call is a CUDA graph, and the
+two state tensors moshi reassigns each step (LMGen's `offsets`, a streaming conv's `first`) are
+updated in place instead, so the graph always writes the live tensors.
+
 Nothing here knows about Redis: the worker feeds one frame per row and publishes what comes out.
 Not thread-safe: one thread steps it (the worker's model thread); the slot table is changed only
 between steps.
@@ -26,11 +34,13 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from moshi.models import LMGen
-from moshi.utils.compile import no_compile
+from moshi.modules.streaming import State, StreamingModule
+from moshi.utils.compile import CUDAGraphed, no_compile
 
 from services.dialogue.model import MoshiModel
 from shared.audio import FRAME_SAMPLES, FloatAudio
@@ -39,6 +49,11 @@ from shared.messages import Sampling
 
 # A temperature of 0 means greedy; dividing by this instead keeps one code path (softmax -> one-hot).
 _MIN_TEMPERATURE = 1e-4
+
+# State tensors moshi's streaming steps reassign (`state.x = torch.where(...)`) rather than update in place:
+# a CUDA graph captured over them (the graphed reset) would go on writing the tensor of capture time.
+_REASSIGNED_FIELDS = {"_LMGenState": "offsets", "_StreamingConv1dState": "first"}
+_IN_PLACE_CLASSES: dict[type[State], type[State]] = {}
 
 
 class Phase(enum.Enum):
@@ -86,18 +101,27 @@ class Batcher:
         audio_temperature: float = 0.8,
         audio_top_k: int = 250,
         compile: bool = False,
+        graph_resets: bool | None = None,
     ) -> None:
         self.model = model
         self.slots = [Slot(row) for row in range(slots)]
         self.compile = compile
         device = model.device
+        self._cuda = device.type == "cuda"
+        self.graph_resets = self._cuda and compile if graph_resets is None else graph_resets
         self._temperature = torch.ones(slots, device=device)
         # Idle rows keep k=1, so the batch's largest k is the largest a session asked for.
         self._top_k = torch.ones(slots, dtype=torch.long, device=device)
-        self._top_k_max = 1
-        self._force_mask = torch.zeros(slots, dtype=torch.bool, device=device)
-        self._force_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self._top_k_rows = [1] * slots  # the same on the host: the batch's largest k without a device read
+        self._force_tokens = torch.full((slots,), -1, dtype=torch.long, device=device)  # -1: not forced
         self._forcing = False
+        # The user audio of a tick: written on the host, copied once (non-blocking) to the device.
+        self._audio_host = torch.zeros((slots, 1, FRAME_SAMPLES), pin_memory=self._cuda)
+        self._audio = self._audio_host.to(device) if self._cuda else self._audio_host
+        self._audio_silent = True  # the device buffer holds silence (a priming step needs no copy)
+        self._masks: dict[str, tuple[tuple[bool, ...], torch.Tensor]] = {}  # role -> (rows, device mask)
+        self._gen_mask: torch.Tensor | None = None  # the exec mask LMGen holds now (None: unknown)
+        self.mask_builds = 0  # device masks built so far (a new one only when the slot table changed)
         self.gen = LMGen(
             model.lm,
             temp=audio_temperature,
@@ -114,6 +138,11 @@ class Batcher:
         self._streaming = contextlib.ExitStack()
         self._streaming.enter_context(model.mimi.streaming(slots))
         self._streaming.enter_context(self.gen.streaming(slots))
+        if self.graph_resets:
+            _update_in_place(model.mimi, self.gen)
+        disable = not (self.graph_resets and self._cuda)
+        self._reset_rows = CUDAGraphed(self._reset_models, disable=disable)
+        self._reset_codec = CUDAGraphed(model.mimi.reset_streaming, disable=disable)
 
     def close(self) -> None:
         """Leave streaming mode, so the same model can be batched again (tests, benchmarks)."""
@@ -150,13 +179,11 @@ class Batcher:
         slot = self.slots[row]
         slot.session_id = None
         slot.forced.clear()
-        self._top_k[row] = 1
-        self._top_k_max = int(self._top_k.max())
+        self._top_k[row] = self._top_k_rows[row] = 1
 
     def set_sampling(self, row: int, sampling: Sampling) -> None:
         self._temperature[row] = max(sampling.text_temperature, _MIN_TEMPERATURE)
-        self._top_k[row] = min(sampling.text_top_k, self.model.lm.text_card)
-        self._top_k_max = int(self._top_k.max())
+        self._top_k[row] = self._top_k_rows[row] = min(sampling.text_top_k, self.model.lm.text_card)
 
     # --- the step ----------------------------------------------------------------------------
 
@@ -168,75 +195,127 @@ class Batcher:
         steps of the priming rows alone (the others masked out, so they do not move): a primer is
         forced faster than real time when the batch has headroom, one token per tick when it has not.
         """
+        if audio.shape != (self.batch_size, FRAME_SAMPLES):
+            raise ValueError(f"expected audio [{self.batch_size}, {FRAME_SAMPLES}], got {audio.shape}")
         started = time.monotonic()
-        outputs = self._step(audio, priming_only=False)
+        outputs = self._live_step(audio)
         step_s = time.monotonic() - started
         while prime_until is not None and any(s.forced for s in self.slots):
             if time.monotonic() + step_s > prime_until:
                 break
-            self._step(np.zeros_like(audio), priming_only=True)
+            self._priming_step()
         return outputs
 
-    def _step(self, audio: FloatAudio, priming_only: bool) -> list[RowOutput]:
-        slots = [s for s in self.active() if s.forced or not priming_only]
-        phases = {s.row: Phase.IDLE for s in self.slots} | {s.row: s.phase for s in slots}
+    def _live_step(self, audio: FloatAudio) -> list[RowOutput]:
+        slots = self.active()
+        phases = [s.phase for s in self.slots]
         with self._compile_mode():
             self._reset_joined_rows()
-            tokens, pcm = self._run_models(self._inputs(audio, phases), phases)
+            self._load_audio(audio, [phase is Phase.LIVE for phase in phases])
+            tokens, pcm = self._fetch(*self._run_models(phases, "active"))
         outputs = [self._output(slot, phases[slot.row], tokens, pcm) for slot in slots]
         for slot in slots:
             slot.age += 1
         return outputs
 
-    def _inputs(self, audio: FloatAudio, phases: dict[int, Phase]) -> torch.Tensor:
-        if audio.shape != (self.batch_size, FRAME_SAMPLES):
-            raise ValueError(f"expected audio [{self.batch_size}, {FRAME_SAMPLES}], got {audio.shape}")
-        live = np.array([phases[row] is Phase.LIVE for row in range(self.batch_size)])
-        pcm = torch.from_numpy(np.where(live[:, None], audio, 0.0).astype(np.float32))
-        return pcm[:, None, :].to(self.model.device)
+    def _priming_step(self) -> None:
+        """A step of the priming rows alone, on silence; its output is never published (it is within
+        the primer), so nothing comes back to the host."""
+        slots = [s for s in self.active() if s.forced]
+        priming = {s.row for s in slots}
+        phases = [Phase.PRIMING if row in priming else Phase.IDLE for row in range(self.batch_size)]
+        with self._compile_mode():
+            self._reset_joined_rows()
+            self._load_audio(None, [False] * self.batch_size)
+            self._run_models(phases, "priming")
+            if self._cuda:  # the time of a step is what bounds priming: wait for it
+                torch.cuda.current_stream(self.model.device).synchronize()
+        for slot in slots:
+            slot.age += 1
 
-    def _run_models(self, pcm: torch.Tensor, phases: dict[int, Phase]) -> tuple[torch.Tensor, torch.Tensor]:
-        mimi, device = self.model.mimi, self.model.device
-        active = torch.tensor([phases[r] is not Phase.IDLE for r in range(self.batch_size)], device=device)
-        first = torch.tensor(
-            [phases[s.row] is not Phase.IDLE and s.age == 0 for s in self.slots], device=device
-        )
+    def _load_audio(self, audio: FloatAudio | None, live: list[bool]) -> None:
+        """This tick's user audio into the device buffer: live rows only, the others silent."""
+        if not any(live):
+            if not self._audio_silent:
+                self._audio.zero_()
+                self._audio_silent = True
+            return
+        assert audio is not None
+        host = self._audio_host.numpy()[:, 0]
+        np.copyto(host, audio, casting="same_kind")
+        host[~np.array(live)] = 0.0
+        if self._cuda:
+            self._audio.copy_(self._audio_host, non_blocking=True)
+        self._audio_silent = False
+
+    def _run_models(self, phases: list[Phase], role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        mimi = self.model.mimi
+        active = self._mask(role, [phase is not Phase.IDLE for phase in phases])
         mimi.set_exec_mask(active)
-        self.gen.set_exec_mask(active)
-        codes = mimi.encode(pcm)
-        if bool(first.any()):
-            mimi.reset_streaming(first)  # moshi's server does this after its first frame
+        if self._gen_mask is not active:  # LMGen's mask moves only with the slot table (or a reset)
+            self.gen.set_exec_mask(active)
+            self._gen_mask = active
+        codes = mimi.encode(self._audio)
+        first = [p is not Phase.IDLE and s.age == 0 for p, s in zip(phases, self.slots, strict=True)]
+        if any(first):
+            self._reset_codec(self._mask("first", first))  # moshi's server does this after its first frame
         self._prepare_forcing()
         tokens = self.gen.step(codes)
         assert tokens is not None  # support_out_of_sync: always a tensor, ungenerated rows negative
         generated = active & (tokens[:, 1:, 0] >= 0).all(dim=1)
         mimi.set_exec_mask(generated)  # rows with nothing generated yet keep their decoder state
         out = mimi.decode(tokens[:, 1:].clamp(min=0))
-        return tokens[:, 0, 0].cpu(), out[:, 0].float().cpu()
+        return tokens[:, 0, 0], out[:, 0]
 
-    def _output(self, slot: Slot, phase: Phase, tokens: torch.Tensor, pcm: torch.Tensor) -> RowOutput:
+    def _fetch(self, tokens: torch.Tensor, pcm: torch.Tensor) -> tuple[list[int], FloatAudio]:
+        """The text tokens and PCM of every row on the host, in one copy ([B, 1 + 1920] float32: a text
+        token id is exact in float32). The array is new each tick: outputs may outlive the next step."""
+        packed = torch.cat([tokens[:, None].float(), pcm.float()], dim=1)
+        if self._cuda:
+            host = torch.empty(packed.shape, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            torch.cuda.current_stream(self.model.device).synchronize()
+            packed = host
+        values = packed.numpy()
+        return values[:, 0].astype(np.int64).tolist(), values[:, 1:]
+
+    def _output(self, slot: Slot, phase: Phase, tokens: list[int], pcm: FloatAudio) -> RowOutput:
         assert slot.session_id is not None
         # The frame out of this step belongs to the step `delay` earlier: published once past the primer.
         published = slot.age >= slot.primer_length + self.delay
-        token = int(tokens[slot.row])
+        token = tokens[slot.row]
         return RowOutput(
             session_id=slot.session_id,
             row=slot.row,
             phase=phase,
             went_live=phase is Phase.LIVE and slot.age == slot.primer_length,
             text_token=token if published and token >= 0 else None,
-            pcm=pcm[slot.row].numpy() if published and token >= 0 else None,
+            pcm=pcm[slot.row] if published and token >= 0 else None,
         )
 
+    def _mask(self, role: str, rows: list[bool]) -> torch.Tensor:
+        """The device mask of `rows` for one role, copied to the device only when it changed."""
+        key = tuple(rows)
+        cached = self._masks.get(role)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        host = torch.tensor(key, dtype=torch.bool, pin_memory=self._cuda)
+        mask = host.to(self.model.device, non_blocking=True)
+        self._masks[role] = (key, mask)
+        self.mask_builds += 1
+        return mask
+
     def _reset_joined_rows(self) -> None:
-        joined = [s for s in self.slots if s.needs_reset]
-        if not joined:
+        rows = [s.needs_reset for s in self.slots]
+        if not any(rows):
             return
-        mask = torch.zeros(self.batch_size, dtype=torch.bool)
-        for slot in joined:
-            mask[slot.row] = True
+        for slot in self.slots:
             slot.needs_reset = False
-        mask = mask.to(self.model.device)
+        self._reset_rows(self._mask("reset", rows))
+        self._gen_mask = None  # a reset sets the exec mask of its rows
+
+    def _reset_models(self, mask: torch.Tensor) -> None:
+        """Every streaming state of the reset rows, Mimi's and LMGen's (one CUDA graph with graph_resets)."""
         self.model.mimi.reset_streaming(mask)
         self.gen.reset_streaming(mask)
 
@@ -245,21 +324,21 @@ class Batcher:
         tokens = [s.forced.popleft() if s.session_id is not None and s.forced else -1 for s in self.slots]
         self._forcing = any(t >= 0 for t in tokens)
         if self._forcing:
-            forced = torch.tensor(tokens)
-            self._force_mask.copy_(forced >= 0)
-            self._force_tokens.copy_(forced.clamp(min=0))
+            forced = torch.tensor(tokens, dtype=torch.long, pin_memory=self._cuda)
+            self._force_tokens.copy_(forced, non_blocking=True)
 
     # --- LMGen hooks (run inside gen.step) ------------------------------------------------------
 
     def _force_text(self, text_token: torch.Tensor) -> None:
         """Replace the sampled text token of priming rows by their primer's next token."""
         if self._forcing:
-            text_token.copy_(torch.where(self._force_mask, self._force_tokens, text_token))
+            forced = self._force_tokens
+            text_token.copy_(torch.where(forced >= 0, forced, text_token))
 
     def _shape_text_logits(self, logits: torch.Tensor) -> None:
         """Per-row top-k then temperature on the text logits [B, 1, 1, card], in place."""
         rows = (self.batch_size, 1, 1, 1)
-        kth = logits.topk(self._top_k_max, dim=-1).values.gather(-1, (self._top_k - 1).view(rows))
+        kth = logits.topk(max(self._top_k_rows), dim=-1).values.gather(-1, (self._top_k - 1).view(rows))
         logits.masked_fill_(logits < kth, float("-inf"))
         logits.div_(self._temperature.view(rows).to(logits.dtype))
 
@@ -272,14 +351,43 @@ class Batcher:
                 yield
 
     def warmup(self, steps: int = 4) -> None:
-        """Before any session joins: a few full steps on silence (CUDA graphs and kernels get built),
-        then every row is reset."""
+        """Before any session joins: a few full steps on silence (CUDA graphs and kernels get built, the
+        graphed resets captured), then every row is reset."""
         sessions = [s.session_id for s in self.slots]
         for slot in self.slots:
             slot.session_id, slot.age = "warmup", 0
         silence = np.zeros((self.batch_size, FRAME_SAMPLES), dtype=np.float32)
         for _ in range(steps):
             self.step(silence)
+        every_row = self._mask("warmup", [True] * self.batch_size)
+        with self._compile_mode():
+            for _ in range(2):  # the first call runs eagerly, the second captures the graph
+                self._reset_rows(every_row)
+                self._reset_codec(every_row)
+        self._gen_mask = None
         for slot, session_id in zip(self.slots, sessions, strict=True):
             slot.session_id, slot.age, slot.needs_reset = session_id, 0, True
         self.warmed_up = True
+
+
+def _update_in_place(*modules: StreamingModule[Any]) -> None:
+    """Make the state fields moshi reassigns each step update their tensor in place instead."""
+    for module in modules:
+        for state in module.get_streaming_state().values():
+            name = _REASSIGNED_FIELDS.get(type(state).__name__)
+            if name is not None and state is not None:
+                state.__class__ = _in_place_class(type(state), name)
+
+
+def _in_place_class(cls: type[State], name: str) -> type[State]:
+    if cls not in _IN_PLACE_CLASSES:
+
+        def get(state: State) -> torch.Tensor:
+            tensor: torch.Tensor = state.__dict__[name]
+            return tensor
+
+        def set_(state: State, value: torch.Tensor) -> None:
+            state.__dict__[name].copy_(value)
+
+        _IN_PLACE_CLASSES[cls] = type(f"{cls.__name__}InPlace", (cls,), {name: property(get, set_)})
+    return _IN_PLACE_CLASSES[cls]

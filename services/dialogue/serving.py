@@ -8,13 +8,15 @@ Loops sharing one slot table (batcher.py); sessions are owned through `shared.ow
 - control: each worker reads the control streams of the sessions it owns (`update` / `stop`);
 - liveness: sessions that ended, moved away or lost their lease are let go;
 - ticks: every 80 ms, ONE read of all live sessions' input streams, ONE batched model step in the
-  model thread (the event loop never waits on a forward pass), ONE fenced write of all their frames.
+  model thread (the event loop never waits on a forward pass), ONE fenced write of all their frames,
+  which runs while the clock waits and the next tick reads and steps (off the step's critical path).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import logging
 import time
@@ -149,6 +151,7 @@ class DialogueWorker:
         self._placing = asyncio.Lock()  # placement and failover never count the same free slot
         self._joined = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dialogue-model")
+        self._publishing: asyncio.Task[set[str]] | None = None  # the write of the last tick, while in flight
         metrics.WORKER_SLOTS_TOTAL.labels(service=SERVICE).set(self.batcher.batch_size)
         metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(self.batcher.batch_size)
 
@@ -170,8 +173,12 @@ class DialogueWorker:
     # --- the core loop -------------------------------------------------------------------------
 
     async def warmup(self) -> None:
-        """Build kernels (and CUDA graphs) before the first session: a worker is ready only after this."""
+        """Build kernels (and CUDA graphs) before the first session: a worker is ready only after this.
+        Then everything alive (the model, its graphs, the imports) is moved out of the collector's sight:
+        the collections a tick still triggers walk only what the ticks themselves allocate."""
         await self._in_model_thread(self.batcher.warmup)
+        gc.collect()
+        gc.freeze()
 
     async def run(self, stop: asyncio.Event) -> None:
         if not self.batcher.warmed_up:
@@ -216,21 +223,35 @@ class DialogueWorker:
             self.batcher.close()
 
     async def _tick_loop(self, stop: asyncio.Event) -> None:
+        """Read, step, and hand the tick's frames to a write that runs while the clock waits and the next
+        step computes: a tick's budget is its read and its step, never the round trip of its output."""
         clock = TickClock(self.settings.dialogue_tick_ms / 1000)
-        while not stop.is_set():
-            if not self.sessions:
-                await self._wait_for_sessions(stop)
-                clock.restart()
-                continue
-            async with self._table:
-                await self._read_inputs()
-                audio = self._frames_due()
-                started = time.monotonic()
-                prime_until = self._prime_until(started, clock.interval_s)
-                outputs = await self._in_model_thread(self.batcher.step, audio, prime_until=prime_until)
-                metrics.STAGE_LATENCY.labels(stage="dialogue_step").observe(time.monotonic() - started)
-            await self._publish(outputs)
-            await clock.wait(stop)
+        try:
+            while not stop.is_set():
+                if not self.sessions:
+                    await self._published()
+                    await self._wait_for_sessions(stop)
+                    clock.restart()
+                    continue
+                async with self._table:
+                    await self._read_inputs()
+                    audio = self._frames_due()
+                    started = time.monotonic()
+                    prime_until = self._prime_until(started, clock.interval_s)
+                    outputs = await self._in_model_thread(self.batcher.step, audio, prime_until=prime_until)
+                    metrics.STAGE_LATENCY.labels(stage="dialogue_step").observe(time.monotonic() - started)
+                await self._published()  # one write in flight at a time: a session's entries stay in order
+                self._publishing = asyncio.create_task(self._publish(outputs), name="publish")
+                await clock.wait(stop)
+        finally:
+            await self._published()
+
+    async def _published(self) -> None:
+        """The previous tick's write has landed; the sessions it found moved away are let go."""
+        task, self._publishing = self._publishing, None
+        if task is not None:
+            for sid in await task:
+                await self._forget(sid, Liveness.MOVED)
 
     def _prime_until(self, started: float, interval_s: float) -> float | None:
         """How long a tick's spare time may go on priming steps (`ticks.prime_deadline`); none when off."""
@@ -294,7 +315,9 @@ class DialogueWorker:
 
     # --- output: one fenced write with every session's frame -----------------------------------
 
-    async def _publish(self, outputs: list[RowOutput]) -> None:
+    async def _publish(self, outputs: list[RowOutput]) -> set[str]:
+        """Every session's entries of one tick in one fenced write; returns the sessions it found lost (moved
+        to another worker). Takes no lock: it runs beside the next step."""
         writes: dict[str, list[tuple[str, Envelope]]] = {}
         went_live: list[str] = []
         spoke: dict[str, list[dict[str, Any]]] = {}  # sessions with text this tick: utterances it closed
@@ -328,11 +351,10 @@ class DialogueWorker:
         for sid in went_live:
             if (session := self.sessions.get(sid)) is not None:
                 session.announce_due = False
-        for sid in lost:
-            await self._forget(sid, Liveness.MOVED)
         await self._save_progress(
             [sid for sid in went_live if sid not in lost], {k: v for k, v in spoke.items() if k not in lost}
         )
+        return lost
 
     async def _save_progress(self, went_live: list[str], spoke: dict[str, list[dict[str, Any]]]) -> None:
         """Session hash updates of a tick, in one round trip: `active` for sessions that went live, and the
@@ -452,6 +474,8 @@ class DialogueWorker:
             session = self.sessions.get(sid)
             if session is None:
                 return
+            if self._publishing is not None:  # the frames of the tick in flight go out before `ended`
+                await asyncio.wait([self._publishing])
             # Its last words are recorded before `ended`: whoever reads `ended` finds the transcript whole.
             if (utterance := session.utterances.current) is not None and utterance.text:
                 await self._record(sid, utterance.record())

@@ -60,8 +60,8 @@ def make_batcher(moshi_model: MoshiModel) -> Iterator[Callable[..., Batcher]]:
     """Batchers on the shared model; each leaves streaming mode at the end (one at a time per model)."""
     made: list[Batcher] = []
 
-    def make(slots: int = 4, **kwargs: Any) -> Batcher:
-        batcher = Batcher(moshi_model, slots, **kwargs)
+    def make(slots: int = 4, cls: type[Batcher] = Batcher, **kwargs: Any) -> Batcher:
+        batcher = cls(moshi_model, slots, **kwargs)
         made.append(batcher)
         return batcher
 

@@ -215,3 +215,25 @@ async def _exists(path: Path) -> bool:
 
 async def _slot_free(running: RunningWorker) -> bool:
     return running.worker.batcher.free_rows() == [0]
+
+
+async def test_a_session_stopped_while_it_speaks_ends_after_its_last_frame(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    """A tick's frames are written while the next tick steps: `ended` still comes after all of them, and
+    the stream's order is the seq order."""
+    await start_worker(dialogue_slots=2)
+    await open_session(bus, SessionStart(session_id="talker"))
+    reader = DialogueReader(bus, "talker")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready event")
+    await talk(bus, "talker", range(0, 40))
+    await reader.until(lambda r: len(r.frames) >= 4, 20, "frames did not flow")
+    await bus.append_control(SessionStop(session_id="talker", reason="client_closed"))
+    await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
+    for _ in range(3):
+        await reader.poll()
+
+    seqs = [e.seq for e in reader.entries]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "stream order is seq order"
+    last = reader.entries[-1]
+    assert isinstance(last, SessionEvent) and last.name == EventName.ENDED
