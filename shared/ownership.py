@@ -231,6 +231,9 @@ class SessionOwnership:
         self.stops = RecentStops()
         self.control = SessionControl(bus)
         self._moved_in: set[str] = set()  # sessions taken over (not placed) that this worker serves
+        # Held from a take-over script to `_moved_in` knowing its sessions, and by `admit`'s take: a start
+        # read meanwhile would find the session this worker's already and serve it a second time, afresh.
+        self._moving = asyncio.Lock()
         self._take = bus.redis.register_script(_TAKE)
         self._take_over = bus.redis.register_script(_TAKE_OVER)
         self._set_leftovers_aside = bus.redis.register_script(_SET_LEFTOVERS_ASIDE)
@@ -262,13 +265,15 @@ class SessionOwnership:
         the session hash has it now: an update may have raced it), None when it is not this worker's to
         serve (over, or owned by another); a lapsed lease is finalized on the way."""
         sid = start.session_id
-        taken = await self.take(sid)
+        async with self._moving:
+            taken = await self.take(sid)
+            moved_in = sid in self._moved_in  # its start came after a takeover (the take was ours already)
         if taken is TakeOutcome.LEASE_LAPSED:
             await self.end_lapsed(sid)
         if taken is not TakeOutcome.TAKEN:
             log.info("start not taken: %s", taken, extra={"session_id": sid, "group": self.group})
             return None
-        if sid in self._moved_in:  # its start came after a takeover (the take is this worker's already)
+        if moved_in:
             return None
         return start_of(await self.store.get(sid)) or start
 
@@ -311,21 +316,22 @@ class SessionOwnership:
         for dead, source in sources:
             if len(takeovers) >= limit:
                 break
-            reply = await self._take_over(
-                keys=[names.owners(self.group), source, names.owned(self.group, self.worker_id)],
-                args=[
-                    self.fence.field,
-                    self.token_of(dead),
-                    self.fence.token,
-                    limit - len(takeovers),
-                    names.session(""),
-                    dead,
-                    self.worker_id,
-                    control_head,
-                    control_tail,
-                ],
-            )
-            self._moved_in.update(raw.decode() for raw in reply[::2])
+            async with self._moving:
+                reply = await self._take_over(
+                    keys=[names.owners(self.group), source, names.owned(self.group, self.worker_id)],
+                    args=[
+                        self.fence.field,
+                        self.token_of(dead),
+                        self.fence.token,
+                        limit - len(takeovers),
+                        names.session(""),
+                        dead,
+                        self.worker_id,
+                        control_head,
+                        control_tail,
+                    ],
+                )
+                self._moved_in.update(raw.decode() for raw in reply[::2])
             for raw_sid, raw_cursor in zip(reply[::2], reply[1::2], strict=True):
                 takeover = await self._takeover(raw_sid.decode(), raw_cursor.decode(), dead)
                 if takeover is not None:

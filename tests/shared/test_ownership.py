@@ -131,3 +131,24 @@ async def test_a_worker_restarted_under_the_same_id_takes_over_what_it_owned_bef
     assert await bus.redis.smembers(bus.names.owned("router", "pod-1")) == {b"s1", b"s2", b"new"}
     assert await after.take_over(10) == [], "adopted once"
     assert b"pod-1" in await bus.redis.smembers(bus.names.owners("router")), "still findable if it dies"
+
+
+async def admit_after(worker: SessionOwnership, start: SessionStart, delay_s: float) -> SessionStart | None:
+    await asyncio.sleep(delay_s)
+    return await worker.admit(start)
+
+
+async def test_a_start_read_while_its_session_is_taken_over_is_not_served_twice(bus: Bus) -> None:
+    """The start (read late through the group) and the takeover of the same session race in one worker:
+    the session is served once, as a takeover, whichever reply the event loop resumes first."""
+    for round_ in range(60):
+        sid, group = f"race{round_}", f"router{round_}"  # a group per round: nothing else to take over
+        start = await open_session(bus, sid)
+        assert await ownership(bus, "dead", group).take(sid) is TakeOutcome.TAKEN  # it never beats
+        worker = ownership(bus, "live", group)
+
+        # The start arrives at another point of the takeover each round.
+        late_admit = admit_after(worker, start, delay_s=round_ * 0.00005)
+        taken_over, admitted = await asyncio.gather(worker.take_over(10), late_admit)
+        assert [t.start.session_id for t in taken_over] == [sid]
+        assert admitted is None, f"round {round_}: the start was served too, afresh"
