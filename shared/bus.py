@@ -73,7 +73,8 @@ class SessionKeyTimes:
 
 
 # Appends each session's entries only while the writer owns it (or unfenced: field ''), and keeps each
-# written stream on a TTL: the live one, or the short one once the session hash says `ended`.
+# written stream on a TTL: the live one, or the short one once the session hash says `ended`. One HMGET
+# per session and one PEXPIRE per stream written, however many entries: Redis work per frame is the cost.
 # KEYS: per session its hash, then one stream key per entry. ARGV: fence field, token, MAXLEN, live TTL
 # ms, ended TTL ms, session count; then per session its entry count, then per entry the number n of
 # field/value strings followed by those n strings. Returns 1/0 per session: written / fenced off.
@@ -86,9 +87,11 @@ for s = 1, tonumber(ARGV[6]) do
   k = k + 1
   local entries = tonumber(ARGV[a])
   a = a + 1
-  local owned = field == '' or redis.call('HGET', hash, field) == token
+  local held = redis.call('HMGET', hash, 'state', field == '' and 'state' or field)
+  local owned = field == '' or held[2] == token
   local ttl = live_ttl
-  if redis.call('HGET', hash, 'state') == 'ended' then ttl = ended_ttl end
+  if held[1] == 'ended' then ttl = ended_ttl end
+  local touched = {}
   for e = 1, entries do
     local stream = KEYS[k]
     k = k + 1
@@ -98,10 +101,11 @@ for s = 1, tonumber(ARGV[6]) do
       local args = {stream, 'MAXLEN', '~', maxlen, '*'}
       for i = 0, n - 1 do args[#args + 1] = ARGV[a + i] end
       redis.call('XADD', unpack(args))
-      redis.call('PEXPIRE', stream, ttl)
+      touched[stream] = true
     end
     a = a + n
   end
+  for stream in pairs(touched) do redis.call('PEXPIRE', stream, ttl) end
   written[s] = owned and 1 or 0
 end
 return written
