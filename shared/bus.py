@@ -73,7 +73,8 @@ class SessionKeyTimes:
 
 
 # Appends each session's entries only while the writer owns it (or unfenced: field ''), and keeps each
-# written stream on a TTL: the live one, or the short one once the session hash says `ended`.
+# written stream on a TTL: the live one, or the short one once the session hash says `ended`. One HMGET
+# per session and one PEXPIRE per stream written, however many entries: Redis work per frame is the cost.
 # KEYS: per session its hash, then one stream key per entry. ARGV: fence field, token, MAXLEN, live TTL
 # ms, ended TTL ms, session count; then per session its entry count, then per entry the number n of
 # field/value strings followed by those n strings. Returns 1/0 per session: written / fenced off.
@@ -86,9 +87,11 @@ for s = 1, tonumber(ARGV[6]) do
   k = k + 1
   local entries = tonumber(ARGV[a])
   a = a + 1
-  local owned = field == '' or redis.call('HGET', hash, field) == token
+  local held = redis.call('HMGET', hash, 'state', field == '' and 'state' or field)
+  local owned = field == '' or held[2] == token
   local ttl = live_ttl
-  if redis.call('HGET', hash, 'state') == 'ended' then ttl = ended_ttl end
+  if held[1] == 'ended' then ttl = ended_ttl end
+  local touched = {}
   for e = 1, entries do
     local stream = KEYS[k]
     k = k + 1
@@ -98,10 +101,11 @@ for s = 1, tonumber(ARGV[6]) do
       local args = {stream, 'MAXLEN', '~', maxlen, '*'}
       for i = 0, n - 1 do args[#args + 1] = ARGV[a + i] end
       redis.call('XADD', unpack(args))
-      redis.call('PEXPIRE', stream, ttl)
+      touched[stream] = true
     end
     a = a + n
   end
+  for stream in pairs(touched) do redis.call('PEXPIRE', stream, ttl) end
   written[s] = owned and 1 or 0
 end
 return written
@@ -518,6 +522,92 @@ class GroupConsumer(Generic[M]):
         await self.bus.ack(self.stream, self.group, entry.entry_id)
 
 
+class SharedReader:
+    """Many single readers of different streams served by one XREAD: each `read` waits for its stream's
+    next entries, and one task (`run`) reads for all of them at once. A gateway's sessions each tail
+    their `:out`; the router writes every session's output in one script per tick, so a blocking XREAD
+    and the one right after it (a blocked XREAD wakes with the entries of the first stream written only)
+    answer them all, instead of one round trip per session and tick.
+
+    A reader that asks while the shared XREAD is already blocked (it was busy when the round began)
+    looks once on its own, without blocking, so it never waits for a round that does not cover it. A
+    reader whose stream stays quiet gets [] after `block_ms`, as from a blocking read of its own.
+    """
+
+    def __init__(self, bus: Bus, *, count: int = 100, block_ms: int = 200, retry_s: float = 0.1) -> None:
+        self.bus = bus
+        self.count = count
+        self.block_ms = block_ms
+        self.retry_s = retry_s
+        self._waiting: dict[str, _Waiting] = {}
+        self._reading: set[str] = set()  # the streams the XREAD in flight covers
+        self._asked = asyncio.Event()
+
+    async def read(self, stream: str, cursor: str) -> list[Entry]:
+        """The entries of `stream` after `cursor` (at most `count`); [] after `block_ms` without any.
+        Raises what the read raised (Redis away: retryable). One reader per stream at a time."""
+        if stream in self._waiting:
+            raise RuntimeError(f"{stream} already has a reader")
+        waiting = _Waiting(cursor, asyncio.get_running_loop().create_future(), time.monotonic())
+        self._waiting[stream] = waiting
+        self._asked.set()
+        try:
+            if self._reading and stream not in self._reading:
+                entries = await self.bus.read({stream: cursor}, count=self.count)
+                if entries:
+                    return entries
+            return await waiting.future
+        finally:
+            if self._waiting.get(stream) is waiting:
+                del self._waiting[stream]
+            if waiting.future.done() and not waiting.future.cancelled():
+                waiting.future.exception()  # answered after the look of its own: nobody else will ask
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not self._waiting:
+                self._asked.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._asked.wait(), self.block_ms / 1000)
+                continue
+            await asyncio.sleep(0)  # readers just answered ask again first, so this round covers them
+            await self._round()
+
+    async def _round(self) -> None:
+        asked = {stream: waiting for stream, waiting in self._waiting.items() if not waiting.future.done()}
+        self._reading = set(asked)
+        try:
+            entries = await self.bus.read(
+                {stream: waiting.cursor for stream, waiting in asked.items()},
+                count=self.count,
+                block_ms=self.block_ms,
+            )
+        except Exception as exc:
+            for waiting in asked.values():
+                if not waiting.future.done():
+                    waiting.future.set_exception(exc)
+            await asyncio.sleep(self.retry_s)  # readers decide whether to wait Redis out
+            return
+        finally:
+            self._reading = set()
+        by_stream: dict[str, list[Entry]] = {}
+        for entry in entries:
+            by_stream.setdefault(entry.stream, []).append(entry)
+        overdue = time.monotonic() - self.block_ms / 1000
+        for stream, waiting in asked.items():
+            got = by_stream.get(stream)
+            if waiting.future.done() or (got is None and entries and waiting.since > overdue):
+                continue  # another stream woke the read: this one is read again at once
+            waiting.future.set_result(got or [])
+
+
+@dataclass
+class _Waiting:
+    cursor: str
+    future: asyncio.Future[list[Entry]]
+    since: float
+
+
 async def tail(
     bus: Bus,
     stream: str,
@@ -568,6 +658,7 @@ __all__: Sequence[str] = (
     "Handled",
     "MemoryUse",
     "SessionKeyTimes",
+    "SharedReader",
     "tail",
     "make_bus_kwargs",
 )

@@ -12,12 +12,12 @@ from fastapi import FastAPI
 from services.gateway import client_secrets, health, hosts, limits, personas, problems, sessions, voices, web
 from services.gateway.admission import Admission
 from services.gateway.auth import Authentication, open_key_ring
-from services.gateway.conversation import finish_stops
+from services.gateway.conversation import OUTPUT_BLOCK_MS, OUTPUT_READ_COUNT, finish_stops
 from services.gateway.leases import LeaseKeeper
 from services.gateway.persona_store import PersonaStore
 from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
-from shared.bus import Bus, make_bus_kwargs
+from shared.bus import Bus, SharedReader, make_bus_kwargs
 from shared.runtime import cancel_and_wait
 from shared.sessions import SessionStore
 from shared.storage import LocalStorage
@@ -49,9 +49,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             lease_s=settings.session_lease_s,
             renew_s=settings.session_lease_renew_s,
         )
+        # Every session's `:out` in one XREAD per round (one per router tick), not one per session.
+        app.state.outputs = SharedReader(bus, count=OUTPUT_READ_COUNT, block_ms=OUTPUT_BLOCK_MS)
         stop = asyncio.Event()
         background = [
             asyncio.create_task(app.state.leases.run(stop), name="leases"),
+            asyncio.create_task(app.state.outputs.run(stop), name="outputs"),
             asyncio.create_task(sessions.clean_transcripts_forever(app.state.transcripts, settings)),
         ]
         log.info("gateway ready", extra={"port": settings.port})

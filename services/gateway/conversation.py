@@ -20,7 +20,7 @@ from typing import Any
 from services.gateway.leases import LeaseKeeper
 from shared import metrics
 from shared.audio import FloatAudio, FrameSplitter, float_to_pcm16
-from shared.bus import Bus
+from shared.bus import Bus, SharedReader
 from shared.errors import ChorusError, NoCapacity, RateLimited, ServiceUnavailable, SessionLost
 from shared.messages import (
     OUTPUT,
@@ -40,6 +40,8 @@ from shared.transcripts import TranscriptLog
 
 log = logging.getLogger(__name__)
 
+OUTPUT_READ_COUNT = 100
+OUTPUT_BLOCK_MS = 200  # how long a read of `:out` waits for entries (then the loop checks the session)
 STOP_TIMEOUT_S = 5.0  # ending a session never holds a closing socket (or a shutdown) longer than this
 _stopping: set[asyncio.Task[Any]] = set()  # stops that outlive a cancelled caller (shielded)
 
@@ -69,8 +71,10 @@ class Conversation:
         lease_s: float = 30.0,
         leases: LeaseKeeper | None = None,
         transcripts: TranscriptLog | None = None,
+        reader: SharedReader | None = None,
     ) -> None:
         self.bus = bus
+        self.reader = reader  # the gateway's one reader of every session's `:out`; None: reads its own
         self.owner = owner
         self.persona = persona
         self.voice = voice
@@ -226,7 +230,11 @@ class Conversation:
         """One blocking read of `:out` after `cursor` (malformed entries are logged and skipped)."""
         messages: list[OutputMessage] = []
         stream = self.bus.names.session_output(self.session_id)
-        for entry in await self.bus.read({stream: cursor}, count=100, block_ms=200):
+        if self.reader is not None:
+            entries = await self.reader.read(stream, cursor)
+        else:
+            entries = await self.bus.read({stream: cursor}, count=OUTPUT_READ_COUNT, block_ms=OUTPUT_BLOCK_MS)
+        for entry in entries:
             cursor = entry.entry_id
             try:
                 messages.append(OUTPUT.decode(entry.fields))

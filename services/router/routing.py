@@ -1,5 +1,5 @@
-"""The router's core loop: every owned session's `:dlg`, `:tts` and `:in` in ONE XREAD, through each
-session's `Mixer`, out to `:out` in one pipelined write.
+"""The router's core loop: every owned session's `:dlg`, `:tts` and `:in` read together once per dialogue
+tick (`route_once`), through each session's `Mixer`, out to `:out` in one pipelined write.
 
 Tasks (one `Router.run`); sessions are owned through `shared.ownership`:
 - `control_group`: the "router" consumer group on chorus:control takes `start`s;
@@ -224,16 +224,27 @@ class Router:
             await self.route_once()
 
     async def route_once(self) -> None:
-        """One XREAD over every owned session's streams, dispatched, and one pipelined write."""
-        owners = {key: s for s in self.sessions.values() for key in s.cursors}
-        cursors = {key: cursor for s in self.sessions.values() for key, cursor in s.cursors.items()}
-        entries = await self.bus.read(cursors, count=self.settings.router_read_count, block_ms=self._block_ms)
+        """One round for every owned session: wait for a dialogue tick or cloned audio, read everything
+        new, dispatch it, write the output in one script.
+
+        User audio does not wake the router: its clients' frames arrive unsynchronized, and a round per
+        frame costs a read, a speech-detector hand-off and a write per session and frame. A blocking XREAD
+        over `:dlg` and `:tts` only wakes the round (at most `router_read_block_ms` apart, so speech is
+        still detected while no dialogue ticks), then one XREAD of all three streams, without blocking,
+        reads what it finds: two round trips per tick for all sessions."""
+        sessions = list(self.sessions.values())
+        owners = {key: s for s in sessions for key in s.cursors}
+        cursors = {key: cursor for s in sessions for key, cursor in s.cursors.items()}
+        user_streams = {self.names.session_input(s.sid) for s in sessions}
+        pacing = {key: cursor for key, cursor in cursors.items() if key not in user_streams}
+        await self.bus.read(pacing, count=1, block_ms=self._block_ms)  # read again just below, in full
+        entries = await self.bus.read(cursors, count=self.settings.router_read_count)
         by_session: dict[str, list[Entry]] = {}
         for entry in entries:
             session = owners[entry.stream]
             session.cursors[entry.stream] = entry.entry_id
             by_session.setdefault(session.sid, []).append(entry)
-        user_audio = [e for e in entries if e.stream == self.names.session_input(owners[e.stream].sid)]
+        user_audio = [e for e in entries if e.stream in user_streams]
         speech = await asyncio.to_thread(self._detect_speech, owners, user_audio) if user_audio else {}
         for sid, session_entries in by_session.items():
             if (routed := self.sessions.get(sid)) is not None:

@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.audio import silence_frame
-from shared.bus import Bus, Entry, Fence, GroupConsumer, Handled, SessionKeyTimes, tail
+from shared.bus import Bus, Entry, Fence, GroupConsumer, Handled, SessionKeyTimes, SharedReader, tail
 from shared.messages import CONTROL, DIALOGUE, ControlMessage, DialogueFrame, SessionStart, SessionStop
 from shared.streams import StreamNames
 from tests.support.waiting import wait_until
@@ -32,11 +32,16 @@ async def running(consumer: GroupConsumer[ControlMessage]) -> AsyncIterator[asyn
         await asyncio.wait_for(task, 5)
 
 
-async def reading_clients(redis_url: str) -> int:
-    """How many clients of the server are blocked in XREAD now (seen from a client of its own)."""
+async def reading_clients(redis_url: str, name: str | None = None) -> int:
+    """How many clients of the server (named `name`, if given) are blocked in XREAD now (seen from a
+    client of its own)."""
     observer = Redis.from_url(redis_url)
     try:
-        return sum(1 for client in await observer.client_list() if client.get("cmd") == "xread")
+        return sum(
+            1
+            for client in await observer.client_list()
+            if client.get("cmd") == "xread" and name in (None, client.get("name"))
+        )
     finally:
         await observer.aclose()
 
@@ -280,3 +285,29 @@ async def test_append_many_writes_entries_in_order_in_one_round_trip(bus: Bus, n
     written = [DIALOGUE.decode(e.fields) for e in await bus.range(names.session_dialogue("s"))]
     assert [f.seq for f in written] == [0, 1, 2]
     assert [CONTROL.decode(e.fields) for e in await bus.range(names.control)] == [stop]
+
+
+async def test_a_shared_reader_answers_each_session_with_its_own_entries_from_one_blocking_read(
+    bus: Bus, names: StreamNames, redis_url: str
+) -> None:
+    sessions = [f"s{i}" for i in range(5)]
+    # Its own named connections, so the server's client list shows which blocked reads are its.
+    own = Bus(Redis.from_url(redis_url, client_name="shared-reader"), names)
+    reader = SharedReader(own, block_ms=1000)
+    stop = asyncio.Event()
+    running_reader = asyncio.create_task(reader.run(stop))
+    try:
+        reads = {sid: asyncio.create_task(reader.read(names.session_output(sid), "0-0")) for sid in sessions}
+        await wait_until(lambda: reading_clients(redis_url, "shared-reader"), "the shared read to block", 10)
+        assert await reading_clients(redis_url, "shared-reader") == 1  # one XREAD covers every session
+        frames = {sid: DialogueFrame(session_id=sid, seq=7, pcm=silence_frame()) for sid in sessions}
+        await bus.append_sessions({sid: [(names.session_output(sid), f)] for sid, f in frames.items()})
+        for sid, read in reads.items():
+            entries = await asyncio.wait_for(read, 5)
+            assert [DIALOGUE.decode(e.fields) for e in entries] == [frames[sid]]
+        # Nothing new: a read comes back empty once the block ran out, so its caller can look around.
+        assert await asyncio.wait_for(reader.read(names.session_output("s0"), entries[-1].entry_id), 5) == []
+    finally:
+        stop.set()
+        await asyncio.wait_for(running_reader, 5)
+        await own.close()

@@ -128,6 +128,7 @@ def open_conversation(
         lease_s=settings.session_lease_s,
         leases=state.leases,
         transcripts=state.transcripts,
+        reader=state.outputs,
     )
 
 
