@@ -495,7 +495,6 @@ class Codec(Generic[M]):
         for model in models:
             type_name = model.model_fields["type"].default
             self._models[type_name] = model
-        self._kinds = {t: _field_kinds(m) for t, m in self._models.items()}
 
     def decode(self, fields: dict[bytes, bytes] | dict[str, bytes]) -> M:
         """Validate raw stream fields; raises MalformedMessage with the reason on anything wrong."""
@@ -506,7 +505,7 @@ class Codec(Generic[M]):
             raise MalformedMessage(
                 f"unknown entry type {type_name!r}; expected one of {sorted(self._models)}"
             )
-        kinds = self._kinds[type_name]
+        kinds = _field_kinds(model)
         values: dict[str, Any] = {}
         try:
             for name, data in raw.items():

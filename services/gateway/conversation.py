@@ -66,15 +66,15 @@ class Conversation:
         voice: str,
         voice_mode: VoiceMode,
         session_ttl_s: int,
+        reader: SharedReader,
         session_id: str | None = None,
         max_sessions: int = 0,
         lease_s: float = 30.0,
         leases: LeaseKeeper | None = None,
         transcripts: TranscriptLog | None = None,
-        reader: SharedReader | None = None,
     ) -> None:
         self.bus = bus
-        self.reader = reader  # the gateway's one reader of every session's `:out`; None: reads its own
+        self.reader = reader  # the gateway's one reader of every session's `:out`
         self.owner = owner
         self.persona = persona
         self.voice = voice
@@ -230,10 +230,7 @@ class Conversation:
         """One blocking read of `:out` after `cursor` (malformed entries are logged and skipped)."""
         messages: list[OutputMessage] = []
         stream = self.bus.names.session_output(self.session_id)
-        if self.reader is not None:
-            entries = await self.reader.read(stream, cursor)
-        else:
-            entries = await self.bus.read({stream: cursor}, count=OUTPUT_READ_COUNT, block_ms=OUTPUT_BLOCK_MS)
+        entries = await self.reader.read(stream, cursor)
         for entry in entries:
             cursor = entry.entry_id
             try:

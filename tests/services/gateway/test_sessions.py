@@ -57,6 +57,7 @@ def conversation(app: FastAPI, key: str) -> Conversation:
         voice="moshika",
         voice_mode="native",
         session_ttl_s=60,
+        reader=app.state.outputs,
         max_sessions=app.state.settings.max_sessions_per_key,
         leases=app.state.leases,
         transcripts=app.state.transcripts,
