@@ -433,6 +433,34 @@ class SessionOwnership:
 
         await keep_running(f"{self.group} failover", loop, stop)
 
+    def start_loops(
+        self,
+        tasks: asyncio.TaskGroup,
+        stop: asyncio.Event,
+        *,
+        apply: Callable[[ControlMessage], Awaitable[None]],
+        sessions: Callable[[], Iterable[str]],
+        on_over: Callable[[str, Liveness], Awaitable[None]],
+        capacity: Callable[[], int],
+        on_takeover: Callable[[Takeover], Awaitable[None]],
+        check_s: float,
+        poll_s: float,
+        placing: asyncio.Lock | None = None,
+    ) -> None:
+        """The loops every owner runs beside its own work: its sessions' control streams (`apply`), their
+        liveness (`on_over`) and the failover of dead workers' sessions (`on_takeover`)."""
+        tasks.create_task(self.follow_control(stop, apply), name=f"{self.group} control")
+        tasks.create_task(
+            self.watch(stop, sessions=sessions, on_over=on_over, check_s=check_s),
+            name=f"{self.group} liveness",
+        )
+        tasks.create_task(
+            self.follow_failures(
+                stop, capacity=capacity, on_takeover=on_takeover, poll_s=poll_s, placing=placing
+            ),
+            name=f"{self.group} failover",
+        )
+
     async def follow_control(
         self, stop: asyncio.Event, apply: Callable[[ControlMessage], Awaitable[None]]
     ) -> None:

@@ -189,28 +189,17 @@ class DialogueWorker:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.consumer.run(stop), name="placement")
-                tasks.create_task(
-                    self.ownership.follow_failures(
-                        stop,
-                        capacity=lambda: len(self.batcher.free_rows()),
-                        on_takeover=self._on_takeover,
-                        poll_s=self.settings.failover_poll_s,
-                        placing=self._placing,
-                    ),
-                    name="failover",
-                )
-                tasks.create_task(
-                    self.ownership.follow_control(stop, self._apply_control),
-                    name="control",
-                )
-                tasks.create_task(
-                    self.ownership.watch(
-                        stop,
-                        sessions=lambda: list(self.sessions),
-                        on_over=self._on_over,
-                        check_s=self.settings.session_check_s,
-                    ),
-                    name="liveness",
+                self.ownership.start_loops(
+                    tasks,
+                    stop,
+                    apply=self._apply_control,
+                    sessions=lambda: list(self.sessions),
+                    on_over=self._on_over,
+                    capacity=lambda: len(self.batcher.free_rows()),
+                    on_takeover=self._on_takeover,
+                    check_s=self.settings.session_check_s,
+                    poll_s=self.settings.failover_poll_s,
+                    placing=self._placing,
                 )
                 tasks.create_task(keep_running("ticks", lambda: self._tick_loop(stop), stop), name="ticks")
         finally:

@@ -106,25 +106,17 @@ class Router:
         await self.ownership.set_leftovers_aside()
         own = self.ownership
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(own.follow_control(stop, self._apply), name="session_control")
             tasks.create_task(self.consumer.run(stop), name="control_group")
-            tasks.create_task(
-                own.follow_failures(
-                    stop,
-                    capacity=lambda: 1_000_000,  # routing is cheap: a router takes every orphan
-                    on_takeover=self._on_takeover,
-                    poll_s=self.settings.failover_poll_s,
-                ),
-                name="failover",
-            )
-            tasks.create_task(
-                own.watch(
-                    stop,
-                    sessions=lambda: list(self.sessions),
-                    on_over=self._on_over,
-                    check_s=self.settings.session_check_s,
-                ),
-                name="liveness",
+            own.start_loops(
+                tasks,
+                stop,
+                apply=self._apply,
+                sessions=lambda: list(self.sessions),
+                on_over=self._on_over,
+                capacity=lambda: 1_000_000,  # routing is cheap: a router takes every orphan
+                on_takeover=self._on_takeover,
+                check_s=self.settings.session_check_s,
+                poll_s=self.settings.failover_poll_s,
             )
             tasks.create_task(keep_running("route", lambda: self._route(stop), stop), name="route")
             tasks.create_task(

@@ -140,27 +140,19 @@ class TtsWorker:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.control.run(stop), name="tts-control-group")
                 tasks.create_task(self.request_consumer.run(stop), name="tts-requests")
-                tasks.create_task(own.follow_control(stop, self.apply), name="tts-session-control")
                 tasks.create_task(
                     self._follow_voice_events(voice_events_cursor, stop), name="tts-voice-events"
                 )
-                tasks.create_task(
-                    own.watch(
-                        stop,
-                        sessions=lambda: list(self.sessions),
-                        on_over=self._on_over,
-                        check_s=self.settings.session_check_s,
-                    ),
-                    name="tts-session-check",
-                )
-                tasks.create_task(
-                    own.follow_failures(
-                        stop,
-                        capacity=self.room,
-                        on_takeover=self._on_takeover,
-                        poll_s=self.settings.failover_poll_s,
-                    ),
-                    name="tts-failover",
+                own.start_loops(
+                    tasks,
+                    stop,
+                    apply=self.apply,
+                    sessions=lambda: list(self.sessions),
+                    on_over=self._on_over,
+                    capacity=self.room,
+                    on_takeover=self._on_takeover,
+                    check_s=self.settings.session_check_s,
+                    poll_s=self.settings.failover_poll_s,
                 )
         finally:
             await self._hand_over()
