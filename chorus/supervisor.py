@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from pydantic_settings import BaseSettings
 
-from chorus.devtools.redis_server import EmbeddedRedis
+from chorus.devtools.redis_server import EmbeddedRedis, free_port
 from shared.settings import CommonSettings
 
 log = logging.getLogger("chorus.up")
@@ -269,15 +269,23 @@ class GatewayAddress(BaseSettings):
         return f"http://{host}:{self.port}"
 
 
+def service_ports(env: dict[str, str], gateway: GatewayAddress) -> set[int]:
+    """The ports the services will listen on (the gateway's, each worker's `CHORUS_*_PORT`): the embedded
+    Redis, started first on a port of its own choosing, must not take one of them."""
+    configured = (v for k, v in env.items() if k.startswith("CHORUS_") and k.endswith("_PORT"))
+    return {gateway.port, *(int(v) for v in configured if v.isdigit())}
+
+
 def up(port: int | None, services: Sequence[str] = SERVICE_ORDER) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s up       %(message)s")
     settings = CommonSettings()
     env = dict(os.environ)
     if port is not None:
         env["CHORUS_PORT"] = str(port)
+    gateway = GatewayAddress(port=port) if port is not None else GatewayAddress()
     redis = None
     if not settings.redis_url:
-        redis = EmbeddedRedis(own_process_group=True)
+        redis = EmbeddedRedis(own_process_group=True, port=free_port(taken=service_ports(env, gateway)))
         env["CHORUS_REDIS_URL"] = redis.url
     supervisor = Supervisor(
         services=[service_child(name, env) for name in services],
@@ -285,7 +293,6 @@ def up(port: int | None, services: Sequence[str] = SERVICE_ORDER) -> int:
     )
     watch = None
     if "gateway" in services:
-        gateway = GatewayAddress(port=port) if port is not None else GatewayAddress()
         ready_line = f"chorus is ready: {gateway.base_url()} ({', '.join(services)})"
         watch = ReadinessWatch(f"{gateway.base_url()}/readyz", ready_line)
 

@@ -46,7 +46,9 @@ class ChorusUp:
     """A running `chorus up` on tiny checkpoints, with its own ports and its log in a file."""
 
     def __init__(self, tmp_path: Path, checkpoints: Path, extra_env: dict[str, str]) -> None:
-        self.ports = {name: free_port() for name in ("gateway", *SERVICES)}
+        self.ports: dict[str, int] = {}
+        for name in ("gateway", *SERVICES):
+            self.ports[name] = free_port(self.ports.values())
         self.log_path = tmp_path / "up.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
         env.update(
