@@ -8,7 +8,14 @@ import logging
 import pytest
 
 from chorus.devtools.redis_server import free_port
-from chorus.supervisor import Backoff, ReadinessWatch, describe_exit, probe_ready
+from chorus.supervisor import (
+    Backoff,
+    GatewayAddress,
+    ReadinessWatch,
+    describe_exit,
+    probe_ready,
+    service_ports,
+)
 
 
 def test_backoff_doubles_per_crash_in_a_row_up_to_30_s() -> None:
@@ -63,3 +70,10 @@ def test_a_gateway_that_does_not_answer_is_not_ready() -> None:
     ready, why = probe_ready(f"http://127.0.0.1:{free_port()}/readyz", timeout_s=0.5)
     assert not ready
     assert "does not answer" in why
+
+
+def test_the_embedded_redis_avoids_every_port_a_service_is_configured_with() -> None:
+    env = {"CHORUS_DIALOGUE_HTTP_PORT": "25001", "CHORUS_TTS_HTTP_PORT": "0", "CHORUS_KEY_PREFIX": "x:"}
+    ports = service_ports(env, GatewayAddress(port=25000))
+    assert ports == {25000, 25001, 0}
+    assert free_port(taken=ports) not in ports
