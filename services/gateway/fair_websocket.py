@@ -84,5 +84,9 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
         if self.transport.can_write_eof():
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError:  # the client is already gone (ENOTCONN): nothing left to half-close
+                self.transport.close()
+                return
         self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
