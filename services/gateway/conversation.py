@@ -103,7 +103,6 @@ class Conversation:
     async def start(self) -> None:
         """Open the session: count it against its owner's limit, write its hash and lease, and hand its
         `start` to the workers. A dialogue slot is waited for in `wait_ready`."""
-        self.lifetime.started_at = time.monotonic()
         try:
             await self.store.register(self.owner, self.session_id, self.max_sessions)
         except RateLimited:
@@ -149,6 +148,7 @@ class Conversation:
             for message in messages:
                 if isinstance(message, SessionEvent):
                     if message.name in (EventName.READY, EventName.RESUMED):
+                        self.lifetime.started_at = time.monotonic()  # the maximum length counts from here
                         return
                     if message.name in (EventName.NO_CAPACITY, EventName.ERROR, EventName.ENDED):
                         raise NoCapacity(message.detail or f"session refused: {message.name}")

@@ -1,7 +1,8 @@
 """A session's lifetime policies, as the gateway enforces them: a maximum length and an idle timeout.
 
 The gateway enforces both because it owns the socket and the session's lease: ending the session is its
-`Conversation.stop`, whatever the reason. The maximum length is wall-clock time from the session's start.
+`Conversation.stop`, whatever the reason. The maximum length is wall-clock time from the session's
+`ready` (the wait for a slot and the priming do not count: the user gets all of it).
 Idleness is "no user speech": the router's speech detector already turns the user's audio into
 `speech_started` / `speech_stopped` events on `:out`, so the gateway counts the output frames (one per
 80 ms dialogue tick) since the user last stopped speaking, and none while they speak. Time in frames, not

@@ -83,8 +83,9 @@ class GatewaySettings(CommonSettings):
     max_session_s: float = Field(
         default=3600.0,
         ge=0,
-        description="Longest a session lasts, from its start (placement included); then the gateway ends "
-        "it (`session_expired`: a realtime `error`, a moshi 0x05, close 1000). 0 = no limit.",
+        description="Longest a session lasts, from the moment it is ready (the wait for a slot and the "
+        "priming not counted); then the gateway ends it (`session_expired`: a realtime `error`, a moshi "
+        "0x05, close 1000). 0 = no limit.",
     )
     idle_timeout_s: float = Field(
         default=0.0,
