@@ -8,6 +8,9 @@ Idleness is "no user speech": the router's speech detector already turns the use
 80 ms dialogue tick) since the user last stopped speaking, and none while they speak. Time in frames, not
 the wall clock: a session whose pipeline stalls (a failover) is not idle meanwhile, and the tests play it
 frame by frame.
+
+A router taken over mid-utterance starts its detector afresh and may never send that utterance's
+`speech_stopped`: the session is then not idle until the user speaks again (the maximum length holds).
 """
 
 from __future__ import annotations
