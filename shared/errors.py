@@ -146,6 +146,30 @@ class SessionLost(ChorusError):
     retryable = True
 
 
+class LifetimeReached(ChorusError):
+    """A session's lifetime policy ended it (the gateway enforces them): a normal end, not a failure. The
+    socket closes with 1000 and the code as its reason; the client may start a new session."""
+
+    code = "lifetime_reached"
+    status = 410
+    title = "Session lifetime reached"
+
+
+class SessionExpired(LifetimeReached):
+    """The session reached its maximum length (`CHORUS_MAX_SESSION_S`)."""
+
+    code = "session_expired"
+    title = "Session expired"
+
+
+class IdleTimeout(LifetimeReached):
+    """No user speech for the session's idle timeout (`CHORUS_IDLE_TIMEOUT_S`, or realtime
+    `idle_timeout_ms`)."""
+
+    code = "idle_timeout"
+    title = "Idle timeout"
+
+
 class GatewayTimeout(ChorusError):
     """A worker the request needs did not answer in time (busy, or gone meanwhile)."""
 

@@ -66,6 +66,7 @@ TTS_REQUESTS_DROPPED = Counter(
 UPLOAD_REJECTIONS = Counter("chorus_voice_upload_rejections_total", "Rejected voice uploads", ["reason"])
 UPLOADS_IN_PROGRESS = Gauge("chorus_voice_uploads_in_progress", "Voice uploads this gateway is processing")
 SESSIONS_REJECTED = Counter("chorus_sessions_rejected_total", "Sessions refused at start", ["reason"])
+SESSIONS_ENDED = Counter("chorus_sessions_ended_total", "Sessions a gateway ended, by why", ["reason"])
 LIMIT_REJECTIONS = Counter(
     "chorus_limit_rejections_total", "Requests or messages refused by a gateway limit", ["limit"]
 )

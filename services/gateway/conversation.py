@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from services.gateway.leases import LeaseKeeper
+from services.gateway.lifetime import Lifetime
 from shared import metrics
 from shared.audio import FloatAudio, FrameSplitter, float_to_pcm16
 from shared.bus import Bus, SharedReader
@@ -72,6 +73,8 @@ class Conversation:
         lease_s: float = 30.0,
         leases: LeaseKeeper | None = None,
         transcripts: TranscriptLog | None = None,
+        max_session_s: float = 0.0,
+        idle_timeout_s: float = 0.0,
     ) -> None:
         self.bus = bus
         self.reader = reader  # the gateway's one reader of every session's `:out`
@@ -85,6 +88,7 @@ class Conversation:
         self.lease_s = lease_s
         self.leases = leases
         self.transcripts = transcripts
+        self.lifetime = Lifetime(max_session_s, idle_timeout_s)  # `outputs` ends the session by it
         self._splitter = FrameSplitter()
         self._seq = 0
         self._lost: str | None = None  # why the session ended without this gateway (see LeaseKeeper)
@@ -144,6 +148,7 @@ class Conversation:
             for message in messages:
                 if isinstance(message, SessionEvent):
                     if message.name in (EventName.READY, EventName.RESUMED):
+                        self.lifetime.started_at = time.monotonic()  # the maximum length counts from here
                         return
                     if message.name in (EventName.NO_CAPACITY, EventName.ERROR, EventName.ENDED):
                         raise NoCapacity(message.detail or f"session refused: {message.name}")
@@ -197,7 +202,8 @@ class Conversation:
         """The router's output for this session, in order, without repeats. Waits out a short Redis
         outage; raises
         SessionLost when the session ended without this gateway, ServiceUnavailable when Redis stays
-        away longer than the session's lease (workers will have ended it by then)."""
+        away longer than the session's lease (workers will have ended it by then), and the
+        LifetimeReached error of a lifetime policy that ends it (`lifetime.py`)."""
         cursor = start
         backoff = Backoff()
         outage_since: float | None = None
@@ -205,6 +211,8 @@ class Conversation:
         while True:
             if self._lost is not None:
                 raise SessionLost(_LOST_REASONS.get(self._lost, self._lost), reason=self._lost)
+            if (reached := self.lifetime.reached(time.monotonic())) is not None:
+                raise reached
             try:
                 messages, cursor = await self._read_outputs(cursor)
             except Exception as exc:
@@ -221,6 +229,7 @@ class Conversation:
                 if message.seq <= last_seq:
                     continue
                 last_seq = message.seq
+                self.lifetime.observe(message)
                 metrics.STREAM_LAG.labels(stream_kind="out").observe(
                     max(0.0, time.time() - message.created_at)
                 )
@@ -275,6 +284,7 @@ class Conversation:
         if not self.started:
             return
         metrics.SESSIONS_ACTIVE.labels(service="gateway").dec()
+        metrics.SESSIONS_ENDED.labels(reason=reason).inc()
         task = asyncio.create_task(self._end(reason), name=f"stop-{self.session_id}")
         _stopping.add(task)
         task.add_done_callback(_stopping.discard)

@@ -56,6 +56,10 @@ class SessionDetail(SessionSummary):
     workers: dict[str, str]
     counters: dict[str, int]
     transcript: list[dict[str, Any]]
+    ended_at: float | None = Field(default=None, description="None while the session runs")
+    end_reason: str | None = Field(
+        default=None, description="Why it ended: `client_closed`, `session_expired`, `idle_timeout`, ..."
+    )
 
 
 class SessionList(BaseModel):
@@ -126,6 +130,8 @@ async def get_session(session_id: str, request: Request, owner: Owner) -> Sessio
         workers={**info.workers, **info.owners},
         counters=info.counters,
         transcript=await store.transcript(session_id),
+        ended_at=info.ended_at,
+        end_reason=info.end_reason,
     )
 
 

@@ -80,6 +80,20 @@ class GatewaySettings(CommonSettings):
     session_lease_renew_s: float = Field(
         default=5.0, gt=0, description="How often the gateway renews the leases of its live sessions."
     )
+    max_session_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Longest a session lasts, from the moment it is ready (the wait for a slot and the "
+        "priming not counted); then the gateway ends it (`session_expired`: a realtime `error`, a moshi "
+        "0x05, close 1000). 0 = no limit.",
+    )
+    idle_timeout_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="A session whose user says nothing for this long (the router's speech detector, counted "
+        "in 80 ms output frames) is ended (`idle_timeout`); realtime clients may ask for a shorter one "
+        "(`idle_timeout_ms`). 0 = off.",
+    )
     redis_max_memory_share: float = Field(
         default=0.9,
         gt=0,

@@ -5,6 +5,7 @@ becomes responses in `response_carver` (Moshi speaks continuously, so a response
 speech, closed after `CHORUS_REALTIME_RESPONSE_END_FRAMES` quiet frames); the loops run in
 `session_socket.run_loops`. The dialogue session starts on the first `input_audio_buffer.append`, so a
 `session.update` sent first (instructions -> persona primer, voice) shapes the whole conversation.
+`turn_detection.idle_timeout_ms` sets the session's idle timeout (`lifetime.py`), within the gateway's.
 """
 
 from __future__ import annotations
@@ -46,11 +47,14 @@ from services.gateway.protocols.session_socket import (
 from services.gateway.settings import GatewaySettings
 from shared import metrics
 from shared.audio import FRAME_SEC, SAMPLE_RATE, pcm16_to_float
-from shared.errors import ChorusError, ClientNotReading, InvalidRequest
+from shared.errors import ChorusError, ClientNotReading, IdleTimeout, InvalidRequest, LifetimeReached
 from shared.messages import EventName, SessionEvent, native_voice_for
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+
+MIN_IDLE_TIMEOUT_MS = 1000  # shorter ones would end a session between two words
+MAX_IDLE_TIMEOUT_MS = 24 * 3600 * 1000  # the bound when the gateway sets neither limit
 
 
 @router.websocket("/v1/realtime")
@@ -83,6 +87,21 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     log.info("realtime session closed", extra={**session.log_extra, "reason": ending.reason})
 
 
+def idle_timeout_s(value_ms: int | None, settings: GatewaySettings) -> float:
+    """The idle timeout a client's `idle_timeout_ms` asks for, in seconds (None: the gateway's own). A
+    client may shorten the gateway's idle timeout, never lengthen it past that or the maximum length."""
+    if value_ms is None:
+        return settings.idle_timeout_s
+    limits_ms = [round(s * 1000) for s in (settings.idle_timeout_s, settings.max_session_s) if s]
+    most_ms = min(limits_ms, default=MAX_IDLE_TIMEOUT_MS)
+    if not MIN_IDLE_TIMEOUT_MS <= value_ms <= most_ms:
+        raise InvalidRequest(
+            f"turn_detection.idle_timeout_ms must be from {MIN_IDLE_TIMEOUT_MS} to {most_ms} "
+            f"(or null: the server's own), not {value_ms}"
+        )
+    return value_ms / 1000
+
+
 def _error_event(error: ChorusError) -> ev.ErrorEvent:
     kind = "server_error" if error.status >= 500 else "invalid_request_error"
     return ev.ErrorEvent(error=ev.ErrorDetail(type=kind, code=error.code, message=error.detail))
@@ -98,6 +117,7 @@ class RealtimeSession:
         self.instructions = ""
         self.voice = native_voice_for(model)
         self.persona_id = websocket.query_params.get("persona")
+        self.idle_timeout_s = settings.idle_timeout_s  # a client's `idle_timeout_ms` may shorten it
         # Opened by the first audio; from then on, however the socket ends, the conversation is stopped.
         self.conversation: Conversation | None = None
         self.queue: SendQueue[str] = SendQueue(
@@ -114,7 +134,13 @@ class RealtimeSession:
             model=self.model,
             instructions=self.instructions,
             audio={
-                "input": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}},
+                "input": {
+                    "format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
+                    "turn_detection": {
+                        "type": "server_vad",
+                        "idle_timeout_ms": round(self.idle_timeout_s * 1000) or None,
+                    },
+                },
                 "output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}, "voice": self.voice},
             },
         )
@@ -201,6 +227,8 @@ class RealtimeSession:
         if voice is not None:
             voice = check_voice(voice)
             await check_voice_owned(self.websocket, self.owner, voice)
+        sets_idle, idle_ms = config.idle_timeout_update()
+        idle_s = idle_timeout_s(idle_ms, self.settings) if sets_idle else self.idle_timeout_s
         if config.instructions is not None:
             if self.conversation is not None and config.instructions != self.instructions:
                 raise InvalidRequest(
@@ -212,6 +240,9 @@ class RealtimeSession:
             self.voice = voice
             if self.conversation is not None:
                 await self.conversation.update(voice=voice)
+        self.idle_timeout_s = idle_s
+        if self.conversation is not None:
+            self.conversation.lifetime.idle_s = idle_s
         self.send(ev.SessionUpdated(session=self.session_object()))
 
     async def append_audio(self, audio_b64: str) -> None:
@@ -236,7 +267,13 @@ class RealtimeSession:
             self.websocket, self.owner, self.persona_id, self.instructions or None
         )
         conversation = open_conversation(
-            self.websocket, self.owner, persona, self.voice, "auto", session_id=self.session_id
+            self.websocket,
+            self.owner,
+            persona,
+            self.voice,
+            "auto",
+            session_id=self.session_id,
+            idle_timeout_s=self.idle_timeout_s,
         )
         self.conversation = conversation
         try:
@@ -255,12 +292,31 @@ class RealtimeSession:
     async def emit_loop(self) -> None:
         await self.started.wait()
         assert self.conversation is not None
-        async for message in self.conversation.outputs():
-            if isinstance(message, SessionEvent) and message.name == EventName.ENDED:
-                break
-            heard_ms = int(self.conversation.frames_sent * FRAME_SEC * 1000)
-            self.send_all(self.carver.on_output(message, heard_ms))
+        try:
+            async for message in self.conversation.outputs():
+                if isinstance(message, SessionEvent) and message.name == EventName.ENDED:
+                    break
+                self.send_all(self.carver.on_output(message, self._heard_ms()))
+        except LifetimeReached as reached:
+            self.send_all(self.carver.finish())
+            if isinstance(reached, IdleTimeout):
+                self.send(self._timeout_triggered())
+            raise  # the error event and the close follow (`run_loops`)
         self.send_all(self.carver.finish())
+
+    def _heard_ms(self) -> int:
+        """The user audio appended so far, in ms: the clock of the Realtime speech events."""
+        assert self.conversation is not None
+        return int(self.conversation.frames_sent * FRAME_SEC * 1000)
+
+    def _timeout_triggered(self) -> ev.InputAudioBufferTimeoutTriggered:
+        """The silent stretch that ended the session, in the appended audio's offsets."""
+        assert self.conversation is not None
+        end_ms = self._heard_ms()
+        start_ms = max(0, end_ms - self.conversation.lifetime.quiet_ms)
+        return ev.InputAudioBufferTimeoutTriggered(
+            audio_start_ms=start_ms, audio_end_ms=end_ms, item_id=new_id("item")
+        )
 
     async def _send_loop(self) -> None:
         # Ends when the client leaves, or stops reading (the queue closed: the session ends with 1008).

@@ -36,8 +36,16 @@ class AudioFormat(_Lenient):
     rate: int | None = None
 
 
+class TurnDetection(_Lenient):
+    """Chorus always detects speech (the router's server VAD); of this only `idle_timeout_ms` is used."""
+
+    type: str | None = None
+    idle_timeout_ms: Annotated[int, Field(strict=True)] | None = None
+
+
 class AudioInput(_Lenient):
     format: AudioFormat | None = None
+    turn_detection: TurnDetection | None = None
 
 
 class AudioOutput(_Lenient):
@@ -59,11 +67,23 @@ class SessionConfig(_Lenient):
     input_audio_format: str | None = None
     output_audio_format: str | None = None
     temperature: float | None = None
+    turn_detection: TurnDetection | None = None
 
     def requested_voice(self) -> str | None:
         if self.audio and self.audio.output and self.audio.output.voice:
             return self.audio.output.voice
         return self.voice
+
+    def idle_timeout_update(self) -> tuple[bool, int | None]:
+        """Whether this update sets the idle timeout, and to what (None: the gateway's own). A
+        `turn_detection` object replaces the last one, as in OpenAI's API: one without `idle_timeout_ms`,
+        or null, clears it."""
+        audio_input = self.audio.input if self.audio else None
+        for holder in (audio_input, self):
+            if holder is not None and "turn_detection" in holder.model_fields_set:
+                detection = holder.turn_detection
+                return True, detection.idle_timeout_ms if detection else None
+        return False, None
 
     def input_format_problem(self) -> str | None:
         """Why the requested input format is unusable, or None (only 24 kHz PCM16 is accepted)."""
@@ -260,6 +280,17 @@ class SpeechStarted(ServerEvent):
 
 class SpeechStopped(ServerEvent):
     type: Literal["input_audio_buffer.speech_stopped"] = "input_audio_buffer.speech_stopped"
+    audio_end_ms: int
+    item_id: str
+
+
+class InputAudioBufferTimeoutTriggered(ServerEvent):
+    """The idle timeout ended the session: no user speech from `audio_start_ms` to `audio_end_ms` (offsets
+    in the audio the client appended). OpenAI's server answers with a response; Chorus ends the session
+    (an `error` with code `idle_timeout` follows, then the close)."""
+
+    type: Literal["input_audio_buffer.timeout_triggered"] = "input_audio_buffer.timeout_triggered"
+    audio_start_ms: int
     audio_end_ms: int
     item_id: str
 

@@ -25,7 +25,14 @@ from services.gateway.auth import KeyRing
 from services.gateway.conversation import Conversation
 from services.gateway.problems import outage_error
 from services.gateway.settings import GatewaySettings
-from shared.errors import ChorusError, ClientNotReading, InvalidRequest, NotFound, Unauthorized
+from shared.errors import (
+    ChorusError,
+    ClientNotReading,
+    InvalidRequest,
+    LifetimeReached,
+    NotFound,
+    Unauthorized,
+)
 from shared.messages import PersonaSpec, VoiceMode, parse_voice, profile_id_of
 from shared.runtime import cancel_and_wait
 from shared.voice_profiles import VoiceProfileStore
@@ -58,8 +65,8 @@ class Ending:
 
     @property
     def close_code(self) -> int:
-        if self.error is None:
-            return 1000
+        if self.error is None or isinstance(self.error, LifetimeReached):
+            return 1000  # a lifetime policy ends a session normally: the close reason says which
         if isinstance(self.error, (ClientNotReading, Unauthorized)):
             return POLICY_VIOLATION
         return 1013 if self.error.retryable else 1011  # 1013: try again later
@@ -113,7 +120,10 @@ def open_conversation(
     voice_mode: VoiceMode,
     *,
     session_id: str | None = None,
+    idle_timeout_s: float | None = None,
 ) -> Conversation:
+    """A Conversation under this gateway's settings; `idle_timeout_s` overrides CHORUS_IDLE_TIMEOUT_S (a
+    realtime client's `idle_timeout_ms`, already bounded)."""
     settings: GatewaySettings = websocket.app.state.settings
     state = websocket.app.state
     return Conversation(
@@ -129,6 +139,8 @@ def open_conversation(
         leases=state.leases,
         transcripts=state.transcripts,
         reader=state.outputs,
+        max_session_s=settings.max_session_s,
+        idle_timeout_s=settings.idle_timeout_s if idle_timeout_s is None else idle_timeout_s,
     )
 
 
@@ -208,6 +220,11 @@ async def guarded(work: Awaitable[None], log_extra: dict[str, str], report: Repo
         return Ending(exc.reason)
     except WebSocketDisconnect as exc:
         return Ending(closed_reason(exc.code))
+    except LifetimeReached as exc:
+        extra = {**log_extra, "reason": exc.code}
+        log.info("session ended by its lifetime policy: %s", exc.detail, extra=extra)
+        report(exc)
+        return Ending(exc.code, exc)
     except ChorusError as exc:
         log.warning("session failed: %s", exc.detail, extra=log_extra)
         report(exc)
