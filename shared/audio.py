@@ -124,3 +124,76 @@ def wav_to_pcm16(data: bytes) -> tuple[bytes, int]:
         if wav.getnchannels() != 1 or wav.getsampwidth() != 2:
             raise ValueError("expected a mono 16-bit WAV")
         return wav.readframes(wav.getnframes()), wav.getframerate()
+
+
+# --- G.711 (telephony: 8 kHz, one byte a sample) ----------------------------------------------------
+# The ITU-T G.711 tables, computed once with numpy as the reference `g711.c` does it (Python's `audioop`
+# is gone in 3.13): decoding looks a byte up in 256 samples, encoding a sample up in 65536 bytes.
+
+G711_RATE = 8000
+
+_ULAW_SEGMENT_ENDS = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF])
+_ALAW_SEGMENT_ENDS = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF])
+_ALL_PCM16 = np.arange(-32768, 32768, dtype=np.int64)
+_ALL_BYTES = np.arange(256, dtype=np.int64)
+
+
+def _ulaw_encode_table() -> npt.NDArray[np.uint8]:
+    value = _ALL_PCM16 >> 2  # 14-bit
+    mask = np.where(value < 0, 0x7F, 0xFF)
+    value = np.minimum(np.abs(value), 8159) + 0x21
+    segment = np.searchsorted(_ULAW_SEGMENT_ENDS, value)
+    code = (segment << 4) | ((value >> (segment + 1)) & 0xF)
+    table: npt.NDArray[np.uint8] = (np.where(segment >= 8, 0x7F, code) ^ mask).astype(np.uint8)
+    return table
+
+
+def _ulaw_decode_table() -> npt.NDArray[np.int16]:
+    inverted = ~_ALL_BYTES & 0xFF
+    magnitude = (((inverted & 0xF) << 3) + 0x84) << ((inverted & 0x70) >> 4)
+    return np.where(inverted & 0x80, 0x84 - magnitude, magnitude - 0x84).astype(np.int16)
+
+
+def _alaw_encode_table() -> npt.NDArray[np.uint8]:
+    value = _ALL_PCM16 >> 3  # 13-bit
+    mask = np.where(value >= 0, 0xD5, 0x55)
+    value = np.where(value >= 0, value, -value - 1)
+    segment = np.searchsorted(_ALAW_SEGMENT_ENDS, value)
+    low = np.where(segment < 2, value >> 1, value >> np.maximum(segment, 1)) & 0xF
+    code = (segment << 4) | low
+    table: npt.NDArray[np.uint8] = (np.where(segment >= 8, 0x7F, code) ^ mask).astype(np.uint8)
+    return table
+
+
+def _alaw_decode_table() -> npt.NDArray[np.int16]:
+    flipped = _ALL_BYTES ^ 0x55
+    segment = (flipped & 0x70) >> 4
+    base = ((flipped & 0xF) << 4) + np.where(segment == 0, 8, 0x108)
+    magnitude = np.where(segment > 1, base << np.maximum(segment - 1, 0), base)
+    return np.where(flipped & 0x80, magnitude, -magnitude).astype(np.int16)
+
+
+_G711_ENCODE = {"pcmu": _ulaw_encode_table(), "pcma": _alaw_encode_table()}
+_G711_DECODE = {"pcmu": _ulaw_decode_table(), "pcma": _alaw_decode_table()}
+
+
+def g711_encode(pcm: bytes, law: str) -> bytes:
+    """PCM16 LE bytes -> G.711 bytes (`law`: "pcmu" or "pcma"), one byte a sample, at the same rate."""
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.int64) + 32768
+    return _G711_ENCODE[law][samples].tobytes()
+
+
+def g711_decode(data: bytes, law: str) -> bytes:
+    """G.711 bytes (`law`: "pcmu" or "pcma") -> PCM16 LE bytes, at the same rate."""
+    return _G711_DECODE[law][np.frombuffer(data, dtype=np.uint8)].astype("<i2").tobytes()
+
+
+class StreamResampler:
+    """Resamples a stream chunk by chunk without clicks at the chunk edges (soxr keeps its filter state
+    across chunks); mono float32 in and out."""
+
+    def __init__(self, from_rate: int, to_rate: int) -> None:
+        self._stream = soxr.ResampleStream(from_rate, to_rate, 1, dtype="float32")
+
+    def push(self, samples: FloatAudio) -> FloatAudio:
+        return np.asarray(self._stream.resample_chunk(samples.astype(np.float32, copy=False)), np.float32)

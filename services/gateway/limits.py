@@ -140,6 +140,27 @@ class RateLimits:
             return None
         return await self._hit(self.requests, owner or "anonymous", "requests_per_minute", "requests")
 
+    async def left(self, owner: str) -> list[dict[str, Any]]:
+        """What is left of `owner`'s request budget, as a realtime `rate_limits.updated` lists it (nothing
+        when the gateway sets no budget, or cannot count without Redis)."""
+        if self.requests is None:
+            return []
+        try:
+            stats = await self.windows.limiter.get_window_stats(self.requests, owner or "anonymous")
+        except Exception as exc:
+            if outage_error(exc) is None:
+                raise
+            return []
+        reset_s = max(0.0, stats.reset_time - time.time())
+        return [
+            {
+                "name": "requests",
+                "limit": self.requests.amount,
+                "remaining": stats.remaining,
+                "reset_seconds": reset_s,
+            }
+        ]
+
     async def auth_failure(self, client_ip: str) -> ChorusError | None:
         """Count a missing or unknown credential from this client: a 429 once over budget, or None."""
         what = "requests with a missing or unknown API key from your address"

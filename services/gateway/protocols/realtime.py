@@ -6,6 +6,12 @@ speech, closed after `CHORUS_REALTIME_RESPONSE_END_FRAMES` quiet frames); the lo
 `session_socket.run_loops`. The dialogue session starts on the first `input_audio_buffer.append`, so a
 `session.update` sent first (instructions -> persona primer, voice) shapes the whole conversation.
 `turn_detection.idle_timeout_ms` sets the session's idle timeout (`lifetime.py`), within the gateway's.
+
+A client that connects with `OpenAI-Beta: realtime=v1` is answered in the beta dialect
+(`realtime_events.wire`); audio is decoded and encoded in the session's formats (`realtime_audio`); the
+conversation's items are kept for retrieve / delete / truncate (`realtime_items`). What Moshi cannot do
+(text turns, function calls) is refused with an `error` whose code says so. docs/protocols.md has the
+conformance table.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from starlette.websockets import WebSocketDisconnect
 
 from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
-from services.gateway.limits import SocketLimits
+from services.gateway.limits import RateLimits, SocketLimits
 from services.gateway.protocols import realtime_events as ev
+from services.gateway.protocols.realtime_audio import RealtimeAudio
+from services.gateway.protocols.realtime_items import ConversationItems, Item
 from services.gateway.protocols.response_carver import ResponseCarver, new_id
 from services.gateway.protocols.send_queue import SendQueue
 from services.gateway.protocols.session_socket import (
@@ -46,7 +54,7 @@ from services.gateway.protocols.session_socket import (
 )
 from services.gateway.settings import GatewaySettings
 from shared import metrics
-from shared.audio import FRAME_SEC, SAMPLE_RATE, pcm16_to_float
+from shared.audio import FRAME_SEC
 from shared.errors import ChorusError, ClientNotReading, IdleTimeout, InvalidRequest, LifetimeReached
 from shared.messages import EventName, SessionEvent, native_voice_for
 
@@ -75,7 +83,7 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         metrics.SESSIONS_REJECTED.labels(reason=exc.code).inc()
         # A refused client may have left already (key guessers do not wait): nothing to tell then.
         with contextlib.suppress(WebSocketDisconnect):
-            await websocket.send_text(_error_event(exc).model_dump_json())
+            await websocket.send_text(ev.wire(_error_event(exc)))
         await close_quietly(websocket, refusal_close_code(exc), exc.code)
         return
     model = websocket.query_params.get("model") or caller.model or "moshiko"
@@ -126,32 +134,47 @@ class RealtimeSession:
         self.limits = SocketLimits(settings, "realtime")
         self.started = asyncio.Event()  # set once the conversation is ready (it has a dialogue slot)
         self.early: deque[Message] = deque()  # received while waiting for the dialogue slot
-        self.carver = ResponseCarver(settings.realtime_response_end_frames)
+        self.items = ConversationItems()
+        self.carver = ResponseCarver(settings.realtime_response_end_frames, self.items)
+        self.audio = RealtimeAudio()
+        self.beta = "realtime=v1" in websocket.headers.get("openai-beta", "")  # the beta dialect
+        self.chorus_events = True  # `session.chorus_events: false` turns Chorus's own events off
+        self.appended_since_commit = False
 
-    def session_object(self) -> ev.SessionObject:
+    def session_object(self) -> ev.SessionObject | ev.BetaSessionObject:
+        idle_ms = round(self.idle_timeout_s * 1000) or None
+        if self.beta:
+            return ev.BetaSessionObject(
+                id=self.session_id,
+                instructions=self.instructions,
+                voice=self.voice,
+                input_audio_format=ev.beta_format(self.audio.input),
+                output_audio_format=ev.beta_format(self.audio.output),
+                turn_detection={"type": "server_vad", "idle_timeout_ms": idle_ms},
+            )
         return ev.SessionObject(
             id=self.session_id,
             model=self.model,
             instructions=self.instructions,
             audio={
                 "input": {
-                    "format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
-                    "turn_detection": {
-                        "type": "server_vad",
-                        "idle_timeout_ms": round(self.idle_timeout_s * 1000) or None,
-                    },
+                    "format": ev.ga_format(self.audio.input),
+                    "turn_detection": {"type": "server_vad", "idle_timeout_ms": idle_ms},
                 },
-                "output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}, "voice": self.voice},
+                "output": {"format": ev.ga_format(self.audio.output), "voice": self.voice},
             },
         )
 
     def send(self, event: ev.ServerEvent) -> None:
+        if isinstance(event, ev.ChorusEvent) and not self.chorus_events:
+            return
+        if isinstance(event, ev.OutputAudioDelta) and self.audio.output != "pcm16":
+            encoded = self.audio.encode_output(base64.b64decode(event.delta))
+            if not encoded:
+                return  # the resampler is still filling: the next delta carries this audio
+            event = event.model_copy(update={"delta": base64.b64encode(encoded).decode()})
         # Only audio may be dropped for a slow client: a lost event would break its transcript or state.
-        self.queue.put(event.model_dump_json(), droppable=isinstance(event, ev.OutputAudioDelta))
-
-    def send_all(self, events: list[ev.ServerEvent]) -> None:
-        for event in events:
-            self.send(event)
+        self.queue.put(ev.wire(event, beta=self.beta), droppable=isinstance(event, ev.OutputAudioDelta))
 
     @property
     def log_extra(self) -> dict[str, str]:
@@ -214,15 +237,85 @@ class RealtimeSession:
         elif isinstance(event, ev.InputAudioBufferClear):
             if self.conversation:
                 self.conversation.clear_input()
+            self.appended_since_commit = False
             self.send(ev.InputAudioBufferCleared())
+        elif isinstance(event, ev.InputAudioBufferCommit):
+            self.commit()
+        elif isinstance(event, ev.ConversationItemCreate):
+            await self.create_item(event.item)
+        else:
+            await self.dispatch_output(event)
+
+    async def dispatch_output(self, event: ev.ClientEvent) -> None:
+        """The client events about Moshi's side of the conversation and its items."""
+        if isinstance(event, ev.ResponseCreate):
+            self.create_response(event.response)
         elif isinstance(event, ev.ResponseCancel):
-            self.send_all(self.carver.cancel())
-        # input_audio_buffer.commit and response.create: Moshi listens and answers continuously.
+            if not self.carver.responding or event.response_id not in (None, self.carver.response_id):
+                raise ev.ResponseNotActive(f"no response {event.response_id or ''} in progress to cancel")
+            self.queue.drop_audio()  # not one more delta of it, even one already queued
+            await self.send_output(self.carver.cancel())
+        elif isinstance(event, ev.OutputAudioBufferClear):
+            response_id = self.carver.response_id
+            self.queue.drop_audio()
+            await self.send_output(self.carver.cancel())
+            if response_id is not None:
+                self.send(ev.OutputAudioBufferCleared(response_id=response_id))
+        elif isinstance(event, ev.ConversationItemTruncate):
+            if self.carver.responding and self.items.get(event.item_id).status == "in_progress":
+                self.queue.drop_audio()
+            await self.send_output(
+                self.carver.truncate(event.item_id, event.content_index, event.audio_end_ms)
+            )
+        elif isinstance(event, ev.ConversationItemRetrieve):
+            self.send(ev.ConversationItemRetrieved(item=self.items.get(event.item_id).wire()))
+        elif isinstance(event, ev.ConversationItemDelete):
+            self.items.delete(event.item_id)
+            self.send(ev.ConversationItemDeleted(item_id=event.item_id))
+
+    def create_response(self, params: ev.ResponseParams | None) -> None:
+        """Moshi answers when it wants to: a `response.create` is accepted and the next stretch of its
+        speech is the response. One in progress is refused, as OpenAI's server does."""
+        if params is not None:
+            ev.refuse_what_moshi_cannot_do(params.tools, params.output_modalities, params.modalities)
+        if self.carver.responding:
+            raise ev.ActiveResponse(f"response {self.carver.response_id} is in progress")
+
+    def commit(self) -> str:
+        """`input_audio_buffer.commit`: the audio appended since the last commit becomes a user item (Moshi
+        has heard it already: it listens continuously)."""
+        if not self.appended_since_commit:
+            raise ev.CommitEmpty("no audio was appended since the last commit")
+        self.appended_since_commit = False
+        return self.add_user_item(new_id("item"))
+
+    def add_user_item(self, item_id: str) -> str:
+        item = Item(item_id, "user")
+        previous = self.items.add(item)
+        self.send(ev.InputAudioBufferCommitted(item_id=item_id, previous_item_id=previous))
+        self.send(ev.ConversationItemCreated(previous_item_id=previous, item=item.wire()))
+        return item_id
+
+    async def create_item(self, item: ev.ItemIn) -> None:
+        """A user message of `input_audio` is heard (appended, then committed); text, other roles and
+        function calls are refused: Moshi hears audio only, and calls no functions."""
+        if item.type in ("function_call", "function_call_output"):
+            raise ev.FunctionCallsNotSupported("Moshi cannot call functions")
+        if item.type != "message" or item.role != "user":
+            raise ev.TextInputNotSupported(
+                f"only a user message of input_audio can be added, not a {item.role or ''} {item.type}"
+            )
+        audio = [part.audio for part in item.content if part.type == "input_audio" and part.audio]
+        if len(audio) != len(item.content) or not audio:
+            raise ev.TextInputNotSupported("Moshi hears audio only: send content of type input_audio")
+        for part in audio:
+            await self.append_audio(part)
+        self.appended_since_commit = False
+        self.add_user_item(item.id or new_id("item"))
 
     async def update_session(self, config: ev.SessionConfig) -> None:
-        problem = config.input_format_problem()
-        if problem:
-            raise InvalidRequest(problem)
+        config.refuse_what_moshi_cannot_do()
+        input_codec, output_codec = config.codecs()
         voice = config.requested_voice()
         if voice is not None:
             voice = check_voice(voice)
@@ -243,24 +336,28 @@ class RealtimeSession:
         self.idle_timeout_s = idle_s
         if self.conversation is not None:
             self.conversation.lifetime.idle_s = idle_s
+        self.audio.set_formats(input_codec, output_codec)
+        if config.chorus_events is not None:
+            self.chorus_events = config.chorus_events
         self.send(ev.SessionUpdated(session=self.session_object()))
 
     async def append_audio(self, audio_b64: str) -> None:
         try:
-            pcm = base64.b64decode(audio_b64, validate=True)
+            data = base64.b64decode(audio_b64, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise InvalidRequest(f"audio is not valid base64: {exc}") from None
-        if len(pcm) % 2:
+        if self.audio.input == "pcm16" and len(data) % 2:
             raise InvalidRequest("audio must be PCM16: an even number of bytes")
-        if not pcm:
+        if not data:
             return
         # Waits while the client sends audio faster than its pace (backpressure).
-        if refused := await self.limits.pace_audio(len(pcm) / (2 * SAMPLE_RATE)):
+        if refused := await self.limits.pace_audio(self.audio.input_seconds(data)):
             raise refused
         if self.conversation is None:
             await self.start_conversation()
         assert self.conversation is not None
-        await self.conversation.send_audio(pcm16_to_float(pcm))
+        self.appended_since_commit = True
+        await self.conversation.send_audio(self.audio.decode_input(data))
 
     async def start_conversation(self) -> None:
         persona = await resolve_persona(
@@ -296,13 +393,30 @@ class RealtimeSession:
             async for message in self.conversation.outputs():
                 if isinstance(message, SessionEvent) and message.name == EventName.ENDED:
                     break
-                self.send_all(self.carver.on_output(message, self._heard_ms()))
+                await self.send_output(self.carver.on_output(message, self._heard_ms()))
         except LifetimeReached as reached:
-            self.send_all(self.carver.finish())
+            await self.send_output(self.carver.finish())
             if isinstance(reached, IdleTimeout):
                 self.send(self._timeout_triggered())
             raise  # the error event and the close follow (`run_loops`)
-        self.send_all(self.carver.finish())
+        await self.send_output(self.carver.finish())
+
+    async def send_output(self, events: list[ev.ServerEvent]) -> None:
+        """The carver's events, each followed by what OpenAI's server sends after it: a user item when the
+        user stops speaking (server VAD commits), the caller's rate limits after a response."""
+        for event in events:
+            self.send(event)
+            if isinstance(event, ev.SpeechStopped):
+                self.appended_since_commit = False
+                self.add_user_item(event.item_id)
+            elif isinstance(event, ev.ResponseDone):
+                self.send(await self.rate_limits())
+
+    async def rate_limits(self) -> ev.RateLimitsUpdated:
+        limits: RateLimits = self.websocket.app.state.rate_limits
+        return ev.RateLimitsUpdated(
+            rate_limits=[ev.RateLimit(**limit) for limit in await limits.left(self.owner)]
+        )
 
     def _heard_ms(self) -> int:
         """The user audio appended so far, in ms: the clock of the Realtime speech events."""
@@ -324,7 +438,7 @@ class RealtimeSession:
             while True:
                 await self.websocket.send_text(await self.queue.get())
                 dropped = self.queue.take_drop_report()
-                if dropped:
+                if dropped and self.chorus_events:
                     await self.websocket.send_text(
                         ev.ChorusEvent(
                             name="audio_dropped",

@@ -4,8 +4,12 @@ its client parses them. Chorus-only additions are prefixed `chorus.` (ours, not 
 
 Both the GA `session.update` shape (`session.type = "realtime"`, `session.audio.output.voice`,
 `session.audio.input.format`) and the older beta shape (`session.voice`, `input_audio_format`) are
-accepted; `SessionConfig.voice()` / `.input_format_ok()` hide the difference. `parse_client_event` turns
+accepted; `SessionConfig.requested_voice()` / `.codecs()` hide the difference. `parse_client_event` turns
 a client's text message into its event, or into the error that tells the client why it is not one.
+
+Server events are modelled in the GA shape; `wire(event, beta=True)` writes one in the beta shape (the
+`OpenAI-Beta: realtime=v1` dialect: `response.audio.delta`, `modalities`, content type `audio`).
+Every event Chorus sends validates against the `openai` SDK's own types (tests/e2e/test_openai_sdk.py).
 """
 
 from __future__ import annotations
@@ -16,11 +20,69 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from shared.audio import G711_RATE, SAMPLE_RATE
+from shared.errors import InvalidRequest
 from shared.messages import PRIMER_MAX_CHARS
 
 
 def event_id() -> str:
     return "event_" + uuid.uuid4().hex[:20]
+
+
+# --- what Moshi cannot do: refused with a code of its own (docs/protocols.md) ------------------------
+
+
+class NotSupported(InvalidRequest):
+    code = "not_supported"
+
+
+class TextInputNotSupported(NotSupported):
+    """Moshi hears audio only: a user turn as text has no way in."""
+
+    code = "text_input_not_supported"
+
+
+class FunctionCallsNotSupported(NotSupported):
+    code = "function_calls_not_supported"
+
+
+class ItemNotFound(InvalidRequest):
+    code = "item_not_found"
+
+
+class ActiveResponse(InvalidRequest):
+    """OpenAI's own code for `response.create` while a response is in progress."""
+
+    code = "conversation_already_has_active_response"
+
+
+class ResponseNotActive(InvalidRequest):
+    """OpenAI's own code for `response.cancel` with no response in progress (or another one's id)."""
+
+    code = "response_cancel_not_active"
+
+
+class CommitEmpty(InvalidRequest):
+    """OpenAI's own code for `input_audio_buffer.commit` with no audio appended since the last one."""
+
+    code = "input_audio_buffer_commit_empty"
+
+
+# --- audio formats --------------------------------------------------------------------------------
+
+AudioCodec = Literal["pcm16", "pcmu", "pcma"]  # PCM16 24 kHz; G.711 μ-law / A-law 8 kHz
+GA_FORMATS: dict[str, AudioCodec] = {"audio/pcm": "pcm16", "audio/pcmu": "pcmu", "audio/pcma": "pcma"}
+BETA_FORMATS: dict[str, AudioCodec] = {"pcm16": "pcm16", "g711_ulaw": "pcmu", "g711_alaw": "pcma"}
+CODEC_RATES: dict[AudioCodec, int] = {"pcm16": SAMPLE_RATE, "pcmu": G711_RATE, "pcma": G711_RATE}
+
+
+def ga_format(codec: AudioCodec) -> dict[str, Any]:
+    ga_type = next(name for name, value in GA_FORMATS.items() if value == codec)
+    return {"type": ga_type, "rate": 24000} if codec == "pcm16" else {"type": ga_type}
+
+
+def beta_format(codec: AudioCodec) -> str:
+    return next(name for name, value in BETA_FORMATS.items() if value == codec)
 
 
 # --- client -> server -------------------------------------------------------------------------------
@@ -68,6 +130,11 @@ class SessionConfig(_Lenient):
     output_audio_format: str | None = None
     temperature: float | None = None
     turn_detection: TurnDetection | None = None
+    tools: list[Any] | None = None
+    output_modalities: list[str] | None = None
+    modalities: list[str] | None = None  # beta
+    # Ours, not part of the OpenAI API: false stops the `chorus.*` events for this session.
+    chorus_events: Annotated[bool, Field(strict=True)] | None = None
 
     def requested_voice(self) -> str | None:
         if self.audio and self.audio.output and self.audio.output.voice:
@@ -85,17 +152,59 @@ class SessionConfig(_Lenient):
                 return True, detection.idle_timeout_ms if detection else None
         return False, None
 
-    def input_format_problem(self) -> str | None:
-        """Why the requested input format is unusable, or None (only 24 kHz PCM16 is accepted)."""
-        if self.input_audio_format not in (None, "pcm16"):
-            return f"input_audio_format {self.input_audio_format!r} is not supported; use 'pcm16' (24 kHz)"
-        fmt = self.audio.input.format if self.audio and self.audio.input else None
-        if fmt is not None:
-            if fmt.type not in (None, "audio/pcm"):
-                return f"audio.input.format.type {fmt.type!r} is not supported; use 'audio/pcm'"
-            if fmt.rate not in (None, 24000):
-                return f"audio.input.format.rate {fmt.rate} is not supported; use 24000"
-        return None
+    def codecs(self) -> tuple[AudioCodec | None, AudioCodec | None]:
+        """The input and output codecs this update asks for (None: unchanged); raises `InvalidRequest`
+        for one Chorus does not speak."""
+        chosen: list[AudioCodec | None] = []
+        for side, beta in (("input", self.input_audio_format), ("output", self.output_audio_format)):
+            codec, problem = _codec_of(side, beta, self._ga_format(side))
+            if problem:
+                raise InvalidRequest(problem)
+            chosen.append(codec)
+        return chosen[0], chosen[1]
+
+    def _ga_format(self, side: str) -> AudioFormat | None:
+        holder = getattr(self.audio, side, None) if self.audio else None
+        return holder.format if holder is not None else None
+
+    def refuse_what_moshi_cannot_do(self) -> None:
+        refuse_what_moshi_cannot_do(self.tools, self.output_modalities, self.modalities)
+
+
+def refuse_what_moshi_cannot_do(
+    tools: list[Any] | None, output_modalities: list[str] | None, modalities: list[str] | None
+) -> None:
+    """Function tools and text-only output (of a session or a response) are refused."""
+    if tools:
+        raise FunctionCallsNotSupported("Moshi cannot call functions: send `tools` empty or not at all")
+    for name, chosen in (("output_modalities", output_modalities), ("modalities", modalities)):
+        if chosen is not None and "audio" not in chosen:
+            raise NotSupported(f"{name} must include 'audio': Moshi always speaks, not {excerpt(chosen)}")
+
+
+def _codec_of(side: str, beta: str | None, ga: AudioFormat | None) -> tuple[AudioCodec | None, str | None]:
+    """The codec a beta name or a GA format object names, or why it is not one Chorus speaks."""
+    if beta is not None:
+        if beta not in BETA_FORMATS:
+            return (
+                None,
+                f"{side}_audio_format {beta!r} is not supported; use one of {', '.join(BETA_FORMATS)}",
+            )
+        return BETA_FORMATS[beta], None
+    if ga is None or ga.type is None:
+        return None, None
+    if ga.type not in GA_FORMATS:
+        return (
+            None,
+            f"audio.{side}.format.type {ga.type!r} is not supported; use one of {', '.join(GA_FORMATS)}",
+        )
+    codec = GA_FORMATS[ga.type]
+    if ga.rate not in (None, CODEC_RATES[codec]):
+        return (
+            None,
+            f"audio.{side}.format.rate {ga.rate} is not supported for {ga.type}; use {CODEC_RATES[codec]}",
+        )
+    return codec, None
 
 
 class ClientEventBase(_Lenient):
@@ -120,13 +229,60 @@ class InputAudioBufferCommit(ClientEventBase):
     type: Literal["input_audio_buffer.commit"]
 
 
+class ResponseParams(_Lenient):
+    tools: list[Any] | None = None
+    output_modalities: list[str] | None = None
+    modalities: list[str] | None = None  # beta
+
+
 class ResponseCreate(ClientEventBase):
     type: Literal["response.create"]
+    response: ResponseParams | None = None
 
 
 class ResponseCancel(ClientEventBase):
     type: Literal["response.cancel"]
     response_id: str | None = None
+
+
+class ItemContentIn(_Lenient):
+    type: str
+    audio: str | None = None
+
+
+class ItemIn(_Lenient):
+    """A client's conversation item: only a user message of `input_audio` is something Moshi can hear."""
+
+    id: str | None = Field(default=None, max_length=64)
+    type: str
+    role: str | None = None
+    content: list[ItemContentIn] = Field(default_factory=list)
+
+
+class ConversationItemCreate(ClientEventBase):
+    type: Literal["conversation.item.create"]
+    item: ItemIn
+
+
+class ConversationItemRetrieve(ClientEventBase):
+    type: Literal["conversation.item.retrieve"]
+    item_id: str
+
+
+class ConversationItemDelete(ClientEventBase):
+    type: Literal["conversation.item.delete"]
+    item_id: str
+
+
+class ConversationItemTruncate(ClientEventBase):
+    type: Literal["conversation.item.truncate"]
+    item_id: str
+    content_index: Annotated[int, Field(strict=True, ge=0)] = 0
+    audio_end_ms: Annotated[int, Field(strict=True, ge=0)]
+
+
+class OutputAudioBufferClear(ClientEventBase):
+    type: Literal["output_audio_buffer.clear"]
 
 
 ClientEvent = Annotated[
@@ -135,7 +291,12 @@ ClientEvent = Annotated[
     | InputAudioBufferClear
     | InputAudioBufferCommit
     | ResponseCreate
-    | ResponseCancel,
+    | ResponseCancel
+    | ConversationItemCreate
+    | ConversationItemRetrieve
+    | ConversationItemDelete
+    | ConversationItemTruncate
+    | OutputAudioBufferClear,
     Field(discriminator="type"),
 ]
 CLIENT_EVENT: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
@@ -146,6 +307,11 @@ CLIENT_EVENT_TYPES = (
     "input_audio_buffer.commit",
     "response.create",
     "response.cancel",
+    "conversation.item.create",
+    "conversation.item.retrieve",
+    "conversation.item.delete",
+    "conversation.item.truncate",
+    "output_audio_buffer.clear",
 )
 
 
@@ -155,7 +321,7 @@ CLIENT_EVENT_TYPES = (
 MAX_ECHOED_ID = 512  # a longer client `event_id` is not echoed in errors about its event
 
 
-def _excerpt(value: object, limit: int = 64) -> str:
+def excerpt(value: object, limit: int = 64) -> str:
     """A client's value quoted in an error, cut short: an error never echoes a megabyte back."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
@@ -188,7 +354,7 @@ def parse_client_event(text: str) -> ClientEvent | ErrorDetail:
     kind = raw.get("type") if isinstance(raw, dict) else None
     if kind not in CLIENT_EVENT_TYPES:
         supported = ", ".join(CLIENT_EVENT_TYPES)
-        message = f"unsupported event type {_excerpt(kind)}; supported: {supported}"
+        message = f"unsupported event type {excerpt(kind)}; supported: {supported}"
         return ErrorDetail(code="unsupported_event", message=message, param="type", event_id=client_id)
     try:
         return CLIENT_EVENT.validate_python(raw)
@@ -217,14 +383,28 @@ class SessionObject(BaseModel):
     audio: dict[str, Any]
 
 
+class BetaSessionObject(BaseModel):
+    """The `session` of session.created / session.updated in the beta dialect. No `model`: the beta types
+    allow OpenAI's model names only (`moshiko` is not one)."""
+
+    id: str
+    object: Literal["realtime.session"] = "realtime.session"
+    instructions: str = ""
+    modalities: list[str] = Field(default_factory=lambda: ["audio", "text"])
+    voice: str
+    input_audio_format: str
+    output_audio_format: str
+    turn_detection: dict[str, Any]
+
+
 class SessionCreated(ServerEvent):
     type: Literal["session.created"] = "session.created"
-    session: SessionObject
+    session: SessionObject | BetaSessionObject
 
 
 class SessionUpdated(ServerEvent):
     type: Literal["session.updated"] = "session.updated"
-    session: SessionObject
+    session: SessionObject | BetaSessionObject
 
 
 class ResponseObject(BaseModel):
@@ -299,6 +479,56 @@ class InputAudioBufferCleared(ServerEvent):
     type: Literal["input_audio_buffer.cleared"] = "input_audio_buffer.cleared"
 
 
+class InputAudioBufferCommitted(ServerEvent):
+    type: Literal["input_audio_buffer.committed"] = "input_audio_buffer.committed"
+    item_id: str
+    previous_item_id: str | None = None
+
+
+class ConversationItemCreated(ServerEvent):
+    """A user item committed, or an assistant item (a response's); in GA and beta alike."""
+
+    type: Literal["conversation.item.created"] = "conversation.item.created"
+    previous_item_id: str | None = None
+    item: dict[str, Any]
+
+
+class ConversationItemRetrieved(ServerEvent):
+    type: Literal["conversation.item.retrieved"] = "conversation.item.retrieved"
+    item: dict[str, Any]
+
+
+class ConversationItemDeleted(ServerEvent):
+    type: Literal["conversation.item.deleted"] = "conversation.item.deleted"
+    item_id: str
+
+
+class ConversationItemTruncated(ServerEvent):
+    type: Literal["conversation.item.truncated"] = "conversation.item.truncated"
+    item_id: str
+    content_index: int
+    audio_end_ms: int
+
+
+class OutputAudioBufferCleared(ServerEvent):
+    type: Literal["output_audio_buffer.cleared"] = "output_audio_buffer.cleared"
+    response_id: str
+
+
+class RateLimit(BaseModel):
+    name: Literal["requests", "tokens"]
+    limit: int
+    remaining: int
+    reset_seconds: float
+
+
+class RateLimitsUpdated(ServerEvent):
+    """After each response: the caller's request budget (none when the gateway sets none)."""
+
+    type: Literal["rate_limits.updated"] = "rate_limits.updated"
+    rate_limits: list[RateLimit]
+
+
 class ErrorDetail(BaseModel):
     type: str = "invalid_request_error"
     code: str | None = None
@@ -319,3 +549,45 @@ class ChorusEvent(ServerEvent):
     name: str
     detail: str = ""
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- the beta dialect -------------------------------------------------------------------------------
+
+_BETA_TYPES = {
+    "response.output_audio.delta": "response.audio.delta",
+    "response.output_audio.done": "response.audio.done",
+    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
+    "response.output_audio_transcript.done": "response.audio_transcript.done",
+}
+
+
+def wire(event: ServerEvent, *, beta: bool = False) -> str:
+    """An event as sent: GA JSON, or the beta shape of it. The beta API has no `timeout_triggered`: a
+    beta session gets it as `chorus.event` (name `timeout_triggered`)."""
+    if not beta:
+        return event.model_dump_json()
+    if isinstance(event, InputAudioBufferTimeoutTriggered):
+        data = event.model_dump(mode="json", exclude={"type", "event_id"})
+        return ChorusEvent(name="timeout_triggered", detail="idle timeout", data=data).model_dump_json()
+    data = event.model_dump(mode="json")
+    data["type"] = _BETA_TYPES.get(data["type"], data["type"])
+    if isinstance(data.get("response"), dict):
+        data["response"] = _beta_response(data["response"])
+    if isinstance(data.get("item"), dict):
+        data["item"] = _beta_item(data["item"])
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _beta_response(response: dict[str, Any]) -> dict[str, Any]:
+    response["modalities"] = response.pop("output_modalities", ["audio"])
+    response["output"] = [_beta_item(item) for item in response.get("output", [])]
+    return response
+
+
+def _beta_item(item: dict[str, Any]) -> dict[str, Any]:
+    item.pop("object", None)
+    item["content"] = [
+        {**part, "type": "audio" if part.get("type") == "output_audio" else part.get("type")}
+        for part in item.get("content", [])
+    ]
+    return item

@@ -8,6 +8,9 @@ neither text nor audible audio (the audio and transcript `done` events, then `re
 between the two is sent as deltas of the open response; audio outside one is not sent. A cancelled
 response closes at once and the rest of that utterance is muted: nothing is sent until Moshi has been
 quiet for `end_frames` frames again.
+
+Each response's item goes into the conversation's items (`realtime_items`) when it opens, with the time of
+each text piece in its audio, so `truncate` can keep only what the user heard.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from services.gateway.protocols import realtime_events as ev
-from shared.audio import pcm16_to_float, rms_dbfs
+from services.gateway.protocols.realtime_items import ConversationItems, Item
+from shared.audio import SAMPLE_RATE, pcm16_to_float, rms_dbfs
 from shared.messages import EventName, OutputAudio, OutputMessage, OutputText, SessionEvent
 
 AUDIBLE_DBFS = -50.0  # below this a frame counts as silence when deciding that a response is over
@@ -29,16 +33,20 @@ def new_id(prefix: str) -> str:
 
 @dataclass
 class _Response:
-    """The response being spoken: its one output item, and the transcript so far."""
+    """The response being spoken: its one output item, with the transcript so far."""
 
     response: ev.ResponseObject = field(default_factory=lambda: ev.ResponseObject(id=new_id("resp")))
-    item_id: str = field(default_factory=lambda: new_id("item"))
-    transcript: list[str] = field(default_factory=list)
+    item: Item = field(default_factory=lambda: Item(new_id("item"), "assistant", "in_progress"))
+
+    @property
+    def item_id(self) -> str:
+        return self.item.id
 
 
 class ResponseCarver:
-    def __init__(self, end_frames: int) -> None:
+    def __init__(self, end_frames: int, items: ConversationItems | None = None) -> None:
         self.end_frames = end_frames
+        self.items = items if items is not None else ConversationItems()
         self._response: _Response | None = None
         self._quiet_frames = 0
         self._muted_until_quiet = False
@@ -47,6 +55,10 @@ class ResponseCarver:
     @property
     def responding(self) -> bool:
         return self._response is not None
+
+    @property
+    def response_id(self) -> str | None:
+        return self._response.response.id if self._response is not None else None
 
     def on_output(self, message: OutputMessage, heard_ms: int) -> list[ev.ServerEvent]:
         """The events one output message makes; `heard_ms` is how much user audio was sent so far (the
@@ -65,7 +77,8 @@ class ResponseCarver:
         if self._response is None:
             events.append(self._open())
         assert self._response is not None
-        self._response.transcript.append(text)
+        item = self._response.item
+        item.pieces.append((item.audio_ms, text))
         events.append(
             ev.OutputAudioTranscriptDelta(
                 response_id=self._response.response.id, item_id=self._response.item_id, delta=text
@@ -81,6 +94,7 @@ class ResponseCarver:
             self._muted_until_quiet = False
             events += self._close("completed")
         if self._response is not None and not self._muted_until_quiet:
+            self._response.item.audio_ms += len(pcm) * 1000 // (2 * SAMPLE_RATE)
             delta = base64.b64encode(pcm).decode()
             events.append(
                 ev.OutputAudioDelta(
@@ -109,12 +123,26 @@ class ResponseCarver:
         self._muted_until_quiet = True
         return self._close("cancelled")
 
+    def truncate(self, item_id: str, content_index: int, audio_end_ms: int) -> list[ev.ServerEvent]:
+        """`conversation.item.truncate`: the item's transcript keeps what came before `audio_end_ms`. The
+        response still speaking that item is cancelled first (the user interrupted it)."""
+        item = self.items.get(item_id)
+        events = self.cancel() if self._response is not None and self._response.item is item else []
+        item.truncate(content_index, audio_end_ms)
+        return [
+            *events,
+            ev.ConversationItemTruncated(
+                item_id=item_id, content_index=content_index, audio_end_ms=audio_end_ms
+            ),
+        ]
+
     def finish(self) -> list[ev.ServerEvent]:
         """The conversation's output ended: an open response is complete."""
         return self._close("completed")
 
     def _open(self) -> ev.ServerEvent:
         self._response = _Response()
+        self.items.add(self._response.item)
         return ev.ResponseCreated(response=self._response.response)
 
     def _close(self, status: str) -> list[ev.ServerEvent]:
@@ -122,15 +150,9 @@ class ResponseCarver:
             return []
         response, self._response = self._response, None
         response_id, item_id = response.response.id, response.item_id
-        transcript = "".join(response.transcript)
-        item = {
-            "id": item_id,
-            "type": "message",
-            "role": "assistant",
-            "status": "completed",
-            "content": [{"type": "output_audio", "transcript": transcript}],
-        }
-        done = response.response.model_copy(update={"status": status, "output": [item]})
+        response.item.status = "completed" if status == "completed" else "incomplete"
+        transcript = response.item.transcript
+        done = response.response.model_copy(update={"status": status, "output": [response.item.wire()]})
         return [
             ev.OutputAudioDone(response_id=response_id, item_id=item_id),
             ev.OutputAudioTranscriptDone(response_id=response_id, item_id=item_id, transcript=transcript),

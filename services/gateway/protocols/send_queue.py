@@ -72,6 +72,12 @@ class SendQueue(Generic[T]):
         self._ready.set()  # the sender stops
         raise self.closed
 
+    def drop_audio(self) -> None:
+        """Forget the audio not sent yet (a realtime client cancelled the response it belongs to)."""
+        self._audio.clear()
+        if not self._messages:
+            self._empty.set()
+
     def take_drop_report(self) -> int:
         """How many audio items were dropped since the last call (to tell the client once per burst)."""
         count, self._unreported_drops = self._unreported_drops, 0

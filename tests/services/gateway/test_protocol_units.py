@@ -8,6 +8,7 @@ import json
 import pytest
 
 from services.gateway.protocols import realtime_events as ev
+from shared.errors import InvalidRequest
 
 
 def test_session_update_accepts_the_ga_shape() -> None:
@@ -28,7 +29,7 @@ def test_session_update_accepts_the_ga_shape() -> None:
     assert isinstance(event, ev.SessionUpdateEvent)
     assert event.session.requested_voice() == "profile:abc"
     assert event.session.instructions == "Be brief."
-    assert event.session.input_format_problem() is None
+    assert event.session.codecs() == ("pcm16", None)
 
 
 def test_session_update_accepts_the_beta_shape() -> None:
@@ -40,21 +41,46 @@ def test_session_update_accepts_the_beta_shape() -> None:
     )
     assert isinstance(event, ev.SessionUpdateEvent)
     assert event.session.requested_voice() == "moshika"
-    assert event.session.input_format_problem() is None
+    assert event.session.codecs() == ("pcm16", None)
 
 
 @pytest.mark.parametrize(
     "session",
     [
-        {"input_audio_format": "g711_ulaw"},
-        {"audio": {"input": {"format": {"type": "audio/pcmu"}}}},
+        {"input_audio_format": "g722"},
+        {"audio": {"input": {"format": {"type": "audio/opus"}}}},
         {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+        {"audio": {"input": {"format": {"type": "audio/pcmu", "rate": 16000}}}},
+        {"output_audio_format": "mp3"},
     ],
 )
-def test_unusable_input_formats_are_explained(session: dict[str, object]) -> None:
+def test_unusable_audio_formats_are_explained(session: dict[str, object]) -> None:
     event = ev.CLIENT_EVENT.validate_python({"type": "session.update", "session": session})
     assert isinstance(event, ev.SessionUpdateEvent)
-    assert event.session.input_format_problem()
+    with pytest.raises(InvalidRequest, match="not supported"):
+        event.session.codecs()
+
+
+@pytest.mark.parametrize(
+    ("session", "codecs"),
+    [
+        ({"input_audio_format": "g711_ulaw", "output_audio_format": "g711_alaw"}, ("pcmu", "pcma")),
+        (
+            {
+                "audio": {
+                    "input": {"format": {"type": "audio/pcmu"}},
+                    "output": {"format": {"type": "audio/pcma"}},
+                }
+            },
+            ("pcmu", "pcma"),
+        ),
+        ({"audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000}}}}, (None, "pcm16")),
+    ],
+)
+def test_telephony_formats_are_accepted_in_both_shapes(session: dict[str, object], codecs: object) -> None:
+    event = ev.CLIENT_EVENT.validate_python({"type": "session.update", "session": session})
+    assert isinstance(event, ev.SessionUpdateEvent)
+    assert event.session.codecs() == codecs
 
 
 def test_server_events_carry_event_id_and_type() -> None:
@@ -67,7 +93,7 @@ def test_server_events_carry_event_id_and_type() -> None:
 def test_a_client_message_that_is_no_event_becomes_the_error_that_says_why() -> None:
     not_json = ev.parse_client_event("{")
     assert isinstance(not_json, ev.ErrorDetail) and not_json.code == "invalid_json"
-    unknown = ev.parse_client_event('{"type": "conversation.item.create", "event_id": "e1"}')
+    unknown = ev.parse_client_event('{"type": "transcription_session.update", "event_id": "e1"}')
     assert isinstance(unknown, ev.ErrorDetail)
     assert (unknown.code, unknown.param, unknown.event_id) == ("unsupported_event", "type", "e1")
     invalid = ev.parse_client_event('{"type": "input_audio_buffer.append", "event_id": 5}')
