@@ -8,7 +8,9 @@ import json
 import pytest
 
 from services.gateway.protocols import realtime_events as ev
+from services.gateway.protocols.realtime_items import Item
 from shared.errors import InvalidRequest
+from tests.support.openai_conformance import conforming
 
 
 def test_session_update_accepts_the_ga_shape() -> None:
@@ -106,3 +108,33 @@ def test_a_client_message_that_is_no_event_becomes_the_error_that_says_why() -> 
 def test_a_client_message_that_is_an_event_is_parsed() -> None:
     event = ev.parse_client_event('{"type": "response.cancel", "event_id": "e2"}')
     assert isinstance(event, ev.ResponseCancel) and event.event_id == "e2"
+
+
+def test_the_beta_dialect_renames_audio_events_and_validates_as_the_sdks_beta_types() -> None:
+    delta = ev.OutputAudioDelta(response_id="resp_1", item_id="item_1", delta="AAAA")
+    assert conforming(ev.wire(delta, beta=True), beta=True)["type"] == "response.audio.delta"
+    assert conforming(ev.wire(delta))["type"] == "response.output_audio.delta"
+    item = Item("item_1", "assistant", pieces=[(0, "hi")]).wire()
+    done = ev.ResponseDone(response=ev.ResponseObject(id="resp_1", status="cancelled", output=[item]))
+    beta_done = conforming(ev.wire(done, beta=True), beta=True)
+    assert beta_done["response"]["modalities"] == ["audio"]
+    assert beta_done["response"]["output"][0]["content"][0] == {"type": "audio", "transcript": "hi"}
+    conforming(ev.wire(done))
+    timeout = ev.InputAudioBufferTimeoutTriggered(audio_start_ms=0, audio_end_ms=5000, item_id="item_2")
+    assert json.loads(ev.wire(timeout, beta=True))["type"] == "chorus.event", "no such event in beta"
+
+
+@pytest.mark.parametrize(
+    ("session", "code"),
+    [
+        ({"tools": [{"type": "function", "name": "lookup"}]}, "function_calls_not_supported"),
+        ({"output_modalities": ["text"]}, "not_supported"),
+        ({"modalities": ["text"]}, "not_supported"),
+    ],
+)
+def test_what_moshi_cannot_do_is_refused_with_its_code(session: dict[str, object], code: str) -> None:
+    event = ev.CLIENT_EVENT.validate_python({"type": "session.update", "session": session})
+    assert isinstance(event, ev.SessionUpdateEvent)
+    with pytest.raises(InvalidRequest) as refused:
+        event.session.refuse_what_moshi_cannot_do()
+    assert refused.value.code == code

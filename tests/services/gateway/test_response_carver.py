@@ -6,10 +6,12 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import pytest
 
 from services.gateway.protocols import realtime_events as ev
 from services.gateway.protocols.response_carver import ResponseCarver
 from shared.audio import FRAME_SAMPLES, silence_frame
+from shared.errors import ChorusError
 from shared.messages import EventName, OutputAudio, OutputText, SessionEvent
 
 SID = "s1"
@@ -207,3 +209,59 @@ def test_the_end_of_the_session_makes_no_event() -> None:
     moshi.says("Hi")
     assert moshi.event(EventName.ENDED) == []
     assert moshi.carver.responding, "the caller finishes the response when the output ends"
+
+
+def test_truncating_a_done_item_keeps_the_text_that_came_before_audio_end_ms() -> None:
+    moshi = Moshi()
+    moshi.says("Hello")  # at 0 ms of the item's audio
+    moshi.sounds()
+    moshi.sounds()  # 160 ms
+    moshi.says(" there,")  # at 160 ms
+    moshi.sounds()
+    moshi.says(" friend")  # at 240 ms
+    moshi.sounds()
+    done = moshi.quiet(END_FRAMES)[-1]
+    assert isinstance(done, ev.ResponseDone)
+    item_id = done.response.output[0]["id"]
+    assert done.response.output[0]["content"][0]["transcript"] == "Hello there, friend"
+    (truncated,) = moshi.carver.truncate(item_id, 0, 200)
+    assert isinstance(truncated, ev.ConversationItemTruncated) and truncated.audio_end_ms == 200
+    item = moshi.carver.items.get(item_id)
+    assert item.transcript == "Hello there,", "what was heard until 200 ms"
+    assert item.wire()["content"][0]["transcript"] == "Hello there,"
+
+
+def test_truncating_the_item_being_spoken_cancels_its_response() -> None:
+    moshi = Moshi()
+    created, _ = moshi.says("Hi")
+    assert isinstance(created, ev.ResponseCreated)
+    moshi.sounds()
+    (piece,) = moshi.says(" you")  # at 80 ms
+    moshi.sounds()
+    item_id = piece.model_dump()["item_id"]
+    *closing, truncated = moshi.carver.truncate(item_id, 0, 120)
+    assert types(closing) == CLOSE and isinstance(closing[-1], ev.ResponseDone)
+    assert closing[-1].response.status == "cancelled"
+    assert closing[-1].response.output[0]["content"][0]["transcript"] == "Hi you"
+    assert isinstance(truncated, ev.ConversationItemTruncated)
+    assert moshi.carver.items.get(item_id).transcript == "Hi you", "both pieces came before 120 ms"
+    assert moshi.sounds() == [], "the rest of the utterance is muted"
+
+
+@pytest.mark.parametrize(
+    ("content_index", "audio_end_ms", "code"),
+    [(0, 10_000, "invalid_request"), (1, 0, "invalid_request")],
+)
+def test_a_truncation_past_the_items_audio_is_refused(
+    content_index: int, audio_end_ms: int, code: str
+) -> None:
+    moshi = Moshi()
+    moshi.says("Hi")
+    moshi.sounds()
+    done = moshi.quiet(END_FRAMES)[-1]
+    assert isinstance(done, ev.ResponseDone)
+    with pytest.raises(ChorusError) as refused:
+        moshi.carver.truncate(done.response.output[0]["id"], content_index, audio_end_ms)
+    assert refused.value.code == code
+    with pytest.raises(ev.ItemNotFound):
+        moshi.carver.truncate("item_nope", 0, 0)
