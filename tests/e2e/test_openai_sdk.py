@@ -94,6 +94,7 @@ async def test_openai_sdk_client_holds_a_conversation(stack: ChorusStack) -> Non
             session={
                 "type": "realtime",
                 "instructions": "You are a cheerful guide.",
+                "chorus_events": False,  # ours: no `chorus.*` events for this session
                 "audio": {
                     "input": {"format": {"type": "audio/pcm", "rate": 24000}},
                     "output": {"voice": "moshiko"},
@@ -136,6 +137,7 @@ async def test_openai_sdk_client_holds_a_conversation(stack: ChorusStack) -> Non
             late = await quiet_after(connection, cut["response_id"], beta=False)
     assert received.get("session.created") == 1 and received.get("session.updated", 0) >= 1
     assert received.get("response.created", 0) >= 1
+    assert not [kind for kind in received if kind.startswith("chorus.")], "chorus_events false: none sent"
     assert received.get("response.output_audio_transcript.delta"), "the transcript streams as text deltas"
     assert received.get("rate_limits.updated") == received.get("response.done") == 1, (
         "limits after a response"

@@ -166,13 +166,18 @@ class RealtimeSession:
         )
 
     def send(self, event: ev.ServerEvent) -> None:
-        if isinstance(event, ev.ChorusEvent) and not self.chorus_events:
+        chorus_only = isinstance(event, ev.ChorusEvent) or (
+            self.beta and isinstance(event, ev.InputAudioBufferTimeoutTriggered)  # a chorus.event in beta
+        )
+        if chorus_only and not self.chorus_events:
             return
         if isinstance(event, ev.OutputAudioDelta) and self.audio.output != "pcm16":
             encoded = self.audio.encode_output(base64.b64decode(event.delta))
             if not encoded:
                 return  # the resampler is still filling: the next delta carries this audio
             event = event.model_copy(update={"delta": base64.b64encode(encoded).decode()})
+        elif isinstance(event, ev.ResponseDone):
+            self.audio.end_output()
         # Only audio may be dropped for a slow client: a lost event would break its transcript or state.
         self.queue.put(ev.wire(event, beta=self.beta), droppable=isinstance(event, ev.OutputAudioDelta))
 

@@ -31,6 +31,10 @@ class RealtimeAudio:
         if output_codec is not None and output_codec != self.output:
             self.output, self._downsample = output_codec, None
 
+    def end_output(self) -> None:
+        """A response ended: what the resampler holds of it is not carried into the next one."""
+        self._downsample = None
+
     def input_seconds(self, data: bytes) -> float:
         """How much audio `data` holds in the input format (what the socket's audio pace counts)."""
         sample_bytes = 2 if self.input == "pcm16" else 1

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from services.gateway.protocols import realtime_events as ev
+from services.gateway.protocols.realtime_audio import RealtimeAudio
 from services.gateway.protocols.realtime_items import Item
+from shared.audio import FRAME_SAMPLES, FRAME_SEC, float_to_pcm16, g711_decode, g711_encode, pcm16_to_float
 from shared.errors import InvalidRequest
 from tests.support.openai_conformance import conforming
 
@@ -138,3 +141,18 @@ def test_what_moshi_cannot_do_is_refused_with_its_code(session: dict[str, object
     with pytest.raises(InvalidRequest) as refused:
         event.session.refuse_what_moshi_cannot_do()
     assert refused.value.code == code
+
+
+def test_a_telephony_session_decodes_mu_law_at_8_khz_and_encodes_a_law_back() -> None:
+    audio = RealtimeAudio()
+    audio.set_formats("pcmu", "pcma")
+    one_frame = g711_encode(float_to_pcm16(np.full(640, 0.25, dtype=np.float32)), "pcmu")  # 80 ms at 8 kHz
+    assert audio.input_seconds(one_frame) == pytest.approx(FRAME_SEC), "paced as 80 ms of audio"
+    heard = np.concatenate([audio.decode_input(one_frame) for _ in range(10)])
+    assert len(heard) == pytest.approx(10 * FRAME_SAMPLES, abs=FRAME_SAMPLES), "resampled to 24 kHz"
+    assert np.median(heard[FRAME_SAMPLES:]) == pytest.approx(0.25, abs=0.01)
+    moshi = float_to_pcm16(np.full(FRAME_SAMPLES, -0.5, dtype=np.float32))
+    sent = b"".join(audio.encode_output(moshi) for _ in range(10))
+    assert len(sent) == pytest.approx(10 * 640, abs=640), "one A-law byte per 8 kHz sample"
+    back = pcm16_to_float(g711_decode(sent, "pcma"))
+    assert np.median(back[640:]) == pytest.approx(-0.5, abs=0.02)
