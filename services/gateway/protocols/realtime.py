@@ -256,16 +256,10 @@ class RealtimeSession:
         if isinstance(event, ev.ResponseCreate):
             self.create_response(event.response)
         elif isinstance(event, ev.ResponseCancel):
-            if not self.carver.responding or event.response_id not in (None, self.carver.response_id):
-                raise ev.ResponseNotActive(f"no response {event.response_id or ''} in progress to cancel")
-            self.queue.drop_audio()  # not one more delta of it, even one already queued
-            await self.send_output(self.carver.cancel())
+            await self.cancel_response(event.response_id)
         elif isinstance(event, ev.OutputAudioBufferClear):
-            response_id = self.carver.response_id
-            self.queue.drop_audio()
-            await self.send_output(self.carver.cancel())
-            if response_id is not None:
-                self.send(ev.OutputAudioBufferCleared(response_id=response_id))
+            response_id = await self.cancel_response(None)
+            self.send(ev.OutputAudioBufferCleared(response_id=response_id))
         elif isinstance(event, ev.ConversationItemTruncate):
             if self.carver.responding and self.items.get(event.item_id).status == "in_progress":
                 self.queue.drop_audio()
@@ -277,6 +271,16 @@ class RealtimeSession:
         elif isinstance(event, ev.ConversationItemDelete):
             self.items.delete(event.item_id)
             self.send(ev.ConversationItemDeleted(item_id=event.item_id))
+
+    async def cancel_response(self, response_id: str | None) -> str:
+        """Ends the response in progress (`response_id`, if given, must be its id) and drops its audio not
+        sent yet: not one more delta of it reaches the client. Returns its id."""
+        current = self.carver.response_id
+        if current is None or response_id not in (None, current):
+            raise ev.ResponseNotActive(f"no response {response_id or ''} in progress to cancel")
+        self.queue.drop_audio()
+        await self.send_output(self.carver.cancel())
+        return current
 
     def create_response(self, params: ev.ResponseParams | None) -> None:
         """Moshi answers when it wants to: a `response.create` is accepted and the next stretch of its

@@ -218,7 +218,9 @@ class SessionUpdateEvent(ClientEventBase):
 
 class InputAudioBufferAppend(ClientEventBase):
     type: Literal["input_audio_buffer.append"]
-    audio: str = Field(description="base64 PCM16 LE mono 24 kHz")
+    audio: str = Field(
+        description="base64 audio in the session's input format (PCM16 LE mono 24 kHz by default)"
+    )
 
 
 class InputAudioBufferClear(ClientEventBase):

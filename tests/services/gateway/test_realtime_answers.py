@@ -1,0 +1,118 @@
+"""Every client event of the OpenAI Realtime GA API gets an answer, before any conversation runs: an
+event, or an `error` with the code docs/protocols.md gives; never silence. Each answer validates against
+the `openai` SDK's own types, GA or beta by the dialect the client connected with. The real gateway runs
+in-process against the test's redis-server (`running_gateway`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from shared.bus import Bus
+from tests.services.gateway.test_session_faults import Gateway, ready, running_gateway
+from tests.support.openai_conformance import conforming
+
+TEXT_TURN = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}
+TOOL_RESULT = {"type": "function_call_output", "call_id": "call_1", "output": "{}"}
+TOOLS = [{"type": "function", "name": "lookup", "parameters": {}}]
+
+# (client event, the answer's type, its error code if an error)
+ANSWERS: list[tuple[dict[str, Any], str, str | None]] = [
+    ({"type": "input_audio_buffer.commit"}, "error", "input_audio_buffer_commit_empty"),
+    ({"type": "input_audio_buffer.clear"}, "input_audio_buffer.cleared", None),
+    ({"type": "response.cancel"}, "error", "response_cancel_not_active"),
+    ({"type": "output_audio_buffer.clear"}, "error", "response_cancel_not_active"),
+    ({"type": "response.create", "response": {"tools": TOOLS}}, "error", "function_calls_not_supported"),
+    ({"type": "response.create", "response": {"output_modalities": ["text"]}}, "error", "not_supported"),
+    ({"type": "conversation.item.create", "item": TEXT_TURN}, "error", "text_input_not_supported"),
+    ({"type": "conversation.item.create", "item": TOOL_RESULT}, "error", "function_calls_not_supported"),
+    ({"type": "conversation.item.retrieve", "item_id": "item_x"}, "error", "item_not_found"),
+    ({"type": "conversation.item.delete", "item_id": "item_x"}, "error", "item_not_found"),
+    (
+        {"type": "conversation.item.truncate", "item_id": "item_x", "content_index": 0, "audio_end_ms": 0},
+        "error",
+        "item_not_found",
+    ),
+    ({"type": "session.update", "session": {"tools": TOOLS}}, "error", "function_calls_not_supported"),
+    (
+        {"type": "session.update", "session": {"audio": {"output": {"format": {"type": "audio/opus"}}}}},
+        "error",
+        "invalid_request",
+    ),
+    (
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "audio": {
+                    "input": {"format": {"type": "audio/pcmu"}, "turn_detection": {"type": "semantic_vad"}},
+                    "output": {"format": {"type": "audio/pcma"}},
+                },
+            },
+        },
+        "session.updated",
+        None,
+    ),
+]
+
+
+@pytest.fixture
+async def gateway(redis_url: str, key_prefix: str, tmp_path: Path) -> AsyncIterator[Gateway]:
+    async with running_gateway(redis_url, key_prefix, tmp_path) as running:
+        yield running
+
+
+async def answer(ws: ClientConnection, event: dict[str, Any], *, beta: bool = False) -> dict[str, Any]:
+    await ws.send(json.dumps({**event, "event_id": "client_1"}))
+    return conforming(await asyncio.wait_for(ws.recv(), 5), beta=beta)
+
+
+async def test_every_ga_client_event_is_answered_with_an_event_or_a_coded_error(gateway: Gateway) -> None:
+    async with connect(f"{gateway.ws_url}/v1/realtime?model=moshika") as ws:
+        assert conforming(await ws.recv())["type"] == "session.created"
+        for event, answer_type, code in ANSWERS:
+            got = await answer(ws, event)
+            assert got["type"] == answer_type, (event, got)
+            if code is not None:
+                assert (got["error"]["code"], got["error"]["event_id"]) == (code, "client_1"), event
+        assert got["session"]["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+        assert got["session"]["audio"]["output"]["format"] == {"type": "audio/pcma"}
+
+
+async def test_a_beta_client_gets_the_beta_session_and_sends_mu_law(gateway: Gateway, bus: Bus) -> None:
+    headers = {"OpenAI-Beta": "realtime=v1"}
+    async with connect(f"{gateway.ws_url}/v1/realtime?model=moshika", additional_headers=headers) as ws:
+        created = conforming(await ws.recv(), beta=True)
+        assert created["session"]["input_audio_format"] == "pcm16"
+        update = {
+            "type": "session.update",
+            "session": {"input_audio_format": "g711_ulaw", "voice": "moshiko"},
+        }
+        updated = await answer(ws, update, beta=True)
+        assert (updated["session"]["input_audio_format"], updated["session"]["voice"]) == (
+            "g711_ulaw",
+            "moshiko",
+        )
+        # μ-law silence in 80 ms messages, the first an odd number of bytes: fine in G.711 (one byte a
+        # sample), where PCM16 would be refused.
+        for size in (641, 640, 640, 640):
+            audio = base64.b64encode(bytes([0xFF]) * size).decode()
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+        await ready(bus, created["session"]["id"], "realtime", ws)  # the test plays the router
+        got = await answer(ws, {"type": "input_audio_buffer.commit"}, beta=True)
+        assert got["type"] == "input_audio_buffer.committed", got
+        item = conforming(await asyncio.wait_for(ws.recv(), 5), beta=True)
+        assert item["type"] == "conversation.item.created" and item["item"]["id"] == got["item_id"]
+        retrieved = await answer(
+            ws, {"type": "conversation.item.retrieve", "item_id": got["item_id"]}, beta=True
+        )
+        assert retrieved["item"]["role"] == "user"
+        deleted = await answer(ws, {"type": "conversation.item.delete", "item_id": got["item_id"]}, beta=True)
+        assert deleted["type"] == "conversation.item.deleted"
