@@ -15,7 +15,11 @@ from typing import Any, Literal
 from services.gateway.protocols import realtime_events as ev
 from shared.errors import InvalidRequest
 
-MAX_ITEMS = 256  # the oldest item is forgotten past this: a long conversation costs bounded memory
+# A long conversation costs bounded memory: past either bound the oldest items are forgotten, and an item's
+# transcript stops growing (its deltas are still sent) past MAX_ITEM_PIECES (minutes of speech).
+MAX_ITEMS = 256
+MAX_PIECES = 16_384  # text pieces kept over all items
+MAX_ITEM_PIECES = 4096
 
 
 @dataclass
@@ -45,6 +49,11 @@ class Item:
             "content": [part],
         }
 
+    def record(self, text: str) -> None:
+        """A piece of the item's transcript, at the point of its audio reached so far."""
+        if len(self.pieces) < MAX_ITEM_PIECES:
+            self.pieces.append((self.audio_ms, text))
+
     def truncate(self, content_index: int, audio_end_ms: int) -> None:
         if self.role != "assistant":
             raise ev.NotSupported(f"item {self.id} is the user's: only an assistant item can be truncated")
@@ -59,16 +68,19 @@ class Item:
 
 
 class ConversationItems:
-    def __init__(self, max_items: int = MAX_ITEMS) -> None:
+    def __init__(self, max_items: int = MAX_ITEMS, max_pieces: int = MAX_PIECES) -> None:
         self.max_items = max_items
+        self.max_pieces = max_pieces
         self._items: OrderedDict[str, Item] = OrderedDict()
 
     def add(self, item: Item) -> str | None:
-        """Adds `item` last; returns the id of the item before it (None: the first)."""
+        """Adds `item` last, forgetting the oldest past the bounds; returns the id of the item before it
+        (None: the first)."""
         previous = next(reversed(self._items), None)
         self._items[item.id] = item
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        pieces = sum(len(kept.pieces) for kept in self._items.values())
+        while len(self._items) > 1 and (len(self._items) > self.max_items or pieces > self.max_pieces):
+            pieces -= len(self._items.popitem(last=False)[1].pieces)
         return previous
 
     def get(self, item_id: str) -> Item:

@@ -77,8 +77,7 @@ class ResponseCarver:
         if self._response is None:
             events.append(self._open())
         assert self._response is not None
-        item = self._response.item
-        item.pieces.append((item.audio_ms, text))
+        self._response.item.record(text)
         events.append(
             ev.OutputAudioTranscriptDelta(
                 response_id=self._response.response.id, item_id=self._response.item_id, delta=text
