@@ -54,7 +54,7 @@ realtime_events._ContentEvent.content_index
 realtime_events.OutputAudioDelta.delta
 realtime_events.OutputAudioTranscriptDelta.delta
 realtime_events.InputAudioBufferCommitted.previous_item_id  # wire fields of server events
-realtime_events.ConversationItemCreated.previous_item_id
+realtime_events.ConversationItemAdded.previous_item_id
 realtime_events.RateLimit.reset_seconds
 realtime_events.SpeechStarted.audio_start_ms
 realtime_events.SpeechStopped.audio_end_ms

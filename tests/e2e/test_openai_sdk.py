@@ -142,6 +142,9 @@ async def test_openai_sdk_client_holds_a_conversation(stack: ChorusStack) -> Non
     assert received.get("rate_limits.updated") == received.get("response.done") == 1, (
         "limits after a response"
     )
+    lifecycle = ["response.output_item.added", "conversation.item.added", "response.content_part.added"]
+    lifecycle += ["response.content_part.done", "response.output_item.done"]
+    assert [received.get(kind) for kind in lifecycle] == [1] * 5, "the response's item is announced"
     assert cut["transcript"] == "".join(heard), "the item keeps the transcript heard until audio_end_ms"
     assert late == [], "no audio of the interrupted response after it"
 

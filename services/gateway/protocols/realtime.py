@@ -302,7 +302,7 @@ class RealtimeSession:
         item = Item(item_id, "user")
         previous = self.items.add(item)
         self.send(ev.InputAudioBufferCommitted(item_id=item_id, previous_item_id=previous))
-        self.send(ev.ConversationItemCreated(previous_item_id=previous, item=item.wire()))
+        self.send(ev.ConversationItemAdded(previous_item_id=previous, item=item.wire()))
         return item_id
 
     async def create_item(self, item: ev.ItemIn) -> None:
@@ -414,12 +414,31 @@ class RealtimeSession:
         """The carver's events, each followed by what OpenAI's server sends after it: a user item when the
         user stops speaking (server VAD commits), the caller's rate limits after a response."""
         for event in events:
+            if isinstance(event, ev.ResponseDone):
+                self.close_item(event.response)
             self.send(event)
-            if isinstance(event, ev.SpeechStopped):
+            if isinstance(event, ev.ResponseCreated):
+                self.open_item(event.response.id)
+            elif isinstance(event, ev.SpeechStopped):
                 self.appended_since_commit = False
                 self.add_user_item(event.item_id)
             elif isinstance(event, ev.ResponseDone):
                 self.send(await self.rate_limits())
+
+    def open_item(self, response_id: str) -> None:
+        """A response's one item and its one audio part, as OpenAI's server announces them."""
+        item, previous = self.carver.speaking()
+        wire = item.wire()
+        self.send(ev.ResponseOutputItemAdded(response_id=response_id, item=wire))
+        self.send(ev.ConversationItemAdded(previous_item_id=previous, item=wire))
+        part = {"type": "audio", "transcript": ""}
+        self.send(ev.ResponseContentPartAdded(response_id=response_id, item_id=item.id, part=part))
+
+    def close_item(self, response: ev.ResponseObject) -> None:
+        item = response.output[0]
+        part = {"type": "audio", "transcript": item["content"][0]["transcript"]}
+        self.send(ev.ResponseContentPartDone(response_id=response.id, item_id=item["id"], part=part))
+        self.send(ev.ResponseOutputItemDone(response_id=response.id, item=item))
 
     async def rate_limits(self) -> ev.RateLimitsUpdated:
         limits: RateLimits = self.websocket.app.state.rate_limits

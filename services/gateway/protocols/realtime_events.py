@@ -487,12 +487,36 @@ class InputAudioBufferCommitted(ServerEvent):
     previous_item_id: str | None = None
 
 
-class ConversationItemCreated(ServerEvent):
-    """A user item committed, or an assistant item (a response's); in GA and beta alike."""
+class ConversationItemAdded(ServerEvent):
+    """A user item committed, or a response's item opened (beta: `conversation.item.created`)."""
 
-    type: Literal["conversation.item.created"] = "conversation.item.created"
+    type: Literal["conversation.item.added"] = "conversation.item.added"
     previous_item_id: str | None = None
     item: dict[str, Any]
+
+
+class ResponseOutputItemAdded(ServerEvent):
+    type: Literal["response.output_item.added"] = "response.output_item.added"
+    response_id: str
+    output_index: int = 0
+    item: dict[str, Any]
+
+
+class ResponseOutputItemDone(ServerEvent):
+    type: Literal["response.output_item.done"] = "response.output_item.done"
+    response_id: str
+    output_index: int = 0
+    item: dict[str, Any]
+
+
+class ResponseContentPartAdded(_ContentEvent):
+    type: Literal["response.content_part.added"] = "response.content_part.added"
+    part: dict[str, Any]
+
+
+class ResponseContentPartDone(_ContentEvent):
+    type: Literal["response.content_part.done"] = "response.content_part.done"
+    part: dict[str, Any]
 
 
 class ConversationItemRetrieved(ServerEvent):
@@ -556,6 +580,7 @@ class ChorusEvent(ServerEvent):
 # --- the beta dialect -------------------------------------------------------------------------------
 
 _BETA_TYPES = {
+    "conversation.item.added": "conversation.item.created",
     "response.output_audio.delta": "response.audio.delta",
     "response.output_audio.done": "response.audio.done",
     "response.output_audio_transcript.delta": "response.audio_transcript.delta",

@@ -37,6 +37,7 @@ class _Response:
 
     response: ev.ResponseObject = field(default_factory=lambda: ev.ResponseObject(id=new_id("resp")))
     item: Item = field(default_factory=lambda: Item(new_id("item"), "assistant", "in_progress"))
+    previous_item_id: str | None = None
 
     @property
     def item_id(self) -> str:
@@ -59,6 +60,11 @@ class ResponseCarver:
     @property
     def response_id(self) -> str | None:
         return self._response.response.id if self._response is not None else None
+
+    def speaking(self) -> tuple[Item, str | None]:
+        """The item of the response in progress, and the id of the item before it."""
+        assert self._response is not None
+        return self._response.item, self._response.previous_item_id
 
     def on_output(self, message: OutputMessage, heard_ms: int) -> list[ev.ServerEvent]:
         """The events one output message makes; `heard_ms` is how much user audio was sent so far (the
@@ -141,7 +147,7 @@ class ResponseCarver:
 
     def _open(self) -> ev.ServerEvent:
         self._response = _Response()
-        self.items.add(self._response.item)
+        self._response.previous_item_id = self.items.add(self._response.item)
         return ev.ResponseCreated(response=self._response.response)
 
     def _close(self, status: str) -> list[ev.ServerEvent]:
