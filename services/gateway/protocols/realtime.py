@@ -290,20 +290,19 @@ class RealtimeSession:
         if self.carver.responding:
             raise ev.ActiveResponse(f"response {self.carver.response_id} is in progress")
 
-    def commit(self) -> str:
+    def commit(self) -> None:
         """`input_audio_buffer.commit`: the audio appended since the last commit becomes a user item (Moshi
         has heard it already: it listens continuously)."""
         if not self.appended_since_commit:
             raise ev.CommitEmpty("no audio was appended since the last commit")
         self.appended_since_commit = False
-        return self.add_user_item(new_id("item"))
+        self.add_user_item(new_id("item"))
 
-    def add_user_item(self, item_id: str) -> str:
+    def add_user_item(self, item_id: str) -> None:
         item = Item(item_id, "user")
         previous = self.items.add(item)
         self.send(ev.InputAudioBufferCommitted(item_id=item_id, previous_item_id=previous))
         self.send(ev.ConversationItemAdded(previous_item_id=previous, item=item.wire()))
-        return item_id
 
     async def create_item(self, item: ev.ItemIn) -> None:
         """A user message of `input_audio` is heard (appended, then committed); text, other roles and
