@@ -161,9 +161,8 @@ class DialogueWorker:
         self._publishing: asyncio.Task[set[str]] | None = None  # the write of the last tick, while in flight
         primer_bound = settings.dialogue_max_primer_tokens + self.batcher.delay
         self.rollover_at = rollover_threshold(settings.dialogue_rollover_at, model.lm.context, primer_bound)
-        self._last_call = (
-            self.rollover_at or 0
-        ) + ROLLOVER_SLACK_FRAMES  # then in place, without a free slot
+        # A due rollover waits this long for a free slot, then goes in place.
+        self._last_call = (self.rollover_at or 0) + ROLLOVER_SLACK_FRAMES
         metrics.WORKER_SLOTS_TOTAL.labels(service=SERVICE).set(self.batcher.batch_size)
         metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(self.batcher.batch_size)
 
@@ -235,15 +234,15 @@ class DialogueWorker:
                     clock.restart()
                     continue
                 async with self._table:
-                    rolled = await self._roll_over_due()
+                    slots_moved = await self._roll_over_due()
                     await self._read_inputs()
                     audio = self._frames_due()
                     started = time.monotonic()
                     prime_until = self._prime_until(started, clock.interval_s)
                     outputs = await self._in_model_thread(self.batcher.step, audio, prime_until=prime_until)
                     metrics.STAGE_LATENCY.labels(stage="dialogue_step").observe(time.monotonic() - started)
-                    rolled = self._took_over(outputs) or rolled
-                if rolled:
+                    slots_moved = self._took_over(outputs) or slots_moved
+                if slots_moved:  # a rollover took a free slot, or gave one back
                     await self._slots_changed()
                 await self._published()  # one write in flight at a time: a session's entries stay in order
                 self._publishing = asyncio.create_task(self._publish(outputs), name="publish")
