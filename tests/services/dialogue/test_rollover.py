@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from prometheus_client import REGISTRY
 
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
 from shared.audio import FRAME_SAMPLES
@@ -133,6 +134,18 @@ def test_a_session_leaving_mid_rollover_frees_both_its_rows(make_batcher: Callab
     assert batcher.free_rows() == [0, 1, 2]
 
 
+ROLLOVER_METRICS = ("chorus_context_rollovers_total", "chorus_context_rollover_seconds_count")
+
+
+def rollovers_counted(kind: str) -> list[float]:
+    """This process's rollover counter and the count of its switch-time histogram, for one kind."""
+    return [REGISTRY.get_sample_value(name, {"kind": kind}) or 0.0 for name in ROLLOVER_METRICS]
+
+
+def counted_since(kind: str, before: list[float]) -> list[float]:
+    return [now - then for now, then in zip(rollovers_counted(kind), before, strict=True)]
+
+
 class Ticks:
     """Which sessions got a frame (or a gap frame) in each of a worker's ticks: the worker's own batcher,
     its step wrapped to record what it returned."""
@@ -159,6 +172,7 @@ async def test_a_long_session_rolls_over_again_and_again_with_a_frame_every_tick
         dialogue_slots=3, dialogue_rollover_at=30, dialogue_max_primer_tokens=16, dialogue_tick_ms=40
     )
     ticks = Ticks(running.worker.batcher)
+    counted = rollovers_counted("free_slot")
     primer = "You are a calm and curious teacher."
     await open_session(bus, SessionStart(session_id="long", persona=PersonaSpec(primer=primer)))
     await open_session(bus, SessionStart(session_id="beside"))
@@ -190,6 +204,7 @@ async def test_a_long_session_rolls_over_again_and_again_with_a_frame_every_tick
         assert all(o.pcm is not None and not o.gap for o in outs[first:last]), "a frame every tick"
     session = await SessionStore(bus, 60).get("long")
     assert session is not None and session.counters["context_rollovers"] == len(events) >= rolled
+    assert min(counted_since("free_slot", counted)) >= len(events), "counted and timed in the metrics"
     transcript = await SessionStore(bus, 60).transcript("long")
     spoken = "".join(f.text for f in long.frames)
     assert " ".join(u["text"] for u in transcript) == " ".join(spoken.split()), "every piece, in order"
@@ -201,6 +216,7 @@ async def test_a_full_worker_rolls_a_session_over_in_place_with_silence_for_the_
     running = await start_worker(
         dialogue_slots=1, dialogue_rollover_at=24, dialogue_max_primer_tokens=8, dialogue_tick_ms=40
     )
+    counted = rollovers_counted("in_place")
     await open_session(bus, SessionStart(session_id="alone", persona=PersonaSpec(primer="You are a pirate.")))
     reader = DialogueReader(bus, "alone")
     await reader.until(
@@ -213,3 +229,4 @@ async def test_a_full_worker_rolls_a_session_over_in_place_with_silence_for_the_
     assert seqs == list(range(len(seqs))), "the gap is frames of silence: the stream keeps its pace"
     silent = [f for f in reader.frames if not any(f.pcm)]
     assert len(silent) >= sum(e.gap_frames for e in events)
+    assert min(counted_since("in_place", counted)) >= len(events), "counted and timed in the metrics"
