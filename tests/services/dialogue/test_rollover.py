@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
+from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES
 from shared.bus import Bus
 from shared.messages import ContextRollover, EventName, PersonaSpec, SessionStart, SessionStop
@@ -132,6 +135,11 @@ def test_a_session_leaving_mid_rollover_frees_both_its_rows(make_batcher: Callab
     assert len(batcher.free_rows()) == 1
     batcher.leave(row)
     assert batcher.free_rows() == [0, 1, 2]
+
+
+def test_a_threshold_within_the_primer_bound_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="must exceed dialogue_max_primer_tokens"):
+        DialogueSettings(dialogue_rollover_at=16, dialogue_max_primer_tokens=16)
 
 
 ROLLOVER_METRICS = ("chorus_context_rollovers_total", "chorus_context_rollover_seconds_count")
