@@ -1,0 +1,234 @@
+"""int8 weights and an int8 KV cache (services/dialogue/quantized.py): closeness, memory, step time.
+
+On this machine's CPU (one torch thread), four variants of the LM: float, int8 weights, int8 KV cache,
+both. For each:
+- logits against the float model on the same inputs: the small checkpoint's LM streamed over the same
+  random codes for `STEPS` steps (one step at a time, so the KV cache is what attention reads), text
+  logits compared step by step: max abs difference, max abs relative to the float logits' largest, L2
+  relative, and text-token agreement (the float model's argmax = the variant's argmax, over rows x steps);
+- memory: the LM's weight bytes, and the KV cache bytes of one session at the published 3000-step
+  context, both from the published architecture (7B LM built on the meta device: no memory is taken)
+  in bf16, as a GPU holds it; with those, the sessions that fit on an H100 (`H100_MIB` less `RESERVE_MIB`
+  for Mimi, activations and the CUDA context);
+- step time: the worker's `Batcher` on the small checkpoint, `SLOTS` sessions, `TICKS` ticks, in fp32
+  (the worker's CPU default) and bf16; and one published-size attention layer's KV step (write one
+  step, read the whole 3000-step cache, attend) at `ATTENTION_ROWS` rows, ring cache vs int8 cache.
+
+A CPU's step time says little about a GPU's; `bench/gpu/run.sh --weights int8 --kv-cache int8` measures
+the same variants in the sessions-per-GPU sweep when a GPU is lent.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from moshi.models.lm import LMModel
+from moshi.modules.transformer import RingKVCache
+from moshi.utils.compile import no_compile
+
+from chorus.devtools.moshi_checkpoint import published_architecture, write_moshi_checkpoint
+from services.dialogue.batcher import Batcher
+from services.dialogue.model import MoshiModel, load_moshi
+from services.dialogue.quantized import Int8KVCache, LeanAttention, make_lean
+from services.dialogue.settings import DialogueSettings
+from shared.audio import FRAME_SAMPLES
+
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "checkpoints"
+THREADS = int(os.environ.get("CHORUS_BENCH_THREADS", "1"))
+VARIANTS: dict[str, tuple[bool, bool]] = {  # name -> (int8 weights, int8 KV cache)
+    "float": (False, False),
+    "int8_weights": (True, False),
+    "int8_kv_cache": (False, True),
+    "int8_both": (True, True),
+}
+STEPS = 64
+ROWS = 4
+SLOTS = 4
+TICKS = 40
+WARMUP_TICKS = 4
+ATTENTION_ROWS = 4
+ATTENTION_REPEATS = 5
+H100_MIB = 81559  # torch's total_memory of an H100 80GB (SXM and PCIe)
+RESERVE_MIB = 3 * 1024  # Mimi, activations, the CUDA context and allocator slack (the sweep measures it)
+
+
+def run() -> dict[str, Any]:
+    torch.set_num_threads(THREADS)
+    moshi_dir = write_moshi_checkpoint(CACHE / "moshi")
+    return {
+        "device": "cpu",
+        "torch_threads": THREADS,
+        "logits": {dtype: logits_by_variant(moshi_dir, dtype, seed=0) for dtype in ("float32", "bfloat16")},
+        "published_memory": published_memory(),
+        "step_ms": {dtype: step_times(moshi_dir, dtype) for dtype in ("float32", "bfloat16")},
+        "published_attention_ms": attention_times(),
+    }
+
+
+# --- closeness ----------------------------------------------------------------------------------
+
+
+def random_codes(lm: LMModel, rows: int, steps: int, seed: int) -> torch.Tensor:
+    """[rows, codebooks, steps] token ids the LM accepts (text ids in the text card)."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, lm.card, (rows, lm.num_codebooks, steps), generator=generator)
+    codes[:, 0] %= lm.text_card
+    return codes.to(next(lm.parameters()).device)
+
+
+@torch.no_grad()
+def streaming_text_logits(lm: LMModel, codes: torch.Tensor) -> torch.Tensor:
+    """The text logits of each step, the LM streamed one step at a time: [steps, rows, text card].
+    Eager (moshi's lazy torch.compile off): a comparison needs no compiled kernels."""
+    rows, _, steps = codes.shape
+    logits = []
+    with lm.streaming(rows), no_compile():
+        for t in range(steps):
+            _, text = lm.forward_text(codes[:, :, t : t + 1])
+            logits.append(text[:, 0, 0].float())
+    return torch.stack(logits)
+
+
+def logits_difference(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    difference = (candidate - reference).abs()
+    return {
+        "max_abs": round(float(difference.max()), 5),
+        "max_abs_relative": round(float(difference.max() / reference.abs().max()), 5),
+        "l2_relative": round(float((candidate - reference).norm() / reference.norm()), 5),
+        "text_token_agreement": round(
+            float((candidate.argmax(-1) == reference.argmax(-1)).float().mean()), 4
+        ),
+    }
+
+
+def logits_by_variant(moshi_dir: Path, dtype: str, *, seed: int) -> dict[str, Any]:
+    """Each variant against the float model of the same dtype, on the same codes."""
+    reference = load_moshi(_settings(moshi_dir, dtype, "float"))
+    codes = random_codes(reference.lm, ROWS, STEPS, seed)
+    expected = streaming_text_logits(reference.lm, codes)
+    results: dict[str, Any] = {"inputs": f"{ROWS} rows x {STEPS} streamed steps of random codes"}
+    for name, (int8_weights, int8_kv) in VARIANTS.items():
+        if name == "float":
+            continue
+        model = load_moshi(_settings(moshi_dir, dtype, "int8" if int8_weights else "float", int8_kv))
+        results[name] = logits_difference(expected, streaming_text_logits(model.lm, codes))
+    return results
+
+
+def _settings(moshi_dir: Path, dtype: str, weights: str, int8_kv: bool = False) -> DialogueSettings:
+    return DialogueSettings(
+        moshi_dir=moshi_dir,
+        dialogue_device="cpu",
+        dialogue_dtype=dtype,  # type: ignore[arg-type]
+        dialogue_weights=weights,  # type: ignore[arg-type]
+        dialogue_kv_cache="int8" if int8_kv else "float",
+    )
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def weight_bytes(lm: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
+
+
+def kv_bytes_per_session(lm: torch.nn.Module) -> int:
+    """The bytes of one session's KV caches (every attention layer, main transformer and depformer)."""
+    total = 0
+    with lm.streaming(1):  # type: ignore[operator]
+        for module in lm.modules():
+            if isinstance(module, LeanAttention):
+                cache = module._streaming_state.kv_cache if module._streaming_state else None
+                if cache is not None:
+                    tensors = [cache.cache, getattr(cache, "scales", None), cache.end_offset]
+                    total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
+def published_memory() -> dict[str, Any]:
+    """Weights and per-session KV bytes of the published 7B LM in bf16 (meta device), and what fits."""
+    lm_config, _ = published_architecture(full=True)
+    results: dict[str, Any] = {"context_steps": lm_config["context"], "h100_mib": H100_MIB}
+    results["reserve_mib"] = RESERVE_MIB
+    for name, (int8_weights, int8_kv) in VARIANTS.items():
+        lm = LMModel(device="meta", dtype=torch.bfloat16, **lm_config)
+        make_lean(lm, int8_weights=int8_weights, int8_kv=int8_kv, dtype=torch.bfloat16)
+        weights_mib, kv_mib = weight_bytes(lm) / 2**20, kv_bytes_per_session(lm) / 2**20
+        results[name] = {
+            "weights_gib": round(weights_mib / 1024, 2),
+            "kv_per_session_gib": round(kv_mib / 1024, 3),
+            "sessions_per_h100": int((H100_MIB - RESERVE_MIB - weights_mib) // kv_mib),
+        }
+    return results
+
+
+# --- speed --------------------------------------------------------------------------------------
+
+
+def step_times(moshi_dir: Path, dtype: str) -> dict[str, Any]:
+    """The worker's Batcher, every slot busy, per variant: tick p50 / mean, and the ratio to float."""
+    results: dict[str, Any] = {}
+    for name, (int8_weights, int8_kv) in VARIANTS.items():
+        model = load_moshi(_settings(moshi_dir, dtype, "int8" if int8_weights else "float", int8_kv))
+        ticks = _batcher_ticks(model)
+        results[name] = {"p50": round(statistics.median(ticks), 2), "mean": round(statistics.fmean(ticks), 2)}
+    for name in VARIANTS:
+        results[name]["mean_ratio_to_float"] = round(results[name]["mean"] / results["float"]["mean"], 3)
+    return results
+
+
+@torch.no_grad()
+def _batcher_ticks(model: MoshiModel) -> list[float]:
+    rng = np.random.default_rng(0)
+    batcher = Batcher(model, SLOTS)
+    try:
+        for row in range(SLOTS):
+            batcher.join(f"bench-{row}")
+        ticks = []
+        for i in range(WARMUP_TICKS + TICKS):
+            audio = (rng.standard_normal((SLOTS, FRAME_SAMPLES)) * 0.3).astype(np.float32)
+            started = time.perf_counter()
+            batcher.step(audio)
+            if i >= WARMUP_TICKS:
+                ticks.append((time.perf_counter() - started) * 1000)
+        return ticks
+    finally:
+        batcher.close()
+
+
+@torch.no_grad()
+def attention_times() -> dict[str, Any]:
+    """One published attention layer's cache step (32 heads x 128, 3000 steps): write a step, read the
+    whole cache, attend; bf16 ring cache vs int8 cache, median of `ATTENTION_REPEATS`."""
+    lm_config, _ = published_architecture(full=True)
+    heads, capacity = lm_config["num_heads"], lm_config["context"]
+    dim = lm_config["dim"] // heads
+    dtype = torch.bfloat16
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn((ATTENTION_ROWS, heads, 1, dim), generator=generator, dtype=dtype) for _ in range(3)
+    )
+    every_row = torch.ones(ATTENTION_ROWS, dtype=torch.bool)
+    caches: dict[str, RingKVCache] = {
+        "bf16_ring": RingKVCache(
+            ATTENTION_ROWS, heads, dim, capacity, device=torch.device("cpu"), dtype=dtype
+        ),
+        "int8": Int8KVCache(ATTENTION_ROWS, heads, dim, capacity, device=torch.device("cpu"), dtype=dtype),
+    }
+    results: dict[str, Any] = {"rows": ATTENTION_ROWS, "context_steps": capacity}
+    for name, cache in caches.items():
+        times = []
+        for _ in range(ATTENTION_REPEATS):
+            started = time.perf_counter()
+            keys, values, _ = cache.complete(k, v, every_row)
+            torch.nn.functional.scaled_dot_product_attention(q, keys, values)
+            times.append((time.perf_counter() - started) * 1000)
+        results[name] = round(statistics.median(times), 2)
+    results["int8_ratio"] = round(results["int8"] / results["bf16_ring"], 3)
+    return results
