@@ -6,13 +6,15 @@ both. For each:
   random codes for `STEPS` steps (one step at a time, so the KV cache is what attention reads), text
   logits compared step by step: max abs difference, max abs relative to the float logits' largest, L2
   relative, and text-token agreement (the float model's argmax = the variant's argmax, over rows x steps);
+  and, as a yardstick, bf16 against fp32 for the float model;
 - memory: the LM's weight bytes, and the KV cache bytes of one session at the published 3000-step
   context, both from the published architecture (7B LM built on the meta device: no memory is taken)
   in bf16, as a GPU holds it; with those, the sessions that fit on an H100 (`H100_MIB` less `RESERVE_MIB`
   for Mimi, activations and the CUDA context);
-- step time: the worker's `Batcher` on the small checkpoint, `SLOTS` sessions, `TICKS` ticks, in fp32
-  (the worker's CPU default) and bf16; and one published-size attention layer's KV step (write one
-  step, read the whole 3000-step cache, attend) at `ATTENTION_ROWS` rows, ring cache vs int8 cache.
+- step time (CPU time of the stepping thread): the worker's `Batcher` on the small checkpoint, `SLOTS`
+  sessions, `TICKS` ticks, in fp32 (the worker's CPU default) and bf16; and one published-size
+  attention layer's KV step (write one step, read the whole 3000-step cache, attend) at
+  `ATTENTION_ROWS` rows, ring cache vs int8 cache.
 
 A CPU's step time says little about a GPU's; `bench/gpu/run.sh --weights int8 --kv-cache int8` measures
 the same variants in the sessions-per-GPU sweep when a GPU is lent.
@@ -34,7 +36,7 @@ from moshi.utils.compile import no_compile
 
 from chorus.devtools.moshi_checkpoint import published_architecture, write_moshi_checkpoint
 from services.dialogue.batcher import Batcher
-from services.dialogue.model import MoshiModel, load_moshi
+from services.dialogue.model import load_moshi
 from services.dialogue.quantized import Int8KVCache, LeanAttention, make_lean
 from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES
@@ -50,7 +52,7 @@ VARIANTS: dict[str, tuple[bool, bool]] = {  # name -> (int8 weights, int8 KV cac
 STEPS = 64
 ROWS = 4
 SLOTS = 4
-TICKS = 40
+TICKS = 60
 WARMUP_TICKS = 4
 ATTENTION_ROWS = 4
 ATTENTION_REPEATS = 5
@@ -65,6 +67,7 @@ def run() -> dict[str, Any]:
         "device": "cpu",
         "torch_threads": THREADS,
         "logits": {dtype: logits_by_variant(moshi_dir, dtype, seed=0) for dtype in ("float32", "bfloat16")},
+        "bfloat16_against_float32": bfloat16_difference(moshi_dir, seed=0),
         "published_memory": published_memory(),
         "step_ms": {dtype: step_times(moshi_dir, dtype) for dtype in ("float32", "bfloat16")},
         "published_attention_ms": attention_times(),
@@ -121,6 +124,15 @@ def logits_by_variant(moshi_dir: Path, dtype: str, *, seed: int) -> dict[str, An
     return results
 
 
+def bfloat16_difference(moshi_dir: Path, *, seed: int) -> dict[str, float]:
+    """The yardstick: how far bf16 itself (what a GPU runs) is from fp32 on the same codes."""
+    reference = load_moshi(_settings(moshi_dir, "float32", "float"))
+    codes = random_codes(reference.lm, ROWS, STEPS, seed)
+    bf16 = load_moshi(_settings(moshi_dir, "bfloat16", "float"))
+    expected = streaming_text_logits(reference.lm, codes)
+    return logits_difference(expected, streaming_text_logits(bf16.lm, codes))
+
+
 def _settings(moshi_dir: Path, dtype: str, weights: str, int8_kv: bool = False) -> DialogueSettings:
     return DialogueSettings(
         moshi_dir=moshi_dir,
@@ -172,34 +184,37 @@ def published_memory() -> dict[str, Any]:
 
 
 def step_times(moshi_dir: Path, dtype: str) -> dict[str, Any]:
-    """The worker's Batcher, every slot busy, per variant: tick p50 / mean, and the ratio to float."""
-    results: dict[str, Any] = {}
+    """The worker's Batcher, every slot busy, per variant: the stepping thread's CPU time a tick (p50,
+    mean) and the ratio to float. The variants step in turn, tick by tick, so the load of a shared
+    machine falls on all of them alike."""
+    batchers: dict[str, Batcher] = {}
     for name, (int8_weights, int8_kv) in VARIANTS.items():
         model = load_moshi(_settings(moshi_dir, dtype, "int8" if int8_weights else "float", int8_kv))
-        ticks = _batcher_ticks(model)
-        results[name] = {"p50": round(statistics.median(ticks), 2), "mean": round(statistics.fmean(ticks), 2)}
-    for name in VARIANTS:
-        results[name]["mean_ratio_to_float"] = round(results[name]["mean"] / results["float"]["mean"], 3)
-    return results
-
-
-@torch.no_grad()
-def _batcher_ticks(model: MoshiModel) -> list[float]:
-    rng = np.random.default_rng(0)
-    batcher = Batcher(model, SLOTS)
-    try:
+        batchers[name] = Batcher(model, SLOTS)
         for row in range(SLOTS):
-            batcher.join(f"bench-{row}")
-        ticks = []
+            batchers[name].join(f"bench-{row}")
+    ticks: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    rng = np.random.default_rng(0)
+    try:
         for i in range(WARMUP_TICKS + TICKS):
             audio = (rng.standard_normal((SLOTS, FRAME_SAMPLES)) * 0.3).astype(np.float32)
-            started = time.perf_counter()
-            batcher.step(audio)
-            if i >= WARMUP_TICKS:
-                ticks.append((time.perf_counter() - started) * 1000)
-        return ticks
+            for name, batcher in batchers.items():
+                started = time.thread_time()
+                batcher.step(audio)
+                if i >= WARMUP_TICKS:
+                    ticks[name].append((time.thread_time() - started) * 1000)
     finally:
-        batcher.close()
+        for batcher in batchers.values():
+            batcher.close()
+    float_mean = statistics.fmean(ticks["float"])
+    return {
+        name: {
+            "p50": round(statistics.median(values), 2),
+            "mean": round(statistics.fmean(values), 2),
+            "mean_ratio_to_float": round(statistics.fmean(values) / float_mean, 3),
+        }
+        for name, values in ticks.items()
+    }
 
 
 @torch.no_grad()
@@ -221,14 +236,14 @@ def attention_times() -> dict[str, Any]:
         ),
         "int8": Int8KVCache(ATTENTION_ROWS, heads, dim, capacity, device=torch.device("cpu"), dtype=dtype),
     }
-    results: dict[str, Any] = {"rows": ATTENTION_ROWS, "context_steps": capacity}
-    for name, cache in caches.items():
-        times = []
-        for _ in range(ATTENTION_REPEATS):
-            started = time.perf_counter()
+    times: dict[str, list[float]] = {name: [] for name in caches}
+    for _ in range(ATTENTION_REPEATS):
+        for name, cache in caches.items():
+            started = time.thread_time()
             keys, values, _ = cache.complete(k, v, every_row)
             torch.nn.functional.scaled_dot_product_attention(q, keys, values)
-            times.append((time.perf_counter() - started) * 1000)
-        results[name] = round(statistics.median(times), 2)
+            times[name].append((time.thread_time() - started) * 1000)
+    results: dict[str, Any] = {"rows": ATTENTION_ROWS, "context_steps": capacity}
+    results |= {name: round(statistics.median(values), 2) for name, values in times.items()}
     results["int8_ratio"] = round(results["int8"] / results["bf16_ring"], 3)
     return results

@@ -135,7 +135,7 @@ class Int8KVCache(RingKVCache):  # type: ignore[misc]  # moshi is untyped
             self.cache[i].scatter_(2, indexes.expand(-1, heads, steps, dim), quantized)
             scale = (absmax / INT8_MAX).to(self.dtype)[..., None]
             self.scales[i].scatter_(2, indexes.expand(-1, heads, steps, 1), scale)
-        keys, values = self.cache.to(self.dtype) * self.scales
+        keys, values = self.cache * self.scales  # int8 x float: one kernel, promoted to the scales' dtype
         return KVCacheResult(keys, values, self._positions(steps, exec_mask))
 
     def _positions(self, steps: int, exec_mask: torch.Tensor) -> torch.Tensor:
