@@ -12,9 +12,10 @@ both. For each:
   in bf16, as a GPU holds it; with those, the sessions that fit on an H100 (`H100_MIB` less `RESERVE_MIB`
   for Mimi, activations and the CUDA context);
 - step time (CPU time of the stepping thread): the worker's `Batcher` on the small checkpoint, `SLOTS`
-  sessions, `TICKS` ticks, in fp32 (the worker's CPU default) and bf16; and one published-size
-  attention layer's KV step (write one step, read the whole 3000-step cache, attend) at
-  `ATTENTION_ROWS` rows, ring cache vs int8 cache.
+  sessions, `TICKS` ticks, in fp32 (the worker's CPU default) and bf16; one published-size linear
+  layer (the feed-forward's input projection) at `ATTENTION_ROWS` rows, float vs int8; and one
+  published-size attention layer's KV step (write one step, read the whole 3000-step cache, attend),
+  ring cache vs int8 cache.
 
 A CPU's step time says little about a GPU's; `bench/gpu/run.sh --weights int8 --kv-cache int8` measures
 the same variants in the sessions-per-GPU sweep when a GPU is lent.
@@ -22,6 +23,7 @@ the same variants in the sessions-per-GPU sweep when a GPU is lent.
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import time
@@ -37,7 +39,7 @@ from moshi.utils.compile import no_compile
 from chorus.devtools.moshi_checkpoint import published_architecture, write_moshi_checkpoint
 from services.dialogue.batcher import Batcher
 from services.dialogue.model import load_moshi
-from services.dialogue.quantized import Int8KVCache, LeanAttention, make_lean
+from services.dialogue.quantized import Int8KVCache, Int8Linear, LeanAttention, make_lean
 from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES
 
@@ -70,6 +72,7 @@ def run() -> dict[str, Any]:
         "bfloat16_against_float32": bfloat16_difference(moshi_dir, seed=0),
         "published_memory": published_memory(),
         "step_ms": {dtype: step_times(moshi_dir, dtype) for dtype in ("float32", "bfloat16")},
+        "published_linear_ms": linear_times(),
         "published_attention_ms": attention_times(),
     }
 
@@ -215,6 +218,34 @@ def step_times(moshi_dir: Path, dtype: str) -> dict[str, Any]:
         }
         for name, values in ticks.items()
     }
+
+
+@torch.no_grad()
+def linear_times() -> dict[str, Any]:
+    """One published feed-forward input projection (4096 -> 2 x 11264) on `ATTENTION_ROWS` rows (one
+    step of that many sessions): bf16 and fp32 weights against Int8Linear, median of `ATTENTION_REPEATS`."""
+    lm_config, _ = published_architecture(full=True)
+    dim = lm_config["dim"]
+    hidden = 2 * (2 * round(dim * lm_config["hidden_scale"]) // 3)
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(dim, hidden, bias=False)
+    torch.nn.init.normal_(linear.weight, std=dim**-0.5, generator=generator)
+    x = torch.randn((ATTENTION_ROWS, 1, dim), generator=generator)
+    layers = {
+        "float32": (linear, x),
+        "int8_float32": (Int8Linear.from_linear(linear), x),
+        "bfloat16": (copy.deepcopy(linear).to(torch.bfloat16), x.to(torch.bfloat16)),
+        "int8_bfloat16": (Int8Linear.from_linear(linear), x.to(torch.bfloat16)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for _ in range(ATTENTION_REPEATS):
+        for name, (layer, inputs) in layers.items():
+            started = time.thread_time()
+            layer(inputs)
+            times[name].append((time.thread_time() - started) * 1000)
+    results: dict[str, Any] = {"rows": ATTENTION_ROWS, "shape": [dim, hidden]}
+    results |= {name: round(statistics.median(values), 2) for name, values in times.items()}
+    return results
 
 
 @torch.no_grad()
