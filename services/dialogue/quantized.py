@@ -37,8 +37,8 @@ from torch.nn import functional as F
 
 Kernel = Literal["int8pack", "w8a8", "dequant"]
 INT8_MAX = 127
-# torch._int_mm on CUDA wants more than 16 rows: a smaller batch is padded with zero rows.
-_INT_MM_MIN_ROWS = 17
+# torch._int_mm on CUDA wants more than 16 rows: a batch of 16 or fewer is padded with zero rows to 32.
+_INT_MM_MAX_ROWS_REFUSED, _INT_MM_PADDED_ROWS = 16, 32
 _TINY = 1e-8  # an all-zero row's scale: any positive value quantizes it to zeros
 
 
@@ -78,7 +78,7 @@ class Int8Linear(nn.Module):
         if kernel == "int8pack":
             y = torch._weight_int8pack_mm(rows, self.weight, (self.weight_scb / INT8_MAX).to(x.dtype))
         elif kernel == "w8a8":
-            y = _w8a8_matmul(rows, self.weight, self.weight_scb)
+            y = w8a8_matmul(rows, self.weight, self.weight_scb)
         else:
             y = F.linear(rows, self.weight.to(x.dtype)) * (self.weight_scb / INT8_MAX).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -91,12 +91,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantized.to(torch.int8), absmax
 
 
-def _w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scb: torch.Tensor) -> torch.Tensor:
+def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scb: torch.Tensor) -> torch.Tensor:
     """x @ weight.T with x quantized per row: int8 x int8 -> int32, rescaled by both rows' scales."""
     quantized, x_absmax = quantize_rows(x)
     rows = quantized.shape[0]
-    if rows < _INT_MM_MIN_ROWS:
-        quantized = F.pad(quantized, (0, 0, 0, _INT_MM_MIN_ROWS - rows))
+    if rows <= _INT_MM_MAX_ROWS_REFUSED:
+        quantized = F.pad(quantized, (0, 0, 0, _INT_MM_PADDED_ROWS - rows))
     product = torch._int_mm(quantized, weight.t())[:rows]
     scale = x_absmax[:, None] * (weight_scb / (INT8_MAX * INT8_MAX))[None, :]
     return (product.float() * scale).to(x.dtype)
