@@ -1,5 +1,5 @@
-"""int8 weights and the int8 KV cache on the small checkpoint: the worker's loader and Batcher run them,
-and the LM stays close to the float one on the same inputs.
+"""int8 weights and the int8 KV cache on the small checkpoint: the worker (through Redis), its loader and
+its Batcher run them, and the LM stays close to the float one on the same inputs.
 
 The tolerance: symmetric int8 with one scale per row rounds each weight (or cached key/value) by at most
 half a step of absmax / 127, about 0.5 % of a row's largest value; through the small LM's layers
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,11 @@ from bench.bench_quant import logits_difference, random_codes, streaming_text_lo
 from services.dialogue.batcher import Batcher
 from services.dialogue.model import MoshiModel, load_moshi
 from services.dialogue.quantized import Int8KVCache, Int8Linear, kernel_for, w8a8_matmul
-from shared.audio import FRAME_SAMPLES
-from tests.services.dialogue.conftest import settings_for
+from shared.audio import FRAME_BYTES, FRAME_SAMPLES, float_to_pcm16
+from shared.bus import Bus
+from shared.messages import EventName, SessionStart, SessionStop, UserAudio
+from tests.services.dialogue.conftest import DialogueReader, RunningWorker, settings_for
+from tests.support.sessions import open_session
 
 STEPS = 32
 MAX_L2_RELATIVE = 0.05
@@ -116,3 +120,21 @@ def test_a_q8_checkpoint_loads_into_the_same_int8_layers(moshi_dir: Path, tmp_pa
     assert scales and all(s.dtype == torch.float32 for s in scales)
     codes = random_codes(loaded.lm, 2, 8, seed=5)
     assert torch.equal(streaming_text_logits(loaded.lm, codes), streaming_text_logits(quantized.lm, codes))
+
+
+async def test_a_worker_on_int8_weights_and_cache_serves_a_session(
+    bus: Bus, start_worker: Callable[..., Awaitable[RunningWorker]]
+) -> None:
+    running = await start_worker(dialogue_weights="int8", dialogue_kv_cache="int8")
+    assert isinstance(running.worker.model.lm.text_linear, Int8Linear)
+    await open_session(bus, SessionStart(session_id="q1"))
+    reader = DialogueReader(bus, "q1")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready event")
+    rng = np.random.default_rng(0)
+    for seq in range(20):
+        pcm = float_to_pcm16(rng.standard_normal(FRAME_SAMPLES) * 0.3)
+        await bus.append(bus.names.session_input("q1"), UserAudio(session_id="q1", seq=seq, pcm=pcm))
+    await reader.until(lambda r: len(r.frames) >= 8, 20, "frames did not follow")
+    assert all(len(f.pcm) == FRAME_BYTES for f in reader.frames)
+    await bus.append_control(SessionStop(session_id="q1"))
+    await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
