@@ -163,8 +163,8 @@ def load_lm(info: Any, device: torch.device, dtype: torch.dtype, settings: Dialo
 
 def _load_q8_lm(info: Any, device: torch.device, dtype: torch.dtype) -> LMModel:
     """A `-q8` checkpoint as moshi's loader reads it (LMModel on the meta device, the state assigned),
-    with torch-native Int8Linear layers where moshi builds bitsandbytes ones; the int8 weights and their
-    float32 row scales (`*_scb`) are kept as stored, the other float tensors cast to `dtype`."""
+    with torch-native Int8Linear layers where moshi builds bitsandbytes ones; the int8 weights kept as
+    stored, their row scales (`*_scb`) in float32, the other float tensors cast to `dtype`."""
     from moshi.models import loaders
     from safetensors.torch import load_file
 
@@ -175,8 +175,8 @@ def _load_q8_lm(info: Any, device: torch.device, dtype: torch.dtype) -> LMModel:
     replace_linears(lm, quantize=False)
     state = load_file(str(info.moshi_weights), device=str(device))
     for key, value in state.items():
-        if value.dtype.is_floating_point and not key.endswith("_scb"):
-            state[key] = value.to(dtype)
+        if value.dtype.is_floating_point:
+            state[key] = value.float() if key.endswith("_scb") else value.to(dtype)
     lm.load_state_dict(state, assign=True)
     return lm.eval()
 
@@ -193,8 +193,6 @@ def build_random_moshi(
     dtype: torch.dtype,
     *,
     seed: int = 0,
-    int8_weights: bool = False,
-    int8_kv: bool = False,
 ) -> MoshiModel:
     """An architecture with random weights, built in place on `device`: no checkpoint is written or read.
 
@@ -202,15 +200,12 @@ def build_random_moshi(
     15 GB on every fresh machine, and a step's cost does not depend on the weights' values. The LM is
     built as `loaders.get_moshi_lm` builds it (LMModel on the device in `dtype`, moshi's own init, eval
     mode); Mimi as `loaders.get_mimi` does, with random codebooks (a fresh Mimi's are all zero, so every
-    input would encode to code 0). Weights only: the text tokenizer is read from `tokenizer`. The LM is
-    made lean as `load_lm` does (int8 linear layers, int8 KV cache) when asked.
+    input would encode to code 0). Weights only: the text tokenizer is read from `tokenizer`.
     """
     import sentencepiece
     import torch
     from moshi.models import loaders
     from moshi.models.lm import LMModel
-
-    from services.dialogue.quantized import make_lean
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -221,7 +216,6 @@ def build_random_moshi(
                 buffer.normal_(std=_RANDOM_CODEBOOK_SCALE)
             elif name.endswith("_codebook._initialized"):
                 buffer.fill_(1)
-    make_lean(lm, int8_weights=int8_weights, int8_kv=int8_kv, dtype=dtype)
     text = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
     log.info("random moshi built", extra={"device": str(device), "dtype": str(dtype)})
     return MoshiModel(mimi, lm, text, "moshiko", "random:published-architecture", device)
