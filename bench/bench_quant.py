@@ -167,18 +167,25 @@ def kv_bytes_per_session(lm: torch.nn.Module) -> int:
 
 
 def published_memory() -> dict[str, Any]:
-    """Weights and per-session KV bytes of the published 7B LM in bf16 (meta device), and what fits."""
+    """Weights and per-session KV bytes of the published 7B LM in bf16 (meta device), and what fits.
+
+    The int8 cache also costs, while a layer attends, its dequantized copy (one layer's keys and values
+    in bf16, every row): counted a session (`transient_per_session_mib`), as the batch grows with it."""
     lm_config, _ = published_architecture(full=True)
     results: dict[str, Any] = {"context_steps": lm_config["context"], "h100_mib": H100_MIB}
     results["reserve_mib"] = RESERVE_MIB
+    float_kv_mib = 0.0
     for name, (int8_weights, int8_kv) in VARIANTS.items():
         lm = LMModel(device="meta", dtype=torch.bfloat16, **lm_config)
         make_lean(lm, int8_weights=int8_weights, int8_kv=int8_kv, dtype=torch.bfloat16)
         weights_mib, kv_mib = weight_bytes(lm) / 2**20, kv_bytes_per_session(lm) / 2**20
+        float_kv_mib = float_kv_mib or kv_mib  # the first variant is float
+        transient_mib = float_kv_mib / lm_config["num_layers"] if int8_kv else 0.0
         results[name] = {
             "weights_gib": round(weights_mib / 1024, 2),
             "kv_per_session_gib": round(kv_mib / 1024, 3),
-            "sessions_per_h100": int((H100_MIB - RESERVE_MIB - weights_mib) // kv_mib),
+            "transient_per_session_mib": round(transient_mib, 1),
+            "sessions_per_h100": int((H100_MIB - RESERVE_MIB - weights_mib) // (kv_mib + transient_mib)),
         }
     return results
 
