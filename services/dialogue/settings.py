@@ -44,6 +44,17 @@ class DialogueSettings(CommonSettings):
     dialogue_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="LM weights dtype; auto = bfloat16 on cuda, float32 on cpu."
     )
+    dialogue_weights: Literal["float", "int8"] = Field(
+        default="float",
+        description="LM linear layers: `float` (in CHORUS_DIALOGUE_DTYPE) or `int8` (int8 weights, one "
+        "scale per output row: half the weight memory of bf16). A `-q8` checkpoint is int8 whatever "
+        "this says.",
+    )
+    dialogue_kv_cache: Literal["float", "int8"] = Field(
+        default="float",
+        description="The LM's KV cache: `float` (moshi's ring cache in the LM's dtype) or `int8` (one "
+        "scale per head and position: about half the memory of bf16 per session, dequantized each step).",
+    )
     dialogue_compile: bool | None = Field(
         default=None,
         description="Let moshi torch.compile its hot functions; unset = on for cuda, off for cpu "
