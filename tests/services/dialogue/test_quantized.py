@@ -28,6 +28,9 @@ from shared.audio import FRAME_BYTES, FRAME_SAMPLES, float_to_pcm16
 from shared.bus import Bus
 from shared.messages import EventName, SessionStart, SessionStop, UserAudio
 from tests.services.dialogue.conftest import DialogueReader, RunningWorker, settings_for
+from tests.services.dialogue.test_batcher import GREEDY, tokens, user_audio
+from tests.services.dialogue.test_rollover import STEPS as ROLLOVER_STEPS
+from tests.services.dialogue.test_rollover import talk
 from tests.support.sessions import open_session
 
 STEPS = 32
@@ -138,3 +141,26 @@ async def test_a_worker_on_int8_weights_and_cache_serves_a_session(
     assert all(len(f.pcm) == FRAME_BYTES for f in reader.frames)
     await bus.append_control(SessionStop(session_id="q1"))
     await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
+
+
+def test_a_rollover_on_the_int8_cache_resets_only_its_rows(moshi_dir: Path) -> None:
+    """A row reset (a session rolling over in place, again and again) on the int8 cache leaves its
+    neighbour's text exactly as when it talked alone: the cache's reset and exec mask are per row."""
+    model = lean_model(moshi_dir, "float", "int8")
+    batcher = Batcher(model, 2, audio_temperature=0.0)
+    try:
+        voices = {
+            "steady": user_audio(seed=1, steps=ROLLOVER_STEPS),
+            "roller": user_audio(seed=2, steps=ROLLOVER_STEPS),
+        }
+        batcher.join("steady", (), GREEDY)
+        alone = talk(batcher, {"steady": voices["steady"]}, (), ROLLOVER_STEPS).outputs["steady"]
+        batcher.leave(0)
+        primer = model.encode_text("You are a pirate.")
+        batcher.join("steady", (), GREEDY)
+        batcher.join("roller", primer, GREEDY)
+        run = talk(batcher, voices, primer, ROLLOVER_STEPS)
+        assert sum(o.rollover is not None for o in run.outputs["roller"]) >= 2
+        assert tokens(run.outputs["steady"]) == tokens(alone)
+    finally:
+        batcher.close()
