@@ -21,9 +21,11 @@ that has only torch). What it measures, in one run on one device:
 
 `--max-memory-mib` caps the memory the process may take: on cuda through the caching allocator's
 per-process fraction, on cpu through RLIMIT_DATA (the kernel refuses the allocation). Either way the
-refusal is a real allocation failure. `--int8` replaces the LM's linear layers with moshi's
-bitsandbytes int8 layers (its `-q8` path; the wheelhouse carries bitsandbytes) and reports the
-logits' difference from bf16 on the same inputs.
+refusal is a real allocation failure. `--weights int8` and `--kv-cache int8` (default: the worker's
+CHORUS_DIALOGUE_WEIGHTS / CHORUS_DIALOGUE_KV_CACHE) make the LM lean as the worker would
+(services/dialogue/quantized.py: int8 linear layers, an int8 KV cache; torch alone), after the text
+logits of the float LM have been taken on random codes, streamed step by step: the results report the
+lean LM's difference from them on the same codes (`int8_logits`) and the weights' memory after.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ CACHE = ROOT / ".cache" / "checkpoints"
 DEFAULT_OUT = ROOT / "bench" / "results" / "dialogue_gpu.json"
 DEFAULT_SLOTS = "8,16,24,32,40,48,64,80,96,128"
 BUDGET_MS = FRAME_SEC * 1000
+LOGIT_ROWS, LOGIT_STEPS = 2, 32  # the lean LM's logits against the float LM's
 STAGES = ("encode", "lm", "decode")
 # The tick's wall time less the three stages: resets of joining rows, copies, host bookkeeping, waits.
 OTHER = "other"
@@ -197,7 +200,8 @@ class Config:
     session_s: float
     primer_tokens: int
     max_memory_mib: int | None
-    int8: bool
+    weights: str  # float | int8
+    kv_cache: str  # float | int8
     out: Path
     budget_s: float | None = None
     seed: int = 0
@@ -351,7 +355,9 @@ def build_model(config: Config) -> MoshiModel:
     settings = config.settings
     small = write_moshi_checkpoint(CACHE / "moshi")  # the CPU path, and the text tokenizer of both
     if config.size == "small":
-        return load_moshi(settings.model_copy(update={"moshi_dir": small}))
+        # Float: the sweep makes it lean itself, after taking the float LM's logits (make_lean_measured).
+        update = {"moshi_dir": small, "dialogue_weights": "float", "dialogue_kv_cache": "float"}
+        return load_moshi(settings.model_copy(update=update))
     device = resolve_device(settings.dialogue_device)
     lm_config, mimi_config = published_architecture(full=True)
     dtype = resolve_dtype(settings.dialogue_dtype, device)
@@ -359,37 +365,23 @@ def build_model(config: Config) -> MoshiModel:
 
 
 @torch.no_grad()
-def quantize_int8(model: MoshiModel, seed: int) -> dict[str, Any]:
-    """moshi's int8 LM (its `-q8` checkpoints' layers: bitsandbytes, linear layers only), in place;
-    returns the logits' relative difference from the bf16 model on the same random codes."""
-    from moshi.utils.quantize import replace_linear_with_qlinear
+def make_lean_measured(model: MoshiModel, config: Config) -> dict[str, Any]:
+    """The LM made lean in place (int8 weights and/or KV cache, as `config` asks), with its text logits'
+    difference from the float LM's on the same random codes, streamed step by step (the KV cache read)."""
+    from bench.bench_quant import logits_difference, random_codes, streaming_text_logits
+    from services.dialogue.quantized import make_lean
 
     lm = model.lm
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    codes = torch.randint(0, lm.card, (2, lm.num_codebooks, 16), device=model.device, generator=generator)
-    codes[:, 0] = codes[:, 0] % lm.text_card
-    before = lm(codes)
-    replace_linear_with_qlinear(lm)
+    codes = random_codes(lm, LOGIT_ROWS, LOGIT_STEPS, config.seed)
+    reference = streaming_text_logits(lm, codes)
+    dtype = next(p for p in lm.parameters() if p.is_floating_point()).dtype
+    make_lean(lm, int8_weights=config.weights == "int8", int8_kv=config.kv_cache == "int8", dtype=dtype)
     gc.collect()
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
-    after = lm(codes)
-
-    def relative(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-        a, b = a.float()[mask], b.float()[mask]
-        return round(float((a - b).norm() / b.norm()), 5)
-
-    text_mask = before.text_mask.expand_as(before.text_logits[..., 0]).bool()
-    audio_mask = before.mask.bool()
-    return {
-        "inputs": "2 x 16 steps of random codes through LMModel.forward",
-        "text_logits_relative_l2": relative(after.text_logits, before.text_logits, text_mask),
-        "audio_logits_relative_l2": relative(after.logits, before.logits, audio_mask),
-        "text_argmax_agreement": round(
-            float((after.text_logits.argmax(-1) == before.text_logits.argmax(-1))[text_mask].float().mean()),
-            4,
-        ),
-    }
+    difference = logits_difference(reference, streaming_text_logits(lm, codes))
+    inputs = f"{LOGIT_ROWS} rows x {LOGIT_STEPS} streamed steps of random codes, text logits"
+    return {"inputs": inputs, "weights": config.weights, "kv_cache": config.kv_cache, **difference}
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
@@ -420,8 +412,15 @@ def run(config: Config) -> dict[str, Any]:
     model = build_model(config)
     config.compile = compile_setting(config.settings, model.device)
     results = _header(model, config)
-    if config.int8:
-        results["int8_logits"] = quantize_int8(model, config.seed)
+    if "int8" in (config.weights, config.kv_cache):
+        try:
+            results["int8_logits"] = make_lean_measured(model, config)
+        except Exception as exc:  # recorded: without the lean LM there is nothing of it to sweep
+            traceback.print_exc()
+            results["int8_logits"] = {"outcome": "error", "error": _first_line(exc)}
+            results["stopped_by"] = "the lean LM failed"
+            _write(results, config.out)
+            return results
         results["weights_memory_mib"] = _held_memory_mib(model.device)
     if config.max_memory_mib is not None:
         limit_memory(model.device, config.max_memory_mib)
@@ -446,7 +445,9 @@ def _header(model: MoshiModel, config: Config) -> dict[str, Any]:
             "dtype": str(next(model.lm.parameters()).dtype),
             "torch_compile": config.compile,
             "cuda_graphs": cuda_graphs_on(device),
-            "int8": config.int8,
+            "int8": config.weights == "int8",
+            "weights": config.weights,
+            "kv_cache": config.kv_cache,
             "ticks_per_point": config.ticks,
             "warmup_ticks": config.warmup_ticks,
             "mean_session_s": config.session_s,
@@ -538,7 +539,8 @@ def parse(argv: list[str] | None = None) -> Config:
     parser.add_argument("--session-s", type=float, default=120.0, help="mean session length, seconds")
     parser.add_argument("--primer-tokens", type=int, default=32, help="persona primer of a joining session")
     parser.add_argument("--max-memory-mib", type=int, default=None, help="refuse allocations past this")
-    parser.add_argument("--int8", action="store_true", help="moshi's bitsandbytes int8 LM")
+    parser.add_argument("--weights", choices=["float", "int8"], default=None, help="default: the worker's")
+    parser.add_argument("--kv-cache", choices=["float", "int8"], default=None, help="default: the worker's")
     parser.add_argument(
         "--budget-s", type=float, default=None, help="start no point that would end past this (seconds)"
     )
@@ -557,7 +559,8 @@ def parse(argv: list[str] | None = None) -> Config:
         session_s=args.session_s,
         primer_tokens=args.primer_tokens,
         max_memory_mib=args.max_memory_mib,
-        int8=args.int8,
+        weights=args.weights or settings.dialogue_weights,
+        kv_cache=args.kv_cache or settings.dialogue_kv_cache,
         out=out,
         budget_s=args.budget_s,
         settings=settings,

@@ -220,6 +220,7 @@ class EventName(enum.StrEnum):
     SPEECH_STOPPED = "speech_stopped"
     FLUSH = "flush"  # drop queued cloned audio (barge-in); data: `Flushed`
     PHRASE_DONE = "phrase_done"  # tts finished a phrase; data: `PhraseDone`
+    CONTEXT_ROLLOVER = "context_rollover"  # dialogue moved to a fresh model state; data: `ContextRollover`
 
 
 class SwitchReason(enum.StrEnum):
@@ -276,6 +277,18 @@ class PhraseDone(EventData):
     dialogue_seq: tuple[int, int] = Field(description="First and last dialogue seq of its words.")
 
 
+class ContextRollover(EventData):
+    """`context_rollover`: the session's dialogue went on in a fresh model state, primed with its persona
+    and the tail of its transcript, before the model's context filled."""
+
+    kind: Literal["free_slot", "in_place"] = Field(
+        description="free_slot: primed beside the old state, no gap; in_place: no free slot, a gap."
+    )
+    frames: int = Field(description="Frames the replaced state had taken.")
+    primer_tokens: int
+    gap_frames: int = Field(description="Frames of silence while the state was primed again (in place).")
+
+
 class VoiceChanged(EventData):
     """`voice_changed`: the router switched the audio the client hears."""
 
@@ -291,6 +304,7 @@ EVENT_DATA: dict[str, type[EventData]] = {
     EventName.FLUSH: Flushed,
     EventName.PHRASE_DONE: PhraseDone,
     EventName.VOICE_CHANGED: VoiceChanged,
+    EventName.CONTEXT_ROLLOVER: ContextRollover,
 }
 
 D = TypeVar("D", bound=EventData)

@@ -41,6 +41,17 @@ STREAM_LAG = Histogram(
     ["stream_kind"],
     buckets=FRAME_BUCKETS,
 )
+CONTEXT_ROLLOVERS = Counter(
+    "chorus_context_rollovers_total",
+    "Sessions moved to a fresh model state before the context filled (kind: free_slot, or in_place: a gap)",
+    ["kind"],
+)
+CONTEXT_ROLLOVER_SECONDS = Histogram(
+    "chorus_context_rollover_seconds",
+    "From a rollover's start to the fresh state's first frame (in place: the gap the user hears)",
+    ["kind"],
+    buckets=(0.08, 0.16, 0.32, 0.64, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0),
+)
 VOICE_SWITCHES = Counter("chorus_voice_switches_total", "Audio source switches", ["to", "reason"])
 TTS_REALTIME_FACTOR = Histogram(
     "chorus_tts_realtime_factor",

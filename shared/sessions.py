@@ -251,8 +251,12 @@ class SessionStore:
             pipe.expire(key, self.ttl_s)
             await pipe.execute()
 
-    async def transcript(self, sid: str) -> list[dict[str, Any]]:
-        raw = await self.bus.redis.lrange(self.bus.names.session_transcript(sid), 0, -1)
+    async def transcript(self, sid: str, *, last: int | None = None) -> list[dict[str, Any]]:
+        """The live transcript, or its `last` utterances only."""
+        if last is not None and last <= 0:
+            return []
+        start = -last if last is not None else 0
+        raw = await self.bus.redis.lrange(self.bus.names.session_transcript(sid), start, -1)
         return [json.loads(item) for item in raw]
 
     # --- what workers record and read in the hash ------------------------------------------------------
@@ -270,6 +274,14 @@ class SessionStore:
                     pipe.hset(names.session(sid), "utterance", utterance)
                 else:
                     pipe.hdel(names.session(sid), "utterance")
+            await pipe.execute()
+
+    async def count(self, sid: str, counter: str) -> None:
+        """Add one to a counter of the session hash (the session detail's `counters`)."""
+        key = self.bus.names.session(sid)
+        async with self.bus.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(key, counter, 1)
+            pipe.expire(key, self.ttl_s)  # a hash gone meanwhile is not left behind for good
             await pipe.execute()
 
     async def clear_utterance(self, sid: str) -> None:

@@ -23,12 +23,8 @@ WHEELS=(
   python-dotenv==1.2.4
   typing-extensions==4.16.0  # the image has one; pydantic wants a recent one, this is the version tested here
 )
-# bitsandbytes: moshi's int8 layers (`--int8`; WITH_INT8=0 leaves it out), slimmed to the CPU library and the
-# one CUDA library the GPU machine's torch loads (BNB_CUDA, default 130 for torch 2.11+cu130): the
-# published wheel holds one per CUDA and ROCm version, 43 MB, which with the rest would pass the 64 MiB
-# the device tool carries; slimmed it is 3.6 MB.
-BNB=bitsandbytes==0.50.2
-if [[ ${WITH_INT8:-1} == 1 ]]; then WHEELS+=("$BNB"); fi
+# No bitsandbytes: `--weights int8` (and moshi's `-q8` checkpoints) run on torch's own int8 kernels
+# (services/dialogue/quantized.py).
 mkdir -p "$DIR"
 PLATFORMS=()
 for p in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_24 \
@@ -37,27 +33,4 @@ for p in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2
 done
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$GPU_PYTHON_VERSION" \
   --implementation cp "${PLATFORMS[@]}" -d "$DIR" "${WHEELS[@]}"
-if [[ ${WITH_INT8:-1} == 1 ]]; then
-  "$PY" - "$DIR"/bitsandbytes-*.whl "${BNB_CUDA:-130}" <<'PY'
-import base64, hashlib, re, sys, zipfile
-from pathlib import Path
-
-wheel, cuda = Path(sys.argv[1]), sys.argv[2]
-keep = re.compile(rf"libbitsandbytes_(cpu|cuda{cuda})\.so$")
-slim = wheel.with_suffix(".slim")
-with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
-    names = [n for n in src.namelist() if not n.endswith(".so") or keep.search(n)]
-    record = next(n for n in names if n.endswith(".dist-info/RECORD"))
-    lines = []
-    for name in names:
-        if name == record:
-            continue
-        data = src.read(name)
-        dst.writestr(name, data)
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        lines.append(f"{name},sha256={digest},{len(data)}")
-    dst.writestr(record, "\n".join([*lines, f"{record},,"]) + "\n")
-slim.replace(wheel)
-PY
-fi
 du -sh "$DIR"

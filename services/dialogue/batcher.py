@@ -11,7 +11,12 @@ size never changes (CUDA graphs are captured for one size); sessions come and go
   first step after the primer has come out of the model's acoustic delay;
 - per-row text sampling: `on_text_logits_hook` applies each row's temperature and top-k to the text
   logits (LMGen's own text temperature is neutralised to 1, its text top-k off). Audio tokens are
-  sampled inside LMGen's depformer with one temperature and top-k for the whole batch.
+  sampled inside LMGen's depformer with one temperature and top-k for the whole batch;
+- context rollover (`roll_over`): a session whose row nears the model's context gets a fresh state,
+  primed like a joining session. On a free row it is primed while the old row keeps talking, hears the
+  user's audio once its primer is in, and takes over at the first step its output is due: that step's
+  frame is the old row's crossfaded into the fresh one's, and the old row is freed. Without a free row
+  the session's own row is reset and primed again: its frames are a gap (`RowOutput.gap`) until then.
 
 The tick is lean on the host: the user audio goes through one persistent (pinned, on CUDA) host buffer
 with a non-blocking copy, the row masks live on the device and are rebuilt only when the slot table
@@ -55,6 +60,35 @@ _MIN_TEMPERATURE = 1e-4
 _REASSIGNED_FIELDS = {"_LMGenState": "offsets", "_StreamingConv1dState": "first"}
 _IN_PLACE_CLASSES: dict[type[State], type[State]] = {}
 
+# The frame of a takeover: the old state's audio fades out as the fresh state's fades in (raised cosine).
+_FADE_IN = (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, FRAME_SAMPLES))).astype(np.float32)
+_FADE_OUT = (1.0 - _FADE_IN).astype(np.float32)
+
+
+class RolloverKind(enum.StrEnum):
+    FREE_SLOT = "free_slot"  # primed on a free row beside the old one: no gap
+    IN_PLACE = "in_place"  # no free row: the session's own row primed again, a gap meanwhile
+
+
+@dataclass
+class PendingRollover:
+    """A rollover under way, kept on the session's current row."""
+
+    kind: RolloverKind
+    successor: int | None  # the row the fresh state is primed on (None: in place)
+    frames: int  # steps the replaced state had taken
+    gap_frames: int = 0  # steps the session has had no output of the model since (in place)
+
+
+@dataclass(frozen=True)
+class Rollover:
+    """A finished rollover: the fresh state's first frame is in the output that carries it."""
+
+    kind: RolloverKind
+    frames: int  # steps the replaced state had taken
+    primer_tokens: int
+    gap_frames: int  # frames without the model's audio (0 with a free slot)
+
 
 class Phase(enum.Enum):
     IDLE = "idle"  # no session: row masked out
@@ -72,6 +106,9 @@ class Slot:
     primer_length: int = 0
     age: int = 0  # steps taken since the session joined
     needs_reset: bool = False
+    rollovers: int = 0  # fresh states this session got on this worker before this one
+    replaces: int | None = None  # a fresh state, until it takes over from the session's row `replaces`
+    pending: PendingRollover | None = None
 
     @property
     def phase(self) -> Phase:
@@ -89,7 +126,11 @@ class RowOutput:
     phase: Phase  # during this step
     went_live: bool  # this step consumed the session's first user frame: it is ready
     text_token: int | None  # the text token of this frame; None = nothing to publish yet
-    pcm: FloatAudio | None  # [1920] float32 native audio; None = nothing to publish yet
+    # Re-primed in place: nothing of the model this step, though the session was live.
+    gap: bool = field(default=False, kw_only=True)
+    # A fresh state took over with this frame (`row` is the session's row from now on).
+    rollover: Rollover | None = field(default=None, kw_only=True)
+    pcm: FloatAudio | None  # [1920] float32 native audio; None = nothing to publish yet (last: it is big)
 
 
 class Batcher:
@@ -166,24 +207,62 @@ class Batcher:
         if not free:
             raise NoCapacity(f"all {self.batch_size} slots are busy", session_id=session_id)
         slot = self.slots[free[0]]
-        slot.session_id = session_id
-        slot.forced = deque(primer)
-        slot.primer_length = len(primer)
-        slot.age = 0
-        slot.needs_reset = True
+        _seat(slot, session_id, primer)
         self.set_sampling(slot.row, sampling or Sampling())
         return slot.row
 
     def leave(self, row: int) -> None:
-        """Free a row: from the next step it is masked out (its state is reset when reused)."""
+        """Free a row: from the next step it is masked out (its state is reset when reused). A fresh state
+        primed for its session goes with it."""
         slot = self.slots[row]
+        if slot.pending is not None and slot.pending.successor is not None:
+            self.leave(slot.pending.successor)
+        if slot.replaces is not None:
+            self.slots[slot.replaces].pending = None
         slot.session_id = None
         slot.forced.clear()
+        slot.pending = slot.replaces = None
         self._top_k[row] = self._top_k_rows[row] = 1
 
     def set_sampling(self, row: int, sampling: Sampling) -> None:
-        self._temperature[row] = max(sampling.text_temperature, _MIN_TEMPERATURE)
-        self._top_k[row] = self._top_k_rows[row] = min(sampling.text_top_k, self.model.lm.text_card)
+        for changed in self._session_rows(row):
+            self._temperature[changed] = max(sampling.text_temperature, _MIN_TEMPERATURE)
+            self._top_k[changed] = self._top_k_rows[changed] = min(
+                sampling.text_top_k, self.model.lm.text_card
+            )
+
+    def due_rollovers(self, at: int) -> list[Slot]:
+        """The live sessions' rows that have taken `at` steps and have no rollover under way."""
+        return [
+            s
+            for s in self.slots
+            if s.phase is Phase.LIVE and s.replaces is None and s.pending is None and s.age >= at
+        ]
+
+    def roll_over(self, row: int, primer: Sequence[int]) -> RolloverKind:
+        """Give the session on `row` a fresh state primed with `primer`: on a free row while `row` goes on
+        (it takes over once its output is due), else on `row` itself (reset before the next step)."""
+        slot = self.slots[row]
+        if slot.session_id is None or slot.replaces is not None or slot.pending is not None:
+            raise ValueError(f"row {row} has no live session to roll over")
+        free = self.free_rows()
+        if not free:
+            slot.pending = PendingRollover(RolloverKind.IN_PLACE, None, slot.age)
+            _seat(slot, slot.session_id, primer, rollovers=slot.rollovers + 1)
+            return RolloverKind.IN_PLACE
+        fresh = self.slots[free[0]]
+        _seat(fresh, slot.session_id, primer, rollovers=slot.rollovers + 1)
+        fresh.replaces = row
+        self._temperature[fresh.row] = self._temperature[row]
+        self._top_k[fresh.row] = self._top_k[row]
+        self._top_k_rows[fresh.row] = self._top_k_rows[row]
+        slot.pending = PendingRollover(RolloverKind.FREE_SLOT, fresh.row, slot.age)
+        return RolloverKind.FREE_SLOT
+
+    def _session_rows(self, row: int) -> list[int]:
+        """`row` and the row of the fresh state primed for its session, if any."""
+        pending = self.slots[row].pending
+        return [row] if pending is None or pending.successor is None else [row, pending.successor]
 
     # --- the step ----------------------------------------------------------------------------
 
@@ -213,10 +292,46 @@ class Batcher:
             self._reset_joined_rows()
             self._load_audio(audio, [phase is Phase.LIVE for phase in phases])
             tokens, pcm = self._fetch(*self._run_models(phases, "active"))
-        outputs = [self._output(slot, phases[slot.row], tokens, pcm) for slot in slots]
+        outputs: list[RowOutput] = []
+        takeovers: list[tuple[Slot, Slot]] = []
+        for slot in slots:
+            if slot.replaces is not None:
+                continue  # a fresh state's frames go out with its session's row's, from the takeover on
+            out = self._output(slot, phases[slot.row], tokens, pcm)
+            fresh = self._successor(slot)
+            if fresh is not None and self._due(fresh, tokens):
+                out = self._takeover(slot, fresh, out, tokens, pcm)
+                takeovers.append((slot, fresh))
+            outputs.append(out)
         for slot in slots:
             slot.age += 1
+        for old, fresh in takeovers:
+            old.pending = fresh.replaces = None
+            self.leave(old.row)
         return outputs
+
+    def _successor(self, slot: Slot) -> Slot | None:
+        pending = slot.pending
+        return (
+            self.slots[pending.successor] if pending is not None and pending.successor is not None else None
+        )
+
+    def _due(self, slot: Slot, tokens: list[int]) -> bool:
+        """This step's output of `slot` is its own (past its primer and the acoustic delay)."""
+        return slot.age >= slot.primer_length + self.delay and tokens[slot.row] >= 0
+
+    def _takeover(
+        self, old: Slot, fresh: Slot, out: RowOutput, tokens: list[int], pcm: FloatAudio
+    ) -> RowOutput:
+        """The first frame of the fresh state, its audio faded in over the old state's (no click)."""
+        assert old.pending is not None and fresh.session_id is not None
+        mixed = pcm[fresh.row] * _FADE_IN
+        if out.pcm is not None:
+            mixed = mixed + out.pcm * _FADE_OUT
+        done = Rollover(RolloverKind.FREE_SLOT, old.pending.frames, fresh.primer_length, gap_frames=0)
+        return RowOutput(
+            fresh.session_id, fresh.row, Phase.LIVE, False, tokens[fresh.row], mixed, rollover=done
+        )
 
     def _priming_step(self) -> None:
         """A step of the priming rows alone, on silence; its output is never published (it is within
@@ -234,7 +349,8 @@ class Batcher:
             slot.age += 1
 
     def _load_audio(self, audio: FloatAudio | None, live: list[bool]) -> None:
-        """This tick's user audio into the device buffer: live rows only, the others silent."""
+        """This tick's user audio into the device buffer: live rows only, the others silent. A fresh
+        state primed for a session hears what its session's row hears."""
         if not any(live):
             if not self._audio_silent:
                 self._audio.zero_()
@@ -243,6 +359,9 @@ class Batcher:
         assert audio is not None
         host = self._audio_host.numpy()[:, 0]
         np.copyto(host, audio, casting="same_kind")
+        for slot in self.slots:
+            if slot.replaces is not None:
+                host[slot.row] = host[slot.replaces]
         host[~np.array(live)] = 0.0
         if self._cuda:
             self._audio.copy_(self._audio_host, non_blocking=True)
@@ -282,16 +401,30 @@ class Batcher:
     def _output(self, slot: Slot, phase: Phase, tokens: list[int], pcm: FloatAudio) -> RowOutput:
         assert slot.session_id is not None
         # The frame out of this step belongs to the step `delay` earlier: published once past the primer.
-        published = slot.age >= slot.primer_length + self.delay
-        token = tokens[slot.row]
+        published = self._due(slot, tokens)
+        gap, rollover = False, None
+        if slot.pending is not None and slot.pending.kind is RolloverKind.IN_PLACE:
+            gap, rollover = self._in_place(slot, published)
         return RowOutput(
             session_id=slot.session_id,
             row=slot.row,
             phase=phase,
-            went_live=phase is Phase.LIVE and slot.age == slot.primer_length,
-            text_token=token if published and token >= 0 else None,
-            pcm=pcm[slot.row] if published and token >= 0 else None,
+            went_live=phase is Phase.LIVE and slot.age == slot.primer_length and not slot.rollovers,
+            text_token=tokens[slot.row] if published else None,
+            pcm=pcm[slot.row] if published else None,
+            gap=gap,
+            rollover=rollover,
         )
+
+    def _in_place(self, slot: Slot, published: bool) -> tuple[bool, Rollover | None]:
+        """A row primed again in place: a gap until its output is due, then the rollover is done."""
+        pending = slot.pending
+        assert pending is not None
+        if not published:
+            pending.gap_frames += 1
+            return True, None
+        slot.pending = None
+        return False, Rollover(pending.kind, pending.frames, slot.primer_length, pending.gap_frames)
 
     def _mask(self, role: str, rows: list[bool]) -> torch.Tensor:
         """The device mask of `rows` for one role, copied to the device only when it changed."""
@@ -368,6 +501,16 @@ class Batcher:
         for slot, session_id in zip(self.slots, sessions, strict=True):
             slot.session_id, slot.age, slot.needs_reset = session_id, 0, True
         self.warmed_up = True
+
+
+def _seat(slot: Slot, session_id: str, primer: Sequence[int], *, rollovers: int = 0) -> None:
+    """A fresh state for `session_id` on `slot`: reset before the next step, then primed with `primer`."""
+    slot.session_id = session_id
+    slot.forced = deque(primer)
+    slot.primer_length = len(primer)
+    slot.age = 0
+    slot.needs_reset = True
+    slot.rollovers = rollovers
 
 
 def _update_in_place(*modules: StreamingModule[Any]) -> None:

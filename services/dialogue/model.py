@@ -3,6 +3,10 @@
 A local directory (CHORUS_MOSHI_DIR) is read with the file names its `config.json` gives, exactly as the
 hub repo is (newer Kyutai repos ship a config.json); a directory without one is taken as the legacy
 7B layout under the published file names. Otherwise the files come from the hub repo.
+
+A `-q8` checkpoint (config `"quantize": true`, `model.q8.safetensors`) is read into torch-native int8
+layers (services/dialogue/quantized.py) where moshi would build bitsandbytes ones; CHORUS_DIALOGUE_WEIGHTS
+and CHORUS_DIALOGUE_KV_CACHE make a float checkpoint's LM int8 at load.
 """
 
 from __future__ import annotations
@@ -120,7 +124,7 @@ def load_moshi(settings: DialogueSettings) -> MoshiModel:
     try:
         info = checkpoint_info(settings)
         mimi = info.get_mimi(device)
-        lm = info.get_moshi(device, dtype=dtype)
+        lm = load_lm(info, device, dtype, settings)
         tokenizer = info.get_text_tokenizer()
     except ModelLoadError:
         raise
@@ -128,9 +132,53 @@ def load_moshi(settings: DialogueSettings) -> MoshiModel:
         raise ModelLoadError(f"could not load the Moshi checkpoint from {source}: {exc}") from exc
     log.info(
         "moshi checkpoint loaded",
-        extra={"source": source, "device": str(device), "dtype": str(dtype), "text_card": lm.text_card},
+        extra={
+            "source": source,
+            "device": str(device),
+            "dtype": str(dtype),
+            "weights": settings.dialogue_weights,
+            "kv_cache": settings.dialogue_kv_cache,
+            "text_card": lm.text_card,
+        },
     )
     return MoshiModel(mimi, lm, tokenizer, model_name(settings), source, device)
+
+
+def load_lm(info: Any, device: torch.device, dtype: torch.dtype, settings: DialogueSettings) -> LMModel:
+    """The LM as moshi loads it, made lean as the settings ask (int8 weights, int8 KV cache)."""
+    from services.dialogue.quantized import make_lean
+
+    if info.lm_config and info.lm_config.get("quantize"):
+        lm = _load_q8_lm(info, device, dtype)
+    else:
+        lm = info.get_moshi(device, dtype=dtype)
+    make_lean(
+        lm,
+        int8_weights=settings.dialogue_weights == "int8",
+        int8_kv=settings.dialogue_kv_cache == "int8",
+        dtype=dtype,
+    )
+    return lm
+
+
+def _load_q8_lm(info: Any, device: torch.device, dtype: torch.dtype) -> LMModel:
+    """A `-q8` checkpoint as moshi's loader reads it (LMModel on the meta device, the state assigned),
+    with torch-native Int8Linear layers where moshi builds bitsandbytes ones; the int8 weights kept as
+    stored, their row scales (`*_scb`) in float32, the other float tensors cast to `dtype`."""
+    from moshi.models import loaders
+    from safetensors.torch import load_file
+
+    from services.dialogue.quantized import replace_linears
+
+    lm_config = {k: v for k, v in info.lm_config.items() if k != "quantize"}
+    lm = loaders.get_moshi_lm(None, lm_config, device="meta", dtype=dtype)
+    replace_linears(lm, quantize=False)
+    state = load_file(str(info.moshi_weights), device=str(device))
+    for key, value in state.items():
+        if value.dtype.is_floating_point:
+            state[key] = value.float() if key.endswith("_scb") else value.to(dtype)
+    lm.load_state_dict(state, assign=True)
+    return lm.eval()
 
 
 # About the spread of a random encoder's projected latents (as chorus.devtools.moshi_checkpoint uses).

@@ -1,4 +1,5 @@
-"""What a session is primed with: its persona's primer and, after a failover, what it had said so far.
+"""What a session is primed with: its persona's primer and, after a failover or a context rollover, what
+it had said so far; and when its model state rolls over.
 
 The text is tokenized with Moshi's own text tokenizer and forced into the model's text stream (see
 batcher.py). It is a steer of the model's inner monologue, not a system prompt: docs/personas.md.
@@ -35,3 +36,22 @@ def primer_tokens(
         room = min(room, history_limit)
     history = encode(spoken) if spoken and room > 0 else []
     return persona + history[-room:] if history else persona
+
+
+# How long a due rollover waits for a free slot (another session's rollover frees one within its primer)
+# before it degrades to priming in place; the default threshold leaves this much room, plus the primer's.
+ROLLOVER_SLACK_FRAMES = 25  # 2 s
+
+
+def rollover_threshold(setting: int | None, context: int | None, primer_bound: int) -> int | None:
+    """The steps after which a session's state rolls over (None: never). `setting` is
+    CHORUS_DIALOGUE_ROLLOVER_AT (None: the default, 0: off); `primer_bound` the most steps priming a fresh
+    state takes at one token per tick (the primer bound plus the acoustic delay). The default leaves that
+    margin plus `ROLLOVER_SLACK_FRAMES` before the context is full, and is off when the context is under
+    twice the margin (a fresh state would spend more of it on its primer than on the conversation)."""
+    if setting is not None:
+        return setting or None
+    if context is None:
+        return None
+    margin = primer_bound + ROLLOVER_SLACK_FRAMES
+    return context - margin if context >= 2 * margin else None

@@ -5,6 +5,8 @@ Loops sharing one slot table (batcher.py); sessions are owned through `shared.ow
 - placement: this model's consumer group on chorus:control takes a `start` while a slot is free;
 - failover: sessions of a dead worker of this model move here while slots are free (primed again with
   their persona and transcript; `resumed` is sent);
+- context rollover: a session whose state nears the model's context moves to a fresh state, primed the
+  same way (batcher.py; `context_rollover` is sent);
 - control: each worker reads the control streams of the sessions it owns (`update` / `stop`);
 - liveness: sessions that ended, moved away or lost their lease are let go;
 - ticks: every 80 ms, ONE read of all live sessions' input streams, ONE batched model step in the
@@ -27,15 +29,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from services.dialogue.batcher import Batcher, Phase, RowOutput
+from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
 from services.dialogue.inputs import Arrival, InputTimeline, Take
 from services.dialogue.model import MoshiModel
-from services.dialogue.priming import primer_tokens, spoken_so_far
+from services.dialogue.priming import ROLLOVER_SLACK_FRAMES, primer_tokens, rollover_threshold, spoken_so_far
 from services.dialogue.settings import DialogueSettings
 from services.dialogue.ticks import TickClock, prime_deadline
 from services.dialogue.utterances import UtteranceBuilder
 from shared import metrics
-from shared.audio import FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
+from shared.audio import FRAME_BYTES, FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
 from shared.bus import Bus, Entry, GroupConsumer, Handled
 from shared.errors import MalformedMessage
 from shared.messages import (
@@ -43,6 +45,7 @@ from shared.messages import (
     DIALOGUE,
     INPUT,
     NATIVE_VOICES,
+    ContextRollover,
     ControlMessage,
     DialogueFrame,
     Envelope,
@@ -64,6 +67,8 @@ from shared.transcripts import TranscriptLog, TranscriptWriter
 log = logging.getLogger(__name__)
 
 SERVICE = "dialogue"
+ROLLOVERS_COUNTER = "context_rollovers"  # in the session hash: the session detail's counters
+SILENCE = bytes(FRAME_BYTES)  # a frame of a session re-primed in place (PCM16)
 T = TypeVar("T")
 
 
@@ -91,6 +96,8 @@ class Session:
     cursor: str | None = None  # position in :in, from the moment the session listens
     late_frames: int = 0
     announce_due: bool = False  # its `ready` / `resumed` is not on :dlg yet (went live; the write failed)
+    rollover_started: float = 0.0  # time.monotonic() of the last rollover's start
+    ending: bool = False  # `end` is under way: no more frames
 
     @property
     def sid(self) -> str:
@@ -152,6 +159,10 @@ class DialogueWorker:
         self._joined = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dialogue-model")
         self._publishing: asyncio.Task[set[str]] | None = None  # the write of the last tick, while in flight
+        primer_bound = settings.dialogue_max_primer_tokens + self.batcher.delay
+        self.rollover_at = rollover_threshold(settings.dialogue_rollover_at, model.lm.context, primer_bound)
+        # A due rollover waits this long for a free slot, then goes in place.
+        self._last_call = (self.rollover_at or 0) + ROLLOVER_SLACK_FRAMES
         metrics.WORKER_SLOTS_TOTAL.labels(service=SERVICE).set(self.batcher.batch_size)
         metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(self.batcher.batch_size)
 
@@ -183,7 +194,7 @@ class DialogueWorker:
     async def run(self, stop: asyncio.Event) -> None:
         if not self.batcher.warmed_up:
             await self.warmup()
-        log.info("dialogue worker serving", extra=self.describe())
+        log.info("dialogue worker serving", extra={**self.describe(), "rollover_at": self.rollover_at})
         await self.ownership.set_leftovers_aside()
         writer = asyncio.create_task(self.transcripts.run(), name="transcripts")
         try:
@@ -223,12 +234,16 @@ class DialogueWorker:
                     clock.restart()
                     continue
                 async with self._table:
+                    slots_moved = await self._roll_over_due()
                     await self._read_inputs()
                     audio = self._frames_due()
                     started = time.monotonic()
                     prime_until = self._prime_until(started, clock.interval_s)
                     outputs = await self._in_model_thread(self.batcher.step, audio, prime_until=prime_until)
                     metrics.STAGE_LATENCY.labels(stage="dialogue_step").observe(time.monotonic() - started)
+                    slots_moved = self._took_over(outputs) or slots_moved
+                if slots_moved:  # a rollover took a free slot, or gave one back
+                    await self._slots_changed()
                 await self._published()  # one write in flight at a time: a session's entries stay in order
                 self._publishing = asyncio.create_task(self._publish(outputs), name="publish")
                 await clock.wait(stop)
@@ -248,10 +263,80 @@ class DialogueWorker:
             return None
         return prime_deadline(started, interval_s, live=bool(self._listening()))
 
+    # --- context rollover ---------------------------------------------------------------------------
+
+    async def _roll_over_due(self) -> bool:
+        """Start the rollover of every session whose state reached `rollover_at` (between steps); True when
+        one took a free slot."""
+        if self.rollover_at is None:
+            return False
+        took_slot = False
+        for slot in self.batcher.due_rollovers(self.rollover_at):
+            session = self.sessions.get(slot.session_id or "")
+            if session is None or (not self.batcher.free_rows() and slot.age < self._last_call):
+                continue  # no free slot yet: another rollover may free one before this one must go in place
+            history = self.settings.dialogue_rollover_history_tokens
+            tokens = self._primer(session.start, await self._spoken_lately(session, history), history)
+            kind = self.batcher.roll_over(slot.row, tokens)
+            session.rollover_started = time.monotonic()
+            took_slot = took_slot or kind is RolloverKind.FREE_SLOT
+            extra = {
+                "session_id": session.sid,
+                "kind": kind,
+                "frames": slot.age,
+                "primer_tokens": len(tokens),
+            }
+            if kind is RolloverKind.IN_PLACE:
+                log.warning(
+                    "context rollover in place (no free slot): the session pauses while primed", extra=extra
+                )
+            else:
+                log.info("context rollover started on a free slot", extra=extra)
+        return took_slot
+
+    async def _spoken_lately(self, session: Session, history_tokens: int) -> str:
+        """The tail of what the session said: its last utterances (each is a token at least) and the one in
+        progress."""
+        utterances = await self.store.transcript(session.sid, last=history_tokens)
+        if (current := session.utterances.current) is not None:
+            utterances.append(current.record())
+        return spoken_so_far(utterances)
+
+    def _took_over(self, outputs: list[RowOutput]) -> bool:
+        """Sessions whose fresh state took over this step: their row is the fresh one's from the next tick
+        on. True when one freed a slot."""
+        freed = False
+        for out in outputs:
+            if out.rollover is None or (session := self.sessions.get(out.session_id)) is None:
+                continue
+            kind = out.rollover.kind
+            freed = freed or kind is RolloverKind.FREE_SLOT
+            session.row = out.row
+            metrics.CONTEXT_ROLLOVERS.labels(kind=kind).inc()
+            took = time.monotonic() - session.rollover_started
+            metrics.CONTEXT_ROLLOVER_SECONDS.labels(kind=kind).observe(took)
+            log.info(
+                "context rollover done",
+                extra={
+                    "session_id": session.sid,
+                    "kind": kind,
+                    "slot": out.row,
+                    "seconds": round(took, 3),
+                    "gap_frames": out.rollover.gap_frames,
+                },
+            )
+        return freed
+
     # --- input: one XREAD for every listening session, one frame per row -----------------------------
 
     def _listening(self) -> list[Session]:
-        return [s for s in self.sessions.values() if self.batcher.slots[s.row].phase is Phase.LIVE]
+        """Sessions whose user is heard: live, or re-primed in place after they were (their frames are
+        taken and dropped meanwhile, so none pile up as latency)."""
+        return [
+            s
+            for s in self.sessions.values()
+            if s.cursor is not None or self.batcher.slots[s.row].phase is Phase.LIVE
+        ]
 
     async def _read_inputs(self) -> None:
         listening = self._listening()
@@ -310,9 +395,10 @@ class DialogueWorker:
         writes: dict[str, list[tuple[str, Envelope]]] = {}
         went_live: list[str] = []
         spoke: dict[str, list[dict[str, Any]]] = {}  # sessions with text this tick: utterances it closed
+        rolled: list[str] = []
         for out in outputs:
             session = self.sessions.get(out.session_id)
-            if session is None:
+            if session is None or session.ending:
                 continue
             stream = self.bus.names.session_dialogue(session.sid)
             entries = writes.setdefault(session.sid, [])
@@ -320,11 +406,16 @@ class DialogueWorker:
             if session.announce_due:
                 entries.append((stream, self._started_event(session)))
                 went_live.append(session.sid)
-            if out.pcm is None or out.text_token is None:
+            if out.rollover is not None:
+                entries.append((stream, self._rollover_event(session, out)))
+                rolled.append(session.sid)
+            if out.gap:
+                text, pcm = "", SILENCE
+            elif out.pcm is not None and out.text_token is not None:
+                text, pcm = self.model.text_piece(out.text_token), float_to_pcm16(out.pcm)
+            else:
                 continue
             seq = session.take_seq()
-            text = self.model.text_piece(out.text_token)
-            pcm = float_to_pcm16(out.pcm)
             entries.append((stream, DialogueFrame(session_id=session.sid, seq=seq, text=text, pcm=pcm)))
             closed = session.utterances.push(seq, text)
             if text or closed is not None:
@@ -343,6 +434,9 @@ class DialogueWorker:
         await self._save_progress(
             [sid for sid in went_live if sid not in lost], {k: v for k, v in spoke.items() if k not in lost}
         )
+        for sid in rolled:
+            if sid not in lost:
+                await self.store.count(sid, ROLLOVERS_COUNTER)
         return lost
 
     async def _save_progress(self, went_live: list[str], spoke: dict[str, list[dict[str, Any]]]) -> None:
@@ -376,6 +470,19 @@ class DialogueWorker:
         log.info("session %s", name, extra={"session_id": session.sid, **placement.model_dump()})
         return SessionEvent(session_id=session.sid, seq=session.take_seq(), name=name, data=placement)
 
+    def _rollover_event(self, session: Session, out: RowOutput) -> SessionEvent:
+        assert out.rollover is not None
+        done = out.rollover
+        data = ContextRollover(
+            kind=done.kind.value,
+            frames=done.frames,
+            primer_tokens=done.primer_tokens,
+            gap_frames=done.gap_frames,
+        )
+        return SessionEvent(
+            session_id=session.sid, seq=session.take_seq(), name=EventName.CONTEXT_ROLLOVER, data=data
+        )
+
     # --- placement and failover ----------------------------------------------------------------------
 
     async def _on_control(self, message: ControlMessage, entry: Entry) -> Handled | None:
@@ -398,15 +505,10 @@ class DialogueWorker:
         self, start: SessionStart, *, resumed_from: str | None, info: SessionInfo | None = None
     ) -> None:
         sid = start.session_id
-        spoken = await self._spoken_before(sid, info) if resumed_from else ""
         s = self.settings
-        tokens = primer_tokens(
-            self.model.encode_text,
-            start.persona.primer,
-            spoken,
-            s.dialogue_max_primer_tokens,
-            history_limit=s.dialogue_resume_history_tokens,
-        )
+        history = s.dialogue_resume_history_tokens
+        spoken = await self._spoken_before(sid, info, history) if resumed_from else ""
+        tokens = self._primer(start, spoken, history)
         seq = await next_seq(self.bus, self.bus.names.session_dialogue(sid), DIALOGUE)
         async with self._table:
             if sid in self.sessions:
@@ -432,13 +534,20 @@ class DialogueWorker:
             extra={"session_id": sid, "slot": row, "primer_tokens": len(tokens), "resumed": resumed_from},
         )
 
-    async def _spoken_before(self, sid: str, info: SessionInfo | None) -> str:
-        """What the session said before its worker died: the live transcript, plus the utterance the dead
-        worker had not finished (kept in the hash for exactly this), which is recorded now."""
+    def _primer(self, start: SessionStart, spoken: str, history_tokens: int) -> list[int]:
+        """What a fresh state of the session is primed with (a new or resumed session, a rollover): the
+        persona primer, then the tail of what it said, within CHORUS_DIALOGUE_MAX_PRIMER_TOKENS."""
+        limit = self.settings.dialogue_max_primer_tokens
+        encode = self.model.encode_text
+        return primer_tokens(encode, start.persona.primer, spoken, limit, history_limit=history_tokens)
+
+    async def _spoken_before(self, sid: str, info: SessionInfo | None, history_tokens: int) -> str:
+        """What the session said before its worker died: the tail of the live transcript, plus the utterance
+        the dead worker had not finished (kept in the hash for exactly this), which is recorded now."""
         if info is not None and info.utterance is not None:
             await self._record(sid, info.utterance)
             await self.store.clear_utterance(sid)
-        return spoken_so_far(await self.store.transcript(sid))
+        return spoken_so_far(await self.store.transcript(sid, last=history_tokens))
 
     # --- update / stop / liveness ------------------------------------------------------------------
 
@@ -463,7 +572,10 @@ class DialogueWorker:
             session = self.sessions.get(sid)
             if session is None:
                 return
-            if self._publishing is not None:  # the frames of the tick in flight go out before `ended`
+            # The frames of the tick in flight go out before `ended`; a write of the tick stepped before this
+            # lock was taken, not yet begun, leaves the session out (its words would miss the transcript).
+            session.ending = True
+            if self._publishing is not None:
                 await asyncio.wait([self._publishing])
             # Its last words are recorded before `ended`: whoever reads `ended` finds the transcript whole.
             if (utterance := session.utterances.current) is not None and utterance.text:

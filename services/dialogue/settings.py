@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.settings import CommonSettings
 
@@ -43,6 +43,17 @@ class DialogueSettings(CommonSettings):
     )
     dialogue_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="LM weights dtype; auto = bfloat16 on cuda, float32 on cpu."
+    )
+    dialogue_weights: Literal["float", "int8"] = Field(
+        default="float",
+        description="LM linear layers: `float` (in CHORUS_DIALOGUE_DTYPE) or `int8` (int8 weights, one "
+        "scale per output row: half the weight memory of bf16). A `-q8` checkpoint is int8 whatever "
+        "this says.",
+    )
+    dialogue_kv_cache: Literal["float", "int8"] = Field(
+        default="float",
+        description="The LM's KV cache: `float` (moshi's ring cache in the LM's dtype) or `int8` (one "
+        "scale per head and position: about half the memory of bf16 per session, dequantized each step).",
     )
     dialogue_compile: bool | None = Field(
         default=None,
@@ -88,11 +99,37 @@ class DialogueSettings(CommonSettings):
         description="80 ms frames without text that end an utterance (one transcript entry each).",
     )
 
+    dialogue_rollover_at: int | None = Field(
+        default=None,
+        ge=0,
+        description="Frames a session's model state takes before it rolls over to a fresh one, primed "
+        "with the persona primer and the tail of the transcript (Moshi attends over a fixed context: 3000 "
+        "frames, 4 minutes). Unset: the model's context minus a margin that primes the fresh state in time "
+        "(`CHORUS_DIALOGUE_MAX_PRIMER_TOKENS` plus 2 s), off when the context is under twice that margin; "
+        "0: off (the model's cache wraps, as Kyutai's server lets it). Must exceed the primer bound.",
+    )
+    dialogue_rollover_history_tokens: int = Field(
+        default=32,
+        ge=0,
+        description="At a context rollover, at most this many tokens of what the session said are forced "
+        "(after the persona primer, within `CHORUS_DIALOGUE_MAX_PRIMER_TOKENS`): docs/personas.md.",
+    )
+
     dialogue_prime_ahead: bool = Field(
         default=True,
         description="Use a tick's spare time for extra steps of the rows still priming (the others "
         "masked out), so primers are forced faster than real time when the batch has headroom.",
     )
+
+    @model_validator(mode="after")
+    def _rollover_after_the_primer(self) -> DialogueSettings:
+        at = self.dialogue_rollover_at
+        if at and at <= self.dialogue_max_primer_tokens:
+            raise ValueError(
+                f"dialogue_rollover_at ({at}) must exceed dialogue_max_primer_tokens "
+                f"({self.dialogue_max_primer_tokens}): a fresh state would be due to roll over at once"
+            )
+        return self
 
 
 @lru_cache

@@ -92,3 +92,17 @@ def test_results_go_to_out_when_the_device_tool_sets_it(tmp_path: Path) -> None:
         assert parse([]).out == tmp_path / "dialogue_gpu.json"
     finally:
         del os.environ["OUT"]
+
+
+def test_the_sweep_makes_the_lm_lean_and_measures_its_logits_against_the_float_one(tmp_path: Path) -> None:
+    """`--weights int8 --kv-cache int8`: the float LM's logits first, then the lean LM swept (in-process)."""
+    from bench.gpu_sessions import parse, run
+
+    args = ["--size", "small", "--slots", "2", "--ticks", "4", "--warmup-ticks", "1", "--primer-tokens", "2"]
+    args += ["--weights", "int8", "--kv-cache", "int8", "--out", str(tmp_path / "dialogue_gpu.json")]
+    results = run(parse(args))
+    configuration = results["configuration"]
+    assert configuration["int8"] and configuration["weights"] == configuration["kv_cache"] == "int8"
+    logits = results["int8_logits"]
+    assert 0 < logits["l2_relative"] < 0.05 and logits["text_token_agreement"] >= 0.85, logits
+    assert [p["outcome"] for p in results["points"]] == ["measured"] and results["finished"]

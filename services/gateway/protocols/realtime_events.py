@@ -569,7 +569,9 @@ class ErrorEvent(ServerEvent):
 
 
 class ChorusEvent(ServerEvent):
-    """Ours, not part of the OpenAI API: session lifecycle news (voice switched, resumed, audio dropped)."""
+    """Ours, not part of the OpenAI API: session lifecycle news, one `name` each (`voice_changed`,
+    `resumed`, `audio_dropped`, `context_rollover`: the dialogue moved to a fresh model state; its `data`
+    is `shared.messages.ContextRollover`), documented in docs/protocols.md."""
 
     type: Literal["chorus.event"] = "chorus.event"
     name: str

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from services.dialogue.priming import ASSISTANT, primer_tokens, spoken_so_far
+from services.dialogue.priming import (
+    ASSISTANT,
+    ROLLOVER_SLACK_FRAMES,
+    primer_tokens,
+    rollover_threshold,
+    spoken_so_far,
+)
 
 
 def words(text: str) -> list[int]:
@@ -30,3 +36,12 @@ def test_only_the_models_own_words_are_replayed() -> None:
         {"speaker": ASSISTANT, "text": " there"},
     ]
     assert spoken_so_far(turns) == "Hello there"
+
+
+def test_a_rollover_leaves_room_to_prime_the_fresh_state_before_the_context_fills() -> None:
+    margin = 66 + ROLLOVER_SLACK_FRAMES
+    assert rollover_threshold(None, 3000, primer_bound=66) == 3000 - margin
+    assert rollover_threshold(None, 100, primer_bound=66) is None, "a context under twice the margin: off"
+    assert rollover_threshold(None, None, primer_bound=66) is None, "no fixed context, nothing to roll over"
+    assert rollover_threshold(40, 100, primer_bound=66) == 40, "set: as set"
+    assert rollover_threshold(0, 3000, primer_bound=66) is None, "0: off"

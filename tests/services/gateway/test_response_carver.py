@@ -12,7 +12,7 @@ from services.gateway.protocols import realtime_events as ev
 from services.gateway.protocols.response_carver import ResponseCarver
 from shared.audio import FRAME_SAMPLES, silence_frame
 from shared.errors import ChorusError
-from shared.messages import EventName, OutputAudio, OutputText, SessionEvent
+from shared.messages import ContextRollover, EventName, OutputAudio, OutputText, SessionEvent
 
 SID = "s1"
 END_FRAMES = 3
@@ -202,6 +202,21 @@ def test_other_session_events_pass_through_as_chorus_events() -> None:
     assert isinstance(event, ev.ChorusEvent)
     assert (event.name, event.detail) == (EventName.RESUMED, "moved to another worker")
     assert moshi.carver.responding, "an event neither opens nor closes a response"
+
+
+def test_a_context_rollover_reaches_the_client_as_a_chorus_event_with_its_data() -> None:
+    moshi = Moshi()
+    moshi.says("Hi")
+    data = ContextRollover(kind="free_slot", frames=2910, primer_tokens=52, gap_frames=0)
+    rollover = SessionEvent(session_id=SID, seq=moshi.seq + 1, name=EventName.CONTEXT_ROLLOVER, data=data)
+    (event,) = moshi.carver.on_output(rollover, heard_ms=0)
+    assert event.model_dump(exclude={"event_id"}) == {
+        "type": "chorus.event",
+        "name": "context_rollover",
+        "detail": "",
+        "data": {"kind": "free_slot", "frames": 2910, "primer_tokens": 52, "gap_frames": 0},
+    }
+    assert moshi.carver.responding, "the response in progress goes on"
 
 
 def test_the_end_of_the_session_makes_no_event() -> None:

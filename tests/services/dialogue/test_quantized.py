@@ -1,0 +1,166 @@
+"""int8 weights and the int8 KV cache on the small checkpoint: the worker (through Redis), its loader and
+its Batcher run them, and the LM stays close to the float one on the same inputs.
+
+The tolerance: symmetric int8 with one scale per row rounds each weight (or cached key/value) by at most
+half a step of absmax / 127, about 0.5 % of a row's largest value; through the small LM's layers
+that comes to 0.5-2 % relative L2 on the text logits (bench/results/quant.json). 5 % leaves room for
+seeds and dtypes; a wrong scale, a transposed weight or a cache slot written at the wrong position
+gives differences of the order of the logits themselves (100 %).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bench.bench_quant import logits_difference, random_codes, streaming_text_logits
+from services.dialogue.batcher import Batcher
+from services.dialogue.model import MoshiModel, load_moshi
+from services.dialogue.quantized import Int8KVCache, Int8Linear, kernel_for, w8a8_matmul
+from shared.audio import FRAME_BYTES, FRAME_SAMPLES, float_to_pcm16
+from shared.bus import Bus
+from shared.messages import EventName, SessionStart, SessionStop, UserAudio
+from tests.services.dialogue.conftest import DialogueReader, RunningWorker, settings_for
+from tests.services.dialogue.test_batcher import GREEDY, tokens, user_audio
+from tests.services.dialogue.test_rollover import STEPS as ROLLOVER_STEPS
+from tests.services.dialogue.test_rollover import talk
+from tests.support.sessions import open_session
+
+STEPS = 32
+MAX_L2_RELATIVE = 0.05
+MIN_TOKEN_AGREEMENT = 0.85
+
+
+def lean_model(moshi_dir: Path, weights: str, kv_cache: str) -> MoshiModel:
+    return load_moshi(settings_for(moshi_dir, dialogue_weights=weights, dialogue_kv_cache=kv_cache))
+
+
+@pytest.mark.parametrize(("weights", "kv_cache"), [("int8", "float"), ("float", "int8"), ("int8", "int8")])
+def test_an_int8_lm_streams_close_to_the_float_one(
+    moshi_model: MoshiModel, moshi_dir: Path, weights: str, kv_cache: str
+) -> None:
+    model = lean_model(moshi_dir, weights, kv_cache)
+    linears = [m for m in model.lm.modules() if isinstance(m, torch.nn.Linear | Int8Linear)]
+    assert all(isinstance(m, Int8Linear) for m in linears) == (weights == "int8")
+
+    codes = random_codes(model.lm, 2, STEPS, seed=3)
+    difference = logits_difference(
+        streaming_text_logits(moshi_model.lm, codes), streaming_text_logits(model.lm, codes)
+    )
+    assert 0 < difference["l2_relative"] < MAX_L2_RELATIVE, difference
+    assert difference["text_token_agreement"] >= MIN_TOKEN_AGREEMENT, difference
+
+
+@torch.no_grad()
+def test_every_int8_product_matches_the_float_layer() -> None:
+    """The three products Int8Linear picks from (CPU bf16, CUDA, fallback), all run here: torch's CPU
+    `_int_mm` computes what its CUDA one does, on 4 rows padded past its 16-row floor. Measured 0.7-1 %
+    relative L2 (one rounding of weights, and of activations for w8a8); a wrong scale or layout is ~100 %."""
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(256, 512, bias=False)
+    torch.nn.init.normal_(linear.weight, std=256**-0.5, generator=generator)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn((4, 256), generator=generator)
+    expected = linear(x)
+    cpu = torch.device("cpu")
+    assert kernel_for(cpu, torch.bfloat16, 256, 512) == "int8pack"
+    assert kernel_for(torch.device("cuda"), torch.bfloat16, 256, 512) == "w8a8"
+    assert kernel_for(cpu, torch.float32, 256, 512) == kernel_for(cpu, torch.bfloat16, 85, 512) == "dequant"
+    products = {
+        "int8pack": layer(x.to(torch.bfloat16)).float(),
+        "w8a8": w8a8_matmul(x, layer.weight, layer.weight_scb),
+        "dequant": layer(x),
+    }
+    for name, product in products.items():
+        relative = float((product - expected).norm() / expected.norm())
+        assert relative < 0.02, f"{name}: {relative}"
+
+
+def test_the_batcher_serves_sessions_on_int8_weights_and_cache(moshi_dir: Path) -> None:
+    model = lean_model(moshi_dir, "int8", "int8")
+    batcher = Batcher(model, 2)
+    try:
+        caches = [s.kv_cache for s in model.lm.get_streaming_state().values() if hasattr(s, "kv_cache")]
+        assert any(isinstance(c, Int8KVCache) for c in caches), "the main transformer's cache is int8"
+        primer = model.encode_text("hello there")
+        batcher.join("a", primer)
+        batcher.join("b")
+        rng = np.random.default_rng(0)
+        published = {"a": 0, "b": 0}
+        for _ in range(len(primer) + batcher.delay + 4):
+            audio = (rng.standard_normal((2, FRAME_SAMPLES)) * 0.3).astype(np.float32)
+            for out in batcher.step(audio):
+                if out.pcm is not None:
+                    assert out.pcm.shape == (FRAME_SAMPLES,) and np.isfinite(out.pcm).all()
+                    published[out.session_id] += 1
+        assert published["a"] >= 4 and published["b"] >= 4, published
+    finally:
+        batcher.close()
+
+
+def test_a_q8_checkpoint_loads_into_the_same_int8_layers(moshi_dir: Path, tmp_path: Path) -> None:
+    """A `-q8` directory (config `quantize`, `model.q8.safetensors` of int8 weights and `_scb` scales,
+    as Kyutai publishes) loads without bitsandbytes, into exactly the LM that quantizing at load gives."""
+    quantized = lean_model(moshi_dir, "int8", "float")
+    q8_dir = tmp_path / "moshiko-q8"
+    shutil.copytree(moshi_dir, q8_dir)
+    config = json.loads((q8_dir / "config.json").read_text(encoding="utf-8"))
+    config |= {"quantize": True, "moshi_name": "model.q8.safetensors"}
+    (q8_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (q8_dir / "model.safetensors").unlink()
+    state = {k: v.contiguous() for k, v in quantized.lm.state_dict().items()}
+    save_file(state, str(q8_dir / "model.q8.safetensors"))
+
+    loaded = load_moshi(settings_for(q8_dir))  # weights unset: a q8 checkpoint is int8 whatever it says
+    scales = [m.weight_scb for m in loaded.lm.modules() if isinstance(m, Int8Linear)]
+    assert scales and all(s.dtype == torch.float32 for s in scales)
+    codes = random_codes(loaded.lm, 2, 8, seed=5)
+    assert torch.equal(streaming_text_logits(loaded.lm, codes), streaming_text_logits(quantized.lm, codes))
+
+
+async def test_a_worker_on_int8_weights_and_cache_serves_a_session(
+    bus: Bus, start_worker: Callable[..., Awaitable[RunningWorker]]
+) -> None:
+    running = await start_worker(dialogue_weights="int8", dialogue_kv_cache="int8")
+    assert isinstance(running.worker.model.lm.text_linear, Int8Linear)
+    await open_session(bus, SessionStart(session_id="q1"))
+    reader = DialogueReader(bus, "q1")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready event")
+    rng = np.random.default_rng(0)
+    for seq in range(20):
+        pcm = float_to_pcm16(rng.standard_normal(FRAME_SAMPLES) * 0.3)
+        await bus.append(bus.names.session_input("q1"), UserAudio(session_id="q1", seq=seq, pcm=pcm))
+    await reader.until(lambda r: len(r.frames) >= 8, 20, "frames did not follow")
+    assert all(len(f.pcm) == FRAME_BYTES for f in reader.frames)
+    await bus.append_control(SessionStop(session_id="q1"))
+    await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
+
+
+def test_a_rollover_on_the_int8_cache_resets_only_its_rows(moshi_dir: Path) -> None:
+    """A row reset (a session rolling over in place, again and again) on the int8 cache leaves its
+    neighbour's text exactly as when it talked alone: the cache's reset and exec mask are per row."""
+    model = lean_model(moshi_dir, "float", "int8")
+    batcher = Batcher(model, 2, audio_temperature=0.0)
+    try:
+        voices = {
+            "steady": user_audio(seed=1, steps=ROLLOVER_STEPS),
+            "roller": user_audio(seed=2, steps=ROLLOVER_STEPS),
+        }
+        batcher.join("steady", (), GREEDY)
+        alone = talk(batcher, {"steady": voices["steady"]}, (), ROLLOVER_STEPS).outputs["steady"]
+        batcher.leave(0)
+        primer = model.encode_text("You are a pirate.")
+        batcher.join("steady", (), GREEDY)
+        batcher.join("roller", primer, GREEDY)
+        run = talk(batcher, voices, primer, ROLLOVER_STEPS)
+        assert sum(o.rollover is not None for o in run.outputs["roller"]) >= 2
+        assert tokens(run.outputs["steady"]) == tokens(alone)
+    finally:
+        batcher.close()

@@ -1,0 +1,240 @@
+"""Context rollover on the real Moshi classes (small generated checkpoint, a small threshold): a session
+moves to a fresh state primed with its primer again, on a free row without missing a frame or in place
+with a bounded gap, while its neighbour in the batch goes on exactly as it would alone; and through the
+worker and Redis: the event, the session's counter, one frame per tick and a whole transcript."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from pydantic import ValidationError
+
+from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
+from services.dialogue.settings import DialogueSettings
+from shared.audio import FRAME_SAMPLES
+from shared.bus import Bus
+from shared.messages import ContextRollover, EventName, PersonaSpec, SessionStart, SessionStop
+from shared.sessions import SessionStore
+from tests.services.dialogue.conftest import DialogueReader, RunningWorker
+from tests.services.dialogue.test_batcher import GREEDY, tokens, user_audio
+from tests.support.sessions import open_session
+
+StartWorker = Callable[..., Awaitable[RunningWorker]]
+AT = 20  # steps before a row rolls over
+STEPS = 80  # three rollovers at least
+
+
+@dataclass
+class Talk:
+    """What a run of steps gave: each row's outputs, and what was forced into each fresh state."""
+
+    outputs: dict[str, list[RowOutput]] = field(default_factory=dict)
+    forced: list[list[int]] = field(default_factory=list)  # per rollover: tokens written while it primed
+
+
+def talk(batcher: Batcher, voices: dict[str, list[np.ndarray]], primer: Sequence[int], steps: int) -> Talk:
+    """Step with each session's voice on its row, rolling `roller` over whenever it is due; records what
+    the model's text stream got on every row being primed (LMGen writes the hooked tensor into it)."""
+    run = Talk({sid: [] for sid in voices})
+    hook = batcher.gen.on_text_hook
+    assert hook is not None
+    priming: dict[int, int] = {}  # row -> index in run.forced, while it primes this step
+
+    def spy(text_token: torch.Tensor) -> None:
+        hook(text_token)
+        for row, index in priming.items():
+            run.forced[index].append(int(text_token[row]))
+
+    batcher.gen.on_text_hook = spy
+    rows = {s.session_id: s.row for s in batcher.active()}
+    fresh: int | None = None
+    for t in range(steps):
+        for slot in batcher.due_rollovers(AT):
+            if slot.session_id == "roller":
+                batcher.roll_over(slot.row, primer)
+                fresh = next(s.row for s in batcher.slots if s.session_id == "roller" and s.forced)
+                run.forced.append([])
+        primes = fresh is not None and batcher.slots[fresh].phase is Phase.PRIMING
+        priming = {fresh: len(run.forced) - 1} if primes and fresh is not None else {}
+        audio = np.zeros((batcher.batch_size, FRAME_SAMPLES), dtype=np.float32)
+        for sid, frames in voices.items():
+            audio[rows[sid]] = frames[t]
+        for out in batcher.step(audio):
+            run.outputs[out.session_id].append(out)
+            rows[out.session_id] = out.row
+    batcher.gen.on_text_hook = hook
+    return run
+
+
+def test_a_session_rolls_over_on_a_free_row_without_a_gap_and_its_neighbour_is_undisturbed(
+    make_batcher: Callable[..., Batcher],
+) -> None:
+    batcher = make_batcher(3, audio_temperature=0.0)
+    voices = {"steady": user_audio(seed=1, steps=STEPS), "roller": user_audio(seed=2, steps=STEPS)}
+    batcher.join("steady", (), GREEDY)
+    alone = talk(batcher, {"steady": voices["steady"]}, (), STEPS).outputs["steady"]
+
+    batcher.leave(0)
+    primer = batcher.model.encode_text("You are a calm and curious teacher.")
+    batcher.join("steady", (), GREEDY)
+    batcher.join("roller", primer, GREEDY)
+    run = talk(batcher, voices, primer, STEPS)
+
+    outs = run.outputs["roller"]
+    assert all(len(run.outputs[sid]) == STEPS for sid in voices), "one output per session per step"
+    rollovers = [o.rollover for o in outs if o.rollover is not None]
+    assert len(rollovers) >= 3
+    assert all(r.kind is RolloverKind.FREE_SLOT and r.gap_frames == 0 for r in rollovers)
+    first_frame = next(t for t, o in enumerate(outs) if o.pcm is not None)
+    assert all(o.pcm is not None and not o.gap for o in outs[first_frame:]), "a frame every step from then on"
+    assert sum(o.went_live for o in outs) == 1, "ready once: the fresh states take over silently"
+    assert len({o.row for o in outs}) > 1, "the session moved rows"
+    assert run.forced[: len(rollovers)] == [primer] * len(rollovers), "each fresh state was primed again"
+    assert tokens(run.outputs["steady"]) == tokens(alone), "the neighbour's row was never touched"
+    assert len(batcher.free_rows()) >= 1, "the replaced rows were freed"
+
+
+def test_without_a_free_row_a_session_is_primed_again_in_place_with_a_bounded_gap(
+    make_batcher: Callable[..., Batcher],
+) -> None:
+    batcher = make_batcher(2, audio_temperature=0.0)
+    voices = {"steady": user_audio(seed=1, steps=STEPS), "roller": user_audio(seed=2, steps=STEPS)}
+    batcher.join("steady", (), GREEDY)
+    alone = talk(batcher, {"steady": voices["steady"]}, (), STEPS).outputs["steady"]
+
+    batcher.leave(0)
+    primer = batcher.model.encode_text("You are a pirate.")
+    batcher.join("steady", (), GREEDY)
+    batcher.join("roller", primer, GREEDY)
+    run = talk(batcher, voices, primer, STEPS)
+
+    outs = run.outputs["roller"]
+    rollovers = [o.rollover for o in outs if o.rollover is not None]
+    assert len(rollovers) >= 2 and all(r.kind is RolloverKind.IN_PLACE for r in rollovers)
+    gap = len(primer) + batcher.delay
+    assert all(r.gap_frames == gap for r in rollovers), "the gap is the primer and the acoustic delay"
+    first_frame = next(t for t, o in enumerate(outs) if o.pcm is not None)
+    assert all((o.pcm is not None) != o.gap for o in outs[first_frame:]), "every step a frame or a gap"
+    assert sum(o.gap for o in outs) == gap * len(rollovers)
+    assert {o.row for o in outs} == {1} and sum(o.went_live for o in outs) == 1
+    assert run.forced[: len(rollovers)] == [primer] * len(rollovers)
+    assert tokens(run.outputs["steady"]) == tokens(alone), "the neighbour's row was never touched"
+
+
+def test_a_session_leaving_mid_rollover_frees_both_its_rows(make_batcher: Callable[..., Batcher]) -> None:
+    batcher = make_batcher(3)
+    row = batcher.join("roller", (), GREEDY)
+    batcher.slots[row].age = AT
+    assert batcher.roll_over(row, [5, 6, 7]) is RolloverKind.FREE_SLOT
+    assert len(batcher.free_rows()) == 1
+    batcher.leave(row)
+    assert batcher.free_rows() == [0, 1, 2]
+
+
+def test_a_threshold_within_the_primer_bound_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="must exceed dialogue_max_primer_tokens"):
+        DialogueSettings(dialogue_rollover_at=16, dialogue_max_primer_tokens=16)
+
+
+ROLLOVER_METRICS = ("chorus_context_rollovers_total", "chorus_context_rollover_seconds_count")
+
+
+def rollovers_counted(kind: str) -> list[float]:
+    """This process's rollover counter and the count of its switch-time histogram, for one kind."""
+    return [REGISTRY.get_sample_value(name, {"kind": kind}) or 0.0 for name in ROLLOVER_METRICS]
+
+
+def counted_since(kind: str, before: list[float]) -> list[float]:
+    return [now - then for now, then in zip(rollovers_counted(kind), before, strict=True)]
+
+
+class Ticks:
+    """Which sessions got a frame (or a gap frame) in each of a worker's ticks: the worker's own batcher,
+    its step wrapped to record what it returned."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.ticks: list[dict[str, RowOutput]] = []
+        step = batcher.step
+
+        def recorded(audio: np.ndarray, **kwargs: Any) -> list[RowOutput]:
+            outputs = step(audio, **kwargs)
+            self.ticks.append({o.session_id: o for o in outputs})
+            return outputs
+
+        batcher.step = recorded  # type: ignore[method-assign]
+
+    def of(self, sid: str) -> list[RowOutput]:
+        return [tick[sid] for tick in self.ticks if sid in tick]
+
+
+async def test_a_long_session_rolls_over_again_and_again_with_a_frame_every_tick_and_a_whole_transcript(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    running = await start_worker(
+        dialogue_slots=3, dialogue_rollover_at=30, dialogue_max_primer_tokens=16, dialogue_tick_ms=40
+    )
+    ticks = Ticks(running.worker.batcher)
+    counted = rollovers_counted("free_slot")
+    primer = "You are a calm and curious teacher."
+    await open_session(bus, SessionStart(session_id="long", persona=PersonaSpec(primer=primer)))
+    await open_session(bus, SessionStart(session_id="beside"))
+    long, beside = DialogueReader(bus, "long"), DialogueReader(bus, "beside")
+    rolled = 3
+    await long.until(
+        lambda r: len([e for e in r.events if e.name == EventName.CONTEXT_ROLLOVER]) >= rolled,
+        60,
+        "no rollovers",
+    )
+    for sid in ("long", "beside"):
+        await bus.append_control(SessionStop(session_id=sid))
+    for reader in (long, beside):
+        await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
+
+    events = [e.data_as(ContextRollover) for e in long.events if e.name == EventName.CONTEXT_ROLLOVER]
+    persona = len(running.worker.model.encode_text(primer))
+    assert all(e.primer_tokens >= persona for e in events), "the persona primer is forced each time"
+    for reader in (long, beside):
+        rollovers = [
+            e.data_as(ContextRollover) for e in reader.events if e.name == EventName.CONTEXT_ROLLOVER
+        ]
+        assert rollovers and all(e.kind == "free_slot" and e.gap_frames == 0 for e in rollovers)
+        seqs = [e.seq for e in reader.entries]
+        assert seqs == list(range(len(seqs))), "one seq counter across the rollovers, no gaps"
+        outs = ticks.of(reader.sid)
+        first = next(t for t, o in enumerate(outs) if o.pcm is not None)
+        last = max(t for t, o in enumerate(outs) if o.pcm is not None)
+        assert all(o.pcm is not None and not o.gap for o in outs[first:last]), "a frame every tick"
+    session = await SessionStore(bus, 60).get("long")
+    assert session is not None and session.counters["context_rollovers"] == len(events) >= rolled
+    assert min(counted_since("free_slot", counted)) >= len(events), "counted and timed in the metrics"
+    transcript = await SessionStore(bus, 60).transcript("long")
+    spoken = "".join(f.text for f in long.frames)
+    assert " ".join(u["text"] for u in transcript) == " ".join(spoken.split()), "every piece, in order"
+
+
+async def test_a_full_worker_rolls_a_session_over_in_place_with_silence_for_the_gap(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    running = await start_worker(
+        dialogue_slots=1, dialogue_rollover_at=24, dialogue_max_primer_tokens=8, dialogue_tick_ms=40
+    )
+    counted = rollovers_counted("in_place")
+    await open_session(bus, SessionStart(session_id="alone", persona=PersonaSpec(primer="You are a pirate.")))
+    reader = DialogueReader(bus, "alone")
+    await reader.until(
+        lambda r: len([e for e in r.events if e.name == EventName.CONTEXT_ROLLOVER]) >= 2, 60, "no rollovers"
+    )
+    events = [e.data_as(ContextRollover) for e in reader.events if e.name == EventName.CONTEXT_ROLLOVER]
+    bound = running.settings.dialogue_max_primer_tokens + running.worker.batcher.delay
+    assert all(e.kind == "in_place" and 0 < e.gap_frames <= bound for e in events)
+    seqs = [e.seq for e in reader.entries]
+    assert seqs == list(range(len(seqs))), "the gap is frames of silence: the stream keeps its pace"
+    silent = [f for f in reader.frames if not any(f.pcm)]
+    assert len(silent) >= sum(e.gap_frames for e in events)
+    assert min(counted_since("in_place", counted)) >= len(events), "counted and timed in the metrics"
