@@ -32,7 +32,13 @@ import numpy as np
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
 from services.dialogue.inputs import Arrival, InputTimeline, Take
 from services.dialogue.model import MoshiModel
-from services.dialogue.priming import ROLLOVER_SLACK_FRAMES, primer_tokens, rollover_threshold, spoken_so_far
+from services.dialogue.priming import (
+    ROLLOVER_SLACK_FRAMES,
+    check_rollover_at,
+    primer_tokens,
+    rollover_threshold,
+    spoken_so_far,
+)
 from services.dialogue.settings import DialogueSettings
 from services.dialogue.ticks import TickClock, prime_deadline
 from services.dialogue.utterances import UtteranceBuilder
@@ -123,6 +129,8 @@ class DialogueWorker:
         self.model = model
         self.worker_id = settings.worker_id
         compile_ = settings.dialogue_compile
+        primer_bound = settings.dialogue_max_primer_tokens + max(model.lm.delays)  # the batcher's delay
+        check_rollover_at(settings.dialogue_rollover_at, model.lm.context, primer_bound)
         self.batcher = Batcher(
             model,
             settings.dialogue_slots,
@@ -159,7 +167,6 @@ class DialogueWorker:
         self._joined = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dialogue-model")
         self._publishing: asyncio.Task[set[str]] | None = None  # the write of the last tick, while in flight
-        primer_bound = settings.dialogue_max_primer_tokens + self.batcher.delay
         self.rollover_at = rollover_threshold(settings.dialogue_rollover_at, model.lm.context, primer_bound)
         # A due rollover waits this long for a free slot, then goes in place.
         self._last_call = (self.rollover_at or 0) + ROLLOVER_SLACK_FRAMES

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,12 +17,14 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
+from services.dialogue.model import MoshiModel
+from services.dialogue.serving import DialogueWorker
 from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES
 from shared.bus import Bus
 from shared.messages import ContextRollover, EventName, PersonaSpec, SessionStart, SessionStop
 from shared.sessions import SessionStore
-from tests.services.dialogue.conftest import DialogueReader, RunningWorker
+from tests.services.dialogue.conftest import DialogueReader, RunningWorker, settings_for
 from tests.services.dialogue.test_batcher import GREEDY, tokens, user_audio
 from tests.support.sessions import open_session
 
@@ -140,6 +143,22 @@ def test_a_session_leaving_mid_rollover_frees_both_its_rows(make_batcher: Callab
 def test_a_threshold_within_the_primer_bound_is_refused_at_start() -> None:
     with pytest.raises(ValidationError, match="must exceed dialogue_max_primer_tokens"):
         DialogueSettings(dialogue_rollover_at=16, dialogue_max_primer_tokens=16)
+
+
+@pytest.mark.parametrize(
+    ("at", "why"),
+    [
+        (17, "must exceed the primer bound of 17 frames"),  # 16 primer tokens + the acoustic delay of 1
+        (60, "at most 58"),  # the context is 100 frames: 60 + 17 + 25 of slack would pass it
+    ],
+)
+def test_a_threshold_the_model_cannot_honour_stops_the_worker_at_start(
+    bus: Bus, moshi_dir: Path, moshi_model: MoshiModel, at: int, why: str
+) -> None:
+    settings = settings_for(moshi_dir, dialogue_rollover_at=at, dialogue_max_primer_tokens=16)
+    assert moshi_model.lm.context == 100 and max(moshi_model.lm.delays) == 1
+    with pytest.raises(ValueError, match=why):
+        DialogueWorker(bus, settings, moshi_model)
 
 
 ROLLOVER_METRICS = ("chorus_context_rollovers_total", "chorus_context_rollover_seconds_count")
