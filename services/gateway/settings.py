@@ -83,6 +83,7 @@ class GatewaySettings(CommonSettings):
     max_session_s: float = Field(
         default=3600.0,
         ge=0,
+        allow_inf_nan=False,  # 0 is 'off'; infinity would overflow the ms the realtime API speaks
         description="Longest a session lasts, from the moment it is ready (the wait for a slot and the "
         "priming not counted); then the gateway ends it (`session_expired`: a realtime `error`, a moshi "
         "0x05, close 1000). 0 = no limit.",
@@ -90,6 +91,7 @@ class GatewaySettings(CommonSettings):
     idle_timeout_s: float = Field(
         default=0.0,
         ge=0,
+        allow_inf_nan=False,  # 0 is 'off'; infinity would overflow the ms the realtime API speaks
         description="A session whose user says nothing for this long (the router's speech detector, counted "
         "in 80 ms output frames) is ended (`idle_timeout`); realtime clients may ask for a shorter one "
         "(`idle_timeout_ms`). 0 = off.",
