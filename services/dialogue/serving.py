@@ -402,7 +402,7 @@ class DialogueWorker:
         writes: dict[str, list[tuple[str, Envelope]]] = {}
         went_live: list[str] = []
         spoke: dict[str, list[dict[str, Any]]] = {}  # sessions with text this tick: utterances it closed
-        rolled: list[str] = []
+        rolled: dict[str, int] = {}  # sessions whose fresh state took over this tick: its row
         for out in outputs:
             session = self.sessions.get(out.session_id)
             if session is None or session.ending:
@@ -415,7 +415,7 @@ class DialogueWorker:
                 went_live.append(session.sid)
             if out.rollover is not None:
                 entries.append((stream, self._rollover_event(session, out)))
-                rolled.append(session.sid)
+                rolled[session.sid] = out.row
             if out.gap:
                 text, pcm = "", SILENCE
             elif out.pcm is not None and out.text_token is not None:
@@ -441,9 +441,10 @@ class DialogueWorker:
         await self._save_progress(
             [sid for sid in went_live if sid not in lost], {k: v for k, v in spoke.items() if k not in lost}
         )
-        for sid in rolled:
+        for sid, row in rolled.items():
             if sid not in lost:
                 await self.store.count(sid, ROLLOVERS_COUNTER)
+                await self.store.update(sid, dialogue_slot=row)  # the session detail's slot: its row now
         return lost
 
     async def _save_progress(self, went_live: list[str], spoke: dict[str, list[dict[str, Any]]]) -> None:

@@ -27,6 +27,7 @@ from shared.sessions import SessionStore
 from tests.services.dialogue.conftest import DialogueReader, RunningWorker, settings_for
 from tests.services.dialogue.test_batcher import GREEDY, tokens, user_audio
 from tests.support.sessions import open_session
+from tests.support.waiting import wait_until
 
 StartWorker = Callable[..., Awaitable[RunningWorker]]
 AT = 20  # steps before a row rolls over
@@ -204,6 +205,14 @@ async def test_a_long_session_rolls_over_again_and_again_with_a_frame_every_tick
     await open_session(bus, SessionStart(session_id="long", persona=PersonaSpec(primer=primer)))
     await open_session(bus, SessionStart(session_id="beside"))
     long, beside = DialogueReader(bus, "long"), DialogueReader(bus, "beside")
+    took_over = await wait_until(lambda: [o for o in ticks.of("long") if o.rollover], "no rollover", 60)
+    moved_to = took_over[0].row
+
+    async def slot_shown() -> bool:
+        session = await SessionStore(bus, 60).get("long")
+        return session is not None and session.counters.get("dialogue_slot") == moved_to
+
+    await wait_until(slot_shown, "the session detail kept the slot it was placed on", 5)  # moved again: 1.2 s
     rolled = 3
     await long.until(
         lambda r: len([e for e in r.events if e.name == EventName.CONTEXT_ROLLOVER]) >= rolled,
