@@ -46,7 +46,7 @@ from services.gateway.protocols.session_socket import (
     serve_and_stop,
     watch_key,
 )
-from services.gateway.settings import GatewaySettings
+from services.gateway.settings import MIN_IDLE_TIMEOUT_S, GatewaySettings
 from shared import metrics
 from shared.audio import FRAME_SEC, SAMPLE_RATE, pcm16_to_float
 from shared.errors import ChorusError, ClientNotReading, IdleTimeout, InvalidRequest, LifetimeReached
@@ -55,7 +55,7 @@ from shared.messages import EventName, SessionEvent, native_voice_for
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-MIN_IDLE_TIMEOUT_MS = 1000  # shorter ones would end a session between two words
+MIN_IDLE_TIMEOUT_MS = round(MIN_IDLE_TIMEOUT_S * 1000)  # shorter ones would end a session between two words
 MAX_IDLE_TIMEOUT_MS = 24 * 3600 * 1000  # the bound when the gateway sets neither limit
 _NO_CONVERSATION_CHECK_S = 0.25  # how often a socket without a conversation yet checks the lifetime policies
 

@@ -102,3 +102,9 @@ def test_an_infinite_limit_is_refused_at_start_zero_is_off(field: str) -> None:
     # Accepted, `inf` broke every realtime session: its idle_timeout_ms (round(inf * 1000)) overflows.
     with pytest.raises(ValidationError, match="finite number"):
         GatewaySettings(_env_file=None, **{field: "inf"})  # type: ignore[call-arg]
+
+
+def test_a_gateway_idle_timeout_under_a_second_is_refused_at_start() -> None:
+    # Accepted, session.created said idle_timeout_ms 500, and a client echoing it back was refused.
+    with pytest.raises(ValidationError, match=r"IDLE_TIMEOUT_S \(0.5\) must be 0 \(off\) or at least 1 s"):
+        GatewaySettings(_env_file=None, idle_timeout_s=0.5)  # type: ignore[call-arg]
