@@ -278,9 +278,14 @@ class DialogueWorker:
         if self.rollover_at is None:
             return False
         took_slot = False
+        # A placement or takeover under way counted a free slot as its own: a rollover taking it would make
+        # its join fail with the session already taken here. Its few round trips are over well within the
+        # slack: the rollover waits for them.
+        placing = self._placing.locked()
         for slot in self.batcher.due_rollovers(self.rollover_at):
             session = self.sessions.get(slot.session_id or "")
-            if session is None or (not self.batcher.free_rows() and slot.age < self._last_call):
+            free = bool(self.batcher.free_rows())
+            if session is None or (free and placing) or (not free and slot.age < self._last_call):
                 continue  # no free slot yet: another rollover may free one before this one must go in place
             history = self.settings.dialogue_rollover_history_tokens
             tokens = self._primer(session.start, await self._spoken_lately(session, history), history)

@@ -266,3 +266,25 @@ async def test_a_full_worker_rolls_a_session_over_in_place_with_silence_for_the_
     silent = [f for f in reader.frames if not any(f.pcm)]
     assert len(silent) >= sum(e.gap_frames for e in events)
     assert min(counted_since("in_place", counted)) >= len(events), "counted and timed in the metrics"
+
+
+async def test_a_rollover_leaves_the_free_slot_to_a_placement_under_way(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    """A placement counts the free slots, takes the session, then joins a slot, with Redis round trips
+    between: a rollover taking the slot meanwhile made the join fail with the session already taken here
+    (its start retried after `claim_idle_ms`; claimed by another worker, dropped as owned here). Holding
+    the worker's placement lock is such a placement, slowed down."""
+    running = await start_worker(
+        dialogue_slots=2, dialogue_rollover_at=24, dialogue_max_primer_tokens=8, dialogue_tick_ms=40
+    )
+    batcher = running.worker.batcher
+    await open_session(bus, SessionStart(session_id="due"))
+    reader = DialogueReader(bus, "due")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "never ready")
+    async with running.worker._placing:
+        await wait_until(lambda: any(s.age > 30 for s in batcher.slots), "the session never came due", 30)
+        assert len(batcher.free_rows()) == 1, "the placement's slot was taken"
+    await reader.until(lambda r: r.event(EventName.CONTEXT_ROLLOVER) is not None, 30, "no rollover after")
+    rollover = reader.event(EventName.CONTEXT_ROLLOVER)
+    assert rollover is not None and rollover.data_as(ContextRollover).kind == "free_slot"
