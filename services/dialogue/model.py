@@ -164,20 +164,31 @@ def load_lm(info: Any, device: torch.device, dtype: torch.dtype, settings: Dialo
 def _load_q8_lm(info: Any, device: torch.device, dtype: torch.dtype) -> LMModel:
     """A `-q8` checkpoint as moshi's loader reads it (LMModel on the meta device, the state assigned),
     with torch-native Int8Linear layers where moshi builds bitsandbytes ones; the int8 weights kept as
-    stored, their row scales (`*_scb`) in float32, the other float tensors cast to `dtype`."""
+    stored (a float weight is refused), their row scales (`*_scb`) in float32, the other float tensors
+    cast to `dtype`."""
+    import torch
     from moshi.models import loaders
     from safetensors.torch import load_file
 
-    from services.dialogue.quantized import replace_linears
+    from services.dialogue.quantized import Int8Linear, replace_linears
 
     lm_config = {k: v for k, v in info.lm_config.items() if k != "quantize"}
     lm = loaders.get_moshi_lm(None, lm_config, device="meta", dtype=dtype)
     replace_linears(lm, quantize=False)
     state = load_file(str(info.moshi_weights), device=str(device))
     for key, value in state.items():
-        if value.dtype.is_floating_point:
-            state[key] = value.float() if key.endswith("_scb") else value.to(dtype)
+        if key.endswith("_scb"):
+            state[key] = value.float()
+        elif value.dtype.is_floating_point:
+            state[key] = value.to(dtype)
     lm.load_state_dict(state, assign=True)
+    # load_state_dict checks names and shapes, not dtypes: float weights would be scaled as int8 ones.
+    for name, module in lm.named_modules():
+        if isinstance(module, Int8Linear) and module.weight.dtype != torch.int8:
+            raise ModelLoadError(
+                f"{info.moshi_weights} is a -q8 checkpoint (config `quantize`) whose {name}.weight is "
+                f"{module.weight.dtype}, not int8"
+            )
     return lm.eval()
 
 

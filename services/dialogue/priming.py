@@ -55,3 +55,24 @@ def rollover_threshold(setting: int | None, context: int | None, primer_bound: i
         return None
     margin = primer_bound + ROLLOVER_SLACK_FRAMES
     return context - margin if context >= 2 * margin else None
+
+
+def check_rollover_at(at: int | None, context: int | None, primer_bound: int) -> None:
+    """Refuse a CHORUS_DIALOGUE_ROLLOVER_AT the model cannot honour (None/0: nothing to check): at or within
+    `primer_bound`, a fresh state would be due to roll over again as soon as its primer is in; past
+    the context minus that bound and `ROLLOVER_SLACK_FRAMES`, the old state's cache wraps before the
+    fresh one takes over (what the rollover is for)."""
+    if not at:
+        return
+    if at <= primer_bound:
+        raise ValueError(
+            f"CHORUS_DIALOGUE_ROLLOVER_AT ({at}) must exceed the primer bound of {primer_bound} frames "
+            "(CHORUS_DIALOGUE_MAX_PRIMER_TOKENS plus the acoustic delay): a fresh state would roll over "
+            "again at once"
+        )
+    if context is not None and at + primer_bound + ROLLOVER_SLACK_FRAMES > context:
+        most = context - primer_bound - ROLLOVER_SLACK_FRAMES
+        raise ValueError(
+            f"CHORUS_DIALOGUE_ROLLOVER_AT ({at}) leaves no room to prime a fresh state within the model's "
+            f"context of {context} frames: at most {most} (0: off)"
+        )

@@ -32,7 +32,13 @@ import numpy as np
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
 from services.dialogue.inputs import Arrival, InputTimeline, Take
 from services.dialogue.model import MoshiModel
-from services.dialogue.priming import ROLLOVER_SLACK_FRAMES, primer_tokens, rollover_threshold, spoken_so_far
+from services.dialogue.priming import (
+    ROLLOVER_SLACK_FRAMES,
+    check_rollover_at,
+    primer_tokens,
+    rollover_threshold,
+    spoken_so_far,
+)
 from services.dialogue.settings import DialogueSettings
 from services.dialogue.ticks import TickClock, prime_deadline
 from services.dialogue.utterances import UtteranceBuilder
@@ -123,6 +129,8 @@ class DialogueWorker:
         self.model = model
         self.worker_id = settings.worker_id
         compile_ = settings.dialogue_compile
+        primer_bound = settings.dialogue_max_primer_tokens + max(model.lm.delays)  # the batcher's delay
+        check_rollover_at(settings.dialogue_rollover_at, model.lm.context, primer_bound)
         self.batcher = Batcher(
             model,
             settings.dialogue_slots,
@@ -159,7 +167,6 @@ class DialogueWorker:
         self._joined = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dialogue-model")
         self._publishing: asyncio.Task[set[str]] | None = None  # the write of the last tick, while in flight
-        primer_bound = settings.dialogue_max_primer_tokens + self.batcher.delay
         self.rollover_at = rollover_threshold(settings.dialogue_rollover_at, model.lm.context, primer_bound)
         # A due rollover waits this long for a free slot, then goes in place.
         self._last_call = (self.rollover_at or 0) + ROLLOVER_SLACK_FRAMES
@@ -271,9 +278,14 @@ class DialogueWorker:
         if self.rollover_at is None:
             return False
         took_slot = False
+        # A placement or takeover under way counted a free slot as its own: a rollover taking it would make
+        # its join fail with the session already taken here. Its few round trips are over well within the
+        # slack: the rollover waits for them.
+        placing = self._placing.locked()
         for slot in self.batcher.due_rollovers(self.rollover_at):
             session = self.sessions.get(slot.session_id or "")
-            if session is None or (not self.batcher.free_rows() and slot.age < self._last_call):
+            free = bool(self.batcher.free_rows())
+            if session is None or (free and placing) or (not free and slot.age < self._last_call):
                 continue  # no free slot yet: another rollover may free one before this one must go in place
             history = self.settings.dialogue_rollover_history_tokens
             tokens = self._primer(session.start, await self._spoken_lately(session, history), history)
@@ -395,7 +407,7 @@ class DialogueWorker:
         writes: dict[str, list[tuple[str, Envelope]]] = {}
         went_live: list[str] = []
         spoke: dict[str, list[dict[str, Any]]] = {}  # sessions with text this tick: utterances it closed
-        rolled: list[str] = []
+        rolled: dict[str, int] = {}  # sessions whose fresh state took over this tick: its row
         for out in outputs:
             session = self.sessions.get(out.session_id)
             if session is None or session.ending:
@@ -408,7 +420,7 @@ class DialogueWorker:
                 went_live.append(session.sid)
             if out.rollover is not None:
                 entries.append((stream, self._rollover_event(session, out)))
-                rolled.append(session.sid)
+                rolled[session.sid] = out.row
             if out.gap:
                 text, pcm = "", SILENCE
             elif out.pcm is not None and out.text_token is not None:
@@ -434,9 +446,10 @@ class DialogueWorker:
         await self._save_progress(
             [sid for sid in went_live if sid not in lost], {k: v for k, v in spoke.items() if k not in lost}
         )
-        for sid in rolled:
+        for sid, row in rolled.items():
             if sid not in lost:
                 await self.store.count(sid, ROLLOVERS_COUNTER)
+                await self.store.update(sid, dialogue_slot=row)  # the session detail's slot: its row now
         return lost
 
     async def _save_progress(self, went_live: list[str], spoke: dict[str, list[dict[str, Any]]]) -> None:

@@ -106,7 +106,9 @@ class DialogueSettings(CommonSettings):
         "with the persona primer and the tail of the transcript (Moshi attends over a fixed context: 3000 "
         "frames, 4 minutes). Unset: the model's context minus a margin that primes the fresh state in time "
         "(`CHORUS_DIALOGUE_MAX_PRIMER_TOKENS` plus 2 s), off when the context is under twice that margin; "
-        "0: off (the model's cache wraps, as Kyutai's server lets it). Must exceed the primer bound.",
+        "0: off (the model's cache wraps, as Kyutai's server lets it). Must exceed the primer bound (plus "
+        "the acoustic delay) and leave that bound plus 2 s before the context: a worker refuses to start "
+        "otherwise.",
     )
     dialogue_rollover_history_tokens: int = Field(
         default=32,

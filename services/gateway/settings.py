@@ -8,6 +8,8 @@ from pydantic import Field, model_validator
 
 from shared.settings import CommonSettings
 
+MIN_IDLE_TIMEOUT_S = 1.0  # the shortest idle timeout, the gateway's or a realtime client's `idle_timeout_ms`
+
 
 class GatewaySettings(CommonSettings):
     host: str = Field(default="127.0.0.1", description="Interface the gateway binds (0.0.0.0 in containers).")
@@ -83,6 +85,7 @@ class GatewaySettings(CommonSettings):
     max_session_s: float = Field(
         default=3600.0,
         ge=0,
+        allow_inf_nan=False,  # 0 is 'off'; infinity would overflow the ms the realtime API speaks
         description="Longest a session lasts, from the moment it is ready (the wait for a slot and the "
         "priming not counted); then the gateway ends it (`session_expired`: a realtime `error`, a moshi "
         "0x05, close 1000). 0 = no limit.",
@@ -90,10 +93,23 @@ class GatewaySettings(CommonSettings):
     idle_timeout_s: float = Field(
         default=0.0,
         ge=0,
+        allow_inf_nan=False,  # 0 is 'off'; infinity would overflow the ms the realtime API speaks
         description="A session whose user says nothing for this long (the router's speech detector, counted "
         "in 80 ms output frames) is ended (`idle_timeout`); realtime clients may ask for a shorter one "
-        "(`idle_timeout_ms`). 0 = off.",
+        "(`idle_timeout_ms`). 0 = off; else at least 1 s.",
     )
+
+    @model_validator(mode="after")
+    def _idle_timeout_of_a_second_at_least(self) -> GatewaySettings:
+        """A realtime client is told the gateway's idle timeout (`idle_timeout_ms`) and may ask for no less
+        than a second: under that, echoing the session it was given back would be refused."""
+        if 0 < self.idle_timeout_s < MIN_IDLE_TIMEOUT_S:
+            raise ValueError(
+                f"CHORUS_IDLE_TIMEOUT_S ({self.idle_timeout_s:g}) must be 0 (off) or at least "
+                f"{MIN_IDLE_TIMEOUT_S:g} s: a shorter one would end sessions between two words"
+            )
+        return self
+
     redis_max_memory_share: float = Field(
         default=0.9,
         gt=0,

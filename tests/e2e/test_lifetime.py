@@ -147,3 +147,15 @@ async def test_realtime_idle_timeout_ms_ends_a_silent_session_with_timeout_trigg
     assert error["type"] == "error" and error["error"]["code"] == "idle_timeout", error
     assert (client.ws.close_code, client.ws.close_reason) == (1000, "idle_timeout")
     assert await end_reason(stack.url, session_id) == "idle_timeout"
+
+
+async def test_a_realtime_socket_that_never_sends_audio_is_ended_by_the_idle_timeout(
+    lifetime_url: str,
+) -> None:
+    """Its conversation starts with its first audio: before this, no policy ended it, whatever the limits."""
+    client = await RealtimeClient.open(lifetime_url.replace("http", "ws", 1))
+    with contextlib.suppress(ConnectionClosed):
+        await client.drain(MAX_SESSION_S)  # until the server closes the socket
+    errors = client.of_type("error")
+    assert [e["error"]["code"] for e in errors] == ["idle_timeout"], client.events
+    assert (client.ws.close_code, client.ws.close_reason) == (1000, "idle_timeout")

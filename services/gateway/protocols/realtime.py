@@ -22,6 +22,7 @@ import binascii
 import contextlib
 import functools
 import logging
+import time
 from collections import deque
 
 from fastapi import APIRouter, WebSocket
@@ -30,6 +31,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
+from services.gateway.lifetime import Lifetime
 from services.gateway.limits import RateLimits, SocketLimits
 from services.gateway.protocols import realtime_events as ev
 from services.gateway.protocols.realtime_audio import RealtimeAudio
@@ -52,7 +54,7 @@ from services.gateway.protocols.session_socket import (
     serve_and_stop,
     watch_key,
 )
-from services.gateway.settings import GatewaySettings
+from services.gateway.settings import MIN_IDLE_TIMEOUT_S, GatewaySettings
 from shared import metrics
 from shared.audio import FRAME_SEC
 from shared.errors import ChorusError, ClientNotReading, IdleTimeout, InvalidRequest, LifetimeReached
@@ -61,8 +63,9 @@ from shared.messages import EventName, SessionEvent, native_voice_for
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-MIN_IDLE_TIMEOUT_MS = 1000  # shorter ones would end a session between two words
+MIN_IDLE_TIMEOUT_MS = round(MIN_IDLE_TIMEOUT_S * 1000)  # shorter ones would end a session between two words
 MAX_IDLE_TIMEOUT_MS = 24 * 3600 * 1000  # the bound when the gateway sets neither limit
+_NO_CONVERSATION_CHECK_S = 0.25  # how often a socket without a conversation yet checks the lifetime policies
 
 
 @router.websocket("/v1/realtime")
@@ -134,6 +137,7 @@ class RealtimeSession:
         self.limits = SocketLimits(settings, "realtime")
         self.started = asyncio.Event()  # set once the conversation is ready (it has a dialogue slot)
         self.early: deque[Message] = deque()  # received while waiting for the dialogue slot
+        self.opened_at = self.audio_at = time.monotonic()  # the lifetime policies' clocks until it starts
         self.items = ConversationItems()
         self.carver = ResponseCarver(settings.realtime_response_end_frames, self.items)
         self.audio = RealtimeAudio()
@@ -358,6 +362,7 @@ class RealtimeSession:
             raise InvalidRequest("audio must be PCM16: an even number of bytes")
         if not data:
             return
+        self.audio_at = time.monotonic()
         # Waits while the client sends audio faster than its pace (backpressure).
         if refused := await self.limits.pace_audio(self.audio.input_seconds(data)):
             raise refused
@@ -395,7 +400,7 @@ class RealtimeSession:
     # --- server events -----------------------------------------------------------------------
 
     async def emit_loop(self) -> None:
-        await self.started.wait()
+        await self._wait_for_a_conversation()
         assert self.conversation is not None
         try:
             async for message in self.conversation.outputs():
@@ -444,6 +449,21 @@ class RealtimeSession:
         return ev.RateLimitsUpdated(
             rate_limits=[ev.RateLimit(**limit) for limit in await limits.left(self.owner)]
         )
+
+    async def _wait_for_a_conversation(self) -> None:
+        """Until the first audio has started the conversation. A socket without one holds no dialogue slot,
+        but one of its key's sockets: the lifetime policies hold meanwhile (not while a start is being
+        placed: its own timeouts do), the maximum length from the socket's opening (where OpenAI's session
+        begins), the idle timeout from the last audio appended (a refused start's included)."""
+        while not self.started.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.started.wait(), _NO_CONVERSATION_CHECK_S)
+            if self.conversation is None and not self.started.is_set():
+                now, max_s = time.monotonic(), self.settings.max_session_s
+                waiting = Lifetime(max_s, self.idle_timeout_s, started_at=self.opened_at)
+                waiting.quiet_frames = int((now - self.audio_at) / FRAME_SEC)
+                if (reached := waiting.reached(now)) is not None:
+                    raise reached  # the error event and the close follow (`run_loops`)
 
     def _heard_ms(self) -> int:
         """The user audio appended so far, in ms: the clock of the Realtime speech events."""

@@ -26,6 +26,7 @@ from services.dialogue.model import MoshiModel, load_moshi
 from services.dialogue.quantized import Int8KVCache, Int8Linear, kernel_for, w8a8_matmul
 from shared.audio import FRAME_BYTES, FRAME_SAMPLES, float_to_pcm16
 from shared.bus import Bus
+from shared.errors import ModelLoadError
 from shared.messages import EventName, SessionStart, SessionStop, UserAudio
 from tests.services.dialogue.conftest import DialogueReader, RunningWorker, settings_for
 from tests.services.dialogue.test_batcher import GREEDY, tokens, user_audio
@@ -105,24 +106,38 @@ def test_the_batcher_serves_sessions_on_int8_weights_and_cache(moshi_dir: Path) 
         batcher.close()
 
 
-def test_a_q8_checkpoint_loads_into_the_same_int8_layers(moshi_dir: Path, tmp_path: Path) -> None:
-    """A `-q8` directory (config `quantize`, `model.q8.safetensors` of int8 weights and `_scb` scales,
-    as Kyutai publishes) loads without bitsandbytes, into exactly the LM that quantizing at load gives."""
-    quantized = lean_model(moshi_dir, "int8", "float")
-    q8_dir = tmp_path / "moshiko-q8"
+def write_q8(moshi_dir: Path, q8_dir: Path, state: dict[str, torch.Tensor]) -> Path:
+    """`moshi_dir` as a `-q8` directory (config `quantize`, `model.q8.safetensors`) holding `state`."""
     shutil.copytree(moshi_dir, q8_dir)
     config = json.loads((q8_dir / "config.json").read_text(encoding="utf-8"))
     config |= {"quantize": True, "moshi_name": "model.q8.safetensors"}
     (q8_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
     (q8_dir / "model.safetensors").unlink()
-    state = {k: v.contiguous() for k, v in quantized.lm.state_dict().items()}
-    save_file(state, str(q8_dir / "model.q8.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(q8_dir / "model.q8.safetensors"))
+    return q8_dir
+
+
+def test_a_q8_checkpoint_loads_into_the_same_int8_layers(moshi_dir: Path, tmp_path: Path) -> None:
+    """A `-q8` directory (config `quantize`, `model.q8.safetensors` of int8 weights and `_scb` scales,
+    as Kyutai publishes) loads without bitsandbytes, into exactly the LM that quantizing at load gives."""
+    quantized = lean_model(moshi_dir, "int8", "float")
+    q8_dir = write_q8(moshi_dir, tmp_path / "moshiko-q8", quantized.lm.state_dict())
 
     loaded = load_moshi(settings_for(q8_dir))  # weights unset: a q8 checkpoint is int8 whatever it says
     scales = [m.weight_scb for m in loaded.lm.modules() if isinstance(m, Int8Linear)]
     assert scales and all(s.dtype == torch.float32 for s in scales)
     codes = random_codes(loaded.lm, 2, 8, seed=5)
     assert torch.equal(streaming_text_logits(loaded.lm, codes), streaming_text_logits(quantized.lm, codes))
+
+
+def test_a_q8_checkpoint_of_float_weights_is_refused_at_load(moshi_dir: Path, tmp_path: Path) -> None:
+    """Names and shapes match, so load_state_dict took them; the int8 layers would have scaled the float
+    weights by their `_scb` / 127 and served a wrong model without a word."""
+    state = lean_model(moshi_dir, "int8", "float").lm.state_dict()
+    floats = {k: v.float() if v.dtype == torch.int8 else v for k, v in state.items()}
+    q8_dir = write_q8(moshi_dir, tmp_path / "float-q8", floats)
+    with pytest.raises(ModelLoadError, match=r"weight is torch.float32, not int8"):
+        load_moshi(settings_for(q8_dir))
 
 
 async def test_a_worker_on_int8_weights_and_cache_serves_a_session(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,14 +17,17 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
+from services.dialogue.model import MoshiModel
+from services.dialogue.serving import DialogueWorker
 from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES
 from shared.bus import Bus
 from shared.messages import ContextRollover, EventName, PersonaSpec, SessionStart, SessionStop
 from shared.sessions import SessionStore
-from tests.services.dialogue.conftest import DialogueReader, RunningWorker
+from tests.services.dialogue.conftest import DialogueReader, RunningWorker, settings_for
 from tests.services.dialogue.test_batcher import GREEDY, tokens, user_audio
 from tests.support.sessions import open_session
+from tests.support.waiting import wait_until
 
 StartWorker = Callable[..., Awaitable[RunningWorker]]
 AT = 20  # steps before a row rolls over
@@ -142,6 +146,22 @@ def test_a_threshold_within_the_primer_bound_is_refused_at_start() -> None:
         DialogueSettings(dialogue_rollover_at=16, dialogue_max_primer_tokens=16)
 
 
+@pytest.mark.parametrize(
+    ("at", "why"),
+    [
+        (17, "must exceed the primer bound of 17 frames"),  # 16 primer tokens + the acoustic delay of 1
+        (60, "at most 58"),  # the context is 100 frames: 60 + 17 + 25 of slack would pass it
+    ],
+)
+def test_a_threshold_the_model_cannot_honour_stops_the_worker_at_start(
+    bus: Bus, moshi_dir: Path, moshi_model: MoshiModel, at: int, why: str
+) -> None:
+    settings = settings_for(moshi_dir, dialogue_rollover_at=at, dialogue_max_primer_tokens=16)
+    assert moshi_model.lm.context == 100 and max(moshi_model.lm.delays) == 1
+    with pytest.raises(ValueError, match=why):
+        DialogueWorker(bus, settings, moshi_model)
+
+
 ROLLOVER_METRICS = ("chorus_context_rollovers_total", "chorus_context_rollover_seconds_count")
 
 
@@ -185,6 +205,14 @@ async def test_a_long_session_rolls_over_again_and_again_with_a_frame_every_tick
     await open_session(bus, SessionStart(session_id="long", persona=PersonaSpec(primer=primer)))
     await open_session(bus, SessionStart(session_id="beside"))
     long, beside = DialogueReader(bus, "long"), DialogueReader(bus, "beside")
+    took_over = await wait_until(lambda: [o for o in ticks.of("long") if o.rollover], "no rollover", 60)
+    moved_to = took_over[0].row
+
+    async def slot_shown() -> bool:
+        session = await SessionStore(bus, 60).get("long")
+        return session is not None and session.counters.get("dialogue_slot") == moved_to
+
+    await wait_until(slot_shown, "the session detail kept the slot it was placed on", 5)  # moved again: 1.2 s
     rolled = 3
     await long.until(
         lambda r: len([e for e in r.events if e.name == EventName.CONTEXT_ROLLOVER]) >= rolled,
@@ -238,3 +266,25 @@ async def test_a_full_worker_rolls_a_session_over_in_place_with_silence_for_the_
     silent = [f for f in reader.frames if not any(f.pcm)]
     assert len(silent) >= sum(e.gap_frames for e in events)
     assert min(counted_since("in_place", counted)) >= len(events), "counted and timed in the metrics"
+
+
+async def test_a_rollover_leaves_the_free_slot_to_a_placement_under_way(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    """A placement counts the free slots, takes the session, then joins a slot, with Redis round trips
+    between: a rollover taking the slot meanwhile made the join fail with the session already taken here
+    (its start retried after `claim_idle_ms`; claimed by another worker, dropped as owned here). Holding
+    the worker's placement lock is such a placement, slowed down."""
+    running = await start_worker(
+        dialogue_slots=2, dialogue_rollover_at=24, dialogue_max_primer_tokens=8, dialogue_tick_ms=40
+    )
+    batcher = running.worker.batcher
+    await open_session(bus, SessionStart(session_id="due"))
+    reader = DialogueReader(bus, "due")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "never ready")
+    async with running.worker._placing:
+        await wait_until(lambda: any(s.age > 30 for s in batcher.slots), "the session never came due", 30)
+        assert len(batcher.free_rows()) == 1, "the placement's slot was taken"
+    await reader.until(lambda r: r.event(EventName.CONTEXT_ROLLOVER) is not None, 30, "no rollover after")
+    rollover = reader.event(EventName.CONTEXT_ROLLOVER)
+    assert rollover is not None and rollover.data_as(ContextRollover).kind == "free_slot"

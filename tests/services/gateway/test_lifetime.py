@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from services.gateway.lifetime import Lifetime
 from services.gateway.protocols import realtime_events as ev
@@ -94,3 +95,16 @@ def test_idle_timeout_ms_may_shorten_the_gateways_limits_never_lengthen_them() -
     no_idle = GatewaySettings(_env_file=None, idle_timeout_s=0.0, max_session_s=120.0)  # type: ignore[call-arg]
     with pytest.raises(InvalidRequest, match="from 1000 to 120000"):
         idle_timeout_s(10**400, no_idle)
+
+
+@pytest.mark.parametrize("field", ["max_session_s", "idle_timeout_s"])
+def test_an_infinite_limit_is_refused_at_start_zero_is_off(field: str) -> None:
+    # Accepted, `inf` broke every realtime session: its idle_timeout_ms (round(inf * 1000)) overflows.
+    with pytest.raises(ValidationError, match="finite number"):
+        GatewaySettings(_env_file=None, **{field: "inf"})  # type: ignore[call-arg]
+
+
+def test_a_gateway_idle_timeout_under_a_second_is_refused_at_start() -> None:
+    # Accepted, session.created said idle_timeout_ms 500, and a client echoing it back was refused.
+    with pytest.raises(ValidationError, match=r"IDLE_TIMEOUT_S \(0.5\) must be 0 \(off\) or at least 1 s"):
+        GatewaySettings(_env_file=None, idle_timeout_s=0.5)  # type: ignore[call-arg]
