@@ -18,7 +18,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -608,6 +608,63 @@ class _Waiting:
     since: float
 
 
+class SharedWriter:
+    """Many sessions' appends coalesced into one round trip: an append made while no write is in flight
+    goes at once; those made while one is (other sessions' frames, arriving unsynchronized) wait for it and
+    then go together, in one `append_sessions` call for all of them, instead of one script call per frame
+    and session. A gateway's sessions each append their user audio to `:in` through one.
+
+    A session's entries keep their order: a batch goes only after the one before it was written. What the
+    write raised (Redis away: retryable) reaches every append of its batch. A caller cancelled while it
+    waits does not cancel the write: its entries were handed over and go with the others.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._queued: dict[str, list[tuple[str, Envelope]]] = {}
+        self._waiting: list[tuple[str, asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def append(self, sid: str, items: Sequence[tuple[str, Envelope]]) -> bool:
+        """Append `items` to session `sid`'s streams (unfenced); True once written."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queued.setdefault(sid, []).extend(items)
+        self._waiting.append((sid, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all(), name="shared-writer")
+        return await future
+
+    async def _write_all(self) -> None:
+        batch: list[tuple[str, asyncio.Future[bool]]] = []
+        try:
+            while self._queued:
+                writes, self._queued = self._queued, {}
+                batch, self._waiting = self._waiting, []
+                try:
+                    lost = await self.bus.append_sessions(writes)
+                except Exception as exc:
+                    _settle(batch, exc=exc)
+                    continue
+                _settle(batch, lost=lost)
+        finally:
+            self._writer = None
+            for _, future in batch + self._waiting:  # cancelled itself (shutdown): nobody waits forever
+                future.cancel()
+
+
+def _settle(
+    batch: list[tuple[str, asyncio.Future[bool]]], *, lost: Collection[str] = (), exc: Exception | None = None
+) -> None:
+    """Answer a batch's appends: written unless their session was fenced off, or what the write raised."""
+    for sid, future in batch:
+        if future.done():  # its caller was cancelled
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(sid not in lost)
+
+
 async def tail(
     bus: Bus,
     stream: str,
@@ -659,6 +716,7 @@ __all__: Sequence[str] = (
     "MemoryUse",
     "SessionKeyTimes",
     "SharedReader",
+    "SharedWriter",
     "tail",
     "make_bus_kwargs",
 )

@@ -129,6 +129,7 @@ def open_conversation(
         leases=state.leases,
         transcripts=state.transcripts,
         reader=state.outputs,
+        writer=state.inputs,
     )
 
 
