@@ -221,9 +221,10 @@ class Router:
 
         User audio does not wake the router: its clients' frames arrive unsynchronized, and a round per
         frame costs a read, a speech-detector hand-off and a write per session and frame. A blocking XREAD
-        over `:dlg` and `:tts` only wakes the round (at most `router_read_block_ms` apart, so speech is
-        still detected while no dialogue ticks), then one XREAD of all three streams, without blocking,
-        reads what it finds: two round trips per tick for all sessions."""
+        over `:dlg` and `:tts` only wakes the round (at most `router_read_block_ms` apart: longer than a
+        tick, so a live dialogue wakes it first, and speech is still detected while no dialogue ticks),
+        then one XREAD of all three streams, without blocking, reads what it finds: two round trips per
+        tick for all sessions."""
         sessions = list(self.sessions.values())
         owners = {key: s for s in sessions for key in s.cursors}
         cursors = {key: cursor for s in sessions for key, cursor in s.cursors.items()}

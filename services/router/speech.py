@@ -6,8 +6,9 @@ scores into started/stopped edges with hysteresis, so a click does not start spe
 end it.
 
 The router is given its detector (`worker.py` builds it from CHORUS_ROUTER_VAD): silero-vad
-(`shared.vad.SpeechDetector`, onnxruntime) unless the setting selects `EnergyGate`, a loudness gate fine
-for synthetic audio and poor with noise.
+(`shared.vad.SpeechDetector`, onnxruntime; frames below CHORUS_ROUTER_VAD_GATE_DBFS score 0 without the
+model) unless the setting selects `EnergyGate`, a loudness gate fine for synthetic audio and poor with
+noise.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def speech_detector(settings: RouterSettings) -> SpeechDetector:
         log.warning("detecting user speech by loudness (CHORUS_ROUTER_VAD=energy): for synthetic audio only")
         return EnergyGate(settings.router_energy_floor_dbfs, settings.router_energy_ceiling_dbfs)
     try:
-        return load_speech_detector(settings.vad_model_path)
+        return load_speech_detector(settings.vad_model_path, settings.router_vad_gate_dbfs)
     except ImportError as exc:  # onnxruntime
         raise ModelLoadError(
             f"the router's VAD needs onnxruntime ({exc}): pip install 'chorus[router]'"

@@ -57,3 +57,19 @@ def test_the_stream_api_takes_80ms_frames_and_agrees_with_the_whole_clip(detecto
     assert np.mean(np.array(per_frame[lead:-lead]) > 0.5) > 0.6, "the speech"
     stream.reset()
     assert stream.push(silence[:FRAME_SAMPLES]) < 0.5
+
+
+def test_with_a_quiet_gate_quiet_frames_score_zero_without_the_model_and_speech_is_still_heard() -> None:
+    gated = load_speech_detector(quiet_dbfs=-55.0)
+    clip = read_clip(SPEECH)
+    room = (0.0005 * np.random.default_rng(0).standard_normal(SAMPLE_RATE)).astype(np.float32)  # -66 dBFS
+    stream = gated.stream()
+    quiet = [
+        stream.push(room[i : i + FRAME_SAMPLES]) for i in range(0, len(room) - FRAME_SAMPLES, FRAME_SAMPLES)
+    ]
+    assert quiet == [0.0] * len(quiet)
+    assert not stream._state.any() and not len(stream._pending), "the model never ran on room noise"
+    heard = [
+        stream.push(clip[i : i + FRAME_SAMPLES]) for i in range(0, len(clip) - FRAME_SAMPLES, FRAME_SAMPLES)
+    ]
+    assert np.mean(np.array(heard) > 0.5) > 0.6, "the speech, as without the gate"
