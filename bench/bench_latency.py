@@ -357,6 +357,9 @@ def run() -> dict[str, Any]:
                 extra_env={
                     "CHORUS_MOSHI_DIR": str(tiny_moshi),
                     "OMP_NUM_THREADS": "1",  # the model on one core, the other left to the plumbing
+                    # Sessions open before the measured window: 100 joins (each primed) outlast the defaults.
+                    "CHORUS_PLACEMENT_WAIT_S": "120",
+                    "CHORUS_SESSION_READY_TIMEOUT_S": "120",
                     "CHORUS_DIALOGUE_SLOTS": str(count),
                     "CHORUS_MAX_SESSIONS_PER_KEY": "0",  # one anonymous owner opens them all
                     "CHORUS_LOG_LEVEL": "WARNING",
