@@ -73,3 +73,21 @@ def test_with_a_quiet_gate_quiet_frames_score_zero_without_the_model_and_speech_
         stream.push(clip[i : i + FRAME_SAMPLES]) for i in range(0, len(clip) - FRAME_SAMPLES, FRAME_SAMPLES)
     ]
     assert np.mean(np.array(heard) > 0.5) > 0.6, "the speech, as without the gate"
+
+
+def test_scoring_many_streams_together_gives_what_each_would_alone(detector: SpeechDetector) -> None:
+    clip = read_clip(SPEECH)
+    frames = [clip[i : i + FRAME_SAMPLES] for i in range(0, len(clip) - FRAME_SAMPLES, FRAME_SAMPLES)]
+    talks = [frames, frames[7:], [f * 0.5 for f in frames[3:]]]  # three sessions, out of step
+    alone = []
+    for talk in talks:
+        stream = detector.stream()
+        alone.append([stream.push(f) for f in talk])
+    together = [detector.stream() for _ in talks]
+    scored: list[list[float]] = [[] for _ in talks]
+    for k in range(0, len(frames), 2):  # two frames per session per call, as a router round may read
+        batch = [(i, f) for i, talk in enumerate(talks) for f in talk[k : k + 2]]
+        for (i, _), p in zip(batch, detector.score([(together[i], f) for i, f in batch]), strict=True):
+            scored[i].append(p)
+    for one, other in zip(alone, scored, strict=True):
+        assert np.allclose(one, other, atol=1e-5)
