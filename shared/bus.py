@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,10 +75,13 @@ class SessionKeyTimes:
 
 # Appends each session's entries only while the writer owns it (or unfenced: field ''), and keeps each
 # written stream on a TTL: the live one, or the short one once the session hash says `ended`. One HMGET
-# per session and one PEXPIRE per stream written, however many entries: Redis work per frame is the cost.
+# per session, however many entries: Redis work per frame is the cost. The live TTL is set when a write
+# creates the stream and when the writer says it is due (`refresh`: it renews it a few times per TTL, not
+# on every frame); the short one on every write after the end.
 # KEYS: per session its hash, then one stream key per entry. ARGV: fence field, token, MAXLEN, live TTL
-# ms, ended TTL ms, session count; then per session its entry count, then per entry the number n of
-# field/value strings followed by those n strings. Returns 1/0 per session: written / fenced off.
+# ms, ended TTL ms, session count; then per session its entry count and refresh flag (1/0), then per
+# entry the number n of field/value strings followed by those n strings. Returns 1/0 per session:
+# written / fenced off.
 _APPEND_SESSIONS = """
 local field, token, maxlen, live_ttl, ended_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local k, a = 1, 7
@@ -85,12 +89,14 @@ local written = {}
 for s = 1, tonumber(ARGV[6]) do
   local hash = KEYS[k]
   k = k + 1
-  local entries = tonumber(ARGV[a])
-  a = a + 1
+  local entries, refresh = tonumber(ARGV[a]), ARGV[a + 1] == '1'
+  a = a + 2
   local held = redis.call('HMGET', hash, 'state', field == '' and 'state' or field)
   local owned = field == '' or held[2] == token
   local ttl = live_ttl
-  if held[1] == 'ended' then ttl = ended_ttl end
+  if held[1] == 'ended' then
+    ttl, refresh = ended_ttl, true
+  end
   local touched = {}
   for e = 1, entries do
     local stream = KEYS[k]
@@ -98,10 +104,15 @@ for s = 1, tonumber(ARGV[6]) do
     local n = tonumber(ARGV[a])
     a = a + 1
     if owned then
-      local args = {stream, 'MAXLEN', '~', maxlen, '*'}
+      local args = {stream, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*'}
       for i = 0, n - 1 do args[#args + 1] = ARGV[a + i] end
-      redis.call('XADD', unpack(args))
-      touched[stream] = true
+      if not redis.call('XADD', unpack(args)) then
+        table.remove(args, 2)  -- no such stream yet: create it, and give it its TTL
+        redis.call('XADD', unpack(args))
+        touched[stream] = true
+      elseif refresh then
+        touched[stream] = true
+      end
     end
     a = a + n
   end
@@ -150,6 +161,8 @@ class Bus:
         # A blocking read must come back well before the client's socket timeout would fire.
         self.max_block_ms = max_block_ms
         self._append_sessions = redis.register_script(_APPEND_SESSIONS)
+        self._ttl_renewed: dict[str, float] = {}  # session -> when this process last renewed its streams' TTL
+        self._ttl_swept = time.monotonic()
 
     @classmethod
     async def connect(
@@ -244,6 +257,8 @@ class Bus:
         writes = {sid: items for sid, items in writes.items() if items}
         if not writes:
             return set()
+        now = time.monotonic()
+        due = {sid for sid in writes if now - self._ttl_renewed.get(sid, -math.inf) >= self._renew_s}
         keys: list[str] = []
         args: list[Any] = [
             fence.field if fence else "",
@@ -255,7 +270,7 @@ class Bus:
         ]
         for sid, items in writes.items():
             keys.append(self.names.session(sid))
-            args.append(len(items))
+            args.extend((len(items), int(sid in due)))
             for stream, message in items:
                 keys.append(stream)
                 fields = encode(message)
@@ -263,7 +278,20 @@ class Bus:
                 for name, value in fields.items():
                     args.extend((name, value))
         written = await self._append_sessions(keys=keys, args=args)
+        self._renewed(due, now)
         return {sid for sid, ok in zip(writes, written, strict=True) if not ok}
+
+    @property
+    def _renew_s(self) -> float:
+        """How often a writer renews its session streams' live TTL: four times per TTL, so a live stream
+        never lapses, where renewing on every write cost a PEXPIRE per frame."""
+        return self.key_times.ttl_s / 4
+
+    def _renewed(self, sids: set[str], now: float) -> None:
+        self._ttl_renewed.update(dict.fromkeys(sids, now))
+        if now - self._ttl_swept >= self._renew_s:  # bounded: only sessions written to lately stay
+            self._ttl_renewed = {s: t for s, t in self._ttl_renewed.items() if now - t < self._renew_s}
+            self._ttl_swept = now
 
     async def append_session(
         self, sid: str, items: Sequence[tuple[str, Envelope]], fence: Fence | None = None

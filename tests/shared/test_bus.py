@@ -384,3 +384,30 @@ async def test_what_a_shared_write_raised_reaches_every_append_it_carried(
     # The writer goes on: the next append is a round trip of its own.
     ok = [(names.session_input("ok"), UserAudio(session_id="ok", seq=1, pcm=silence_frame()))]
     assert await writer.append("ok", ok)
+
+
+async def test_a_writer_renews_its_streams_ttl_a_few_times_per_ttl_not_on_every_frame(
+    redis_url: str, names: StreamNames
+) -> None:
+    bus = await Bus.connect(redis_url, names, key_times=SessionKeyTimes(ttl_s=4, linger_s=1))
+    sid, stream = "s", names.session_input("s")
+
+    async def write() -> None:
+        await bus.append_session(sid, [(stream, UserAudio(session_id=sid, pcm=silence_frame()))])
+
+    try:
+        await bus.redis.hset(names.session(sid), "state", "active")
+        await write()
+        assert 0 < await bus.redis.pttl(stream) <= 4000, "a new stream gets its TTL at once"
+        await bus.redis.pexpire(stream, 100_000)
+        await write()
+        assert await bus.redis.pttl(stream) > 4000, "renewed a few times per TTL, not on every frame"
+        await bus.redis.delete(stream)  # lapsed meanwhile: the next write makes it anew, on its TTL
+        await write()
+        assert 0 < await bus.redis.pttl(stream) <= 4000
+        await bus.redis.pexpire(stream, 100_000)
+        await asyncio.sleep(1.1)  # a quarter of the TTL later
+        await write()
+        assert 0 < await bus.redis.pttl(stream) <= 4000, "renewed once due"
+    finally:
+        await bus.close()
