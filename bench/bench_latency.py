@@ -66,6 +66,7 @@ SESSION_COUNTS = tuple(int(n) for n in os.environ.get("CHORUS_BENCH_SESSIONS", "
 SECONDS_PER_SESSION = 4.0
 SPEECH_S, PAUSE_S = 1.2, 0.8  # a user talks, then listens: the speech detector sees both
 SPEECH_RMS, ROOM_RMS = 0.1, 0.0005  # -20 dBFS of noise for speech, -66 dBFS of room noise between
+OPEN_WAVE = 20  # sessions opened at once, before the measured window
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 IDLE_WINDOW_S = 3.0
 
@@ -234,8 +235,12 @@ async def _measure(stack: Any, redis_pid: int, sessions: int) -> dict[str, Any]:
     idle = await _idle_cpu_per_s(pids)
     phases = _Phases()
     samples = _user_audio()
-    talks = [asyncio.create_task(_one_session(stack, samples, phases)) for _ in range(sessions)]
-    await phases.wait_until(lambda: phases.opened + phases.refused == sessions)
+    talks: list[asyncio.Task[dict[str, Any]]] = []
+    while len(talks) < sessions:  # in waves: a hundred joins at once outlast a client's handshake wait
+        wave = min(OPEN_WAVE, sessions - len(talks))
+        talks += [asyncio.create_task(_one_session(stack, samples, phases)) for _ in range(wave)]
+        started = len(talks)
+        await phases.wait_until(lambda started=started: phases.opened + phases.refused == started)  # type: ignore[misc]
     before = await _Snapshot.take(stack, pids)
     phases.go.set()
     await phases.wait_until(lambda: phases.streamed == phases.opened)
