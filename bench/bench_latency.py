@@ -240,7 +240,7 @@ async def _measure(stack: Any, redis_pid: int, sessions: int) -> dict[str, Any]:
         wave = min(OPEN_WAVE, sessions - len(talks))
         talks += [asyncio.create_task(_one_session(stack, samples, phases)) for _ in range(wave)]
         started = len(talks)
-        await phases.wait_until(lambda started=started: phases.opened + phases.refused == started)  # type: ignore[misc]
+        await phases.wait_until(lambda started=started: phases.opened + phases.refused == started)
     before = await _Snapshot.take(stack, pids)
     phases.go.set()
     await phases.wait_until(lambda: phases.streamed == phases.opened)
