@@ -367,6 +367,7 @@ def run() -> dict[str, Any]:
                     "CHORUS_SESSION_READY_TIMEOUT_S": "120",
                     "CHORUS_DIALOGUE_SLOTS": str(count),
                     "CHORUS_MAX_SESSIONS_PER_KEY": "0",  # one anonymous owner opens them all
+                    "CHORUS_WS_MAX_SOCKETS_PER_KEY": str(max(64, count)),  # ... over one socket each
                     "CHORUS_LOG_LEVEL": "WARNING",
                 },
             )
