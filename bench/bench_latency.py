@@ -1,8 +1,11 @@
-"""The latency Chorus adds per 80 ms frame, at 1, 10 and 100 concurrent sessions on this machine.
+"""The latency Chorus adds per 80 ms frame, and what the plumbing costs, at 1 to 100 concurrent sessions.
 
 Path: client send -> gateway -> Redis `:in` -> dialogue tick -> `:dlg` -> router -> `:out` -> gateway ->
-client receive, through real processes (a `chorus` stack with the small checkpoints, one dialogue slot per
-session) and real WebSockets (Moshi's protocol). All clocks are this machine's, so each hop is measured
+client receive, through real processes (a `chorus` stack, one dialogue slot per session) and real
+WebSockets (Moshi's protocol). The dialogue runs the tiny generated checkpoint (real moshi classes, tiny
+dims: `write_moshi_checkpoint(tiny=True)`), so its step stays small at 100 sessions and the plumbing, not
+the model, is what grows with the sessions. Each client talks like a person: `SPEECH_S` of loud audio, then
+`PAUSE_S` of quiet room noise, over and over. All clocks are this machine's, so each hop is measured
 from the entries' own timestamps:
 
 - forward: client send of frame k -> the gateway's `:in` entry k in Redis;
@@ -11,7 +14,11 @@ from the entries' own timestamps:
   the dialogue's own per-tick histogram in the same run) and the wait for the next 80 ms tick (0-80 ms,
   inherent to a fixed-rate model).
 
-What the plumbing costs, over the measured window (sessions x its wall time = session-seconds):
+What the plumbing costs, over the measured window: every session is open before it begins, all stream
+together, none closes before it ends. A session-second is one second of conversation through the
+plumbing: 12.5 user frames in and 12.5 dialogue frames out (the window's frames of both kinds, counted
+from the streams, halved, times 80 ms), so a figure stays per unit of work when a loaded machine falls
+behind real time:
 
 - `idle_cpu_ms_per_s`: what each process spends per second with no session (heartbeats, presence,
   polling), measured just before; it is taken out of the figures below, which are the sessions' own;
@@ -21,7 +28,13 @@ What the plumbing costs, over the measured window (sessions x its wall time = se
   `plumbing` = gateway + router + Redis;
 - `redis_ops_per_session_s`: Redis commands per session-second, from `INFO commandstats` (commands a Lua
   script runs count too: they cost Redis the same), in all and per command (`evalsha`: the append
-  script's runs).
+  script's runs);
+- `user_frames_per_s`, `dialogue_frames_per_s`: frames per session and wall-clock second in the window
+  (12.5 is real time; less when the clients or the model step fell behind on a loaded machine);
+- `marginal` (over all rows): the slope of each process's busy CPU (ms per wall second) against the
+  sessions the window carried (session-seconds / window), a least-squares line through the points: what
+  one more session costs, with the fixed per-tick work of a process (shared by all its sessions) left in
+  the intercept.
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +62,22 @@ from shared.messages import DIALOGUE, INPUT, DialogueFrame, UserAudio
 from shared.streams import StreamNames
 
 # CHORUS_BENCH_SESSIONS="1,10" measures fewer points (100 sessions take long on a small machine).
-SESSION_COUNTS = tuple(int(n) for n in os.environ.get("CHORUS_BENCH_SESSIONS", "1,10,100").split(","))
+SESSION_COUNTS = tuple(int(n) for n in os.environ.get("CHORUS_BENCH_SESSIONS", "1,10,50,100").split(","))
 SECONDS_PER_SESSION = 4.0
+SPEECH_S, PAUSE_S = 1.2, 0.8  # a user talks, then listens: the speech detector sees both
+SPEECH_RMS, ROOM_RMS = 0.1, 0.0005  # -20 dBFS of noise for speech, -66 dBFS of room noise between
+OPEN_WAVE = 20  # sessions opened at once, before the measured window
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 IDLE_WINDOW_S = 3.0
+
+
+def _user_audio() -> np.ndarray:
+    """SECONDS_PER_SESSION of a user talking and pausing: loud noise bursts over quiet room noise."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(SECONDS_PER_SESSION * 24_000)) / 24_000
+    talking = (t % (SPEECH_S + PAUSE_S)) < SPEECH_S
+    level = np.where(talking, SPEECH_RMS, ROOM_RMS)
+    return (level * rng.standard_normal(len(t))).astype(np.float32)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -129,10 +156,36 @@ def _per_session_s(before: dict[str, float], after: dict[str, float], session_s:
     return {k: (after.get(k, 0) - before.get(k, 0)) / session_s for k in after}
 
 
-async def _one_session(stack: Any, samples: np.ndarray) -> dict[str, Any]:
+@dataclass
+class _Phases:
+    """Every session opens first, then all stream together (`go`), and close only once all have streamed
+    (`done`): the measured window holds N live sessions, not their opening or closing."""
+
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    opened: int = 0
+    refused: int = 0
+    streamed: int = 0
+
+    async def count(self, what: str) -> None:
+        async with self.changed:
+            setattr(self, what, getattr(self, what) + 1)
+            self.changed.notify_all()
+
+    async def wait_until(self, test: Callable[[], bool]) -> None:
+        async with self.changed:
+            await self.changed.wait_for(test)
+
+
+async def _one_session(stack: Any, samples: np.ndarray, phases: _Phases) -> dict[str, Any]:
     from tests.support.clients import MoshiClient, frames
 
-    client = await MoshiClient.open(stack.ws_url, voice="moshiko")
+    try:
+        client = await MoshiClient.open(stack.ws_url, voice="moshiko")
+    except BaseException:
+        await phases.count("refused")
+        raise
     sent: list[float] = []
     received: list[float] = []
 
@@ -143,63 +196,109 @@ async def _one_session(stack: Any, samples: np.ndarray) -> dict[str, Any]:
                     received.append(time.time())  # stamped on arrival, not when a loop gets to it
 
     receiver = asyncio.create_task(receive())
-    start = time.monotonic()
-    for i, frame in enumerate(frames(samples)):
-        opus = client.encoder.encode(frame)
-        sent.append(time.time())
-        if opus:
-            await client.ws.send(bytes([0x01]) + opus)
-        await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SEC - time.monotonic()))
-    await asyncio.sleep(0.5)
+    await phases.count("opened")
+    try:
+        await phases.go.wait()
+        start = time.monotonic()
+        for i, frame in enumerate(frames(samples)):
+            opus = client.encoder.encode(frame)
+            sent.append(time.time())
+            if opus:
+                await client.ws.send(bytes([0x01]) + opus)
+            await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SEC - time.monotonic()))
+        await asyncio.sleep(0.5)
+    finally:
+        await phases.count("streamed")
+    await phases.done.wait()
     await client.ws.close()
     await asyncio.gather(receiver, return_exceptions=True)
     return {"session_id": client.session_id, "sent": sent, "received": received}
 
 
+@dataclass
+class _Snapshot:
+    wall: float
+    cpu: dict[str, float]
+    calls: dict[str, int]
+    model_sum: float
+    model_count: float
+
+    @classmethod
+    async def take(cls, stack: Any, pids: dict[str, int]) -> _Snapshot:
+        model_sum, model_count = _model_step_seconds(f"http://127.0.0.1:{stack.ports['dialogue']}/metrics")
+        cpu = _cpu_by_process(pids)
+        return cls(time.time(), cpu, await _command_calls(stack.redis_url), model_sum, model_count)
+
+
 async def _measure(stack: Any, redis_pid: int, sessions: int) -> dict[str, Any]:
-    samples = (0.1 * np.random.default_rng(0).standard_normal(int(SECONDS_PER_SESSION * 24_000))).astype(
-        np.float32
-    )
-    metrics_url = f"http://127.0.0.1:{stack.ports['dialogue']}/metrics"
     pids = {name: process.pid for name, process in stack.processes.items()} | {"redis": redis_pid}
-    sum0, count0 = _model_step_seconds(metrics_url)
     idle = await _idle_cpu_per_s(pids)
-    cpu0 = _cpu_by_process(pids)
-    calls0 = await _command_calls(stack.redis_url)
-    began = time.monotonic()
-    results = await asyncio.gather(
-        *(_one_session(stack, samples) for _ in range(sessions)), return_exceptions=True
-    )
-    window_s = time.monotonic() - began
-    session_s = sessions * window_s
-    calls1 = await _command_calls(stack.redis_url)
-    cpu1 = _cpu_by_process(pids)
-    sum1, count1 = _model_step_seconds(metrics_url)
-    model_s = (sum1 - sum0) / max(1.0, count1 - count0)
+    phases = _Phases()
+    samples = _user_audio()
+    talks: list[asyncio.Task[dict[str, Any]]] = []
+    while len(talks) < sessions:  # in waves: a hundred joins at once outlast a client's handshake wait
+        wave = min(OPEN_WAVE, sessions - len(talks))
+        talks += [asyncio.create_task(_one_session(stack, samples, phases)) for _ in range(wave)]
+        started = len(talks)
+        await phases.wait_until(lambda started=started: phases.opened + phases.refused == started)
+    before = await _Snapshot.take(stack, pids)
+    phases.go.set()
+    await phases.wait_until(lambda: phases.streamed == phases.opened)
+    after = await _Snapshot.take(stack, pids)
+    phases.done.set()
+    results = await asyncio.gather(*talks, return_exceptions=True)
+    window_s = after.wall - before.wall
+    talked = [r for r in results if not isinstance(r, BaseException)]
+    hops = await _hops(stack, talked, before.wall, after.wall)
+    frames_in, frames_out = hops.pop("user_frames"), hops.pop("dialogue_frames")
+    session_s = max(1e-9, (frames_in + frames_out) / 2 * FRAME_SEC)
     # What the sessions cost: the window's CPU less what the processes spend idle over as long.
-    busy = {name: cpu1[name] - cpu0[name] - idle[name] * window_s for name in cpu1}
-    cost = _plumbing_cost(_per_session_s({}, busy, session_s), (sum1 - sum0) / session_s)
-    ops = _per_session_s(calls0, calls1, session_s)  # type: ignore[arg-type]
+    busy = {name: after.cpu[name] - before.cpu[name] - idle[name] * window_s for name in after.cpu}
+    cost = _plumbing_cost(
+        _per_session_s({}, busy, session_s), (after.model_sum - before.model_sum) / session_s
+    )
+    ops = _per_session_s(before.calls, after.calls, session_s)  # type: ignore[arg-type]
     ops.pop("info", None)  # the benchmark's own
+    model_s = (after.model_sum - before.model_sum) / max(1.0, after.model_count - before.model_count)
+    live = max(1, phases.opened)
+    return {
+        "sessions": sessions,
+        "failed_sessions": phases.refused,
+        "window_s": round(window_s, 2),
+        "model_step_ms": round(model_s * 1000, 1),
+        **hops,
+        "session_s": round(session_s, 1),
+        "user_frames_per_s": round(frames_in / live / window_s, 2),
+        "dialogue_frames_per_s": round(frames_out / live / window_s, 2),
+        "idle_cpu_ms_per_s": {name: round(rate * 1000, 2) for name, rate in idle.items()},
+        "cpu_ms_per_session_s": cost,
+        "redis_ops_per_session_s": round(sum(ops.values()), 1),
+        "redis_ops_by_command": {k: round(v, 1) for k, v in sorted(ops.items()) if v},
+    }
+
+
+async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: float) -> dict[str, Any]:
+    """Forward, return and added latency from the entries' own timestamps; the dialogue frames written
+    within the measured window."""
     bus = await Bus.connect(stack.redis_url, StreamNames(stack.key_prefix))
     forward: list[float] = []
     back: list[float] = []
-    failed = 0
+    user_frames = dialogue_frames = 0
     try:
         for result in results:
-            if isinstance(result, BaseException):
-                failed += 1
-                continue
             sid = result["session_id"]
             for entry in await bus.range(bus.names.session_input(sid)):
                 message = INPUT.decode(entry.fields)
                 if isinstance(message, UserAudio) and message.seq < len(result["sent"]):
                     forward.append(message.created_at - result["sent"][message.seq])
-            spoken = [
+                    user_frames += began <= message.created_at <= ended
+            ticks = [
                 m
                 for m in (DIALOGUE.decode(e.fields) for e in await bus.range(bus.names.session_dialogue(sid)))
-                if isinstance(m, DialogueFrame) and m.text
+                if isinstance(m, DialogueFrame)
             ]
+            dialogue_frames += sum(began <= m.created_at <= ended for m in ticks)
+            spoken = [m for m in ticks if m.text]
             # Text pieces reach the client in order, one per :dlg frame with text.
             back.extend(r - f.created_at for f, r in zip(spoken, result["received"], strict=False))
     finally:
@@ -208,17 +307,29 @@ async def _measure(stack: Any, redis_pid: int, sessions: int) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     added = list(rng.choice(forward, n) + rng.choice(back, n)) if n else []
     return {
-        "sessions": sessions,
-        "failed_sessions": failed,
-        "model_step_ms": round(model_s * 1000, 1),
         "forward_hop": _percentiles(forward),
         "return_hop": _percentiles(back),
         "added": _percentiles(added),
-        "idle_cpu_ms_per_s": {name: round(rate * 1000, 2) for name, rate in idle.items()},
-        "cpu_ms_per_session_s": cost,
-        "redis_ops_per_session_s": round(sum(ops.values()), 1),
-        "redis_ops_by_command": {k: round(v, 1) for k, v in sorted(ops.items()) if v},
+        "user_frames": user_frames,
+        "dialogue_frames": dialogue_frames,
     }
+
+
+def _marginal(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per process, the least-squares line of busy CPU (ms per second) against sessions: its slope is what
+    one more session costs (ms per session-second), its intercept the work shared by all sessions."""
+    ok = [row for row in rows if row["session_s"] > 0.1]  # rows where some sessions talked
+    if len({row["sessions"] for row in ok}) < 2:
+        return {}
+    sessions = np.array([row["session_s"] / row["window_s"] for row in ok])
+    out: dict[str, Any] = {"sessions_carried": [round(float(n), 1) for n in sessions]}
+    for name in ("gateway", "router", "redis", "dialogue_loop", "plumbing"):
+        busy = np.array([row["cpu_ms_per_session_s"][name] for row in ok]) * sessions
+        slope, intercept = np.polyfit(sessions, busy, 1)
+        out[name] = {"ms_per_session_s": round(float(slope), 2), "fixed_ms_per_s": round(float(intercept), 1)}
+    ops = np.array([row["redis_ops_per_session_s"] for row in ok]) * sessions
+    out["redis_ops_per_session_s"] = round(float(np.polyfit(sessions, ops, 1)[0]), 1)
+    return out
 
 
 def _plumbing_cost(cpu_s: dict[str, float], model_s: float) -> dict[str, float]:
@@ -231,11 +342,13 @@ def _plumbing_cost(cpu_s: dict[str, float], model_s: float) -> dict[str, float]:
 
 def run() -> dict[str, Any]:
     from chorus.devtools.checkpoints import make_checkpoints
+    from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
     from tests.support.stack import ChorusStack
 
     root = Path(__file__).resolve().parents[1]
     checkpoints = root / ".cache" / "checkpoints"
-    make_checkpoints(checkpoints)
+    make_checkpoints(checkpoints, parts=("tts",))
+    tiny_moshi = write_moshi_checkpoint(checkpoints / "moshi-tiny", tiny=True)
     rows = []
     with EmbeddedRedis() as redis, tempfile.TemporaryDirectory() as tmp:
         for count in SESSION_COUNTS:
@@ -247,8 +360,14 @@ def run() -> dict[str, Any]:
                 checkpoints=checkpoints,
                 key_prefix=f"bench{uuid.uuid4().hex[:6]}:",
                 extra_env={
+                    "CHORUS_MOSHI_DIR": str(tiny_moshi),
+                    "OMP_NUM_THREADS": "1",  # the model on one core, the other left to the plumbing
+                    # Sessions open before the measured window: 100 joins (each primed) outlast the defaults.
+                    "CHORUS_PLACEMENT_WAIT_S": "120",
+                    "CHORUS_SESSION_READY_TIMEOUT_S": "120",
                     "CHORUS_DIALOGUE_SLOTS": str(count),
                     "CHORUS_MAX_SESSIONS_PER_KEY": "0",  # one anonymous owner opens them all
+                    "CHORUS_WS_MAX_SOCKETS_PER_KEY": str(max(64, count)),  # ... over one socket each
                     "CHORUS_LOG_LEVEL": "WARNING",
                 },
             )
@@ -263,6 +382,8 @@ def run() -> dict[str, Any]:
     return {
         "description": __doc__.split("\n\n")[0],
         "seconds_per_session": SECONDS_PER_SESSION,
-        "model": "small generated checkpoints (CHORUS_MOSHI_DIR), CPU",
+        "model": "tiny generated Moshi checkpoint (CHORUS_MOSHI_DIR), small TTS checkpoint, CPU",
+        "user_audio": f"{SPEECH_S:g} s of speech-level noise, {PAUSE_S:g} s of room noise, repeated",
         "rows": rows,
+        "marginal": _marginal(rows),
     }

@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -74,10 +75,13 @@ class SessionKeyTimes:
 
 # Appends each session's entries only while the writer owns it (or unfenced: field ''), and keeps each
 # written stream on a TTL: the live one, or the short one once the session hash says `ended`. One HMGET
-# per session and one PEXPIRE per stream written, however many entries: Redis work per frame is the cost.
+# per session, however many entries: Redis work per frame is the cost. The live TTL is set when a write
+# creates the stream and when the writer says it is due (`refresh`: it renews it a few times per TTL, not
+# on every frame); the short one on every write after the end.
 # KEYS: per session its hash, then one stream key per entry. ARGV: fence field, token, MAXLEN, live TTL
-# ms, ended TTL ms, session count; then per session its entry count, then per entry the number n of
-# field/value strings followed by those n strings. Returns 1/0 per session: written / fenced off.
+# ms, ended TTL ms, session count; then per session its entry count and refresh flag (1/0), then per
+# entry the number n of field/value strings followed by those n strings. Returns 1/0 per session:
+# written / fenced off.
 _APPEND_SESSIONS = """
 local field, token, maxlen, live_ttl, ended_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local k, a = 1, 7
@@ -85,12 +89,14 @@ local written = {}
 for s = 1, tonumber(ARGV[6]) do
   local hash = KEYS[k]
   k = k + 1
-  local entries = tonumber(ARGV[a])
-  a = a + 1
+  local entries, refresh = tonumber(ARGV[a]), ARGV[a + 1] == '1'
+  a = a + 2
   local held = redis.call('HMGET', hash, 'state', field == '' and 'state' or field)
   local owned = field == '' or held[2] == token
   local ttl = live_ttl
-  if held[1] == 'ended' then ttl = ended_ttl end
+  if held[1] == 'ended' then
+    ttl, refresh = ended_ttl, true
+  end
   local touched = {}
   for e = 1, entries do
     local stream = KEYS[k]
@@ -98,10 +104,15 @@ for s = 1, tonumber(ARGV[6]) do
     local n = tonumber(ARGV[a])
     a = a + 1
     if owned then
-      local args = {stream, 'MAXLEN', '~', maxlen, '*'}
+      local args = {stream, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*'}
       for i = 0, n - 1 do args[#args + 1] = ARGV[a + i] end
-      redis.call('XADD', unpack(args))
-      touched[stream] = true
+      if not redis.call('XADD', unpack(args)) then
+        table.remove(args, 2)  -- no such stream yet: create it, and give it its TTL
+        redis.call('XADD', unpack(args))
+        touched[stream] = true
+      elseif refresh then
+        touched[stream] = true
+      end
     end
     a = a + n
   end
@@ -150,6 +161,8 @@ class Bus:
         # A blocking read must come back well before the client's socket timeout would fire.
         self.max_block_ms = max_block_ms
         self._append_sessions = redis.register_script(_APPEND_SESSIONS)
+        self._ttl_renewed: dict[str, float] = {}  # session -> when this process last renewed its streams' TTL
+        self._ttl_swept = time.monotonic()
 
     @classmethod
     async def connect(
@@ -244,6 +257,8 @@ class Bus:
         writes = {sid: items for sid, items in writes.items() if items}
         if not writes:
             return set()
+        now = time.monotonic()
+        due = {sid for sid in writes if now - self._ttl_renewed.get(sid, -math.inf) >= self._renew_s}
         keys: list[str] = []
         args: list[Any] = [
             fence.field if fence else "",
@@ -255,7 +270,7 @@ class Bus:
         ]
         for sid, items in writes.items():
             keys.append(self.names.session(sid))
-            args.append(len(items))
+            args.extend((len(items), int(sid in due)))
             for stream, message in items:
                 keys.append(stream)
                 fields = encode(message)
@@ -263,7 +278,20 @@ class Bus:
                 for name, value in fields.items():
                     args.extend((name, value))
         written = await self._append_sessions(keys=keys, args=args)
+        self._renewed(due, now)
         return {sid for sid, ok in zip(writes, written, strict=True) if not ok}
+
+    @property
+    def _renew_s(self) -> float:
+        """How often a writer renews its session streams' live TTL: four times per TTL, so a live stream
+        never lapses, where renewing on every write cost a PEXPIRE per frame."""
+        return self.key_times.ttl_s / 4
+
+    def _renewed(self, sids: set[str], now: float) -> None:
+        self._ttl_renewed.update(dict.fromkeys(sids, now))
+        if now - self._ttl_swept >= self._renew_s:  # bounded: only sessions written to lately stay
+            self._ttl_renewed = {s: t for s, t in self._ttl_renewed.items() if now - t < self._renew_s}
+            self._ttl_swept = now
 
     async def append_session(
         self, sid: str, items: Sequence[tuple[str, Envelope]], fence: Fence | None = None
@@ -608,6 +636,63 @@ class _Waiting:
     since: float
 
 
+class SharedWriter:
+    """Many sessions' appends coalesced into one round trip: an append made while no write is in flight
+    goes at once; those made while one is (other sessions' frames, arriving unsynchronized) wait for it and
+    then go together, in one `append_sessions` call for all of them, instead of one script call per frame
+    and session. A gateway's sessions each append their user audio to `:in` through one.
+
+    A session's entries keep their order: a batch goes only after the one before it was written. What the
+    write raised (Redis away: retryable) reaches every append of its batch. A caller cancelled while it
+    waits does not cancel the write: its entries were handed over and go with the others.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._queued: dict[str, list[tuple[str, Envelope]]] = {}
+        self._waiting: list[tuple[str, asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def append(self, sid: str, items: Sequence[tuple[str, Envelope]]) -> bool:
+        """Append `items` to session `sid`'s streams (unfenced); True once written."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queued.setdefault(sid, []).extend(items)
+        self._waiting.append((sid, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all(), name="shared-writer")
+        return await future
+
+    async def _write_all(self) -> None:
+        batch: list[tuple[str, asyncio.Future[bool]]] = []
+        try:
+            while self._queued:
+                writes, self._queued = self._queued, {}
+                batch, self._waiting = self._waiting, []
+                try:
+                    lost = await self.bus.append_sessions(writes)
+                except Exception as exc:
+                    _settle(batch, exc=exc)
+                    continue
+                _settle(batch, lost=lost)
+        finally:
+            self._writer = None
+            for _, future in batch + self._waiting:  # cancelled itself (shutdown): nobody waits forever
+                future.cancel()
+
+
+def _settle(
+    batch: list[tuple[str, asyncio.Future[bool]]], *, lost: Collection[str] = (), exc: Exception | None = None
+) -> None:
+    """Answer a batch's appends: written unless their session was fenced off, or what the write raised."""
+    for sid, future in batch:
+        if future.done():  # its caller was cancelled
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(sid not in lost)
+
+
 async def tail(
     bus: Bus,
     stream: str,
@@ -659,6 +744,7 @@ __all__: Sequence[str] = (
     "MemoryUse",
     "SessionKeyTimes",
     "SharedReader",
+    "SharedWriter",
     "tail",
     "make_bus_kwargs",
 )

@@ -8,13 +8,18 @@ Silero works on 16 kHz audio in windows of 512 samples (32 ms), each fed with th
 the previous one, and carries a recurrent state. Two ways in:
 - `SpeechDetector.probabilities(samples)`: a whole clip (an uploaded voice) at 24 kHz;
 - `SpeechDetector.stream()` -> `VadStream.push(frame)`: one 80 ms frame at 24 kHz at a time (barge-in),
-  the speech probability of the newest audio.
+  the speech probability of the newest audio. With `quiet_dbfs`, a frame quieter than that scores 0
+  without running the model: a user is silent for much of a conversation, and a loudness check costs
+  microseconds where the model costs a fraction of a millisecond per frame. The model then sees the loud
+  frames only (its recurrent state carries over a quiet gap as over a pause in speech).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import threading
+from collections import deque
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
-from shared.audio import SAMPLE_RATE, FloatAudio, resample
+from shared.audio import SAMPLE_RATE, FloatAudio, resample, rms_dbfs
 from shared.errors import ModelLoadError
 
 VAD_RATE = 16_000
@@ -51,7 +56,7 @@ def silero_model_path() -> Path:
 class SpeechDetector:
     """One ONNX session, shared by any number of streams (onnxruntime's `run` is thread-safe)."""
 
-    def __init__(self, model_path: Path | None = None) -> None:
+    def __init__(self, model_path: Path | None = None, *, quiet_dbfs: float | None = None) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -66,6 +71,7 @@ class SpeechDetector:
         except Exception as exc:
             raise ModelLoadError(f"cannot load the VAD model {path}: {exc}") from exc
         self._rate = np.array(VAD_RATE, dtype=np.int64)
+        self.quiet_dbfs = quiet_dbfs  # streams score quieter frames 0 without the model
 
     def _run(self, window: Array, context: Array, state: Array) -> tuple[float, Array, Array]:
         """One 512-sample window -> (speech probability, next context, next state)."""
@@ -86,6 +92,41 @@ class SpeechDetector:
     def stream(self) -> VadStream:
         return VadStream(self)
 
+    def score(self, frames: Sequence[tuple[VadStream, FloatAudio]]) -> list[float]:
+        """Many streams' 80 ms frames at once (a stream may come more than once, in order): what `push`
+        would answer for each, with one batched model call per round of windows for all the streams
+        together instead of one call per window and stream (the model's per-call cost dominates a
+        32 ms window)."""
+        windows = [stream._cut(frame) for stream, frame in frames]
+        queues: dict[VadStream, deque[tuple[int, Array]]] = {}
+        for i, ((stream, _), cut) in enumerate(zip(frames, windows, strict=True)):
+            for window in cut or ():
+                queues.setdefault(stream, deque()).append((i, window))
+        best: dict[int, float] = {}
+        while queues:
+            batch = [(stream, *queue.popleft()) for stream, queue in queues.items()]
+            for i, p in zip(*self._run_batch(batch), strict=True):
+                best[i] = max(best.get(i, 0.0), p)
+            queues = {stream: queue for stream, queue in queues.items() if queue}
+        scores = []
+        for i, ((stream, _), cut) in enumerate(zip(frames, windows, strict=True)):
+            if cut is None:  # quiet: no model
+                stream.probability = 0.0
+            elif i in best:
+                stream.probability = best[i]
+            scores.append(stream.probability)
+        return scores
+
+    def _run_batch(self, batch: list[tuple[VadStream, int, Array]]) -> tuple[list[int], list[float]]:
+        """One window of each stream in `batch` through the model in one call; updates their context and
+        recurrent state. Returns the frame index and probability of each window."""
+        x = np.stack([np.concatenate([stream._context, window]) for stream, _, window in batch])
+        state = np.concatenate([stream._state for stream, _, _ in batch], axis=1)
+        probabilities, state = self._session.run(None, {"input": x, "state": state, "sr": self._rate})
+        for b, (stream, _, _) in enumerate(batch):
+            stream._context, stream._state = x[b, -CONTEXT:], state[:, b : b + 1]
+        return [i for _, i, _ in batch], [float(p) for p in probabilities[:, 0]]
+
 
 class VadStream:
     """Per-stream state: feed 80 ms frames at 24 kHz, get the speech probability of the newest audio."""
@@ -103,28 +144,33 @@ class VadStream:
 
     def push(self, frame: FloatAudio) -> float:
         """The highest probability among the windows this frame completed (80 ms holds 2-3 of them);
-        the previous value when it completed none (the resampler's first few milliseconds)."""
+        the previous value when it completed none (the resampler's first few milliseconds); 0 for a frame
+        below the detector's `quiet_dbfs`."""
+        return self._detector.score([(self, frame)])[0]
+
+    def _cut(self, frame: FloatAudio) -> list[Array] | None:
+        """The 512-sample windows at 16 kHz this frame completes (the rest waits for the next one); None
+        for a frame below the detector's `quiet_dbfs`, which the model never sees."""
+        quiet = self._detector.quiet_dbfs
+        if quiet is not None and rms_dbfs(frame) < quiet:
+            return None
         converted = self._resampler.resample_chunk(np.asarray(frame, dtype=np.float32))
-        self._pending = np.concatenate([self._pending, converted])
-        best: float | None = None
-        while len(self._pending) >= WINDOW:
-            window, self._pending = self._pending[:WINDOW], self._pending[WINDOW:]
-            p, self._context, self._state = self._detector._run(window, self._context, self._state)
-            best = p if best is None else max(best, p)
-        if best is not None:
-            self.probability = best
-        return self.probability
+        pending = np.concatenate([self._pending, converted])
+        count = len(pending) // WINDOW
+        self._pending = pending[count * WINDOW :]
+        return [pending[k * WINDOW : (k + 1) * WINDOW] for k in range(count)]
 
 
 _lock = threading.Lock()
 
 
 @lru_cache(maxsize=4)
-def _cached(model_path: Path | None) -> SpeechDetector:
-    return SpeechDetector(model_path)
+def _cached(model_path: Path | None, quiet_dbfs: float | None) -> SpeechDetector:
+    return SpeechDetector(model_path, quiet_dbfs=quiet_dbfs)
 
 
-def load_speech_detector(model_path: Path | None = None) -> SpeechDetector:
-    """A process-wide detector per model file (loading takes ~50 ms; sessions are thread-safe)."""
+def load_speech_detector(model_path: Path | None = None, quiet_dbfs: float | None = None) -> SpeechDetector:
+    """A process-wide detector per model file and quiet gate (loading takes ~50 ms; sessions are
+    thread-safe)."""
     with _lock:
-        return _cached(model_path)
+        return _cached(model_path, quiet_dbfs)

@@ -12,7 +12,10 @@ Sizes:
 - `full_size=True`: the published architectures (7B LM in bfloat16, about 15 GB, and the 79M Mimi). The
   LM is written tensor by tensor, so writing needs about one tensor of memory, not 15 GB; running it
   wants a GPU;
-- `full_size_mimi=True` alone: the published Mimi with the small LM, what the CPU benchmark measures.
+- `full_size_mimi=True` alone: the published Mimi with the small LM, what the CPU benchmark measures;
+- `tiny=True`: smaller still (a 16-wide LM of one layer, a Mimi of 2 filters), so a CPU dialogue worker
+  steps 100 sessions in about one tick and a benchmark of the conversation path measures the plumbing,
+  not the model (`bench/bench_latency.py`).
 
 Generation is seeded (the same files every time) and a finished directory is marked, so a second call
 with the same sizes returns at once (the test suite's cache relies on it).
@@ -55,6 +58,16 @@ SMALL_LM = {
     "text_card": SMALL_TEXT_CARD,
     "context": 100,
 }
+TINY_LM = {
+    **SMALL_LM,
+    "dim": 16,
+    "num_heads": 2,
+    "num_layers": 1,
+    "depformer_dim": 16,
+    "depformer_num_heads": 2,
+    "depformer_num_layers": 1,
+    "depformer_dim_feedforward": 32,
+}
 
 # Real words so persona primers tokenize into sensible pieces; invented ones give the BPE enough to merge.
 _WORDS = """
@@ -73,15 +86,19 @@ _COVERAGE = "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 .?
 
 
 def write_moshi_checkpoint(
-    directory: Path, *, full_size: bool = False, full_size_mimi: bool | None = None
+    directory: Path, *, full_size: bool = False, full_size_mimi: bool | None = None, tiny: bool = False
 ) -> Path:
     """Write (or reuse) a checkpoint under `directory`; returns the directory.
 
     `full_size_mimi` defaults to `full_size`; set it alone for the published Mimi with the small LM.
+    `tiny` shrinks both below the small sizes (a benchmark's model, not a full-size one).
     """
+    if tiny and (full_size or full_size_mimi):
+        raise ValueError("a tiny checkpoint is not full size")
     mimi_full = full_size if full_size_mimi is None else full_size_mimi
-    spec = {"format": FORMAT_VERSION, "seed": SEED, "lm": "full" if full_size else "small"}
-    spec["mimi"] = "full" if mimi_full else "small"
+    small = "tiny" if tiny else "small"
+    spec = {"format": FORMAT_VERSION, "seed": SEED, "lm": "full" if full_size else small}
+    spec["mimi"] = "full" if mimi_full else small
     if _is_complete(directory, spec):
         return directory
     staging = directory.with_name(f"{directory.name}.partial")
@@ -89,8 +106,8 @@ def write_moshi_checkpoint(
     staging.mkdir(parents=True)
     text_card = FULL_TEXT_CARD if full_size else SMALL_TEXT_CARD
     _write_tokenizer(staging, text_card)
-    mimi_config = _write_mimi(staging, full=mimi_full)
-    _write_lm(staging, full=full_size, card=_mimi_card(mimi_config))
+    mimi_config = _write_mimi(staging, full=mimi_full, tiny=tiny)
+    _write_lm(staging, full=full_size, card=_mimi_card(mimi_config), tiny=tiny)
     (staging / MARKER).write_text(json.dumps(spec), encoding="utf-8")
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
@@ -147,11 +164,18 @@ def _write_tokenizer(directory: Path, vocab_size: int) -> None:
     (directory / TOKENIZER_NAME).write_bytes(model.getvalue())
 
 
-def _mimi_config(full: bool) -> dict[str, Any]:
+def _mimi_config(full: bool, tiny: bool = False) -> dict[str, Any]:
     from moshi.models import loaders
 
     config: dict[str, Any] = copy.deepcopy(loaders._mimi_config)
-    if not full:
+    if tiny:  # the convolutions at 24 kHz dominate a small Mimi's compute: fewest filters
+        config["seanet"].update(n_filters=2, dimension=16, n_residual_layers=1)
+        config["transformer"].update(
+            d_model=16, num_heads=2, num_layers=1, dim_feedforward=32, input_dimension=16
+        )
+        config["transformer"]["output_dimensions"] = [16]
+        config["quantizer"].update(dimension=16, n_q=8, bins=256, input_dimension=16, output_dimension=16)
+    elif not full:
         config["seanet"].update(n_filters=8, dimension=64)
         config["transformer"].update(
             d_model=64, num_heads=4, num_layers=2, dim_feedforward=128, input_dimension=64
@@ -165,12 +189,12 @@ def _mimi_card(mimi_config: dict[str, Any]) -> int:
     return int(mimi_config["quantizer"]["bins"])
 
 
-def _write_mimi(directory: Path, *, full: bool) -> dict[str, Any]:
+def _write_mimi(directory: Path, *, full: bool, tiny: bool = False) -> dict[str, Any]:
     import torch
     from moshi.models import loaders
     from safetensors.torch import save_file
 
-    config = _mimi_config(full)
+    config = _mimi_config(full, tiny)
     (directory / MIMI_CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")
     torch.manual_seed(SEED)
     state = loaders.get_mimi(None, config, device="cpu").state_dict()
@@ -185,20 +209,20 @@ def _write_mimi(directory: Path, *, full: bool) -> dict[str, Any]:
     return config
 
 
-def _lm_config(full: bool, card: int) -> dict[str, Any]:
+def _lm_config(full: bool, card: int, tiny: bool = False) -> dict[str, Any]:
     from moshi.models import loaders
 
     config: dict[str, Any] = dict(loaders._lm_kwargs)
     if not full:
-        config.update(SMALL_LM)
+        config.update(TINY_LM if tiny else SMALL_LM)
     config["card"] = card
     return config
 
 
-def _write_lm(directory: Path, *, full: bool, card: int) -> None:
+def _write_lm(directory: Path, *, full: bool, card: int, tiny: bool = False) -> None:
     import torch
 
-    config = _lm_config(full, card)
+    config = _lm_config(full, card, tiny)
     dtype = torch.bfloat16 if full else torch.float32
     _write_random_lm(directory / MOSHI_NAME, config, dtype)
     published = {

@@ -17,7 +17,7 @@ from services.gateway.leases import LeaseKeeper
 from services.gateway.persona_store import PersonaStore
 from services.gateway.protocols import moshi_chat, realtime
 from services.gateway.settings import GatewaySettings
-from shared.bus import Bus, SharedReader, make_bus_kwargs
+from shared.bus import Bus, SharedReader, SharedWriter, make_bus_kwargs
 from shared.runtime import cancel_and_wait
 from shared.sessions import SessionStore
 from shared.storage import LocalStorage
@@ -51,6 +51,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         # Every session's `:out` in one XREAD per round (one per router tick), not one per session.
         app.state.outputs = SharedReader(bus, count=OUTPUT_READ_COUNT, block_ms=OUTPUT_BLOCK_MS)
+        # Every session's user audio to `:in` in one script call per round trip, not one per frame.
+        app.state.inputs = SharedWriter(bus)
         stop = asyncio.Event()
         background = [
             asyncio.create_task(app.state.leases.run(stop), name="leases"),

@@ -21,7 +21,7 @@ from services.gateway.leases import LeaseKeeper
 from services.gateway.lifetime import Lifetime
 from shared import metrics
 from shared.audio import FloatAudio, FrameSplitter, float_to_pcm16
-from shared.bus import Bus, SharedReader
+from shared.bus import Bus, SharedReader, SharedWriter
 from shared.errors import ChorusError, NoCapacity, RateLimited, ServiceUnavailable, SessionLost
 from shared.messages import (
     OUTPUT,
@@ -68,6 +68,7 @@ class Conversation:
         voice_mode: VoiceMode,
         session_ttl_s: int,
         reader: SharedReader,
+        writer: SharedWriter,
         session_id: str | None = None,
         max_sessions: int = 0,
         lease_s: float = 30.0,
@@ -78,6 +79,7 @@ class Conversation:
     ) -> None:
         self.bus = bus
         self.reader = reader  # the gateway's one reader of every session's `:out`
+        self.writer = writer  # ... and its one writer of every session's `:in`
         self.owner = owner
         self.persona = persona
         self.voice = voice
@@ -166,8 +168,10 @@ class Conversation:
         return bool(await self.store.dialogue_worker(self.session_id))
 
     async def send_audio(self, samples: FloatAudio) -> int:
-        """Cut arbitrary-length 24 kHz audio into 80 ms frames and append them to `:in`. While Redis is
-        away the frames are dropped (it is live audio: late is as good as lost), counted and logged."""
+        """Cut arbitrary-length 24 kHz audio into 80 ms frames and append them to `:in` (through the
+        gateway's `SharedWriter`: with other sessions' frames that arrive meanwhile, in one round trip).
+        While Redis is away the frames are dropped (it is live audio: late is as good as lost), counted
+        and logged."""
         stream = self.bus.names.session_input(self.session_id)
         frames = [
             (stream, UserAudio(session_id=self.session_id, seq=self._seq + i, pcm=float_to_pcm16(frame)))
@@ -177,7 +181,7 @@ class Conversation:
         if not frames:
             return 0
         try:
-            await self.bus.append_session(self.session_id, frames)
+            await self.writer.append(self.session_id, frames)
         except Exception as exc:
             if not is_retryable(exc):
                 raise

@@ -22,12 +22,13 @@ import time
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.router.mixer import Mixer, MixerOutput
 from services.router.settings import RouterSettings
 from services.router.speech import SpeechDetector, SpeechEdges, SpeechStream
 from shared import metrics
-from shared.audio import FRAME_SEC, pcm16_to_float
+from shared.audio import FRAME_SEC, FloatAudio, pcm16_to_float
 from shared.bus import Bus, Entry, GroupConsumer
 from shared.errors import MalformedMessage
 from shared.messages import (
@@ -71,7 +72,7 @@ class Router:
         self,
         bus: Bus,
         settings: RouterSettings,
-        detector: SpeechDetector,
+        detector: SpeechDetector[Any],
     ) -> None:
         self.bus = bus
         self.names = bus.names
@@ -221,9 +222,10 @@ class Router:
 
         User audio does not wake the router: its clients' frames arrive unsynchronized, and a round per
         frame costs a read, a speech-detector hand-off and a write per session and frame. A blocking XREAD
-        over `:dlg` and `:tts` only wakes the round (at most `router_read_block_ms` apart, so speech is
-        still detected while no dialogue ticks), then one XREAD of all three streams, without blocking,
-        reads what it finds: two round trips per tick for all sessions."""
+        over `:dlg` and `:tts` only wakes the round (at most `router_read_block_ms` apart: longer than a
+        tick, so a live dialogue wakes it first, and speech is still detected while no dialogue ticks),
+        then one XREAD of all three streams, without blocking, reads what it finds: two round trips per
+        tick for all sessions."""
         sessions = list(self.sessions.values())
         owners = {key: s for s in sessions for key in s.cursors}
         cursors = {key: cursor for s in sessions for key, cursor in s.cursors.items()}
@@ -244,15 +246,19 @@ class Router:
         await self._publish(self.sessions.values())
 
     def _detect_speech(self, owners: dict[str, RoutedSession], entries: list[Entry]) -> dict[str, list[bool]]:
-        """Runs in a thread (the VAD is a model): speech edges per session, in input order."""
-        edges: dict[str, list[bool]] = {}
+        """Runs in a thread (the VAD is a model): speech edges per session, in input order. Every
+        session's frames are scored together (one batched model call per round of windows)."""
+        frames: list[tuple[RoutedSession, FloatAudio]] = []
         for entry in entries:
-            session = owners[entry.stream]
             message = _decode(INPUT, entry)
             if isinstance(message, UserAudio):
-                edge = session.edges.push(session.detector.push(pcm16_to_float(message.pcm)))
-                if edge is not None:
-                    edges.setdefault(session.sid, []).append(edge)
+                frames.append((owners[entry.stream], pcm16_to_float(message.pcm)))
+        scores = self.detector.score([(session.detector, frame) for session, frame in frames])
+        edges: dict[str, list[bool]] = {}
+        for (session, _), probability in zip(frames, scores, strict=True):
+            edge = session.edges.push(probability)
+            if edge is not None:
+                edges.setdefault(session.sid, []).append(edge)
         return edges
 
     def _dispatch(self, session: RoutedSession, entries: list[Entry], speech: list[bool]) -> None:

@@ -40,10 +40,12 @@ class RouterSettings(CommonSettings):
         description="How often (in 80 ms frames) the router checks that a TTS worker is alive.",
     )
     router_read_block_ms: int = Field(
-        default=40,
+        default=120,
         ge=1,
         le=1000,
-        description="Longest wait of the router's one XREAD over all its sessions' streams.",
+        description="Longest wait of the router's pacing XREAD for a dialogue tick or cloned audio: longer "
+        "than a tick (80 ms), so a live dialogue always wakes it first; user speech is still detected this "
+        "often while no dialogue ticks.",
     )
     router_read_count: int = Field(
         default=50, ge=1, description="Entries read per stream per XREAD (bounds one batch)."
@@ -64,6 +66,12 @@ class RouterSettings(CommonSettings):
         default="silero",
         description="User speech detector: `silero` (silero-vad on onnxruntime; the router does not start "
         "without it) or `energy`, a loudness gate for synthetic audio only.",
+    )
+    router_vad_gate_dbfs: float = Field(
+        default=-55.0,
+        le=0.0,
+        description="`silero` only: user frames quieter than this (dBFS) are not speech, and the model is "
+        "not run on them (room noise between turns costs no inference).",
     )
     vad_model_path: Path | None = Field(
         default=None, description="Silero VAD ONNX file; unset = the one inside the silero-vad package."

@@ -6,13 +6,15 @@ scores into started/stopped edges with hysteresis, so a click does not start spe
 end it.
 
 The router is given its detector (`worker.py` builds it from CHORUS_ROUTER_VAD): silero-vad
-(`shared.vad.SpeechDetector`, onnxruntime) unless the setting selects `EnergyGate`, a loudness gate fine
-for synthetic audio and poor with noise.
+(`shared.vad.SpeechDetector`, onnxruntime; frames below CHORUS_ROUTER_VAD_GATE_DBFS score 0 without the
+model) unless the setting selects `EnergyGate`, a loudness gate fine for synthetic audio and poor with
+noise.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
 
 from shared.audio import FloatAudio, rms_dbfs
 
@@ -23,9 +25,17 @@ class SpeechStream(Protocol):
         ...
 
 
-class SpeechDetector(Protocol):
-    def stream(self) -> SpeechStream:
+S = TypeVar("S", bound=SpeechStream)
+
+
+class SpeechDetector(Protocol[S]):
+    def stream(self) -> S:
         """A fresh stream for one session (one session's audio never leaks into another's state)."""
+        ...
+
+    def score(self, frames: Sequence[tuple[S, FloatAudio]]) -> list[float]:
+        """Many sessions' frames at once (a stream may come more than once, in order): each one's
+        probability, as its stream's `push` would give it (a model scores them in batches)."""
         ...
 
 
@@ -45,6 +55,9 @@ class EnergyGate:
     def push(self, frame: FloatAudio) -> float:
         ratio = (rms_dbfs(frame) - self.floor_dbfs) / (self.ceiling_dbfs - self.floor_dbfs)
         return min(1.0, max(0.0, ratio))
+
+    def score(self, frames: Sequence[tuple[EnergyGate, FloatAudio]]) -> list[float]:
+        return [stream.push(frame) for stream, frame in frames]
 
 
 class SpeechEdges:

@@ -11,8 +11,28 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.audio import silence_frame
-from shared.bus import Bus, Entry, Fence, GroupConsumer, Handled, SessionKeyTimes, SharedReader, tail
-from shared.messages import CONTROL, DIALOGUE, ControlMessage, DialogueFrame, SessionStart, SessionStop
+from shared.bus import (
+    Bus,
+    Entry,
+    Fence,
+    GroupConsumer,
+    Handled,
+    SessionKeyTimes,
+    SessionWrites,
+    SharedReader,
+    SharedWriter,
+    tail,
+)
+from shared.messages import (
+    CONTROL,
+    DIALOGUE,
+    INPUT,
+    ControlMessage,
+    DialogueFrame,
+    SessionStart,
+    SessionStop,
+    UserAudio,
+)
 from shared.streams import StreamNames
 from tests.support.waiting import wait_until
 
@@ -311,3 +331,83 @@ async def test_a_shared_reader_answers_each_session_with_its_own_entries_from_on
         stop.set()
         await asyncio.wait_for(running_reader, 5)
         await own.close()
+
+
+class CountingBus(Bus):
+    """A real bus that also notes which sessions each `append_sessions` round trip carried."""
+
+    def __init__(self, redis: Redis, names: StreamNames) -> None:
+        super().__init__(redis, names)
+        self.round_trips: list[set[str]] = []
+
+    async def append_sessions(self, writes: SessionWrites, fence: Fence | None = None) -> set[str]:
+        self.round_trips.append(set(writes))
+        return await super().append_sessions(writes, fence)
+
+
+async def test_a_shared_writer_sends_the_appends_made_while_a_write_is_in_flight_in_one_round_trip(
+    names: StreamNames, redis_url: str
+) -> None:
+    counting = CountingBus(Redis.from_url(redis_url), names)
+    writer = SharedWriter(counting)
+
+    def frame(sid: str, seq: int) -> list[tuple[str, UserAudio]]:
+        return [(names.session_input(sid), UserAudio(session_id=sid, seq=seq, pcm=silence_frame()))]
+
+    try:
+        first = asyncio.create_task(writer.append("a", frame("a", 0)))
+        await asyncio.sleep(0)  # its write is in flight now
+        # Frames of other sessions (and a's next one) arrive meanwhile, unsynchronized.
+        later = [writer.append(sid, frame(sid, seq)) for sid, seq in (("b", 0), ("a", 1), ("c", 0), ("b", 1))]
+        assert await asyncio.gather(first, *later) == [True] * 5
+        assert counting.round_trips == [{"a"}, {"a", "b", "c"}]
+        for sid, seqs in (("a", [0, 1]), ("b", [0, 1]), ("c", [0])):
+            written = [INPUT.decode(e.fields) for e in await counting.range(names.session_input(sid))]
+            assert [m.seq for m in written] == seqs  # each session's frames in order
+    finally:
+        await counting.close()
+
+
+async def test_what_a_shared_write_raised_reaches_every_append_it_carried(
+    bus: Bus, names: StreamNames
+) -> None:
+    await bus.redis.set(names.session_input("broken"), "not a stream")
+    writer = SharedWriter(bus)
+    appends = [
+        writer.append(
+            sid, [(names.session_input(sid), UserAudio(session_id=sid, seq=0, pcm=silence_frame()))]
+        )
+        for sid in ("ok", "broken")
+    ]
+    results = await asyncio.gather(*appends, return_exceptions=True)
+    assert all("WRONGTYPE" in str(result) for result in results), results
+    # The writer goes on: the next append is a round trip of its own.
+    ok = [(names.session_input("ok"), UserAudio(session_id="ok", seq=1, pcm=silence_frame()))]
+    assert await writer.append("ok", ok)
+
+
+async def test_a_writer_renews_its_streams_ttl_a_few_times_per_ttl_not_on_every_frame(
+    redis_url: str, names: StreamNames
+) -> None:
+    bus = await Bus.connect(redis_url, names, key_times=SessionKeyTimes(ttl_s=4, linger_s=1))
+    sid, stream = "s", names.session_input("s")
+
+    async def write() -> None:
+        await bus.append_session(sid, [(stream, UserAudio(session_id=sid, pcm=silence_frame()))])
+
+    try:
+        await bus.redis.hset(names.session(sid), "state", "active")
+        await write()
+        assert 0 < await bus.redis.pttl(stream) <= 4000, "a new stream gets its TTL at once"
+        await bus.redis.pexpire(stream, 100_000)
+        await write()
+        assert await bus.redis.pttl(stream) > 4000, "renewed a few times per TTL, not on every frame"
+        await bus.redis.delete(stream)  # lapsed meanwhile: the next write makes it anew, on its TTL
+        await write()
+        assert 0 < await bus.redis.pttl(stream) <= 4000
+        await bus.redis.pexpire(stream, 100_000)
+        await asyncio.sleep(1.1)  # a quarter of the TTL later
+        await write()
+        assert 0 < await bus.redis.pttl(stream) <= 4000, "renewed once due"
+    finally:
+        await bus.close()

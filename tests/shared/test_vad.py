@@ -57,3 +57,37 @@ def test_the_stream_api_takes_80ms_frames_and_agrees_with_the_whole_clip(detecto
     assert np.mean(np.array(per_frame[lead:-lead]) > 0.5) > 0.6, "the speech"
     stream.reset()
     assert stream.push(silence[:FRAME_SAMPLES]) < 0.5
+
+
+def test_with_a_quiet_gate_quiet_frames_score_zero_without_the_model_and_speech_is_still_heard() -> None:
+    gated = load_speech_detector(quiet_dbfs=-55.0)
+    clip = read_clip(SPEECH)
+    room = (0.0005 * np.random.default_rng(0).standard_normal(SAMPLE_RATE)).astype(np.float32)  # -66 dBFS
+    stream = gated.stream()
+    quiet = [
+        stream.push(room[i : i + FRAME_SAMPLES]) for i in range(0, len(room) - FRAME_SAMPLES, FRAME_SAMPLES)
+    ]
+    assert quiet == [0.0] * len(quiet)
+    assert not stream._state.any() and not len(stream._pending), "the model never ran on room noise"
+    heard = [
+        stream.push(clip[i : i + FRAME_SAMPLES]) for i in range(0, len(clip) - FRAME_SAMPLES, FRAME_SAMPLES)
+    ]
+    assert np.mean(np.array(heard) > 0.5) > 0.6, "the speech, as without the gate"
+
+
+def test_scoring_many_streams_together_gives_what_each_would_alone(detector: SpeechDetector) -> None:
+    clip = read_clip(SPEECH)
+    frames = [clip[i : i + FRAME_SAMPLES] for i in range(0, len(clip) - FRAME_SAMPLES, FRAME_SAMPLES)]
+    talks = [frames, frames[7:], [f * 0.5 for f in frames[3:]]]  # three sessions, out of step
+    alone = []
+    for talk in talks:
+        stream = detector.stream()
+        alone.append([stream.push(f) for f in talk])
+    together = [detector.stream() for _ in talks]
+    scored: list[list[float]] = [[] for _ in talks]
+    for k in range(0, len(frames), 2):  # two frames per session per call, as a router round may read
+        batch = [(i, f) for i, talk in enumerate(talks) for f in talk[k : k + 2]]
+        for (i, _), p in zip(batch, detector.score([(together[i], f) for i, f in batch]), strict=True):
+            scored[i].append(p)
+    for one, other in zip(alone, scored, strict=True):
+        assert np.allclose(one, other, atol=1e-5)

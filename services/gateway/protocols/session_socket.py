@@ -141,6 +141,7 @@ def open_conversation(
         reader=state.outputs,
         max_session_s=settings.max_session_s,
         idle_timeout_s=settings.idle_timeout_s if idle_timeout_s is None else idle_timeout_s,
+        writer=state.inputs,
     )
 
 

@@ -17,7 +17,7 @@ from chorus.devtools.moshi_checkpoint import (
     write_moshi_checkpoint,
 )
 from services.dialogue.batcher import Batcher
-from services.dialogue.model import MoshiModel, build_random_moshi, checkpoint_info
+from services.dialogue.model import MoshiModel, build_random_moshi, checkpoint_info, load_moshi
 from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES
 
@@ -98,6 +98,23 @@ def test_a_random_build_has_the_checkpoints_shapes_and_runs_the_batcher(
         codes = built.mimi.encode(voices)
     assert not torch.equal(codes[0], codes[1]), "random codebooks: the codes depend on the audio"
     batcher = Batcher(built, 2)
+    try:
+        batcher.join("s")
+        for _ in range(batcher.delay + 2):
+            outputs = batcher.step((rng.standard_normal((2, FRAME_SAMPLES)) * 0.3).astype(np.float32))
+    finally:
+        batcher.close()
+    assert outputs[0].pcm is not None and outputs[0].pcm.shape == (FRAME_SAMPLES,)
+
+
+def test_the_tiny_checkpoint_for_the_plumbing_benchmark_loads_and_steps_like_the_small_one(
+    tmp_path: Path,
+) -> None:
+    tiny = write_moshi_checkpoint(tmp_path / "moshi-tiny", tiny=True)
+    model = load_moshi(DialogueSettings(moshi_dir=tiny, dialogue_device="cpu"))
+    assert model.lm.dim == 16 and model.mimi.num_codebooks == model.lm.dep_q, "Moshi's structure, tinier"
+    batcher = Batcher(model, 2)
+    rng = np.random.default_rng(0)
     try:
         batcher.join("s")
         for _ in range(batcher.delay + 2):

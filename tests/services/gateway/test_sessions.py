@@ -58,6 +58,7 @@ def conversation(app: FastAPI, key: str) -> Conversation:
         voice_mode="native",
         session_ttl_s=60,
         reader=app.state.outputs,
+        writer=app.state.inputs,
         max_sessions=app.state.settings.max_sessions_per_key,
         leases=app.state.leases,
         transcripts=app.state.transcripts,
