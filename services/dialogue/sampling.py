@@ -1,0 +1,238 @@
+"""Per-row sampling of the shared batch: every session's own temperature, top-k, padding bias, repetition
+penalty and seeds, as batched tensor ops.
+
+Sampling is the Gumbel-max trick: a row's token is the argmax of its shaped logits divided by its
+temperature plus Gumbel noise, which draws from the softmax at that temperature. The noise is not drawn
+from a generator shared by the batch but computed from a counter: a hash of (the row's seed, the row's
+step, the stream, the token id). A row's draws therefore depend only on its seeds and on how many steps
+its state has taken, never on the other rows: the same seeds, primer and input audio give the same text
+and audio codes wherever the session sits and whoever shares its batch. A temperature of 0 is greedy (no
+noise). A row whose session gave no seed gets one drawn at random when it joins.
+
+Text logits are shaped in LMGen's `on_text_logits_hook` (LMGen then takes their argmax: it runs with
+`use_sampling=False`); audio logits in `RowSampledLMGen.depformer_step`, which on CUDA runs inside
+LMGen's CUDA graph: everything it reads is a tensor updated in place, never a host value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch
+from moshi.models import LMGen
+
+from shared.messages import REPETITION_CONTEXT_MAX, Sampling
+
+_MASK32 = 0xFFFFFFFF
+_TEXT_STREAM = 0  # the audio codebooks are streams 1..dep_q
+_Hashed = TypeVar("_Hashed", torch.Tensor, int)
+
+
+def _mix(x: _Hashed) -> _Hashed:
+    """A 32-bit integer hash (xor-shift-multiply) of values below 2**32, on int64 tensors or ints. The
+    multipliers are below 2**31, so no product leaves the int64 range."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _split(seed: int) -> tuple[int, int]:
+    return seed & _MASK32, seed >> 32
+
+
+class RowSampling:
+    """The sampling settings of every row, on the device, and the noise they draw."""
+
+    def __init__(
+        self,
+        rows: int,
+        *,
+        text_card: int,
+        audio_card: int,
+        padding_tokens: tuple[int, int],
+        audio_temperature: float,
+        audio_top_k: int,
+        device: torch.device,
+    ) -> None:
+        self.rows = rows
+        self.text_card = text_card
+        self.audio_card = audio_card
+        self.padding_tokens = padding_tokens  # the text padding token, then the end-of-padding token
+        self.default_audio = (audio_temperature, audio_top_k)
+        self.text_temperature = torch.ones(rows, device=device)
+        self.audio_temperature = torch.ones(rows, device=device)
+        # Idle rows keep k=1, so the batch's largest text k is the largest a session asked for.
+        self.text_top_k = torch.ones(rows, dtype=torch.long, device=device)
+        self.text_top_k_rows = [1] * rows  # the same on the host: the batch's largest k without a device read
+        self.audio_top_k = torch.ones(rows, dtype=torch.long, device=device)
+        self.pad_bias = torch.zeros(rows, device=device)
+        self.penalty = torch.ones(rows, device=device)
+        self.penalty_rows = [1.0] * rows
+        self.penalty_context = torch.zeros(rows, dtype=torch.long, device=device)
+        # Each row's recent text tokens, oldest first (-1: none); padding is never recorded.
+        self.recent = torch.full((rows, REPETITION_CONTEXT_MAX), -1, dtype=torch.long, device=device)
+        self.keys = torch.zeros((rows, 2, 2), dtype=torch.long, device=device)  # [row, text/audio, lo/hi]
+        self.steps = torch.zeros(rows, dtype=torch.long, device=device)  # steps this row's state has taken
+        self._text_ids = _mix(torch.arange(text_card, dtype=torch.long, device=device) + 0x5BD1E995)
+        self._audio_ids = _mix(torch.arange(audio_card, dtype=torch.long, device=device) + 0x1B873593)
+        self._columns = torch.arange(REPETITION_CONTEXT_MAX, device=device)
+
+    # --- the table (between steps) ------------------------------------------------------------
+
+    def start(self, row: int, sampling: Sampling) -> None:
+        """A fresh state on `row` for a session: its seeds drawn if not given."""
+        self.rewind(row)
+        for stream, seed in enumerate((sampling.text_seed, sampling.audio_seed)):
+            # Unseeded: drawn from torch's generator (a test or benchmark that seeds it replays the draws).
+            chosen = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self.keys[row, stream] = torch.tensor(_split(chosen))
+        self.set(row, sampling)
+
+    def set(self, row: int, sampling: Sampling) -> None:
+        """A row's settings (a seed given here is used from the next step on)."""
+        audio_temperature = sampling.audio_temperature
+        audio_top_k = sampling.audio_top_k
+        self.text_temperature[row] = sampling.text_temperature
+        self.text_top_k[row] = self.text_top_k_rows[row] = min(sampling.text_top_k, self.text_card)
+        self.audio_temperature[row] = (
+            self.default_audio[0] if audio_temperature is None else audio_temperature
+        )
+        self.audio_top_k[row] = min(
+            self.default_audio[1] if audio_top_k is None else audio_top_k, self.audio_card
+        )
+        self.pad_bias[row] = sampling.pad_mult
+        self.penalty[row] = self.penalty_rows[row] = sampling.repetition_penalty
+        self.penalty_context[row] = sampling.repetition_penalty_context
+        for stream, seed in enumerate((sampling.text_seed, sampling.audio_seed)):
+            if seed is not None:
+                self.keys[row, stream] = torch.tensor(_split(seed))
+
+    def copy(self, source: int, target: int) -> None:
+        """`target` samples as `source` does (a fresh state for the same session), from its own step 0."""
+        for tensor in (
+            self.text_temperature,
+            self.audio_temperature,
+            self.text_top_k,
+            self.audio_top_k,
+            self.pad_bias,
+            self.penalty,
+            self.penalty_context,
+            self.keys,
+        ):
+            tensor[target] = tensor[source]
+        self.text_top_k_rows[target] = self.text_top_k_rows[source]
+        self.penalty_rows[target] = self.penalty_rows[source]
+        self.rewind(target)
+
+    def rewind(self, row: int) -> None:
+        """A fresh state on `row`, same settings and seeds: its counter and recent tokens from zero."""
+        self.steps[row] = 0
+        self.recent[row] = -1
+
+    def clear(self, row: int) -> None:
+        self.text_top_k[row] = self.text_top_k_rows[row] = 1
+        self.penalty[row] = self.penalty_rows[row] = 1.0
+
+    # --- during a step ------------------------------------------------------------------------
+
+    def shape_text(self, logits: torch.Tensor) -> None:
+        """Text logits [B, 1, 1, card], in place: repetition penalty, padding bias, top-k, then
+        temperature and noise (their argmax is the sample)."""
+        shaped = logits.float()
+        if any(p != 1.0 for p in self.penalty_rows):
+            shaped = self._penalize(shaped)
+        pad = self.padding_tokens[0]
+        shaped[..., pad] += self.pad_bias.view(-1, 1, 1)
+        rows = (self.rows, 1, 1, 1)
+        top = shaped.topk(max(self.text_top_k_rows), dim=-1).values
+        kth = top.gather(-1, (self.text_top_k - 1).view(rows))
+        shaped = shaped.masked_fill(shaped < kth, float("-inf"))
+        noise = self._gumbel(self.keys[:, 0], _TEXT_STREAM, self._text_ids)
+        logits.copy_(self._tempered(shaped, self.text_temperature, noise.view(self.rows, 1, 1, -1)))
+
+    def shape_audio(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
+        """Audio logits [B, 1, 1, card] of one codebook -> the sampled tokens [B]. No host values: this
+        runs inside a CUDA graph."""
+        shaped = logits.float()
+        rows = (self.rows, 1, 1, 1)
+        kth = shaped.sort(dim=-1, descending=True).values.gather(-1, (self.audio_top_k - 1).view(rows))
+        shaped = shaped.masked_fill(shaped < kth, float("-inf"))
+        noise = self._gumbel(self.keys[:, 1], codebook + 1, self._audio_ids)
+        tempered = self._tempered(shaped, self.audio_temperature, noise.view(self.rows, 1, 1, -1))
+        return tempered.argmax(dim=-1)[:, 0, 0]
+
+    def record(self, text_token: torch.Tensor, executed: torch.Tensor) -> None:
+        """After a step: the text tokens [B] it wrote join their rows' recent tokens (rows that ran only)."""
+        if any(p != 1.0 for p in self.penalty_rows):
+            padding = (text_token == self.padding_tokens[0]) | (text_token == self.padding_tokens[1])
+            token = torch.where(padding, -1, text_token)
+            shifted = torch.cat([self.recent[:, 1:], token[:, None]], dim=1)
+            self.recent.copy_(torch.where(executed[:, None], shifted, self.recent))
+
+    def advance(self, executed: torch.Tensor) -> None:
+        self.steps.add_(executed.long())
+
+    def _penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        """CTRL's repetition penalty over each row's last `repetition_penalty_context` text tokens: a
+        positive logit is divided by the penalty, a negative one multiplied."""
+        window = self._columns >= REPETITION_CONTEXT_MAX - self.penalty_context[:, None]
+        valid = (self.recent >= 0) & window
+        counts = torch.zeros((self.rows, logits.shape[-1]), device=logits.device)
+        counts.scatter_add_(1, self.recent.clamp(min=0), valid.float())
+        seen = (counts > 0).view(logits.shape)
+        penalty = self.penalty.view(-1, 1, 1, 1)
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        return torch.where(seen, penalized, logits)
+
+    def _gumbel(self, keys: torch.Tensor, stream: int, ids: torch.Tensor) -> torch.Tensor:
+        """Gumbel noise [B, card], a function of (seed, step, stream, token id) per row alone."""
+        row_key = _mix(keys[:, 0] ^ _mix(keys[:, 1] ^ _mix((self.steps & _MASK32) ^ _mix(stream + 1))))
+        bits = _mix(row_key[:, None] ^ ids[None, :]) >> 8  # 24 bits: exact in float32
+        uniform = (bits.float() + 0.5) * (1.0 / (1 << 24))
+        return -torch.log(-torch.log(uniform))
+
+    @staticmethod
+    def _tempered(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        hot = (temperature > 0).view(-1, 1, 1, 1)
+        divisor = torch.where(hot, temperature.view(-1, 1, 1, 1), 1.0)
+        return logits / divisor + noise * hot
+
+
+class RowSampledLMGen(LMGen):  # type: ignore[misc]  # moshi is untyped here (follow_imports = skip)
+    """LMGen whose depformer samples each audio codebook per row (`RowSampling.shape_audio`), and whose
+    rows count their steps and record their text tokens. Run with `use_sampling=False` (the text is
+    sampled through the text logits hook) and no CFG."""
+
+    def __init__(self, lm_model: Any, *, sampling: RowSampling, on_text_hook: Any, **kwargs: Any) -> None:
+        super().__init__(lm_model, use_sampling=False, on_text_hook=self._text_chosen, **kwargs)
+        self.row_sampling = sampling
+        self.choose_text = on_text_hook  # may replace the sampled token (priming) before it is recorded
+
+    def _text_chosen(self, text_token: torch.Tensor) -> None:
+        self.choose_text(text_token)
+        state = self._streaming_state
+        assert state is not None
+        self.row_sampling.record(text_token, state.exec_mask)
+
+    def _step(
+        self, input_tokens: torch.Tensor, depformer_replace_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        out: tuple[torch.Tensor, torch.Tensor] | None = super()._step(input_tokens, depformer_replace_tokens)
+        state = self._streaming_state
+        assert state is not None
+        self.row_sampling.advance(state.exec_mask)
+        return out
+
+    def depformer_step(self, text_token: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
+        lm_model = self.lm_model
+        assert lm_model.depformer is not None
+        previous = text_token
+        tokens: list[torch.Tensor] = []
+        with lm_model.depformer.streaming(text_token.shape[0]):
+            for codebook in range(lm_model.dep_q):
+                logits = lm_model.forward_depformer(codebook, previous[:, None, None], transformer_out)
+                previous = self.row_sampling.shape_audio(logits, codebook)
+                tokens.append(previous)
+        return torch.stack(tokens, dim=1)
