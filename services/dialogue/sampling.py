@@ -1,17 +1,19 @@
 """Per-row sampling of the shared batch: every session's own temperature, top-k, padding bias, repetition
 penalty and seeds, as batched tensor ops.
 
-Sampling is the Gumbel-max trick: a row's token is the argmax of its shaped logits divided by its
-temperature plus Gumbel noise, which draws from the softmax at that temperature. The noise is not drawn
+Sampling is the Gumbel-max trick: among a row's top-k tokens, the one whose shaped logit over the row's
+temperature plus Gumbel noise is largest, which draws from the softmax at that temperature. The noise is
+computed for the top-k candidates only (a few hundred values a row, not the vocabulary). It is not drawn
 from a generator shared by the batch but computed from a counter: a hash of (the row's seed, the row's
 step, the stream, the token id). A row's draws therefore depend only on its seeds and on how many steps
 its state has taken, never on the other rows: the same seeds, primer and input audio give the same text
 and audio codes wherever the session sits and whoever shares its batch. A temperature of 0 is greedy (no
 noise). A row whose session gave no seed gets one drawn at random when it joins.
 
-Text logits are shaped in LMGen's `on_text_logits_hook` (LMGen then takes their argmax: it runs with
-`use_sampling=False`); audio logits in `RowSampledLMGen.depformer_step`, which on CUDA runs inside
-LMGen's CUDA graph: everything it reads is a tensor updated in place, never a host value.
+Text is sampled in LMGen's `on_text_logits_hook`, which leaves only the chosen token's logit finite
+(LMGen then takes their argmax: it runs with `use_sampling=False`); audio in
+`RowSampledLMGen.depformer_step`, which on CUDA runs inside LMGen's CUDA graph: there everything it reads
+is a tensor updated in place, never a host value (its top-k candidates are the whole codebook, sorted).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from moshi.models import LMGen
 from shared.messages import REPETITION_CONTEXT_MAX, Sampling
 
 _MASK32 = 0xFFFFFFFF
-_TEXT_STREAM = 0  # the audio codebooks are streams 1..dep_q
 _Hashed = TypeVar("_Hashed", torch.Tensor, int)
 
 
@@ -67,6 +68,8 @@ class RowSampling:
         self.text_top_k = torch.ones(rows, dtype=torch.long, device=device)
         self.text_top_k_rows = [1] * rows  # the same on the host: the batch's largest k without a device read
         self.audio_top_k = torch.ones(rows, dtype=torch.long, device=device)
+        self.audio_top_k_rows = [1] * rows
+        self.graphed = device.type == "cuda"  # LMGen graphs its depformer step on CUDA only
         self.pad_bias = torch.zeros(rows, device=device)
         self.penalty = torch.ones(rows, device=device)
         self.penalty_rows = [1.0] * rows
@@ -75,9 +78,7 @@ class RowSampling:
         self.recent = torch.full((rows, REPETITION_CONTEXT_MAX), -1, dtype=torch.long, device=device)
         self.keys = torch.zeros((rows, 2, 2), dtype=torch.long, device=device)  # [row, text/audio, lo/hi]
         self.steps = torch.zeros(rows, dtype=torch.long, device=device)  # steps this row's state has taken
-        self._text_ids = _mix(torch.arange(text_card, dtype=torch.long, device=device) + 0x5BD1E995)
-        self._audio_ids = _mix(torch.arange(audio_card, dtype=torch.long, device=device) + 0x1B873593)
-        self._columns = torch.arange(REPETITION_CONTEXT_MAX, device=device)
+        self._columns = torch.arange(max(REPETITION_CONTEXT_MAX, text_card, audio_card), device=device)
 
     # --- the table (between steps) ------------------------------------------------------------
 
@@ -99,7 +100,7 @@ class RowSampling:
         self.audio_temperature[row] = (
             self.default_audio[0] if audio_temperature is None else audio_temperature
         )
-        self.audio_top_k[row] = min(
+        self.audio_top_k[row] = self.audio_top_k_rows[row] = min(
             self.default_audio[1] if audio_top_k is None else audio_top_k, self.audio_card
         )
         self.pad_bias[row] = sampling.pad_mult
@@ -123,6 +124,7 @@ class RowSampling:
         ):
             tensor[target] = tensor[source]
         self.text_top_k_rows[target] = self.text_top_k_rows[source]
+        self.audio_top_k_rows[target] = self.audio_top_k_rows[source]
         self.penalty_rows[target] = self.penalty_rows[source]
         self.rewind(target)
 
@@ -138,30 +140,25 @@ class RowSampling:
     # --- during a step ------------------------------------------------------------------------
 
     def shape_text(self, logits: torch.Tensor) -> None:
-        """Text logits [B, 1, 1, card], in place: repetition penalty, padding bias, top-k, then
-        temperature and noise (their argmax is the sample)."""
-        shaped = logits.float()
+        """Text logits [B, 1, 1, card], in place: repetition penalty and padding bias, then the sample,
+        the only logit left finite (LMGen's argmax picks it)."""
+        shaped = logits[:, 0, 0].float()
         if any(p != 1.0 for p in self.penalty_rows):
             shaped = self._penalize(shaped)
-        pad = self.padding_tokens[0]
-        shaped[..., pad] += self.pad_bias.view(-1, 1, 1)
-        rows = (self.rows, 1, 1, 1)
-        top = shaped.topk(max(self.text_top_k_rows), dim=-1).values
-        kth = top.gather(-1, (self.text_top_k - 1).view(rows))
-        shaped = shaped.masked_fill(shaped < kth, float("-inf"))
-        noise = self._gumbel(self.keys[:, 0], _TEXT_STREAM, self._text_ids)
-        logits.copy_(self._tempered(shaped, self.text_temperature, noise.view(self.rows, 1, 1, -1)))
+        shaped[:, self.padding_tokens[0]] += self.pad_bias
+        chosen = self._sample(
+            shaped, max(self.text_top_k_rows), self.text_top_k, self.text_temperature, self.keys[:, 0], 0
+        )
+        logits.fill_(float("-inf"))
+        logits.scatter_(-1, chosen.view(-1, 1, 1, 1), 0.0)
 
-    def shape_audio(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
-        """Audio logits [B, 1, 1, card] of one codebook -> the sampled tokens [B]. No host values: this
-        runs inside a CUDA graph."""
-        shaped = logits.float()
-        rows = (self.rows, 1, 1, 1)
-        kth = shaped.sort(dim=-1, descending=True).values.gather(-1, (self.audio_top_k - 1).view(rows))
-        shaped = shaped.masked_fill(shaped < kth, float("-inf"))
-        noise = self._gumbel(self.keys[:, 1], codebook + 1, self._audio_ids)
-        tempered = self._tempered(shaped, self.audio_temperature, noise.view(self.rows, 1, 1, -1))
-        return tempered.argmax(dim=-1)[:, 0, 0]
+    def sample_audio(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
+        """Audio logits [B, 1, 1, card] of one codebook -> the sampled tokens [B]."""
+        k_max = self.audio_card if self.graphed else max(self.audio_top_k_rows)
+        shaped = logits[:, 0, 0].float()
+        return self._sample(
+            shaped, k_max, self.audio_top_k, self.audio_temperature, self.keys[:, 1], codebook + 1
+        )
 
     def record(self, text_token: torch.Tensor, executed: torch.Tensor) -> None:
         """After a step: the text tokens [B] it wrote join their rows' recent tokens (rows that ran only)."""
@@ -177,27 +174,44 @@ class RowSampling:
     def _penalize(self, logits: torch.Tensor) -> torch.Tensor:
         """CTRL's repetition penalty over each row's last `repetition_penalty_context` text tokens: a
         positive logit is divided by the penalty, a negative one multiplied."""
-        window = self._columns >= REPETITION_CONTEXT_MAX - self.penalty_context[:, None]
+        window = (
+            self._columns[:REPETITION_CONTEXT_MAX] >= REPETITION_CONTEXT_MAX - self.penalty_context[:, None]
+        )
         valid = (self.recent >= 0) & window
-        counts = torch.zeros((self.rows, logits.shape[-1]), device=logits.device)
+        counts = torch.zeros_like(logits)
         counts.scatter_add_(1, self.recent.clamp(min=0), valid.float())
-        seen = (counts > 0).view(logits.shape)
-        penalty = self.penalty.view(-1, 1, 1, 1)
+        penalty = self.penalty[:, None]
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-        return torch.where(seen, penalized, logits)
+        return torch.where(counts > 0, penalized, logits)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        k_max: int,
+        top_k: torch.Tensor,
+        temperature: torch.Tensor,
+        keys: torch.Tensor,
+        stream: int,
+    ) -> torch.Tensor:
+        """[B, card] float logits -> a token [B] per row: among the row's `top_k` best, the argmax of logit
+        over temperature plus Gumbel noise (no noise at temperature 0: greedy)."""
+        values, ids = logits.topk(k_max, dim=-1)  # best first
+        values = values.masked_fill(self._columns[:k_max] >= top_k[:, None], float("-inf"))
+        hot = temperature > 0
+        scores = (
+            values / torch.where(hot, temperature, 1.0)[:, None]
+            + self._gumbel(keys, stream, ids) * hot[:, None]
+        )
+        return ids.gather(-1, scores.argmax(dim=-1, keepdim=True))[:, 0]
 
     def _gumbel(self, keys: torch.Tensor, stream: int, ids: torch.Tensor) -> torch.Tensor:
-        """Gumbel noise [B, card], a function of (seed, step, stream, token id) per row alone."""
-        row_key = _mix(keys[:, 0] ^ _mix(keys[:, 1] ^ _mix((self.steps & _MASK32) ^ _mix(stream + 1))))
-        bits = _mix(row_key[:, None] ^ ids[None, :]) >> 8  # 24 bits: exact in float32
+        """Gumbel noise [B, k] for the token `ids` [B, k]: a function of (seed, step, stream, token id) of
+        each row alone."""
+        step = _mix((self.steps & _MASK32) ^ _mix(stream + 1))
+        row_key = _mix(keys[:, 0] ^ _mix(keys[:, 1] ^ step))
+        bits = _mix(row_key[:, None] ^ _mix(ids + 0x5BD1E995)) >> 8  # 24 bits: exact in float32
         uniform = (bits.float() + 0.5) * (1.0 / (1 << 24))
         return -torch.log(-torch.log(uniform))
-
-    @staticmethod
-    def _tempered(logits: torch.Tensor, temperature: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        hot = (temperature > 0).view(-1, 1, 1, 1)
-        divisor = torch.where(hot, temperature.view(-1, 1, 1, 1), 1.0)
-        return logits / divisor + noise * hot
 
 
 class RowSampledLMGen(LMGen):  # type: ignore[misc]  # moshi is untyped here (follow_imports = skip)
@@ -233,6 +247,6 @@ class RowSampledLMGen(LMGen):  # type: ignore[misc]  # moshi is untyped here (fo
         with lm_model.depformer.streaming(text_token.shape[0]):
             for codebook in range(lm_model.dep_q):
                 logits = lm_model.forward_depformer(codebook, previous[:, None, None], transformer_out)
-                previous = self.row_sampling.shape_audio(logits, codebook)
+                previous = self.row_sampling.sample_audio(logits, codebook)
                 tokens.append(previous)
         return torch.stack(tokens, dim=1)
