@@ -152,6 +152,7 @@ class Batcher:
             slots,
             text_card=lm.text_linear.out_features,
             audio_card=lm.card,
+            audio_codebooks=lm.dep_q,
             padding_tokens=(lm.existing_text_padding_id, lm.existing_text_end_padding_id),
             audio_temperature=audio_temperature,
             audio_top_k=audio_top_k,

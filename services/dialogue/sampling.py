@@ -52,6 +52,7 @@ class RowSampling:
         *,
         text_card: int,
         audio_card: int,
+        audio_codebooks: int,
         padding_tokens: tuple[int, int],
         audio_temperature: float,
         audio_top_k: int,
@@ -79,6 +80,13 @@ class RowSampling:
         self.keys = torch.zeros((rows, 2, 2), dtype=torch.long, device=device)  # [row, text/audio, lo/hi]
         self.steps = torch.zeros(rows, dtype=torch.long, device=device)  # steps this row's state has taken
         self._columns = torch.arange(max(REPETITION_CONTEXT_MAX, text_card, audio_card), device=device)
+        # The noise keys of a step, per row and stream (text, then each audio codebook): set before the step.
+        streams = torch.arange(1 + audio_codebooks, device=device)
+        self._stream_ids = _mix(streams + 1)
+        self._stream_seeds = (
+            streams > 0
+        ).long()  # text streams use the text seed, the codebooks the audio one
+        self.noise_keys = torch.zeros((rows, 1 + audio_codebooks), dtype=torch.long, device=device)
 
     # --- the table (between steps) ------------------------------------------------------------
 
@@ -134,7 +142,9 @@ class RowSampling:
         self.recent[row] = -1
 
     def clear(self, row: int) -> None:
+        """A row without a session: it no longer widens the batch's top-k nor turns the penalty on."""
         self.text_top_k[row] = self.text_top_k_rows[row] = 1
+        self.audio_top_k[row] = self.audio_top_k_rows[row] = 1
         self.penalty[row] = self.penalty_rows[row] = 1.0
 
     # --- during a step ------------------------------------------------------------------------
@@ -147,7 +157,7 @@ class RowSampling:
             shaped = self._penalize(shaped)
         shaped[:, self.padding_tokens[0]] += self.pad_bias
         chosen = self._sample(
-            shaped, max(self.text_top_k_rows), self.text_top_k, self.text_temperature, self.keys[:, 0], 0
+            shaped, max(self.text_top_k_rows), self.text_top_k, self.text_temperature, self.noise_keys[:, 0]
         )
         logits.fill_(float("-inf"))
         logits.scatter_(-1, chosen.view(-1, 1, 1, 1), 0.0)
@@ -157,8 +167,14 @@ class RowSampling:
         k_max = self.audio_card if self.graphed else max(self.audio_top_k_rows)
         shaped = logits[:, 0, 0].float()
         return self._sample(
-            shaped, k_max, self.audio_top_k, self.audio_temperature, self.keys[:, 1], codebook + 1
+            shaped, k_max, self.audio_top_k, self.audio_temperature, self.noise_keys[:, codebook + 1]
         )
+
+    def prepare(self) -> None:
+        """Before a step: every row's noise key of every stream, from its seeds and its step count."""
+        step = _mix((self.steps & _MASK32)[:, None] ^ self._stream_ids[None, :])
+        seeds = self.keys[:, self._stream_seeds]  # [B, streams, lo/hi]
+        self.noise_keys.copy_(_mix(seeds[..., 0] ^ _mix(seeds[..., 1] ^ step)))
 
     def record(self, text_token: torch.Tensor, executed: torch.Tensor) -> None:
         """After a step: the text tokens [B] it wrote join their rows' recent tokens (rows that ran only)."""
@@ -191,27 +207,22 @@ class RowSampling:
         top_k: torch.Tensor,
         temperature: torch.Tensor,
         keys: torch.Tensor,
-        stream: int,
     ) -> torch.Tensor:
         """[B, card] float logits -> a token [B] per row: among the row's `top_k` best, the argmax of logit
         over temperature plus Gumbel noise (no noise at temperature 0: greedy)."""
         values, ids = logits.topk(k_max, dim=-1)  # best first
         values = values.masked_fill(self._columns[:k_max] >= top_k[:, None], float("-inf"))
         hot = temperature > 0
-        scores = (
-            values / torch.where(hot, temperature, 1.0)[:, None]
-            + self._gumbel(keys, stream, ids) * hot[:, None]
-        )
+        scores = values / torch.where(hot, temperature, 1.0)[:, None] + _gumbel(keys, ids) * hot[:, None]
         return ids.gather(-1, scores.argmax(dim=-1, keepdim=True))[:, 0]
 
-    def _gumbel(self, keys: torch.Tensor, stream: int, ids: torch.Tensor) -> torch.Tensor:
-        """Gumbel noise [B, k] for the token `ids` [B, k]: a function of (seed, step, stream, token id) of
-        each row alone."""
-        step = _mix((self.steps & _MASK32) ^ _mix(stream + 1))
-        row_key = _mix(keys[:, 0] ^ _mix(keys[:, 1] ^ step))
-        bits = _mix(row_key[:, None] ^ _mix(ids + 0x5BD1E995)) >> 8  # 24 bits: exact in float32
-        uniform = (bits.float() + 0.5) * (1.0 / (1 << 24))
-        return -torch.log(-torch.log(uniform))
+
+def _gumbel(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [B, k] for the token `ids` [B, k] of rows whose noise keys (seed, step, stream) are
+    `keys` [B]: a function of each row's own key and the token id alone."""
+    bits = _mix(keys[:, None] ^ ((ids * 0x61C88647) & _MASK32)) >> 8  # 24 bits: exact in float32
+    uniform = (bits.float() + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(uniform))
 
 
 class RowSampledLMGen(LMGen):  # type: ignore[misc]  # moshi is untyped here (follow_imports = skip)
@@ -233,6 +244,7 @@ class RowSampledLMGen(LMGen):  # type: ignore[misc]  # moshi is untyped here (fo
     def _step(
         self, input_tokens: torch.Tensor, depformer_replace_tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self.row_sampling.prepare()
         out: tuple[torch.Tensor, torch.Tensor] | None = super()._step(input_tokens, depformer_replace_tokens)
         state = self._streaming_state
         assert state is not None

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from shared.audio import FRAME_SAMPLES
 from shared.bus import Bus
-from shared.messages import Sampling
+from shared.messages import PersonaSpec, Sampling
 from shared.sessions import SessionStore
 from shared.streams import StreamNames
 from tests.support.audio import speech_like
@@ -108,11 +108,12 @@ def kyutai_client() -> Iterator[types.ModuleType]:
             sys.modules[name] = module
 
 
-async def session_start_sampling(stack: ChorusStack, session_id: str) -> Sampling | None:
+async def session_persona(stack: ChorusStack, session_id: str) -> PersonaSpec | None:
+    """The persona of the session's start, as the gateway wrote it for the workers."""
     bus = await Bus.connect(stack.redis_url, StreamNames(stack.key_prefix))
     try:
         info = await SessionStore(bus, 60).get(session_id)
-        return None if info is None or info.start is None else info.start.persona.sampling
+        return None if info is None or info.start is None else info.start.persona
     finally:
         await bus.close()
 
@@ -147,7 +148,8 @@ async def test_kyutais_client_converses_with_generation_settings(
     unknown = [msg for level, msg in printer.logs if level == "warning"]
     assert unknown == ["unknown message kind 0", "unknown message kind 4"], "it skips handshake and metadata"
     assert not [msg for level, msg in printer.logs if level == "error"]
-    assert await session_start_sampling(stack, session_id) == EXPECTED, "the settings reach the start"
+    persona = await session_persona(stack, session_id)
+    assert persona is not None and persona.sampling == EXPECTED, "the settings reach the start"
 
 
 async def test_metadata_control_and_ping(stack: ChorusStack) -> None:
@@ -161,11 +163,10 @@ async def test_metadata_control_and_ping(stack: ChorusStack) -> None:
         assert meta["session_id"] == ws.response.headers["x-chorus-session-id"]
         assert meta["text_topk"] == 5 and meta["text_temperature"] == 0.7, "the query over the persona"
         assert isinstance(meta["text_seed"], int) and isinstance(meta["audio_seed"], int), "seeds drawn"
-        start = await session_start_sampling(stack, meta["session_id"])
-        assert start is not None and (start.text_seed, start.audio_seed) == (
-            meta["text_seed"],
-            meta["audio_seed"],
-        )
+        persona = await session_persona(stack, meta["session_id"])
+        assert persona is not None and persona.primer == "You are a lighthouse keeper.", "text_prompt primes"
+        seeds = (persona.sampling.text_seed, persona.sampling.audio_seed)
+        assert seeds == (meta["text_seed"], meta["audio_seed"]), "the metadata tells the seeds in force"
 
         await ws.send(b"\x03\x00")  # control: start
         await ws.send(b"\x06are you there")

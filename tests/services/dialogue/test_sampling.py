@@ -97,29 +97,30 @@ def test_a_seeded_session_samples_the_same_whoever_shares_its_batch(
 
 
 @pytest.mark.parametrize(
-    ("change", "stream"),
+    ("base", "change", "stream"),
     [
-        ({"text_temperature": 0.0}, "text"),
-        ({"text_top_k": 1}, "text"),
-        ({"pad_mult": 10.0}, "text"),
-        ({"repetition_penalty": 3.0}, "text"),
-        ({"repetition_penalty": 3.0, "repetition_penalty_context": 0}, "same"),
-        ({"text_seed": 1}, "text"),
-        ({"audio_temperature": 0.0}, "audio"),
-        ({"audio_top_k": 1}, "audio"),
-        ({"audio_seed": 1}, "audio"),
+        ({}, {"text_temperature": 0.0}, "text"),
+        ({}, {"text_top_k": 1}, "text"),
+        ({}, {"pad_mult": 10.0}, "text"),
+        # Greedy text repeats itself (hot text over this small vocabulary hardly does in a few steps).
+        ({"text_temperature": 0.0}, {"repetition_penalty": 3.0}, "text"),
+        ({"text_temperature": 0.0}, {"repetition_penalty": 3.0, "repetition_penalty_context": 0}, "same"),
+        ({}, {"text_seed": 1}, "text"),
+        ({}, {"audio_temperature": 0.0}, "audio"),
+        ({}, {"audio_top_k": 1}, "audio"),
+        ({}, {"audio_seed": 1}, "audio"),
     ],
-    ids=lambda value: "-".join(value) if isinstance(value, dict) else value,
+    ids=lambda value: ("-".join(value) or "hot") if isinstance(value, dict) else value,
 )
 def test_each_parameter_changes_what_its_row_samples(
-    make_batcher: Callable[..., Batcher], change: dict[str, float], stream: str
+    make_batcher: Callable[..., Batcher], base: dict[str, float], change: dict[str, float], stream: str
 ) -> None:
     """Two rows, same seeds and input, one parameter apart (an empty penalty window changes nothing)."""
     voice = user_audio(seed=6)
     batcher = make_batcher(2)
     seen = Recorder(batcher)
-    batcher.join("base", (), SEEDED)
-    batcher.join("changed", (), SEEDED.model_copy(update=change))
+    batcher.join("base", (), SEEDED.model_copy(update=base))
+    batcher.join("changed", (), SEEDED.model_copy(update={**base, **change}))
     for tick in range(STEPS):
         step(batcher, {0: voice, 1: voice}, tick)
     (base_text, base_audio), (text, audio) = seen.row(0), seen.row(1)
