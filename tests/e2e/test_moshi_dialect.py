@@ -153,7 +153,9 @@ async def test_kyutais_client_converses_with_generation_settings(
 
 
 async def test_metadata_control_and_ping(stack: ChorusStack) -> None:
-    query = urlencode({"text_topk": "5", "text_prompt": "You are a lighthouse keeper."})
+    query = urlencode(
+        {"text_topk": "5", "text_prompt": "You are a lighthouse keeper.", "worker_auth_id": "ignored"}
+    )
     async with connect(f"{stack.ws_url}/api/chat?{query}", open_timeout=30) as ws:
         assert await asyncio.wait_for(ws.recv(), 60) == b"\x00"
         kind, payload = (message := await ws.recv())[0], message[1:]
@@ -175,6 +177,9 @@ async def test_metadata_control_and_ping(stack: ChorusStack) -> None:
             replies.append(message)
         assert message == b"\x06are you there"
         assert not [m for m in replies if m[0] == 0x05], "control messages are accepted"
+
+    log = (stack.workdir / "gateway.log").read_text(errors="replace")
+    assert log.count("unknown /api/chat query parameter 'worker_auth_id'") == 1, "logged once, not per socket"
 
 
 @pytest.mark.parametrize(
