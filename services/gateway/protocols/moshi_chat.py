@@ -56,7 +56,6 @@ from shared import metrics
 from shared.audio import SAMPLE_RATE, FloatAudio, OpusDecoder, OpusEncoder, pcm16_to_float
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest
 from shared.messages import (
-    SEED_MAX,
     EventName,
     OutputAudio,
     OutputText,
@@ -89,6 +88,7 @@ _INTEGER_PARAMS = {"text_topk", "audio_topk", "repetition_penalty_context", "tex
 KNOWN_PARAMS = frozenset(
     {"persona", "voice", "voice_mode", "primer", "text_prompt", "client_secret", "api_key", *SAMPLING_PARAMS}
 )
+_DRAWN_SEED_BOUND = 2**53  # a JavaScript client reads the metadata's seeds exactly below this
 _UNKNOWN_LOGGED_MAX = 256  # names of unknown parameters remembered (each logged once), bounded
 _unknown_logged: set[str] = set()
 
@@ -138,7 +138,7 @@ def _with_seeds(persona: PersonaSpec) -> PersonaSpec:
     """Seeds neither the persona nor the client chose, drawn now (the worker would draw them anyway)."""
     sampling = persona.sampling
     drawn = {
-        name: secrets.randbelow(SEED_MAX + 1)
+        name: secrets.randbelow(_DRAWN_SEED_BOUND)
         for name in ("text_seed", "audio_seed")
         if getattr(sampling, name) is None
     }

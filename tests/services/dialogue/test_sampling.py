@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from services.dialogue.batcher import Batcher
+from services.dialogue.sampling import RowSampling
 from shared.audio import FRAME_SAMPLES
 from shared.messages import Sampling
 
@@ -131,3 +132,29 @@ def test_each_parameter_changes_what_its_row_samples(
         assert text[0] == base_text[0] and audio[0] != base_audio[0]
     else:
         assert (text, audio) == (base_text, base_audio)
+
+
+def test_the_counter_based_noise_samples_the_softmax_at_the_rows_temperature() -> None:
+    """Many rows with their own seeds, one step: the tokens drawn follow softmax(logits / temperature),
+    within the top-k, as LMGen's multinomial sampling would."""
+    rows = 4000
+    sampling = RowSampling(
+        rows,
+        text_card=6,
+        audio_card=6,
+        audio_codebooks=1,
+        padding_tokens=(5, 4),
+        audio_temperature=0.5,
+        audio_top_k=3,
+        device=torch.device("cpu"),
+    )
+    for row in range(rows):
+        sampling.start(row, Sampling(text_seed=row, audio_seed=row))
+    sampling.prepare()
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05, 0.0001])).expand(rows, 1, 1, 6)
+
+    drawn = sampling.sample_audio(logits.clone(), 0)
+    kept = torch.softmax(logits[0, 0, 0, :3] / 0.5, dim=-1)
+    frequencies = torch.bincount(drawn, minlength=6).float() / rows
+    assert torch.allclose(frequencies[:3], kept, atol=0.03), (frequencies, kept)
+    assert frequencies[3:].sum() == 0, "nothing outside the top-k"
