@@ -107,8 +107,8 @@ def _voice_mode(value: str | None) -> VoiceMode:
 
 
 def sampling_overrides(params: Mapping[str, str]) -> dict[str, Any]:
-    """The `Sampling` fields the query string sets, each checked against its range; a seed left unset is
-    drawn here, so the metadata message can tell it and a resumed session keeps it."""
+    """The `Sampling` fields the query string sets, each checked against its range (the message says
+    which parameter and why)."""
     overrides: dict[str, Any] = {}
     for name, field in SAMPLING_PARAMS.items():
         raw = params.get(name)
@@ -135,7 +135,8 @@ def _number(name: str, raw: str) -> float | int:
 
 
 def _with_seeds(persona: PersonaSpec) -> PersonaSpec:
-    """Seeds neither the persona nor the client chose, drawn now (the worker would draw them anyway)."""
+    """Seeds neither the persona nor the client chose, drawn now rather than by the worker: the metadata
+    message tells them, and a session resumed after a failover keeps them."""
     sampling = persona.sampling
     drawn = {
         name: secrets.randbelow(_DRAWN_SEED_BOUND)
