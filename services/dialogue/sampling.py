@@ -226,12 +226,14 @@ def _gumbel(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class RowSampledLMGen(LMGen):  # type: ignore[misc]  # moshi is untyped here (follow_imports = skip)
-    """LMGen whose depformer samples each audio codebook per row (`RowSampling.shape_audio`), and whose
+    """LMGen whose depformer samples each audio codebook per row (`RowSampling.sample_audio`), and whose
     rows count their steps and record their text tokens. Run with `use_sampling=False` (the text is
     sampled through the text logits hook) and no CFG."""
 
     def __init__(self, lm_model: Any, *, sampling: RowSampling, on_text_hook: Any, **kwargs: Any) -> None:
         super().__init__(lm_model, use_sampling=False, on_text_hook=self._text_chosen, **kwargs)
+        if self.cfg_coef != 1.0:
+            raise ValueError("per-row sampling does not do classifier-free guidance")
         self.row_sampling = sampling
         self.choose_text = on_text_hook  # may replace the sampled token (priming) before it is recorded
 
