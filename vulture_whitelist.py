@@ -13,6 +13,7 @@ from moshi.modules.streaming import State
 from tokenizers import Tokenizer
 
 from chorus.devtools import compose
+from services.dialogue.sampling import RowSampledLMGen
 from services.gateway.client_secrets import ExpiresAfter
 from services.gateway.fair_websocket import FairWebSocketProtocol
 from services.gateway.protocols import realtime_events
@@ -40,6 +41,7 @@ onnxruntime.SessionOptions.intra_op_num_threads  # read by onnxruntime when the 
 onnxruntime.SessionOptions.inter_op_num_threads
 Tokenizer.pre_tokenizer  # read by the tokenizers library
 State.__class__  # services/dialogue/batcher.py: a moshi state's class swapped for its in-place subclass
+RowSampledLMGen.depformer_step  # moshi's LMGen graphs and calls it for the audio codebooks
 
 # Wire fields: serialised to clients or validated on what they send, never read by name.
 ExpiresAfter.anchor

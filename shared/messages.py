@@ -118,15 +118,31 @@ def native_voice_for(model: str | None) -> str:
     return model if model is not None and model in NATIVE_VOICES else "moshiko"
 
 
+SEED_MAX = 2**63 - 1
+REPETITION_CONTEXT_MAX = 512  # the dialogue keeps this many recent text tokens per row
+
+
 class Sampling(BaseModel):
-    """Per-session sampling. docs/personas.md says which of these apply per row and which per worker."""
+    """Per-session sampling, applied per batch row (docs/personas.md). The audio fields left unset take the
+    dialogue worker's defaults; a seed left unset is drawn at random when the session joins."""
 
     model_config = ConfigDict(extra="forbid")
 
     text_temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     text_top_k: int = Field(default=25, ge=1, le=1000)
-    audio_temperature: float = Field(default=0.8, ge=0.0, le=2.0)
-    audio_top_k: int = Field(default=250, ge=1, le=2048)
+    audio_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    audio_top_k: int | None = Field(default=None, ge=1, le=2048)
+    pad_mult: float = Field(
+        default=0.0, ge=-10.0, le=10.0, description="Added to the text padding token's logit: > 0 talks less."
+    )
+    repetition_penalty: float = Field(
+        default=1.0, ge=1.0, le=3.0, description="Divides the logits of recent text tokens (1: off)."
+    )
+    repetition_penalty_context: int = Field(
+        default=64, ge=0, le=REPETITION_CONTEXT_MAX, description="How many recent text tokens it covers."
+    )
+    text_seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    audio_seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
 
 
 PRIMER_MAX_CHARS = 2000

@@ -9,9 +9,9 @@ size never changes (CUDA graphs are captured for one size); sessions come and go
 - persona priming: the session's primer tokens replace the sampled text token of its row, one per step
   (LMGen's `on_text_hook`), while its user stream is silence; its output is not published until the
   first step after the primer has come out of the model's acoustic delay;
-- per-row text sampling: `on_text_logits_hook` applies each row's temperature and top-k to the text
-  logits (LMGen's own text temperature is neutralised to 1, its text top-k off). Audio tokens are
-  sampled inside LMGen's depformer with one temperature and top-k for the whole batch;
+- per-row sampling (`sampling.py`): each row's text and audio temperature and top-k, padding bias,
+  repetition penalty and seeds, as batched tensor ops; a row's draws depend on its seeds and its own
+  step count only, so a seeded session samples the same whatever else is in the batch;
 - context rollover (`roll_over`): a session whose row nears the model's context gets a fresh state,
   primed like a joining session. On a free row it is primed while the old row keeps talking, hears the
   user's audio once its primer is in, and takes over at the first step its output is due: that step's
@@ -43,17 +43,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from moshi.models import LMGen
 from moshi.modules.streaming import State, StreamingModule
 from moshi.utils.compile import CUDAGraphed, no_compile
 
 from services.dialogue.model import MoshiModel
+from services.dialogue.sampling import RowSampledLMGen, RowSampling
 from shared.audio import FRAME_SAMPLES, FloatAudio
 from shared.errors import NoCapacity
 from shared.messages import Sampling
-
-# A temperature of 0 means greedy; dividing by this instead keeps one code path (softmax -> one-hot).
-_MIN_TEMPERATURE = 1e-4
 
 # State tensors moshi's streaming steps reassign (`state.x = torch.where(...)`) rather than update in place:
 # a CUDA graph captured over them (the graphed reset) would go on writing the tensor of capture time.
@@ -150,10 +147,17 @@ class Batcher:
         device = model.device
         self._cuda = device.type == "cuda"
         self.graph_resets = self._cuda and compile if graph_resets is None else graph_resets
-        self._temperature = torch.ones(slots, device=device)
-        # Idle rows keep k=1, so the batch's largest k is the largest a session asked for.
-        self._top_k = torch.ones(slots, dtype=torch.long, device=device)
-        self._top_k_rows = [1] * slots  # the same on the host: the batch's largest k without a device read
+        lm = model.lm
+        self.sampling = RowSampling(
+            slots,
+            text_card=lm.text_linear.out_features,
+            audio_card=lm.card,
+            audio_codebooks=lm.dep_q,
+            padding_tokens=(lm.existing_text_padding_id, lm.existing_text_end_padding_id),
+            audio_temperature=audio_temperature,
+            audio_top_k=audio_top_k,
+            device=device,
+        )
         self._force_tokens = torch.full((slots,), -1, dtype=torch.long, device=device)  # -1: not forced
         self._forcing = False
         # The user audio of a tick: written on the host, copied once (non-blocking) to the device.
@@ -163,14 +167,11 @@ class Batcher:
         self._masks: dict[str, tuple[tuple[bool, ...], torch.Tensor]] = {}  # role -> (rows, device mask)
         self._gen_mask: torch.Tensor | None = None  # the exec mask LMGen holds now (None: unknown)
         self.mask_builds = 0  # device masks built so far (a new one only when the slot table changed)
-        self.gen = LMGen(
+        self.gen = RowSampledLMGen(
             model.lm,
-            temp=audio_temperature,
-            top_k=audio_top_k,
-            temp_text=1.0,  # per-row temperature and top-k are applied in _shape_text_logits
-            top_k_text=0,
+            sampling=self.sampling,
             on_text_hook=self._force_text,
-            on_text_logits_hook=self._shape_text_logits,
+            on_text_logits_hook=self.sampling.shape_text,
             support_out_of_sync=True,  # rows start at different times: never hold back the whole batch
         )
         # Frames between a text token being sampled and its frame coming out (Moshi's acoustic delay).
@@ -208,7 +209,7 @@ class Batcher:
             raise NoCapacity(f"all {self.batch_size} slots are busy", session_id=session_id)
         slot = self.slots[free[0]]
         _seat(slot, session_id, primer)
-        self.set_sampling(slot.row, sampling or Sampling())
+        self.sampling.start(slot.row, sampling or Sampling())
         return slot.row
 
     def leave(self, row: int) -> None:
@@ -222,14 +223,11 @@ class Batcher:
         slot.session_id = None
         slot.forced.clear()
         slot.pending = slot.replaces = None
-        self._top_k[row] = self._top_k_rows[row] = 1
+        self.sampling.clear(row)
 
     def set_sampling(self, row: int, sampling: Sampling) -> None:
         for changed in self._session_rows(row):
-            self._temperature[changed] = max(sampling.text_temperature, _MIN_TEMPERATURE)
-            self._top_k[changed] = self._top_k_rows[changed] = min(
-                sampling.text_top_k, self.model.lm.text_card
-            )
+            self.sampling.set(changed, sampling)
 
     def due_rollovers(self, at: int) -> list[Slot]:
         """The live sessions' rows that have taken `at` steps and have no rollover under way."""
@@ -249,13 +247,12 @@ class Batcher:
         if not free:
             slot.pending = PendingRollover(RolloverKind.IN_PLACE, None, slot.age)
             _seat(slot, slot.session_id, primer, rollovers=slot.rollovers + 1)
+            self.sampling.rewind(row)
             return RolloverKind.IN_PLACE
         fresh = self.slots[free[0]]
         _seat(fresh, slot.session_id, primer, rollovers=slot.rollovers + 1)
         fresh.replaces = row
-        self._temperature[fresh.row] = self._temperature[row]
-        self._top_k[fresh.row] = self._top_k[row]
-        self._top_k_rows[fresh.row] = self._top_k_rows[row]
+        self.sampling.copy(row, fresh.row)
         slot.pending = PendingRollover(RolloverKind.FREE_SLOT, fresh.row, slot.age)
         return RolloverKind.FREE_SLOT
 
@@ -467,13 +464,6 @@ class Batcher:
         if self._forcing:
             forced = self._force_tokens
             text_token.copy_(torch.where(forced >= 0, forced, text_token))
-
-    def _shape_text_logits(self, logits: torch.Tensor) -> None:
-        """Per-row top-k then temperature on the text logits [B, 1, 1, card], in place."""
-        rows = (self.batch_size, 1, 1, 1)
-        kth = logits.topk(max(self._top_k_rows), dim=-1).values.gather(-1, (self._top_k - 1).view(rows))
-        logits.masked_fill_(logits < kth, float("-inf"))
-        logits.div_(self._temperature.view(rows).to(logits.dtype))
 
     @contextlib.contextmanager
     def _compile_mode(self) -> Iterator[None]:

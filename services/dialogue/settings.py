@@ -75,10 +75,10 @@ class DialogueSettings(CommonSettings):
         "network jitter at the cost of this much latency.",
     )
     dialogue_audio_temperature: float = Field(
-        default=0.8, ge=0.0, le=2.0, description="Audio sampling temperature (per worker, not per session)."
+        default=0.8, ge=0.0, le=2.0, description="Audio sampling temperature of sessions that set none."
     )
     dialogue_audio_top_k: int = Field(
-        default=250, ge=1, le=2048, description="Audio sampling top-k (per worker, not per session)."
+        default=250, ge=1, le=2048, description="Audio sampling top-k of sessions that set none."
     )
     dialogue_max_primer_tokens: int = Field(
         default=64,

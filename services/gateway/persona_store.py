@@ -165,7 +165,8 @@ class PersonaStore:
         except NotFound:
             raise InvalidRequest(f"unknown persona {persona_id!r}") from None
         data = base.spec().model_dump()
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        data.update({k: v for k, v in overrides.items() if v is not None and k != "sampling"})
+        data["sampling"].update(overrides.get("sampling") or {})  # field by field over the persona's own
         try:
             return PersonaSpec.model_validate(data)
         except ValueError as exc:

@@ -48,7 +48,7 @@ from shared.audio import FRAME_SAMPLES, SAMPLE_RATE, OpusEncoder
 
 HANDSHAKE, AUDIO, TEXT, ERROR = 0x00, 0x01, 0x02, 0x05
 ENDINGS = ("close", "drop", "mid_frame")
-UNKNOWN_KINDS = (0x00, 0x02, 0x03, 0x05, 0x7F, 0xFF)  # kinds a client may not send
+UNKNOWN_KINDS = (0x00, 0x02, 0x04, 0x05, 0x7F, 0xFF)  # kinds a client may not send
 DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY)
 READ_AFTER_S = 0.3  # how long a case listens after its last message
 OVERSIZED = (1 << 20) + 1024  # just past CHORUS_WS_MAX_MESSAGE_BYTES' default

@@ -2,20 +2,33 @@
 
 Every message's first byte is its kind: 0x00 handshake (server -> client, once the session has a
 dialogue slot), 0x01 Ogg/Opus audio (both ways, as sphn.OpusStreamWriter/Reader make and read it),
-0x02 UTF-8 text piece (server -> client), 0x05 error with a UTF-8 reason (server -> client).
-Query parameters: `persona`, `voice`, `voice_mode`, `primer` (a per-session persona override), and
-`client_secret` (from `POST /v1/realtime/client_secrets`; its voice and instructions are the defaults).
+0x02 UTF-8 text piece (server -> client), 0x03 control (client -> server: accepted, nothing to do for a
+full-duplex model), 0x04 metadata (server -> client, right after the handshake: JSON, the session id and
+the settings in force), 0x05 error with a UTF-8 reason (server -> client), 0x06 ping (answered with a
+ping carrying the same payload).
+Query parameters: `persona`, `voice`, `voice_mode`, `primer` (a per-session persona override; PersonaPlex's
+`text_prompt` is the same), `client_secret` (from `POST /v1/realtime/client_secrets`; its voice and
+instructions are the defaults), and the generation settings of Kyutai's web UI and Rust server
+(`SAMPLING_PARAMS`), each over the persona's own for this session. A malformed or out-of-range value is
+refused (error message, close 1008); an unknown parameter is ignored and logged once per process.
 The session id is returned in the `x-chorus-session-id` response header of the upgrade.
+docs/protocols.md has the conformance table.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import math
+import secrets
 from collections import deque
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import APIRouter, WebSocket
+from pydantic import ValidationError
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
@@ -42,12 +55,42 @@ from services.gateway.settings import GatewaySettings
 from shared import metrics
 from shared.audio import SAMPLE_RATE, FloatAudio, OpusDecoder, OpusEncoder, pcm16_to_float
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest
-from shared.messages import EventName, OutputAudio, OutputText, SessionEvent, VoiceMode, parse_voice_mode
+from shared.messages import (
+    EventName,
+    OutputAudio,
+    OutputText,
+    PersonaSpec,
+    Sampling,
+    SessionEvent,
+    VoiceMode,
+    parse_voice_mode,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-HANDSHAKE, AUDIO, TEXT, ERROR = 0x00, 0x01, 0x02, 0x05
+HANDSHAKE, AUDIO, TEXT, CONTROL, METADATA, ERROR, PING = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
+PING_MAX_BYTES = 125  # a ping's payload is echoed back: bounded like a WebSocket ping's
+
+# Kyutai's query parameter -> the `Sampling` field it sets.
+SAMPLING_PARAMS = {
+    "text_temperature": "text_temperature",
+    "text_topk": "text_top_k",
+    "audio_temperature": "audio_temperature",
+    "audio_topk": "audio_top_k",
+    "pad_mult": "pad_mult",
+    "repetition_penalty": "repetition_penalty",
+    "repetition_penalty_context": "repetition_penalty_context",
+    "text_seed": "text_seed",
+    "audio_seed": "audio_seed",
+}
+_INTEGER_PARAMS = {"text_topk", "audio_topk", "repetition_penalty_context", "text_seed", "audio_seed"}
+KNOWN_PARAMS = frozenset(
+    {"persona", "voice", "voice_mode", "primer", "text_prompt", "client_secret", "api_key", *SAMPLING_PARAMS}
+)
+_DRAWN_SEED_BOUND = 2**53  # a JavaScript client reads the metadata's seeds exactly below this
+_UNKNOWN_LOGGED_MAX = 256  # names of unknown parameters remembered (each logged once), bounded
+_unknown_logged: set[str] = set()
 
 Outgoing = tuple[int, bytes]  # kind, payload (PCM16 for audio: encoded at send time)
 
@@ -61,6 +104,65 @@ def _voice_mode(value: str | None) -> VoiceMode:
         return parse_voice_mode(value)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+
+
+def sampling_overrides(params: Mapping[str, str]) -> dict[str, Any]:
+    """The `Sampling` fields the query string sets, each checked against its range (the message says
+    which parameter and why)."""
+    overrides: dict[str, Any] = {}
+    for name, field in SAMPLING_PARAMS.items():
+        raw = params.get(name)
+        if raw is None:
+            continue
+        value = _number(name, raw)
+        try:
+            Sampling.model_validate({field: value})
+        except ValidationError as exc:
+            raise InvalidRequest(f"{name}={raw[:32]!r}: {exc.errors()[0]['msg']}") from None
+        overrides[field] = value
+    return overrides
+
+
+def _number(name: str, raw: str) -> float | int:
+    try:
+        value = int(raw) if name in _INTEGER_PARAMS else float(raw)
+    except ValueError:
+        kind = "an integer" if name in _INTEGER_PARAMS else "a number"
+        raise InvalidRequest(f"{name}={raw[:32]!r}: expected {kind}") from None
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{name}={raw[:32]!r}: expected a finite number")
+    return value
+
+
+def _with_seeds(persona: PersonaSpec) -> PersonaSpec:
+    """Seeds neither the persona nor the client chose, drawn now rather than by the worker: the metadata
+    message tells them, and a session resumed after a failover keeps them."""
+    sampling = persona.sampling
+    drawn = {
+        name: secrets.randbelow(_DRAWN_SEED_BOUND)
+        for name in ("text_seed", "audio_seed")
+        if getattr(sampling, name) is None
+    }
+    return persona.model_copy(update={"sampling": sampling.model_copy(update=drawn)}) if drawn else persona
+
+
+def _log_unknown(params: Mapping[str, str]) -> None:
+    for name in params:
+        if name not in KNOWN_PARAMS and name not in _unknown_logged:
+            if len(_unknown_logged) >= _UNKNOWN_LOGGED_MAX:
+                return
+            _unknown_logged.add(name)
+            log.info("ignoring unknown /api/chat query parameter %r (logged once)", name[:64])
+
+
+def metadata(session_id: str, persona: PersonaSpec, voice: str, mode: VoiceMode) -> bytes:
+    """The metadata message's JSON: the session and the settings in force, under Kyutai's names (an audio
+    setting left null is the dialogue worker's default)."""
+    sampling = persona.sampling.model_dump()
+    settings = {name: sampling[field] for name, field in SAMPLING_PARAMS.items()}
+    return json.dumps(
+        {"session_id": session_id, "persona": persona.id, "voice": voice, "voice_mode": mode, **settings}
+    ).encode()
 
 
 @router.websocket("/api/chat")
@@ -79,8 +181,11 @@ async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         voice = check_voice(params.get("voice") or caller.voice or "moshiko")
         await check_voice_owned(websocket, owner, voice)
         mode = _voice_mode(params.get("voice_mode"))
-        primer = params.get("primer") or caller.instructions
-        persona = await resolve_persona(websocket, owner, params.get("persona"), primer)
+        primer = params.get("primer") or params.get("text_prompt") or caller.instructions
+        sampling = sampling_overrides(params)
+        _log_unknown(params)
+        persona = await resolve_persona(websocket, owner, params.get("persona"), primer, sampling)
+        persona = _with_seeds(persona)
         conversation = open_conversation(websocket, owner, persona, voice, mode)
         await websocket.accept(headers=[(b"x-chorus-session-id", conversation.session_id.encode())])
     except ChorusError as exc:
@@ -91,6 +196,7 @@ async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         await close_quietly(websocket, refusal_close_code(exc), exc.code)
         return
     session = MoshiChatSession(websocket, conversation, settings.ws_send_queue_frames)
+    session.metadata = metadata(conversation.session_id, persona, voice, mode)
     ending = await serve_and_stop(websocket, session.run, lambda: conversation)
     log.info("moshi chat closed", extra={**conversation.log_extra, "reason": ending.reason})
 
@@ -107,6 +213,7 @@ class MoshiChatSession:
         self.decoder = OpusDecoder()
         self.encoder = OpusEncoder()
         self.early: deque[Message] = deque()  # received while waiting for the dialogue slot
+        self.metadata = b"{}"  # sent right after the handshake
 
     async def run(self) -> Ending:
         """Place the session, send the handshake once it has a slot, then serve it until either side ends
@@ -126,6 +233,7 @@ class MoshiChatSession:
     async def _place(self) -> None:
         self.early.extend(await place(self.websocket, self.conversation))
         self.queue.put((HANDSHAKE, b""), droppable=False)
+        self.queue.put((METADATA, self.metadata), droppable=False)
 
     async def receive_loop(self) -> None:
         while True:
@@ -152,7 +260,7 @@ class MoshiChatSession:
             self.error("expected binary messages whose first byte is the kind")
             return None
         if data[0] != AUDIO:
-            self.error(f"unsupported message kind 0x{data[0]:02x} from client")
+            self._other_kind(data)
             return None
         try:
             # Bounded: sphn decodes at most ~5 s of audio per call and raises past it.
@@ -161,6 +269,18 @@ class MoshiChatSession:
             self.error(f"undecodable Ogg/Opus audio: {exc}")
             self.decoder = type(self.decoder)()
             return None
+
+    def _other_kind(self, data: bytes) -> None:
+        """A client message that carries no audio: control is accepted (Moshi is full duplex: start, end of
+        turn, pause and restart change nothing in its stream), a ping is answered, anything else refused."""
+        if data[0] == CONTROL:
+            log.debug("control message %r", data[1:2], extra=self.conversation.log_extra)
+        elif data[0] == PING and len(data) - 1 <= PING_MAX_BYTES:
+            self.queue.put((PING, data[1:]), droppable=False)
+        elif data[0] == PING:
+            self.error(f"ping payload over {PING_MAX_BYTES} bytes")
+        else:
+            self.error(f"unsupported message kind 0x{data[0]:02x} from client")
 
     def error(self, reason: str) -> None:
         log.info("client error: %s", reason, extra=self.conversation.log_extra)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import HTTPConnection
 from starlette.types import Message
@@ -103,12 +104,18 @@ async def check_voice_owned(conn: HTTPConnection, owner: str, voice: str) -> Non
 
 
 async def resolve_persona(
-    websocket: WebSocket, owner: str, persona_id: str | None, primer: str | None = None
+    websocket: WebSocket,
+    owner: str,
+    persona_id: str | None,
+    primer: str | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> PersonaSpec:
-    """The persona a conversation runs with: a stored/built-in one by id, with per-session overrides."""
-    persona: PersonaSpec = await websocket.app.state.resolve_persona(
-        owner, persona_id, {"primer": primer} if primer else {}
-    )
+    """The persona a conversation runs with: a stored/built-in one by id, with per-session overrides
+    (`sampling`: some of its fields, over the persona's own)."""
+    overrides: dict[str, Any] = {"primer": primer} if primer else {}
+    if sampling:
+        overrides["sampling"] = sampling
+    persona: PersonaSpec = await websocket.app.state.resolve_persona(owner, persona_id, overrides)
     return persona
 
 
