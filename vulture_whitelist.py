@@ -7,6 +7,7 @@ dead. Routes, exception handlers and pydantic validators are skipped by their de
 
 import logging
 
+import av
 import onnxruntime
 import uvicorn
 from moshi.modules.streaming import State
@@ -78,3 +79,8 @@ Handled.DONE  # the outcome a handler returning None stands for (spelled out whe
 Flushed.dropped_phrases  # the `flush` event's payload, forwarded to clients
 Flushed.dropped_words
 SessionInfo.updated_at  # parsed from the hash; shown by operators' tools
+
+# PyAV's codec and frame properties, set for libopus (shared/audio.py OpusEncoder): read by PyAV, in C.
+av.AudioCodecContext.layout
+av.AudioCodecContext.bit_rate
+av.AudioFrame.pts

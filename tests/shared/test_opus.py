@@ -1,0 +1,89 @@
+"""The gateway's Ogg/Opus stream (shared/audio.py `OpusEncoder`, libopus through PyAV with our own Ogg
+pages) is one Moshi's own reader (sphn) and ffmpeg's demuxer both read: valid pages and CRCs, granule
+positions at 48 kHz, the audio back within a lossy codec's error."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import av
+import numpy as np
+import soundfile as sf
+import soxr
+
+from shared.audio import FRAME_SAMPLES, SAMPLE_RATE, OpusDecoder, OpusEncoder, ogg_crc
+from tests.support.audio import SPEECH_WAV
+
+OGG_OPUS_FIXTURE = SPEECH_WAV.with_name("speech.opus.ogg")  # written by an independent encoder
+
+
+def speech() -> np.ndarray:
+    audio, rate = sf.read(SPEECH_WAV, dtype="float32")
+    return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+
+
+def pages(stream: bytes) -> list[tuple[int, int, bytes, list[int]]]:
+    """(header flags, granule, the page, its packets' sizes) of every page; asserts each page's CRC."""
+    found, pos = [], 0
+    while pos < len(stream):
+        assert stream[pos : pos + 4] == b"OggS", f"a page starts at {pos}"
+        flags, granule = stream[pos + 5], struct.unpack_from("<q", stream, pos + 6)[0]
+        lacing = stream[pos + 27 : pos + 27 + stream[pos + 26]]
+        page = bytearray(stream[pos : pos + 27 + len(lacing) + sum(lacing)])
+        crc = struct.unpack_from("<I", page, 22)[0]
+        page[22:26] = bytes(4)
+        assert ogg_crc(page) == crc, f"the CRC of the page at {pos}"
+        sizes, size = [], 0
+        for value in lacing:
+            size += value
+            if value < 255:
+                sizes.append(size)
+                size = 0
+        found.append((flags, granule, bytes(page), sizes))
+        pos += len(page)
+    return found
+
+
+def test_ogg_crc_matches_the_pages_of_an_independent_encoder() -> None:
+    assert len(pages(OGG_OPUS_FIXTURE.read_bytes())) > 2  # every CRC checked in `pages`
+
+
+def test_moshi_s_reader_and_ffmpeg_read_the_stream_back() -> None:
+    audio = speech()
+    frames = [audio[i : i + FRAME_SAMPLES] for i in range(0, len(audio) - FRAME_SAMPLES, FRAME_SAMPLES)]
+    encoder, decoder = OpusEncoder(), OpusDecoder()
+    chunks = [encoder.encode(frame) for frame in frames]
+    decoded = np.concatenate([decoder.decode(chunk) for chunk in chunks])
+
+    stream = b"".join(chunks)
+    found = pages(stream)
+    assert found[0][2][28:36] == b"OpusHead" and found[0][0] == 0x02, "the first page opens the stream"
+    assert found[1][2][28:36] == b"OpusTags"
+    granules = [granule for _, granule, _, _ in found[2:]]
+    assert granules == sorted(granules) and len(found) == len(frames) + 2, "one page per frame, in order"
+    assert granules[-1] == len(frames) * FRAME_SAMPLES * 48_000 // SAMPLE_RATE, (
+        "granules count 48 kHz samples"
+    )
+
+    sent = np.concatenate(frames)
+    assert len(decoded) == len(sent)
+    lag = max(
+        range(2000), key=lambda shift: float(np.dot(decoded[shift : shift + SAMPLE_RATE], sent[:SAMPLE_RATE]))
+    )
+    heard = decoded[lag:]
+    error = heard - sent[: len(heard)]
+    assert 10 * np.log10(np.sum(sent[: len(heard)] ** 2) / np.sum(error**2)) > 10, "the speech comes back"
+
+    with av.open(io.BytesIO(stream), format="ogg") as container:
+        packets = [p for p in container.demux(container.streams.audio[0]) if p.size]
+    assert len(packets) == sum(len(sizes) for _, _, _, sizes in found[2:]), "ffmpeg finds every packet"
+
+
+def test_a_long_chunk_is_split_into_pages_of_at_most_255_segments() -> None:
+    audio = speech()
+    encoder = OpusEncoder()
+    stream = encoder.encode(np.tile(audio, 2))  # ~15 s at once: hundreds of 20 ms packets
+    found = pages(stream)
+    assert len(found) > 3 and all(len(sizes) <= 255 for *_, sizes in found)
+    assert found[-1][1] == (2 * len(audio)) // 480 * 960, "every whole 20 ms packet is in the stream"
