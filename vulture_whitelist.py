@@ -12,6 +12,7 @@ import onnxruntime
 import uvicorn
 from moshi.modules.streaming import State
 from tokenizers import Tokenizer
+from websockets.server import ServerProtocol
 
 from chorus.devtools import compose
 from services.dialogue.sampling import RowSampledLMGen
@@ -84,3 +85,6 @@ SessionInfo.updated_at  # parsed from the hash; shown by operators' tools
 av.AudioCodecContext.layout
 av.AudioCodecContext.bit_rate
 av.AudioFrame.pts
+
+# websockets' server protocol reads it when it answers the handshake (services/gateway/fair_websocket.py).
+ServerProtocol.available_extensions

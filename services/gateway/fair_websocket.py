@@ -17,17 +17,24 @@ Quiet refusals: an upgrade answered with an HTTP response (the Host and Origin c
 problems) is a complete handshake, but uvicorn does not mark it so and logs "ASGI callable returned
 without completing handshake." at ERROR for each: anyone could fill the log with alarms. It is marked
 complete here once the response is sent.
+
+No compression of Opus: per-message deflate (negotiated when the client offers it, as browsers do) spends
+CPU on every message of Moshi's protocol, whose audio is Ogg/Opus and does not compress (about 5 % of the
+gateway's event loop). `/api/chat` declines it; `/v1/realtime`'s base64 JSON keeps it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlsplit
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
 
 SLICE_BYTES = 4 * 1024  # ~600 of the smallest frames: ~2 ms of parsing
+UNCOMPRESSED_PATHS = frozenset({"/api/chat"})  # Opus in binary messages: deflate gains nothing
 
 
 class FairWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -36,6 +43,11 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
         self._backlog = bytearray()  # read, not parsed yet
         self._next_slice: asyncio.Handle | None = None
         self._failed = False
+
+    def handle_connect(self, event: Request) -> None:
+        if urlsplit(event.path).path in UNCOMPRESSED_PATHS:
+            self.conn.available_extensions = []  # before the handshake answers the client's offer
+        super().handle_connect(event)
 
     def data_received(self, data: bytes) -> None:
         if self._backlog or len(data) > SLICE_BYTES:
