@@ -9,7 +9,6 @@ import wave
 import zlib
 from collections.abc import Iterator
 
-import av
 import numpy as np
 import numpy.typing as npt
 import soxr
@@ -95,6 +94,8 @@ class OpusEncoder:
     COMPLEXITY = 5  # libopus's effort, 0-10: 5 costs a quarter of 10 on speech, for a few kb/s more
 
     def __init__(self, sample_rate: int = SAMPLE_RATE) -> None:
+        import av  # here, not at the top: only the gateway and clients encode (the GPU benchmark has no av)
+
         codec = av.CodecContext.create("libopus", "w")
         assert isinstance(codec, av.AudioCodecContext)
         codec.sample_rate = sample_rate
@@ -105,6 +106,7 @@ class OpusEncoder:
         codec.options = {"compression_level": str(self.COMPLEXITY), "vbr": "constrained"}
         codec.open()
         self._codec = codec
+        self._frame = av.AudioFrame
         self._sample_rate = sample_rate
         self._pages = OggPages(serial=secrets.randbits(32))
         self._samples_in = 0
@@ -119,7 +121,7 @@ class OpusEncoder:
             head += self._pages.page([_OPUS_TAGS], 0)
         if not pcm.size:
             return head
-        frame = av.AudioFrame.from_ndarray(pcm, format="flt", layout="mono")
+        frame = self._frame.from_ndarray(pcm, format="flt", layout="mono")
         frame.sample_rate = self._sample_rate
         frame.pts = self._samples_in
         self._samples_in += pcm.shape[1]

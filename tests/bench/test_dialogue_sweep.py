@@ -106,3 +106,13 @@ def test_the_sweep_makes_the_lm_lean_and_measures_its_logits_against_the_float_o
     logits = results["int8_logits"]
     assert 0 < logits["l2_relative"] < 0.05 and logits["text_token_agreement"] >= 0.85, logits
     assert [p["outcome"] for p in results["points"]] == ["measured"] and results["finished"]
+
+
+def test_the_sweep_imports_nothing_the_wheelhouse_does_not_bring() -> None:
+    """The GPU machine has torch and what bench/gpu/wheelhouse.sh downloads; the services' own packages
+    (PyAV for the gateway's Opus, FastAPI, onnxruntime, redis) are on neither: the sweep needs none."""
+    probe = "import sys, bench.gpu_sessions; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    assert set(done.stdout.split()) & {"av", "fastapi", "starlette", "onnxruntime", "redis"} == set()
