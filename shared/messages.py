@@ -144,6 +144,9 @@ class PersonaSpec(BaseModel):
     )
     greeting: str = Field(default="", max_length=500)
     sampling: Sampling = Field(default_factory=Sampling)
+    adapter: ProfileId | None = Field(
+        default=None, description="A LoRA adapter id (fine-tuned persona): its rows run with it."
+    )
 
 
 class Envelope(BaseModel):
