@@ -9,7 +9,18 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway import client_secrets, health, hosts, limits, personas, problems, sessions, voices, web
+from services.gateway import (
+    adapters,
+    client_secrets,
+    health,
+    hosts,
+    limits,
+    personas,
+    problems,
+    sessions,
+    voices,
+    web,
+)
 from services.gateway.admission import Admission
 from services.gateway.auth import Authentication, open_key_ring
 from services.gateway.conversation import OUTPUT_BLOCK_MS, OUTPUT_READ_COUNT, finish_stops
@@ -90,6 +101,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # Voice routes raise these too; documenting them here keeps the schema complete.
     voice_errors = {**problems.V1_ERRORS, **problems.problem_responses(400, 404, 409, 415, 503)}
     app.include_router(voices.router, responses=voice_errors)
+    adapters.install(app, settings)
     web.install(app)
     # Outermost last: metrics see every answer, including the limits' refusals. A /v1 request's key is
     # checked before its body is read and before it counts against its owner's rate.
@@ -97,7 +109,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(
         limits.BodySizeLimit,
         max_bytes=settings.max_body_bytes,
-        routes={voices.UPLOAD_ROUTE: voices.upload_body_cap(settings)},
+        routes={
+            voices.UPLOAD_ROUTE: voices.upload_body_cap(settings),
+            adapters.UPLOAD_ROUTE: adapters.upload_body_cap(settings),
+        },
     )
     app.add_middleware(Authentication)  # outside the body caps: an unknown caller learns no limits
     app.add_middleware(hosts.HostAndOriginCheck, settings=settings)

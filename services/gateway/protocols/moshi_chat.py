@@ -80,7 +80,9 @@ async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         await check_voice_owned(websocket, owner, voice)
         mode = _voice_mode(params.get("voice_mode"))
         primer = params.get("primer") or caller.instructions
-        persona = await resolve_persona(websocket, owner, params.get("persona"), primer)
+        persona = await resolve_persona(
+            websocket, owner, params.get("persona"), primer, params.get("adapter")
+        )
         conversation = open_conversation(websocket, owner, persona, voice, mode)
         await websocket.accept(headers=[(b"x-chorus-session-id", conversation.session_id.encode())])
     except ChorusError as exc:

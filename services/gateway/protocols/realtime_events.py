@@ -68,6 +68,8 @@ class SessionConfig(_Lenient):
     output_audio_format: str | None = None
     temperature: float | None = None
     turn_detection: TurnDetection | None = None
+    # Ours, not part of the OpenAI API: a LoRA adapter id (/v1/adapters) for this session.
+    chorus_adapter: str | None = Field(default=None, max_length=64)
 
     def requested_voice(self) -> str | None:
         if self.audio and self.audio.output and self.audio.output.voice:

@@ -20,6 +20,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from services.gateway.adapters import check_adapter_owned
 from services.gateway.admission import Admission
 from services.gateway.auth import KeyRing
 from services.gateway.conversation import Conversation
@@ -103,12 +104,19 @@ async def check_voice_owned(conn: HTTPConnection, owner: str, voice: str) -> Non
 
 
 async def resolve_persona(
-    websocket: WebSocket, owner: str, persona_id: str | None, primer: str | None = None
+    websocket: WebSocket,
+    owner: str,
+    persona_id: str | None,
+    primer: str | None = None,
+    adapter: str | None = None,
 ) -> PersonaSpec:
-    """The persona a conversation runs with: a stored/built-in one by id, with per-session overrides."""
+    """The persona a conversation runs with: a stored/built-in one by id, with per-session overrides (a
+    primer, a LoRA adapter: the caller's own)."""
     persona: PersonaSpec = await websocket.app.state.resolve_persona(
-        owner, persona_id, {"primer": primer} if primer else {}
+        owner, persona_id, {"primer": primer or None, "adapter": adapter or None}
     )
+    if persona.adapter is not None:
+        await check_adapter_owned(websocket.app.state.adapters, owner, persona.adapter)
     return persona
 
 
