@@ -526,23 +526,24 @@ class DialogueWorker:
         return None
 
     async def _defer_to_holder(self, start: SessionStart) -> bool:
-        """Leave a start naming an adapter this worker does not hold, once, when another serving worker of
-        the group holds it and has a free slot: it is claimed again after CHORUS_CLAIM_IDLE_MS."""
+        """Leave a start naming an adapter for a better placed worker of the group (it is claimed again
+        after CHORUS_CLAIM_IDLE_MS): while this worker serves no adapters and another of the group does,
+        every time; when this worker does not hold the adapter and another with a free slot does, once."""
         adapter = start.persona.adapter
         if adapter is None or (self.adapters is not None and self.adapters.holds(adapter)):
             return False
-        if start.session_id in self._deferred:
+        if self.adapters is not None and start.session_id in self._deferred:
             self._deferred.discard(start.session_id)
             return False
         group = placement_group(self.model.name)
-        holders = [
+        others = [
             w
             for w in await list_workers(self.bus, SERVICE)
-            if w.worker_id != self.worker_id
-            and w.fields.get("group") == group
-            and w.free_slots > 0
-            and adapter in w.fields.get("adapters", "").split()
+            if w.worker_id != self.worker_id and w.fields.get("group") == group
         ]
+        if self.adapters is None:  # one that serves adapters takes it once it has a slot (or warmed up)
+            return any(int(w.fields.get("adapter_slots", "0")) > 0 for w in others)
+        holders = [w for w in others if w.free_slots > 0 and adapter in w.fields.get("adapters", "").split()]
         if not holders or len(self._deferred) >= self.batcher.batch_size * 16:
             return False
         self._deferred.add(start.session_id)

@@ -18,7 +18,7 @@ from shared.adapter_store import AdapterRecord, AdapterStore
 from shared.adapters import check_adapter
 from shared.bus import Bus
 from shared.errors import ModelLoadError, NoCapacity
-from shared.messages import EventName, Failure, PersonaSpec, SessionStart, SessionStop
+from shared.messages import EventName, Failure, PersonaSpec, Placement, SessionStart, SessionStop
 from shared.presence import list_workers
 from shared.storage import LocalStorage
 from tests.services.dialogue.conftest import DialogueReader, RunningWorker
@@ -121,3 +121,27 @@ async def test_a_worker_without_adapter_memory_refuses_a_session_naming_one(
     error = reader.event(EventName.ERROR)
     assert error is not None and error.data_as(Failure).code == "no_capacity"
     assert "serves no LoRA adapters" in error.detail
+
+
+async def test_a_start_naming_an_adapter_goes_to_a_worker_that_serves_adapters(
+    bus: Bus, start_worker: StartWorker, moshi_model: MoshiModel, moshi_dir: Path, tmp_path: Path
+) -> None:
+    store = AdapterStore(LocalStorage(tmp_path))
+    (adapter,) = await store_adapters(store, moshi_dir, tmp_path, layer_shapes(moshi_model.lm), 1)
+    plain = await start_worker(claim_idle_ms=300)
+    tuned = await start_worker(
+        claim_idle_ms=300, dialogue_adapter_memory=50_000_000, dialogue_adapter_max_rank=8
+    )
+
+    async def both_serving() -> bool:
+        return sum(w.free_slots for w in await list_workers(bus, "dialogue")) == 8
+
+    await wait_until(both_serving, "the workers never finished warming up", 30)
+    for n in range(3):  # whichever worker reads the start, the one with adapter memory serves it
+        sid = f"tuned{n}"
+        await open_session(bus, SessionStart(session_id=sid, persona=PersonaSpec(adapter=adapter)))
+        reader = DialogueReader(bus, sid)
+        await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
+        ready = reader.event(EventName.READY)
+        assert ready is not None and ready.data_as(Placement).worker == tuned.settings.worker_id
+    assert not plain.worker.sessions
