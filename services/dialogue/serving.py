@@ -602,7 +602,11 @@ class DialogueWorker:
                 if sid not in self.sessions:
                     await self.ownership.release(sid)
                 return
-            row = self.batcher.join(sid, tokens, start.persona.sampling, adapter_slot)
+            try:
+                row = self.batcher.join(sid, tokens, start.persona.sampling, adapter_slot)
+            except BaseException:
+                self._release_adapter(start)  # its use of the adapter goes with it
+                raise
             timeline = InputTimeline(s.dialogue_input_buffer_frames, s.dialogue_jitter_frames)
             utterances = UtteranceBuilder(s.dialogue_utterance_pause_frames)
             self.sessions[sid] = Session(start, row, timeline, seq, resumed_from, len(tokens), utterances)
