@@ -16,7 +16,7 @@ from shared.bus import Bus
 from shared.presence import list_workers
 from shared.streams import StreamNames
 from tests.support.audio import speech_like
-from tests.support.clients import MoshiClient
+from tests.support.clients import MoshiClient, RealtimeClient
 from tests.support.stack import ChorusStack
 from tests.support.waiting import wait_until
 
@@ -93,3 +93,24 @@ async def _layers_published(http: httpx.AsyncClient, adapter_file: bytes) -> boo
     if response.status_code == 201:
         assert (await http.delete(f"/v1/adapters/{response.json()['id']}")).status_code == 204
     return response.status_code == 201
+
+
+async def test_a_realtime_session_picks_an_adapter_with_chorus_adapter(
+    stack: ChorusStack, adapter_file: bytes
+) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        created = await upload(http, adapter_file, "realtime")
+        assert created.status_code == 201, created.text
+        adapter = created.json()["id"]
+        client = await RealtimeClient.open(stack.ws_url)
+        await client.send({"type": "session.update", "session": {"chorus_adapter": "adapter_nope"}})
+        error = await client.wait_for("error")
+        assert error["error"]["code"] == "invalid_request" and "adapter_nope" in error["error"]["message"]
+        await client.send({"type": "session.update", "session": {"chorus_adapter": adapter}})
+        await client.wait_for("session.updated")
+        await client.append(speech_like(2.0))
+        await client.drain(1.0)
+        await client.ws.close()
+        assert client.audio_seconds() > 0.5
+        assert adapter in await held_adapters(stack), "the session's start named it: the worker loaded it"
+        assert (await http.delete(f"/v1/adapters/{adapter}")).status_code == 204
