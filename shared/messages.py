@@ -187,6 +187,9 @@ class SessionStart(Envelope):
     model: Literal["moshiko", "moshika"] | None = Field(
         default=None, description="Which Moshi checkpoint must serve it; None = any."
     )
+    handoffs: int = Field(
+        default=0, ge=0, le=64, description="Times a dialogue worker passed it on to a better placed one."
+    )
 
 
 class SessionUpdate(Envelope):

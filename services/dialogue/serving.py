@@ -71,6 +71,7 @@ from shared.transcripts import TranscriptLog, TranscriptWriter
 log = logging.getLogger(__name__)
 
 SERVICE = "dialogue"
+MAX_HANDOFFS = 8  # a start naming an adapter is passed on at most this often, then placed where it is read
 ROLLOVERS_COUNTER = "context_rollovers"  # in the session hash: the session detail's counters
 SILENCE = bytes(FRAME_BYTES)  # a frame of a session re-primed in place (PCM16)
 T = TypeVar("T")
@@ -138,7 +139,6 @@ class DialogueWorker:
             adapters=bank,
         )
         self.adapters = AdapterCache(bank, self.adapter_store, self._in_model_thread) if bank else None
-        self._deferred: set[str] = set()  # starts left once for a worker holding their adapter
         self.sessions: dict[str, Session] = {}
         self.store = SessionStore(bus, settings.session_ttl_s)
         self.ownership = SessionOwnership(
@@ -516,8 +516,8 @@ class DialogueWorker:
             return None
         if message.session_id in self.sessions:
             return None
-        if await self._defer_to_holder(message):
-            return Handled.RETRY_LATER
+        if await self._pass_on(message):
+            return None
         async with self._placing:
             if not self.can_take():  # a takeover filled the last slot since the read: pending for another
                 return Handled.RETRY_LATER
@@ -525,15 +525,15 @@ class DialogueWorker:
                 await self._place(start, resumed_from=None)
         return None
 
-    async def _defer_to_holder(self, start: SessionStart) -> bool:
-        """Leave a start naming an adapter for a better placed worker of the group (it is claimed again
-        after CHORUS_CLAIM_IDLE_MS): while this worker serves no adapters and another of the group does,
-        every time; when this worker does not hold the adapter and another with a free slot does, once."""
+    async def _pass_on(self, start: SessionStart) -> bool:
+        """Pass a start naming an adapter on to a better placed worker of the group: appended again to
+        `chorus:control` (whichever worker reads it next: a few hops at most), this one acked. While this
+        worker serves no adapters and another of the group does; or when this worker does not hold the
+        adapter and another with a free slot does. At most MAX_HANDOFFS times, then it is placed here."""
         adapter = start.persona.adapter
-        if adapter is None or (self.adapters is not None and self.adapters.holds(adapter)):
+        if adapter is None or start.handoffs >= MAX_HANDOFFS:
             return False
-        if self.adapters is not None and start.session_id in self._deferred:
-            self._deferred.discard(start.session_id)
+        if self.adapters is not None and self.adapters.holds(adapter):
             return False
         group = placement_group(self.model.name)
         others = [
@@ -542,13 +542,13 @@ class DialogueWorker:
             if w.worker_id != self.worker_id and w.fields.get("group") == group
         ]
         if self.adapters is None:  # one that serves adapters takes it once it has a slot (or warmed up)
-            return any(int(w.fields.get("adapter_slots", "0")) > 0 for w in others)
-        holders = [w for w in others if w.free_slots > 0 and adapter in w.fields.get("adapters", "").split()]
-        if not holders or len(self._deferred) >= self.batcher.batch_size * 16:
-            return False
-        self._deferred.add(start.session_id)
-        log.info("start left for a worker holding its adapter", extra={"session_id": start.session_id})
-        return True
+            better = any(int(w.fields.get("adapter_slots", "0")) > 0 for w in others)
+        else:
+            better = any(w.free_slots > 0 and adapter in w.fields.get("adapters", "").split() for w in others)
+        if better:
+            await self.bus.append_control(start.model_copy(update={"handoffs": start.handoffs + 1}))
+            log.info("start passed on for its adapter", extra={"session_id": start.session_id})
+        return better
 
     async def _adapter_slot(self, start: SessionStart) -> int:
         """The bank slot of the session's adapter (loaded now if this worker does not hold it)."""

@@ -21,7 +21,7 @@ from shared.errors import ModelLoadError, NoCapacity
 from shared.messages import EventName, Failure, PersonaSpec, Placement, SessionStart, SessionStop
 from shared.presence import list_workers
 from shared.storage import LocalStorage
-from tests.services.dialogue.conftest import DialogueReader, RunningWorker
+from tests.services.dialogue.conftest import DialogueReader, RunningWorker, WorkerProcess
 from tests.services.dialogue.test_worker import talk
 from tests.support.sessions import open_session
 from tests.support.waiting import wait_until
@@ -124,24 +124,29 @@ async def test_a_worker_without_adapter_memory_refuses_a_session_naming_one(
 
 
 async def test_a_start_naming_an_adapter_goes_to_a_worker_that_serves_adapters(
-    bus: Bus, start_worker: StartWorker, moshi_model: MoshiModel, moshi_dir: Path, tmp_path: Path
+    bus: Bus,
+    worker_processes: Callable[..., WorkerProcess],
+    moshi_model: MoshiModel,
+    moshi_dir: Path,
+    tmp_path: Path,
 ) -> None:
-    store = AdapterStore(LocalStorage(tmp_path))
+    """Two `chorus dialogue` processes of one group, one without adapter memory (an int8 worker, say):
+    whichever reads a start naming an adapter, the one serving adapters places it."""
+    store = AdapterStore(LocalStorage(tmp_path / "data"))  # the processes' CHORUS_DATA_DIR
     (adapter,) = await store_adapters(store, moshi_dir, tmp_path, layer_shapes(moshi_model.lm), 1)
-    plain = await start_worker(claim_idle_ms=300)
-    tuned = await start_worker(
-        claim_idle_ms=300, dialogue_adapter_memory=50_000_000, dialogue_adapter_max_rank=8
+    plain = worker_processes("plain")
+    tuned = worker_processes(
+        "tuned", CHORUS_DIALOGUE_ADAPTER_MEMORY="50000000", CHORUS_DIALOGUE_ADAPTER_MAX_RANK="8"
     )
 
     async def both_serving() -> bool:
         return sum(w.free_slots for w in await list_workers(bus, "dialogue")) == 8
 
-    await wait_until(both_serving, "the workers never finished warming up", 30)
-    for n in range(3):  # whichever worker reads the start, the one with adapter memory serves it
+    await wait_until(both_serving, f"the workers never served: {plain.log_tail()}{tuned.log_tail()}", 90)
+    for n in range(3):
         sid = f"tuned{n}"
         await open_session(bus, SessionStart(session_id=sid, persona=PersonaSpec(adapter=adapter)))
         reader = DialogueReader(bus, sid)
         await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
         ready = reader.event(EventName.READY)
-        assert ready is not None and ready.data_as(Placement).worker == tuned.settings.worker_id
-    assert not plain.worker.sessions
+        assert ready is not None and ready.data_as(Placement).worker == "tuned"
