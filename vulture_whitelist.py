@@ -16,6 +16,7 @@ from websockets.server import ServerProtocol
 
 from chorus.devtools import compose
 from services.dialogue.sampling import RowSampledLMGen
+from services.gateway.adapters import AdapterOut
 from services.gateway.client_secrets import ExpiresAfter
 from services.gateway.fair_websocket import FairWebSocketProtocol
 from services.gateway.protocols import realtime_events
@@ -23,6 +24,7 @@ from services.gateway.protocols.response_carver import ResponseCarver
 from services.gateway.sessions import TranscriptExport
 from services.router.mixer import Mixer
 from services.tts.voice_states import VoiceStates
+from shared.adapter_store import AdapterRecord
 from shared.bus import Handled
 from shared.logging import JsonFormatter
 from shared.messages import Flushed
@@ -63,6 +65,8 @@ realtime_events.RateLimit.reset_seconds
 realtime_events.SpeechStarted.audio_start_ms
 realtime_events.SpeechStopped.audio_end_ms
 realtime_events.ErrorDetail.param  # the OpenAI error shape's field, sent as null
+AdapterRecord.size_bytes  # /v1/adapters shows it; stored in adapter.json
+AdapterOut.size_bytes
 
 # Made from a value the Redis script returns (`TakeOutcome(result)`).
 TakeOutcome.OWNED

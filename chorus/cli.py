@@ -40,6 +40,16 @@ def _make_checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_adapter(args: argparse.Namespace) -> int:
+    from chorus.devtools.lora_adapter import write_random_adapter
+
+    path = write_random_adapter(
+        args.out, args.checkpoint, rank=args.rank, scaling=args.scaling, seed=args.seed
+    )
+    print(path)
+    return 0
+
+
 def _voices_add(args: argparse.Namespace) -> int:
     from chorus.voices import add_voice
 
@@ -119,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("dir", type=Path)
     ckpt.add_argument("--full-size", action="store_true", help="real model sizes (for benchmarks)")
     ckpt.set_defaults(func=_make_checkpoints)
+    adapter = dev.add_parser(
+        "make-adapter", help="write a random LoRA adapter (moshi-finetune's layout) for a Moshi checkpoint"
+    )
+    adapter.add_argument("out", type=Path, help="the .safetensors file to write")
+    adapter.add_argument("--checkpoint", type=Path, required=True, help="the Moshi checkpoint directory")
+    adapter.add_argument("--rank", type=int, default=8)
+    adapter.add_argument("--scaling", type=float, default=2.0)
+    adapter.add_argument("--seed", type=int, default=0)
+    adapter.set_defaults(func=_make_adapter)
     return parser
 
 

@@ -160,6 +160,9 @@ class PersonaSpec(BaseModel):
     )
     greeting: str = Field(default="", max_length=500)
     sampling: Sampling = Field(default_factory=Sampling)
+    adapter: ProfileId | None = Field(
+        default=None, description="A LoRA adapter id (fine-tuned persona): its rows run with it."
+    )
 
 
 class Envelope(BaseModel):
@@ -199,6 +202,9 @@ class SessionStart(Envelope):
     voice_mode: VoiceMode = "auto"
     model: Literal["moshiko", "moshika"] | None = Field(
         default=None, description="Which Moshi checkpoint must serve it; None = any."
+    )
+    handoffs: int = Field(
+        default=0, ge=0, le=64, description="Times a dialogue worker passed it on to a better placed one."
     )
 
 

@@ -263,12 +263,18 @@ def _write_random_lm(path: Path, config: dict[str, Any], dtype: Any) -> None:
 _SAFETENSORS_DTYPES = {"torch.float32": ("F32", 4), "torch.bfloat16": ("BF16", 2)}
 
 
-def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: Any, make: Any) -> None:
+def _write_safetensors(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: Any,
+    make: Any,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """The safetensors format, streamed: 8-byte header length, JSON header, then the raw tensors."""
     import torch
 
     code, width = _SAFETENSORS_DTYPES[str(dtype)]
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     names = sorted(shapes)
     for name in names:

@@ -46,6 +46,7 @@ import torch
 from moshi.modules.streaming import State, StreamingModule
 from moshi.utils.compile import CUDAGraphed, no_compile
 
+from services.dialogue.adapters import NO_ADAPTER, AdapterBank
 from services.dialogue.model import MoshiModel
 from services.dialogue.sampling import RowSampledLMGen, RowSampling
 from shared.audio import FRAME_SAMPLES, FloatAudio
@@ -140,8 +141,10 @@ class Batcher:
         audio_top_k: int = 250,
         compile: bool = False,
         graph_resets: bool | None = None,
+        adapters: AdapterBank | None = None,
     ) -> None:
         self.model = model
+        self.adapters = adapters  # per-row LoRA (services/dialogue/adapters.py); None: the plain LM
         self.slots = [Slot(row) for row in range(slots)]
         self.compile = compile
         device = model.device
@@ -202,14 +205,24 @@ class Batcher:
     def active(self) -> list[Slot]:
         return [s for s in self.slots if s.session_id is not None]
 
-    def join(self, session_id: str, primer: Sequence[int] = (), sampling: Sampling | None = None) -> int:
-        """Seat a session on a free row; its row is reset before the next step. Returns the row."""
+    def join(
+        self,
+        session_id: str,
+        primer: Sequence[int] = (),
+        sampling: Sampling | None = None,
+        adapter_slot: int = NO_ADAPTER,
+    ) -> int:
+        """Seat a session on a free row; its row is reset before the next step. Returns the row.
+        `adapter_slot`: the bank slot of the session's LoRA adapter (NO_ADAPTER: none)."""
         free = self.free_rows()
         if not free:
             raise NoCapacity(f"all {self.batch_size} slots are busy", session_id=session_id)
+        if adapter_slot != NO_ADAPTER and self.adapters is None:
+            raise NoCapacity("this worker serves no LoRA adapters", session_id=session_id)
         slot = self.slots[free[0]]
         _seat(slot, session_id, primer)
         self.sampling.start(slot.row, sampling or Sampling())
+        self._use_adapter(slot.row, adapter_slot)
         return slot.row
 
     def leave(self, row: int) -> None:
@@ -224,6 +237,11 @@ class Batcher:
         slot.forced.clear()
         slot.pending = slot.replaces = None
         self.sampling.clear(row)
+        self._use_adapter(row, NO_ADAPTER)
+
+    def _use_adapter(self, row: int, adapter_slot: int) -> None:
+        if self.adapters is not None:
+            self.adapters.assign(row, adapter_slot)
 
     def set_sampling(self, row: int, sampling: Sampling) -> None:
         for changed in self._session_rows(row):
@@ -253,6 +271,8 @@ class Batcher:
         _seat(fresh, slot.session_id, primer, rollovers=slot.rollovers + 1)
         fresh.replaces = row
         self.sampling.copy(row, fresh.row)
+        if self.adapters is not None:
+            self._use_adapter(fresh.row, self.adapters.slot_of(row))
         slot.pending = PendingRollover(RolloverKind.FREE_SLOT, fresh.row, slot.age)
         return RolloverKind.FREE_SLOT
 

@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from services.dialogue.adapter_cache import AdapterCache, slots_for
+from services.dialogue.adapters import NO_ADAPTER, AdapterBank, layer_shapes
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
 from services.dialogue.inputs import Arrival, InputTimeline, Take
 from services.dialogue.model import MoshiModel
@@ -43,9 +45,10 @@ from services.dialogue.settings import DialogueSettings
 from services.dialogue.ticks import TickClock, prime_deadline
 from services.dialogue.utterances import UtteranceBuilder
 from shared import metrics
+from shared.adapter_store import AdapterStore
 from shared.audio import FRAME_BYTES, FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
 from shared.bus import Bus, Entry, GroupConsumer, Handled
-from shared.errors import MalformedMessage
+from shared.errors import ChorusError, MalformedMessage, NoCapacity
 from shared.messages import (
     CONTROL,
     DIALOGUE,
@@ -56,6 +59,7 @@ from shared.messages import (
     DialogueFrame,
     Envelope,
     EventName,
+    Failure,
     Placement,
     SessionEvent,
     SessionStart,
@@ -64,7 +68,7 @@ from shared.messages import (
     UserAudio,
 )
 from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
-from shared.presence import WorkerFields, WorkerPresence
+from shared.presence import WorkerFields, WorkerPresence, list_workers
 from shared.retry import keep_running
 from shared.sessions import SessionInfo, SessionState, SessionStore
 from shared.storage import LocalStorage
@@ -73,6 +77,7 @@ from shared.transcripts import TranscriptLog, TranscriptWriter
 log = logging.getLogger(__name__)
 
 SERVICE = "dialogue"
+MAX_HANDOFFS = 8  # a start naming an adapter is passed on at most this often, then placed where it is read
 ROLLOVERS_COUNTER = "context_rollovers"  # in the session hash: the session detail's counters
 SILENCE = bytes(FRAME_BYTES)  # a frame of a session re-primed in place (PCM16)
 T = TypeVar("T")
@@ -131,13 +136,17 @@ class DialogueWorker:
         compile_ = settings.dialogue_compile
         primer_bound = settings.dialogue_max_primer_tokens + max(model.lm.delays)  # the batcher's delay
         check_rollover_at(settings.dialogue_rollover_at, model.lm.context, primer_bound)
+        self.adapter_store = AdapterStore(LocalStorage(settings.data_dir))
+        bank = self._adapter_bank()
         self.batcher = Batcher(
             model,
             settings.dialogue_slots,
             audio_temperature=settings.dialogue_audio_temperature,
             audio_top_k=settings.dialogue_audio_top_k,
             compile=model.device.type == "cuda" if compile_ is None else compile_,
+            adapters=bank,
         )
+        self.adapters = AdapterCache(bank, self.adapter_store, self._in_model_thread) if bank else None
         self.sessions: dict[str, Session] = {}
         self.store = SessionStore(bus, settings.session_ttl_s)
         self.ownership = SessionOwnership(
@@ -179,7 +188,7 @@ class DialogueWorker:
         return bool(self.batcher.free_rows())
 
     def describe(self) -> WorkerFields:
-        return {
+        fields: WorkerFields = {
             "capacity": self.batcher.batch_size,
             "free_slots": len(self.batcher.free_rows()),
             "model": self.model.name,
@@ -187,6 +196,19 @@ class DialogueWorker:
             "device": str(self.model.device),
             "group": placement_group(self.model.name),
         }
+        if self.adapters is not None:
+            fields.update(adapter_slots=self.adapters.bank.slots, adapters=" ".join(self.adapters.held()))
+        return fields
+
+    def _adapter_bank(self) -> AdapterBank | None:
+        """Per-row LoRA on this worker's LM when CHORUS_DIALOGUE_ADAPTER_MEMORY allows a slot (before the
+        batcher: the layers are wrapped before any CUDA graph is captured)."""
+        s = self.settings
+        if not s.dialogue_adapter_memory:
+            return None
+        lm = self.model.lm
+        slots = slots_for(lm, s.dialogue_adapter_memory, s.dialogue_adapter_max_rank)
+        return AdapterBank(lm, s.dialogue_slots, slots, s.dialogue_adapter_max_rank)
 
     # --- the core loop -------------------------------------------------------------------------
 
@@ -203,6 +225,7 @@ class DialogueWorker:
             await self.warmup()
         log.info("dialogue worker serving", extra={**self.describe(), "rollover_at": self.rollover_at})
         await self.ownership.set_leftovers_aside()
+        await self.adapter_store.publish_layers(self.model.name, layer_shapes(self.model.lm))
         writer = asyncio.create_task(self.transcripts.run(), name="transcripts")
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -228,6 +251,8 @@ class DialogueWorker:
             writer.cancel()
             self._model_thread.shutdown(wait=True)
             self.batcher.close()
+            if self.adapters is not None:
+                self.adapters.bank.remove()  # the LM as it was loaded (a test may batch it again)
 
     async def _tick_loop(self, stop: asyncio.Event) -> None:
         """Read, step, and hand the tick's frames to a write that runs while the clock waits and the next
@@ -504,12 +529,68 @@ class DialogueWorker:
             return None
         if message.session_id in self.sessions:
             return None
+        if await self._pass_on(message):
+            return None
         async with self._placing:
             if not self.can_take():  # a takeover filled the last slot since the read: pending for another
                 return Handled.RETRY_LATER
             if (start := await self.ownership.admit(message)) is not None:
                 await self._place(start, resumed_from=None)
         return None
+
+    async def _pass_on(self, start: SessionStart) -> bool:
+        """Pass a start naming an adapter on to a better placed worker of the group: appended again to
+        `chorus:control` (whichever worker reads it next: a few hops at most), this one acked. While this
+        worker serves no adapters and another of the group does; or when this worker does not hold the
+        adapter and another with a free slot does. At most MAX_HANDOFFS times, then it is placed here."""
+        adapter = start.persona.adapter
+        if adapter is None or start.handoffs >= MAX_HANDOFFS:
+            return False
+        if self.adapters is not None and self.adapters.holds(adapter):
+            return False
+        group = placement_group(self.model.name)
+        others = [
+            w
+            for w in await list_workers(self.bus, SERVICE)
+            if w.worker_id != self.worker_id and w.fields.get("group") == group
+        ]
+        if self.adapters is None:  # one that serves adapters takes it once it has a slot (or warmed up)
+            better = any(int(w.fields.get("adapter_slots", "0")) > 0 for w in others)
+        else:
+            better = any(w.free_slots > 0 and adapter in w.fields.get("adapters", "").split() for w in others)
+        if better:
+            await self.bus.append_control(start.model_copy(update={"handoffs": start.handoffs + 1}))
+            log.info("start passed on for its adapter", extra={"session_id": start.session_id})
+        return better
+
+    async def _adapter_slot(self, start: SessionStart) -> int:
+        """The bank slot of the session's adapter (loaded now if this worker does not hold it)."""
+        adapter = start.persona.adapter
+        if adapter is None:
+            return NO_ADAPTER
+        if self.adapters is None:
+            raise NoCapacity(
+                "this dialogue worker serves no LoRA adapters (CHORUS_DIALOGUE_ADAPTER_MEMORY=0)"
+            )
+        slot = await self.adapters.acquire(adapter)
+        await self._slots_changed()  # presence lists the adapter: placement prefers this worker for it
+        return slot
+
+    def _release_adapter(self, start: SessionStart) -> None:
+        if self.adapters is not None and start.persona.adapter is not None:
+            self.adapters.release(start.persona.adapter)
+
+    async def _refuse(self, start: SessionStart, seq: int, error: ChorusError) -> None:
+        """A session this worker took but cannot serve (its adapter): `error` then `ended` on :dlg."""
+        sid = start.session_id
+        events = [
+            SessionEvent.of(sid, seq, EventName.ERROR, error.detail, Failure(code=error.code)),
+            SessionEvent.of(sid, seq + 1, EventName.ENDED, error.code),
+        ]
+        stream = self.bus.names.session_dialogue(sid)
+        await self.bus.append_session(sid, [(stream, event) for event in events], self.ownership.fence)
+        await self.ownership.release(sid)
+        log.warning("session refused: %s", error.detail, extra={"session_id": sid, "code": error.code})
 
     async def _on_takeover(self, takeover: Takeover) -> None:
         await self._place(takeover.start, resumed_from=takeover.previous_worker, info=takeover.info)
@@ -523,13 +604,22 @@ class DialogueWorker:
         spoken = await self._spoken_before(sid, info, history) if resumed_from else ""
         tokens = self._primer(start, spoken, history)
         seq = await next_seq(self.bus, self.bus.names.session_dialogue(sid), DIALOGUE)
+        try:
+            adapter_slot = await self._adapter_slot(start)
+        except ChorusError as exc:
+            await self._refuse(start, seq, exc)
+            return
         async with self._table:
-            if sid in self.sessions:
+            if sid in self.sessions or sid in self.ownership.stops:  # placed, or stopped meanwhile
+                self._release_adapter(start)
+                if sid not in self.sessions:
+                    await self.ownership.release(sid)
                 return
-            if sid in self.ownership.stops:  # stopped while we were placing it
-                await self.ownership.release(sid)
-                return
-            row = self.batcher.join(sid, tokens, start.persona.sampling)
+            try:
+                row = self.batcher.join(sid, tokens, start.persona.sampling, adapter_slot)
+            except BaseException:
+                self._release_adapter(start)  # its use of the adapter goes with it
+                raise
             timeline = InputTimeline(s.dialogue_input_buffer_frames, s.dialogue_jitter_frames)
             utterances = UtteranceBuilder(s.dialogue_utterance_pause_frames)
             self.sessions[sid] = Session(start, row, timeline, seq, resumed_from, len(tokens), utterances)
@@ -602,6 +692,7 @@ class DialogueWorker:
             )
             del self.sessions[sid]
             self.batcher.leave(session.row)
+            self._release_adapter(session.start)
         await self._slots_changed()
         self.transcripts.end(sid, reason)
         await self.ownership.release(sid)
@@ -616,6 +707,7 @@ class DialogueWorker:
             if session is None:
                 return
             self.batcher.leave(session.row)
+            self._release_adapter(session.start)
         await self._slots_changed()
         await self.ownership.release(sid)
         log.warning("session let go: %s", why, extra={"session_id": sid})

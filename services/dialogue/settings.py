@@ -123,6 +123,21 @@ class DialogueSettings(CommonSettings):
         "masked out), so primers are forced faster than real time when the batch has headroom.",
     )
 
+    dialogue_adapter_memory: int = Field(
+        default=0,
+        ge=0,
+        description="Bytes of device memory for LoRA adapters (fine-tuned personas, docs/personas.md): "
+        "the worker keeps as many adapter slots of `CHORUS_DIALOGUE_ADAPTER_MAX_RANK` as fit (at most 64), "
+        "loads an adapter on first use and evicts the least recently used one no session uses. 0: this "
+        "worker serves no adapters (its step has no LoRA at all). Refused with int8 weights.",
+    )
+    dialogue_adapter_max_rank: int = Field(
+        default=128,
+        ge=1,
+        le=1024,
+        description="Highest LoRA rank this worker serves (a slot's size; smaller ranks are zero-padded).",
+    )
+
     @model_validator(mode="after")
     def _rollover_after_the_primer(self) -> DialogueSettings:
         at = self.dialogue_rollover_at

@@ -9,7 +9,18 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway import client_secrets, health, hosts, limits, personas, problems, sessions, voices, web
+from services.gateway import (
+    adapters,
+    client_secrets,
+    health,
+    hosts,
+    limits,
+    personas,
+    problems,
+    sessions,
+    voices,
+    web,
+)
 from services.gateway.admission import Admission
 from services.gateway.auth import Authentication, open_key_ring
 from services.gateway.conversation import OUTPUT_BLOCK_MS, OUTPUT_READ_COUNT, finish_stops
@@ -49,10 +60,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             lease_s=settings.session_lease_s,
             renew_s=settings.session_lease_renew_s,
         )
-        # Every session's `:out` in one XREAD per round (one per router tick), not one per session.
-        app.state.outputs = SharedReader(bus, count=OUTPUT_READ_COUNT, block_ms=OUTPUT_BLOCK_MS)
-        # Every session's user audio to `:in` in one script call per round trip, not one per frame.
-        app.state.inputs = SharedWriter(bus)
+        # Every session's `:out` in one XREAD per round (one per router tick), not one per session; every
+        # session's user audio to `:in` in one script call per round trip, not one per frame.
+        app.state.outputs, app.state.inputs = (
+            SharedReader(bus, count=OUTPUT_READ_COUNT, block_ms=OUTPUT_BLOCK_MS),
+            SharedWriter(bus),
+        )
         stop = asyncio.Event()
         background = [
             asyncio.create_task(app.state.leases.run(stop), name="leases"),
@@ -92,6 +105,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # Voice routes raise these too; documenting them here keeps the schema complete.
     voice_errors = {**problems.V1_ERRORS, **problems.problem_responses(400, 404, 409, 415, 503)}
     app.include_router(voices.router, responses=voice_errors)
+    adapters.install(app, settings)
     web.install(app)
     # Outermost last: metrics see every answer, including the limits' refusals. A /v1 request's key is
     # checked before its body is read and before it counts against its owner's rate.
@@ -99,7 +113,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(
         limits.BodySizeLimit,
         max_bytes=settings.max_body_bytes,
-        routes={voices.UPLOAD_ROUTE: voices.upload_body_cap(settings)},
+        routes={
+            voices.UPLOAD_ROUTE: voices.upload_body_cap(settings),
+            adapters.UPLOAD_ROUTE: adapters.upload_body_cap(settings),
+        },
     )
     app.add_middleware(Authentication)  # outside the body caps: an unknown caller learns no limits
     app.add_middleware(hosts.HostAndOriginCheck, settings=settings)

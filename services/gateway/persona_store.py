@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import Conflict, InvalidRequest, NotFound
-from shared.messages import PersonaSpec, Sampling, VoiceName, valid_id
+from shared.messages import PersonaSpec, ProfileId, Sampling, VoiceName, valid_id
 from shared.owner_index import OwnerIndex, Reconciled
 from shared.storage import Storage
 
@@ -31,6 +31,9 @@ class PersonaFields(BaseModel):
     greeting: str = Field(default="", max_length=500)
     voice: VoiceName = "moshika"
     sampling: Sampling = Field(default_factory=Sampling)
+    adapter: ProfileId | None = Field(
+        default=None, description="A LoRA adapter id (/v1/adapters): a fine-tuned persona, docs/personas.md."
+    )
 
 
 class Persona(PersonaFields):
@@ -40,7 +43,12 @@ class Persona(PersonaFields):
 
     def spec(self) -> PersonaSpec:
         return PersonaSpec(
-            id=self.id, name=self.name, primer=self.primer, greeting=self.greeting, sampling=self.sampling
+            id=self.id,
+            name=self.name,
+            primer=self.primer,
+            greeting=self.greeting,
+            sampling=self.sampling,
+            adapter=self.adapter,
         )
 
 

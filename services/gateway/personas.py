@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
+from services.gateway.adapters import check_adapter_owned
 from services.gateway.auth import current_owner
 from services.gateway.persona_store import Persona, PersonaFields, PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
@@ -15,7 +16,7 @@ router = APIRouter(prefix="/v1/personas", tags=["personas"])
 
 Owner = Annotated[str, Depends(current_owner)]
 
-_ERRORS = {**V1_ERRORS, **problem_responses(404, 409)}
+_ERRORS = {**V1_ERRORS, **problem_responses(400, 404, 409)}
 
 
 class PersonaList(BaseModel):
@@ -35,8 +36,14 @@ async def list_personas(owner: Owner, store: Store) -> PersonaList:
     return PersonaList(items=await store.list(owner))
 
 
+async def _adapter_owned(request: Request, owner: str, fields: PersonaFields) -> None:
+    if fields.adapter is not None:
+        await check_adapter_owned(request.app.state.adapters, owner, fields.adapter)
+
+
 @router.post("", status_code=201, summary="Create a persona", responses=_ERRORS)
-async def create_persona(fields: PersonaFields, owner: Owner, store: Store) -> Persona:
+async def create_persona(fields: PersonaFields, owner: Owner, store: Store, request: Request) -> Persona:
+    await _adapter_owned(request, owner, fields)
     return await store.create(owner, fields)
 
 
@@ -46,7 +53,10 @@ async def get_persona(persona_id: str, owner: Owner, store: Store) -> Persona:
 
 
 @router.put("/{persona_id}", summary="Replace a persona", responses=_ERRORS)
-async def replace_persona(persona_id: str, fields: PersonaFields, owner: Owner, store: Store) -> Persona:
+async def replace_persona(
+    persona_id: str, fields: PersonaFields, owner: Owner, store: Store, request: Request
+) -> Persona:
+    await _adapter_owned(request, owner, fields)
     return await store.replace(owner, persona_id, fields)
 
 

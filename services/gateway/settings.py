@@ -221,6 +221,19 @@ class GatewaySettings(CommonSettings):
         description="Largest voice clip upload in bytes (POST /v1/voices only); bigger bodies are refused "
         "(413) by Content-Length or while streaming.",
     )
+    adapter_max_upload_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1024,
+        description="Largest LoRA adapter upload in bytes (POST /v1/adapters only; a rank-128 adapter of the "
+        "7B is several hundred MB); bigger bodies are refused (413). Uploads share the voice uploads' "
+        "concurrency bound (`CHORUS_VOICE_MAX_CONCURRENT_UPLOADS`).",
+    )
+    max_adapters_per_key: int = Field(
+        default=20,
+        ge=0,
+        description="LoRA adapters one API key may have (0 = unlimited); past it an upload is refused "
+        "(409 quota_exceeded) before its body is read.",
+    )
     voice_max_concurrent_uploads: int = Field(
         default=2,
         ge=1,

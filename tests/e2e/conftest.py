@@ -26,6 +26,9 @@ def stack(
             "CHORUS_DIALOGUE_SLOTS": str(DIALOGUE_SLOTS),
             "CHORUS_PLACEMENT_WAIT_S": "3",
             "CHORUS_MAX_SESSIONS_PER_KEY": "16",
+            # Per-row LoRA on (tests/e2e/test_adapters.py): every session's step runs through it.
+            "CHORUS_DIALOGUE_ADAPTER_MEMORY": "50000000",
+            "CHORUS_DIALOGUE_ADAPTER_MAX_RANK": "8",
         },
     )
     try:

@@ -86,7 +86,17 @@ SAMPLING_PARAMS = {
 }
 _INTEGER_PARAMS = {"text_topk", "audio_topk", "repetition_penalty_context", "text_seed", "audio_seed"}
 KNOWN_PARAMS = frozenset(
-    {"persona", "voice", "voice_mode", "primer", "text_prompt", "client_secret", "api_key", *SAMPLING_PARAMS}
+    {
+        "persona",
+        "voice",
+        "voice_mode",
+        "primer",
+        "text_prompt",
+        "adapter",
+        "client_secret",
+        "api_key",
+        *SAMPLING_PARAMS,
+    }
 )
 _DRAWN_SEED_BOUND = 2**53  # a JavaScript client reads the metadata's seeds exactly below this
 _UNKNOWN_LOGGED_MAX = 256  # names of unknown parameters remembered (each logged once), bounded
@@ -184,7 +194,9 @@ async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         primer = params.get("primer") or params.get("text_prompt") or caller.instructions
         sampling = sampling_overrides(params)
         _log_unknown(params)
-        persona = await resolve_persona(websocket, owner, params.get("persona"), primer, sampling)
+        persona = await resolve_persona(
+            websocket, owner, params.get("persona"), primer, sampling, adapter=params.get("adapter")
+        )
         persona = _with_seeds(persona)
         conversation = open_conversation(websocket, owner, persona, voice, mode)
         await websocket.accept(headers=[(b"x-chorus-session-id", conversation.session_id.encode())])

@@ -29,6 +29,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
+from services.gateway.adapters import check_adapter_owned
 from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
 from services.gateway.lifetime import Lifetime
@@ -128,6 +129,7 @@ class RealtimeSession:
         self.instructions = ""
         self.voice = native_voice_for(model)
         self.persona_id = websocket.query_params.get("persona")
+        self.adapter = websocket.query_params.get("adapter")  # or `chorus_adapter` in session.update
         self.idle_timeout_s = settings.idle_timeout_s  # a client's `idle_timeout_ms` may shorten it
         # Opened by the first audio; from then on, however the socket ends, the conversation is stopped.
         self.conversation: Conversation | None = None
@@ -341,6 +343,8 @@ class RealtimeSession:
                     "(they prime the model when the conversation starts)"
                 )
             self.instructions = config.instructions
+        if config.chorus_adapter is not None:
+            await self._set_adapter(config.chorus_adapter)
         if voice is not None:
             self.voice = voice
             if self.conversation is not None:
@@ -352,6 +356,13 @@ class RealtimeSession:
         if config.chorus_events is not None:
             self.chorus_events = config.chorus_events
         self.send(ev.SessionUpdated(session=self.session_object()))
+
+    async def _set_adapter(self, adapter: str) -> None:
+        """`chorus_adapter`: before the first audio only (a session's rows run with one adapter)."""
+        if self.conversation is not None and adapter != self.adapter:
+            raise InvalidRequest("chorus_adapter can only be set before the first audio is appended")
+        await check_adapter_owned(self.websocket.app.state.adapters, self.owner, adapter)
+        self.adapter = adapter
 
     async def append_audio(self, audio_b64: str) -> None:
         try:
@@ -374,7 +385,7 @@ class RealtimeSession:
 
     async def start_conversation(self) -> None:
         persona = await resolve_persona(
-            self.websocket, self.owner, self.persona_id, self.instructions or None
+            self.websocket, self.owner, self.persona_id, self.instructions or None, adapter=self.adapter
         )
         conversation = open_conversation(
             self.websocket,

@@ -135,6 +135,8 @@ class SessionConfig(_Lenient):
     modalities: list[str] | None = None  # beta
     # Ours, not part of the OpenAI API: false stops the `chorus.*` events for this session.
     chorus_events: Annotated[bool, Field(strict=True)] | None = None
+    # Ours, not part of the OpenAI API: a LoRA adapter id (/v1/adapters) for this session.
+    chorus_adapter: str | None = Field(default=None, max_length=64)
 
     def requested_voice(self) -> str | None:
         if self.audio and self.audio.output and self.audio.output.voice:

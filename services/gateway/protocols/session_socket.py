@@ -21,6 +21,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from services.gateway.adapters import check_adapter_owned
 from services.gateway.admission import Admission
 from services.gateway.auth import KeyRing
 from services.gateway.conversation import Conversation
@@ -109,13 +110,18 @@ async def resolve_persona(
     persona_id: str | None,
     primer: str | None = None,
     sampling: dict[str, Any] | None = None,
+    adapter: str | None = None,
 ) -> PersonaSpec:
-    """The persona a conversation runs with: a stored/built-in one by id, with per-session overrides
-    (`sampling`: some of its fields, over the persona's own)."""
+    """The persona a conversation runs with: a stored/built-in one by id, with per-session overrides (a
+    primer; `sampling`: some of its fields, over the persona's own; a LoRA adapter: the caller's own)."""
     overrides: dict[str, Any] = {"primer": primer} if primer else {}
     if sampling:
         overrides["sampling"] = sampling
+    if adapter:
+        overrides["adapter"] = adapter
     persona: PersonaSpec = await websocket.app.state.resolve_persona(owner, persona_id, overrides)
+    if persona.adapter is not None:
+        await check_adapter_owned(websocket.app.state.adapters, owner, persona.adapter)
     return persona
 
 

@@ -1,0 +1,222 @@
+"""Per-row LoRA: every row of the batch may use a different adapter, or none, in the same LM step.
+
+moshi fuses one adapter into the weights (`replace_lora_with_linear`): one adapter per model. Here every
+linear layer of the LM (the ones moshi's `replace_all_linear_with_lora` wraps: all of them) becomes a
+`RowLoRALinear`: the frozen layer plus, for each row, that row's update `scaling · B_r (A_r x)`. The
+adapters sit stacked in a fixed number of device slots (`AdapterBank`), slot 0 all zeros (no adapter);
+one row -> slot index tensor, shared by every layer, picks each row's A and B (one gather, two batched
+matmuls per layer), so a row with no adapter adds exactly zero. Every tensor is allocated once and
+updated in place (an adapter loaded into a slot, a row given a slot), so the CUDA graphs LMGen captures
+stay valid: adapters are hot-added between steps without a restart.
+
+Ranks are padded to the bank's `max_rank` with zeros (no effect on the result); the scaling is folded
+into B when an adapter is loaded. With int8 weights (moshi refuses LoRA with its quantized path) the bank
+is not installed: see `refuse_with_quantized`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from moshi.modules.lora import LoRALinear
+from torch import nn
+
+from shared.adapters import LayerShapes, check_adapter
+from shared.errors import ModelLoadError, Unprocessable
+
+log = logging.getLogger(__name__)
+
+NO_ADAPTER = 0  # the bank's all-zero slot
+
+
+def linear_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Linear]]:
+    """The LM's linear layers by name, as moshi's `replace_all_linear_with_lora` finds them (a wrapped
+    layer under its own name)."""
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, RowLoRALinear):
+            yield path, child.frozen_W
+        elif isinstance(child, nn.Linear):
+            yield path, child
+        else:
+            yield from linear_layers(child, f"{path}.")
+
+
+def layer_shapes(lm: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear layer: what an adapter for this LM must match."""
+    return {name: (layer.out_features, layer.in_features) for name, layer in linear_layers(lm)}
+
+
+class _Stacked(nn.Module):
+    """One layer's A (or B) of every slot, [slots, ...]: a buffer named `weight`, as moshi reads it."""
+
+    weight: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+
+
+class RowLoRALinear(LoRALinear):  # type: ignore[misc]  # moshi is untyped
+    """A frozen linear layer plus each row's own low-rank update, gathered by row.
+
+    A subclass of moshi's `LoRALinear` so moshi's modules treat it as one (the attention's streaming
+    state reads `lora_A.weight`'s device and dtype; the gating takes the generic path).
+    """
+
+    in_features: int
+    out_features: int
+    rank: int
+    frozen_W: nn.Linear
+    lora_A: _Stacked
+    lora_B: _Stacked
+    _rows: torch.Tensor
+
+    def __init__(self, base: nn.Linear, rows: torch.Tensor, slots: int, max_rank: int) -> None:
+        nn.Module.__init__(self)  # not LoRALinear's: its own A/B/W and load hook are not wanted
+        if base.bias is not None:
+            raise ModelLoadError("per-row LoRA wraps bias-free linear layers only")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.scaling, self.bias = max_rank, 1.0, False
+        self.frozen_W = base
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = _Stacked(torch.zeros(slots, max_rank, self.in_features, **factory))
+        self.lora_B = _Stacked(torch.zeros(slots, self.out_features, max_rank, **factory))
+        self._rows = rows  # [batch] slot of each row, shared by every layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[0] != self._rows.shape[0]:
+            raise ValueError(
+                f"per-row LoRA expects [{self._rows.shape[0]}, T, D] inputs, got {list(x.shape)}"
+            )
+        down = self.lora_A.weight[self._rows]  # [B, r, in]
+        up = self.lora_B.weight[self._rows]  # [B, out, r]
+        update = torch.bmm(torch.bmm(x, down.transpose(1, 2)), up.transpose(1, 2))
+        result: torch.Tensor = self.frozen_W(x) + update
+        return result
+
+    def load_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Slot `slot` <- (A, scaled B) of one adapter, zero-padded to the bank's rank; None clears it."""
+        self.lora_A.weight[slot].zero_()
+        self.lora_B.weight[slot].zero_()
+        if a is not None and b is not None:
+            rank = a.shape[0]
+            self.lora_A.weight[slot, :rank].copy_(a)
+            self.lora_B.weight[slot, :, :rank].copy_(b)
+
+    def __repr__(self) -> str:
+        return (
+            f"RowLoRALinear(in_features={self.in_features}, out_features={self.out_features}, r={self.rank})"
+        )
+
+
+@dataclass(frozen=True)
+class AdapterTensors:
+    """An adapter read for one model: each layer's (A, scaling · B) on the model's device and dtype."""
+
+    rank: int
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.layers.values())
+
+
+def read_adapter(
+    data: bytes,
+    shapes: LayerShapes,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    rank: int | None = None,
+    scaling: float | None = None,
+) -> AdapterTensors:
+    """An adapter file (moshi-finetune's layout) as tensors for the model; 422 when it does not fit."""
+    from safetensors.torch import load
+
+    layout = check_adapter(data, shapes, rank=rank, scaling=scaling)
+    raw = load(data)
+    layers = {
+        layer: (
+            raw[f"{layer}.lora_A.weight"].to(device=device, dtype=dtype),
+            (raw[f"{layer}.lora_B.weight"].to(torch.float32) * layout.scaling).to(device=device, dtype=dtype),
+        )
+        for layer in layout.layers
+    }
+    return AdapterTensors(layout.rank, layers)
+
+
+class AdapterBank:
+    """Every LoRA-wrapped layer of one LM, `slots` adapter slots each, and the row -> slot table."""
+
+    def __init__(self, lm: nn.Module, batch_size: int, slots: int, max_rank: int) -> None:
+        if slots < 1:
+            raise ModelLoadError("the adapter bank needs at least one slot")
+        device = next(lm.parameters()).device
+        self.lm = lm
+        self.slots = slots  # adapter slots, 1..slots (0 is no adapter)
+        self.max_rank = max_rank
+        self.rows = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._row_slots = [NO_ADAPTER] * batch_size  # the same on the host
+        self._layers: dict[str, RowLoRALinear] = {}
+        self._originals: dict[str, nn.Linear] = {}
+        for name, layer in list(linear_layers(lm)):
+            wrapped = RowLoRALinear(layer, self.rows, slots + 1, max_rank)
+            _set_module(lm, name, wrapped)
+            self._layers[name], self._originals[name] = wrapped, layer
+        self.shapes = layer_shapes(lm)
+
+    @staticmethod
+    def slot_bytes(lm: nn.Module, max_rank: int) -> int:
+        """Device memory of one slot: A and B of every linear layer at `max_rank`."""
+        total = 0
+        for _, layer in linear_layers(lm):
+            total += max_rank * (layer.in_features + layer.out_features) * layer.weight.element_size()
+        return total
+
+    def load(self, slot: int, adapter: AdapterTensors) -> None:
+        """Copy an adapter into a slot (between steps). Layers it does not name get no update."""
+        self._check_slot(slot)
+        if adapter.rank > self.max_rank:
+            raise Unprocessable(f"adapter rank {adapter.rank} is above this worker's {self.max_rank}")
+        with torch.no_grad():
+            for name, layer in self._layers.items():
+                a, b = adapter.layers.get(name, (None, None))
+                layer.load_slot(slot, a, b)
+
+    def clear(self, slot: int) -> None:
+        self._check_slot(slot)
+        with torch.no_grad():
+            for layer in self._layers.values():
+                layer.load_slot(slot, None, None)
+
+    def assign(self, row: int, slot: int) -> None:
+        """Row `row` uses the adapter in `slot` (NO_ADAPTER: none) from the next step on."""
+        if slot != NO_ADAPTER:
+            self._check_slot(slot)
+        if self._row_slots[row] != slot:
+            self.rows[row] = slot
+            self._row_slots[row] = slot
+
+    def slot_of(self, row: int) -> int:
+        return self._row_slots[row]
+
+    def remove(self) -> None:
+        """Put the original linear layers back (the LM is as before the bank)."""
+        for name, layer in self._originals.items():
+            _set_module(self.lm, name, layer)
+        self._layers.clear()
+        self._originals.clear()
+
+    def _check_slot(self, slot: int) -> None:
+        if not 1 <= slot <= self.slots:
+            raise ValueError(f"adapter slot {slot} is not in 1..{self.slots}")
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)

@@ -1,0 +1,232 @@
+"""REST for LoRA adapters (fine-tuned personas): upload, list, get, delete.
+
+An upload is the safetensors file `moshi-finetune` writes (multipart: `file`, `name`, optional `rank`,
+`scaling`, `model`). It is checked before it is stored: a safetensors file (else 415), no larger than
+`CHORUS_ADAPTER_MAX_UPLOAD_BYTES` (413, the body capped by the body size middleware on this route), and
+every tensor a LoRA factor of a linear layer of the model it is for, in that layer's shape (422 naming the
+first tensor that is not). The model's layer shapes are the ones its dialogue workers published at
+start-up (`shared/adapter_store.py`): before any has started, an upload answers 503.
+
+An adapter belongs to the API key that uploaded it (another key's answers 404, like a missing one); a
+persona names it by id (`adapter`), and a socket may for one session (`?adapter=` on /api/chat,
+`chorus_adapter` in a Realtime `session.update`). Deleting one that a persona names is refused (409).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from pydantic import BaseModel, Field
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from services.gateway.auth import current_owner
+from services.gateway.limits import BodyCap
+from services.gateway.persona_store import PersonaStore
+from services.gateway.problems import V1_ERRORS, problem_responses
+from services.gateway.settings import GatewaySettings
+from shared.adapter_store import AdapterRecord, AdapterStore, new_adapter_id
+from shared.adapters import check_adapter, read_header
+from shared.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+UPLOAD_ROUTE = ("POST", "/v1/adapters")
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and the small fields around the file
+DEFAULT_MODEL = "moshiko"
+
+_ERRORS = {**V1_ERRORS, **problem_responses(400, 404, 409)}
+
+
+class AdapterOut(BaseModel):
+    """An adapter as clients see it (the owner stays private)."""
+
+    id: str = Field(description="What a persona's `adapter` (or `?adapter=`) takes.")
+    name: str
+    model: str
+    rank: int
+    scaling: float
+    dtype: str
+    layers: int
+    parameters: int
+    size_bytes: int
+    created: datetime
+
+    @classmethod
+    def of(cls, record: AdapterRecord) -> AdapterOut:
+        return cls.model_validate(record.model_dump(exclude={"owner"}))
+
+
+class AdapterList(BaseModel):
+    items: list[AdapterOut]
+
+
+def install(app: FastAPI, settings: GatewaySettings) -> None:
+    """The store (on the app's storage) and the routes."""
+    app.state.adapters = AdapterStore(app.state.storage, max_per_owner=settings.max_adapters_per_key)
+    app.include_router(router)
+
+
+def upload_body_cap(settings: GatewaySettings) -> BodyCap:
+    return BodyCap(settings.adapter_max_upload_bytes, framing=FORM_OVERHEAD)
+
+
+def _store(request: Request) -> AdapterStore:
+    store: AdapterStore = request.app.state.adapters
+    return store
+
+
+async def check_adapter_owned(store: AdapterStore, owner: str, adapter_id: str) -> AdapterRecord:
+    """The adapter a persona or a session names: the caller's own, else 400 (unknown to this key)."""
+    try:
+        return await store.get_owned(adapter_id, owner)
+    except NotFound:
+        raise InvalidRequest(f"unknown adapter {adapter_id!r}: no such adapter for this API key") from None
+
+
+async def _read_form(request: Request) -> FormData:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise UnsupportedMedia("send multipart/form-data with the fields file (.safetensors) and name")
+    parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=8, max_part_size=4096)
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(f"invalid multipart body: {exc.message}") from None
+    except ClientDisconnect:
+        raise InvalidRequest("the client left before the whole body arrived") from None
+
+
+async def _file_bytes(form: FormData, max_bytes: int) -> bytes:
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise InvalidRequest("the `file` field is missing: attach the adapter (.safetensors)")
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(
+            f"the adapter is larger than {max_bytes} bytes (CHORUS_ADAPTER_MAX_UPLOAD_BYTES)", limit=max_bytes
+        )
+    return data
+
+
+def _field(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def _number(form: FormData, name: str, kind: type[int] | type[float]) -> int | float | None:
+    raw = _field(form, name)
+    if raw is None:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InvalidRequest(f"`{name}` must be a number, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidRequest(f"`{name}` must be positive, got {raw!r}")
+    return value
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=AdapterOut,
+    summary="Upload a LoRA adapter (moshi-finetune's safetensors) for fine-tuned personas",
+    responses={
+        **_ERRORS,
+        413: {"description": "Larger than CHORUS_ADAPTER_MAX_UPLOAD_BYTES"},
+        415: {"description": "Not multipart, or the file is not safetensors"},
+        422: {"description": "A tensor does not fit the model's layers (the first one is named)"},
+        503: {"description": "No dialogue worker of the model has published its layers yet"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "name"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "name": {"type": "string", "maxLength": 100},
+                            "rank": {"type": "integer", "description": "else the file's lora_rank"},
+                            "scaling": {"type": "number", "description": "else lora_scaling, else 2.0"},
+                            "model": {"type": "string", "description": "moshiko (default) or moshika"},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+async def create_adapter(request: Request, owner: str = Depends(current_owner)) -> AdapterOut:
+    await _store(request).check_quota(owner)  # both refusals come before the body is read
+    with request.app.state.upload_slots.take():
+        return await _create_adapter(request, owner)
+
+
+async def _create_adapter(request: Request, owner: str) -> AdapterOut:
+    store = _store(request)
+    settings: GatewaySettings = request.app.state.settings
+    form = await _read_form(request)
+    try:
+        data = await _file_bytes(form, settings.adapter_max_upload_bytes)
+    finally:
+        await form.close()
+    name = _field(form, "name") or ""
+    if not 1 <= len(name) <= 100:
+        raise InvalidRequest("`name` is required (1 to 100 characters)")
+    model = _field(form, "model") or DEFAULT_MODEL
+    if model not in ("moshiko", "moshika"):
+        raise InvalidRequest(f"`model` is moshiko or moshika, got {model!r}")
+    rank, scaling = _number(form, "rank", int), _number(form, "scaling", float)
+    read_header(data)  # not a safetensors file: 415, whether or not the model's layers are known yet
+    layout = check_adapter(
+        data,
+        await store.layers(model),
+        rank=None if rank is None else int(rank),
+        scaling=scaling,
+    )
+    record = AdapterRecord.of(new_adapter_id(), owner, name, model, layout, len(data))
+    await store.create(record, data)
+    log.info("adapter created", extra={"adapter_id": record.id, "rank": record.rank, "bytes": len(data)})
+    return AdapterOut.of(record)
+
+
+@router.get("", response_model=AdapterList, summary="Your adapters, oldest first", responses=_ERRORS)
+async def list_adapters(request: Request, owner: str = Depends(current_owner)) -> AdapterList:
+    return AdapterList(items=[AdapterOut.of(r) for r in await _store(request).adapters(owner)])
+
+
+@router.get("/{adapter_id}", response_model=AdapterOut, summary="One adapter", responses=_ERRORS)
+async def get_adapter(adapter_id: str, request: Request, owner: str = Depends(current_owner)) -> AdapterOut:
+    return AdapterOut.of(await _store(request).get_owned(adapter_id, owner))
+
+
+@router.delete(
+    "/{adapter_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete an adapter (refused while a persona names it)",
+    responses=_ERRORS,
+)
+async def delete_adapter(adapter_id: str, request: Request, owner: str = Depends(current_owner)) -> Response:
+    store = _store(request)
+    await store.get_owned(adapter_id, owner)
+    personas: PersonaStore = request.app.state.personas
+    users = [p.id for p in await personas.list(owner) if p.adapter == adapter_id]
+    if users:
+        raise Conflict(
+            f"adapter {adapter_id!r} is used by persona {users[0]!r}: change or delete the persona first",
+            reason="in_use",
+            personas=users,
+        )
+    await store.delete(adapter_id)
+    log.info("adapter deleted", extra={"adapter_id": adapter_id})
+    return Response(status_code=204)

@@ -1,0 +1,172 @@
+"""LoRA adapters in durable storage: the file as uploaded, its metadata, and the layer shapes of each model.
+
+Layout under the storage root (`CHORUS_DATA_DIR`):
+
+    adapters/{id}/adapter.safetensors   the file as moshi-finetune wrote it (checked on upload)
+    adapters/{id}/adapter.json          the metadata (`AdapterRecord`); written last: its presence = complete
+    models/{model}/layers.json          (out, in) of every linear layer of a model, written by its
+                                        dialogue workers at start-up: what an upload is checked against
+
+Each owner's adapters are indexed (`owners/{owner}/adapters/{id}`), like voices. Delete removes the
+metadata first (the adapter is gone for every reader), then the file, then the index entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.adapters import AdapterLayout, LayerShapes
+from shared.errors import NotFound, ServiceUnavailable
+from shared.messages import ProfileId, valid_id
+from shared.owner_index import OwnerIndex
+from shared.storage import Storage
+
+log = logging.getLogger(__name__)
+
+PREFIX = "adapters/"
+FILE = "adapter.safetensors"
+RECORD = "adapter.json"
+
+
+def new_adapter_id() -> str:
+    return "adapter_" + uuid.uuid4().hex[:16]
+
+
+class AdapterRecord(BaseModel):
+    """An adapter's metadata, as stored in adapter.json and shown by the REST API."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: ProfileId
+    owner: str = Field(description="Hash of the API key that uploaded it ('' = no auth).")
+    name: str = Field(min_length=1, max_length=100)
+    model: str = Field(description="The Moshi model (moshiko / moshika) whose layers it was checked against.")
+    rank: int
+    scaling: float
+    dtype: str
+    layers: int = Field(description="Linear layers it updates.")
+    parameters: int
+    size_bytes: int
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @classmethod
+    def of(
+        cls, adapter_id: str, owner: str, name: str, model: str, layout: AdapterLayout, size: int
+    ) -> AdapterRecord:
+        return cls(
+            id=adapter_id,
+            owner=owner,
+            name=name,
+            model=model,
+            rank=layout.rank,
+            scaling=layout.scaling,
+            dtype=layout.dtype,
+            layers=len(layout.layers),
+            parameters=layout.parameters,
+            size_bytes=size,
+        )
+
+
+def _key(adapter_id: str, name: str = "") -> str:
+    if not valid_id(adapter_id):  # ids come from URLs and starts: only ours may become storage keys
+        raise NotFound(f"no adapter {adapter_id!r}")
+    return f"{PREFIX}{adapter_id}/{name}"
+
+
+def _layers_key(model: str) -> str:
+    if not valid_id(model):
+        raise NotFound(f"no model {model!r}")
+    return f"models/{model}/layers.json"
+
+
+class AdapterStore:
+    """`max_per_owner`: adapters one owner may have (0 = no limit)."""
+
+    def __init__(self, storage: Storage, *, max_per_owner: int = 0) -> None:
+        self.storage = storage
+        self.max_per_owner = max_per_owner
+        self.index = OwnerIndex(storage, "adapters")
+
+    async def check_quota(self, owner: str) -> None:
+        await self.index.check(owner, self.max_per_owner)
+
+    async def create(self, record: AdapterRecord, data: bytes) -> AdapterRecord:
+        """The file, then the metadata (only the metadata makes it visible); a failed write removes both."""
+        await self.index.reserve(record.owner, record.id, self.max_per_owner, self._complete)
+        try:
+            await self.storage.put(_key(record.id, FILE), data)
+            await self.storage.put(_key(record.id, RECORD), record.model_dump_json().encode())
+        except BaseException:
+            await self.storage.delete_prefix(_key(record.id))
+            await self.index.remove(record.owner, record.id)
+            raise
+        return record
+
+    async def _complete(self, adapter_id: str) -> bool:
+        return await self.storage.exists(_key(adapter_id, RECORD))
+
+    async def get(self, adapter_id: str) -> AdapterRecord:
+        try:
+            raw = await self.storage.get(_key(adapter_id, RECORD))
+        except NotFound:
+            raise NotFound(f"no adapter {adapter_id!r}") from None
+        return AdapterRecord.model_validate_json(raw)
+
+    async def get_owned(self, adapter_id: str, owner: str) -> AdapterRecord:
+        """Another owner's adapter is indistinguishable from a missing one."""
+        record = await self.get(adapter_id)
+        if record.owner != owner:
+            raise NotFound(f"no adapter {adapter_id!r}")
+        return record
+
+    async def adapters(self, owner: str) -> list[AdapterRecord]:
+        """The owner's adapters (read through its index), oldest first."""
+        records = []
+        for adapter_id in await self.index.names(owner):
+            try:
+                record = await self.get(adapter_id)
+            except NotFound:
+                continue
+            if record.owner == owner:
+                records.append(record)
+        return sorted(records, key=lambda r: (r.created, r.id))
+
+    async def data(self, adapter_id: str) -> bytes:
+        try:
+            return await self.storage.get(_key(adapter_id, FILE))
+        except NotFound:
+            raise NotFound(f"adapter {adapter_id!r} has no file") from None
+
+    async def delete(self, adapter_id: str) -> None:
+        record = await self.get(adapter_id)
+        await self.storage.delete(_key(adapter_id, RECORD))
+        await self.storage.delete_prefix(_key(adapter_id).rstrip("/"))
+        await self.index.remove(record.owner, adapter_id)
+
+    # --- the models' layer shapes ------------------------------------------------------------------
+
+    async def publish_layers(self, model: str, shapes: LayerShapes) -> None:
+        payload = {name: list(shape) for name, shape in sorted(shapes.items())}
+        await self.storage.put(_layers_key(model), json.dumps(payload).encode())
+
+    async def layers(self, model: str) -> dict[str, tuple[int, int]]:
+        """The layer shapes a dialogue worker of `model` published; 503 while none has."""
+        try:
+            raw = await self.storage.get(_layers_key(model))
+        except NotFound:
+            raise ServiceUnavailable(
+                f"no dialogue worker of model {model!r} has published its layers yet: adapters for it "
+                "can be checked once one has started"
+            ) from None
+        return {name: (int(shape[0]), int(shape[1])) for name, shape in json.loads(raw).items()}
+
+    async def models(self) -> list[str]:
+        """The models whose layer shapes are published."""
+        return sorted(
+            {key.split("/")[1] for key in await self.storage.list("models/") if key.endswith("layers.json")}
+        )

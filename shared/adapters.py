@@ -1,0 +1,168 @@
+"""LoRA adapters as `moshi-finetune` writes them, read without torch: the safetensors header and its checks.
+
+An adapter file holds, for each linear layer of the LM it was trained on (moshi's
+`replace_all_linear_with_lora` wraps every one), `{layer}.lora_A.weight` [rank, in] and
+`{layer}.lora_B.weight` [out, rank], all of one rank; its update is `scaling · B (A x)`. Rank and scaling
+come from the file's metadata (`lora_rank`, `lora_scaling`: what moshi's loaders read from the model
+config) or from the uploader; the scaling defaults to moshi's own default, 2.0.
+
+`check_adapter` is the one gate an adapter passes, on upload (gateway) and again before it is loaded
+(dialogue worker): it is checked against the serving model's layer shapes (`LayerShapes`: layer name ->
+(out, in), what the dialogue workers publish), and the first tensor in name order that does not fit is
+named in the error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.errors import Unprocessable, UnsupportedMedia
+
+LayerShapes = Mapping[str, tuple[int, int]]  # linear layer name -> (out_features, in_features)
+
+DEFAULT_SCALING = 2.0  # moshi.models.loaders' default lora_scaling
+MAX_RANK = 1024
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+_WIDTHS = {"F32": 4, "BF16": 2, "F16": 2}
+_MAX_HEADER = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str  # safetensors code: F32, BF16, F16
+    shape: tuple[int, ...]
+    start: int  # byte offsets in the data section
+    end: int
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """What a checked adapter file holds."""
+
+    rank: int
+    scaling: float
+    layers: tuple[str, ...]  # the linear layers it updates, in name order
+    dtype: str
+    parameters: int
+
+
+def read_header(data: bytes) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+    """The metadata and tensor entries of a safetensors file; 415 when it is not one."""
+    if len(data) < 8:
+        raise UnsupportedMedia("not a safetensors file: shorter than its header length")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > min(_MAX_HEADER, len(data) - 8):
+        raise UnsupportedMedia("not a safetensors file: its header length runs past the file")
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UnsupportedMedia("not a safetensors file: its header is not JSON") from exc
+    if not isinstance(header, dict):
+        raise UnsupportedMedia("not a safetensors file: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise UnsupportedMedia("not a safetensors file: __metadata__ is not an object")
+    entries = {name: _entry(name, value, len(data) - 8 - length) for name, value in header.items()}
+    return {str(k): str(v) for k, v in metadata.items()}, entries
+
+
+def _entry(name: str, value: object, data_size: int) -> TensorEntry:
+    invalid = UnsupportedMedia(f"not a safetensors file: tensor {name!r} has no valid entry")
+    if not isinstance(value, dict):
+        raise invalid
+    dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2):
+        raise invalid
+    if not all(isinstance(n, int) and n >= 0 for n in (*shape, *offsets)):
+        raise invalid
+    if dtype not in _WIDTHS:
+        raise Unprocessable(f"tensor {name}: dtype {dtype} (an adapter is F32, BF16 or F16)", tensor=name)
+    start, end = offsets
+    if end - start != _WIDTHS[dtype] * math.prod(shape) or end > data_size:
+        raise UnsupportedMedia(f"not a safetensors file: tensor {name!r} does not fit its data offsets")
+    return TensorEntry(str(dtype), tuple(shape), start, end)
+
+
+def check_adapter(
+    data: bytes, shapes: LayerShapes, *, rank: int | None = None, scaling: float | None = None
+) -> AdapterLayout:
+    """Check an adapter file against the model's layers; 422 naming the first tensor that does not fit.
+
+    `rank` / `scaling` (the uploader's) must agree with the file's metadata where both are given.
+    """
+    metadata, entries = read_header(data)
+    if not entries:
+        raise Unprocessable("the adapter holds no tensors")
+    rank = _agreed_int("lora_rank", rank, metadata)
+    scaling = _agreed_scaling(scaling, metadata)
+    layers: list[str] = []
+    for name in sorted(entries):
+        layer, found = _layer_rank(name, entries[name], shapes)
+        if rank is None:
+            rank = found
+        if found != rank:
+            raise Unprocessable(f"tensor {name}: rank {found}, the adapter's rank is {rank}", tensor=name)
+        partner = layer + (_B if name.endswith(_A) else _A)
+        if partner not in entries:
+            raise Unprocessable(f"tensor {name}: its partner {partner} is missing", tensor=name)
+        if name.endswith(_A):
+            layers.append(layer)
+    assert rank is not None
+    dtypes = {e.dtype for e in entries.values()}
+    if len(dtypes) > 1:
+        raise Unprocessable(f"the adapter mixes dtypes {sorted(dtypes)}")
+    parameters = sum(math.prod(e.shape) for e in entries.values())
+    return AdapterLayout(rank, scaling, tuple(layers), dtypes.pop(), parameters)
+
+
+def _layer_rank(name: str, entry: TensorEntry, shapes: LayerShapes) -> tuple[str, int]:
+    """The layer a tensor belongs to and its rank, if its shape fits that layer."""
+    if not name.endswith((_A, _B)):
+        raise Unprocessable(f"tensor {name}: not a LoRA weight (lora_A / lora_B)", tensor=name)
+    layer = name[: -len(_A)]
+    if layer not in shapes:
+        raise Unprocessable(f"tensor {name}: the model has no linear layer {layer}", tensor=name)
+    out_features, in_features = shapes[layer]
+    if len(entry.shape) != 2:
+        raise Unprocessable(f"tensor {name}: shape {list(entry.shape)} is not 2-D", tensor=name)
+    rank, width = entry.shape if name.endswith(_A) else entry.shape[::-1]
+    wanted = in_features if name.endswith(_A) else out_features
+    if width != wanted or not 1 <= rank <= MAX_RANK:
+        expected = ["rank", in_features] if name.endswith(_A) else [out_features, "rank"]
+        raise Unprocessable(
+            f"tensor {name}: shape {list(entry.shape)}, the model's layer wants {expected}", tensor=name
+        )
+    return layer, rank
+
+
+def _agreed_int(key: str, given: int | None, metadata: dict[str, str]) -> int | None:
+    stored = metadata.get(key)
+    if stored is None:
+        return given
+    try:
+        value = int(stored)
+    except ValueError as exc:
+        raise Unprocessable(f"metadata {key}={stored!r} is not an integer") from exc
+    if given is not None and given != value:
+        raise Unprocessable(f"{key} {given} disagrees with the file's metadata ({value})")
+    return value
+
+
+def _agreed_scaling(given: float | None, metadata: dict[str, str]) -> float:
+    stored = metadata.get("lora_scaling")
+    value = given
+    if stored is not None:
+        try:
+            value = float(stored)
+        except ValueError as exc:
+            raise Unprocessable(f"metadata lora_scaling={stored!r} is not a number") from exc
+        if given is not None and not math.isclose(given, value):
+            raise Unprocessable(f"lora_scaling {given} disagrees with the file's metadata ({value})")
+    value = DEFAULT_SCALING if value is None else value
+    if not math.isfinite(value):
+        raise Unprocessable(f"lora_scaling {value} is not finite")
+    return value

@@ -1,0 +1,116 @@
+"""Fine-tuned personas end to end: an adapter uploaded through the gateway, a persona naming it, and two
+conversations at once on the one dialogue worker, one with the adapter and one without."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save
+
+from chorus.devtools.lora_adapter import write_random_adapter
+from shared.bus import Bus
+from shared.presence import list_workers
+from shared.streams import StreamNames
+from tests.support.audio import speech_like
+from tests.support.clients import MoshiClient, RealtimeClient
+from tests.support.stack import ChorusStack
+from tests.support.waiting import wait_until
+
+
+def upload(http: httpx.AsyncClient, data: bytes, name: str = "pirate") -> httpx.Response:
+    files = {"file": ("lora.safetensors", data, "application/octet-stream")}
+    return http.post("/v1/adapters", files=files, data={"name": name})  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def adapter_file(stack: ChorusStack, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("adapter") / "lora.safetensors"
+    return write_random_adapter(path, stack.checkpoints / "moshi", rank=8).read_bytes()
+
+
+async def held_adapters(stack: ChorusStack) -> set[str]:
+    bus = await Bus.connect(stack.redis_url, StreamNames(stack.key_prefix))
+    try:
+        return {a for w in await list_workers(bus, "dialogue") for a in w.fields.get("adapters", "").split()}
+    finally:
+        await bus.close()
+
+
+async def test_an_adapter_persona_and_a_plain_session_talk_at_once_on_one_worker(
+    stack: ChorusStack, adapter_file: bytes
+) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        created = await upload(http, adapter_file)
+        assert created.status_code == 201, created.text
+        adapter = created.json()["id"]
+        persona = await http.post(
+            "/v1/personas", json={"name": "Tuned", "voice": "moshiko", "adapter": adapter}
+        )
+        assert persona.status_code == 201, persona.text
+
+        tuned = await MoshiClient.open(stack.ws_url, voice="moshiko", persona=persona.json()["id"])
+        plain = await MoshiClient.open(stack.ws_url, voice="moshiko")
+        await asyncio.gather(*(c.send_audio(speech_like(2.0)) for c in (tuned, plain)))
+        await asyncio.gather(*(c.drain(1.0) for c in (tuned, plain)))
+        for client in (tuned, plain):
+            await client.ws.close()
+            assert client.audio_seconds > 1.0 and not client.errors, client.errors
+        assert adapter in await held_adapters(stack), "the worker holds the adapter it loaded"
+
+        refused = await http.delete(f"/v1/adapters/{adapter}")
+        assert refused.status_code == 409 and refused.json()["reason"] == "in_use"
+        assert (await http.delete(f"/v1/personas/{persona.json()['id']}")).status_code == 204
+        assert (await http.delete(f"/v1/adapters/{adapter}")).status_code == 204
+
+
+async def test_uploads_that_are_no_adapter_for_the_model_are_refused(
+    stack: ChorusStack, adapter_file: bytes, tmp_path: Path
+) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        await wait_until(lambda: _layers_published(http, adapter_file), "no worker published its layers", 60)
+        assert (await upload(http, b"not a safetensors file at all")).status_code == 415
+        header_length = int.from_bytes(adapter_file[:8], "little")
+        truncated = adapter_file[: 8 + header_length]  # the header promises data that is not there
+        assert (await upload(http, truncated)).status_code == 415
+        other_model = {
+            "text_linear.lora_A.weight": torch.zeros(8, 63),
+            "text_linear.lora_B.weight": torch.zeros(9, 8),
+        }
+        misfit = await upload(http, save(other_model))
+        assert misfit.status_code == 422 and misfit.json()["tensor"] == "text_linear.lora_A.weight", (
+            misfit.text
+        )
+        assert (await http.get("/v1/adapters")).json()["items"] == []
+
+
+async def _layers_published(http: httpx.AsyncClient, adapter_file: bytes) -> bool:
+    """The dialogue worker published its model's layers: a good upload goes through (and is removed)."""
+    response = await upload(http, adapter_file, "probe")
+    if response.status_code == 201:
+        assert (await http.delete(f"/v1/adapters/{response.json()['id']}")).status_code == 204
+    return response.status_code == 201
+
+
+async def test_a_realtime_session_picks_an_adapter_with_chorus_adapter(
+    stack: ChorusStack, adapter_file: bytes
+) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        created = await upload(http, adapter_file, "realtime")
+        assert created.status_code == 201, created.text
+        adapter = created.json()["id"]
+        client = await RealtimeClient.open(stack.ws_url)
+        await client.send({"type": "session.update", "session": {"chorus_adapter": "adapter_nope"}})
+        error = await client.wait_for("error")
+        assert error["error"]["code"] == "invalid_request" and "adapter_nope" in error["error"]["message"]
+        await client.send({"type": "session.update", "session": {"chorus_adapter": adapter}})
+        await client.wait_for("session.updated")
+        await client.append(speech_like(2.0))
+        await client.drain(1.0)
+        await client.ws.close()
+        assert client.audio_seconds() > 0.5
+        assert adapter in await held_adapters(stack), "the session's start named it: the worker loaded it"
+        assert (await http.delete(f"/v1/adapters/{adapter}")).status_code == 204

@@ -1,0 +1,152 @@
+"""Adapters on a dialogue worker: loaded on first use into a bank slot, evicted least recently used when
+no session uses them, refused when every slot is in use; sessions with and without one share a worker."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from chorus.devtools.lora_adapter import write_random_adapter
+from services.dialogue.adapter_cache import AdapterCache, refuse_with_quantized
+from services.dialogue.adapters import NO_ADAPTER, AdapterBank, layer_shapes
+from services.dialogue.model import MoshiModel
+from shared.adapter_store import AdapterRecord, AdapterStore
+from shared.adapters import check_adapter
+from shared.bus import Bus
+from shared.errors import ModelLoadError, NoCapacity
+from shared.messages import EventName, Failure, PersonaSpec, Placement, SessionStart, SessionStop
+from shared.presence import list_workers
+from shared.storage import LocalStorage
+from tests.services.dialogue.conftest import DialogueReader, RunningWorker, WorkerProcess
+from tests.services.dialogue.test_worker import talk
+from tests.support.sessions import open_session
+from tests.support.waiting import wait_until
+
+StartWorker = Callable[..., Awaitable[RunningWorker]]
+
+
+async def store_adapters(
+    store: AdapterStore, moshi_dir: Path, folder: Path, shapes: dict[str, tuple[int, int]], count: int
+) -> list[str]:
+    ids = []
+    for n in range(count):
+        data = write_random_adapter(folder / f"a{n}.safetensors", moshi_dir, seed=n).read_bytes()
+        layout = check_adapter(data, shapes)
+        record = AdapterRecord.of(f"adapter_{n}", "", f"a{n}", "moshiko", layout, len(data))
+        await store.create(record, data)
+        ids.append(record.id)
+    return ids
+
+
+@pytest.fixture
+def bank(moshi_model: MoshiModel) -> Iterator[AdapterBank]:
+    made = AdapterBank(moshi_model.lm, batch_size=2, slots=2, max_rank=8)
+    yield made
+    made.remove()
+
+
+async def in_this_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+async def test_the_least_recently_used_idle_adapter_is_evicted_and_a_full_bank_refuses(
+    bank: AdapterBank, moshi_dir: Path, tmp_path: Path
+) -> None:
+    store = AdapterStore(LocalStorage(tmp_path / "data"))
+    a, b, c = await store_adapters(store, moshi_dir, tmp_path, bank.shapes, 3)
+    cache = AdapterCache(bank, store, in_this_thread)
+
+    slot_a, slot_b = await cache.acquire(a), await cache.acquire(b)
+    assert {slot_a, slot_b} == {1, 2} and await cache.acquire(a) == slot_a and cache.loads == 2
+    cache.release(a)
+    cache.release(a)  # a: no session uses it any more, and it is the least recently used
+    assert await cache.acquire(c) == slot_a and cache.held() == [b, c] and cache.loads == 3
+    with pytest.raises(NoCapacity, match="adapter slots"):
+        await cache.acquire(a)  # b and c are in use
+    weight = bank.lm.get_submodule("text_linear").lora_A.weight
+    assert weight[slot_a].abs().sum() > 0 and not weight[NO_ADAPTER].any()
+
+
+def test_an_lm_with_int8_weights_is_refused() -> None:
+    lm = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False))
+    lm[0].weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ModelLoadError, match="unquantized"):
+        refuse_with_quantized(lm)
+
+
+async def test_sessions_with_and_without_an_adapter_share_one_worker(
+    bus: Bus, start_worker: StartWorker, moshi_model: MoshiModel, moshi_dir: Path, tmp_path: Path
+) -> None:
+    store = AdapterStore(LocalStorage(tmp_path))  # the worker's CHORUS_DATA_DIR
+    (adapter,) = await store_adapters(store, moshi_dir, tmp_path, layer_shapes(moshi_model.lm), 1)
+    running = await start_worker(dialogue_adapter_memory=50_000_000, dialogue_adapter_max_rank=8)
+    worker = running.worker
+    await open_session(bus, SessionStart(session_id="tuned", persona=PersonaSpec(adapter=adapter)))
+    await open_session(bus, SessionStart(session_id="plain"))
+    readers = [DialogueReader(bus, "tuned"), DialogueReader(bus, "plain")]
+    for reader in readers:
+        await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
+        await talk(bus, reader.sid, range(0, 12))
+    for reader in readers:
+        await reader.until(lambda r: len(r.frames) >= 4, 30, "frames did not follow")
+
+    assert worker.adapters is not None and worker.adapters.loads == 1
+    rows = {sid: session.row for sid, session in worker.sessions.items()}
+    assert worker.batcher.adapters is not None
+    assert worker.adapters.bank.slot_of(rows["tuned"]) != NO_ADAPTER
+    assert worker.adapters.bank.slot_of(rows["plain"]) == NO_ADAPTER
+
+    async def listed() -> bool:
+        workers = await list_workers(bus, "dialogue")
+        return any(adapter in w.fields.get("adapters", "").split() for w in workers)
+
+    await wait_until(listed, "the worker's presence never listed the adapter it holds", 10)
+    assert await store.layers("moshiko") == layer_shapes(moshi_model.lm)
+    await bus.append_control(SessionStop(session_id="tuned"))
+    await readers[0].until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
+    assert worker.adapters.held() == [adapter], "kept on the device for the next session that names it"
+
+
+async def test_a_worker_without_adapter_memory_refuses_a_session_naming_one(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    await start_worker()
+    await open_session(bus, SessionStart(session_id="tuned", persona=PersonaSpec(adapter="adapter_x")))
+    reader = DialogueReader(bus, "tuned")
+    await reader.until(lambda r: r.event(EventName.ENDED) is not None, 20, "never refused")
+    error = reader.event(EventName.ERROR)
+    assert error is not None and error.data_as(Failure).code == "no_capacity"
+    assert "serves no LoRA adapters" in error.detail
+
+
+async def test_a_start_naming_an_adapter_goes_to_a_worker_that_serves_adapters(
+    bus: Bus,
+    worker_processes: Callable[..., WorkerProcess],
+    moshi_model: MoshiModel,
+    moshi_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Two `chorus dialogue` processes of one group, one without adapter memory (an int8 worker, say):
+    whichever reads a start naming an adapter, the one serving adapters places it."""
+    store = AdapterStore(LocalStorage(tmp_path / "data"))  # the processes' CHORUS_DATA_DIR
+    (adapter,) = await store_adapters(store, moshi_dir, tmp_path, layer_shapes(moshi_model.lm), 1)
+    plain = worker_processes("plain")
+    tuned = worker_processes(
+        "tuned", CHORUS_DIALOGUE_ADAPTER_MEMORY="50000000", CHORUS_DIALOGUE_ADAPTER_MAX_RANK="8"
+    )
+
+    async def both_serving() -> bool:
+        return sum(w.free_slots for w in await list_workers(bus, "dialogue")) == 8
+
+    await wait_until(both_serving, f"the workers never served: {plain.log_tail()}{tuned.log_tail()}", 90)
+    for n in range(3):
+        sid = f"tuned{n}"
+        await open_session(bus, SessionStart(session_id=sid, persona=PersonaSpec(adapter=adapter)))
+        reader = DialogueReader(bus, sid)
+        await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
+        ready = reader.event(EventName.READY)
+        assert ready is not None and ready.data_as(Placement).worker == "tuned"

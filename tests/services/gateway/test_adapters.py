@@ -1,0 +1,100 @@
+"""`/v1/adapters` against the real app and redis-server: upload checked against the model's published layer
+shapes, owner scoping, the persona field, delete refused while a persona names the adapter."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save
+
+from chorus.devtools.lora_adapter import checkpoint_layers, write_random_adapter
+from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
+from shared.adapter_store import AdapterStore
+from shared.storage import LocalStorage
+from tests.services.gateway.app_client import gateway_client
+from tests.support.paths import CHECKPOINT_CACHE
+
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"Authorization": "Bearer key-bob"}
+
+
+@pytest.fixture(scope="module")
+def adapter_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    checkpoint = write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi")
+    path = tmp_path_factory.mktemp("adapter") / "lora.safetensors"
+    return write_random_adapter(path, checkpoint, rank=4).read_bytes()
+
+
+@pytest.fixture
+async def client(redis_url: str, key_prefix: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    shapes, _ = checkpoint_layers(write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi"))
+    await AdapterStore(LocalStorage(tmp_path)).publish_layers("moshiko", shapes)  # as a dialogue worker does
+    async with gateway_client(
+        redis_url, key_prefix, tmp_path, api_keys="key-alice,key-bob", adapter_max_upload_bytes=1_000_000
+    ) as c:
+        yield c
+
+
+def upload(client: httpx.AsyncClient, data: bytes, headers: dict[str, str], **fields: str) -> httpx.Response:
+    files = {"file": ("lora.safetensors", io.BytesIO(data), "application/octet-stream")}
+    return client.post("/v1/adapters", files=files, data={"name": "pirate", **fields}, headers=headers)  # type: ignore[return-value]
+
+
+async def test_an_adapter_is_uploaded_listed_and_scoped_to_its_key(
+    client: httpx.AsyncClient, adapter_file: bytes
+) -> None:
+    created = await upload(client, adapter_file, ALICE)
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["rank"] == 4 and body["scaling"] == 2.0 and body["model"] == "moshiko"
+    assert body["size_bytes"] == len(adapter_file) and "owner" not in body
+    aid = body["id"]
+    assert [a["id"] for a in (await client.get("/v1/adapters", headers=ALICE)).json()["items"]] == [aid]
+    assert (await client.get(f"/v1/adapters/{aid}", headers=ALICE)).json()["name"] == "pirate"
+    assert (await client.get(f"/v1/adapters/{aid}", headers=BOB)).status_code == 404
+    assert (await client.get("/v1/adapters", headers=BOB)).json()["items"] == []
+    assert (await client.delete(f"/v1/adapters/{aid}", headers=BOB)).status_code == 404
+
+
+async def test_an_adapter_a_persona_names_cannot_be_deleted(
+    client: httpx.AsyncClient, adapter_file: bytes
+) -> None:
+    aid = (await upload(client, adapter_file, ALICE)).json()["id"]
+    persona = {"name": "Tuned", "voice": "moshiko", "adapter": aid}
+    assert (await client.post("/v1/personas", json=persona, headers=BOB)).status_code == 400, "not Bob's"
+    created = await client.post("/v1/personas", json=persona, headers=ALICE)
+    assert created.status_code == 201 and created.json()["adapter"] == aid
+    refused = await client.delete(f"/v1/adapters/{aid}", headers=ALICE)
+    assert refused.status_code == 409 and refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["personas"] == [created.json()["id"]]
+    assert (await client.delete(f"/v1/personas/{created.json()['id']}", headers=ALICE)).status_code == 204
+    assert (await client.delete(f"/v1/adapters/{aid}", headers=ALICE)).status_code == 204
+    assert (await client.get(f"/v1/adapters/{aid}", headers=ALICE)).status_code == 404
+
+
+async def test_uploads_that_do_not_fit_are_refused_with_the_reason(
+    client: httpx.AsyncClient, adapter_file: bytes
+) -> None:
+    wrong = {
+        "transformer.layers.0.self_attn.out_projs.0.lora_A.weight": torch.zeros(4, 63),
+        "transformer.layers.0.self_attn.out_projs.0.lora_B.weight": torch.zeros(64, 4),
+    }
+    misfit = await upload(client, save(wrong), ALICE)
+    assert misfit.status_code == 422, misfit.text
+    assert misfit.json()["tensor"] == "transformer.layers.0.self_attn.out_projs.0.lora_A.weight"
+    assert misfit.headers["content-type"] == "application/problem+json"
+    unknown = await upload(client, save({"decoder.proj.lora_A.weight": torch.zeros(4, 8)}), ALICE)
+    assert unknown.status_code == 422 and "no linear layer decoder.proj" in unknown.json()["detail"]
+    assert (await upload(client, adapter_file, ALICE, rank="8")).status_code == 422, "metadata says 4"
+    assert (await upload(client, b"RIFF....WAVEfmt " * 20, ALICE)).status_code == 415
+    not_multipart = await client.post("/v1/adapters", content=adapter_file, headers=ALICE)
+    assert not_multipart.status_code == 415
+    too_big = await upload(client, adapter_file + b"\0" * 1_000_000, ALICE)
+    assert too_big.status_code == 413
+    assert (await upload(client, adapter_file, ALICE, model="moshika")).status_code == 503, "no layers yet"
+    assert (await client.get("/v1/adapters", headers=ALICE)).json()["items"] == []
