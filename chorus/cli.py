@@ -34,9 +34,10 @@ def _up(args: argparse.Namespace) -> int:
 def _make_checkpoints(args: argparse.Namespace) -> int:
     from chorus.devtools.checkpoints import make_checkpoints
 
-    for part, path in make_checkpoints(args.dir, full_size=args.full_size).items():
+    written = make_checkpoints(args.dir, full_size=args.full_size, tts_config=args.tts_config)
+    for part, path in written.items():
         print(f"{part}: {path}")
-    print(f"use them with CHORUS_MOSHI_DIR={args.dir / 'moshi'} CHORUS_TTS_DIR={args.dir / 'tts'}")
+    print(f"use them with CHORUS_MOSHI_DIR={written['moshi']} CHORUS_TTS_DIR={written['tts']}")
     return 0
 
 
@@ -118,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ckpt.add_argument("dir", type=Path)
     ckpt.add_argument("--full-size", action="store_true", help="real model sizes (for benchmarks)")
+    ckpt.add_argument(
+        "--tts-config",
+        metavar="NAME",
+        help="the TTS checkpoint copies this shipped Pocket TTS config (english_7m_2026-10, ...) and goes "
+        "to DIR/tts-NAME",
+    )
     ckpt.set_defaults(func=_make_checkpoints)
     return parser
 
