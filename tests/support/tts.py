@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 
 def tts_settings(
-    tts_dir: Path, data_dir: Path, redis_url: str, key_prefix: str, **overrides: Any
+    tts_dir: Path | None, data_dir: Path, redis_url: str, key_prefix: str, **overrides: Any
 ) -> TtsSettings:
     """Small, quick phrases: random weights never end speech (EOS off), so every phrase gets exactly its
     bound of 3 frames per word plus 2 frames."""
