@@ -70,6 +70,8 @@ async def test_the_catalog_is_listed_apart_from_profiles_and_its_voices_preview(
         preview = await client.post("/v1/voices/catalog/alba/preview", json={"text": "Hello there."})
         unknown = await client.post("/v1/voices/catalog/nobody/preview", json={"text": "Hello."})
         ready = (await client.get("/readyz")).json()
+        persona = await client.post("/v1/personas", json={"name": "Alba", "voice": "catalog:alba"})
+    assert persona.status_code == 201 and persona.json()["voice"] == "catalog:alba", persona.text
     assert [v["voice"] for v in listed["items"]] == [profile["voice"]], "profiles apart from the catalog"
     catalog = {v["name"]: v for v in listed["catalog"]}
     assert len(catalog) == 27
