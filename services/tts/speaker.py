@@ -314,9 +314,10 @@ class ClonedSession:
             return NotFound(f"no catalog voice {name!r} in this model's catalog")
         profile_id = profile_id_of(voice) or ""
         try:
-            if (await self.s.profiles.get(profile_id)).owner != self.owner:
-                raise NotFound(profile_id)
+            owner: str | None = (await self.s.profiles.get(profile_id)).owner
         except NotFound:
+            owner = None
+        if owner != self.owner:  # another owner's profile is as good as missing
             return NotFound(f"voice profile {profile_id} not found")
         if self.s.engine.can_clone or profile_id in self.s.voices:
             return None
