@@ -86,6 +86,7 @@ async def running_worker(bus: Bus, settings: TtsSettings, engine: Engine) -> Asy
     )
     tasks = [asyncio.create_task(worker.run(stop)), asyncio.create_task(presence.run(stop))]
     await worker.following.wait()
+    await presence.beat()  # listed before the test goes on (the gateway reads what it can speak there)
     try:
         yield worker
     finally:
