@@ -46,6 +46,7 @@ class VoiceOffer:
     workers: int = 0
     cloning: int = 0  # workers that can clone
     catalog: dict[str, CatalogEntry] = field(default_factory=dict)
+    models: frozenset[str] = frozenset()  # the model versions they run (voice states are keyed by them)
 
     @property
     def can_clone(self) -> bool:
@@ -86,7 +87,10 @@ def offer_of(workers: list[WorkerInfo]) -> VoiceOffer:
             for name in listing.voices:
                 catalog.setdefault(name, CatalogEntry(name, listing.language, listing.source))
     cloning = sum(w.fields.get("voice_cloning", "1") == "1" for w in serving)
-    return VoiceOffer(workers=len(serving), cloning=cloning, catalog=dict(sorted(catalog.items())))
+    models = frozenset(w.fields["model"] for w in serving if "model" in w.fields)
+    return VoiceOffer(
+        workers=len(serving), cloning=cloning, catalog=dict(sorted(catalog.items())), models=models
+    )
 
 
 async def voice_offer(bus: Bus) -> VoiceOffer:

@@ -354,8 +354,9 @@ def check_catalog_voice(offer: VoiceOffer, name: str) -> None:
 
 async def check_voice_usable(store: VoiceProfileStore, bus: Bus, owner: str, voice: str) -> None:
     """A catalog voice must be in the running workers' catalog (InvalidRequest listing it); a profile
-    must be the caller's own (another key's is refused exactly like a missing one) and some worker able
-    to clone (CloningUnavailable). Native voices always pass."""
+    must be the caller's own (another key's is refused exactly like a missing one) and speakable: some
+    worker able to clone, or a state of it cached for a model a worker runs (CloningUnavailable).
+    Native voices always pass."""
     if (name := catalog_name_of(voice)) is not None:
         check_catalog_voice(await voice_offer(bus), name)
         return
@@ -365,7 +366,8 @@ async def check_voice_usable(store: VoiceProfileStore, bus: Bus, owner: str, voi
         await store.get_owned(profile_id, owner)
     except NotFound:
         raise InvalidRequest(f"unknown voice {voice!r}: no such profile for this API key") from None
-    if (await voice_offer(bus)).cloning_blocked:
+    offer = await voice_offer(bus)
+    if offer.cloning_blocked and not offer.models.intersection(await store.states(profile_id)):
         raise CloningUnavailable()
 
 

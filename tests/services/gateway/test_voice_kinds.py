@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 from websockets.asyncio.client import connect
 
+from services.gateway.voices import check_voice_usable
 from services.tts.engine import Engine
 from shared.bus import Bus
 from shared.storage import LocalStorage
@@ -115,10 +116,13 @@ async def test_both_sockets_take_catalog_voices_and_refuse_what_cannot_be_spoken
     try:
         store = VoiceProfileStore(LocalStorage(gw.data_dir))
         profile = await add_profile(store, SPEECH)  # stored while the weights were there
+        cached = await add_profile(store, SPEECH)  # ... and its state computed for this model then
+        await store.save_state(cached.id, gated_engine.version, b"a state")
         worker_settings = tts_settings(gated_checkpoint, gw.data_dir, redis_url, key_prefix)
         async with running_worker(bus, worker_settings, gated_engine):
             unknown = await moshi_refusal(f"{gw.ws_url}/api/chat?voice=catalog:nobody")
             cloned = await moshi_refusal(f"{gw.ws_url}/api/chat?voice={profile.voice}")
+            await check_voice_usable(store, bus, "", cached.voice)  # speakable from its cached state
             async with connect(f"{gw.ws_url}/v1/realtime?model=moshiko", open_timeout=10) as ws:
                 assert json.loads(await ws.recv())["type"] == "session.created"
                 answers = []
