@@ -62,6 +62,7 @@ from shared.messages import (
 )
 from shared.presence import list_workers
 from shared.preview_replies import PreviewReplies
+from shared.retry import is_retryable
 from shared.storage import LocalStorage
 from shared.vad import load_speech_detector
 from shared.voice_offer import CatalogEntry, VoiceOffer, voice_offer
@@ -153,6 +154,17 @@ def _store(request: Request) -> VoiceProfileStore:
 def _settings(request: Request) -> GatewaySettings:
     settings: GatewaySettings = request.app.state.settings
     return settings
+
+
+async def _offer_if_known(bus: Bus) -> VoiceOffer:
+    """What the TTS workers offer; with Redis away, nothing known (routes served from disk keep working:
+    profiles still list, an upload is still stored and its state computed on first use)."""
+    try:
+        return await voice_offer(bus)
+    except Exception as exc:
+        if not is_retryable(exc):
+            raise
+        return VoiceOffer()
 
 
 # --- upload ---------------------------------------------------------------------------------------
@@ -268,7 +280,7 @@ def _text_field(form: FormData, name: str) -> str:
 )
 async def create_voice(request: Request, owner: str = Depends(current_owner)) -> VoiceOut:
     # Every refusal comes before the body is read; `create` holds the quota place.
-    if (await voice_offer(request.app.state.bus)).cloning_blocked:
+    if (await _offer_if_known(request.app.state.bus)).cloning_blocked:
         raise CloningUnavailable()
     await _store(request).check_quota(owner)
     slots: UploadSlots = request.app.state.upload_slots
@@ -328,7 +340,7 @@ async def _ask_for_voice_state(bus: Bus, profile_id: str) -> None:
 async def list_voices(request: Request, owner: str = Depends(current_owner)) -> VoiceList:
     # Read through the caller's owner index: no other key's profile is opened.
     profiles = [VoiceOut.of(p) for p in await _store(request).profiles(owner)]
-    offer = await voice_offer(request.app.state.bus)
+    offer = await _offer_if_known(request.app.state.bus)
     return VoiceList(
         items=profiles,
         catalog=[CatalogVoiceOut.of(entry) for entry in offer.catalog.values()],
@@ -478,14 +490,17 @@ async def preview_voice(
     summary="Speak a text in a catalog voice (audio/wav, 24 kHz mono)",
     responses={
         200: {"content": {"audio/wav": {}}, "description": "The speech"},
-        **problem_responses(503, 504),
+        **problem_responses(404, 503, 504),
     },
 )
 async def preview_catalog_voice(
     name: str, body: PreviewIn, request: Request, _owner: str = Depends(current_owner)
 ) -> Response:
     bus: Bus = request.app.state.bus
-    check_catalog_voice(await voice_offer(bus), name)
+    offer = await voice_offer(bus)
+    if name not in offer.catalog:  # like a missing profile: the catalog is what the running workers offer
+        listing = f"the catalog has {', '.join(offer.catalog)}" if offer.catalog else "no TTS worker runs"
+        raise NotFound(f"no catalog voice {name!r}: {listing}", catalog=list(offer.catalog))
     timeout_s = _settings(request).voice_preview_timeout_s
     pcm = await request_preview(bus, catalog_voice(name), body.text, timeout_s)
     return Response(pcm16_to_wav(pcm), media_type="audio/wav")

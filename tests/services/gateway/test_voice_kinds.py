@@ -84,7 +84,7 @@ async def test_the_catalog_is_listed_apart_from_profiles_and_its_voices_preview(
     }
     assert listed["voice_kinds"] == ["native", "catalog", "cloned"]
     assert seconds_of_speech(preview) > 0
-    assert unknown.status_code == 400 and "the catalog has alba, anna" in unknown.json()["detail"]
+    assert unknown.status_code == 404 and "the catalog has alba, anna" in unknown.json()["detail"]
     assert (ready["voice_kinds"], ready["cloned_voices"]) == (["native", "catalog", "cloned"], "available")
 
 
