@@ -22,6 +22,7 @@ from services.gateway.fair_websocket import FairWebSocketProtocol
 from services.gateway.protocols import realtime_events
 from services.gateway.protocols.response_carver import ResponseCarver
 from services.gateway.sessions import TranscriptExport
+from services.gateway.voices import VoiceList
 from services.router.mixer import Mixer
 from services.tts.voice_states import VoiceStates
 from shared.adapter_store import AdapterRecord
@@ -49,6 +50,7 @@ RowSampledLMGen.depformer_step  # moshi's LMGen graphs and calls it for the audi
 
 # Wire fields: serialised to clients or validated on what they send, never read by name.
 ExpiresAfter.anchor
+VoiceList.voice_kinds  # GET /v1/voices: which voice kinds a session can use now
 TranscriptExport.end_reason
 realtime_events.SessionConfig.output_audio_format  # the beta shape: accepted, type-checked, unused
 realtime_events.SessionConfig.temperature

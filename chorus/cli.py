@@ -34,9 +34,10 @@ def _up(args: argparse.Namespace) -> int:
 def _make_checkpoints(args: argparse.Namespace) -> int:
     from chorus.devtools.checkpoints import make_checkpoints
 
-    for part, path in make_checkpoints(args.dir, full_size=args.full_size).items():
+    written = make_checkpoints(args.dir, full_size=args.full_size, tts_config=args.tts_config)
+    for part, path in written.items():
         print(f"{part}: {path}")
-    print(f"use them with CHORUS_MOSHI_DIR={args.dir / 'moshi'} CHORUS_TTS_DIR={args.dir / 'tts'}")
+    print(f"use them with CHORUS_MOSHI_DIR={written['moshi']} CHORUS_TTS_DIR={written['tts']}")
     return 0
 
 
@@ -48,6 +49,22 @@ def _make_adapter(args: argparse.Namespace) -> int:
     )
     print(path)
     return 0
+
+
+def _voice(value: str) -> str:
+    """--voice, checked before anything is sent (argparse reports the ValueError's text)."""
+    from shared.messages import parse_voice
+
+    try:
+        return parse_voice(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _voices_list(args: argparse.Namespace) -> int:
+    from chorus.voices import list_voices
+
+    return list_voices(args)
 
 
 def _voices_add(args: argparse.Namespace) -> int:
@@ -96,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("input", type=Path, help="what the user says (any WAV; resampled to 24 kHz mono)")
     talk.add_argument("--out", type=Path, required=True, help="where to write the reply audio (WAV)")
     talk.add_argument("--transcript", type=Path, default=None, help="transcript JSON (default: OUT.json)")
-    talk.add_argument("--voice", default=None, help="moshiko, moshika or profile:<id>")
+    talk.add_argument(
+        "--voice",
+        type=_voice,
+        default=None,
+        help="moshiko, moshika, profile:<id> or catalog:<name> (alba, marius...: `chorus voices list`)",
+    )
     talk.add_argument("--persona", default=None, help="persona id")
     talk.add_argument("--protocol", choices=("moshi", "realtime"), default="moshi")
     talk.add_argument("--url", default=gateway_url, help=f"gateway URL (default {gateway_url})")
@@ -104,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--tail", type=float, default=3.0, help="seconds of silence sent after the file")
     talk.set_defaults(func=_talk)
 
-    voices = commands.add_parser("voices", help="manage cloned-voice profiles").add_subparsers(
+    voices = commands.add_parser("voices", help="list voices, manage cloned-voice profiles").add_subparsers(
         dest="voices_command", required=True, metavar="ACTION"
     )
     add = voices.add_parser("add", help="upload a reference clip (3-30 s of one person speaking)")
@@ -118,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="confirm the speaker agreed to have their voice cloned (otherwise you are asked)",
     )
     add.set_defaults(func=_voices_add)
+    listing = voices.add_parser("list", help="your voice profiles, the catalog voices, the kinds available")
+    listing.add_argument("--url", default=gateway_url, help=f"gateway URL (default {gateway_url})")
+    listing.add_argument("--api-key", default=None, help="API key (default: CHORUS_API_KEY)")
+    listing.set_defaults(func=_voices_list)
 
     dev = commands.add_parser("dev", help="developer tools").add_subparsers(
         dest="dev_command", required=True, metavar="TOOL"
@@ -128,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ckpt.add_argument("dir", type=Path)
     ckpt.add_argument("--full-size", action="store_true", help="real model sizes (for benchmarks)")
+    ckpt.add_argument(
+        "--tts-config",
+        metavar="NAME",
+        help="the TTS checkpoint copies this shipped Pocket TTS config (english_7m_2026-10, ...) and goes "
+        "to DIR/tts-NAME",
+    )
     ckpt.set_defaults(func=_make_checkpoints)
     adapter = dev.add_parser(
         "make-adapter", help="write a random LoRA adapter (moshi-finetune's layout) for a Moshi checkpoint"

@@ -136,6 +136,24 @@ class ServiceUnavailable(ChorusError):
     retryable = True
 
 
+class CloningUnavailable(ServiceUnavailable):
+    """No TTS worker holds Pocket TTS's voice-cloning weights (gated on the hub): clips cannot become
+    voices. Catalog voices still work. Not retryable: an operator has to give the workers access."""
+
+    code = "cloning_unavailable"
+    title = "Voice cloning unavailable"
+    retryable = False
+    TERMS_URL = "https://huggingface.co/kyutai/pocket-tts"
+
+    def __init__(self, detail: str = "", **extra: Any) -> None:
+        detail = detail or (
+            "no TTS worker can clone voices: Pocket TTS's voice-cloning weights are gated. Accept the "
+            f"terms at {self.TERMS_URL}, give the TTS workers a token (HF_TOKEN, or `hf auth login`) and "
+            "restart them; catalog voices (catalog:<name>) work meanwhile"
+        )
+        super().__init__(detail, **{"terms_url": self.TERMS_URL, **extra})
+
+
 class SessionLost(ChorusError):
     """A live session is over without its client asking: its state was lost (Redis restarted without
     persistence) or a worker ended it. The client may start a new one."""

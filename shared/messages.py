@@ -52,13 +52,16 @@ PROTOCOL_VERSION = 1
 PROFILE_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"  # every id: sessions, voice profiles, personas
 SESSION_ID_PATTERN = rf"^{PROFILE_ID_PATTERN}$"
 NATIVE_VOICES = ("moshiko", "moshika")
-VOICE_PATTERN = rf"^(moshiko|moshika|profile:{PROFILE_ID_PATTERN})$"
+CATALOG_NAME_PATTERN = r"[a-z][a-z0-9_]{0,31}"  # Pocket TTS's catalog voices: alba, bill_boerst...
+VOICE_PATTERN = rf"^(moshiko|moshika|profile:{PROFILE_ID_PATTERN}|catalog:{CATALOG_NAME_PATTERN})$"
 _ID = re.compile(PROFILE_ID_PATTERN)
 _VOICE = re.compile(VOICE_PATTERN)
 
 SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
 ProfileId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
-VoiceName = Annotated[str, Field(pattern=VOICE_PATTERN, description="moshiko, moshika or profile:<id>")]
+VoiceName = Annotated[
+    str, Field(pattern=VOICE_PATTERN, description="moshiko, moshika, profile:<id> or catalog:<name>")
+]
 VoiceMode = Literal["native", "cloned", "auto"]
 VOICE_MODES: tuple[VoiceMode, ...] = ("native", "cloned", "auto")
 AudioSource = Literal["native", "cloned"]
@@ -77,7 +80,9 @@ def parse_voice(value: str) -> str:
     """A voice name from outside (a query parameter, a realtime event); ValueError saying what is
     accepted otherwise. Models declare `VoiceName` instead, which pydantic checks the same way."""
     if not valid_voice(value):
-        raise ValueError(f"unknown voice {value!r}: use {' or '.join(NATIVE_VOICES)} or profile:<id>")
+        raise ValueError(
+            f"unknown voice {value!r}: use {' or '.join(NATIVE_VOICES)} or profile:<id> or catalog:<name>"
+        )
     return value
 
 
@@ -111,6 +116,27 @@ def profile_id_of(voice: str) -> str | None:
 def cloned_profile(voice: str, mode: VoiceMode) -> str | None:
     """The voice profile a session speaks with through the TTS: its voice's, unless the mode is native."""
     return profile_id_of(voice) if mode != "native" else None
+
+
+_CATALOG = "catalog:"
+
+
+def catalog_voice(name: str) -> str:
+    """How a session names a voice of Pocket TTS's catalog."""
+    return f"{_CATALOG}{name}"
+
+
+def catalog_name_of(voice: str) -> str | None:
+    """The catalog voice a voice name speaks with; None for profiles and Moshi's own voices."""
+    return voice.removeprefix(_CATALOG) if voice.startswith(_CATALOG) else None
+
+
+def spoken_by_tts(voice: str, mode: VoiceMode) -> str | None:
+    """The voice the TTS speaks a session in (a profile's or a catalog voice), unless the mode is native;
+    None when Moshi's own audio is all there is."""
+    if mode == "native" or (profile_id_of(voice) is None and catalog_name_of(voice) is None):
+        return None
+    return voice
 
 
 def native_voice_for(model: str | None) -> str:
@@ -418,11 +444,24 @@ class VoicePrepare(Envelope):
 
 
 class VoicePreview(Envelope):
-    """Speak `text` in a profile's voice; the worker answers on `StreamNames.tts_reply(session_id)`."""
+    """Speak `text` in a profile's voice (or `voice`, a catalog voice); the worker answers on
+    `StreamNames.tts_reply(session_id)`."""
 
     type: Literal["preview"] = "preview"
-    profile_id: ProfileId
+    profile_id: ProfileId | None = None
+    voice: VoiceName | None = None
     text: str = Field(min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def _names_a_voice(self) -> VoicePreview:
+        if self.voice is None and self.profile_id is None:
+            raise ValueError("a preview names a profile_id or a voice")
+        return self
+
+    @property
+    def spoken_voice(self) -> str:
+        """The voice to speak in: `voice` when given, else the profile's."""
+        return self.voice if self.voice is not None else cloned_voice(self.profile_id or "")
 
 
 class VoicePreviewReply(Envelope):

@@ -3,10 +3,16 @@
     DIR/config.yaml        a Pocket TTS config (a shipped one, with local file names)
     DIR/model.safetensors  the whole TTSModel state dict (flow LM + Mimi), as the published weights
     DIR/tokenizer.*        a real tokenizer trained on a generated English corpus
+    DIR/embeddings/{name}.safetensors  a state per catalog voice (`alba`, `marius`...), computed by this
+                           model from a generated clip and exported as Pocket TTS exports its own: the
+                           published layout (`languages/{config}/embeddings/` next to the weights)
+    DIR/embeddings/catalog.json  the catalog's language and the published config it was made from
 
 Small by default: the shipped 2M-parameter English architecture (`english_2m_2026-10.yaml`, SentencePiece
 tokenizer), for tests. `full_size=True`: the published English architecture (`english.yaml`, 106M
 parameters, `tokenizers` JSON tokenizer), for benchmarks; speed does not depend on the weights' values.
+`config_name`: any shipped config (`english_7m_2026-10`, `english_18m_2026-10`...), its own tokenizer
+kind.
 Paths inside config.yaml are relative to DIR (the TTS loader resolves them), so the directory can move.
 Generation is deterministic and skipped when DIR already holds a complete checkpoint of that size.
 """
@@ -18,12 +24,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SMALL_CONFIG = "english_2m_2026-10.yaml"
-FULL_CONFIG = "english.yaml"
+SMALL_CONFIG = "english_2m_2026-10"
+FULL_CONFIG = "english"
 WEIGHTS = "model.safetensors"
 MARKER = ".complete"
 SEED = 20_240_917
-FORMAT = 2  # bump when what is written changes: cached checkpoints of another format are rewritten
+FORMAT = 3  # bump when what is written changes: cached checkpoints of another format are rewritten
+CATALOG_CLIP_S = 2.0
 
 _WORD_TEXT = (
     "the a an and or but if when while because so then now here there this that these those i you he "
@@ -94,12 +101,17 @@ def _train_json_tokenizer(directory: Path, corpus: list[str]) -> tuple[str, int]
     return "tokenizer.json", int(tokenizer.get_vocab_size())
 
 
-def _config(full_size: bool, tokenizer_name: str, n_bins: int) -> dict[str, Any]:
+def _published(config_name: str) -> dict[str, Any]:
     import yaml
     from pocket_tts.utils.config import CONFIGS_DIR
 
-    with open(CONFIGS_DIR / (FULL_CONFIG if full_size else SMALL_CONFIG), encoding="utf-8") as f:
+    with open(CONFIGS_DIR / f"{config_name}.yaml", encoding="utf-8") as f:
         config: dict[str, Any] = yaml.safe_load(f)
+    return config
+
+
+def _config(config_name: str, tokenizer_name: str, n_bins: int) -> dict[str, Any]:
+    config = _published(config_name)
     config.pop("weights_path_without_voice_cloning", None)
     config["weights_path"] = WEIGHTS
     config["flow_lm"]["lookup_table"].update(tokenizer_path=tokenizer_name, n_bins=n_bins)
@@ -130,24 +142,72 @@ def _random_weights(directory: Path, config: dict[str, Any]) -> None:
     safetensors.torch.save_file(model.state_dict(), str(directory / WEIGHTS))
 
 
-def write_tts_checkpoint(directory: Path, *, full_size: bool = False) -> Path:
-    """Write (or reuse) a random-weight Pocket TTS checkpoint in `directory`; returns the directory."""
+def _synthetic_clip(name: str) -> Any:
+    """A voice-like clip of its own per catalog name: a harmonic buzz at a pitch drawn from the name,
+    with a syllable-rate envelope and a little noise (random weights clone nothing real anyway)."""
+    import numpy as np
+
+    rng = np.random.default_rng([SEED, *name.encode()])
+    rate = 24_000
+    t = np.arange(int(CATALOG_CLIP_S * rate)) / rate
+    f0 = rng.uniform(90.0, 240.0) * (1 + 0.05 * np.sin(2 * np.pi * rng.uniform(0.5, 2.0) * t))
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    buzz = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3.0, 5.0) * t) ** 2
+    clip = 0.2 * buzz * envelope + 0.01 * rng.standard_normal(len(t))
+    return clip.astype(np.float32)
+
+
+def _catalog(directory: Path, config_name: str) -> None:
+    """A state per published catalog name, computed by the checkpoint's own model (loaded through the
+    published loader) and exported as Pocket TTS exports its states."""
+    import json
+
+    import torch
+    from pocket_tts.models.model_state import export_model_state
+    from pocket_tts.models.tts_model import TTSModel
+    from pocket_tts.utils.utils import _ORIGINS_OF_PREDEFINED_VOICES
+
+    from services.tts.pocket_config import CATALOG_DIR, CATALOG_INFO, resolve
+
+    choice = resolve(directory, config_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        import yaml
+
+        config_file = Path(tmp) / "config.yaml"
+        config_file.write_text(yaml.safe_dump(choice.config, allow_unicode=True), encoding="utf-8")
+        model = TTSModel.load_model(config=str(config_file))
+    folder = directory / CATALOG_DIR
+    folder.mkdir(exist_ok=True)
+    for name in sorted(_ORIGINS_OF_PREDEFINED_VOICES):
+        clip = torch.from_numpy(_synthetic_clip(name))[None, :]
+        export_model_state(model.get_state_for_audio_prompt(clip), folder / f"{name}.safetensors")
+    info = {"language": config_name.split("_", 1)[0], "config": config_name}
+    (folder / CATALOG_INFO).write_text(json.dumps(info) + "\n", encoding="utf-8")
+
+
+def write_tts_checkpoint(directory: Path, *, full_size: bool = False, config_name: str | None = None) -> Path:
+    """Write (or reuse) a random-weight Pocket TTS checkpoint in `directory`; returns the directory.
+    `config_name`: the shipped config to copy (default: the small one, or `english` with `full_size`)."""
     import yaml
 
-    variant = f"{'full' if full_size else 'small'} v{FORMAT}"
+    config_name = config_name or (FULL_CONFIG if full_size else SMALL_CONFIG)
+    variant = f"{config_name} v{FORMAT}"
     marker = directory / MARKER
     if marker.is_file() and marker.read_text(encoding="utf-8").strip() == variant:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
-    corpus = _corpus(20_000 if full_size else 3000)
-    train = _train_json_tokenizer if full_size else _train_sentencepiece
+    json_tokenizer = _published(config_name)["flow_lm"]["lookup_table"].get("tokenizer") == "tokenizers"
+    corpus = _corpus(20_000 if json_tokenizer else 3000)
+    train = _train_json_tokenizer if json_tokenizer else _train_sentencepiece
     tokenizer_name, n_bins = train(directory, corpus)
-    config = _config(full_size, tokenizer_name, n_bins)
+    config = _config(config_name, tokenizer_name, n_bins)
     _random_weights(directory, config)
     header = f"# Random-weight Pocket TTS checkpoint ({variant}); paths are relative to this directory.\n"
     (directory / "config.yaml").write_text(
         header + yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8"
     )
+    _catalog(directory, config_name)
     marker.write_text(variant + "\n", encoding="utf-8")
     return directory

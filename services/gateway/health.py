@@ -13,6 +13,7 @@ from shared import metrics
 from shared.bus import Bus
 from shared.presence import WorkerInfo, list_workers
 from shared.retry import is_retryable
+from shared.voice_offer import VoiceOffer, offer_of
 
 router = APIRouter(tags=["health"])
 
@@ -32,17 +33,28 @@ def _service_state(workers: list[WorkerInfo]) -> dict[str, Any]:
     }
 
 
+def _cloned_voices(offer: VoiceOffer) -> str:
+    """`available`; `no_cloning_weights` (TTS workers serve, none holds the gated weights: docs/voices.md);
+    `unavailable` (no TTS worker serves)."""
+    if offer.can_clone:
+        return "available"
+    return "no_cloning_weights" if offer.cloning_blocked else "unavailable"
+
+
 async def readiness(bus: Bus) -> tuple[bool, dict[str, Any]]:
     """Ready when Redis answers and a dialogue worker and a router are serving (models loaded and warmed
-    up: a worker still loading does not count). `services` says which are; cloned voices need a TTS worker.
+    up: a worker still loading does not count). `services` says which are; `voice_kinds` which voices a
+    session can use (catalog voices need a TTS worker, cloned ones one with the voice-cloning weights).
 
     Free slots are reported, not required: a full fleet must not take every gateway out of its load
     balancer (new sessions wait for a slot, then get a clear `no_capacity` error).
     """
     if not await bus.ping():
         return False, {"redis": False}
-    services = {name: _service_state(await list_workers(bus, name)) for name in ("dialogue", "router", "tts")}
+    workers = {name: await list_workers(bus, name) for name in ("dialogue", "router", "tts")}
+    services = {name: _service_state(found) for name, found in workers.items()}
     dialogue, tts = services["dialogue"], services["tts"]
+    offer = offer_of(workers["tts"])
     detail: dict[str, Any] = {
         "redis": True,
         "services": services,
@@ -50,7 +62,8 @@ async def readiness(bus: Bus) -> tuple[bool, dict[str, Any]]:
         "free_slots": dialogue["free_slots"],
         "tts_workers": tts["serving"],
         "router_workers": services["router"]["serving"],
-        "cloned_voices": "available" if tts["ready"] else "unavailable",
+        "cloned_voices": _cloned_voices(offer),
+        "voice_kinds": offer.kinds(),
         "capacity": "available" if dialogue["free_slots"] > 0 else "full",
     }
     return dialogue["ready"] and services["router"]["ready"], detail

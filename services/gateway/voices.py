@@ -1,4 +1,5 @@
-"""REST for voice profiles: upload a reference clip, list, get, delete, preview.
+"""REST for voices: upload a reference clip as a profile, list (profiles and Pocket TTS's catalog), get,
+delete, preview; and the check every socket makes on the voice it is asked for (`check_voice_usable`).
 
 Uploads are bounded three ways: the body by its own cap (`upload_body_cap`, enforced by the body size
 middleware on this route only), the decoded audio by the clip's header (`clips.py`), and the number
@@ -8,6 +9,12 @@ The gateway holds no model. After an upload it asks the TTS service to compute t
 (`VoicePrepare` on `chorus:tts:requests`); a preview is a request/reply over Redis: `VoicePreview` to
 any TTS worker (consumer group "tts"), the answer on `chorus:tts:reply:{request id}`. A profile belongs to
 the API key that made it; another owner's profile answers 404, exactly like a missing one.
+
+What the TTS workers can speak comes from their presence (`shared.voice_offer`): the catalog voices of
+their model, and whether any holds the voice-cloning weights (gated on the hub). When workers serve and
+none can clone, uploads and `profile:` sessions are refused with 503 `cloning_unavailable`, which says
+how to get the weights (docs/voices.md); catalog voices and previews of profiles whose state is cached
+keep working.
 """
 
 from __future__ import annotations
@@ -35,17 +42,30 @@ from shared import metrics
 from shared.audio import pcm16_to_wav
 from shared.bus import Bus, Entry
 from shared.errors import (
+    CloningUnavailable,
     GatewayTimeout,
     InvalidRequest,
+    NotFound,
     ServiceUnavailable,
     UnsupportedMedia,
     error_for_code,
 )
-from shared.messages import TTS_REPLIES, VoiceDeleted, VoicePrepare, VoicePreview
+from shared.messages import (
+    TTS_REPLIES,
+    VoiceDeleted,
+    VoicePrepare,
+    VoicePreview,
+    catalog_name_of,
+    catalog_voice,
+    cloned_voice,
+    profile_id_of,
+)
 from shared.presence import list_workers
 from shared.preview_replies import PreviewReplies
+from shared.retry import is_retryable
 from shared.storage import LocalStorage
 from shared.vad import load_speech_detector
+from shared.voice_offer import CatalogEntry, VoiceOffer, voice_offer
 from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_id
 
 log = logging.getLogger(__name__)
@@ -88,8 +108,29 @@ class VoiceOut(BaseModel):
         )
 
 
+class CatalogVoiceOut(BaseModel):
+    """A ready voice of Pocket TTS's catalog: no clip, no cloning weights needed."""
+
+    name: str
+    voice: str = Field(description="What a session's `voice` takes to speak in it: catalog:<name>.")
+    language: str = Field(description="The language of the TTS model whose state it is.")
+    source: str = Field(description="Where its state comes from: hub (Kyutai's published states) or local.")
+
+    @classmethod
+    def of(cls, entry: CatalogEntry) -> CatalogVoiceOut:
+        return cls(
+            name=entry.name, voice=catalog_voice(entry.name), language=entry.language, source=entry.source
+        )
+
+
 class VoiceList(BaseModel):
-    items: list[VoiceOut]
+    items: list[VoiceOut] = Field(description="Your voice profiles (cloned from your clips).")
+    catalog: list[CatalogVoiceOut] = Field(
+        default_factory=list, description="Catalog voices the running TTS workers offer."
+    )
+    voice_kinds: list[str] = Field(
+        default_factory=list, description="Voice kinds a session can use now: native, catalog, cloned."
+    )
 
 
 class PreviewIn(BaseModel):
@@ -113,6 +154,17 @@ def _store(request: Request) -> VoiceProfileStore:
 def _settings(request: Request) -> GatewaySettings:
     settings: GatewaySettings = request.app.state.settings
     return settings
+
+
+async def _offer_if_known(bus: Bus) -> VoiceOffer:
+    """What the TTS workers offer; with Redis away, nothing known (routes served from disk keep working:
+    profiles still list, an upload is still stored and its state computed on first use)."""
+    try:
+        return await voice_offer(bus)
+    except Exception as exc:
+        if not is_retryable(exc):
+            raise
+        return VoiceOffer()
 
 
 # --- upload ---------------------------------------------------------------------------------------
@@ -227,7 +279,9 @@ def _text_field(form: FormData, name: str) -> str:
     },
 )
 async def create_voice(request: Request, owner: str = Depends(current_owner)) -> VoiceOut:
-    # Both refusals come before the body is read; `create` holds the quota place.
+    # Every refusal comes before the body is read; `create` holds the quota place.
+    if (await _offer_if_known(request.app.state.bus)).cloning_blocked:
+        raise CloningUnavailable()
     await _store(request).check_quota(owner)
     slots: UploadSlots = request.app.state.upload_slots
     with slots.take():
@@ -282,10 +336,51 @@ async def _ask_for_voice_state(bus: Bus, profile_id: str) -> None:
 # --- read, delete -----------------------------------------------------------------------------------
 
 
-@router.get("", response_model=VoiceList, summary="Your voice profiles, oldest first")
+@router.get("", response_model=VoiceList, summary="Your voice profiles (oldest first) and the catalog voices")
 async def list_voices(request: Request, owner: str = Depends(current_owner)) -> VoiceList:
     # Read through the caller's owner index: no other key's profile is opened.
-    return VoiceList(items=[VoiceOut.of(p) for p in await _store(request).profiles(owner)])
+    profiles = [VoiceOut.of(p) for p in await _store(request).profiles(owner)]
+    offer = await _offer_if_known(request.app.state.bus)
+    return VoiceList(
+        items=profiles,
+        catalog=[CatalogVoiceOut.of(entry) for entry in offer.catalog.values()],
+        voice_kinds=offer.kinds(),
+    )
+
+
+# --- the voice a session asks for -------------------------------------------------------------------
+
+
+def check_catalog_voice(offer: VoiceOffer, name: str) -> None:
+    if not offer.workers:
+        raise ServiceUnavailable(
+            "no TTS worker is running: catalog voices are unavailable right now",
+            retry_after_s=NO_WORKER_RETRY_AFTER_S,
+        )
+    if name not in offer.catalog:
+        valid = ", ".join(offer.catalog) or "none"
+        raise InvalidRequest(
+            f"unknown voice 'catalog:{name}': the catalog has {valid}", catalog=list(offer.catalog)
+        )
+
+
+async def check_voice_usable(store: VoiceProfileStore, bus: Bus, owner: str, voice: str) -> None:
+    """A catalog voice must be in the running workers' catalog (InvalidRequest listing it); a profile
+    must be the caller's own (another key's is refused exactly like a missing one) and speakable: some
+    worker able to clone, or a state of it cached for a model a worker runs (CloningUnavailable).
+    Native voices always pass."""
+    if (name := catalog_name_of(voice)) is not None:
+        check_catalog_voice(await voice_offer(bus), name)
+        return
+    if (profile_id := profile_id_of(voice)) is None:
+        return
+    try:
+        await store.get_owned(profile_id, owner)
+    except NotFound:
+        raise InvalidRequest(f"unknown voice {voice!r}: no such profile for this API key") from None
+    offer = await voice_offer(bus)
+    if offer.cloning_blocked and not offer.models.intersection(await store.states(profile_id)):
+        raise CloningUnavailable()
 
 
 @router.get("/{voice_id}", response_model=VoiceOut, summary="One voice profile")
@@ -320,8 +415,9 @@ async def delete_voice(voice_id: str, request: Request, owner: str = Depends(cur
 # --- preview --------------------------------------------------------------------------------------
 
 
-async def request_preview(bus: Bus, profile_id: str, text: str, timeout_s: float) -> bytes:
-    """Ask any TTS worker to speak `text` in the profile's voice; PCM16 24 kHz mono back.
+async def request_preview(bus: Bus, voice: str, text: str, timeout_s: float) -> bytes:
+    """Ask any TTS worker to speak `text` in `voice` (profile:<id> or catalog:<name>); PCM16 24 kHz mono
+    back.
 
     The reply is awaited in short blocking reads (each well under the Redis client's socket timeout)
     until the deadline, which the request carries: a worker that takes it too late drops it.
@@ -336,7 +432,11 @@ async def request_preview(bus: Bus, profile_id: str, text: str, timeout_s: float
     await bus.append(
         bus.names.tts_requests,
         VoicePreview(
-            session_id=request_id, profile_id=profile_id, text=text, deadline=time.time() + timeout_s
+            session_id=request_id,
+            profile_id=profile_id_of(voice),
+            voice=voice if catalog_name_of(voice) is not None else None,
+            text=text,
+            deadline=time.time() + timeout_s,
         ),
         maxlen=REQUEST_STREAM_MAXLEN,
     )
@@ -379,6 +479,28 @@ async def preview_voice(
 ) -> Response:
     profile = await _store(request).get_owned(voice_id, owner)
     pcm = await request_preview(
-        request.app.state.bus, profile.id, body.text, _settings(request).voice_preview_timeout_s
+        request.app.state.bus, cloned_voice(profile.id), body.text, _settings(request).voice_preview_timeout_s
     )
+    return Response(pcm16_to_wav(pcm), media_type="audio/wav")
+
+
+@router.post(
+    "/catalog/{name}/preview",
+    response_class=Response,
+    summary="Speak a text in a catalog voice (audio/wav, 24 kHz mono)",
+    responses={
+        200: {"content": {"audio/wav": {}}, "description": "The speech"},
+        **problem_responses(404, 503, 504),
+    },
+)
+async def preview_catalog_voice(
+    name: str, body: PreviewIn, request: Request, _owner: str = Depends(current_owner)
+) -> Response:
+    bus: Bus = request.app.state.bus
+    offer = await voice_offer(bus)
+    if name not in offer.catalog:  # like a missing profile: the catalog is what the running workers offer
+        listing = f"the catalog has {', '.join(offer.catalog)}" if offer.catalog else "no TTS worker runs"
+        raise NotFound(f"no catalog voice {name!r}: {listing}", catalog=list(offer.catalog))
+    timeout_s = _settings(request).voice_preview_timeout_s
+    pcm = await request_preview(bus, catalog_voice(name), body.text, timeout_s)
     return Response(pcm16_to_wav(pcm), media_type="audio/wav")

@@ -38,7 +38,7 @@ from shared.messages import (
     TtsMessage,
     VoiceChanged,
     VoiceMode,
-    cloned_profile,
+    spoken_by_tts,
 )
 
 
@@ -135,8 +135,8 @@ class Mixer:
 
     @property
     def wants_tts(self) -> bool:
-        """The TTS synthesises this session's words (design: profile voice and mode not native)."""
-        return cloned_profile(self.voice, self.mode) is not None
+        """The TTS synthesises this session's words (a profile's or a catalog voice, mode not native)."""
+        return spoken_by_tts(self.voice, self.mode) is not None
 
     # --- inputs --------------------------------------------------------------------------------
 

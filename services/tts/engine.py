@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +23,12 @@ import numpy as np
 import torch
 import yaml
 
+from services.tts.catalog import Catalog
+from services.tts.pocket_config import CONFIG_FILE, PocketConfig, resolve
 from services.tts.settings import TtsSettings
 from shared import metrics
 from shared.audio import SAMPLE_RATE, FloatAudio
-from shared.errors import ModelLoadError
+from shared.errors import CloningUnavailable, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -36,70 +36,25 @@ log = logging.getLogger(__name__)
 ModelState = dict[str, dict[str, torch.Tensor]]
 AudioSink = Callable[[FloatAudio], Awaitable[None]]
 
-CONFIG_FILE = "config.yaml"
-DEFAULT_LANGUAGE = "english"
-_REMOTE = ("hf://", "http://", "https://")
 
+def load_model(settings: TtsSettings, choice: PocketConfig) -> Any:
+    """One TTSModel through the published loader (`TTSModel.load_model`). Blocking: call from a thread.
 
-def _path_fields(config: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
-    """(container, key) of every file reference a Pocket TTS config may hold."""
-    flow_lm = config.get("flow_lm", {})
-    return [
-        (config, "weights_path"),
-        (config, "weights_path_without_voice_cloning"),
-        (flow_lm, "weights_path"),
-        (flow_lm.get("lookup_table", {}), "tokenizer_path"),
-        (config.get("mimi", {}), "weights_path"),
-    ]
-
-
-def local_config(tts_dir: Path) -> dict[str, Any]:
-    """A checkpoint directory's config with its relative file references made absolute."""
-    path = tts_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ModelLoadError(f"CHORUS_TTS_DIR={tts_dir} has no {CONFIG_FILE}")
-    config: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
-    for container, key in _path_fields(config):
-        value = container.get(key)
-        if isinstance(value, str) and not value.startswith(_REMOTE) and not Path(value).is_absolute():
-            container[key] = str((tts_dir / value).resolve())
-    return config
-
-
-def model_version(settings: TtsSettings) -> str:
-    """Identifies the weights a voice state was computed with (cached states are keyed by it)."""
-    digest = hashlib.sha256(f"pocket-tts {version('pocket-tts')}\n".encode())
-    if settings.tts_dir is None:
-        from pocket_tts.utils.config import CONFIGS_DIR
-
-        # The shipped config pins the hub revision of its weights.
-        digest.update((CONFIGS_DIR / f"{DEFAULT_LANGUAGE}.yaml").read_bytes())
-    else:
-        digest.update((settings.tts_dir / CONFIG_FILE).read_bytes())
-        weights = local_config(settings.tts_dir).get("weights_path")
-        if isinstance(weights, str) and Path(weights).is_file():
-            with open(weights, "rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()[:16]
-
-
-def load_model(settings: TtsSettings) -> Any:
-    """One TTSModel through the published loader (`TTSModel.load_model`). Blocking: call from a thread."""
+    A published config whose voice-cloning weights are out of reach (gated on the hub: no token, or the
+    terms not accepted) loads the weights without cloning: `has_voice_cloning` says which it got."""
     from pocket_tts.models.tts_model import TTSModel
 
     options: dict[str, Any] = {"temp": settings.tts_temperature, "eos_threshold": settings.tts_eos_threshold}
     try:
-        if settings.tts_dir is None:
-            model = TTSModel.load_model(language=DEFAULT_LANGUAGE, **options)
+        if choice.published:
+            model = TTSModel.load_model(language=choice.name, **options)
         else:
             with tempfile.TemporaryDirectory(prefix="chorus-tts-") as tmp:
                 config_file = Path(tmp) / CONFIG_FILE
-                config_file.write_text(yaml.safe_dump(local_config(settings.tts_dir)), encoding="utf-8")
+                config_file.write_text(yaml.safe_dump(choice.config), encoding="utf-8")
                 model = TTSModel.load_model(config=str(config_file), **options)
-    except ModelLoadError:
-        raise
     except Exception as exc:
-        source = settings.tts_dir or "the hub"
+        source = choice.local_dir or f"the hub ({choice.name})"
         raise ModelLoadError(f"cannot load Pocket TTS from {source}: {exc}") from exc
     if settings.tts_device != "cpu":
         model = model.to(settings.tts_device)
@@ -113,9 +68,14 @@ class DeadlinePassed(Exception):
 class Engine:
     """N model instances and a thread per instance; `synthesize` and `voice_state` borrow one."""
 
-    def __init__(self, models: list[Any], version_id: str) -> None:
-        self.version = version_id
+    def __init__(self, models: list[Any], choice: PocketConfig) -> None:
+        self.choice = choice
+        self.version = choice.version()
         self.instances = len(models)
+        # Every instance loads the same weights; without the cloning ones a clip cannot become a voice.
+        self.can_clone = all(getattr(model, "has_voice_cloning", True) for model in models)
+        self.catalog = Catalog(choice)
+        self._any = models[0]
         self._free: asyncio.Queue[Any] = asyncio.Queue()
         for model in models:
             self._free.put_nowait(model)
@@ -124,18 +84,30 @@ class Engine:
     @classmethod
     async def load(cls, settings: TtsSettings) -> Engine:
         started = time.monotonic()
-        models = [await asyncio.to_thread(load_model, settings) for _ in range(settings.tts_instances)]
-        version_id = await asyncio.to_thread(model_version, settings)
+        choice = resolve(settings.tts_dir, settings.tts_config)
+        models = [
+            await asyncio.to_thread(load_model, settings, choice) for _ in range(settings.tts_instances)
+        ]
+        engine = await asyncio.to_thread(cls, models, choice)
         log.info(
             "pocket tts loaded",
             extra={
                 "instances": len(models),
-                "model_version": version_id,
-                "tts_dir": str(settings.tts_dir or "hub"),
+                "model_version": engine.version,
+                "tts_config": choice.name,
+                "tts_dir": str(choice.local_dir or "hub"),
+                "voice_cloning": engine.can_clone,
+                "catalog_voices": len(engine.catalog.voices),
                 "load_s": round(time.monotonic() - started, 2),
             },
         )
-        return cls(models, version_id)
+        if not engine.can_clone:
+            log.warning(
+                "Pocket TTS loaded without its voice-cloning weights: uploads and profile voices are "
+                "refused, catalog voices work. %s",
+                CloningUnavailable().detail,
+            )
+        return engine
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -149,13 +121,23 @@ class Engine:
             self._free.put_nowait(model)
 
     async def voice_state(self, clip: FloatAudio) -> ModelState:
-        """`get_state_for_audio_prompt` on a 24 kHz mono clip."""
+        """`get_state_for_audio_prompt` on a 24 kHz mono clip; CloningUnavailable without the weights
+        for it (Pocket TTS would compute a state that clones nothing)."""
+        if not self.can_clone:
+            raise CloningUnavailable()
         prompt = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))[None, :]
         async with self._instance() as model:
             loop = asyncio.get_running_loop()
             state: ModelState = await loop.run_in_executor(
                 self._executor, model.get_state_for_audio_prompt, prompt
             )
+        return state
+
+    async def catalog_state(self, name: str) -> ModelState:
+        """A catalog voice's published state (downloaded from the hub once, or read from the checkpoint)."""
+        state: ModelState = await asyncio.to_thread(
+            self._any.get_state_for_audio_prompt, self.catalog.source(name)
+        )
         return state
 
     async def synthesize(

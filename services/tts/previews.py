@@ -1,8 +1,8 @@
 """Requests from the gateway on `chorus:tts:requests` (consumer group "tts": one worker takes each).
 
 - `prepare`: compute and cache a new profile's voice state now, so its first session starts quickly.
-- `preview`: speak a text in a profile's voice; the whole audio goes back on `chorus:tts:reply:{id}`,
-  which expires by itself if the gateway has given up.
+- `preview`: speak a text in a profile's voice or a catalog voice; the whole audio goes back on
+  `chorus:tts:reply:{id}`, which expires by itself if the gateway has given up.
 
 Requests are acked when taken and served as tasks (a preview takes seconds; the loop keeps reading).
 A request past its deadline is dropped: nobody waits for its answer any more. A preview checks again once
@@ -60,6 +60,10 @@ class VoiceRequests:
                 await self.voices.get(message.profile_id)
             except NotFound:
                 log.info("prepare for a profile that is gone", extra={"profile_id": message.profile_id})
+            except ChorusError as exc:  # no cloning weights: the gateway refuses uploads it knows of
+                log.warning(
+                    "could not prepare a voice state: %s", exc, extra={"profile_id": message.profile_id}
+                )
             except Exception:
                 log.exception("could not prepare a voice state", extra={"profile_id": message.profile_id})
             return
@@ -73,7 +77,7 @@ class VoiceRequests:
             log.info(
                 "dropped a stale preview after waiting for a model instance: %s",
                 exc,
-                extra={"request_id": request.session_id, "profile_id": request.profile_id},
+                extra={"request_id": request.session_id, "voice": request.spoken_voice},
             )
             metrics.TTS_REQUESTS_DROPPED.labels(kind=request.type, waited="model").inc()
             return
@@ -87,8 +91,8 @@ class VoiceRequests:
         await self.replies.send(reply)
 
     async def speak(self, request: VoicePreview) -> bytes:
-        """The whole text in the profile's voice, as PCM16."""
-        state = await self.voices.get(request.profile_id)
+        """The whole text in the profile's (or catalog) voice, as PCM16."""
+        state = await self.voices.for_voice(request.spoken_voice)
         chunks: list[FloatAudio] = []
 
         async def collect(audio: FloatAudio) -> None:

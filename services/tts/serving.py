@@ -38,6 +38,7 @@ from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
 from shared.presence import WorkerFields
 from shared.retry import keep_running
 from shared.sessions import SessionStore
+from shared.voice_offer import presence_fields
 from shared.voice_profiles import VoiceProfileStore
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class TtsWorker:
             "cloning": sum(s.cloning for s in self.sessions.values()),
             "instances": self.s.engine.instances,
             "model": self.s.engine.version,
+            **presence_fields(self.s.engine.can_clone, self.s.engine.catalog.listing()),
         }
 
     async def warmup(self) -> None:

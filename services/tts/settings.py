@@ -5,6 +5,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from services.tts.pocket_config import DEFAULT_CONFIG
 from shared.settings import CommonSettings
 
 
@@ -22,8 +23,16 @@ class TtsSettings(CommonSettings):
     )
     tts_dir: Path | None = Field(
         default=None,
-        description="Local Pocket TTS checkpoint (config.yaml, weights, tokenizer); unset = the published "
-        "English model from the hub.",
+        description="Local Pocket TTS checkpoint (config.yaml, weights, tokenizer, embeddings/ with its "
+        "catalog voices), as `chorus dev make-checkpoints` writes one; wins over tts_config. Unset = "
+        "tts_config.",
+    )
+    tts_config: str = Field(
+        default=DEFAULT_CONFIG,
+        min_length=1,
+        description="The Pocket TTS model: a published config name (english, english_2026-10, "
+        "english_18m_2026-10, english_7m_2026-10, english_2m_2026-10, ...; weights from the hub) or the "
+        "path of a local YAML config. Voice states are keyed by it (docs/voices.md).",
     )
     tts_device: str = Field(default="cpu", description="Torch device of the Pocket TTS models.")
     tts_instances: int = Field(

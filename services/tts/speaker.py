@@ -28,7 +28,7 @@ from services.tts.voice_states import VoiceStates
 from shared import metrics
 from shared.audio import FRAME_SAMPLES, FRAME_SEC, FloatAudio, FrameSplitter, float_to_pcm16
 from shared.bus import Bus, Fence, tail
-from shared.errors import NotFound
+from shared.errors import CloningUnavailable, NotFound
 from shared.messages import (
     DIALOGUE,
     ClonedAudio,
@@ -39,7 +39,10 @@ from shared.messages import (
     PhraseDone,
     SessionEvent,
     VoiceMode,
+    catalog_name_of,
     cloned_profile,
+    profile_id_of,
+    spoken_by_tts,
 )
 from shared.runtime import cancel_and_wait
 from shared.voice_profiles import VoiceProfileStore
@@ -62,7 +65,7 @@ class SpeechLimits:
 @dataclass(frozen=True)
 class QueuedPhrase:
     phrase: Phrase
-    profile_id: str
+    voice: str  # profile:<id> or catalog:<name>
     generation: int
     text_at: float  # when the dialogue service produced the phrase's last piece (unix time)
 
@@ -94,7 +97,7 @@ class ClonedSession:
         self.owner = owner
         self.fence = fence  # writes only while this worker owns the session
         self.lost = False  # a write was fenced off: the session moved to another worker
-        self.profile_id: str | None = None
+        self.spoken: str | None = None  # the voice the TTS speaks now: profile:<id>, catalog:<name>, None
         self.voice = "moshiko"
         self.voice_mode: VoiceMode = "auto"
         self._phraser = Phraser(services.rules)
@@ -111,7 +114,12 @@ class ClonedSession:
 
     @property
     def cloning(self) -> bool:
-        return self.profile_id is not None
+        return self.spoken is not None
+
+    @property
+    def profile_id(self) -> str | None:
+        """The profile it clones (None: a catalog voice, or none)."""
+        return cloned_profile(self.spoken, self.voice_mode) if self.spoken is not None else None
 
     async def start(self, voice: str, voice_mode: VoiceMode, *, resumed: bool) -> None:
         """Serve the session. A new one reads `:dlg` from its first entry; one `resumed` (taken over from
@@ -123,37 +131,33 @@ class ClonedSession:
 
     async def set_voice(self, voice: str, voice_mode: VoiceMode, *, from_beginning: bool = False) -> None:
         self.voice, self.voice_mode = voice, voice_mode
-        profile_id = cloned_profile(voice, voice_mode)
-        if profile_id == self.profile_id:
+        spoken = spoken_by_tts(voice, voice_mode)
+        if spoken == self.spoken:
             return
         if self.cloning:
             await self.flush("voice_changed")
-        if profile_id is not None and not await self._usable(profile_id):
-            await self._event(
-                EventName.ERROR, f"voice profile {profile_id} not found", Failure(code="not_found")
-            )
-            profile_id = None
-        self.profile_id = profile_id
-        log.info(
-            "session voice", extra={**self.log_extra, "profile_id": profile_id, "voice_mode": voice_mode}
-        )
-        if profile_id is None:
+        if spoken is not None and (refusal := await self._refusal(spoken)) is not None:
+            await self._event(EventName.ERROR, refusal.detail, Failure(code=refusal.code))
+            spoken = None
+        self.spoken = spoken
+        log.info("session voice", extra={**self.log_extra, "tts_voice": spoken, "voice_mode": voice_mode})
+        if spoken is None:
             await self._stop_reader()
             return
-        self._spawn(self._warm(profile_id))
+        self._spawn(self._warm(spoken))
         if self._reader is None:
             cursor = "0-0" if from_beginning else "$"
             self._reader = asyncio.create_task(
                 self._read_dialogue(cursor), name=f"tts-read-{self.session_id}"
             )
 
-    async def drop_voice(self, detail: str) -> None:
-        """The profile became unusable (deleted): stop cloning and tell the router."""
+    async def drop_voice(self, detail: str, code: str = "not_found") -> None:
+        """The voice became unusable (its profile deleted): stop speaking and tell the router."""
         if self.cloning:
             await self.flush("voice_gone")
-            self.profile_id = None
+            self.spoken = None
             await self._stop_reader()
-            await self._event(EventName.ERROR, detail, Failure(code="not_found"))
+            await self._event(EventName.ERROR, detail, Failure(code=code))
 
     async def flush(self, reason: str) -> None:
         """Drop everything not yet spoken: queued phrases, pending words, the phrase being synthesised."""
@@ -213,7 +217,7 @@ class ClonedSession:
         for phrase in phrases:
             text_at = self._text_times.get(phrase.last_seq, now)
             self._text_times = {s: t for s, t in self._text_times.items() if s > phrase.last_seq}
-            if self.profile_id is None:
+            if self.spoken is None:
                 continue
             if self._backlog.qsize() >= self.s.limits.backlog_phrases:
                 stale = self._backlog.get_nowait()
@@ -222,7 +226,7 @@ class ClonedSession:
                     "tts backlog full, dropped the oldest phrase",
                     extra={**self.log_extra, "phrase_id": stale.phrase.phrase_id},
                 )
-            self._backlog.put_nowait(QueuedPhrase(phrase, self.profile_id, self._generation, text_at))
+            self._backlog.put_nowait(QueuedPhrase(phrase, self.spoken, self._generation, text_at))
 
     async def _stop_reader(self) -> None:
         if self._reader is not None:
@@ -236,12 +240,14 @@ class ClonedSession:
     async def _speak_loop(self) -> None:
         while True:
             item = await self._backlog.get()
-            if item.generation != self._generation or item.profile_id != self.profile_id:
+            if item.generation != self._generation or item.voice != self.spoken:
                 continue
             try:
                 await self._speak(item)
             except NotFound:
-                await self.drop_voice(f"voice profile {item.profile_id} not found")
+                await self.drop_voice(f"voice {item.voice} not found")
+            except CloningUnavailable as exc:
+                await self.drop_voice(exc.detail, code=exc.code)
             except Exception as exc:
                 log.exception(
                     "synthesis failed", extra={**self.log_extra, "phrase_id": item.phrase.phrase_id}
@@ -249,7 +255,7 @@ class ClonedSession:
                 await self._event(EventName.ERROR, f"synthesis failed: {exc}", Failure(code="tts_failed"))
 
     async def _speak(self, item: QueuedPhrase) -> None:
-        state = await self.s.voices.get(item.profile_id)
+        state = await self.s.voices.for_voice(item.voice)
         cancel = self._cancel = threading.Event()
         splitter = FrameSplitter()
         frames = 0
@@ -298,21 +304,33 @@ class ClonedSession:
 
     # --- helpers ---------------------------------------------------------------------------------------
 
-    async def _usable(self, profile_id: str) -> bool:
-        """The profile exists and belongs to the session's owner."""
+    async def _refusal(self, voice: str) -> NotFound | CloningUnavailable | None:
+        """Why the session cannot speak in `voice` (None: it can). A catalog voice must be in this
+        model's catalog; a profile must exist, belong to the session's owner and have a voice state
+        this worker can have (cached, or computed with the cloning weights)."""
+        if (name := catalog_name_of(voice)) is not None:
+            if name in self.s.engine.catalog:
+                return None
+            return NotFound(f"no catalog voice {name!r} in this model's catalog")
+        profile_id = profile_id_of(voice) or ""
         try:
-            return (await self.s.profiles.get(profile_id)).owner == self.owner
+            owner: str | None = (await self.s.profiles.get(profile_id)).owner
         except NotFound:
-            return False
+            owner = None
+        if owner != self.owner:  # another owner's profile is as good as missing
+            return NotFound(f"voice profile {profile_id} not found")
+        if self.s.engine.can_clone or profile_id in self.s.voices:
+            return None
+        if await self.s.profiles.load_state(profile_id, self.s.engine.version) is not None:
+            return None
+        return CloningUnavailable()
 
-    async def _warm(self, profile_id: str) -> None:
+    async def _warm(self, voice: str) -> None:
         """Have the voice state ready before the first phrase needs it."""
         try:
-            await self.s.voices.get(profile_id)
+            await self.s.voices.for_voice(voice)
         except Exception:
-            log.warning(
-                "could not prepare the voice state", extra={**self.log_extra, "profile_id": profile_id}
-            )
+            log.warning("could not prepare the voice state", extra={**self.log_extra, "tts_voice": voice})
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -1,10 +1,12 @@
-"""Voice states: a profile's reference clip encoded by Pocket TTS, computed once and cached twice.
+"""Voice states: a profile's reference clip encoded by Pocket TTS, computed once and cached twice; a
+catalog voice's published state, loaded once (`catalog.py`).
 
 `get_state_for_audio_prompt` costs about a second per clip. Its result is cached
 - on disk, next to the profile (`voices/{id}/states/{model version}.safetensors`), so every worker and
   every restart reuses it; a new model version computes its own;
 - in memory, bounded (least recently used out), so a session's phrases never wait for storage.
-Concurrent requests for one profile wait for a single computation.
+Concurrent requests for one profile wait for a single computation. Catalog states share the memory
+cache (under their voice name, `catalog:<name>`, which no profile id can be).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import safetensors.torch
 
@@ -19,6 +22,7 @@ from services.tts.engine import Engine, ModelState
 from shared import metrics
 from shared.audio import SAMPLE_RATE
 from shared.errors import NotFound
+from shared.messages import catalog_name_of, catalog_voice, profile_id_of
 from shared.voice_profiles import VoiceProfileStore
 
 log = logging.getLogger(__name__)
@@ -57,21 +61,47 @@ class VoiceStates:
     def __contains__(self, profile_id: str) -> bool:
         return profile_id in self._memory
 
+    async def for_voice(self, voice: str) -> ModelState:
+        """The state of a voice the TTS speaks: `profile:<id>` or `catalog:<name>`."""
+        if (name := catalog_name_of(voice)) is not None:
+            return await self.catalog(name)
+        if (profile_id := profile_id_of(voice)) is not None:
+            return await self.get(profile_id)
+        raise NotFound(f"{voice!r} is not a voice the TTS speaks")
+
+    async def catalog(self, name: str) -> ModelState:
+        """A catalog voice's state; NotFound (with the valid names) for a name the model has none of."""
+        if name not in self.engine.catalog:
+            raise NotFound(
+                f"no catalog voice {name!r}: use one of {', '.join(sorted(self.engine.catalog.voices))}"
+            )
+        return await self._cached(catalog_voice(name), lambda: self._load_catalog(name))
+
+    async def _load_catalog(self, name: str) -> ModelState:
+        state = await self.engine.catalog_state(name)
+        metrics.TTS_VOICE_STATES.labels(source="catalog").inc()
+        log.info("catalog voice loaded", extra={"voice": name, "model_version": self.engine.version})
+        return state
+
     async def get(self, profile_id: str) -> ModelState:
         """The profile's voice state; raises NotFound when the profile does not exist (any more)."""
-        if profile_id in self._memory:
-            self._memory.move_to_end(profile_id)
+        return await self._cached(profile_id, lambda: self._load_or_compute(profile_id))
+
+    async def _cached(self, key: str, load: Callable[[], Awaitable[ModelState]]) -> ModelState:
+        """From memory, or loaded once however many ask at the same time."""
+        if key in self._memory:
+            self._memory.move_to_end(key)
             metrics.TTS_VOICE_STATES.labels(source="memory").inc()
-            return self._memory[profile_id]
-        lock = self._locks.setdefault(profile_id, asyncio.Lock())
+            return self._memory[key]
+        lock = self._locks.setdefault(key, asyncio.Lock())
         try:
             async with lock:
-                if profile_id not in self._memory:
-                    self._remember(profile_id, await self._load_or_compute(profile_id))
-                return self._memory[profile_id]
+                if key not in self._memory:
+                    self._remember(key, await load())
+                return self._memory[key]
         finally:
             if not lock.locked():
-                self._locks.pop(profile_id, None)
+                self._locks.pop(key, None)
 
     def forget(self, profile_id: str) -> bool:
         """Drop the in-memory state (the profile was deleted); the caller owns disk cleanup."""

@@ -22,6 +22,9 @@ async def test_browser_page_talks_through_a_fake_microphone(stack: ChorusStack, 
         )
         voices = await page.evaluate("[...document.querySelectorAll('#voice option')].map(o => o.value)")
         assert "moshiko" in voices
+        assert "catalog:alba" in voices, "the TTS workers' catalog voices are offered"
+        kinds = await page.evaluate("document.getElementById('voiceKinds').textContent")
+        assert kinds == "Voices available now: native, catalog, cloned."
         await page.evaluate("document.getElementById('start').click()")
         await page.wait_for(
             "window.chorus.audioDeltas > 10 && window.chorus.transcript.length > 0",

@@ -68,6 +68,16 @@ async def test_cloned_voice_mode_speaks_through_pocket_tts(stack: ChorusStack, v
     assert any(np.frombuffer(e.pcm, "<i2").any() for e in audio), "cloned speech (not only silence) was sent"
 
 
+async def test_a_catalog_voice_speaks_through_pocket_tts_without_any_clip(stack: ChorusStack) -> None:
+    client = await MoshiClient.open(stack.ws_url, voice="catalog:alba", voice_mode="cloned")
+    await client.send_audio(speech_like(4.0))
+    await client.drain(1.0)
+    await client.ws.close()
+    audio = [e for e in await out_entries(stack, client.session_id) if isinstance(e, OutputAudio)]
+    assert audio and all(e.source == "cloned" for e in audio)
+    assert any(np.frombuffer(e.pcm, "<i2").any() for e in audio), "speech in the catalog voice was sent"
+
+
 async def test_realtime_voice_switch_mid_session_is_announced(stack: ChorusStack, voice_id: str) -> None:
     client = await RealtimeClient.open(stack.ws_url)
     await client.send(

@@ -1,4 +1,5 @@
-"""`chorus talk` as a user runs it against a running stack: both protocols, native and cloned voices."""
+"""`chorus talk` as a user runs it against a running stack: both protocols, native and cloned voices;
+`chorus voices list`."""
 
 from __future__ import annotations
 
@@ -51,3 +52,17 @@ async def test_chorus_talk_saves_the_reply_and_transcript(
     assert transcript["session_id"].startswith("sess_")
     assert transcript["voice"] == voice and transcript["protocol"] == protocol
     assert transcript["text"], "the transcript holds what Chorus said"
+
+
+def test_chorus_voices_list_shows_profiles_the_catalog_and_what_works_now(stack: ChorusStack) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "chorus.cli", "voices", "list", "--url", stack.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "voice kinds available now: native, catalog, cloned"
+    assert "catalog:alba\tenglish catalog voice (local)" in lines

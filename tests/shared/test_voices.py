@@ -10,6 +10,8 @@ from shared.messages import (
     ProfileId,
     VoiceMode,
     VoiceName,
+    catalog_name_of,
+    catalog_voice,
     cloned_profile,
     cloned_voice,
     is_cloned_voice,
@@ -17,10 +19,20 @@ from shared.messages import (
     parse_voice,
     parse_voice_mode,
     profile_id_of,
+    spoken_by_tts,
     valid_id,
 )
 
-ACCEPTED_VOICES = ["moshiko", "moshika", "profile:voice_1", "profile:A-b_9", "profile:" + "x" * 64]
+ACCEPTED_VOICES = [
+    "moshiko",
+    "moshika",
+    "profile:voice_1",
+    "profile:A-b_9",
+    "profile:" + "x" * 64,
+    "catalog:alba",
+    "catalog:bill_boerst",
+    "catalog:" + "x" * 32,
+]
 REFUSED_VOICES = [
     "moshiko\n",
     "moshika\n",
@@ -34,6 +46,11 @@ REFUSED_VOICES = [
     "profile:" + "x" * 65,
     "alloy",
     "",
+    "catalog:",
+    "catalog:Alba",
+    "catalog:alba\n",
+    "catalog:../alba",
+    "catalog:" + "x" * 33,
 ]
 
 
@@ -59,7 +76,10 @@ def test_a_voice_name_is_refused_alike_by_models_and_by_code(voice: str) -> None
 def test_a_refused_voice_says_what_is_accepted() -> None:
     with pytest.raises(ValueError) as refused:
         parse_voice("alloy")
-    assert str(refused.value) == "unknown voice 'alloy': use moshiko or moshika or profile:<id>"
+    assert (
+        str(refused.value)
+        == "unknown voice 'alloy': use moshiko or moshika or profile:<id> or catalog:<name>"
+    )
 
 
 @pytest.mark.parametrize("profile_id", ["a", "voice_1", "A-b_9", "x" * 64])
@@ -117,3 +137,25 @@ def test_a_session_clones_its_voices_profile_unless_its_mode_is_native(
     voice: str, mode: VoiceMode, profile: str | None
 ) -> None:
     assert cloned_profile(voice, mode) == profile
+
+
+@pytest.mark.parametrize(
+    ("voice", "mode", "spoken"),
+    [
+        ("catalog:alba", "auto", "catalog:alba"),
+        ("catalog:alba", "cloned", "catalog:alba"),
+        ("catalog:alba", "native", None),
+        ("profile:v1", "auto", "profile:v1"),
+        ("profile:v1", "native", None),
+        ("moshiko", "cloned", None),
+    ],
+)
+def test_the_tts_speaks_a_profile_or_catalog_voice_unless_the_mode_is_native(
+    voice: str, mode: VoiceMode, spoken: str | None
+) -> None:
+    assert spoken_by_tts(voice, mode) == spoken
+    assert catalog_name_of(voice) == (
+        voice.removeprefix("catalog:") if voice.startswith("catalog:") else None
+    )
+    if catalog_name_of(voice) is not None:
+        assert profile_id_of(voice) is None and catalog_voice("alba") == "catalog:alba"

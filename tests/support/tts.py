@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 
 def tts_settings(
-    tts_dir: Path, data_dir: Path, redis_url: str, key_prefix: str, **overrides: Any
+    tts_dir: Path | None, data_dir: Path, redis_url: str, key_prefix: str, **overrides: Any
 ) -> TtsSettings:
     """Small, quick phrases: random weights never end speech (EOS off), so every phrase gets exactly its
     bound of 3 frames per word plus 2 frames."""
@@ -86,6 +86,7 @@ async def running_worker(bus: Bus, settings: TtsSettings, engine: Engine) -> Asy
     )
     tasks = [asyncio.create_task(worker.run(stop)), asyncio.create_task(presence.run(stop))]
     await worker.following.wait()
+    await presence.beat()  # listed before the test goes on (the gateway reads what it can speak there)
     try:
         yield worker
     finally:
@@ -114,6 +115,39 @@ def tts_checkpoint() -> Path:
 async def tts_engine(tts_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Engine]:
     """One loaded model for the whole session (each test builds its own worker around it)."""
     settings = tts_settings(tts_checkpoint, tmp_path_factory.mktemp("engine"), "redis://unused", "unused:")
+    engine = await Engine.load(settings)
+    yield engine
+    engine.close()
+
+
+# Where the hub would serve the gated voice-cloning weights: nothing listens there, so the download fails
+# at once, as it does for a user without a token or who has not accepted the terms.
+UNREACHABLE_WEIGHTS = "http://127.0.0.1:9/kyutai/pocket-tts/languages/english/model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def gated_checkpoint(tts_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small checkpoint as a user without access to the gated weights meets the published config:
+    `weights_path` out of reach, `weights_path_without_voice_cloning` loadable, the catalog beside it."""
+    import yaml
+
+    from services.tts.pocket_config import CATALOG_DIR, CONFIG_FILE, resolve
+
+    folder = tmp_path_factory.mktemp("gated-tts")
+    config = resolve(tts_checkpoint, "unused").config
+    config["weights_path_without_voice_cloning"] = config["weights_path"]
+    config["weights_path"] = UNREACHABLE_WEIGHTS
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump(config), encoding="utf-8")
+    (folder / CATALOG_DIR).symlink_to(tts_checkpoint / CATALOG_DIR)
+    return folder
+
+
+@pytest.fixture(scope="session")
+async def gated_engine(
+    gated_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Engine]:
+    """A model loaded without the voice-cloning weights."""
+    settings = tts_settings(gated_checkpoint, tmp_path_factory.mktemp("gated"), "redis://unused", "unused:")
     engine = await Engine.load(settings)
     yield engine
     engine.close()

@@ -27,15 +27,15 @@ from services.gateway.auth import KeyRing
 from services.gateway.conversation import Conversation
 from services.gateway.problems import outage_error
 from services.gateway.settings import GatewaySettings
+from services.gateway.voices import check_voice_usable
 from shared.errors import (
     ChorusError,
     ClientNotReading,
     InvalidRequest,
     LifetimeReached,
-    NotFound,
     Unauthorized,
 )
-from shared.messages import PersonaSpec, VoiceMode, parse_voice, profile_id_of
+from shared.messages import PersonaSpec, VoiceMode, parse_voice
 from shared.runtime import cancel_and_wait
 from shared.voice_profiles import VoiceProfileStore
 
@@ -92,16 +92,10 @@ def check_voice(voice: str) -> str:
 
 async def check_voice_owned(conn: HTTPConnection, owner: str, voice: str) -> None:
     """A cloned voice must be the caller's own: another key's profile is refused at once, exactly like a
-    missing one (the TTS worker checks again when it switches voices). Sockets and the client secret
-    route ask it."""
-    profile_id = profile_id_of(voice)
-    if profile_id is None:
-        return
+    missing one (the TTS worker checks again when it switches voices); a catalog voice must be in the
+    TTS workers' catalog (`voices.check_voice_usable`). Sockets and the client secret route ask it."""
     store: VoiceProfileStore = conn.app.state.voices
-    try:
-        await store.get_owned(profile_id, owner)
-    except NotFound:
-        raise InvalidRequest(f"unknown voice {voice!r}: no such profile for this API key") from None
+    await check_voice_usable(store, conn.app.state.bus, owner, voice)
 
 
 async def resolve_persona(

@@ -44,7 +44,19 @@ async function loadPickers() {
   $("persona").replaceChildren(...personaItems.map((p) => new Option(p.name ?? p.id, p.id)));
   const voiceOptions = [new Option("Moshiko (native)", "moshiko"), new Option("Moshika (native)", "moshika")];
   for (const v of voices.items ?? voices) voiceOptions.push(new Option(`${v.name} (cloned)`, `profile:${v.id}`));
+  for (const v of voices.catalog ?? []) voiceOptions.push(new Option(`${v.name} (catalog, ${v.language})`, v.voice));
   $("voice").replaceChildren(...voiceOptions);
+  showVoiceKinds(voices.voice_kinds ?? ["native"]);
+}
+
+// Which voice kinds work now (GET /v1/voices, from the TTS workers): without the gated cloning weights,
+// uploads are refused, so the page says so before anyone records a clip.
+function showVoiceKinds(kinds) {
+  state.voiceKinds = kinds;
+  const cloning = kinds.includes("cloned");
+  $("voiceKinds").textContent = `Voices available now: ${kinds.join(", ")}.` + (cloning ? "" :
+    " Cloning is off: the TTS workers lack Pocket TTS's voice-cloning weights (see docs/voices.md).");
+  $("upload").disabled = !cloning;
 }
 
 function toBase64(int16) {
