@@ -265,11 +265,12 @@ class RealtimeSession:
             response_id = await self.cancel_response(None)
             self.send(ev.OutputAudioBufferCleared(response_id=response_id))
         elif isinstance(event, ev.ConversationItemTruncate):
-            if self.carver.responding and self.items.get(event.item_id).status == "in_progress":
+            speaking = self.carver.responding and self.items.get(event.item_id).status == "in_progress"
+            # Refused (raises) before anything changes: the response and its audio go on.
+            events = self.carver.truncate(event.item_id, event.content_index, event.audio_end_ms)
+            if speaking:
                 self.queue.drop_audio()
-            await self.send_output(
-                self.carver.truncate(event.item_id, event.content_index, event.audio_end_ms)
-            )
+            await self.send_output(events)
         elif isinstance(event, ev.ConversationItemRetrieve):
             self.send(ev.ConversationItemRetrieved(item=self.items.get(event.item_id).wire()))
         elif isinstance(event, ev.ConversationItemDelete):
