@@ -321,6 +321,8 @@ class RealtimeSession:
         audio = [part.audio for part in item.content if part.type == "input_audio" and part.audio]
         if len(audio) != len(item.content) or not audio:
             raise ev.TextInputNotSupported("Moshi hears audio only: send content of type input_audio")
+        if item.id is not None and item.id in self.items:  # its audio is not heard either
+            raise InvalidRequest(f"item id {ev.excerpt(item.id)} is already in this conversation")
         for part in audio:
             await self.append_audio(part)
         self.appended_since_commit = False

@@ -87,6 +87,9 @@ class ConversationItems:
             pieces -= len(self._items.popitem(last=False)[1].pieces)
         return previous
 
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._items
+
     def get(self, item_id: str) -> Item:
         item = self._items.get(item_id)
         if item is None:

@@ -116,3 +116,11 @@ async def test_a_beta_client_gets_the_beta_session_and_sends_mu_law(gateway: Gat
         assert retrieved["item"]["role"] == "user"
         deleted = await answer(ws, {"type": "conversation.item.delete", "item_id": got["item_id"]}, beta=True)
         assert deleted["type"] == "conversation.item.deleted"
+        # An item created under the id of one still kept is refused, and its audio is not heard.
+        audio = base64.b64encode(bytes([0xFF]) * 640).decode()
+        mine = {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": audio}]}
+        create = {"type": "conversation.item.create", "item": {**mine, "id": "item_mine"}}
+        assert (await answer(ws, create, beta=True))["type"] == "input_audio_buffer.committed"
+        conforming(await asyncio.wait_for(ws.recv(), 5), beta=True)  # conversation.item.created
+        again = await answer(ws, create, beta=True)
+        assert (again["type"], again["error"]["code"]) == ("error", "invalid_request"), again
