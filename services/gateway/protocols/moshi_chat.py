@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import math
+import re
 import secrets
 from collections import deque
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
+from starlette.datastructures import QueryParams
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
@@ -88,6 +90,12 @@ _INTEGER_PARAMS = {"text_topk", "audio_topk", "repetition_penalty_context", "tex
 KNOWN_PARAMS = frozenset(
     {"persona", "voice", "voice_mode", "primer", "text_prompt", "client_secret", "api_key", *SAMPLING_PARAMS}
 )
+# A setting's plain ASCII form (what Kyutai's clients send): Python's int()/float() also take Unicode
+# digits, `_` separators and surrounding spaces, which a client of the Rust server would be refused.
+_PLAIN = {
+    "an integer": re.compile(r"[+-]?[0-9]+", re.ASCII),
+    "a number": re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII),
+}
 _DRAWN_SEED_BOUND = 2**53  # a JavaScript client reads the metadata's seeds exactly below this
 _UNKNOWN_LOGGED_MAX = 256  # names of unknown parameters remembered (each logged once), bounded
 _unknown_logged: set[str] = set()
@@ -106,14 +114,17 @@ def _voice_mode(value: str | None) -> VoiceMode:
         raise InvalidRequest(str(exc)) from None
 
 
-def sampling_overrides(params: Mapping[str, str]) -> dict[str, Any]:
+def sampling_overrides(params: QueryParams) -> dict[str, Any]:
     """The `Sampling` fields the query string sets, each checked against its range (the message says
     which parameter and why)."""
     overrides: dict[str, Any] = {}
     for name, field in SAMPLING_PARAMS.items():
-        raw = params.get(name)
-        if raw is None:
+        given = params.getlist(name)
+        if not given:
             continue
+        if len(given) > 1:
+            raise InvalidRequest(f"{name} is given {len(given)} times: give it once")
+        raw = given[0]
         value = _number(name, raw)
         try:
             Sampling.model_validate({field: value})
@@ -124,13 +135,15 @@ def sampling_overrides(params: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _number(name: str, raw: str) -> float | int:
+    kind = "an integer" if name in _INTEGER_PARAMS else "a number"
     try:
         value = int(raw) if name in _INTEGER_PARAMS else float(raw)
     except ValueError:
-        kind = "an integer" if name in _INTEGER_PARAMS else "a number"
         raise InvalidRequest(f"{name}={raw[:32]!r}: expected {kind}") from None
     if not math.isfinite(value):
         raise InvalidRequest(f"{name}={raw[:32]!r}: expected a finite number")
+    if not _PLAIN[kind].fullmatch(raw):
+        raise InvalidRequest(f"{name}={raw[:32]!r}: expected {kind} in ASCII digits")
     return value
 
 
