@@ -282,7 +282,8 @@ class RealtimeSession:
         sent yet: not one more delta of it reaches the client. Returns its id."""
         current = self.carver.response_id
         if current is None or response_id not in (None, current):
-            raise ev.ResponseNotActive(f"no response {response_id or ''} in progress to cancel")
+            named = ev.excerpt(response_id) if response_id is not None else ""
+            raise ev.ResponseNotActive(f"no response {named} in progress to cancel")
         self.queue.drop_audio()
         await self.send_output(self.carver.cancel())
         return current
@@ -316,7 +317,8 @@ class RealtimeSession:
             raise ev.FunctionCallsNotSupported("Moshi cannot call functions")
         if item.type != "message" or item.role != "user":
             raise ev.TextInputNotSupported(
-                f"only a user message of input_audio can be added, not a {item.role or ''} {item.type}"
+                f"only a user message of input_audio can be added, not a {ev.excerpt(item.role or '', 32)} "
+                f"{ev.excerpt(item.type, 32)}"
             )
         audio = [part.audio for part in item.content if part.type == "input_audio" and part.audio]
         if len(audio) != len(item.content) or not audio:

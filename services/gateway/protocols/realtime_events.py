@@ -188,7 +188,7 @@ def _codec_of(side: str, beta: str | None, ga: AudioFormat | None) -> tuple[Audi
         if beta not in BETA_FORMATS:
             return (
                 None,
-                f"{side}_audio_format {beta!r} is not supported; use one of {', '.join(BETA_FORMATS)}",
+                f"{side}_audio_format {excerpt(beta)} is not supported; use one of {', '.join(BETA_FORMATS)}",
             )
         return BETA_FORMATS[beta], None
     if ga is None or ga.type is None:
@@ -196,7 +196,8 @@ def _codec_of(side: str, beta: str | None, ga: AudioFormat | None) -> tuple[Audi
     if ga.type not in GA_FORMATS:
         return (
             None,
-            f"audio.{side}.format.type {ga.type!r} is not supported; use one of {', '.join(GA_FORMATS)}",
+            f"audio.{side}.format.type {excerpt(ga.type)} is not supported; "
+            f"use one of {', '.join(GA_FORMATS)}",
         )
     codec = GA_FORMATS[ga.type]
     if ga.rate not in (None, CODEC_RATES[codec]):

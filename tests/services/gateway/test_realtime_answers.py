@@ -124,3 +124,20 @@ async def test_a_beta_client_gets_the_beta_session_and_sends_mu_law(gateway: Gat
         conforming(await asyncio.wait_for(ws.recv(), 5), beta=True)  # conversation.item.created
         again = await answer(ws, create, beta=True)
         assert (again["type"], again["error"]["code"]) == ("error", "invalid_request"), again
+
+
+async def test_an_error_quotes_a_huge_client_value_cut_short(gateway: Gateway) -> None:
+    """A client's value named in an error is an excerpt: a 100 kB string never comes back whole."""
+    huge = "x" * 100_000
+    events: list[dict[str, Any]] = [
+        {"type": "session.update", "session": {"voice": huge}},
+        {"type": "session.update", "session": {"input_audio_format": huge}},
+        {"type": "session.update", "session": {"audio": {"output": {"format": {"type": huge}}}}},
+        {"type": "conversation.item.create", "item": {"type": huge, "role": huge}},
+        {"type": "response.cancel", "response_id": huge},
+    ]
+    async with connect(f"{gateway.ws_url}/v1/realtime?model=moshika", max_size=None) as ws:
+        conforming(await ws.recv())
+        for event in events:
+            got = await answer(ws, event)
+            assert got["type"] == "error" and len(got["error"]["message"]) < 1000, (event, len(str(got)))
