@@ -183,14 +183,22 @@ def refuse_what_moshi_cannot_do(
 
 
 def _codec_of(side: str, beta: str | None, ga: AudioFormat | None) -> tuple[AudioCodec | None, str | None]:
-    """The codec a beta name or a GA format object names, or why it is not one Chorus speaks."""
-    if beta is not None:
-        if beta not in BETA_FORMATS:
-            return (
-                None,
-                f"{side}_audio_format {excerpt(beta)} is not supported; use one of {', '.join(BETA_FORMATS)}",
-            )
-        return BETA_FORMATS[beta], None
+    """The codec a beta name or a GA format object names, or why it is not one Chorus speaks. Both in one
+    update must be valid and name the same codec (neither shape silently wins over the other)."""
+    codec, problem = _ga_codec_of(side, ga)
+    if beta is None or problem:
+        return codec, problem
+    if beta not in BETA_FORMATS:
+        return (
+            None,
+            f"{side}_audio_format {excerpt(beta)} is not supported; use one of {', '.join(BETA_FORMATS)}",
+        )
+    if codec not in (None, BETA_FORMATS[beta]):
+        return None, f"{side}_audio_format and audio.{side}.format name different formats: give one"
+    return BETA_FORMATS[beta], None
+
+
+def _ga_codec_of(side: str, ga: AudioFormat | None) -> tuple[AudioCodec | None, str | None]:
     if ga is None or ga.type is None:
         return None, None
     if ga.type not in GA_FORMATS:

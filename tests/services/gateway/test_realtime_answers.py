@@ -46,6 +46,28 @@ ANSWERS: list[tuple[dict[str, Any], str, str | None]] = [
         "error",
         "invalid_request",
     ),
+    (  # the beta and GA shapes at once: neither wins silently over the other
+        {
+            "type": "session.update",
+            "session": {
+                "input_audio_format": "pcm16",
+                "audio": {"input": {"format": {"type": "audio/opus"}}},
+            },
+        },
+        "error",
+        "invalid_request",
+    ),
+    (
+        {
+            "type": "session.update",
+            "session": {
+                "output_audio_format": "pcm16",
+                "audio": {"output": {"format": {"type": "audio/pcma"}}},
+            },
+        },
+        "error",
+        "invalid_request",
+    ),
     (
         {
             "type": "session.update",
