@@ -137,9 +137,12 @@ class SessionConfig(_Lenient):
     chorus_events: Annotated[bool, Field(strict=True)] | None = None
 
     def requested_voice(self) -> str | None:
-        if self.audio and self.audio.output and self.audio.output.voice:
-            return self.audio.output.voice
-        return self.voice
+        """The voice this update asks for (None: unchanged); the beta `voice` and the GA
+        `audio.output.voice` at once must name the same one."""
+        ga = self.audio.output.voice if self.audio and self.audio.output else None
+        if ga and self.voice and ga != self.voice:
+            raise InvalidRequest("voice and audio.output.voice name different voices: give one")
+        return ga or self.voice
 
     def idle_timeout_update(self) -> tuple[bool, int | None]:
         """Whether this update sets the idle timeout, and to what (None: the gateway's own). A

@@ -46,6 +46,14 @@ ANSWERS: list[tuple[dict[str, Any], str, str | None]] = [
         "error",
         "invalid_request",
     ),
+    (
+        {
+            "type": "session.update",
+            "session": {"voice": "moshiko", "audio": {"output": {"voice": "moshika"}}},
+        },
+        "error",
+        "invalid_request",
+    ),
     (  # the beta and GA shapes at once: neither wins silently over the other
         {
             "type": "session.update",
