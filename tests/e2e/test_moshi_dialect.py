@@ -191,6 +191,11 @@ async def test_metadata_control_and_ping(stack: ChorusStack) -> None:
         ({"pad_mult": "nan"}, "pad_mult='nan': expected a finite number"),
         ({"text_topk": "\u0661\u0662"}, "text_topk='\u0661\u0662': expected an integer in ASCII digits"),
         ([("text_seed", "1"), ("text_seed", "2")], "text_seed is given 2 times: give it once"),
+        ([("voice", "moshiko"), ("voice", "moshika")], "voice is given 2 times: give it once"),
+        (
+            {"primer": "a pirate", "text_prompt": "a nurse"},
+            "primer and text_prompt are the same setting: give one",
+        ),
     ],
 )
 async def test_a_bad_setting_is_refused_with_an_error_and_1008(

@@ -114,17 +114,14 @@ def _voice_mode(value: str | None) -> VoiceMode:
         raise InvalidRequest(str(exc)) from None
 
 
-def sampling_overrides(params: QueryParams) -> dict[str, Any]:
+def sampling_overrides(params: Mapping[str, str]) -> dict[str, Any]:
     """The `Sampling` fields the query string sets, each checked against its range (the message says
     which parameter and why)."""
     overrides: dict[str, Any] = {}
     for name, field in SAMPLING_PARAMS.items():
-        given = params.getlist(name)
-        if not given:
+        raw = params.get(name)
+        if raw is None:
             continue
-        if len(given) > 1:
-            raise InvalidRequest(f"{name} is given {len(given)} times: give it once")
-        raw = given[0]
         value = _number(name, raw)
         try:
             Sampling.model_validate({field: value})
@@ -132,6 +129,17 @@ def sampling_overrides(params: QueryParams) -> dict[str, Any]:
             raise InvalidRequest(f"{name}={raw[:32]!r}: {exc.errors()[0]['msg']}") from None
         overrides[field] = value
     return overrides
+
+
+def check_single(params: QueryParams) -> None:
+    """Each setting given once, and the persona primer under one name: Chorus never picks one of two
+    values silently (Kyutai's Rust server refuses a repeated field too)."""
+    for name in KNOWN_PARAMS - {"api_key", "client_secret"}:  # those are authentication's
+        if (count := len(params.getlist(name))) > 1:
+            raise InvalidRequest(f"{name} is given {count} times: give it once")
+    primer, text_prompt = params.get("primer"), params.get("text_prompt")
+    if primer and text_prompt and primer != text_prompt:
+        raise InvalidRequest("primer and text_prompt are the same setting: give one")
 
 
 def _number(name: str, raw: str) -> float | int:
@@ -191,6 +199,7 @@ async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         caller = await authenticate_socket(websocket)
         owner = caller.owner
         held.enter_context(websocket.app.state.open_sockets.take(owner))
+        check_single(params)
         voice = check_voice(params.get("voice") or caller.voice or "moshiko")
         await check_voice_owned(websocket, owner, voice)
         mode = _voice_mode(params.get("voice_mode"))
