@@ -325,8 +325,9 @@ class RealtimeSession:
             raise ev.TextInputNotSupported("Moshi hears audio only: send content of type input_audio")
         if item.id is not None and item.id in self.items:  # its audio is not heard either
             raise InvalidRequest(f"item id {ev.excerpt(item.id)} is already in this conversation")
-        for part in audio:
-            await self.append_audio(part)
+        decoded = [self.input_bytes(part) for part in audio]  # all checked before any is heard
+        for data in decoded:
+            await self.append_bytes(data)
         self.appended_since_commit = False
         self.add_user_item(item.id or new_id("item"))
 
@@ -359,12 +360,19 @@ class RealtimeSession:
         self.send(ev.SessionUpdated(session=self.session_object()))
 
     async def append_audio(self, audio_b64: str) -> None:
+        await self.append_bytes(self.input_bytes(audio_b64))
+
+    def input_bytes(self, audio_b64: str) -> bytes:
+        """A client's base64 audio, checked for the input format; raises `InvalidRequest`."""
         try:
             data = base64.b64decode(audio_b64, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise InvalidRequest(f"audio is not valid base64: {exc}") from None
         if self.audio.input == "pcm16" and len(data) % 2:
             raise InvalidRequest("audio must be PCM16: an even number of bytes")
+        return data
+
+    async def append_bytes(self, data: bytes) -> None:
         if not data:
             return
         self.audio_at = time.monotonic()

@@ -154,6 +154,13 @@ async def test_a_beta_client_gets_the_beta_session_and_sends_mu_law(gateway: Gat
         conforming(await asyncio.wait_for(ws.recv(), 5), beta=True)  # conversation.item.created
         again = await answer(ws, create, beta=True)
         assert (again["type"], again["error"]["code"]) == ("error", "invalid_request"), again
+        # An item with one bad part is refused whole: none of its audio is heard.
+        parts = [{"type": "input_audio", "audio": audio}, {"type": "input_audio", "audio": "not base64!"}]
+        bad = {"type": "conversation.item.create", "item": {**mine, "content": parts}}
+        refused = await answer(ws, bad, beta=True)
+        assert (refused["type"], refused["error"]["code"]) == ("error", "invalid_request"), refused
+        empty = await answer(ws, {"type": "input_audio_buffer.commit"}, beta=True)
+        assert empty["error"]["code"] == "input_audio_buffer_commit_empty", empty
 
 
 async def test_an_error_quotes_a_huge_client_value_cut_short(gateway: Gateway) -> None:
