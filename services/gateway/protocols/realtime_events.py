@@ -171,6 +171,8 @@ class SessionConfig(_Lenient):
         return holder.format if holder is not None else None
 
     def refuse_what_moshi_cannot_do(self) -> None:
+        if self.type not in (None, "realtime"):  # a `transcription` session: Chorus does not transcribe
+            raise NotSupported(f"session.type {excerpt(self.type)} is not supported; use 'realtime'")
         refuse_what_moshi_cannot_do(self.tools, self.output_modalities, self.modalities)
 
 

@@ -41,6 +41,7 @@ ANSWERS: list[tuple[dict[str, Any], str, str | None]] = [
         "item_not_found",
     ),
     ({"type": "session.update", "session": {"tools": TOOLS}}, "error", "function_calls_not_supported"),
+    ({"type": "session.update", "session": {"type": "transcription"}}, "error", "not_supported"),
     (
         {"type": "session.update", "session": {"audio": {"output": {"format": {"type": "audio/opus"}}}}},
         "error",
