@@ -118,7 +118,15 @@ def start_of(info: SessionInfo | None) -> SessionStart | None:
     if info.voice_mode:
         changes["voice_mode"] = info.voice_mode
     if info.sampling:
-        changes["persona"] = start.persona.model_copy(update={"sampling": info.sampling})
+        # An update that names no seed keeps the session's own (as the worker serving it does).
+        kept = start.persona.sampling
+        seeds = {
+            name: getattr(kept, name)
+            for name in ("text_seed", "audio_seed")
+            if getattr(info.sampling, name) is None
+        }
+        sampling = info.sampling.model_copy(update=seeds)
+        changes["persona"] = start.persona.model_copy(update={"sampling": sampling})
     # Every value was validated when the hash was parsed.
     return start.model_copy(update=changes) if changes else start
 

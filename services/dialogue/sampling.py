@@ -100,7 +100,11 @@ class RowSampling:
         self.set(row, sampling)
 
     def set(self, row: int, sampling: Sampling) -> None:
-        """A row's settings (a seed given here is used from the next step on)."""
+        """A row's settings (a seed given here is used from the next step on). A penalty turned on here
+        covers the text from now on: what the row said before was recorded only if a neighbour penalized,
+        and a row samples the same whoever shares its batch."""
+        if self.penalty_rows[row] == 1.0 and sampling.repetition_penalty != 1.0:
+            self.recent[row] = -1
         audio_temperature = sampling.audio_temperature
         audio_top_k = sampling.audio_top_k
         self.text_temperature[row] = sampling.text_temperature

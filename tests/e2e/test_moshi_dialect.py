@@ -189,10 +189,17 @@ async def test_metadata_control_and_ping(stack: ChorusStack) -> None:
         ({"text_topk": "0"}, "text_topk='0': Input should be greater than or equal to 1"),
         ({"audio_seed": "-1"}, "audio_seed='-1': Input should be greater than or equal to 0"),
         ({"pad_mult": "nan"}, "pad_mult='nan': expected a finite number"),
+        ({"text_topk": "\u0661\u0662"}, "text_topk='\u0661\u0662': expected an integer in ASCII digits"),
+        ([("text_seed", "1"), ("text_seed", "2")], "text_seed is given 2 times: give it once"),
+        ([("voice", "moshiko"), ("voice", "moshika")], "voice is given 2 times: give it once"),
+        (
+            {"primer": "a pirate", "text_prompt": "a nurse"},
+            "primer and text_prompt are the same setting: give one",
+        ),
     ],
 )
 async def test_a_bad_setting_is_refused_with_an_error_and_1008(
-    stack: ChorusStack, query: dict[str, str], reason: str
+    stack: ChorusStack, query: dict[str, str] | list[tuple[str, str]], reason: str
 ) -> None:
     async with connect(f"{stack.ws_url}/api/chat?{urlencode(query)}", open_timeout=30) as ws:
         assert await asyncio.wait_for(ws.recv(), 30) == b"\x05" + reason.encode()

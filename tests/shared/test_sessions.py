@@ -120,6 +120,20 @@ def test_the_start_a_takeover_serves_carries_the_latest_voice_mode_and_sampling(
     assert served.persona.primer == "hi" and served.session_id == "s1"
 
 
+def test_a_sampling_update_without_seeds_keeps_the_sessions_seeds_for_a_takeover() -> None:
+    """The worker keeps a row's seeds through an update that names none (`RowSampling.set`); the worker
+    that takes the session over must draw the same, not new random ones."""
+    seeded = Sampling(text_seed=7, audio_seed=8)
+    start = SessionStart(session_id="s1", persona=PersonaSpec(sampling=seeded))
+    update = Sampling(text_temperature=0.2, audio_seed=9)
+    info = SessionInfo.from_hash(
+        "s1", {"start": start.model_dump_json(), "sampling": update.model_dump_json()}
+    )
+    served = start_of(info)
+    assert served is not None
+    assert served.persona.sampling == Sampling(text_temperature=0.2, text_seed=7, audio_seed=9)
+
+
 async def test_the_store_returns_the_parsed_hash_and_none_without_one(bus: Bus) -> None:
     store = SessionStore(bus, 60)
     assert await store.get("nobody") is None

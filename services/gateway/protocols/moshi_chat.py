@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import math
+import re
 import secrets
 from collections import deque
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
+from starlette.datastructures import QueryParams
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
@@ -98,6 +100,12 @@ KNOWN_PARAMS = frozenset(
         *SAMPLING_PARAMS,
     }
 )
+# A setting's plain ASCII form (what Kyutai's clients send): Python's int()/float() also take Unicode
+# digits, `_` separators and surrounding spaces, which a client of the Rust server would be refused.
+_PLAIN = {
+    "an integer": re.compile(r"[+-]?[0-9]+", re.ASCII),
+    "a number": re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII),
+}
 _DRAWN_SEED_BOUND = 2**53  # a JavaScript client reads the metadata's seeds exactly below this
 _UNKNOWN_LOGGED_MAX = 256  # names of unknown parameters remembered (each logged once), bounded
 _unknown_logged: set[str] = set()
@@ -133,14 +141,27 @@ def sampling_overrides(params: Mapping[str, str]) -> dict[str, Any]:
     return overrides
 
 
+def check_single(params: QueryParams) -> None:
+    """Each setting given once, and the persona primer under one name: Chorus never picks one of two
+    values silently (Kyutai's Rust server refuses a repeated field too)."""
+    for name in KNOWN_PARAMS - {"api_key", "client_secret"}:  # those are authentication's
+        if (count := len(params.getlist(name))) > 1:
+            raise InvalidRequest(f"{name} is given {count} times: give it once")
+    primer, text_prompt = params.get("primer"), params.get("text_prompt")
+    if primer and text_prompt and primer != text_prompt:
+        raise InvalidRequest("primer and text_prompt are the same setting: give one")
+
+
 def _number(name: str, raw: str) -> float | int:
+    kind = "an integer" if name in _INTEGER_PARAMS else "a number"
     try:
         value = int(raw) if name in _INTEGER_PARAMS else float(raw)
     except ValueError:
-        kind = "an integer" if name in _INTEGER_PARAMS else "a number"
         raise InvalidRequest(f"{name}={raw[:32]!r}: expected {kind}") from None
     if not math.isfinite(value):
         raise InvalidRequest(f"{name}={raw[:32]!r}: expected a finite number")
+    if not _PLAIN[kind].fullmatch(raw):
+        raise InvalidRequest(f"{name}={raw[:32]!r}: expected {kind} in ASCII digits")
     return value
 
 
@@ -188,6 +209,7 @@ async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         caller = await authenticate_socket(websocket)
         owner = caller.owner
         held.enter_context(websocket.app.state.open_sockets.take(owner))
+        check_single(params)
         voice = check_voice(params.get("voice") or caller.voice or "moshiko")
         await check_voice_owned(websocket, owner, voice)
         mode = _voice_mode(params.get("voice_mode"))

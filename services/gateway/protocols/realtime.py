@@ -267,11 +267,12 @@ class RealtimeSession:
             response_id = await self.cancel_response(None)
             self.send(ev.OutputAudioBufferCleared(response_id=response_id))
         elif isinstance(event, ev.ConversationItemTruncate):
-            if self.carver.responding and self.items.get(event.item_id).status == "in_progress":
+            speaking = self.carver.responding and self.items.get(event.item_id).status == "in_progress"
+            # Refused (raises) before anything changes: the response and its audio go on.
+            events = self.carver.truncate(event.item_id, event.content_index, event.audio_end_ms)
+            if speaking:
                 self.queue.drop_audio()
-            await self.send_output(
-                self.carver.truncate(event.item_id, event.content_index, event.audio_end_ms)
-            )
+            await self.send_output(events)
         elif isinstance(event, ev.ConversationItemRetrieve):
             self.send(ev.ConversationItemRetrieved(item=self.items.get(event.item_id).wire()))
         elif isinstance(event, ev.ConversationItemDelete):
@@ -283,7 +284,8 @@ class RealtimeSession:
         sent yet: not one more delta of it reaches the client. Returns its id."""
         current = self.carver.response_id
         if current is None or response_id not in (None, current):
-            raise ev.ResponseNotActive(f"no response {response_id or ''} in progress to cancel")
+            named = ev.excerpt(response_id) if response_id is not None else ""
+            raise ev.ResponseNotActive(f"no response {named} in progress to cancel")
         self.queue.drop_audio()
         await self.send_output(self.carver.cancel())
         return current
@@ -317,13 +319,17 @@ class RealtimeSession:
             raise ev.FunctionCallsNotSupported("Moshi cannot call functions")
         if item.type != "message" or item.role != "user":
             raise ev.TextInputNotSupported(
-                f"only a user message of input_audio can be added, not a {item.role or ''} {item.type}"
+                f"only a user message of input_audio can be added, not a {ev.excerpt(item.role or '', 32)} "
+                f"{ev.excerpt(item.type, 32)}"
             )
         audio = [part.audio for part in item.content if part.type == "input_audio" and part.audio]
         if len(audio) != len(item.content) or not audio:
             raise ev.TextInputNotSupported("Moshi hears audio only: send content of type input_audio")
-        for part in audio:
-            await self.append_audio(part)
+        if item.id is not None and item.id in self.items:  # its audio is not heard either
+            raise InvalidRequest(f"item id {ev.excerpt(item.id)} is already in this conversation")
+        decoded = [self.input_bytes(part) for part in audio]  # all checked before any is heard
+        for data in decoded:
+            await self.append_bytes(data)
         self.appended_since_commit = False
         self.add_user_item(item.id or new_id("item"))
 
@@ -365,12 +371,19 @@ class RealtimeSession:
         self.adapter = adapter
 
     async def append_audio(self, audio_b64: str) -> None:
+        await self.append_bytes(self.input_bytes(audio_b64))
+
+    def input_bytes(self, audio_b64: str) -> bytes:
+        """A client's base64 audio, checked for the input format; raises `InvalidRequest`."""
         try:
             data = base64.b64decode(audio_b64, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise InvalidRequest(f"audio is not valid base64: {exc}") from None
         if self.audio.input == "pcm16" and len(data) % 2:
             raise InvalidRequest("audio must be PCM16: an even number of bytes")
+        return data
+
+    async def append_bytes(self, data: bytes) -> None:
         if not data:
             return
         self.audio_at = time.monotonic()

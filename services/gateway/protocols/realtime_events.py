@@ -139,9 +139,12 @@ class SessionConfig(_Lenient):
     chorus_adapter: str | None = Field(default=None, max_length=64)
 
     def requested_voice(self) -> str | None:
-        if self.audio and self.audio.output and self.audio.output.voice:
-            return self.audio.output.voice
-        return self.voice
+        """The voice this update asks for (None: unchanged); the beta `voice` and the GA
+        `audio.output.voice` at once must name the same one."""
+        ga = self.audio.output.voice if self.audio and self.audio.output else None
+        if ga and self.voice and ga != self.voice:
+            raise InvalidRequest("voice and audio.output.voice name different voices: give one")
+        return ga or self.voice
 
     def idle_timeout_update(self) -> tuple[bool, int | None]:
         """Whether this update sets the idle timeout, and to what (None: the gateway's own). A
@@ -170,6 +173,8 @@ class SessionConfig(_Lenient):
         return holder.format if holder is not None else None
 
     def refuse_what_moshi_cannot_do(self) -> None:
+        if self.type not in (None, "realtime"):  # a `transcription` session: Chorus does not transcribe
+            raise NotSupported(f"session.type {excerpt(self.type)} is not supported; use 'realtime'")
         refuse_what_moshi_cannot_do(self.tools, self.output_modalities, self.modalities)
 
 
@@ -185,20 +190,29 @@ def refuse_what_moshi_cannot_do(
 
 
 def _codec_of(side: str, beta: str | None, ga: AudioFormat | None) -> tuple[AudioCodec | None, str | None]:
-    """The codec a beta name or a GA format object names, or why it is not one Chorus speaks."""
-    if beta is not None:
-        if beta not in BETA_FORMATS:
-            return (
-                None,
-                f"{side}_audio_format {beta!r} is not supported; use one of {', '.join(BETA_FORMATS)}",
-            )
-        return BETA_FORMATS[beta], None
+    """The codec a beta name or a GA format object names, or why it is not one Chorus speaks. Both in one
+    update must be valid and name the same codec (neither shape silently wins over the other)."""
+    codec, problem = _ga_codec_of(side, ga)
+    if beta is None or problem:
+        return codec, problem
+    if beta not in BETA_FORMATS:
+        return (
+            None,
+            f"{side}_audio_format {excerpt(beta)} is not supported; use one of {', '.join(BETA_FORMATS)}",
+        )
+    if codec not in (None, BETA_FORMATS[beta]):
+        return None, f"{side}_audio_format and audio.{side}.format name different formats: give one"
+    return BETA_FORMATS[beta], None
+
+
+def _ga_codec_of(side: str, ga: AudioFormat | None) -> tuple[AudioCodec | None, str | None]:
     if ga is None or ga.type is None:
         return None, None
     if ga.type not in GA_FORMATS:
         return (
             None,
-            f"audio.{side}.format.type {ga.type!r} is not supported; use one of {', '.join(GA_FORMATS)}",
+            f"audio.{side}.format.type {excerpt(ga.type)} is not supported; "
+            f"use one of {', '.join(GA_FORMATS)}",
         )
     codec = GA_FORMATS[ga.type]
     if ga.rate not in (None, CODEC_RATES[codec]):

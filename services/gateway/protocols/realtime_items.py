@@ -55,6 +55,12 @@ class Item:
             self.pieces.append((self.audio_ms, text))
 
     def truncate(self, content_index: int, audio_end_ms: int) -> None:
+        self.check_truncate(content_index, audio_end_ms)
+        self.heard_ms = audio_end_ms
+        self.audio_ms = audio_end_ms
+
+    def check_truncate(self, content_index: int, audio_end_ms: int) -> None:
+        """Refuses a truncation this item cannot take (before anything about it changes)."""
         if self.role != "assistant":
             raise ev.NotSupported(f"item {self.id} is the user's: only an assistant item can be truncated")
         if content_index != 0:
@@ -63,8 +69,6 @@ class Item:
             raise InvalidRequest(
                 f"audio_end_ms {audio_end_ms} is past the end of item {self.id}'s audio ({self.audio_ms} ms)"
             )
-        self.heard_ms = audio_end_ms
-        self.audio_ms = audio_end_ms
 
 
 class ConversationItems:
@@ -82,6 +86,9 @@ class ConversationItems:
         while len(self._items) > 1 and (len(self._items) > self.max_items or pieces > self.max_pieces):
             pieces -= len(self._items.popitem(last=False)[1].pieces)
         return previous
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._items
 
     def get(self, item_id: str) -> Item:
         item = self._items.get(item_id)

@@ -130,8 +130,10 @@ class ResponseCarver:
 
     def truncate(self, item_id: str, content_index: int, audio_end_ms: int) -> list[ev.ServerEvent]:
         """`conversation.item.truncate`: the item's transcript keeps what came before `audio_end_ms`. The
-        response still speaking that item is cancelled first (the user interrupted it)."""
+        response still speaking that item is cancelled first (the user interrupted it); a truncation refused
+        leaves the response as it was."""
         item = self.items.get(item_id)
+        item.check_truncate(content_index, audio_end_ms)
         events = self.cancel() if self._response is not None and self._response.item is item else []
         item.truncate(content_index, audio_end_ms)
         return [

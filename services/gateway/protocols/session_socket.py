@@ -83,11 +83,18 @@ def refusal_close_code(error: ChorusError) -> int:
 Report = Callable[[ChorusError], None]  # queues a protocol error for the client
 
 
+_QUOTED_VOICE_MAX = 64  # a longer voice named in an error is cut short: an error never echoes a megabyte
+
+
 def check_voice(voice: str) -> str:
     try:
         return parse_voice(voice)
     except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
+        detail = str(exc)
+        if len(voice) > _QUOTED_VOICE_MAX:
+            cut = f"{voice[:_QUOTED_VOICE_MAX]!r}... ({len(voice)} characters)"
+            detail = detail.replace(repr(voice), cut)
+        raise InvalidRequest(detail) from None
 
 
 async def check_voice_owned(conn: HTTPConnection, owner: str, voice: str) -> None:

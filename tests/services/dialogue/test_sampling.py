@@ -158,3 +158,37 @@ def test_the_counter_based_noise_samples_the_softmax_at_the_rows_temperature() -
     frequencies = torch.bincount(drawn, minlength=6).float() / rows
     assert torch.allclose(frequencies[:3], kept, atol=0.03), (frequencies, kept)
     assert frequencies[3:].sum() == 0, "nothing outside the top-k"
+
+
+def test_a_penalty_turned_on_mid_session_samples_the_same_whoever_shares_its_batch() -> None:
+    """Recent text tokens are only recorded while some row of the batch penalizes; a row that turns its
+    penalty on by an update must not depend on whether a neighbour did before (greedy text, one row's
+    logits favouring token 0: the penalty flips it to token 1 only if token 0 was recorded)."""
+
+    def first_row_after_update(neighbour_penalty: float) -> int:
+        sampling = RowSampling(
+            2,
+            text_card=6,
+            audio_card=6,
+            audio_codebooks=1,
+            padding_tokens=(5, 4),
+            audio_temperature=0.5,
+            audio_top_k=3,
+            device=torch.device("cpu"),
+        )
+        sampling.start(0, Sampling(text_temperature=0.0, text_seed=1, audio_seed=1))
+        sampling.start(1, Sampling(repetition_penalty=neighbour_penalty, text_seed=2, audio_seed=2))
+        executed = torch.ones(2, dtype=torch.bool)
+        for _ in range(4):
+            sampling.prepare()
+            logits = torch.tensor([3.0, 2.5, 0.0, 0.0, 0.0, 0.0]).expand(2, 1, 1, 6).clone()
+            sampling.shape_text(logits)
+            sampling.record(logits[:, 0, 0].argmax(dim=-1), executed)
+            sampling.advance(executed)
+        sampling.set(0, Sampling(text_temperature=0.0, repetition_penalty=3.0))
+        sampling.prepare()
+        logits = torch.tensor([3.0, 2.5, 0.0, 0.0, 0.0, 0.0]).expand(2, 1, 1, 6).clone()
+        sampling.shape_text(logits)
+        return int(logits[0, 0, 0].argmax())
+
+    assert first_row_after_update(neighbour_penalty=3.0) == first_row_after_update(neighbour_penalty=1.0)

@@ -41,8 +41,39 @@ ANSWERS: list[tuple[dict[str, Any], str, str | None]] = [
         "item_not_found",
     ),
     ({"type": "session.update", "session": {"tools": TOOLS}}, "error", "function_calls_not_supported"),
+    ({"type": "session.update", "session": {"type": "transcription"}}, "error", "not_supported"),
     (
         {"type": "session.update", "session": {"audio": {"output": {"format": {"type": "audio/opus"}}}}},
+        "error",
+        "invalid_request",
+    ),
+    (
+        {
+            "type": "session.update",
+            "session": {"voice": "moshiko", "audio": {"output": {"voice": "moshika"}}},
+        },
+        "error",
+        "invalid_request",
+    ),
+    (  # the beta and GA shapes at once: neither wins silently over the other
+        {
+            "type": "session.update",
+            "session": {
+                "input_audio_format": "pcm16",
+                "audio": {"input": {"format": {"type": "audio/opus"}}},
+            },
+        },
+        "error",
+        "invalid_request",
+    ),
+    (
+        {
+            "type": "session.update",
+            "session": {
+                "output_audio_format": "pcm16",
+                "audio": {"output": {"format": {"type": "audio/pcma"}}},
+            },
+        },
         "error",
         "invalid_request",
     ),
@@ -116,3 +147,35 @@ async def test_a_beta_client_gets_the_beta_session_and_sends_mu_law(gateway: Gat
         assert retrieved["item"]["role"] == "user"
         deleted = await answer(ws, {"type": "conversation.item.delete", "item_id": got["item_id"]}, beta=True)
         assert deleted["type"] == "conversation.item.deleted"
+        # An item created under the id of one still kept is refused, and its audio is not heard.
+        audio = base64.b64encode(bytes([0xFF]) * 640).decode()
+        mine = {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": audio}]}
+        create = {"type": "conversation.item.create", "item": {**mine, "id": "item_mine"}}
+        assert (await answer(ws, create, beta=True))["type"] == "input_audio_buffer.committed"
+        conforming(await asyncio.wait_for(ws.recv(), 5), beta=True)  # conversation.item.created
+        again = await answer(ws, create, beta=True)
+        assert (again["type"], again["error"]["code"]) == ("error", "invalid_request"), again
+        # An item with one bad part is refused whole: none of its audio is heard.
+        parts = [{"type": "input_audio", "audio": audio}, {"type": "input_audio", "audio": "not base64!"}]
+        bad = {"type": "conversation.item.create", "item": {**mine, "content": parts}}
+        refused = await answer(ws, bad, beta=True)
+        assert (refused["type"], refused["error"]["code"]) == ("error", "invalid_request"), refused
+        empty = await answer(ws, {"type": "input_audio_buffer.commit"}, beta=True)
+        assert empty["error"]["code"] == "input_audio_buffer_commit_empty", empty
+
+
+async def test_an_error_quotes_a_huge_client_value_cut_short(gateway: Gateway) -> None:
+    """A client's value named in an error is an excerpt: a 100 kB string never comes back whole."""
+    huge = "x" * 100_000
+    events: list[dict[str, Any]] = [
+        {"type": "session.update", "session": {"voice": huge}},
+        {"type": "session.update", "session": {"input_audio_format": huge}},
+        {"type": "session.update", "session": {"audio": {"output": {"format": {"type": huge}}}}},
+        {"type": "conversation.item.create", "item": {"type": huge, "role": huge}},
+        {"type": "response.cancel", "response_id": huge},
+    ]
+    async with connect(f"{gateway.ws_url}/v1/realtime?model=moshika", max_size=None) as ws:
+        conforming(await ws.recv())
+        for event in events:
+            got = await answer(ws, event)
+            assert got["type"] == "error" and len(got["error"]["message"]) < 1000, (event, len(str(got)))

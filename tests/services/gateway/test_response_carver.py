@@ -280,3 +280,19 @@ def test_a_truncation_past_the_items_audio_is_refused(
     assert refused.value.code == code
     with pytest.raises(ev.ItemNotFound):
         moshi.carver.truncate("item_nope", 0, 0)
+
+
+@pytest.mark.parametrize(("content_index", "audio_end_ms"), [(1, 0), (0, 10_000)])
+def test_a_refused_truncation_of_the_item_being_spoken_leaves_its_response_open(
+    content_index: int, audio_end_ms: int
+) -> None:
+    moshi = Moshi()
+    created, piece = moshi.says("Hi")
+    assert isinstance(created, ev.ResponseCreated)
+    moshi.sounds()
+    item_id = piece.model_dump()["item_id"]
+    with pytest.raises(ChorusError):
+        moshi.carver.truncate(item_id, content_index, audio_end_ms)
+    assert moshi.carver.response_id == created.response.id, "not cancelled without a response.done"
+    assert types(moshi.sounds()) == ["response.output_audio.delta"], "its audio goes on"
+    assert moshi.carver.items.get(item_id).status == "in_progress"
