@@ -1,7 +1,8 @@
 """The gateway's Opus encode per 80 ms frame: `shared.audio.OpusEncoder` (libopus through PyAV, complexity
 5, our Ogg pages) against sphn's `OpusStreamWriter` (Moshi's server's), in the same run, on the same
-frames: the test suite's speech fixture (espeak) and white noise (what the small random-weight Moshi of the
-tests and benchmarks speaks). CPU time (`time.process_time`) per frame, bytes per frame, and the ratio.
+frames: the test suite's speech fixture (espeak), white noise, and digital silence (exact zeros: what a
+session sends in a rollover's gap, or when the mixer has nothing). CPU time (`time.process_time`) per
+frame, bytes per frame, and the ratio.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def signals() -> dict[str, list[np.ndarray]]:
     noise = (np.random.default_rng(0).standard_normal(len(speech)) * 0.1).astype(np.float32)
     return {
         name: [x[i : i + FRAME_SAMPLES] for i in range(0, len(x) - FRAME_SAMPLES + 1, FRAME_SAMPLES)]
-        for name, x in (("speech", speech), ("noise", noise))
+        for name, x in (("speech", speech), ("noise", noise), ("silence", np.zeros_like(speech)))
     }
 
 
