@@ -19,7 +19,7 @@ from moshi.models import LMGen, loaders
 from moshi.models.lm import LMModel
 
 from chorus.devtools.lora_adapter import write_random_adapter
-from services.dialogue.adapters import AdapterBank, layer_shapes, read_adapter
+from services.dialogue.adapters import NO_ADAPTER, AdapterBank, layer_shapes, read_adapter
 from shared.errors import Unprocessable
 
 STEPS = 6
@@ -102,9 +102,15 @@ def test_an_adapter_changes_its_row_and_removing_the_bank_restores_the_model(
     plain, _ = _run(lm, 1, codes)
     bank = AdapterBank(lm, batch_size=1, slots=1, max_rank=8)
     bank.load(1, read_adapter(adapters[0].read_bytes(), layer_shapes(lm), torch.device("cpu"), torch.float32))
+    assert not bank.in_use
     bank.assign(0, 1)
+    assert bank.in_use
     adapted, _ = _run(lm, 1, codes)
     assert (adapted[0] - plain[0]).abs().max() > 100 * TOLERANCE
+    bank.assign(0, NO_ADAPTER)  # the row leaves its adapter: the LoRA layers are the frozen ones again
+    assert not bank.in_use
+    unadapted, _ = _run(lm, 1, codes)
+    torch.testing.assert_close(unadapted[0], plain[0], atol=0.0, rtol=0.0)
     bank.remove()
     again, _ = _run(lm, 1, codes)
     torch.testing.assert_close(again[0], plain[0], atol=0.0, rtol=0.0)
