@@ -111,7 +111,8 @@ class RowLoRALinear(LoRALinear):  # type: ignore[misc]  # moshi is untyped
         self.lora_B = _Stacked(torch.zeros(slots, self.out_features, max_rank, **factory))
         self._layout = layout
         # Each slot's (A^T, B^T) at its adapter's rank: views of the slot, made once at load (None: the
-        # slot's adapter leaves this layer alone).
+        # slot's adapter leaves this layer alone). The bank is installed on the LM where it runs: moving
+        # the LM afterwards (`.to()`) would leave these on the old tensors.
         self._views = [None] * slots
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,8 +153,8 @@ def _add_low_rank(
 ) -> None:
     """result[rows] += (x[rows] A^T) B^T, in place."""
     if isinstance(rows, slice):
-        out = result[rows].flatten(0, 1)  # a view: the rows' output is updated where it lies
-        out.addmm_(x[rows].flatten(0, 1) @ a_t, b_t)
+        out = result[rows].view(-1, result.shape[-1])  # a view (never a copy): updated where it lies
+        out.addmm_(x[rows].reshape(-1, x.shape[-1]) @ a_t, b_t)
         return
     picked = x.index_select(0, rows)
     update = (picked.flatten(0, 1) @ a_t) @ b_t
