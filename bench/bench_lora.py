@@ -4,7 +4,7 @@ much device memory one takes.
 The same full batch (`SLOTS` live sessions, the same audio) is stepped by `services.dialogue.batcher.
 Batcher` in five variants, interleaved round by round in one run so drift hits them alike:
 - `no_lora`: the plain LM (a worker with CHORUS_DIALOGUE_ADAPTER_MEMORY=0);
-- `adapters_0`: the LoRA layers installed, no row with an adapter (every row gathers the zero slot);
+- `adapters_0`: the LoRA layers installed, no row with an adapter (the layers skip their LoRA branch);
 - `adapters_1` / `_4` / `_8`: rows spread over 1, 4 or 8 distinct adapters.
 Reported: the median tick (CPU time of the stepping thread, one torch thread: the machine's other load
 does not count) per variant and its ratio to `no_lora`. Adapter load time is read-check-copy of

@@ -2,16 +2,23 @@
 
 moshi fuses one adapter into the weights (`replace_lora_with_linear`): one adapter per model. Here every
 linear layer of the LM (the ones moshi's `replace_all_linear_with_lora` wraps: all of them) becomes a
-`RowLoRALinear`: the frozen layer plus, for each row, that row's update `scaling · B_r (A_r x)`. The
-adapters sit stacked in a fixed number of device slots (`AdapterBank`), slot 0 all zeros (no adapter);
-one row -> slot index tensor, shared by every layer, picks each row's A and B (one gather, two batched
-matmuls per layer), so a row with no adapter adds exactly zero. Every tensor is allocated once and
-updated in place (an adapter loaded into a slot, a row given a slot), so the CUDA graphs LMGen captures
-stay valid: adapters are hot-added between steps without a restart.
+`RowLoRALinear`: the frozen layer plus, for each row with an adapter, that row's update
+`scaling · B (A x)`. The adapters sit stacked in a fixed number of device slots (`AdapterBank`); slot 0
+is "no adapter". Every tensor is allocated once and updated in place (an adapter loaded into a slot), so
+adapters are hot-added between steps without a restart.
 
-Ranks are padded to the bank's `max_rank` with zeros (no effect on the result); the scaling is folded
-into B when an adapter is loaded. With int8 weights (moshi refuses LoRA with its quantized path) the bank
-is not installed: see `refuse_with_quantized`.
+The work is per adapter in use, not per row (as Punica / S-LoRA group rows by adapter). The host knows
+which row uses which slot: when that changes, the bank plans the step once (`_Layout`: for each slot in
+use, its rows, a contiguous run as a slice or else an index tensor on the device) and every layer reads
+the plan. A layer then runs its frozen matmul and, per slot in use, two thin matmuls over that slot's
+rows at that adapter's own rank (a view of the slot: nothing is gathered or copied), added into the
+rows' output (in place for a run, `index_add_` otherwise). No row with an adapter: no LoRA work at all.
+
+The plan is a Python decision, so a CUDA graph captured over a step freezes it: the batcher replays
+LMGen's graphs only while no row uses an adapter (they are captured then), and steps eagerly otherwise
+(services/dialogue/batcher.py). The scaling is folded into B when an adapter is loaded. With int8
+weights (moshi refuses LoRA with its quantized path) the bank is not installed: see
+`refuse_with_quantized`.
 """
 
 from __future__ import annotations
@@ -60,8 +67,24 @@ class _Stacked(nn.Module):
         self.register_buffer("weight", weight, persistent=False)
 
 
+@dataclass(frozen=True)
+class _Group:
+    """The rows of one slot in use: a contiguous run (a view of the batch) or their indices on the device."""
+
+    slot: int
+    rows: slice | torch.Tensor
+
+
+class _Layout:
+    """Which rows use which slot, planned on the host when that changes; every layer of the bank reads it."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.groups: tuple[_Group, ...] = ()  # empty: no row uses an adapter
+
+
 class RowLoRALinear(LoRALinear):  # type: ignore[misc]  # moshi is untyped
-    """A frozen linear layer plus each row's own low-rank update, gathered by row.
+    """A frozen linear layer plus the low-rank update of each adapter in use, on the rows that use it.
 
     A subclass of moshi's `LoRALinear` so moshi's modules treat it as one (the attention's streaming
     state reads `lora_A.weight`'s device and dtype; the gating takes the generic path).
@@ -73,9 +96,10 @@ class RowLoRALinear(LoRALinear):  # type: ignore[misc]  # moshi is untyped
     frozen_W: nn.Linear
     lora_A: _Stacked
     lora_B: _Stacked
-    _rows: torch.Tensor
+    _layout: _Layout
+    _views: list[tuple[torch.Tensor, torch.Tensor] | None]
 
-    def __init__(self, base: nn.Linear, rows: torch.Tensor, slots: int, max_rank: int) -> None:
+    def __init__(self, base: nn.Linear, layout: _Layout, slots: int, max_rank: int) -> None:
         nn.Module.__init__(self)  # not LoRALinear's: its own A/B/W and load hook are not wanted
         if base.bias is not None:
             raise ModelLoadError("per-row LoRA wraps bias-free linear layers only")
@@ -85,32 +109,56 @@ class RowLoRALinear(LoRALinear):  # type: ignore[misc]  # moshi is untyped
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = _Stacked(torch.zeros(slots, max_rank, self.in_features, **factory))
         self.lora_B = _Stacked(torch.zeros(slots, self.out_features, max_rank, **factory))
-        self._rows = rows  # [batch] slot of each row, shared by every layer
+        self._layout = layout
+        # Each slot's (A^T, B^T) at its adapter's rank: views of the slot, made once at load (None: the
+        # slot's adapter leaves this layer alone). The bank is installed on the LM where it runs: moving
+        # the LM afterwards (`.to()`) would leave these on the old tensors.
+        self._views = [None] * slots
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[0] != self._rows.shape[0]:
+        result: torch.Tensor = self.frozen_W(x)
+        groups = self._layout.groups
+        if not groups:
+            return result
+        if x.dim() != 3 or x.shape[0] != self._layout.batch_size:
             raise ValueError(
-                f"per-row LoRA expects [{self._rows.shape[0]}, T, D] inputs, got {list(x.shape)}"
+                f"per-row LoRA expects [{self._layout.batch_size}, T, D] inputs, got {list(x.shape)}"
             )
-        down = self.lora_A.weight[self._rows]  # [B, r, in]
-        up = self.lora_B.weight[self._rows]  # [B, out, r]
-        update = torch.bmm(torch.bmm(x, down.transpose(1, 2)), up.transpose(1, 2))
-        result: torch.Tensor = self.frozen_W(x) + update
+        for group in groups:
+            views = self._views[group.slot]
+            if views is not None:
+                _add_low_rank(result, x, group.rows, *views)
         return result
 
     def load_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Slot `slot` <- (A, scaled B) of one adapter, zero-padded to the bank's rank; None clears it."""
+        """Slot `slot` <- (A, scaled B) of one adapter, at its own rank; None clears it."""
         self.lora_A.weight[slot].zero_()
         self.lora_B.weight[slot].zero_()
+        self._views[slot] = None
         if a is not None and b is not None:
             rank = a.shape[0]
-            self.lora_A.weight[slot, :rank].copy_(a)
-            self.lora_B.weight[slot, :, :rank].copy_(b)
+            down, up = self.lora_A.weight[slot, :rank], self.lora_B.weight[slot, :, :rank]
+            down.copy_(a)
+            up.copy_(b)
+            self._views[slot] = (down.T, up.T)
 
     def __repr__(self) -> str:
         return (
             f"RowLoRALinear(in_features={self.in_features}, out_features={self.out_features}, r={self.rank})"
         )
+
+
+def _add_low_rank(
+    result: torch.Tensor, x: torch.Tensor, rows: slice | torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor
+) -> None:
+    """result[rows] += (x[rows] A^T) B^T, in place."""
+    if isinstance(rows, slice):
+        out = result[rows].view(-1, result.shape[-1])  # a view (never a copy): updated where it lies
+        out.addmm_(x[rows].reshape(-1, x.shape[-1]) @ a_t, b_t)
+        return
+    picked = x.index_select(0, rows)
+    update = (picked.flatten(0, 1) @ a_t) @ b_t
+    result.index_add_(0, rows, update.view(*picked.shape[:2], -1))
 
 
 @dataclass(frozen=True)
@@ -159,12 +207,13 @@ class AdapterBank:
         self.lm = lm
         self.slots = slots  # adapter slots, 1..slots (0 is no adapter)
         self.max_rank = max_rank
-        self.rows = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self._row_slots = [NO_ADAPTER] * batch_size  # the same on the host
+        self._device = device
+        self._row_slots = [NO_ADAPTER] * batch_size
+        self._layout = _Layout(batch_size)  # shared by every layer
         self._layers: dict[str, RowLoRALinear] = {}
         self._originals: dict[str, nn.Linear] = {}
         for name, layer in list(linear_layers(lm)):
-            wrapped = RowLoRALinear(layer, self.rows, slots + 1, max_rank)
+            wrapped = RowLoRALinear(layer, self._layout, slots + 1, max_rank)
             _set_module(lm, name, wrapped)
             self._layers[name], self._originals[name] = wrapped, layer
         self.shapes = layer_shapes(lm)
@@ -198,11 +247,30 @@ class AdapterBank:
         if slot != NO_ADAPTER:
             self._check_slot(slot)
         if self._row_slots[row] != slot:
-            self.rows[row] = slot
             self._row_slots[row] = slot
+            self._layout.groups = self._plan()
 
     def slot_of(self, row: int) -> int:
         return self._row_slots[row]
+
+    @property
+    def in_use(self) -> bool:
+        """Some row uses an adapter (else the LoRA layers do nothing beyond the frozen ones)."""
+        return bool(self._layout.groups)
+
+    def _plan(self) -> tuple[_Group, ...]:
+        """The rows of each slot in use: a slice when they are contiguous, else indices on the device."""
+        by_slot: dict[int, list[int]] = {}
+        for row, slot in enumerate(self._row_slots):
+            if slot != NO_ADAPTER:
+                by_slot.setdefault(slot, []).append(row)
+        groups = []
+        for slot, rows in by_slot.items():
+            if rows[-1] - rows[0] + 1 == len(rows):
+                groups.append(_Group(slot, slice(rows[0], rows[-1] + 1)))
+            else:
+                groups.append(_Group(slot, torch.tensor(rows, dtype=torch.long, device=self._device)))
+        return tuple(groups)
 
     def remove(self) -> None:
         """Put the original linear layers back (the LM is as before the bank)."""

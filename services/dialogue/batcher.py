@@ -24,7 +24,8 @@ changes, nothing mid-tick waits on the device (what a mask holds is known on the
 tokens and the PCM of every row come back in ONE device-to-host copy. Joining rows are reset in one
 batched call; with `graph_resets` (default: on CUDA with compile) that call is a CUDA graph, and the
 two state tensors moshi reassigns each step (LMGen's `offsets`, a streaming conv's `first`) are
-updated in place instead, so the graph always writes the live tensors.
+updated in place instead, so the graph always writes the live tensors. LMGen's own CUDA graphs replay
+only while no row uses a LoRA adapter: a step with adapters runs eagerly (`_lm_graphs`).
 
 Nothing here knows about Redis: the worker feeds one frame per row and publishes what comes out.
 Not thread-safe: one thread steps it (the worker's model thread); the slot table is changed only
@@ -44,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 from moshi.modules.streaming import State, StreamingModule
-from moshi.utils.compile import CUDAGraphed, no_compile
+from moshi.utils.compile import CUDAGraphed, no_compile, no_cuda_graph
 
 from services.dialogue.adapters import NO_ADAPTER, AdapterBank
 from services.dialogue.model import MoshiModel
@@ -396,12 +397,22 @@ class Batcher:
         if any(first):
             self._reset_codec(self._mask("first", first))  # moshi's server does this after its first frame
         self._prepare_forcing()
-        tokens = self.gen.step(codes)
+        with self._lm_graphs():
+            tokens = self.gen.step(codes)
         assert tokens is not None  # support_out_of_sync: always a tensor, ungenerated rows negative
         generated = active & (tokens[:, 1:, 0] >= 0).all(dim=1)
         mimi.set_exec_mask(generated)  # rows with nothing generated yet keep their decoder state
         out = mimi.decode(tokens[:, 1:].clamp(min=0))
         return tokens[:, 0, 0], out[:, 0]
+
+    def _lm_graphs(self) -> contextlib.AbstractContextManager[None]:
+        """LMGen's CUDA graphs (main transformer, depformer) replay only while no row uses an adapter: they
+        are captured then (warmup), with the LoRA layers' host-side plan "no adapter" frozen into them. A
+        step with adapters in use runs eagerly, its plan read by Python (per-adapter groups of rows)."""
+        if self._cuda and self.adapters is not None and self.adapters.in_use:
+            eager: contextlib.AbstractContextManager[None] = no_cuda_graph()
+            return eager
+        return contextlib.nullcontext()
 
     def _fetch(self, tokens: torch.Tensor, pcm: torch.Tensor) -> tuple[list[int], FloatAudio]:
         """The text tokens and PCM of every row on the host, in one copy ([B, 1 + 1920] float32: a text

@@ -19,7 +19,7 @@ from moshi.models import LMGen, loaders
 from moshi.models.lm import LMModel
 
 from chorus.devtools.lora_adapter import write_random_adapter
-from services.dialogue.adapters import AdapterBank, layer_shapes, read_adapter
+from services.dialogue.adapters import NO_ADAPTER, AdapterBank, layer_shapes, read_adapter
 from shared.errors import Unprocessable
 
 STEPS = 6
@@ -70,21 +70,22 @@ def test_each_row_matches_its_adapter_fused_by_moshi(moshi_dir: Path, adapters: 
     codes = [torch.randint(0, base.card, (1, base.num_codebooks - base.dep_q - 1, 1), generator=generator)]
     codes += [torch.randint(0, base.card, codes[0].shape, generator=generator) for _ in range(STEPS - 1)]
 
-    bank = AdapterBank(base, batch_size=3, slots=2, max_rank=16)  # rank 8 adapters, padded to 16
+    bank = AdapterBank(base, batch_size=4, slots=2, max_rank=16)  # rank 8 adapters in rank-16 slots
     shapes = layer_shapes(base)
     for slot, path in enumerate(adapters, start=1):
         bank.load(slot, read_adapter(path.read_bytes(), shapes, torch.device("cpu"), torch.float32))
     bank.assign(0, 1)
     bank.assign(1, 2)  # row 2: no adapter
-    batched_logits, batched_codes = _run(base, 3, codes)
+    bank.assign(3, 1)  # adapter A's rows are not contiguous (0 and 3), adapter B's are (1)
+    batched_logits, batched_codes = _run(base, 4, codes)
 
     references: list[Callable[[], LMModel]] = [
         lambda: _lm(moshi_dir, adapters[0]),
         lambda: _lm(moshi_dir, adapters[1]),
         lambda: _lm(moshi_dir),
     ]
-    for row, reference in enumerate(references):
-        logits, audio = _run(reference(), 1, codes)
+    expected = [_run(reference(), 1, codes) for reference in references]
+    for row, (logits, audio) in enumerate([*expected, expected[0]]):
         for step, (got, want) in enumerate(zip(batched_logits, logits, strict=True)):
             where = f"row {row} step {step}"
             torch.testing.assert_close(got[row : row + 1], want, atol=TOLERANCE, rtol=TOLERANCE, msg=where)
@@ -101,9 +102,15 @@ def test_an_adapter_changes_its_row_and_removing_the_bank_restores_the_model(
     plain, _ = _run(lm, 1, codes)
     bank = AdapterBank(lm, batch_size=1, slots=1, max_rank=8)
     bank.load(1, read_adapter(adapters[0].read_bytes(), layer_shapes(lm), torch.device("cpu"), torch.float32))
+    assert not bank.in_use
     bank.assign(0, 1)
+    assert bank.in_use
     adapted, _ = _run(lm, 1, codes)
     assert (adapted[0] - plain[0]).abs().max() > 100 * TOLERANCE
+    bank.assign(0, NO_ADAPTER)  # the row leaves its adapter: the LoRA layers are the frozen ones again
+    assert not bank.in_use
+    unadapted, _ = _run(lm, 1, codes)
+    torch.testing.assert_close(unadapted[0], plain[0], atol=0.0, rtol=0.0)
     bank.remove()
     again, _ = _run(lm, 1, codes)
     torch.testing.assert_close(again[0], plain[0], atol=0.0, rtol=0.0)
