@@ -26,6 +26,7 @@ LayerShapes = Mapping[str, tuple[int, int]]  # linear layer name -> (out_feature
 
 DEFAULT_SCALING = 2.0  # moshi.models.loaders' default lora_scaling
 MAX_RANK = 1024
+MAX_SCALING = 1000.0  # moshi-finetune's default is 2.0; past this the update swamps the weights (fp16: inf)
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 _WIDTHS = {"F32": 4, "BF16": 2, "F16": 2}
 _MAX_HEADER = 16 * 1024 * 1024
@@ -61,13 +62,28 @@ def read_header(data: bytes) -> tuple[dict[str, str], dict[str, TensorEntry]]:
         header = json.loads(data[8 : 8 + length])
     except (UnicodeDecodeError, ValueError) as exc:
         raise UnsupportedMedia("not a safetensors file: its header is not JSON") from exc
+    except RecursionError:  # nested deeper than the decoder goes: no tensor entry is nested at all
+        raise UnsupportedMedia("not a safetensors file: its header is nested too deeply") from None
     if not isinstance(header, dict):
         raise UnsupportedMedia("not a safetensors file: its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise UnsupportedMedia("not a safetensors file: __metadata__ is not an object")
     entries = {name: _entry(name, value, len(data) - 8 - length) for name, value in header.items()}
+    _check_tiling(entries, len(data) - 8 - length)
     return {str(k): str(v) for k, v in metadata.items()}, entries
+
+
+def _check_tiling(entries: dict[str, TensorEntry], data_size: int) -> None:
+    """The tensors' bytes follow one another and cover the data section, as safetensors' own loader
+    demands (what passes here must load in the dialogue worker): no overlap, no gap, nothing after."""
+    end = 0
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start != end:
+            raise UnsupportedMedia(f"not a safetensors file: tensor {name!r} has invalid data offsets")
+        end = entry.end
+    if end != data_size:
+        raise UnsupportedMedia(f"not a safetensors file: {data_size - end} bytes not covered by any tensor")
 
 
 def _entry(name: str, value: object, data_size: int) -> TensorEntry:
@@ -163,6 +179,6 @@ def _agreed_scaling(given: float | None, metadata: dict[str, str]) -> float:
         if given is not None and not math.isclose(given, value):
             raise Unprocessable(f"lora_scaling {given} disagrees with the file's metadata ({value})")
     value = DEFAULT_SCALING if value is None else value
-    if not math.isfinite(value):
-        raise Unprocessable(f"lora_scaling {value} is not finite")
+    if not (math.isfinite(value) and 0 < value <= MAX_SCALING):
+        raise Unprocessable(f"lora_scaling {value} is out of range (0, {MAX_SCALING:g}]")
     return value

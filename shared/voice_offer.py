@@ -41,7 +41,7 @@ class CatalogEntry:
 
 @dataclass(frozen=True)
 class VoiceOffer:
-    """What the serving TTS workers can speak, together."""
+    """What the serving TTS workers can speak, together (`catalog`: the voices every one of them has)."""
 
     workers: int = 0
     cloning: int = 0  # workers that can clone
@@ -81,10 +81,13 @@ def _catalog_of(worker: WorkerInfo) -> CatalogListing | None:
 
 def offer_of(workers: list[WorkerInfo]) -> VoiceOffer:
     serving = [w for w in workers if w.serving]
+    listings = [listing for w in serving if (listing := _catalog_of(w)) is not None]
+    # Sessions and previews go to any worker: a voice is offered only if every worker can speak it.
+    common = set.intersection(*(set(listing.voices) for listing in listings)) if listings else set()
     catalog: dict[str, CatalogEntry] = {}
-    for worker in serving:
-        if (listing := _catalog_of(worker)) is not None:
-            for name in listing.voices:
+    for listing in listings:
+        for name in listing.voices:
+            if name in common:
                 catalog.setdefault(name, CatalogEntry(name, listing.language, listing.source))
     cloning = sum(w.fields.get("voice_cloning", "1") == "1" for w in serving)
     models = frozenset(w.fields["model"] for w in serving if "model" in w.fields)

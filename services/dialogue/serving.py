@@ -48,7 +48,7 @@ from shared import metrics
 from shared.adapter_store import AdapterStore
 from shared.audio import FRAME_BYTES, FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
 from shared.bus import Bus, Entry, GroupConsumer, Handled
-from shared.errors import ChorusError, MalformedMessage, NoCapacity
+from shared.errors import ChorusError, MalformedMessage, NoCapacity, NotFound, Unprocessable
 from shared.messages import (
     CONTROL,
     DIALOGUE,
@@ -529,6 +529,11 @@ class DialogueWorker:
             return None
         if message.session_id in self.sessions:
             return None
+        if required_model(message) is None and await self._adapter_model(message) not in (
+            None,
+            self.model.name,
+        ):
+            return None  # any model may serve it, but its adapter is for the other one: that group places it
         if await self._pass_on(message):
             return None
         async with self._placing:
@@ -572,9 +577,24 @@ class DialogueWorker:
             raise NoCapacity(
                 "this dialogue worker serves no LoRA adapters (CHORUS_DIALOGUE_ADAPTER_MEMORY=0)"
             )
+        if (model := await self._adapter_model(start)) not in (None, self.model.name):
+            raise Unprocessable(
+                f"adapter {adapter} was checked against {model}; this session runs on {self.model.name} "
+                "(its voice is that model's): upload the adapter for it, or pick another voice"
+            )
         slot = await self.adapters.acquire(adapter)
         await self._slots_changed()  # presence lists the adapter: placement prefers this worker for it
         return slot
+
+    async def _adapter_model(self, start: SessionStart) -> str | None:
+        """The model the session's adapter was checked against (None: no adapter, or none stored; loading
+        it then says so). moshiko and moshika share their shapes: the file alone would load on either."""
+        if start.persona.adapter is None:
+            return None
+        try:
+            return (await self.adapter_store.get(start.persona.adapter)).model
+        except NotFound:
+            return None
 
     def _release_adapter(self, start: SessionStart) -> None:
         if self.adapters is not None and start.persona.adapter is not None:

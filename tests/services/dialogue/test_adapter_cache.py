@@ -150,3 +150,25 @@ async def test_a_start_naming_an_adapter_goes_to_a_worker_that_serves_adapters(
         await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
         ready = reader.event(EventName.READY)
         assert ready is not None and ready.data_as(Placement).worker == "tuned"
+
+
+async def test_an_adapter_checked_for_another_model_is_refused_not_applied(
+    bus: Bus, start_worker: StartWorker, moshi_model: MoshiModel, moshi_dir: Path, tmp_path: Path
+) -> None:
+    """moshiko and moshika share their layer shapes: an adapter uploaded for one would load on the other
+    and silently steer a model it was never trained on."""
+    store = AdapterStore(LocalStorage(tmp_path))  # the worker's CHORUS_DATA_DIR
+    data = write_random_adapter(tmp_path / "a.safetensors", moshi_dir).read_bytes()
+    other = "moshika" if moshi_model.name == "moshiko" else "moshiko"
+    layout = check_adapter(data, layer_shapes(moshi_model.lm))
+    await store.create(AdapterRecord.of("adapter_other", "", "a", other, layout, len(data)), data)
+    await start_worker(dialogue_adapter_memory=50_000_000, dialogue_adapter_max_rank=8)
+    start = SessionStart(
+        session_id="tuned", voice=moshi_model.name, persona=PersonaSpec(adapter="adapter_other")
+    )
+    await open_session(bus, start)
+    reader = DialogueReader(bus, "tuned")
+    await reader.until(lambda r: r.event(EventName.ENDED) is not None, 20, "never refused")
+    error = reader.event(EventName.ERROR)
+    assert error is not None and error.data_as(Failure).code == "unprocessable"
+    assert f"adapter_other was checked against {other}" in error.detail, error.detail

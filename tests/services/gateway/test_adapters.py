@@ -4,8 +4,11 @@ shapes, owner scoping, the persona field, delete refused while a persona names t
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
+import json
+import struct
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -97,4 +100,38 @@ async def test_uploads_that_do_not_fit_are_refused_with_the_reason(
     too_big = await upload(client, adapter_file + b"\0" * 1_000_000, ALICE)
     assert too_big.status_code == 413
     assert (await upload(client, adapter_file, ALICE, model="moshika")).status_code == 503, "no layers yet"
+    assert (await client.get("/v1/adapters", headers=ALICE)).json()["items"] == []
+
+
+def _with_header(adapter_file: bytes, edit: Callable[[dict[str, Any]], object], tail: bytes = b"") -> bytes:
+    """The adapter with its safetensors header edited (the data section kept, `tail` appended)."""
+    (length,) = struct.unpack("<Q", adapter_file[:8])
+    header = json.loads(adapter_file[8 : 8 + length])
+    edit(header)
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + adapter_file[8 + length :] + tail
+
+
+def _all_at_first_offsets(header: dict[str, Any]) -> None:
+    """Every tensor of the first tensor's shape points at its bytes: overlapping entries."""
+    first = header[min(k for k in header if k != "__metadata__")]
+    for name, entry in header.items():
+        if name != "__metadata__" and entry["shape"] == first["shape"]:
+            entry["data_offsets"] = first["data_offsets"]
+
+
+async def test_crafted_headers_are_refused_before_they_reach_a_worker(
+    client: httpx.AsyncClient, adapter_file: bytes
+) -> None:
+    bomb = b"[" * 200_000  # nested past the JSON decoder's recursion limit
+    nested = await upload(client, struct.pack("<Q", len(bomb)) + bomb, ALICE)
+    assert nested.status_code == 415 and nested.headers["content-type"] == "application/problem+json"
+    overlapping = await upload(client, _with_header(adapter_file, _all_at_first_offsets), ALICE)
+    assert overlapping.status_code == 415 and "offsets" in overlapping.json()["detail"], overlapping.text
+    trailing = await upload(client, _with_header(adapter_file, lambda h: h, tail=b"\0" * 64), ALICE)
+    assert trailing.status_code == 415 and "not covered" in trailing.json()["detail"], trailing.text
+    for scaling in ("0", "-2", "1e30"):
+        absurd = _with_header(adapter_file, lambda h, s=scaling: h["__metadata__"].update(lora_scaling=s))
+        refused = await upload(client, absurd, ALICE)
+        assert refused.status_code == 422 and "lora_scaling" in refused.json()["detail"], refused.text
     assert (await client.get("/v1/adapters", headers=ALICE)).json()["items"] == []

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from websockets.asyncio.client import connect
 
 from services.gateway.voices import check_voice_usable
 from services.tts.engine import Engine
 from shared.bus import Bus
+from shared.errors import InvalidRequest
+from shared.presence import WorkerPresence
 from shared.storage import LocalStorage
+from shared.voice_offer import CatalogListing, presence_fields, voice_offer
 from shared.voice_profiles import VoiceProfileStore
 from tests.security.conftest import launch_gateway, stop_gateway
 from tests.services.gateway.test_voices import Settings, gateway, gateway_settings, upload
@@ -149,3 +153,19 @@ async def moshi_refusal(url: str) -> str:
         message = await ws.recv()
     assert isinstance(message, bytes) and message[0] == MOSHI_ERROR, message
     return message[1:].decode()
+
+
+async def test_a_catalog_voice_only_some_tts_workers_have_is_refused(bus: Bus, tmp_path: Path) -> None:
+    """Sessions and previews go to any TTS worker: a voice one of them lacks would fail there (a rolling
+    upgrade to a model with another catalog), so it is neither listed nor accepted."""
+    catalogs = {"tts-a": ["alba", "marius"], "tts-b": ["alba"]}
+    for worker_id, voices in catalogs.items():
+        listing = CatalogListing(language="en", source="local", voices=voices)
+        fields = {"state": "serving", **presence_fields(True, listing)}
+        presence = WorkerPresence(bus, "tts", worker_id, ttl_s=30, interval_s=10, describe=lambda f=fields: f)
+        await presence.beat()
+    store = VoiceProfileStore(LocalStorage(tmp_path))
+    await check_voice_usable(store, bus, "", "catalog:alba")
+    with pytest.raises(InvalidRequest, match=r"unknown voice 'catalog:marius': the catalog has alba$"):
+        await check_voice_usable(store, bus, "", "catalog:marius")
+    assert list((await voice_offer(bus)).catalog) == ["alba"]
