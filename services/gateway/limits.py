@@ -6,6 +6,7 @@ counts in `chorus_limit_rejections_total{limit=...}`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -209,20 +210,31 @@ class RequestRateLimit:
 
 class OpenSockets:
     """WebSockets open on this gateway per owner, at most `limit` each (0: unlimited). One event loop
-    takes and frees them: no lock needed."""
+    takes and frees them: no lock needed.
 
-    def __init__(self, limit: int) -> None:
+    A socket past the limit waits up to `grace_s` for one of its owner's sockets to close before it is
+    refused: a client that closes a socket and opens the next at once has its close acknowledged by the
+    protocol before the closed socket's handler has finished and given its place back."""
+
+    def __init__(self, limit: int, grace_s: float = 1.0) -> None:
         self.limit = limit
+        self.grace_s = grace_s
         self.count: Counter[str] = Counter()
+        self._freed = asyncio.Event()  # set (and replaced) each time a place is given back
 
-    def take(self, owner: str) -> contextlib.AbstractContextManager[None]:
-        """Count a socket of `owner` now (RateLimited past the limit); the returned context frees it."""
-        if self.limit and self.count[owner] >= self.limit:
-            metrics.LIMIT_REJECTIONS.labels(limit="ws_sockets_per_key").inc()
-            raise RateLimited(
-                f"this API key has {self.limit} WebSockets open on this gateway already; close one first",
-                limit=self.limit,
-            )
+    async def take(self, owner: str) -> contextlib.AbstractContextManager[None]:
+        """Count a socket of `owner` (RateLimited past the limit once the grace is over); the returned
+        context frees it."""
+        deadline = time.monotonic() + self.grace_s
+        while self.limit and self.count[owner] >= self.limit:
+            if (left := deadline - time.monotonic()) <= 0:
+                metrics.LIMIT_REJECTIONS.labels(limit="ws_sockets_per_key").inc()
+                raise RateLimited(
+                    f"this API key has {self.limit} WebSockets open on this gateway already; close one first",
+                    limit=self.limit,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), left)
         self.count[owner] += 1
         return self._held(owner)
 
@@ -234,6 +246,8 @@ class OpenSockets:
             self.count[owner] -= 1
             if self.count[owner] <= 0:
                 del self.count[owner]
+            self._freed.set()
+            self._freed = asyncio.Event()
 
 
 @dataclass(frozen=True)

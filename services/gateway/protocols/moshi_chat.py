@@ -208,7 +208,7 @@ async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     try:
         caller = await authenticate_socket(websocket)
         owner = caller.owner
-        held.enter_context(websocket.app.state.open_sockets.take(owner))
+        held.enter_context(await websocket.app.state.open_sockets.take(owner))
         check_single(params)
         voice = check_voice(params.get("voice") or caller.voice or "moshiko")
         await check_voice_owned(websocket, owner, voice)

@@ -80,7 +80,7 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     await websocket.accept()
     try:
         caller = await authenticate_socket(websocket)
-        held.enter_context(websocket.app.state.open_sockets.take(caller.owner))
+        held.enter_context(await websocket.app.state.open_sockets.take(caller.owner))
         if caller.voice is not None:  # a client secret's: still the owner's own profile?
             await check_voice_owned(websocket, caller.owner, check_voice(caller.voice))
     except ChorusError as exc:
