@@ -20,15 +20,14 @@ from datetime import datetime
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import BaseModel, Field
-from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect
+from starlette.datastructures import FormData
 
 from services.gateway.auth import current_owner
 from services.gateway.limits import BodyCap
 from services.gateway.persona_store import PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
+from services.gateway.uploads import file_bytes, read_form
 from shared.adapter_store import AdapterRecord, AdapterStore, new_adapter_id
 from shared.adapters import check_adapter, read_header
 from shared.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
@@ -90,28 +89,14 @@ async def check_adapter_owned(store: AdapterStore, owner: str, adapter_id: str) 
         raise InvalidRequest(f"unknown adapter {adapter_id!r}: no such adapter for this API key") from None
 
 
-async def _read_form(request: Request) -> FormData:
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise UnsupportedMedia("send multipart/form-data with the fields file (.safetensors) and name")
-    parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=8, max_part_size=4096)
-    try:
-        return await parser.parse()
-    except MultiPartException as exc:
-        raise InvalidRequest(f"invalid multipart body: {exc.message}") from None
-    except ClientDisconnect:
-        raise InvalidRequest("the client left before the whole body arrived") from None
+def _not_multipart() -> UnsupportedMedia:
+    return UnsupportedMedia("send multipart/form-data with the fields file (.safetensors) and name")
 
 
-async def _file_bytes(form: FormData, max_bytes: int) -> bytes:
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise InvalidRequest("the `file` field is missing: attach the adapter (.safetensors)")
-    data = await upload.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise PayloadTooLarge(
-            f"the adapter is larger than {max_bytes} bytes (CHORUS_ADAPTER_MAX_UPLOAD_BYTES)", limit=max_bytes
-        )
-    return data
+def _too_large(cap: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the adapter is larger than {cap} bytes (CHORUS_ADAPTER_MAX_UPLOAD_BYTES)", limit=cap
+    )
 
 
 def _field(form: FormData, name: str) -> str | None:
@@ -174,9 +159,12 @@ async def create_adapter(request: Request, owner: str = Depends(current_owner)) 
 async def _create_adapter(request: Request, owner: str) -> AdapterOut:
     store = _store(request)
     settings: GatewaySettings = request.app.state.settings
-    form = await _read_form(request)
+    cap = settings.adapter_max_upload_bytes
+    form = await read_form(request, _not_multipart)
     try:
-        data = await _file_bytes(form, settings.adapter_max_upload_bytes)
+        data = await file_bytes(
+            form, cap, missing="attach the adapter (.safetensors)", too_large=lambda _: _too_large(cap)
+        )
     finally:
         await form.close()
     name = _field(form, "name") or ""

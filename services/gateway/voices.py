@@ -29,19 +29,19 @@ from datetime import datetime
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
-from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect
+from starlette.datastructures import FormData
 
 from services.gateway.auth import current_owner
 from services.gateway.clips import ACCEPTED_TEXT, ClipLimits, prepare_clip, rejected, too_large
 from services.gateway.limits import BodyCap
 from services.gateway.problems import problem_responses
 from services.gateway.settings import GatewaySettings
+from services.gateway.uploads import file_bytes, read_form
 from shared import metrics
 from shared.audio import pcm16_to_wav
 from shared.bus import Bus, Entry
 from shared.errors import (
+    ChorusError,
     CloningUnavailable,
     GatewayTimeout,
     InvalidRequest,
@@ -205,34 +205,11 @@ class UploadSlots:
             metrics.UPLOADS_IN_PROGRESS.dec()
 
 
-async def _read_form(request: Request) -> FormData:
-    """Parse the multipart body. Its size is bounded before it gets here: the body size middleware
-    refuses it past `upload_body_cap` (and then reports the client gone, which ends the parse).
-
-    Starlette's parser streams the body through python-multipart's: it bounds the files, the fields and
-    each field's size, and spools the file part (to disk past 1 MiB) instead of holding the raw body."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise rejected(
-            UnsupportedMedia("send multipart/form-data with the fields file, name and consent=true"),
-            "not_multipart",
-        )
-    parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=8, max_part_size=4096)
-    try:
-        return await parser.parse()
-    except MultiPartException as exc:
-        raise InvalidRequest(f"invalid multipart body: {exc.message}") from None
-    except ClientDisconnect:
-        raise InvalidRequest("the client left before the whole body arrived") from None
-
-
-async def _clip_bytes(form: FormData, max_bytes: int) -> bytes:
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise InvalidRequest(f"the `file` field is missing: attach the clip ({ACCEPTED_TEXT})")
-    data = await upload.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise too_large(len(data), max_bytes)
-    return data
+def _not_multipart() -> ChorusError:
+    return rejected(
+        UnsupportedMedia("send multipart/form-data with the fields file, name and consent=true"),
+        "not_multipart",
+    )
 
 
 def _text_field(form: FormData, name: str) -> str:
@@ -290,9 +267,15 @@ async def create_voice(request: Request, owner: str = Depends(current_owner)) ->
 
 async def _create_voice(request: Request, owner: str) -> VoiceOut:
     settings = _settings(request)
-    form = await _read_form(request)
+    form = await read_form(request, _not_multipart)
     try:
-        data = await _clip_bytes(form, settings.voice_max_upload_bytes)
+        cap = settings.voice_max_upload_bytes
+        data = await file_bytes(
+            form,
+            cap,
+            missing=f"attach the clip ({ACCEPTED_TEXT})",
+            too_large=lambda size: too_large(size, cap),
+        )
     finally:
         await form.close()
     name = _text_field(form, "name")
