@@ -335,8 +335,8 @@ async def run_case(ws_url: str, case: Case) -> Outcome:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
             await reader
-        if ws.transport is not None:
-            ws.transport.abort()
+        if ws.transport is not None and not ws.transport.is_closing():
+            ws.transport.abort()  # a transport already closed has let go of its loop: abort() would raise
     return outcome
 
 
