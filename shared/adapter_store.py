@@ -9,18 +9,27 @@ Layout under the storage root (`CHORUS_DATA_DIR`):
 
 Each owner's adapters are indexed (`owners/{owner}/adapters/{id}`), like voices. Delete removes the
 metadata first (the adapter is gone for every reader), then the file, then the index entry.
+
+Deleting an adapter (after checking no persona names it) and writing a persona that names one (after
+checking it exists) are two check-then-write steps over files: `AdapterReferences` runs them one at a time
+per owner, across every gateway, so no persona is left naming a deleted adapter.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import secrets
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.adapters import AdapterLayout, LayerShapes
+from shared.bus import Bus
 from shared.errors import NotFound, ServiceUnavailable
 from shared.messages import ProfileId, valid_id
 from shared.owner_index import OwnerIndex
@@ -170,3 +179,44 @@ class AdapterStore:
         return sorted(
             {key.split("/")[1] for key in await self.storage.list("models/") if key.endswith("layers.json")}
         )
+
+
+# Compare-and-delete: a holder whose lock expired (and was taken by another) must not release the other's.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class AdapterReferences:
+    """One owner's adapter deletes and adapter-naming persona writes, one at a time across gateways.
+
+    A lock in Redis per owner (`SET NX PX`, a random token, released by compare-and-delete): a gateway
+    that dies holding it frees it after `ttl_s`, far longer than the few file reads and writes it covers.
+    A caller that cannot take it within `wait_s` is answered 503 (retryable)."""
+
+    def __init__(self, bus: Bus, *, ttl_s: float = 10.0, wait_s: float = 5.0) -> None:
+        self.bus = bus
+        self.ttl_ms = int(ttl_s * 1000)
+        self.wait_s = wait_s
+        self._release = bus.redis.register_script(_RELEASE)
+
+    @asynccontextmanager
+    async def held(self, owner: str) -> AsyncIterator[None]:
+        key, token = self.bus.names.adapter_lock(owner), secrets.token_hex(16)
+        await self._take(key, token)
+        try:
+            yield
+        finally:  # shielded: a cancelled request still gives the lock back now, not after the TTL
+            await asyncio.shield(self._release(keys=[key], args=[token]))
+
+    async def _take(self, key: str, token: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + self.wait_s, 0.002
+        while not await self.bus.redis.set(key, token, nx=True, px=self.ttl_ms):
+            if loop.time() >= deadline:
+                raise ServiceUnavailable("this API key's adapters are being changed: retry in a moment")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)

@@ -28,7 +28,7 @@ from services.gateway.persona_store import PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
 from services.gateway.uploads import file_bytes, read_form
-from shared.adapter_store import AdapterRecord, AdapterStore, new_adapter_id
+from shared.adapter_store import AdapterRecord, AdapterReferences, AdapterStore, new_adapter_id
 from shared.adapters import check_adapter, read_header
 from shared.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
 
@@ -79,6 +79,16 @@ def upload_body_cap(settings: GatewaySettings) -> BodyCap:
 def _store(request: Request) -> AdapterStore:
     store: AdapterStore = request.app.state.adapters
     return store
+
+
+def references(request: Request) -> AdapterReferences:
+    """Held around deleting an adapter and around writing a persona that names one (made on first use:
+    the bus it needs opens with the app's lifespan)."""
+    state = request.app.state
+    held: AdapterReferences | None = getattr(state, "adapter_references", None)
+    if held is None:
+        held = state.adapter_references = AdapterReferences(state.bus)
+    return held
 
 
 async def check_adapter_owned(store: AdapterStore, owner: str, adapter_id: str) -> AdapterRecord:
@@ -208,13 +218,14 @@ async def delete_adapter(adapter_id: str, request: Request, owner: str = Depends
     store = _store(request)
     await store.get_owned(adapter_id, owner)
     personas: PersonaStore = request.app.state.personas
-    users = [p.id for p in await personas.list(owner) if p.adapter == adapter_id]
-    if users:
-        raise Conflict(
-            f"adapter {adapter_id!r} is used by persona {users[0]!r}: change or delete the persona first",
-            reason="in_use",
-            personas=users,
-        )
-    await store.delete(adapter_id)
+    async with references(request).held(owner):  # no persona may come to name it until it is gone
+        users = [p.id for p in await personas.list(owner) if p.adapter == adapter_id]
+        if users:
+            raise Conflict(
+                f"adapter {adapter_id!r} is used by persona {users[0]!r}: change or delete the persona first",
+                reason="in_use",
+                personas=users,
+            )
+        await store.delete(adapter_id)
     log.info("adapter deleted", extra={"adapter_id": adapter_id})
     return Response(status_code=204)

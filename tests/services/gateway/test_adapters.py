@@ -3,6 +3,7 @@ shapes, owner scoping, the persona field, delete refused while a persona names t
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import struct
@@ -78,6 +79,37 @@ async def test_an_adapter_a_persona_names_cannot_be_deleted(
     assert (await client.delete(f"/v1/personas/{created.json()['id']}", headers=ALICE)).status_code == 204
     assert (await client.delete(f"/v1/adapters/{aid}", headers=ALICE)).status_code == 204
     assert (await client.get(f"/v1/adapters/{aid}", headers=ALICE)).status_code == 404
+
+
+async def test_no_persona_survives_naming_an_adapter_deleted_at_the_same_time(
+    client: httpx.AsyncClient, adapter_file: bytes, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """Two gateways on one store: each adapter is deleted through one while personas naming it are
+    created and replaced through the other, all at once. Whoever comes second loses cleanly."""
+    ids = [(await upload(client, adapter_file, ALICE)).json()["id"] for _ in range(8)]
+    spare = (await client.post("/v1/personas", json={"name": "Spare"}, headers=ALICE)).json()["id"]
+    async with gateway_client(redis_url, key_prefix, tmp_path, api_keys="key-alice,key-bob") as other:
+
+        async def race(aid: str) -> tuple[int, int, int]:
+            tuned = {"name": "Tuned", "adapter": aid}
+            deleted, created, replaced = await asyncio.gather(
+                client.delete(f"/v1/adapters/{aid}", headers=ALICE),
+                other.post("/v1/personas", json=tuned, headers=ALICE),
+                other.put(f"/v1/personas/{spare}", json=tuned, headers=ALICE),
+            )
+            return deleted.status_code, created.status_code, replaced.status_code
+
+        outcomes = await asyncio.gather(*(race(aid) for aid in ids))
+        for aid in ids:  # the ones whose personas won: a delete now is still refused
+            if (await client.get(f"/v1/adapters/{aid}", headers=ALICE)).status_code == 200:
+                assert (await other.delete(f"/v1/adapters/{aid}", headers=ALICE)).status_code == 409
+    for deleted, created, replaced in outcomes:
+        assert deleted in (204, 409) and created in (201, 400) and replaced in (200, 400)
+        assert (deleted == 204) == (created == 400), "the delete and a persona naming it: exactly one won"
+    remaining = {a["id"] for a in (await client.get("/v1/adapters", headers=ALICE)).json()["items"]}
+    named = {p["adapter"] for p in (await client.get("/v1/personas", headers=ALICE)).json()["items"]}
+    assert named - {None} <= remaining, "a persona names a deleted adapter"
+    assert {s for s, (d, _, _) in zip(ids, outcomes, strict=True) if d == 204}.isdisjoint(remaining)
 
 
 async def test_uploads_that_do_not_fit_are_refused_with_the_reason(
