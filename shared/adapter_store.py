@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -104,11 +105,15 @@ class AdapterStore:
     async def check_quota(self, owner: str) -> None:
         await self.index.check(owner, self.max_per_owner)
 
-    async def create(self, record: AdapterRecord, data: bytes) -> AdapterRecord:
-        """The file, then the metadata (only the metadata makes it visible); a failed write removes both."""
+    async def create(self, record: AdapterRecord, data: bytes | Path) -> AdapterRecord:
+        """The file (its bytes, or a file in the storage's `scratch()` folder, moved into place), then the
+        metadata (only the metadata makes it visible); a failed write removes both."""
         await self.index.reserve(record.owner, record.id, self.max_per_owner, self._complete)
         try:
-            await self.storage.put(_key(record.id, FILE), data)
+            if isinstance(data, Path):
+                await self.storage.put_file(_key(record.id, FILE), data)
+            else:
+                await self.storage.put(_key(record.id, FILE), data)
             await self.storage.put(_key(record.id, RECORD), record.model_dump_json().encode())
         except BaseException:
             await self.storage.delete_prefix(_key(record.id))

@@ -14,22 +14,22 @@ persona names it by id (`adapter`), and a socket may for one session (`?adapter=
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from datetime import datetime
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import BaseModel, Field
-from starlette.datastructures import FormData
 
 from services.gateway.auth import current_owner
 from services.gateway.limits import BodyCap
 from services.gateway.persona_store import PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
-from services.gateway.uploads import file_bytes, read_form
+from services.gateway.uploads import Upload, UploadRules, receive_form
 from shared.adapter_store import AdapterRecord, AdapterReferences, AdapterStore, new_adapter_id
-from shared.adapters import check_adapter, read_header
+from shared.adapters import check_adapter, read_header_file
 from shared.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
 
 log = logging.getLogger(__name__)
@@ -109,13 +109,8 @@ def _too_large(cap: int) -> PayloadTooLarge:
     )
 
 
-def _field(form: FormData, name: str) -> str | None:
-    value = form.get(name)
-    return value.strip() or None if isinstance(value, str) else None
-
-
-def _number(form: FormData, name: str, kind: type[int] | type[float]) -> int | float | None:
-    raw = _field(form, name)
+def _number(form: Upload, name: str, kind: type[int] | type[float]) -> int | float | None:
+    raw = form.text(name)
     if raw is None:
         return None
     try:
@@ -170,30 +165,31 @@ async def _create_adapter(request: Request, owner: str) -> AdapterOut:
     store = _store(request)
     settings: GatewaySettings = request.app.state.settings
     cap = settings.adapter_max_upload_bytes
-    form = await read_form(request, _not_multipart)
-    try:
-        data = await file_bytes(
-            form, cap, missing="attach the adapter (.safetensors)", too_large=lambda _: _too_large(cap)
-        )
-    finally:
-        await form.close()
-    name = _field(form, "name") or ""
-    if not 1 <= len(name) <= 100:
-        raise InvalidRequest("`name` is required (1 to 100 characters)")
-    model = _field(form, "model") or DEFAULT_MODEL
-    if model not in ("moshiko", "moshika"):
-        raise InvalidRequest(f"`model` is moshiko or moshika, got {model!r}")
-    rank, scaling = _number(form, "rank", int), _number(form, "scaling", float)
-    read_header(data)  # not a safetensors file: 415, whether or not the model's layers are known yet
-    layout = check_adapter(
-        data,
-        await store.layers(model),
-        rank=None if rank is None else int(rank),
-        scaling=scaling,
+    rules = UploadRules(
+        cap, _not_multipart, too_large=lambda _: _too_large(cap), missing="attach the adapter (.safetensors)"
     )
-    record = AdapterRecord.of(new_adapter_id(), owner, name, model, layout, len(data))
-    await store.create(record, data)
-    log.info("adapter created", extra={"adapter_id": record.id, "rank": record.rank, "bytes": len(data)})
+    async with receive_form(request, store.storage.scratch(), rules) as form:
+        name = form.text("name") or ""
+        if not 1 <= len(name) <= 100:
+            raise InvalidRequest("`name` is required (1 to 100 characters)")
+        model = form.text("model") or DEFAULT_MODEL
+        if model not in ("moshiko", "moshika"):
+            raise InvalidRequest(f"`model` is moshiko or moshika, got {model!r}")
+        rank, scaling = _number(form, "rank", int), _number(form, "scaling", float)
+        # Not a safetensors file: 415, whether or not the model's layers are known yet.
+        await asyncio.to_thread(read_header_file, form.path)
+        layout = await asyncio.to_thread(
+            check_adapter,
+            form.path,
+            await store.layers(model),
+            rank=None if rank is None else int(rank),
+            scaling=scaling,
+        )
+        record = AdapterRecord.of(new_adapter_id(), owner, name, model, layout, form.size)
+        await store.create(record, form.path)
+    log.info(
+        "adapter created", extra={"adapter_id": record.id, "rank": record.rank, "bytes": record.size_bytes}
+    )
     return AdapterOut.of(record)
 
 

@@ -29,14 +29,13 @@ from datetime import datetime
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
-from starlette.datastructures import FormData
 
 from services.gateway.auth import current_owner
 from services.gateway.clips import ACCEPTED_TEXT, ClipLimits, prepare_clip, rejected, too_large
 from services.gateway.limits import BodyCap
 from services.gateway.problems import problem_responses
 from services.gateway.settings import GatewaySettings
-from services.gateway.uploads import file_bytes, read_form
+from services.gateway.uploads import UploadRules, receive_form
 from shared import metrics
 from shared.audio import pcm16_to_wav
 from shared.bus import Bus, Entry
@@ -212,11 +211,6 @@ def _not_multipart() -> ChorusError:
     )
 
 
-def _text_field(form: FormData, name: str) -> str:
-    value = form.get(name)
-    return value.strip() if isinstance(value, str) else ""
-
-
 @router.post(
     "",
     status_code=201,
@@ -267,21 +261,19 @@ async def create_voice(request: Request, owner: str = Depends(current_owner)) ->
 
 async def _create_voice(request: Request, owner: str) -> VoiceOut:
     settings = _settings(request)
-    form = await read_form(request, _not_multipart)
-    try:
-        cap = settings.voice_max_upload_bytes
-        data = await file_bytes(
-            form,
-            cap,
-            missing=f"attach the clip ({ACCEPTED_TEXT})",
-            too_large=lambda size: too_large(size, cap),
-        )
-    finally:
-        await form.close()
-    name = _text_field(form, "name")
+    cap = settings.voice_max_upload_bytes
+    rules = UploadRules(
+        cap,
+        _not_multipart,
+        too_large=lambda size: too_large(size, cap),
+        missing=f"attach the clip ({ACCEPTED_TEXT})",
+    )
+    async with receive_form(request, request.app.state.storage.scratch(), rules) as form:
+        data = await asyncio.to_thread(form.path.read_bytes)  # a clip is small: it is decoded whole anyway
+    name = form.text("name") or ""
     if not 1 <= len(name) <= 100:
         raise InvalidRequest("`name` is required (1 to 100 characters)")
-    if _text_field(form, "consent").lower() not in TRUE_VALUES:
+    if (form.text("consent") or "").lower() not in TRUE_VALUES:
         raise rejected(
             InvalidRequest("cloning a voice needs the speaker's consent: send consent=true"), "no_consent"
         )

@@ -135,6 +135,30 @@ async def test_uploads_that_do_not_fit_are_refused_with_the_reason(
     assert (await client.get("/v1/adapters", headers=ALICE)).json()["items"] == []
 
 
+async def test_uploads_are_streamed_to_the_store_and_no_refusal_leaves_a_file_behind(
+    client: httpx.AsyncClient, adapter_file: bytes, tmp_path: Path
+) -> None:
+    """The file arrives in many 64 KiB chunks (httpx's), is stored byte for byte, and the scratch folder is
+        empty after every answer: stored, too large, a hostile header, a misfit, a bad field (a client gone
+    midway: tests/security/test_uploads.py)."""
+    assert len(adapter_file) > 8 * 64 * 1024
+    created = await upload(client, adapter_file, ALICE)
+    assert created.status_code == 201, created.text
+    stored = tmp_path / "adapters" / created.json()["id"] / "adapter.safetensors"
+    assert stored.read_bytes() == adapter_file
+    huge_header = struct.pack("<Q", 2 * 1024 * 1024) + b"{" + b" " * 1000
+    refusals = [
+        (await upload(client, adapter_file + b"\0" * 1_000_000, ALICE), 413),
+        (await upload(client, huge_header, ALICE), 415),
+        (await upload(client, adapter_file, ALICE, rank="8"), 422),
+        (await upload(client, adapter_file, ALICE, model="moshiko-xl"), 400),
+    ]
+    for answer, status in refusals:
+        assert answer.status_code == status, answer.text
+    assert "past the 1048576" in refusals[1][0].json()["detail"]
+    assert list((tmp_path / ".incoming").iterdir()) == []
+
+
 def _with_header(adapter_file: bytes, edit: Callable[[dict[str, Any]], object], tail: bytes = b"") -> bytes:
     """The adapter with its safetensors header edited (the data section kept, `tail` appended)."""
     (length,) = struct.unpack("<Q", adapter_file[:8])
