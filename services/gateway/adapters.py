@@ -21,6 +21,7 @@ from datetime import datetime
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import BaseModel, Field
+from starlette.requests import HTTPConnection
 
 from services.gateway.auth import current_owner
 from services.gateway.limits import BodyCap
@@ -30,7 +31,8 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.uploads import Upload, UploadRules, receive_form
 from shared.adapter_store import AdapterRecord, AdapterReferences, AdapterStore, new_adapter_id
 from shared.adapters import check_adapter, read_header_file
-from shared.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
+from shared.errors import Conflict, InvalidRequest, NoCapacity, NotFound, PayloadTooLarge, UnsupportedMedia
+from shared.presence import WorkerInfo, list_workers
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,28 @@ async def check_adapter_owned(store: AdapterStore, owner: str, adapter_id: str) 
         return await store.get_owned(adapter_id, owner)
     except NotFound:
         raise InvalidRequest(f"unknown adapter {adapter_id!r}: no such adapter for this API key") from None
+
+
+async def check_adapter_served(conn: HTTPConnection, owner: str, adapter_id: str) -> AdapterRecord:
+    """The adapter a session names: the caller's own (else 400), and one a live dialogue worker may serve
+    (else NoCapacity at once, instead of after the placement wait): a worker of the adapter's model with
+    adapter memory, or one still loading (its model is not known yet). A busy one is waited for."""
+    record = await check_adapter_owned(conn.app.state.adapters, owner, adapter_id)
+    workers = await list_workers(conn.app.state.bus, "dialogue")
+    if not any(_may_serve(worker, record.model) for worker in workers):
+        raise NoCapacity(
+            f"no dialogue worker serves LoRA adapters for {record.model}, the model adapter {adapter_id!r} "
+            f"is for: start one with CHORUS_DIALOGUE_ADAPTER_MEMORY set, or use a persona without it",
+            reason="no_adapter_worker",
+            model=record.model,
+        )
+    return record
+
+
+def _may_serve(worker: WorkerInfo, model: str) -> bool:
+    if not worker.serving:
+        return True
+    return worker.fields.get("model") == model and int(worker.fields.get("adapter_slots", "0")) > 0
 
 
 def _not_multipart() -> UnsupportedMedia:

@@ -15,12 +15,15 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save
+from websockets.asyncio.client import connect
 
 from chorus.devtools.lora_adapter import checkpoint_layers, write_random_adapter
 from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
 from shared.adapter_store import AdapterStore
+from shared.presence import WorkerPresence
 from shared.storage import LocalStorage
 from tests.services.gateway.app_client import gateway_client
+from tests.services.gateway.test_session_faults import ERROR, running_gateway
 from tests.support.paths import CHECKPOINT_CACHE
 
 ALICE = {"Authorization": "Bearer key-alice"}
@@ -191,3 +194,39 @@ async def test_crafted_headers_are_refused_before_they_reach_a_worker(
         refused = await upload(client, absurd, ALICE)
         assert refused.status_code == 422 and "lora_scaling" in refused.json()["detail"], refused.text
     assert (await client.get("/v1/adapters", headers=ALICE)).json()["items"] == []
+
+
+async def test_a_session_fails_at_once_when_no_worker_serves_its_adapters_model(
+    adapter_file: bytes, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A session naming an adapter needs a dialogue worker of the adapter's model with adapter memory:
+    without one it is refused at once, with why; with one that is busy it waits for a slot as any does."""
+    shapes, _ = checkpoint_layers(write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi"))
+    await AdapterStore(LocalStorage(tmp_path)).publish_layers("moshiko", shapes)
+    async with running_gateway(redis_url, key_prefix, tmp_path, placement_wait_s=1.0) as gateway:
+        http_url = gateway.ws_url.replace("ws://", "http://")
+        async with httpx.AsyncClient(base_url=http_url, timeout=30) as http:
+            adapter = (await upload(http, adapter_file, {})).json()["id"]
+
+        async def first_words() -> tuple[bytes, str]:
+            async with connect(f"{gateway.ws_url}/api/chat?voice=moshiko&adapter={adapter}") as ws:
+                said = await asyncio.wait_for(ws.recv(), 10)
+                await ws.wait_closed()
+                assert isinstance(said, bytes) and ws.close_reason is not None
+                return said, ws.close_reason
+
+        async def worker(fields: dict[str, str | int]) -> None:
+            bus = gateway.app.state.bus
+            await WorkerPresence(
+                bus, "dialogue", "w2", ttl_s=60, interval_s=5, describe=lambda: fields
+            ).beat()
+
+        # The fixture's worker (no model named) and one of the other model: neither serves it.
+        await worker({"model": "moshika", "adapter_slots": 4, "free_slots": 4})
+        said, reason = await first_words()
+        assert said[0] == ERROR and b"no dialogue worker serves LoRA adapters for moshiko" in said, said
+        assert reason == "no_capacity"
+        await worker({"model": "moshiko", "adapter_slots": 4, "free_slots": 0})  # it serves, but it is busy
+        said, reason = await first_words()
+        assert said[0] == ERROR and b"no dialogue worker had a free slot within 1 s" in said, said
+        assert reason == "no_capacity"
