@@ -677,11 +677,48 @@ class DialogueWorker:
     async def _apply_control(self, message: ControlMessage) -> None:
         if isinstance(message, SessionStop):
             await self.end(message.session_id, message.reason)
-        elif isinstance(message, SessionUpdate) and message.sampling is not None:
-            session = self.sessions.get(message.session_id)
-            if session is not None:
+        elif isinstance(message, SessionUpdate) and (session := self.sessions.get(message.session_id)):
+            if message.sampling is not None:
                 async with self._table:
                     self.batcher.set_sampling(session.row, message.sampling)
+            if message.adapter is not None and message.adapter != session.start.persona.adapter:
+                await self._switch_adapter(session, message.adapter)
+
+    async def _switch_adapter(self, session: Session, adapter: str) -> None:
+        """The session's rows use `adapter` from the next step on: a row's adapter is a slot number the
+        LoRA layers read per step, so switching is a table write between steps (after loading the adapter
+        when this worker does not hold it). One this worker cannot serve is an `error` event on :dlg, and
+        the session goes on with the adapter it had."""
+        persona = session.start.persona.model_copy(update={"adapter": adapter})
+        start = session.start.model_copy(update={"persona": persona})
+        try:
+            slot = await self._adapter_slot(start)
+        except ChorusError as exc:
+            await self._report(session, exc)
+            return
+        async with self._table:
+            if self.sessions.get(session.sid) is not session:  # ended meanwhile
+                self._release_adapter(start)
+                return
+            self.batcher.set_adapter(session.row, slot)
+            self._release_adapter(session.start)
+            session.start = start
+        await self._slots_changed()
+        log.info("session adapter switched", extra={"session_id": session.sid, "adapter_id": adapter})
+
+    async def _report(self, session: Session, error: ChorusError) -> None:
+        """An error the session survives: an `error` event on :dlg (the client hears of it), in its
+        place among the frames (after those of the tick being written, as `end` does)."""
+        async with self._table:
+            if self._publishing is not None:
+                await asyncio.wait([self._publishing])
+            event = SessionEvent.of(
+                session.sid, session.take_seq(), EventName.ERROR, error.detail, Failure(code=error.code)
+            )
+            await self.bus.append_session(
+                session.sid, [(self.bus.names.session_dialogue(session.sid), event)], self.ownership.fence
+            )
+        log.warning("session update refused: %s", error.detail, extra={"session_id": session.sid})
 
     async def _on_over(self, sid: str, liveness: Liveness) -> None:
         if liveness in (Liveness.MOVED, Liveness.GONE):

@@ -29,7 +29,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
-from services.gateway.adapters import check_adapter_owned
+from services.gateway.adapters import check_adapter_served
 from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
 from services.gateway.lifetime import Lifetime
@@ -364,11 +364,14 @@ class RealtimeSession:
         self.send(ev.SessionUpdated(session=self.session_object()))
 
     async def _set_adapter(self, adapter: str) -> None:
-        """`chorus_adapter`: before the first audio only (a session's rows run with one adapter)."""
-        if self.conversation is not None and adapter != self.adapter:
-            raise InvalidRequest("chorus_adapter can only be set before the first audio is appended")
-        await check_adapter_owned(self.websocket.app.state.adapters, self.owner, adapter)
+        """`chorus_adapter`: the session's LoRA adapter; mid-session its rows switch from the worker's
+        next step (docs/personas.md)."""
+        if adapter == self.adapter:
+            return
+        await check_adapter_served(self.websocket, self.owner, adapter)
         self.adapter = adapter
+        if self.conversation is not None:
+            await self.conversation.update(adapter=adapter)
 
     async def append_audio(self, audio_b64: str) -> None:
         await self.append_bytes(self.input_bytes(audio_b64))
