@@ -159,7 +159,27 @@ async def test_uploads_are_streamed_to_the_store_and_no_refusal_leaves_a_file_be
     for answer, status in refusals:
         assert answer.status_code == status, answer.text
     assert "past the 1048576" in refusals[1][0].json()["detail"]
+    for parts, why in [
+        ([("name", None, b"x" * 5000)], "over 4096 bytes"),
+        ([(f"f{n}", None, b"x") for n in range(9)], "more than 8 fields"),
+        ([("file", "a", b"1"), ("file", "b", b"2")], "one file is accepted"),
+        ([("name", None, b"pirate")], "`file` field is missing"),
+    ]:
+        bad = await client.post("/v1/adapters", content=_multipart(parts), headers={**ALICE, **_FORM})
+        assert bad.status_code == 400 and why in bad.json()["detail"], bad.text
     assert list((tmp_path / ".incoming").iterdir()) == []
+
+
+_FORM = {"content-type": "multipart/form-data; boundary=edge"}
+
+
+def _multipart(parts: list[tuple[str, str | None, bytes]]) -> bytes:
+    """A multipart body of (name, filename or None, value) parts."""
+    body = b""
+    for name, filename, value in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--edge\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+    return body + b"--edge--\r\n"
 
 
 def _with_header(adapter_file: bytes, edit: Callable[[dict[str, Any]], object], tail: bytes = b"") -> bytes:
