@@ -7,9 +7,11 @@ to implement `Storage`. Writes are atomic: a crash mid-write leaves the old obje
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -65,6 +67,21 @@ class LocalStorage:
         folder = self.root / ".incoming"
         folder.mkdir(exist_ok=True)
         return folder
+
+    async def sweep_scratch(self, grace_s: float) -> int:
+        """Remove the scratch files nobody wrote to for `grace_s` (a crashed writer's: one receiving an
+        upload writes to it all along); how many were removed."""
+
+        def sweep() -> int:
+            removed = 0
+            for path in self.scratch().iterdir():
+                with contextlib.suppress(FileNotFoundError):  # its writer finished meanwhile
+                    if time.time() - path.stat().st_mtime > grace_s:
+                        path.unlink()
+                        removed += 1
+            return removed
+
+        return await asyncio.to_thread(sweep)
 
     def _put_file(self, key: str, source: Path) -> None:
         path = self._path(key)

@@ -271,7 +271,8 @@ class GatewaySettings(CommonSettings):
     voice_sweep_grace_s: float = Field(
         default=600.0,
         ge=0,
-        description="At start-up, incomplete voice uploads older than this are removed.",
+        description="At start-up, incomplete voice uploads older than this are removed, and any upload's "
+        "file left in the data directory's scratch folder (`.incoming/`) not written to for this long.",
     )
 
 

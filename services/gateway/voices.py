@@ -137,10 +137,13 @@ class PreviewIn(BaseModel):
 
 
 async def open_voice_store(settings: GatewaySettings) -> VoiceProfileStore:
-    """The durable store under CHORUS_DATA_DIR, after removing what crashed uploads left behind and
-    indexing profiles the owner index lacks (`shared.owner_index`)."""
-    store = VoiceProfileStore(LocalStorage(settings.data_dir), max_per_owner=settings.max_voices_per_key)
+    """The durable store under CHORUS_DATA_DIR, after removing what crashed uploads left behind (voices,
+    and any upload's file in the scratch folder) and indexing profiles the owner index lacks
+    (`shared.owner_index`)."""
+    storage = LocalStorage(settings.data_dir)
+    store = VoiceProfileStore(storage, max_per_owner=settings.max_voices_per_key)
     await store.sweep_incomplete(settings.voice_sweep_grace_s)
+    await storage.sweep_scratch(settings.voice_sweep_grace_s)
     await store.reconcile_index()
     return store
 

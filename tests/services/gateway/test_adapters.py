@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -250,3 +252,17 @@ async def test_a_session_fails_at_once_when_no_worker_serves_its_adapters_model(
         said, reason = await first_words()
         assert said[0] == ERROR and b"no dialogue worker had a free slot within 1 s" in said, said
         assert reason == "no_capacity"
+
+
+async def test_a_gateway_starting_removes_the_files_crashed_uploads_left(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A gateway killed mid-upload leaves its scratch file; the next start removes it once nobody has
+    written to it for CHORUS_VOICE_SWEEP_GRACE_S, and leaves one being written now alone."""
+    incoming = tmp_path / ".incoming"
+    incoming.mkdir()
+    (stale := incoming / ".upload-crashed.part").write_bytes(b"half an adapter")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    (fresh := incoming / ".upload-now.part").write_bytes(b"an upload in progress")
+    async with gateway_client(redis_url, key_prefix, tmp_path, voice_sweep_grace_s=600):
+        assert not stale.exists() and fresh.exists()
