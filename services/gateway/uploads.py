@@ -103,6 +103,7 @@ class _FormReader:
                 parser.write(chunk)
                 await self._flush(sink)
             parser.finalize()
+            await self._flush(sink)
         except FormParserError as exc:
             raise InvalidRequest(f"invalid multipart body: {exc}") from None
         except ClientDisconnect:
