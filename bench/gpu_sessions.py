@@ -32,7 +32,8 @@ adapters) measures, before the slot sweep, one full batch of `--adapter-batch` s
 the worker's `Batcher` with no LoRA, then with the worker's per-row LoRA layers (`AdapterBank`, one slot
 per distinct adapter, random adapters of that rank for every linear layer) and the rows spread round robin
 over 0, 1, 4, 8 distinct adapters (switched between ticks as a mid-session `update` does), then with no
-LoRA again: `adapters` in the results holds each variant's tick percentiles and its ratio to no LoRA.
+LoRA again: `adapters` in the results holds each variant's tick percentiles and its ratio to no LoRA
+(rewritten after each variant: a cut run keeps those measured).
 `--slots ''` and `--baseline-ticks 0` leave the rest out (the device budget).
 """
 
@@ -419,72 +420,110 @@ def _plain_ticks(model: MoshiModel, config: Config, audio: list[np.ndarray[Any, 
         batcher.close()
 
 
+@dataclass
+class AdapterFigures:
+    """The adapters point as it is measured: `result()` at any moment is what it has so far (the JSON is
+    rewritten after each variant, so a command cut at its time limit keeps them)."""
+
+    batch: int
+    rank: int
+    ticks_per_variant: int
+    linear_layers: int
+    bank_slot_mib: float
+    plain: list[float] = field(default_factory=list)  # no LoRA, before and after the variants
+    variants: dict[str, list[float]] = field(default_factory=dict)
+    load_ms: list[float] = field(default_factory=list)
+    peak_memory_mib: float | None = None
+
+    def result(self, outcome: str, error: str | None = None) -> dict[str, Any]:
+        base = _percentiles(self.plain)
+        measured: dict[str, Any] = {}
+        if base is not None:
+            measured["no_lora"] = {"tick_ms": base, "vs_no_lora": 1.0}
+            for name, ticks in self.variants.items():
+                tick = _percentiles(ticks)
+                assert tick is not None
+                measured[name] = {"tick_ms": tick, "vs_no_lora": round(tick["p50"] / base["p50"], 3)}
+        loads = sorted(self.load_ms)
+        return {
+            "outcome": outcome,
+            **({"error": error} if error else {}),
+            "batch": self.batch,
+            "rank": self.rank,
+            "ticks_per_variant": self.ticks_per_variant,
+            "linear_layers": self.linear_layers,
+            "bank_slot_mib": self.bank_slot_mib,
+            "adapter_load_ms_median": round(loads[len(loads) // 2], 2) if loads else None,
+            "peak_memory_mib": self.peak_memory_mib,
+            "variants": measured,
+        }
+
+
 @torch.no_grad()
-def adapters_point(model: MoshiModel, config: Config) -> dict[str, Any]:
+def measure_adapter_variants(
+    model: MoshiModel, config: Config, figures: AdapterFigures, progress: Callable[[], None]
+) -> None:
     """The tick with the batch's rows over 0, 1, 4, 8... distinct adapters against no LoRA (measured
-    before and after them, so drift shows), in one run."""
+    before and after them, so drift shows), in one run; `progress()` after each variant."""
     device = model.device
     rng = np.random.default_rng(config.seed)
     audio = [_voice(rng, config.adapter_batch) for _ in range(16)]
     _reset_peak(device)
-    plain = _plain_ticks(model, config, audio)
+    figures.plain += _plain_ticks(model, config, audio)
+    progress()
     distinct_max = max(*config.adapters, 1)
     bank = AdapterBank(model.lm, config.adapter_batch, distinct_max, config.adapter_rank)
-    variants: dict[str, list[float]] = {}
     try:
-        load_ms = []
         for slot in range(1, distinct_max + 1):
             started = time.perf_counter()
             bank.load(slot, random_adapter(model.lm, config.adapter_rank, config.seed + slot))
             _sync(device)
-            load_ms.append((time.perf_counter() - started) * 1000)
+            figures.load_ms.append((time.perf_counter() - started) * 1000)
         batcher, rows = _full_batcher(model, config, bank)
         try:
             for distinct in config.adapters:
                 for n, row in enumerate(rows):  # round robin: with 4, an adapter's rows are not contiguous
                     batcher.set_adapter(row, n % distinct + 1 if distinct else NO_ADAPTER)
-                variants[f"adapters_{distinct}"] = _steady_ticks(batcher, config, audio)
+                figures.variants[f"adapters_{distinct}"] = _steady_ticks(batcher, config, audio)
+                figures.peak_memory_mib = _peak_memory_mib(device)
+                progress()
         finally:
             batcher.close()
-        peak = _peak_memory_mib(device)
     finally:
         bank.remove()
-    plain += _plain_ticks(model, config, audio)
-    base = _percentiles(plain)
-    assert base is not None
-    measured: dict[str, Any] = {"no_lora": {"tick_ms": base, "vs_no_lora": 1.0}}
-    for name, ticks in variants.items():
-        tick = _percentiles(ticks)
-        assert tick is not None
-        measured[name] = {"tick_ms": tick, "vs_no_lora": round(tick["p50"] / base["p50"], 3)}
-    return {
-        "outcome": "measured",
-        "batch": config.adapter_batch,
-        "rank": config.adapter_rank,
-        "ticks_per_variant": config.adapter_ticks,
-        "linear_layers": len(list(linear_layers(model.lm))),
-        "bank_slot_mib": round(AdapterBank.slot_bytes(model.lm, config.adapter_rank) / 2**20, 1),
-        "adapter_load_ms_median": round(sorted(load_ms)[len(load_ms) // 2], 2),
-        "peak_memory_mib": peak,
-        "variants": measured,
-    }
+    figures.plain += _plain_ticks(model, config, audio)
 
 
-def measure_adapters(model: MoshiModel, config: Config) -> dict[str, Any]:
+def measure_adapters(model: MoshiModel, config: Config, results: dict[str, Any]) -> None:
+    """`results["adapters"]`, rewritten after each variant; a failure is recorded with what it measured."""
+    figures = AdapterFigures(
+        batch=config.adapter_batch,
+        rank=config.adapter_rank,
+        ticks_per_variant=config.adapter_ticks,
+        linear_layers=len(list(linear_layers(model.lm))),
+        bank_slot_mib=round(AdapterBank.slot_bytes(model.lm, config.adapter_rank) / 2**20, 1),
+    )
+
+    def progress() -> None:
+        results["adapters"] = figures.result("partial")
+        _write(results, config.out)
+
     try:
-        point = adapters_point(model, config)
-    except Exception as exc:  # recorded; the sweep still runs
+        measure_adapter_variants(model, config, figures, progress)
+    except Exception as exc:  # recorded with what it measured; the sweep still runs
         traceback.print_exc()
-        return {"outcome": "out_of_memory" if is_out_of_memory(exc) else "error", "error": _first_line(exc)}
+        outcome = "out_of_memory" if is_out_of_memory(exc) else "error"
+        results["adapters"] = figures.result(outcome, _first_line(exc))
+        return
     finally:
         gc.collect()
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
+    results["adapters"] = point = figures.result("measured")
     ratios = ", ".join(f"{name} {v['vs_no_lora']}" for name, v in point["variants"].items())
     print(
-        f"adapters at batch {point['batch']}, rank {point['rank']}: tick p50 vs no LoRA: {ratios}", flush=True
+        f"adapters at batch {figures.batch}, rank {figures.rank}: tick p50 vs no LoRA: {ratios}", flush=True
     )
-    return point
 
 
 def build_model(config: Config) -> MoshiModel:
@@ -565,7 +604,7 @@ def run(config: Config) -> dict[str, Any]:
         results["baseline_batch1"] = measure_baseline(model, config)
         _write(results, config.out)
     if config.adapters:
-        results["adapters"] = measure_adapters(model, config)
+        measure_adapters(model, config, results)
         _write(results, config.out)
     sweep(model, config, results, started)
     results["finished"] = True
