@@ -153,6 +153,7 @@ def _number(form: Upload, name: str, kind: type[int] | type[float]) -> int | flo
     summary="Upload a LoRA adapter (moshi-finetune's safetensors) for fine-tuned personas",
     responses={
         **_ERRORS,
+        **problem_responses(408),
         413: {"description": "Larger than CHORUS_ADAPTER_MAX_UPLOAD_BYTES"},
         415: {"description": "Not multipart, or the file is not safetensors"},
         422: {"description": "A tensor does not fit the model's layers (the first one is named)"},
@@ -190,7 +191,12 @@ async def _create_adapter(request: Request, owner: str) -> AdapterOut:
     settings: GatewaySettings = request.app.state.settings
     cap = settings.adapter_max_upload_bytes
     rules = UploadRules(
-        cap, _not_multipart, too_large=lambda _: _too_large(cap), missing="attach the adapter (.safetensors)"
+        cap,
+        _not_multipart,
+        too_large=lambda _: _too_large(cap),
+        missing="attach the adapter (.safetensors)",
+        timeout_s=settings.upload_timeout_s,
+        stall_s=settings.upload_stall_s,
     )
     async with receive_form(request, store.storage.scratch(), rules) as form:
         name = form.text("name") or ""

@@ -240,6 +240,18 @@ class GatewaySettings(CommonSettings):
         description="Voice uploads one gateway receives and decodes at once; past it a new one is refused "
         "at once (503 `busy`, Retry-After) before its body is read.",
     )
+    upload_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Longest an upload's body (voice clip or adapter) may take to arrive; past it the upload "
+        "is refused (408 `too_slow`) and its upload slot and scratch file freed.",
+    )
+    upload_stall_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest an upload's body may send nothing; past it the upload is refused (408 "
+        "`stalled`) and its upload slot and scratch file freed.",
+    )
     voice_min_s: float = Field(default=3.0, gt=0, description="Shortest accepted voice clip, in seconds.")
     voice_max_s: float = Field(default=30.0, gt=0, description="Longest accepted voice clip, in seconds.")
     voice_min_speech_s: float = Field(

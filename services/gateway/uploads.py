@@ -5,16 +5,19 @@ A body's size is bounded before it gets here: the body size middleware refuses i
 (`BodyCap`, and then reports the client gone, which ends the parse). Here python-multipart's push parser
 takes the body as it arrives; each chunk's file bytes are written to the file before the next chunk is
 read, so memory holds one chunk whatever the file's size. The fields, their number and size, each part's
-headers and the file count are bounded too. The file stays in the store's `scratch()` folder while the
-caller checks it, and is removed when `receive_form`'s block is left, however it is left (a client gone
-mid-body, a refusal, an error), unless the caller moved it into place (`Storage.put_file`)."""
+headers and the file count are bounded too, and so is the time the body takes: a client that sends
+nothing for `stall_s`, or has not sent it all within `timeout_s`, is answered 408 (a trickled body must
+not hold an upload slot, a socket and a scratch file forever). The file stays in the store's `scratch()`
+folder while the caller checks it, and is removed when `receive_form`'s block is left, however it is
+left (a client gone mid-body, a refusal, an error), unless the caller moved it into place
+(`Storage.put_file`)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from shared.errors import ChorusError, InvalidRequest
+from shared.errors import ChorusError, InvalidRequest, RequestTimeout
 
 MAX_FIELDS = 8
 MAX_FIELD_BYTES = 4096
@@ -53,6 +56,8 @@ class UploadRules:
     not_multipart: Callable[[], ChorusError]
     too_large: Callable[[int], ChorusError]  # given the size read so far
     missing: str  # what to attach, when the form has no file
+    timeout_s: float  # the whole body's time
+    stall_s: float  # the longest wait for the body's next bytes
 
 
 @asynccontextmanager
@@ -81,6 +86,7 @@ class _FormReader:
         self._value = bytearray()
         self._header_size, self._header, self._disposition = 0, [b"", b""], b""
         self._pending: list[bytes] = []  # the file's bytes from the current chunk
+        self._deadline: float | None = None  # the loop time by which the whole body must have arrived
 
     async def read_into(self, sink: BinaryIO) -> None:
         boundary = parse_options_header(self.request.headers["content-type"])[1].get(b"boundary")
@@ -98,8 +104,9 @@ class _FormReader:
                 "on_part_end": self._part_ends,
             },
         )
+        chunks = self.request.stream()
         try:
-            async for chunk in self.request.stream():
+            while (chunk := await self._next(chunks)) is not None:
                 parser.write(chunk)
                 await self._flush(sink)
             parser.finalize()
@@ -108,6 +115,34 @@ class _FormReader:
             raise InvalidRequest(f"invalid multipart body: {exc}") from None
         except ClientDisconnect:
             raise InvalidRequest("the client left before the whole body arrived") from None
+        finally:
+            await chunks.aclose()
+
+    async def _next(self, chunks: AsyncGenerator[bytes, None]) -> bytes | None:
+        """The body's next bytes (None at its end), within the stall and whole-body bounds."""
+        loop = asyncio.get_running_loop()
+        if self._deadline is None:
+            self._deadline = loop.time() + self.rules.timeout_s
+        left = self._deadline - loop.time()
+        try:
+            async with asyncio.timeout(min(left, self.rules.stall_s)):
+                return await anext(chunks)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            if left <= self.rules.stall_s:
+                raise RequestTimeout(
+                    f"the upload's body did not arrive within {self.rules.timeout_s:g} s",
+                    reason="too_slow",
+                    limit=self.rules.timeout_s,
+                    unit="s",
+                ) from None
+            raise RequestTimeout(
+                f"the upload's body sent nothing for {self.rules.stall_s:g} s",
+                reason="stalled",
+                limit=self.rules.stall_s,
+                unit="s",
+            ) from None
 
     async def _flush(self, sink: BinaryIO) -> None:
         if not self._pending:

@@ -228,7 +228,7 @@ def _not_multipart() -> ChorusError:
             "description": "More than 2 channels, above 48 kHz, too short, too long, silent, clipped or "
             "no speech (measured value and limit)"
         },
-        **problem_responses(507),
+        **problem_responses(408, 507),
     },
     openapi_extra={
         "requestBody": {
@@ -270,6 +270,8 @@ async def _create_voice(request: Request, owner: str) -> VoiceOut:
         _not_multipart,
         too_large=lambda size: too_large(size, cap),
         missing=f"attach the clip ({ACCEPTED_TEXT})",
+        timeout_s=settings.upload_timeout_s,
+        stall_s=settings.upload_stall_s,
     )
     async with receive_form(request, request.app.state.storage.scratch(), rules) as form:
         data = await asyncio.to_thread(form.path.read_bytes)  # a clip is small: it is decoded whole anyway

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import select
 import socket
 import struct
 import threading
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -281,3 +283,36 @@ def test_an_adapter_upload_whose_client_vanishes_leaves_no_file(start_gateway: S
         )
     wait_until_blocking(lambda: not any(incoming.iterdir()), "the partial upload removed", 30, every_s=0.05)
     assert httpx.get(f"{gateway.url}/healthz", timeout=10).status_code == 200
+
+
+def answer_on(client: socket.socket) -> tuple[int, dict[str, Any]]:
+    """The status and problem body of the response a raw socket receives (the gateway closes after it)."""
+    received = b""
+    while chunk := client.recv(65536):
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_trickled_or_stalled_upload_is_cut_off_and_frees_its_slot(start_gateway: StartGateway) -> None:
+    """A slowloris upload must not hold the gateway's upload slots (2 by default), a socket and a scratch
+    file forever: one that stalls, and one that trickles a byte at a time, are each answered 408."""
+    gateway = start_gateway(
+        CHORUS_VOICE_MAX_CONCURRENT_UPLOADS="1", CHORUS_UPLOAD_STALL_S="1", CHORUS_UPLOAD_TIMEOUT_S="3"
+    )
+    incoming = gateway.data_dir / ".incoming"
+    request = (
+        b"POST /v1/voices HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n"
+        + f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n".encode()
+        + next(held_open_upload(threading.Event()))
+    )
+    for reason, pause_s in (("stalled", None), ("too_slow", 0.2)):
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as client:
+            client.sendall(request)
+            if pause_s is not None:  # a byte at a time, each well within the stall bound, until answered
+                while not select.select([client], [], [], pause_s)[0]:
+                    client.sendall(b"x")
+            status, problem = answer_on(client)
+        assert (status, problem["reason"], problem["code"]) == (408, reason, "request_timeout"), problem
+        wait_until_blocking(lambda: not any(incoming.iterdir()), "the scratch file removed", 30, every_s=0.05)
+    assert post_clip(gateway, SPEECH.read_bytes()).status_code == 201, "the slot is free again"
