@@ -136,6 +136,9 @@ class PreviewIn(BaseModel):
     text: str = Field(min_length=1, max_length=500, description="What to say in the voice.")
 
 
+SCRATCH_MARGIN_S = 60.0  # past an upload's body time bound: its checks and the move into place
+
+
 async def open_voice_store(settings: GatewaySettings) -> VoiceProfileStore:
     """The durable store under CHORUS_DATA_DIR, after removing what crashed uploads left behind (voices,
     and any upload's file in the scratch folder) and indexing profiles the owner index lacks
@@ -143,7 +146,11 @@ async def open_voice_store(settings: GatewaySettings) -> VoiceProfileStore:
     storage = LocalStorage(settings.data_dir)
     store = VoiceProfileStore(storage, max_per_owner=settings.max_voices_per_key)
     await store.sweep_incomplete(settings.voice_sweep_grace_s)
-    await storage.sweep_scratch(settings.voice_sweep_grace_s)
+    # Never a file another gateway sharing the data directory is receiving now: an upload's file lives no
+    # longer than its body's time bound and the checks after it, whatever the grace is set to.
+    await storage.sweep_scratch(
+        max(settings.voice_sweep_grace_s, settings.upload_timeout_s + SCRATCH_MARGIN_S)
+    )
     await store.reconcile_index()
     return store
 

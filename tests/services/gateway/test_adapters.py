@@ -266,3 +266,18 @@ async def test_a_gateway_starting_removes_the_files_crashed_uploads_left(
     (fresh := incoming / ".upload-now.part").write_bytes(b"an upload in progress")
     async with gateway_client(redis_url, key_prefix, tmp_path, voice_sweep_grace_s=600):
         assert not stale.exists() and fresh.exists()
+
+
+async def test_a_gateway_starting_leaves_another_gateways_upload_alone_whatever_its_grace(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """Gateways may share a data directory: one starting with no grace must not remove the file another is
+    receiving an upload into (not written to for a while: its client is slow, or it is being checked)."""
+    (incoming := tmp_path / ".incoming").mkdir()
+    (receiving := incoming / ".upload-elsewhere.part").write_bytes(b"the first half of an adapter")
+    os.utime(receiving, (time.time() - 20, time.time() - 20))
+    async with gateway_client(redis_url, key_prefix, tmp_path, voice_sweep_grace_s=0, upload_timeout_s=60):
+        assert receiving.exists()
+    os.utime(receiving, (time.time() - 3600, time.time() - 3600))  # past any upload's time bound: a crash's
+    async with gateway_client(redis_url, key_prefix, tmp_path, voice_sweep_grace_s=0, upload_timeout_s=60):
+        assert not receiving.exists()
