@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 
 from shared.adapters import AdapterLayout, LayerShapes
 from shared.bus import Bus
@@ -186,10 +187,17 @@ class AdapterStore:
         )
 
 
-# Compare-and-delete: a holder whose lock expired (and was taken by another) must not release the other's.
+# Compare-and-delete / compare-and-extend: a holder whose lock expired (and was taken by another) must
+# neither release nor prolong the other's.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
@@ -199,23 +207,56 @@ class AdapterReferences:
     """One owner's adapter deletes and adapter-naming persona writes, one at a time across gateways.
 
     A lock in Redis per owner (`SET NX PX`, a random token, released by compare-and-delete): a gateway
-    that dies holding it frees it after `ttl_s`, far longer than the few file reads and writes it covers.
-    A caller that cannot take it within `wait_s` is answered 503 (retryable)."""
+    that dies holding it frees it after `ttl_s`. A live holder extends it every third of `ttl_s` for as
+    long as its block runs (a store slowed past the TTL must not let a second writer in); a holder that
+    finds it lost (Redis restarted, or its extensions could not reach Redis in time) has its block cancelled
+    and answered 503 instead of writing unguarded. A caller that cannot take it within `wait_s` is answered
+    503 (retryable)."""
 
     def __init__(self, bus: Bus, *, ttl_s: float = 10.0, wait_s: float = 5.0) -> None:
         self.bus = bus
         self.ttl_ms = int(ttl_s * 1000)
         self.wait_s = wait_s
         self._release = bus.redis.register_script(_RELEASE)
+        self._extend = bus.redis.register_script(_EXTEND)
 
     @asynccontextmanager
     async def held(self, owner: str) -> AsyncIterator[None]:
         key, token = self.bus.names.adapter_lock(owner), secrets.token_hex(16)
         await self._take(key, token)
         try:
-            yield
+            async with asyncio.timeout(None) as bound:
+                keeper = asyncio.create_task(self._keep(key, token, bound), name=f"adapter-lock-{owner}")
+                try:
+                    yield
+                finally:
+                    keeper.cancel()
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise ServiceUnavailable(
+                "this API key's adapter lock was lost before the change was written: retry"
+            ) from None
         finally:  # shielded: a cancelled request still gives the lock back now, not after the TTL
             await asyncio.shield(self._release(keys=[key], args=[token]))
+
+    async def _keep(self, key: str, token: str, bound: asyncio.Timeout) -> None:
+        """Extend the lock while its block runs; cancel the block once the lock is, or may be, not ours."""
+        loop, period = asyncio.get_running_loop(), self.ttl_ms / 3000
+        ours_until = loop.time() + 3 * period  # taken just before this started
+        while True:
+            await asyncio.sleep(period)
+            asked = loop.time()
+            try:
+                if not await self._extend(keys=[key], args=[token, self.ttl_ms]):
+                    break  # expired and maybe taken by another: too late to extend
+                ours_until = asked + 3 * period
+            except RedisError:  # unreachable for now: try again while the lock surely lasts
+                log.warning("adapter lock not extended: Redis unreachable", exc_info=True)
+                if loop.time() + period >= ours_until:
+                    break
+        log.error("adapter lock lost while held: the change is cancelled", extra={"lock": key})
+        bound.reschedule(loop.time())
 
     async def _take(self, key: str, token: str) -> None:
         loop = asyncio.get_running_loop()
