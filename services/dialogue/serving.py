@@ -688,12 +688,18 @@ class DialogueWorker:
         """The session's rows use `adapter` from the next step on: a row's adapter is a slot number the
         LoRA layers read per step, so switching is a table write between steps (after loading the adapter
         when this worker does not hold it). One this worker cannot serve is an `error` event on :dlg, and
-        the session goes on with the adapter it had."""
+        the session goes on with the adapter it had.
+
+        The gateway wrote the adapter asked for into the session's hash before sending the update (a worker
+        taking the session over finds it there); the hash is set to the outcome after, in update order, so
+        a refused switch leaves a takeover serving the adapter the session kept, not the refused one."""
         persona = session.start.persona.model_copy(update={"adapter": adapter})
         start = session.start.model_copy(update={"persona": persona})
         try:
             slot = await self._adapter_slot(start)
         except ChorusError as exc:
+            kept = session.start.persona.adapter or ""  # "" (none): the start's, which named none either
+            await self.store.update(session.sid, adapter=kept)
             await self._report(session, exc)
             return
         async with self._table:
@@ -703,6 +709,7 @@ class DialogueWorker:
             self.batcher.set_adapter(session.row, slot)
             self._release_adapter(session.start)
             session.start = start
+        await self.store.update(session.sid, adapter=adapter)  # a refusal of an earlier update overwrote it
         await self._slots_changed()
         log.info("session adapter switched", extra={"session_id": session.sid, "adapter_id": adapter})
 
