@@ -365,8 +365,9 @@ class RealtimeSession:
 
     async def _set_adapter(self, adapter: str) -> None:
         """`chorus_adapter`: the session's LoRA adapter; mid-session its rows switch from the worker's
-        next step (docs/personas.md)."""
-        if adapter == self.adapter:
+        next step (docs/personas.md). Mid-session the same adapter is asked for again: the worker may have
+        refused it (an `error` event), and one it runs already it ignores."""
+        if adapter == self.adapter and self.conversation is None:
             return
         await check_adapter_served(self.websocket, self.owner, adapter)
         self.adapter = adapter

@@ -22,10 +22,11 @@ from websockets.asyncio.client import connect
 from chorus.devtools.lora_adapter import checkpoint_layers, write_random_adapter
 from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
 from shared.adapter_store import AdapterStore
+from shared.messages import CONTROL, SessionUpdate
 from shared.presence import WorkerPresence
 from shared.storage import LocalStorage
 from tests.services.gateway.app_client import gateway_client
-from tests.services.gateway.test_session_faults import ERROR, running_gateway
+from tests.services.gateway.test_session_faults import ERROR, open_session, ready, running_gateway
 from tests.support.paths import CHECKPOINT_CACHE
 
 ALICE = {"Authorization": "Bearer key-alice"}
@@ -252,6 +253,33 @@ async def test_a_session_fails_at_once_when_no_worker_serves_its_adapters_model(
         said, reason = await first_words()
         assert said[0] == ERROR and b"no dialogue worker had a free slot within 1 s" in said, said
         assert reason == "no_capacity"
+
+
+async def test_a_mid_session_switch_the_worker_refused_can_be_asked_for_again(
+    adapter_file: bytes, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A worker may refuse a switch (its adapter slots all in use, say: an `error` event) and the session
+    goes on with the adapter it had. Asking for that adapter again must reach the worker again, not be
+    taken for the adapter already in use."""
+    shapes, _ = checkpoint_layers(write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi"))
+    await AdapterStore(LocalStorage(tmp_path)).publish_layers("moshiko", shapes)
+    async with running_gateway(redis_url, key_prefix, tmp_path) as gateway:
+        bus = gateway.app.state.bus
+        serves = {"model": "moshiko", "adapter_slots": 4, "free_slots": 4}
+        await WorkerPresence(bus, "dialogue", "w2", ttl_s=60, interval_s=5, describe=lambda: serves).beat()
+        http_url = gateway.ws_url.replace("ws://", "http://")
+        async with httpx.AsyncClient(base_url=http_url, timeout=30) as http:
+            adapter = (await upload(http, adapter_file, {})).json()["id"]
+        ws, sid = await open_session("realtime", gateway.ws_url)
+        async with ws:
+            await ready(bus, sid, "realtime", ws)
+            for _ in range(2):  # the second after the worker refused the first
+                await ws.send(json.dumps({"type": "session.update", "session": {"chorus_adapter": adapter}}))
+                while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "session.updated":
+                    pass
+        controls = [CONTROL.decode(e.fields) for e in await bus.range(bus.names.session_control(sid))]
+        asked = [c for c in controls if isinstance(c, SessionUpdate) and c.adapter == adapter]
+        assert len(asked) == 2, controls
 
 
 async def test_a_gateway_starting_removes_the_files_crashed_uploads_left(
