@@ -228,6 +228,13 @@ class GatewaySettings(CommonSettings):
         "7B is several hundred MB); bigger bodies are refused (413). Uploads share the voice uploads' "
         "concurrency bound (`CHORUS_VOICE_MAX_CONCURRENT_UPLOADS`).",
     )
+    adapter_switch_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Shortest time between two mid-session changes of a Realtime session's `chorus_adapter` "
+        "(a change may load the adapter onto the dialogue worker, pausing every session on it for the load); "
+        "one sooner is refused (a `rate_limited` error event). 0 = no bound.",
+    )
     max_adapters_per_key: int = Field(
         default=20,
         ge=0,

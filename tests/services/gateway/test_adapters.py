@@ -255,31 +255,43 @@ async def test_a_session_fails_at_once_when_no_worker_serves_its_adapters_model(
         assert reason == "no_capacity"
 
 
-async def test_a_mid_session_switch_the_worker_refused_can_be_asked_for_again(
+async def test_mid_session_switches_are_spaced_and_one_the_worker_refused_can_be_asked_for_again(
     adapter_file: bytes, redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
     """A worker may refuse a switch (its adapter slots all in use, say: an `error` event) and the session
-    goes on with the adapter it had. Asking for that adapter again must reach the worker again, not be
-    taken for the adapter already in use."""
+    goes on with the adapter it had: asking for that adapter again must reach the worker again, not be
+    taken for the adapter already in use. Switching to another one at once is refused: each switch may
+    load an adapter where the worker's steps run, pausing every session on it."""
     shapes, _ = checkpoint_layers(write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi"))
     await AdapterStore(LocalStorage(tmp_path)).publish_layers("moshiko", shapes)
-    async with running_gateway(redis_url, key_prefix, tmp_path) as gateway:
+    async with running_gateway(redis_url, key_prefix, tmp_path, adapter_switch_interval_s=60) as gateway:
         bus = gateway.app.state.bus
         serves = {"model": "moshiko", "adapter_slots": 4, "free_slots": 4}
         await WorkerPresence(bus, "dialogue", "w2", ttl_s=60, interval_s=5, describe=lambda: serves).beat()
         http_url = gateway.ws_url.replace("ws://", "http://")
         async with httpx.AsyncClient(base_url=http_url, timeout=30) as http:
-            adapter = (await upload(http, adapter_file, {})).json()["id"]
+            adapter, other = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(2)]
         ws, sid = await open_session("realtime", gateway.ws_url)
         async with ws:
             await ready(bus, sid, "realtime", ws)
-            for _ in range(2):  # the second after the worker refused the first
-                await ws.send(json.dumps({"type": "session.update", "session": {"chorus_adapter": adapter}}))
-                while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "session.updated":
+
+            async def switch(to: str) -> dict[str, Any]:
+                await ws.send(json.dumps({"type": "session.update", "session": {"chorus_adapter": to}}))
+                while (event := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] not in (
+                    "session.updated",
+                    "error",
+                ):
                     pass
+                return event
+
+            for _ in range(2):  # the second after the worker refused the first
+                assert (await switch(adapter))["type"] == "session.updated"
+            refused = await switch(other)
+            assert refused["type"] == "error" and refused["error"]["code"] == "rate_limited", refused
+            assert "chorus_adapter may change once every 60 s" in refused["error"]["message"], refused
         controls = [CONTROL.decode(e.fields) for e in await bus.range(bus.names.session_control(sid))]
-        asked = [c for c in controls if isinstance(c, SessionUpdate) and c.adapter == adapter]
-        assert len(asked) == 2, controls
+        asked = [c.adapter for c in controls if isinstance(c, SessionUpdate) and c.adapter is not None]
+        assert asked == [adapter, adapter], controls
 
 
 async def test_a_gateway_starting_removes_the_files_crashed_uploads_left(
