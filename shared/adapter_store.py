@@ -237,8 +237,19 @@ class AdapterReferences:
             raise ServiceUnavailable(
                 "this API key's adapter lock was lost before the change was written: retry"
             ) from None
-        finally:  # shielded: a cancelled request still gives the lock back now, not after the TTL
+        finally:
+            await self._give_back(key, token)
+
+    async def _give_back(self, key: str, token: str) -> None:
+        """Release the lock, shielded: a cancelled request still gives it back now, not after the TTL. Redis
+        gone by then is no failure of the change, made already (a 503 would have a client retry a persona
+        create it got): the lock lapses after its TTL instead."""
+        try:
             await asyncio.shield(self._release(keys=[key], args=[token]))
+        except RedisError:
+            log.warning(
+                "adapter lock not released (Redis unreachable): it lapses after its TTL", exc_info=True
+            )
 
     async def _keep(self, key: str, token: str, bound: asyncio.Timeout) -> None:
         """Extend the lock while its block runs; cancel the block once the lock is, or may be, not ours."""

@@ -7,9 +7,11 @@ import asyncio
 
 import pytest
 
+from chorus.devtools.redis_server import EmbeddedRedis
 from shared.adapter_store import AdapterReferences
 from shared.bus import Bus
 from shared.errors import ServiceUnavailable
+from shared.streams import StreamNames
 
 OWNER = "a1b2c3d4e5f60718"
 
@@ -48,3 +50,17 @@ async def test_a_holder_whose_lock_was_lost_is_stopped_before_it_writes(bus: Bus
             wrote = True
     assert not wrote
     assert await bus.redis.get(key) == b"another-gateway"
+
+
+async def test_a_change_made_is_not_answered_as_failed_when_redis_is_gone_by_the_release(
+    names: StreamNames,
+) -> None:
+    """The persona is written when Redis goes away: a 503 now would have the client retry the create and
+    get two personas. The lock lapses after its TTL instead."""
+    redis = EmbeddedRedis().start()
+    bus = await Bus.connect(redis.url, names, timeout_s=1, socket_timeout_s=1)
+    try:
+        async with AdapterReferences(bus).held(OWNER):
+            redis.stop()  # after the write, before the release
+    finally:
+        await bus.close()
