@@ -86,6 +86,7 @@ class _FormReader:
         self._value = bytearray()
         self._header_size, self._header, self._disposition = 0, [b"", b""], b""
         self._pending: list[bytes] = []  # the file's bytes from the current chunk
+        self._complete = False  # the closing boundary was read
         self._deadline: float | None = None  # the loop time by which the whole body must have arrived
 
     async def read_into(self, sink: BinaryIO) -> None:
@@ -102,6 +103,7 @@ class _FormReader:
                 "on_headers_finished": self._headers_finished,
                 "on_part_data": self._part_data,
                 "on_part_end": self._part_ends,
+                "on_end": self._form_ends,
             },
         )
         chunks = self.request.stream()
@@ -111,6 +113,8 @@ class _FormReader:
                 await self._flush(sink)
             parser.finalize()
             await self._flush(sink)
+            if not self._complete:  # python-multipart's finalize() accepts a body cut short silently
+                raise InvalidRequest("invalid multipart body: it ends before its closing boundary")
         except FormParserError as exc:
             raise InvalidRequest(f"invalid multipart body: {exc}") from None
         except ClientDisconnect:
@@ -200,3 +204,6 @@ class _FormReader:
     def _part_ends(self) -> None:
         if self._field is not None:
             self.upload.fields[self._field] = self._value.decode("utf-8", "replace")
+
+    def _form_ends(self) -> None:
+        self._complete = True

@@ -170,6 +170,11 @@ async def test_uploads_are_streamed_to_the_store_and_no_refusal_leaves_a_file_be
     ]:
         bad = await client.post("/v1/adapters", content=_multipart(parts), headers={**ALICE, **_FORM})
         assert bad.status_code == 400 and why in bad.json()["detail"], bad.text
+    # A body cut short (a proxy, a client's bug) ends cleanly but without the closing boundary: its file
+    # may be any prefix of what was sent, so it is refused, not stored (here: the whole file, cut after).
+    cut = _multipart([("name", None, b"pirate"), ("file", "a", adapter_file)])[: -len(b"\r\n--edge--\r\n")]
+    bad = await client.post("/v1/adapters", content=cut, headers={**ALICE, **_FORM})
+    assert bad.status_code == 400 and "closing boundary" in bad.json()["detail"], bad.text
     assert list((tmp_path / ".incoming").iterdir()) == []
 
 
