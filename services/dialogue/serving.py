@@ -176,6 +176,7 @@ class DialogueWorker:
         self._joined = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dialogue-model")
         self._publishing: asyncio.Task[set[str]] | None = None  # the write of the last tick, while in flight
+        self._switches: dict[str, asyncio.Task[None]] = {}  # each session's latest adapter switch, running
         self.rollover_at = rollover_threshold(settings.dialogue_rollover_at, model.lm.context, primer_bound)
         # A due rollover waits this long for a free slot, then goes in place.
         self._last_call = (self.rollover_at or 0) + ROLLOVER_SLACK_FRAMES
@@ -249,6 +250,8 @@ class DialogueWorker:
                 log.info("leaving sessions for re-placement", extra={"sessions": sorted(self.sessions)})
             await self.transcripts.drain()
             writer.cancel()
+            for switch in list(self._switches.values()):
+                switch.cancel()  # the session is re-placed with what the hash holds
             self._model_thread.shutdown(wait=True)
             self.batcher.close()
             if self.adapters is not None:
@@ -681,8 +684,30 @@ class DialogueWorker:
             if message.sampling is not None:
                 async with self._table:
                     self.batcher.set_sampling(session.row, message.sampling)
-            if message.adapter is not None and message.adapter != session.start.persona.adapter:
-                await self._switch_adapter(session, message.adapter)
+            if message.adapter is not None:
+                self._switch_later(session, message.adapter)
+
+    def _switch_later(self, session: Session, adapter: str) -> None:
+        """Switch the session's adapter in a task of its own, after the session's earlier switches: loading
+        an adapter may take seconds (a file of hundreds of MB), and this worker's one control loop serves
+        every session's stops and updates meanwhile."""
+        before = self._switches.get(session.sid)
+
+        async def switch() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            if adapter != session.start.persona.adapter:
+                await self._switch_adapter(session, adapter)
+
+        task = asyncio.create_task(switch(), name=f"adapter switch {session.sid}")
+        self._switches[session.sid] = task
+        task.add_done_callback(functools.partial(self._switched, session.sid))
+
+    def _switched(self, sid: str, task: asyncio.Task[None]) -> None:
+        if self._switches.get(sid) is task:
+            del self._switches[sid]
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("adapter switch failed", exc_info=error, extra={"session_id": sid})
 
     async def _switch_adapter(self, session: Session, adapter: str) -> None:
         """The session's rows use `adapter` from the next step on: a row's adapter is a slot number the

@@ -3,6 +3,7 @@ no session uses them, refused when every slot is in use; sessions with and witho
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -229,3 +230,25 @@ async def test_mid_session_switches_keep_the_hash_true_and_only_the_last_adapter
 
 async def _equal(value: Awaitable[object], expected: object) -> bool:
     return await value == expected
+
+
+async def test_a_slow_adapter_switch_holds_up_no_other_sessions_control(
+    bus: Bus, start_worker: StartWorker, moshi_model: MoshiModel, moshi_dir: Path, tmp_path: Path
+) -> None:
+    """Loading an adapter may take seconds (hundreds of MB from the data volume): one session's switch
+    must not hold up the stops and updates of the others, which one control loop serves."""
+    store = AdapterStore(LocalStorage(tmp_path))  # the worker's CHORUS_DATA_DIR
+    first, second = await store_adapters(store, moshi_dir, tmp_path, layer_shapes(moshi_model.lm), 2)
+    worker = (await start_worker(dialogue_adapter_memory=50_000_000, dialogue_adapter_max_rank=8)).worker
+    await open_session(bus, SessionStart(session_id="tuned", persona=PersonaSpec(adapter=first)))
+    await open_session(bus, SessionStart(session_id="plain"))
+    tuned, plain = DialogueReader(bus, "tuned"), DialogueReader(bus, "plain")
+    for reader in (tuned, plain):
+        await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
+    assert worker.adapters is not None
+    async with worker.adapters._loading:  # noqa: SLF001  (another load under way, on a slow disk)
+        await bus.append_control(SessionUpdate(session_id="tuned", adapter=second))
+        await asyncio.sleep(0.5)  # the control loop reads it (it is read every few ms)
+        await bus.append_control(SessionStop(session_id="plain"))
+        await plain.until(lambda r: r.event(EventName.ENDED) is not None, 10, "the stop waited for the load")
+    await wait_until(lambda: worker.sessions["tuned"].start.persona.adapter == second, "then switched", 20)
