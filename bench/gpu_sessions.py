@@ -26,6 +26,15 @@ CHORUS_DIALOGUE_WEIGHTS / CHORUS_DIALOGUE_KV_CACHE) make the LM lean as the work
 (services/dialogue/quantized.py: int8 linear layers, an int8 KV cache; torch alone), after the text
 logits of the float LM have been taken on random codes, streamed step by step: the results report the
 lean LM's difference from them on the same codes (`int8_logits`) and the weights' memory after.
+
+`--adapters 0,1,4,8 --adapter-rank 128` (issue 16's target: at most 15 % extra for 8 distinct rank-128
+adapters) measures, before the slot sweep, one full batch of `--adapter-batch` steady sessions stepped by
+the worker's `Batcher` with no LoRA, then with the worker's per-row LoRA layers (`AdapterBank`, one slot
+per distinct adapter, random adapters of that rank for every linear layer) and the rows spread round robin
+over 0, 1, 4, 8 distinct adapters (switched between ticks as a mid-session `update` does), then with no
+LoRA again: `adapters` in the results holds each variant's tick percentiles and its ratio to no LoRA
+(rewritten after each variant: a cut run keeps those measured).
+`--slots ''` and `--baseline-ticks 0` leave the rest out (the device budget).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import numpy as np
 import torch
 
 from chorus.devtools.moshi_checkpoint import TOKENIZER_NAME, published_architecture, write_moshi_checkpoint
+from services.dialogue.adapters import NO_ADAPTER, AdapterBank, AdapterTensors, linear_layers
 from services.dialogue.batcher import Batcher
 from services.dialogue.model import (
     MoshiModel,
@@ -204,6 +214,10 @@ class Config:
     kv_cache: str  # float | int8
     out: Path
     budget_s: float | None = None
+    adapters: list[int] = field(default_factory=list)  # distinct adapter counts to measure (none: skip)
+    adapter_rank: int = 128
+    adapter_batch: int = 8
+    adapter_ticks: int = 0  # measured ticks per variant
     seed: int = 0
     compile: bool = False
     settings: DialogueSettings = field(default_factory=DialogueSettings)
@@ -351,6 +365,167 @@ def sessions_point(model: MoshiModel, slots: int, config: Config) -> dict[str, A
     }
 
 
+# --- per-row LoRA: distinct adapters in one batch against no LoRA ------------------------------------
+
+
+def random_adapter(lm: torch.nn.Module, rank: int, seed: int) -> AdapterTensors:
+    """An adapter of `rank` for every linear layer, made on the LM's device (no file: the full-size LM
+    has no checkpoint either). Its values only keep the activations finite: the tick does not read them."""
+    weight = next(lm.parameters())
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
+
+    def small(*shape: int) -> torch.Tensor:
+        values = torch.randn(shape, generator=generator, device=weight.device, dtype=torch.float32)
+        return (values * 0.01).to(weight.dtype)
+
+    layers = {
+        name: (small(rank, layer.in_features), small(layer.out_features, rank))
+        for name, layer in linear_layers(lm)
+    }
+    return AdapterTensors(rank, layers)
+
+
+def _steady_ticks(batcher: Batcher, config: Config, audio: list[np.ndarray[Any, Any]]) -> list[float]:
+    """Milliseconds per tick of the batcher's full batch, after `--warmup-ticks` unmeasured ones."""
+    device = batcher.model.device
+    ticks = []
+    for i in range(config.warmup_ticks + config.adapter_ticks):
+        started = time.perf_counter()
+        batcher.step(audio[i % len(audio)])
+        _sync(device)
+        if i >= config.warmup_ticks:
+            ticks.append((time.perf_counter() - started) * 1000)
+    return ticks
+
+
+def _full_batcher(model: MoshiModel, config: Config, bank: AdapterBank | None) -> tuple[Batcher, list[int]]:
+    settings = config.settings
+    batcher = Batcher(
+        model,
+        config.adapter_batch,
+        audio_temperature=settings.dialogue_audio_temperature,
+        audio_top_k=settings.dialogue_audio_top_k,
+        compile=config.compile,
+        adapters=bank,
+    )
+    batcher.warmup()
+    return batcher, [batcher.join(f"lora-{n}") for n in range(config.adapter_batch)]
+
+
+def _plain_ticks(model: MoshiModel, config: Config, audio: list[np.ndarray[Any, Any]]) -> list[float]:
+    batcher, _ = _full_batcher(model, config, None)
+    try:
+        return _steady_ticks(batcher, config, audio)
+    finally:
+        batcher.close()
+
+
+@dataclass
+class AdapterFigures:
+    """The adapters point as it is measured: `result()` at any moment is what it has so far (the JSON is
+    rewritten after each variant, so a command cut at its time limit keeps them)."""
+
+    batch: int
+    rank: int
+    ticks_per_variant: int
+    linear_layers: int
+    bank_slot_mib: float
+    plain: list[float] = field(default_factory=list)  # no LoRA, before and after the variants
+    variants: dict[str, list[float]] = field(default_factory=dict)
+    load_ms: list[float] = field(default_factory=list)
+    peak_memory_mib: float | None = None
+
+    def result(self, outcome: str, error: str | None = None) -> dict[str, Any]:
+        base = _percentiles(self.plain)
+        measured: dict[str, Any] = {}
+        if base is not None:
+            measured["no_lora"] = {"tick_ms": base, "vs_no_lora": 1.0}
+            for name, ticks in self.variants.items():
+                tick = _percentiles(ticks)
+                assert tick is not None
+                measured[name] = {"tick_ms": tick, "vs_no_lora": round(tick["p50"] / base["p50"], 3)}
+        loads = sorted(self.load_ms)
+        return {
+            "outcome": outcome,
+            **({"error": error} if error else {}),
+            "batch": self.batch,
+            "rank": self.rank,
+            "ticks_per_variant": self.ticks_per_variant,
+            "linear_layers": self.linear_layers,
+            "bank_slot_mib": self.bank_slot_mib,
+            "adapter_load_ms_median": round(loads[len(loads) // 2], 2) if loads else None,
+            "peak_memory_mib": self.peak_memory_mib,
+            "variants": measured,
+        }
+
+
+@torch.no_grad()
+def measure_adapter_variants(
+    model: MoshiModel, config: Config, figures: AdapterFigures, progress: Callable[[], None]
+) -> None:
+    """The tick with the batch's rows over 0, 1, 4, 8... distinct adapters against no LoRA (measured
+    before and after them, so drift shows), in one run; `progress()` after each variant."""
+    device = model.device
+    rng = np.random.default_rng(config.seed)
+    audio = [_voice(rng, config.adapter_batch) for _ in range(16)]
+    _reset_peak(device)
+    figures.plain += _plain_ticks(model, config, audio)
+    progress()
+    distinct_max = max(*config.adapters, 1)
+    bank = AdapterBank(model.lm, config.adapter_batch, distinct_max, config.adapter_rank)
+    try:
+        for slot in range(1, distinct_max + 1):
+            started = time.perf_counter()
+            bank.load(slot, random_adapter(model.lm, config.adapter_rank, config.seed + slot))
+            _sync(device)
+            figures.load_ms.append((time.perf_counter() - started) * 1000)
+        batcher, rows = _full_batcher(model, config, bank)
+        try:
+            for distinct in config.adapters:
+                for n, row in enumerate(rows):  # round robin: with 4, an adapter's rows are not contiguous
+                    batcher.set_adapter(row, n % distinct + 1 if distinct else NO_ADAPTER)
+                figures.variants[f"adapters_{distinct}"] = _steady_ticks(batcher, config, audio)
+                figures.peak_memory_mib = _peak_memory_mib(device)
+                progress()
+        finally:
+            batcher.close()
+    finally:
+        bank.remove()
+    figures.plain += _plain_ticks(model, config, audio)
+
+
+def measure_adapters(model: MoshiModel, config: Config, results: dict[str, Any]) -> None:
+    """`results["adapters"]`, rewritten after each variant; a failure is recorded with what it measured."""
+    figures = AdapterFigures(
+        batch=config.adapter_batch,
+        rank=config.adapter_rank,
+        ticks_per_variant=config.adapter_ticks,
+        linear_layers=len(list(linear_layers(model.lm))),
+        bank_slot_mib=round(AdapterBank.slot_bytes(model.lm, config.adapter_rank) / 2**20, 1),
+    )
+
+    def progress() -> None:
+        results["adapters"] = figures.result("partial")
+        _write(results, config.out)
+
+    try:
+        measure_adapter_variants(model, config, figures, progress)
+    except Exception as exc:  # recorded with what it measured; the sweep still runs
+        traceback.print_exc()
+        outcome = "out_of_memory" if is_out_of_memory(exc) else "error"
+        results["adapters"] = figures.result(outcome, _first_line(exc))
+        return
+    finally:
+        gc.collect()
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+    results["adapters"] = point = figures.result("measured")
+    ratios = ", ".join(f"{name} {v['vs_no_lora']}" for name, v in point["variants"].items())
+    print(
+        f"adapters at batch {figures.batch}, rank {figures.rank}: tick p50 vs no LoRA: {ratios}", flush=True
+    )
+
+
 def build_model(config: Config) -> MoshiModel:
     settings = config.settings
     small = write_moshi_checkpoint(CACHE / "moshi")  # the CPU path, and the text tokenizer of both
@@ -425,8 +600,12 @@ def run(config: Config) -> dict[str, Any]:
     if config.max_memory_mib is not None:
         limit_memory(model.device, config.max_memory_mib)
     _write(results, config.out)
-    results["baseline_batch1"] = measure_baseline(model, config)
-    _write(results, config.out)
+    if config.baseline_ticks:
+        results["baseline_batch1"] = measure_baseline(model, config)
+        _write(results, config.out)
+    if config.adapters:
+        measure_adapters(model, config, results)
+        _write(results, config.out)
     sweep(model, config, results, started)
     results["finished"] = True
     _write(results, config.out)
@@ -459,6 +638,7 @@ def _header(model: MoshiModel, config: Config) -> dict[str, Any]:
         "weights_memory_mib": _held_memory_mib(device),
         "int8_logits": None,
         "baseline_batch1": None,
+        "adapters": None,
         "points": [],
         "realtime_sessions": 0,
         "stopped_by": None,
@@ -544,8 +724,28 @@ def parse(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--budget-s", type=float, default=None, help="start no point that would end past this (seconds)"
     )
+    parser.add_argument(
+        "--adapters",
+        default="",
+        help="distinct LoRA adapter counts in one batch, against no LoRA (e.g. 0,1,4,8)",
+    )
+    parser.add_argument("--adapter-rank", type=int, default=128, help="rank of the random adapters")
+    parser.add_argument(
+        "--adapter-batch",
+        type=int,
+        default=None,
+        help="sessions in that batch (default: the largest count, >= 8)",
+    )
+    parser.add_argument(
+        "--adapter-ticks", type=int, default=None, help="measured ticks a variant (default: --ticks)"
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"results JSON (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
+    adapters = [int(n) for n in args.adapters.split(",") if n.strip()]
+    if any(n < 0 for n in adapters) or (
+        args.adapter_batch and adapters and args.adapter_batch < max(adapters)
+    ):
+        parser.error("--adapters are counts >= 0, none above --adapter-batch (each needs a row of its own)")
     settings = DialogueSettings()
     size = args.size or ("full" if resolve_device(settings.dialogue_device).type == "cuda" else "small")
     device_out = os.environ.get("OUT")  # the device tool's folder: what is written there comes back
@@ -563,6 +763,10 @@ def parse(argv: list[str] | None = None) -> Config:
         kv_cache=args.kv_cache or settings.dialogue_kv_cache,
         out=out,
         budget_s=args.budget_s,
+        adapters=adapters,
+        adapter_rank=args.adapter_rank,
+        adapter_batch=args.adapter_batch or max(8, *adapters, 0),
+        adapter_ticks=args.ticks if args.adapter_ticks is None else args.adapter_ticks,
         settings=settings,
     )
 

@@ -9,18 +9,29 @@ Layout under the storage root (`CHORUS_DATA_DIR`):
 
 Each owner's adapters are indexed (`owners/{owner}/adapters/{id}`), like voices. Delete removes the
 metadata first (the adapter is gone for every reader), then the file, then the index entry.
+
+Deleting an adapter (after checking no persona names it) and writing a persona that names one (after
+checking it exists) are two check-then-write steps over files: `AdapterReferences` runs them one at a time
+per owner, across every gateway, so no persona is left naming a deleted adapter.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import secrets
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 
 from shared.adapters import AdapterLayout, LayerShapes
+from shared.bus import Bus
 from shared.errors import NotFound, ServiceUnavailable
 from shared.messages import ProfileId, valid_id
 from shared.owner_index import OwnerIndex
@@ -95,11 +106,15 @@ class AdapterStore:
     async def check_quota(self, owner: str) -> None:
         await self.index.check(owner, self.max_per_owner)
 
-    async def create(self, record: AdapterRecord, data: bytes) -> AdapterRecord:
-        """The file, then the metadata (only the metadata makes it visible); a failed write removes both."""
+    async def create(self, record: AdapterRecord, data: bytes | Path) -> AdapterRecord:
+        """The file (its bytes, or a file in the storage's `scratch()` folder, moved into place), then the
+        metadata (only the metadata makes it visible); a failed write removes both."""
         await self.index.reserve(record.owner, record.id, self.max_per_owner, self._complete)
         try:
-            await self.storage.put(_key(record.id, FILE), data)
+            if isinstance(data, Path):
+                await self.storage.put_file(_key(record.id, FILE), data)
+            else:
+                await self.storage.put(_key(record.id, FILE), data)
             await self.storage.put(_key(record.id, RECORD), record.model_dump_json().encode())
         except BaseException:
             await self.storage.delete_prefix(_key(record.id))
@@ -170,3 +185,95 @@ class AdapterStore:
         return sorted(
             {key.split("/")[1] for key in await self.storage.list("models/") if key.endswith("layers.json")}
         )
+
+
+# Compare-and-delete / compare-and-extend: a holder whose lock expired (and was taken by another) must
+# neither release nor prolong the other's.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+class AdapterReferences:
+    """One owner's adapter deletes and adapter-naming persona writes, one at a time across gateways.
+
+    A lock in Redis per owner (`SET NX PX`, a random token, released by compare-and-delete): a gateway
+    that dies holding it frees it after `ttl_s`. A live holder extends it every third of `ttl_s` for as
+    long as its block runs (a store slowed past the TTL must not let a second writer in); a holder that
+    finds it lost (Redis restarted, or its extensions could not reach Redis in time) has its block cancelled
+    and answered 503 instead of writing unguarded. A caller that cannot take it within `wait_s` is answered
+    503 (retryable)."""
+
+    def __init__(self, bus: Bus, *, ttl_s: float = 10.0, wait_s: float = 5.0) -> None:
+        self.bus = bus
+        self.ttl_ms = int(ttl_s * 1000)
+        self.wait_s = wait_s
+        self._release = bus.redis.register_script(_RELEASE)
+        self._extend = bus.redis.register_script(_EXTEND)
+
+    @asynccontextmanager
+    async def held(self, owner: str) -> AsyncIterator[None]:
+        key, token = self.bus.names.adapter_lock(owner), secrets.token_hex(16)
+        await self._take(key, token)
+        try:
+            async with asyncio.timeout(None) as bound:
+                keeper = asyncio.create_task(self._keep(key, token, bound), name=f"adapter-lock-{owner}")
+                try:
+                    yield
+                finally:
+                    keeper.cancel()
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise ServiceUnavailable(
+                "this API key's adapter lock was lost before the change was written: retry"
+            ) from None
+        finally:
+            await self._give_back(key, token)
+
+    async def _give_back(self, key: str, token: str) -> None:
+        """Release the lock, shielded: a cancelled request still gives it back now, not after the TTL. Redis
+        gone by then is no failure of the change, made already (a 503 would have a client retry a persona
+        create it got): the lock lapses after its TTL instead."""
+        try:
+            await asyncio.shield(self._release(keys=[key], args=[token]))
+        except RedisError:
+            log.warning(
+                "adapter lock not released (Redis unreachable): it lapses after its TTL", exc_info=True
+            )
+
+    async def _keep(self, key: str, token: str, bound: asyncio.Timeout) -> None:
+        """Extend the lock while its block runs; cancel the block once the lock is, or may be, not ours."""
+        loop, period = asyncio.get_running_loop(), self.ttl_ms / 3000
+        ours_until = loop.time() + 3 * period  # taken just before this started
+        while True:
+            await asyncio.sleep(period)
+            asked = loop.time()
+            try:
+                if not await self._extend(keys=[key], args=[token, self.ttl_ms]):
+                    break  # expired and maybe taken by another: too late to extend
+                ours_until = asked + 3 * period
+            except RedisError:  # unreachable for now: try again while the lock surely lasts
+                log.warning("adapter lock not extended: Redis unreachable", exc_info=True)
+                if loop.time() + period >= ours_until:
+                    break
+        log.error("adapter lock lost while held: the change is cancelled", extra={"lock": key})
+        bound.reschedule(loop.time())
+
+    async def _take(self, key: str, token: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + self.wait_s, 0.002
+        while not await self.bus.redis.set(key, token, nx=True, px=self.ttl_ms):
+            if loop.time() >= deadline:
+                raise ServiceUnavailable("this API key's adapters are being changed: retry in a moment")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from shared.errors import Unprocessable, UnsupportedMedia
 
@@ -29,7 +31,9 @@ MAX_RANK = 1024
 MAX_SCALING = 1000.0  # moshi-finetune's default is 2.0; past this the update swamps the weights (fp16: inf)
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 _WIDTHS = {"F32": 4, "BF16": 2, "F16": 2}
-_MAX_HEADER = 16 * 1024 * 1024
+# A header lists each tensor in ~150 bytes of JSON: a rank-128 adapter of every linear layer of Moshi 7B
+# (~1,000 tensors) needs well under this. A bigger declared header is refused before it is read.
+MAX_HEADER = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -53,13 +57,35 @@ class AdapterLayout:
 
 def read_header(data: bytes) -> tuple[dict[str, str], dict[str, TensorEntry]]:
     """The metadata and tensor entries of a safetensors file; 415 when it is not one."""
-    if len(data) < 8:
+    length = _header_length(data[:8], len(data))
+    return _parse_header(data[8 : 8 + length], len(data) - 8 - length)
+
+
+def read_header_file(path: Path) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+    """`read_header` of a file, reading its header only (at most `MAX_HEADER` bytes): blocking I/O."""
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        length = _header_length(f.read(8), size)
+        return _parse_header(f.read(length), size - 8 - length)
+
+
+def _header_length(first: bytes, size: int) -> int:
+    if len(first) < 8:
         raise UnsupportedMedia("not a safetensors file: shorter than its header length")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > min(_MAX_HEADER, len(data) - 8):
+    (length,) = struct.unpack("<Q", first)
+    if length > MAX_HEADER:
+        raise UnsupportedMedia(
+            f"not a safetensors adapter: its header declares {length} bytes, past the {MAX_HEADER} an "
+            "adapter's header ever needs"
+        )
+    if length > size - 8:
         raise UnsupportedMedia("not a safetensors file: its header length runs past the file")
+    return int(length)
+
+
+def _parse_header(raw: bytes, data_size: int) -> tuple[dict[str, str], dict[str, TensorEntry]]:
     try:
-        header = json.loads(data[8 : 8 + length])
+        header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise UnsupportedMedia("not a safetensors file: its header is not JSON") from exc
     except RecursionError:  # nested deeper than the decoder goes: no tensor entry is nested at all
@@ -69,8 +95,8 @@ def read_header(data: bytes) -> tuple[dict[str, str], dict[str, TensorEntry]]:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise UnsupportedMedia("not a safetensors file: __metadata__ is not an object")
-    entries = {name: _entry(name, value, len(data) - 8 - length) for name, value in header.items()}
-    _check_tiling(entries, len(data) - 8 - length)
+    entries = {name: _entry(name, value, data_size) for name, value in header.items()}
+    _check_tiling(entries, data_size)
     return {str(k): str(v) for k, v in metadata.items()}, entries
 
 
@@ -104,13 +130,14 @@ def _entry(name: str, value: object, data_size: int) -> TensorEntry:
 
 
 def check_adapter(
-    data: bytes, shapes: LayerShapes, *, rank: int | None = None, scaling: float | None = None
+    data: bytes | Path, shapes: LayerShapes, *, rank: int | None = None, scaling: float | None = None
 ) -> AdapterLayout:
-    """Check an adapter file against the model's layers; 422 naming the first tensor that does not fit.
+    """Check an adapter file (its bytes, or its path: then only its header is read, blocking) against the
+    model's layers; 422 naming the first tensor that does not fit.
 
     `rank` / `scaling` (the uploader's) must agree with the file's metadata where both are given.
     """
-    metadata, entries = read_header(data)
+    metadata, entries = read_header(data) if isinstance(data, bytes) else read_header_file(data)
     if not entries:
         raise Unprocessable("the adapter holds no tensors")
     rank = _agreed_int("lora_rank", rank, metadata)

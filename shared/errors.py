@@ -52,6 +52,14 @@ class Unauthorized(ChorusError):
     title = "Missing or invalid API key"
 
 
+class RequestTimeout(ChorusError):
+    """A request body that does not arrive in time (an upload trickled or stalled)."""
+
+    code = "request_timeout"
+    status = 408
+    title = "Request body too slow"
+
+
 class Forbidden(ChorusError):
     """A browser request from an origin the gateway does not serve (CSRF, a page driving a local gateway)."""
 

@@ -239,6 +239,9 @@ class SessionUpdate(Envelope):
     voice: VoiceName | None = None
     voice_mode: VoiceMode | None = None
     sampling: Sampling | None = None
+    adapter: ProfileId | None = Field(
+        default=None, description="Another LoRA adapter for the session's rows, from the next step on."
+    )
 
 
 class SessionStop(Envelope):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.bus import Bus
 from shared.errors import RateLimited
-from shared.messages import Sampling, SessionStart, SessionStop, VoiceMode, VoiceName
+from shared.messages import ProfileId, Sampling, SessionStart, SessionStop, VoiceMode, VoiceName
 
 TRANSCRIPT_MAX_UTTERANCES = 2000  # the live list (session detail, re-priming); storage keeps them all
 
@@ -82,6 +82,7 @@ class SessionInfo(BaseModel):
     end_reason: str | None = None
     start: SessionStart | None = Field(default=None, description="The start as the gateway wrote it.")
     sampling: Sampling | None = Field(default=None, description="The latest sampling, once updated.")
+    adapter: ProfileId | None = Field(default=None, description="The latest LoRA adapter, once updated.")
     utterance: dict[str, Any] | None = Field(
         default=None, description="The dialogue's unfinished utterance (kept for a worker taking over)."
     )
@@ -108,7 +109,7 @@ class SessionInfo(BaseModel):
 
 def start_of(info: SessionInfo | None) -> SessionStart | None:
     """The session's `start` as the gateway wrote it, with what updates changed since (voice, mode,
-    sampling): what a worker taking the session over serves. None for a hash without one."""
+    sampling, adapter): what a worker taking the session over serves. None for a hash without one."""
     if info is None or info.start is None:
         return None
     start = info.start
@@ -127,6 +128,9 @@ def start_of(info: SessionInfo | None) -> SessionStart | None:
         }
         sampling = info.sampling.model_copy(update=seeds)
         changes["persona"] = start.persona.model_copy(update={"sampling": sampling})
+    if info.adapter:
+        persona = changes.get("persona", start.persona)
+        changes["persona"] = persona.model_copy(update={"adapter": info.adapter})
     # Every value was validated when the hash was parsed.
     return start.model_copy(update=changes) if changes else start
 

@@ -7,9 +7,11 @@ to implement `Storage`. Writes are atomic: a crash mid-write leaves the old obje
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +26,8 @@ class Storage(Protocol):
     async def delete(self, key: str) -> None: ...
     async def delete_prefix(self, prefix: str) -> None: ...
     async def list(self, prefix: str) -> list[str]: ...
+    def scratch(self) -> Path: ...
+    async def put_file(self, key: str, source: Path) -> None: ...
 
 
 class LocalStorage:
@@ -49,17 +53,47 @@ class LocalStorage:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic on POSIX
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_dir(path.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
     async def put(self, key: str, data: bytes) -> None:
         await asyncio.to_thread(self._put, key, data)
+
+    def scratch(self) -> Path:
+        """A local folder for files being received (uploads), on the store's own disk: `put_file` from it
+        is a rename. Its files' names start with a dot; they are their writers' to remove."""
+        folder = self.root / ".incoming"
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    async def sweep_scratch(self, grace_s: float) -> int:
+        """Remove the scratch files nobody wrote to for `grace_s` (a crashed writer's: one receiving an
+        upload writes to it all along); how many were removed."""
+
+        def sweep() -> int:
+            removed = 0
+            for path in self.scratch().iterdir():
+                with contextlib.suppress(FileNotFoundError):  # its writer finished meanwhile
+                    if time.time() - path.stat().st_mtime > grace_s:
+                        path.unlink()
+                        removed += 1
+            return removed
+
+        return await asyncio.to_thread(sweep)
+
+    def _put_file(self, key: str, source: Path) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with source.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(source, path)  # atomic on POSIX, and a rename: `source` is on the same disk
+        _fsync_dir(path.parent)
+
+    async def put_file(self, key: str, source: Path) -> None:
+        """Move the file at `source` (in `scratch()`) to `key`, atomically; `source` is gone after."""
+        await asyncio.to_thread(self._put_file, key, source)
 
     def _append(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -107,3 +141,12 @@ class LocalStorage:
             )
 
         return await asyncio.to_thread(walk)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """A rename into `folder` survives a crash once the folder itself is synced."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

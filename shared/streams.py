@@ -107,6 +107,11 @@ class StreamNames:
         """Prefix of the rate limit counters (the `limits` library names the rest; they expire)."""
         return f"{self.prefix}limits"
 
+    def adapter_lock(self, owner: str) -> str:
+        """Held while one of an owner's adapters is deleted or a persona naming one is written
+        (`shared/adapter_store.py`, `AdapterReferences`)."""
+        return f"{self.prefix}adapters:lock:{owner or 'anonymous'}"
+
     def client_secret(self, digest: str) -> str:
         """String with a TTL: a realtime client secret's owner and session, under the secret's SHA-256;
         deleted by the socket that uses it."""

@@ -244,6 +244,14 @@ class Batcher:
         if self.adapters is not None:
             self.adapters.assign(row, adapter_slot)
 
+    def set_adapter(self, row: int, adapter_slot: int) -> None:
+        """The session's rows (both, while it rolls over) use the adapter in `adapter_slot` from the next
+        step on (the LoRA layers read the row -> slot table each step)."""
+        if adapter_slot != NO_ADAPTER and self.adapters is None:
+            raise NoCapacity("this worker serves no LoRA adapters")
+        for changed in self._session_rows(row):
+            self._use_adapter(changed, adapter_slot)
+
     def set_sampling(self, row: int, sampling: Sampling) -> None:
         for changed in self._session_rows(row):
             self.sampling.set(changed, sampling)

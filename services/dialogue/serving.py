@@ -176,6 +176,7 @@ class DialogueWorker:
         self._joined = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dialogue-model")
         self._publishing: asyncio.Task[set[str]] | None = None  # the write of the last tick, while in flight
+        self._switches: dict[str, asyncio.Task[None]] = {}  # each session's latest adapter switch, running
         self.rollover_at = rollover_threshold(settings.dialogue_rollover_at, model.lm.context, primer_bound)
         # A due rollover waits this long for a free slot, then goes in place.
         self._last_call = (self.rollover_at or 0) + ROLLOVER_SLACK_FRAMES
@@ -249,6 +250,8 @@ class DialogueWorker:
                 log.info("leaving sessions for re-placement", extra={"sessions": sorted(self.sessions)})
             await self.transcripts.drain()
             writer.cancel()
+            for switch in list(self._switches.values()):
+                switch.cancel()  # the session is re-placed with what the hash holds
             self._model_thread.shutdown(wait=True)
             self.batcher.close()
             if self.adapters is not None:
@@ -677,11 +680,77 @@ class DialogueWorker:
     async def _apply_control(self, message: ControlMessage) -> None:
         if isinstance(message, SessionStop):
             await self.end(message.session_id, message.reason)
-        elif isinstance(message, SessionUpdate) and message.sampling is not None:
-            session = self.sessions.get(message.session_id)
-            if session is not None:
+        elif isinstance(message, SessionUpdate) and (session := self.sessions.get(message.session_id)):
+            if message.sampling is not None:
                 async with self._table:
                     self.batcher.set_sampling(session.row, message.sampling)
+            if message.adapter is not None:
+                self._switch_later(session, message.adapter)
+
+    def _switch_later(self, session: Session, adapter: str) -> None:
+        """Switch the session's adapter in a task of its own, after the session's earlier switches: loading
+        an adapter may take seconds (a file of hundreds of MB), and this worker's one control loop serves
+        every session's stops and updates meanwhile."""
+        before = self._switches.get(session.sid)
+
+        async def switch() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            if adapter != session.start.persona.adapter:
+                await self._switch_adapter(session, adapter)
+
+        task = asyncio.create_task(switch(), name=f"adapter switch {session.sid}")
+        self._switches[session.sid] = task
+        task.add_done_callback(functools.partial(self._switched, session.sid))
+
+    def _switched(self, sid: str, task: asyncio.Task[None]) -> None:
+        if self._switches.get(sid) is task:
+            del self._switches[sid]
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("adapter switch failed", exc_info=error, extra={"session_id": sid})
+
+    async def _switch_adapter(self, session: Session, adapter: str) -> None:
+        """The session's rows use `adapter` from the next step on: a row's adapter is a slot number the
+        LoRA layers read per step, so switching is a table write between steps (after loading the adapter
+        when this worker does not hold it). One this worker cannot serve is an `error` event on :dlg, and
+        the session goes on with the adapter it had.
+
+        The gateway wrote the adapter asked for into the session's hash before sending the update (a worker
+        taking the session over finds it there); the hash is set to the outcome after, in update order, so
+        a refused switch leaves a takeover serving the adapter the session kept, not the refused one."""
+        persona = session.start.persona.model_copy(update={"adapter": adapter})
+        start = session.start.model_copy(update={"persona": persona})
+        try:
+            slot = await self._adapter_slot(start)
+        except ChorusError as exc:
+            kept = session.start.persona.adapter or ""  # "" (none): the start's, which named none either
+            await self.store.update(session.sid, adapter=kept)
+            await self._report(session, exc)
+            return
+        async with self._table:
+            if self.sessions.get(session.sid) is not session:  # ended meanwhile
+                self._release_adapter(start)
+                return
+            self.batcher.set_adapter(session.row, slot)
+            self._release_adapter(session.start)
+            session.start = start
+        await self.store.update(session.sid, adapter=adapter)  # a refusal of an earlier update overwrote it
+        await self._slots_changed()
+        log.info("session adapter switched", extra={"session_id": session.sid, "adapter_id": adapter})
+
+    async def _report(self, session: Session, error: ChorusError) -> None:
+        """An error the session survives: an `error` event on :dlg (the client hears of it), in its
+        place among the frames (after those of the tick being written, as `end` does)."""
+        async with self._table:
+            if self._publishing is not None:
+                await asyncio.wait([self._publishing])
+            event = SessionEvent.of(
+                session.sid, session.take_seq(), EventName.ERROR, error.detail, Failure(code=error.code)
+            )
+            await self.bus.append_session(
+                session.sid, [(self.bus.names.session_dialogue(session.sid), event)], self.ownership.fence
+            )
+        log.warning("session update refused: %s", error.detail, extra={"session_id": session.sid})
 
     async def _on_over(self, sid: str, liveness: Liveness) -> None:
         if liveness in (Liveness.MOVED, Liveness.GONE):

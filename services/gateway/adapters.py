@@ -14,23 +14,25 @@ persona names it by id (`adapter`), and a socket may for one session (`?adapter=
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from datetime import datetime
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import BaseModel, Field
-from starlette.datastructures import FormData
+from starlette.requests import HTTPConnection
 
 from services.gateway.auth import current_owner
 from services.gateway.limits import BodyCap
 from services.gateway.persona_store import PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
-from services.gateway.uploads import file_bytes, read_form
-from shared.adapter_store import AdapterRecord, AdapterStore, new_adapter_id
-from shared.adapters import check_adapter, read_header
-from shared.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
+from services.gateway.uploads import Upload, UploadRules, receive_form
+from shared.adapter_store import AdapterRecord, AdapterReferences, AdapterStore, new_adapter_id
+from shared.adapters import check_adapter, read_header_file
+from shared.errors import Conflict, InvalidRequest, NoCapacity, NotFound, PayloadTooLarge, UnsupportedMedia
+from shared.presence import WorkerInfo, list_workers
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +83,44 @@ def _store(request: Request) -> AdapterStore:
     return store
 
 
+def references(request: Request) -> AdapterReferences:
+    """Held around deleting an adapter and around writing a persona that names one (made on first use:
+    the bus it needs opens with the app's lifespan)."""
+    state = request.app.state
+    held: AdapterReferences | None = getattr(state, "adapter_references", None)
+    if held is None:
+        held = state.adapter_references = AdapterReferences(state.bus)
+    return held
+
+
 async def check_adapter_owned(store: AdapterStore, owner: str, adapter_id: str) -> AdapterRecord:
     """The adapter a persona or a session names: the caller's own, else 400 (unknown to this key)."""
     try:
         return await store.get_owned(adapter_id, owner)
     except NotFound:
         raise InvalidRequest(f"unknown adapter {adapter_id!r}: no such adapter for this API key") from None
+
+
+async def check_adapter_served(conn: HTTPConnection, owner: str, adapter_id: str) -> AdapterRecord:
+    """The adapter a session names: the caller's own (else 400), and one a live dialogue worker may serve
+    (else NoCapacity at once, instead of after the placement wait): a worker of the adapter's model with
+    adapter memory, or one still loading (its model is not known yet). A busy one is waited for."""
+    record = await check_adapter_owned(conn.app.state.adapters, owner, adapter_id)
+    workers = await list_workers(conn.app.state.bus, "dialogue")
+    if not any(_may_serve(worker, record.model) for worker in workers):
+        raise NoCapacity(
+            f"no dialogue worker serves LoRA adapters for {record.model}, the model adapter {adapter_id!r} "
+            f"is for: start one with CHORUS_DIALOGUE_ADAPTER_MEMORY set, or use a persona without it",
+            reason="no_adapter_worker",
+            model=record.model,
+        )
+    return record
+
+
+def _may_serve(worker: WorkerInfo, model: str) -> bool:
+    if not worker.serving:
+        return True
+    return worker.fields.get("model") == model and int(worker.fields.get("adapter_slots", "0")) > 0
 
 
 def _not_multipart() -> UnsupportedMedia:
@@ -99,13 +133,8 @@ def _too_large(cap: int) -> PayloadTooLarge:
     )
 
 
-def _field(form: FormData, name: str) -> str | None:
-    value = form.get(name)
-    return value.strip() or None if isinstance(value, str) else None
-
-
-def _number(form: FormData, name: str, kind: type[int] | type[float]) -> int | float | None:
-    raw = _field(form, name)
+def _number(form: Upload, name: str, kind: type[int] | type[float]) -> int | float | None:
+    raw = form.text(name)
     if raw is None:
         return None
     try:
@@ -124,6 +153,7 @@ def _number(form: FormData, name: str, kind: type[int] | type[float]) -> int | f
     summary="Upload a LoRA adapter (moshi-finetune's safetensors) for fine-tuned personas",
     responses={
         **_ERRORS,
+        **problem_responses(408),
         413: {"description": "Larger than CHORUS_ADAPTER_MAX_UPLOAD_BYTES"},
         415: {"description": "Not multipart, or the file is not safetensors"},
         422: {"description": "A tensor does not fit the model's layers (the first one is named)"},
@@ -160,30 +190,36 @@ async def _create_adapter(request: Request, owner: str) -> AdapterOut:
     store = _store(request)
     settings: GatewaySettings = request.app.state.settings
     cap = settings.adapter_max_upload_bytes
-    form = await read_form(request, _not_multipart)
-    try:
-        data = await file_bytes(
-            form, cap, missing="attach the adapter (.safetensors)", too_large=lambda _: _too_large(cap)
-        )
-    finally:
-        await form.close()
-    name = _field(form, "name") or ""
-    if not 1 <= len(name) <= 100:
-        raise InvalidRequest("`name` is required (1 to 100 characters)")
-    model = _field(form, "model") or DEFAULT_MODEL
-    if model not in ("moshiko", "moshika"):
-        raise InvalidRequest(f"`model` is moshiko or moshika, got {model!r}")
-    rank, scaling = _number(form, "rank", int), _number(form, "scaling", float)
-    read_header(data)  # not a safetensors file: 415, whether or not the model's layers are known yet
-    layout = check_adapter(
-        data,
-        await store.layers(model),
-        rank=None if rank is None else int(rank),
-        scaling=scaling,
+    rules = UploadRules(
+        cap,
+        _not_multipart,
+        too_large=lambda _: _too_large(cap),
+        missing="attach the adapter (.safetensors)",
+        timeout_s=settings.upload_timeout_s,
+        stall_s=settings.upload_stall_s,
     )
-    record = AdapterRecord.of(new_adapter_id(), owner, name, model, layout, len(data))
-    await store.create(record, data)
-    log.info("adapter created", extra={"adapter_id": record.id, "rank": record.rank, "bytes": len(data)})
+    async with receive_form(request, store.storage.scratch(), rules) as form:
+        name = form.text("name") or ""
+        if not 1 <= len(name) <= 100:
+            raise InvalidRequest("`name` is required (1 to 100 characters)")
+        model = form.text("model") or DEFAULT_MODEL
+        if model not in ("moshiko", "moshika"):
+            raise InvalidRequest(f"`model` is moshiko or moshika, got {model!r}")
+        rank, scaling = _number(form, "rank", int), _number(form, "scaling", float)
+        # Not a safetensors file: 415, whether or not the model's layers are known yet.
+        await asyncio.to_thread(read_header_file, form.path)
+        layout = await asyncio.to_thread(
+            check_adapter,
+            form.path,
+            await store.layers(model),
+            rank=None if rank is None else int(rank),
+            scaling=scaling,
+        )
+        record = AdapterRecord.of(new_adapter_id(), owner, name, model, layout, form.size)
+        await store.create(record, form.path)
+    log.info(
+        "adapter created", extra={"adapter_id": record.id, "rank": record.rank, "bytes": record.size_bytes}
+    )
     return AdapterOut.of(record)
 
 
@@ -208,13 +244,14 @@ async def delete_adapter(adapter_id: str, request: Request, owner: str = Depends
     store = _store(request)
     await store.get_owned(adapter_id, owner)
     personas: PersonaStore = request.app.state.personas
-    users = [p.id for p in await personas.list(owner) if p.adapter == adapter_id]
-    if users:
-        raise Conflict(
-            f"adapter {adapter_id!r} is used by persona {users[0]!r}: change or delete the persona first",
-            reason="in_use",
-            personas=users,
-        )
-    await store.delete(adapter_id)
+    async with references(request).held(owner):  # no persona may come to name it until it is gone
+        users = [p.id for p in await personas.list(owner) if p.adapter == adapter_id]
+        if users:
+            raise Conflict(
+                f"adapter {adapter_id!r} is used by persona {users[0]!r}: change or delete the persona first",
+                reason="in_use",
+                personas=users,
+            )
+        await store.delete(adapter_id)
     log.info("adapter deleted", extra={"adapter_id": adapter_id})
     return Response(status_code=204)

@@ -258,7 +258,10 @@ class Conversation:
         voice: str | None = None,
         voice_mode: VoiceMode | None = None,
         sampling: Sampling | None = None,
+        adapter: str | None = None,
     ) -> None:
+        if adapter is not None:
+            self.persona = self.persona.model_copy(update={"adapter": adapter})
         if voice is not None:
             self.voice = voice
         if voice_mode is not None:
@@ -270,10 +273,16 @@ class Conversation:
             fields: dict[str, str] = {"voice": self.voice, "voice_mode": self.voice_mode}
             if sampling is not None:
                 fields["sampling"] = sampling.model_dump_json()
+            if adapter is not None:
+                fields["adapter"] = adapter
             await self.store.update(self.session_id, **fields)
             await self.bus.append_control(
                 SessionUpdate(
-                    session_id=self.session_id, voice=voice, voice_mode=voice_mode, sampling=sampling
+                    session_id=self.session_id,
+                    voice=voice,
+                    voice_mode=voice_mode,
+                    sampling=sampling,
+                    adapter=adapter,
                 )
             )
 

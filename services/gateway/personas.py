@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
-from services.gateway.adapters import check_adapter_owned
+from services.gateway.adapters import check_adapter_owned, references
 from services.gateway.auth import current_owner
 from services.gateway.persona_store import Persona, PersonaFields, PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
@@ -36,15 +38,22 @@ async def list_personas(owner: Owner, store: Store) -> PersonaList:
     return PersonaList(items=await store.list(owner))
 
 
-async def _adapter_owned(request: Request, owner: str, fields: PersonaFields) -> None:
-    if fields.adapter is not None:
+@asynccontextmanager
+async def _adapter_kept(request: Request, owner: str, fields: PersonaFields) -> AsyncIterator[None]:
+    """The persona's adapter is the owner's and stays until the persona is written: checked and written
+    under the owner's adapter lock, which a delete of the adapter takes too."""
+    if fields.adapter is None:
+        yield
+        return
+    async with references(request).held(owner):
         await check_adapter_owned(request.app.state.adapters, owner, fields.adapter)
+        yield
 
 
 @router.post("", status_code=201, summary="Create a persona", responses=_ERRORS)
 async def create_persona(fields: PersonaFields, owner: Owner, store: Store, request: Request) -> Persona:
-    await _adapter_owned(request, owner, fields)
-    return await store.create(owner, fields)
+    async with _adapter_kept(request, owner, fields):
+        return await store.create(owner, fields)
 
 
 @router.get("/{persona_id}", summary="Get a persona", responses=_ERRORS)
@@ -56,8 +65,8 @@ async def get_persona(persona_id: str, owner: Owner, store: Store) -> Persona:
 async def replace_persona(
     persona_id: str, fields: PersonaFields, owner: Owner, store: Store, request: Request
 ) -> Persona:
-    await _adapter_owned(request, owner, fields)
-    return await store.replace(owner, persona_id, fields)
+    async with _adapter_kept(request, owner, fields):
+        return await store.replace(owner, persona_id, fields)
 
 
 @router.delete("/{persona_id}", status_code=204, summary="Delete a persona", responses=_ERRORS)

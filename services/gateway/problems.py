@@ -63,6 +63,7 @@ _DESCRIPTIONS = {
     503: "Redis or a needed worker is unavailable (`Retry-After` says when to retry)",
     401: "Missing or invalid API key (`WWW-Authenticate: Bearer`)",
     404: "Not found for this API key",
+    408: "The upload's body stalled or came too slowly (CHORUS_UPLOAD_STALL_S, CHORUS_UPLOAD_TIMEOUT_S)",
     409: "Conflict with the resource's state, or a per-key quota reached (`quota_exceeded`)",
     504: "A worker did not answer in time (`Retry-After` says when to retry)",
     507: "The data volume is full; nothing was stored",

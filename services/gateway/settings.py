@@ -228,6 +228,13 @@ class GatewaySettings(CommonSettings):
         "7B is several hundred MB); bigger bodies are refused (413). Uploads share the voice uploads' "
         "concurrency bound (`CHORUS_VOICE_MAX_CONCURRENT_UPLOADS`).",
     )
+    adapter_switch_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Shortest time between two mid-session changes of a Realtime session's `chorus_adapter` "
+        "(a change may load the adapter onto the dialogue worker, pausing every session on it for the load); "
+        "one sooner is refused (a `rate_limited` error event). 0 = no bound.",
+    )
     max_adapters_per_key: int = Field(
         default=20,
         ge=0,
@@ -239,6 +246,18 @@ class GatewaySettings(CommonSettings):
         ge=1,
         description="Voice uploads one gateway receives and decodes at once; past it a new one is refused "
         "at once (503 `busy`, Retry-After) before its body is read.",
+    )
+    upload_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Longest an upload's body (voice clip or adapter) may take to arrive; past it the upload "
+        "is refused (408 `too_slow`) and its upload slot and scratch file freed.",
+    )
+    upload_stall_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest an upload's body may send nothing; past it the upload is refused (408 "
+        "`stalled`) and its upload slot and scratch file freed.",
     )
     voice_min_s: float = Field(default=3.0, gt=0, description="Shortest accepted voice clip, in seconds.")
     voice_max_s: float = Field(default=30.0, gt=0, description="Longest accepted voice clip, in seconds.")
@@ -271,7 +290,9 @@ class GatewaySettings(CommonSettings):
     voice_sweep_grace_s: float = Field(
         default=600.0,
         ge=0,
-        description="At start-up, incomplete voice uploads older than this are removed.",
+        description="At start-up, incomplete voice uploads older than this are removed, and any upload's "
+        "file left in the data directory's scratch folder (`.incoming/`) not written to for this long (never "
+        "before CHORUS_UPLOAD_TIMEOUT_S + 60 s: another gateway sharing the directory may be receiving it).",
     )
 
 

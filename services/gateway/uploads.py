@@ -1,44 +1,209 @@
-"""Multipart uploads (voice clips, LoRA adapters): the form parsed within bounds, and its one file read
-within a cap.
+"""Multipart uploads (voice clips, LoRA adapters): the form's small fields in memory, its one file
+streamed to a temporary file on the store's own disk, chunk by chunk, within a cap.
 
 A body's size is bounded before it gets here: the body size middleware refuses it past the route's cap
-(`BodyCap`, and then reports the client gone, which ends the parse). Starlette's parser streams the body
-through python-multipart's: it bounds the files, the fields and each field's size, and spools the file
-part (to disk past 1 MiB) instead of holding the raw body."""
+(`BodyCap`, and then reports the client gone, which ends the parse). Here python-multipart's push parser
+takes the body as it arrives; each chunk's file bytes are written to the file before the next chunk is
+read, so memory holds one chunk whatever the file's size. The fields, their number and size, each part's
+headers and the file count are bounded too, and so is the time the body takes: a client that sends
+nothing for `stall_s`, or has not sent it all within `timeout_s`, is answered 408 (a trickled body must
+not hold an upload slot, a socket and a scratch file forever). The file stays in the store's `scratch()`
+folder while the caller checks it, and is removed when `receive_form`'s block is left, however it is
+left (a client gone mid-body, a refusal, an error), unless the caller moved it into place
+(`Storage.put_file`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
-from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from shared.errors import ChorusError, InvalidRequest
+from shared.errors import ChorusError, InvalidRequest, RequestTimeout
+
+MAX_FIELDS = 8
+MAX_FIELD_BYTES = 4096
+MAX_PART_HEADER_BYTES = 8192
 
 
-async def read_form(request: Request, not_multipart: Callable[[], ChorusError]) -> FormData:
-    """The request's multipart form; `not_multipart()` is raised for any other content type."""
+@dataclass
+class Upload:
+    """A received form: its text fields, and its file (`path`, `size` bytes) in the scratch folder."""
+
+    path: Path
+    fields: dict[str, str] = field(default_factory=dict)
+    size: int = 0
+    has_file: bool = False
+
+    def text(self, name: str) -> str | None:
+        """A field's value stripped; None when absent or blank."""
+        return self.fields.get(name, "").strip() or None
+
+
+@dataclass(frozen=True)
+class UploadRules:
+    """How one route's form is read: its file's cap, and how each refusal reads."""
+
+    max_bytes: int
+    not_multipart: Callable[[], ChorusError]
+    too_large: Callable[[int], ChorusError]  # given the size read so far
+    missing: str  # what to attach, when the form has no file
+    timeout_s: float  # the whole body's time
+    stall_s: float  # the longest wait for the body's next bytes
+
+
+@asynccontextmanager
+async def receive_form(request: Request, scratch: Path, rules: UploadRules) -> AsyncIterator[Upload]:
+    """The request's multipart form, its file written under `scratch` (removed on leaving the block)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise not_multipart()
-    parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=8, max_part_size=4096)
+        raise rules.not_multipart()
+    fd, name = tempfile.mkstemp(dir=scratch, prefix=".upload-", suffix=".part")
+    upload = Upload(Path(name))
     try:
-        return await parser.parse()
-    except MultiPartException as exc:
-        raise InvalidRequest(f"invalid multipart body: {exc.message}") from None
-    except ClientDisconnect:
-        raise InvalidRequest("the client left before the whole body arrived") from None
+        with os.fdopen(fd, "wb") as sink:
+            await _FormReader(request, upload, rules).read_into(sink)
+        if not upload.has_file:
+            raise InvalidRequest(f"the `file` field is missing: {rules.missing}")
+        yield upload
+    finally:
+        upload.path.unlink(missing_ok=True)
 
 
-async def file_bytes(
-    form: FormData, max_bytes: int, *, missing: str, too_large: Callable[[int], ChorusError]
-) -> bytes:
-    """The form's `file`, at most `max_bytes` read (`too_large(size read)` past them); `missing` says
-    what to attach when there is none."""
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise InvalidRequest(f"the `file` field is missing: {missing}")
-    data = await upload.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise too_large(len(data))
-    return data
+class _FormReader:
+    """python-multipart's callbacks: fields kept (bounded), the file part's bytes queued for the sink."""
+
+    def __init__(self, request: Request, upload: Upload, rules: UploadRules) -> None:
+        self.request, self.upload, self.rules = request, upload, rules
+        self._field: str | None = None  # the text part being read (None: the file part)
+        self._value = bytearray()
+        self._header_size, self._header, self._disposition = 0, [b"", b""], b""
+        self._pending: list[bytes] = []  # the file's bytes from the current chunk
+        self._complete = False  # the closing boundary was read
+        self._deadline: float | None = None  # the loop time by which the whole body must have arrived
+
+    async def read_into(self, sink: BinaryIO) -> None:
+        boundary = parse_options_header(self.request.headers["content-type"])[1].get(b"boundary")
+        if not boundary:
+            raise InvalidRequest("invalid multipart body: no boundary in its content type")
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begins,
+                "on_header_field": self._header_name,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_ends,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_ends,
+                "on_end": self._form_ends,
+            },
+        )
+        chunks = self.request.stream()
+        try:
+            while (chunk := await self._next(chunks)) is not None:
+                parser.write(chunk)
+                await self._flush(sink)
+            parser.finalize()
+            await self._flush(sink)
+            if not self._complete:  # python-multipart's finalize() accepts a body cut short silently
+                raise InvalidRequest("invalid multipart body: it ends before its closing boundary")
+        except FormParserError as exc:
+            raise InvalidRequest(f"invalid multipart body: {exc}") from None
+        except ClientDisconnect:
+            raise InvalidRequest("the client left before the whole body arrived") from None
+        finally:
+            await chunks.aclose()
+
+    async def _next(self, chunks: AsyncGenerator[bytes, None]) -> bytes | None:
+        """The body's next bytes (None at its end), within the stall and whole-body bounds."""
+        loop = asyncio.get_running_loop()
+        if self._deadline is None:
+            self._deadline = loop.time() + self.rules.timeout_s
+        left = self._deadline - loop.time()
+        try:
+            async with asyncio.timeout(min(left, self.rules.stall_s)):
+                return await anext(chunks)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            if left <= self.rules.stall_s:
+                raise RequestTimeout(
+                    f"the upload's body did not arrive within {self.rules.timeout_s:g} s",
+                    reason="too_slow",
+                    limit=self.rules.timeout_s,
+                    unit="s",
+                ) from None
+            raise RequestTimeout(
+                f"the upload's body sent nothing for {self.rules.stall_s:g} s",
+                reason="stalled",
+                limit=self.rules.stall_s,
+                unit="s",
+            ) from None
+
+    async def _flush(self, sink: BinaryIO) -> None:
+        if not self._pending:
+            return
+        data, self._pending = b"".join(self._pending), []
+        self.upload.size += len(data)
+        if self.upload.size > self.rules.max_bytes:
+            raise self.rules.too_large(self.upload.size)
+        await asyncio.to_thread(sink.write, data)
+
+    def _part_begins(self) -> None:
+        self._field, self._value = None, bytearray()
+        self._header_size, self._header, self._disposition = 0, [b"", b""], b""
+
+    def _header_name(self, data: bytes, start: int, end: int) -> None:
+        self._header_piece(0, data[start:end])
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_piece(1, data[start:end])
+
+    def _header_piece(self, which: int, piece: bytes) -> None:
+        self._header_size += len(piece)
+        if self._header_size > MAX_PART_HEADER_BYTES:
+            raise InvalidRequest("invalid multipart body: a part's headers are too long")
+        self._header[which] += piece
+
+    def _header_ends(self) -> None:
+        if self._header[0].lower() == b"content-disposition":
+            self._disposition = self._header[1]
+        self._header = [b"", b""]
+
+    def _headers_finished(self) -> None:
+        options = parse_options_header(self._disposition)[1]
+        if b"name" not in options:
+            raise InvalidRequest("invalid multipart body: a part has no name in its Content-Disposition")
+        if b"filename" not in options:
+            self._field = options[b"name"].decode("utf-8", "replace")
+            if len(self.upload.fields) >= MAX_FIELDS:
+                raise InvalidRequest(f"invalid multipart body: more than {MAX_FIELDS} fields")
+        elif self.upload.has_file or options[b"name"] != b"file":
+            raise InvalidRequest("invalid multipart body: one file is accepted, in the `file` field")
+        else:
+            self.upload.has_file = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._field is None:
+            self._pending.append(data[start:end])
+            return
+        self._value += data[start:end]
+        if len(self._value) > MAX_FIELD_BYTES:
+            raise InvalidRequest(
+                f"invalid multipart body: field `{self._field}` is over {MAX_FIELD_BYTES} bytes"
+            )
+
+    def _part_ends(self) -> None:
+        if self._field is not None:
+            self.upload.fields[self._field] = self._value.decode("utf-8", "replace")
+
+    def _form_ends(self) -> None:
+        self._complete = True

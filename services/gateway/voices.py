@@ -29,14 +29,13 @@ from datetime import datetime
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
-from starlette.datastructures import FormData
 
 from services.gateway.auth import current_owner
 from services.gateway.clips import ACCEPTED_TEXT, ClipLimits, prepare_clip, rejected, too_large
 from services.gateway.limits import BodyCap
 from services.gateway.problems import problem_responses
 from services.gateway.settings import GatewaySettings
-from services.gateway.uploads import file_bytes, read_form
+from services.gateway.uploads import UploadRules, receive_form
 from shared import metrics
 from shared.audio import pcm16_to_wav
 from shared.bus import Bus, Entry
@@ -137,11 +136,21 @@ class PreviewIn(BaseModel):
     text: str = Field(min_length=1, max_length=500, description="What to say in the voice.")
 
 
+SCRATCH_MARGIN_S = 60.0  # past an upload's body time bound: its checks and the move into place
+
+
 async def open_voice_store(settings: GatewaySettings) -> VoiceProfileStore:
-    """The durable store under CHORUS_DATA_DIR, after removing what crashed uploads left behind and
-    indexing profiles the owner index lacks (`shared.owner_index`)."""
-    store = VoiceProfileStore(LocalStorage(settings.data_dir), max_per_owner=settings.max_voices_per_key)
+    """The durable store under CHORUS_DATA_DIR, after removing what crashed uploads left behind (voices,
+    and any upload's file in the scratch folder) and indexing profiles the owner index lacks
+    (`shared.owner_index`)."""
+    storage = LocalStorage(settings.data_dir)
+    store = VoiceProfileStore(storage, max_per_owner=settings.max_voices_per_key)
     await store.sweep_incomplete(settings.voice_sweep_grace_s)
+    # Never a file another gateway sharing the data directory is receiving now: an upload's file lives no
+    # longer than its body's time bound and the checks after it, whatever the grace is set to.
+    await storage.sweep_scratch(
+        max(settings.voice_sweep_grace_s, settings.upload_timeout_s + SCRATCH_MARGIN_S)
+    )
     await store.reconcile_index()
     return store
 
@@ -212,11 +221,6 @@ def _not_multipart() -> ChorusError:
     )
 
 
-def _text_field(form: FormData, name: str) -> str:
-    value = form.get(name)
-    return value.strip() if isinstance(value, str) else ""
-
-
 @router.post(
     "",
     status_code=201,
@@ -231,7 +235,7 @@ def _text_field(form: FormData, name: str) -> str:
             "description": "More than 2 channels, above 48 kHz, too short, too long, silent, clipped or "
             "no speech (measured value and limit)"
         },
-        **problem_responses(507),
+        **problem_responses(408, 507),
     },
     openapi_extra={
         "requestBody": {
@@ -267,21 +271,21 @@ async def create_voice(request: Request, owner: str = Depends(current_owner)) ->
 
 async def _create_voice(request: Request, owner: str) -> VoiceOut:
     settings = _settings(request)
-    form = await read_form(request, _not_multipart)
-    try:
-        cap = settings.voice_max_upload_bytes
-        data = await file_bytes(
-            form,
-            cap,
-            missing=f"attach the clip ({ACCEPTED_TEXT})",
-            too_large=lambda size: too_large(size, cap),
-        )
-    finally:
-        await form.close()
-    name = _text_field(form, "name")
+    cap = settings.voice_max_upload_bytes
+    rules = UploadRules(
+        cap,
+        _not_multipart,
+        too_large=lambda size: too_large(size, cap),
+        missing=f"attach the clip ({ACCEPTED_TEXT})",
+        timeout_s=settings.upload_timeout_s,
+        stall_s=settings.upload_stall_s,
+    )
+    async with receive_form(request, request.app.state.storage.scratch(), rules) as form:
+        data = await asyncio.to_thread(form.path.read_bytes)  # a clip is small: it is decoded whole anyway
+    name = form.text("name") or ""
     if not 1 <= len(name) <= 100:
         raise InvalidRequest("`name` is required (1 to 100 characters)")
-    if _text_field(form, "consent").lower() not in TRUE_VALUES:
+    if (form.text("consent") or "").lower() not in TRUE_VALUES:
         raise rejected(
             InvalidRequest("cloning a voice needs the speaker's consent: send consent=true"), "no_consent"
         )

@@ -37,6 +37,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # The point listed after it must not run: the sweep stops at the first out-of-memory.
     args = ["--size", "small", "--slots", "2,3,100000,4", "--ticks", "16", "--warmup-ticks", "2"]
     args += ["--session-s", "0.3", "--primer-tokens", "2", "--max-memory-mib", "256", "--out", str(out)]
+    args += ["--adapters", "0,1,4,8", "--adapter-rank", "128", "--adapter-ticks", "4"]  # issue 16's target
     done = subprocess.run(
         [str(RUN), *args], env=env, capture_output=True, text=True, timeout=240, check=False
     )
@@ -82,6 +83,23 @@ def test_the_baseline_and_the_configuration_are_in_the_same_results(sweep: dict[
     assert configuration["torch_compile"] is False, "the worker's rule on cpu: compile off"
     assert configuration["cuda_graphs"] is False and configuration["int8"] is False
     assert sweep["machine"]["device"] == "cpu"
+
+
+def test_distinct_adapters_in_one_batch_are_measured_against_no_lora_in_the_same_run(
+    sweep: dict[str, Any],
+) -> None:
+    """`--adapters 0,1,4,8 --adapter-rank 128`: the worker's per-row LoRA layers, the batch's rows over
+    that many distinct random adapters, each variant's tick against the same batch with no LoRA."""
+    adapters = sweep["adapters"]
+    assert adapters["outcome"] == "measured", adapters
+    assert (adapters["batch"], adapters["rank"], adapters["ticks_per_variant"]) == (8, 128, 4)
+    variants = adapters["variants"]
+    assert list(variants) == ["no_lora", "adapters_0", "adapters_1", "adapters_4", "adapters_8"]
+    for variant in variants.values():
+        assert set(variant["tick_ms"]) == PERCENTILES and variant["vs_no_lora"] > 0
+    assert variants["no_lora"]["vs_no_lora"] == 1.0
+    assert adapters["bank_slot_mib"] > 0 and adapters["adapter_load_ms_median"] > 0
+    assert adapters["linear_layers"] > 0 and adapters["peak_memory_mib"] > 0
 
 
 def test_results_go_to_out_when_the_device_tool_sets_it(tmp_path: Path) -> None:

@@ -110,7 +110,24 @@ async def test_a_realtime_session_picks_an_adapter_with_chorus_adapter(
         await client.wait_for("session.updated")
         await client.append(speech_like(2.0))
         await client.drain(1.0)
-        await client.ws.close()
         assert client.audio_seconds() > 0.5
         assert adapter in await held_adapters(stack), "the session's start named it: the worker loaded it"
-        assert (await http.delete(f"/v1/adapters/{adapter}")).status_code == 204
+
+        # Mid-session: another adapter, loaded by the worker for this session's row, which goes on.
+        other = (await upload(http, adapter_file, "realtime-2")).json()["id"]
+        heard, seen = client.audio_seconds(), len(client.events)
+        await client.send({"type": "session.update", "session": {"chorus_adapter": other}})
+        await client.wait_for("session.updated")
+        await wait_until(lambda: _holds(stack, other), "the worker to load the session's new adapter", 30)
+        await client.append(speech_like(2.0))
+        await client.drain(1.0)
+        await client.ws.close()
+        assert client.audio_seconds() > heard + 0.5
+        assert not [e for e in client.events[seen:] if e["type"] == "error"], client.events[seen:]
+        assert "session adapter switched" in stack.log_tail("dialogue", 50_000)
+        for created in (adapter, other):
+            assert (await http.delete(f"/v1/adapters/{created}")).status_code == 204
+
+
+async def _holds(stack: ChorusStack, adapter: str) -> bool:
+    return adapter in await held_adapters(stack)

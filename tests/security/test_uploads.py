@@ -9,11 +9,16 @@ the machine is shared.
 from __future__ import annotations
 
 import io
+import json
+import select
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -211,4 +216,103 @@ def test_uploads_past_the_concurrency_bound_are_refused_busy_at_once(start_gatew
     assert busy.headers["retry-after"] == "2"
     problem = busy.json()
     assert (problem["reason"], problem["limit"], problem["retryable"]) == ("busy", 1, True)
+    assert post_clip(gateway, SPEECH.read_bytes()).status_code == 201, "the slot is free again"
+
+
+# --- LoRA adapters: streamed to disk ----------------------------------------------------------------
+
+
+def adapter_body(megabytes: int) -> Iterator[bytes]:
+    """A multipart adapter upload of one `megabytes` MB tensor, produced 1 MB at a time."""
+    header = json.dumps(
+        {
+            "x.lora_A.weight": {
+                "dtype": "F32",
+                "shape": [megabytes * 2**18],
+                "data_offsets": [0, megabytes * 2**20],
+            }
+        }
+    ).encode()
+    yield (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="name"\r\n\r\nbig\r\n'
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.safetensors"\r\n\r\n'
+        ).encode()
+        + struct.pack("<Q", len(header))
+        + header
+    )
+    for _ in range(megabytes):
+        yield bytes(2**20)
+    yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def test_a_large_adapter_is_streamed_to_disk_in_bounded_memory(start_gateway: StartGateway) -> None:
+    """150 MB through a real gateway: its resident memory grows by far less than the file (the upload used
+    to be read whole). No dialogue worker has published its layers, so it is refused after it is read."""
+    gateway = start_gateway(CHORUS_ADAPTER_MAX_UPLOAD_BYTES=str(200 * 2**20))
+    gateway.reset_peak_rss()
+    before_mb = gateway.rss_mb()
+    answer = httpx.post(
+        f"{gateway.url}/v1/adapters",
+        content=adapter_body(150),
+        headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+        timeout=120,
+    )
+    assert answer.status_code == 503 and "published its layers" in answer.json()["detail"], answer.text
+    print(f"\n150 MB adapter: gateway RSS {before_mb:.0f} MB before, peak {gateway.peak_rss_mb():.0f} MB")
+    assert gateway.peak_rss_mb() - before_mb < 50
+    assert list((gateway.data_dir / ".incoming").iterdir()) == []
+
+
+def test_an_adapter_upload_whose_client_vanishes_leaves_no_file(start_gateway: StartGateway) -> None:
+    gateway = start_gateway()
+    incoming = gateway.data_dir / ".incoming"
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as client:
+        body = adapter_body(50)
+        client.sendall(
+            b"POST /v1/adapters HTTP/1.1\r\nHost: localhost\r\nContent-Length: 60000000\r\n"
+            + f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n".encode()
+            + next(body)
+            + next(body)
+        )
+        wait_until_blocking(
+            lambda: incoming.is_dir() and any(f.stat().st_size > 0 for f in incoming.iterdir()),
+            "the upload being written",
+            30,
+            every_s=0.05,
+        )
+    wait_until_blocking(lambda: not any(incoming.iterdir()), "the partial upload removed", 30, every_s=0.05)
+    assert httpx.get(f"{gateway.url}/healthz", timeout=10).status_code == 200
+
+
+def answer_on(client: socket.socket) -> tuple[int, dict[str, Any]]:
+    """The status and problem body of the response a raw socket receives (the gateway closes after it)."""
+    received = b""
+    while chunk := client.recv(65536):
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_trickled_or_stalled_upload_is_cut_off_and_frees_its_slot(start_gateway: StartGateway) -> None:
+    """A slowloris upload must not hold the gateway's upload slots (2 by default), a socket and a scratch
+    file forever: one that stalls, and one that trickles a byte at a time, are each answered 408."""
+    gateway = start_gateway(
+        CHORUS_VOICE_MAX_CONCURRENT_UPLOADS="1", CHORUS_UPLOAD_STALL_S="1", CHORUS_UPLOAD_TIMEOUT_S="3"
+    )
+    incoming = gateway.data_dir / ".incoming"
+    request = (
+        b"POST /v1/voices HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n"
+        + f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n".encode()
+        + next(held_open_upload(threading.Event()))
+    )
+    for reason, pause_s in (("stalled", None), ("too_slow", 0.2)):
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as client:
+            client.sendall(request)
+            if pause_s is not None:  # a byte at a time, each well within the stall bound, until answered
+                while not select.select([client], [], [], pause_s)[0]:
+                    client.sendall(b"x")
+            status, problem = answer_on(client)
+        assert (status, problem["reason"], problem["code"]) == (408, reason, "request_timeout"), problem
+        wait_until_blocking(lambda: not any(incoming.iterdir()), "the scratch file removed", 30, every_s=0.05)
     assert post_clip(gateway, SPEECH.read_bytes()).status_code == 201, "the slot is free again"

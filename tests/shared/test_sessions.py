@@ -97,9 +97,12 @@ def test_a_field_that_does_not_parse_is_refused_not_passed_on(field: dict[str, s
         SessionInfo.from_hash("s1", {"state": "active", **field})
 
 
-def test_the_start_a_takeover_serves_carries_the_latest_voice_mode_and_sampling() -> None:
+def test_the_start_a_takeover_serves_carries_the_latest_voice_mode_sampling_and_adapter() -> None:
     start = SessionStart(
-        session_id="s1", voice="moshiko", voice_mode="auto", persona=PersonaSpec(primer="hi")
+        session_id="s1",
+        voice="moshiko",
+        voice_mode="auto",
+        persona=PersonaSpec(primer="hi", adapter="adapter_a"),
     )
     info = SessionInfo.from_hash(
         "s1",
@@ -108,14 +111,16 @@ def test_the_start_a_takeover_serves_carries_the_latest_voice_mode_and_sampling(
             "voice": "profile:v1",
             "voice_mode": "cloned",
             "sampling": Sampling(audio_top_k=10).model_dump_json(),
+            "adapter": "adapter_b",
         },
     )
     served = start_of(info)
     assert served is not None
-    assert (served.voice, served.voice_mode, served.persona.sampling) == (
+    assert (served.voice, served.voice_mode, served.persona.sampling, served.persona.adapter) == (
         "profile:v1",
         "cloned",
         Sampling(audio_top_k=10),
+        "adapter_b",
     )
     assert served.persona.primer == "hi" and served.session_id == "s1"
 

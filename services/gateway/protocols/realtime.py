@@ -22,6 +22,7 @@ import binascii
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections import deque
 
@@ -29,7 +30,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
-from services.gateway.adapters import check_adapter_owned
+from services.gateway.adapters import check_adapter_served
 from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
 from services.gateway.lifetime import Lifetime
@@ -58,7 +59,14 @@ from services.gateway.protocols.session_socket import (
 from services.gateway.settings import MIN_IDLE_TIMEOUT_S, GatewaySettings
 from shared import metrics
 from shared.audio import FRAME_SEC
-from shared.errors import ChorusError, ClientNotReading, IdleTimeout, InvalidRequest, LifetimeReached
+from shared.errors import (
+    ChorusError,
+    ClientNotReading,
+    IdleTimeout,
+    InvalidRequest,
+    LifetimeReached,
+    RateLimited,
+)
 from shared.messages import EventName, SessionEvent, native_voice_for
 
 log = logging.getLogger(__name__)
@@ -130,6 +138,7 @@ class RealtimeSession:
         self.voice = native_voice_for(model)
         self.persona_id = websocket.query_params.get("persona")
         self.adapter = websocket.query_params.get("adapter")  # or `chorus_adapter` in session.update
+        self.adapter_switched_at = -math.inf  # when `chorus_adapter` last changed mid-session (monotonic)
         self.idle_timeout_s = settings.idle_timeout_s  # a client's `idle_timeout_ms` may shorten it
         # Opened by the first audio; from then on, however the socket ends, the conversation is stopped.
         self.conversation: Conversation | None = None
@@ -364,11 +373,32 @@ class RealtimeSession:
         self.send(ev.SessionUpdated(session=self.session_object()))
 
     async def _set_adapter(self, adapter: str) -> None:
-        """`chorus_adapter`: before the first audio only (a session's rows run with one adapter)."""
+        """`chorus_adapter`: the session's LoRA adapter; mid-session its rows switch from the worker's
+        next step (docs/personas.md). Mid-session the same adapter is asked for again: the worker may have
+        refused it (an `error` event), and one it runs already it ignores."""
+        if adapter == self.adapter and self.conversation is None:
+            return
         if self.conversation is not None and adapter != self.adapter:
-            raise InvalidRequest("chorus_adapter can only be set before the first audio is appended")
-        await check_adapter_owned(self.websocket.app.state.adapters, self.owner, adapter)
+            self._check_switch_rate()
+        await check_adapter_served(self.websocket, self.owner, adapter)
+        if self.conversation is not None:
+            if adapter != self.adapter:
+                self.adapter_switched_at = time.monotonic()
+            await self.conversation.update(adapter=adapter)
         self.adapter = adapter
+
+    def _check_switch_rate(self) -> None:
+        """A switch may load the adapter on the worker, which pauses every session on it meanwhile (the
+        load runs where the steps do): one session may not make it do so back to back."""
+        interval = self.settings.adapter_switch_interval_s
+        wait_s = self.adapter_switched_at + interval - time.monotonic()
+        if wait_s > 0:
+            raise RateLimited(
+                f"chorus_adapter may change once every {interval:g} s mid-session: retry in {wait_s:.1f} s",
+                reason="adapter_switch_rate",
+                limit=interval,
+                retry_after_s=math.ceil(wait_s),
+            )
 
     async def append_audio(self, audio_b64: str) -> None:
         await self.append_bytes(self.input_bytes(audio_b64))

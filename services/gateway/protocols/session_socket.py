@@ -21,7 +21,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from services.gateway.adapters import check_adapter_owned
+from services.gateway.adapters import check_adapter_served
 from services.gateway.admission import Admission
 from services.gateway.auth import KeyRing
 from services.gateway.conversation import Conversation
@@ -122,7 +122,7 @@ async def resolve_persona(
         overrides["adapter"] = adapter
     persona: PersonaSpec = await websocket.app.state.resolve_persona(owner, persona_id, overrides)
     if persona.adapter is not None:
-        await check_adapter_owned(websocket.app.state.adapters, owner, persona.adapter)
+        await check_adapter_served(websocket, owner, persona.adapter)
     return persona
 
 

@@ -3,6 +3,7 @@ no session uses them, refused when every slot is in use; sessions with and witho
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,17 @@ from shared.adapter_store import AdapterRecord, AdapterStore
 from shared.adapters import check_adapter
 from shared.bus import Bus
 from shared.errors import ModelLoadError, NoCapacity
-from shared.messages import EventName, Failure, PersonaSpec, Placement, SessionStart, SessionStop
+from shared.messages import (
+    EventName,
+    Failure,
+    PersonaSpec,
+    Placement,
+    SessionStart,
+    SessionStop,
+    SessionUpdate,
+)
 from shared.presence import list_workers
+from shared.sessions import SessionStore, start_of
 from shared.storage import LocalStorage
 from tests.services.dialogue.conftest import DialogueReader, RunningWorker, WorkerProcess
 from tests.services.dialogue.test_worker import talk
@@ -172,3 +182,73 @@ async def test_an_adapter_checked_for_another_model_is_refused_not_applied(
     error = reader.event(EventName.ERROR)
     assert error is not None and error.data_as(Failure).code == "unprocessable"
     assert f"adapter_other was checked against {other}" in error.detail, error.detail
+
+
+async def test_mid_session_switches_keep_the_hash_true_and_only_the_last_adapter_in_use(
+    bus: Bus, start_worker: StartWorker, moshi_model: MoshiModel, moshi_dir: Path, tmp_path: Path
+) -> None:
+    """Switches as the gateway sends them (the hash written first, for a takeover, then the update): one
+    the worker refuses (an adapter of the other model) must not stay in the hash, or a worker taking the
+    session over would serve the refused adapter; after many switches back and forth only the last adapter
+    is in use (the others may be evicted)."""
+    store = AdapterStore(LocalStorage(tmp_path))  # the worker's CHORUS_DATA_DIR
+    shapes = layer_shapes(moshi_model.lm)
+    first, second = await store_adapters(store, moshi_dir, tmp_path, shapes, 2)
+    data = write_random_adapter(tmp_path / "o.safetensors", moshi_dir).read_bytes()
+    other_model = "moshika" if moshi_model.name == "moshiko" else "moshiko"
+    record = AdapterRecord.of("adapter_other", "", "o", other_model, check_adapter(data, shapes), len(data))
+    await store.create(record, data)
+    worker = (await start_worker(dialogue_adapter_memory=50_000_000, dialogue_adapter_max_rank=8)).worker
+    sessions = SessionStore(bus, 600)
+    start = SessionStart(session_id="tuned", voice=moshi_model.name, persona=PersonaSpec(adapter=first))
+    await open_session(bus, start)
+    reader = DialogueReader(bus, "tuned")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
+
+    async def switch(adapter: str) -> None:  # as the gateway's Conversation.update does
+        await sessions.update("tuned", adapter=adapter)
+        await bus.append_control(SessionUpdate(session_id="tuned", adapter=adapter))
+
+    async def takeover_adapter() -> str | None:
+        taken = start_of(await sessions.get("tuned"))
+        return None if taken is None else taken.persona.adapter
+
+    await switch("adapter_other")
+    await reader.until(lambda r: r.event(EventName.ERROR) is not None, 20, "the switch was not refused")
+    assert worker.sessions["tuned"].start.persona.adapter == first
+    await wait_until(lambda: _equal(takeover_adapter(), first), "the hash names the refused adapter", 10)
+
+    for adapter in [second, first] * 5 + [second]:
+        await switch(adapter)
+    await wait_until(lambda: _equal(takeover_adapter(), second), "the hash names the last adapter", 20)
+    await wait_until(lambda: worker.sessions["tuned"].start.persona.adapter == second, "switched", 20)
+    assert worker.adapters is not None
+    users = {adapter: held.users for adapter, held in worker.adapters._held.items()}  # noqa: SLF001
+    assert users == {first: 0, second: 1}, users
+    assert reader.event(EventName.ENDED) is None
+
+
+async def _equal(value: Awaitable[object], expected: object) -> bool:
+    return await value == expected
+
+
+async def test_a_slow_adapter_switch_holds_up_no_other_sessions_control(
+    bus: Bus, start_worker: StartWorker, moshi_model: MoshiModel, moshi_dir: Path, tmp_path: Path
+) -> None:
+    """Loading an adapter may take seconds (hundreds of MB from the data volume): one session's switch
+    must not hold up the stops and updates of the others, which one control loop serves."""
+    store = AdapterStore(LocalStorage(tmp_path))  # the worker's CHORUS_DATA_DIR
+    first, second = await store_adapters(store, moshi_dir, tmp_path, layer_shapes(moshi_model.lm), 2)
+    worker = (await start_worker(dialogue_adapter_memory=50_000_000, dialogue_adapter_max_rank=8)).worker
+    await open_session(bus, SessionStart(session_id="tuned", persona=PersonaSpec(adapter=first)))
+    await open_session(bus, SessionStart(session_id="plain"))
+    tuned, plain = DialogueReader(bus, "tuned"), DialogueReader(bus, "plain")
+    for reader in (tuned, plain):
+        await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
+    assert worker.adapters is not None
+    async with worker.adapters._loading:  # noqa: SLF001  (another load under way, on a slow disk)
+        await bus.append_control(SessionUpdate(session_id="tuned", adapter=second))
+        await asyncio.sleep(0.5)  # the control loop reads it (it is read every few ms)
+        await bus.append_control(SessionStop(session_id="plain"))
+        await plain.until(lambda r: r.event(EventName.ENDED) is not None, 10, "the stop waited for the load")
+    await wait_until(lambda: worker.sessions["tuned"].start.persona.adapter == second, "then switched", 20)

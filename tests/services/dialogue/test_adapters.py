@@ -41,8 +41,11 @@ def _lm(moshi_dir: Path, adapter: Path | None = None) -> LMModel:
     )
 
 
-def _run(lm: LMModel, batch: int, codes: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Greedy steps of `lm` on the same user codes for every row: text logits and audio codes per step."""
+def _run(
+    lm: LMModel, batch: int, codes: list[torch.Tensor], before: Callable[[int], object] = lambda _: None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Greedy steps of `lm` on the same user codes for every row: text logits and audio codes per step
+    (`before(step)` runs between steps)."""
     logits: list[torch.Tensor] = []
 
     def keep(step_logits: torch.Tensor) -> None:
@@ -51,7 +54,8 @@ def _run(lm: LMModel, batch: int, codes: list[torch.Tensor]) -> tuple[list[torch
     gen = LMGen(lm, use_sampling=False, on_text_logits_hook=keep)
     out: list[torch.Tensor] = []
     with torch.no_grad(), gen.streaming(batch):
-        for step in codes:
+        for n, step in enumerate(codes):
+            before(n)
             tokens = gen.step(step.expand(batch, -1, -1))
             if tokens is not None:
                 out.append(tokens[:, 1:].clone())
@@ -91,6 +95,42 @@ def test_each_row_matches_its_adapter_fused_by_moshi(moshi_dir: Path, adapters: 
             torch.testing.assert_close(got[row : row + 1], want, atol=TOLERANCE, rtol=TOLERANCE, msg=where)
         assert [c[row : row + 1].tolist() for c in batched_codes] == [c.tolist() for c in audio], f"row {row}"
     assert batched_codes, "the acoustic delay ate every step"
+
+
+def test_a_row_switched_to_another_adapter_between_steps_runs_with_it_from_the_next_step(
+    moshi_dir: Path, adapters: list[Path]
+) -> None:
+    """Mid-session (a Realtime `session.update` with `chorus_adapter`): row 0 runs with adapter A, then
+    with B from step SWITCH on, keeping its streaming state; row 1 keeps A. The reference is moshi's fused
+    A model whose weights are replaced by the fused B model's between the same two steps."""
+    switch = STEPS // 2
+    base = _lm(moshi_dir)
+    generator = torch.Generator().manual_seed(2)
+    codes = [torch.randint(0, base.card, (1, base.num_codebooks - base.dep_q - 1, 1), generator=generator)]
+    codes += [torch.randint(0, base.card, codes[0].shape, generator=generator) for _ in range(STEPS - 1)]
+    bank = AdapterBank(base, batch_size=2, slots=2, max_rank=8)
+    for slot, path in enumerate(adapters, start=1):
+        bank.load(
+            slot, read_adapter(path.read_bytes(), layer_shapes(base), torch.device("cpu"), torch.float32)
+        )
+    bank.assign(0, 1)
+    bank.assign(1, 1)
+    batched, _ = _run(base, 2, codes, lambda step: step == switch and bank.assign(0, 2))
+
+    reference, fused_b = _lm(moshi_dir, adapters[0]), _lm(moshi_dir, adapters[1])
+    switched, _ = _run(
+        reference, 1, codes, lambda step: step == switch and reference.load_state_dict(fused_b.state_dict())
+    )
+    kept_a, _ = _run(_lm(moshi_dir, adapters[0]), 1, codes)
+    for step in range(STEPS):
+        where = f"step {step}"
+        torch.testing.assert_close(
+            batched[step][0:1], switched[step], atol=TOLERANCE, rtol=TOLERANCE, msg=where
+        )
+        torch.testing.assert_close(
+            batched[step][1:2], kept_a[step], atol=TOLERANCE, rtol=TOLERANCE, msg=where
+        )
+    assert (switched[switch] - kept_a[switch]).abs().max() > 100 * TOLERANCE, "B is not A at the switch"
 
 
 def test_an_adapter_changes_its_row_and_removing_the_bank_restores_the_model(

@@ -3,9 +3,12 @@ shapes, owner scoping, the persona field, delete refused while a persona names t
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,12 +17,16 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save
+from websockets.asyncio.client import connect
 
 from chorus.devtools.lora_adapter import checkpoint_layers, write_random_adapter
 from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
 from shared.adapter_store import AdapterStore
+from shared.messages import CONTROL, SessionUpdate
+from shared.presence import WorkerPresence
 from shared.storage import LocalStorage
 from tests.services.gateway.app_client import gateway_client
+from tests.services.gateway.test_session_faults import ERROR, open_session, ready, running_gateway
 from tests.support.paths import CHECKPOINT_CACHE
 
 ALICE = {"Authorization": "Bearer key-alice"}
@@ -80,6 +87,37 @@ async def test_an_adapter_a_persona_names_cannot_be_deleted(
     assert (await client.get(f"/v1/adapters/{aid}", headers=ALICE)).status_code == 404
 
 
+async def test_no_persona_survives_naming_an_adapter_deleted_at_the_same_time(
+    client: httpx.AsyncClient, adapter_file: bytes, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """Two gateways on one store: each adapter is deleted through one while personas naming it are
+    created and replaced through the other, all at once. Whoever comes second loses cleanly."""
+    ids = [(await upload(client, adapter_file, ALICE)).json()["id"] for _ in range(8)]
+    spare = (await client.post("/v1/personas", json={"name": "Spare"}, headers=ALICE)).json()["id"]
+    async with gateway_client(redis_url, key_prefix, tmp_path, api_keys="key-alice,key-bob") as other:
+
+        async def race(aid: str) -> tuple[int, int, int]:
+            tuned = {"name": "Tuned", "adapter": aid}
+            deleted, created, replaced = await asyncio.gather(
+                client.delete(f"/v1/adapters/{aid}", headers=ALICE),
+                other.post("/v1/personas", json=tuned, headers=ALICE),
+                other.put(f"/v1/personas/{spare}", json=tuned, headers=ALICE),
+            )
+            return deleted.status_code, created.status_code, replaced.status_code
+
+        outcomes = await asyncio.gather(*(race(aid) for aid in ids))
+        for aid in ids:  # the ones whose personas won: a delete now is still refused
+            if (await client.get(f"/v1/adapters/{aid}", headers=ALICE)).status_code == 200:
+                assert (await other.delete(f"/v1/adapters/{aid}", headers=ALICE)).status_code == 409
+    for deleted, created, replaced in outcomes:
+        assert deleted in (204, 409) and created in (201, 400) and replaced in (200, 400)
+        assert (deleted == 204) == (created == 400), "the delete and a persona naming it: exactly one won"
+    remaining = {a["id"] for a in (await client.get("/v1/adapters", headers=ALICE)).json()["items"]}
+    named = {p["adapter"] for p in (await client.get("/v1/personas", headers=ALICE)).json()["items"]}
+    assert named - {None} <= remaining, "a persona names a deleted adapter"
+    assert {s for s, (d, _, _) in zip(ids, outcomes, strict=True) if d == 204}.isdisjoint(remaining)
+
+
 async def test_uploads_that_do_not_fit_are_refused_with_the_reason(
     client: httpx.AsyncClient, adapter_file: bytes
 ) -> None:
@@ -101,6 +139,55 @@ async def test_uploads_that_do_not_fit_are_refused_with_the_reason(
     assert too_big.status_code == 413
     assert (await upload(client, adapter_file, ALICE, model="moshika")).status_code == 503, "no layers yet"
     assert (await client.get("/v1/adapters", headers=ALICE)).json()["items"] == []
+
+
+async def test_uploads_are_streamed_to_the_store_and_no_refusal_leaves_a_file_behind(
+    client: httpx.AsyncClient, adapter_file: bytes, tmp_path: Path
+) -> None:
+    """The file arrives in many 64 KiB chunks (httpx's), is stored byte for byte, and the scratch folder is
+        empty after every answer: stored, too large, a hostile header, a misfit, a bad field (a client gone
+    midway: tests/security/test_uploads.py)."""
+    assert len(adapter_file) > 8 * 64 * 1024
+    created = await upload(client, adapter_file, ALICE)
+    assert created.status_code == 201, created.text
+    stored = tmp_path / "adapters" / created.json()["id"] / "adapter.safetensors"
+    assert stored.read_bytes() == adapter_file
+    huge_header = struct.pack("<Q", 2 * 1024 * 1024) + b"{" + b" " * 1000
+    refusals = [
+        (await upload(client, adapter_file + b"\0" * 1_000_000, ALICE), 413),
+        (await upload(client, huge_header, ALICE), 415),
+        (await upload(client, adapter_file, ALICE, rank="8"), 422),
+        (await upload(client, adapter_file, ALICE, model="moshiko-xl"), 400),
+    ]
+    for answer, status in refusals:
+        assert answer.status_code == status, answer.text
+    assert "past the 1048576" in refusals[1][0].json()["detail"]
+    for parts, why in [
+        ([("name", None, b"x" * 5000)], "over 4096 bytes"),
+        ([(f"f{n}", None, b"x") for n in range(9)], "more than 8 fields"),
+        ([("file", "a", b"1"), ("file", "b", b"2")], "one file is accepted"),
+        ([("name", None, b"pirate")], "`file` field is missing"),
+    ]:
+        bad = await client.post("/v1/adapters", content=_multipart(parts), headers={**ALICE, **_FORM})
+        assert bad.status_code == 400 and why in bad.json()["detail"], bad.text
+    # A body cut short (a proxy, a client's bug) ends cleanly but without the closing boundary: its file
+    # may be any prefix of what was sent, so it is refused, not stored (here: the whole file, cut after).
+    cut = _multipart([("name", None, b"pirate"), ("file", "a", adapter_file)])[: -len(b"\r\n--edge--\r\n")]
+    bad = await client.post("/v1/adapters", content=cut, headers={**ALICE, **_FORM})
+    assert bad.status_code == 400 and "closing boundary" in bad.json()["detail"], bad.text
+    assert list((tmp_path / ".incoming").iterdir()) == []
+
+
+_FORM = {"content-type": "multipart/form-data; boundary=edge"}
+
+
+def _multipart(parts: list[tuple[str, str | None, bytes]]) -> bytes:
+    """A multipart body of (name, filename or None, value) parts."""
+    body = b""
+    for name, filename, value in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--edge\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+    return body + b"--edge--\r\n"
 
 
 def _with_header(adapter_file: bytes, edit: Callable[[dict[str, Any]], object], tail: bytes = b"") -> bytes:
@@ -135,3 +222,107 @@ async def test_crafted_headers_are_refused_before_they_reach_a_worker(
         refused = await upload(client, absurd, ALICE)
         assert refused.status_code == 422 and "lora_scaling" in refused.json()["detail"], refused.text
     assert (await client.get("/v1/adapters", headers=ALICE)).json()["items"] == []
+
+
+async def test_a_session_fails_at_once_when_no_worker_serves_its_adapters_model(
+    adapter_file: bytes, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A session naming an adapter needs a dialogue worker of the adapter's model with adapter memory:
+    without one it is refused at once, with why; with one that is busy it waits for a slot as any does."""
+    shapes, _ = checkpoint_layers(write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi"))
+    await AdapterStore(LocalStorage(tmp_path)).publish_layers("moshiko", shapes)
+    async with running_gateway(redis_url, key_prefix, tmp_path, placement_wait_s=1.0) as gateway:
+        http_url = gateway.ws_url.replace("ws://", "http://")
+        async with httpx.AsyncClient(base_url=http_url, timeout=30) as http:
+            adapter = (await upload(http, adapter_file, {})).json()["id"]
+
+        async def first_words() -> tuple[bytes, str]:
+            async with connect(f"{gateway.ws_url}/api/chat?voice=moshiko&adapter={adapter}") as ws:
+                said = await asyncio.wait_for(ws.recv(), 10)
+                await ws.wait_closed()
+                assert isinstance(said, bytes) and ws.close_reason is not None
+                return said, ws.close_reason
+
+        async def worker(fields: dict[str, str | int]) -> None:
+            bus = gateway.app.state.bus
+            await WorkerPresence(
+                bus, "dialogue", "w2", ttl_s=60, interval_s=5, describe=lambda: fields
+            ).beat()
+
+        # The fixture's worker (no model named) and one of the other model: neither serves it.
+        await worker({"model": "moshika", "adapter_slots": 4, "free_slots": 4})
+        said, reason = await first_words()
+        assert said[0] == ERROR and b"no dialogue worker serves LoRA adapters for moshiko" in said, said
+        assert reason == "no_capacity"
+        await worker({"model": "moshiko", "adapter_slots": 4, "free_slots": 0})  # it serves, but it is busy
+        said, reason = await first_words()
+        assert said[0] == ERROR and b"no dialogue worker had a free slot within 1 s" in said, said
+        assert reason == "no_capacity"
+
+
+async def test_mid_session_switches_are_spaced_and_one_the_worker_refused_can_be_asked_for_again(
+    adapter_file: bytes, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A worker may refuse a switch (its adapter slots all in use, say: an `error` event) and the session
+    goes on with the adapter it had: asking for that adapter again must reach the worker again, not be
+    taken for the adapter already in use. Switching to another one at once is refused: each switch may
+    load an adapter where the worker's steps run, pausing every session on it."""
+    shapes, _ = checkpoint_layers(write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi"))
+    await AdapterStore(LocalStorage(tmp_path)).publish_layers("moshiko", shapes)
+    async with running_gateway(redis_url, key_prefix, tmp_path, adapter_switch_interval_s=60) as gateway:
+        bus = gateway.app.state.bus
+        serves = {"model": "moshiko", "adapter_slots": 4, "free_slots": 4}
+        await WorkerPresence(bus, "dialogue", "w2", ttl_s=60, interval_s=5, describe=lambda: serves).beat()
+        http_url = gateway.ws_url.replace("ws://", "http://")
+        async with httpx.AsyncClient(base_url=http_url, timeout=30) as http:
+            adapter, other = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(2)]
+        ws, sid = await open_session("realtime", gateway.ws_url)
+        async with ws:
+            await ready(bus, sid, "realtime", ws)
+
+            async def switch(to: str) -> dict[str, Any]:
+                await ws.send(json.dumps({"type": "session.update", "session": {"chorus_adapter": to}}))
+                while (event := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] not in (
+                    "session.updated",
+                    "error",
+                ):
+                    pass
+                return event
+
+            for _ in range(2):  # the second after the worker refused the first
+                assert (await switch(adapter))["type"] == "session.updated"
+            refused = await switch(other)
+            assert refused["type"] == "error" and refused["error"]["code"] == "rate_limited", refused
+            assert "chorus_adapter may change once every 60 s" in refused["error"]["message"], refused
+        controls = [CONTROL.decode(e.fields) for e in await bus.range(bus.names.session_control(sid))]
+        asked = [c.adapter for c in controls if isinstance(c, SessionUpdate) and c.adapter is not None]
+        assert asked == [adapter, adapter], controls
+
+
+async def test_a_gateway_starting_removes_the_files_crashed_uploads_left(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A gateway killed mid-upload leaves its scratch file; the next start removes it once nobody has
+    written to it for CHORUS_VOICE_SWEEP_GRACE_S, and leaves one being written now alone."""
+    incoming = tmp_path / ".incoming"
+    incoming.mkdir()
+    (stale := incoming / ".upload-crashed.part").write_bytes(b"half an adapter")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    (fresh := incoming / ".upload-now.part").write_bytes(b"an upload in progress")
+    async with gateway_client(redis_url, key_prefix, tmp_path, voice_sweep_grace_s=600):
+        assert not stale.exists() and fresh.exists()
+
+
+async def test_a_gateway_starting_leaves_another_gateways_upload_alone_whatever_its_grace(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """Gateways may share a data directory: one starting with no grace must not remove the file another is
+    receiving an upload into (not written to for a while: its client is slow, or it is being checked)."""
+    (incoming := tmp_path / ".incoming").mkdir()
+    (receiving := incoming / ".upload-elsewhere.part").write_bytes(b"the first half of an adapter")
+    os.utime(receiving, (time.time() - 20, time.time() - 20))
+    async with gateway_client(redis_url, key_prefix, tmp_path, voice_sweep_grace_s=0, upload_timeout_s=60):
+        assert receiving.exists()
+    os.utime(receiving, (time.time() - 3600, time.time() - 3600))  # past any upload's time bound: a crash's
+    async with gateway_client(redis_url, key_prefix, tmp_path, voice_sweep_grace_s=0, upload_timeout_s=60):
+        assert not receiving.exists()
