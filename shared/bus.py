@@ -311,6 +311,20 @@ class Bus:
             Entry(_s(stream), _s(eid), fields) for stream, entries in result or [] for eid, fields in entries
         ]
 
+    async def read_when_woken(
+        self, wake: dict[str, str], cursors: dict[str, str], *, count: int = 100, block_ms: int
+    ) -> list[Entry]:
+        """Wait for an entry on any of the `wake` streams (at most `block_ms`), then XREAD `cursors`: in one
+        round trip. Both XREADs go in one pipeline; Redis runs a blocked client's next command only once
+        the blocking one returns, so the second reads everything new after the wake-up (or the timeout)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xread(wake, count=1, block=self._block(block_ms))  # type: ignore[arg-type]
+            pipe.xread(cursors, count=count)  # type: ignore[arg-type]
+            _, result = await pipe.execute()
+        return [
+            Entry(_s(stream), _s(eid), fields) for stream, entries in result or [] for eid, fields in entries
+        ]
+
     def _block(self, block_ms: int | None) -> int | None:
         """BLOCK for a read: never longer than `max_block_ms` (0 would mean forever: the cap too)."""
         if block_ms is None:
