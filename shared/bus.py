@@ -567,9 +567,10 @@ class GroupConsumer(Generic[M]):
 class SharedReader:
     """Many single readers of different streams served by one XREAD: each `read` waits for its stream's
     next entries, and one task (`run`) reads for all of them at once. A gateway's sessions each tail
-    their `:out`; the router writes every session's output in one script per tick, so a blocking XREAD
-    and the one right after it (a blocked XREAD wakes with the entries of the first stream written only)
-    answer them all, instead of one round trip per session and tick.
+    their `:out`; the router writes every session's output in one script per tick, so one round trip
+    answers them all (`Bus.read_when_woken`: a blocked XREAD wakes with the entries of the first stream
+    written only, and the XREAD pipelined behind it reads the others), instead of one per session and
+    tick.
 
     A reader that asks while the shared XREAD is already blocked (it was busy when the round began)
     looks once on its own, without blocking, so it never waits for a round that does not cover it. A
@@ -618,12 +619,14 @@ class SharedReader:
     async def _round(self) -> None:
         asked = {stream: waiting for stream, waiting in self._waiting.items() if not waiting.future.done()}
         self._reading = set(asked)
+        cursors = {stream: waiting.cursor for stream, waiting in asked.items()}
         try:
-            entries = await self.bus.read(
-                {stream: waiting.cursor for stream, waiting in asked.items()},
-                count=self.count,
-                block_ms=self.block_ms,
-            )
+            if len(cursors) == 1:  # what wakes the read is all there is to read
+                entries = await self.bus.read(cursors, count=self.count, block_ms=self.block_ms)
+            else:
+                entries = await self.bus.read_when_woken(
+                    cursors, cursors, count=self.count, block_ms=self.block_ms
+                )
         except Exception as exc:
             for waiting in asked.values():
                 if not waiting.future.done():
