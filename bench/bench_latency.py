@@ -68,7 +68,8 @@ from shared.streams import StreamNames
 
 # CHORUS_BENCH_SESSIONS="1,10" measures fewer points (100 sessions take long on a small machine).
 SESSION_COUNTS = tuple(int(n) for n in os.environ.get("CHORUS_BENCH_SESSIONS", "1,10,50,100").split(","))
-SECONDS_PER_SESSION = 4.0
+# How long every session talks in the measured window; CHORUS_BENCH_SECONDS changes it (longer: steadier).
+SECONDS_PER_SESSION = float(os.environ.get("CHORUS_BENCH_SECONDS", "10"))
 SPEECH_S, PAUSE_S = 1.2, 0.8  # a user talks, then listens: the speech detector sees both
 SPEECH_RMS, ROOM_RMS = 0.1, 0.0005  # -20 dBFS of noise for speech, -66 dBFS of room noise between
 OPEN_WAVE = 20  # sessions opened at once, before the measured window
