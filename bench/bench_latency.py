@@ -8,7 +8,9 @@ the model, is what grows with the sessions. Each client talks like a person: `SP
 `PAUSE_S` of quiet room noise, over and over. All clocks are this machine's, so each hop is measured
 from the entries' own timestamps:
 
-- forward: client send of frame k -> the gateway's `:in` entry k in Redis;
+- forward: client send of frame k -> the gateway's `:in` entry k made (its `created_at`: before its write
+  to Redis); `forward_landed`: -> the entry in the stream (the write included; from the entry id, in whole
+  ms, floored, so up to 1 ms early);
 - return: the dialogue writing a frame's text to `:dlg` -> router -> gateway -> the client receiving it;
 - the return hop in two: `:dlg` written -> the router made the frame's `:out` entry (its read, speech
   detector and mixing: `return_dlg_to_router`), then -> the client receiving it (the router's write, the
@@ -296,6 +298,7 @@ async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: 
     within the measured window."""
     bus = await Bus.connect(stack.redis_url, StreamNames(stack.key_prefix))
     forward: list[float] = []
+    landed: list[float] = []  # ... -> in `:in` (the write included; ms resolution, floored)
     back: list[float] = []
     router: list[float] = []  # the return hop in two: `:dlg` written -> the router made the `:out` entry
     gateway: list[float] = []  # ... -> written to `:out`, read by the gateway, sent, received
@@ -307,6 +310,8 @@ async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: 
                 message = INPUT.decode(entry.fields)
                 if isinstance(message, UserAudio) and message.seq < len(result["sent"]):
                     forward.append(message.created_at - result["sent"][message.seq])
+                    # Redis's own clock, in whole ms (the entry id): when the frame was in the stream.
+                    landed.append(int(entry.entry_id.split("-")[0]) / 1000 - result["sent"][message.seq])
                     user_frames += began <= message.created_at <= ended
             ticks = [
                 m
@@ -332,6 +337,7 @@ async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: 
     added = list(rng.choice(forward, n) + rng.choice(back, n)) if n else []
     return {
         "forward_hop": _percentiles(forward),
+        "forward_landed": _percentiles(landed),
         "return_hop": _percentiles(back),
         "return_dlg_to_router": _percentiles(router),
         "return_router_to_client": _percentiles(gateway),
