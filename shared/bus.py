@@ -659,13 +659,17 @@ class SharedWriter:
     then go together, in one `append_sessions` call for all of them, instead of one script call per frame
     and session. A gateway's sessions each append their user audio to `:in` through one.
 
+    With `linger_s`, each write first waits that long for more appends: fewer, larger round trips (each
+    costs the writer ~0.15 ms of CPU whatever it carries) for as much more latency.
+
     A session's entries keep their order: a batch goes only after the one before it was written. What the
     write raised (Redis away: retryable) reaches every append of its batch. A caller cancelled while it
     waits does not cancel the write: its entries were handed over and go with the others.
     """
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, *, linger_s: float = 0.0) -> None:
         self.bus = bus
+        self.linger_s = linger_s
         self._queued: dict[str, list[tuple[str, Envelope]]] = {}
         self._waiting: list[tuple[str, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -683,6 +687,8 @@ class SharedWriter:
         batch: list[tuple[str, asyncio.Future[bool]]] = []
         try:
             while self._queued:
+                if self.linger_s:
+                    await asyncio.sleep(self.linger_s)
                 writes, self._queued = self._queued, {}
                 batch, self._waiting = self._waiting, []
                 try:

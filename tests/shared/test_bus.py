@@ -391,6 +391,27 @@ async def test_a_shared_writer_sends_the_appends_made_while_a_write_is_in_flight
         await counting.close()
 
 
+async def test_a_lingering_shared_writer_sends_appends_made_within_its_linger_in_one_round_trip(
+    names: StreamNames, redis_url: str
+) -> None:
+    counting = CountingBus(Redis.from_url(redis_url), names)
+    writer = SharedWriter(counting, linger_s=0.2)
+    try:
+        first = asyncio.create_task(
+            writer.append(
+                "a", [(names.session_input("a"), UserAudio(session_id="a", seq=0, pcm=silence_frame()))]
+            )
+        )
+        await asyncio.sleep(0)  # no write is in flight: without a linger, this one would be under way
+        second = writer.append(
+            "b", [(names.session_input("b"), UserAudio(session_id="b", seq=0, pcm=silence_frame()))]
+        )
+        assert await asyncio.gather(first, second) == [True, True]
+        assert counting.round_trips == [{"a", "b"}]
+    finally:
+        await counting.close()
+
+
 async def test_what_a_shared_write_raised_reaches_every_append_it_carried(
     bus: Bus, names: StreamNames
 ) -> None:
