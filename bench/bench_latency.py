@@ -8,8 +8,13 @@ the model, is what grows with the sessions. Each client talks like a person: `SP
 `PAUSE_S` of quiet room noise, over and over. All clocks are this machine's, so each hop is measured
 from the entries' own timestamps:
 
-- forward: client send of frame k -> the gateway's `:in` entry k in Redis;
+- forward: client send of frame k -> the gateway's `:in` entry k made (its `created_at`: before its write
+  to Redis); `forward_landed`: -> the entry in the stream (the write included; from the entry id, in whole
+  ms, floored, so up to 1 ms early);
 - return: the dialogue writing a frame's text to `:dlg` -> router -> gateway -> the client receiving it;
+- the return hop in two: `:dlg` written -> the router made the frame's `:out` entry (its read, speech
+  detector and mixing: `return_dlg_to_router`), then -> the client receiving it (the router's write, the
+  gateway's read, queue, Opus encode and WebSocket send: `return_router_to_client`);
 - added = forward + return per frame: Chorus's plumbing. Not in it: the model's compute (`model_step`,
   the dialogue's own per-tick histogram in the same run) and the wait for the next 80 ms tick (0-80 ms,
   inherent to a fixed-rate model).
@@ -25,7 +30,9 @@ behind real time:
 - `cpu_ms_per_session_s`: CPU time (user + system, from /proc, the process and its children) per
   session-second of each process: gateway, router, tts, redis-server, the dialogue worker in all and
   outside its model step (`dialogue_loop`: its event loop's thread; the model runs in a thread of its own);
-  `plumbing` = gateway + router + Redis;
+  `plumbing` = gateway + router + Redis; `gateway_codec`: the gateway's Opus work (decoding the user's
+  audio, encoding ours: its own CPU figure, `chorus_codec_cpu_seconds`), which Moshi's protocol
+  needs whatever the plumbing; `plumbing_without_codecs` = plumbing less it;
 - `redis_ops_per_session_s`: Redis commands per session-second, from `INFO commandstats` (commands a Lua
   script runs count too: they cost Redis the same), in all and per command (`evalsha`: the append
   script's runs);
@@ -58,12 +65,13 @@ from websockets.exceptions import ConnectionClosed
 from chorus.devtools.redis_server import EmbeddedRedis
 from shared.audio import FRAME_SEC
 from shared.bus import Bus
-from shared.messages import DIALOGUE, INPUT, DialogueFrame, UserAudio
+from shared.messages import DIALOGUE, INPUT, OUTPUT, DialogueFrame, OutputText, UserAudio
 from shared.streams import StreamNames
 
 # CHORUS_BENCH_SESSIONS="1,10" measures fewer points (100 sessions take long on a small machine).
 SESSION_COUNTS = tuple(int(n) for n in os.environ.get("CHORUS_BENCH_SESSIONS", "1,10,50,100").split(","))
-SECONDS_PER_SESSION = 4.0
+# How long every session talks in the measured window; CHORUS_BENCH_SECONDS changes it (longer: steadier).
+SECONDS_PER_SESSION = float(os.environ.get("CHORUS_BENCH_SECONDS", "10"))
 SPEECH_S, PAUSE_S = 1.2, 0.8  # a user talks, then listens: the speech detector sees both
 SPEECH_RMS, ROOM_RMS = 0.1, 0.0005  # -20 dBFS of noise for speech, -66 dBFS of room noise between
 OPEN_WAVE = 20  # sessions opened at once, before the measured window
@@ -100,6 +108,13 @@ def _model_step_seconds(metrics_url: str) -> tuple[float, float]:
         return float(match.group(1)) if match else 0.0
 
     return value("chorus_stage_latency_seconds_sum"), value("chorus_stage_latency_seconds_count")
+
+
+def _codec_seconds(metrics_url: str) -> float:
+    """CPU seconds the gateway spent in the Opus codec (encode + decode), from its own counter."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(v) for v in re.findall(r"^chorus_codec_cpu_seconds{[^}]*} ([0-9.e+-]+)$", text, re.M))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -227,6 +242,7 @@ class _Snapshot:
     async def take(cls, stack: Any, pids: dict[str, int]) -> _Snapshot:
         model_sum, model_count = _model_step_seconds(f"http://127.0.0.1:{stack.ports['dialogue']}/metrics")
         cpu = _cpu_by_process(pids)
+        cpu["gateway_codec"] = _codec_seconds(f"http://127.0.0.1:{stack.ports['gateway']}/metrics")
         return cls(time.time(), cpu, await _command_calls(stack.redis_url), model_sum, model_count)
 
 
@@ -253,7 +269,7 @@ async def _measure(stack: Any, redis_pid: int, sessions: int) -> dict[str, Any]:
     frames_in, frames_out = hops.pop("user_frames"), hops.pop("dialogue_frames")
     session_s = max(1e-9, (frames_in + frames_out) / 2 * FRAME_SEC)
     # What the sessions cost: the window's CPU less what the processes spend idle over as long.
-    busy = {name: after.cpu[name] - before.cpu[name] - idle[name] * window_s for name in after.cpu}
+    busy = {name: after.cpu[name] - before.cpu[name] - idle.get(name, 0) * window_s for name in after.cpu}
     cost = _plumbing_cost(
         _per_session_s({}, busy, session_s), (after.model_sum - before.model_sum) / session_s
     )
@@ -282,7 +298,10 @@ async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: 
     within the measured window."""
     bus = await Bus.connect(stack.redis_url, StreamNames(stack.key_prefix))
     forward: list[float] = []
+    landed: list[float] = []  # ... -> in `:in` (the write included; ms resolution, floored)
     back: list[float] = []
+    router: list[float] = []  # the return hop in two: `:dlg` written -> the router made the `:out` entry
+    gateway: list[float] = []  # ... -> written to `:out`, read by the gateway, sent, received
     user_frames = dialogue_frames = 0
     try:
         for result in results:
@@ -291,6 +310,8 @@ async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: 
                 message = INPUT.decode(entry.fields)
                 if isinstance(message, UserAudio) and message.seq < len(result["sent"]):
                     forward.append(message.created_at - result["sent"][message.seq])
+                    # Redis's own clock, in whole ms (the entry id): when the frame was in the stream.
+                    landed.append(int(entry.entry_id.split("-")[0]) / 1000 - result["sent"][message.seq])
                     user_frames += began <= message.created_at <= ended
             ticks = [
                 m
@@ -299,8 +320,16 @@ async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: 
             ]
             dialogue_frames += sum(began <= m.created_at <= ended for m in ticks)
             spoken = [m for m in ticks if m.text]
-            # Text pieces reach the client in order, one per :dlg frame with text.
-            back.extend(r - f.created_at for f, r in zip(spoken, result["received"], strict=False))
+            texts = [
+                m
+                for m in (OUTPUT.decode(e.fields) for e in await bus.range(bus.names.session_output(sid)))
+                if isinstance(m, OutputText)
+            ]
+            # Text pieces reach the client in order, one per :dlg frame with text (and one :out entry).
+            for said, routed, received in zip(spoken, texts, result["received"], strict=False):
+                back.append(received - said.created_at)
+                router.append(routed.created_at - said.created_at)
+                gateway.append(received - routed.created_at)
     finally:
         await bus.close()
     n = min(len(forward), len(back))
@@ -308,7 +337,10 @@ async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: 
     added = list(rng.choice(forward, n) + rng.choice(back, n)) if n else []
     return {
         "forward_hop": _percentiles(forward),
+        "forward_landed": _percentiles(landed),
         "return_hop": _percentiles(back),
+        "return_dlg_to_router": _percentiles(router),
+        "return_router_to_client": _percentiles(gateway),
         "added": _percentiles(added),
         "user_frames": user_frames,
         "dialogue_frames": dialogue_frames,
@@ -323,7 +355,15 @@ def _marginal(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     sessions = np.array([row["session_s"] / row["window_s"] for row in ok])
     out: dict[str, Any] = {"sessions_carried": [round(float(n), 1) for n in sessions]}
-    for name in ("gateway", "router", "redis", "dialogue_loop", "plumbing"):
+    for name in (
+        "gateway",
+        "gateway_codec",
+        "router",
+        "redis",
+        "dialogue_loop",
+        "plumbing",
+        "plumbing_without_codecs",
+    ):
         busy = np.array([row["cpu_ms_per_session_s"][name] for row in ok]) * sessions
         slope, intercept = np.polyfit(sessions, busy, 1)
         out[name] = {"ms_per_session_s": round(float(slope), 2), "fixed_ms_per_s": round(float(intercept), 1)}
@@ -337,6 +377,8 @@ def _plumbing_cost(cpu_s: dict[str, float], model_s: float) -> dict[str, float]:
     cost = {name: round(seconds * 1000, 2) for name, seconds in cpu_s.items()}
     cost["dialogue_model_step_wall"] = round(model_s * 1000, 2)
     cost["plumbing"] = round(cost["gateway"] + cost["router"] + cost["redis"], 2)
+    # Opus (decoding the user's audio, encoding ours) is work Moshi's protocol needs; the rest is plumbing.
+    cost["plumbing_without_codecs"] = round(cost["plumbing"] - cost["gateway_codec"], 2)
     return cost
 
 

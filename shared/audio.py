@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import secrets
 import struct
+import time
 import wave
 import zlib
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 import sphn
+
+from shared import metrics
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920
@@ -113,6 +116,13 @@ class OpusEncoder:
         self._granule = 0  # 48 kHz samples decodable from the pages written (Ogg Opus counts at 48 kHz)
 
     def encode(self, samples: FloatAudio) -> bytes:
+        began = time.thread_time()  # the codec's own CPU, apart from the plumbing (bench_latency)
+        try:
+            return self._encode(samples)
+        finally:
+            _codec_cpu["encode"] += time.thread_time() - began
+
+    def _encode(self, samples: FloatAudio) -> bytes:
         # Exact digital silence (a gap, a mixer with nothing to play) takes libopus's slow path: 1.2 ms a
         # frame, five times speech. Noise at -120 dBFS, far under PCM16's last bit, keeps it on the fast one.
         flat = np.asarray(samples, dtype=np.float32).reshape(-1)
@@ -145,6 +155,9 @@ class OpusEncoder:
         return b"".join(pages)
 
 
+_codec_cpu = {"encode": 0.0, "decode": 0.0}  # CPU seconds in the codec, by direction (its metric reads them)
+metrics.CODEC_CPU.labels(direction="encode").set_function(lambda: _codec_cpu["encode"])
+metrics.CODEC_CPU.labels(direction="decode").set_function(lambda: _codec_cpu["decode"])
 _DITHER = (np.random.default_rng(0).standard_normal(FRAME_SAMPLES) * 1e-6).astype(np.float32)
 _OPUS_TAGS = b"OpusTags" + struct.pack("<I", 6) + b"chorus" + struct.pack("<I", 0)  # vendor, no comments
 
@@ -196,7 +209,11 @@ class OpusDecoder:
         self._reader = sphn.OpusStreamReader(sample_rate)
 
     def decode(self, data: bytes) -> FloatAudio:
-        return np.asarray(self._reader.append_bytes(data), dtype=np.float32)
+        began = time.thread_time()
+        try:
+            return np.asarray(self._reader.append_bytes(data), dtype=np.float32)
+        finally:
+            _codec_cpu["decode"] += time.thread_time() - began
 
 
 def rms_dbfs(samples: FloatAudio) -> float:

@@ -311,6 +311,20 @@ class Bus:
             Entry(_s(stream), _s(eid), fields) for stream, entries in result or [] for eid, fields in entries
         ]
 
+    async def read_when_woken(
+        self, wake: dict[str, str], cursors: dict[str, str], *, count: int = 100, block_ms: int
+    ) -> list[Entry]:
+        """Wait for an entry on any of the `wake` streams (at most `block_ms`), then XREAD `cursors`: in one
+        round trip. Both XREADs go in one pipeline; Redis runs a blocked client's next command only once
+        the blocking one returns, so the second reads everything new after the wake-up (or the timeout)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xread(wake, count=1, block=self._block(block_ms))  # type: ignore[arg-type]
+            pipe.xread(cursors, count=count)  # type: ignore[arg-type]
+            _, result = await pipe.execute()
+        return [
+            Entry(_s(stream), _s(eid), fields) for stream, entries in result or [] for eid, fields in entries
+        ]
+
     def _block(self, block_ms: int | None) -> int | None:
         """BLOCK for a read: never longer than `max_block_ms` (0 would mean forever: the cap too)."""
         if block_ms is None:
@@ -553,9 +567,10 @@ class GroupConsumer(Generic[M]):
 class SharedReader:
     """Many single readers of different streams served by one XREAD: each `read` waits for its stream's
     next entries, and one task (`run`) reads for all of them at once. A gateway's sessions each tail
-    their `:out`; the router writes every session's output in one script per tick, so a blocking XREAD
-    and the one right after it (a blocked XREAD wakes with the entries of the first stream written only)
-    answer them all, instead of one round trip per session and tick.
+    their `:out`; the router writes every session's output in one script per tick, so one round trip
+    answers them all (`Bus.read_when_woken`: a blocked XREAD wakes with the entries of the first stream
+    written only, and the XREAD pipelined behind it reads the others), instead of one per session and
+    tick.
 
     A reader that asks while the shared XREAD is already blocked (it was busy when the round began)
     looks once on its own, without blocking, so it never waits for a round that does not cover it. A
@@ -604,12 +619,14 @@ class SharedReader:
     async def _round(self) -> None:
         asked = {stream: waiting for stream, waiting in self._waiting.items() if not waiting.future.done()}
         self._reading = set(asked)
+        cursors = {stream: waiting.cursor for stream, waiting in asked.items()}
         try:
-            entries = await self.bus.read(
-                {stream: waiting.cursor for stream, waiting in asked.items()},
-                count=self.count,
-                block_ms=self.block_ms,
-            )
+            if len(cursors) == 1:  # what wakes the read is all there is to read
+                entries = await self.bus.read(cursors, count=self.count, block_ms=self.block_ms)
+            else:
+                entries = await self.bus.read_when_woken(
+                    cursors, cursors, count=self.count, block_ms=self.block_ms
+                )
         except Exception as exc:
             for waiting in asked.values():
                 if not waiting.future.done():
@@ -642,13 +659,17 @@ class SharedWriter:
     then go together, in one `append_sessions` call for all of them, instead of one script call per frame
     and session. A gateway's sessions each append their user audio to `:in` through one.
 
+    With `linger_s`, each write first waits that long for more appends: fewer, larger round trips (each
+    costs the writer ~0.15 ms of CPU whatever it carries) for as much more latency.
+
     A session's entries keep their order: a batch goes only after the one before it was written. What the
     write raised (Redis away: retryable) reaches every append of its batch. A caller cancelled while it
     waits does not cancel the write: its entries were handed over and go with the others.
     """
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, *, linger_s: float = 0.0) -> None:
         self.bus = bus
+        self.linger_s = linger_s
         self._queued: dict[str, list[tuple[str, Envelope]]] = {}
         self._waiting: list[tuple[str, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -666,6 +687,8 @@ class SharedWriter:
         batch: list[tuple[str, asyncio.Future[bool]]] = []
         try:
             while self._queued:
+                if self.linger_s:
+                    await asyncio.sleep(self.linger_s)
                 writes, self._queued = self._queued, {}
                 batch, self._waiting = self._waiting, []
                 try:

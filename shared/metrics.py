@@ -12,6 +12,10 @@ BUS_DEAD_LETTERS = Counter(
     "Entries given up on (malformed or failing too often)",
     ["stream_kind", "reason"],
 )
+# Read when scraped (shared/audio.py keeps the sum): a counter's locked increment per frame cost more.
+CODEC_CPU = Gauge(
+    "chorus_codec_cpu_seconds", "CPU seconds this process spent in the Opus codec so far", ["direction"]
+)
 SESSIONS_ACTIVE = Gauge("chorus_sessions_active", "Sessions this process is serving", ["service"])
 WORKER_SLOTS_FREE = Gauge("chorus_worker_slots_free", "Free session slots on this worker", ["service"])
 WORKER_SLOTS_TOTAL = Gauge("chorus_worker_slots_total", "Session slots on this worker", ["service"])

@@ -131,6 +131,14 @@ class GatewaySettings(CommonSettings):
         ge=64 * 1024,
         description="Per-socket bound on the bytes of queued text, events and errors (see above).",
     )
+    input_linger_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=40,
+        description="How long the gateway's writer of user audio to Redis waits for more sessions' frames "
+        "before each write: fewer, larger writes (less gateway CPU per frame with many sessions) for as "
+        "much more latency. 0: a frame goes at once unless a write is in flight.",
+    )
     realtime_response_end_frames: int = Field(
         default=10,
         ge=1,

@@ -224,15 +224,16 @@ class Router:
         frame costs a read, a speech-detector hand-off and a write per session and frame. A blocking XREAD
         over `:dlg` and `:tts` only wakes the round (at most `router_read_block_ms` apart: longer than a
         tick, so a live dialogue wakes it first, and speech is still detected while no dialogue ticks),
-        then one XREAD of all three streams, without blocking, reads what it finds: two round trips per
-        tick for all sessions."""
+        then one XREAD of all three streams, without blocking, reads what it finds: both in one round trip
+        per tick for all sessions (`Bus.read_when_woken`)."""
         sessions = list(self.sessions.values())
         owners = {key: s for s in sessions for key in s.cursors}
         cursors = {key: cursor for s in sessions for key, cursor in s.cursors.items()}
         user_streams = {self.names.session_input(s.sid) for s in sessions}
         pacing = {key: cursor for key, cursor in cursors.items() if key not in user_streams}
-        await self.bus.read(pacing, count=1, block_ms=self._block_ms)  # read again just below, in full
-        entries = await self.bus.read(cursors, count=self.settings.router_read_count)
+        entries = await self.bus.read_when_woken(
+            pacing, cursors, count=self.settings.router_read_count, block_ms=self._block_ms
+        )
         by_session: dict[str, list[Entry]] = {}
         for entry in entries:
             session = owners[entry.stream]

@@ -333,6 +333,29 @@ async def test_a_shared_reader_answers_each_session_with_its_own_entries_from_on
         await own.close()
 
 
+async def test_a_read_when_woken_waits_for_a_wake_stream_then_reads_every_stream(
+    bus: Bus, names: StreamNames
+) -> None:
+    user, dialogue = names.session_input("s"), names.session_dialogue("s")
+    said = UserAudio(session_id="s", seq=0, pcm=silence_frame())
+    await bus.append_many([(user, said)])
+    cursors = {user: "0-0", dialogue: "0-0"}
+    read = asyncio.create_task(bus.read_when_woken({dialogue: "0-0"}, cursors, block_ms=10_000))
+    await asyncio.sleep(0.3)
+    assert not read.done()  # user audio does not wake it
+    tick = DialogueFrame(session_id="s", seq=0, pcm=silence_frame())
+    await bus.append_many([(dialogue, tick)])
+    entries = await asyncio.wait_for(read, 5)
+    assert [e.stream for e in entries] == [user, dialogue]
+    assert (INPUT.decode(entries[0].fields), DIALOGUE.decode(entries[1].fields)) == (said, tick)
+    # No wake-up within the block: what is new elsewhere is read all the same.
+    later = UserAudio(session_id="s", seq=1, pcm=silence_frame())
+    await bus.append_many([(user, later)])
+    cursors = {e.stream: e.entry_id for e in entries}
+    again = await bus.read_when_woken({dialogue: cursors[dialogue]}, cursors, block_ms=100)
+    assert [INPUT.decode(e.fields) for e in again] == [later]
+
+
 class CountingBus(Bus):
     """A real bus that also notes which sessions each `append_sessions` round trip carried."""
 
@@ -364,6 +387,27 @@ async def test_a_shared_writer_sends_the_appends_made_while_a_write_is_in_flight
         for sid, seqs in (("a", [0, 1]), ("b", [0, 1]), ("c", [0])):
             written = [INPUT.decode(e.fields) for e in await counting.range(names.session_input(sid))]
             assert [m.seq for m in written] == seqs  # each session's frames in order
+    finally:
+        await counting.close()
+
+
+async def test_a_lingering_shared_writer_sends_appends_made_within_its_linger_in_one_round_trip(
+    names: StreamNames, redis_url: str
+) -> None:
+    counting = CountingBus(Redis.from_url(redis_url), names)
+    writer = SharedWriter(counting, linger_s=0.2)
+    try:
+        first = asyncio.create_task(
+            writer.append(
+                "a", [(names.session_input("a"), UserAudio(session_id="a", seq=0, pcm=silence_frame()))]
+            )
+        )
+        await asyncio.sleep(0)  # no write is in flight: without a linger, this one would be under way
+        second = writer.append(
+            "b", [(names.session_input("b"), UserAudio(session_id="b", seq=0, pcm=silence_frame()))]
+        )
+        assert await asyncio.gather(first, second) == [True, True]
+        assert counting.round_trips == [{"a", "b"}]
     finally:
         await counting.close()
 
