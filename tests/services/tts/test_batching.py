@@ -1,0 +1,130 @@
+"""`CHORUS_TTS_BATCH`: an instance speaks all its phrases in one forward pass per step, and each phrase
+sounds exactly as it would alone.
+
+Without sampling noise (temperature 0), every phrase spoken in a batch (voices with prompts of different
+lengths, texts of different lengths, a phrase joining while others are half-way, one cancelled half-way)
+equals, sample for sample within float rounding, the same phrase through Pocket TTS's own
+`generate_audio_stream` on an unbatched engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.tts.engine import Engine, ModelState
+from shared.audio import SAMPLE_RATE
+from tests.support.tts import SPEECH, SPEECH2, read_clip, tts_settings
+
+# Float rounding only: batched matrix products and keys re-rotated when a row moves in the batch. The
+# samples themselves are ~0.1.
+TOLERANCE = 1e-5
+CHUNK = 1920  # 80 ms: one step of one row
+LONG = "The quick brown fox jumps over the lazy dog, and then it runs away again."
+SHORT = "Hello there."
+MIDDLE = "Four words, then more."
+
+
+@pytest.fixture(scope="module")
+async def engines(
+    tts_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Engine, Engine]]:
+    """(batched, unbatched) engines on the same weights, without sampling noise."""
+    made = []
+    for batch in (True, False):
+        settings = tts_settings(
+            tts_checkpoint,
+            tmp_path_factory.mktemp("batching"),
+            "redis://unused",
+            "unused:",
+            tts_temperature=0,
+            tts_batch=batch,
+        )
+        made.append(await Engine.load(settings))
+    yield made[0], made[1]
+    for engine in made:
+        engine.close()
+
+
+class Speech:
+    """One phrase's audio as it arrives; `chunks` wakes whoever waits for the n-th chunk."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.cancel = threading.Event()
+        self.arrived = asyncio.Condition()
+
+    async def sink(self, audio: np.ndarray) -> None:
+        async with self.arrived:
+            self.parts.append(audio)
+            self.arrived.notify_all()
+
+    async def after(self, chunks: int) -> None:
+        async with self.arrived:
+            await self.arrived.wait_for(lambda: len(self.parts) >= chunks)
+
+    @property
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.zeros(0, np.float32)
+
+
+async def speak(engine: Engine, state: ModelState, text: str, speech: Speech | None = None) -> np.ndarray:
+    speech = speech or Speech()
+    await engine.synthesize(state, text, max_samples=8 * SAMPLE_RATE, cancel=speech.cancel, sink=speech.sink)
+    return speech.audio
+
+
+async def test_each_phrase_of_a_batch_sounds_as_it_would_alone(engines: tuple[Engine, Engine]) -> None:
+    batched, alone = engines
+    clone = await batched.voice_state(read_clip(SPEECH))  # computed on the batcher's thread
+    other = await batched.voice_state(read_clip(SPEECH2)[: SAMPLE_RATE * 2])  # a shorter prompt
+    catalog = await batched.catalog_state(sorted(batched.catalog.voices)[0])
+    rows = {"long": (clone, LONG), "short": (other, SHORT), "late": (catalog, MIDDLE), "cut": (other, LONG)}
+    expected = {name: await speak(alone, state, text) for name, (state, text) in rows.items()}
+
+    speeches = {name: Speech() for name in rows}
+
+    async def late() -> np.ndarray:  # joins once the long phrase is a third through
+        await speeches["long"].after(len(expected["long"]) // CHUNK // 3)
+        return await speak(batched, *rows["late"], speeches["late"])
+
+    async def cut() -> np.ndarray:
+        task = asyncio.create_task(speak(batched, *rows["cut"], speeches["cut"]))
+        await speeches["cut"].after(5)
+        speeches["cut"].cancel.set()
+        return await task
+
+    got = await asyncio.gather(
+        speak(batched, *rows["long"], speeches["long"]),
+        speak(batched, *rows["short"], speeches["short"]),
+        late(),
+        cut(),
+    )
+    results = dict(zip(["long", "short", "late", "cut"], got, strict=True))
+
+    for name in ("long", "short", "late"):
+        assert len(results[name]) == len(expected[name]), name
+        assert np.abs(results[name] - expected[name]).max() < TOLERANCE, name
+    # Cancelled after its 5th chunk: it stops within a step or two, and what it said is the same.
+    cut_audio = results["cut"]
+    assert 5 * CHUNK <= len(cut_audio) <= 8 * CHUNK < len(expected["cut"])
+    assert np.abs(cut_audio - expected["cut"][: len(cut_audio)]).max() < TOLERANCE
+    assert len(expected["long"]) > len(expected["late"]) > len(expected["short"])
+
+
+async def test_a_phrase_failing_in_a_batch_fails_alone(engines: tuple[Engine, Engine]) -> None:
+    """A phrase whose voice state does not fit the model is refused; the batch keeps speaking."""
+    batched, _ = engines
+    clone = await batched.voice_state(read_clip(SPEECH))
+    broken = {name: dict(module) for name, module in clone.items()}
+    first = next(name for name, module in broken.items() if "cache" in module)
+    broken[first]["cache"] = broken[first]["cache"][..., :1]  # a head size the model does not have
+    healthy = asyncio.create_task(speak(batched, clone, LONG))
+    with pytest.raises(RuntimeError):
+        await speak(batched, broken, SHORT)
+    assert len(await healthy) > 0
