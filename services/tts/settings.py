@@ -45,7 +45,7 @@ class TtsSettings(CommonSettings):
     tts_batch: bool = Field(
         default=True,
         description="Batch the phrases an instance speaks at once into one forward pass per 80 ms step "
-        "(flow LM and Mimi decoder), rows joining and leaving between steps: about 3x the continuous "
+        "(flow LM and Mimi decoder), rows joining and leaving between steps: twice the continuous "
         "sessions per core of english_2m (docs/performance.md). false = one phrase at a time per instance "
         "through Pocket TTS's own generate_audio_stream.",
     )
