@@ -9,19 +9,19 @@ Random weights never end speech, so each phrase is bounded to the time it takes 
 
 1. In process, one model instance: voice-state time for a 7.5 s clip; per phrase, time to the first
    audio chunk and the real-time factor (seconds of audio per second of compute), each in wall time and
-   in the process's CPU time. A core holds at most floor(CPU real-time factor) continuous sessions
-   (`sessions_per_core_cpu_bound`); CPU time stays meaningful on a machine shared with other work, where
-   wall time measures the neighbours too.
+   in the process's CPU time (CPU time stays meaningful on a machine shared with other work, where wall
+   time measures the neighbours too).
 2. Through Redis with a real `chorus tts` process holding one instance, pinned to one core (`taskset`;
    `BENCH_TTS_CORE`, default the last one): K sessions with a cloned voice, each fed Moshi-like text at
    2.5 words/s (one piece per 80 ms frame, a sentence every 10 words) for 20 s of continuous speech; per
    phrase, the time from its last text piece on `:dlg` to its first frame on `:tts`. K is "kept real
    time" when no phrase is dropped and 95% of phrases start within 1 s; K grows through SESSION_STEPS
-   until it is not. Run twice: batched (`CHORUS_TTS_BATCH=true`, one forward pass per step for all the
-   phrases in progress) and unbatched (one phrase at a time), the baseline. Every run records the load
-   average and the worker's CPU time: CPU seconds per second of audio (`cpu_s_per_audio_s`, per session)
-   is what the sessions cost whatever else runs on the machine, and K sessions fit a core by CPU time
-   when K x that <= 1 (`sessions_per_core_cpu_bound`).
+   until it is not. Run twice (`BENCH_TTS_MODES=batched,unbatched` chooses): batched
+   (`CHORUS_TTS_BATCH=true`, one forward pass per step for all the phrases in progress) and unbatched
+   (one phrase at a time), the baseline. Every run records the load average and the worker's CPU time:
+   CPU seconds per second of audio (`cpu_s_per_audio_s`, per session) is what the sessions cost whatever
+   else runs on the machine, and K sessions fit a core by CPU time when K x that <= 1
+   (`sessions_per_core_cpu_bound`).
 
 The target: the smallest variant whose first audio stays within 200 ms holds 6 or more continuous cloned
 sessions per core. `recommendation` applies it to the batched CPU-time figures.
@@ -79,7 +79,11 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO / ".cache" / "checkpoints-full"
 VARIANTS = ("english", "english_18m_2026-10", "english_7m_2026-10", "english_2m_2026-10")
 SESSION_STEPS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24)
-MODES = {"batched": True, "unbatched": False}
+# The worker's settings per mode (`BENCH_TTS_MODES=batched,...` runs only some).
+MODES: dict[str, dict[str, Any]] = {
+    "batched": {"tts_batch": True},
+    "unbatched": {"tts_batch": False},
+}
 FIRST_AUDIO_TARGET_S = 0.2
 SESSIONS_TARGET = 6
 CLIP = REPO / "tests" / "fixtures" / "audio" / "speech.wav"
@@ -121,9 +125,9 @@ def _p(values: list[float], q: float) -> float:
 # --- 1. one instance, in process ---------------------------------------------------------------------
 
 
-async def single_stream(checkpoint: Path, batch: bool) -> dict[str, Any]:
+async def single_stream(checkpoint: Path, mode: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
-    engine = await Engine.load(_settings(checkpoint, tts_batch=batch))
+    engine = await Engine.load(_settings(checkpoint, **mode))
     load_s = time.monotonic() - started
     clip = _clip()
     state_times, state_cpu = [], []
@@ -196,7 +200,7 @@ def _load() -> float:
 
 @contextlib.contextmanager
 def tts_process(
-    redis_url: str, prefix: str, data_dir: Path, checkpoint: Path, instances: int, batch: bool
+    redis_url: str, prefix: str, data_dir: Path, checkpoint: Path, instances: int, mode: dict[str, Any]
 ) -> Iterator[int]:
     """A `chorus tts` worker; yields its pid."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
@@ -208,7 +212,7 @@ def tts_process(
             "CHORUS_DATA_DIR": str(data_dir),
             "CHORUS_TTS_DIR": str(checkpoint),
             "CHORUS_TTS_INSTANCES": str(instances),
-            "CHORUS_TTS_BATCH": str(batch).lower(),
+            **{f"CHORUS_{key.upper()}": str(value).lower() for key, value in mode.items()},
             "CHORUS_TTS_MAX_SESSIONS": "32",
             "CHORUS_TTS_EOS_THRESHOLD": "1e9",
             "CHORUS_TTS_MAX_SECONDS_PER_WORD": str(SECONDS_PER_WORD),
@@ -350,9 +354,9 @@ async def _sessions_run(bus: Bus, voice: str, count: int, run: int, pid: int) ->
 
 
 async def concurrency(
-    checkpoint: Path, instances: int, steps: tuple[int, ...], batch: bool
+    checkpoint: Path, instances: int, steps: tuple[int, ...], mode: str
 ) -> list[dict[str, Any]]:
-    prefix = f"bench{instances}{'b' if batch else 'u'}:"
+    prefix = f"bench{instances}{mode}:"
     with tempfile.TemporaryDirectory(prefix="chorus-bench-") as tmp, EmbeddedRedis() as redis:
         data_dir = Path(tmp)
         store = VoiceProfileStore(LocalStorage(data_dir))
@@ -371,11 +375,10 @@ async def concurrency(
         bus = await Bus.connect(redis.url, StreamNames(prefix), session_maxlen=5000)
         results = []
         try:
-            with tts_process(redis.url, prefix, data_dir, checkpoint, instances, batch) as pid:
+            with tts_process(redis.url, prefix, data_dir, checkpoint, instances, MODES[mode]) as pid:
                 await _wait_ready(bus, profile.id)
                 for count in steps:
                     result = await _sessions_run(bus, profile.voice, count, run=count, pid=pid)
-                    mode = "batched" if batch else "unbatched"
                     print(f"   {mode}, {instances} instance(s), {count} session(s): {result}", flush=True)
                     results.append(result)
                     if not result["real_time"]:
@@ -415,10 +418,10 @@ def _cpu_bound(runs: list[dict[str, Any]]) -> int:
     return max(fit, default=0)
 
 
-def _mode(checkpoint: Path, name: str, mode: str, batch: bool) -> dict[str, Any]:
-    single = asyncio.run(single_stream(checkpoint, batch))
+def _mode(checkpoint: Path, name: str, mode: str) -> dict[str, Any]:
+    single = asyncio.run(single_stream(checkpoint, MODES[mode]))
     print(f"   {name}, {mode}: single stream {single}", flush=True)
-    runs = asyncio.run(concurrency(checkpoint, 1, SESSION_STEPS, batch))
+    runs = asyncio.run(concurrency(checkpoint, 1, SESSION_STEPS, mode))
     kept = [r for r in runs if r["real_time"]]
     return {
         "single_stream": single,
@@ -432,13 +435,18 @@ def _mode(checkpoint: Path, name: str, mode: str, batch: bool) -> dict[str, Any]
     }
 
 
+def _modes() -> list[str]:
+    chosen = os.environ.get("BENCH_TTS_MODES")
+    return [m for m in chosen.split(",") if m] if chosen else list(MODES)
+
+
 def variant(name: str) -> dict[str, Any]:
     started = time.monotonic()
     checkpoint = write_tts_checkpoint(CHECKPOINTS / f"tts-{name}", config_name=name)
     print(f"   {name}: checkpoint ready in {time.monotonic() - started:.0f} s", flush=True)
     return {
         "parameters_m": round(_parameters(checkpoint) / 1e6, 1),
-        **{mode: _mode(checkpoint, name, mode, batch) for mode, batch in MODES.items()},
+        **{mode: _mode(checkpoint, name, mode) for mode in _modes()},
     }
 
 
