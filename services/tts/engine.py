@@ -71,7 +71,8 @@ class DeadlinePassed(Exception):
 class Engine:
     """N model instances and a thread per instance; `synthesize` and `voice_state` borrow one."""
 
-    def __init__(self, models: list[Any], choice: PocketConfig, *, batch: bool = False) -> None:
+    def __init__(self, models: list[Any], choice: PocketConfig, *, batch_rows: int = 0) -> None:
+        """`batch_rows`: phrases each instance speaks at once, batched (0: one at a time, unbatched)."""
         self.choice = choice
         self.version = choice.version()
         self.instances = len(models)
@@ -79,11 +80,12 @@ class Engine:
         self.can_clone = all(getattr(model, "has_voice_cloning", True) for model in models)
         self.catalog = Catalog(choice)
         self._any = models[0]
-        self._free: asyncio.Queue[Any] = asyncio.Queue()
-        for model in models:
-            self._free.put_nowait(model)
         self._executor = ThreadPoolExecutor(max_workers=len(models), thread_name_prefix="tts-model")
-        self._batchers = [Batcher(model, index) for index, model in enumerate(models)] if batch else []
+        self._batchers = [Batcher(model, index) for index, model in enumerate(models)] if batch_rows else []
+        # What a phrase waits for: a free instance, or batched a free row on any instance.
+        self._free: asyncio.Queue[Any] = asyncio.Queue()
+        for token in models * max(1, batch_rows):
+            self._free.put_nowait(token)
 
     @classmethod
     async def load(cls, settings: TtsSettings) -> Engine:
@@ -92,7 +94,8 @@ class Engine:
         models = [
             await asyncio.to_thread(load_model, settings, choice) for _ in range(settings.tts_instances)
         ]
-        engine = await asyncio.to_thread(cls, models, choice, batch=settings.tts_batch)
+        rows = settings.tts_batch_rows if settings.tts_batch else 0
+        engine = await asyncio.to_thread(cls, models, choice, batch_rows=rows)
         log.info(
             "pocket tts loaded",
             extra={
@@ -167,14 +170,15 @@ class Engine:
         """Stream `text` in the voice of `state` into `sink` (float chunks at 24 kHz) until the model
         ends the speech, `max_samples` are out, or `cancel` is set. Returns the samples produced.
 
-        `deadline` (unix time): checked once an instance is free, since waiting for one can take seconds
-        on a busy worker; past it, `DeadlinePassed` is raised and nothing is synthesised.
+        `deadline` (unix time): checked once an instance (batched: a row) is free, since waiting for one
+        can take seconds on a busy worker; past it, `DeadlinePassed` is raised and nothing is synthesised.
         """
         if self._batchers:
-            _check_deadline(deadline)
-            return await self._synthesize_batched(
-                state, text, max_samples=max_samples, cancel=cancel, sink=sink
-            )
+            async with self._instance():
+                _check_deadline(deadline)
+                return await self._synthesize_batched(
+                    state, text, max_samples=max_samples, cancel=cancel, sink=sink
+                )
         async with self._instance() as model:
             _check_deadline(deadline)
             loop = asyncio.get_running_loop()

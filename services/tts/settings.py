@@ -49,6 +49,13 @@ class TtsSettings(CommonSettings):
         "sessions per core of english_2m (docs/performance.md). false = one phrase at a time per instance "
         "through Pocket TTS's own generate_audio_stream.",
     )
+    tts_batch_rows: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Batched: phrases one instance speaks at once; more wait for a row. Bounds a step's "
+        "time and memory (english_2m keeps 8 continuous sessions per core in real time: performance.md).",
+    )
     tts_max_sessions: int = Field(
         default=8, ge=1, description="Sessions this worker serves at once (cloned or waiting to be)."
     )

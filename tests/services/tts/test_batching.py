@@ -44,6 +44,7 @@ async def engines(
             "unused:",
             tts_temperature=0,
             tts_batch=batch,
+            tts_batch_rows=8,
         )
         made.append(await Engine.load(settings))
     yield made[0], made[1]
@@ -128,3 +129,23 @@ async def test_a_phrase_failing_in_a_batch_fails_alone(engines: tuple[Engine, En
     with pytest.raises(RuntimeError):
         await speak(batched, broken, SHORT)
     assert len(await healthy) > 0
+
+
+async def test_phrases_past_an_instances_rows_wait_for_one(tts_checkpoint: Path, tmp_path: Path) -> None:
+    """Two rows: a third phrase starts once one of the first two has ended."""
+    settings = tts_settings(tts_checkpoint, tmp_path, "redis://unused", "unused:", tts_batch_rows=2)
+    engine = await Engine.load(settings)
+    try:
+        clone = await engine.voice_state(read_clip(SPEECH))
+        first, second, third = Speech(), Speech(), Speech()
+        speaking = [asyncio.create_task(speak(engine, clone, LONG, s)) for s in (first, second)]
+        await first.after(1)
+        waiting = asyncio.create_task(speak(engine, clone, SHORT, third))
+        await second.after(3)
+        assert not third.parts, "the third phrase waited for a row"
+        first.cancel.set()
+        assert len(await waiting) > 0
+        second.cancel.set()
+        await asyncio.gather(*speaking)
+    finally:
+        engine.close()
