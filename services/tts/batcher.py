@@ -97,6 +97,7 @@ class Batcher:
         self._mimi: ModelState | None = None
         self._phrases = 0
         self._lock = threading.Lock()
+        self._closed = False  # under the lock: nothing is put in the inbox after _Stop
         self._thread = threading.Thread(target=self._run, name=f"tts-batch-{index}", daemon=True)
         self._thread.start()
 
@@ -106,36 +107,56 @@ class Batcher:
         return self._phrases
 
     def submit(self, phrase: Phrase) -> None:
+        """Speak `phrase`; EngineClosed once closed (its thread would never end it)."""
         with self._lock:
+            self._check_open()
             self._phrases += 1
-        self._inbox.put(phrase)
+            self._inbox.put(phrase)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """`fn(*args)` on the batcher's thread, between two steps."""
         future: Future[Any] = Future()
-        self._inbox.put((fn, args, future))
+        with self._lock:
+            self._check_open()
+            self._inbox.put((fn, args, future))
         return future
 
     def close(self) -> None:
-        self._inbox.put(_Stop())
+        """Stop the thread: phrases in progress or waiting end with EngineClosed, as do waiting jobs."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._inbox.put(_Stop())
         self._thread.join(timeout=10)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed("the TTS engine closed")
 
     # --- the loop --------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.no_grad():
-            while self._take(block=not (self._rows or self._joining)):
-                self._drop_finished()
-                if not (self._rows or self._joining):
-                    continue
-                try:
-                    self._regroup_if_needed()
-                    self._step()
-                except Exception as exc:
-                    # The batch's state is unusable: its phrases fail, the next ones start anew.
-                    log.exception("tts batch step failed", extra={"rows": len(self._rows)})
-                    self._fail_all(exc)
+        try:
+            with torch.no_grad():
+                self._loop()
+        finally:
+            with self._lock:
+                self._closed = True
             self._fail_all(EngineClosed("the TTS engine closed"))
+            self._refuse_waiting()
+
+    def _loop(self) -> None:
+        while self._take(block=not (self._rows or self._joining)):
+            self._drop_finished()
+            if not (self._rows or self._joining):
+                continue
+            try:
+                self._regroup_if_needed()
+                self._step()
+            except Exception as exc:
+                # The batch's state is unusable: its phrases fail, the next ones start anew.
+                log.exception("tts batch step failed", extra={"rows": len(self._rows)})
+                self._fail_all(exc)
 
     def _take(self, *, block: bool) -> bool:
         """Start the phrases and run the jobs that arrived; False once asked to stop."""
@@ -145,7 +166,7 @@ class Batcher:
                 items.append(self._inbox.get_nowait())
         for item in items:
             if isinstance(item, _Stop):
-                return False
+                return False  # the last item: nothing is put in the inbox after it
             if isinstance(item, Phrase):
                 self._start(item)
             else:
@@ -331,3 +352,14 @@ class Batcher:
                 self._end(row.phrase, error)
         self._rows, self._joining = [], []
         self._flow = self._mimi = None
+
+    def _refuse_waiting(self) -> None:
+        """End what is still in the inbox once the loop is over: its callers would wait forever."""
+        closed = EngineClosed("the TTS engine closed")
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._inbox.get_nowait()
+                if isinstance(item, Phrase):
+                    self._end(item, closed)
+                elif not isinstance(item, _Stop) and item[2].set_running_or_notify_cancel():
+                    item[2].set_exception(closed)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.tts.batcher import EngineClosed
 from services.tts.engine import Engine, ModelState
 from shared.audio import SAMPLE_RATE
 from tests.support.tts import SPEECH, SPEECH2, read_clip, tts_settings
@@ -149,3 +150,26 @@ async def test_phrases_past_an_instances_rows_wait_for_one(tts_checkpoint: Path,
         await asyncio.gather(*speaking)
     finally:
         engine.close()
+
+
+async def test_closing_the_engine_ends_every_phrase_and_refuses_new_ones(
+    tts_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Nothing awaits a closed engine forever: phrases in progress end with EngineClosed, and a phrase or
+    a voice asked for afterwards is refused at once (its batcher thread would never answer)."""
+    settings = tts_settings(tts_checkpoint, tmp_path, "redis://unused", "unused:", tts_batch_rows=4)
+    engine = await Engine.load(settings)
+    clone = await engine.voice_state(read_clip(SPEECH))
+    first = Speech()
+    speaking = [
+        asyncio.create_task(speak(engine, clone, LONG, first)),
+        asyncio.create_task(speak(engine, clone, SHORT)),
+    ]
+    await first.after(1)
+    engine.close()
+    for result in await asyncio.wait_for(asyncio.gather(*speaking, return_exceptions=True), 30):
+        assert isinstance(result, EngineClosed)
+    with pytest.raises(EngineClosed):
+        await speak(engine, clone, SHORT)
+    with pytest.raises(EngineClosed):
+        await engine.voice_state(read_clip(SPEECH))
