@@ -17,6 +17,7 @@ import copy
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -96,6 +97,8 @@ class Batcher:
         self._flow: ModelState | None = None
         self._mimi: ModelState | None = None
         self._phrases = 0
+        self._jobs: deque[_Job] = deque()  # taken from the inbox, run one per step
+        self._waiting_jobs = 0  # asked for and not yet run (inbox or deque)
         self._lock = threading.Lock()
         self._closed = False  # under the lock: nothing is put in the inbox after _Stop
         self._thread = threading.Thread(target=self._run, name=f"tts-batch-{index}", daemon=True)
@@ -105,6 +108,11 @@ class Batcher:
     def phrases(self) -> int:
         """Phrases submitted and not yet ended: where the engine puts the next one."""
         return self._phrases
+
+    @property
+    def jobs(self) -> int:
+        """Jobs asked for and not yet run: where the engine computes the next voice state."""
+        return self._waiting_jobs
 
     def submit(self, phrase: Phrase) -> None:
         """Speak `phrase`; EngineClosed once closed (its thread would never end it)."""
@@ -118,6 +126,7 @@ class Batcher:
         future: Future[Any] = Future()
         with self._lock:
             self._check_open()
+            self._waiting_jobs += 1
             self._inbox.put((fn, args, future))
         return future
 
@@ -146,7 +155,7 @@ class Batcher:
             self._refuse_waiting()
 
     def _loop(self) -> None:
-        while self._take(block=not (self._rows or self._joining)):
+        while self._take(block=not (self._rows or self._joining or self._jobs)):
             self._drop_finished()
             if not (self._rows or self._joining):
                 continue
@@ -159,7 +168,8 @@ class Batcher:
                 self._fail_all(exc)
 
     def _take(self, *, block: bool) -> bool:
-        """Start the phrases and run the jobs that arrived; False once asked to stop."""
+        """Start the phrases that arrived and run one job (the rows speak a step between two voice states,
+        and a phrase arriving meanwhile joins after one, not after all); False once asked to stop."""
         items = [self._inbox.get()] if block else []
         with contextlib.suppress(queue.Empty):
             while True:
@@ -170,12 +180,15 @@ class Batcher:
             if isinstance(item, Phrase):
                 self._start(item)
             else:
-                self._run_job(item)
+                self._jobs.append(item)
+        if self._jobs:
+            self._run_job(self._jobs.popleft())
         return True
 
-    @staticmethod
-    def _run_job(job: _Job) -> None:
+    def _run_job(self, job: _Job) -> None:
         fn, args, future = job
+        with self._lock:
+            self._waiting_jobs -= 1
         if not future.set_running_or_notify_cancel():
             return
         try:
@@ -356,10 +369,13 @@ class Batcher:
     def _refuse_waiting(self) -> None:
         """End what is still in the inbox once the loop is over: its callers would wait forever."""
         closed = EngineClosed("the TTS engine closed")
+        items: list[Phrase | _Job | _Stop] = [*self._jobs]
+        self._jobs.clear()
         with contextlib.suppress(queue.Empty):
             while True:
-                item = self._inbox.get_nowait()
-                if isinstance(item, Phrase):
-                    self._end(item, closed)
-                elif not isinstance(item, _Stop) and item[2].set_running_or_notify_cancel():
-                    item[2].set_exception(closed)
+                items.append(self._inbox.get_nowait())
+        for item in items:
+            if isinstance(item, Phrase):
+                self._end(item, closed)
+            elif not isinstance(item, _Stop) and item[2].set_running_or_notify_cancel():
+                item[2].set_exception(closed)

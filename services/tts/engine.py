@@ -137,8 +137,9 @@ class Engine:
             raise CloningUnavailable()
         prompt = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))[None, :]
         if self._batchers:
-            # On the instance's own thread, between two steps of the phrases it speaks.
-            batcher = min(self._batchers, key=lambda b: b.phrases)
+            # On the instance's own thread, between two steps of the phrases it speaks; voice states asked
+            # for at once go to different instances, as unbatched.
+            batcher = min(self._batchers, key=lambda b: (b.jobs, b.phrases))
             computed: ModelState = await asyncio.wrap_future(
                 batcher.call(batcher.model.get_state_for_audio_prompt, prompt)
             )
@@ -236,7 +237,7 @@ class Engine:
             on_end=on_end,
         )
         started = time.monotonic()
-        min(self._batchers, key=lambda b: b.phrases).submit(phrase)
+        min(self._batchers, key=lambda b: (b.phrases, b.jobs)).submit(phrase)
         total = 0
         try:
             while (audio := await chunks.get()) is not None:

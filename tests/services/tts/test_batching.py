@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from services.tts.batcher import EngineClosed
-from services.tts.engine import Engine, ModelState
+from services.tts.batcher import Batcher, EngineClosed, Phrase
+from services.tts.engine import Engine, ModelState, load_model
+from services.tts.pocket_config import resolve
 from shared.audio import SAMPLE_RATE
 from tests.support.tts import SPEECH, SPEECH2, read_clip, tts_settings
 
@@ -173,3 +175,49 @@ async def test_closing_the_engine_ends_every_phrase_and_refuses_new_ones(
         await speak(engine, clone, SHORT)
     with pytest.raises(EngineClosed):
         await engine.voice_state(read_clip(SPEECH))
+
+
+async def test_voice_states_asked_for_at_once_run_one_per_step(tts_checkpoint: Path, tmp_path: Path) -> None:
+    """A voice state is computed on the instance's thread between two steps. Several asked for at once run
+    one per step, so the phrases in progress speak between them (rather than pausing for them all), and
+    they are counted as the instance's load, so the engine gives the next one to another instance."""
+    settings = tts_settings(tts_checkpoint, tmp_path, "redis://unused", "unused:")
+    model = load_model(settings, resolve(settings.tts_dir, settings.tts_config))
+    batcher = Batcher(model, 0)
+    try:
+        steps: list[int] = []  # appended on the batcher's thread, one per step of the phrase
+        speaking, ended = threading.Event(), threading.Event()
+
+        def on_audio(audio: np.ndarray) -> None:
+            steps.append(len(audio))
+            speaking.set()
+
+        phrase = Phrase(
+            state=model.get_state_for_audio_prompt(torch.from_numpy(read_clip(SPEECH))[None]),
+            text=LONG,
+            max_samples=60 * SAMPLE_RATE,
+            cancel=threading.Event(),
+            on_audio=on_audio,
+            on_end=lambda _: ended.set(),
+        )
+        batcher.submit(phrase)
+        assert await asyncio.to_thread(speaking.wait, 30)
+        holding, gate = threading.Event(), threading.Event()
+
+        def hold() -> None:  # the thread waits here while three voice states are asked for
+            holding.set()
+            gate.wait()
+
+        held = batcher.call(hold)
+        assert await asyncio.to_thread(holding.wait, 30)
+        asked = [batcher.call(len, steps) for _ in range(3)]
+        assert batcher.jobs == 3
+        gate.set()
+        await asyncio.wrap_future(held)
+        seen = [await asyncio.wrap_future(job) for job in asked]
+        assert seen[0] < seen[1] < seen[2], seen
+        assert batcher.jobs == 0
+        phrase.cancel.set()
+        assert await asyncio.to_thread(ended.wait, 30)
+    finally:
+        batcher.close()
