@@ -9,27 +9,32 @@ Random weights never end speech, so each phrase is bounded to the time it takes 
 
 1. In process, one model instance: voice-state time for a 7.5 s clip; per phrase, time to the first
    audio chunk and the real-time factor (seconds of audio per second of compute), each in wall time and
-   in the process's CPU time. A core holds at most floor(CPU real-time factor) continuous sessions
-   (`sessions_per_core_cpu_bound`); CPU time stays meaningful on a machine shared with other work, where
-   wall time measures the neighbours too.
-2. Through Redis with a real `chorus tts` process holding one instance (one core): K sessions with a
-   cloned voice, each fed Moshi-like text at 2.5 words/s (one piece per 80 ms frame, a sentence every
-   10 words) for 20 s of continuous speech; per phrase, the time from its last text piece on `:dlg` to its
-   first frame on `:tts`. K is "kept real time" when no phrase is dropped and 95% of phrases start within
-   1 s; K grows through SESSION_STEPS until it is not.
+   in the process's CPU time (CPU time stays meaningful on a machine shared with other work, where wall
+   time measures the neighbours too).
+2. Through Redis with a real `chorus tts` process holding one instance, pinned to one core (`taskset`;
+   `BENCH_TTS_CORE`, default the last one): K sessions with a cloned voice, each fed Moshi-like text at
+   2.5 words/s (one piece per 80 ms frame, a sentence every 10 words) for 20 s of continuous speech; per
+   phrase, the time from its last text piece on `:dlg` to its first frame on `:tts`. K is "kept real
+   time" when no phrase is dropped and 95% of phrases start within 1 s; K grows through SESSION_STEPS
+   until it is not. Run twice (`BENCH_TTS_MODES=batched,unbatched` chooses): batched
+   (`CHORUS_TTS_BATCH=true`, one forward pass per step for all the phrases in progress) and unbatched
+   (one phrase at a time), the baseline. Every run records the load average and the worker's CPU time:
+   CPU seconds per second of audio (`cpu_s_per_audio_s`, per session) is what the sessions cost whatever
+   else runs on the machine, and K sessions fit a core by CPU time when K x that <= 1
+   (`sessions_per_core_cpu_bound`).
 
 The target: the smallest variant whose first audio stays within 200 ms holds 6 or more continuous cloned
-sessions per core. `recommendation` applies it to the CPU-time figures.
+sessions per core. `recommendation` applies it to the batched CPU-time figures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,7 +78,12 @@ from shared.voice_profiles import VoiceProfile, VoiceProfileStore, new_profile_i
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO / ".cache" / "checkpoints-full"
 VARIANTS = ("english", "english_18m_2026-10", "english_7m_2026-10", "english_2m_2026-10")
-SESSION_STEPS = (1, 2, 3, 4, 6, 8, 10, 12, 16)
+SESSION_STEPS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24)
+# The worker's settings per mode (`BENCH_TTS_MODES=batched,...` runs only some).
+MODES: dict[str, dict[str, Any]] = {
+    "batched": {"tts_batch": True},
+    "unbatched": {"tts_batch": False},
+}
 FIRST_AUDIO_TARGET_S = 0.2
 SESSIONS_TARGET = 6
 CLIP = REPO / "tests" / "fixtures" / "audio" / "speech.wav"
@@ -115,9 +125,9 @@ def _p(values: list[float], q: float) -> float:
 # --- 1. one instance, in process ---------------------------------------------------------------------
 
 
-async def single_stream(checkpoint: Path) -> dict[str, Any]:
+async def single_stream(checkpoint: Path, mode: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
-    engine = await Engine.load(_settings(checkpoint))
+    engine = await Engine.load(_settings(checkpoint, **mode))
     load_s = time.monotonic() - started
     clip = _clip()
     state_times, state_cpu = [], []
@@ -169,10 +179,30 @@ async def single_stream(checkpoint: Path) -> dict[str, Any]:
 # --- 2. sessions through Redis, a real worker process ------------------------------------------------
 
 
+def _core() -> int:
+    return int(os.environ.get("BENCH_TTS_CORE", max(os.sched_getaffinity(0))))
+
+
+def _pinned(command: list[str]) -> list[str]:
+    """The worker on one core, so its figures are one core's (where taskset exists)."""
+    return ["taskset", "-c", str(_core()), *command] if shutil.which("taskset") else command
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 @contextlib.contextmanager
 def tts_process(
-    redis_url: str, prefix: str, data_dir: Path, checkpoint: Path, instances: int
-) -> Iterator[None]:
+    redis_url: str, prefix: str, data_dir: Path, checkpoint: Path, instances: int, mode: dict[str, Any]
+) -> Iterator[int]:
+    """A `chorus tts` worker; yields its pid."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
     env.update(
         {
@@ -182,6 +212,7 @@ def tts_process(
             "CHORUS_DATA_DIR": str(data_dir),
             "CHORUS_TTS_DIR": str(checkpoint),
             "CHORUS_TTS_INSTANCES": str(instances),
+            **{f"CHORUS_{key.upper()}": str(value).lower() for key, value in mode.items()},
             "CHORUS_TTS_MAX_SESSIONS": "32",
             "CHORUS_TTS_EOS_THRESHOLD": "1e9",
             "CHORUS_TTS_MAX_SECONDS_PER_WORD": str(SECONDS_PER_WORD),
@@ -193,10 +224,10 @@ def tts_process(
     )
     with open(data_dir / "tts.log", "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "chorus.cli", "tts"], env=env, stdout=log, stderr=log
+            _pinned([sys.executable, "-m", "chorus.cli", "tts"]), env=env, stdout=log, stderr=log
         )
         try:
-            yield
+            yield process.pid
         except BaseException:
             print((data_dir / "tts.log").read_text(errors="replace")[-3000:], file=sys.stderr)
             raise
@@ -274,7 +305,7 @@ def _expected_phrases(script: list[str]) -> int:
     return sum(len(phraser.push(seq, piece)) for seq, piece in enumerate(script))
 
 
-async def _sessions_run(bus: Bus, voice: str, count: int, run: int) -> dict[str, Any]:
+async def _sessions_run(bus: Bus, voice: str, count: int, run: int, pid: int) -> dict[str, Any]:
     sessions = [f"bench-{run}-{i}" for i in range(count)]
     store = SessionStore(bus, 600)
     for sid in sessions:
@@ -292,7 +323,9 @@ async def _sessions_run(bus: Bus, voice: str, count: int, run: int) -> dict[str,
     scripts = {
         sid: [""] * (i * period // count) + _script(seed=run * 100 + i) for i, sid in enumerate(sessions)
     }
+    load_before, cpu_before, started = _load(), _cpu_s(pid), time.monotonic()
     await _feed(bus, sessions, scripts, drain_frames=round(6 / FRAME_SEC))
+    cpu_s, wall_s = _cpu_s(pid) - cpu_before, time.monotonic() - started
     for sid in sessions:
         await bus.append_control(SessionStop(session_id=sid, reason="bench"))
     latencies: list[float] = []
@@ -312,11 +345,18 @@ async def _sessions_run(bus: Bus, voice: str, count: int, run: int) -> dict[str,
         "latency_s": {"p50": _p(latencies, 0.5), "p95": p95, "max": _p(latencies, 1.0)},
         "audio_s_per_session": round(audio_s / count, 1),
         "real_time": expected == spoken and p95 <= REALTIME_P95_S,
+        # The worker's CPU seconds per second of audio it sent (per session: the same figure), and the
+        # share of its core it used: robust to other work on the machine, unlike the latencies.
+        "cpu_s_per_audio_s": round(cpu_s / audio_s, 4) if audio_s else None,
+        "core_share": round(cpu_s / wall_s, 3),
+        "load_average": [load_before, _load()],
     }
 
 
-async def concurrency(checkpoint: Path, instances: int, steps: tuple[int, ...]) -> list[dict[str, Any]]:
-    prefix = f"bench{instances}:"
+async def concurrency(
+    checkpoint: Path, instances: int, steps: tuple[int, ...], mode: str
+) -> list[dict[str, Any]]:
+    prefix = f"bench{instances}{mode}:"
     with tempfile.TemporaryDirectory(prefix="chorus-bench-") as tmp, EmbeddedRedis() as redis:
         data_dir = Path(tmp)
         store = VoiceProfileStore(LocalStorage(data_dir))
@@ -335,11 +375,11 @@ async def concurrency(checkpoint: Path, instances: int, steps: tuple[int, ...]) 
         bus = await Bus.connect(redis.url, StreamNames(prefix), session_maxlen=5000)
         results = []
         try:
-            with tts_process(redis.url, prefix, data_dir, checkpoint, instances):
+            with tts_process(redis.url, prefix, data_dir, checkpoint, instances, MODES[mode]) as pid:
                 await _wait_ready(bus, profile.id)
                 for count in steps:
-                    result = await _sessions_run(bus, profile.voice, count, run=count)
-                    print(f"   {instances} instance(s), {count} session(s): {result}", flush=True)
+                    result = await _sessions_run(bus, profile.voice, count, run=count, pid=pid)
+                    print(f"   {mode}, {instances} instance(s), {count} session(s): {result}", flush=True)
                     results.append(result)
                     if not result["real_time"]:
                         break
@@ -370,41 +410,65 @@ def _parameters(checkpoint: Path) -> int:
     return sum(tensor.numel() for tensor in load_file(str(checkpoint / "model.safetensors")).values())
 
 
+def _cpu_bound(runs: list[dict[str, Any]]) -> int:
+    """The most sessions measured whose continuous speech fits one core by CPU time."""
+    fit = [
+        r["sessions"] for r in runs if r["cpu_s_per_audio_s"] and r["sessions"] * r["cpu_s_per_audio_s"] <= 1
+    ]
+    return max(fit, default=0)
+
+
+def _mode(checkpoint: Path, name: str, mode: str) -> dict[str, Any]:
+    single = asyncio.run(single_stream(checkpoint, MODES[mode]))
+    print(f"   {name}, {mode}: single stream {single}", flush=True)
+    runs = asyncio.run(concurrency(checkpoint, 1, SESSION_STEPS, mode))
+    kept = [r for r in runs if r["real_time"]]
+    return {
+        "single_stream": single,
+        "sessions_one_instance": runs,
+        "real_time_sessions_per_core": max((r["sessions"] for r in kept), default=0),
+        "sessions_per_core_cpu_bound": _cpu_bound(runs),
+        # Its first audio alone: the compute to the first chunk, after the frame the phraser waits for.
+        "first_audio_cpu_s": round(single["first_chunk_cpu_s"]["p50"] + FRAME_SEC, 3),
+        # Among the most sessions kept in real time: text's last piece to the phrase's first frame.
+        "phrase_start_s_at_most_sessions": kept[-1]["latency_s"] if kept else None,
+    }
+
+
+def _modes() -> list[str]:
+    chosen = os.environ.get("BENCH_TTS_MODES")
+    return [m for m in chosen.split(",") if m] if chosen else list(MODES)
+
+
 def variant(name: str) -> dict[str, Any]:
     started = time.monotonic()
     checkpoint = write_tts_checkpoint(CHECKPOINTS / f"tts-{name}", config_name=name)
     print(f"   {name}: checkpoint ready in {time.monotonic() - started:.0f} s", flush=True)
-    single = asyncio.run(single_stream(checkpoint))
-    print(f"   {name}: single stream {single}", flush=True)
-    sessions = asyncio.run(concurrency(checkpoint, 1, SESSION_STEPS))
     return {
         "parameters_m": round(_parameters(checkpoint) / 1e6, 1),
-        "single_stream": single,
-        "sessions_one_instance": sessions,
-        "real_time_sessions_per_core": max((r["sessions"] for r in sessions if r["real_time"]), default=0),
-        # A continuous session needs a second of audio a second: a core holds at most this many.
-        "sessions_per_core_cpu_bound": math.floor(single["realtime_factor_cpu"]),
-        # Its first audio: the compute to the first chunk, after the frame the phraser waits for.
-        "first_audio_cpu_s": round(single["first_chunk_cpu_s"]["p50"] + FRAME_SEC, 3),
+        **{mode: _mode(checkpoint, name, mode) for mode in _modes()},
     }
 
 
 def recommend(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The variant a core holds the most continuous sessions of (CPU-time bound) among those whose first
-    audio (CPU time) stays within the target; the smallest on a tie. CPU time, not wall time: on a
+    """The variant a core holds the most continuous sessions of (batched, CPU-time bound) among those whose
+    first audio (CPU time) stays within the target; the smallest on a tie. CPU time, not wall time: on a
     machine shared with other work the wall-clock figures measure the neighbours as much as the model."""
-    fitting = [n for n, r in results.items() if r["first_audio_cpu_s"] <= FIRST_AUDIO_TARGET_S]
+    batched = {n: r["batched"] for n, r in results.items()}
+    fitting = [n for n, r in batched.items() if r["first_audio_cpu_s"] <= FIRST_AUDIO_TARGET_S]
     if not fitting:
         return {"variant": None, "meets_target": False}
     best = max(
-        fitting, key=lambda n: (results[n]["sessions_per_core_cpu_bound"], -results[n]["parameters_m"])
+        fitting, key=lambda n: (batched[n]["sessions_per_core_cpu_bound"], -results[n]["parameters_m"])
     )
-    chosen = results[best]
+    chosen = batched[best]
     return {
         "variant": best,
+        "batched": True,
         "first_audio_cpu_s": chosen["first_audio_cpu_s"],
         "sessions_per_core_cpu_bound": chosen["sessions_per_core_cpu_bound"],
         "sessions_per_core_measured": chosen["real_time_sessions_per_core"],
+        "unbatched_sessions_per_core_cpu_bound": results[best]["unbatched"]["sessions_per_core_cpu_bound"],
         "meets_target": chosen["sessions_per_core_cpu_bound"] >= SESSIONS_TARGET,
     }
 
@@ -417,12 +481,17 @@ def run() -> dict[str, Any]:
     return {
         "model": "Pocket TTS English architectures (published configs), random weights",
         # Other work on the machine slows every figure: the 1-minute load average before and after.
-        "machine": {**_machine(), "load_average": [round(load_before[0], 1), round(os.getloadavg()[0], 1)]},
+        "machine": {
+            **_machine(),
+            "load_average": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
+            "tts_core": _core(),
+        },
         "words_per_s": WORDS_PER_S,
         "target": {"first_audio_s": FIRST_AUDIO_TARGET_S, "sessions_per_core": SESSIONS_TARGET},
         "variants": results,
         "recommendation": recommend(results),
-        "note": "Measured on a shared 2-core machine (other work running): one core runs the worker's one "
-        "instance, the other Redis and the load generator. Continuous speech is the worst case: Moshi "
-        "talks part of the time.",
+        "note": "The worker's one instance is pinned to one core (tts_core); Redis and the load generator "
+        "run on the others. On a shared machine, trust cpu_s_per_audio_s and sessions_per_core_cpu_bound "
+        "over the latencies (each run records its load average). Continuous speech is the worst case: "
+        "Moshi talks part of the time.",
     }

@@ -1,9 +1,11 @@
 """Pocket TTS behind an async API: a pool of model instances, each used by one thread at a time.
 
-`TTSModel.generate_audio_stream` is not thread-safe per instance and `pocket_tts` pins torch to one
-thread per process at import, so concurrency comes from several instances, each on its own executor
-thread (and the generation/decoding threads pocket_tts starts itself). The event loop never runs a
-forward pass: chunks cross from the synthesis thread to the loop through a queue.
+`pocket_tts` pins torch to one thread per process at import. Batched (`CHORUS_TTS_BATCH`, the default),
+each instance is a `Batcher` thread that speaks all the phrases given to it at once, one forward pass per
+step for all of them; a phrase goes to the instance with the fewest. Unbatched, an instance speaks one
+phrase at a time through `TTSModel.generate_audio_stream` (not thread-safe per instance) on its own
+executor thread, and concurrency comes only from several instances. Either way the event loop never runs
+a forward pass: chunks cross from the model's thread to the loop through a queue.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 
+from services.tts.batcher import Batcher, Phrase
 from services.tts.catalog import Catalog
 from services.tts.pocket_config import CONFIG_FILE, PocketConfig, resolve
 from services.tts.settings import TtsSettings
@@ -68,7 +71,8 @@ class DeadlinePassed(Exception):
 class Engine:
     """N model instances and a thread per instance; `synthesize` and `voice_state` borrow one."""
 
-    def __init__(self, models: list[Any], choice: PocketConfig) -> None:
+    def __init__(self, models: list[Any], choice: PocketConfig, *, batch_rows: int = 0) -> None:
+        """`batch_rows`: phrases each instance speaks at once, batched (0: one at a time, unbatched)."""
         self.choice = choice
         self.version = choice.version()
         self.instances = len(models)
@@ -76,10 +80,12 @@ class Engine:
         self.can_clone = all(getattr(model, "has_voice_cloning", True) for model in models)
         self.catalog = Catalog(choice)
         self._any = models[0]
-        self._free: asyncio.Queue[Any] = asyncio.Queue()
-        for model in models:
-            self._free.put_nowait(model)
         self._executor = ThreadPoolExecutor(max_workers=len(models), thread_name_prefix="tts-model")
+        self._batchers = [Batcher(model, index) for index, model in enumerate(models)] if batch_rows else []
+        # What a phrase waits for: a free instance, or batched a free row on any instance.
+        self._free: asyncio.Queue[Any] = asyncio.Queue()
+        for token in models * max(1, batch_rows):
+            self._free.put_nowait(token)
 
     @classmethod
     async def load(cls, settings: TtsSettings) -> Engine:
@@ -88,11 +94,13 @@ class Engine:
         models = [
             await asyncio.to_thread(load_model, settings, choice) for _ in range(settings.tts_instances)
         ]
-        engine = await asyncio.to_thread(cls, models, choice)
+        rows = settings.tts_batch_rows if settings.tts_batch else 0
+        engine = await asyncio.to_thread(cls, models, choice, batch_rows=rows)
         log.info(
             "pocket tts loaded",
             extra={
                 "instances": len(models),
+                "batched": settings.tts_batch,
                 "model_version": engine.version,
                 "tts_config": choice.name,
                 "tts_dir": str(choice.local_dir or "hub"),
@@ -110,6 +118,8 @@ class Engine:
         return engine
 
     def close(self) -> None:
+        for batcher in self._batchers:
+            batcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     @contextlib.asynccontextmanager
@@ -126,6 +136,14 @@ class Engine:
         if not self.can_clone:
             raise CloningUnavailable()
         prompt = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))[None, :]
+        if self._batchers:
+            # On the instance's own thread, between two steps of the phrases it speaks; voice states asked
+            # for at once go to different instances, as unbatched.
+            batcher = min(self._batchers, key=lambda b: (b.jobs, b.phrases))
+            computed: ModelState = await asyncio.wrap_future(
+                batcher.call(batcher.model.get_state_for_audio_prompt, prompt)
+            )
+            return computed
         async with self._instance() as model:
             loop = asyncio.get_running_loop()
             state: ModelState = await loop.run_in_executor(
@@ -153,12 +171,17 @@ class Engine:
         """Stream `text` in the voice of `state` into `sink` (float chunks at 24 kHz) until the model
         ends the speech, `max_samples` are out, or `cancel` is set. Returns the samples produced.
 
-        `deadline` (unix time): checked once an instance is free, since waiting for one can take seconds
-        on a busy worker; past it, `DeadlinePassed` is raised and nothing is synthesised.
+        `deadline` (unix time): checked once an instance (batched: a row) is free, since waiting for one
+        can take seconds on a busy worker; past it, `DeadlinePassed` is raised and nothing is synthesised.
         """
+        if self._batchers:
+            async with self._instance():
+                _check_deadline(deadline)
+                return await self._synthesize_batched(
+                    state, text, max_samples=max_samples, cancel=cancel, sink=sink
+                )
         async with self._instance() as model:
-            if deadline is not None and time.time() > deadline:
-                raise DeadlinePassed(f"{time.time() - deadline:.1f} s past its deadline")
+            _check_deadline(deadline)
             loop = asyncio.get_running_loop()
             chunks: asyncio.Queue[FloatAudio | None] = asyncio.Queue()
 
@@ -187,7 +210,62 @@ class Engine:
                 # Whatever ended the stream, the instance goes back only once its thread is done with it.
                 cancel.set()
                 await worker
-            elapsed = time.monotonic() - started
-            if total and elapsed > 0:
-                metrics.TTS_REALTIME_FACTOR.observe(total / SAMPLE_RATE / elapsed)
+            _observe(total, started)
             return total
+
+    async def _synthesize_batched(
+        self, state: ModelState, text: str, *, max_samples: int, cancel: threading.Event, sink: AudioSink
+    ) -> int:
+        """`synthesize` through the instance speaking the fewest phrases: it joins that batch's next step."""
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[FloatAudio | None] = asyncio.Queue()
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def on_end(error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle, ended, error)
+            loop.call_soon_threadsafe(chunks.put_nowait, None)
+
+        def on_audio(audio: FloatAudio) -> None:
+            loop.call_soon_threadsafe(chunks.put_nowait, audio)
+
+        phrase = Phrase(
+            state=state,
+            text=text,
+            max_samples=max_samples,
+            cancel=cancel,
+            on_audio=on_audio,
+            on_end=on_end,
+        )
+        started = time.monotonic()
+        min(self._batchers, key=lambda b: (b.phrases, b.jobs)).submit(phrase)
+        total = 0
+        try:
+            while (audio := await chunks.get()) is not None:
+                total += len(audio)
+                await sink(audio)
+        finally:
+            # Whatever ended the stream, the batcher drops the phrase at its next step.
+            cancel.set()
+            await ended
+        _observe(total, started)
+        return total
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.time() > deadline:
+        raise DeadlinePassed(f"{time.time() - deadline:.1f} s past its deadline")
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _observe(samples: int, started: float) -> None:
+    elapsed = time.monotonic() - started
+    if samples and elapsed > 0:
+        metrics.TTS_REALTIME_FACTOR.observe(samples / SAMPLE_RATE / elapsed)

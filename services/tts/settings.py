@@ -39,14 +39,32 @@ class TtsSettings(CommonSettings):
         default=1,
         ge=1,
         le=64,
-        description="Model instances in this worker, each synthesising one phrase at a time on its own "
-        "thread (Pocket TTS is not thread-safe per instance and uses one CPU core per instance).",
+        description="Model instances in this worker, each on its own thread and CPU core (Pocket TTS uses "
+        "one torch thread per process). Batched, an instance speaks many phrases at once; unbatched, one.",
+    )
+    tts_batch: bool = Field(
+        default=True,
+        description="Batch the phrases an instance speaks at once into one forward pass per 80 ms step "
+        "(flow LM and Mimi decoder), rows joining and leaving between steps: english_2m kept 8 continuous "
+        "sessions per core in real time against 4 unbatched, for 0.11 against 0.14 CPU s per second of "
+        "audio (docs/performance.md). false = one phrase at a time per instance through Pocket TTS's own "
+        "generate_audio_stream.",
+    )
+    tts_batch_rows: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Batched: phrases one instance speaks at once; more wait for a row. Bounds a step's "
+        "time and memory (english_2m keeps 8 continuous sessions per core in real time: performance.md).",
     )
     tts_max_sessions: int = Field(
         default=8, ge=1, description="Sessions this worker serves at once (cloned or waiting to be)."
     )
     tts_temperature: float | None = Field(
-        default=None, gt=0, description="Pocket TTS sampling temperature; unset = the model config's."
+        default=None,
+        ge=0,
+        description="Pocket TTS sampling temperature; unset = the model config's; 0 = no sampling noise "
+        "(the same text and voice always give the same audio).",
     )
     tts_eos_threshold: float | None = Field(
         default=None,

@@ -44,6 +44,9 @@ def tts_settings(
         "tts_dir": tts_dir,
         "worker_id": f"tts-test-{uuid.uuid4().hex[:6]}",
         "tts_eos_threshold": 1e9,
+        # One phrase per instance at a time, so a test can keep the worker busy with one phrase (rows
+        # spoken together: tests/services/tts/test_batching.py).
+        "tts_batch_rows": 1,
         "tts_max_seconds_per_word": 0.24,
         "tts_phrase_extra_s": 0.16,
         "session_check_s": 0.5,

@@ -3,6 +3,7 @@ text read from :dlg as the dialogue service writes it, cloned frames on :tts."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,31 @@ def store(settings: TtsSettings) -> VoiceProfileStore:
     return VoiceProfileStore(LocalStorage(settings.data_dir))
 
 
+@pytest.fixture(scope="module", params=["batched, a row each", "batched, one batch", "unbatched"])
+async def any_engine(
+    request: pytest.FixtureRequest,
+    tts_engine: Engine,
+    tts_checkpoint: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Engine]:
+    """The shared engine (one row per instance: phrases take turns), one whose phrases share a batch, and
+    one without batching (`CHORUS_TTS_BATCH=false`)."""
+    if request.param == "batched, a row each":
+        yield tts_engine
+        return
+    settings = tts_settings(
+        tts_checkpoint,
+        tmp_path_factory.mktemp("engine"),
+        "redis://unused",
+        "unused:",
+        tts_batch=request.param == "batched, one batch",
+        tts_batch_rows=2,
+    )
+    engine = await Engine.load(settings)
+    yield engine
+    engine.close()
+
+
 class Dialogue:
     """Writes :dlg as the dialogue service does: one frame per 80 ms tick, a text piece or ''."""
 
@@ -81,10 +107,10 @@ def frames_of(entries: list[object]) -> list[ClonedAudio]:
 
 
 async def test_two_sessions_speak_moshis_text_in_their_own_voices_at_once(
-    bus: Bus, settings: TtsSettings, store: VoiceProfileStore, tts_engine: Engine
+    bus: Bus, settings: TtsSettings, store: VoiceProfileStore, any_engine: Engine
 ) -> None:
     alice, bob = await add_profile(store, SPEECH), await add_profile(store, SPEECH2)
-    async with running_worker(bus, settings, tts_engine) as worker:
+    async with running_worker(bus, settings, any_engine) as worker:
         await start_session(bus, "s-alice", alice.voice)
         await start_session(bus, "s-bob", bob.voice)
         a, b = Dialogue(bus, "s-alice"), Dialogue(bus, "s-bob")
