@@ -317,12 +317,17 @@ async def test_a_gateway_starting_leaves_another_gateways_upload_alone_whatever_
     redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
     """Gateways may share a data directory: one starting with no grace must not remove the file another is
-    receiving an upload into (not written to for a while: its client is slow, or it is being checked)."""
+    receiving an upload into (not written to for a while: its client is slow, or it is being checked), nor
+    the voice profile another is writing."""
     (incoming := tmp_path / ".incoming").mkdir()
     (receiving := incoming / ".upload-elsewhere.part").write_bytes(b"the first half of an adapter")
     os.utime(receiving, (time.time() - 20, time.time() - 20))
+    (writing := tmp_path / "voices" / "voice_elsewhere").mkdir(parents=True)
+    (writing / "clip.wav").write_bytes(b"RIFF")
+    (pending := writing / "pending.json").write_text(json.dumps({"started_at": time.time() - 20}))
     async with gateway_client(redis_url, key_prefix, tmp_path, voice_sweep_grace_s=0, upload_timeout_s=60):
-        assert receiving.exists()
+        assert receiving.exists() and writing.exists()
     os.utime(receiving, (time.time() - 3600, time.time() - 3600))  # past any upload's time bound: a crash's
+    pending.write_text(json.dumps({"started_at": time.time() - 3600}))
     async with gateway_client(redis_url, key_prefix, tmp_path, voice_sweep_grace_s=0, upload_timeout_s=60):
-        assert not receiving.exists()
+        assert not receiving.exists() and not writing.exists()
