@@ -30,7 +30,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
-from services.gateway.adapters import check_adapter_served
+from services.gateway.adapters import check_adapter_served, references
 from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
 from services.gateway.lifetime import Lifetime
@@ -376,12 +376,17 @@ class RealtimeSession:
         """`chorus_adapter`: the session's LoRA adapter; mid-session its rows switch from the worker's
         next step (docs/personas.md). Mid-session the same adapter is asked for again: the worker may have
         refused it (an `error` event), and one it runs already it ignores."""
-        if adapter == self.adapter and self.conversation is None:
+        if self.conversation is None:
+            if adapter != self.adapter:
+                await check_adapter_served(self.websocket, self.owner, adapter)  # again at the start
+                self.adapter = adapter
             return
-        if self.conversation is not None and adapter != self.adapter:
+        if adapter != self.adapter:
             self._check_switch_rate()
-        await check_adapter_served(self.websocket, self.owner, adapter)
-        if self.conversation is not None:
+        # Checked and written to the session hash under the owner's adapter lock: a delete at the same
+        # moment either sees the session run it (409) or has deleted it before this check.
+        async with references(self.websocket).held(self.owner):
+            await check_adapter_served(self.websocket, self.owner, adapter)
             if adapter != self.adapter:
                 self.adapter_switched_at = time.monotonic()
             await self.conversation.update(adapter=adapter)
