@@ -68,6 +68,7 @@ from shared.errors import (
     RateLimited,
 )
 from shared.messages import EventName, SessionEvent, native_voice_for
+from shared.sessions import start_of
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -166,6 +167,7 @@ class RealtimeSession:
                 input_audio_format=ev.beta_format(self.audio.input),
                 output_audio_format=ev.beta_format(self.audio.output),
                 turn_detection={"type": "server_vad", "idle_timeout_ms": idle_ms},
+                chorus_adapter=self.adapter,
             )
         return ev.SessionObject(
             id=self.session_id,
@@ -178,6 +180,7 @@ class RealtimeSession:
                 },
                 "output": {"format": ev.ga_format(self.audio.output), "voice": self.voice},
             },
+            chorus_adapter=self.adapter,
         )
 
     def send(self, event: ev.ServerEvent) -> None:
@@ -392,6 +395,17 @@ class RealtimeSession:
             await self.conversation.update(adapter=adapter)
         self.adapter = adapter
 
+    async def _tell_adapter_in_use(self) -> None:
+        """After the worker refused an update (an `error` event): a refused `chorus_adapter` switch leaves
+        the session on the adapter it had, which the worker wrote back to the session hash before the event.
+        A client whose last session.updated named the one refused gets a new one naming the one in use."""
+        assert self.conversation is not None
+        start = start_of(await self.conversation.store.get(self.conversation.session_id))
+        if start is None or start.persona.adapter == self.adapter:
+            return
+        self.adapter = start.persona.adapter
+        self.send(ev.SessionUpdated(session=self.session_object()))
+
     def _check_switch_rate(self) -> None:
         """A switch may load the adapter on the worker, which pauses every session on it meanwhile (the
         load runs where the steps do): one session may not make it do so back to back."""
@@ -466,6 +480,8 @@ class RealtimeSession:
                 if isinstance(message, SessionEvent) and message.name == EventName.ENDED:
                     break
                 await self.send_output(self.carver.on_output(message, self._heard_ms()))
+                if isinstance(message, SessionEvent) and message.name == EventName.ERROR:
+                    await self._tell_adapter_in_use()
         except LifetimeReached as reached:
             await self.send_output(self.carver.finish())
             if isinstance(reached, IdleTimeout):

@@ -22,8 +22,9 @@ from websockets.asyncio.client import connect
 from chorus.devtools.lora_adapter import checkpoint_layers, write_random_adapter
 from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
 from shared.adapter_store import AdapterStore
-from shared.messages import CONTROL, SessionUpdate
+from shared.messages import CONTROL, EventName, Failure, SessionEvent, SessionUpdate
 from shared.presence import WorkerPresence
+from shared.sessions import SessionStore
 from shared.storage import LocalStorage
 from tests.services.gateway.app_client import gateway_client
 from tests.services.gateway.test_session_faults import (
@@ -34,6 +35,7 @@ from tests.services.gateway.test_session_faults import (
     ready,
     running_gateway,
 )
+from tests.support.openai_conformance import conforming
 from tests.support.paths import CHECKPOINT_CACHE
 from tests.support.waiting import wait_until
 
@@ -316,6 +318,40 @@ async def test_an_adapter_a_live_session_runs_cannot_be_deleted(
             return (await http.delete(f"/v1/adapters/{third}")).status_code == 204
 
         await wait_until(deleted, "the adapter to be deletable once the session ended")
+
+
+async def test_after_the_worker_refused_a_switch_the_client_learns_the_adapter_in_use(
+    adapter_gateway: Gateway, adapter_file: bytes
+) -> None:
+    """session.updated names the adapter asked for; the worker may then refuse it (an `error` event) and
+    keep the one it had: a new session.updated names that one, and the session still runs it."""
+    bus = adapter_gateway.app.state.bus
+    async with httpx.AsyncClient(base_url=adapter_gateway.ws_url.replace("ws://", "http://")) as http:
+        kept, refused = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(2)]
+        async with connect(f"{adapter_gateway.ws_url}/v1/realtime?model=moshiko&adapter={kept}") as ws:
+            created = conforming(await ws.recv())
+            sid = created["session"]["id"]
+            assert created["session"]["chorus_adapter"] == kept
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": SILENCE_80MS}))
+            await ready(bus, sid, "realtime", ws)
+
+            async def next_event(*types: str) -> dict[str, Any]:
+                while (event := conforming(await asyncio.wait_for(ws.recv(), 10)))["type"] not in types:
+                    pass
+                return event
+
+            await ws.send(json.dumps({"type": "session.update", "session": {"chorus_adapter": refused}}))
+            assert (await next_event("session.updated"))["session"]["chorus_adapter"] == refused
+            # The worker refuses it as serving.py does: the hash back to the adapter kept, then the error.
+            await SessionStore(bus, 60).update(sid, adapter=kept)
+            error = SessionEvent.of(
+                sid, 1, EventName.ERROR, "all adapter slots in use", Failure(code="no_capacity")
+            )
+            await bus.append(bus.names.session_output(sid), error)
+            assert (await next_event("error"))["error"]["message"] == "all adapter slots in use"
+            updated = await next_event("session.updated", "error")
+            assert updated["type"] == "session.updated" and updated["session"]["chorus_adapter"] == kept
+        assert (await http.delete(f"/v1/adapters/{refused}")).status_code == 204, "no session runs it"
 
 
 async def test_a_session_starting_and_a_delete_of_its_adapter_at_once_never_both_win(
