@@ -157,6 +157,11 @@ class RealtimeSession:
         self.chorus_events = True  # `session.chorus_events: false` turns Chorus's own events off
         self.appended_since_commit = False
 
+    def adapter_in_use(self) -> str | None:
+        """The session's LoRA adapter: its conversation's (a persona's own, or `chorus_adapter`), else the
+        one `chorus_adapter` asked for before the conversation starts."""
+        return self.conversation.persona.adapter if self.conversation is not None else self.adapter
+
     def session_object(self) -> ev.SessionObject | ev.BetaSessionObject:
         idle_ms = round(self.idle_timeout_s * 1000) or None
         if self.beta:
@@ -167,7 +172,7 @@ class RealtimeSession:
                 input_audio_format=ev.beta_format(self.audio.input),
                 output_audio_format=ev.beta_format(self.audio.output),
                 turn_detection={"type": "server_vad", "idle_timeout_ms": idle_ms},
-                chorus_adapter=self.adapter,
+                chorus_adapter=self.adapter_in_use(),
             )
         return ev.SessionObject(
             id=self.session_id,
@@ -180,7 +185,7 @@ class RealtimeSession:
                 },
                 "output": {"format": ev.ga_format(self.audio.output), "voice": self.voice},
             },
-            chorus_adapter=self.adapter,
+            chorus_adapter=self.adapter_in_use(),
         )
 
     def send(self, event: ev.ServerEvent) -> None:
@@ -399,11 +404,13 @@ class RealtimeSession:
         """After the worker refused an update (an `error` event): a refused `chorus_adapter` switch leaves
         the session on the adapter it had, which the worker wrote back to the session hash before the event.
         A client whose last session.updated named the one refused gets a new one naming the one in use."""
-        assert self.conversation is not None
-        start = start_of(await self.conversation.store.get(self.conversation.session_id))
-        if start is None or start.persona.adapter == self.adapter:
+        conversation = self.conversation
+        assert conversation is not None
+        start = start_of(await conversation.store.get(conversation.session_id))
+        if start is None or start.persona.adapter == conversation.persona.adapter:
             return
         self.adapter = start.persona.adapter
+        conversation.persona = conversation.persona.model_copy(update={"adapter": self.adapter})
         self.send(ev.SessionUpdated(session=self.session_object()))
 
     def _check_switch_rate(self) -> None:

@@ -399,8 +399,9 @@ class SessionObject(BaseModel):
     instructions: str = ""
     output_modalities: list[str] = Field(default_factory=lambda: ["audio"])
     audio: dict[str, Any]
-    # Ours, not part of the OpenAI API: the LoRA adapter the session runs (null: none). After a worker
-    # refused a mid-session switch (an `error` event), a new session.updated gives the one kept.
+    # Ours, not part of the OpenAI API: the LoRA adapter the session runs (null: none; before the
+    # conversation starts, the one asked for). After a worker refused a mid-session switch (an `error`
+    # event), a new session.updated gives the one kept.
     chorus_adapter: str | None = None
 
 
