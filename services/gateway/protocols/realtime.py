@@ -382,8 +382,9 @@ class RealtimeSession:
 
     async def _set_adapter(self, adapter: str) -> None:
         """`chorus_adapter`: the session's LoRA adapter; mid-session its rows switch from the worker's
-        next step (docs/personas.md). Mid-session the same adapter is asked for again: the worker may have
-        refused it (an `error` event), and one it runs already it ignores."""
+        next step (docs/personas.md). Mid-session the same adapter asked for again is sent again: the worker
+        may have refused it before its `error` event reached this socket (`_tell_adapter_in_use` then sets
+        the adapter back), and one it runs already it ignores."""
         if self.conversation is None:
             if adapter != self.adapter:
                 await check_adapter_served(self.websocket, self.owner, adapter)  # again at the start
