@@ -709,10 +709,24 @@ def _describe(point: dict[str, Any]) -> str:
     )
 
 
+def _counts(text: str) -> list[int]:
+    """A comma-separated list of whole numbers >= 0 (`--slots`, `--adapters`): anything else is a usage
+    error, not a traceback."""
+    try:
+        counts = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated whole numbers: {text!r}") from None
+    if any(n < 0 for n in counts):
+        raise argparse.ArgumentTypeError(f"counts are >= 0: {text!r}")
+    return counts
+
+
 def parse(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_sessions", description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=["full", "small"], default=None, help="default: full on cuda")
-    parser.add_argument("--slots", default=DEFAULT_SLOTS, help=f"comma-separated (default {DEFAULT_SLOTS})")
+    parser.add_argument(
+        "--slots", type=_counts, default=DEFAULT_SLOTS, help=f"comma-separated (default {DEFAULT_SLOTS})"
+    )
     parser.add_argument("--ticks", type=int, default=1000, help="measured ticks a point (>= 500 to publish)")
     parser.add_argument("--warmup-ticks", type=int, default=20)
     parser.add_argument("--baseline-ticks", type=int, default=None, help="default: --ticks")
@@ -726,6 +740,7 @@ def parse(argv: list[str] | None = None) -> Config:
     )
     parser.add_argument(
         "--adapters",
+        type=_counts,
         default="",
         help="distinct LoRA adapter counts in one batch, against no LoRA (e.g. 0,1,4,8)",
     )
@@ -741,18 +756,16 @@ def parse(argv: list[str] | None = None) -> Config:
     )
     parser.add_argument("--out", type=Path, default=None, help=f"results JSON (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
-    adapters = [int(n) for n in args.adapters.split(",") if n.strip()]
-    if any(n < 0 for n in adapters) or (
-        args.adapter_batch and adapters and args.adapter_batch < max(adapters)
-    ):
-        parser.error("--adapters are counts >= 0, none above --adapter-batch (each needs a row of its own)")
+    adapters: list[int] = args.adapters
+    if args.adapter_batch and adapters and args.adapter_batch < max(adapters):
+        parser.error("no --adapters count above --adapter-batch (each needs a row of its own)")
     settings = DialogueSettings()
     size = args.size or ("full" if resolve_device(settings.dialogue_device).type == "cuda" else "small")
     device_out = os.environ.get("OUT")  # the device tool's folder: what is written there comes back
     out = args.out or (Path(device_out) / "dialogue_gpu.json" if device_out else DEFAULT_OUT)
     return Config(
         size=size,
-        slots=[int(s) for s in args.slots.split(",") if s.strip()],
+        slots=args.slots,
         ticks=args.ticks,
         warmup_ticks=args.warmup_ticks,
         baseline_ticks=args.ticks if args.baseline_ticks is None else args.baseline_ticks,

@@ -245,6 +245,24 @@ class SessionStore:
                 live.append(sid)
         return live
 
+    async def using_adapter(self, owner: str, adapter_id: str) -> list[str]:
+        """The owner's live sessions whose LoRA adapter now is `adapter_id` (the latest update's, else the
+        start's), their hashes read in one round trip. Nothing is pruned: a session counted before its
+        hash is written has no adapter yet (its start checks the adapter again once it has)."""
+        names = self.bus.names
+        ids = sorted(m.decode() for m in await self.bus.redis.smembers(names.owner_sessions(owner)))
+        async with self.bus.redis.pipeline(transaction=False) as pipe:
+            for sid in ids:
+                pipe.hgetall(names.session(sid))
+            hashes = await pipe.execute()
+        users = []
+        for sid, raw in zip(ids, hashes, strict=True):
+            info = SessionInfo.from_hash(sid, {k.decode(): v.decode() for k, v in raw.items()})
+            start = start_of(info)
+            if not info.ended and start is not None and start.persona.adapter == adapter_id:
+                users.append(sid)
+        return users
+
     async def register(self, owner: str, sid: str, limit: int) -> None:
         """Count a new session against its owner's limit (0 = unlimited); RateLimited when full."""
         await self.live_session_ids(owner)

@@ -9,7 +9,13 @@ start-up (`shared/adapter_store.py`): before any has started, an upload answers 
 
 An adapter belongs to the API key that uploaded it (another key's answers 404, like a missing one); a
 persona names it by id (`adapter`), and a socket may for one session (`?adapter=` on /api/chat,
-`chorus_adapter` in a Realtime `session.update`). Deleting one that a persona names is refused (409).
+`chorus_adapter` in a Realtime `session.update`). Deleting one that a persona names, or that a live session
+of its owner runs, is refused (409): a worker taking such a session over could not load it.
+
+Who may name an adapter and who deletes one take turns under the owner's adapter lock
+(`AdapterReferences`): a delete checks the personas and the live sessions under it; a persona write, a
+session start and a mid-session switch check the adapter exists under it once what names the adapter is
+written (the persona, the session hash), so one of the two always sees the other.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from shared.adapter_store import AdapterRecord, AdapterReferences, AdapterStore,
 from shared.adapters import check_adapter, read_header_file
 from shared.errors import Conflict, InvalidRequest, NoCapacity, NotFound, PayloadTooLarge, UnsupportedMedia
 from shared.presence import WorkerInfo, list_workers
+from shared.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +90,10 @@ def _store(request: Request) -> AdapterStore:
     return store
 
 
-def references(request: Request) -> AdapterReferences:
-    """Held around deleting an adapter and around writing a persona that names one (made on first use:
-    the bus it needs opens with the app's lifespan)."""
-    state = request.app.state
+def references(conn: HTTPConnection) -> AdapterReferences:
+    """Held around deleting an adapter and around writing a persona, or a session, that names one (made on
+    first use: the bus it needs opens with the app's lifespan)."""
+    state = conn.app.state
     held: AdapterReferences | None = getattr(state, "adapter_references", None)
     if held is None:
         held = state.adapter_references = AdapterReferences(state.bus)
@@ -115,6 +122,14 @@ async def check_adapter_served(conn: HTTPConnection, owner: str, adapter_id: str
             model=record.model,
         )
     return record
+
+
+async def confirm_adapter_kept(conn: HTTPConnection, owner: str, adapter_id: str) -> None:
+    """Once a session's hash names the adapter: it still exists (else 400), checked under the owner's
+    adapter lock. A delete checks the live sessions under the same lock: either it saw this session's
+    hash (409) or this check sees the adapter gone; never both missed."""
+    async with references(conn).held(owner):
+        await check_adapter_owned(conn.app.state.adapters, owner, adapter_id)
 
 
 def _may_serve(worker: WorkerInfo, model: str) -> bool:
@@ -237,20 +252,29 @@ async def get_adapter(adapter_id: str, request: Request, owner: str = Depends(cu
     "/{adapter_id}",
     status_code=204,
     response_class=Response,
-    summary="Delete an adapter (refused while a persona names it)",
+    summary="Delete an adapter (refused while a persona names it or a live session runs it)",
     responses=_ERRORS,
 )
 async def delete_adapter(adapter_id: str, request: Request, owner: str = Depends(current_owner)) -> Response:
     store = _store(request)
     await store.get_owned(adapter_id, owner)
     personas: PersonaStore = request.app.state.personas
-    async with references(request).held(owner):  # no persona may come to name it until it is gone
+    sessions = SessionStore(request.app.state.bus, request.app.state.settings.session_ttl_s)
+    async with references(request).held(owner):  # no persona nor session comes to name it until it is gone
         users = [p.id for p in await personas.list(owner) if p.adapter == adapter_id]
         if users:
             raise Conflict(
                 f"adapter {adapter_id!r} is used by persona {users[0]!r}: change or delete the persona first",
                 reason="in_use",
                 personas=users,
+            )
+        if live := await sessions.using_adapter(owner, adapter_id):
+            more = f" and {len(live) - 1} more" if len(live) > 1 else ""
+            raise Conflict(
+                f"adapter {adapter_id!r} is used by this API key's live session {live[0]!r}{more}: end them, "
+                "or switch them to another adapter, first",
+                reason="in_use",
+                sessions=live,
             )
         await store.delete(adapter_id)
     log.info("adapter deleted", extra={"adapter_id": adapter_id})

@@ -299,8 +299,9 @@ class GatewaySettings(CommonSettings):
         default=600.0,
         ge=0,
         description="At start-up, incomplete voice uploads older than this are removed, and any upload's "
-        "file left in the data directory's scratch folder (`.incoming/`) not written to for this long (never "
-        "before CHORUS_UPLOAD_TIMEOUT_S + 60 s: another gateway sharing the directory may be receiving it).",
+        "file left in the data directory's scratch folder (`.incoming/`) not written to for this long; "
+        "neither before CHORUS_UPLOAD_TIMEOUT_S + 60 s, whatever this says: another gateway sharing the "
+        "directory may be writing it.",
     )
 
 

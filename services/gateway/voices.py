@@ -145,12 +145,11 @@ async def open_voice_store(settings: GatewaySettings) -> VoiceProfileStore:
     (`shared.owner_index`)."""
     storage = LocalStorage(settings.data_dir)
     store = VoiceProfileStore(storage, max_per_owner=settings.max_voices_per_key)
-    await store.sweep_incomplete(settings.voice_sweep_grace_s)
-    # Never a file another gateway sharing the data directory is receiving now: an upload's file lives no
-    # longer than its body's time bound and the checks after it, whatever the grace is set to.
-    await storage.sweep_scratch(
-        max(settings.voice_sweep_grace_s, settings.upload_timeout_s + SCRATCH_MARGIN_S)
-    )
+    # Never a file or profile another gateway sharing the data directory is writing now: an upload lives no
+    # longer than its body's time bound and the checks and writes after it, whatever the grace is set to.
+    grace_s = max(settings.voice_sweep_grace_s, settings.upload_timeout_s + SCRATCH_MARGIN_S)
+    await store.sweep_incomplete(grace_s)
+    await storage.sweep_scratch(grace_s)
     await store.reconcile_index()
     return store
 

@@ -112,6 +112,18 @@ def test_results_go_to_out_when_the_device_tool_sets_it(tmp_path: Path) -> None:
         del os.environ["OUT"]
 
 
+@pytest.mark.parametrize("argv", [["--adapters", "x"], ["--adapters", "1,-4"], ["--slots", "8,many"]])
+def test_counts_that_are_not_whole_numbers_are_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench.gpu_sessions import parse
+
+    with pytest.raises(SystemExit) as exited:
+        parse(argv)
+    assert exited.value.code == 2
+    assert f"argument {argv[0]}: " in capsys.readouterr().err
+
+
 def test_the_sweep_makes_the_lm_lean_and_measures_its_logits_against_the_float_one(tmp_path: Path) -> None:
     """`--weights int8 --kv-cache int8`: the float LM's logits first, then the lean LM swept (in-process)."""
     from bench.gpu_sessions import parse, run

@@ -64,6 +64,7 @@ async def test_an_adapter_persona_and_a_plain_session_talk_at_once_on_one_worker
         refused = await http.delete(f"/v1/adapters/{adapter}")
         assert refused.status_code == 409 and refused.json()["reason"] == "in_use"
         assert (await http.delete(f"/v1/personas/{persona.json()['id']}")).status_code == 204
+        await wait_until(lambda: _ended(http, tuned.session_id), "the closed session to end")
         assert (await http.delete(f"/v1/adapters/{adapter}")).status_code == 204
 
 
@@ -125,8 +126,15 @@ async def test_a_realtime_session_picks_an_adapter_with_chorus_adapter(
         assert client.audio_seconds() > heard + 0.5
         assert not [e for e in client.events[seen:] if e["type"] == "error"], client.events[seen:]
         assert "session adapter switched" in stack.log_tail("dialogue", 50_000)
+        sid = client.events[0]["session"]["id"]
+        await wait_until(lambda: _ended(http, sid), "the closed session to end")
         for created in (adapter, other):
             assert (await http.delete(f"/v1/adapters/{created}")).status_code == 204
+
+
+async def _ended(http: httpx.AsyncClient, sid: str) -> bool:
+    """The gateway ends a session once its socket closed; until then the adapter it runs is not deleted."""
+    return sid not in {s["id"] for s in (await http.get("/v1/sessions")).json()["items"]}
 
 
 async def _holds(stack: ChorusStack, adapter: str) -> bool:

@@ -30,7 +30,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
-from services.gateway.adapters import check_adapter_served
+from services.gateway.adapters import check_adapter_served, references
 from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
 from services.gateway.lifetime import Lifetime
@@ -68,6 +68,7 @@ from shared.errors import (
     RateLimited,
 )
 from shared.messages import EventName, SessionEvent, native_voice_for
+from shared.sessions import start_of
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -156,6 +157,11 @@ class RealtimeSession:
         self.chorus_events = True  # `session.chorus_events: false` turns Chorus's own events off
         self.appended_since_commit = False
 
+    def adapter_in_use(self) -> str | None:
+        """The session's LoRA adapter: its conversation's (a persona's own, or `chorus_adapter`), else the
+        one `chorus_adapter` asked for before the conversation starts."""
+        return self.conversation.persona.adapter if self.conversation is not None else self.adapter
+
     def session_object(self) -> ev.SessionObject | ev.BetaSessionObject:
         idle_ms = round(self.idle_timeout_s * 1000) or None
         if self.beta:
@@ -166,6 +172,7 @@ class RealtimeSession:
                 input_audio_format=ev.beta_format(self.audio.input),
                 output_audio_format=ev.beta_format(self.audio.output),
                 turn_detection={"type": "server_vad", "idle_timeout_ms": idle_ms},
+                chorus_adapter=self.adapter_in_use(),
             )
         return ev.SessionObject(
             id=self.session_id,
@@ -178,6 +185,7 @@ class RealtimeSession:
                 },
                 "output": {"format": ev.ga_format(self.audio.output), "voice": self.voice},
             },
+            chorus_adapter=self.adapter_in_use(),
         )
 
     def send(self, event: ev.ServerEvent) -> None:
@@ -374,18 +382,37 @@ class RealtimeSession:
 
     async def _set_adapter(self, adapter: str) -> None:
         """`chorus_adapter`: the session's LoRA adapter; mid-session its rows switch from the worker's
-        next step (docs/personas.md). Mid-session the same adapter is asked for again: the worker may have
-        refused it (an `error` event), and one it runs already it ignores."""
-        if adapter == self.adapter and self.conversation is None:
+        next step (docs/personas.md). Mid-session the same adapter asked for again is sent again: the worker
+        may have refused it before its `error` event reached this socket (`_tell_adapter_in_use` then sets
+        the adapter back), and one it runs already it ignores."""
+        if self.conversation is None:
+            if adapter != self.adapter:
+                await check_adapter_served(self.websocket, self.owner, adapter)  # again at the start
+                self.adapter = adapter
             return
-        if self.conversation is not None and adapter != self.adapter:
+        if adapter != self.adapter:
             self._check_switch_rate()
-        await check_adapter_served(self.websocket, self.owner, adapter)
-        if self.conversation is not None:
+        # Checked and written to the session hash under the owner's adapter lock: a delete at the same
+        # moment either sees the session run it (409) or has deleted it before this check.
+        async with references(self.websocket).held(self.owner):
+            await check_adapter_served(self.websocket, self.owner, adapter)
             if adapter != self.adapter:
                 self.adapter_switched_at = time.monotonic()
             await self.conversation.update(adapter=adapter)
         self.adapter = adapter
+
+    async def _tell_adapter_in_use(self) -> None:
+        """After the worker refused an update (an `error` event): a refused `chorus_adapter` switch leaves
+        the session on the adapter it had, which the worker wrote back to the session hash before the event.
+        A client whose last session.updated named the one refused gets a new one naming the one in use."""
+        conversation = self.conversation
+        assert conversation is not None
+        start = start_of(await conversation.store.get(conversation.session_id))
+        if start is None or start.persona.adapter == conversation.persona.adapter:
+            return
+        self.adapter = start.persona.adapter
+        conversation.persona = conversation.persona.model_copy(update={"adapter": self.adapter})
+        self.send(ev.SessionUpdated(session=self.session_object()))
 
     def _check_switch_rate(self) -> None:
         """A switch may load the adapter on the worker, which pauses every session on it meanwhile (the
@@ -461,6 +488,8 @@ class RealtimeSession:
                 if isinstance(message, SessionEvent) and message.name == EventName.ENDED:
                     break
                 await self.send_output(self.carver.on_output(message, self._heard_ms()))
+                if isinstance(message, SessionEvent) and message.name == EventName.ERROR:
+                    await self._tell_adapter_in_use()
         except LifetimeReached as reached:
             await self.send_output(self.carver.finish())
             if isinstance(reached, IdleTimeout):

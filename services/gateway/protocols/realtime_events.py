@@ -399,6 +399,10 @@ class SessionObject(BaseModel):
     instructions: str = ""
     output_modalities: list[str] = Field(default_factory=lambda: ["audio"])
     audio: dict[str, Any]
+    # Ours, not part of the OpenAI API: the LoRA adapter the session runs (null: none; before the
+    # conversation starts, the one asked for). After a worker refused a mid-session switch (an `error`
+    # event), a new session.updated gives the one kept.
+    chorus_adapter: str | None = None
 
 
 class BetaSessionObject(BaseModel):
@@ -413,6 +417,7 @@ class BetaSessionObject(BaseModel):
     input_audio_format: str
     output_audio_format: str
     turn_detection: dict[str, Any]
+    chorus_adapter: str | None = None  # ours, as in SessionObject
 
 
 class SessionCreated(ServerEvent):

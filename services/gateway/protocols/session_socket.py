@@ -21,7 +21,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from services.gateway.adapters import check_adapter_served
+from services.gateway.adapters import check_adapter_served, confirm_adapter_kept
 from services.gateway.admission import Admission
 from services.gateway.auth import KeyRing
 from services.gateway.conversation import Conversation
@@ -162,11 +162,14 @@ def open_conversation(
 async def place(websocket: WebSocket, conversation: Conversation) -> list[Message]:
     """Start the conversation and wait until its session is ready, watching the socket meanwhile
     (`wait_ready_watching`): refused at once when Redis is nearly full or too many conversations already
-    wait for a slot; NoCapacity after the placement wait. Returns what the client sent meanwhile."""
+    wait for a slot, or when its adapter was deleted while it started (`confirm_adapter_kept`); NoCapacity
+    after the placement wait. Returns what the client sent meanwhile."""
     admission: Admission = websocket.app.state.admission
     await admission.check_memory()
     async with admission.in_queue():
         await conversation.start()
+        if (adapter := conversation.persona.adapter) is not None:
+            await confirm_adapter_kept(websocket, conversation.owner, adapter)
         return await wait_ready_watching(websocket, conversation)
 
 

@@ -22,12 +22,22 @@ from websockets.asyncio.client import connect
 from chorus.devtools.lora_adapter import checkpoint_layers, write_random_adapter
 from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
 from shared.adapter_store import AdapterStore
-from shared.messages import CONTROL, SessionUpdate
+from shared.messages import CONTROL, EventName, Failure, SessionEvent, SessionUpdate
 from shared.presence import WorkerPresence
+from shared.sessions import SessionStore
 from shared.storage import LocalStorage
 from tests.services.gateway.app_client import gateway_client
-from tests.services.gateway.test_session_faults import ERROR, open_session, ready, running_gateway
+from tests.services.gateway.test_session_faults import (
+    ERROR,
+    SILENCE_80MS,
+    Gateway,
+    open_session,
+    ready,
+    running_gateway,
+)
+from tests.support.openai_conformance import conforming
 from tests.support.paths import CHECKPOINT_CACHE
+from tests.support.waiting import wait_until
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}
@@ -260,6 +270,118 @@ async def test_a_session_fails_at_once_when_no_worker_serves_its_adapters_model(
         assert reason == "no_capacity"
 
 
+@pytest.fixture
+async def adapter_gateway(redis_url: str, key_prefix: str, tmp_path: Path) -> AsyncIterator[Gateway]:
+    """A real gateway whose dialogue workers (presence records) include one serving moshiko's adapters."""
+    shapes, _ = checkpoint_layers(write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi"))
+    await AdapterStore(LocalStorage(tmp_path)).publish_layers("moshiko", shapes)
+    async with running_gateway(redis_url, key_prefix, tmp_path, max_sessions_per_key=0) as gateway:
+        serves = {"model": "moshiko", "adapter_slots": 4, "free_slots": 4}
+        await WorkerPresence(
+            gateway.app.state.bus, "dialogue", "w2", ttl_s=60, interval_s=5, describe=lambda: serves
+        ).beat()
+        yield gateway
+
+
+async def test_an_adapter_a_live_session_runs_cannot_be_deleted(
+    adapter_gateway: Gateway, adapter_file: bytes
+) -> None:
+    """A worker taking a session over loads the adapter the session runs now (the hash's): deleting it
+    meanwhile is refused, naming the session, whether the session started with it or switched to it."""
+    bus = adapter_gateway.app.state.bus
+    async with httpx.AsyncClient(base_url=adapter_gateway.ws_url.replace("ws://", "http://")) as http:
+        first, second = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(2)]
+        async with connect(f"{adapter_gateway.ws_url}/v1/realtime?model=moshiko") as ws:
+            sid = json.loads(await ws.recv())["session"]["id"]
+
+            async def update(session: dict[str, Any]) -> None:
+                await ws.send(json.dumps({"type": "session.update", "session": session}))
+                event: dict[str, Any] = {"type": None}
+                while event["type"] != "session.updated":
+                    event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert event["type"] != "error", event
+
+            await update({"chorus_adapter": first})
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": SILENCE_80MS}))
+            await ready(bus, sid, "realtime", ws)
+            refused = await http.delete(f"/v1/adapters/{first}")
+            assert refused.status_code == 409, refused.text
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused.json()["sessions"] == [sid] and "live session" in refused.json()["detail"]
+            assert (await http.delete(f"/v1/adapters/{second}")).status_code == 204, "nobody runs it"
+            third = (await upload(http, adapter_file, {})).json()["id"]
+            await update({"chorus_adapter": third})
+            assert (await http.delete(f"/v1/adapters/{third}")).status_code == 409
+            assert (await http.delete(f"/v1/adapters/{first}")).status_code == 204, "switched away from"
+
+        async def deleted() -> bool:  # once the gateway has ended the session
+            return (await http.delete(f"/v1/adapters/{third}")).status_code == 204
+
+        await wait_until(deleted, "the adapter to be deletable once the session ended")
+
+
+async def test_after_the_worker_refused_a_switch_the_client_learns_the_adapter_in_use(
+    adapter_gateway: Gateway, adapter_file: bytes
+) -> None:
+    """session.updated names the adapter asked for; the worker may then refuse it (an `error` event) and
+    keep the one it had: a new session.updated names that one, and the session still runs it."""
+    bus = adapter_gateway.app.state.bus
+    async with httpx.AsyncClient(base_url=adapter_gateway.ws_url.replace("ws://", "http://")) as http:
+        kept, refused = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(2)]
+        async with connect(f"{adapter_gateway.ws_url}/v1/realtime?model=moshiko&adapter={kept}") as ws:
+            created = conforming(await ws.recv())
+            sid = created["session"]["id"]
+            assert created["session"]["chorus_adapter"] == kept
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": SILENCE_80MS}))
+            await ready(bus, sid, "realtime", ws)
+
+            async def next_event(*types: str) -> dict[str, Any]:
+                while (event := conforming(await asyncio.wait_for(ws.recv(), 10)))["type"] not in types:
+                    pass
+                return event
+
+            await ws.send(json.dumps({"type": "session.update", "session": {"chorus_adapter": refused}}))
+            assert (await next_event("session.updated"))["session"]["chorus_adapter"] == refused
+            # The worker refuses it as serving.py does: the hash back to the adapter kept, then the error.
+            await SessionStore(bus, 60).update(sid, adapter=kept)
+            error = SessionEvent.of(
+                sid, 1, EventName.ERROR, "all adapter slots in use", Failure(code="no_capacity")
+            )
+            await bus.append(bus.names.session_output(sid), error)
+            assert (await next_event("error"))["error"]["message"] == "all adapter slots in use"
+            updated = await next_event("session.updated", "error")
+            assert updated["type"] == "session.updated" and updated["session"]["chorus_adapter"] == kept
+        assert (await http.delete(f"/v1/adapters/{refused}")).status_code == 204, "no session runs it"
+
+
+async def test_a_session_starting_and_a_delete_of_its_adapter_at_once_never_both_win(
+    adapter_gateway: Gateway, adapter_file: bytes
+) -> None:
+    """Each adapter is deleted while a session naming it starts: either the delete is refused (409) and
+    the session runs, or the adapter is gone and the session is refused; never a session running an
+    adapter nobody could load again."""
+    bus = adapter_gateway.app.state.bus
+    async with httpx.AsyncClient(base_url=adapter_gateway.ws_url.replace("ws://", "http://")) as http:
+        ids = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(6)]
+
+        async def race(adapter: str) -> tuple[int, bool]:
+            url = f"{adapter_gateway.ws_url}/api/chat?voice=moshiko&adapter={adapter}"
+            deleted, ws = await asyncio.gather(http.delete(f"/v1/adapters/{adapter}"), connect(url))
+            async with ws:
+                assert ws.response is not None
+                sid = ws.response.headers["x-chorus-session-id"]
+                if deleted.status_code == 409:
+                    assert deleted.json()["sessions"] == [sid], deleted.text
+                    await ready(bus, sid, "moshi", ws)  # the handshake, not an error, comes first
+                    return 409, True
+                said = await asyncio.wait_for(ws.recv(), 10)
+                assert isinstance(said, bytes) and said[0] == ERROR and b"unknown adapter" in said, said
+                return deleted.status_code, False
+
+        outcomes = await asyncio.gather(*(race(adapter) for adapter in ids))
+    assert all(status in (204, 409) for status, _ in outcomes), outcomes
+
+
 async def test_mid_session_switches_are_spaced_and_one_the_worker_refused_can_be_asked_for_again(
     adapter_file: bytes, redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
@@ -317,12 +439,17 @@ async def test_a_gateway_starting_leaves_another_gateways_upload_alone_whatever_
     redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
     """Gateways may share a data directory: one starting with no grace must not remove the file another is
-    receiving an upload into (not written to for a while: its client is slow, or it is being checked)."""
+    receiving an upload into (not written to for a while: its client is slow, or it is being checked), nor
+    the voice profile another is writing."""
     (incoming := tmp_path / ".incoming").mkdir()
     (receiving := incoming / ".upload-elsewhere.part").write_bytes(b"the first half of an adapter")
     os.utime(receiving, (time.time() - 20, time.time() - 20))
+    (writing := tmp_path / "voices" / "voice_elsewhere").mkdir(parents=True)
+    (writing / "clip.wav").write_bytes(b"RIFF")
+    (pending := writing / "pending.json").write_text(json.dumps({"started_at": time.time() - 20}))
     async with gateway_client(redis_url, key_prefix, tmp_path, voice_sweep_grace_s=0, upload_timeout_s=60):
-        assert receiving.exists()
+        assert receiving.exists() and writing.exists()
     os.utime(receiving, (time.time() - 3600, time.time() - 3600))  # past any upload's time bound: a crash's
+    pending.write_text(json.dumps({"started_at": time.time() - 3600}))
     async with gateway_client(redis_url, key_prefix, tmp_path, voice_sweep_grace_s=0, upload_timeout_s=60):
-        assert not receiving.exists()
+        assert not receiving.exists() and not writing.exists()
