@@ -134,19 +134,19 @@ class _FormReader:
         except StopAsyncIteration:
             return None
         except TimeoutError:
-            if left <= self.rules.stall_s:
-                raise RequestTimeout(
-                    f"the upload's body did not arrive within {self.rules.timeout_s:g} s",
-                    reason="too_slow",
-                    limit=self.rules.timeout_s,
-                    unit="s",
-                ) from None
-            raise RequestTimeout(
-                f"the upload's body sent nothing for {self.rules.stall_s:g} s",
-                reason="stalled",
-                limit=self.rules.stall_s,
-                unit="s",
-            ) from None
+            raise self._too_slow(whole_body=left <= self.rules.stall_s) from None
+
+    def _too_slow(self, *, whole_body: bool) -> RequestTimeout:
+        """408: the whole body's bound ran out (`too_slow`), or the body sent nothing for the stall bound."""
+        if whole_body:
+            what, reason, limit = (
+                f"did not arrive within {self.rules.timeout_s:g} s",
+                "too_slow",
+                self.rules.timeout_s,
+            )
+        else:
+            what, reason, limit = f"sent nothing for {self.rules.stall_s:g} s", "stalled", self.rules.stall_s
+        return RequestTimeout(f"the upload's body {what}", reason=reason, limit=limit, unit="s")
 
     async def _flush(self, sink: BinaryIO) -> None:
         if not self._pending:
