@@ -45,6 +45,7 @@ from shared.errors import (
     GatewayTimeout,
     InvalidRequest,
     NotFound,
+    RequestTimeout,
     ServiceUnavailable,
     UnsupportedMedia,
     error_for_code,
@@ -280,8 +281,11 @@ async def _create_voice(request: Request, owner: str) -> VoiceOut:
         timeout_s=settings.upload_timeout_s,
         stall_s=settings.upload_stall_s,
     )
-    async with receive_form(request, request.app.state.storage.scratch(), rules) as form:
-        data = await asyncio.to_thread(form.path.read_bytes)  # a clip is small: it is decoded whole anyway
+    try:
+        async with receive_form(request, request.app.state.storage.scratch(), rules) as form:
+            data = await asyncio.to_thread(form.path.read_bytes)  # a clip is small: decoded whole anyway
+    except RequestTimeout as exc:
+        raise rejected(exc, exc.extra["reason"]) from None
     name = form.text("name") or ""
     if not 1 <= len(name) <= 100:
         raise InvalidRequest("`name` is required (1 to 100 characters)")

@@ -196,11 +196,16 @@ def held_open_upload(release: threading.Event) -> Iterator[bytes]:
     yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def uploads_in_progress(gateway: GatewayProcess) -> float:
+def metric(gateway: GatewayProcess, sample: str) -> float:
+    """One sample of the gateway's /metrics (`name` or `name{labels}`); 0 when it has none yet."""
     for line in httpx.get(f"{gateway.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("chorus_voice_uploads_in_progress "):
-            return float(line.split()[1])
+        if line.startswith(f"{sample} "):
+            return float(line.split()[-1])
     return 0.0
+
+
+def uploads_in_progress(gateway: GatewayProcess) -> float:
+    return metric(gateway, "chorus_voice_uploads_in_progress")
 
 
 def test_uploads_past_the_concurrency_bound_are_refused_busy_at_once(start_gateway: StartGateway) -> None:
@@ -315,4 +320,5 @@ def test_a_trickled_or_stalled_upload_is_cut_off_and_frees_its_slot(start_gatewa
             status, problem = answer_on(client)
         assert (status, problem["reason"], problem["code"]) == (408, reason, "request_timeout"), problem
         wait_until_blocking(lambda: not any(incoming.iterdir()), "the scratch file removed", 30, every_s=0.05)
+        assert metric(gateway, f'chorus_voice_upload_rejections_total{{reason="{reason}"}}') == 1
     assert post_clip(gateway, SPEECH.read_bytes()).status_code == 201, "the slot is free again"
