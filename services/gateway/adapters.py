@@ -153,7 +153,7 @@ def _number(form: Upload, name: str, kind: type[int] | type[float]) -> int | flo
     summary="Upload a LoRA adapter (moshi-finetune's safetensors) for fine-tuned personas",
     responses={
         **_ERRORS,
-        **problem_responses(408),
+        **problem_responses(408, 507),
         413: {"description": "Larger than CHORUS_ADAPTER_MAX_UPLOAD_BYTES"},
         415: {"description": "Not multipart, or the file is not safetensors"},
         422: {"description": "A tensor does not fit the model's layers (the first one is named)"},
