@@ -84,7 +84,8 @@ class _FormReader:
         self.request, self.upload, self.rules = request, upload, rules
         self._field: str | None = None  # the text part being read (None: the file part)
         self._value = bytearray()
-        self._header_size, self._header, self._disposition = 0, [b"", b""], b""
+        self._header_size, self._disposition = 0, b""  # the part's headers: their bytes so far, the one kept
+        self._header_field, self._header_value = b"", b""  # the header being read: its name and its value
         self._pending: list[bytes] = []  # the file's bytes from the current chunk
         self._complete = False  # the closing boundary was read
         self._deadline: float | None = None  # the loop time by which the whole body must have arrived
@@ -97,8 +98,8 @@ class _FormReader:
             boundary,
             {
                 "on_part_begin": self._part_begins,
-                "on_header_field": self._header_name,
-                "on_header_value": self._header_value,
+                "on_header_field": self._header_name_read,
+                "on_header_value": self._header_value_read,
                 "on_header_end": self._header_ends,
                 "on_headers_finished": self._headers_finished,
                 "on_part_data": self._part_data,
@@ -159,24 +160,25 @@ class _FormReader:
 
     def _part_begins(self) -> None:
         self._field, self._value = None, bytearray()
-        self._header_size, self._header, self._disposition = 0, [b"", b""], b""
+        self._header_size, self._disposition = 0, b""
 
-    def _header_name(self, data: bytes, start: int, end: int) -> None:
-        self._header_piece(0, data[start:end])
+    def _header_name_read(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += self._counted(data[start:end])
 
-    def _header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_piece(1, data[start:end])
+    def _header_value_read(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += self._counted(data[start:end])
 
-    def _header_piece(self, which: int, piece: bytes) -> None:
+    def _counted(self, piece: bytes) -> bytes:
+        """A piece of the part's headers, within their bound."""
         self._header_size += len(piece)
         if self._header_size > MAX_PART_HEADER_BYTES:
             raise InvalidRequest("invalid multipart body: a part's headers are too long")
-        self._header[which] += piece
+        return piece
 
     def _header_ends(self) -> None:
-        if self._header[0].lower() == b"content-disposition":
-            self._disposition = self._header[1]
-        self._header = [b"", b""]
+        if self._header_field.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_field, self._header_value = b"", b""
 
     def _headers_finished(self) -> None:
         options = parse_options_header(self._disposition)[1]
