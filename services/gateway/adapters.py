@@ -28,7 +28,7 @@ from services.gateway.limits import BodyCap
 from services.gateway.persona_store import PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
-from services.gateway.uploads import Upload, UploadRules, receive_form
+from services.gateway.uploads import FORM_OVERHEAD, Upload, UploadRules, receive_form
 from shared.adapter_store import AdapterRecord, AdapterReferences, AdapterStore, new_adapter_id
 from shared.adapters import check_adapter, read_header_file
 from shared.errors import Conflict, InvalidRequest, NoCapacity, NotFound, PayloadTooLarge, UnsupportedMedia
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
 UPLOAD_ROUTE = ("POST", "/v1/adapters")
-FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and the small fields around the file
 DEFAULT_MODEL = "moshiko"
 
 _ERRORS = {**V1_ERRORS, **problem_responses(400, 404, 409)}

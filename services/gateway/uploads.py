@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from shared.errors import ChorusError, InvalidRequest, RequestTimeout
 
+FORM_OVERHEAD = 64 * 1024  # a route's body cap past its file's: boundaries, part headers, the small fields
 MAX_FIELDS = 8
 MAX_FIELD_BYTES = 4096
 MAX_PART_HEADER_BYTES = 8192
