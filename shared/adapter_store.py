@@ -18,6 +18,7 @@ per owner, across every gateway, so no persona is left naming a deleted adapter.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import secrets
@@ -226,10 +227,15 @@ class AdapterReferences:
         await self._take(key, token)
         try:
             async with asyncio.timeout(None) as bound:
-                keeper = asyncio.create_task(self._keep(key, token, bound), name=f"adapter-lock-{owner}")
+                keeper = asyncio.create_task(self._keep(key, token), name=f"adapter-lock-{owner}")
+                cut_short = functools.partial(_cut_short, bound)
+                keeper.add_done_callback(cut_short)
                 try:
                     yield
                 finally:
+                    # Once the block is over the keeper must not touch its timeout: a reschedule then
+                    # raises (seen once in tests/shared/test_adapter_store.py: a keeper ran past its cancel).
+                    keeper.remove_done_callback(cut_short)
                     keeper.cancel()
         except TimeoutError:
             if not bound.expired():
@@ -251,8 +257,9 @@ class AdapterReferences:
                 "adapter lock not released (Redis unreachable): it lapses after its TTL", exc_info=True
             )
 
-    async def _keep(self, key: str, token: str, bound: asyncio.Timeout) -> None:
-        """Extend the lock while its block runs; cancel the block once the lock is, or may be, not ours."""
+    async def _keep(self, key: str, token: str) -> None:
+        """Extend the lock while its block runs; return once the lock is, or may be, not ours (its block is
+        then cancelled: `_cut_short`)."""
         loop, period = asyncio.get_running_loop(), self.ttl_ms / 3000
         ours_until = loop.time() + 3 * period  # taken just before this started
         while True:
@@ -267,7 +274,6 @@ class AdapterReferences:
                 if loop.time() + period >= ours_until:
                     break
         log.error("adapter lock lost while held: the change is cancelled", extra={"lock": key})
-        bound.reschedule(loop.time())
 
     async def _take(self, key: str, token: str) -> None:
         loop = asyncio.get_running_loop()
@@ -277,3 +283,9 @@ class AdapterReferences:
                 raise ServiceUnavailable("this API key's adapters are being changed: retry in a moment")
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+def _cut_short(bound: asyncio.Timeout, keeper: asyncio.Task[None]) -> None:
+    """The keeper returned (the lock is lost) or failed: its block is cancelled, answered 503."""
+    if not keeper.cancelled():
+        bound.reschedule(asyncio.get_running_loop().time())

@@ -34,7 +34,7 @@ from services.gateway.limits import BodyCap
 from services.gateway.persona_store import PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
-from services.gateway.uploads import Upload, UploadRules, receive_form
+from services.gateway.uploads import FORM_OVERHEAD, Upload, UploadRules, receive_form
 from shared.adapter_store import AdapterRecord, AdapterReferences, AdapterStore, new_adapter_id
 from shared.adapters import check_adapter, read_header_file
 from shared.errors import Conflict, InvalidRequest, NoCapacity, NotFound, PayloadTooLarge, UnsupportedMedia
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
 UPLOAD_ROUTE = ("POST", "/v1/adapters")
-FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and the small fields around the file
 DEFAULT_MODEL = "moshiko"
 
 _ERRORS = {**V1_ERRORS, **problem_responses(400, 404, 409)}
@@ -168,7 +167,7 @@ def _number(form: Upload, name: str, kind: type[int] | type[float]) -> int | flo
     summary="Upload a LoRA adapter (moshi-finetune's safetensors) for fine-tuned personas",
     responses={
         **_ERRORS,
-        **problem_responses(408),
+        **problem_responses(408, 507),
         413: {"description": "Larger than CHORUS_ADAPTER_MAX_UPLOAD_BYTES"},
         415: {"description": "Not multipart, or the file is not safetensors"},
         422: {"description": "A tensor does not fit the model's layers (the first one is named)"},

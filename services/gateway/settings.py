@@ -265,8 +265,19 @@ class GatewaySettings(CommonSettings):
         default=30.0,
         gt=0,
         description="Longest an upload's body may send nothing; past it the upload is refused (408 "
-        "`stalled`) and its upload slot and scratch file freed.",
+        "`stalled`) and its upload slot and scratch file freed. At most CHORUS_UPLOAD_TIMEOUT_S.",
     )
+
+    @model_validator(mode="after")
+    def _upload_stall_within_its_timeout(self) -> GatewaySettings:
+        """A stall bound past the whole body's bound never applies: the setting would say what it does not."""
+        if self.upload_stall_s > self.upload_timeout_s:
+            raise ValueError(
+                f"CHORUS_UPLOAD_STALL_S ({self.upload_stall_s:g}) must be at most CHORUS_UPLOAD_TIMEOUT_S "
+                f"({self.upload_timeout_s:g}): a body stalled that long is past its whole time already"
+            )
+        return self
+
     voice_min_s: float = Field(default=3.0, gt=0, description="Shortest accepted voice clip, in seconds.")
     voice_max_s: float = Field(default=30.0, gt=0, description="Longest accepted voice clip, in seconds.")
     voice_min_speech_s: float = Field(

@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from shared.errors import ChorusError, InvalidRequest, RequestTimeout
 
+FORM_OVERHEAD = 64 * 1024  # a route's body cap past its file's: boundaries, part headers, the small fields
 MAX_FIELDS = 8
 MAX_FIELD_BYTES = 4096
 MAX_PART_HEADER_BYTES = 8192
@@ -84,7 +85,8 @@ class _FormReader:
         self.request, self.upload, self.rules = request, upload, rules
         self._field: str | None = None  # the text part being read (None: the file part)
         self._value = bytearray()
-        self._header_size, self._header, self._disposition = 0, [b"", b""], b""
+        self._header_size, self._disposition = 0, b""  # the part's headers: their bytes so far, the one kept
+        self._header_field, self._header_value = b"", b""  # the header being read: its name and its value
         self._pending: list[bytes] = []  # the file's bytes from the current chunk
         self._complete = False  # the closing boundary was read
         self._deadline: float | None = None  # the loop time by which the whole body must have arrived
@@ -97,8 +99,8 @@ class _FormReader:
             boundary,
             {
                 "on_part_begin": self._part_begins,
-                "on_header_field": self._header_name,
-                "on_header_value": self._header_value,
+                "on_header_field": self._header_name_read,
+                "on_header_value": self._header_value_read,
                 "on_header_end": self._header_ends,
                 "on_headers_finished": self._headers_finished,
                 "on_part_data": self._part_data,
@@ -134,19 +136,19 @@ class _FormReader:
         except StopAsyncIteration:
             return None
         except TimeoutError:
-            if left <= self.rules.stall_s:
-                raise RequestTimeout(
-                    f"the upload's body did not arrive within {self.rules.timeout_s:g} s",
-                    reason="too_slow",
-                    limit=self.rules.timeout_s,
-                    unit="s",
-                ) from None
-            raise RequestTimeout(
-                f"the upload's body sent nothing for {self.rules.stall_s:g} s",
-                reason="stalled",
-                limit=self.rules.stall_s,
-                unit="s",
-            ) from None
+            raise self._too_slow(whole_body=left <= self.rules.stall_s) from None
+
+    def _too_slow(self, *, whole_body: bool) -> RequestTimeout:
+        """408: the whole body's bound ran out (`too_slow`), or the body sent nothing for the stall bound."""
+        if whole_body:
+            what, reason, limit = (
+                f"did not arrive within {self.rules.timeout_s:g} s",
+                "too_slow",
+                self.rules.timeout_s,
+            )
+        else:
+            what, reason, limit = f"sent nothing for {self.rules.stall_s:g} s", "stalled", self.rules.stall_s
+        return RequestTimeout(f"the upload's body {what}", reason=reason, limit=limit, unit="s")
 
     async def _flush(self, sink: BinaryIO) -> None:
         if not self._pending:
@@ -159,24 +161,25 @@ class _FormReader:
 
     def _part_begins(self) -> None:
         self._field, self._value = None, bytearray()
-        self._header_size, self._header, self._disposition = 0, [b"", b""], b""
+        self._header_size, self._disposition = 0, b""
 
-    def _header_name(self, data: bytes, start: int, end: int) -> None:
-        self._header_piece(0, data[start:end])
+    def _header_name_read(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += self._counted(data[start:end])
 
-    def _header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_piece(1, data[start:end])
+    def _header_value_read(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += self._counted(data[start:end])
 
-    def _header_piece(self, which: int, piece: bytes) -> None:
+    def _counted(self, piece: bytes) -> bytes:
+        """A piece of the part's headers, within their bound."""
         self._header_size += len(piece)
         if self._header_size > MAX_PART_HEADER_BYTES:
             raise InvalidRequest("invalid multipart body: a part's headers are too long")
-        self._header[which] += piece
+        return piece
 
     def _header_ends(self) -> None:
-        if self._header[0].lower() == b"content-disposition":
-            self._disposition = self._header[1]
-        self._header = [b"", b""]
+        if self._header_field.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_field, self._header_value = b"", b""
 
     def _headers_finished(self) -> None:
         options = parse_options_header(self._disposition)[1]

@@ -35,7 +35,7 @@ from services.gateway.clips import ACCEPTED_TEXT, ClipLimits, prepare_clip, reje
 from services.gateway.limits import BodyCap
 from services.gateway.problems import problem_responses
 from services.gateway.settings import GatewaySettings
-from services.gateway.uploads import UploadRules, receive_form
+from services.gateway.uploads import FORM_OVERHEAD, UploadRules, receive_form
 from shared import metrics
 from shared.audio import pcm16_to_wav
 from shared.bus import Bus, Entry
@@ -45,6 +45,7 @@ from shared.errors import (
     GatewayTimeout,
     InvalidRequest,
     NotFound,
+    RequestTimeout,
     ServiceUnavailable,
     UnsupportedMedia,
     error_for_code,
@@ -72,7 +73,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/voices", tags=["voices"])
 
 UPLOAD_ROUTE = ("POST", "/v1/voices")
-FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and the small fields around the file
 UPLOAD_BUSY_RETRY_AFTER_S = 2  # an upload takes well under a second to decode and check
 REQUEST_STREAM_MAXLEN = 1000
 POLL_MS = 1000  # one blocking read for a preview's reply: well under the Redis client's socket timeout
@@ -279,8 +279,11 @@ async def _create_voice(request: Request, owner: str) -> VoiceOut:
         timeout_s=settings.upload_timeout_s,
         stall_s=settings.upload_stall_s,
     )
-    async with receive_form(request, request.app.state.storage.scratch(), rules) as form:
-        data = await asyncio.to_thread(form.path.read_bytes)  # a clip is small: it is decoded whole anyway
+    try:
+        async with receive_form(request, request.app.state.storage.scratch(), rules) as form:
+            data = await asyncio.to_thread(form.path.read_bytes)  # a clip is small: decoded whole anyway
+    except RequestTimeout as exc:
+        raise rejected(exc, exc.extra["reason"]) from None
     name = form.text("name") or ""
     if not 1 <= len(name) <= 100:
         raise InvalidRequest("`name` is required (1 to 100 characters)")

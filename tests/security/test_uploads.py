@@ -24,7 +24,9 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
+from pydantic import ValidationError
 
+from services.gateway.settings import GatewaySettings
 from tests.security.conftest import GatewayProcess, StartGateway
 from tests.support.tts import SPEECH, read_clip
 from tests.support.waiting import wait_until_blocking
@@ -196,11 +198,16 @@ def held_open_upload(release: threading.Event) -> Iterator[bytes]:
     yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def uploads_in_progress(gateway: GatewayProcess) -> float:
+def metric(gateway: GatewayProcess, sample: str) -> float:
+    """One sample of the gateway's /metrics (`name` or `name{labels}`); 0 when it has none yet."""
     for line in httpx.get(f"{gateway.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("chorus_voice_uploads_in_progress "):
-            return float(line.split()[1])
+        if line.startswith(f"{sample} "):
+            return float(line.split()[-1])
     return 0.0
+
+
+def uploads_in_progress(gateway: GatewayProcess) -> float:
+    return metric(gateway, "chorus_voice_uploads_in_progress")
 
 
 def test_uploads_past_the_concurrency_bound_are_refused_busy_at_once(start_gateway: StartGateway) -> None:
@@ -315,4 +322,13 @@ def test_a_trickled_or_stalled_upload_is_cut_off_and_frees_its_slot(start_gatewa
             status, problem = answer_on(client)
         assert (status, problem["reason"], problem["code"]) == (408, reason, "request_timeout"), problem
         wait_until_blocking(lambda: not any(incoming.iterdir()), "the scratch file removed", 30, every_s=0.05)
+        assert metric(gateway, f'chorus_voice_upload_rejections_total{{reason="{reason}"}}') == 1
     assert post_clip(gateway, SPEECH.read_bytes()).status_code == 201, "the slot is free again"
+
+
+def test_an_upload_stall_bound_past_the_whole_bound_is_refused_at_start() -> None:
+    # Accepted, the stall bound never applied: the whole body's bound ran out first.
+    with pytest.raises(
+        ValidationError, match=r"UPLOAD_STALL_S \(60\) must be at most CHORUS_UPLOAD_TIMEOUT_S \(30\)"
+    ):
+        GatewaySettings(_env_file=None, upload_stall_s=60, upload_timeout_s=30)  # type: ignore[call-arg]

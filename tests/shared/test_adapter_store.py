@@ -18,19 +18,22 @@ OWNER = "a1b2c3d4e5f60718"
 
 async def test_a_holder_slower_than_the_ttl_keeps_the_lock_until_it_is_done(bus: Bus) -> None:
     """A store stalled past the lock's TTL must not let a second writer in: the holder extends it."""
-    references = AdapterReferences(bus, ttl_s=0.3, wait_s=0.8)
-    inside = asyncio.Event()
+    references = AdapterReferences(bus, ttl_s=0.5, wait_s=1.5)  # the second waits three TTLs
+    inside, refused = asyncio.Event(), asyncio.Event()
 
     async def slow_write() -> None:
         async with references.held(OWNER):
             inside.set()
-            await asyncio.sleep(1.5)  # five TTLs
+            await refused.wait()  # the write outlasts the TTL for as long as the second one tries
 
     holder = asyncio.create_task(slow_write())
     await inside.wait()
-    with pytest.raises(ServiceUnavailable):
-        async with references.held(OWNER):
-            pytest.fail("a second holder got in while the first was still writing")
+    try:
+        with pytest.raises(ServiceUnavailable, match="being changed"):
+            async with references.held(OWNER):
+                pytest.fail("a second holder got in while the first was still writing")
+    finally:
+        refused.set()
     await holder
     async with references.held(OWNER):  # given back when done
         pass

@@ -3,7 +3,6 @@ no session uses them, refused when every slot is in use; sessions with and witho
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -248,7 +247,8 @@ async def test_a_slow_adapter_switch_holds_up_no_other_sessions_control(
     assert worker.adapters is not None
     async with worker.adapters._loading:  # noqa: SLF001  (another load under way, on a slow disk)
         await bus.append_control(SessionUpdate(session_id="tuned", adapter=second))
-        await asyncio.sleep(0.5)  # the control loop reads it (it is read every few ms)
+        # The control loop took it: its switch is under way, waiting on the load.
+        await wait_until(lambda: "tuned" in worker._switches, "the update not taken", 10)  # noqa: SLF001
         await bus.append_control(SessionStop(session_id="plain"))
         await plain.until(lambda r: r.event(EventName.ENDED) is not None, 10, "the stop waited for the load")
     await wait_until(lambda: worker.sessions["tuned"].start.persona.adapter == second, "then switched", 20)
