@@ -138,6 +138,30 @@ class DialogueSettings(CommonSettings):
         description="Highest LoRA rank this worker serves (a slot's size; smaller ranks are zero-padded).",
     )
 
+    dialogue_lora_kernel: Literal["auto", "grouped", "per_adapter"] = Field(
+        default="auto",
+        description="How the LoRA layers add each row's update (docs/performance.md, LoRA): `per_adapter` "
+        "(two thin matmuls per adapter in use: kernels grow with the adapters) or `grouped` (two "
+        "grouped matmuls over every slot, static shapes: as many kernels for 8 adapters as for 1; needs "
+        "the rank bound a multiple of 16 bytes). auto: `grouped` on the CPU and on CUDA in bfloat16, "
+        "`per_adapter` where grouped cannot run.",
+    )
+    dialogue_lora_graphs: bool = Field(
+        default=False,
+        description="Keep LMGen's CUDA graphs on while rows use adapters: the grouped LoRA path then runs "
+        "on every step (no-adapter rows add zero), so the graph captured at warm-up serves every step. "
+        "Off: a step with adapters runs eagerly. Needs the grouped kernel; unverified on a GPU yet.",
+    )
+
+    @model_validator(mode="after")
+    def _graphs_need_the_grouped_kernel(self) -> DialogueSettings:
+        if self.dialogue_lora_graphs and self.dialogue_lora_kernel == "per_adapter":
+            raise ValueError(
+                "dialogue_lora_graphs needs dialogue_lora_kernel grouped (or auto): the per_adapter "
+                "kernel's plan is a host decision a CUDA graph would freeze"
+            )
+        return self
+
     @model_validator(mode="after")
     def _rollover_after_the_primer(self) -> DialogueSettings:
         at = self.dialogue_rollover_at
