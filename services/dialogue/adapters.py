@@ -249,21 +249,21 @@ def _add_grouped(
 
 
 def resolve_kernel(
-    choice: Literal["auto", "per_adapter", "grouped"], lm: nn.Module, max_rank: int
+    choice: Literal["auto", "per_adapter", "grouped"], lm: nn.Module, max_rank: int, *, graphs: bool = False
 ) -> LoraKernel:
-    """CHORUS_DIALOGUE_LORA_KERNEL for this LM: `auto` is `grouped` on CUDA (bfloat16, aligned shapes:
-    what grouped_mm's fast path takes) and on the CPU; `per_adapter` otherwise. An explicit `grouped`
-    that grouped_mm cannot run is refused."""
-    weight = next(lm.parameters())
+    """CHORUS_DIALOGUE_LORA_KERNEL for this LM: `auto` is `grouped` on CUDA in bfloat16 (grouped_mm's
+    CUDA dtype) with an aligned rank bound, and wherever `graphs` (CHORUS_DIALOGUE_LORA_GRAPHS) needs it;
+    else `per_adapter` (on the CPU bench/bench_lora.py measures it faster: grouped_mm loops over the
+    groups there, and the gather and scatter cost more than they save). A `grouped` that grouped_mm
+    cannot run is refused."""
     problem = _grouped_problem(lm, max_rank)
-    if choice == "grouped":
-        if problem:
-            raise ModelLoadError(f"CHORUS_DIALOGUE_LORA_KERNEL=grouped: {problem}")
-        return "grouped"
-    if choice == "per_adapter":
-        return "per_adapter"
-    cuda_without_bf16 = weight.device.type == "cuda" and weight.dtype != torch.bfloat16
-    return "per_adapter" if problem or cuda_without_bf16 else "grouped"
+    if choice == "auto":
+        weight = next(lm.parameters())
+        cuda_bf16 = weight.device.type == "cuda" and weight.dtype == torch.bfloat16
+        choice = "grouped" if graphs or (cuda_bf16 and not problem) else "per_adapter"
+    if choice == "grouped" and problem:
+        raise ModelLoadError(f"the grouped LoRA kernel cannot run this LM: {problem}")
+    return choice
 
 
 def _grouped_problem(lm: nn.Module, max_rank: int) -> str | None:

@@ -210,7 +210,7 @@ class DialogueWorker:
         lm = self.model.lm
         rank = s.dialogue_adapter_max_rank
         slots = slots_for(lm, s.dialogue_adapter_memory, rank)
-        kernel = resolve_kernel(s.dialogue_lora_kernel, lm, rank)
+        kernel = resolve_kernel(s.dialogue_lora_kernel, lm, rank, graphs=s.dialogue_lora_graphs)
         return AdapterBank(lm, s.dialogue_slots, slots, rank, kernel=kernel, static=s.dialogue_lora_graphs)
 
     # --- the core loop -------------------------------------------------------------------------

@@ -143,14 +143,15 @@ class DialogueSettings(CommonSettings):
         description="How the LoRA layers add each row's update (docs/performance.md, LoRA): `per_adapter` "
         "(two thin matmuls per adapter in use: kernels grow with the adapters) or `grouped` (two "
         "grouped matmuls over every slot, static shapes: as many kernels for 8 adapters as for 1; needs "
-        "the rank bound a multiple of 16 bytes). auto: `grouped` on the CPU and on CUDA in bfloat16, "
-        "`per_adapter` where grouped cannot run.",
+        "the rank bound a multiple of 16 bytes). auto: `grouped` on CUDA in bfloat16 or with "
+        "CHORUS_DIALOGUE_LORA_GRAPHS, else `per_adapter` (faster on the CPU: bench/bench_lora.py).",
     )
     dialogue_lora_graphs: bool = Field(
         default=False,
         description="Keep LMGen's CUDA graphs on while rows use adapters: the grouped LoRA path then runs "
         "on every step (no-adapter rows add zero), so the graph captured at warm-up serves every step. "
-        "Off: a step with adapters runs eagerly. Needs the grouped kernel; unverified on a GPU yet.",
+        "Off: a step with adapters runs eagerly. Needs the grouped kernel (auto picks it); not yet measured "
+        "on a GPU (bench/gpu_sessions.py `--adapters` compares it).",
     )
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ from services.dialogue.adapters import (
     LoraKernel,
     layer_shapes,
     read_adapter,
+    resolve_kernel,
 )
 from services.dialogue.settings import DialogueSettings
 from shared.errors import ModelLoadError, Unprocessable
@@ -252,3 +253,12 @@ def test_a_static_bank_runs_the_grouped_path_on_every_step_and_adds_nothing_with
         AdapterBank(torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False)), 2, 1, 6, kernel="grouped")
     with pytest.raises(ValidationError, match="dialogue_lora_graphs needs dialogue_lora_kernel grouped"):
         DialogueSettings(dialogue_lora_graphs=True, dialogue_lora_kernel="per_adapter")
+
+
+def test_auto_is_the_per_adapter_kernel_on_the_cpu_unless_cuda_graphs_ask_for_the_grouped_one() -> None:
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
+    assert resolve_kernel("auto", layers, 8) == "per_adapter"  # bench/bench_lora.py: faster on the CPU
+    assert resolve_kernel("auto", layers, 8, graphs=True) == "grouped"
+    assert resolve_kernel("grouped", layers, 8) == "grouped"
+    with pytest.raises(ModelLoadError, match=r"rank bound \(6\)"):
+        resolve_kernel("auto", layers, 6, graphs=True)
