@@ -258,9 +258,8 @@ def resolve_kernel(
     cannot run is refused."""
     problem = _grouped_problem(lm, max_rank)
     if choice == "auto":
-        weight = next(lm.parameters())
-        cuda_bf16 = weight.device.type == "cuda" and weight.dtype == torch.bfloat16
-        choice = "grouped" if graphs or (cuda_bf16 and not problem) else "per_adapter"
+        on_cuda = next(lm.parameters()).device.type == "cuda"
+        choice = "grouped" if graphs or (on_cuda and not problem) else "per_adapter"
     if choice == "grouped" and problem:
         raise ModelLoadError(f"the grouped LoRA kernel cannot run this LM: {problem}")
     return choice
@@ -271,6 +270,8 @@ def _grouped_problem(lm: nn.Module, max_rank: int) -> str | None:
     weight = next(lm.parameters())
     if not weight.dtype.is_floating_point:
         return f"the LM's weights are {weight.dtype}"
+    if weight.device.type == "cuda" and weight.dtype != torch.bfloat16:
+        return f"on CUDA grouped_mm takes bfloat16, the LM is {weight.dtype} (CHORUS_DIALOGUE_DTYPE)"
     step = _ALIGN_BYTES // weight.element_size()
     if max_rank % step:
         return f"the adapter rank bound ({max_rank}) is not a multiple of {step} (16 bytes of {weight.dtype})"
