@@ -21,6 +21,7 @@ import torch
 from moshi.models import LMGen, loaders
 from moshi.models.lm import LMModel
 from pydantic import ValidationError
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from chorus.devtools.lora_adapter import write_random_adapter
 from services.dialogue.adapters import (
@@ -274,3 +275,40 @@ def test_auto_is_the_per_adapter_kernel_on_the_cpu_unless_cuda_graphs_ask_for_th
     assert resolve_kernel("grouped", layers, 8) == "grouped"
     with pytest.raises(ModelLoadError, match=r"rank bound \(6\)"):
         resolve_kernel("auto", layers, 6, graphs=True)
+
+
+class _Ops(TorchDispatchMode):
+    """The aten ops a forward runs, each with its inputs' shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple[tuple[int, ...], ...]]] = []
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        self.ops.append((str(func), shapes))
+        return func(*args, **(kwargs or {}))
+
+
+def _step_ops(layers: torch.nn.Module, bank: AdapterBank, table: list[int]) -> list[tuple[str, Any]]:
+    for row, slot in enumerate(table):
+        bank.assign(row, slot)
+    with torch.no_grad(), _Ops() as ops:
+        layers(torch.randn(5, 1, 32))
+    return ops.ops
+
+
+def test_the_grouped_kernel_runs_the_same_ops_on_the_same_shapes_whatever_the_adapters_in_use() -> None:
+    """What makes it CUDA-graph-safe: one adapter or three, the step is the same op sequence on the same
+    shapes, with no host sync (`_local_scalar_dense` is what `.item()` / `bool(tensor)` run); the
+    per_adapter kernel's op count grows with the adapters in use."""
+    tables = ([1, 1, 1, 1, 1], [1, 2, 3, 1, 0], [3, 0, 0, 2, 0])
+    layers, bank = _layers_bank("grouped")
+    first, *others = [_step_ops(layers, bank, table) for table in tables]
+    assert all(ops == first for ops in others)
+    assert not any("_local_scalar_dense" in name for name, _ in first)
+    layers, bank = _layers_bank("per_adapter")
+    one, three = _step_ops(layers, bank, tables[0]), _step_ops(layers, bank, tables[1])
+    assert len(three) > len(one)
