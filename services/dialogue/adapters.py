@@ -251,8 +251,9 @@ def _add_grouped(
 def resolve_kernel(
     choice: Literal["auto", "per_adapter", "grouped"], lm: nn.Module, max_rank: int, *, graphs: bool = False
 ) -> LoraKernel:
-    """CHORUS_DIALOGUE_LORA_KERNEL for this LM: `auto` is `grouped` on CUDA in bfloat16 (grouped_mm's
-    CUDA dtype) with an aligned rank bound, and wherever `graphs` (CHORUS_DIALOGUE_LORA_GRAPHS) needs it;
+    """CHORUS_DIALOGUE_LORA_KERNEL for this LM: `auto` is `grouped` on CUDA (compute capability 9.0+)
+    in bfloat16 (grouped_mm's CUDA dtype) with an aligned rank bound, and wherever `graphs`
+    (CHORUS_DIALOGUE_LORA_GRAPHS) needs it;
     else `per_adapter` (on the CPU bench/bench_lora.py measures it faster: grouped_mm loops over the
     groups there, and the gather and scatter cost more than they save). A `grouped` that grouped_mm
     cannot run is refused."""
@@ -272,6 +273,11 @@ def _grouped_problem(lm: nn.Module, max_rank: int) -> str | None:
         return f"the LM's weights are {weight.dtype}"
     if weight.device.type == "cuda" and weight.dtype != torch.bfloat16:
         return f"on CUDA grouped_mm takes bfloat16, the LM is {weight.dtype} (CHORUS_DIALOGUE_DTYPE)"
+    # Below Hopper torch runs grouped_mm as a loop that syncs with the host: slower than per_adapter and
+    # impossible to capture in a CUDA graph.
+    if weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device) < (9, 0):
+        major, minor = torch.cuda.get_device_capability(weight.device)
+        return f"grouped_mm's fused kernel needs compute capability 9.0+, this GPU has {major}.{minor}"
     step = _ALIGN_BYTES // weight.element_size()
     if max_rank % step:
         return f"the adapter rank bound ({max_rank}) is not a multiple of {step} (16 bytes of {weight.dtype})"

@@ -143,8 +143,9 @@ class DialogueSettings(CommonSettings):
         description="How the LoRA layers add each row's update (docs/performance.md, LoRA): `per_adapter` "
         "(two thin matmuls per adapter in use: kernels grow with the adapters) or `grouped` (two "
         "grouped matmuls over every slot, static shapes: as many kernels for 8 adapters as for 1; needs "
-        "the rank bound a multiple of 16 bytes). auto: `grouped` on CUDA in bfloat16 or with "
-        "CHORUS_DIALOGUE_LORA_GRAPHS, else `per_adapter` (faster on the CPU: bench/bench_lora.py).",
+        "the rank bound a multiple of 16 bytes, and on CUDA compute capability 9.0+). auto: `grouped` "
+        "on such a GPU in bfloat16 or with CHORUS_DIALOGUE_LORA_GRAPHS, else `per_adapter` (faster on "
+        "the CPU: bench/bench_lora.py).",
     )
     dialogue_lora_graphs: bool = Field(
         default=False,
