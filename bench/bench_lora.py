@@ -2,14 +2,16 @@
 much device memory one takes.
 
 The same full batch (`SLOTS` live sessions, the same audio) is stepped by `services.dialogue.batcher.
-Batcher` in five variants, interleaved round by round in one run so drift hits them alike:
+Batcher` in nine variants, interleaved round by round in one run so drift hits them alike:
 - `no_lora`: the plain LM (a worker with CHORUS_DIALOGUE_ADAPTER_MEMORY=0);
-- `adapters_0`: the LoRA layers installed, no row with an adapter (the layers skip their LoRA branch);
-- `adapters_1` / `_4` / `_8`: rows spread over 1, 4 or 8 distinct adapters.
+- per LoRA kernel (CHORUS_DIALOGUE_LORA_KERNEL: `per_adapter`, `grouped`):
+  - `<kernel>/adapters_0`: the LoRA layers installed, no row with an adapter (the layers skip their branch);
+  - `<kernel>/adapters_1` / `_4` / `_8`: rows spread over 1, 4 or 8 distinct adapters.
 Reported: the median tick (CPU time of the stepping thread, one torch thread: the machine's other load
-does not count) per variant and its ratio to `no_lora`. Adapter load time is read-check-copy of
-one file into a bank slot (`read_adapter` + `AdapterBank.load`), median over the adapters; memory per
-adapter is its tensors at its rank and a bank slot at `max_rank`.
+does not count) per variant and its ratio to `no_lora`; `faster_kernel`: the kernel with the lower median
+tick summed over 1, 4 and 8 adapters (what CHORUS_DIALOGUE_LORA_KERNEL=auto picks on the CPU).
+Adapter load time is read-check-copy of one file into a bank slot (`read_adapter` + `AdapterBank.load`),
+median over the adapters; memory per adapter is its tensors at its rank and a bank slot at `max_rank`.
 
 Defaults are the small generated checkpoint on the CPU, rank `CHORUS_BENCH_LORA_RANK` (64 = the small
 LM's width); on a GPU the same code measures the published architecture (bench/gpu/).
@@ -30,7 +32,14 @@ import torch
 
 from chorus.devtools.lora_adapter import write_random_adapter
 from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
-from services.dialogue.adapters import NO_ADAPTER, AdapterBank, AdapterTensors, layer_shapes, read_adapter
+from services.dialogue.adapters import (
+    NO_ADAPTER,
+    AdapterBank,
+    AdapterTensors,
+    LoraKernel,
+    layer_shapes,
+    read_adapter,
+)
 from services.dialogue.batcher import Batcher
 from services.dialogue.model import MoshiModel, load_moshi
 from services.dialogue.settings import DialogueSettings
@@ -44,6 +53,7 @@ WARM_TICKS = 4
 RANK = int(os.environ.get("CHORUS_BENCH_LORA_RANK", "64"))
 THREADS = int(os.environ.get("CHORUS_BENCH_THREADS", "1"))
 DISTINCT = (0, 1, 4, 8)
+KERNELS: tuple[LoraKernel, ...] = ("per_adapter", "grouped")
 
 
 def _ticks(model: MoshiModel, bank: AdapterBank | None, distinct: int, audio: np.ndarray) -> list[float]:
@@ -94,18 +104,20 @@ def run() -> dict[str, Any]:
     audio = (rng.standard_normal((16, SLOTS, FRAME_SAMPLES)) * 0.1).astype(np.float32)
     with tempfile.TemporaryDirectory() as folder:
         adapters, load_s = _adapters(model, checkpoint, Path(folder))
-    times: dict[str, list[float]] = {"no_lora": [], **{f"adapters_{n}": [] for n in DISTINCT}}
+    variants = [f"{kernel}/adapters_{n}" for kernel in KERNELS for n in DISTINCT]
+    times: dict[str, list[float]] = {"no_lora": [], **{name: [] for name in variants}}
     with torch.no_grad():
         for _ in range(ROUNDS):
             times["no_lora"] += _ticks(model, None, 0, audio)
-            bank = AdapterBank(model.lm, SLOTS, SLOTS, RANK)
-            for slot, tensors in enumerate(adapters, start=1):
-                bank.load(slot, tensors)
-            try:
-                for n in DISTINCT:
-                    times[f"adapters_{n}"] += _ticks(model, bank, n, audio)
-            finally:
-                bank.remove()
+            for kernel in KERNELS:
+                bank = AdapterBank(model.lm, SLOTS, SLOTS, RANK, kernel=kernel)
+                for slot, tensors in enumerate(adapters, start=1):
+                    bank.load(slot, tensors)
+                try:
+                    for n in DISTINCT:
+                        times[f"{kernel}/adapters_{n}"] += _ticks(model, bank, n, audio)
+                finally:
+                    bank.remove()
     base = statistics.median(times["no_lora"])
     ticks = {
         name: {
@@ -113,6 +125,10 @@ def run() -> dict[str, Any]:
             "vs_no_lora": round(statistics.median(t) / base, 3),
         }
         for name, t in times.items()
+    }
+    with_adapters = {
+        kernel: sum(statistics.median(times[f"{kernel}/adapters_{n}"]) for n in DISTINCT if n)
+        for kernel in KERNELS
     }
     return {
         "device": str(model.device),
@@ -124,6 +140,7 @@ def run() -> dict[str, Any]:
         "rank": RANK,
         "ticks_per_variant": ROUNDS * TICKS,
         "tick": ticks,
+        "faster_kernel": min(with_adapters, key=with_adapters.__getitem__),
         "adapter_load_ms_median": round(statistics.median(load_s) * 1000, 2),
         "adapter_bytes": adapters[0].nbytes,
         "bank_slot_bytes": AdapterBank.slot_bytes(model.lm, RANK),

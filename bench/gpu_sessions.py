@@ -31,9 +31,12 @@ lean LM's difference from them on the same codes (`int8_logits`) and the weights
 adapters) measures, before the slot sweep, one full batch of `--adapter-batch` steady sessions stepped by
 the worker's `Batcher` with no LoRA, then with the worker's per-row LoRA layers (`AdapterBank`, one slot
 per distinct adapter, random adapters of that rank for every linear layer) and the rows spread round robin
-over 0, 1, 4, 8 distinct adapters (switched between ticks as a mid-session `update` does), then with no
-LoRA again: `adapters` in the results holds each variant's tick percentiles and its ratio to no LoRA
-(rewritten after each variant: a cut run keeps those measured).
+over 0, 1, 4, 8 distinct adapters (switched between ticks as a mid-session `update` does), once per LoRA
+kernel of `--lora-kernels` (default all: `per_adapter`, `grouped`, and `grouped_graphs` = the grouped
+kernel with CHORUS_DIALOGUE_LORA_GRAPHS, LMGen's CUDA graphs kept on with adapters), then with no LoRA
+again: `adapters` in the results holds each variant's tick percentiles and its ratio to no LoRA, per
+kernel under `kernels` (`variants`: no LoRA and the per_adapter kernel, as before the grouped one),
+rewritten after each variant: a cut run keeps those measured.
 `--slots ''` and `--baseline-ticks 0` leave the rest out (the device budget).
 """
 
@@ -58,7 +61,7 @@ import numpy as np
 import torch
 
 from chorus.devtools.moshi_checkpoint import TOKENIZER_NAME, published_architecture, write_moshi_checkpoint
-from services.dialogue.adapters import NO_ADAPTER, AdapterBank, AdapterTensors, linear_layers
+from services.dialogue.adapters import NO_ADAPTER, AdapterBank, AdapterTensors, LoraKernel, linear_layers
 from services.dialogue.batcher import Batcher
 from services.dialogue.model import (
     MoshiModel,
@@ -200,6 +203,15 @@ def limit_memory(device: torch.device, max_mib: int) -> None:
 # --- the run ------------------------------------------------------------------------------------
 
 
+# The LoRA kernels a sweep compares: CHORUS_DIALOGUE_LORA_KERNEL, and the grouped one with
+# CHORUS_DIALOGUE_LORA_GRAPHS (a graph-safe bank: LMGen's CUDA graphs stay on with adapters).
+LORA_KERNELS: dict[str, tuple[LoraKernel, bool]] = {
+    "per_adapter": ("per_adapter", False),
+    "grouped": ("grouped", False),
+    "grouped_graphs": ("grouped", True),
+}
+
+
 @dataclass
 class Config:
     size: str
@@ -218,6 +230,7 @@ class Config:
     adapter_rank: int = 128
     adapter_batch: int = 8
     adapter_ticks: int = 0  # measured ticks per variant
+    lora_kernels: list[str] = field(default_factory=lambda: list(LORA_KERNELS))
     seed: int = 0
     compile: bool = False
     settings: DialogueSettings = field(default_factory=DialogueSettings)
@@ -431,19 +444,26 @@ class AdapterFigures:
     linear_layers: int
     bank_slot_mib: float
     plain: list[float] = field(default_factory=list)  # no LoRA, before and after the variants
-    variants: dict[str, list[float]] = field(default_factory=dict)
+    kernels: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # kernel -> variant -> ticks
     load_ms: list[float] = field(default_factory=list)
     peak_memory_mib: float | None = None
 
     def result(self, outcome: str, error: str | None = None) -> dict[str, Any]:
         base = _percentiles(self.plain)
         measured: dict[str, Any] = {}
+        kernels: dict[str, dict[str, Any]] = {}
         if base is not None:
             measured["no_lora"] = {"tick_ms": base, "vs_no_lora": 1.0}
-            for name, ticks in self.variants.items():
-                tick = _percentiles(ticks)
-                assert tick is not None
-                measured[name] = {"tick_ms": tick, "vs_no_lora": round(tick["p50"] / base["p50"], 3)}
+            for kernel, variants in self.kernels.items():
+                kernels[kernel] = {}
+                for name, ticks in variants.items():
+                    tick = _percentiles(ticks)
+                    assert tick is not None
+                    kernels[kernel][name] = {
+                        "tick_ms": tick,
+                        "vs_no_lora": round(tick["p50"] / base["p50"], 3),
+                    }
+            measured |= kernels.get("per_adapter", {})
         loads = sorted(self.load_ms)
         return {
             "outcome": outcome,
@@ -456,6 +476,7 @@ class AdapterFigures:
             "adapter_load_ms_median": round(loads[len(loads) // 2], 2) if loads else None,
             "peak_memory_mib": self.peak_memory_mib,
             "variants": measured,
+            "kernels": kernels,
         }
 
 
@@ -471,8 +492,28 @@ def measure_adapter_variants(
     _reset_peak(device)
     figures.plain += _plain_ticks(model, config, audio)
     progress()
+    for label in config.lora_kernels:
+        figures.kernels[label] = {}
+        _kernel_variants(model, config, label, audio, figures, progress)
+    figures.plain += _plain_ticks(model, config, audio)
+
+
+def _kernel_variants(
+    model: MoshiModel,
+    config: Config,
+    label: str,
+    audio: list[np.ndarray[Any, Any]],
+    figures: AdapterFigures,
+    progress: Callable[[], None],
+) -> None:
+    """The distinct-adapter variants with one LoRA kernel: its own bank (loaded, timed) and batcher (warmed
+    up with the bank installed, so a graph-safe bank is in the captured graphs)."""
+    device = model.device
+    kernel, static = LORA_KERNELS[label]
     distinct_max = max(*config.adapters, 1)
-    bank = AdapterBank(model.lm, config.adapter_batch, distinct_max, config.adapter_rank)
+    bank = AdapterBank(
+        model.lm, config.adapter_batch, distinct_max, config.adapter_rank, kernel=kernel, static=static
+    )
     try:
         for slot in range(1, distinct_max + 1):
             started = time.perf_counter()
@@ -484,14 +525,13 @@ def measure_adapter_variants(
             for distinct in config.adapters:
                 for n, row in enumerate(rows):  # round robin: with 4, an adapter's rows are not contiguous
                     batcher.set_adapter(row, n % distinct + 1 if distinct else NO_ADAPTER)
-                figures.variants[f"adapters_{distinct}"] = _steady_ticks(batcher, config, audio)
+                figures.kernels[label][f"adapters_{distinct}"] = _steady_ticks(batcher, config, audio)
                 figures.peak_memory_mib = _peak_memory_mib(device)
                 progress()
         finally:
             batcher.close()
     finally:
         bank.remove()
-    figures.plain += _plain_ticks(model, config, audio)
 
 
 def measure_adapters(model: MoshiModel, config: Config, results: dict[str, Any]) -> None:
@@ -520,10 +560,12 @@ def measure_adapters(model: MoshiModel, config: Config, results: dict[str, Any])
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
     results["adapters"] = point = figures.result("measured")
-    ratios = ", ".join(f"{name} {v['vs_no_lora']}" for name, v in point["variants"].items())
-    print(
-        f"adapters at batch {figures.batch}, rank {figures.rank}: tick p50 vs no LoRA: {ratios}", flush=True
-    )
+    for kernel, variants in point["kernels"].items():
+        ratios = ", ".join(f"{name} {v['vs_no_lora']}" for name, v in variants.items())
+        print(
+            f"adapters at batch {figures.batch}, rank {figures.rank}, {kernel}: p50 vs no LoRA: {ratios}",
+            flush=True,
+        )
 
 
 def build_model(config: Config) -> MoshiModel:
@@ -721,6 +763,15 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
+def _kernels(text: str) -> list[str]:
+    """A comma-separated list of LoRA_KERNELS names (`--lora-kernels`)."""
+    kernels = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in kernels if name not in LORA_KERNELS]
+    if unknown or not kernels:
+        raise argparse.ArgumentTypeError(f"LoRA kernels are some of {','.join(LORA_KERNELS)}: {text!r}")
+    return kernels
+
+
 def parse(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_sessions", description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=["full", "small"], default=None, help="default: full on cuda")
@@ -754,6 +805,12 @@ def parse(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--adapter-ticks", type=int, default=None, help="measured ticks a variant (default: --ticks)"
     )
+    parser.add_argument(
+        "--lora-kernels",
+        type=_kernels,
+        default=",".join(LORA_KERNELS),
+        help=f"LoRA kernels the --adapters variants run with (default all: {','.join(LORA_KERNELS)})",
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"results JSON (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     adapters: list[int] = args.adapters
@@ -780,6 +837,7 @@ def parse(argv: list[str] | None = None) -> Config:
         adapter_rank=args.adapter_rank,
         adapter_batch=args.adapter_batch or max(8, *adapters, 0),
         adapter_ticks=args.ticks if args.adapter_ticks is None else args.adapter_ticks,
+        lora_kernels=args.lora_kernels,
         settings=settings,
     )
 

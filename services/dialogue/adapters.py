@@ -14,11 +14,27 @@ the plan. A layer then runs its frozen matmul and, per slot in use, two thin mat
 rows at that adapter's own rank (a view of the slot: nothing is gathered or copied), added into the
 rows' output (in place for a run, `index_add_` otherwise). No row with an adapter: no LoRA work at all.
 
-The plan is a Python decision, so a CUDA graph captured over a step freezes it: the batcher replays
-LMGen's graphs only while no row uses an adapter (they are captured then), and steps eagerly otherwise
-(services/dialogue/batcher.py). The scaling is folded into B when an adapter is loaded. With int8
-weights (moshi refuses LoRA with its quantized path) the bank is not installed: see
-`refuse_with_quantized`.
+That is the `per_adapter` kernel: its kernel count grows with the adapters in use (about three per
+adapter per layer) and its plan is a Python decision, so a CUDA graph captured over a step would freeze
+it: the batcher replays LMGen's graphs only while no row uses an adapter (they are captured then), and
+steps eagerly otherwise (services/dialogue/batcher.py).
+
+The `grouped` kernel (CHORUS_DIALOGUE_LORA_KERNEL) has static shapes: the rows sorted by slot (`perm`, a
+device tensor of the batch's length) and the group ends of every slot, slot 0 included (`offs`), are
+written in place (`copy_`) when the row -> slot table changes, never re-allocated; a layer gathers its
+input in slot order, runs two `torch._grouped_mm` over every slot at `max_rank` (smaller ranks are
+zero-padded, slot 0 is all zeros, so its rows add zero) and adds the result back by `index_add_`: four
+kernels per layer whatever the adapters in use, no host decision, no host sync. Every row must be in a
+group (grouped_mm leaves rows past the last offset unwritten: garbage), hence slot 0 is one. grouped_mm
+needs every matrix's leading stride a multiple of 16 bytes: `max_rank` must be (`_grouped_problem`), and
+a layer whose input width is not (the small test model's gating) keeps A padded with zero columns and
+pads its gathered input per step. A^T and B^T are transposed views of the stacked slots, a (column-major)
+layout it takes as they are: no copy, at load or per step. With CHORUS_DIALOGUE_LORA_GRAPHS the grouped
+path runs on every step, adapters or not (`static`), so one captured CUDA graph serves every step and
+the batcher keeps LMGen's graphs on with adapters.
+
+The scaling is folded into B when an adapter is loaded. With int8 weights (moshi refuses LoRA with its
+quantized path) the bank is not installed: see `refuse_with_quantized`.
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from moshi.modules.lora import LoRALinear
@@ -37,6 +54,9 @@ from shared.errors import ModelLoadError, Unprocessable
 log = logging.getLogger(__name__)
 
 NO_ADAPTER = 0  # the bank's all-zero slot
+
+LoraKernel = Literal["per_adapter", "grouped"]
+_ALIGN_BYTES = 16  # grouped_mm: every matrix's leading stride a multiple of this
 
 
 def linear_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Linear]]:
@@ -76,11 +96,46 @@ class _Group:
 
 
 class _Layout:
-    """Which rows use which slot, planned on the host when that changes; every layer of the bank reads it."""
+    """Which rows use which slot, planned on the host when that changes; every layer of the bank reads it.
 
-    def __init__(self, batch_size: int) -> None:
+    `per_adapter` reads `groups`; `grouped` reads `perm` (the rows in slot order) and `offs(T)` (each
+    slot's group end in the flattened [B * T] rows), device tensors updated in place."""
+
+    def __init__(
+        self, batch_size: int, slots: int, device: torch.device, kernel: LoraKernel, static: bool
+    ) -> None:
         self.batch_size = batch_size
+        self.kernel: LoraKernel = kernel
+        self.static = static  # grouped path on every step (adapters or not): one CUDA graph for all
         self.groups: tuple[_Group, ...] = ()  # empty: no row uses an adapter
+        self.perm = torch.arange(batch_size, device=device)
+        self._ends = [batch_size] * slots  # rows of slots 0..s, cumulated: every row in slot 0
+        self._offs = {1: self._device_ends(1, device)}  # by tokens per row; T = 1 made before any capture
+
+    @property
+    def active(self) -> bool:
+        """The LoRA branch runs this step."""
+        return self.static or bool(self.groups)
+
+    def offs(self, tokens: int) -> torch.Tensor:
+        offs = self._offs.get(tokens)
+        if offs is None:  # a step with T > 1 tokens per row (never inside a captured graph: T = 1 there)
+            offs = self._offs[tokens] = self._device_ends(tokens, self.perm.device)
+        return offs
+
+    def sort(self, row_slots: list[int]) -> None:
+        """The grouped kernel's tensors for a new row -> slot table, written in place."""
+        perm = sorted(range(len(row_slots)), key=row_slots.__getitem__)  # stable: rows ascending per slot
+        counts = [0] * len(self._ends)
+        for slot in row_slots:
+            counts[slot] += 1
+        self._ends = [sum(counts[: slot + 1]) for slot in range(len(counts))]
+        self.perm.copy_(torch.tensor(perm, dtype=torch.long))
+        for tokens, offs in self._offs.items():
+            offs.copy_(torch.tensor([end * tokens for end in self._ends], dtype=torch.int32))
+
+    def _device_ends(self, tokens: int, device: torch.device) -> torch.Tensor:
+        return torch.tensor([end * tokens for end in self._ends], dtype=torch.int32, device=device)
 
 
 class RowLoRALinear(LoRALinear):  # type: ignore[misc]  # moshi is untyped
@@ -98,8 +153,11 @@ class RowLoRALinear(LoRALinear):  # type: ignore[misc]  # moshi is untyped
     lora_B: _Stacked
     _layout: _Layout
     _views: list[tuple[torch.Tensor, torch.Tensor] | None]
+    _in_padded: int
+    _a_t: torch.Tensor
+    _b_t: torch.Tensor
 
-    def __init__(self, base: nn.Linear, layout: _Layout, slots: int, max_rank: int) -> None:
+    def __init__(self, base: nn.Linear, layout: _Layout, slots: int, max_rank: int, align: int = 1) -> None:
         nn.Module.__init__(self)  # not LoRALinear's: its own A/B/W and load hook are not wanted
         if base.bias is not None:
             raise ModelLoadError("per-row LoRA wraps bias-free linear layers only")
@@ -107,9 +165,15 @@ class RowLoRALinear(LoRALinear):  # type: ignore[misc]  # moshi is untyped
         self.rank, self.scaling, self.bias = max_rank, 1.0, False
         self.frozen_W = base
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = _Stacked(torch.zeros(slots, max_rank, self.in_features, **factory))
+        # A's rows padded to `align` elements (the grouped kernel's 16 bytes; 1: none): an input width
+        # grouped_mm cannot take is zero-padded per step and meets zero columns of A.
+        self._in_padded = -(-self.in_features // align) * align
+        self.lora_A = _Stacked(torch.zeros(slots, max_rank, self._in_padded, **factory))
         self.lora_B = _Stacked(torch.zeros(slots, self.out_features, max_rank, **factory))
         self._layout = layout
+        # Every slot's A^T [slots, in, r] and B^T [slots, r, out] for the grouped kernel: views, made once.
+        self._a_t = self.lora_A.weight.transpose(1, 2)
+        self._b_t = self.lora_B.weight.transpose(1, 2)
         # Each slot's (A^T, B^T) at its adapter's rank: views of the slot, made once at load (None: the
         # slot's adapter leaves this layer alone). The bank is installed on the LM where it runs: moving
         # the LM afterwards (`.to()`) would leave these on the old tensors.
@@ -117,14 +181,16 @@ class RowLoRALinear(LoRALinear):  # type: ignore[misc]  # moshi is untyped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.frozen_W(x)
-        groups = self._layout.groups
-        if not groups:
+        layout = self._layout
+        if not layout.active:
             return result
-        if x.dim() != 3 or x.shape[0] != self._layout.batch_size:
-            raise ValueError(
-                f"per-row LoRA expects [{self._layout.batch_size}, T, D] inputs, got {list(x.shape)}"
-            )
-        for group in groups:
+        if x.dim() != 3 or x.shape[0] != layout.batch_size:
+            raise ValueError(f"per-row LoRA expects [{layout.batch_size}, T, D] inputs, got {list(x.shape)}")
+        if layout.kernel == "grouped":
+            padding = self._in_padded - self.in_features
+            _add_grouped(result, x, layout.perm, layout.offs(x.shape[1]), self._a_t, self._b_t, padding)
+            return result
+        for group in layout.groups:
             views = self._views[group.slot]
             if views is not None:
                 _add_low_rank(result, x, group.rows, *views)
@@ -137,7 +203,8 @@ class RowLoRALinear(LoRALinear):  # type: ignore[misc]  # moshi is untyped
         self._views[slot] = None
         if a is not None and b is not None:
             rank = a.shape[0]
-            down, up = self.lora_A.weight[slot, :rank], self.lora_B.weight[slot, :, :rank]
+            down = self.lora_A.weight[slot, :rank, : self.in_features]
+            up = self.lora_B.weight[slot, :, :rank]
             down.copy_(a)
             up.copy_(b)
             self._views[slot] = (down.T, up.T)
@@ -159,6 +226,62 @@ def _add_low_rank(
     picked = x.index_select(0, rows)
     update = (picked.flatten(0, 1) @ a_t) @ b_t
     result.index_add_(0, rows, update.view(*picked.shape[:2], -1))
+
+
+def _add_grouped(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    perm: torch.Tensor,
+    offs: torch.Tensor,
+    a_t: torch.Tensor,
+    b_t: torch.Tensor,
+    padding: int,
+) -> None:
+    """result += each row's (x A_s^T) B_s^T, every slot s at once: rows gathered in slot order, two grouped
+    matmuls, added back where they came from. Shapes depend on the batch only."""
+    batch, tokens = x.shape[:2]
+    ordered = x.index_select(0, perm).flatten(0, 1)  # [B * T, in], slot by slot
+    if padding:
+        ordered = nn.functional.pad(ordered, (0, padding))
+    down = torch._grouped_mm(ordered, a_t, offs=offs)
+    up = torch._grouped_mm(down, b_t, offs=offs)  # rows may be padded: splitting dim 0 is still a view
+    result.index_add_(0, perm, up.reshape(batch, tokens, up.shape[-1]))
+
+
+def resolve_kernel(
+    choice: Literal["auto", "per_adapter", "grouped"], lm: nn.Module, max_rank: int, *, graphs: bool = False
+) -> LoraKernel:
+    """CHORUS_DIALOGUE_LORA_KERNEL for this LM: `auto` is `grouped` on CUDA (compute capability 9.0+)
+    in bfloat16 (grouped_mm's CUDA dtype) with an aligned rank bound, and wherever `graphs`
+    (CHORUS_DIALOGUE_LORA_GRAPHS) needs it;
+    else `per_adapter` (on the CPU bench/bench_lora.py measures it faster: grouped_mm loops over the
+    groups there, and the gather and scatter cost more than they save). A `grouped` that grouped_mm
+    cannot run is refused."""
+    problem = _grouped_problem(lm, max_rank)
+    if choice == "auto":
+        on_cuda = next(lm.parameters()).device.type == "cuda"
+        choice = "grouped" if graphs or (on_cuda and not problem) else "per_adapter"
+    if choice == "grouped" and problem:
+        raise ModelLoadError(f"the grouped LoRA kernel cannot run this LM: {problem}")
+    return choice
+
+
+def _grouped_problem(lm: nn.Module, max_rank: int) -> str | None:
+    """Why grouped_mm cannot run this LM's LoRA layers (None: it can)."""
+    weight = next(lm.parameters())
+    if not weight.dtype.is_floating_point:
+        return f"the LM's weights are {weight.dtype}"
+    if weight.device.type == "cuda" and weight.dtype != torch.bfloat16:
+        return f"on CUDA grouped_mm takes bfloat16, the LM is {weight.dtype} (CHORUS_DIALOGUE_DTYPE)"
+    # Below Hopper torch runs grouped_mm as a loop that syncs with the host: slower than per_adapter and
+    # impossible to capture in a CUDA graph.
+    if weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device) < (9, 0):
+        major, minor = torch.cuda.get_device_capability(weight.device)
+        return f"grouped_mm's fused kernel needs compute capability 9.0+, this GPU has {major}.{minor}"
+    step = _ALIGN_BYTES // weight.element_size()
+    if max_rank % step:
+        return f"the adapter rank bound ({max_rank}) is not a multiple of {step} (16 bytes of {weight.dtype})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -200,20 +323,37 @@ def read_adapter(
 class AdapterBank:
     """Every LoRA-wrapped layer of one LM, `slots` adapter slots each, and the row -> slot table."""
 
-    def __init__(self, lm: nn.Module, batch_size: int, slots: int, max_rank: int) -> None:
+    def __init__(
+        self,
+        lm: nn.Module,
+        batch_size: int,
+        slots: int,
+        max_rank: int,
+        *,
+        kernel: LoraKernel = "per_adapter",
+        static: bool = False,
+    ) -> None:
+        """`kernel`: how a layer adds the updates (module docstring); `static`: the grouped path on every
+        step, so CUDA graphs may replay steps with adapters (CHORUS_DIALOGUE_LORA_GRAPHS)."""
         if slots < 1:
             raise ModelLoadError("the adapter bank needs at least one slot")
+        if static and kernel != "grouped":
+            raise ModelLoadError("CUDA graphs with adapters need the grouped LoRA kernel")
+        if kernel == "grouped" and (problem := _grouped_problem(lm, max_rank)):
+            raise ModelLoadError(f"the grouped LoRA kernel cannot run this LM: {problem}")
         device = next(lm.parameters()).device
         self.lm = lm
         self.slots = slots  # adapter slots, 1..slots (0 is no adapter)
         self.max_rank = max_rank
+        self.kernel: LoraKernel = kernel
         self._device = device
         self._row_slots = [NO_ADAPTER] * batch_size
-        self._layout = _Layout(batch_size)  # shared by every layer
+        self._layout = _Layout(batch_size, slots + 1, device, kernel, static)  # shared by every layer
+        align = _ALIGN_BYTES // next(lm.parameters()).element_size() if kernel == "grouped" else 1
         self._layers: dict[str, RowLoRALinear] = {}
         self._originals: dict[str, nn.Linear] = {}
         for name, layer in list(linear_layers(lm)):
-            wrapped = RowLoRALinear(layer, self._layout, slots + 1, max_rank)
+            wrapped = RowLoRALinear(layer, self._layout, slots + 1, max_rank, align)
             _set_module(lm, name, wrapped)
             self._layers[name], self._originals[name] = wrapped, layer
         self.shapes = layer_shapes(lm)
@@ -249,6 +389,8 @@ class AdapterBank:
         if self._row_slots[row] != slot:
             self._row_slots[row] = slot
             self._layout.groups = self._plan()
+            if self.kernel == "grouped":
+                self._layout.sort(self._row_slots)
 
     def slot_of(self, row: int) -> int:
         return self._row_slots[row]
@@ -257,6 +399,12 @@ class AdapterBank:
     def in_use(self) -> bool:
         """Some row uses an adapter (else the LoRA layers do nothing beyond the frozen ones)."""
         return bool(self._layout.groups)
+
+    @property
+    def graph_safe(self) -> bool:
+        """Every step runs the same kernels on the same tensors: a CUDA graph may replay steps with
+        adapters (`static`)."""
+        return self._layout.static
 
     def _plan(self) -> tuple[_Group, ...]:
         """The rows of each slot in use: a slice when they are contiguous, else indices on the device."""

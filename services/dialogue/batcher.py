@@ -25,7 +25,8 @@ tokens and the PCM of every row come back in ONE device-to-host copy. Joining ro
 batched call; with `graph_resets` (default: on CUDA with compile) that call is a CUDA graph, and the
 two state tensors moshi reassigns each step (LMGen's `offsets`, a streaming conv's `first`) are
 updated in place instead, so the graph always writes the live tensors. LMGen's own CUDA graphs replay
-only while no row uses a LoRA adapter: a step with adapters runs eagerly (`_lm_graphs`).
+only while no row uses a LoRA adapter: a step with adapters runs eagerly (`_lm_graphs`), unless
+CHORUS_DIALOGUE_LORA_GRAPHS made the bank graph-safe.
 
 Nothing here knows about Redis: the worker feeds one frame per row and publishes what comes out.
 Not thread-safe: one thread steps it (the worker's model thread); the slot table is changed only
@@ -416,8 +417,11 @@ class Batcher:
     def _lm_graphs(self) -> contextlib.AbstractContextManager[None]:
         """LMGen's CUDA graphs (main transformer, depformer) replay only while no row uses an adapter: they
         are captured then (warmup), with the LoRA layers' host-side plan "no adapter" frozen into them. A
-        step with adapters in use runs eagerly, its plan read by Python (per-adapter groups of rows)."""
-        if self._cuda and self.adapters is not None and self.adapters.in_use:
+        step with adapters in use runs eagerly, its plan read by Python (per-adapter groups of rows).
+        A graph-safe bank (CHORUS_DIALOGUE_LORA_GRAPHS: the grouped path on every step, captured with it)
+        keeps them on."""
+        adapters = self.adapters
+        if self._cuda and adapters is not None and adapters.in_use and not adapters.graph_safe:
             eager: contextlib.AbstractContextManager[None] = no_cuda_graph()
             return eager
         return contextlib.nullcontext()

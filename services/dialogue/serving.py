@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from services.dialogue.adapter_cache import AdapterCache, slots_for
-from services.dialogue.adapters import NO_ADAPTER, AdapterBank, layer_shapes
+from services.dialogue.adapters import NO_ADAPTER, AdapterBank, layer_shapes, resolve_kernel
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
 from services.dialogue.inputs import Arrival, InputTimeline, Take
 from services.dialogue.model import MoshiModel
@@ -208,8 +208,10 @@ class DialogueWorker:
         if not s.dialogue_adapter_memory:
             return None
         lm = self.model.lm
-        slots = slots_for(lm, s.dialogue_adapter_memory, s.dialogue_adapter_max_rank)
-        return AdapterBank(lm, s.dialogue_slots, slots, s.dialogue_adapter_max_rank)
+        rank = s.dialogue_adapter_max_rank
+        slots = slots_for(lm, s.dialogue_adapter_memory, rank)
+        kernel = resolve_kernel(s.dialogue_lora_kernel, lm, rank, graphs=s.dialogue_lora_graphs)
+        return AdapterBank(lm, s.dialogue_slots, slots, rank, kernel=kernel, static=s.dialogue_lora_graphs)
 
     # --- the core loop -------------------------------------------------------------------------
 

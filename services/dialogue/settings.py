@@ -138,6 +138,32 @@ class DialogueSettings(CommonSettings):
         description="Highest LoRA rank this worker serves (a slot's size; smaller ranks are zero-padded).",
     )
 
+    dialogue_lora_kernel: Literal["auto", "grouped", "per_adapter"] = Field(
+        default="auto",
+        description="How the LoRA layers add each row's update (docs/performance.md, LoRA): `per_adapter` "
+        "(two thin matmuls per adapter in use: kernels grow with the adapters) or `grouped` (two "
+        "grouped matmuls over every slot, static shapes: as many kernels for 8 adapters as for 1; needs "
+        "the rank bound a multiple of 16 bytes, and on CUDA compute capability 9.0+). auto: `grouped` "
+        "on such a GPU in bfloat16 or with CHORUS_DIALOGUE_LORA_GRAPHS, else `per_adapter` (faster on "
+        "the CPU: bench/bench_lora.py).",
+    )
+    dialogue_lora_graphs: bool = Field(
+        default=False,
+        description="Keep LMGen's CUDA graphs on while rows use adapters: the grouped LoRA path then runs "
+        "on every step (no-adapter rows add zero), so the graph captured at warm-up serves every step. "
+        "Off: a step with adapters runs eagerly. Needs the grouped kernel (auto picks it); not yet measured "
+        "on a GPU (bench/gpu_sessions.py `--adapters` compares it).",
+    )
+
+    @model_validator(mode="after")
+    def _graphs_need_the_grouped_kernel(self) -> DialogueSettings:
+        if self.dialogue_lora_graphs and self.dialogue_lora_kernel == "per_adapter":
+            raise ValueError(
+                "dialogue_lora_graphs needs dialogue_lora_kernel grouped (or auto): the per_adapter "
+                "kernel's plan is a host decision a CUDA graph would freeze"
+            )
+        return self
+
     @model_validator(mode="after")
     def _rollover_after_the_primer(self) -> DialogueSettings:
         at = self.dialogue_rollover_at

@@ -100,6 +100,12 @@ def test_distinct_adapters_in_one_batch_are_measured_against_no_lora_in_the_same
     assert variants["no_lora"]["vs_no_lora"] == 1.0
     assert adapters["bank_slot_mib"] > 0 and adapters["adapter_load_ms_median"] > 0
     assert adapters["linear_layers"] > 0 and adapters["peak_memory_mib"] > 0
+    kernels = adapters["kernels"]  # per LoRA kernel, so one device run says which to use
+    assert list(kernels) == ["per_adapter", "grouped", "grouped_graphs"]
+    for kernel in kernels.values():
+        assert list(kernel) == ["adapters_0", "adapters_1", "adapters_4", "adapters_8"]
+        assert all(set(v["tick_ms"]) == PERCENTILES and v["vs_no_lora"] > 0 for v in kernel.values())
+    assert kernels["per_adapter"] == {name: v for name, v in variants.items() if name != "no_lora"}
 
 
 def test_results_go_to_out_when_the_device_tool_sets_it(tmp_path: Path) -> None:
@@ -112,8 +118,11 @@ def test_results_go_to_out_when_the_device_tool_sets_it(tmp_path: Path) -> None:
         del os.environ["OUT"]
 
 
-@pytest.mark.parametrize("argv", [["--adapters", "x"], ["--adapters", "1,-4"], ["--slots", "8,many"]])
-def test_counts_that_are_not_whole_numbers_are_a_usage_error(
+@pytest.mark.parametrize(
+    "argv",
+    [["--adapters", "x"], ["--adapters", "1,-4"], ["--slots", "8,many"], ["--lora-kernels", "grouped,fused"]],
+)
+def test_lists_that_do_not_parse_are_a_usage_error(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from bench.gpu_sessions import parse
