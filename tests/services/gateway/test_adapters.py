@@ -287,7 +287,9 @@ async def test_an_adapter_a_live_session_runs_cannot_be_deleted(
     adapter_gateway: Gateway, adapter_file: bytes
 ) -> None:
     """A worker taking a session over loads the adapter the session runs now (the hash's): deleting it
-    meanwhile is refused, naming the session, whether the session started with it or switched to it."""
+    meanwhile is refused, naming the session, whether the session started with it or switched to it. The
+    one it switches away from stays in use until the worker has switched (it may refuse the switch and
+    keep it)."""
     bus = adapter_gateway.app.state.bus
     async with httpx.AsyncClient(base_url=adapter_gateway.ws_url.replace("ws://", "http://")) as http:
         first, second = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(2)]
@@ -312,6 +314,11 @@ async def test_an_adapter_a_live_session_runs_cannot_be_deleted(
             third = (await upload(http, adapter_file, {})).json()["id"]
             await update({"chorus_adapter": third})
             assert (await http.delete(f"/v1/adapters/{third}")).status_code == 409
+            in_flight = await http.delete(f"/v1/adapters/{first}")
+            assert in_flight.status_code == 409, "the worker has not switched yet: it may refuse and keep it"
+            assert in_flight.json()["sessions"] == [sid], in_flight.text
+            # The worker switches the rows, as serving.py writes it.
+            await SessionStore(bus, 60).update(sid, adapter=third, adapter_served=third)
             assert (await http.delete(f"/v1/adapters/{first}")).status_code == 204, "switched away from"
 
         async def deleted() -> bool:  # once the gateway has ended the session
