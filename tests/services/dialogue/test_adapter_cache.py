@@ -17,7 +17,7 @@ from services.dialogue.model import MoshiModel
 from shared.adapter_store import AdapterRecord, AdapterStore
 from shared.adapters import check_adapter
 from shared.bus import Bus
-from shared.errors import ModelLoadError, NoCapacity
+from shared.errors import ModelLoadError, NoCapacity, NotFound
 from shared.messages import (
     EventName,
     Failure,
@@ -73,6 +73,9 @@ async def test_the_least_recently_used_idle_adapter_is_evicted_and_a_full_bank_r
     assert {slot_a, slot_b} == {1, 2} and await cache.acquire(a) == slot_a and cache.loads == 2
     cache.release(a)
     cache.release(a)  # a: no session uses it any more, and it is the least recently used
+    with pytest.raises(NotFound):
+        await cache.acquire("adapter_deleted")  # its file is gone: a stays held, nothing was replaced
+    assert cache.held() == [b, a] and cache.loads == 2
     assert await cache.acquire(c) == slot_a and cache.held() == [b, c] and cache.loads == 3
     with pytest.raises(NoCapacity, match="adapter slots"):
         await cache.acquire(a)  # b and c are in use
