@@ -83,6 +83,11 @@ class SessionInfo(BaseModel):
     start: SessionStart | None = Field(default=None, description="The start as the gateway wrote it.")
     sampling: Sampling | None = Field(default=None, description="The latest sampling, once updated.")
     adapter: ProfileId | None = Field(default=None, description="The latest LoRA adapter, once updated.")
+    adapter_served: ProfileId | None = Field(
+        default=None,
+        description="The adapter the worker last switched the session's rows to (absent: the start's). "
+        "Until it switches, a switch the gateway wrote to `adapter` may be refused: the rows keep this one.",
+    )
     utterance: dict[str, Any] | None = Field(
         default=None, description="The dialogue's unfinished utterance (kept for a worker taking over)."
     )
@@ -246,9 +251,11 @@ class SessionStore:
         return live
 
     async def using_adapter(self, owner: str, adapter_id: str) -> list[str]:
-        """The owner's live sessions whose LoRA adapter now is `adapter_id` (the latest update's, else the
-        start's), their hashes read in one round trip. Nothing is pruned: a session counted before its
-        hash is written has no adapter yet (its start checks the adapter again once it has)."""
+        """The owner's live sessions that run `adapter_id` or may still: the latest update's (else the
+        start's), or the one the worker serves until it has switched (`adapter_served`, else the start's: a
+        switch in flight may be refused, and the rows keep it). Their hashes read in one round trip.
+        Nothing is pruned: a session counted before its hash is written has no adapter yet (its start
+        checks the adapter again once it has)."""
         names = self.bus.names
         ids = sorted(m.decode() for m in await self.bus.redis.smembers(names.owner_sessions(owner)))
         async with self.bus.redis.pipeline(transaction=False) as pipe:
@@ -259,7 +266,10 @@ class SessionStore:
         for sid, raw in zip(ids, hashes, strict=True):
             info = SessionInfo.from_hash(sid, {k.decode(): v.decode() for k, v in raw.items()})
             start = start_of(info)
-            if not info.ended and start is not None and start.persona.adapter == adapter_id:
+            if info.ended or start is None or info.start is None:
+                continue
+            served = info.adapter_served or info.start.persona.adapter
+            if adapter_id in (start.persona.adapter, served):
                 users.append(sid)
         return users
 

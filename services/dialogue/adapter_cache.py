@@ -85,7 +85,7 @@ class AdapterCache:
         async with self._loading:
             held = self._held.get(adapter_id)
             if held is None:
-                held = _Held(await self._load(adapter_id, self._free_slot()))
+                held = _Held(await self._load(adapter_id))
                 self._held[adapter_id] = held
             self._held.move_to_end(adapter_id)
             held.users += 1
@@ -96,19 +96,22 @@ class AdapterCache:
         if held is not None and held.users > 0:
             held.users -= 1
 
-    def _free_slot(self) -> int:
+    def _free_slot(self) -> tuple[int, str | None]:
+        """A slot to load into: a free one, else the one of the least recently used adapter no session uses
+        (its id: evicted only once the new adapter is in its slot)."""
         taken = {h.slot for h in self._held.values()}
         free = [slot for slot in range(1, self.bank.slots + 1) if slot not in taken]
         if free:
-            return free[0]
+            return free[0], None
         for adapter_id, held in self._held.items():  # least recently used first
             if held.users == 0:
-                del self._held[adapter_id]
-                log.info("adapter evicted", extra={"adapter_id": adapter_id, "slot": held.slot})
-                return held.slot
+                return held.slot, adapter_id
         raise NoCapacity(f"all {self.bank.slots} adapter slots of this worker are in use")
 
-    async def _load(self, adapter_id: str, slot: int) -> int:
+    async def _load(self, adapter_id: str) -> int:
+        """Read, check and copy the adapter into a slot. One that cannot be read or does not fit (deleted
+        meanwhile, say) evicts nothing: the adapter it would have replaced stays held."""
+        slot, evicted = self._free_slot()  # with every slot in use, refused before anything is read
         started = time.monotonic()
         record = await self.store.get(adapter_id)
         data = await self.store.data(adapter_id)
@@ -121,7 +124,10 @@ class AdapterCache:
             rank=record.rank,
             scaling=record.scaling,
         )
-        await self._in_model_thread(self.bank.load, slot, tensors)
+        await self._in_model_thread(self.bank.load, slot, tensors)  # its checks come before any write
+        if evicted is not None:
+            del self._held[evicted]
+            log.info("adapter evicted", extra={"adapter_id": evicted, "slot": slot})
         if self._device.type == "cuda":
             await self._in_model_thread(torch.cuda.synchronize, self._device)
         self.loads += 1

@@ -736,7 +736,9 @@ class DialogueWorker:
             self.batcher.set_adapter(session.row, slot)
             self._release_adapter(session.start)
             session.start = start
-        await self.store.update(session.sid, adapter=adapter)  # a refusal of an earlier update overwrote it
+        # `adapter`: a refusal of an earlier update overwrote it; `adapter_served`: the old one is no
+        # longer in use here (a delete of it was refused until now: `SessionStore.using_adapter`).
+        await self.store.update(session.sid, adapter=adapter, adapter_served=adapter)
         await self._slots_changed()
         log.info("session adapter switched", extra={"session_id": session.sid, "adapter_id": adapter})
 

@@ -120,6 +120,11 @@ async def test_a_realtime_session_picks_an_adapter_with_chorus_adapter(
         await client.send({"type": "session.update", "session": {"chorus_adapter": other}})
         await client.wait_for("session.updated")
         await wait_until(lambda: _holds(stack, other), "the worker to load the session's new adapter", 30)
+
+        async def switched_away() -> bool:  # refused (409) until the worker's rows run the new one
+            return (await http.delete(f"/v1/adapters/{adapter}")).status_code == 204
+
+        await wait_until(switched_away, "the adapter switched away from to be deletable, the session live")
         await client.append(speech_like(2.0))
         await client.drain(1.0)
         await client.ws.close()
@@ -128,8 +133,7 @@ async def test_a_realtime_session_picks_an_adapter_with_chorus_adapter(
         assert "session adapter switched" in stack.log_tail("dialogue", 50_000)
         sid = client.events[0]["session"]["id"]
         await wait_until(lambda: _ended(http, sid), "the closed session to end")
-        for created in (adapter, other):
-            assert (await http.delete(f"/v1/adapters/{created}")).status_code == 204
+        assert (await http.delete(f"/v1/adapters/{other}")).status_code == 204
 
 
 async def _ended(http: httpx.AsyncClient, sid: str) -> bool:

@@ -390,13 +390,16 @@ class RealtimeSession:
                 await check_adapter_served(self.websocket, self.owner, adapter)  # again at the start
                 self.adapter = adapter
             return
-        if adapter != self.adapter:
+        # The conversation's adapter, not `self.adapter`: a persona's own is the one running when no
+        # `chorus_adapter` was asked for before the start; asking for it is no switch.
+        running = self.conversation.persona.adapter
+        if adapter != running:
             self._check_switch_rate()
         # Checked and written to the session hash under the owner's adapter lock: a delete at the same
         # moment either sees the session run it (409) or has deleted it before this check.
         async with references(self.websocket).held(self.owner):
             await check_adapter_served(self.websocket, self.owner, adapter)
-            if adapter != self.adapter:
+            if adapter != running:
                 self.adapter_switched_at = time.monotonic()
             await self.conversation.update(adapter=adapter)
         self.adapter = adapter

@@ -17,7 +17,7 @@ from services.dialogue.model import MoshiModel
 from shared.adapter_store import AdapterRecord, AdapterStore
 from shared.adapters import check_adapter
 from shared.bus import Bus
-from shared.errors import ModelLoadError, NoCapacity
+from shared.errors import ModelLoadError, NoCapacity, NotFound
 from shared.messages import (
     EventName,
     Failure,
@@ -73,6 +73,9 @@ async def test_the_least_recently_used_idle_adapter_is_evicted_and_a_full_bank_r
     assert {slot_a, slot_b} == {1, 2} and await cache.acquire(a) == slot_a and cache.loads == 2
     cache.release(a)
     cache.release(a)  # a: no session uses it any more, and it is the least recently used
+    with pytest.raises(NotFound):
+        await cache.acquire("adapter_deleted")  # its file is gone: a stays held, nothing was replaced
+    assert cache.held() == [b, a] and cache.loads == 2
     assert await cache.acquire(c) == slot_a and cache.held() == [b, c] and cache.loads == 3
     with pytest.raises(NoCapacity, match="adapter slots"):
         await cache.acquire(a)  # b and c are in use
@@ -220,15 +223,31 @@ async def test_mid_session_switches_keep_the_hash_true_and_only_the_last_adapter
     for adapter in [second, first] * 5 + [second]:
         await switch(adapter)
     await wait_until(lambda: _equal(takeover_adapter(), second), "the hash names the last adapter", 20)
-    await wait_until(lambda: worker.sessions["tuned"].start.persona.adapter == second, "switched", 20)
     assert worker.adapters is not None
-    users = {adapter: held.users for adapter, held in worker.adapters._held.items()}  # noqa: SLF001
-    assert users == {first: 0, second: 1}, users
+    held = worker.adapters._held  # noqa: SLF001
+
+    async def settled() -> bool:  # the rows may run `second` while later switches are on their way
+        users = {adapter: h.users for adapter, h in held.items()}
+        done = not worker._switches  # noqa: SLF001
+        return (
+            done
+            and worker.sessions["tuned"].start.persona.adapter == second
+            and users == {first: 0, second: 1}
+        )
+
+    await wait_until(settled, "every switch done, only the last adapter in use", 20)
+    # What the rows run, for a delete of the adapter switched away from (`SessionStore.using_adapter`).
+    assert await _served(sessions) == second
     assert reader.event(EventName.ENDED) is None
 
 
 async def _equal(value: Awaitable[object], expected: object) -> bool:
     return await value == expected
+
+
+async def _served(sessions: SessionStore) -> str | None:
+    info = await sessions.get("tuned")
+    return None if info is None else info.adapter_served
 
 
 async def test_a_slow_adapter_switch_holds_up_no_other_sessions_control(

@@ -287,7 +287,9 @@ async def test_an_adapter_a_live_session_runs_cannot_be_deleted(
     adapter_gateway: Gateway, adapter_file: bytes
 ) -> None:
     """A worker taking a session over loads the adapter the session runs now (the hash's): deleting it
-    meanwhile is refused, naming the session, whether the session started with it or switched to it."""
+    meanwhile is refused, naming the session, whether the session started with it or switched to it. The
+    one it switches away from stays in use until the worker has switched (it may refuse the switch and
+    keep it)."""
     bus = adapter_gateway.app.state.bus
     async with httpx.AsyncClient(base_url=adapter_gateway.ws_url.replace("ws://", "http://")) as http:
         first, second = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(2)]
@@ -312,6 +314,11 @@ async def test_an_adapter_a_live_session_runs_cannot_be_deleted(
             third = (await upload(http, adapter_file, {})).json()["id"]
             await update({"chorus_adapter": third})
             assert (await http.delete(f"/v1/adapters/{third}")).status_code == 409
+            in_flight = await http.delete(f"/v1/adapters/{first}")
+            assert in_flight.status_code == 409, "the worker has not switched yet: it may refuse and keep it"
+            assert in_flight.json()["sessions"] == [sid], in_flight.text
+            # The worker switches the rows, as serving.py writes it.
+            await SessionStore(bus, 60).update(sid, adapter=third, adapter_served=third)
             assert (await http.delete(f"/v1/adapters/{first}")).status_code == 204, "switched away from"
 
         async def deleted() -> bool:  # once the gateway has ended the session
@@ -419,6 +426,33 @@ async def test_mid_session_switches_are_spaced_and_one_the_worker_refused_can_be
         controls = [CONTROL.decode(e.fields) for e in await bus.range(bus.names.session_control(sid))]
         asked = [c.adapter for c in controls if isinstance(c, SessionUpdate) and c.adapter is not None]
         assert asked == [adapter, adapter], controls
+
+
+async def test_asking_for_the_adapter_of_the_sessions_persona_mid_session_is_no_switch(
+    adapter_file: bytes, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A session of a persona that names an adapter runs it: asking for that one is no switch, so a switch
+    to another right after is not refused by the interval between switches."""
+    shapes, _ = checkpoint_layers(write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi"))
+    await AdapterStore(LocalStorage(tmp_path)).publish_layers("moshiko", shapes)
+    async with running_gateway(redis_url, key_prefix, tmp_path, adapter_switch_interval_s=60) as gateway:
+        bus = gateway.app.state.bus
+        serves = {"model": "moshiko", "adapter_slots": 4, "free_slots": 4}
+        await WorkerPresence(bus, "dialogue", "w2", ttl_s=60, interval_s=5, describe=lambda: serves).beat()
+        async with httpx.AsyncClient(base_url=gateway.ws_url.replace("ws://", "http://"), timeout=30) as http:
+            own, other = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(2)]
+            persona = (await http.post("/v1/personas", json={"name": "Tuned", "adapter": own})).json()["id"]
+        async with connect(f"{gateway.ws_url}/v1/realtime?model=moshiko&persona={persona}") as ws:
+            sid = json.loads(await ws.recv())["session"]["id"]
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": SILENCE_80MS}))
+            await ready(bus, sid, "realtime", ws)
+            for adapter in (own, other):
+                await ws.send(json.dumps({"type": "session.update", "session": {"chorus_adapter": adapter}}))
+                event: dict[str, Any] = {"type": None}
+                while event["type"] != "session.updated":
+                    event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert event["type"] != "error", event
+                assert event["session"]["chorus_adapter"] == adapter
 
 
 async def test_a_gateway_starting_removes_the_files_crashed_uploads_left(
