@@ -2,7 +2,10 @@
 
 Path: client send -> gateway -> Redis `:in` -> dialogue tick -> `:dlg` -> router -> `:out` -> gateway ->
 client receive, through real processes (a `chorus` stack, one dialogue slot per session) and real
-WebSockets (Moshi's protocol). The dialogue runs the tiny generated checkpoint (real moshi classes, tiny
+WebSockets: Moshi's protocol (Ogg/Opus), or with `CHORUS_BENCH_PROTOCOL=realtime` the OpenAI-Realtime one
+(`/v1/realtime`: PCM16 in base64 `input_audio_buffer.append` events in, JSON events out; no codec, so the
+plumbing's own cost is measured on a real path rather than computed as Moshi's less its Opus work).
+The dialogue runs the tiny generated checkpoint (real moshi classes, tiny
 dims: `write_moshi_checkpoint(tiny=True)`), so its step stays small at 100 sessions and the plumbing, not
 the model, is what grows with the sessions. Each client talks like a person: `SPEECH_S` of loud audio, then
 `PAUSE_S` of quiet room noise, over and over. All clocks are this machine's, so each hop is measured
@@ -11,7 +14,8 @@ from the entries' own timestamps:
 - forward: client send of frame k -> the gateway's `:in` entry k made (its `created_at`: before its write
   to Redis); `forward_landed`: -> the entry in the stream (the write included; from the entry id, in whole
   ms, floored, so up to 1 ms early);
-- return: the dialogue writing a frame's text to `:dlg` -> router -> gateway -> the client receiving it;
+- return: the dialogue writing a frame's text to `:dlg` -> router -> gateway -> the client receiving it
+  (Moshi's text message; in the Realtime protocol its `response.output_audio_transcript.delta` event);
 - the return hop in two: `:dlg` written -> the router made the frame's `:out` entry (its read, speech
   detector and mixing: `return_dlg_to_router`), then -> the client receiving it (the router's write, the
   gateway's read, queue, Opus encode and WebSocket send: `return_router_to_client`);
@@ -47,7 +51,9 @@ behind real time:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import re
 import tempfile
@@ -63,12 +69,14 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from chorus.devtools.redis_server import EmbeddedRedis
-from shared.audio import FRAME_SEC
+from shared.audio import FRAME_SEC, float_to_pcm16
 from shared.bus import Bus
 from shared.messages import DIALOGUE, INPUT, OUTPUT, DialogueFrame, OutputText, UserAudio
 from shared.streams import StreamNames
 
 # CHORUS_BENCH_SESSIONS="1,10" measures fewer points (100 sessions take long on a small machine).
+# CHORUS_BENCH_PROTOCOL=realtime drives Realtime-protocol clients (PCM16 JSON events) instead of Moshi's.
+PROTOCOL = os.environ.get("CHORUS_BENCH_PROTOCOL", "moshi")
 SESSION_COUNTS = tuple(int(n) for n in os.environ.get("CHORUS_BENCH_SESSIONS", "1,10,50,100").split(","))
 # How long every session talks in the measured window; CHORUS_BENCH_SECONDS changes it (longer: steadier).
 SECONDS_PER_SESSION = float(os.environ.get("CHORUS_BENCH_SECONDS", "10"))
@@ -193,11 +201,61 @@ class _Phases:
             await self.changed.wait_for(test)
 
 
-async def _one_session(stack: Any, samples: np.ndarray, phases: _Phases) -> dict[str, Any]:
-    from tests.support.clients import MoshiClient, frames
+class _Talker:
+    """One bench client: opens a session, sends one 80 ms frame, stamps each text piece on arrival."""
 
+    session_id: str
+    ws: Any
+
+    async def open(self, ws_url: str) -> None:
+        raise NotImplementedError
+
+    async def send_frame(self, frame: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def is_text(self, message: str | bytes) -> bool:
+        raise NotImplementedError
+
+
+class _MoshiTalker(_Talker):
+    async def open(self, ws_url: str) -> None:
+        from tests.support.clients import MoshiClient
+
+        self.client = await MoshiClient.open(ws_url, voice="moshiko")
+        self.session_id, self.ws = self.client.session_id, self.client.ws
+
+    async def send_frame(self, frame: np.ndarray) -> None:
+        if opus := self.client.encoder.encode(frame):
+            await self.ws.send(bytes([0x01]) + opus)
+
+    def is_text(self, message: str | bytes) -> bool:
+        return isinstance(message, bytes) and message[:1] == b"\x02"
+
+
+class _RealtimeTalker(_Talker):
+    TEXT = '"response.output_audio_transcript.delta"'
+
+    async def open(self, ws_url: str) -> None:
+        from tests.support.clients import RealtimeClient
+
+        client = await RealtimeClient.open(ws_url)
+        self.session_id, self.ws = client.events[-1]["session"]["id"], client.ws
+
+    async def send_frame(self, frame: np.ndarray) -> None:
+        audio = base64.b64encode(float_to_pcm16(frame)).decode()
+        await self.ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+
+    def is_text(self, message: str | bytes) -> bool:
+        # A text delta is short: no parse of every audio delta (5 kB each) on the clients' core.
+        return isinstance(message, str) and len(message) < 2048 and self.TEXT in message
+
+
+async def _one_session(stack: Any, samples: np.ndarray, phases: _Phases) -> dict[str, Any]:
+    from tests.support.clients import frames
+
+    talker = _RealtimeTalker() if PROTOCOL == "realtime" else _MoshiTalker()
     try:
-        client = await MoshiClient.open(stack.ws_url, voice="moshiko")
+        await talker.open(stack.ws_url)
     except BaseException:
         await phases.count("refused")
         raise
@@ -206,8 +264,8 @@ async def _one_session(stack: Any, samples: np.ndarray, phases: _Phases) -> dict
 
     async def receive() -> None:
         with contextlib.suppress(ConnectionClosed):
-            async for message in client.ws:
-                if isinstance(message, bytes) and message[:1] == b"\x02":
+            async for message in talker.ws:
+                if talker.is_text(message):
                     received.append(time.time())  # stamped on arrival, not when a loop gets to it
 
     receiver = asyncio.create_task(receive())
@@ -216,18 +274,16 @@ async def _one_session(stack: Any, samples: np.ndarray, phases: _Phases) -> dict
         await phases.go.wait()
         start = time.monotonic()
         for i, frame in enumerate(frames(samples)):
-            opus = client.encoder.encode(frame)
             sent.append(time.time())
-            if opus:
-                await client.ws.send(bytes([0x01]) + opus)
+            await talker.send_frame(frame)
             await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SEC - time.monotonic()))
         await asyncio.sleep(0.5)
     finally:
         await phases.count("streamed")
     await phases.done.wait()
-    await client.ws.close()
+    await talker.ws.close()
     await asyncio.gather(receiver, return_exceptions=True)
-    return {"session_id": client.session_id, "sent": sent, "received": received}
+    return {"session_id": talker.session_id, "sent": sent, "received": received}
 
 
 @dataclass
@@ -423,6 +479,7 @@ def run() -> dict[str, Any]:
             rows.append(row)
     return {
         "description": __doc__.split("\n\n")[0],
+        "protocol": PROTOCOL,
         "seconds_per_session": SECONDS_PER_SESSION,
         "model": "tiny generated Moshi checkpoint (CHORUS_MOSHI_DIR), small TTS checkpoint, CPU",
         "user_audio": f"{SPEECH_S:g} s of speech-level noise, {PAUSE_S:g} s of room noise, repeated",

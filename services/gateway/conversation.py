@@ -40,6 +40,8 @@ from shared.sessions import SessionStore
 from shared.transcripts import TranscriptLog
 
 log = logging.getLogger(__name__)
+# Observed per output frame: the labelled child looked up once, not on every frame.
+_OUT_LAG = metrics.STREAM_LAG.labels(stream_kind="out")
 
 OUTPUT_READ_COUNT = 100
 OUTPUT_BLOCK_MS = 200  # how long a read of `:out` waits for entries (then the loop checks the session)
@@ -234,9 +236,7 @@ class Conversation:
                     continue
                 last_seq = message.seq
                 self.lifetime.observe(message)
-                metrics.STREAM_LAG.labels(stream_kind="out").observe(
-                    max(0.0, time.time() - message.created_at)
-                )
+                _OUT_LAG.observe(max(0.0, time.time() - message.created_at))
                 yield message
 
     async def _read_outputs(self, cursor: str) -> tuple[list[OutputMessage], str]:

@@ -52,6 +52,8 @@ from shared.retry import keep_running, sleep_unless_stopped
 from shared.sessions import SessionStore
 
 log = logging.getLogger(__name__)
+# Observed per dialogue frame: the labelled child looked up once, not on every frame.
+_DLG_LAG = metrics.STREAM_LAG.labels(stream_kind="dlg")
 
 SERVICE = "router"
 
@@ -275,7 +277,7 @@ class Router:
             if entry.stream == names.session_dialogue(session.sid):
                 dialogue = _decode(DIALOGUE, entry)
                 if dialogue is not None:
-                    metrics.STREAM_LAG.labels(stream_kind="dlg").observe(max(0.0, now - dialogue.created_at))
+                    _DLG_LAG.observe(max(0.0, now - dialogue.created_at))
                     out.merge(mixer.on_dialogue(dialogue))
 
     async def _publish(self, sessions: Iterable[RoutedSession]) -> None:
