@@ -204,9 +204,9 @@ async def test_mid_session_switches_keep_the_hash_true_and_only_the_last_adapter
     reader = DialogueReader(bus, "tuned")
     await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
 
-    async def switch(adapter: str) -> None:  # as the gateway's Conversation.update does
+    async def switch(adapter: str) -> str:  # as the gateway's Conversation.update does
         await sessions.update("tuned", adapter=adapter)
-        await bus.append_control(SessionUpdate(session_id="tuned", adapter=adapter))
+        return await bus.append_control(SessionUpdate(session_id="tuned", adapter=adapter))
 
     async def takeover_adapter() -> str | None:
         taken = start_of(await sessions.get("tuned"))
@@ -218,9 +218,16 @@ async def test_mid_session_switches_keep_the_hash_true_and_only_the_last_adapter
     await wait_until(lambda: _equal(takeover_adapter(), first), "the hash names the refused adapter", 10)
 
     for adapter in [second, first] * 5 + [second]:
-        await switch(adapter)
-    await wait_until(lambda: _equal(takeover_adapter(), second), "the hash names the last adapter", 20)
-    await wait_until(lambda: worker.sessions["tuned"].start.persona.adapter == second, "switched", 20)
+        last = await switch(adapter)
+
+    def all_switched() -> bool:  # every update read, and its switch done (one after the other, per session)
+        read = worker.ownership.control.cursors.get("tuned") == last
+        return read and "tuned" not in worker._switches  # noqa: SLF001
+
+    # The end state, not one an earlier switch passes through (the first already ran `second`).
+    await wait_until(all_switched, "the switches were not all applied", 20)
+    assert await takeover_adapter() == second, "the hash names the last adapter"
+    assert worker.sessions["tuned"].start.persona.adapter == second
     assert worker.adapters is not None
     users = {adapter: held.users for adapter, held in worker.adapters._held.items()}  # noqa: SLF001
     assert users == {first: 0, second: 1}, users
