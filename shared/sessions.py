@@ -39,12 +39,19 @@ redis.call('DEL', KEYS[2])
 return redis.call('HGET', KEYS[1], 'owner') or ''
 """
 
-# Add a member only while the set is below the limit, atomically (two sockets racing for the last slot).
-_ADD_BOUNDED = """
+# Add a session to its owner's set only while the set is below the limit, atomically (two sockets racing
+# for the last slot), and with it its hash (state `placing`) unless it has one: a member without a hash is
+# pruned as expired (`live_session_ids`), and another session's start must not prune one still starting.
+_REGISTER = """
 if ARGV[2] ~= '0' and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
   return 0
 end
 redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[2], 'state', 'placing', 'owner', ARGV[3],
+    'started_at', ARGV[4], 'updated_at', ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
 return 1
 """
 
@@ -149,7 +156,7 @@ class SessionStore:
         self.bus = bus
         self.ttl_s = ttl_s
         self._finalize = bus.redis.register_script(_FINALIZE)
-        self._add_bounded = bus.redis.register_script(_ADD_BOUNDED)
+        self._register = bus.redis.register_script(_REGISTER)
 
     # --- the hash --------------------------------------------------------------------------------
 
@@ -274,10 +281,14 @@ class SessionStore:
         return users
 
     async def register(self, owner: str, sid: str, limit: int) -> None:
-        """Count a new session against its owner's limit (0 = unlimited); RateLimited when full."""
+        """Count a new session against its owner's limit (0 = unlimited); RateLimited when full. Its hash
+        is begun with it (state `placing`; `create` writes the rest): counted without one, it would look
+        expired to another session of the owner starting meanwhile, be pruned from the set, and a delete of
+        its adapter would miss it (`using_adapter`)."""
         await self.live_session_ids(owner)
-        key = self.bus.names.owner_sessions(owner)
-        if not await self._add_bounded(keys=[key], args=[sid, str(limit)]):
+        keys = [self.bus.names.owner_sessions(owner), self.bus.names.session(sid)]
+        args = [sid, str(limit), owner, time.time(), self.ttl_s]
+        if not await self._register(keys=keys, args=args):
             raise RateLimited(f"this API key already has {limit} live sessions", limit=limit)
 
     # --- the live transcript ---------------------------------------------------------------------------

@@ -207,9 +207,9 @@ async def test_mid_session_switches_keep_the_hash_true_and_only_the_last_adapter
     reader = DialogueReader(bus, "tuned")
     await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
 
-    async def switch(adapter: str) -> None:  # as the gateway's Conversation.update does
+    async def switch(adapter: str) -> str:  # as the gateway's Conversation.update does
         await sessions.update("tuned", adapter=adapter)
-        await bus.append_control(SessionUpdate(session_id="tuned", adapter=adapter))
+        return await bus.append_control(SessionUpdate(session_id="tuned", adapter=adapter))
 
     async def takeover_adapter() -> str | None:
         taken = start_of(await sessions.get("tuned"))
@@ -221,21 +221,19 @@ async def test_mid_session_switches_keep_the_hash_true_and_only_the_last_adapter
     await wait_until(lambda: _equal(takeover_adapter(), first), "the hash names the refused adapter", 10)
 
     for adapter in [second, first] * 5 + [second]:
-        await switch(adapter)
-    await wait_until(lambda: _equal(takeover_adapter(), second), "the hash names the last adapter", 20)
+        last = await switch(adapter)
+
+    def all_switched() -> bool:  # every update read, and its switch done (one after the other, per session)
+        read = worker.ownership.control.cursors.get("tuned") == last
+        return read and "tuned" not in worker._switches  # noqa: SLF001
+
+    # The end state, not one an earlier switch passes through (the first already ran `second`).
+    await wait_until(all_switched, "the switches were not all applied", 20)
+    assert await takeover_adapter() == second, "the hash names the last adapter"
+    assert worker.sessions["tuned"].start.persona.adapter == second
     assert worker.adapters is not None
-    held = worker.adapters._held  # noqa: SLF001
-
-    async def settled() -> bool:  # the rows may run `second` while later switches are on their way
-        users = {adapter: h.users for adapter, h in held.items()}
-        done = not worker._switches  # noqa: SLF001
-        return (
-            done
-            and worker.sessions["tuned"].start.persona.adapter == second
-            and users == {first: 0, second: 1}
-        )
-
-    await wait_until(settled, "every switch done, only the last adapter in use", 20)
+    users = {adapter: held.users for adapter, held in worker.adapters._held.items()}  # noqa: SLF001
+    assert users == {first: 0, second: 1}, users
     # What the rows run, for a delete of the adapter switched away from (`SessionStore.using_adapter`).
     assert await _served(sessions) == second
     assert reader.event(EventName.ENDED) is None

@@ -21,8 +21,17 @@ from websockets.asyncio.client import connect
 
 from chorus.devtools.lora_adapter import checkpoint_layers, write_random_adapter
 from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
+from services.gateway.auth import ANONYMOUS
 from shared.adapter_store import AdapterStore
-from shared.messages import CONTROL, EventName, Failure, SessionEvent, SessionUpdate
+from shared.messages import (
+    CONTROL,
+    EventName,
+    Failure,
+    PersonaSpec,
+    SessionEvent,
+    SessionStart,
+    SessionUpdate,
+)
 from shared.presence import WorkerPresence
 from shared.sessions import SessionStore
 from shared.storage import LocalStorage
@@ -377,6 +386,7 @@ async def test_a_session_starting_and_a_delete_of_its_adapter_at_once_never_both
             async with ws:
                 assert ws.response is not None
                 sid = ws.response.headers["x-chorus-session-id"]
+                assert deleted.status_code in (204, 409), deleted.text  # a 503: a lock wait ran out
                 if deleted.status_code == 409:
                     assert deleted.json()["sessions"] == [sid], deleted.text
                     await ready(bus, sid, "moshi", ws)  # the handshake, not an error, comes first
@@ -387,6 +397,23 @@ async def test_a_session_starting_and_a_delete_of_its_adapter_at_once_never_both
 
         outcomes = await asyncio.gather(*(race(adapter) for adapter in ids))
     assert all(status in (204, 409) for status, _ in outcomes), outcomes
+
+
+async def test_a_session_counted_before_its_hash_is_written_is_not_dropped_by_another_starting(
+    adapter_gateway: Gateway, adapter_file: bytes
+) -> None:
+    """A start counts the session in its owner's set, then writes its hash; another session of the owner
+    starting in between prunes the set of the sessions whose hash expired. The first must stay counted:
+    dropped, a delete of its adapter would miss it once its hash names the adapter (both winning)."""
+    store = SessionStore(adapter_gateway.app.state.bus, 600)
+    async with httpx.AsyncClient(base_url=adapter_gateway.ws_url.replace("ws://", "http://")) as http:
+        adapter = (await upload(http, adapter_file, {})).json()["id"]
+        await store.register(ANONYMOUS, "first", 0)
+        await store.register(ANONYMOUS, "second", 0)  # as Conversation.start does, between the first's steps
+        start = SessionStart(session_id="first", owner=ANONYMOUS, persona=PersonaSpec(adapter=adapter))
+        await store.create(start, lease_s=60)
+        deleted = await http.delete(f"/v1/adapters/{adapter}")
+    assert deleted.status_code == 409 and deleted.json()["sessions"] == ["first"], deleted.text
 
 
 async def test_mid_session_switches_are_spaced_and_one_the_worker_refused_can_be_asked_for_again(
