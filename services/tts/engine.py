@@ -200,16 +200,8 @@ class Engine:
                     loop.call_soon_threadsafe(chunks.put_nowait, None)
 
             started = time.monotonic()
-            worker = loop.run_in_executor(self._executor, produce)
-            total = 0
-            try:
-                while (audio := await chunks.get()) is not None:
-                    total += len(audio)
-                    await sink(audio)
-            finally:
-                # Whatever ended the stream, the instance goes back only once its thread is done with it.
-                cancel.set()
-                await worker
+            # The instance goes back only once its thread is done with it.
+            total = await _drain(chunks, sink, cancel, loop.run_in_executor(self._executor, produce))
             _observe(total, started)
             return total
 
@@ -238,17 +230,26 @@ class Engine:
         )
         started = time.monotonic()
         min(self._batchers, key=lambda b: (b.phrases, b.jobs)).submit(phrase)
-        total = 0
-        try:
-            while (audio := await chunks.get()) is not None:
-                total += len(audio)
-                await sink(audio)
-        finally:
-            # Whatever ended the stream, the batcher drops the phrase at its next step.
-            cancel.set()
-            await ended
+        # The batcher drops a cancelled phrase at its next step.
+        total = await _drain(chunks, sink, cancel, ended)
         _observe(total, started)
         return total
+
+
+async def _drain(
+    chunks: asyncio.Queue[FloatAudio | None], sink: AudioSink, cancel: threading.Event, done: Awaitable[None]
+) -> int:
+    """Hand a phrase's chunks to `sink` until its end (None); whatever ends the stream (the end, the sink
+    failing, the caller cancelled), the phrase is cancelled and `done` awaited. Returns the samples sunk."""
+    total = 0
+    try:
+        while (audio := await chunks.get()) is not None:
+            total += len(audio)
+            await sink(audio)
+    finally:
+        cancel.set()
+        await done
+    return total
 
 
 def _check_deadline(deadline: float | None) -> None:
