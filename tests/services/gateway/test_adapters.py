@@ -10,6 +10,7 @@ import os
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -416,6 +417,25 @@ async def test_a_session_counted_before_its_hash_is_written_is_not_dropped_by_an
     assert deleted.status_code == 409 and deleted.json()["sessions"] == ["first"], deleted.text
 
 
+@asynccontextmanager
+async def _switching_gateway(
+    adapter_file: bytes, redis_url: str, key_prefix: str, tmp_path: Path
+) -> AsyncIterator[tuple[Gateway, list[str]]]:
+    """A gateway (one switch a minute per session), a live dialogue worker's presence serving adapters of
+    the checkpoint's model, and two uploaded adapters."""
+    shapes, _ = checkpoint_layers(write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi"))
+    await AdapterStore(LocalStorage(tmp_path)).publish_layers("moshiko", shapes)
+    async with running_gateway(redis_url, key_prefix, tmp_path, adapter_switch_interval_s=60) as gateway:
+        serves = {"model": "moshiko", "adapter_slots": 4, "free_slots": 4}
+        presence = WorkerPresence(
+            gateway.app.state.bus, "dialogue", "w2", ttl_s=60, interval_s=5, describe=lambda: serves
+        )
+        await presence.beat()
+        async with httpx.AsyncClient(base_url=gateway.ws_url.replace("ws://", "http://"), timeout=30) as http:
+            adapters = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(2)]
+        yield gateway, adapters
+
+
 async def test_mid_session_switches_are_spaced_and_one_the_worker_refused_can_be_asked_for_again(
     adapter_file: bytes, redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
@@ -423,15 +443,9 @@ async def test_mid_session_switches_are_spaced_and_one_the_worker_refused_can_be
     goes on with the adapter it had: asking for that adapter again must reach the worker again, not be
     taken for the adapter already in use. Switching to another one at once is refused: each switch may
     load an adapter where the worker's steps run, pausing every session on it."""
-    shapes, _ = checkpoint_layers(write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi"))
-    await AdapterStore(LocalStorage(tmp_path)).publish_layers("moshiko", shapes)
-    async with running_gateway(redis_url, key_prefix, tmp_path, adapter_switch_interval_s=60) as gateway:
+    async with _switching_gateway(adapter_file, redis_url, key_prefix, tmp_path) as (gateway, adapters):
         bus = gateway.app.state.bus
-        serves = {"model": "moshiko", "adapter_slots": 4, "free_slots": 4}
-        await WorkerPresence(bus, "dialogue", "w2", ttl_s=60, interval_s=5, describe=lambda: serves).beat()
-        http_url = gateway.ws_url.replace("ws://", "http://")
-        async with httpx.AsyncClient(base_url=http_url, timeout=30) as http:
-            adapter, other = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(2)]
+        adapter, other = adapters
         ws, sid = await open_session("realtime", gateway.ws_url)
         async with ws:
             await ready(bus, sid, "realtime", ws)
@@ -460,14 +474,10 @@ async def test_asking_for_the_adapter_of_the_sessions_persona_mid_session_is_no_
 ) -> None:
     """A session of a persona that names an adapter runs it: asking for that one is no switch, so a switch
     to another right after is not refused by the interval between switches."""
-    shapes, _ = checkpoint_layers(write_moshi_checkpoint(CHECKPOINT_CACHE / "moshi"))
-    await AdapterStore(LocalStorage(tmp_path)).publish_layers("moshiko", shapes)
-    async with running_gateway(redis_url, key_prefix, tmp_path, adapter_switch_interval_s=60) as gateway:
+    async with _switching_gateway(adapter_file, redis_url, key_prefix, tmp_path) as (gateway, adapters):
         bus = gateway.app.state.bus
-        serves = {"model": "moshiko", "adapter_slots": 4, "free_slots": 4}
-        await WorkerPresence(bus, "dialogue", "w2", ttl_s=60, interval_s=5, describe=lambda: serves).beat()
+        own, other = adapters
         async with httpx.AsyncClient(base_url=gateway.ws_url.replace("ws://", "http://"), timeout=30) as http:
-            own, other = [(await upload(http, adapter_file, {})).json()["id"] for _ in range(2)]
             persona = (await http.post("/v1/personas", json={"name": "Tuned", "adapter": own})).json()["id"]
         async with connect(f"{gateway.ws_url}/v1/realtime?model=moshiko&persona={persona}") as ws:
             sid = json.loads(await ws.recv())["session"]["id"]
