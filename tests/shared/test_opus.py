@@ -5,6 +5,7 @@ positions at 48 kHz, the audio back within a lossy codec's error."""
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 
 import av
@@ -12,7 +13,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from shared.audio import FRAME_SAMPLES, SAMPLE_RATE, OpusDecoder, OpusEncoder, ogg_crc
+from shared.audio import FRAME_SAMPLES, OPUS_NOISE_FLOOR, SAMPLE_RATE, OpusDecoder, OpusEncoder, ogg_crc
 from tests.support.audio import SPEECH_WAV
 
 OGG_OPUS_FIXTURE = SPEECH_WAV.with_name("speech.opus.ogg")  # written by an independent encoder
@@ -87,3 +88,36 @@ def test_a_long_chunk_is_split_into_pages_of_at_most_255_segments() -> None:
     found = pages(stream)
     assert len(found) > 3 and all(len(sizes) <= 255 for *_, sizes in found)
     assert found[-1][1] == (2 * len(audio)) // 480 * 960, "every whole 20 ms packet is in the stream"
+
+
+def test_the_packets_are_those_of_pyav_s_libopus_encoder_with_the_same_settings() -> None:
+    """The encoder calls libopus itself, holding what is under 20 ms for the next call; PyAV's libopus
+    encoder (the gateway's before) makes the same packets of the same samples cut the same way: the
+    codec, its settings and the stream's pre-skip are unchanged."""
+    audio = speech()[: 4 * SAMPLE_RATE]
+    cuts = itertools.takewhile(
+        lambda cut: cut < len(audio),
+        itertools.accumulate(itertools.cycle([FRAME_SAMPLES, 1000, 7, 1500, 413])),
+    )
+    chunks = [audio[a:b] for a, b in itertools.pairwise([0, *cuts, len(audio)])]
+    ours = OpusEncoder()
+    stream = b"".join(ours.encode(chunk) for chunk in chunks)
+    with av.open(io.BytesIO(stream), format="ogg") as container:
+        packets = [bytes(p) for p in container.demux(container.streams.audio[0]) if p.size]
+
+    codec = av.CodecContext.create("libopus", "w")
+    assert isinstance(codec, av.AudioCodecContext)
+    codec.sample_rate, codec.layout, codec.format, codec.bit_rate = SAMPLE_RATE, "mono", "flt", ours.BITRATE
+    codec.options = {"compression_level": str(ours.COMPLEXITY), "vbr": "constrained"}
+    codec.open()
+    theirs, pts = [], 0
+    for chunk in chunks:
+        frame = av.AudioFrame.from_ndarray(
+            (chunk + OPUS_NOISE_FLOOR[: len(chunk)]).reshape(1, -1), format="flt", layout="mono"
+        )
+        frame.sample_rate, frame.pts = SAMPLE_RATE, pts
+        pts += len(chunk)
+        theirs += [bytes(packet) for packet in codec.encode(frame)]
+
+    assert len(packets) == len(audio) // 480 and packets == theirs
+    assert codec.extradata is not None and pages(stream)[0][2][28:] == bytes(codec.extradata), "the OpusHead"
