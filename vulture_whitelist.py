@@ -87,7 +87,7 @@ Flushed.dropped_phrases  # the `flush` event's payload, forwarded to clients
 Flushed.dropped_words
 SessionInfo.updated_at  # parsed from the hash; shown by operators' tools
 
-# PyAV's codec and frame properties, set for libopus (shared/audio.py OpusEncoder): read by PyAV, in C.
+# PyAV's codec and frame properties, set for libopus (bench/bench_opus.py PyAVEncoder): read by PyAV, in C.
 av.AudioCodecContext.layout
 av.AudioCodecContext.bit_rate
 av.AudioFrame.pts

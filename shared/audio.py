@@ -202,7 +202,7 @@ class LibopusEncoder:
     "audio", VBR constrained to `bitrate`, `complexity`. Destroyed with its Python object."""
 
     def __init__(self, sample_rate: int, bitrate: int, complexity: int) -> None:
-        lib = _libopus()
+        lib = libopus()
         error = ctypes.c_int()
         handle = lib.opus_encoder_create(sample_rate, 1, _OPUS_APPLICATION_AUDIO, ctypes.byref(error))
         if error.value or not handle:
@@ -222,7 +222,7 @@ class LibopusEncoder:
         self.lookahead = lookahead.value  # samples at `sample_rate`: the stream's pre-skip
 
     def _ctl(self, request: int, argument: Any) -> None:
-        if (status := _libopus().opus_encoder_ctl(self._handle, request, argument)) != 0:
+        if (status := libopus().opus_encoder_ctl(self._handle, request, argument)) != 0:
             raise RuntimeError(f"libopus: opus_encoder_ctl({request}) failed ({status})")
 
     def encode(self, pcm_address: int, samples: int, out_address: int) -> int:
@@ -239,7 +239,7 @@ _OPUS_SET_VBR_CONSTRAINT, _OPUS_GET_LOOKAHEAD = 4020, 4027
 
 
 @functools.cache
-def _libopus() -> ctypes.CDLL:
+def libopus() -> ctypes.CDLL:
     """The libopus that PyAV's wheel ships (the build its encoder used: the gateway's codec before), else
     the system's (a PyAV built from source links that one)."""
     shipped = [f for f in importlib.metadata.files("av") or () if "opus" in f.name]
