@@ -98,8 +98,8 @@ class OpusEncoder:
 
     libopus called directly (`LibopusEncoder`: the build PyAV ships, the one its encoder wrapped before),
     not sphn's writer (Moshi's server's): the same codec and stream format at a sixth of sphn's CPU on
-    speech; sphn's writer has no settings. Not through PyAV: its frame and packet objects and the filter
-    graph that re-chunks each frame into 20 ms ones cost a fifth of the encode (docs/performance.md).
+    speech; sphn's writer has no settings. Not through PyAV either: its frame and packet objects and the
+    filter graph that cuts each frame into 20 ms ones were a sixth of the encode (docs/performance.md).
     sphn decodes."""
 
     BITRATE = 32_000
@@ -242,7 +242,7 @@ _OPUS_SET_VBR_CONSTRAINT, _OPUS_GET_LOOKAHEAD = 4020, 4027
 def libopus() -> ctypes.CDLL:
     """The libopus that PyAV's wheel ships (the build its encoder used: the gateway's codec before), else
     the system's (a PyAV built from source links that one)."""
-    shipped = [f for f in importlib.metadata.files("av") or () if "opus" in f.name]
+    shipped = [f for f in importlib.metadata.files("av") or () if f.name.startswith(("libopus", "opus"))]
     path = str(shipped[0].locate()) if shipped else ctypes.util.find_library("opus")
     if path is None:
         raise RuntimeError("libopus not found: neither in PyAV's wheel nor on the system")
