@@ -242,7 +242,11 @@ _OPUS_SET_VBR_CONSTRAINT, _OPUS_GET_LOOKAHEAD = 4020, 4027
 def libopus() -> ctypes.CDLL:
     """The libopus that PyAV's wheel ships (the build its encoder used: the gateway's codec before), else
     the system's (a PyAV built from source links that one)."""
-    shipped = [f for f in importlib.metadata.files("av") or () if f.name.startswith(("libopus", "opus"))]
+    try:
+        files = importlib.metadata.files("av") or []
+    except importlib.metadata.PackageNotFoundError:  # no PyAV (the GPU benchmark's machine): the system's
+        files = []
+    shipped = [f for f in files if f.name.startswith(("libopus", "opus"))]
     path = str(shipped[0].locate()) if shipped else ctypes.util.find_library("opus")
     if path is None:
         raise RuntimeError("libopus not found: neither in PyAV's wheel nor on the system")
