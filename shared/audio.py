@@ -125,15 +125,16 @@ class OpusEncoder:
             _codec_cpu["encode"] += time.thread_time() - began
 
     def _encode(self, samples: FloatAudio) -> bytes:
-        head = b""
-        if self._pages.sequence == 0:
-            head = self._pages.page([len(self._head)], self._head, 0, first=True)
-            head += self._pages.page([len(_OPUS_TAGS)], _OPUS_TAGS, 0)
         pcm, total = self._with_noise_floor(np.asarray(samples, dtype=np.float32).reshape(-1))
         whole = total - total % self._packet
         sizes, body = self._packets(pcm, whole)
         self._held = total - whole  # under 20 ms: waits for the next call, at the start of the buffer
         self._pcm.array[: self._held] = pcm.array[whole:total]
+        # The header pages once nothing above can raise: a call that fails must not take them with it.
+        head = b""
+        if self._pages.sequence == 0:
+            head = self._pages.page([len(self._head)], self._head, 0, first=True)
+            head += self._pages.page([len(_OPUS_TAGS)], _OPUS_TAGS, 0)
         return head + self._paged(sizes, body) if sizes else head
 
     def _with_noise_floor(self, flat: FloatAudio) -> tuple[_Buffer, int]:
@@ -238,6 +239,10 @@ _OPUS_SET_BITRATE, _OPUS_SET_VBR, _OPUS_SET_COMPLEXITY = 4002, 4006, 4010
 _OPUS_SET_VBR_CONSTRAINT, _OPUS_GET_LOOKAHEAD = 4020, 4027
 
 
+class LibopusMissing(RuntimeError):
+    """No libopus that loads: the Moshi protocol's encoder cannot work, so the gateway does not start."""
+
+
 @functools.cache
 def libopus() -> ctypes.CDLL:
     """The libopus that PyAV's wheel ships (the build its encoder used: the gateway's codec before), else
@@ -249,8 +254,15 @@ def libopus() -> ctypes.CDLL:
     shipped = [f for f in files if f.name.startswith(("libopus", "opus"))]
     path = str(shipped[0].locate()) if shipped else ctypes.util.find_library("opus")
     if path is None:
-        raise RuntimeError("libopus not found: neither in PyAV's wheel nor on the system")
-    lib = ctypes.CDLL(path)
+        raise LibopusMissing("libopus not found: neither in PyAV's wheel nor on the system")
+    try:
+        return _declared(ctypes.CDLL(path))
+    except (OSError, AttributeError) as exc:  # not loadable here, or an encoder function missing
+        raise LibopusMissing(f"libopus at {path} cannot be used: {exc}") from exc
+
+
+def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with the C signatures of the encoder functions Chorus calls."""
     lib.opus_encoder_create.argtypes = [ctypes.c_int32, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.opus_encoder_create.restype = ctypes.c_void_p
     lib.opus_encoder_destroy.argtypes = [ctypes.c_void_p]

@@ -1,21 +1,33 @@
-"""The gateway's Ogg/Opus stream (shared/audio.py `OpusEncoder`, libopus through PyAV with our own Ogg
+"""The gateway's Ogg/Opus stream (shared/audio.py `OpusEncoder`, libopus called directly with our own Ogg
 pages) is one Moshi's own reader (sphn) and ffmpeg's demuxer both read: valid pages and CRCs, granule
 positions at 48 kHz, the audio back within a lossy codec's error."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import itertools
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 import soundfile as sf
 import soxr
 
-from shared.audio import FRAME_SAMPLES, OPUS_NOISE_FLOOR, SAMPLE_RATE, OpusDecoder, OpusEncoder, ogg_crc
+from shared.audio import (
+    FRAME_SAMPLES,
+    OPUS_NOISE_FLOOR,
+    SAMPLE_RATE,
+    LibopusMissing,
+    OpusDecoder,
+    OpusEncoder,
+    libopus,
+    ogg_crc,
+)
 from tests.support.audio import SPEECH_WAV
 
 OGG_OPUS_FIXTURE = SPEECH_WAV.with_name("speech.opus.ogg")  # written by an independent encoder
@@ -137,3 +149,42 @@ def test_an_encoder_s_libopus_state_is_freed_with_it() -> None:
     for _ in range(2000):
         OpusEncoder()
     assert resident_mb() - before < 20
+
+
+def test_a_call_that_raises_leaves_the_header_pages_to_the_next() -> None:
+    """A stream without its `OpusHead` page is unreadable to ffmpeg and the browser's decoders: the headers
+    go out with the first call that returns."""
+    encoder = OpusEncoder()
+    with pytest.raises(ValueError):
+        encoder.encode(np.array(["not audio"]))
+    stream = encoder.encode(speech()[:FRAME_SAMPLES])
+    assert [page[28:36] for _, _, page, _ in pages(stream)[:2]] == [b"OpusHead", b"OpusTags"]
+    with av.open(io.BytesIO(stream), format="ogg") as container:
+        assert sum(frame.samples for frame in container.decode(audio=0)) > 0
+
+
+@pytest.fixture
+def fresh_libopus() -> Iterator[None]:
+    """`libopus()` looked up anew in the test, and again after it (it is cached for the process)."""
+    libopus.cache_clear()
+    yield
+    libopus.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_libopus")
+def test_a_libopus_that_does_not_load_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a crash, nor an OSError from ctypes: `LibopusMissing`, which the gateway refuses to start on."""
+    broken = tmp_path / "libopus-0123abcd.so.0"
+    broken.write_bytes(b"not a shared object")
+    entry = importlib.metadata.PackagePath(broken.name)
+    monkeypatch.setattr(entry, "locate", lambda: broken, raising=False)
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: [entry])
+    with pytest.raises(LibopusMissing, match="libopus-0123abcd.so.0 cannot be used"):
+        OpusEncoder()
+
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: [])
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
+    with pytest.raises(LibopusMissing, match="not found"):
+        OpusEncoder()
