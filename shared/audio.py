@@ -200,7 +200,8 @@ _MAX_PACKET_BYTES = 1275  # the most one Opus frame can take (RFC 6716 3.2.1)
 class LibopusEncoder:
     """One libopus encoder (`opus_encoder_create`), called through ctypes: float PCM in, one packet per
     20 ms. Set as PyAV's libopus encoder set it before (the same packets for the same input): application
-    "audio", VBR constrained to `bitrate`, `complexity`. Destroyed with its Python object."""
+    "audio", VBR constrained to `bitrate`, `complexity`. Destroyed with its Python object. One thread at a
+    time: libopus's state has no lock."""
 
     def __init__(self, sample_rate: int, bitrate: int, complexity: int) -> None:
         lib = libopus()
@@ -209,7 +210,8 @@ class LibopusEncoder:
         if error.value or not handle:
             raise RuntimeError(f"libopus: opus_encoder_create failed ({error.value})")
         self._handle: int = handle
-        weakref.finalize(self, lib.opus_encoder_destroy, handle)
+        # Not at interpreter exit: a daemon thread may still be inside `encode` then (the OS frees it anyway).
+        weakref.finalize(self, lib.opus_encoder_destroy, handle).atexit = False
         self._encode = lib.opus_encode_float
         for request, value in (
             (_OPUS_SET_BITRATE, bitrate),

@@ -9,6 +9,8 @@ import io
 import itertools
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,3 +190,28 @@ def test_a_libopus_that_does_not_load_is_a_clear_error(
     monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
     with pytest.raises(LibopusMissing, match="not found"):
         OpusEncoder()
+
+
+REPO = Path(__file__).resolve().parents[2]
+ENCODING_AT_EXIT = """
+import threading, numpy as np
+from shared.audio import OpusEncoder
+audio = np.full(96_000, 0.1, dtype=np.float32)
+def encode_forever(encoder):
+    while True:
+        encoder.encode(audio)
+encoders = [OpusEncoder() for _ in range(8)]
+for encoder in encoders:
+    threading.Thread(target=encode_forever, args=(encoder,), daemon=True).start()
+threading.Event().wait(0.2)
+"""
+
+
+def test_an_encoder_still_encoding_when_the_interpreter_exits_is_not_freed_under_it() -> None:
+    """Daemon threads run on while the interpreter exits: libopus's state must outlive them (it crashed
+    most runs when exit freed it)."""
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, "-c", ENCODING_AT_EXIT], cwd=REPO, check=False, capture_output=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr.decode()[-500:]
