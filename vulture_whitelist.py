@@ -6,6 +6,7 @@ dead. Routes, exception handlers and pydantic validators are skipped by their de
 """
 
 import logging
+import weakref
 
 import av
 import onnxruntime
@@ -42,6 +43,7 @@ uvicorn.Server.should_exit  # uvicorn's main loop polls it
 JsonFormatter.formatTime  # logging.Formatter calls it for asctime
 JsonFormatter.process_log_record  # python-json-logger calls it before serialising
 logging.Formatter.datefmt  # the name of formatTime's parameter, which is logging.Formatter's
+weakref.finalize.atexit  # read by weakref's exit hook (shared/audio.py LibopusEncoder)
 onnxruntime.SessionOptions.intra_op_num_threads  # read by onnxruntime when the session is made
 onnxruntime.SessionOptions.inter_op_num_threads
 Tokenizer.pre_tokenizer  # read by the tokenizers library
@@ -87,7 +89,7 @@ Flushed.dropped_phrases  # the `flush` event's payload, forwarded to clients
 Flushed.dropped_words
 SessionInfo.updated_at  # parsed from the hash; shown by operators' tools
 
-# PyAV's codec and frame properties, set for libopus (shared/audio.py OpusEncoder): read by PyAV, in C.
+# PyAV's codec and frame properties, set for libopus (bench/bench_opus.py PyAVEncoder): read by PyAV, in C.
 av.AudioCodecContext.layout
 av.AudioCodecContext.bit_rate
 av.AudioFrame.pts

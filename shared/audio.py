@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import importlib.metadata
 import io
 import secrets
 import struct
 import time
 import wave
+import weakref
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -87,33 +93,29 @@ class FrameSplitter:
 
 class OpusEncoder:
     """PCM -> an Ogg/Opus stream as Moshi's server sends it: the `OpusHead` and `OpusTags` pages first, then
-    one page per call with the 20 ms packets encoded so far (any length in; PyAV re-chunks it).
+    one page per call with the 20 ms packets encoded so far (any length in; a remainder under 20 ms waits
+    for the next call).
 
-    libopus through PyAV, not sphn's writer (Moshi's server's): the same codec and stream format at a fifth
-    of the CPU on speech (0.24 against 1.2 ms per 80 ms frame, the gateway's largest per-frame cost;
-    docs/performance.md); sphn's writer has no settings. sphn still decodes."""
+    libopus called directly (`LibopusEncoder`: the build PyAV ships, the one its encoder wrapped before),
+    not sphn's writer (Moshi's server's): the same codec and stream format at a sixth of sphn's CPU on
+    speech; sphn's writer has no settings. Not through PyAV either: its frame and packet objects and the
+    filter graph that cuts each frame into 20 ms ones were a sixth of the encode (docs/performance.md).
+    sphn decodes."""
 
     BITRATE = 32_000
     COMPLEXITY = 5  # libopus's effort, 0-10: 5 costs a quarter of 10 on speech, for a few kb/s more
 
     def __init__(self, sample_rate: int = SAMPLE_RATE) -> None:
-        import av  # here, not at the top: only the gateway and clients encode (the GPU benchmark has no av)
-
-        codec = av.CodecContext.create("libopus", "w")
-        assert isinstance(codec, av.AudioCodecContext)
-        codec.sample_rate = sample_rate
-        codec.layout = "mono"
-        codec.format = "flt"
-        codec.bit_rate = self.BITRATE
-        # Constrained VBR holds the rate near 32 kb/s, sphn's (unconstrained at complexity 5 it is ~50).
-        codec.options = {"compression_level": str(self.COMPLEXITY), "vbr": "constrained"}
-        codec.open()
-        self._codec = codec
-        self._frame = av.AudioFrame
-        self._sample_rate = sample_rate
+        self._opus = LibopusEncoder(sample_rate, self.BITRATE, self.COMPLEXITY)
+        self._packet = sample_rate // 50  # 20 ms, the packet libopus makes of each call
+        # Reused on every call: the samples (a frame and a held remainder) and the packets, back to back.
+        self._pcm = _Buffer(np.empty(FRAME_SAMPLES + self._packet, dtype=np.float32))
+        self._out = _Buffer(np.empty(_MAX_PACKET_BYTES * (FRAME_SAMPLES // self._packet + 1), dtype=np.uint8))
+        self._held = 0  # samples at the start of `_pcm` waiting for a whole packet
         self._pages = OggPages(serial=secrets.randbits(32))
-        self._samples_in = 0
         self._granule = 0  # 48 kHz samples decodable from the pages written (Ogg Opus counts at 48 kHz)
+        pre_skip = self._opus.lookahead * 48_000 // sample_rate
+        self._head = struct.pack("<8sBBHIhB", b"OpusHead", 1, 1, pre_skip, sample_rate, 0, 0)
 
     def encode(self, samples: FloatAudio) -> bytes:
         began = time.thread_time()  # the codec's own CPU, apart from the plumbing (bench_latency)
@@ -123,42 +125,169 @@ class OpusEncoder:
             _codec_cpu["encode"] += time.thread_time() - began
 
     def _encode(self, samples: FloatAudio) -> bytes:
-        # Exact digital silence (a gap, a mixer with nothing to play) takes libopus's slow path: 1.2 ms a
-        # frame, five times speech. Noise at -120 dBFS, far under PCM16's last bit, keeps it on the fast one.
-        flat = np.asarray(samples, dtype=np.float32).reshape(-1)
-        pcm = (flat + np.resize(_DITHER, flat.shape)).reshape(1, -1)
+        pcm, total = self._with_noise_floor(np.asarray(samples, dtype=np.float32).reshape(-1))
+        whole = total - total % self._packet
+        sizes, body = self._packets(pcm, whole)
+        self._held = total - whole  # under 20 ms: waits for the next call, at the start of the buffer
+        self._pcm.array[: self._held] = pcm.array[whole:total]
+        # The header pages once nothing above can raise: a call that fails must not take them with it.
         head = b""
         if self._pages.sequence == 0:
-            assert self._codec.extradata is not None  # libopus's OpusHead, pre-skip and input rate in it
-            head = self._pages.page([bytes(self._codec.extradata)], 0, first=True)
-            head += self._pages.page([_OPUS_TAGS], 0)
-        if not pcm.size:
-            return head
-        frame = self._frame.from_ndarray(pcm, format="flt", layout="mono")
-        frame.sample_rate = self._sample_rate
-        frame.pts = self._samples_in
-        self._samples_in += pcm.shape[1]
-        pages: list[bytes] = [head]
-        batch: list[bytes] = []
-        segments = 0
-        for packet in self._codec.encode(frame):
-            data = bytes(packet)
-            if segments + len(data) // 255 + 1 > 255:  # a page holds 255 segments: the rest on the next
-                pages.append(self._pages.page(batch, self._granule))
-                batch, segments = [], 0
-            assert packet.duration is not None
-            self._granule += packet.duration * 48_000 // self._sample_rate
-            batch.append(data)
-            segments += len(data) // 255 + 1
-        if batch:
-            pages.append(self._pages.page(batch, self._granule))
+            head = self._pages.page([len(self._head)], self._head, 0, first=True)
+            head += self._pages.page([len(_OPUS_TAGS)], _OPUS_TAGS, 0)
+        return head + self._paged(sizes, body) if sizes else head
+
+    def _with_noise_floor(self, flat: FloatAudio) -> tuple[_Buffer, int]:
+        """The samples held from the last call then `flat`, with the noise floor added, in one buffer; and
+        how many samples that makes.
+
+        Exact digital silence (a gap, a mixer with nothing to play) takes libopus's slow path: 1.2 ms a
+        frame, six times speech. Noise at -120 dBFS, far under PCM16's last bit, keeps it on the fast one."""
+        total = self._held + len(flat)
+        pcm = self._pcm
+        if total > len(pcm.array):  # a long chunk at once: a buffer of its own
+            pcm = _Buffer(np.empty(total, dtype=np.float32))
+            pcm.array[: self._held] = self._pcm.array[: self._held]
+        noise = (
+            OPUS_NOISE_FLOOR[: len(flat)]
+            if len(flat) <= len(OPUS_NOISE_FLOOR)
+            else np.resize(OPUS_NOISE_FLOOR, len(flat))
+        )
+        np.add(flat, noise, out=pcm.array[self._held : total])
+        return pcm, total
+
+    def _packets(self, pcm: _Buffer, whole: int) -> tuple[list[int], bytes]:
+        """The first `whole` samples of `pcm` as 20 ms packets: their sizes, and the packets back to back."""
+        out = self._out
+        if len(out.array) < whole // self._packet * _MAX_PACKET_BYTES:  # a long chunk: a buffer of its own
+            out = _Buffer(np.empty(whole // self._packet * _MAX_PACKET_BYTES, dtype=np.uint8))
+        sizes, used = [], 0
+        for start in range(0, whole * 4, self._packet * 4):  # float32: 4 bytes a sample
+            size = self._opus.encode(pcm.address + start, self._packet, out.address + used)
+            sizes.append(size)
+            used += size
+        return sizes, out.array[:used].tobytes()
+
+    def _paged(self, sizes: list[int], body: bytes) -> bytes:
+        """The packets of `body` (`sizes` in order) in Ogg pages of whole packets, 255 lacing values each."""
+        pages: list[bytes] = []
+        first = begins = segments = 0
+        for i, size in enumerate(sizes):
+            if segments + size // 255 + 1 > 255:
+                pages.append(self._page(sizes[first:i], body, begins))
+                begins += sum(sizes[first:i])
+                first, segments = i, 0
+            segments += size // 255 + 1
+        pages.append(self._page(sizes[first:], body, begins))
         return b"".join(pages)
+
+    def _page(self, sizes: list[int], body: bytes, begins: int) -> bytes:
+        self._granule += len(sizes) * 960  # a 20 ms packet is 960 samples at 48 kHz
+        return self._pages.page(sizes, body[begins : begins + sum(sizes)], self._granule)
+
+
+class _Buffer:
+    """An array and the address of its data, for libopus (taken once: numpy's `.ctypes` costs µs a call)."""
+
+    def __init__(self, array: npt.NDArray[Any]) -> None:
+        self.array = array
+        self.address: int = array.ctypes.data
+
+
+_MAX_PACKET_BYTES = 1275  # the most one Opus frame can take (RFC 6716 3.2.1)
+
+
+class LibopusEncoder:
+    """One libopus encoder (`opus_encoder_create`), called through ctypes: float PCM in, one packet per
+    20 ms. Set as PyAV's libopus encoder set it before (the same packets for the same input): application
+    "audio", VBR constrained to `bitrate`, `complexity`. Destroyed with its Python object. One thread at a
+    time: libopus's state has no lock."""
+
+    def __init__(self, sample_rate: int, bitrate: int, complexity: int) -> None:
+        lib = libopus()
+        error = ctypes.c_int()
+        handle = lib.opus_encoder_create(sample_rate, 1, _OPUS_APPLICATION_AUDIO, ctypes.byref(error))
+        if error.value or not handle:
+            raise RuntimeError(f"libopus: opus_encoder_create failed ({error.value})")
+        self._handle: int = handle
+        # Not at interpreter exit: a daemon thread may still be inside `encode` then (the OS frees it anyway).
+        weakref.finalize(self, lib.opus_encoder_destroy, handle).atexit = False
+        self._encode = lib.opus_encode_float
+        for request, value in (
+            (_OPUS_SET_BITRATE, bitrate),
+            (_OPUS_SET_VBR, 1),
+            (_OPUS_SET_VBR_CONSTRAINT, 1),
+            (_OPUS_SET_COMPLEXITY, complexity),
+        ):
+            self._ctl(request, ctypes.c_int(value))
+        lookahead = ctypes.c_int()
+        self._ctl(_OPUS_GET_LOOKAHEAD, ctypes.byref(lookahead))
+        self.lookahead = lookahead.value  # samples at `sample_rate`: the stream's pre-skip
+
+    def _ctl(self, request: int, argument: Any) -> None:
+        if (status := libopus().opus_encoder_ctl(self._handle, request, argument)) != 0:
+            raise RuntimeError(f"libopus: opus_encoder_ctl({request}) failed ({status})")
+
+    def encode(self, pcm_address: int, samples: int, out_address: int) -> int:
+        """Encodes `samples` floats at `pcm_address` into one packet at `out_address`; its size in bytes."""
+        size: int = self._encode(self._handle, pcm_address, samples, out_address, _MAX_PACKET_BYTES)
+        if size < 0:
+            raise RuntimeError(f"libopus: opus_encode_float failed ({size})")
+        return size
+
+
+_OPUS_APPLICATION_AUDIO = 2049
+_OPUS_SET_BITRATE, _OPUS_SET_VBR, _OPUS_SET_COMPLEXITY = 4002, 4006, 4010
+_OPUS_SET_VBR_CONSTRAINT, _OPUS_GET_LOOKAHEAD = 4020, 4027
+
+
+class LibopusMissing(RuntimeError):
+    """No libopus that loads: the Moshi protocol's encoder cannot work, so the gateway does not start."""
+
+
+@functools.cache
+def libopus() -> ctypes.CDLL:
+    """The libopus that PyAV's wheel ships (the build its encoder used: the gateway's codec before), else
+    the system's (a PyAV built from source links that one)."""
+    try:
+        files = importlib.metadata.files("av") or []
+    except importlib.metadata.PackageNotFoundError:  # no PyAV (the GPU benchmark's machine): the system's
+        files = []
+    shipped = [f for f in files if f.name.startswith(("libopus", "opus"))]
+    path = str(shipped[0].locate()) if shipped else ctypes.util.find_library("opus")
+    if path is None:
+        raise LibopusMissing("libopus not found: neither in PyAV's wheel nor on the system")
+    try:
+        return _declared(ctypes.CDLL(path))
+    except (OSError, AttributeError) as exc:  # not loadable here, or an encoder function missing
+        raise LibopusMissing(f"libopus at {path} cannot be used: {exc}") from exc
+
+
+def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with the C signatures of the encoder functions Chorus calls."""
+    lib.opus_encoder_create.argtypes = [ctypes.c_int32, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.opus_encoder_create.restype = ctypes.c_void_p
+    lib.opus_encoder_destroy.argtypes = [ctypes.c_void_p]
+    lib.opus_encoder_destroy.restype = None
+    # Variadic past the request: its argument goes as an extra (ctypes then passes it the variadic way).
+    lib.opus_encoder_ctl.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.opus_encoder_ctl.restype = ctypes.c_int
+    lib.opus_encode_float.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int32,
+    ]
+    lib.opus_encode_float.restype = ctypes.c_int32
+    return lib
 
 
 _codec_cpu = {"encode": 0.0, "decode": 0.0}  # CPU seconds in the codec, by direction (its metric reads them)
 metrics.CODEC_CPU.labels(direction="encode").set_function(lambda: _codec_cpu["encode"])
 metrics.CODEC_CPU.labels(direction="decode").set_function(lambda: _codec_cpu["decode"])
-_DITHER = (np.random.default_rng(0).standard_normal(FRAME_SAMPLES) * 1e-6).astype(np.float32)
+# Added to what the encoder gets (`OpusEncoder._with_noise_floor` says why): -120 dBFS, under PCM16's LSB.
+OPUS_NOISE_FLOOR = (np.random.default_rng(0).standard_normal(FRAME_SAMPLES) * 1e-6).astype(np.float32)
 _OPUS_TAGS = b"OpusTags" + struct.pack("<I", 6) + b"chorus" + struct.pack("<I", 0)  # vendor, no comments
 
 
@@ -170,10 +299,12 @@ class OggPages:
         self.serial = serial
         self.sequence = 0
 
-    def page(self, packets: list[bytes], granule: int, *, first: bool = False) -> bytes:
-        lacing = bytearray()
-        for packet in packets:
-            lacing += b"\xff" * (len(packet) // 255) + bytes([len(packet) % 255])
+    def page(self, sizes: list[int], body: bytes, granule: int, *, first: bool = False) -> bytes:
+        """One page of the packets in `body`, whose sizes are `sizes` in order."""
+        if all(size < 255 for size in sizes):
+            lacing = bytes(sizes)
+        else:
+            lacing = b"".join(b"\xff" * (size // 255) + bytes([size % 255]) for size in sizes)
         header = struct.pack(
             "<4sBBqIIIB",
             b"OggS",
@@ -185,7 +316,7 @@ class OggPages:
             0,
             len(lacing),
         )
-        page = bytearray(header + lacing + b"".join(packets))
+        page = bytearray(header + lacing + body)
         struct.pack_into("<I", page, 22, ogg_crc(page))
         self.sequence += 1
         return bytes(page)

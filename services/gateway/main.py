@@ -11,6 +11,7 @@ from services.gateway.app import create_app
 from services.gateway.auth import AuthSetupError
 from services.gateway.fair_websocket import FairWebSocketProtocol
 from services.gateway.settings import get_settings
+from shared.audio import LibopusMissing, libopus
 from shared.logging import configure_logging
 from shared.runtime import DRAIN_TIMEOUT_S
 
@@ -22,8 +23,9 @@ def main() -> None:
     configure_logging("gateway", settings.log_level, settings.log_format)
     settings.require_redis_url()
     try:
+        libopus()  # the Moshi protocol's Opus encoder: not starting beats failing every session
         app = create_app(settings)
-    except AuthSetupError as exc:
+    except (AuthSetupError, LibopusMissing) as exc:
         log.critical("not starting: %s", exc)
         raise SystemExit(2) from None
     config = uvicorn.Config(

@@ -1,18 +1,35 @@
-"""The gateway's Ogg/Opus stream (shared/audio.py `OpusEncoder`, libopus through PyAV with our own Ogg
+"""The gateway's Ogg/Opus stream (shared/audio.py `OpusEncoder`, libopus called directly with our own Ogg
 pages) is one Moshi's own reader (sphn) and ffmpeg's demuxer both read: valid pages and CRCs, granule
 positions at 48 kHz, the audio back within a lossy codec's error."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
+import itertools
+import os
 import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 import soundfile as sf
 import soxr
 
-from shared.audio import FRAME_SAMPLES, SAMPLE_RATE, OpusDecoder, OpusEncoder, ogg_crc
+from shared.audio import (
+    FRAME_SAMPLES,
+    OPUS_NOISE_FLOOR,
+    SAMPLE_RATE,
+    LibopusMissing,
+    OpusDecoder,
+    OpusEncoder,
+    libopus,
+    ogg_crc,
+)
 from tests.support.audio import SPEECH_WAV
 
 OGG_OPUS_FIXTURE = SPEECH_WAV.with_name("speech.opus.ogg")  # written by an independent encoder
@@ -87,3 +104,114 @@ def test_a_long_chunk_is_split_into_pages_of_at_most_255_segments() -> None:
     found = pages(stream)
     assert len(found) > 3 and all(len(sizes) <= 255 for *_, sizes in found)
     assert found[-1][1] == (2 * len(audio)) // 480 * 960, "every whole 20 ms packet is in the stream"
+
+
+def test_the_packets_are_those_of_pyav_s_libopus_encoder_with_the_same_settings() -> None:
+    """The encoder calls libopus itself, holding what is under 20 ms for the next call; PyAV's libopus
+    encoder (the gateway's before) makes the same packets of the same samples cut the same way: the
+    codec, its settings and the stream's pre-skip are unchanged."""
+    audio = speech()[: 4 * SAMPLE_RATE]
+    cuts = itertools.takewhile(
+        lambda cut: cut < len(audio),
+        itertools.accumulate(itertools.cycle([FRAME_SAMPLES, 1000, 7, 1500, 413])),
+    )
+    chunks = [audio[a:b] for a, b in itertools.pairwise([0, *cuts, len(audio)])]
+    ours = OpusEncoder()
+    stream = b"".join(ours.encode(chunk) for chunk in chunks)
+    with av.open(io.BytesIO(stream), format="ogg") as container:
+        packets = [bytes(p) for p in container.demux(container.streams.audio[0]) if p.size]
+
+    codec = av.CodecContext.create("libopus", "w")
+    assert isinstance(codec, av.AudioCodecContext)
+    codec.sample_rate, codec.layout, codec.format, codec.bit_rate = SAMPLE_RATE, "mono", "flt", ours.BITRATE
+    codec.options = {"compression_level": str(ours.COMPLEXITY), "vbr": "constrained"}
+    codec.open()
+    theirs, pts = [], 0
+    for chunk in chunks:
+        frame = av.AudioFrame.from_ndarray(
+            (chunk + OPUS_NOISE_FLOOR[: len(chunk)]).reshape(1, -1), format="flt", layout="mono"
+        )
+        frame.sample_rate, frame.pts = SAMPLE_RATE, pts
+        pts += len(chunk)
+        theirs += [bytes(packet) for packet in codec.encode(frame)]
+
+    assert len(packets) == len(audio) // 480 and packets == theirs
+    assert codec.extradata is not None and pages(stream)[0][2][28:] == bytes(codec.extradata), "the OpusHead"
+
+
+def test_an_encoder_s_libopus_state_is_freed_with_it() -> None:
+    """libopus's state (~31 KB) lives outside Python's heap: an encoder dropped frees it, so a gateway's
+    memory does not grow with the sessions it has served (2,000 leaked states would be ~63 MB)."""
+
+    def resident_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+    OpusEncoder()
+    before = resident_mb()
+    for _ in range(2000):
+        OpusEncoder()
+    assert resident_mb() - before < 20
+
+
+def test_a_call_that_raises_leaves_the_header_pages_to_the_next() -> None:
+    """A stream without its `OpusHead` page is unreadable to ffmpeg and the browser's decoders: the headers
+    go out with the first call that returns."""
+    encoder = OpusEncoder()
+    with pytest.raises(ValueError):
+        encoder.encode(np.array(["not audio"]))
+    stream = encoder.encode(speech()[:FRAME_SAMPLES])
+    assert [page[28:36] for _, _, page, _ in pages(stream)[:2]] == [b"OpusHead", b"OpusTags"]
+    with av.open(io.BytesIO(stream), format="ogg") as container:
+        assert sum(frame.samples for frame in container.decode(audio=0)) > 0
+
+
+@pytest.fixture
+def fresh_libopus() -> Iterator[None]:
+    """`libopus()` looked up anew in the test, and again after it (it is cached for the process)."""
+    libopus.cache_clear()
+    yield
+    libopus.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_libopus")
+def test_a_libopus_that_does_not_load_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a crash, nor an OSError from ctypes: `LibopusMissing`, which the gateway refuses to start on."""
+    broken = tmp_path / "libopus-0123abcd.so.0"
+    broken.write_bytes(b"not a shared object")
+    entry = importlib.metadata.PackagePath(broken.name)
+    monkeypatch.setattr(entry, "locate", lambda: broken, raising=False)
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: [entry])
+    with pytest.raises(LibopusMissing, match="libopus-0123abcd.so.0 cannot be used"):
+        OpusEncoder()
+
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: [])
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
+    with pytest.raises(LibopusMissing, match="not found"):
+        OpusEncoder()
+
+
+REPO = Path(__file__).resolve().parents[2]
+ENCODING_AT_EXIT = """
+import threading, numpy as np
+from shared.audio import OpusEncoder
+audio = np.full(96_000, 0.1, dtype=np.float32)
+def encode_forever(encoder):
+    while True:
+        encoder.encode(audio)
+encoders = [OpusEncoder() for _ in range(8)]
+for encoder in encoders:
+    threading.Thread(target=encode_forever, args=(encoder,), daemon=True).start()
+threading.Event().wait(0.2)
+"""
+
+
+def test_an_encoder_still_encoding_when_the_interpreter_exits_is_not_freed_under_it() -> None:
+    """Daemon threads run on while the interpreter exits: libopus's state must outlive them (it crashed
+    most runs when exit freed it)."""
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, "-c", ENCODING_AT_EXIT], cwd=REPO, check=False, capture_output=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr.decode()[-500:]
