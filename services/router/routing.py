@@ -97,6 +97,7 @@ class Router:
             max_deliveries=settings.max_deliveries,
         )
         self._changed = asyncio.Event()
+        self._lane = bus.lane()  # the route loop's own connection: its read and its write each tick
 
     def describe(self) -> WorkerFields:
         return {"sessions": len(self.sessions)}
@@ -107,6 +108,12 @@ class Router:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop`. Sessions stay owned, not ended: another router takes them over."""
         await self.ownership.set_leftovers_aside()
+        try:
+            await self._serve(stop)
+        finally:
+            await self._lane.close()
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         own = self.ownership
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.consumer.run(stop), name="control_group")
@@ -234,7 +241,7 @@ class Router:
         user_streams = {self.names.session_input(s.sid) for s in sessions}
         pacing = {key: cursor for key, cursor in cursors.items() if key not in user_streams}
         entries = await self.bus.read_when_woken(
-            pacing, cursors, count=self.settings.router_read_count, block_ms=self._block_ms
+            pacing, cursors, count=self.settings.router_read_count, block_ms=self._block_ms, lane=self._lane
         )
         by_session: dict[str, list[Entry]] = {}
         for entry in entries:
@@ -295,7 +302,7 @@ class Router:
             # possible, and whoever sees the barge-in on :out finds the flush already asked for).
             for flush in flushes:  # on the session's control stream, which its TTS worker reads
                 await self.bus.append_control(flush)
-            lost = await self.bus.append_sessions(outputs, self.ownership.fence)
+            lost = await self.bus.append_sessions(outputs, self.ownership.fence, lane=self._lane)
         except Exception:
             # Not written (Redis away): each session gets its output back, ahead of what comes next, and
             # the next round writes it (`ready` or `ended` must not be lost; the gateway drops repeats).

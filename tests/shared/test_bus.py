@@ -17,6 +17,7 @@ from shared.bus import (
     Fence,
     GroupConsumer,
     Handled,
+    Lane,
     SessionKeyTimes,
     SessionWrites,
     SharedReader,
@@ -363,9 +364,11 @@ class CountingBus(Bus):
         super().__init__(redis, names)
         self.round_trips: list[set[str]] = []
 
-    async def append_sessions(self, writes: SessionWrites, fence: Fence | None = None) -> set[str]:
+    async def append_sessions(
+        self, writes: SessionWrites, fence: Fence | None = None, *, lane: Lane | None = None
+    ) -> set[str]:
         self.round_trips.append(set(writes))
-        return await super().append_sessions(writes, fence)
+        return await super().append_sessions(writes, fence, lane=lane)
 
 
 async def test_a_shared_writer_sends_the_appends_made_while_a_write_is_in_flight_in_one_round_trip(
@@ -455,3 +458,34 @@ async def test_a_writer_renews_its_streams_ttl_a_few_times_per_ttl_not_on_every_
         assert 0 < await bus.redis.pttl(stream) <= 4000, "renewed once due"
     finally:
         await bus.close()
+
+
+async def test_a_lane_acts_as_the_pool_through_a_dropped_connection_a_lost_script_and_a_cancel(
+    bus: Bus, names: StreamNames
+) -> None:
+    lane = bus.lane()
+    user, dialogue = names.session_input("s"), names.session_dialogue("s")
+    said = [UserAudio(session_id="s", seq=seq, pcm=silence_frame()) for seq in range(3)]
+    cursors = {user: "0-0", dialogue: "0-0"}
+    try:
+        assert await bus.append_sessions({"s": [(user, said[0])]}, lane=lane) == set()
+        assert await bus.read(cursors, lane=lane) == await bus.read(cursors)
+        assert await bus.append_sessions(
+            {"s": [(user, said[0])]}, Fence("router_worker", "r"), lane=lane
+        ) == {"s"}, "fenced off: nobody owns the session"
+        # Redis drops every other client (as a restart does), then forgets its scripts: the lane goes on.
+        await bus.redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await bus.redis.script_flush()
+        assert await bus.append_sessions({"s": [(user, said[1])]}, lane=lane) == set()
+        # A blocking read cancelled mid-wait leaves no reply behind on the lane.
+        blocked = asyncio.create_task(bus.read_when_woken({dialogue: "$"}, cursors, block_ms=5000, lane=lane))
+        await asyncio.sleep(0.1)
+        blocked.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await blocked
+        await bus.append_sessions({"s": [(user, said[2])]}, lane=lane)
+        entries = await bus.read_when_woken({user: "0-0"}, cursors, block_ms=100, lane=lane)
+        assert [INPUT.decode(e.fields) for e in entries] == said
+        assert entries == await bus.read_when_woken({user: "0-0"}, cursors, block_ms=100)
+    finally:
+        await lane.close()
