@@ -501,7 +501,7 @@ class Lane:
                 self._connection = await self.bus.redis.connection_pool.get_connection()
             connection = self._connection
             try:
-                await connection.send_packed_command([_pack(commands)])
+                await connection.send_packed_command(_pack(commands))
                 return [await connection.read_response() for _ in commands]
             except RedisConnectionError:
                 await connection.disconnect()
@@ -528,19 +528,19 @@ class Lane:
             await self.bus.redis.connection_pool.release(connection)
 
 
-def _pack(commands: Sequence[tuple[Any, ...]]) -> bytearray:
+def _pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
     """`commands` in Redis's protocol, in one buffer. redis-py's packer costs ~1 µs per argument (its
     encoder's checks, then a join per argument), most of the router's output call: that one carries ~20
     arguments per session (each entry's fields). Arguments are bytes, str or int here."""
-    out = bytearray()
+    pieces: list[bytes] = []
     for command in commands:
-        out += b"*%d\r\n" % len(command)
+        pieces.append(b"*%d\r\n" % len(command))
         for arg in command:
             value = arg if isinstance(arg, bytes) else str(arg).encode()
-            out += b"$%d\r\n" % len(value)
-            out += value
-            out += b"\r\n"
-    return out
+            pieces.append(b"$%d\r\n" % len(value))
+            pieces.append(value)
+            pieces.append(b"\r\n")
+    return b"".join(pieces)
 
 
 def _xread(cursors: Mapping[str, str], count: int, block: int | None) -> tuple[Any, ...]:
