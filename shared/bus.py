@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import metrics
@@ -483,7 +483,9 @@ class Lane:
     `:out` reader and its `:in` writer (pass it as `lane=` to `Bus.append_sessions`, `read`,
     `read_when_woken`). A call through it skips what redis-py adds to each round trip through the pool
     (the checkout and release, a pipeline object for two commands, the reply callbacks): the commands are
-    packed and sent together and their raw replies parsed by the bus. One task at a time.
+    packed and sent together and their raw replies parsed by the bus. One task at a time: a call made while
+    another is in flight raises RuntimeError (two tasks reading one connection can each take the other's
+    reply without any error).
 
     Faults as through the pool: a dropped connection (Redis restarted) is retried once at once on a fresh
     one, a timeout is not; a call that fails or is cancelled drops the connection, so no reply is left
@@ -493,15 +495,26 @@ class Lane:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self._connection: Any = None
+        self._busy = False
 
     async def execute(self, *commands: tuple[Any, ...]) -> list[Any]:
         """Send `commands` at once; their raw replies, in order (an error reply raises)."""
+        if self._busy:
+            raise RuntimeError("a lane serves one task at a time: another call on it is in flight")
+        self._busy = True
+        try:
+            return await self._send(commands)
+        finally:
+            self._busy = False
+
+    async def _send(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        packed = _pack(commands)
         for retry in (False, True):
             if self._connection is None:
                 self._connection = await self.bus.redis.connection_pool.get_connection()
             connection = self._connection
             try:
-                await connection.send_packed_command(_pack(commands))
+                await connection.send_packed_command(packed)
                 return [await connection.read_response() for _ in commands]
             except RedisConnectionError:
                 await connection.disconnect()
@@ -531,16 +544,34 @@ class Lane:
 def _pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
     """`commands` in Redis's protocol, in one buffer. redis-py's packer costs ~1 µs per argument (its
     encoder's checks, then a join per argument), most of the router's output call: that one carries ~20
-    arguments per session (each entry's fields). Arguments are bytes, str or int here."""
+    arguments per session (each entry's fields). Arguments are bytes, str or int here (others as redis-py
+    encodes them, or refused as it refuses them: never their repr sent as data)."""
     pieces: list[bytes] = []
     for command in commands:
         pieces.append(b"*%d\r\n" % len(command))
         for arg in command:
-            value = arg if isinstance(arg, bytes) else str(arg).encode()
+            kind = type(arg)
+            if kind is bytes:
+                value = arg
+            elif kind is str:
+                value = arg.encode()
+            else:
+                value = b"%d" % arg if kind is int else _arg(arg)
             pieces.append(b"$%d\r\n" % len(value))
             pieces.append(value)
             pieces.append(b"\r\n")
     return b"".join(pieces)
+
+
+def _arg(arg: Any) -> bytes:
+    """An argument neither bytes nor str exactly, as redis-py's encoder takes it (never its repr as data)."""
+    if isinstance(arg, bytes | bytearray | memoryview):
+        return bytes(arg)
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, bool) or not isinstance(arg, int | float):
+        raise DataError(f"a lane sends bytes, str, int or float, not {type(arg).__name__}: {arg!r:.40}")
+    return b"%d" % arg if isinstance(arg, int) else repr(arg).encode()
 
 
 def _xread(cursors: Mapping[str, str], count: int, block: int | None) -> tuple[Any, ...]:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import DataError
 
 from shared.audio import silence_frame
 from shared.bus import (
@@ -487,5 +488,40 @@ async def test_a_lane_acts_as_the_pool_through_a_dropped_connection_a_lost_scrip
         entries = await bus.read_when_woken({user: "0-0"}, cursors, block_ms=100, lane=lane)
         assert [INPUT.decode(e.fields) for e in entries] == said
         assert entries == await bus.read_when_woken({user: "0-0"}, cursors, block_ms=100)
+    finally:
+        await lane.close()
+
+
+async def test_a_lane_refuses_a_second_task_while_a_call_is_in_flight(bus: Bus, names: StreamNames) -> None:
+    """Two tasks reading one connection can each take the other's reply without an error: the second call
+    is refused before it sends anything, and the first gets its own reply."""
+    lane = bus.lane()
+    user, dialogue = names.session_input("s"), names.session_dialogue("s")
+    said = UserAudio(session_id="s", seq=0, pcm=silence_frame())
+    try:
+        await bus.append_sessions({"s": [(user, said)]})
+        reading = bus.read_when_woken({dialogue: "$"}, {user: "0-0"}, block_ms=200, lane=lane)
+        blocked = asyncio.create_task(reading)
+        await asyncio.sleep(0.05)
+        with pytest.raises(RuntimeError, match="one task at a time"):
+            await lane.execute(("ECHO", "mine"))
+        assert [INPUT.decode(e.fields) for e in await blocked] == [said]
+        assert await lane.execute(("ECHO", "mine"), ("PING",)) == [b"mine", b"PONG"]
+    finally:
+        await lane.close()
+
+
+async def test_a_lane_sends_arguments_as_the_pool_does_or_refuses_them(bus: Bus) -> None:
+    """Never an argument's repr sent as data."""
+    lane = bus.lane()
+    try:
+        sent = (b"b", "s\u00e9", 7, 1.5, bytearray(b"ba"), memoryview(b"mv"))
+        assert await lane.execute(*(("ECHO", arg) for arg in sent)) == [
+            await bus.redis.echo(arg) for arg in sent
+        ]
+        for refused in (True, None, object()):
+            with pytest.raises(DataError):
+                await lane.execute(("ECHO", refused))
+        assert await lane.execute(("PING",)) == [b"PONG"]
     finally:
         await lane.close()
