@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import metrics
@@ -139,6 +139,18 @@ class MemoryUse:
 SessionWrites = Mapping[str, Sequence[tuple[str, Envelope]]]
 
 
+@dataclass(frozen=True)
+class _AppendCall:
+    """One call of the append script, built: the sessions in order, its keys and arguments, and the
+    sessions whose TTL it renews (`due`, as of `now`)."""
+
+    sids: list[str]
+    keys: list[str]
+    args: list[Any]
+    due: set[str]
+    now: float
+
+
 class Bus:
     """A thin async layer over one Redis connection pool. Binary-safe (decode_responses=False)."""
 
@@ -213,6 +225,10 @@ class Bus:
     async def close(self) -> None:
         await self.redis.aclose()
 
+    def lane(self) -> Lane:
+        """A connection of its own for one task's hot loop (`Lane`)."""
+        return Lane(self)
+
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())
@@ -251,12 +267,26 @@ class Bus:
             entry_id, _ = await pipe.execute()
         return _s(entry_id)
 
-    async def append_sessions(self, writes: SessionWrites, fence: Fence | None = None) -> set[str]:
+    async def append_sessions(
+        self, writes: SessionWrites, fence: Fence | None = None, *, lane: Lane | None = None
+    ) -> set[str]:
         """Append entries to sessions' streams in one round trip; with a `fence`, only for the sessions
-        whose hash still names this writer. Returns the session ids that were fenced off (not written)."""
+        whose hash still names this writer. Returns the session ids that were fenced off (not written).
+        Through `lane` when given (a hot loop's own connection), else through the pool."""
+        call = self._append_call(writes, fence)
+        if call is None:
+            return set()
+        if lane is None:
+            written = await self._append_sessions(keys=call.keys, args=call.args)
+        else:
+            written = await lane.run_script(self._append_sessions, call.keys, call.args)
+        return self._appended(call, written)
+
+    def _append_call(self, writes: SessionWrites, fence: Fence | None) -> _AppendCall | None:
+        """The append script's keys and arguments for `writes` (None when there is nothing to write)."""
         writes = {sid: items for sid, items in writes.items() if items}
         if not writes:
-            return set()
+            return None
         now = time.monotonic()
         due = {sid for sid in writes if now - self._ttl_renewed.get(sid, -math.inf) >= self._renew_s}
         keys: list[str] = []
@@ -277,9 +307,12 @@ class Bus:
                 args.append(2 * len(fields))
                 for name, value in fields.items():
                     args.extend((name, value))
-        written = await self._append_sessions(keys=keys, args=args)
-        self._renewed(due, now)
-        return {sid for sid, ok in zip(writes, written, strict=True) if not ok}
+        return _AppendCall(list(writes), keys, args, due, now)
+
+    def _appended(self, call: _AppendCall, written: Sequence[int]) -> set[str]:
+        """After the script ran: TTLs renewed, and the sessions it fenced off."""
+        self._renewed(call.due, call.now)
+        return {sid for sid, ok in zip(call.sids, written, strict=True) if not ok}
 
     @property
     def _renew_s(self) -> float:
@@ -302,21 +335,42 @@ class Bus:
     # --- reading without a group (a session's single owner tails its stream) -----------------------
 
     async def read(
-        self, cursors: dict[str, str], *, count: int = 100, block_ms: int | None = None
+        self,
+        cursors: dict[str, str],
+        *,
+        count: int = 100,
+        block_ms: int | None = None,
+        lane: Lane | None = None,
     ) -> list[Entry]:
-        """XREAD after each stream's cursor (an entry id, '0' for all, '$' for new only)."""
+        """XREAD after each stream's cursor (an entry id, '0' for all, '$' for new only); through `lane`
+        when given."""
         block = self._block(block_ms)
+        if lane is not None:
+            (reply,) = await lane.execute(_xread(cursors, count, block))
+            return _entries(reply)
         result = await self.redis.xread(cursors, count=count, block=block)  # type: ignore[arg-type]
         return [
             Entry(_s(stream), _s(eid), fields) for stream, entries in result or [] for eid, fields in entries
         ]
 
     async def read_when_woken(
-        self, wake: dict[str, str], cursors: dict[str, str], *, count: int = 100, block_ms: int
+        self,
+        wake: dict[str, str],
+        cursors: dict[str, str],
+        *,
+        count: int = 100,
+        block_ms: int,
+        lane: Lane | None = None,
     ) -> list[Entry]:
         """Wait for an entry on any of the `wake` streams (at most `block_ms`), then XREAD `cursors`: in one
         round trip. Both XREADs go in one pipeline; Redis runs a blocked client's next command only once
-        the blocking one returns, so the second reads everything new after the wake-up (or the timeout)."""
+        the blocking one returns, so the second reads everything new after the wake-up (or the timeout).
+        Through `lane` when given."""
+        if lane is not None:
+            _, reply = await lane.execute(
+                _xread(wake, 1, self._block(block_ms)), _xread(cursors, count, None)
+            )
+            return _entries(reply)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xread(wake, count=1, block=self._block(block_ms))  # type: ignore[arg-type]
             pipe.xread(cursors, count=count)  # type: ignore[arg-type]
@@ -422,6 +476,118 @@ class Bus:
             pipe.expire(self.names.session_transcript(sid), times.ttl_s)
             pipe.delete(self.names.session_lease(sid))
             await pipe.execute()
+
+
+class Lane:
+    """One connection of the bus's pool kept for one task's hot loop: the router's route loop, a gateway's
+    `:out` reader and its `:in` writer (pass it as `lane=` to `Bus.append_sessions`, `read`,
+    `read_when_woken`). A call through it skips what redis-py adds to each round trip through the pool
+    (the checkout and release, a pipeline object for two commands, the reply callbacks): the commands are
+    packed and sent together and their raw replies parsed by the bus. One task at a time: a call made while
+    another is in flight raises RuntimeError (two tasks reading one connection can each take the other's
+    reply without any error).
+
+    Faults as through the pool: a dropped connection (Redis restarted) is retried once at once on a fresh
+    one, a timeout is not; a call that fails or is cancelled drops the connection, so no reply is left
+    unread on it; a script Redis forgot (restarted) is loaded again.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._connection: Any = None
+        self._busy = False
+
+    async def execute(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Send `commands` at once; their raw replies, in order (an error reply raises)."""
+        if self._busy:
+            raise RuntimeError("a lane serves one task at a time: another call on it is in flight")
+        self._busy = True
+        try:
+            return await self._send(commands)
+        finally:
+            self._busy = False
+
+    async def _send(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        packed = _pack(commands)
+        for retry in (False, True):
+            if self._connection is None:
+                self._connection = await self.bus.redis.connection_pool.get_connection()
+            connection = self._connection
+            try:
+                await connection.send_packed_command(packed)
+                return [await connection.read_response() for _ in commands]
+            except RedisConnectionError:
+                await connection.disconnect()
+                if retry:
+                    raise
+            except BaseException:
+                await connection.disconnect()
+                raise
+        raise AssertionError("unreachable")
+
+    async def run_script(self, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """EVALSHA of a registered script; loaded first (in the same round trip) when Redis lacks it."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            (reply,) = await self.execute(command)
+        except NoScriptError:
+            _, reply = await self.execute(("SCRIPT", "LOAD", script.script), command)
+        return reply
+
+    async def close(self) -> None:
+        """Give the connection back to the pool (a later call takes one again)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await self.bus.redis.connection_pool.release(connection)
+
+
+def _pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    """`commands` in Redis's protocol, in one buffer. redis-py's packer costs ~1 µs per argument (its
+    encoder's checks, then a join per argument), most of the router's output call: that one carries ~20
+    arguments per session (each entry's fields). Arguments are bytes, str or int here (others as redis-py
+    encodes them, or refused as it refuses them: never their repr sent as data)."""
+    pieces: list[bytes] = []
+    for command in commands:
+        pieces.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            kind = type(arg)
+            if kind is bytes:
+                value = arg
+            elif kind is str:
+                value = arg.encode()
+            else:
+                value = b"%d" % arg if kind is int else _arg(arg)
+            pieces.append(b"$%d\r\n" % len(value))
+            pieces.append(value)
+            pieces.append(b"\r\n")
+    return b"".join(pieces)
+
+
+def _arg(arg: Any) -> bytes:
+    """An argument neither bytes nor str exactly, as redis-py's encoder takes it (never its repr as data)."""
+    if isinstance(arg, bytes | bytearray | memoryview):
+        return bytes(arg)
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, bool) or not isinstance(arg, int | float):
+        raise DataError(f"a lane sends bytes, str, int or float, not {type(arg).__name__}: {arg!r:.40}")
+    return b"%d" % arg if isinstance(arg, int) else repr(arg).encode()
+
+
+def _xread(cursors: Mapping[str, str], count: int, block: int | None) -> tuple[Any, ...]:
+    blocking = ("BLOCK", block) if block is not None else ()
+    return ("XREAD", "COUNT", count, *blocking, "STREAMS", *cursors, *cursors.values())
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """A raw XREAD reply (RESP2 pairs, or RESP3's map) as entries."""
+    streams = reply.items() if isinstance(reply, dict) else reply or ()
+    return [Entry(_s(stream), _s(eid), _fields(flat)) for stream, entries in streams for eid, flat in entries]
+
+
+def _fields(flat: list[bytes] | None) -> Fields:
+    pairs = iter(flat or ())
+    return dict(zip(pairs, pairs, strict=False))
 
 
 class Handled(enum.StrEnum):
@@ -582,6 +748,7 @@ class SharedReader:
         self.count = count
         self.block_ms = block_ms
         self.retry_s = retry_s
+        self._lane = bus.lane()  # the rounds' own connection; a reader's look of its own uses the pool
         self._waiting: dict[str, _Waiting] = {}
         self._reading: set[str] = set()  # the streams the XREAD in flight covers
         self._asked = asyncio.Event()
@@ -607,14 +774,17 @@ class SharedReader:
                 waiting.future.exception()  # answered after the look of its own: nobody else will ask
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            if not self._waiting:
-                self._asked.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._asked.wait(), self.block_ms / 1000)
-                continue
-            await asyncio.sleep(0)  # readers just answered ask again first, so this round covers them
-            await self._round()
+        try:
+            while not stop.is_set():
+                if not self._waiting:
+                    self._asked.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._asked.wait(), self.block_ms / 1000)
+                    continue
+                await asyncio.sleep(0)  # readers just answered ask again first, so this round covers them
+                await self._round()
+        finally:
+            await self._lane.close()
 
     async def _round(self) -> None:
         asked = {stream: waiting for stream, waiting in self._waiting.items() if not waiting.future.done()}
@@ -622,10 +792,12 @@ class SharedReader:
         cursors = {stream: waiting.cursor for stream, waiting in asked.items()}
         try:
             if len(cursors) == 1:  # what wakes the read is all there is to read
-                entries = await self.bus.read(cursors, count=self.count, block_ms=self.block_ms)
+                entries = await self.bus.read(
+                    cursors, count=self.count, block_ms=self.block_ms, lane=self._lane
+                )
             else:
                 entries = await self.bus.read_when_woken(
-                    cursors, cursors, count=self.count, block_ms=self.block_ms
+                    cursors, cursors, count=self.count, block_ms=self.block_ms, lane=self._lane
                 )
         except Exception as exc:
             for waiting in asked.values():
@@ -670,6 +842,7 @@ class SharedWriter:
     def __init__(self, bus: Bus, *, linger_s: float = 0.0) -> None:
         self.bus = bus
         self.linger_s = linger_s
+        self._lane = bus.lane()  # one write in flight at a time: a connection of its own
         self._queued: dict[str, list[tuple[str, Envelope]]] = {}
         self._waiting: list[tuple[str, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -692,7 +865,7 @@ class SharedWriter:
                 writes, self._queued = self._queued, {}
                 batch, self._waiting = self._waiting, []
                 try:
-                    lost = await self.bus.append_sessions(writes)
+                    lost = await self.bus.append_sessions(writes, lane=self._lane)
                 except Exception as exc:
                     _settle(batch, exc=exc)
                     continue

@@ -176,6 +176,8 @@ class DialogueWorker:
         self._joined = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="dialogue-model")
         self._publishing: asyncio.Task[set[str]] | None = None  # the write of the last tick, while in flight
+        # The tick loop's own connections (`shared.bus.Lane`): its `:in` read, its write (in flight beside).
+        self._read_lane, self._write_lane = bus.lane(), bus.lane()
         self._switches: dict[str, asyncio.Task[None]] = {}  # each session's latest adapter switch, running
         self.rollover_at = rollover_threshold(settings.dialogue_rollover_at, model.lm.context, primer_bound)
         # A due rollover waits this long for a free slot, then goes in place.
@@ -285,7 +287,11 @@ class DialogueWorker:
                 self._publishing = asyncio.create_task(self._publish(outputs), name="publish")
                 await clock.wait(stop)
         finally:
-            await self._published()
+            try:
+                await self._published()
+            finally:  # a write that failed still gives the lanes' connections back
+                await self._read_lane.close()
+                await self._write_lane.close()
 
     async def _published(self) -> None:
         """The previous tick's write has landed; the sessions it found moved away are let go."""
@@ -389,7 +395,9 @@ class DialogueWorker:
         if not by_stream:
             return
         cursors = {stream: s.cursor or "0-0" for stream, s in by_stream.items()}
-        entries = await self.bus.read(cursors, count=self.settings.dialogue_input_buffer_frames)
+        entries = await self.bus.read(
+            cursors, count=self.settings.dialogue_input_buffer_frames, lane=self._read_lane
+        )
         for entry in entries:
             session = by_stream[entry.stream]
             session.cursor = entry.entry_id
@@ -463,7 +471,7 @@ class DialogueWorker:
             if text or closed is not None:
                 spoke[session.sid] = [closed.record()] if closed is not None else []
         try:
-            lost = await self.bus.append_sessions(writes, self.ownership.fence)
+            lost = await self.bus.append_sessions(writes, self.ownership.fence, lane=self._write_lane)
         except Exception:
             # Redis is away: this tick's audio is gone (it is live), its finished words are not.
             for sid, finished in spoke.items():

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import DataError
 
 from shared.audio import silence_frame
 from shared.bus import (
@@ -17,6 +18,7 @@ from shared.bus import (
     Fence,
     GroupConsumer,
     Handled,
+    Lane,
     SessionKeyTimes,
     SessionWrites,
     SharedReader,
@@ -363,9 +365,11 @@ class CountingBus(Bus):
         super().__init__(redis, names)
         self.round_trips: list[set[str]] = []
 
-    async def append_sessions(self, writes: SessionWrites, fence: Fence | None = None) -> set[str]:
+    async def append_sessions(
+        self, writes: SessionWrites, fence: Fence | None = None, *, lane: Lane | None = None
+    ) -> set[str]:
         self.round_trips.append(set(writes))
-        return await super().append_sessions(writes, fence)
+        return await super().append_sessions(writes, fence, lane=lane)
 
 
 async def test_a_shared_writer_sends_the_appends_made_while_a_write_is_in_flight_in_one_round_trip(
@@ -455,3 +459,69 @@ async def test_a_writer_renews_its_streams_ttl_a_few_times_per_ttl_not_on_every_
         assert 0 < await bus.redis.pttl(stream) <= 4000, "renewed once due"
     finally:
         await bus.close()
+
+
+async def test_a_lane_acts_as_the_pool_through_a_dropped_connection_a_lost_script_and_a_cancel(
+    bus: Bus, names: StreamNames
+) -> None:
+    lane = bus.lane()
+    user, dialogue = names.session_input("s"), names.session_dialogue("s")
+    said = [UserAudio(session_id="s", seq=seq, pcm=silence_frame()) for seq in range(3)]
+    cursors = {user: "0-0", dialogue: "0-0"}
+    try:
+        assert await bus.append_sessions({"s": [(user, said[0])]}, lane=lane) == set()
+        assert await bus.read(cursors, lane=lane) == await bus.read(cursors)
+        assert await bus.append_sessions(
+            {"s": [(user, said[0])]}, Fence("router_worker", "r"), lane=lane
+        ) == {"s"}, "fenced off: nobody owns the session"
+        # Redis drops every other client (as a restart does), then forgets its scripts: the lane goes on.
+        await bus.redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await bus.redis.script_flush()
+        assert await bus.append_sessions({"s": [(user, said[1])]}, lane=lane) == set()
+        # A blocking read cancelled mid-wait leaves no reply behind on the lane.
+        blocked = asyncio.create_task(bus.read_when_woken({dialogue: "$"}, cursors, block_ms=5000, lane=lane))
+        await asyncio.sleep(0.1)
+        blocked.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await blocked
+        await bus.append_sessions({"s": [(user, said[2])]}, lane=lane)
+        entries = await bus.read_when_woken({user: "0-0"}, cursors, block_ms=100, lane=lane)
+        assert [INPUT.decode(e.fields) for e in entries] == said
+        assert entries == await bus.read_when_woken({user: "0-0"}, cursors, block_ms=100)
+    finally:
+        await lane.close()
+
+
+async def test_a_lane_refuses_a_second_task_while_a_call_is_in_flight(bus: Bus, names: StreamNames) -> None:
+    """Two tasks reading one connection can each take the other's reply without an error: the second call
+    is refused before it sends anything, and the first gets its own reply."""
+    lane = bus.lane()
+    user, dialogue = names.session_input("s"), names.session_dialogue("s")
+    said = UserAudio(session_id="s", seq=0, pcm=silence_frame())
+    try:
+        await bus.append_sessions({"s": [(user, said)]})
+        reading = bus.read_when_woken({dialogue: "$"}, {user: "0-0"}, block_ms=200, lane=lane)
+        blocked = asyncio.create_task(reading)
+        await asyncio.sleep(0.05)
+        with pytest.raises(RuntimeError, match="one task at a time"):
+            await lane.execute(("ECHO", "mine"))
+        assert [INPUT.decode(e.fields) for e in await blocked] == [said]
+        assert await lane.execute(("ECHO", "mine"), ("PING",)) == [b"mine", b"PONG"]
+    finally:
+        await lane.close()
+
+
+async def test_a_lane_sends_arguments_as_the_pool_does_or_refuses_them(bus: Bus) -> None:
+    """Never an argument's repr sent as data."""
+    lane = bus.lane()
+    try:
+        sent = (b"b", "s\u00e9", 7, 1.5, bytearray(b"ba"), memoryview(b"mv"))
+        assert await lane.execute(*(("ECHO", arg) for arg in sent)) == [
+            await bus.redis.echo(arg) for arg in sent
+        ]
+        for refused in (True, None, object()):
+            with pytest.raises(DataError):
+                await lane.execute(("ECHO", refused))
+        assert await lane.execute(("PING",)) == [b"PONG"]
+    finally:
+        await lane.close()

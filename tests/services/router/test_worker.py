@@ -12,7 +12,7 @@ import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chorus.devtools.redis_server import EmbeddedRedis
-from services.router.routing import Router
+from services.router.routing import INLINE_SPEECH_FRAMES, Router
 from services.router.settings import RouterSettings
 from services.router.speech import EnergyGate
 from shared.audio import FRAME_SAMPLES, silence_frame
@@ -302,3 +302,23 @@ async def test_output_that_could_not_be_written_is_not_lost_but_written_next_rou
             assert [m.name for m in written if isinstance(m, SessionEvent)] == ["ended"], "once, not lost"
         finally:
             await bus.close()
+
+
+async def test_speech_reaches_the_tick_it_arrived_with_whether_scored_on_the_loop_or_in_a_thread(
+    bus: Bus,
+) -> None:
+    """A round of few user frames is scored on the event loop, one of many in a thread: either way the
+    tick read with them sees the speech (its `speech_started` comes before the tick's audio)."""
+    router = Router(bus, RouterSettings(worker_id="router-1"), EnergyGate())
+    for sid, frames in (("few", 2), ("many", INLINE_SPEECH_FRAMES + 1)):
+        play = Player(bus, sid)
+        start = await router.ownership.admit(await open_session(bus, sid, voice="moshiko"))
+        assert start is not None
+        await router._open(start, failover=False)
+        for _ in range(frames):
+            await play.user(LOUD_VOICE)
+        await play.dialogue(" hi")
+        await router.route_once()
+        out = [m for m in await play.output() if not isinstance(m, OutputText)]
+        assert [type(m) for m in out[-2:]] == [SessionEvent, OutputAudio], sid
+        assert out[-2].name == EventName.SPEECH_STARTED, sid
