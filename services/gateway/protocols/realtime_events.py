@@ -736,7 +736,10 @@ def _delta_wire(event: OutputAudioDelta | OutputAudioTranscriptDelta, beta: bool
     return f'{{"event_id":{event_json}{template}{delta}}}'
 
 
-@functools.lru_cache(maxsize=256)  # a few responses per session at a time: most sessions' hits
+# Two templates per speaking session (audio, transcript), ~300 bytes each: room for thousands of sessions
+# on one gateway. A cache smaller than the sessions speaking at once would miss on every delta (each tick
+# visits them all in turn).
+@functools.lru_cache(maxsize=8192)
 def _delta_template(
     kind: type[OutputAudioDelta | OutputAudioTranscriptDelta],
     response_id: str,
