@@ -721,6 +721,13 @@ def _delta_wire(event: OutputAudioDelta | OutputAudioTranscriptDelta, beta: bool
     """An audio or transcript delta as `wire` writes it through pydantic, byte for byte: its response's
     template with the event id and the delta put in. Audio is base64, which JSON writes as it is (checked
     by decoding it, ~1 µs: ~10 to escape it); None for a delta that is not (`wire` takes the general path)."""
+    # A lone surrogate, which pydantic refuses to write and `encode_basestring` writes as it is, takes the
+    # general path, to fail as it does there. `isascii` reads a flag: audio is never scanned.
+    if not (beta or (event.event_id.isascii() and event.delta.isascii())):
+        try:
+            f"{event.event_id}{event.delta}".encode()
+        except UnicodeEncodeError:
+            return None
     if isinstance(event, OutputAudioDelta):
         try:
             pybase64.b64decode(event.delta, validate=True)

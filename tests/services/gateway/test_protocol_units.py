@@ -195,6 +195,24 @@ def test_deltas_are_written_from_a_template_as_pydantic_writes_them(beta: bool) 
     assert conforming(ev.wire(events[3], beta=beta), beta=beta)["delta"] == "Hello"
 
 
+@pytest.mark.parametrize("beta", [False, True])
+def test_a_delta_with_a_lone_surrogate_is_written_or_refused_as_pydantic_does(beta: bool) -> None:
+    """GA JSON is written by pydantic, which refuses a lone surrogate; beta JSON by `json`: it escapes one."""
+    events = [
+        ev.OutputAudioTranscriptDelta(response_id="resp_1", item_id="item_1", delta="a\ud800"),
+        ev.OutputAudioTranscriptDelta(response_id="resp_1", item_id="item_1", delta="é\udfff 🎉"),
+        ev.OutputAudioDelta(event_id="e\udc00", response_id="resp_1", item_id="item_1", delta="AAAA"),
+    ]
+    for event in events:
+        if beta:
+            assert ev.wire(event, beta=True) == ev.wire_model(event, beta=True)
+        else:
+            with pytest.raises(ValueError, match="surrogates not allowed") as general:
+                ev.wire_model(event)
+            with pytest.raises(type(general.value)):
+                ev.wire(event)
+
+
 def test_the_beta_dialect_renames_audio_events_and_validates_as_the_sdks_beta_types() -> None:
     delta = ev.OutputAudioDelta(response_id="resp_1", item_id="item_1", delta="AAAA")
     assert conforming(ev.wire(delta, beta=True), beta=True)["type"] == "response.audio.delta"
