@@ -412,9 +412,10 @@ def _plain_append(text: str) -> InputAudioBufferAppend | None:
     parsed and validated in one step by pydantic-core's JSON parser (~3 µs, where `json.loads` and the
     union's validation take ~11 for 80 ms of audio). None for anything else, a message it refuses included:
     `parse_client_event` then reads it with `json`, so what it accepts and every error (code, message,
-    echoed event id) are that path's. Both parsers take the last of repeated keys, and what they read
-    differently (lone surrogates and control characters, which pydantic-core refuses; an integer past
-    Python's digit limit or NaN, which only an extra field could hold) never passes here."""
+    echoed event id) are that path's. Both parsers take the last of repeated keys (pydantic-core since 2.33,
+    in pydantic 2.11; before, the first of a small object's), and what they read differently (lone
+    surrogates and control characters, which pydantic-core refuses; an integer past Python's digit limit,
+    which it refuses too, or NaN, which only an extra or a repeated field could hold) never passes here."""
     if _APPEND_TYPE not in text:
         return None
     try:

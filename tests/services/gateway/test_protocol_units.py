@@ -122,6 +122,8 @@ ACCEPTED_APPENDS = [
     '{"type":"input_audio_buffer.append","audio":"AAAA","event_id":null}',
     '{"type":"input_audio_buffer.append","audio":"A\\/A=","extra":{"x":[1,2.5,"y"]}}',  # an escape; extras
     '{"type":"x","audio":5,"type":"input_audio_buffer.append","audio":"AAAA"}',  # repeated keys: the last
+    # ... of valid values too (pydantic-core before 2.33 took the first of a small object's)
+    '{"type":"input_audio_buffer.append","audio":"QUJD","event_id":"a","audio":"AAAA","event_id":"b"}',
     '{"type":"input_audio_buffer.append","audio":"\\uD83C\\uDF89"}',  # a surrogate pair: one character
     '{"type":"input_audio_buffer.append","audio":"AA\\ud800"}',  # a lone surrogate: `json` reads it
     '{"type":"input_audio_buffer.append","audio":"A","big":1e999}',  # `json` reads inf
