@@ -357,8 +357,16 @@ def excerpt(value: object, limit: int = 64) -> str:
 
 
 def echoed_event_id(value: str | None) -> str | None:
-    """A valid event's `event_id` as echoed in an error about it: not when it is over MAX_ECHOED_ID."""
-    return value if value is not None and len(value) <= MAX_ECHOED_ID else None
+    """A valid event's `event_id` as echoed in an error about it: not when it is over MAX_ECHOED_ID, nor when
+    it holds a lone surrogate (JSON's escapes can write one, UTF-8 cannot carry it back: pydantic would refuse
+    to write the error, and the session would end in an internal error)."""
+    if value is None or len(value) > MAX_ECHOED_ID:
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def _client_event_id(raw: object) -> str | None:

@@ -109,6 +109,17 @@ def test_a_client_message_that_is_no_event_becomes_the_error_that_says_why() -> 
     assert isinstance(long_id, ev.ErrorDetail) and long_id.event_id is None, "never echoed at length"
 
 
+def test_an_event_id_utf8_cannot_carry_is_not_echoed() -> None:
+    """A lone surrogate, which JSON's escapes can write: the error still goes out, and can be written."""
+    unknown = ev.parse_client_event('{"type": "x", "event_id": "e\\ud800"}')
+    assert isinstance(unknown, ev.ErrorDetail) and unknown.event_id is None
+    ev.wire(ev.ErrorEvent(error=unknown))
+    commit = ev.parse_client_event('{"type": "input_audio_buffer.commit", "event_id": "e\\udc00"}')
+    assert isinstance(commit, ev.InputAudioBufferCommit) and commit.event_id == "e\udc00"
+    assert ev.echoed_event_id(commit.event_id) is None
+    assert ev.echoed_event_id("é 🎉") == "é 🎉"
+
+
 def test_a_client_message_that_is_an_event_is_parsed() -> None:
     event = ev.parse_client_event('{"type": "response.cancel", "event_id": "e2"}')
     assert isinstance(event, ev.ResponseCancel) and event.event_id == "e2"
