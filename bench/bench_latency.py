@@ -23,8 +23,9 @@ from the entries' own timestamps:
   the dialogue's own per-tick histogram in the same run) and the wait for the next 80 ms tick (0-80 ms,
   inherent to a fixed-rate model).
 
-What the plumbing costs, over the measured window: every session is open before it begins, all stream
-together, none closes before it ends. A session-second is one second of conversation through the
+What the plumbing costs, over the measured window: every session is open before it begins (a Realtime
+session's conversation too: one append of room noise and a commit place it), all stream together, none
+closes before it ends. A session-second is one second of conversation through the
 plumbing: 12.5 user frames in and 12.5 dialogue frames out (the window's frames of both kinds, counted
 from the streams, halved, times 80 ms), so a figure stays per unit of work when a loaded machine falls
 behind real time:
@@ -69,7 +70,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from chorus.devtools.redis_server import EmbeddedRedis
-from shared.audio import FRAME_SEC, float_to_pcm16
+from shared.audio import FRAME_SAMPLES, FRAME_SEC, float_to_pcm16
 from shared.bus import Bus
 from shared.messages import DIALOGUE, INPUT, OUTPUT, DialogueFrame, OutputText, UserAudio
 from shared.streams import StreamNames
@@ -83,6 +84,7 @@ SECONDS_PER_SESSION = float(os.environ.get("CHORUS_BENCH_SECONDS", "10"))
 SPEECH_S, PAUSE_S = 1.2, 0.8  # a user talks, then listens: the speech detector sees both
 SPEECH_RMS, ROOM_RMS = 0.1, 0.0005  # -20 dBFS of noise for speech, -66 dBFS of room noise between
 OPEN_WAVE = 20  # sessions opened at once, before the measured window
+OPEN_TIMEOUT_S = 120.0  # a session's placement, as CHORUS_PLACEMENT_WAIT_S below allows
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 IDLE_WINDOW_S = 3.0
 
@@ -202,10 +204,14 @@ class _Phases:
 
 
 class _Talker:
-    """One bench client: opens a session, sends one 80 ms frame, stamps each text piece on arrival."""
+    """One bench client: opens a session, sends one 80 ms frame, stamps each text piece on arrival.
+    `first_seq`: the `:in` frames it sent while opening (they precede the measured frames); `texts_before`:
+    the text pieces it received while opening, not stamped (they precede the timed ones)."""
 
     session_id: str
     ws: Any
+    first_seq = 0
+    texts_before = 0
 
     async def open(self, ws_url: str) -> None:
         raise NotImplementedError
@@ -236,10 +242,19 @@ class _RealtimeTalker(_Talker):
     TEXT = '"response.output_audio_transcript.delta"'
 
     async def open(self, ws_url: str) -> None:
+        """The socket, then its conversation: a Realtime session is placed on a dialogue worker at its
+        first append, so one frame of room noise opens it here, before the measured window (a Moshi socket
+        is placed before its handshake). Its commit is answered once that append was handled, placement
+        included. Left in the window, the placement (150-230 ms at 10 sessions) was the forward hop's p99."""
         from tests.support.clients import RealtimeClient
 
         client = await RealtimeClient.open(ws_url)
         self.session_id, self.ws = client.events[-1]["session"]["id"], client.ws
+        await client.append_frame(ROOM_RMS * np.random.default_rng(1).standard_normal(FRAME_SAMPLES))
+        await client.send({"type": "input_audio_buffer.commit"})
+        await client.wait_for("input_audio_buffer.committed", timeout_s=OPEN_TIMEOUT_S)
+        self.first_seq = 1
+        self.texts_before = len(client.of_type("response.output_audio_transcript.delta"))
 
     async def send_frame(self, frame: np.ndarray) -> None:
         audio = base64.b64encode(float_to_pcm16(frame)).decode()
@@ -283,7 +298,13 @@ async def _one_session(stack: Any, samples: np.ndarray, phases: _Phases) -> dict
     await phases.done.wait()
     await talker.ws.close()
     await asyncio.gather(receiver, return_exceptions=True)
-    return {"session_id": talker.session_id, "sent": sent, "received": received}
+    return {
+        "session_id": talker.session_id,
+        "first_seq": talker.first_seq,
+        "texts_before": talker.texts_before,
+        "sent": sent,
+        "received": received,
+    }
 
 
 @dataclass
@@ -364,10 +385,11 @@ async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: 
             sid = result["session_id"]
             for entry in await bus.range(bus.names.session_input(sid)):
                 message = INPUT.decode(entry.fields)
-                if isinstance(message, UserAudio) and message.seq < len(result["sent"]):
-                    forward.append(message.created_at - result["sent"][message.seq])
+                k = message.seq - result["first_seq"] if isinstance(message, UserAudio) else -1
+                if 0 <= k < len(result["sent"]):
+                    forward.append(message.created_at - result["sent"][k])
                     # Redis's own clock, in whole ms (the entry id): when the frame was in the stream.
-                    landed.append(int(entry.entry_id.split("-")[0]) / 1000 - result["sent"][message.seq])
+                    landed.append(int(entry.entry_id.split("-")[0]) / 1000 - result["sent"][k])
                     user_frames += began <= message.created_at <= ended
             ticks = [
                 m
@@ -375,12 +397,12 @@ async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: 
                 if isinstance(m, DialogueFrame)
             ]
             dialogue_frames += sum(began <= m.created_at <= ended for m in ticks)
-            spoken = [m for m in ticks if m.text]
+            spoken = [m for m in ticks if m.text][result["texts_before"] :]
             texts = [
                 m
                 for m in (OUTPUT.decode(e.fields) for e in await bus.range(bus.names.session_output(sid)))
                 if isinstance(m, OutputText)
-            ]
+            ][result["texts_before"] :]
             # Text pieces reach the client in order, one per :dlg frame with text (and one :out entry).
             for said, routed, received in zip(spoken, texts, result["received"], strict=False):
                 back.append(received - said.created_at)

@@ -17,8 +17,6 @@ conformance table.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import functools
 import logging
@@ -195,10 +193,10 @@ class RealtimeSession:
         if chorus_only and not self.chorus_events:
             return
         if isinstance(event, ev.OutputAudioDelta) and self.audio.output != "pcm16":
-            encoded = self.audio.encode_output(base64.b64decode(event.delta))
+            encoded = self.audio.encode_output(ev.decode_audio(event.delta))
             if not encoded:
                 return  # the resampler is still filling: the next delta carries this audio
-            event = event.model_copy(update={"delta": base64.b64encode(encoded).decode()})
+            event = event.model_copy(update={"delta": ev.encode_audio(encoded)})
         elif isinstance(event, ev.ResponseDone):
             self.audio.end_output()
         # Only audio may be dropped for a slow client: a lost event would break its transcript or state.
@@ -435,10 +433,7 @@ class RealtimeSession:
 
     def input_bytes(self, audio_b64: str) -> bytes:
         """A client's base64 audio, checked for the input format; raises `InvalidRequest`."""
-        try:
-            data = base64.b64decode(audio_b64, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise InvalidRequest(f"audio is not valid base64: {exc}") from None
+        data = ev.decode_audio(audio_b64)
         if self.audio.input == "pcm16" and len(data) % 2:
             raise InvalidRequest("audio must be PCM16: an even number of bytes")
         return data

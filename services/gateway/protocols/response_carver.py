@@ -15,16 +15,27 @@ each text piece in its audio, so `truncate` can keep only what the user heard.
 
 from __future__ import annotations
 
-import base64
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from services.gateway.protocols import realtime_events as ev
 from services.gateway.protocols.realtime_items import ConversationItems, Item
-from shared.audio import SAMPLE_RATE, pcm16_to_float, rms_dbfs
+from shared.audio import SAMPLE_RATE
 from shared.messages import EventName, OutputAudio, OutputMessage, OutputText, SessionEvent
 
 AUDIBLE_DBFS = -50.0  # below this a frame counts as silence when deciding that a response is over
+# AUDIBLE_DBFS as a mean square of PCM16 samples: (10^(dBFS / 20) * 32768)^2.
+_AUDIBLE_MEAN_SQUARE = (10 ** (AUDIBLE_DBFS / 20) * 32768) ** 2
+
+
+def audible(pcm: bytes) -> bool:
+    """Whether a PCM16 frame is louder than AUDIBLE_DBFS: `rms_dbfs(pcm16_to_float(pcm)) > AUDIBLE_DBFS`
+    without the float conversion, the root or the logarithm (~2 µs a frame, not ~10). The sum of squares
+    is exact in float64 (1920 samples of at most 2^30 each)."""
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    return float(np.dot(samples, samples)) > _AUDIBLE_MEAN_SQUARE * len(samples)
 
 
 def new_id(prefix: str) -> str:
@@ -93,17 +104,18 @@ class ResponseCarver:
 
     def on_audio(self, pcm: bytes) -> list[ev.ServerEvent]:
         """An audio frame: a delta of the open response, unless it is the quiet frame that closes it."""
-        self._quiet_frames = 0 if rms_dbfs(pcm16_to_float(pcm)) > AUDIBLE_DBFS else self._quiet_frames + 1
+        self._quiet_frames = 0 if audible(pcm) else self._quiet_frames + 1
         events: list[ev.ServerEvent] = []
         if self._quiet_frames >= self.end_frames:
             self._muted_until_quiet = False
             events += self._close("completed")
         if self._response is not None and not self._muted_until_quiet:
             self._response.item.audio_ms += len(pcm) * 1000 // (2 * SAMPLE_RATE)
-            delta = base64.b64encode(pcm).decode()
             events.append(
                 ev.OutputAudioDelta(
-                    response_id=self._response.response.id, item_id=self._response.item_id, delta=delta
+                    response_id=self._response.response.id,
+                    item_id=self._response.item_id,
+                    delta=ev.encode_audio(pcm),
                 )
             )
         return events

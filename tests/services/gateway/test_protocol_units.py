@@ -3,6 +3,7 @@ tests/services/gateway/test_socket_limits.py)."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -108,9 +109,121 @@ def test_a_client_message_that_is_no_event_becomes_the_error_that_says_why() -> 
     assert isinstance(long_id, ev.ErrorDetail) and long_id.event_id is None, "never echoed at length"
 
 
+def test_an_event_id_utf8_cannot_carry_is_not_echoed() -> None:
+    """A lone surrogate, which JSON's escapes can write: the error still goes out, and can be written."""
+    unknown = ev.parse_client_event('{"type": "x", "event_id": "e\\ud800"}')
+    assert isinstance(unknown, ev.ErrorDetail) and unknown.event_id is None
+    ev.wire(ev.ErrorEvent(error=unknown))
+    commit = ev.parse_client_event('{"type": "input_audio_buffer.commit", "event_id": "e\\udc00"}')
+    assert isinstance(commit, ev.InputAudioBufferCommit) and commit.event_id == "e\udc00"
+    assert ev.echoed_event_id(commit.event_id) is None
+    assert ev.echoed_event_id("é 🎉") == "é 🎉"
+
+
 def test_a_client_message_that_is_an_event_is_parsed() -> None:
     event = ev.parse_client_event('{"type": "response.cancel", "event_id": "e2"}')
     assert isinstance(event, ev.ResponseCancel) and event.event_id == "e2"
+
+
+AUDIO_B64 = base64.b64encode(bytes(range(256)) * 15).decode()  # 80 ms of PCM16: 3,840 bytes
+APPEND = "input_audio_buffer.append"
+ACCEPTED_APPENDS = [
+    json.dumps({"type": APPEND, "audio": AUDIO_B64}),  # Python's spacing
+    json.dumps({"audio": AUDIO_B64, "type": APPEND, "event_id": "e1"}, separators=(",", ":")),
+    '{"type":"input_audio_buffer.append","audio":"AAAA","event_id":null}',
+    '{"type":"input_audio_buffer.append","audio":"A\\/A=","extra":{"x":[1,2.5,"y"]}}',  # an escape; extras
+    '{"type":"x","audio":5,"type":"input_audio_buffer.append","audio":"AAAA"}',  # repeated keys: the last
+    # ... of valid values too (pydantic-core before 2.33 took the first of a small object's)
+    '{"type":"input_audio_buffer.append","audio":"QUJD","event_id":"a","audio":"AAAA","event_id":"b"}',
+    '{"type":"input_audio_buffer.append","audio":"\\uD83C\\uDF89"}',  # a surrogate pair: one character
+    '{"type":"input_audio_buffer.append","audio":"AA\\ud800"}',  # a lone surrogate: `json` reads it
+    '{"type":"input_audio_buffer.append","audio":"A","big":1e999}',  # `json` reads inf
+]
+REFUSED_APPENDS = [
+    '{"type":"input_audio_buffer.append"}',
+    '{"type":"input_audio_buffer.append","audio":5}',
+    '{"type":"input_audio_buffer.append","audio":"AAAA","event_id":5}',
+    '{"type":"input_audio_buffer.append","audio":"AAAA","audio":null}',
+    '{"type":"input_audio_buffer.append","audio":"AAAA","type":"session.update"}',
+    '{"type":"input_audio_buffer.append","audio":"AA\x01"}',  # a raw control character
+    '{"type":"input_audio_buffer.append","audio":"AAAA"} and more',
+    '\ufeff{"type":"input_audio_buffer.append","audio":"AAAA"}',
+    '{"type":"input_audio_buffer.append","audio":"AAAA","n":' + "9" * 5000 + "}",  # past the digit limit
+    '["input_audio_buffer.append"]',
+    '"input_audio_buffer.append"',
+]
+
+
+def test_appends_take_a_lean_path_that_accepts_and_refuses_what_the_general_path_does() -> None:
+    for text in ACCEPTED_APPENDS:
+        event = ev.parse_client_event(text)
+        assert isinstance(event, ev.InputAudioBufferAppend), text
+        assert event == ev.parse_event_model(text), text
+    for text in REFUSED_APPENDS:
+        error = ev.parse_client_event(text)
+        assert isinstance(error, ev.ErrorDetail), text[:80]
+        assert error == ev.parse_event_model(text), text[:80]
+
+
+def test_audio_is_decoded_as_the_stdlib_decodes_it_and_refused_with_its_error() -> None:
+    padding = ["QQ==", "QUJD=", "QUJD==", "QQ=", "QQ", "Q", "QQ==QQ==", "=QUJD", "QUJDRA==="]
+    for text in ["", "AAAA", AUDIO_B64, *padding, "QU JD", "QUJD\n", "QUJ-", "QUJ_", "é", "AA\ud800"]:
+        try:
+            expected = base64.b64decode(text, validate=True)
+        except ValueError as exc:
+            with pytest.raises(InvalidRequest) as refused:
+                ev.decode_audio(text)
+            assert refused.value.detail == f"audio is not valid base64: {exc}"
+        else:
+            assert ev.decode_audio(text) == expected, text
+    pcm = bytes(range(256)) * 15
+    assert ev.encode_audio(pcm) == base64.b64encode(pcm).decode()
+
+
+@pytest.mark.parametrize("beta", [False, True])
+def test_deltas_are_written_from_a_template_as_pydantic_writes_them(beta: bool) -> None:
+    pcm = float_to_pcm16(np.random.default_rng(0).standard_normal(FRAME_SAMPLES).astype(np.float32) / 10)
+    texts = ["Hello", ' "quoted" \\ back/slash', "\x00\x01\x1f\x7f\n\t\r\b\f", "é 中文 🎉", "\u2028", ""]
+    events: list[ev.ServerEvent] = [
+        ev.OutputAudioDelta(response_id="resp_1", item_id="item_1", delta=ev.encode_audio(pcm)),
+        ev.OutputAudioDelta(response_id="resp_1", item_id="item_1", delta=""),
+        ev.OutputAudioDelta(response_id="resp_1", item_id="item_1", delta='not base64: "\\\x01'),
+        *(
+            ev.OutputAudioTranscriptDelta(response_id="resp_1", item_id="item_1", delta=text)
+            for text in texts
+        ),
+        ev.OutputAudioTranscriptDelta(
+            event_id='e "é"\x00',
+            response_id='r\\"',
+            item_id="i\u2028",
+            output_index=1,
+            content_index=2,
+            delta="x",
+        ),
+    ]
+    for event in events:
+        assert ev.wire(event, beta=beta) == ev.wire_model(event, beta=beta), event
+    sent = conforming(ev.wire(events[0], beta=beta), beta=beta)
+    assert base64.b64decode(sent["delta"]) == pcm
+    assert conforming(ev.wire(events[3], beta=beta), beta=beta)["delta"] == "Hello"
+
+
+@pytest.mark.parametrize("beta", [False, True])
+def test_a_delta_with_a_lone_surrogate_is_written_or_refused_as_pydantic_does(beta: bool) -> None:
+    """GA JSON is written by pydantic, which refuses a lone surrogate; beta JSON by `json`: it escapes one."""
+    events = [
+        ev.OutputAudioTranscriptDelta(response_id="resp_1", item_id="item_1", delta="a\ud800"),
+        ev.OutputAudioTranscriptDelta(response_id="resp_1", item_id="item_1", delta="é\udfff 🎉"),
+        ev.OutputAudioDelta(event_id="e\udc00", response_id="resp_1", item_id="item_1", delta="AAAA"),
+    ]
+    for event in events:
+        if beta:
+            assert ev.wire(event, beta=True) == ev.wire_model(event, beta=True)
+        else:
+            with pytest.raises(ValueError, match="surrogates not allowed") as general:
+                ev.wire_model(event)
+            with pytest.raises(type(general.value)):
+                ev.wire(event)
 
 
 def test_the_beta_dialect_renames_audio_events_and_validates_as_the_sdks_beta_types() -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from services.gateway.protocols import realtime_events as ev
-from services.gateway.protocols.response_carver import ResponseCarver
-from shared.audio import FRAME_SAMPLES, silence_frame
+from services.gateway.protocols.response_carver import AUDIBLE_DBFS, ResponseCarver, audible
+from shared.audio import FRAME_SAMPLES, float_to_pcm16, pcm16_to_float, rms_dbfs, silence_frame
 from shared.errors import ChorusError
 from shared.messages import ContextRollover, EventName, OutputAudio, OutputText, SessionEvent
 
@@ -119,6 +119,21 @@ def test_audio_below_the_audible_level_counts_as_silence() -> None:
     moshi.says("Hm")
     events = [e for _ in range(END_FRAMES) for e in moshi.sounds(HUSH)]
     assert types(events)[-3:] == CLOSE
+
+
+def test_the_audible_check_decides_as_the_loudness_in_dbfs_does() -> None:
+    levels = np.arange(-53, -47, 0.25)  # around AUDIBLE_DBFS (-50): a constant 103.6 in PCM16
+    noise = np.random.default_rng(0).standard_normal(FRAME_SAMPLES).astype(np.float32)
+    frames = [
+        b"",
+        SILENCE,
+        SPEECH,
+        np.full(FRAME_SAMPLES, -32768, dtype="<i2").tobytes(),
+        *(np.full(FRAME_SAMPLES, level, dtype="<i2").tobytes() for level in range(95, 115)),
+        *(float_to_pcm16(noise * 10 ** (db / 20)) for db in levels),
+    ]
+    for pcm in frames:
+        assert audible(pcm) == (rms_dbfs(pcm16_to_float(pcm)) > AUDIBLE_DBFS)
 
 
 def test_audible_audio_without_text_keeps_the_response_open() -> None:
