@@ -66,7 +66,7 @@ class MixerOutput:
     def merge(self, other: MixerOutput) -> MixerOutput:
         self.messages.extend(other.messages)
         self.flush_tts = self.flush_tts or other.flush_tts
-        if other.switches:  # seldom: most ticks merge nothing else than messages (measured per tick)
+        if other.switches:  # most merges carry messages only: the empty ones cost nothing
             self.switches.extend(other.switches)
         if other.dropped:
             self.dropped.update(other.dropped)
@@ -273,7 +273,7 @@ class Mixer:
         wanted, reason = self._wanted()
         if wanted == "native":
             # While native audio plays, cloned audio of the same words is never played later.
-            if self._queue:  # (a native tick counts nothing: no zero count reaches the metrics each tick)
+            if self._queue:  # a native tick with nothing queued counts nothing (not a zero every tick)
                 self._out.dropped[DropReason.SUPERSEDED] += len(self._queue)
                 self._queue.clear()
             if reason == SwitchReason.TTS_DOWN:

@@ -286,10 +286,8 @@ class Router:
     def _dispatch(self, session: RoutedSession, entries: list[Entry], speech: list[bool]) -> None:
         """Cloned audio first, then user speech, then dialogue ticks: a tick sees what arrived with it."""
         out, mixer = session.pending, session.mixer
-        tts_stream, dialogue_stream = (
-            self.names.session_tts(session.sid),
-            self.names.session_dialogue(session.sid),
-        )
+        tts_stream = self.names.session_tts(session.sid)
+        dialogue_stream = self.names.session_dialogue(session.sid)
         for entry in entries:
             if entry.stream == tts_stream and (tts := _decode(TTS, entry)) is not None:
                 out.merge(mixer.on_tts(tts))
