@@ -30,6 +30,7 @@ from shared.messages import (
     DialogueMessage,
     EventData,
     EventName,
+    LeanFrame,
     OutputAudio,
     OutputMessage,
     OutputText,
@@ -65,8 +66,10 @@ class MixerOutput:
     def merge(self, other: MixerOutput) -> MixerOutput:
         self.messages.extend(other.messages)
         self.flush_tts = self.flush_tts or other.flush_tts
-        self.switches.extend(other.switches)
-        self.dropped.update(other.dropped)
+        if other.switches:  # most merges carry messages only: the empty ones cost nothing
+            self.switches.extend(other.switches)
+        if other.dropped:
+            self.dropped.update(other.dropped)
         return self
 
 
@@ -96,6 +99,7 @@ class Mixer:
         self.session_id = session_id
         self.voice = voice
         self.mode: VoiceMode = mode
+        self._wants_tts = spoken_by_tts(voice, mode) is not None
         self.budget_frames = budget_frames
         self.queue_frames = queue_frames
         self.tick = 0
@@ -135,18 +139,20 @@ class Mixer:
 
     @property
     def wants_tts(self) -> bool:
-        """The TTS synthesises this session's words (a profile's or a catalog voice, mode not native)."""
-        return spoken_by_tts(self.voice, self.mode) is not None
+        """The TTS synthesises this session's words (a profile's or a catalog voice, mode not native).
+        Known from the voice and mode, so worked out when they change, not on every tick."""
+        return self._wants_tts
 
     # --- inputs --------------------------------------------------------------------------------
 
-    def on_dialogue(self, message: DialogueMessage) -> MixerOutput:
+    def on_dialogue(self, message: DialogueMessage | LeanFrame) -> MixerOutput:
         if isinstance(message, SessionEvent):
             return self.on_dialogue_event(message)
         return self.on_frame(message)
 
-    def on_frame(self, frame: DialogueFrame) -> MixerOutput:
-        """One dialogue tick: its text piece (if any) and exactly one audio frame."""
+    def on_frame(self, frame: DialogueFrame | LeanFrame) -> MixerOutput:
+        """One dialogue tick: its text piece (if any) and exactly one audio frame. The frame comes as
+        its model or, read on the router's lean path, as its fields: the same tick either way."""
         if frame.seq <= self._last_dialogue_seq:
             self._out.dropped[DropReason.DUPLICATE] += 1
             return self._take()
@@ -154,8 +160,7 @@ class Mixer:
         self.tick += 1
         if frame.text:
             self._emit(OutputText(session_id=self.session_id, seq=self._seq, text=frame.text))
-            chars = _speakable(frame.text)
-            if chars and self.wants_tts and self.tts_up:
+            if self.wants_tts and self.tts_up and (chars := _speakable(frame.text)):
                 self._debts.append(_TextDebt(self.tick, chars))
         self._settle_source()
         self._emit(
@@ -226,6 +231,7 @@ class Mixer:
         new_voice = voice is not None and voice != self.voice
         self.voice = voice or self.voice
         self.mode = mode or self.mode
+        self._wants_tts = spoken_by_tts(self.voice, self.mode) is not None
         if new_voice or not self.wants_tts:
             self._out.dropped[DropReason.SUPERSEDED] += len(self._queue)
             self._queue.clear()
@@ -267,8 +273,9 @@ class Mixer:
         wanted, reason = self._wanted()
         if wanted == "native":
             # While native audio plays, cloned audio of the same words is never played later.
-            self._out.dropped[DropReason.SUPERSEDED] += len(self._queue)
-            self._queue.clear()
+            if self._queue:  # a native tick with nothing queued counts nothing (not a zero every tick)
+                self._out.dropped[DropReason.SUPERSEDED] += len(self._queue)
+                self._queue.clear()
             if reason == SwitchReason.TTS_DOWN:
                 self._debts.clear()  # a TTS that takes over starts from new text: old debts stay unpaid
             if self.source == "cloned":
@@ -292,7 +299,7 @@ class Mixer:
         self._out.switches.append((to, reason))
         self._event(EventName.VOICE_CHANGED, data=VoiceChanged(source=to, reason=reason, voice=self.voice))
 
-    def _audio(self, frame: DialogueFrame) -> bytes:
+    def _audio(self, frame: DialogueFrame | LeanFrame) -> bytes:
         if self.source == "native":
             return frame.pcm
         if self._queue:

@@ -39,12 +39,16 @@ from shared.messages import (
     TTS,
     Codec,
     ControlMessage,
+    DialogueFrame,
+    DialogueMessage,
     Envelope,
+    LeanFrame,
     SessionFlush,
     SessionStart,
     SessionStop,
     SessionUpdate,
     UserAudio,
+    lean_frame,
 )
 from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
 from shared.presence import WorkerFields, list_workers
@@ -269,9 +273,8 @@ class Router:
         windows)."""
         frames: list[tuple[RoutedSession, FloatAudio]] = []
         for entry in entries:
-            message = _decode(INPUT, entry)
-            if isinstance(message, UserAudio):
-                frames.append((owners[entry.stream], pcm16_to_float(message.pcm)))
+            if (pcm := _user_pcm(entry)) is not None:
+                frames.append((owners[entry.stream], pcm16_to_float(pcm)))
         scores = self.detector.score([(session.detector, frame) for session, frame in frames])
         edges: dict[str, list[bool]] = {}
         for (session, _), probability in zip(frames, scores, strict=True):
@@ -282,16 +285,18 @@ class Router:
 
     def _dispatch(self, session: RoutedSession, entries: list[Entry], speech: list[bool]) -> None:
         """Cloned audio first, then user speech, then dialogue ticks: a tick sees what arrived with it."""
-        names, out, mixer = self.names, session.pending, session.mixer
+        out, mixer = session.pending, session.mixer
+        tts_stream = self.names.session_tts(session.sid)
+        dialogue_stream = self.names.session_dialogue(session.sid)
         for entry in entries:
-            if entry.stream == names.session_tts(session.sid) and (tts := _decode(TTS, entry)) is not None:
+            if entry.stream == tts_stream and (tts := _decode(TTS, entry)) is not None:
                 out.merge(mixer.on_tts(tts))
         for started in speech:
             out.merge(mixer.on_user_speech(started))
         now = time.time()
         for entry in entries:
-            if entry.stream == names.session_dialogue(session.sid):
-                dialogue = _decode(DIALOGUE, entry)
+            if entry.stream == dialogue_stream:
+                dialogue = _dialogue(entry)
                 if dialogue is not None:
                     _DLG_LAG.observe(max(0.0, now - dialogue.created_at))
                     out.merge(mixer.on_dialogue(dialogue))
@@ -371,3 +376,22 @@ def _decode(codec: Codec[M], entry: Entry) -> M | None:
     except MalformedMessage as exc:
         log.warning("malformed entry skipped: %s", exc.detail, extra={"stream": entry.stream})
         return None
+
+
+# The lean path: the conversation's frames (a user's `UserAudio`, the dialogue's `DialogueFrame`) are read
+# as their fields (`lean_frame`: checked as their models check them, without building one); anything else,
+# events and every malformed entry included, goes through its codec, refused and logged as always.
+
+
+def _user_pcm(entry: Entry) -> bytes | None:
+    """A user frame's PCM from a `:in` entry; None for events and malformed entries (logged)."""
+    if (frame := lean_frame(UserAudio, entry.fields)) is not None:
+        return frame.pcm
+    message = _decode(INPUT, entry)
+    return message.pcm if isinstance(message, UserAudio) else None
+
+
+def _dialogue(entry: Entry) -> DialogueMessage | LeanFrame | None:
+    """A `:dlg` entry: a frame's fields, an event, or None when malformed (logged)."""
+    frame = lean_frame(DialogueFrame, entry.fields)
+    return frame if frame is not None else _decode(DIALOGUE, entry)

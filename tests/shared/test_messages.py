@@ -23,8 +23,10 @@ from shared.messages import (
     SessionStart,
     SessionStop,
     SwitchReason,
+    UserAudio,
     VoiceChanged,
     encode,
+    lean_frame,
 )
 
 
@@ -64,6 +66,85 @@ def test_control_union_picks_the_model_by_type() -> None:
 def test_malformed_entries_are_rejected_with_a_reason(fields: dict[bytes, bytes], reason: str) -> None:
     with pytest.raises(MalformedMessage, match=reason):
         DIALOGUE.decode(fields)
+
+
+def _frame_fields(**changes: bytes | None) -> dict[bytes, bytes]:
+    """A dialogue frame as the dialogue writes it, with fields changed (None: left out)."""
+    frame = DialogueFrame(session_id="s1", seq=7, text=" salut", pcm=bytes(range(256)) * (FRAME_BYTES // 256))
+    fields = {name.encode(): value for name, value in encode(frame).items()}
+    for name, value in changes.items():
+        if value is None:
+            del fields[name.encode()]
+        else:
+            fields[name.encode()] = value
+    return fields
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"deadline": b"1764172800.5"},
+        {"created_at": b"1764172800"},
+        {"seq": b"0"},
+        {"pcm": bytes(FRAME_BYTES - 2)},
+        {"pcm": bytes(FRAME_BYTES + 2)},
+        {"seq": b"-1"},
+        {"seq": b"07"},
+        {"seq": b"7.0"},
+        {"seq": b"9" * 19},
+        {"seq": b"9" * 5000},
+        {"session_id": b"../x"},
+        {"session_id": b"s1\n"},
+        {"session_id": b"s" * 65},
+        {"created_at": b"NaN"},
+        {"created_at": b"1e999"},
+        {"created_at": b"soon"},
+        {"deadline": b"tomorrow"},
+        {"deadline": b"-1e999"},
+        {"text": b"\xff\xfe"},
+        {"v": b"2"},
+        {"v": b"1.0"},
+        {"type": b"audio"},
+        {"evil": b"1"},
+        {"text": None},
+        {"deadline": None},
+        {"v": None},
+    ],
+)
+def test_a_lean_read_of_a_frame_agrees_with_the_schema_or_leaves_the_entry_to_it(
+    changes: dict[str, bytes],
+) -> None:
+    """The router's lean path reads a frame's fields only where the codec would accept the entry with the
+    same values; everything else (malformed, or valid but spelled otherwise) is left to the codec."""
+    fields = _frame_fields(**changes)
+    lean = lean_frame(DialogueFrame, fields)
+    try:
+        decoded = DIALOGUE.decode(fields)
+    except MalformedMessage:
+        assert lean is None
+        return
+    assert isinstance(decoded, DialogueFrame)
+    if lean is not None:
+        assert lean == (decoded.seq, decoded.created_at, decoded.pcm, decoded.text)
+    if not changes:
+        assert lean is not None  # the common entry takes the lean path
+
+
+def test_a_lean_read_takes_a_user_frame_and_leaves_events_and_other_types_to_the_codec() -> None:
+    user = {
+        k.encode(): v for k, v in encode(UserAudio(session_id="s1", seq=3, pcm=bytes(FRAME_BYTES))).items()
+    }
+    assert lean_frame(UserAudio, user) == (
+        3,
+        pytest.approx(float(user[b"created_at"])),
+        bytes(FRAME_BYTES),
+        "",
+    )
+    assert lean_frame(DialogueFrame, user) is None
+    event = {k.encode(): v for k, v in encode(SessionEvent(session_id="s1", name=EventName.READY)).items()}
+    assert lean_frame(DialogueFrame, event) is None
+    assert lean_frame(DialogueFrame, {k.decode(): v for k, v in _frame_fields().items()}) is None  # type: ignore[arg-type]
 
 
 def test_a_type_from_another_stream_is_rejected() -> None:

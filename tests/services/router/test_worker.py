@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
@@ -12,13 +13,17 @@ import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chorus.devtools.redis_server import EmbeddedRedis
+from services.router.mixer import Mixer
 from services.router.routing import INLINE_SPEECH_FRAMES, Router
 from services.router.settings import RouterSettings
 from services.router.speech import EnergyGate
 from shared.audio import FRAME_SAMPLES, silence_frame
 from shared.bus import Bus
+from shared.errors import MalformedMessage
 from shared.messages import (
     CONTROL,
+    DIALOGUE,
+    INPUT,
     OUTPUT,
     ClonedAudio,
     DialogueFrame,
@@ -34,6 +39,7 @@ from shared.messages import (
     UserAudio,
     VoiceChanged,
     VoiceMode,
+    encode,
 )
 from shared.ownership import SessionOwnership, TakeOutcome
 from shared.presence import WorkerPresence
@@ -322,3 +328,50 @@ async def test_speech_reaches_the_tick_it_arrived_with_whether_scored_on_the_loo
         out = [m for m in await play.output() if not isinstance(m, OutputText)]
         assert [type(m) for m in out[-2:]] == [SessionEvent, OutputAudio], sid
         assert out[-2].name == EventName.SPEECH_STARTED, sid
+
+
+def _without_time(message: OutputMessage) -> dict[str, bytes]:
+    """An `:out` entry's fields, but for when it was made."""
+    return {name: value for name, value in encode(message).items() if name != "created_at"}
+
+
+async def test_the_lean_path_writes_what_the_schema_path_writes_and_refuses_malformed_entries_as_before(
+    bus: Bus, names: StreamNames, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Frames are read lean (their fields, not their models): the router's `:out` is what a mixer fed the
+    codec's messages writes, and every malformed `:dlg` or `:in` entry is skipped and logged with the
+    codec's reason, as before."""
+    play = Player(bus)
+    await play.dialogue_event(EventName.READY)
+    for level, piece in enumerate((" Hello", "", " there", "", "!")):
+        await play.dialogue(piece, pcm(100 * level))
+    frame = encode(DialogueFrame(session_id=SID, seq=90, pcm=NATIVE))
+    for bad in ({"pcm": NATIVE[:-2]}, {"session_id": b"../x"}, {"seq": b"-1"}, {"text": b"\xff"}):
+        await bus.redis.xadd(names.session_dialogue(SID), {**frame, **bad})
+    await bus.redis.xadd(
+        names.session_input(SID), {**encode(UserAudio(session_id=SID, pcm=NATIVE)), "v": b"2"}
+    )
+    await play.user(pcm(3))
+    await play.dialogue(" end")
+    with caplog.at_level(logging.WARNING, logger="services.router.routing"):
+        async with running_router(bus):
+            await play.start("moshiko", "auto")
+            out = await play.wait_output(lambda o: len(audio(o)) == 6, "six audio frames")
+    settings = RouterSettings()
+    mixer = Mixer(
+        SID, budget_frames=settings.router_budget_frames, queue_frames=settings.router_cloned_queue_frames
+    )
+    expected: list[OutputMessage] = []
+    refused: list[str] = []
+    for entry in await bus.range(names.session_input(SID)) + await bus.range(names.session_dialogue(SID)):
+        try:
+            message = (INPUT if entry.stream == names.session_input(SID) else DIALOGUE).decode(entry.fields)
+        except MalformedMessage as exc:
+            refused.append(f"malformed entry skipped: {exc.detail}")
+            continue
+        if not isinstance(message, UserAudio):
+            expected.extend(mixer.on_dialogue(message).messages)
+    assert [_without_time(m) for m in out] == [_without_time(m) for m in expected]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("malformed entry skipped")]
+    assert len(refused) == 5
+    assert sorted(logged) == sorted(refused)
