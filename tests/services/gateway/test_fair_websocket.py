@@ -14,7 +14,7 @@ import uvicorn
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
-from services.gateway.fair_websocket import FairWebSocketProtocol
+from services.gateway.fair_websocket import FAIR_RECEIVE, FairWebSocketProtocol
 from services.gateway.protocols.session_socket import receive_fairly
 from tests.support.waiting import wait_until
 
@@ -32,8 +32,10 @@ class App:
         self.received: list[bytes] = []
         self.turns_seen: list[int] = []
         self.turns = 0
+        self.yields_itself = False  # the protocol says it yields: receive_fairly adds no turn of its own
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.yields_itself = FAIR_RECEIVE in scope["extensions"]
         websocket = WebSocket(scope, receive, send)
         await websocket.accept()
         await self.take.wait()
@@ -75,6 +77,7 @@ async def test_messages_waiting_for_the_app_stop_the_reading_and_are_taken_in_tu
         await _flood_then_take(app)
     finally:
         turns.cancel()
+    assert app.yields_itself
     assert app.received == [MESSAGE] * MESSAGES
     waiting = list(zip(app.turns_seen, app.turns_seen[1:], strict=False))
     assert all(later > earlier for earlier, later in waiting), "other tasks ran between two messages"
