@@ -1,0 +1,102 @@
+"""The gateway's WebSocket protocol under a real uvicorn server and a real client: a socket is read on
+while its app waits for messages, stops being read once messages wait for the app, and hands over a
+message that was already waiting only after every other task ran once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import connect
+
+from services.gateway.fair_websocket import FAIR_RECEIVE, FairWebSocketProtocol
+from services.gateway.protocols.session_socket import receive_fairly
+from tests.support.waiting import wait_until
+
+MESSAGES = 2000
+MESSAGE = b"\x01" + bytes(999)
+ONE_READ = 256 * 1024  # asyncio's largest socket read
+
+
+class App:
+    """Takes the socket's messages once `take` is set, noting the other tasks' turns at each."""
+
+    def __init__(self) -> None:
+        self.take = asyncio.Event()
+        self.all_taken = asyncio.Event()
+        self.received: list[bytes] = []
+        self.turns_seen: list[int] = []
+        self.turns = 0
+        self.yields_itself = False  # the protocol says it yields: receive_fairly adds no turn of its own
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.yields_itself = FAIR_RECEIVE in scope["extensions"]
+        websocket = WebSocket(scope, receive, send)
+        await websocket.accept()
+        await self.take.wait()
+        while (message := await receive_fairly(websocket))["type"] != "websocket.disconnect":
+            self.received.append(message["bytes"])
+            self.turns_seen.append(self.turns)
+            if len(self.received) == MESSAGES:
+                self.all_taken.set()
+
+    async def count_turns(self) -> None:
+        while True:
+            self.turns += 1
+            await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: App) -> AsyncIterator[tuple[uvicorn.Server, int]]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, ws=FairWebSocketProtocol, lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+
+    async def started() -> bool:
+        return server.started
+
+    try:
+        await wait_until(started, "uvicorn to listen")
+        yield server, sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_messages_waiting_for_the_app_stop_the_reading_and_are_taken_in_turn() -> None:
+    app = App()
+    turns = asyncio.create_task(app.count_turns())
+    try:
+        await _flood_then_take(app)
+    finally:
+        turns.cancel()
+    assert app.yields_itself
+    assert app.received == [MESSAGE] * MESSAGES
+    waiting = list(zip(app.turns_seen, app.turns_seen[1:], strict=False))
+    assert all(later > earlier for earlier, later in waiting), "other tasks ran between two messages"
+
+
+async def _flood_then_take(app: App) -> None:
+    async with serving(app) as (server, port), connect(f"ws://127.0.0.1:{port}/api/chat") as client:
+        for _ in range(MESSAGES):
+            await client.send(MESSAGE)
+        (protocol,) = server.server_state.connections
+        assert isinstance(protocol, FairWebSocketProtocol)
+
+        async def paused() -> bool:
+            return not protocol.transport.is_reading()
+
+        await wait_until(paused, "messages waiting for the app to pause the socket's reading", 10)
+        await asyncio.sleep(0.2)  # the app still takes nothing: nothing more is read
+        assert not protocol.transport.is_reading()
+        assert protocol.queue.qsize() * len(MESSAGE) <= ONE_READ + len(MESSAGE)
+        app.take.set()
+        await asyncio.wait_for(app.all_taken.wait(), 30)
+        assert protocol.transport.is_reading(), "nothing waits: the socket is read again"
