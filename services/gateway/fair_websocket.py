@@ -72,7 +72,8 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
         elif self.conn.available_extensions:  # uvicorn's `ws_per_message_deflate` (on by default)
             self.conn.available_extensions = [HUFFMAN_DEFLATE]
         super().handle_connect(event)
-        self.scope["extensions"] = {**(self.scope.get("extensions") or {}), FAIR_RECEIVE: {}}
+        if self.response.status_code == 101:  # a refused upgrade (400, 426) was answered: no app, no scope
+            self.scope["extensions"] = {**(self.scope.get("extensions") or {}), FAIR_RECEIVE: {}}
 
     def data_received(self, data: bytes) -> None:
         if self._backlog or len(data) > SLICE_BYTES:

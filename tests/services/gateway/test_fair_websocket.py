@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import uvicorn
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
@@ -100,3 +102,28 @@ async def _flood_then_take(app: App) -> None:
         app.take.set()
         await asyncio.wait_for(app.all_taken.wait(), 30)
         assert protocol.transport.is_reading(), "nothing waits: the socket is read again"
+
+
+async def test_a_malformed_upgrade_is_refused_quietly_and_forgotten(caplog: pytest.LogCaptureFixture) -> None:
+    """websockets refuses an upgrade without a key with 400: the handshake never reaches the app (there
+    is no scope to mark). Nothing is logged at ERROR (anyone could fill the log with alarms), and the
+    server keeps no connection for it (each would be held until shutdown, and hold the shutdown)."""
+    request = (
+        b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with caplog.at_level(logging.ERROR):
+        async with serving(App()) as (server, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            answer = await asyncio.wait_for(reader.read(100), 5)
+            writer.close()
+            for _ in range(50):  # the server notices the close within a few loop turns
+                if not server.server_state.connections:
+                    break
+                await asyncio.sleep(0.02)
+            held = len(server.server_state.connections)
+            server.force_exit = held > 0  # else the shutdown waits for the held connection forever
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert held == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
