@@ -7,6 +7,12 @@ parsed a slice at a time, the rest on the next turns of the loop, with the socke
 meanwhile (so what waits is bounded by one read). Order is kept; what waits is parsed before the
 connection's end is handled.
 
+Bounded after inflating: with per-message deflate the client picks the ratio (a 1 MiB message of zeros
+is ~1 KiB on the wire), so one read's worth of wire bytes could become ~250 MiB of messages waiting for
+the app. The next slice is parsed only once the app has taken every message waiting: what waits is what
+one slice (`SLICE_BYTES` on the wire) inflates to. A connection lost with slices still unparsed has them
+parsed only while nothing waits; the rest, which nobody would read, is dropped.
+
 Graceful: a frame the parser refuses (over the size limit, or malformed) fails the connection with a close
 code and reason. uvicorn then closes the TCP connection at once; a client still sending (the rest of its
 oversized message) then gets a reset, and its kernel drops the close frame unread: the client never
@@ -64,6 +70,7 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self._backlog = bytearray()  # read, not parsed yet
         self._next_slice: asyncio.Handle | None = None
+        self._slices_held = False  # the backlog waits for the app to take the messages waiting
         self._failed = False
 
     def handle_connect(self, event: Request) -> None:
@@ -88,7 +95,10 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
         self._parse_slice()
         if self._backlog and not self.transport.is_closing():
             self.transport.pause_reading()  # again: uvicorn resumes reading when its app's queue is empty
-            self._next_slice = asyncio.get_running_loop().call_soon(self._feed_slice)
+            if self.queue.empty():
+                self._next_slice = asyncio.get_running_loop().call_soon(self._feed_slice)
+            else:  # `receive` parses the next slice once the app has taken what waits
+                self._slices_held = True
         elif not self.read_paused and not self.transport.is_closing():
             self.transport.resume_reading()  # unless uvicorn paused it (it resumes it then)
 
@@ -110,14 +120,19 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
     async def receive(self) -> Any:
         if not self.queue.empty():
             await asyncio.sleep(0)  # messages were waiting (a flood): every other task runs first
-        return await super().receive()
+        message = await super().receive()
+        if self._slices_held and self.queue.empty() and not self.transport.is_closing():
+            self._slices_held = False
+            self._next_slice = asyncio.get_running_loop().call_soon(self._feed_slice)
+        return message
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._next_slice is not None:
             self._next_slice.cancel()
             self._next_slice = None
-        while self._backlog:
+        while self._backlog and self.queue.empty():
             self._parse_slice()
+        self._backlog.clear()  # what would wait behind unread messages: nobody reads it now
         super().connection_lost(exc)
 
     async def send(self, message: ASGISendEvent) -> None:

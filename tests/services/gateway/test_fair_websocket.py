@@ -127,3 +127,35 @@ async def test_a_malformed_upgrade_is_refused_quietly_and_forgotten(caplog: pyte
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert held == 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_deflated_messages_waiting_are_what_one_slice_inflates_to() -> None:
+    """With per-message deflate the client picks the ratio: a 1 MiB message of zeros is ~1 KiB on the
+    wire, so one read (256 KiB) could become ~250 messages of 1 MiB waiting for the app. The next slice is
+    parsed only once the app took what waits; every message still arrives, in order."""
+    app = App()
+    big = bytes(1 << 20)
+    count = 300  # ~300 KiB deflated: more than one read
+    async with serving(app) as (server, port), connect(f"ws://127.0.0.1:{port}/v1/realtime") as client:
+        assert client.protocol.extensions, "the client offered per-message deflate and the server took it"
+        for _ in range(count):
+            await client.send(big)
+        (protocol,) = server.server_state.connections
+        assert isinstance(protocol, FairWebSocketProtocol)
+
+        async def paused() -> bool:
+            return not protocol.transport.is_reading()
+
+        try:
+            await wait_until(paused, "messages waiting for the app to pause the socket's reading", 10)
+            await asyncio.sleep(0.2)  # the app still takes nothing: nothing more is parsed
+            waiting = protocol.queue.qsize()
+        finally:
+            app.take.set()  # else a failure leaves the app waiting, and the server's shutdown with it
+        assert waiting * len(big) <= 8 << 20  # ~4 from one 4 KiB slice; ~100 before
+
+        async def all_taken() -> bool:
+            return len(app.received) == count
+
+        await wait_until(all_taken, "the app to take every message", 30)
+    assert all(message == big for message in app.received)
