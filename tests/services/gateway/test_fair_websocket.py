@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import uvicorn
 from starlette.websockets import WebSocket
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from services.gateway.fair_websocket import FAIR_RECEIVE, FairWebSocketProtocol
 from services.gateway.protocols.session_socket import receive_fairly
@@ -87,21 +87,32 @@ async def test_messages_waiting_for_the_app_stop_the_reading_and_are_taken_in_tu
 
 async def _flood_then_take(app: App) -> None:
     async with serving(app) as (server, port), connect(f"ws://127.0.0.1:{port}/api/chat") as client:
-        for _ in range(MESSAGES):
-            await client.send(MESSAGE)
-        (protocol,) = server.server_state.connections
-        assert isinstance(protocol, FairWebSocketProtocol)
-
-        async def paused() -> bool:
-            return not protocol.transport.is_reading()
-
-        await wait_until(paused, "messages waiting for the app to pause the socket's reading", 10)
-        await asyncio.sleep(0.2)  # the app still takes nothing: nothing more is read
-        assert not protocol.transport.is_reading()
-        assert protocol.queue.qsize() * len(MESSAGE) <= ONE_READ + len(MESSAGE)
-        app.take.set()
+        try:
+            protocol = await _sent_untaken(server, client, MESSAGE, MESSAGES)
+            assert not protocol.transport.is_reading()
+            assert protocol.queue.qsize() * len(MESSAGE) <= ONE_READ + len(MESSAGE)
+        finally:
+            app.take.set()  # else a failure leaves the app waiting, and the server's shutdown with it
         await asyncio.wait_for(app.all_taken.wait(), 30)
         assert protocol.transport.is_reading(), "nothing waits: the socket is read again"
+
+
+async def _sent_untaken(
+    server: uvicorn.Server, client: ClientConnection, message: bytes, count: int
+) -> FairWebSocketProtocol:
+    """Sends `count` messages the app does not take yet; the socket's protocol, once its reading paused
+    and a while later (nothing more is read or parsed meanwhile)."""
+    for _ in range(count):
+        await client.send(message)
+    (protocol,) = server.server_state.connections
+    assert isinstance(protocol, FairWebSocketProtocol)
+
+    async def paused() -> bool:
+        return not protocol.transport.is_reading()
+
+    await wait_until(paused, "messages waiting for the app to pause the socket's reading", 10)
+    await asyncio.sleep(0.2)  # the app still takes nothing
+    return protocol
 
 
 async def test_a_malformed_upgrade_is_refused_quietly_and_forgotten(caplog: pytest.LogCaptureFixture) -> None:
@@ -138,18 +149,8 @@ async def test_deflated_messages_waiting_are_what_one_slice_inflates_to() -> Non
     count = 300  # ~300 KiB deflated: more than one read
     async with serving(app) as (server, port), connect(f"ws://127.0.0.1:{port}/v1/realtime") as client:
         assert client.protocol.extensions, "the client offered per-message deflate and the server took it"
-        for _ in range(count):
-            await client.send(big)
-        (protocol,) = server.server_state.connections
-        assert isinstance(protocol, FairWebSocketProtocol)
-
-        async def paused() -> bool:
-            return not protocol.transport.is_reading()
-
         try:
-            await wait_until(paused, "messages waiting for the app to pause the socket's reading", 10)
-            await asyncio.sleep(0.2)  # the app still takes nothing: nothing more is parsed
-            waiting = protocol.queue.qsize()
+            waiting = (await _sent_untaken(server, client, big, count)).queue.qsize()
         finally:
             app.take.set()  # else a failure leaves the app waiting, and the server's shutdown with it
         assert waiting * len(big) <= 8 << 20  # ~4 from one 4 KiB slice; ~100 before
