@@ -11,9 +11,10 @@ the model, is what grows with the sessions. Each client talks like a person: `SP
 `PAUSE_S` of quiet room noise, over and over. All clocks are this machine's, so each hop is measured
 from the entries' own timestamps:
 
-- forward: client send of frame k -> the gateway's `:in` entry k made (its `created_at`: before its write
-  to Redis); `forward_landed`: -> the entry in the stream (the write included; from the entry id, in whole
-  ms, floored, so up to 1 ms early);
+- forward: client send of frame k (its message built: the client's own Opus encode, or base64 and JSON, is
+  the client's work, timed apart as `client_encode`) -> the gateway's `:in` entry k made (its
+  `created_at`: before its write to Redis); `forward_landed`: -> the entry in the stream (the write
+  included; from the entry id, in whole ms, floored, so up to 1 ms early);
 - return: the dialogue writing a frame's text to `:dlg` -> router -> gateway -> the client receiving it
   (Moshi's text message; in the Realtime protocol its `response.output_audio_transcript.delta` event);
 - the return hop in two: `:dlg` written -> the router made the frame's `:out` entry (its read, speech
@@ -216,7 +217,8 @@ class _Talker:
     async def open(self, ws_url: str) -> None:
         raise NotImplementedError
 
-    async def send_frame(self, frame: np.ndarray) -> None:
+    def message(self, frame: np.ndarray) -> str | bytes | None:
+        """Frame k as the client sends it (None: its encoder holds the frame back)."""
         raise NotImplementedError
 
     def is_text(self, message: str | bytes) -> bool:
@@ -230,9 +232,9 @@ class _MoshiTalker(_Talker):
         self.client = await MoshiClient.open(ws_url, voice="moshiko")
         self.session_id, self.ws = self.client.session_id, self.client.ws
 
-    async def send_frame(self, frame: np.ndarray) -> None:
-        if opus := self.client.encoder.encode(frame):
-            await self.ws.send(bytes([0x01]) + opus)
+    def message(self, frame: np.ndarray) -> bytes | None:
+        opus = self.client.encoder.encode(frame)
+        return bytes([0x01]) + opus if opus else None
 
     def is_text(self, message: str | bytes) -> bool:
         return isinstance(message, bytes) and message[:1] == b"\x02"
@@ -256,9 +258,9 @@ class _RealtimeTalker(_Talker):
         self.first_seq = 1
         self.texts_before = len(client.of_type("response.output_audio_transcript.delta"))
 
-    async def send_frame(self, frame: np.ndarray) -> None:
+    def message(self, frame: np.ndarray) -> str:
         audio = base64.b64encode(float_to_pcm16(frame)).decode()
-        await self.ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+        return json.dumps({"type": "input_audio_buffer.append", "audio": audio})
 
     def is_text(self, message: str | bytes) -> bool:
         # A text delta is short: no parse of every audio delta (5 kB each) on the clients' core.
@@ -275,6 +277,7 @@ async def _one_session(stack: Any, samples: np.ndarray, phases: _Phases) -> dict
         await phases.count("refused")
         raise
     sent: list[float] = []
+    encoding: list[float] = []  # the client's own work on each frame before sending it
     received: list[float] = []
 
     async def receive() -> None:
@@ -289,8 +292,12 @@ async def _one_session(stack: Any, samples: np.ndarray, phases: _Phases) -> dict
         await phases.go.wait()
         start = time.monotonic()
         for i, frame in enumerate(frames(samples)):
+            built = time.perf_counter()
+            message = talker.message(frame)
+            encoding.append(time.perf_counter() - built)
             sent.append(time.time())
-            await talker.send_frame(frame)
+            if message is not None:
+                await talker.ws.send(message)
             await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SEC - time.monotonic()))
         await asyncio.sleep(0.5)
     finally:
@@ -303,6 +310,7 @@ async def _one_session(stack: Any, samples: np.ndarray, phases: _Phases) -> dict
         "first_seq": talker.first_seq,
         "texts_before": talker.texts_before,
         "sent": sent,
+        "encoding": encoding,
         "received": received,
     }
 
@@ -420,6 +428,7 @@ async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: 
         "return_dlg_to_router": _percentiles(router),
         "return_router_to_client": _percentiles(gateway),
         "added": _percentiles(added),
+        "client_encode": _percentiles([s for r in results for s in r["encoding"]]),
         "user_frames": user_frames,
         "dialogue_frames": dialogue_frames,
     }
