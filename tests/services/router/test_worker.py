@@ -310,24 +310,44 @@ async def test_output_that_could_not_be_written_is_not_lost_but_written_next_rou
             await bus.close()
 
 
-async def test_speech_reaches_the_tick_it_arrived_with_whether_scored_on_the_loop_or_in_a_thread(
+async def test_speech_is_seen_in_the_round_it_arrived_with_whether_scored_on_the_loop_or_in_a_thread(
     bus: Bus,
 ) -> None:
     """A round of few user frames is scored on the event loop, one of many in a thread: either way the
-    tick read with them sees the speech (its `speech_started` comes before the tick's audio)."""
+    round that read them sees the speech. A cloned session's tick waits for it (a barge-in drops the cloned
+    audio queued for that tick): `speech_started` comes first. A natively voiced session's tick goes ahead
+    of the detector, which has nothing to drop for it: its audio first, `speech_started` in the same round."""
     router = Router(bus, RouterSettings(worker_id="router-1"), EnergyGate())
-    for sid, frames in (("few", 2), ("many", INLINE_SPEECH_FRAMES + 1)):
-        play = Player(bus, sid)
-        start = await router.ownership.admit(await open_session(bus, sid, voice="moshiko"))
-        assert start is not None
-        await router._open(start, failover=False)
-        for _ in range(frames):
-            await play.user(LOUD_VOICE)
-        await play.dialogue(" hi")
-        await router.route_once()
-        out = [m for m in await play.output() if not isinstance(m, OutputText)]
-        assert [type(m) for m in out[-2:]] == [SessionEvent, OutputAudio], sid
-        assert out[-2].name == EventName.SPEECH_STARTED, sid
+    async with tts_worker(bus):
+        for voice, mode, order in (
+            ("moshiko", "native", [OutputAudio, SessionEvent]),
+            (PROFILE, "cloned", [SessionEvent, OutputAudio]),
+        ):
+            for size, frames in (("few", 2), ("many", INLINE_SPEECH_FRAMES + 1)):
+                sid = f"{size}-{mode}"
+                play = Player(bus, sid)
+                start = await router.ownership.admit(
+                    await open_session(bus, sid, voice=voice, voice_mode=mode)
+                )
+                assert start is not None
+                await router._open(start, failover=False)
+                for _ in range(frames):
+                    await play.user(LOUD_VOICE)
+                await play.dialogue(" hi")
+                await router.route_once()  # one round
+                out = [
+                    m
+                    for m in await play.output()
+                    if isinstance(m, OutputAudio) or (isinstance(m, SessionEvent) and m.name != "ready")
+                ]
+                assert [type(m) for m in out if not is_switch(m)] == order, sid
+                assert [m.name for m in out if isinstance(m, SessionEvent) and not is_switch(m)] == [
+                    EventName.SPEECH_STARTED
+                ], sid
+
+
+def is_switch(message: OutputMessage) -> bool:
+    return isinstance(message, SessionEvent) and message.name == EventName.VOICE_CHANGED
 
 
 def _without_time(message: OutputMessage) -> dict[str, bytes]:
