@@ -1,5 +1,6 @@
 """The router's core loop: every owned session's `:dlg`, `:tts` and `:in` read together once per dialogue
-tick (`route_once`), through each session's `Mixer`, out to `:out` in one pipelined write.
+tick (`route_once`), through each session's `Mixer`, out to `:out` in one script call (two when natively
+voiced sessions go ahead of the speech detector).
 
 Tasks (one `Router.run`); sessions are owned through `shared.ownership`:
 - `control_group`: the "router" consumer group on chorus:control takes `start`s;
@@ -270,7 +271,12 @@ class Router:
         if user_audio and ahead:
             for routed in ahead:
                 self._dispatch(routed, by_session.pop(routed.sid), [])
-            await self._publish(ahead)
+            try:
+                await self._publish(ahead)
+            except Exception as exc:
+                # The rest of the round was read too (the cursors moved): it is still scored and dispatched.
+                # What was not written went back to its sessions, and the write below retries it.
+                log.warning("natively voiced sessions' output not written yet: %r", exc)
         if len(user_audio) > INLINE_SPEECH_FRAMES:
             speech = await asyncio.to_thread(self._detect_speech, owners, user_audio)
         else:
@@ -297,7 +303,8 @@ class Router:
         return edges
 
     def _dispatch(self, session: RoutedSession, entries: list[Entry], speech: list[bool]) -> None:
-        """Cloned audio first, then user speech, then dialogue ticks: a tick sees what arrived with it."""
+        """Cloned audio first, then user speech, then dialogue ticks: a tick sees what arrived with it (a
+        natively voiced session's ticks come here ahead of the round's speech, which then comes alone)."""
         out, mixer = session.pending, session.mixer
         tts_stream = self.names.session_tts(session.sid)
         dialogue_stream = self.names.session_dialogue(session.sid)

@@ -310,6 +310,45 @@ async def test_output_that_could_not_be_written_is_not_lost_but_written_next_rou
             await bus.close()
 
 
+async def test_a_round_whose_first_write_fails_loses_nothing_it_read(names: StreamNames) -> None:
+    """The natively voiced sessions' ticks are written first. When that write fails (Redis paused past the
+    socket timeout), the round still scores the user's speech and dispatches the cloned session's tick, and
+    a later write carries all of it: the round's cursors moved past what it read, so nothing may stay
+    behind."""
+    with EmbeddedRedis() as server:
+        bus = await Bus.connect(server.url, names, socket_timeout_s=0.5)
+        try:
+            router = Router(bus, RouterSettings(worker_id="router-1"), EnergyGate())
+            players = []
+            for sid, voice, mode in (("native", "moshiko", "native"), ("cloned", PROFILE, "cloned")):
+                start = await router.ownership.admit(
+                    await open_session(bus, sid, voice=voice, voice_mode=mode)
+                )
+                assert start is not None
+                await router._open(start, failover=False)
+                play = Player(bus, sid)
+                players.append(play)
+                for _ in range(2):
+                    await play.user(LOUD_VOICE)
+                await play.dialogue(" hi")
+            await bus.redis.execute_command("CLIENT", "PAUSE", "1500", "WRITE")  # reads go on, writes wait
+            with pytest.raises(RedisTimeoutError):
+                await router.route_once()  # both writes time out
+            await asyncio.sleep(1.5)  # the pause is over
+            await router._publish(router.sessions.values())
+            for play in players:
+                out = await play.output()
+                assert [m.text for m in out if isinstance(m, OutputText)] == [" hi"], play.sid
+                assert len([m for m in out if isinstance(m, OutputAudio)]) == 1, play.sid
+                speech = [
+                    m for m in out if isinstance(m, SessionEvent) and m.name == EventName.SPEECH_STARTED
+                ]
+                assert len(speech) == 1, play.sid
+                assert [m.seq for m in out] == sorted(m.seq for m in out), play.sid
+        finally:
+            await bus.close()
+
+
 async def test_speech_is_seen_in_the_round_it_arrived_with_whether_scored_on_the_loop_or_in_a_thread(
     bus: Bus,
 ) -> None:
