@@ -498,6 +498,12 @@ def run() -> dict[str, Any]:
                     "CHORUS_MAX_SESSIONS_PER_KEY": "0",  # one anonymous owner opens them all
                     "CHORUS_WS_MAX_SOCKETS_PER_KEY": str(max(64, count)),  # ... over one socket each
                     "CHORUS_LOG_LEVEL": "WARNING",
+                    # Every entry of the window stays in the streams the hops are read from: past the
+                    # default cap (1,500, 2 minutes of frames), `:out`'s text, 2 entries a tick, loses its
+                    # first ones, and the split of the return hop would pair the wrong pieces.
+                    "CHORUS_SESSION_STREAM_MAXLEN": str(
+                        max(1500, int(4 * (SECONDS_PER_SESSION + 60) / FRAME_SEC))
+                    ),
                 },
             )
             try:
