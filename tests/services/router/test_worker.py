@@ -379,13 +379,13 @@ async def test_speech_is_seen_in_the_round_it_arrived_with_whether_scored_on_the
                     for m in await play.output()
                     if isinstance(m, OutputAudio) or (isinstance(m, SessionEvent) and m.name != "ready")
                 ]
-                assert [type(m) for m in out if not is_switch(m)] == order, sid
-                assert [m.name for m in out if isinstance(m, SessionEvent) and not is_switch(m)] == [
+                assert [type(m) for m in out if not _is_switch(m)] == order, sid
+                assert [m.name for m in out if isinstance(m, SessionEvent) and not _is_switch(m)] == [
                     EventName.SPEECH_STARTED
                 ], sid
 
 
-def is_switch(message: OutputMessage) -> bool:
+def _is_switch(message: OutputMessage) -> bool:
     return isinstance(message, SessionEvent) and message.name == EventName.VOICE_CHANGED
 
 
