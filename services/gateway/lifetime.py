@@ -7,7 +7,11 @@ Idleness is "no user speech": the router's speech detector already turns the use
 `speech_started` / `speech_stopped` events on `:out`, so the gateway counts the output frames (one per
 80 ms dialogue tick) since the user last stopped speaking, and none while they speak. Time in frames, not
 the wall clock: a session whose pipeline stalls (a failover) is not idle meanwhile, and the tests play it
-frame by frame.
+frame by frame. A frame counts once the next one has come with no speech edge between them: the router
+writes a natively voiced session's tick before it has scored that round's user audio, so the edge of the
+tick the user started speaking on follows its audio (in the same round, a script call later). Counted on
+arrival, that tick could end the session for idleness while the user speaks; the timeout comes one frame
+(80 ms) later instead.
 
 A router taken over mid-utterance starts its detector afresh and may never send that utterance's
 `speech_stopped`: the session is then not idle until the user speaks again (the maximum length holds).
@@ -33,6 +37,7 @@ class Lifetime:
     started_at: float = field(default_factory=time.monotonic)
     speaking: bool = False
     quiet_frames: int = 0  # output frames since the user last spoke (or since the session's output began)
+    latest_unsettled: bool = False  # the latest quiet frame, not counted until the next one comes
 
     def observe(self, message: OutputMessage) -> None:
         if isinstance(message, SessionEvent) and message.name in (
@@ -41,8 +46,11 @@ class Lifetime:
         ):
             self.speaking = message.name == EventName.SPEECH_STARTED
             self.quiet_frames = 0
+            self.latest_unsettled = False
         elif isinstance(message, OutputAudio) and not self.speaking:
-            self.quiet_frames += 1
+            if self.latest_unsettled:
+                self.quiet_frames += 1
+            self.latest_unsettled = True
 
     @property
     def quiet_ms(self) -> int:

@@ -24,16 +24,18 @@ def speech(name: EventName) -> SessionEvent:
 
 
 def test_idle_time_is_counted_in_output_frames_and_never_while_the_user_speaks() -> None:
+    """Each frame counts once the next one has come without a speech edge between them (the edge of a
+    natively voiced session's tick follows its audio): 5 frames of idleness take 6 frames to see."""
     lifetime = Lifetime(idle_s=0.4, started_at=0.0)  # 5 frames
-    for _ in range(4):
+    for _ in range(5):
         lifetime.observe(FRAME)
     assert lifetime.reached(now=1000.0) is None, "no max length: only the idle clock counts"
-    lifetime.observe(speech(EventName.SPEECH_STARTED))
+    lifetime.observe(speech(EventName.SPEECH_STARTED))  # on the 5th frame's tick, after its audio
     for _ in range(50):
         lifetime.observe(FRAME)
     assert lifetime.reached(now=1000.0) is None, "a user speaking longer than the timeout is not idle"
     lifetime.observe(speech(EventName.SPEECH_STOPPED))
-    for _ in range(4):
+    for _ in range(5):
         lifetime.observe(FRAME)
     assert lifetime.reached(now=1000.0) is None, "the clock restarts when the user stops speaking"
     lifetime.observe(FRAME)
