@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
@@ -387,6 +388,52 @@ async def test_speech_is_seen_in_the_round_it_arrived_with_whether_scored_on_the
 
 def _is_switch(message: OutputMessage) -> bool:
     return isinstance(message, SessionEvent) and message.name == EventName.VOICE_CHANGED
+
+
+async def test_native_cloned_and_switching_sessions_with_speech_coming_and_going_lose_nothing(
+    bus: Bus,
+) -> None:
+    """A natively voiced, a cloned and a switching session on one running router; user speech coming and
+    going in rounds of more than INLINE_SPEECH_FRAMES frames (scored in a thread, while the natively voiced
+    ticks are written); the switcher's voice changed on its control stream at random. Every session's `:out`
+    keeps every tick's audio and text once, its seqs contiguous, its speech edges alternating."""
+    rng, ticks = random.Random(7), 40
+    voices: list[tuple[str, VoiceMode]] = [("moshiko", "native"), (PROFILE, "cloned"), (PROFILE, "auto")]
+    async with tts_worker(bus), running_router(bus) as router:
+        players = {}
+        for sid, (voice, mode) in {"native": voices[0], "cloned": voices[1], "switch": voices[0]}.items():
+            players[sid] = play = Player(bus, sid)
+            await play.start(voice, mode)
+        await players["native"].wait_output(lambda _: len(router.sessions) == 3, "the three sessions taken")
+        loud = False
+        for tick in range(ticks):
+            if tick % 5 == 0:  # five ticks of speech, five of silence
+                loud = not loud
+            for play in players.values():
+                for _ in range(7):
+                    await play.user(LOUD_VOICE if loud else silence_frame())
+                if play.sid != "native":
+                    await play.phrase(f" w{tick}", 2)
+            if rng.random() < 0.3:
+                voice, mode = rng.choice(voices)
+                await bus.append_control(SessionUpdate(session_id="switch", voice=voice, voice_mode=mode))
+            for play in players.values():
+                await play.dialogue(f" t{tick}")
+            await asyncio.sleep(0.03)
+        for play in players.values():
+            await play.wait_output(lambda o: len(audio(o)) >= ticks, "every tick's audio")
+    for play in players.values():
+        out = await play.output()
+        assert [m.seq for m in out] == list(range(len(out))), play.sid
+        assert len(audio(out)) == ticks, play.sid
+        assert [m.text for m in out if isinstance(m, OutputText)] == [f" t{i}" for i in range(ticks)], (
+            play.sid
+        )
+        edges = [m.name for m in out if isinstance(m, SessionEvent) and m.name in SPEECH_EDGES]
+        assert edges and all(a != b for a, b in zip(edges, edges[1:], strict=False)), (play.sid, edges)
+
+
+SPEECH_EDGES = (EventName.SPEECH_STARTED, EventName.SPEECH_STOPPED)
 
 
 def _without_time(message: OutputMessage) -> dict[str, bytes]:
