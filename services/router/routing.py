@@ -262,7 +262,7 @@ class Router:
         user_audio = [e for e in entries if e.stream in user_streams]
         # A session Moshi speaks for itself (no cloned audio wanted, so none queued for a barge-in to drop)
         # gets this round's frames out before the speech detector runs: silero is most of a round, and its
-        # edges only add events. Measured: the `:dlg` -> router hop 1.6 -> 0.7 ms at 1 session.
+        # edges only add events (docs/performance.md, "The event loop and the router's order").
         ahead = [
             routed
             for sid in by_session
@@ -276,12 +276,15 @@ class Router:
             except Exception as exc:
                 # The rest of the round was read too (the cursors moved): it is still scored and dispatched.
                 # What was not written went back to its sessions, and the write below retries it.
-                log.warning("natively voiced sessions' output not written yet: %r", exc)
+                sids = [routed.sid for routed in ahead]
+                log.warning("output not written yet: %r", exc, extra={"session_ids": sids})
         if len(user_audio) > INLINE_SPEECH_FRAMES:
             speech = await asyncio.to_thread(self._detect_speech, owners, user_audio)
         else:
             speech = self._detect_speech(owners, user_audio) if user_audio else {}
-        for sid in [*by_session, *(sid for sid in speech if sid not in by_session)]:
+        # The sessions with entries left (those that went ahead have none), and those with speech edges only.
+        left = [*by_session, *(sid for sid in speech if sid not in by_session)]
+        for sid in left:
             if (routed := self.sessions.get(sid)) is not None:
                 self._dispatch(routed, by_session.get(sid, []), speech.get(sid, []))
         await self._publish(self.sessions.values())

@@ -59,6 +59,7 @@ def pcm(level: int) -> bytes:
 NATIVE = pcm(1000)
 CLONED = pcm(2000)
 LOUD_VOICE = (np.sin(np.arange(FRAME_SAMPLES) / 3) * 12000).astype("<i2").tobytes()
+SPEECH_EDGES = (EventName.SPEECH_STARTED, EventName.SPEECH_STOPPED)
 
 
 @contextlib.asynccontextmanager
@@ -378,7 +379,8 @@ async def test_speech_is_seen_in_the_round_it_arrived_with_whether_scored_on_the
                 out = [
                     m
                     for m in await play.output()
-                    if isinstance(m, OutputAudio) or (isinstance(m, SessionEvent) and m.name != "ready")
+                    if isinstance(m, OutputAudio)
+                    or (isinstance(m, SessionEvent) and m.name != EventName.READY)
                 ]
                 assert [type(m) for m in out if not _is_switch(m)] == order, sid
                 assert [m.name for m in out if isinstance(m, SessionEvent) and not _is_switch(m)] == [
@@ -394,8 +396,9 @@ async def test_native_cloned_and_switching_sessions_with_speech_coming_and_going
     bus: Bus,
 ) -> None:
     """A natively voiced, a cloned and a switching session on one running router; user speech coming and
-    going in rounds of more than INLINE_SPEECH_FRAMES frames (scored in a thread, while the natively voiced
-    ticks are written); the switcher's voice changed on its control stream at random. Every session's `:out`
+    going, 7 frames per session and tick (a round of more than INLINE_SPEECH_FRAMES of them is scored in a
+    thread, while the natively voiced ticks are written); the switcher's voice changed on its control
+    stream at random. Every session's `:out`
     keeps every tick's audio and text once, its seqs contiguous, its speech edges alternating."""
     rng, ticks = random.Random(7), 40
     voices: list[tuple[str, VoiceMode]] = [("moshiko", "native"), (PROFILE, "cloned"), (PROFILE, "auto")]
@@ -431,9 +434,6 @@ async def test_native_cloned_and_switching_sessions_with_speech_coming_and_going
         )
         edges = [m.name for m in out if isinstance(m, SessionEvent) and m.name in SPEECH_EDGES]
         assert edges and all(a != b for a, b in zip(edges, edges[1:], strict=False)), (play.sid, edges)
-
-
-SPEECH_EDGES = (EventName.SPEECH_STARTED, EventName.SPEECH_STOPPED)
 
 
 def _without_time(message: OutputMessage) -> dict[str, bytes]:
