@@ -23,18 +23,11 @@ import sys
 import time
 from typing import Any
 
+from bench.bench_latency import percentiles
+
 FRAMES = 200  # 16 s per hop kind, one frame per 80 ms
 FRAME_S = 0.08
 PAYLOAD = b"\0" * 3840
-
-
-def _percentiles(seconds: list[float]) -> dict[str, float]:
-    ordered = sorted(seconds)
-    return {
-        "p50_ms": round(ordered[len(ordered) // 2] * 1000, 3),
-        "p99_ms": round(ordered[int(len(ordered) * 0.99)] * 1000, 3),
-        "n": len(ordered),
-    }
 
 
 async def _redis_receiver(url: str) -> list[float]:
@@ -109,7 +102,7 @@ def _received(receiver: subprocess.Popen[str], sender: subprocess.Popen[str]) ->
     sender.wait(timeout=30)
     if receiver.returncode != 0 or sender.returncode != 0:
         raise RuntimeError(f"a child failed: receiver {receiver.returncode}, sender {sender.returncode}")
-    return _percentiles(json.loads(out.strip().splitlines()[-1]))
+    return percentiles(json.loads(out.strip().splitlines()[-1]), digits=3)
 
 
 def run() -> dict[str, Any]:

@@ -99,13 +99,14 @@ def _user_audio() -> np.ndarray:
     return (level * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float], digits: int = 1) -> dict[str, float]:
+    """p50 and p99 of durations in seconds, in ms rounded to `digits` (bench_hop_floor's too)."""
     if not values:
         return {"p50_ms": float("nan"), "p99_ms": float("nan"), "n": 0}
     arr = np.asarray(values) * 1000
     return {
-        "p50_ms": round(float(np.percentile(arr, 50)), 1),
-        "p99_ms": round(float(np.percentile(arr, 99)), 1),
+        "p50_ms": round(float(np.percentile(arr, 50)), digits),
+        "p99_ms": round(float(np.percentile(arr, 99)), digits),
         "n": len(values),
     }
 
@@ -422,13 +423,13 @@ async def _hops(stack: Any, results: list[dict[str, Any]], began: float, ended: 
     rng = np.random.default_rng(1)
     added = list(rng.choice(forward, n) + rng.choice(back, n)) if n else []
     return {
-        "forward_hop": _percentiles(forward),
-        "forward_landed": _percentiles(landed),
-        "return_hop": _percentiles(back),
-        "return_dlg_to_router": _percentiles(router),
-        "return_router_to_client": _percentiles(gateway),
-        "added": _percentiles(added),
-        "client_encode": _percentiles([s for r in results for s in r["encoding"]]),
+        "forward_hop": percentiles(forward),
+        "forward_landed": percentiles(landed),
+        "return_hop": percentiles(back),
+        "return_dlg_to_router": percentiles(router),
+        "return_router_to_client": percentiles(gateway),
+        "added": percentiles(added),
+        "client_encode": percentiles([s for r in results for s in r["encoding"]]),
         "user_frames": user_frames,
         "dialogue_frames": dialogue_frames,
     }
