@@ -12,6 +12,7 @@ import av
 import onnxruntime
 import uvicorn
 from moshi.modules.streaming import State
+from moshi.modules.transformer import _MHAState
 from tokenizers import Tokenizer
 from websockets.server import ServerProtocol
 
@@ -49,6 +50,7 @@ onnxruntime.SessionOptions.inter_op_num_threads
 Tokenizer.pre_tokenizer  # read by the tokenizers library
 State.__class__  # services/dialogue/batcher.py: a moshi state's class swapped for its in-place subclass
 RowSampledLMGen.depformer_step  # moshi's LMGen graphs and calls it for the audio codebooks
+_MHAState.offset_cpu  # services/dialogue/quantized.py advances it as moshi's attention does; moshi reads it
 
 # Wire fields: serialised to clients or validated on what they send, never read by name.
 ExpiresAfter.anchor

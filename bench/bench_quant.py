@@ -23,6 +23,7 @@ the same variants in the sessions-per-GPU sweep when a GPU is lent.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import statistics
@@ -89,12 +90,13 @@ def random_codes(lm: LMModel, rows: int, steps: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def streaming_text_logits(lm: LMModel, codes: torch.Tensor) -> torch.Tensor:
+def streaming_text_logits(lm: LMModel, codes: torch.Tensor, *, compiled: bool = False) -> torch.Tensor:
     """The text logits of each step, the LM streamed one step at a time: [steps, rows, text card].
-    Eager (moshi's lazy torch.compile off): a comparison needs no compiled kernels."""
+    Eager by default (moshi's lazy torch.compile off); `compiled` runs what a compiling worker runs (the
+    int8 cache's fused attention among it)."""
     rows, _, steps = codes.shape
     logits = []
-    with lm.streaming(rows), no_compile():
+    with lm.streaming(rows), contextlib.nullcontext() if compiled else no_compile():
         for t in range(steps):
             _, text = lm.forward_text(codes[:, :, t : t + 1])
             logits.append(text[:, 0, 0].float())

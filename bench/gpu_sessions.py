@@ -596,9 +596,16 @@ def make_lean_measured(model: MoshiModel, config: Config) -> dict[str, Any]:
     gc.collect()
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
-    difference = logits_difference(reference, streaming_text_logits(lm, codes))
+    # The lean LM as the worker runs it: compiled where the worker compiles (an int8 cache is then read
+    # by the fused attention), eager otherwise (read through a dequantized copy).
+    lean = streaming_text_logits(lm, codes, compiled=config.compile)
     inputs = f"{LOGIT_ROWS} rows x {LOGIT_STEPS} streamed steps of random codes, text logits"
-    return {"inputs": inputs, "weights": config.weights, "kv_cache": config.kv_cache, **difference}
+    result = {"inputs": inputs, "weights": config.weights, "kv_cache": config.kv_cache}
+    result |= logits_difference(reference, lean)
+    if config.compile and config.kv_cache == "int8":
+        eager = streaming_text_logits(lm, codes)
+        result["fused_vs_dequantized_cache"] = logits_difference(eager, lean)
+    return result
 
 
 def _machine(device: torch.device) -> dict[str, Any]:

@@ -14,7 +14,11 @@ computes the same product with a torch kernel picked for where it runs and the l
 
 KV cache: `Int8KVCache` stands in for moshi's `RingKVCache` in the main transformer (the depformer's
 cache holds 8 steps: nothing to save there). Keys and values are stored int8 with one scale per
-(row, head, position), the absolute maximum over the head's dimension, and dequantized for attention.
+(row, head, position), the absolute maximum over the head's dimension. Attention reads it in one of two
+ways. Where moshi compiles (a CUDA worker), `fused_int8_attention` reads the int8 values in place; else
+the cache is dequantized into a float copy for torch's own attention, which moves 2.5x the bytes of a
+bf16 cache. On an H100 at 64 sessions the LM step took 258 ms through the copy and 105 ms fused, against
+36 ms for a bf16 cache at 40 sessions (docs/performance.md, "Sessions per GPU"): not real-time yet.
 
 Both are applied to an LM before it enters streaming (`make_lean`): moshi's attention builds its
 streaming state from its first projection's type, so its class is swapped for `LeanAttention`, which
@@ -23,15 +27,19 @@ knows `Int8Linear` and which cache to build.
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Literal
 
 import torch
+from einops import rearrange
 from moshi.modules.transformer import (
     KVCacheResult,
     RingKVCache,
     StreamingMultiheadAttention,
     _MHAState,
 )
+from moshi.utils import compile as moshi_compile
 from torch import nn
 from torch.nn import functional as F
 
@@ -126,6 +134,13 @@ class Int8KVCache(RingKVCache):  # type: ignore[misc]  # moshi is untyped
         self.end_offset = torch.zeros(batch_size, device=device, dtype=torch.long)
 
     def complete(self, k: torch.Tensor, v: torch.Tensor, exec_mask: torch.Tensor) -> KVCacheResult:
+        """moshi's interface: write, then the whole cache dequantized (the uncompiled path)."""
+        positions = self.append(k, v, exec_mask)
+        keys, values = self.cache * self.scales  # int8 x float: one kernel, promoted to the scales' dtype
+        return KVCacheResult(keys, values, positions)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:
+        """Write `steps` new keys and values at each row's end; the absolute position of every slot."""
         assert k.shape == v.shape, (k.shape, v.shape)
         batch, heads, steps, dim = k.shape
         indexes = torch.arange(steps, device=k.device, dtype=torch.long) + self.end_offset.view(-1, 1)
@@ -135,8 +150,7 @@ class Int8KVCache(RingKVCache):  # type: ignore[misc]  # moshi is untyped
             self.cache[i].scatter_(2, indexes.expand(-1, heads, steps, dim), quantized)
             scale = (absmax / INT8_MAX).to(self.dtype)[..., None]
             self.scales[i].scatter_(2, indexes.expand(-1, heads, steps, 1), scale)
-        keys, values = self.cache * self.scales  # int8 x float: one kernel, promoted to the scales' dtype
-        return KVCacheResult(keys, values, self._positions(steps, exec_mask))
+        return self._positions(steps, exec_mask)
 
     def _positions(self, steps: int, exec_mask: torch.Tensor) -> torch.Tensor:
         """The absolute position of every cache slot (-1: empty), then the offsets advanced: exactly
@@ -150,6 +164,33 @@ class Int8KVCache(RingKVCache):  # type: ignore[misc]  # moshi is untyped
         return torch.where(invalid, torch.full_like(positions, -1), positions)
 
 
+def fused_int8_attention(
+    q: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    """Attention of `q` [B, H, T, D] over an int8 cache [2, B, G, C, D] (G = H / kv_repeat heads) with
+    its scales [2, B, G, C, 1], where `allowed` [B, T, C] says which cached positions each query sees.
+
+    A position's scale factors out of both products (q . s k = s (q . k), and sum p s v = sum (p s) v),
+    so each product is a multiply and a sum over the int8 values, which torch.compile fuses into passes
+    that read them in place. Meant to run compiled: eagerly it builds [B, H, T, C, D] in float32."""
+    batch, heads, steps, dim = q.shape
+    groups = cache.shape[2]
+    queries = q.float().view(batch, groups, heads // groups, steps, 1, dim)
+    keys, values = cache[0][:, :, None, None], cache[1][:, :, None, None]  # [B, G, 1, 1, C, D]
+    key_scales = scales[0][:, :, None, None, :, 0].float()  # [B, G, 1, 1, C]
+    value_scales = scales[1][:, :, None, None, :, 0].float()
+    scores = (queries * keys).sum(-1) * (key_scales / math.sqrt(dim))  # [B, G, R, T, C]
+    # A finite floor, not -inf: a row with nothing allowed (one the exec mask skips) gets finite
+    # output that nothing reads, where -inf would put NaN in it.
+    scores = scores.masked_fill(~allowed[:, None, None], torch.finfo(torch.float32).min)
+    weights = scores.softmax(dim=-1) * value_scales
+    out = (weights[..., None] * values).sum(-2)  # [B, G, R, T, D]
+    return out.reshape(batch, heads, steps, dim).to(q.dtype)
+
+
+_compiled_fused_int8_attention = torch.compile(fused_int8_attention, dynamic=False)
+
+
 class LeanAttention(StreamingMultiheadAttention):  # type: ignore[misc]  # moshi is untyped
     """moshi's attention, whose streaming state also knows `Int8Linear` projections and an int8 cache.
 
@@ -157,6 +198,10 @@ class LeanAttention(StreamingMultiheadAttention):  # type: ignore[misc]  # moshi
 
     kv_dtype: torch.dtype
     kv_int8: bool
+    # How an int8 cache is read: fused (`fused_int8_attention`, compiled) or through a dequantized copy.
+    # None follows moshi's compile switch (on in a CUDA worker that compiles; moshi's layers turn it
+    # off on any other device); a test sets True to run the fused read on the CPU.
+    fused_read: bool | None = None
 
     def _init_streaming_state(self, batch_size: int) -> _MHAState:
         in_proj = self.in_projs[0]
@@ -183,6 +228,54 @@ class LeanAttention(StreamingMultiheadAttention):  # type: ignore[misc]  # moshi
             )
         offset = torch.zeros(batch_size, device=device, dtype=torch.long)
         return _MHAState(batch_size, device, cache, offset=offset, offset_cpu=0)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        state = self._streaming_state
+        int8_cache = state is not None and isinstance(state.kv_cache, Int8KVCache)
+        if not (int8_cache and self.causal and self._reads_fused()):
+            out: torch.Tensor = super().forward(query, key, value)
+            return out
+        assert state is not None
+        return self._forward_on_int8_cache(query, state)
+
+    def _reads_fused(self) -> bool:
+        if self.fused_read is not None:
+            return self.fused_read
+        return not moshi_compile._compile_disabled and not os.environ.get("NO_TORCH_COMPILE")
+
+    def _forward_on_int8_cache(self, x: torch.Tensor, state: _MHAState) -> torch.Tensor:
+        """moshi's streaming self-attention step (`StreamingMultiheadAttention.forward` where an int8
+        cache is built: no cross attention, one set of weights for every step, causal), reading the
+        cache with `fused_int8_attention` instead of a dequantized copy."""
+        steps = x.shape[1]
+        projected = self.in_projs[0](x)
+        q, k, v = self._split_heads(projected)
+        if self.rope:
+            q, k = self.rope(q, k, state.offset, time_before_heads=False)
+        positions = state.kv_cache.append(k, v, state.exec_mask)[:, None]  # [B, 1, C]
+        query_positions = state.offset.view(-1, 1, 1) + torch.arange(steps, device=x.device).view(-1, 1)
+        delta = query_positions - positions  # [B, T, C]
+        allowed = (positions >= 0) & (delta >= 0)
+        if self.context is not None:
+            allowed = allowed & (delta < self.context)
+        attended = _compiled_fused_int8_attention(q, state.kv_cache.cache, state.kv_cache.scales, allowed)
+        out: torch.Tensor = self.out_projs[0](rearrange(attended, "b h t d -> b t (h d)"))
+        state.offset[:] = torch.where(state.exec_mask, state.offset + steps, state.offset)
+        state.offset_cpu += steps
+        return out
+
+    def _split_heads(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.kv_repeat == 1:
+            q, k, v = rearrange(projected, "b t (p h d) -> p b h t d", p=3, h=self.num_heads)
+            return q, k, v
+        q = rearrange(projected[:, :, : self.embed_dim], "b t (h d) -> b h t d", h=self.num_heads)
+        k, v = rearrange(
+            projected[:, :, self.embed_dim :],
+            "b t (p g d) -> p b g t d",
+            p=2,
+            g=self.num_heads // self.kv_repeat,
+        )
+        return q, k, v
 
 
 def make_lean(lm: nn.Module, *, int8_weights: bool, int8_kv: bool, dtype: torch.dtype) -> None:

@@ -21,9 +21,17 @@ import torch
 from safetensors.torch import save_file
 
 from bench.bench_quant import logits_difference, random_codes, streaming_text_logits
+from services.dialogue import quantized
 from services.dialogue.batcher import Batcher
 from services.dialogue.model import MoshiModel, load_moshi
-from services.dialogue.quantized import Int8KVCache, Int8Linear, kernel_for, w8a8_matmul
+from services.dialogue.quantized import (
+    Int8KVCache,
+    Int8Linear,
+    LeanAttention,
+    fused_int8_attention,
+    kernel_for,
+    w8a8_matmul,
+)
 from shared.audio import FRAME_BYTES, FRAME_SAMPLES, float_to_pcm16
 from shared.bus import Bus
 from shared.errors import ModelLoadError
@@ -39,8 +47,14 @@ MAX_L2_RELATIVE = 0.05
 MIN_TOKEN_AGREEMENT = 0.85
 
 
-def lean_model(moshi_dir: Path, weights: str, kv_cache: str) -> MoshiModel:
-    return load_moshi(settings_for(moshi_dir, dialogue_weights=weights, dialogue_kv_cache=kv_cache))
+def lean_model(moshi_dir: Path, weights: str, kv_cache: str, *, fused_read: bool = False) -> MoshiModel:
+    """`fused_read`: the int8 cache read as a compiling CUDA worker reads it (moshi turns compiling off
+    on a CPU, so the test asks for it), by the compiled `fused_int8_attention`."""
+    model = load_moshi(settings_for(moshi_dir, dialogue_weights=weights, dialogue_kv_cache=kv_cache))
+    for module in model.lm.modules():
+        if isinstance(module, LeanAttention):
+            module.fused_read = fused_read
+    return model
 
 
 @pytest.mark.parametrize(("weights", "kv_cache"), [("int8", "float"), ("float", "int8"), ("int8", "int8")])
@@ -57,6 +71,52 @@ def test_an_int8_lm_streams_close_to_the_float_one(
     )
     assert 0 < difference["l2_relative"] < MAX_L2_RELATIVE, difference
     assert difference["text_token_agreement"] >= MIN_TOKEN_AGREEMENT, difference
+
+
+def test_the_fused_read_of_the_int8_cache_gives_the_dequantized_reads_logits(
+    moshi_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same inputs, the int8 cache read both ways: the same logits up to float rounding (the fused read
+    sums in float32 what the dequantized one sums in the LM's dtype), and the fused one really ran."""
+    calls = []
+    compiled = quantized._compiled_fused_int8_attention
+
+    def counted(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(args[0].shape)
+        return compiled(*args)
+
+    monkeypatch.setattr(quantized, "_compiled_fused_int8_attention", counted)
+    dequantized_model = lean_model(moshi_dir, "float", "int8")
+    codes = random_codes(dequantized_model.lm, 2, STEPS, seed=3)
+    dequantized = streaming_text_logits(dequantized_model.lm, codes)
+    assert not calls
+    fused = streaming_text_logits(lean_model(moshi_dir, "float", "int8", fused_read=True).lm, codes)
+    transformer = dequantized_model.lm.transformer
+    layers = sum(isinstance(m, LeanAttention) and m.kv_int8 for m in transformer.modules())
+    assert len(calls) == STEPS * layers
+    assert float((fused - dequantized).norm() / dequantized.norm()) < 1e-4
+
+
+@torch.no_grad()
+def test_the_fused_attention_reads_grouped_heads_and_survives_an_empty_row() -> None:
+    """Against torch's attention on the dequantized cache: 4 query heads over 2 cached ones (moshi's
+    kv_repeat), a ring with positions out of order, and a row that may see nothing (a row the exec mask
+    skipped before its first step), whose output must stay finite: NaN there would be read by nothing,
+    but would still be NaN in the batch."""
+    generator = torch.Generator().manual_seed(1)
+    batch, heads, groups, capacity, dim = 3, 4, 2, 24, 16
+    cache = Int8KVCache(batch, groups, dim, capacity, device=torch.device("cpu"), dtype=torch.float32)
+    for step in range(40):
+        k, v = torch.randn((2, batch, groups, 1, dim), generator=generator)
+        positions = cache.append(k, v, torch.tensor([True, step % 3 > 0, False]))
+    q = torch.randn((batch, heads, 1, dim), generator=generator)
+    allowed = (positions >= 0)[:, None]  # [B, T, C]
+    assert allowed[:2].any(-1).all() and not allowed[2].any()
+    out = fused_int8_attention(q, cache.cache, cache.scales, allowed)
+    keys, values = (cache.cache * cache.scales).repeat_interleave(heads // groups, dim=2)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, allowed[:, None])
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[:2], expected[:2], atol=1e-5)
 
 
 @torch.no_grad()
@@ -158,10 +218,12 @@ async def test_a_worker_on_int8_weights_and_cache_serves_a_session(
     await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
 
 
-def test_a_rollover_on_the_int8_cache_resets_only_its_rows(moshi_dir: Path) -> None:
+@pytest.mark.parametrize("fused_read", [False, True], ids=["dequantized_read", "fused_read"])
+def test_a_rollover_on_the_int8_cache_resets_only_its_rows(moshi_dir: Path, fused_read: bool) -> None:
     """A row reset (a session rolling over in place, again and again) on the int8 cache leaves its
-    neighbour's text exactly as when it talked alone: the cache's reset and exec mask are per row."""
-    model = lean_model(moshi_dir, "float", "int8")
+    neighbour's text exactly as when it talked alone: the cache's reset and exec mask are per row,
+    whichever way the cache is read."""
+    model = lean_model(moshi_dir, "float", "int8", fused_read=fused_read)
     batcher = Batcher(model, 2, audio_temperature=0.0)
     try:
         voices = {
