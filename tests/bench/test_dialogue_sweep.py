@@ -155,3 +155,50 @@ def test_the_sweep_imports_nothing_the_wheelhouse_does_not_bring() -> None:
         [sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=REPO_ROOT
     )
     assert set(done.stdout.split()) & {"av", "fastapi", "starlette", "onnxruntime", "redis"} == set()
+
+
+def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -> None:
+    """`bench/gpu/lease.sh`, the one command a device lease runs: its stages one after the other, each
+    `run.sh` with its own weights and cache into its own JSON under $OUT, the trailing options (here the
+    small checkpoint's) applied to every stage."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEASE_")}
+    env |= {
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "WHEELHOUSE": str(tmp_path / "no-wheelhouse"),
+        "CHORUS_DIALOGUE_DEVICE": "cpu",
+        "CHORUS_BENCH_THREADS": "1",
+        "LEASE_STAGES": "bf16 kv8",
+    }
+    args = ["--size", "small", "--slots", "2", "--ticks", "3", "--warmup-ticks", "1", "--baseline-ticks", "2"]
+    args += ["--primer-tokens", "2"]
+    done = subprocess.run(
+        ["bash", str(RUN.with_name("lease.sh")), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== bf16 exit 0" in done.stdout and "== kv8 exit 0" in done.stdout, done.stdout[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["dialogue_gpu.json", "dialogue_gpu_kv8.json"]
+    bf16 = json.loads((tmp_path / "dialogue_gpu.json").read_text(encoding="utf-8"))
+    kv8 = json.loads((tmp_path / "dialogue_gpu_kv8.json").read_text(encoding="utf-8"))
+    assert (bf16["configuration"]["weights"], bf16["configuration"]["kv_cache"]) == ("float", "float")
+    assert (kv8["configuration"]["weights"], kv8["configuration"]["kv_cache"]) == ("float", "int8")
+    assert bf16["finished"] and kv8["finished"] and kv8["int8_logits"]["l2_relative"] > 0
+
+
+def test_the_lease_script_refuses_a_stage_it_does_not_know(tmp_path: Path) -> None:
+    env = os.environ | {"OUT": str(tmp_path), "LEASE_STAGES": "fp4"}
+    done = subprocess.run(
+        ["bash", str(RUN.with_name("lease.sh"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2 and "unknown stage fp4" in done.stderr
+    assert not list(tmp_path.iterdir())
