@@ -70,6 +70,7 @@ from services.dialogue.model import (
     resolve_device,
     resolve_dtype,
 )
+from services.dialogue.quantized import INT8_READS
 from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES, FRAME_SEC
 
@@ -79,6 +80,7 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "dialogue_gpu.json"
 DEFAULT_SLOTS = "8,16,24,32,40,48,64,80,96,128"
 BUDGET_MS = FRAME_SEC * 1000
 LOGIT_ROWS, LOGIT_STEPS = 2, 32  # the lean LM's logits against the float LM's
+PROFILE_TOP = 15  # operators and kernels a profile keeps
 STAGES = ("encode", "lm", "decode")
 # The tick's wall time less the three stages: resets of joining rows, copies, host bookkeeping, waits.
 OTHER = "other"
@@ -230,6 +232,8 @@ class Config:
     adapter_rank: int = 128
     adapter_batch: int = 8
     adapter_ticks: int = 0  # measured ticks per variant
+    profile_ticks: int = 0  # ticks a point run under torch.profiler after the measured ones (none: skip)
+    kv_read: str = "auto"  # how an int8 cache is read (LeanAttention.int8_read)
     lora_kernels: list[str] = field(default_factory=lambda: list(LORA_KERNELS))
     seed: int = 0
     compile: bool = False
@@ -358,6 +362,7 @@ def sessions_point(model: MoshiModel, slots: int, config: Config) -> dict[str, A
             ticks.append(elapsed_ms)
             if joined:
                 join_ticks.append(elapsed_ms)
+        profile = profile_ticks(batcher, clock, rng, config.profile_ticks) if config.profile_ticks else None
     finally:
         clock.close()
         batcher.close()
@@ -375,6 +380,45 @@ def sessions_point(model: MoshiModel, slots: int, config: Config) -> dict[str, A
         "peak_memory_mib": _peak_memory_mib(device),
         "realtime": tick["p99"] <= BUDGET_MS,
         "session_frames_per_s": round(slots * 1000 / tick["mean"], 1),
+        **({"profile": profile} if profile else {}),
+    }
+
+
+def profile_ticks(
+    batcher: Batcher, clock: StageClock, rng: np.random.Generator, ticks: int
+) -> dict[str, Any]:
+    """`ticks` more steady ticks under torch.profiler, after the measured ones (so they do not count):
+    the operators and kernels that took the most device time (CUDA) or CPU time, per tick. Where the
+    LM step's time goes, which the encode / LM / decode split cannot say."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = batcher.model.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(ticks):
+            batcher.step(_voice(rng, batcher.batch_size))
+            _sync(batcher.model.device)
+            clock.discard()
+    events = profiler.key_averages()
+
+    def own_us(event: Any) -> float:
+        return float(event.self_device_time_total if cuda else event.self_cpu_time_total)
+
+    total_us = sum(own_us(e) for e in events)
+    top = sorted(events, key=own_us, reverse=True)[:PROFILE_TOP]
+    return {
+        "ticks": ticks,
+        "time": "device" if cuda else "cpu",
+        "ms_per_tick": round(total_us / ticks / 1000, 2),
+        "top": [
+            {
+                "name": e.key[:120],
+                "calls_per_tick": round(e.count / ticks, 1),
+                "ms_per_tick": round(own_us(e) / ticks / 1000, 3),
+                "share": round(own_us(e) / total_us, 3) if total_us else 0.0,
+            }
+            for e in top
+        ],
     }
 
 
@@ -586,13 +630,14 @@ def make_lean_measured(model: MoshiModel, config: Config) -> dict[str, Any]:
     """The LM made lean in place (int8 weights and/or KV cache, as `config` asks), with its text logits'
     difference from the float LM's on the same random codes, streamed step by step (the KV cache read)."""
     from bench.bench_quant import logits_difference, random_codes, streaming_text_logits
-    from services.dialogue.quantized import make_lean
+    from services.dialogue.quantized import make_lean, set_int8_read
 
     lm = model.lm
     codes = random_codes(lm, LOGIT_ROWS, LOGIT_STEPS, config.seed)
     reference = streaming_text_logits(lm, codes)
     dtype = next(p for p in lm.parameters() if p.is_floating_point()).dtype
     make_lean(lm, int8_weights=config.weights == "int8", int8_kv=config.kv_cache == "int8", dtype=dtype)
+    set_int8_read(lm, config.kv_read)
     gc.collect()
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -602,9 +647,12 @@ def make_lean_measured(model: MoshiModel, config: Config) -> dict[str, Any]:
     inputs = f"{LOGIT_ROWS} rows x {LOGIT_STEPS} streamed steps of random codes, text logits"
     result = {"inputs": inputs, "weights": config.weights, "kv_cache": config.kv_cache}
     result |= logits_difference(reference, lean)
-    if config.compile and config.kv_cache == "int8":
-        eager = streaming_text_logits(lm, codes)
-        result["fused_vs_dequantized_cache"] = logits_difference(eager, lean)
+    if config.kv_cache == "int8" and (config.compile or config.kv_read not in ("auto", "copy")):
+        # The cache read in place against the same lean LM reading it through the dequantized copy.
+        set_int8_read(lm, "copy")
+        copy = streaming_text_logits(lm, codes)
+        set_int8_read(lm, config.kv_read)
+        result["fused_vs_dequantized_cache"] = logits_difference(copy, lean)
     return result
 
 
@@ -676,6 +724,7 @@ def _header(model: MoshiModel, config: Config) -> dict[str, Any]:
             "int8": config.weights == "int8",
             "weights": config.weights,
             "kv_cache": config.kv_cache,
+            "kv_read": config.kv_read,
             "ticks_per_point": config.ticks,
             "warmup_ticks": config.warmup_ticks,
             "mean_session_s": config.session_s,
@@ -717,6 +766,8 @@ def sweep(model: MoshiModel, config: Config, results: dict[str, Any], started: f
         point = measure_point(model, slots, config)
         last_point_s = time.time() - point_started
         print(_describe(point), flush=True)
+        if "profile" in point:
+            print(_describe_profile(point["profile"]), flush=True)
         results["points"].append(point)
         realtime = [p["slots"] for p in results["points"] if p["outcome"] == "measured" and p["realtime"]]
         results["realtime_sessions"] = max(realtime, default=0)
@@ -744,6 +795,14 @@ def measure_point(model: MoshiModel, slots: int, config: Config) -> dict[str, An
 
 def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+def _describe_profile(profile: dict[str, Any]) -> str:
+    rows = [
+        f"  {e['ms_per_tick']:8.3f} ms {e['share']:6.1%} x{e['calls_per_tick']:<7} {e['name']}"
+        for e in profile["top"]
+    ]
+    return f"  profile, {profile['time']} time, {profile['ms_per_tick']} ms a tick:\n" + "\n".join(rows)
 
 
 def _describe(point: dict[str, Any]) -> str:
@@ -813,6 +872,19 @@ def parse(argv: list[str] | None = None) -> Config:
         "--adapter-ticks", type=int, default=None, help="measured ticks a variant (default: --ticks)"
     )
     parser.add_argument(
+        "--kv-read",
+        choices=INT8_READS,
+        default="auto",
+        help="how an int8 KV cache is read: auto (compiled where the worker compiles, else a dequantized "
+        "copy), copy, compiled, triton (default: auto, the worker's)",
+    )
+    parser.add_argument(
+        "--profile-ticks",
+        type=int,
+        default=0,
+        help="ticks a point run under torch.profiler after the measured ones: its top operators and kernels",
+    )
+    parser.add_argument(
         "--lora-kernels",
         type=_kernels,
         default=",".join(LORA_KERNELS),
@@ -844,6 +916,8 @@ def parse(argv: list[str] | None = None) -> Config:
         adapter_rank=args.adapter_rank,
         adapter_batch=args.adapter_batch or max(8, *adapters, 0),
         adapter_ticks=args.ticks if args.adapter_ticks is None else args.adapter_ticks,
+        profile_ticks=args.profile_ticks,
+        kv_read=args.kv_read,
         lora_kernels=args.lora_kernels,
         settings=settings,
     )

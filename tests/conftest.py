@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from chorus.devtools.redis_server import EmbeddedRedis
 from shared.bus import Bus
@@ -20,6 +21,11 @@ from tests.support.paths import CHECKPOINT_CACHE, REPO_ROOT
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
 # Two cores are shared by everything the suite runs; one torch thread per model keeps ticks predictable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU, the int8 cache's Triton kernel runs in Triton's interpreter. Triton reads this when it
+# is first imported (its own library functions are jitted then), so it is set before anything imports
+# it; never on a GPU machine, where it would put torch.compile's Triton kernels in the interpreter too.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

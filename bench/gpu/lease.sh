@@ -4,26 +4,33 @@
 # bench/results, each cut by `timeout` so that a slow or stuck stage still leaves the next its time.
 # Every JSON is rewritten after each point, so a cut stage keeps what it measured.
 #   bench/gpu/lease.sh [extra options for every stage, e.g. --size small --ticks 5 for a CPU rehearsal]
-# LEASE_STAGES (default "bf16 int8"), each with its length in seconds (LEASE_<STAGE>_S):
-#   bf16 (330): the bf16 sweep with moshi's batch-1 baseline, 1000 ticks a point; the slots go 32 and 40
-#               first (the target and the memory ceiling), then 16, then 48 (out of memory at bf16 on
-#               80 GB: the sweep stops there);
-#   int8 (230): int8 weights and an int8 KV cache, 500 ticks a point, 64, 80, 96 slots;
-#   kv8 (150):  bf16 weights and an int8 KV cache, 500 ticks a point, 48 and 64 slots.
+# LEASE_STAGES (default "int8t kv8t": what is still to measure), each with its length in seconds
+# (LEASE_<STAGE>_S):
+#   bf16 (330):  the bf16 sweep with moshi's batch-1 baseline, 1000 ticks a point; the slots go 32 and 40
+#                first (the target and the memory ceiling), then 16, then 48 (out of memory at bf16 on
+#                80 GB: the sweep stops there). Measured on an H100 on 2026-11-26;
+#   int8 (230):  int8 weights and an int8 KV cache read by the compiled read (the worker's), 500 ticks a
+#                point, 64, 80, 96 slots. Measured on an H100 on 2026-11-26 (not real-time);
+#   int8t (230): the same, the cache read by the Triton kernel (--kv-read triton);
+#   kv8 (150), kv8t (150): bf16 weights and an int8 KV cache, compiled or Triton read, 48 and 64 slots.
+# The int8 stages profile 20 more ticks a point (the LM step's kernels: where its time goes).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DIR=${OUT:-bench/results}
+INT8=(--weights int8 --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 64,80,96 --profile-ticks 20)
+KV8=(--weights float --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 48,64 --profile-ticks 20)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv 2>/dev/null
-for stage in ${LEASE_STAGES:-bf16 int8}; do
+for stage in ${LEASE_STAGES:-int8t kv8t}; do
   case $stage in
-    bf16) seconds=${LEASE_BF16_S:-330}; file=dialogue_gpu.json
-          options=(--ticks 1000 --slots 32,40,16,48) ;;
-    int8) seconds=${LEASE_INT8_S:-230}; file=dialogue_gpu_int8.json
-          options=(--weights int8 --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 64,80,96) ;;
-    kv8)  seconds=${LEASE_KV8_S:-150}; file=dialogue_gpu_kv8.json
-          options=(--weights float --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 48,64) ;;
-    *) echo "unknown stage $stage (bf16, int8, kv8)" >&2; exit 2 ;;
+    bf16)  seconds=${LEASE_BF16_S:-330}; options=(--ticks 1000 --slots 32,40,16,48) ;;
+    int8)  seconds=${LEASE_INT8_S:-230}; options=("${INT8[@]}" --kv-read auto) ;;
+    int8t) seconds=${LEASE_INT8T_S:-230}; options=("${INT8[@]}" --kv-read triton) ;;
+    kv8)   seconds=${LEASE_KV8_S:-150}; options=("${KV8[@]}" --kv-read auto) ;;
+    kv8t)  seconds=${LEASE_KV8T_S:-150}; options=("${KV8[@]}" --kv-read triton) ;;
+    *) echo "unknown stage $stage (bf16, int8, int8t, kv8, kv8t)" >&2; exit 2 ;;
   esac
+  file=dialogue_gpu.json
+  [ "$stage" = bf16 ] || file=dialogue_gpu_$stage.json
   echo "== $stage, $(date +%T), at most $seconds s"
   timeout "$seconds" bench/gpu/run.sh "${options[@]}" --budget-s $((seconds - 15)) --out "$DIR/$file" "$@"
   echo "== $stage exit $?, $(date +%T)"

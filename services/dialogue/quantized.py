@@ -14,11 +14,12 @@ computes the same product with a torch kernel picked for where it runs and the l
 
 KV cache: `Int8KVCache` stands in for moshi's `RingKVCache` in the main transformer (the depformer's
 cache holds 8 steps: nothing to save there). Keys and values are stored int8 with one scale per
-(row, head, position), the absolute maximum over the head's dimension. Attention reads it in one of two
-ways. Where moshi compiles (a CUDA worker), `fused_int8_attention` reads the int8 values in place; else
-the cache is dequantized into a float copy for torch's own attention, which moves 2.5x the bytes of a
-bf16 cache. On an H100 at 64 sessions the LM step took 258 ms through the copy and 105 ms fused, against
-36 ms for a bf16 cache at 40 sessions (docs/performance.md, "Sessions per GPU"): not real-time yet.
+(row, head, position), the absolute maximum over the head's dimension. `LeanAttention.int8_read` says
+how attention reads it: "copy", dequantized into a float copy for torch's own attention (2.5x the bytes
+of a bf16 cache); "compiled" or "triton", in place (int8_attention.py); "auto" (the default), compiled
+where moshi compiles (a CUDA worker), else the copy. On an H100 at 64 sessions the LM step took 258 ms
+through the copy and 105 ms compiled, against 36 ms for a bf16 cache at 40 sessions
+(docs/performance.md, "Sessions per GPU"): not real-time yet; the Triton read is not measured yet.
 
 Both are applied to an LM before it enters streaming (`make_lean`): moshi's attention builds its
 streaming state from its first projection's type, so its class is swapped for `LeanAttention`, which
@@ -27,7 +28,6 @@ knows `Int8Linear` and which cache to build.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Literal
 
@@ -43,7 +43,11 @@ from moshi.utils import compile as moshi_compile
 from torch import nn
 from torch.nn import functional as F
 
+from services.dialogue.int8_attention import compiled_fused_int8_attention, triton_int8_attention
+
 Kernel = Literal["int8pack", "w8a8", "dequant"]
+Int8Read = Literal["auto", "copy", "compiled", "triton"]
+INT8_READS: tuple[Int8Read, ...] = ("auto", "copy", "compiled", "triton")
 INT8_MAX = 127
 # torch._int_mm on CUDA wants more than 16 rows: a batch of 16 or fewer is padded with zero rows to 32.
 _INT_MM_MAX_ROWS_REFUSED, _INT_MM_PADDED_ROWS = 16, 32
@@ -164,33 +168,6 @@ class Int8KVCache(RingKVCache):  # type: ignore[misc]  # moshi is untyped
         return torch.where(invalid, torch.full_like(positions, -1), positions)
 
 
-def fused_int8_attention(
-    q: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor, allowed: torch.Tensor
-) -> torch.Tensor:
-    """Attention of `q` [B, H, T, D] over an int8 cache [2, B, G, C, D] (G = H / kv_repeat heads) with
-    its scales [2, B, G, C, 1], where `allowed` [B, T, C] says which cached positions each query sees.
-
-    A position's scale factors out of both products (q . s k = s (q . k), and sum p s v = sum (p s) v),
-    so each product is a multiply and a sum over the int8 values, which torch.compile fuses into passes
-    that read them in place. Meant to run compiled: eagerly it builds [B, H, T, C, D] in float32."""
-    batch, heads, steps, dim = q.shape
-    groups = cache.shape[2]
-    queries = q.float().view(batch, groups, heads // groups, steps, 1, dim)
-    keys, values = cache[0][:, :, None, None], cache[1][:, :, None, None]  # [B, G, 1, 1, C, D]
-    key_scales = scales[0][:, :, None, None, :, 0].float()  # [B, G, 1, 1, C]
-    value_scales = scales[1][:, :, None, None, :, 0].float()
-    scores = (queries * keys).sum(-1) * (key_scales / math.sqrt(dim))  # [B, G, R, T, C]
-    # A finite floor, not -inf: a row with nothing allowed (one the exec mask skips) gets finite
-    # output that nothing reads, where -inf would put NaN in it.
-    scores = scores.masked_fill(~allowed[:, None, None], torch.finfo(torch.float32).min)
-    weights = scores.softmax(dim=-1) * value_scales
-    out = (weights[..., None] * values).sum(-2)  # [B, G, R, T, D]
-    return out.reshape(batch, heads, steps, dim).to(q.dtype)
-
-
-_compiled_fused_int8_attention = torch.compile(fused_int8_attention, dynamic=False)
-
-
 class LeanAttention(StreamingMultiheadAttention):  # type: ignore[misc]  # moshi is untyped
     """moshi's attention, whose streaming state also knows `Int8Linear` projections and an int8 cache.
 
@@ -198,10 +175,10 @@ class LeanAttention(StreamingMultiheadAttention):  # type: ignore[misc]  # moshi
 
     kv_dtype: torch.dtype
     kv_int8: bool
-    # How an int8 cache is read: fused (`fused_int8_attention`, compiled) or through a dequantized copy.
-    # None follows moshi's compile switch (on in a CUDA worker that compiles; moshi's layers turn it
-    # off on any other device); a test sets True to run the fused read on the CPU.
-    fused_read: bool | None = None
+    # How an int8 cache is read (module docstring). "auto" follows moshi's compile switch: on in a CUDA
+    # worker that compiles, off elsewhere (moshi's layers turn it off on any other device). The others
+    # are for the benchmark and the tests.
+    int8_read: Int8Read = "auto"
 
     def _init_streaming_state(self, batch_size: int) -> _MHAState:
         in_proj = self.in_projs[0]
@@ -232,21 +209,23 @@ class LeanAttention(StreamingMultiheadAttention):  # type: ignore[misc]  # moshi
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         state = self._streaming_state
         int8_cache = state is not None and isinstance(state.kv_cache, Int8KVCache)
-        if not (int8_cache and self.causal and self._reads_fused()):
+        read = self._resolved_read()
+        if not (int8_cache and self.causal) or read == "copy":
             out: torch.Tensor = super().forward(query, key, value)
             return out
         assert state is not None
-        return self._forward_on_int8_cache(query, state)
+        return self._forward_on_int8_cache(query, state, read)
 
-    def _reads_fused(self) -> bool:
-        if self.fused_read is not None:
-            return self.fused_read
-        return not moshi_compile._compile_disabled and not os.environ.get("NO_TORCH_COMPILE")
+    def _resolved_read(self) -> Int8Read:
+        if self.int8_read != "auto":
+            return self.int8_read
+        compiling = not moshi_compile._compile_disabled and not os.environ.get("NO_TORCH_COMPILE")
+        return "compiled" if compiling else "copy"
 
-    def _forward_on_int8_cache(self, x: torch.Tensor, state: _MHAState) -> torch.Tensor:
+    def _forward_on_int8_cache(self, x: torch.Tensor, state: _MHAState, read: Int8Read) -> torch.Tensor:
         """moshi's streaming self-attention step (`StreamingMultiheadAttention.forward` where an int8
         cache is built: no cross attention, one set of weights for every step, causal), reading the
-        cache with `fused_int8_attention` instead of a dequantized copy."""
+        cache in place (int8_attention.py) instead of through a dequantized copy."""
         steps = x.shape[1]
         projected = self.in_projs[0](x)
         q, k, v = self._split_heads(projected)
@@ -258,7 +237,8 @@ class LeanAttention(StreamingMultiheadAttention):  # type: ignore[misc]  # moshi
         allowed = (positions >= 0) & (delta >= 0)
         if self.context is not None:
             allowed = allowed & (delta < self.context)
-        attended = _compiled_fused_int8_attention(q, state.kv_cache.cache, state.kv_cache.scales, allowed)
+        attend = triton_int8_attention if read == "triton" else compiled_fused_int8_attention
+        attended = attend(q, state.kv_cache.cache, state.kv_cache.scales, allowed)
         out: torch.Tensor = self.out_projs[0](rearrange(attended, "b h t d -> b t (h d)"))
         state.offset[:] = torch.where(state.exec_mask, state.offset + steps, state.offset)
         state.offset_cpu += steps
@@ -289,6 +269,13 @@ def make_lean(lm: nn.Module, *, int8_weights: bool, int8_kv: bool, dtype: torch.
             assert isinstance(module, LeanAttention)
             module.kv_dtype = dtype
             module.kv_int8 = int8_kv
+
+
+def set_int8_read(lm: nn.Module, read: Int8Read) -> None:
+    """How every attention of a lean LM reads its int8 cache (`LeanAttention.int8_read`)."""
+    for module in lm.modules():
+        if isinstance(module, LeanAttention):
+            module.int8_read = read
 
 
 def replace_linears(module: nn.Module, *, quantize: bool = True) -> None:

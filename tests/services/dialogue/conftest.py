@@ -33,6 +33,20 @@ from tests.support.waiting import wait_until
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def triton_interpreter() -> Iterator[None]:
+    """The int8 cache's Triton kernel (services/dialogue/int8_attention.py) run by Triton's interpreter
+    on the CPU: tests/conftest.py sets TRITON_INTERPRET before Triton is imported; the kernel is jitted
+    afresh, as interpreted, on its first use in the test."""
+    from services.dialogue.int8_attention import _decode_kernel
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a GPU machine runs the kernel itself: not in the interpreter, and not in these tests")
+    _decode_kernel.cache_clear()
+    yield
+    _decode_kernel.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def moshi_dir() -> Path:
     """Only the Moshi part of `chorus dev make-checkpoints` (cached in .cache/ across runs)."""

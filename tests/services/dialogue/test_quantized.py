@@ -27,9 +27,10 @@ from services.dialogue.model import MoshiModel, load_moshi
 from services.dialogue.quantized import (
     Int8KVCache,
     Int8Linear,
+    Int8Read,
     LeanAttention,
-    fused_int8_attention,
     kernel_for,
+    set_int8_read,
     w8a8_matmul,
 )
 from shared.audio import FRAME_BYTES, FRAME_SAMPLES, float_to_pcm16
@@ -47,13 +48,12 @@ MAX_L2_RELATIVE = 0.05
 MIN_TOKEN_AGREEMENT = 0.85
 
 
-def lean_model(moshi_dir: Path, weights: str, kv_cache: str, *, fused_read: bool = False) -> MoshiModel:
-    """`fused_read`: the int8 cache read as a compiling CUDA worker reads it (moshi turns compiling off
-    on a CPU, so the test asks for it), by the compiled `fused_int8_attention`."""
+def lean_model(moshi_dir: Path, weights: str, kv_cache: str, *, int8_read: Int8Read = "auto") -> MoshiModel:
+    """`int8_read`: how the int8 cache is read ("auto" is the copy on a CPU, where moshi compiles
+    nothing; "compiled" runs what a compiling CUDA worker runs, "triton" the Triton kernel, in Triton's
+    interpreter with the `triton_interpreter` fixture)."""
     model = load_moshi(settings_for(moshi_dir, dialogue_weights=weights, dialogue_kv_cache=kv_cache))
-    for module in model.lm.modules():
-        if isinstance(module, LeanAttention):
-            module.fused_read = fused_read
+    set_int8_read(model.lm, int8_read)
     return model
 
 
@@ -73,50 +73,30 @@ def test_an_int8_lm_streams_close_to_the_float_one(
     assert difference["text_token_agreement"] >= MIN_TOKEN_AGREEMENT, difference
 
 
-def test_the_fused_read_of_the_int8_cache_gives_the_dequantized_reads_logits(
-    moshi_dir: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("int8_read", ["compiled", "triton"])
+@pytest.mark.usefixtures("triton_interpreter")
+def test_the_in_place_reads_of_the_int8_cache_give_the_copys_logits(
+    moshi_dir: Path, monkeypatch: pytest.MonkeyPatch, int8_read: Int8Read
 ) -> None:
-    """Same inputs, the int8 cache read both ways: the same logits up to float rounding (the fused read
-    sums in float32 what the dequantized one sums in the LM's dtype), and the fused one really ran."""
+    """Same inputs, the int8 cache read in place and through the copy: the same logits up to float
+    rounding (the in-place reads sum in float32), and the read asked for is the one that ran."""
     calls = []
-    compiled = quantized._compiled_fused_int8_attention
+    name = {"compiled": "compiled_fused_int8_attention", "triton": "triton_int8_attention"}[int8_read]
+    read = getattr(quantized, name)
 
     def counted(*args: torch.Tensor) -> torch.Tensor:
         calls.append(args[0].shape)
-        return compiled(*args)
+        return read(*args)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(quantized, "_compiled_fused_int8_attention", counted)
-    dequantized_model = lean_model(moshi_dir, "float", "int8")
-    codes = random_codes(dequantized_model.lm, 2, STEPS, seed=3)
-    dequantized = streaming_text_logits(dequantized_model.lm, codes)
+    monkeypatch.setattr(quantized, name, counted)
+    copy_model = lean_model(moshi_dir, "float", "int8")
+    codes = random_codes(copy_model.lm, 2, STEPS, seed=3)
+    copied = streaming_text_logits(copy_model.lm, codes)
     assert not calls
-    fused = streaming_text_logits(lean_model(moshi_dir, "float", "int8", fused_read=True).lm, codes)
-    transformer = dequantized_model.lm.transformer
-    layers = sum(isinstance(m, LeanAttention) and m.kv_int8 for m in transformer.modules())
+    in_place = streaming_text_logits(lean_model(moshi_dir, "float", "int8", int8_read=int8_read).lm, codes)
+    layers = sum(isinstance(m, LeanAttention) and m.kv_int8 for m in copy_model.lm.transformer.modules())
     assert len(calls) == STEPS * layers
-    assert float((fused - dequantized).norm() / dequantized.norm()) < 1e-4
-
-
-@torch.no_grad()
-def test_the_fused_attention_reads_grouped_heads_and_survives_an_empty_row() -> None:
-    """Against torch's attention on the dequantized cache: 4 query heads over 2 cached ones (moshi's
-    kv_repeat), a ring with positions out of order, and a row that may see nothing (a row the exec mask
-    skipped before its first step), whose output must stay finite: NaN there would be read by nothing,
-    but would still be NaN in the batch."""
-    generator = torch.Generator().manual_seed(1)
-    batch, heads, groups, capacity, dim = 3, 4, 2, 24, 16
-    cache = Int8KVCache(batch, groups, dim, capacity, device=torch.device("cpu"), dtype=torch.float32)
-    for step in range(40):
-        k, v = torch.randn((2, batch, groups, 1, dim), generator=generator)
-        positions = cache.append(k, v, torch.tensor([True, step % 3 > 0, False]))
-    q = torch.randn((batch, heads, 1, dim), generator=generator)
-    allowed = (positions >= 0)[:, None]  # [B, T, C]
-    assert allowed[:2].any(-1).all() and not allowed[2].any()
-    out = fused_int8_attention(q, cache.cache, cache.scales, allowed)
-    keys, values = (cache.cache * cache.scales).repeat_interleave(heads // groups, dim=2)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, allowed[:, None])
-    assert torch.isfinite(out).all()
-    assert torch.allclose(out[:2], expected[:2], atol=1e-5)
+    assert float((in_place - copied).norm() / copied.norm()) < 1e-4
 
 
 @torch.no_grad()
@@ -218,12 +198,13 @@ async def test_a_worker_on_int8_weights_and_cache_serves_a_session(
     await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
 
 
-@pytest.mark.parametrize("fused_read", [False, True], ids=["dequantized_read", "fused_read"])
-def test_a_rollover_on_the_int8_cache_resets_only_its_rows(moshi_dir: Path, fused_read: bool) -> None:
+@pytest.mark.parametrize("int8_read", ["copy", "compiled", "triton"])
+@pytest.mark.usefixtures("triton_interpreter")
+def test_a_rollover_on_the_int8_cache_resets_only_its_rows(moshi_dir: Path, int8_read: Int8Read) -> None:
     """A row reset (a session rolling over in place, again and again) on the int8 cache leaves its
     neighbour's text exactly as when it talked alone: the cache's reset and exec mask are per row,
     whichever way the cache is read."""
-    model = lean_model(moshi_dir, "float", "int8", fused_read=fused_read)
+    model = lean_model(moshi_dir, "float", "int8", int8_read=int8_read)
     batcher = Batcher(model, 2, audio_temperature=0.0)
     try:
         voices = {
