@@ -36,7 +36,12 @@ class DialogueSettings(CommonSettings):
         "else `moshiko`. Sessions asking for the other model are left to its workers.",
     )
     dialogue_slots: int = Field(
-        default=4, ge=1, le=256, description="Sessions served at once: the batch size of every step."
+        default=4,
+        ge=1,
+        le=256,
+        description="Sessions served at once: the batch size of every step. On an 80 GB GPU at bf16, 32 "
+        '(an H100 ran 40 in real time, at 94 % of its memory; docs/performance.md, "Sessions per GPU"); '
+        "the GPU overlay sets 32.",
     )
     dialogue_device: Literal["auto", "cuda", "cpu"] = Field(
         default="auto", description="Where the model runs; auto = cuda when present, else cpu."
