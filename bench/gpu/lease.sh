@@ -4,8 +4,11 @@
 # bench/results, each cut by `timeout` so that a slow or stuck stage still leaves the next its time.
 # Every JSON is rewritten after each point, so a cut stage keeps what it measured.
 #   bench/gpu/lease.sh [extra options for every stage, e.g. --size small --ticks 5 for a CPU rehearsal]
-# LEASE_STAGES (default "int8t kv8t": what is still to measure), each with its length in seconds
+# LEASE_STAGES (default "attn int8t kv8t": what is still to measure), each with its length in seconds
 # (LEASE_<STAGE>_S):
+#   attn (120):  one attention step over a full cache at 64 sessions, every read (bf16, the copy, the
+#                compiled read, the Triton kernel at six tunings), timed alone (bench/gpu_int8_attention.py;
+#                LEASE_ATTN_ARGS passes it options, e.g. a small shape for a CPU rehearsal);
 #   bf16 (330):  the bf16 sweep with moshi's batch-1 baseline, 1000 ticks a point; the slots go 32 and 40
 #                first (the target and the memory ceiling), then 16, then 48 (out of memory at bf16 on
 #                80 GB: the sweep stops there). Measured on an H100 on 2026-11-26;
@@ -20,14 +23,23 @@ DIR=${OUT:-bench/results}
 INT8=(--weights int8 --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 64,80,96 --profile-ticks 20)
 KV8=(--weights float --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 48,64 --profile-ticks 20)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv 2>/dev/null
-for stage in ${LEASE_STAGES:-int8t kv8t}; do
+for stage in ${LEASE_STAGES:-attn int8t kv8t}; do
+  if [ "$stage" = attn ]; then
+    seconds=${LEASE_ATTN_S:-120}
+    echo "== attn, $(date +%T), at most $seconds s"
+    # shellcheck disable=SC2086  # LEASE_ATTN_ARGS is a list of options
+    BENCH_MODULE=bench.gpu_int8_attention timeout "$seconds" bench/gpu/run.sh ${LEASE_ATTN_ARGS:-} \
+      --out "$DIR/int8_attention.json"
+    echo "== attn exit $?, $(date +%T)"
+    continue
+  fi
   case $stage in
     bf16)  seconds=${LEASE_BF16_S:-330}; options=(--ticks 1000 --slots 32,40,16,48) ;;
     int8)  seconds=${LEASE_INT8_S:-230}; options=("${INT8[@]}" --kv-read auto) ;;
     int8t) seconds=${LEASE_INT8T_S:-230}; options=("${INT8[@]}" --kv-read triton) ;;
     kv8)   seconds=${LEASE_KV8_S:-150}; options=("${KV8[@]}" --kv-read auto) ;;
     kv8t)  seconds=${LEASE_KV8T_S:-150}; options=("${KV8[@]}" --kv-read triton) ;;
-    *) echo "unknown stage $stage (bf16, int8, int8t, kv8, kv8t)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (attn, bf16, int8, int8t, kv8, kv8t)" >&2; exit 2 ;;
   esac
   file=dialogue_gpu.json
   [ "$stage" = bf16 ] || file=dialogue_gpu_$stage.json

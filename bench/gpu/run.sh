@@ -5,6 +5,7 @@
 # into a private target (nothing is fetched), then runs the sweep. Results: $OUT/dialogue_gpu.json when
 # OUT is set (the device tool's folder), else bench/results/dialogue_gpu.json, rewritten after every point.
 # Without a wheelhouse it runs on the interpreter's own packages (the CPU proof in tests/bench).
+# BENCH_MODULE runs another of the GPU benchmarks the same way (bench.gpu_int8_attention).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
@@ -22,4 +23,4 @@ import platform, torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda"
 print(f"python {platform.python_version()}, torch {torch.__version__}, {gpu}", flush=True)
 PY
-exec "$PYTHON" -m bench.gpu_sessions "$@"
+exec "$PYTHON" -m "${BENCH_MODULE:-bench.gpu_sessions}" "$@"

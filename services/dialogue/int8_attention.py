@@ -34,7 +34,8 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 _MASKED = -1.0e30  # a masked score: finite, so a row with nothing allowed averages instead of NaN
-TRITON_BLOCK_POSITIONS = 64
+TRITON_BLOCK_POSITIONS = 64  # the kernel's tuning: untimed on a GPU yet (bench/gpu_int8_attention.py)
+TRITON_WARPS = 4
 
 
 def fused_int8_attention(
@@ -70,9 +71,16 @@ def _compiled_read() -> Any:
 
 
 def triton_int8_attention(
-    q: torch.Tensor, cache: torch.Tensor, scales: torch.Tensor, allowed: torch.Tensor
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    scales: torch.Tensor,
+    allowed: torch.Tensor,
+    *,
+    block: int = TRITON_BLOCK_POSITIONS,
+    warps: int = TRITON_WARPS,
 ) -> torch.Tensor:
-    """One step's attention by the Triton kernel: q [B, H, 1, D]; D a power of two (Moshi's is 128)."""
+    """One step's attention by the Triton kernel: q [B, H, 1, D]; D a power of two (Moshi's is 128).
+    `block` (positions a loop turn) and `warps` are the kernel's tuning, for bench/gpu_int8_attention.py."""
     if triton is None:
         raise RuntimeError("the Triton read of the int8 cache needs triton (CUDA builds of torch bring it)")
     batch, heads, steps, dim = q.shape
@@ -99,7 +107,8 @@ def triton_int8_attention(
         *out.stride()[:2],
         1.0 / math.sqrt(dim),
         DIM=dim,
-        BLOCK=TRITON_BLOCK_POSITIONS,
+        BLOCK=block,
+        num_warps=warps,
     )
     return out[:, :, None]
 

@@ -182,7 +182,8 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
         "WHEELHOUSE": str(tmp_path / "no-wheelhouse"),
         "CHORUS_DIALOGUE_DEVICE": "cpu",
         "CHORUS_BENCH_THREADS": "1",
-        "LEASE_STAGES": "bf16 kv8t",
+        "LEASE_STAGES": "attn bf16 kv8t",
+        "LEASE_ATTN_ARGS": "--rows 2 --heads 4 --capacity 70 --dim 16 --repeats 2 --blocks 32,64 --warps 4",
     }
     args = ["--size", "small", "--slots", "2", "--ticks", "3", "--warmup-ticks", "1", "--baseline-ticks", "2"]
     args += ["--primer-tokens", "2"]
@@ -195,8 +196,17 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "== bf16 exit 0" in done.stdout and "== kv8t exit 0" in done.stdout, done.stdout[-2000:]
-    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["dialogue_gpu.json", "dialogue_gpu_kv8t.json"]
+    for stage in ("attn", "bf16", "kv8t"):
+        assert f"== {stage} exit 0" in done.stdout, done.stdout[-2000:]
+    written = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert written == ["dialogue_gpu.json", "dialogue_gpu_kv8t.json", "int8_attention.json"]
+    attention = json.loads((tmp_path / "int8_attention.json").read_text(encoding="utf-8"))
+    reads = attention["reads"]
+    assert list(reads) == ["bf16_sdpa", "copy", "compiled", "triton_b32_w4", "triton_b64_w4"]
+    assert all(r["outcome"] == "measured" and r["ms_p50"] > 0 for r in reads.values()), reads
+    # Every int8 read computes the attention of the dequantized cache; bf16 reads the unquantized one.
+    assert all(r["l2_relative_to_fp32"] < 1e-2 for name, r in reads.items() if name != "bf16_sdpa"), reads
+    assert reads["bf16_sdpa"]["l2_relative_to_fp32"] < 5e-2
     bf16 = json.loads((tmp_path / "dialogue_gpu.json").read_text(encoding="utf-8"))
     kv8t = json.loads((tmp_path / "dialogue_gpu_kv8t.json").read_text(encoding="utf-8"))
     assert [bf16["configuration"][k] for k in ("weights", "kv_cache", "kv_read")] == [
