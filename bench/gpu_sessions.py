@@ -5,7 +5,8 @@ that has only torch). What it measures, in one run on one device:
 
 - the production configuration: the worker's own settings (`DialogueSettings` from the environment:
   device, dtype, torch.compile as the worker decides it; moshi's CUDA graphs are on for cuda unless
-  NO_CUDA_GRAPH is set, exactly as in the worker);
+  NO_CUDA_GRAPH is set, exactly as in the worker; the heap frozen after the batcher's warm-up, as the
+  worker freezes it);
 - at full size (the default on cuda) the published 7B LM and Mimi built in place on the device with
   random weights (`build_random_moshi`); `--size small` is the test checkpoint (the CPU proof);
 - baseline: moshi's own batch-1 loop (`mimi.encode` -> `LMGen.step` -> `mimi.decode`, as moshi's server
@@ -343,6 +344,10 @@ def sessions_point(model: MoshiModel, slots: int, config: Config) -> dict[str, A
     join_ticks: list[float] = []
     try:
         batcher.warmup()
+        # As the worker does after its warm-up (services/dialogue/serving.py): what is alive now (the
+        # model, its graphs) leaves the collector's sight, so a tick's collections walk only the tick's.
+        gc.collect()
+        gc.freeze()
         churn = Churn(batcher, config, rng)
         clock.wrap(model.mimi, "encode", "encode")
         clock.wrap(batcher.gen, "step", "lm")
@@ -364,6 +369,7 @@ def sessions_point(model: MoshiModel, slots: int, config: Config) -> dict[str, A
                 join_ticks.append(elapsed_ms)
         profile = profile_ticks(batcher, clock, rng, config.profile_ticks) if config.profile_ticks else None
     finally:
+        gc.unfreeze()  # this point's batcher can be collected once it is gone
         clock.close()
         batcher.close()
     tick = _percentiles(ticks)
