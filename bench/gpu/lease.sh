@@ -15,7 +15,9 @@
 #   int8 (230):  int8 weights and an int8 KV cache read by the compiled read (the worker's), 500 ticks a
 #                point, 64, 80, 96 slots. Measured on an H100 on 2026-11-26 (not real-time);
 #   int8t (230): the same, the cache read by the Triton kernel (--kv-read triton);
-#   kv8 (150), kv8t (150): bf16 weights and an int8 KV cache, compiled or Triton read, 48 and 64 slots.
+#   kv8 (150), kv8t (150): bf16 weights and an int8 KV cache, compiled or Triton read, 48 and 64 slots;
+#   lora (300):  issue 16's figure alone: 32 sessions with no LoRA against 1, 4 and 8 distinct rank-128
+#                adapters, each LoRA kernel, 200 ticks a variant (docs/performance.md, "LoRA adapters").
 # The int8 stages profile 20 more ticks a point (the LM step's kernels: where its time goes).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,7 +41,9 @@ for stage in ${LEASE_STAGES:-attn int8t kv8t}; do
     int8t) seconds=${LEASE_INT8T_S:-230}; options=("${INT8[@]}" --kv-read triton) ;;
     kv8)   seconds=${LEASE_KV8_S:-150}; options=("${KV8[@]}" --kv-read auto) ;;
     kv8t)  seconds=${LEASE_KV8T_S:-150}; options=("${KV8[@]}" --kv-read triton) ;;
-    *) echo "unknown stage $stage (attn, bf16, int8, int8t, kv8, kv8t)" >&2; exit 2 ;;
+    lora)  seconds=${LEASE_LORA_S:-300}
+           options=(--slots "" --baseline-ticks 0 --adapters 0,1,4,8 --adapter-rank 128 --adapter-batch 32 --ticks 200) ;;
+    *) echo "unknown stage $stage (attn, bf16, int8, int8t, kv8, kv8t, lora)" >&2; exit 2 ;;
   esac
   file=dialogue_gpu.json
   [ "$stage" = bf16 ] || file=dialogue_gpu_$stage.json

@@ -186,7 +186,12 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
         "LEASE_ATTN_ARGS": "--rows 2 --heads 4 --capacity 70 --dim 16 --repeats 2 --blocks 32,64 --warps 4",
     }
     args = ["--size", "small", "--slots", "2", "--ticks", "3", "--warmup-ticks", "1", "--baseline-ticks", "2"]
-    args += ["--primer-tokens", "2"]
+    args += [
+        "--primer-tokens",
+        "2",
+        "--profile-ticks",
+        "1",
+    ]  # the int8 stages' 20, in Triton's interpreter: slow
     done = subprocess.run(
         ["bash", str(RUN.with_name("lease.sh")), *args],
         env=env,
@@ -222,7 +227,7 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
     assert bf16["finished"] and kv8t["finished"] and kv8t["int8_logits"]["l2_relative"] > 0
     # The Triton kernel (in Triton's interpreter here) read the cache: the copy's logits, to rounding.
     assert kv8t["int8_logits"]["fused_vs_dequantized_cache"]["l2_relative"] < 1e-4
-    assert "profile" in kv8t["points"][0] and "profile" not in bf16["points"][0]
+    assert kv8t["points"][0]["profile"]["ticks"] == 1 and bf16["points"][0]["profile"]["ticks"] == 1
 
 
 def test_the_lease_script_refuses_a_stage_it_does_not_know(tmp_path: Path) -> None:

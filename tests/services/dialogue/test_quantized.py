@@ -198,8 +198,7 @@ async def test_a_worker_on_int8_weights_and_cache_serves_a_session(
     await reader.until(lambda r: r.event(EventName.ENDED) is not None, 10, "no ended event")
 
 
-@pytest.mark.parametrize("int8_read", ["copy", "compiled", "triton"])
-@pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("int8_read", ["copy", "compiled"])  # Triton's: test_int8_attention.py, empty rows
 def test_a_rollover_on_the_int8_cache_resets_only_its_rows(moshi_dir: Path, int8_read: Int8Read) -> None:
     """A row reset (a session rolling over in place, again and again) on the int8 cache leaves its
     neighbour's text exactly as when it talked alone: the cache's reset and exec mask are per row,
