@@ -3,9 +3,9 @@
 `python -m bench.gpu_int8_attention [--rows 64 ...]` → `$OUT/int8_attention.json` when OUT is set (the
 device tool's folder), else bench/results/int8_attention.json.
 
-The sessions-per-GPU sweep (bench/gpu_sessions.py) times whole ticks: at 64 sessions an LM step over the
-int8 cache took 105 ms with the compiled read, against 36 ms for 40 sessions on a bf16 cache. This
-isolates the one operation in question, one layer's attention for one step of every row, at Moshi's
+The sessions-per-GPU sweep (bench/gpu_sessions.py) times whole ticks, and found the LM step over the int8
+cache slower than over a bf16 cache (docs/performance.md, "Sessions per GPU"). This isolates the one
+operation in question, one layer's attention for one step of every row, at Moshi's
 shape (32 heads of 128, a 3000-step ring, every position filled, as in a long session):
 - `bf16_sdpa`: torch's attention over a bf16 cache with moshi's boolean mask (what a bf16 worker runs);
 - `copy`: the int8 cache dequantized into a bf16 copy, then the same attention (the uncompiled read);
@@ -150,9 +150,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--capacity", type=int, default=3000, help="ring positions (Moshi's context)")
     parser.add_argument("--dim", type=int, default=128, help="head size")
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--blocks", type=lambda s: [int(n) for n in s.split(",")], default=[32, 64, 128])
-    parser.add_argument("--warps", type=lambda s: [int(n) for n in s.split(",")], default=[4, 8])
-    parser.add_argument("--out", type=Path, default=None, help=f"results JSON (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--blocks",
+        type=lambda s: [int(n) for n in s.split(",")],
+        default=[32, 64, 128],
+        help="the Triton kernel's positions a loop turn, comma-separated (default 32,64,128)",
+    )
+    parser.add_argument(
+        "--warps",
+        type=lambda s: [int(n) for n in s.split(",")],
+        default=[4, 8],
+        help="the Triton kernel's warps, comma-separated (default 4,8)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results JSON (default $OUT/int8_attention.json, else {DEFAULT_OUT})",
+    )
     return parser.parse_args(argv)
 
 

@@ -71,7 +71,7 @@ from services.dialogue.model import (
     resolve_device,
     resolve_dtype,
 )
-from services.dialogue.quantized import INT8_READS
+from services.dialogue.quantized import INT8_READS, Int8Read
 from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES, FRAME_SEC
 
@@ -234,7 +234,7 @@ class Config:
     adapter_batch: int = 8
     adapter_ticks: int = 0  # measured ticks per variant
     profile_ticks: int = 0  # ticks a point run under torch.profiler after the measured ones (none: skip)
-    kv_read: str = "auto"  # how an int8 cache is read (LeanAttention.int8_read)
+    kv_read: Int8Read = "auto"  # how an int8 cache is read (LeanAttention.int8_read)
     lora_kernels: list[str] = field(default_factory=lambda: list(LORA_KERNELS))
     seed: int = 0
     compile: bool = False
@@ -658,7 +658,7 @@ def make_lean_measured(model: MoshiModel, config: Config) -> dict[str, Any]:
         set_int8_read(lm, "copy")
         copy = streaming_text_logits(lm, codes)
         set_int8_read(lm, config.kv_read)
-        result["fused_vs_dequantized_cache"] = logits_difference(copy, lean)
+        result["in_place_vs_copy"] = logits_difference(copy, lean)
     return result
 
 
@@ -888,7 +888,8 @@ def parse(argv: list[str] | None = None) -> Config:
         "--profile-ticks",
         type=int,
         default=0,
-        help="ticks a point run under torch.profiler after the measured ones: its top operators and kernels",
+        help="ticks a point run under torch.profiler after the measured ones: its top operators and kernels "
+        "(default 0: none)",
     )
     parser.add_argument(
         "--lora-kernels",

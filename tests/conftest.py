@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from chorus.devtools.redis_server import EmbeddedRedis
 from shared.bus import Bus
@@ -23,8 +22,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.envi
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Without a GPU, the int8 cache's Triton kernel runs in Triton's interpreter. Triton reads this when it
 # is first imported (its own library functions are jitted then), so it is set before anything imports
-# it; never on a GPU machine, where it would put torch.compile's Triton kernels in the interpreter too.
-if not torch.cuda.is_available():
+# it; never on an NVIDIA machine, where it would put torch.compile's Triton kernels in the interpreter
+# too. (The driver's device file says so without importing torch, which would read OMP_NUM_THREADS now.)
+if not Path("/dev/nvidiactl").exists():
     os.environ["TRITON_INTERPRET"] = "1"
 
 

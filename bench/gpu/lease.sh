@@ -3,7 +3,8 @@
 # most 10), stage after stage, each into its own JSON under $OUT (the device tool's folder) or
 # bench/results, each cut by `timeout` so that a slow or stuck stage still leaves the next its time.
 # Every JSON is rewritten after each point, so a cut stage keeps what it measured.
-#   bench/gpu/lease.sh [extra options for every stage, e.g. --size small --ticks 5 for a CPU rehearsal]
+#   bench/gpu/lease.sh [extra options for every sweep stage, e.g. --size small --ticks 5 for a CPU
+#   rehearsal; the attn stage takes LEASE_ATTN_ARGS instead]
 # LEASE_STAGES (default "attn int8t kv8t": what is still to measure), each with its length in seconds
 # (LEASE_<STAGE>_S):
 #   attn (120):  one attention step over a full cache at 64 sessions, every read (bf16, the copy, the
@@ -18,7 +19,8 @@
 #   kv8 (150), kv8t (150): bf16 weights and an int8 KV cache, compiled or Triton read, 48 and 64 slots;
 #   lora (300):  issue 16's figure alone: 32 sessions with no LoRA against 1, 4 and 8 distinct rank-128
 #                adapters, each LoRA kernel, 200 ticks a variant (docs/performance.md, "LoRA adapters").
-# The int8 stages profile 20 more ticks a point (the LM step's kernels: where its time goes).
+# The int8-cache stages (int8, int8t, kv8, kv8t) profile 20 more ticks a point (the LM step's kernels:
+# where its time goes).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DIR=${OUT:-bench/results}

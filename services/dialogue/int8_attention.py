@@ -8,8 +8,8 @@ two bytes a value and reads them back (2.5x the bytes of a bf16 cache in all).
 Two reads, both of shape q [B, H, T, D] over cache [2, B, G, C, D] and scales [2, B, G, C, 1] (G = H /
 kv_repeat head groups), `allowed` [B, T, C] saying which positions each query sees:
 - `fused_int8_attention`: the products written as multiplies and sums that `torch.compile` fuses into
-  passes over the int8 values. Measured on an H100 (docs/performance.md, "Sessions per GPU"): 105 ms of
-  LM step at 64 sessions, 2.5x faster than the copy's 258 ms but far from the bytes' 15 ms;
+  passes over the int8 values. On an H100 it is 2.5x faster than the copy but far from what the bytes
+  allow (docs/performance.md, "Sessions per GPU");
 - `triton_int8_attention`: one step (T = 1), a hand-written decode kernel (one program per row and head,
   the positions in blocks, online softmax, int8 turned into float in registers). Not measured on a GPU
   yet (`bench/gpu/run.sh --kv-read triton`); run here by Triton's interpreter on the CPU
@@ -81,11 +81,11 @@ def triton_int8_attention(
 ) -> torch.Tensor:
     """One step's attention by the Triton kernel: q [B, H, 1, D]; D a power of two (Moshi's is 128).
     `block` (positions a loop turn) and `warps` are the kernel's tuning, for bench/gpu_int8_attention.py."""
-    if triton is None:
-        raise RuntimeError("the Triton read of the int8 cache needs triton (CUDA builds of torch bring it)")
     batch, heads, steps, dim = q.shape
     if steps != 1 or dim & (dim - 1):
         raise ValueError(f"the Triton read takes one step and a power-of-two head size, not {tuple(q.shape)}")
+    if triton is None:
+        raise RuntimeError("the Triton read of the int8 cache needs triton (CUDA builds of torch bring it)")
     groups, capacity = cache.shape[2], cache.shape[3]
     assert cache.stride(-1) == 1 and scales.shape[-1] == 1, "positions' values contiguous, one scale each"
     queries = q[:, :, 0].contiguous()  # [B, H, D]

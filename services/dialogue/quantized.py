@@ -17,9 +17,9 @@ cache holds 8 steps: nothing to save there). Keys and values are stored int8 wit
 (row, head, position), the absolute maximum over the head's dimension. `LeanAttention.int8_read` says
 how attention reads it: "copy", dequantized into a float copy for torch's own attention (2.5x the bytes
 of a bf16 cache); "compiled" or "triton", in place (int8_attention.py); "auto" (the default), compiled
-where moshi compiles (a CUDA worker), else the copy. On an H100 at 64 sessions the LM step took 258 ms
-through the copy and 105 ms compiled, against 36 ms for a bf16 cache at 40 sessions
-(docs/performance.md, "Sessions per GPU"): not real-time yet; the Triton read is not measured yet.
+where moshi compiles (a CUDA worker), else the copy. On an H100 even the compiled read keeps an int8
+cache slower than a bf16 one (docs/performance.md, "Sessions per GPU"); the Triton read is not measured
+on a GPU yet.
 
 Both are applied to an LM before it enters streaming (`make_lean`): moshi's attention builds its
 streaming state from its first projection's type, so its class is swapped for `LeanAttention`, which

@@ -174,7 +174,7 @@ def test_the_sweep_imports_nothing_the_wheelhouse_does_not_bring() -> None:
 def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -> None:
     """`bench/gpu/lease.sh`, the one command a device lease runs: its stages one after the other, each
     `run.sh` with its own weights and cache into its own JSON under $OUT, the trailing options (here the
-    small checkpoint's) applied to every stage."""
+    small checkpoint's) applied to every sweep stage, LEASE_ATTN_ARGS to the attention stage."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEASE_")}
     env |= {
         "OUT": str(tmp_path),
@@ -226,7 +226,7 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
     ]
     assert bf16["finished"] and kv8t["finished"] and kv8t["int8_logits"]["l2_relative"] > 0
     # The Triton kernel (in Triton's interpreter here) read the cache: the copy's logits, to rounding.
-    assert kv8t["int8_logits"]["fused_vs_dequantized_cache"]["l2_relative"] < 1e-4
+    assert kv8t["int8_logits"]["in_place_vs_copy"]["l2_relative"] < 1e-4
     assert kv8t["points"][0]["profile"]["ticks"] == 1 and bf16["points"][0]["profile"]["ticks"] == 1
 
 
