@@ -653,7 +653,8 @@ def make_lean_measured(model: MoshiModel, config: Config) -> dict[str, Any]:
     inputs = f"{LOGIT_ROWS} rows x {LOGIT_STEPS} streamed steps of random codes, text logits"
     result = {"inputs": inputs, "weights": config.weights, "kv_cache": config.kv_cache}
     result |= logits_difference(reference, lean)
-    if config.kv_cache == "int8" and (config.compile or config.kv_read not in ("auto", "copy")):
+    in_place = config.kv_read in ("compiled", "triton") or (config.kv_read == "auto" and config.compile)
+    if config.kv_cache == "int8" and in_place:
         # The cache read in place against the same lean LM reading it through the dequantized copy.
         set_int8_read(lm, "copy")
         copy = streaming_text_logits(lm, codes)

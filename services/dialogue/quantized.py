@@ -29,7 +29,7 @@ knows `Int8Linear` and which cache to build.
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from einops import rearrange
@@ -47,7 +47,7 @@ from services.dialogue.int8_attention import compiled_fused_int8_attention, trit
 
 Kernel = Literal["int8pack", "w8a8", "dequant"]
 Int8Read = Literal["auto", "copy", "compiled", "triton"]
-INT8_READS: tuple[Int8Read, ...] = ("auto", "copy", "compiled", "triton")
+INT8_READS: tuple[Int8Read, ...] = get_args(Int8Read)
 INT8_MAX = 127
 # torch._int_mm on CUDA wants more than 16 rows: a batch of 16 or fewer is padded with zero rows to 32.
 _INT_MM_MAX_ROWS_REFUSED, _INT_MM_PADDED_ROWS = 16, 32
@@ -208,13 +208,13 @@ class LeanAttention(StreamingMultiheadAttention):  # type: ignore[misc]  # moshi
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         state = self._streaming_state
-        int8_cache = state is not None and isinstance(state.kv_cache, Int8KVCache)
-        read = self._resolved_read()
-        if not (int8_cache and self.causal) or read == "copy":
-            out: torch.Tensor = super().forward(query, key, value)
-            return out
-        assert state is not None
-        return self._forward_on_int8_cache(query, state, read)
+        # The read is resolved only for an int8 cache: a lean LM's float-cache layers pay nothing per step.
+        if state is not None and isinstance(state.kv_cache, Int8KVCache) and self.causal:
+            read = self._resolved_read()
+            if read != "copy":
+                return self._forward_on_int8_cache(query, state, read)
+        out: torch.Tensor = super().forward(query, key, value)
+        return out
 
     def _resolved_read(self) -> Int8Read:
         if self.int8_read != "auto":
