@@ -27,6 +27,8 @@ CHORUS_DIALOGUE_WEIGHTS / CHORUS_DIALOGUE_KV_CACHE) make the LM lean as the work
 (services/dialogue/quantized.py: int8 linear layers, an int8 KV cache; torch alone), after the text
 logits of the float LM have been taken on random codes, streamed step by step: the results report the
 lean LM's difference from them on the same codes (`int8_logits`) and the weights' memory after.
+`--context` (default: the worker's CHORUS_DIALOGUE_CONTEXT, else the checkpoint's 3000 frames) sets the
+LM's attention context as the worker does (`set_context`): each session's KV cache is that long.
 
 `--adapters 0,1,4,8 --adapter-rank 128` (issue 16's target: at most 15 % extra for 8 distinct rank-128
 adapters) measures, before the slot sweep, one full batch of `--adapter-batch` steady sessions stepped by
@@ -70,6 +72,7 @@ from services.dialogue.model import (
     load_moshi,
     resolve_device,
     resolve_dtype,
+    set_context,
 )
 from services.dialogue.quantized import INT8_READS, Int8Read
 from services.dialogue.settings import DialogueSettings
@@ -628,7 +631,11 @@ def build_model(config: Config) -> MoshiModel:
     device = resolve_device(settings.dialogue_device)
     lm_config, mimi_config = published_architecture(full=True)
     dtype = resolve_dtype(settings.dialogue_dtype, device)
-    return build_random_moshi(lm_config, mimi_config, small / TOKENIZER_NAME, device, dtype, seed=config.seed)
+    model = build_random_moshi(
+        lm_config, mimi_config, small / TOKENIZER_NAME, device, dtype, seed=config.seed
+    )
+    set_context(model.lm, settings.dialogue_context)  # as load_moshi does
+    return model
 
 
 @torch.no_grad()
@@ -732,6 +739,7 @@ def _header(model: MoshiModel, config: Config) -> dict[str, Any]:
             "weights": config.weights,
             "kv_cache": config.kv_cache,
             "kv_read": config.kv_read,
+            "context_frames": model.lm.context,
             "ticks_per_point": config.ticks,
             "warmup_ticks": config.warmup_ticks,
             "mean_session_s": config.session_s,
@@ -898,12 +906,23 @@ def parse(argv: list[str] | None = None) -> Config:
         default=",".join(LORA_KERNELS),
         help=f"LoRA kernels the --adapters variants run with (default all: {','.join(LORA_KERNELS)})",
     )
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="frames the LM attends over, each session's KV cache length (default: the worker's "
+        "CHORUS_DIALOGUE_CONTEXT, else the checkpoint's)",
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"results JSON (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     adapters: list[int] = args.adapters
     if args.adapter_batch and adapters and args.adapter_batch < max(adapters):
         parser.error("no --adapters count above --adapter-batch (each needs a row of its own)")
     settings = DialogueSettings()
+    if args.context is not None:
+        if args.context < 1:
+            parser.error("--context is a number of frames, at least 1")
+        settings = settings.model_copy(update={"dialogue_context": args.context})
     size = args.size or ("full" if resolve_device(settings.dialogue_device).type == "cuda" else "small")
     device_out = os.environ.get("OUT")  # the device tool's folder: what is written there comes back
     out = args.out or (Path(device_out) / "dialogue_gpu.json" if device_out else DEFAULT_OUT)

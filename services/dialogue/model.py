@@ -138,6 +138,7 @@ def load_moshi(settings: DialogueSettings) -> MoshiModel:
             "dtype": str(dtype),
             "weights": settings.dialogue_weights,
             "kv_cache": settings.dialogue_kv_cache,
+            "context": lm.context,
             "text_card": lm.text_card,
         },
     )
@@ -158,7 +159,26 @@ def load_lm(info: Any, device: torch.device, dtype: torch.dtype, settings: Dialo
         int8_kv=settings.dialogue_kv_cache == "int8",
         dtype=dtype,
     )
+    set_context(lm, settings.dialogue_context)
     return lm
+
+
+def set_context(lm: LMModel, frames: int | None) -> None:
+    """The LM attends over `frames` past steps (None: the checkpoint's context), before streaming starts:
+    the main transformer's attention window and KV cache length (a session's cache is allocated at it),
+    and `lm.context`, which the rollover's default follows. The depformer's cache (its 8 steps) is left
+    as it is."""
+    if frames is None or frames == lm.context:
+        return
+    if lm.context is None or frames > lm.context:
+        raise ModelLoadError(
+            f"CHORUS_DIALOGUE_CONTEXT ({frames}) is past the checkpoint's context of {lm.context} frames: "
+            "the model was not trained to attend further"
+        )
+    from moshi.modules.transformer import set_attention_context
+
+    set_attention_context(lm.transformer, frames)
+    lm.context = frames
 
 
 def _load_q8_lm(info: Any, device: torch.device, dtype: torch.dtype) -> LMModel:

@@ -57,6 +57,18 @@ def rollover_threshold(setting: int | None, context: int | None, primer_bound: i
     return context - margin if context >= 2 * margin else None
 
 
+def check_context(setting: int | None, primer_bound: int) -> None:
+    """Refuse a CHORUS_DIALOGUE_CONTEXT (None: the checkpoint's, not checked) under twice the rollover
+    margin: the default rollover would be off, and a fresh state would spend more of its context on its
+    primer than on the conversation."""
+    least = 2 * (primer_bound + ROLLOVER_SLACK_FRAMES)
+    if setting is not None and setting < least:
+        raise ValueError(
+            f"CHORUS_DIALOGUE_CONTEXT ({setting}) must be at least {least} frames: twice the rollover margin "
+            f"(the primer bound of {primer_bound} frames plus {ROLLOVER_SLACK_FRAMES})"
+        )
+
+
 def check_rollover_at(at: int | None, context: int | None, primer_bound: int) -> None:
     """Refuse a CHORUS_DIALOGUE_ROLLOVER_AT the model cannot honour (None/0: nothing to check): at or within
     `primer_bound`, a fresh state would be due to roll over again as soon as its primer is in; past

@@ -36,6 +36,7 @@ from services.dialogue.inputs import Arrival, InputTimeline, Take
 from services.dialogue.model import MoshiModel
 from services.dialogue.priming import (
     ROLLOVER_SLACK_FRAMES,
+    check_context,
     check_rollover_at,
     primer_tokens,
     rollover_threshold,
@@ -135,6 +136,7 @@ class DialogueWorker:
         self.worker_id = settings.worker_id
         compile_ = settings.dialogue_compile
         primer_bound = settings.dialogue_max_primer_tokens + max(model.lm.delays)  # the batcher's delay
+        check_context(settings.dialogue_context, primer_bound)
         check_rollover_at(settings.dialogue_rollover_at, model.lm.context, primer_bound)
         self.adapter_store = AdapterStore(LocalStorage(settings.data_dir))
         bank = self._adapter_bank()

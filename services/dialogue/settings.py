@@ -60,6 +60,18 @@ class DialogueSettings(CommonSettings):
         description="The LM's KV cache: `float` (moshi's ring cache in the LM's dtype) or `int8` (one "
         "scale per head and position: about half the memory of bf16 per session, dequantized each step).",
     )
+    dialogue_context: int | None = Field(
+        default=None,
+        ge=1,
+        description="Frames of the conversation the LM attends over: each session's KV cache holds this many "
+        "steps. Unset: the checkpoint's (3000 for the published Moshi, 4 minutes). Shorter: each session's "
+        "cache, and each step's read of it, shrink in proportion, so more sessions fit a GPU (docs/"
+        'capacity.md, "A shorter context"); Moshi itself remembers less of the conversation, and the '
+        "default context rollover comes sooner (the fresh state is primed with the transcript's tail). At "
+        "most the checkpoint's context; at least twice the rollover margin "
+        "(`CHORUS_DIALOGUE_MAX_PRIMER_TOKENS` plus the acoustic delay plus 2 s): a worker refuses to "
+        "start otherwise.",
+    )
     dialogue_compile: bool | None = Field(
         default=None,
         description="Let moshi torch.compile its hot functions; unset = on for cuda, off for cpu "
