@@ -5,11 +5,14 @@
 # Every JSON is rewritten after each point, so a cut stage keeps what it measured.
 #   bench/gpu/lease.sh [extra options for every sweep stage, e.g. --size small --ticks 5 for a CPU
 #   rehearsal; the attn stage takes LEASE_ATTN_ARGS instead]
-# LEASE_STAGES (default "ctx attn int8t": what is still to measure), each with its length in seconds
+# LEASE_STAGES (default "ctx ctx8 attn": what is still to measure), each with its length in seconds
 # (LEASE_<STAGE>_S):
 #   ctx (240):   bf16 with a shorter attention context (CHORUS_DIALOGUE_CONTEXT; LEASE_CTX_FRAMES, default
 #                1500), 1000 ticks a point, 64, 80, then 72 slots: bench/bench_context.py predicts 80
 #                real-time sessions at 1500 frames from the bf16 sweep; this measures it;
+#   ctx8 (170):  the same context with int8 weights and a bf16 cache (issue 13's "64 with int8 weights": at
+#                3000 frames the cache, not the weights, is what fills the card), 500 ticks a point, 64 and
+#                96 slots, 20 profiled ticks a point (the int8 matmuls' share of the step);
 #   attn (120):  one attention step over a full cache at 64 sessions, every read (bf16, the copy, the
 #                compiled read, the Triton kernel at six tunings), timed alone (bench/gpu_int8_attention.py;
 #                LEASE_ATTN_ARGS passes it options, e.g. a small shape for a CPU rehearsal);
@@ -28,9 +31,10 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 DIR=${OUT:-bench/results}
 INT8=(--weights int8 --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 64,80,96 --profile-ticks 20)
+CTX=(--context "${LEASE_CTX_FRAMES:-1500}")
 KV8=(--weights float --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 48,64 --profile-ticks 20)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv 2>/dev/null
-for stage in ${LEASE_STAGES:-ctx attn int8t}; do
+for stage in ${LEASE_STAGES:-ctx ctx8 attn}; do
   if [ "$stage" = attn ]; then
     seconds=${LEASE_ATTN_S:-120}
     echo "== attn, $(date +%T), at most $seconds s"
@@ -42,14 +46,16 @@ for stage in ${LEASE_STAGES:-ctx attn int8t}; do
   fi
   case $stage in
     bf16)  seconds=${LEASE_BF16_S:-330}; options=(--ticks 1000 --slots 32,40,16,48) ;;
-    ctx)   seconds=${LEASE_CTX_S:-240}; options=(--context "${LEASE_CTX_FRAMES:-1500}" --ticks 1000 --baseline-ticks 0 --slots 64,80,72) ;;
+    ctx)   seconds=${LEASE_CTX_S:-240}; options=("${CTX[@]}" --ticks 1000 --baseline-ticks 0 --slots 64,80,72) ;;
+    ctx8)  seconds=${LEASE_CTX8_S:-170}
+           options=("${CTX[@]}" --weights int8 --kv-cache float --ticks 500 --baseline-ticks 0 --slots 64,96 --profile-ticks 20) ;;
     int8)  seconds=${LEASE_INT8_S:-230}; options=("${INT8[@]}" --kv-read auto) ;;
     int8t) seconds=${LEASE_INT8T_S:-230}; options=("${INT8[@]}" --kv-read triton) ;;
     kv8)   seconds=${LEASE_KV8_S:-150}; options=("${KV8[@]}" --kv-read auto) ;;
     kv8t)  seconds=${LEASE_KV8T_S:-150}; options=("${KV8[@]}" --kv-read triton) ;;
     lora)  seconds=${LEASE_LORA_S:-300}
            options=(--slots "" --baseline-ticks 0 --adapters 0,1,4,8 --adapter-rank 128 --adapter-batch 32 --ticks 200) ;;
-    *) echo "unknown stage $stage (attn, bf16, ctx, int8, int8t, kv8, kv8t, lora)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (attn, bf16, ctx, ctx8, int8, int8t, kv8, kv8t, lora)" >&2; exit 2 ;;
   esac
   file=dialogue_gpu.json
   [ "$stage" = bf16 ] || file=dialogue_gpu_$stage.json

@@ -182,7 +182,7 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
         "WHEELHOUSE": str(tmp_path / "no-wheelhouse"),
         "CHORUS_DIALOGUE_DEVICE": "cpu",
         "CHORUS_BENCH_THREADS": "1",
-        "LEASE_STAGES": "attn ctx kv8t",  # bf16 is ctx at the checkpoint's context
+        "LEASE_STAGES": "attn ctx ctx8 kv8t",  # bf16 is ctx at the checkpoint's context
         "LEASE_CTX_FRAMES": "60",  # the small checkpoint attends over 100
         "LEASE_ATTN_ARGS": "--rows 2 --heads 4 --capacity 70 --dim 16 --repeats 2 --blocks 32,64 --warps 4",
     }
@@ -202,10 +202,15 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in ("attn", "ctx", "kv8t"):
+    for stage in ("attn", "ctx", "ctx8", "kv8t"):
         assert f"== {stage} exit 0" in done.stdout, done.stdout[-2000:]
     written = sorted(p.name for p in tmp_path.glob("*.json"))
-    assert written == ["dialogue_gpu_ctx.json", "dialogue_gpu_kv8t.json", "int8_attention.json"]
+    assert written == [
+        "dialogue_gpu_ctx.json",
+        "dialogue_gpu_ctx8.json",
+        "dialogue_gpu_kv8t.json",
+        "int8_attention.json",
+    ]
     attention = json.loads((tmp_path / "int8_attention.json").read_text(encoding="utf-8"))
     reads = attention["reads"]
     assert list(reads) == ["bf16_sdpa", "copy", "compiled", "triton_b32_w4", "triton_b64_w4"]
@@ -227,6 +232,9 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
     ]
     assert ctx["finished"] and kv8t["finished"] and kv8t["int8_logits"]["l2_relative"] > 0
     assert ctx["configuration"]["context_frames"] == 60 and kv8t["configuration"]["context_frames"] == 100
+    ctx8 = json.loads((tmp_path / "dialogue_gpu_ctx8.json").read_text(encoding="utf-8"))
+    assert ctx8["finished"] and ctx8["configuration"]["context_frames"] == 60
+    assert [ctx8["configuration"][k] for k in ("weights", "kv_cache")] == ["int8", "float"]
     # The Triton kernel (in Triton's interpreter here) read the cache: the copy's logits, to rounding.
     assert kv8t["int8_logits"]["in_place_vs_copy"]["l2_relative"] < 1e-4
     assert kv8t["points"][0]["profile"]["ticks"] == 1 and ctx["points"][0]["profile"]["ticks"] == 1
