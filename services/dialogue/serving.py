@@ -184,18 +184,34 @@ class DialogueWorker:
         self.rollover_at = rollover_threshold(settings.dialogue_rollover_at, model.lm.context, primer_bound)
         # A due rollover waits this long for a free slot, then goes in place.
         self._last_call = (self.rollover_at or 0) + ROLLOVER_SLACK_FRAMES
-        metrics.WORKER_SLOTS_TOTAL.labels(service=SERVICE).set(self.batcher.batch_size)
-        metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(self.batcher.batch_size)
+        self.reserve = settings.dialogue_rollover_reserve  # rows kept free for rollovers
+        if self.reserve and self.rollover_at is None:
+            raise ValueError(
+                f"CHORUS_DIALOGUE_ROLLOVER_RESERVE ({self.reserve}) keeps rows for context rollovers, and "
+                "this worker rolls none over (CHORUS_DIALOGUE_ROLLOVER_AT 0, or a context under twice the "
+                "rollover margin)"
+            )
+        metrics.WORKER_SLOTS_TOTAL.labels(service=SERVICE).set(self.capacity)
+        metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(self.capacity)
 
     # --- presence ------------------------------------------------------------------------------
 
+    @property
+    def capacity(self) -> int:
+        """Sessions this worker serves at once: its rows, less those kept for rollovers."""
+        return self.batcher.batch_size - self.reserve
+
+    def free_slots(self) -> int:
+        """Free rows that placement and failover may fill: all but those kept for rollovers."""
+        return max(0, len(self.batcher.free_rows()) - self.reserve)
+
     def can_take(self) -> bool:
-        return bool(self.batcher.free_rows())
+        return self.free_slots() > 0
 
     def describe(self) -> WorkerFields:
         fields: WorkerFields = {
-            "capacity": self.batcher.batch_size,
-            "free_slots": len(self.batcher.free_rows()),
+            "capacity": self.capacity,
+            "free_slots": self.free_slots(),
             "model": self.model.name,
             "checkpoint": self.model.source,
             "device": str(self.model.device),
@@ -243,7 +259,7 @@ class DialogueWorker:
                     apply=self._apply_control,
                     sessions=lambda: list(self.sessions),
                     on_over=self._on_over,
-                    capacity=lambda: len(self.batcher.free_rows()),
+                    capacity=self.free_slots,
                     on_takeover=self._on_takeover,
                     check_s=self.settings.session_check_s,
                     poll_s=self.settings.failover_poll_s,
@@ -832,6 +848,6 @@ class DialogueWorker:
 
     async def _slots_changed(self) -> None:
         metrics.SESSIONS_ACTIVE.labels(service=SERVICE).set(len(self.sessions))
-        metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(len(self.batcher.free_rows()))
+        metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(self.free_slots())
         if self.presence is not None:
             await self.presence.refresh()

@@ -134,6 +134,15 @@ class DialogueSettings(CommonSettings):
         "(after the persona primer, within `CHORUS_DIALOGUE_MAX_PRIMER_TOKENS`): docs/personas.md.",
     )
 
+    dialogue_rollover_reserve: int = Field(
+        default=0,
+        ge=0,
+        description="Rows of the batch that placement and failover leave free for context rollovers, so "
+        "that a full worker still rolls a session over on a free row (no pause) instead of in place (a "
+        "pause of up to the primer bound while the fresh state is primed). The worker serves "
+        "`CHORUS_DIALOGUE_SLOTS` minus this many sessions. 0: none. Less than the slots, and only with "
+        "rollover on: a worker refuses to start otherwise.",
+    )
     dialogue_prime_ahead: bool = Field(
         default=True,
         description="Use a tick's spare time for extra steps of the rows still priming (the others "
@@ -178,6 +187,15 @@ class DialogueSettings(CommonSettings):
             raise ValueError(
                 "dialogue_lora_graphs needs dialogue_lora_kernel grouped (or auto): the per_adapter "
                 "kernel's plan is a host decision a CUDA graph would freeze"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _a_row_left_to_place(self) -> DialogueSettings:
+        if self.dialogue_rollover_reserve >= self.dialogue_slots:
+            raise ValueError(
+                f"dialogue_rollover_reserve ({self.dialogue_rollover_reserve}) must be under dialogue_slots "
+                f"({self.dialogue_slots}): the worker would place no session"
             )
         return self
 

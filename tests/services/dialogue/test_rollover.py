@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
-from services.dialogue.model import MoshiModel
+from services.dialogue.model import MoshiModel, load_moshi
 from services.dialogue.serving import DialogueWorker
 from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES
@@ -162,6 +162,16 @@ def test_a_threshold_the_model_cannot_honour_stops_the_worker_at_start(
         DialogueWorker(bus, settings, moshi_model)
 
 
+def test_rows_kept_for_rollovers_leave_a_row_to_place_and_need_rollovers(bus: Bus, moshi_dir: Path) -> None:
+    with pytest.raises(ValidationError, match="must be under dialogue_slots"):
+        DialogueSettings(dialogue_slots=2, dialogue_rollover_reserve=2)
+    settings = settings_for(moshi_dir, dialogue_slots=2, dialogue_rollover_reserve=1)
+    model = load_moshi(settings)
+    assert model.lm.context == 100  # under twice the default margin: rollover is off by default
+    with pytest.raises(ValueError, match="this worker rolls none over"):
+        DialogueWorker(bus, settings, model)
+
+
 ROLLOVER_METRICS = ("chorus_context_rollovers_total", "chorus_context_rollover_seconds_count")
 
 
@@ -288,3 +298,32 @@ async def test_a_rollover_leaves_the_free_slot_to_a_placement_under_way(
     await reader.until(lambda r: r.event(EventName.CONTEXT_ROLLOVER) is not None, 30, "no rollover after")
     rollover = reader.event(EventName.CONTEXT_ROLLOVER)
     assert rollover is not None and rollover.data_as(ContextRollover).kind == "free_slot"
+
+
+async def test_a_row_kept_for_rollovers_is_left_free_by_placement_and_spares_a_full_worker_the_pause(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    running = await start_worker(
+        dialogue_slots=2,
+        dialogue_rollover_reserve=1,
+        dialogue_rollover_at=24,
+        dialogue_max_primer_tokens=8,
+        dialogue_tick_ms=40,
+    )
+    worker = running.worker
+    assert worker.describe()["capacity"] == 1
+    await open_session(bus, SessionStart(session_id="first"))
+    first = DialogueReader(bus, "first")
+    await first.until(lambda r: r.event(EventName.READY) is not None, 30, "never ready")
+    assert worker.describe()["free_slots"] == 0 and len(worker.batcher.free_rows()) == 1
+    await open_session(bus, SessionStart(session_id="second"))
+    second = DialogueReader(bus, "second")
+    await first.until(
+        lambda r: len([e for e in r.events if e.name == EventName.CONTEXT_ROLLOVER]) >= 2, 60, "no rollovers"
+    )
+    events = [e.data_as(ContextRollover) for e in first.events if e.name == EventName.CONTEXT_ROLLOVER]
+    assert all(e.kind == "free_slot" and e.gap_frames == 0 for e in events), "rolled over on the kept row"
+    await second.poll()
+    assert second.event(EventName.READY) is None and "second" not in worker.sessions, "placed on the kept row"
+    await bus.append_control(SessionStop(session_id="first"))
+    await second.until(lambda r: r.event(EventName.READY) is not None, 30, "never placed once a row freed")
