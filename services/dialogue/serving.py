@@ -138,6 +138,14 @@ class DialogueWorker:
         primer_bound = settings.dialogue_max_primer_tokens + max(model.lm.delays)  # the batcher's delay
         check_context(settings.dialogue_context, primer_bound)
         check_rollover_at(settings.dialogue_rollover_at, model.lm.context, primer_bound)
+        self.rollover_at = rollover_threshold(settings.dialogue_rollover_at, model.lm.context, primer_bound)
+        self.reserve = settings.dialogue_rollover_reserve  # rows kept free for rollovers
+        if self.reserve and self.rollover_at is None:
+            raise ValueError(
+                f"CHORUS_DIALOGUE_ROLLOVER_RESERVE ({self.reserve}) keeps rows for context rollovers, and "
+                "this worker rolls none over (CHORUS_DIALOGUE_ROLLOVER_AT 0, or a context under twice the "
+                "rollover margin)"
+            )
         self.adapter_store = AdapterStore(LocalStorage(settings.data_dir))
         bank = self._adapter_bank()
         self.batcher = Batcher(
@@ -181,16 +189,8 @@ class DialogueWorker:
         # The tick loop's own connections (`shared.bus.Lane`): its `:in` read, its write (in flight beside).
         self._read_lane, self._write_lane = bus.lane(), bus.lane()
         self._switches: dict[str, asyncio.Task[None]] = {}  # each session's latest adapter switch, running
-        self.rollover_at = rollover_threshold(settings.dialogue_rollover_at, model.lm.context, primer_bound)
         # A due rollover waits this long for a free slot, then goes in place.
         self._last_call = (self.rollover_at or 0) + ROLLOVER_SLACK_FRAMES
-        self.reserve = settings.dialogue_rollover_reserve  # rows kept free for rollovers
-        if self.reserve and self.rollover_at is None:
-            raise ValueError(
-                f"CHORUS_DIALOGUE_ROLLOVER_RESERVE ({self.reserve}) keeps rows for context rollovers, and "
-                "this worker rolls none over (CHORUS_DIALOGUE_ROLLOVER_AT 0, or a context under twice the "
-                "rollover margin)"
-            )
         metrics.WORKER_SLOTS_TOTAL.labels(service=SERVICE).set(self.capacity)
         metrics.WORKER_SLOTS_FREE.labels(service=SERVICE).set(self.capacity)
 

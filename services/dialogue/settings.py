@@ -66,7 +66,7 @@ class DialogueSettings(CommonSettings):
         description="Frames of the conversation the LM attends over: each session's KV cache holds this many "
         "steps. Unset: the checkpoint's (3000 for the published Moshi, 4 minutes). Shorter: each session's "
         "cache, and each step's read of it, shrink in proportion, so more sessions fit a GPU (docs/"
-        'capacity.md, "A shorter context"); Moshi itself remembers less of the conversation, and the '
+        'performance.md, "A shorter context"); Moshi itself remembers less of the conversation, and the '
         "default context rollover comes sooner (the fresh state is primed with the transcript's tail). At "
         "most the checkpoint's context; at least twice the rollover margin "
         "(`CHORUS_DIALOGUE_MAX_PRIMER_TOKENS` plus the acoustic delay plus 2 s): a worker refuses to "
