@@ -8,7 +8,7 @@
 # LEASE_STAGES (default "ctx ctx8 attn": what is still to measure), each with its length in seconds
 # (LEASE_<STAGE>_S):
 #   ctx (240):   bf16 with a shorter attention context (CHORUS_DIALOGUE_CONTEXT; LEASE_CTX_FRAMES, default
-#                1500), 1000 ticks a point, 64, 80, then 72 slots: bench/bench_context.py predicts 80
+#                1500), 1000 ticks a point, 64, 72, 80 slots: bench/bench_context.py predicts 80
 #                real-time sessions at 1500 frames from the bf16 sweep; this measures it;
 #   ctx8 (170):  the same context with int8 weights and a bf16 cache (issue 13's "64 with int8 weights": at
 #                3000 frames the cache, not the weights, is what fills the card), 500 ticks a point, 64 and
@@ -46,7 +46,7 @@ for stage in ${LEASE_STAGES:-ctx ctx8 attn}; do
   fi
   case $stage in
     bf16)  seconds=${LEASE_BF16_S:-330}; options=(--ticks 1000 --slots 32,40,16,48) ;;
-    ctx)   seconds=${LEASE_CTX_S:-240}; options=("${CTX[@]}" --ticks 1000 --baseline-ticks 0 --slots 64,80,72) ;;
+    ctx)   seconds=${LEASE_CTX_S:-240}; options=("${CTX[@]}" --ticks 1000 --baseline-ticks 0 --slots 64,72,80) ;;
     ctx8)  seconds=${LEASE_CTX8_S:-170}
            options=("${CTX[@]}" --weights int8 --kv-cache float --ticks 500 --baseline-ticks 0 --slots 64,96 --profile-ticks 20) ;;
     int8)  seconds=${LEASE_INT8_S:-230}; options=("${INT8[@]}" --kv-read auto) ;;

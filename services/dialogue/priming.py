@@ -43,6 +43,12 @@ def primer_tokens(
 ROLLOVER_SLACK_FRAMES = 25  # 2 s
 
 
+def rollover_margin(primer_bound: int) -> int:
+    """The frames the default rollover leaves before the context is full: the primer bound (plus the
+    acoustic delay) and `ROLLOVER_SLACK_FRAMES`."""
+    return primer_bound + ROLLOVER_SLACK_FRAMES
+
+
 def rollover_threshold(setting: int | None, context: int | None, primer_bound: int) -> int | None:
     """The steps after which a session's state rolls over (None: never). `setting` is
     CHORUS_DIALOGUE_ROLLOVER_AT (None: the default, 0: off); `primer_bound` the most steps priming a fresh
@@ -53,7 +59,7 @@ def rollover_threshold(setting: int | None, context: int | None, primer_bound: i
         return setting or None
     if context is None:
         return None
-    margin = primer_bound + ROLLOVER_SLACK_FRAMES
+    margin = rollover_margin(primer_bound)
     return context - margin if context >= 2 * margin else None
 
 
@@ -61,7 +67,7 @@ def check_context(setting: int | None, primer_bound: int) -> None:
     """Refuse a CHORUS_DIALOGUE_CONTEXT (None: the checkpoint's, not checked) under twice the rollover
     margin: the default rollover would be off, and a fresh state would spend more of its context on its
     primer than on the conversation."""
-    least = 2 * (primer_bound + ROLLOVER_SLACK_FRAMES)
+    least = 2 * rollover_margin(primer_bound)
     if setting is not None and setting < least:
         raise ValueError(
             f"CHORUS_DIALOGUE_CONTEXT ({setting}) must be at least {least} frames: twice the rollover margin "

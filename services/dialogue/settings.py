@@ -70,7 +70,8 @@ class DialogueSettings(CommonSettings):
         "default context rollover comes sooner (the fresh state is primed with the transcript's tail). At "
         "most the checkpoint's context; at least twice the rollover margin "
         "(`CHORUS_DIALOGUE_MAX_PRIMER_TOKENS` plus the acoustic delay plus 2 s): a worker refuses to "
-        "start otherwise.",
+        "start otherwise. With `CHORUS_DIALOGUE_ROLLOVER_AT=0` the shorter cache wraps instead (the persona "
+        "fades sooner).",
     )
     dialogue_compile: bool | None = Field(
         default=None,
