@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from services.dialogue.priming import rollover_margin
 from shared.settings import CommonSettings
 
 
@@ -188,6 +189,18 @@ class DialogueSettings(CommonSettings):
             raise ValueError(
                 "dialogue_lora_graphs needs dialogue_lora_kernel grouped (or auto): the per_adapter "
                 "kernel's plan is a host decision a CUDA graph would freeze"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _context_fits_a_rollover(self) -> DialogueSettings:
+        # Before any model loads (minutes for the 7B): without the acoustic delay, which only the
+        # checkpoint knows; the worker checks the exact bound (priming.check_context) once it is loaded.
+        least = 2 * rollover_margin(self.dialogue_max_primer_tokens)
+        if self.dialogue_context is not None and self.dialogue_context < least:
+            raise ValueError(
+                f"dialogue_context ({self.dialogue_context}) must be at least {least} frames (more with the "
+                "checkpoint's acoustic delay): twice the rollover margin"
             )
         return self
 

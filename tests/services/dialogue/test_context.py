@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from moshi.modules.transformer import StreamingMultiheadAttention
+from pydantic import ValidationError
 
 from bench.bench_quant import kv_bytes_per_session, random_codes, streaming_text_logits
 from services.dialogue.model import MoshiModel, load_moshi
 from services.dialogue.priming import ROLLOVER_SLACK_FRAMES
 from services.dialogue.serving import DialogueWorker
+from services.dialogue.settings import DialogueSettings
 from shared.bus import Bus
 from shared.errors import ModelLoadError
 from shared.messages import ContextRollover, EventName, SessionStart, SessionStop
@@ -24,7 +26,8 @@ from tests.support.sessions import open_session
 
 StartWorker = Callable[..., Awaitable[RunningWorker]]
 CHECKPOINT_CONTEXT = 100
-SHORT = 40
+SHORT = 60
+PRIMER_TOKENS = 4  # a small primer bound: twice the rollover margin (2 x (4 + 1 + 25)) is under SHORT
 
 
 def attention_contexts(module: torch.nn.Module) -> set[int | None]:
@@ -35,7 +38,14 @@ def attention_contexts(module: torch.nn.Module) -> set[int | None]:
 def test_each_sessions_cache_is_allocated_at_the_shorter_context(
     moshi_dir: Path, moshi_model: MoshiModel, kv_cache: str
 ) -> None:
-    short = load_moshi(settings_for(moshi_dir, dialogue_context=SHORT, dialogue_kv_cache=kv_cache))
+    short = load_moshi(
+        settings_for(
+            moshi_dir,
+            dialogue_context=SHORT,
+            dialogue_kv_cache=kv_cache,
+            dialogue_max_primer_tokens=PRIMER_TOKENS,
+        )
+    )
     assert moshi_model.lm.context == CHECKPOINT_CONTEXT
     assert short.lm.context == SHORT
     assert attention_contexts(short.lm.transformer) == {SHORT}
@@ -55,7 +65,9 @@ def test_each_sessions_cache_is_allocated_at_the_shorter_context(
 
 @torch.no_grad()
 def test_the_lm_attends_over_the_shorter_context_alone(moshi_dir: Path, moshi_model: MoshiModel) -> None:
-    short = load_moshi(settings_for(moshi_dir, dialogue_context=SHORT))
+    short = load_moshi(
+        settings_for(moshi_dir, dialogue_context=SHORT, dialogue_max_primer_tokens=PRIMER_TOKENS)
+    )
     codes = random_codes(moshi_model.lm, rows=2, steps=SHORT + 20, seed=3)
     full_logits = streaming_text_logits(moshi_model.lm, codes)  # [steps, rows, text card]
     short_logits = streaming_text_logits(short.lm, codes)
@@ -67,7 +79,18 @@ def test_the_lm_attends_over_the_shorter_context_alone(moshi_dir: Path, moshi_mo
 
 def test_a_context_past_the_checkpoints_is_refused_at_load(moshi_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="past the checkpoint's context of 100 frames"):
-        load_moshi(settings_for(moshi_dir, dialogue_context=CHECKPOINT_CONTEXT + 1))
+        load_moshi(
+            settings_for(
+                moshi_dir,
+                dialogue_context=CHECKPOINT_CONTEXT + 1,
+                dialogue_max_primer_tokens=PRIMER_TOKENS,
+            )
+        )
+
+
+def test_a_context_too_short_to_roll_over_in_is_refused_before_any_model_loads() -> None:
+    with pytest.raises(ValidationError, match="must be at least 58 frames"):  # 2 x (4 + 25), no delay known
+        DialogueSettings(dialogue_context=57, dialogue_max_primer_tokens=4)
 
 
 def test_a_context_too_short_to_roll_over_in_stops_the_worker_at_start(bus: Bus, moshi_dir: Path) -> None:
