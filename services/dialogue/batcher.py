@@ -204,6 +204,14 @@ class Batcher:
     def free_rows(self) -> list[int]:
         return [s.row for s in self.slots if s.session_id is None]
 
+    def seated_sessions(self) -> int:
+        """Sessions holding rows (a session rolling over on a free row holds two: counted once)."""
+        return len({s.session_id for s in self.slots if s.session_id is not None})
+
+    def fresh_rows(self) -> int:
+        """Rows held by a rollover's fresh state until it takes over (its session's second row)."""
+        return sum(1 for s in self.slots if s.replaces is not None)
+
     def active(self) -> list[Slot]:
         return [s for s in self.slots if s.session_id is not None]
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from services.dialogue.adapter_cache import AdapterCache, slots_for
 from services.dialogue.adapters import NO_ADAPTER, AdapterBank, layer_shapes, resolve_kernel
-from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
+from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput, Slot
 from services.dialogue.inputs import Arrival, InputTimeline, Take
 from services.dialogue.model import MoshiModel
 from services.dialogue.priming import (
@@ -202,8 +202,9 @@ class DialogueWorker:
         return self.batcher.batch_size - self.reserve
 
     def free_slots(self) -> int:
-        """Free rows that placement and failover may fill: all but those kept for rollovers."""
-        return max(0, len(self.batcher.free_rows()) - self.reserve)
+        """Sessions that placement and failover may seat now: the free rows, up to what the capacity
+        leaves (the rows kept for rollovers, whether free or holding a fresh state, are not theirs)."""
+        return max(0, min(len(self.batcher.free_rows()), self.capacity - self.batcher.seated_sessions()))
 
     def can_take(self) -> bool:
         return self.free_slots() > 0
@@ -332,17 +333,14 @@ class DialogueWorker:
         if self.rollover_at is None:
             return False
         took_slot = False
-        # A placement or takeover under way counted a free slot as its own: a rollover taking it would make
-        # its join fail with the session already taken here. Its few round trips are over well within the
-        # slack: the rollover waits for them.
-        placing = self._placing.locked()
         for slot in self.batcher.due_rollovers(self.rollover_at):
             session = self.sessions.get(slot.session_id or "")
-            free = bool(self.batcher.free_rows())
-            if session is None or (free and placing) or (not free and slot.age < self._last_call):
-                continue  # no free slot yet: another rollover may free one before this one must go in place
+            if session is None or self._rollover_waits(slot):
+                continue
             history = self.settings.dialogue_rollover_history_tokens
             tokens = self._primer(session.start, await self._spoken_lately(session, history), history)
+            if self._rollover_waits(slot):  # a placement or takeover began during the read
+                continue
             kind = self.batcher.roll_over(slot.row, tokens)
             session.rollover_started = time.monotonic()
             took_slot = took_slot or kind is RolloverKind.FREE_SLOT
@@ -553,6 +551,16 @@ class DialogueWorker:
         )
 
     # --- placement and failover ----------------------------------------------------------------------
+
+    def _rollover_waits(self, slot: Slot) -> bool:
+        """Whether a due rollover waits for now. With no free row: until its last call, for another
+        rollover to free one, then it goes in place. With one, while a placement or takeover is under way
+        (it counted free rows as its own: taking one would make its join fail with the session already
+        taken here; its few round trips end well within the slack), unless fewer rollovers than the
+        reserve hold a fresh row: the placement never counted the reserve's rows."""
+        if not self.batcher.free_rows():
+            return slot.age < self._last_call
+        return self._placing.locked() and self.batcher.fresh_rows() >= self.reserve
 
     async def _on_control(self, message: ControlMessage, entry: Entry) -> Handled | None:
         """Placement group handler: starts only (update/stop come on each session's control stream)."""

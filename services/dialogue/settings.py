@@ -211,6 +211,10 @@ class DialogueSettings(CommonSettings):
                 f"dialogue_rollover_reserve ({self.dialogue_rollover_reserve}) must be under dialogue_slots "
                 f"({self.dialogue_slots}): the worker would place no session"
             )
+        if self.dialogue_rollover_reserve and self.dialogue_rollover_at == 0:
+            raise ValueError(
+                "dialogue_rollover_reserve keeps rows for rollovers: dialogue_rollover_at 0 turns them off"
+            )
         return self
 
     @model_validator(mode="after")

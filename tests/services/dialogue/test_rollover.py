@@ -165,6 +165,8 @@ def test_a_threshold_the_model_cannot_honour_stops_the_worker_at_start(
 def test_rows_kept_for_rollovers_leave_a_row_to_place_and_need_rollovers(bus: Bus, moshi_dir: Path) -> None:
     with pytest.raises(ValidationError, match="must be under dialogue_slots"):
         DialogueSettings(dialogue_slots=2, dialogue_rollover_reserve=2)
+    with pytest.raises(ValidationError, match="dialogue_rollover_at 0 turns them off"):
+        DialogueSettings(dialogue_slots=2, dialogue_rollover_reserve=1, dialogue_rollover_at=0)
     settings = settings_for(moshi_dir, dialogue_slots=2, dialogue_rollover_reserve=1)
     model = load_moshi(settings)
     assert model.lm.context == 100  # under twice the default margin: rollover is off by default
@@ -327,3 +329,89 @@ async def test_a_row_kept_for_rollovers_is_left_free_by_placement_and_spares_a_f
     assert second.event(EventName.READY) is None and "second" not in worker.sessions, "placed on the kept row"
     await bus.append_control(SessionStop(session_id="first"))
     await second.until(lambda r: r.event(EventName.READY) is not None, 30, "never placed once a row freed")
+
+
+async def test_a_rollover_takes_a_kept_row_while_a_placement_is_under_way_and_placement_counts_it_once(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    """A placement never counts the rows kept for rollovers, so a rollover may take one while a placement
+    holds the lock (without a reserve it waits: the test above); and while its fresh state holds that row,
+    the worker still offers placement what its capacity leaves (the kept row is not held back twice)."""
+    running = await start_worker(
+        dialogue_slots=3,
+        dialogue_rollover_reserve=1,
+        dialogue_rollover_at=24,
+        dialogue_max_primer_tokens=8,
+        dialogue_tick_ms=40,
+    )
+    worker, batcher = running.worker, running.worker.batcher
+    await open_session(bus, SessionStart(session_id="due"))
+    reader = DialogueReader(bus, "due")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "never ready")
+    async with worker._placing:
+        rows = await wait_until(
+            lambda: (batcher.fresh_rows(), worker.free_slots()) if batcher.fresh_rows() else None,
+            "the rollover waited for the placement",
+            30,
+        )
+        assert rows == (1, 1), "one fresh row; capacity 2 less the one session: one seat to offer"
+        await reader.until(lambda r: r.event(EventName.CONTEXT_ROLLOVER) is not None, 30, "never took over")
+    rollover = reader.event(EventName.CONTEXT_ROLLOVER)
+    assert rollover is not None and rollover.data_as(ContextRollover).kind == "free_slot"
+
+
+@pytest.mark.parametrize(("slots", "reserve"), [(3, 0), (4, 1)])
+async def test_a_placement_that_begins_while_a_rollover_reads_its_transcript_keeps_its_row(
+    bus: Bus, start_worker: StartWorker, slots: int, reserve: int
+) -> None:
+    """A due rollover reads the session's transcript (a Redis round trip) before it takes a row; a start
+    placed meanwhile has counted the free rows. Every rollover due on that tick must leave the placement
+    its row: its join would fail with the session already taken here."""
+    running = await start_worker(
+        dialogue_slots=slots,
+        dialogue_rollover_reserve=reserve,
+        dialogue_rollover_at=60,
+        dialogue_max_primer_tokens=8,
+        dialogue_tick_ms=40,
+    )
+    worker = running.worker
+    for sid in ("a", "b"):
+        await open_session(bus, SessionStart(session_id=sid))
+        await DialogueReader(bus, sid).until(
+            lambda r: r.event(EventName.READY) is not None, 30, "never ready"
+        )
+    assert worker.free_slots() == 1
+    joins: list[int | Exception] = []
+    join = worker.batcher.join
+
+    def recorded_join(*args: Any, **kwargs: Any) -> int:
+        try:
+            row = join(*args, **kwargs)
+        except Exception as exc:
+            joins.append(exc)
+            raise
+        joins.append(row)
+        return row
+
+    read = worker._spoken_lately
+    placed_during_read = False
+
+    async def read_with_a_placement_under_way(session: Any, history: int) -> str:
+        nonlocal placed_during_read
+        if not placed_during_read:
+            placed_during_read = True
+            await open_session(bus, SessionStart(session_id="third"))
+            await wait_until(worker._placing.locked, "no placement began", 10)
+        return await read(session, history)
+
+    worker.batcher.join = recorded_join  # type: ignore[method-assign]
+    worker._spoken_lately = read_with_a_placement_under_way  # type: ignore[method-assign]
+    async with worker._table:  # both sessions come due on the same tick
+        live = [s for s in worker.batcher.slots if s.phase is Phase.LIVE]
+        for s in live:
+            s.age = max(slot.age for slot in live)
+    await wait_until(lambda: joins, "the placement never joined", 30)
+    assert all(isinstance(j, int) for j in joins), f"a rollover took the placement's row: {joins}"
+    await DialogueReader(bus, "third").until(
+        lambda r: r.event(EventName.READY) is not None, 30, "never ready"
+    )
