@@ -675,13 +675,23 @@ class DialogueWorker:
                     await self.ownership.release(sid)
                 return
             try:
-                row = self.batcher.join(sid, tokens, start.persona.sampling, adapter_slot)
+                row: int | None = self.batcher.join(sid, tokens, start.persona.sampling, adapter_slot)
+            except NoCapacity:
+                # Placement, failover and rollovers count free rows under `_placing` and never the same
+                # one; should that ever break, the session is refused, not the worker's loops ended.
+                self._release_adapter(start)
+                row = None
             except BaseException:
                 self._release_adapter(start)  # its use of the adapter goes with it
                 raise
-            timeline = InputTimeline(s.dialogue_input_buffer_frames, s.dialogue_jitter_frames)
-            utterances = UtteranceBuilder(s.dialogue_utterance_pause_frames)
-            self.sessions[sid] = Session(start, row, timeline, seq, resumed_from, len(tokens), utterances)
+            if row is not None:
+                timeline = InputTimeline(s.dialogue_input_buffer_frames, s.dialogue_jitter_frames)
+                utterances = UtteranceBuilder(s.dialogue_utterance_pause_frames)
+                self.sessions[sid] = Session(start, row, timeline, seq, resumed_from, len(tokens), utterances)
+        if row is None:
+            log.error("a placed session found no free row: refused", extra={"session_id": sid})
+            await self._refuse(start, seq, NoCapacity(f"all {self.batcher.batch_size} slots are busy"))
+            return
         await self._slots_changed()
         self._joined.set()
         placed: dict[str, str | int | float] = {"dialogue_worker": self.worker_id, "dialogue_slot": row}

@@ -12,8 +12,10 @@ from prometheus_client import REGISTRY
 
 from shared.audio import FRAME_BYTES, float_to_pcm16
 from shared.bus import Bus
+from shared.errors import NoCapacity
 from shared.messages import (
     EventName,
+    Failure,
     PersonaSpec,
     Placement,
     SessionEvent,
@@ -237,3 +239,28 @@ async def test_a_session_stopped_while_it_speaks_ends_after_its_last_frame(
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "stream order is seq order"
     last = reader.entries[-1]
     assert isinstance(last, SessionEvent) and last.name == EventName.ENDED
+
+
+async def test_a_placed_session_that_finds_no_free_row_is_refused_and_the_worker_serves_on(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    """Placement, failover and rollovers never count the same free row (tests/services/dialogue/
+    test_rollover.py); should a join still find none, that session is refused with `no_capacity` and the
+    worker's loops go on: the next session is placed."""
+    running = await start_worker()
+    batcher = running.worker.batcher
+    join = batcher.join
+
+    def full_once(*args: object, **kwargs: object) -> int:
+        batcher.join = join  # type: ignore[method-assign]
+        raise NoCapacity(f"all {batcher.batch_size} slots are busy")
+
+    batcher.join = full_once  # type: ignore[method-assign]
+    await open_session(bus, SessionStart(session_id="unlucky"))
+    unlucky = DialogueReader(bus, "unlucky")
+    await unlucky.until(lambda r: r.event(EventName.ENDED) is not None, 20, "never refused")
+    error = unlucky.event(EventName.ERROR)
+    assert error is not None and error.data_as(Failure).code == "no_capacity"
+    await open_session(bus, SessionStart(session_id="next"))
+    await DialogueReader(bus, "next").until(lambda r: r.event(EventName.READY) is not None, 30, "not placed")
+    assert not running.stop.is_set() and "unlucky" not in running.worker.sessions
