@@ -302,17 +302,21 @@ async def test_a_rollover_leaves_the_free_slot_to_a_placement_under_way(
     assert rollover is not None and rollover.data_as(ContextRollover).kind == "free_slot"
 
 
-async def test_a_row_kept_for_rollovers_is_left_free_by_placement_and_spares_a_full_worker_the_pause(
-    bus: Bus, start_worker: StartWorker
-) -> None:
-    running = await start_worker(
-        dialogue_slots=2,
+async def start_reserving_worker(start_worker: StartWorker, *, slots: int) -> RunningWorker:
+    """A worker keeping one row for rollovers, due every 24 steps, with an 8-token primer bound."""
+    return await start_worker(
+        dialogue_slots=slots,
         dialogue_rollover_reserve=1,
         dialogue_rollover_at=24,
         dialogue_max_primer_tokens=8,
         dialogue_tick_ms=40,
     )
-    worker = running.worker
+
+
+async def test_a_row_kept_for_rollovers_is_left_free_by_placement_and_spares_a_full_worker_the_pause(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    worker = (await start_reserving_worker(start_worker, slots=2)).worker
     assert worker.describe()["capacity"] == 1
     await open_session(bus, SessionStart(session_id="first"))
     first = DialogueReader(bus, "first")
@@ -335,16 +339,12 @@ async def test_a_rollover_takes_a_kept_row_while_a_placement_is_under_way_and_pl
     bus: Bus, start_worker: StartWorker
 ) -> None:
     """A placement never counts the rows kept for rollovers, so a rollover may take one while a placement
-    holds the lock (without a reserve it waits: the test above); and while its fresh state holds that row,
-    the worker still offers placement what its capacity leaves (the kept row is not held back twice)."""
-    running = await start_worker(
-        dialogue_slots=3,
-        dialogue_rollover_reserve=1,
-        dialogue_rollover_at=24,
-        dialogue_max_primer_tokens=8,
-        dialogue_tick_ms=40,
-    )
-    worker, batcher = running.worker, running.worker.batcher
+    holds the lock (without a reserve it waits:
+    test_a_rollover_leaves_the_free_slot_to_a_placement_under_way); and while its fresh state holds that
+    row, the worker still offers placement what its capacity leaves (the kept row is not held back
+    twice)."""
+    worker = (await start_reserving_worker(start_worker, slots=3)).worker
+    batcher = worker.batcher
     await open_session(bus, SessionStart(session_id="due"))
     reader = DialogueReader(bus, "due")
     await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "never ready")
