@@ -358,6 +358,16 @@ class DialogueWorker:
                 log.info("context rollover started on a free slot", extra=extra)
         return took_slot
 
+    def _rollover_waits(self, slot: Slot) -> bool:
+        """Whether a due rollover waits for now. With no free row: until its last call, for another
+        rollover to free one, then it goes in place. With one, while a placement or takeover is under way
+        (it counted free rows as its own: taking one would make its join fail with the session already
+        taken here; its few round trips end well within the slack), unless fewer rollovers than the
+        reserve hold a fresh row: the placement never counted the reserve's rows."""
+        if not self.batcher.free_rows():
+            return slot.age < self._last_call
+        return self._placing.locked() and self.batcher.fresh_rows() >= self.reserve
+
     async def _spoken_lately(self, session: Session, history_tokens: int) -> str:
         """The tail of what the session said: its last utterances (each is a token at least) and the one in
         progress."""
@@ -552,16 +562,6 @@ class DialogueWorker:
 
     # --- placement and failover ----------------------------------------------------------------------
 
-    def _rollover_waits(self, slot: Slot) -> bool:
-        """Whether a due rollover waits for now. With no free row: until its last call, for another
-        rollover to free one, then it goes in place. With one, while a placement or takeover is under way
-        (it counted free rows as its own: taking one would make its join fail with the session already
-        taken here; its few round trips end well within the slack), unless fewer rollovers than the
-        reserve hold a fresh row: the placement never counted the reserve's rows."""
-        if not self.batcher.free_rows():
-            return slot.age < self._last_call
-        return self._placing.locked() and self.batcher.fresh_rows() >= self.reserve
-
     async def _on_control(self, message: ControlMessage, entry: Entry) -> Handled | None:
         """Placement group handler: starts only (update/stop come on each session's control stream)."""
         if not isinstance(message, SessionStart) or required_model(message) not in (None, self.model.name):
@@ -674,23 +674,24 @@ class DialogueWorker:
                 if sid not in self.sessions:
                     await self.ownership.release(sid)
                 return
+            refused: NoCapacity | None = None
             try:
-                row: int | None = self.batcher.join(sid, tokens, start.persona.sampling, adapter_slot)
-            except NoCapacity:
+                row = self.batcher.join(sid, tokens, start.persona.sampling, adapter_slot)
+            except NoCapacity as exc:
                 # Placement, failover and rollovers count free rows under `_placing` and never the same
                 # one; should that ever break, the session is refused, not the worker's loops ended.
                 self._release_adapter(start)
-                row = None
+                refused = exc
             except BaseException:
                 self._release_adapter(start)  # its use of the adapter goes with it
                 raise
-            if row is not None:
+            else:
                 timeline = InputTimeline(s.dialogue_input_buffer_frames, s.dialogue_jitter_frames)
                 utterances = UtteranceBuilder(s.dialogue_utterance_pause_frames)
                 self.sessions[sid] = Session(start, row, timeline, seq, resumed_from, len(tokens), utterances)
-        if row is None:
-            log.error("a placed session found no free row: refused", extra={"session_id": sid})
-            await self._refuse(start, seq, NoCapacity(f"all {self.batcher.batch_size} slots are busy"))
+        if refused is not None:
+            log.error("a placed session found no row to join: refused", extra={"session_id": sid})
+            await self._refuse(start, seq, refused)
             return
         await self._slots_changed()
         self._joined.set()
