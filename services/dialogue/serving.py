@@ -199,7 +199,7 @@ class DialogueWorker:
     @property
     def capacity(self) -> int:
         """Sessions this worker serves at once: its rows, less those kept for rollovers."""
-        return self.batcher.batch_size - self.reserve
+        return self.settings.dialogue_capacity
 
     def free_slots(self) -> int:
         """Sessions that placement and failover may seat now: the free rows, up to what the capacity

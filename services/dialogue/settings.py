@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.dialogue.priming import rollover_margin
+from services.dialogue.priming import check_context
 from shared.settings import CommonSettings
 
 
@@ -192,16 +192,16 @@ class DialogueSettings(CommonSettings):
             )
         return self
 
+    @property
+    def dialogue_capacity(self) -> int:
+        """Sessions a worker serves at once: its slots, less those kept for rollovers."""
+        return self.dialogue_slots - self.dialogue_rollover_reserve
+
     @model_validator(mode="after")
     def _context_fits_a_rollover(self) -> DialogueSettings:
         # Before any model loads (minutes for the 7B): without the acoustic delay, which only the
-        # checkpoint knows; the worker checks the exact bound (priming.check_context) once it is loaded.
-        least = 2 * rollover_margin(self.dialogue_max_primer_tokens)
-        if self.dialogue_context is not None and self.dialogue_context < least:
-            raise ValueError(
-                f"dialogue_context ({self.dialogue_context}) must be at least {least} frames (more with the "
-                "checkpoint's acoustic delay): twice the rollover margin"
-            )
+        # checkpoint knows; the worker checks again with it once the model is loaded.
+        check_context(self.dialogue_context, self.dialogue_max_primer_tokens)
         return self
 
     @model_validator(mode="after")

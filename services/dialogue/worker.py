@@ -27,6 +27,6 @@ def main() -> None:
         settings,
         http_host=settings.dialogue_http_host,
         http_port=settings.dialogue_http_port or None,
-        loading={"capacity": settings.dialogue_slots - settings.dialogue_rollover_reserve, "free_slots": 0},
+        loading={"capacity": settings.dialogue_capacity, "free_slots": 0},
     )
     asyncio.run(runtime.run(lambda rt: open_dialogue(rt, settings)))
