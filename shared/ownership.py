@@ -306,6 +306,12 @@ class SessionOwnership:
         keys = [names.owned(self.group, self.worker_id), names.leftovers(self.group, self.worker_id)]
         return int(await self._set_leftovers_aside(keys=keys))
 
+    async def anything_to_take(self) -> bool:
+        """Whether `take_over` would find sessions to move: a dead worker owns some, or this worker's
+        leftovers are not all taken."""
+        leftovers = self.bus.names.leftovers(self.group, self.worker_id)
+        return bool(await self.bus.redis.exists(leftovers)) or bool(await self.dead_owners())
+
     async def take_over(self, limit: int) -> list[Takeover]:
         """Move up to `limit` sessions of dead workers (and this worker's leftovers) to this one."""
         names = self.bus.names
@@ -425,10 +431,12 @@ class SessionOwnership:
 
         async def loop() -> None:
             while not stop.is_set():
-                async with placing or contextlib.nullcontext():
-                    room = capacity()
-                    for takeover in await self.take_over(room) if room > 0 else []:
-                        await on_takeover(takeover)
+                # Looked for first, outside the lock: held, it holds a worker's placement and rollovers too.
+                if capacity() > 0 and await self.anything_to_take():
+                    async with placing or contextlib.nullcontext():
+                        room = capacity()
+                        for takeover in await self.take_over(room) if room > 0 else []:
+                            await on_takeover(takeover)
                 await sleep_unless_stopped(stop, poll_s)
 
         await keep_running(f"{self.group} failover", loop, stop)

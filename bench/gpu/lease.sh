@@ -12,7 +12,7 @@
 #                real-time sessions at 1500 frames from the bf16 sweep; this measures it;
 #   ctx8 (170):  the same context with int8 weights and a bf16 cache (issue 13's "64 with int8 weights": at
 #                3000 frames the cache, not the weights, is what fills the card), 500 ticks a point, 64 and
-#                96 slots, 20 profiled ticks a point (the int8 matmuls' share of the step);
+#                80 slots (96 would not fit: ~80 GiB), 20 profiled ticks a point (the int8 matmuls' share of the step);
 #   attn (120):  one attention step over a full cache at 64 sessions, every read (bf16, the copy, the
 #                compiled read, the Triton kernel at six tunings), timed alone (bench/gpu_int8_attention.py;
 #                LEASE_ATTN_ARGS passes it options, e.g. a small shape for a CPU rehearsal);
@@ -48,7 +48,7 @@ for stage in ${LEASE_STAGES:-ctx ctx8 attn}; do
     bf16)  seconds=${LEASE_BF16_S:-330}; options=(--ticks 1000 --slots 32,40,16,48) ;;
     ctx)   seconds=${LEASE_CTX_S:-240}; options=("${CTX[@]}" --ticks 1000 --baseline-ticks 0 --slots 64,72,80) ;;
     ctx8)  seconds=${LEASE_CTX8_S:-170}
-           options=("${CTX[@]}" --weights int8 --kv-cache float --ticks 500 --baseline-ticks 0 --slots 64,96 --profile-ticks 20) ;;
+           options=("${CTX[@]}" --weights int8 --kv-cache float --ticks 500 --baseline-ticks 0 --slots 64,80 --profile-ticks 20) ;;
     int8)  seconds=${LEASE_INT8_S:-230}; options=("${INT8[@]}" --kv-read auto) ;;
     int8t) seconds=${LEASE_INT8T_S:-230}; options=("${INT8[@]}" --kv-read triton) ;;
     kv8)   seconds=${LEASE_KV8_S:-150}; options=("${KV8[@]}" --kv-read auto) ;;

@@ -273,14 +273,15 @@ class Batcher:
             if s.phase is Phase.LIVE and s.replaces is None and s.pending is None and s.age >= at
         ]
 
-    def roll_over(self, row: int, primer: Sequence[int]) -> RolloverKind:
+    def roll_over(self, row: int, primer: Sequence[int], *, in_place: bool = False) -> RolloverKind:
         """Give the session on `row` a fresh state primed with `primer`: on a free row while `row` goes on
-        (it takes over once its output is due), else on `row` itself (reset before the next step)."""
+        (it takes over once its output is due), else (or `in_place`) on `row` itself (reset before the next
+        step)."""
         slot = self.slots[row]
         if slot.session_id is None or slot.replaces is not None or slot.pending is not None:
             raise ValueError(f"row {row} has no live session to roll over")
         free = self.free_rows()
-        if not free:
+        if in_place or not free:
             slot.pending = PendingRollover(RolloverKind.IN_PLACE, None, slot.age)
             _seat(slot, slot.session_id, primer, rollovers=slot.rollovers + 1)
             self.sampling.rewind(row)

@@ -85,11 +85,11 @@ def check_rollover_at(at: int | None, context: int | None, primer_bound: int) ->
     if at <= primer_bound:
         raise ValueError(
             f"CHORUS_DIALOGUE_ROLLOVER_AT ({at}) must exceed the primer bound of {primer_bound} frames "
-            "(CHORUS_DIALOGUE_MAX_PRIMER_TOKENS plus the acoustic delay): a fresh state would roll over "
-            "again at once"
+            "(CHORUS_DIALOGUE_MAX_PRIMER_TOKENS, plus the acoustic delay once the model is loaded): a fresh "
+            "state would roll over again at once"
         )
-    if context is not None and at + primer_bound + ROLLOVER_SLACK_FRAMES > context:
-        most = context - primer_bound - ROLLOVER_SLACK_FRAMES
+    if context is not None and at + rollover_margin(primer_bound) > context:
+        most = context - rollover_margin(primer_bound)
         raise ValueError(
             f"CHORUS_DIALOGUE_ROLLOVER_AT ({at}) leaves no room to prime a fresh state within the model's "
             f"context of {context} frames: at most {most} (0: off)"

@@ -335,13 +335,14 @@ class DialogueWorker:
         took_slot = False
         for slot in self.batcher.due_rollovers(self.rollover_at):
             session = self.sessions.get(slot.session_id or "")
-            if session is None or self._rollover_waits(slot):
+            if session is None or self._rollover_kind(slot) is None:
                 continue
             history = self.settings.dialogue_rollover_history_tokens
             tokens = self._primer(session.start, await self._spoken_lately(session, history), history)
-            if self._rollover_waits(slot):  # a placement or takeover began during the read
+            # Asked again: a placement or takeover may have begun during the read.
+            if (route := self._rollover_kind(slot)) is None:
                 continue
-            kind = self.batcher.roll_over(slot.row, tokens)
+            kind = self.batcher.roll_over(slot.row, tokens, in_place=route is RolloverKind.IN_PLACE)
             session.rollover_started = time.monotonic()
             took_slot = took_slot or kind is RolloverKind.FREE_SLOT
             extra = {
@@ -352,21 +353,25 @@ class DialogueWorker:
             }
             if kind is RolloverKind.IN_PLACE:
                 log.warning(
-                    "context rollover in place (no free slot): the session pauses while primed", extra=extra
+                    "context rollover in place (no free row by its last call): the session pauses while "
+                    "it is primed",
+                    extra=extra,
                 )
             else:
                 log.info("context rollover started on a free slot", extra=extra)
         return took_slot
 
-    def _rollover_waits(self, slot: Slot) -> bool:
-        """Whether a due rollover waits for now. With no free row: until its last call, for another
-        rollover to free one, then it goes in place. With one, while a placement or takeover is under way
-        (it counted free rows as its own: taking one would make its join fail with the session already
-        taken here; its few round trips end well within the slack), unless fewer rollovers than the
-        reserve hold a fresh row: the placement never counted the reserve's rows."""
-        if not self.batcher.free_rows():
-            return slot.age < self._last_call
-        return self._placing.locked() and self.batcher.fresh_rows() >= self.reserve
+    def _rollover_kind(self, slot: Slot) -> RolloverKind | None:
+        """How a due rollover goes now, or None while it waits. On a free row, unless a placement or
+        takeover under way may need it: it counted the free rows as its own (taking one would make its join
+        find none), all but the reserve's, so a rollover may take a row while fewer rollovers than the
+        reserve hold one. Otherwise it waits for a row (another rollover frees one, the placement ends), at
+        most until its last call, then goes in place: a pause, never a context that overflows, however
+        long a placement takes (an adapter's load, a failover seating many sessions)."""
+        placement_may_need = self._placing.locked() and self.batcher.fresh_rows() >= self.reserve
+        if self.batcher.free_rows() and not placement_may_need:
+            return RolloverKind.FREE_SLOT
+        return RolloverKind.IN_PLACE if slot.age >= self._last_call else None
 
     async def _spoken_lately(self, session: Session, history_tokens: int) -> str:
         """The tail of what the session said: its last utterances (each is a token at least) and the one in
@@ -678,8 +683,9 @@ class DialogueWorker:
             try:
                 row = self.batcher.join(sid, tokens, start.persona.sampling, adapter_slot)
             except NoCapacity as exc:
-                # Placement, failover and rollovers count free rows under `_placing` and never the same
-                # one; should that ever break, the session is refused, not the worker's loops ended.
+                # Placement and failover count free rows under `_placing`, and a rollover leaves them the
+                # rows they may have counted; should that ever break, the session is refused (logged
+                # there), not the worker's loops ended.
                 self._release_adapter(start)
                 refused = exc
             except BaseException:
@@ -690,8 +696,8 @@ class DialogueWorker:
                 utterances = UtteranceBuilder(s.dialogue_utterance_pause_frames)
                 self.sessions[sid] = Session(start, row, timeline, seq, resumed_from, len(tokens), utterances)
         if refused is not None:
-            log.error("a placed session found no row to join: refused", extra={"session_id": sid})
             await self._refuse(start, seq, refused)
+            await self._slots_changed()  # its adapter, if it had one, is no longer held here
             return
         await self._slots_changed()
         self._joined.set()

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.dialogue.priming import check_context
+from services.dialogue.priming import check_context, check_rollover_at
 from shared.settings import CommonSettings
 
 
@@ -200,8 +200,10 @@ class DialogueSettings(CommonSettings):
     @model_validator(mode="after")
     def _context_fits_a_rollover(self) -> DialogueSettings:
         # Before any model loads (minutes for the 7B): without the acoustic delay, which only the
-        # checkpoint knows; the worker checks again with it once the model is loaded.
+        # checkpoint knows; the worker checks again with it once the model is loaded. A rollover set
+        # past a shortened context is refused here; past the checkpoint's own, only once it is known.
         check_context(self.dialogue_context, self.dialogue_max_primer_tokens)
+        check_rollover_at(self.dialogue_rollover_at, self.dialogue_context, self.dialogue_max_primer_tokens)
         return self
 
     @model_validator(mode="after")
@@ -214,16 +216,6 @@ class DialogueSettings(CommonSettings):
         if self.dialogue_rollover_reserve and self.dialogue_rollover_at == 0:
             raise ValueError(
                 "dialogue_rollover_reserve keeps rows for rollovers: dialogue_rollover_at 0 turns them off"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _rollover_after_the_primer(self) -> DialogueSettings:
-        at = self.dialogue_rollover_at
-        if at and at <= self.dialogue_max_primer_tokens:
-            raise ValueError(
-                f"dialogue_rollover_at ({at}) must exceed dialogue_max_primer_tokens "
-                f"({self.dialogue_max_primer_tokens}): a fresh state would be due to roll over at once"
             )
         return self
 

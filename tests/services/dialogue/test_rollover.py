@@ -5,6 +5,7 @@ worker and Redis: the event, the session's counter, one frame per tick and a who
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,13 @@ from pydantic import ValidationError
 
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
 from services.dialogue.model import MoshiModel, load_moshi
-from services.dialogue.serving import DialogueWorker
+from services.dialogue.priming import ROLLOVER_SLACK_FRAMES
+from services.dialogue.serving import DialogueWorker, placement_group
 from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES
 from shared.bus import Bus
 from shared.messages import ContextRollover, EventName, PersonaSpec, SessionStart, SessionStop
+from shared.ownership import SessionOwnership, TakeOutcome
 from shared.sessions import SessionStore
 from tests.services.dialogue.conftest import DialogueReader, RunningWorker, settings_for
 from tests.services.dialogue.test_batcher import GREEDY, tokens, user_audio
@@ -142,8 +145,16 @@ def test_a_session_leaving_mid_rollover_frees_both_its_rows(make_batcher: Callab
 
 
 def test_a_threshold_within_the_primer_bound_is_refused_at_start() -> None:
-    with pytest.raises(ValidationError, match="must exceed dialogue_max_primer_tokens"):
+    with pytest.raises(ValidationError, match="must exceed the primer bound of 16 frames"):
         DialogueSettings(dialogue_rollover_at=16, dialogue_max_primer_tokens=16)
+
+
+def test_a_threshold_past_a_shortened_context_is_refused_before_any_model_loads() -> None:
+    """A CHORUS_DIALOGUE_ROLLOVER_AT left over from the checkpoint's context (3000 frames) with a shorter
+    CHORUS_DIALOGUE_CONTEXT: refused by the settings, not minutes later once the 7B is loaded."""
+    with pytest.raises(ValidationError, match="at most 1459"):  # 1500 less 16 and 25 of slack
+        DialogueSettings(dialogue_context=1500, dialogue_rollover_at=2910, dialogue_max_primer_tokens=16)
+    assert DialogueSettings(dialogue_context=1500, dialogue_rollover_at=1459, dialogue_max_primer_tokens=16)
 
 
 @pytest.mark.parametrize(
@@ -302,6 +313,29 @@ async def test_a_rollover_leaves_the_free_slot_to_a_placement_under_way(
     assert rollover is not None and rollover.data_as(ContextRollover).kind == "free_slot"
 
 
+async def test_a_rollover_waits_for_a_placement_only_until_its_last_call_then_goes_in_place(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    """A placement can take long (an adapter's load, a failover seating many sessions): a due rollover
+    waits for it at most until its last call (ROLLOVER_SLACK_FRAMES past the threshold), then goes in
+    place, leaving the free row to the placement: a pause, where waiting on would let the old state's
+    cache wrap."""
+    running = await start_worker(
+        dialogue_slots=2, dialogue_rollover_at=24, dialogue_max_primer_tokens=8, dialogue_tick_ms=40
+    )
+    batcher = running.worker.batcher
+    await open_session(bus, SessionStart(session_id="due"))
+    reader = DialogueReader(bus, "due")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "never ready")
+    async with running.worker._placing:
+        await reader.until(lambda r: r.event(EventName.CONTEXT_ROLLOVER) is not None, 30, "it waited on")
+        assert len(batcher.free_rows()) == 1, "the placement's row was taken"
+    rollover = reader.event(EventName.CONTEXT_ROLLOVER)
+    assert rollover is not None
+    data = rollover.data_as(ContextRollover)
+    assert data.kind == "in_place" and data.frames == 24 + ROLLOVER_SLACK_FRAMES, data
+
+
 async def start_reserving_worker(start_worker: StartWorker, *, slots: int) -> RunningWorker:
     """A worker keeping one row for rollovers, due every 24 steps, with an 8-token primer bound."""
     return await start_worker(
@@ -333,6 +367,37 @@ async def test_a_row_kept_for_rollovers_is_left_free_by_placement_and_spares_a_f
     assert second.event(EventName.READY) is None and "second" not in worker.sessions, "placed on the kept row"
     await bus.append_control(SessionStop(session_id="first"))
     await second.until(lambda r: r.event(EventName.READY) is not None, 30, "never placed once a row freed")
+
+
+async def test_a_failover_takes_no_more_sessions_than_the_capacity_and_leaves_the_kept_row(
+    bus: Bus, start_worker: StartWorker, moshi_model: MoshiModel
+) -> None:
+    """A dead worker's sessions are taken over up to the capacity (the free rows less those kept for
+    rollovers), as placement counts them: the rest wait for a worker with room."""
+    store = SessionStore(bus, 600)
+    model = moshi_model.name
+    ghost = SessionOwnership(  # as the worker's own (`DialogueWorker.ownership`), for a worker id never seen
+        bus,
+        store,
+        service="dialogue",
+        group=placement_group(model),
+        worker_id="ghost",
+        field="dialogue_owner",
+        token_of=lambda worker_id: f"{model}/{worker_id}",
+    )
+    sids = ["orphan-a", "orphan-b", "orphan-c"]
+    for sid in sids:
+        await open_session(bus, SessionStart(session_id=sid))
+        assert await ghost.take(sid) is TakeOutcome.TAKEN  # its owner has no presence: dead
+    worker = (await start_reserving_worker(start_worker, slots=3)).worker
+    await wait_until(lambda: len(worker.sessions) == 2, "the dead worker's sessions were not taken over", 30)
+    await asyncio.sleep(5 * worker.settings.failover_poll_s)  # polls that find a free row, the kept one
+    batcher = worker.batcher
+    assert len(worker.sessions) == 2 and batcher.seated_sessions() == 2
+    assert len(batcher.free_rows()) + batcher.fresh_rows() == 1, "the kept row went to a session"
+    (left,) = [sid for sid in sids if sid not in worker.sessions]
+    info = await store.get(left)
+    assert info is not None and info.owners.get("dialogue_owner") == f"{model}/ghost", "left to its owner"
 
 
 async def test_a_rollover_takes_a_kept_row_while_a_placement_is_under_way_and_placement_counts_it_once(
