@@ -168,6 +168,10 @@ def _decode(data: bytes, header: _Header, max_s: float) -> _Decoded:
                 frames += len(block)
                 if frames > max_frames:
                     raise _too_long(frames / rate, max_s)
+                if not np.isfinite(block).all():  # float WAVs can hold them; every measure below would lie
+                    raise _unsupported(
+                        "the audio holds samples that are not numbers (NaN or infinite)", "undecodable"
+                    )
                 clipped += int(np.count_nonzero(np.abs(block) >= FULL_SCALE))
                 mono = to_mono(block)
                 pieces.append(resampler.resample_chunk(mono) if resampler else mono)

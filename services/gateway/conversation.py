@@ -35,6 +35,7 @@ from shared.messages import (
     UserAudio,
     VoiceMode,
 )
+from shared.ownership import Liveness
 from shared.retry import Backoff, is_retryable
 from shared.sessions import SessionStore
 from shared.transcripts import TranscriptLog
@@ -235,6 +236,11 @@ class Conversation:
                 if message.seq <= last_seq:
                     continue
                 last_seq = message.seq
+                if _ended_for_want_of_a_lease(message):
+                    raise ServiceUnavailable(
+                        "the session ended: this gateway could not renew its lease (Redis was unreachable "
+                        f"for longer than {self.lease_s:g} s); start a new session"
+                    )
                 self.lifetime.observe(message)
                 _OUT_LAG.observe(max(0.0, time.time() - message.created_at))
                 yield message
@@ -315,6 +321,16 @@ class Conversation:
             log.exception("could not signal the end of a session; its lease will", extra=self.log_extra)
             return
         log.info("session stopped", extra={**self.log_extra, "reason": reason})
+
+
+def _ended_for_want_of_a_lease(message: OutputMessage) -> bool:
+    """`ended` because the workers found the session's lease lapsed: a gateway still reading it failed to
+    renew it (Redis away past the lease), not a normal end (protocols.md, "How a session ends")."""
+    return (
+        isinstance(message, SessionEvent)
+        and message.name == EventName.ENDED
+        and message.detail == Liveness.LEASE_LAPSED
+    )
 
 
 _LOST_REASONS = {

@@ -363,9 +363,11 @@ class RealtimeSession:
                     "instructions can only be set before the first audio is appended "
                     "(they prime the model when the conversation starts)"
                 )
-            self.instructions = config.instructions
+        # The last check that can refuse the update: a refused update changes nothing.
         if config.chorus_adapter is not None:
             await self._set_adapter(config.chorus_adapter)
+        if config.instructions is not None:
+            self.instructions = config.instructions
         if voice is not None:
             self.voice = voice
             if self.conversation is not None:

@@ -179,3 +179,17 @@ async def test_an_error_quotes_a_huge_client_value_cut_short(gateway: Gateway) -
         for event in events:
             got = await answer(ws, event)
             assert got["type"] == "error" and len(got["error"]["message"]) < 1000, (event, len(str(got)))
+
+
+async def test_a_refused_session_update_changes_nothing(gateway: Gateway) -> None:
+    """An update answered with an error leaves the session as it was: its instructions (the primer the
+    conversation would start with) included, when the adapter beside them was the refused part."""
+    async with connect(f"{gateway.ws_url}/v1/realtime?model=moshika") as ws:
+        conforming(await ws.recv())
+        kept = await answer(ws, {"type": "session.update", "session": {"instructions": "Be brief."}})
+        assert kept["session"]["instructions"] == "Be brief."
+        both = {"instructions": "Something else.", "chorus_adapter": "adapter_nope"}
+        refused = await answer(ws, {"type": "session.update", "session": both})
+        assert refused["type"] == "error" and "unknown adapter" in refused["error"]["message"], refused
+        after = await answer(ws, {"type": "session.update", "session": {}})
+        assert after["session"]["instructions"] == "Be brief.", "the refused update was partly applied"

@@ -144,6 +144,13 @@ def clipped() -> bytes:
     return wav_bytes(np.clip(40 * speech(), -1, 1).astype(np.float32), subtype="PCM_16")
 
 
+def with_nans() -> bytes:
+    """A float WAV of speech holding a few NaN samples: refused as such, not measured as silence."""
+    samples = speech().astype(np.float32)
+    samples[::12_000] = np.nan
+    return wav_bytes(samples, subtype="FLOAT")
+
+
 def noise() -> bytes:
     rng = np.random.default_rng(0)
     return wav_bytes((0.1 * rng.standard_normal(24_000 * 6)).astype(np.float32))
@@ -159,8 +166,9 @@ def noise() -> bytes:
         (lambda: wav_bytes(np.zeros(24_000 * 5, dtype=np.float32)), 422, "silent", -50.0),
         (clipped, 422, "clipped", 0.001),
         (noise, 422, "no_speech", 1.5),
+        (with_nans, 415, "undecodable", None),
     ],
-    ids=["not_audio", "aiff", "too_short", "too_long", "silent", "clipped", "no_speech"],
+    ids=["not_audio", "aiff", "too_short", "too_long", "silent", "clipped", "no_speech", "not_numbers"],
 )
 async def test_unusable_clips_are_refused_with_the_measured_value_and_the_limit(
     gateway_settings: Settings,
