@@ -44,6 +44,7 @@ from shared.errors import (
     CloningUnavailable,
     GatewayTimeout,
     InvalidRequest,
+    NoCapacity,
     NotFound,
     RequestTimeout,
     ServiceUnavailable,
@@ -51,6 +52,7 @@ from shared.errors import (
     error_for_code,
 )
 from shared.messages import (
+    NATIVE_VOICES,
     TTS_REPLIES,
     VoiceDeleted,
     VoicePrepare,
@@ -370,6 +372,23 @@ async def check_voice_usable(store: VoiceProfileStore, bus: Bus, owner: str, voi
     offer = await voice_offer(bus)
     if offer.cloning_blocked and not offer.models.intersection(await store.states(profile_id)):
         raise CloningUnavailable()
+
+
+async def check_native_voice_served(bus: Bus, voice: str) -> None:
+    """A native voice is its own model's (moshika speaks only on moshika): some dialogue worker must run
+    that model, or be loading (its model not announced yet), else NoCapacity at once, naming it, instead
+    of after the placement wait. A busy one is waited for. Other voices run on any model."""
+    if voice not in NATIVE_VOICES:
+        return
+    workers = await list_workers(bus, "dialogue")
+    if not any(not w.serving or w.fields.get("model", voice) == voice for w in workers):
+        running = sorted({w.fields["model"] for w in workers if "model" in w.fields})
+        raise NoCapacity(
+            f"no dialogue worker runs {voice}, the model whose voice {voice!r} is: use "
+            f"{' or '.join(running) or 'another voice'}, or start a {voice} worker",
+            reason="no_model_worker",
+            model=voice,
+        )
 
 
 @router.get("/{voice_id}", response_model=VoiceOut, summary="One voice profile")

@@ -97,7 +97,9 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
             await websocket.send_text(ev.wire(_error_event(exc)))
         await close_quietly(websocket, refusal_close_code(exc), exc.code)
         return
-    model = websocket.query_params.get("model") or caller.model or "moshiko"
+    # The model that serves the session, as its session object says: OpenAI's names (or any other) mean
+    # moshiko, never echoed back (the query string is the client's, of any length).
+    model = native_voice_for(websocket.query_params.get("model") or caller.model)
     session = RealtimeSession(websocket, settings, caller.owner, model)
     session.instructions = caller.instructions or ""  # a client secret's session config, if any
     session.voice = caller.voice or session.voice
@@ -357,12 +359,12 @@ class RealtimeSession:
             await check_voice_owned(self.websocket, self.owner, voice)
         sets_idle, idle_ms = config.idle_timeout_update()
         idle_s = idle_timeout_s(idle_ms, self.settings) if sets_idle else self.idle_timeout_s
-        if config.instructions is not None:
-            if self.conversation is not None and config.instructions != self.instructions:
-                raise InvalidRequest(
-                    "instructions can only be set before the first audio is appended "
-                    "(they prime the model when the conversation starts)"
-                )
+        changes_primer = config.instructions is not None and config.instructions != self.instructions
+        if changes_primer and self.conversation is not None:
+            raise InvalidRequest(
+                "instructions can only be set before the first audio is appended "
+                "(they prime the model when the conversation starts)"
+            )
         # The last check that can refuse the update: a refused update changes nothing.
         if config.chorus_adapter is not None:
             await self._set_adapter(config.chorus_adapter)

@@ -28,7 +28,7 @@ from services.gateway.conversation import Conversation
 from services.gateway.fair_websocket import FAIR_RECEIVE
 from services.gateway.problems import outage_error
 from services.gateway.settings import GatewaySettings
-from services.gateway.voices import check_voice_usable
+from services.gateway.voices import check_native_voice_served, check_voice_usable
 from shared.errors import (
     ChorusError,
     ClientNotReading,
@@ -167,6 +167,7 @@ async def place(websocket: WebSocket, conversation: Conversation) -> list[Messag
     after the placement wait. Returns what the client sent meanwhile."""
     admission: Admission = websocket.app.state.admission
     await admission.check_memory()
+    await check_native_voice_served(websocket.app.state.bus, conversation.voice)
     async with admission.in_queue():
         await conversation.start()
         if (adapter := conversation.persona.adapter) is not None:

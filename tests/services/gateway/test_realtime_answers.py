@@ -193,3 +193,10 @@ async def test_a_refused_session_update_changes_nothing(gateway: Gateway) -> Non
         assert refused["type"] == "error" and "unknown adapter" in refused["error"]["message"], refused
         after = await answer(ws, {"type": "session.update", "session": {}})
         assert after["session"]["instructions"] == "Be brief.", "the refused update was partly applied"
+
+
+async def test_the_session_names_the_model_that_serves_it_never_the_clients_string(gateway: Gateway) -> None:
+    for asked, served in (("moshika", "moshika"), ("gpt-realtime", "moshiko"), ("x" * 5000, "moshiko")):
+        async with connect(f"{gateway.ws_url}/v1/realtime?model={asked}") as ws:
+            created = conforming(await ws.recv())
+        assert created["session"]["model"] == served, asked[:20]

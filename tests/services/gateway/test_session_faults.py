@@ -321,6 +321,34 @@ async def test_a_session_ended_for_its_lapsed_lease_is_an_outage_to_its_client_n
     await assert_stopped(bus, sid, "service_unavailable")
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_native_voice_no_worker_runs_the_model_of_is_refused_at_once_naming_it(
+    redis_url: str, key_prefix: str, tmp_path: Path, protocol: str
+) -> None:
+    """moshika speaks only on moshika: with moshiko workers alone, its session is refused at once (not
+    after the placement wait, which no slot could end), saying which model is missing and which runs."""
+    async with running_gateway(redis_url, key_prefix, tmp_path, placement_wait_s=60.0) as gateway:
+        await WorkerPresence(
+            gateway.app.state.bus,
+            "dialogue",
+            "w1",
+            ttl_s=60,
+            interval_s=5,
+            describe=lambda: {"model": "moshiko"},
+        ).beat()
+        async with asyncio.timeout(10):
+            ws, _ = await open_session(protocol, gateway.ws_url)  # asks for moshika
+            if protocol == "moshi":
+                said = (await received_until_closed(ws))[-1]
+                assert said.startswith(bytes([ERROR])) and b"no dialogue worker runs moshika" in said, said
+                assert b"use moshiko" in said
+                return
+            while (event := json.loads(await ws.recv()))["type"] != "error":  # the socket stays open
+                pass
+    assert event["error"]["code"] == "no_capacity", event
+    assert "no dialogue worker runs moshika" in event["error"]["message"]
+
+
 async def test_a_live_session_keeps_its_lease_and_loses_it_when_its_socket_goes(
     redis_url: str, key_prefix: str, tmp_path: Path, bus: Bus
 ) -> None:
