@@ -105,6 +105,7 @@ class Slot:
     forced: deque[int] = field(default_factory=deque)  # primer tokens still to force
     primer_length: int = 0
     age: int = 0  # steps taken since the session joined
+    head_start: int = 0  # steps its state comes due for rollover early (`priming.rollover_head_start`)
     needs_reset: bool = False
     rollovers: int = 0  # fresh states this session got on this worker before this one
     replaces: int | None = None  # a fresh state, until it takes over from the session's row `replaces`
@@ -266,12 +267,29 @@ class Batcher:
             self.sampling.set(changed, sampling)
 
     def due_rollovers(self, at: int) -> list[Slot]:
-        """The live sessions' rows that have taken `at` steps and have no rollover under way."""
+        """The live sessions' rows that have taken `at` steps (less their head start) and have no rollover
+        under way."""
         return [
             s
             for s in self.slots
-            if s.phase is Phase.LIVE and s.replaces is None and s.pending is None and s.age >= at
+            if s.phase is Phase.LIVE
+            and s.replaces is None
+            and s.pending is None
+            and s.age + s.head_start >= at
         ]
+
+    def rollover_dues(self, at: int) -> list[int]:
+        """For every state that will come due for a rollover at `at` (not one a fresh state replaces):
+        the steps until it does (0 or less: due)."""
+        return [
+            at - s.head_start - s.age
+            for s in self.slots
+            if s.session_id is not None and (s.pending is None or s.pending.successor is None)
+        ]
+
+    def give_head_start(self, row: int, frames: int) -> None:
+        """The state on `row` comes due `frames` steps early (once: a rollover's fresh state has none)."""
+        self.slots[row].head_start = frames
 
     def roll_over(self, row: int, primer: Sequence[int], *, in_place: bool = False) -> RolloverKind:
         """Give the session on `row` a fresh state primed with `primer`: on a free row while `row` goes on
@@ -550,7 +568,7 @@ def _seat(slot: Slot, session_id: str, primer: Sequence[int], *, rollovers: int 
     slot.session_id = session_id
     slot.forced = deque(primer)
     slot.primer_length = len(primer)
-    slot.age = 0
+    slot.age = slot.head_start = 0
     slot.needs_reset = True
     slot.rollovers = rollovers
 

@@ -7,7 +7,7 @@ batcher.py). It is a steer of the model's inner monologue, not a system prompt: 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 # The transcript speaker of Moshi's text pieces (shared.sessions.SessionStore keeps the turns).
@@ -47,6 +47,23 @@ def rollover_margin(primer_bound: int) -> int:
     """The frames the default rollover leaves before the context is full: the primer bound (plus the
     acoustic delay) and `ROLLOVER_SLACK_FRAMES`."""
     return primer_bound + ROLLOVER_SLACK_FRAMES
+
+
+def rollover_head_start(dues: Sequence[int], at: int, spacing: int, most: int) -> int:
+    """The frames a state joining now comes due for its rollover early, so that it comes due `spacing`
+    frames or more from every other state (`dues`: the frames until each comes due): the fewest that do,
+    at most `most`; 0 when none do.
+
+    Why: sessions that join together (a failover seating a dead worker's sessions, a burst of starts)
+    would come due together, again every `at` frames (a rollover renews a state where it stands), and
+    the rows kept for rollovers can prime only so many at once: the rest would roll over in place, a
+    pause, each time. Spaced by a fresh state's priming time over the rows kept, each finds one free.
+    Only the first rollover comes early: the fresh states keep the spacing."""
+    due = at
+    for other in sorted(dues, reverse=True):  # descending: `due` only falls, past each it meets
+        if other - spacing < due < other + spacing:
+            due = other - spacing
+    return at - due if at - due <= most else 0
 
 
 def rollover_threshold(setting: int | None, context: int | None, primer_bound: int) -> int | None:

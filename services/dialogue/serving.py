@@ -39,6 +39,7 @@ from services.dialogue.priming import (
     check_context,
     check_rollover_at,
     primer_tokens,
+    rollover_head_start,
     rollover_threshold,
     spoken_so_far,
 )
@@ -146,6 +147,9 @@ class DialogueWorker:
                 "this worker rolls none over (CHORUS_DIALOGUE_ROLLOVER_AT 0, or a context under twice the "
                 "rollover margin)"
             )
+        # Sessions joining together come due for rollover this far apart: a fresh state primes within the
+        # primer bound (one token a step at worst), and the kept rows prime that many at once.
+        self._rollover_spacing = -(-primer_bound // self.reserve) if self.reserve else 0
         self.adapter_store = AdapterStore(LocalStorage(settings.data_dir))
         bank = self._adapter_bank()
         self.batcher = Batcher(
@@ -680,6 +684,8 @@ class DialogueWorker:
                     await self.ownership.release(sid)
                 return
             refused: NoCapacity | None = None
+            at = self.rollover_at
+            dues = self.batcher.rollover_dues(at) if self._rollover_spacing and at is not None else []
             try:
                 row = self.batcher.join(sid, tokens, start.persona.sampling, adapter_slot)
             except NoCapacity as exc:
@@ -692,6 +698,8 @@ class DialogueWorker:
                 self._release_adapter(start)  # its use of the adapter goes with it
                 raise
             else:
+                head_start = self._rollover_head_start(dues)
+                self.batcher.give_head_start(row, head_start)
                 timeline = InputTimeline(s.dialogue_input_buffer_frames, s.dialogue_jitter_frames)
                 utterances = UtteranceBuilder(s.dialogue_utterance_pause_frames)
                 self.sessions[sid] = Session(start, row, timeline, seq, resumed_from, len(tokens), utterances)
@@ -710,8 +718,23 @@ class DialogueWorker:
         metrics.SESSIONS_PLACED.labels(service=SERVICE, kind="resumed" if resumed_from else "new").inc()
         log.info(
             "session placed",
-            extra={"session_id": sid, "slot": row, "primer_tokens": len(tokens), "resumed": resumed_from},
+            extra={
+                "session_id": sid,
+                "slot": row,
+                "primer_tokens": len(tokens),
+                "resumed": resumed_from,
+                "rollover_head_start": head_start,
+            },
         )
+
+    def _rollover_head_start(self, dues: list[int]) -> int:
+        """How early a joining session's first rollover comes (`priming.rollover_head_start`): only with
+        rows kept for rollovers (without, a full worker rolls over in place however they are spread), and
+        never before a quarter of its context is used."""
+        if not self._rollover_spacing or self.rollover_at is None:
+            return 0
+        at = self.rollover_at
+        return rollover_head_start(dues, at, self._rollover_spacing, most=at * 3 // 4)
 
     def _primer(self, start: SessionStart, spoken: str, history_tokens: int) -> list[int]:
         """What a fresh state of the session is primed with (a new or resumed session, a rollover): the

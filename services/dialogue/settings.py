@@ -142,8 +142,9 @@ class DialogueSettings(CommonSettings):
         description="Rows of the batch that placement and failover leave free for context rollovers, so "
         "that a full worker still rolls a session over on a free row (no pause) instead of in place (a "
         "pause of up to the primer bound while the fresh state is primed). The worker serves "
-        "`CHORUS_DIALOGUE_SLOTS` minus this many sessions. 0: none. Less than the slots, and only with "
-        "rollover on: a worker refuses to start otherwise.",
+        "`CHORUS_DIALOGUE_SLOTS` minus this many sessions; sessions placed together have their first "
+        "rollovers spaced (the primer bound over these rows apart) so that the kept rows keep up. 0: none. "
+        "Less than the slots, and only with rollover on: a worker refuses to start otherwise.",
     )
     dialogue_prime_ahead: bool = Field(
         default=True,

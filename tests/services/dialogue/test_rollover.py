@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput
 from services.dialogue.model import MoshiModel, load_moshi
-from services.dialogue.priming import ROLLOVER_SLACK_FRAMES
+from services.dialogue.priming import ROLLOVER_SLACK_FRAMES, rollover_head_start
 from services.dialogue.serving import DialogueWorker, placement_group
 from services.dialogue.settings import DialogueSettings
 from shared.audio import FRAME_SAMPLES
@@ -142,6 +142,22 @@ def test_a_session_leaving_mid_rollover_frees_both_its_rows(make_batcher: Callab
     assert len(batcher.free_rows()) == 1
     batcher.leave(row)
     assert batcher.free_rows() == [0, 1, 2]
+
+
+def test_states_joining_together_are_spaced_for_their_first_rollover() -> None:
+    """Each state joining comes due `spacing` frames from every other, by the fewest frames early; alone or
+    with room, on time; past `most` early, on time too (no room to space it)."""
+    at, spacing, most = 60, 9, 45
+    assert rollover_head_start([], at, spacing, most) == 0
+    assert rollover_head_start([30, 5], at, spacing, most) == 0, "nobody near its due"
+    dues: list[int] = []
+    heads = []
+    for _ in range(7):  # joining one after the other, on one tick
+        heads.append(rollover_head_start(dues, at, spacing, most))
+        dues.append(at - heads[-1])
+    assert heads == [0, 9, 18, 27, 36, 45, 0], "the seventh finds no room within `most`"
+    assert rollover_head_start([60, 50, 20], at, spacing, most) == 19, "past every neighbour it meets"
+    assert rollover_head_start([55], at, spacing, most) == 14
 
 
 def test_a_threshold_within_the_primer_bound_is_refused_at_start() -> None:
@@ -369,6 +385,36 @@ async def test_a_row_kept_for_rollovers_is_left_free_by_placement_and_spares_a_f
     await second.until(lambda r: r.event(EventName.READY) is not None, 30, "never placed once a row freed")
 
 
+async def test_sessions_joining_together_roll_over_apart_each_on_the_kept_row(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    """Five sessions placed at once (a failover, a burst) with one row kept: coming due together, the row
+    would prime one at a time (9 steps each) and the fourth and fifth would reach their last call (25
+    steps) and pause in place, every time. Their first rollovers are spaced (`rollover_head_start`), so
+    each finds the kept row free."""
+    worker = (
+        await start_worker(
+            dialogue_slots=6,
+            dialogue_rollover_reserve=1,
+            dialogue_rollover_at=60,
+            dialogue_max_primer_tokens=8,
+            dialogue_prime_ahead=False,  # a token a step: the priming time the spacing plans for
+            dialogue_tick_ms=20,
+        )
+    ).worker
+    sids = [f"burst-{i}" for i in range(5)]
+    for sid in sids:
+        await open_session(bus, SessionStart(session_id=sid))
+    readers = [DialogueReader(bus, sid) for sid in sids]
+    for reader in readers:
+        await reader.until(lambda r: r.event(EventName.CONTEXT_ROLLOVER) is not None, 60, "no rollover")
+    kinds = [r.event(EventName.CONTEXT_ROLLOVER).data_as(ContextRollover) for r in readers]  # type: ignore[union-attr]
+    assert all(k.kind == "free_slot" and k.gap_frames == 0 for k in kinds), kinds
+    frames = sorted(k.frames for k in kinds)
+    assert frames[0] < frames[-1] - 27, f"spaced, not together: {frames}"
+    assert worker.batcher.seated_sessions() == 5
+
+
 async def test_a_failover_takes_no_more_sessions_than_the_capacity_and_leaves_the_kept_row(
     bus: Bus, start_worker: StartWorker, moshi_model: MoshiModel
 ) -> None:
@@ -474,7 +520,7 @@ async def test_a_placement_that_begins_while_a_rollover_reads_its_transcript_kee
     async with worker._table:  # both sessions come due on the same tick
         live = [s for s in worker.batcher.slots if s.phase is Phase.LIVE]
         for s in live:
-            s.age = max(slot.age for slot in live)
+            s.age, s.head_start = max(slot.age for slot in live), 0
     await wait_until(lambda: joins, "the placement never joined", 30)
     assert all(isinstance(j, int) for j in joins), f"a rollover took the placement's row: {joins}"
     await DialogueReader(bus, "third").until(
