@@ -1,8 +1,8 @@
 """Moshi's text pieces grouped into utterances: what the transcript records, one entry each.
 
 An utterance is what Moshi says between pauses: it closes after `pause_frames` frames without text (Moshi
-leaves 3-6 frames between words while it talks), or when the session ends. Time is counted in frames,
-never the wall clock.
+leaves 3-6 frames between words while it talks), at a word past `MAX_UTTERANCE_FRAMES`, or when the
+session ends. Time is counted in frames, never the wall clock.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.dialogue.priming import ASSISTANT
+
+# Past this length an utterance closes at the next word even without a pause (Moshi telling a long story):
+# the one in progress is written to the session hash on every frame with text (for a worker taking the
+# session over), so its size is what each of those writes costs; and a transcript entry stays readable.
+MAX_UTTERANCE_FRAMES = 375  # 30 s
 
 
 @dataclass
@@ -48,12 +53,15 @@ class UtteranceBuilder:
         """One frame's text piece ('' for none); returns the utterance this frame closed, if any."""
         at = at if at is not None else time.time()
         if text:
+            current = self.current
+            long = current is not None and seq - current.first_seq >= MAX_UTTERANCE_FRAMES
+            closed = self.flush() if long and text[:1].isspace() else None  # a piece that begins a word
             if self.current is None:
                 self.current = Utterance(seq, seq, at)
             self.current.pieces.append(text)
             self.current.last_seq, self.current.ended_at = seq, at
             self._quiet = 0
-            return None
+            return closed
         if self.current is None:
             return None
         self._quiet += 1
