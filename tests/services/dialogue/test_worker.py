@@ -264,3 +264,6 @@ async def test_a_placed_session_that_finds_no_free_row_is_refused_and_the_worker
     await open_session(bus, SessionStart(session_id="next"))
     await DialogueReader(bus, "next").until(lambda r: r.event(EventName.READY) is not None, 30, "not placed")
     assert not running.stop.is_set() and "unlucky" not in running.worker.sessions
+    own = running.worker.ownership
+    owned = bus.names.owned(own.group, running.settings.worker_id)
+    assert not await bus.redis.sismember(owned, "unlucky"), "released: no worker would ever take it over"
