@@ -770,7 +770,12 @@ class SharedReader:
         finally:
             if self._waiting.get(stream) is waiting:
                 del self._waiting[stream]
-            if waiting.future.done() and not waiting.future.cancelled():
+            if not waiting.future.done():
+                # Left through the look of its own (or cancelled) while a round that began meanwhile may
+                # cover it: cancelled, that round passes it by instead of answering nobody (an exception
+                # set on it would be logged as never retrieved).
+                waiting.future.cancel()
+            elif not waiting.future.cancelled():
                 waiting.future.exception()  # answered after the look of its own: nobody else will ask
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -834,21 +839,41 @@ class SharedWriter:
     With `linger_s`, each write first waits that long for more appends: fewer, larger round trips (each
     costs the writer ~0.15 ms of CPU whatever it carries) for as much more latency.
 
-    A session's entries keep their order: a batch goes only after the one before it was written. What the
-    write raised (Redis away: retryable) reaches every append of its batch. A caller cancelled while it
-    waits does not cancel the write: its entries were handed over and go with the others.
+    No append waits much longer than `max_wait_s` (live audio: late is as good as lost). Once the write
+    in flight has taken that long (Redis paused, or partitioned: it would wait for the socket timeout),
+    every append it carries or that waits for it is answered with a retryable `RedisTimeoutError`, its
+    caller's to count as dropped, and an append made before that write ends is refused at once. The
+    entries handed to the write go with it (whether it lands is unknown); those still waiting never go.
+    So nothing queues up while Redis is away, and a caller's loop (a socket's receive loop) keeps reading.
+    One timer watches the writes (it fires a few times per `max_wait_s` while writes go on, then stops):
+    no timer per write or append, only a clock read.
+
+    A session's entries keep their order: a batch goes only after the one before it was written (or
+    failed), and an entry is dropped rather than sent after a later one. What the write raised (Redis
+    away: retryable) reaches every append of its batch. A caller cancelled while it waits does not cancel
+    the write: its entries were handed over and go with the others.
     """
 
-    def __init__(self, bus: Bus, *, linger_s: float = 0.0) -> None:
+    def __init__(self, bus: Bus, *, linger_s: float = 0.0, max_wait_s: float = 0.5) -> None:
+        if max_wait_s <= 0:
+            raise ValueError(f"max_wait_s must be positive, not {max_wait_s}")
         self.bus = bus
         self.linger_s = linger_s
+        self.max_wait_s = max_wait_s
         self._lane = bus.lane()  # one write in flight at a time: a connection of its own
         self._queued: dict[str, list[tuple[str, Envelope]]] = {}
         self._waiting: list[tuple[str, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._sending: list[tuple[str, asyncio.Future[bool]]] = []  # the appends of the write in flight
+        self._since: float | None = None  # when the write in flight began (monotonic); None: none is
+        self._watch: asyncio.TimerHandle | None = None
 
     async def append(self, sid: str, items: Sequence[tuple[str, Envelope]]) -> bool:
-        """Append `items` to session `sid`'s streams (unfenced); True once written."""
+        """Append `items` to session `sid`'s streams (unfenced); True once written. Raises a retryable
+        error when they could not go within `max_wait_s` (dropped: see the class)."""
+        if self._since is not None and time.monotonic() - self._since >= self.max_wait_s:
+            self._give_up()  # the timer may not have run yet (a busy loop): nothing waits past the bound
+            raise self._overdue()
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queued.setdefault(sid, []).extend(items)
         self._waiting.append((sid, future))
@@ -857,23 +882,54 @@ class SharedWriter:
         return await future
 
     async def _write_all(self) -> None:
-        batch: list[tuple[str, asyncio.Future[bool]]] = []
         try:
             while self._queued:
                 if self.linger_s:
                     await asyncio.sleep(self.linger_s)
                 writes, self._queued = self._queued, {}
-                batch, self._waiting = self._waiting, []
+                self._sending, self._waiting = self._waiting, []
+                self._since = time.monotonic()
+                if self._watch is None:
+                    self._watch = asyncio.get_running_loop().call_later(self.max_wait_s, self._check)
                 try:
                     lost = await self.bus.append_sessions(writes, lane=self._lane)
                 except Exception as exc:
-                    _settle(batch, exc=exc)
-                    continue
-                _settle(batch, lost=lost)
+                    _settle(self._sending, exc=exc)
+                else:
+                    _settle(self._sending, lost=lost)
+                finally:
+                    self._since = None
+                self._sending = []
         finally:
             self._writer = None
-            for _, future in batch + self._waiting:  # cancelled itself (shutdown): nobody waits forever
+            for _, future in self._sending + self._waiting:  # cancelled itself (shutdown): none waits
                 future.cancel()
+            self._sending = []
+
+    def _check(self) -> None:
+        """The timer: give up on the write in flight once it is overdue; until then, look again when it
+        will be (a write that began since the timer was armed)."""
+        self._watch = None
+        if self._since is None:
+            return  # armed again by the next write
+        left = self._since + self.max_wait_s - time.monotonic()
+        if left > 0:
+            self._watch = asyncio.get_running_loop().call_later(left, self._check)
+        else:
+            self._give_up()
+
+    def _give_up(self) -> None:
+        """The write in flight is overdue: its appends and those waiting for it are answered (retryable),
+        the waiting ones' entries dropped. The write goes on; its entries go with it."""
+        if not self._sending and not self._waiting:
+            return
+        exc = self._overdue()
+        _settle(self._sending, exc=exc)
+        _settle(self._waiting, exc=exc)
+        self._sending, self._waiting, self._queued = [], [], {}
+
+    def _overdue(self) -> RedisTimeoutError:
+        return RedisTimeoutError(f"Redis did not take a write within {self.max_wait_s:g} s: appends dropped")
 
 
 def _settle(

@@ -64,7 +64,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         # session's user audio to `:in` in one script call per round trip, not one per frame.
         app.state.outputs, app.state.inputs = (
             SharedReader(bus, count=OUTPUT_READ_COUNT, block_ms=OUTPUT_BLOCK_MS),
-            SharedWriter(bus, linger_s=settings.input_linger_ms / 1000),
+            SharedWriter(
+                bus, linger_s=settings.input_linger_ms / 1000, max_wait_s=settings.input_max_wait_ms / 1000
+            ),
         )
         stop = asyncio.Event()
         background = [

@@ -174,7 +174,9 @@ class Conversation:
         """Cut arbitrary-length 24 kHz audio into 80 ms frames and append them to `:in` (through the
         gateway's `SharedWriter`: with other sessions' frames that arrive meanwhile, in one round trip).
         While Redis is away the frames are dropped (it is live audio: late is as good as lost), counted
-        and logged."""
+        and logged: the writer answers within its `max_wait_s` once a write stalls, so a session's receive
+        loop keeps reading its socket (and the client's keepalive pongs) instead of waiting out Redis's
+        socket timeout while the client's audio piles up."""
         stream = self.bus.names.session_input(self.session_id)
         frames = [
             (stream, UserAudio(session_id=self.session_id, seq=self._seq + i, pcm=float_to_pcm16(frame)))

@@ -131,6 +131,14 @@ class GatewaySettings(CommonSettings):
         ge=64 * 1024,
         description="Per-socket bound on the bytes of queued text, events and errors (see above).",
     )
+    input_max_wait_ms: float = Field(
+        default=500.0,
+        ge=80,
+        le=5000,
+        description="Longest a user's audio frame waits for Redis to take the gateway's write: past it "
+        "(Redis paused or partitioned) frames are dropped, counted and logged instead of arriving late, and "
+        "the socket is read on.",
+    )
     input_linger_ms: float = Field(
         default=0.0,
         ge=0,
