@@ -34,6 +34,14 @@ problems) is a complete handshake, but uvicorn does not mark it so and logs "ASG
 without completing handshake." at ERROR for each: anyone could fill the log with alarms. It is marked
 complete here once the response is sent.
 
+Refused before it was a request: an upgrade whose request line or a header line is over 8 KiB, or with
+over 128 headers (a long `?text_prompt=` is enough), is refused by the websockets parser itself, which
+queues a 414 or 431 (or, for a request it cannot parse, nothing) and the end of the stream, but hands no
+request on. uvicorn writes the parser's output only when answering a request, so the response was logged
+as sent and never written, and the connection stayed open until the client left (a client hung in its
+handshake; anyone could hold sockets). Here it is written and the connection half-closed, as after a
+refused frame.
+
 No compression of Opus: per-message deflate (negotiated when the client offers it, as browsers do) spends
 CPU on every message of Moshi's protocol, whose audio is Ogg/Opus and does not compress (about 5 % of the
 gateway's event loop). `/api/chat` declines it. Elsewhere (`/v1/realtime`'s base64 JSON) it is kept, but
@@ -140,6 +148,13 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
             self.handshake_complete = True  # answered with an HTTP response: nothing left to complete
 
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.handshake_exc is not None and not self.handshake_initiated and not self.close_sent:
+            # Refused before it was a request (no app runs): uvicorn would never write the parser's answer.
+            self._backlog.clear()  # the parser discards the rest
+            self._half_close()
+
     def handle_parser_exception(self) -> None:
         if self._failed:
             return  # the close was sent; the parser now discards what the client sends
@@ -147,6 +162,11 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
         assert self.conn.close_sent is not None
         close = self.conn.close_sent
         self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code, "reason": close.reason})
+        self._half_close()
+
+    def _half_close(self) -> None:
+        """Write what the parser queued, then FIN (the client reads it all, even while still sending); close
+        when the client does, or after the close timeout."""
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
         if self.transport.can_write_eof():
