@@ -375,13 +375,14 @@ async def check_voice_usable(store: VoiceProfileStore, bus: Bus, owner: str, voi
 
 
 async def check_native_voice_served(bus: Bus, voice: str) -> None:
-    """A native voice is its own model's (moshika speaks only on moshika): some dialogue worker must run
-    that model, or be loading (its model not announced yet), else NoCapacity at once, naming it, instead
-    of after the placement wait. A busy one is waited for. Other voices run on any model."""
+    """A native voice is its own model's (moshika speaks only on moshika): when dialogue workers run but
+    none runs that model, nor is loading (its model not announced yet), NoCapacity at once, naming it,
+    instead of after the placement wait. A busy one is waited for, and so is a fleet with no worker at
+    all (one restarting). Other voices run on any model."""
     if voice not in NATIVE_VOICES:
         return
     workers = await list_workers(bus, "dialogue")
-    if not any(not w.serving or w.fields.get("model", voice) == voice for w in workers):
+    if workers and not any(not w.serving or w.fields.get("model", voice) == voice for w in workers):
         running = sorted({w.fields["model"] for w in workers if "model" in w.fields})
         raise NoCapacity(
             f"no dialogue worker runs {voice}, the model whose voice {voice!r} is: use "
