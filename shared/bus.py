@@ -830,6 +830,10 @@ class _Waiting:
     since: float
 
 
+# A timer this late means the event loop was busy, not that Redis was slow: the write gets this long more.
+_LOOP_LAG_S = 0.05
+
+
 class SharedWriter:
     """Many sessions' appends coalesced into one round trip: an append made while no write is in flight
     goes at once; those made while one is (other sessions' frames, arriving unsynchronized) wait for it and
@@ -846,7 +850,8 @@ class SharedWriter:
     entries handed to the write go with it (whether it lands is unknown); those still waiting never go.
     So nothing queues up while Redis is away, and a caller's loop (a socket's receive loop) keeps reading.
     One timer watches the writes (it fires a few times per `max_wait_s` while writes go on, then stops):
-    no timer per write or append, only a clock read.
+    no timer per write or append. A timer that fires late (the event loop was busy: the write may have
+    landed, its answer not read yet) gives the write one short grace first.
 
     A session's entries keep their order: a batch goes only after the one before it was written (or
     failed), and an entry is dropped rather than sent after a later one. What the write raised (Redis
@@ -866,13 +871,15 @@ class SharedWriter:
         self._writer: asyncio.Task[None] | None = None
         self._sending: list[tuple[str, asyncio.Future[bool]]] = []  # the appends of the write in flight
         self._since: float | None = None  # when the write in flight began (monotonic); None: none is
+        self._given_up = False  # on the write in flight: appends are refused until it ends
         self._watch: asyncio.TimerHandle | None = None
+        self._watch_at = 0.0  # when the timer is due (monotonic)
+        self._graced = False  # the write in flight had its grace
 
     async def append(self, sid: str, items: Sequence[tuple[str, Envelope]]) -> bool:
         """Append `items` to session `sid`'s streams (unfenced); True once written. Raises a retryable
         error when they could not go within `max_wait_s` (dropped: see the class)."""
-        if self._since is not None and time.monotonic() - self._since >= self.max_wait_s:
-            self._give_up()  # the timer may not have run yet (a busy loop): nothing waits past the bound
+        if self._given_up:
             raise self._overdue()
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queued.setdefault(sid, []).extend(items)
@@ -888,9 +895,9 @@ class SharedWriter:
                     await asyncio.sleep(self.linger_s)
                 writes, self._queued = self._queued, {}
                 self._sending, self._waiting = self._waiting, []
-                self._since = time.monotonic()
+                self._since, self._graced = time.monotonic(), False
                 if self._watch is None:
-                    self._watch = asyncio.get_running_loop().call_later(self.max_wait_s, self._check)
+                    self._arm(self.max_wait_s)
                 try:
                     lost = await self.bus.append_sessions(writes, lane=self._lane)
                 except Exception as exc:
@@ -898,7 +905,7 @@ class SharedWriter:
                 else:
                     _settle(self._sending, lost=lost)
                 finally:
-                    self._since = None
+                    self._since, self._given_up = None, False
                 self._sending = []
         finally:
             self._writer = None
@@ -906,23 +913,29 @@ class SharedWriter:
                 future.cancel()
             self._sending = []
 
+    def _arm(self, delay_s: float) -> None:
+        self._watch_at = time.monotonic() + delay_s
+        self._watch = asyncio.get_running_loop().call_later(delay_s, self._check)
+
     def _check(self) -> None:
         """The timer: give up on the write in flight once it is overdue; until then, look again when it
         will be (a write that began since the timer was armed)."""
         self._watch = None
         if self._since is None:
             return  # armed again by the next write
-        left = self._since + self.max_wait_s - time.monotonic()
-        if left > 0:
-            self._watch = asyncio.get_running_loop().call_later(left, self._check)
+        now = time.monotonic()
+        if (left := self._since + self.max_wait_s - now) > 0:
+            self._arm(left)
+        elif now - self._watch_at > _LOOP_LAG_S and not self._graced:
+            self._graced = True  # the loop was busy: let it read the write's answer, if it came, first
+            self._arm(_LOOP_LAG_S)
         else:
             self._give_up()
 
     def _give_up(self) -> None:
         """The write in flight is overdue: its appends and those waiting for it are answered (retryable),
         the waiting ones' entries dropped. The write goes on; its entries go with it."""
-        if not self._sending and not self._waiting:
-            return
+        self._given_up = True
         exc = self._overdue()
         _settle(self._sending, exc=exc)
         _settle(self._waiting, exc=exc)

@@ -337,7 +337,8 @@ class DialogueWorker:
         if self.rollover_at is None:
             return False
         took_slot = False
-        for slot in self.batcher.due_rollovers(self.rollover_at):
+        # The oldest state first: nearest its last call (one due early by its head start can wait longer).
+        for slot in sorted(self.batcher.due_rollovers(self.rollover_at), key=lambda s: -s.age):
             session = self.sessions.get(slot.session_id or "")
             if session is None or self._rollover_kind(slot) is None:
                 continue

@@ -168,3 +168,25 @@ async def test_a_reader_that_left_through_its_own_look_is_not_answered_by_a_late
         for task in (running, tailing):
             task.cancel()
         loop.set_exception_handler(previous)
+
+
+async def test_a_write_that_landed_while_the_event_loop_was_busy_is_not_given_up_on(
+    stalling_bus: Bus, names: StreamNames
+) -> None:
+    """The loop held past `max_wait_s` (a long synchronous call) while Redis answered at once: the timer
+    fires late, and the write, answered meanwhile, is not taken for a stalled one (its frames dropped)."""
+    talker = Talker(SharedWriter(stalling_bus, max_wait_s=MAX_WAIT_S), names)
+    assert (await talker.say("a"))[0] is True  # connected
+    pending = asyncio.ensure_future(talker.say("a"))
+    # Turn by turn (no event to wait on: the writer sets no flag for tests) until the write is sent, its
+    # answer not read yet.
+    while talker.writer._since is None:  # noqa: ASYNC110
+        await asyncio.sleep(0)
+    hold_the_event_loop(MAX_WAIT_S + 0.2)  # Redis answers meanwhile
+    result, _ = await pending
+    assert result is True, result
+
+
+def hold_the_event_loop(seconds: float) -> None:
+    """What a long synchronous call does to every task of the loop."""
+    time.sleep(seconds)
