@@ -140,6 +140,11 @@ def spoken_by_tts(voice: str, mode: VoiceMode) -> str | None:
     return voice
 
 
+def model_of_voice(voice: str) -> str | None:
+    """The model a voice speaks only on: a native voice is its own model's; None: any (cloned, catalog)."""
+    return voice if voice in NATIVE_VOICES else None
+
+
 def native_voice_for(model: str | None) -> str:
     """The Moshi voice a session on `model` speaks with when it names none."""
     return model if model is not None and model in NATIVE_VOICES else "moshiko"

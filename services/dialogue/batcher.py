@@ -278,13 +278,15 @@ class Batcher:
             and s.age + s.head_start >= at
         ]
 
-    def rollover_dues(self, at: int) -> list[int]:
-        """For every state that will come due for a rollover at `at` (not one a fresh state replaces):
-        the steps until it does (0 or less: due)."""
+    def frames_until_due(self, at: int, *, besides: int | None = None) -> list[int]:
+        """For every state that will come due for a rollover at `at` (not one a fresh state replaces, nor
+        the one on row `besides`): the steps until it does (0 or less: due)."""
         return [
             at - s.head_start - s.age
             for s in self.slots
-            if s.session_id is not None and (s.pending is None or s.pending.successor is None)
+            if s.session_id is not None
+            and s.row != besides
+            and (s.pending is None or s.pending.successor is None)
         ]
 
     def give_head_start(self, row: int, frames: int) -> None:

@@ -57,10 +57,13 @@ def rollover_head_start(dues: Sequence[int], at: int, spacing: int, most: int) -
     Why: sessions that join together (a failover seating a dead worker's sessions, a burst of starts)
     would come due together, again every `at` frames (a rollover renews a state where it stands), and
     the rows kept for rollovers can prime only so many at once: the rest would roll over in place, a
-    pause, each time. Spaced by a fresh state's priming time over the rows kept, each finds one free.
-    Only the first rollover comes early: the fresh states keep the spacing."""
+    pause, each time. Spaced by a fresh state's priming time (at most) over the rows kept, each finds one
+    free (about so: prime-ahead shortens priming, and ages, unevenly). Only the first rollover comes
+    early: the fresh states keep the spacing. A state about to roll over (or waiting to) is due again
+    about `at` frames later: near this one's due, so counted there too."""
+    next_round = [max(other, 0) + at for other in dues if other < spacing]
     due = at
-    for other in sorted(dues, reverse=True):  # descending: `due` only falls, past each it meets
+    for other in sorted([*dues, *next_round], reverse=True):  # descending: `due` only falls
         if other - spacing < due < other + spacing:
             due = other - spacing
     return at - due if at - due <= most else 0

@@ -55,7 +55,6 @@ from shared.messages import (
     CONTROL,
     DIALOGUE,
     INPUT,
-    NATIVE_VOICES,
     ContextRollover,
     ControlMessage,
     DialogueFrame,
@@ -68,6 +67,7 @@ from shared.messages import (
     SessionStop,
     SessionUpdate,
     UserAudio,
+    model_of_voice,
 )
 from shared.ownership import Liveness, SessionOwnership, Takeover, next_seq
 from shared.presence import WorkerFields, WorkerPresence, list_workers
@@ -92,7 +92,7 @@ def placement_group(model: str) -> str:
 
 def required_model(start: SessionStart) -> str | None:
     """The model a session needs: named, or implied by a native voice; None = any (cloned voices)."""
-    return start.model or (start.voice if start.voice in NATIVE_VOICES else None)
+    return start.model or model_of_voice(start.voice)
 
 
 @dataclass
@@ -685,8 +685,6 @@ class DialogueWorker:
                     await self.ownership.release(sid)
                 return
             refused: NoCapacity | None = None
-            at = self.rollover_at
-            dues = self.batcher.rollover_dues(at) if self._rollover_spacing and at is not None else []
             try:
                 row = self.batcher.join(sid, tokens, start.persona.sampling, adapter_slot)
             except NoCapacity as exc:
@@ -699,7 +697,7 @@ class DialogueWorker:
                 self._release_adapter(start)  # its use of the adapter goes with it
                 raise
             else:
-                head_start = self._rollover_head_start(dues)
+                head_start = self._rollover_head_start(row)
                 self.batcher.give_head_start(row, head_start)
                 timeline = InputTimeline(s.dialogue_input_buffer_frames, s.dialogue_jitter_frames)
                 utterances = UtteranceBuilder(s.dialogue_utterance_pause_frames)
@@ -728,13 +726,14 @@ class DialogueWorker:
             },
         )
 
-    def _rollover_head_start(self, dues: list[int]) -> int:
-        """How early a joining session's first rollover comes (`priming.rollover_head_start`): only with
-        rows kept for rollovers (without, a full worker rolls over in place however they are spread), and
-        never before a quarter of its context is used."""
-        if not self._rollover_spacing or self.rollover_at is None:
-            return 0
+    def _rollover_head_start(self, row: int) -> int:
+        """How early the first rollover of the session joining on `row` comes, spaced from the others'
+        (`priming.rollover_head_start`): only with rows kept for rollovers (without, a full worker rolls
+        over in place however they are spread), and never before a quarter of its context is used."""
         at = self.rollover_at
+        if not self._rollover_spacing or at is None:
+            return 0
+        dues = self.batcher.frames_until_due(at, besides=row)
         return rollover_head_start(dues, at, self._rollover_spacing, most=at * 3 // 4)
 
     def _primer(self, start: SessionStart, spoken: str, history_tokens: int) -> list[int]:

@@ -54,8 +54,12 @@ class UtteranceBuilder:
         at = at if at is not None else time.time()
         if text:
             current = self.current
-            long = current is not None and seq - current.first_seq >= MAX_UTTERANCE_FRAMES
-            closed = self.flush() if long and text[:1].isspace() else None  # a piece that begins a word
+            length = seq - current.first_seq if current is not None else 0
+            # At a piece that begins a word; at any, past twice the length (a script without spaces).
+            long = length >= MAX_UTTERANCE_FRAMES and (
+                text[:1].isspace() or length >= 2 * MAX_UTTERANCE_FRAMES
+            )
+            closed = self.flush() if long else None
             if self.current is None:
                 self.current = Utterance(seq, seq, at)
             self.current.pieces.append(text)

@@ -151,6 +151,8 @@ class Conversation:
         while True:
             messages, cursor = await self._read_outputs(cursor)
             for message in messages:
+                if _ended_for_want_of_a_lease(message):
+                    raise self._lease_lapsed()
                 if isinstance(message, SessionEvent):
                     if message.name in (EventName.READY, EventName.RESUMED):
                         self.lifetime.started_at = time.monotonic()  # the maximum length counts from here
@@ -239,13 +241,16 @@ class Conversation:
                     continue
                 last_seq = message.seq
                 if _ended_for_want_of_a_lease(message):
-                    raise ServiceUnavailable(
-                        "the session ended: this gateway could not renew its lease (Redis was unreachable "
-                        f"for longer than {self.lease_s:g} s); start a new session"
-                    )
+                    raise self._lease_lapsed()
                 self.lifetime.observe(message)
                 _OUT_LAG.observe(max(0.0, time.time() - message.created_at))
                 yield message
+
+    def _lease_lapsed(self) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            "the session ended: this gateway could not renew its lease (Redis was unreachable for longer "
+            f"than {self.lease_s:g} s); start a new session"
+        )
 
     async def _read_outputs(self, cursor: str) -> tuple[list[OutputMessage], str]:
         """One blocking read of `:out` after `cursor` (malformed entries are logged and skipped)."""

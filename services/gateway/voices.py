@@ -52,7 +52,6 @@ from shared.errors import (
     error_for_code,
 )
 from shared.messages import (
-    NATIVE_VOICES,
     TTS_REPLIES,
     VoiceDeleted,
     VoicePrepare,
@@ -60,6 +59,7 @@ from shared.messages import (
     catalog_name_of,
     catalog_voice,
     cloned_voice,
+    model_of_voice,
     profile_id_of,
 )
 from shared.presence import list_workers
@@ -379,16 +379,16 @@ async def check_native_voice_served(bus: Bus, voice: str) -> None:
     none runs that model, nor is loading (its model not announced yet), NoCapacity at once, naming it,
     instead of after the placement wait. A busy one is waited for, and so is a fleet with no worker at
     all (one restarting). Other voices run on any model."""
-    if voice not in NATIVE_VOICES:
+    if (model := model_of_voice(voice)) is None:
         return
     workers = await list_workers(bus, "dialogue")
-    if workers and not any(not w.serving or w.fields.get("model", voice) == voice for w in workers):
+    if workers and not any(not w.serving or w.fields.get("model", model) == model for w in workers):
         running = sorted({w.fields["model"] for w in workers if "model" in w.fields})
         raise NoCapacity(
-            f"no dialogue worker runs {voice}, the model whose voice {voice!r} is: use "
-            f"{' or '.join(running) or 'another voice'}, or start a {voice} worker",
+            f"no dialogue worker runs {model}, the model whose voice {voice!r} is: use "
+            f"{' or '.join(running) or 'another voice'}, or start a {model} worker",
             reason="no_model_worker",
-            model=voice,
+            model=model,
         )
 
 

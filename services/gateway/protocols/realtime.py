@@ -65,7 +65,7 @@ from shared.errors import (
     LifetimeReached,
     RateLimited,
 )
-from shared.messages import EventName, SessionEvent, native_voice_for
+from shared.messages import EventName, SessionEvent, model_of_voice, native_voice_for
 from shared.sessions import start_of
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
             await websocket.send_text(ev.wire(_error_event(exc)))
         await close_quietly(websocket, refusal_close_code(exc), exc.code)
         return
-    # The model that serves the session, as its session object says: OpenAI's names (or any other) mean
-    # moshiko, never echoed back (the query string is the client's, of any length).
+    # The model asked for: OpenAI's names (or any other) mean moshiko, never echoed back (the query string
+    # is the client's, of any length). A native voice, once chosen, decides (`session_object`).
     model = native_voice_for(websocket.query_params.get("model") or caller.model)
     session = RealtimeSession(websocket, settings, caller.owner, model)
     session.instructions = caller.instructions or ""  # a client secret's session config, if any
@@ -176,7 +176,7 @@ class RealtimeSession:
             )
         return ev.SessionObject(
             id=self.session_id,
-            model=self.model,
+            model=model_of_voice(self.voice) or self.model,  # the model that serves it
             instructions=self.instructions,
             audio={
                 "input": {

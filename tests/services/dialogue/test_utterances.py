@@ -31,3 +31,11 @@ def test_an_utterance_without_a_pause_closes_at_a_word_past_its_maximum_length()
         assert done.record()["text"].startswith("word") and done.record()["text"].endswith("ing")
     assert closed[1].first_seq == closed[0].last_seq + 1, "nothing said is lost between them"
     assert builder.current is not None and builder.current.first_seq == closed[1].last_seq + 1
+
+
+def test_text_without_spaces_between_words_is_cut_at_twice_the_maximum_length() -> None:
+    builder = UtteranceBuilder(pause_frames=3)
+    closed = [
+        done for seq in range(5 * MAX_UTTERANCE_FRAMES) if (done := builder.push(seq, "語")) is not None
+    ]
+    assert len(closed) == 2 and all(d.last_seq - d.first_seq < 2 * MAX_UTTERANCE_FRAMES for d in closed)

@@ -200,3 +200,9 @@ async def test_the_session_names_the_model_that_serves_it_never_the_clients_stri
         async with connect(f"{gateway.ws_url}/v1/realtime?model={asked}") as ws:
             created = conforming(await ws.recv())
         assert created["session"]["model"] == served, asked[:20]
+    async with connect(f"{gateway.ws_url}/v1/realtime") as ws:
+        conforming(await ws.recv())
+        updated = await answer(
+            ws, {"type": "session.update", "session": {"audio": {"output": {"voice": "moshika"}}}}
+        )
+        assert updated["session"]["model"] == "moshika", "a native voice is spoken by its own model"

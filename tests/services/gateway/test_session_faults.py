@@ -300,24 +300,35 @@ async def test_a_session_whose_state_vanishes_tells_its_client_why_and_closes(
     assert not await bus.redis.sismember(bus.names.owner_sessions(OWNER), sid)
 
 
+@pytest.mark.parametrize("phase", ["waiting_for_a_slot", "live"])
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_a_session_ended_for_its_lapsed_lease_is_an_outage_to_its_client_not_a_normal_end(
-    gateway: Gateway, bus: Bus, protocol: str
+    gateway: Gateway, bus: Bus, protocol: str, phase: str
 ) -> None:
     """Redis away past the lease: the gateway could not renew it, the workers end the session
     (`lease_expired`) and the router forwards `ended` once Redis is back. The client still reading is told
     of the outage (service_unavailable, 1013: try again), not closed as if the conversation had ended."""
     ws, sid = await open_session(protocol, gateway.ws_url)
-    await ready(bus, sid, protocol, ws)
+    if phase == "live":
+        await ready(bus, sid, protocol, ws)
+    else:
+        await placing(bus, sid)
     ended = SessionEvent(session_id=sid, seq=1, name=EventName.ENDED, detail="lease_expired")
     await bus.append(bus.names.session_output(sid), ended)
-    messages = await received_until_closed(ws)
-    if protocol == "moshi":
-        assert messages[-1].startswith(bytes([ERROR])) and b"could not renew its lease" in messages[-1]
+    if protocol == "realtime" and phase == "waiting_for_a_slot":  # a refused start keeps the socket
+        async with asyncio.timeout(5):
+            while (error := json.loads(await ws.recv()))["type"] != "error":
+                pass
+        assert error["error"]["code"] == "service_unavailable", error
+        await ws.close()
     else:
-        error = json.loads(messages[-1])
-        assert error["type"] == "error" and error["error"]["code"] == "service_unavailable", error
-    assert ws.close_code == 1013
+        messages = await received_until_closed(ws)
+        if protocol == "moshi":
+            assert messages[-1].startswith(bytes([ERROR])) and b"could not renew its lease" in messages[-1]
+        else:
+            error = json.loads(messages[-1])
+            assert error["type"] == "error" and error["error"]["code"] == "service_unavailable", error
+        assert ws.close_code == 1013
     await assert_stopped(bus, sid, "service_unavailable")
 
 
