@@ -40,6 +40,13 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 
 @pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    """A redis-server of the test's own, which it may pause, kill and start again (same port)."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
 def key_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}:"
 

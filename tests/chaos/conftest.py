@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from chorus.devtools.redis_server import EmbeddedRedis
 from tests.chaos.harness import Observer
 from tests.support.stack import ChorusStack
 
@@ -38,16 +37,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, f"report_{report.when}", report)
     return report
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    """A redis-server of the test's own, which it may kill and start again (same port)."""
-    server = EmbeddedRedis().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

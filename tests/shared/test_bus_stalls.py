@@ -28,15 +28,6 @@ MAX_WAIT_S = 0.25
 
 
 @pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 async def stalling_bus(own_redis: EmbeddedRedis, names: StreamNames) -> AsyncIterator[Bus]:
     bus = await Bus.connect(
         own_redis.url, names, timeout_s=SOCKET_TIMEOUT_S, socket_timeout_s=SOCKET_TIMEOUT_S

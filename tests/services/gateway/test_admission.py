@@ -7,11 +7,10 @@ so an admitted conversation waits for its slot."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from chorus.devtools.redis_server import EmbeddedRedis
@@ -19,12 +18,6 @@ from services.gateway.admission import MEMORY_CHECK_S
 from shared.bus import Bus
 from tests.services.gateway.test_session_faults import ERROR, running_gateway
 from tests.support.waiting import wait_until
-
-
-@pytest.fixture
-def own_redis() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as server:
-        yield server
 
 
 async def refusal(ws_url: str) -> bytes:
