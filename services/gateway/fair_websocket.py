@@ -62,6 +62,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 
+from shared import metrics
+
 FAIR_RECEIVE = "chorus.fair_receive"  # scope extension: `receive` yields before a message already waiting
 SLICE_BYTES = 4 * 1024  # ~600 of the smallest frames: ~2 ms of parsing
 UNCOMPRESSED_PATHS = frozenset({"/api/chat"})  # Opus in binary messages: deflate gains nothing
@@ -152,6 +154,7 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_events()
         if self.conn.handshake_exc is not None and not self.handshake_initiated and not self.close_sent:
             # Refused before it was a request (no app runs): uvicorn would never write the parser's answer.
+            metrics.SESSIONS_REJECTED.labels(reason="malformed_upgrade").inc()
             self._backlog.clear()  # the parser discards the rest
             self._half_close()
 

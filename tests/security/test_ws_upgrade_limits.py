@@ -62,6 +62,10 @@ def test_an_oversized_upgrade_is_answered_and_closed(start_gateway: StartGateway
     ].startswith(b"HTTP/1.1 403 ")
     errors = [line for line in gateway.log_text().splitlines() if " ERROR " in line or "Traceback" in line]
     assert errors == [], "\n".join(errors)
+    counted = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    assert 'chorus_sessions_rejected_total{reason="malformed_upgrade"} 3.0' in counted, (
+        "counted, not only logged"
+    )
 
 
 async def test_a_client_with_a_long_prompt_is_told_instead_of_hanging(start_gateway: StartGateway) -> None:
