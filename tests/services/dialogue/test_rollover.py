@@ -310,6 +310,14 @@ async def test_a_full_worker_rolls_a_session_over_in_place_with_silence_for_the_
     assert min(counted_since("in_place", counted)) >= len(events), "counted and timed in the metrics"
 
 
+async def ready_session(bus: Bus, sid: str) -> DialogueReader:
+    """Open a session the worker places, and read its `:dlg` until it is ready."""
+    await open_session(bus, SessionStart(session_id=sid))
+    reader = DialogueReader(bus, sid)
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "never ready")
+    return reader
+
+
 async def test_a_rollover_leaves_the_free_slot_to_a_placement_under_way(
     bus: Bus, start_worker: StartWorker
 ) -> None:
@@ -321,9 +329,7 @@ async def test_a_rollover_leaves_the_free_slot_to_a_placement_under_way(
         dialogue_slots=2, dialogue_rollover_at=24, dialogue_max_primer_tokens=8, dialogue_tick_ms=40
     )
     batcher = running.worker.batcher
-    await open_session(bus, SessionStart(session_id="due"))
-    reader = DialogueReader(bus, "due")
-    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "never ready")
+    reader = await ready_session(bus, "due")
     async with running.worker._placing:
         await wait_until(lambda: any(s.age > 30 for s in batcher.slots), "the session never came due", 30)
         assert len(batcher.free_rows()) == 1, "the placement's slot was taken"
@@ -344,9 +350,7 @@ async def test_a_rollover_waits_for_a_placement_only_until_its_last_call_then_go
         dialogue_slots=2, dialogue_rollover_at=60, dialogue_max_primer_tokens=8, dialogue_tick_ms=40
     )
     batcher = running.worker.batcher
-    await open_session(bus, SessionStart(session_id="due"))
-    reader = DialogueReader(bus, "due")
-    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "never ready")
+    reader = await ready_session(bus, "due")
     async with running.worker._placing:
         assert batcher.slots[running.worker.sessions["due"].row].age < 60, "came due before the lock"
         await reader.until(lambda r: r.event(EventName.CONTEXT_ROLLOVER) is not None, 30, "it waited on")
@@ -373,9 +377,7 @@ async def test_a_row_kept_for_rollovers_is_left_free_by_placement_and_spares_a_f
 ) -> None:
     worker = (await start_reserving_worker(start_worker, slots=2)).worker
     assert worker.describe()["capacity"] == 1
-    await open_session(bus, SessionStart(session_id="first"))
-    first = DialogueReader(bus, "first")
-    await first.until(lambda r: r.event(EventName.READY) is not None, 30, "never ready")
+    first = await ready_session(bus, "first")
     assert worker.describe()["free_slots"] == 0 and len(worker.batcher.free_rows()) == 1
     await open_session(bus, SessionStart(session_id="second"))
     second = DialogueReader(bus, "second")
@@ -460,9 +462,7 @@ async def test_a_rollover_takes_a_kept_row_while_a_placement_is_under_way_and_pl
     twice)."""
     worker = (await start_reserving_worker(start_worker, slots=3)).worker
     batcher = worker.batcher
-    await open_session(bus, SessionStart(session_id="due"))
-    reader = DialogueReader(bus, "due")
-    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "never ready")
+    reader = await ready_session(bus, "due")
     async with worker._placing:
         rows = await wait_until(
             lambda: (batcher.fresh_rows(), worker.free_slots()) if batcher.fresh_rows() else None,
@@ -491,10 +491,7 @@ async def test_a_placement_that_begins_while_a_rollover_reads_its_transcript_kee
     )
     worker = running.worker
     for sid in ("a", "b"):
-        await open_session(bus, SessionStart(session_id=sid))
-        await DialogueReader(bus, sid).until(
-            lambda r: r.event(EventName.READY) is not None, 30, "never ready"
-        )
+        await ready_session(bus, sid)
     assert worker.free_slots() == 1
     joins: list[int | Exception] = []
     join = worker.batcher.join
