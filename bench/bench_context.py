@@ -16,7 +16,10 @@ H100 sweep's measurements predict for sessions per GPU at each context. Exact by
   sees it less `RESERVE_MIB` (3 GiB, bench_quant's margin for the CUDA context and the allocator's
   slack). The step's per-session slope being the cache read is an inference (the bandwidth it implies
   is 89 % of the card's peak), not separated from the batch's other per-row costs. None of it is a
-  measurement: `bench/gpu/lease.sh`'s `ctx` stage measures it when a GPU is lent.
+  measurement.
+- **Measured against predicted** (`bench/results/dialogue_gpu_ctx.json`, `bench/gpu/lease.sh`'s `ctx`
+  stage: bf16 at a shorter context on an H100), where that sweep is present: each measured point beside
+  the prediction for its context and slots, and the ratio of each figure (measured / predicted).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from services.dialogue.model import set_context
 from services.dialogue.quantized import make_lean
 
 SWEEP = Path(__file__).resolve().parent / "results" / "dialogue_gpu.json"
+SHORT_CONTEXT_SWEEP = SWEEP.with_name("dialogue_gpu_ctx.json")
 PUBLISHED = published_architecture(full=True)[0]["context"]  # 3000 frames
 CONTEXTS = (PUBLISHED, 2250, 2000, 1500, 1000)
 SLOTS = (32, 40, 48, 56, 64, 72, 80, 88, 96)
@@ -52,6 +56,9 @@ def run() -> dict[str, Any]:
     sweep = json.loads(SWEEP.read_text(encoding="utf-8")) if SWEEP.is_file() else None
     if sweep is not None and _is_the_published_bf16_lm(sweep):
         result["predicted_from_h100"] = predict(sweep, caches)
+        if SHORT_CONTEXT_SWEEP.is_file():
+            measured = json.loads(SHORT_CONTEXT_SWEEP.read_text(encoding="utf-8"))
+            result["measured_against_predicted"] = compare(measured, result["predicted_from_h100"])
     return result
 
 
@@ -85,6 +92,34 @@ def cache_bytes(context: int) -> dict[str, int]:
 
 def weights_mib() -> float:
     return weight_bytes(_published_lm(PUBLISHED, int8_kv=False)) / 2**20
+
+
+def compare(measured: dict[str, Any], predicted: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each measured point of a bf16 sweep at a shorter context beside the prediction for it (a context
+    or slot count the prediction does not list is left out)."""
+    context = str(measured["configuration"].get("context_frames"))
+    rows = {r["slots"]: r for r in predicted["by_context"].get(context, {}).get("rows", [])}
+    out = []
+    for point in measured["points"]:
+        guess = rows.get(point["slots"])
+        if point["outcome"] != "measured" or guess is None:
+            continue
+        got = {
+            "lm_step_p50_ms": point["stages_ms"]["lm"]["p50"],
+            "tick_p50_ms": point["tick_ms"]["p50"],
+            "tick_p99_ms": point["tick_ms"]["p99"],
+            "peak_memory_mib": point["peak_memory_mib"],
+        }
+        out.append(
+            {
+                "context": int(context),
+                "slots": point["slots"],
+                "measured": got | {"realtime": point["realtime"]},
+                "predicted": {k: guess[k] for k in got} | {"realtime": guess["realtime"]},
+                "measured_over_predicted": {k: round(v / guess[k], 3) for k, v in got.items()},
+            }
+        )
+    return out
 
 
 def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:

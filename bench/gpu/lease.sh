@@ -5,24 +5,30 @@
 # Every JSON is rewritten after each point, so a cut stage keeps what it measured.
 #   bench/gpu/lease.sh [extra options for every sweep stage, e.g. --size small --ticks 5 for a CPU
 #   rehearsal; the attn stage takes LEASE_ATTN_ARGS instead]
-# LEASE_STAGES (default "ctx ctx8 attn": what is still to measure), each with its length in seconds
+# LEASE_STAGES (default "kv8t int8t": what is still to measure), each with its length in seconds
 # (LEASE_<STAGE>_S):
+#   kv8t (200):  bf16 weights and an int8 KV cache read by the Triton kernel (the CUDA worker's read since
+#                2026-11-27), 500 ticks a point, 64 and 80 slots at the published context: bf16 weights
+#                step faster than int8 ones (the ctx8 profile), so this may be the fastest way to 64;
+#   int8t (230): int8 weights and an int8 KV cache, the cache read by the Triton kernel (--kv-read triton),
+#                500 ticks a point, 64, 80, 96 slots. Measured at 64 slots with 64 positions a turn on an
+#                H100 on 2026-11-27 (real-time, 74.9 ms p99); the kernel's tuning is 128 since;
 #   ctx (240):   bf16 with a shorter attention context (CHORUS_DIALOGUE_CONTEXT; LEASE_CTX_FRAMES, default
-#                1500), 1000 ticks a point, 64, 72, 80 slots: bench/bench_context.py predicts 80
-#                real-time sessions at 1500 frames from the bf16 sweep; this measures it;
-#   ctx8 (170):  the same context with int8 weights and a bf16 cache (issue 13's "64 with int8 weights": at
-#                3000 frames the cache, not the weights, is what fills the card), 500 ticks a point, 64 and
-#                80 slots (96 would not fit: ~80 GiB), 20 profiled ticks a point (the int8 matmuls' share of the step);
+#                1500), 1000 ticks a point, 64, 72, 80 slots. Measured on an H100 on 2026-11-27 (80 real-time);
+#   ctx8 (170):  the same context with int8 weights and a bf16 cache, 500 ticks a point, 64 and 80 slots,
+#                20 profiled ticks a point. Measured on an H100 on 2026-11-27 (64, then 80 and 88 with
+#                --slots 80,88 in a second call: all real-time);
 #   attn (120):  one attention step over a full cache at 64 sessions, every read (bf16, the copy, the
 #                compiled read, the Triton kernel at six tunings), timed alone (bench/gpu_int8_attention.py;
-#                LEASE_ATTN_ARGS passes it options, e.g. a small shape for a CPU rehearsal);
+#                LEASE_ATTN_ARGS passes it options, e.g. a small shape for a CPU rehearsal). Measured on an
+#                H100 on 2026-11-27;
 #   bf16 (330):  the bf16 sweep with moshi's batch-1 baseline, 1000 ticks a point; the slots go 32 and 40
 #                first (the target and the memory ceiling), then 16, then 48 (out of memory at bf16 on
 #                80 GB: the sweep stops there). Measured on an H100 on 2026-11-26;
-#   int8 (230):  int8 weights and an int8 KV cache read by the compiled read (the worker's), 500 ticks a
-#                point, 64, 80, 96 slots. Measured on an H100 on 2026-11-26 (not real-time);
-#   int8t (230): the same, the cache read by the Triton kernel (--kv-read triton);
-#   kv8 (150), kv8t (150): bf16 weights and an int8 KV cache, compiled or Triton read, 48 and 64 slots;
+#   int8 (230):  int8 weights and an int8 KV cache read by the compiled read, 500 ticks a point, 64, 80, 96
+#                slots. Measured on an H100 on 2026-11-26 (not real-time);
+#   kv8 (150):   bf16 weights and an int8 KV cache, the compiled read, 64 and 80 slots (48 measured on
+#                2026-11-26: not real-time);
 #   lora (300):  issue 16's figure alone: 32 sessions with no LoRA against 1, 4 and 8 distinct rank-128
 #                adapters, each LoRA kernel, 200 ticks a variant (docs/performance.md, "LoRA adapters").
 # The int8-cache stages (int8, int8t, kv8, kv8t) profile 20 more ticks a point (the LM step's kernels:
@@ -32,9 +38,9 @@ cd "$(dirname "$0")/../.."
 DIR=${OUT:-bench/results}
 INT8=(--weights int8 --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 64,80,96 --profile-ticks 20)
 CTX=(--context "${LEASE_CTX_FRAMES:-1500}")
-KV8=(--weights float --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 48,64 --profile-ticks 20)
+KV8=(--weights float --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 64,80 --profile-ticks 20)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv 2>/dev/null
-for stage in ${LEASE_STAGES:-ctx ctx8 attn}; do
+for stage in ${LEASE_STAGES:-kv8t int8t}; do
   if [ "$stage" = attn ]; then
     seconds=${LEASE_ATTN_S:-120}
     echo "== attn, $(date +%T), at most $seconds s"
@@ -49,10 +55,10 @@ for stage in ${LEASE_STAGES:-ctx ctx8 attn}; do
     ctx)   seconds=${LEASE_CTX_S:-240}; options=("${CTX[@]}" --ticks 1000 --baseline-ticks 0 --slots 64,72,80) ;;
     ctx8)  seconds=${LEASE_CTX8_S:-170}
            options=("${CTX[@]}" --weights int8 --kv-cache float --ticks 500 --baseline-ticks 0 --slots 64,80 --profile-ticks 20) ;;
-    int8)  seconds=${LEASE_INT8_S:-230}; options=("${INT8[@]}" --kv-read auto) ;;
+    int8)  seconds=${LEASE_INT8_S:-230}; options=("${INT8[@]}" --kv-read compiled) ;;
     int8t) seconds=${LEASE_INT8T_S:-230}; options=("${INT8[@]}" --kv-read triton) ;;
-    kv8)   seconds=${LEASE_KV8_S:-150}; options=("${KV8[@]}" --kv-read auto) ;;
-    kv8t)  seconds=${LEASE_KV8T_S:-150}; options=("${KV8[@]}" --kv-read triton) ;;
+    kv8)   seconds=${LEASE_KV8_S:-150}; options=("${KV8[@]}" --kv-read compiled) ;;
+    kv8t)  seconds=${LEASE_KV8T_S:-200}; options=("${KV8[@]}" --kv-read triton) ;;
     lora)  seconds=${LEASE_LORA_S:-300}
            options=(--slots "" --baseline-ticks 0 --adapters 0,1,4,8 --adapter-rank 128 --adapter-batch 32 --ticks 200) ;;
     *) echo "unknown stage $stage (attn, bf16, ctx, ctx8, int8, int8t, kv8, kv8t, lora)" >&2; exit 2 ;;

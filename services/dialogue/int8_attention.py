@@ -8,12 +8,13 @@ two bytes a value and reads them back (2.5x the bytes of a bf16 cache in all).
 Two reads, both of shape q [B, H, T, D] over cache [2, B, G, C, D] and scales [2, B, G, C, 1] (G = H /
 kv_repeat head groups), `allowed` [B, T, C] saying which positions each query sees:
 - `fused_int8_attention`: the products written as multiplies and sums that `torch.compile` fuses into
-  passes over the int8 values. On an H100 it is 2.5x faster than the copy but far from what the bytes
-  allow (docs/performance.md, "Sessions per GPU");
+  passes over the int8 values. On an H100 it is 2.8x faster than the copy but far from what the bytes
+  allow (docs/performance.md, "int8 weights and KV cache");
 - `triton_int8_attention`: one step (T = 1), a hand-written decode kernel (one program per row and head,
-  the positions in blocks, online softmax, int8 turned into float in registers). Not measured on a GPU
-  yet (`bench/gpu/run.sh --kv-read triton`); run here by Triton's interpreter on the CPU
-  (tests/services/dialogue/test_int8_attention.py).
+  the positions in blocks, online softmax, int8 turned into float in registers). On an H100, one step
+  over 64 full caches takes 0.80 ms at its tuning here, 3.2x faster than the compiled read and faster
+  than torch's bf16 attention over a bf16 cache (1.09 ms): the CUDA worker's read. Run here by
+  Triton's interpreter on the CPU (tests/services/dialogue/test_int8_attention.py).
 
 A row that may see nothing (one the exec mask skipped before its first step) gets a finite average of
 its slots that nothing reads, where a softmax over nothing would put NaN in the batch.
@@ -34,8 +35,16 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 _MASKED = -1.0e30  # a masked score: finite, so a row with nothing allowed averages instead of NaN
-TRITON_BLOCK_POSITIONS = 64  # the kernel's tuning: untimed on a GPU yet (bench/gpu_int8_attention.py)
+# The kernel's tuning: the fastest of six timed on an H100 (bench/results/int8_attention.json: 128
+# positions a turn and 4 warps, 0.80 ms a step at 64 sessions; 64 and 4, 1.08 ms; 8 warps slower at each).
+TRITON_BLOCK_POSITIONS = 128
 TRITON_WARPS = 4
+
+
+def triton_reads(device: torch.device, steps: int, head_dim: int) -> bool:
+    """Whether `triton_int8_attention` can take a step: on CUDA, with Triton, one step at a time, a
+    power-of-two head size."""
+    return triton is not None and device.type == "cuda" and steps == 1 and head_dim & (head_dim - 1) == 0
 
 
 def fused_int8_attention(

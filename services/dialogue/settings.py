@@ -59,15 +59,18 @@ class DialogueSettings(CommonSettings):
     dialogue_kv_cache: Literal["float", "int8"] = Field(
         default="float",
         description="The LM's KV cache: `float` (moshi's ring cache in the LM's dtype) or `int8` (one "
-        "scale per head and position: about half the memory of bf16 per session, dequantized each step).",
+        "scale per head and position: about half the memory of bf16 per session; on a CUDA worker read in "
+        "place by a Triton kernel, elsewhere through a dequantized copy). Measured on an H100 with int8 "
+        "weights: 64 real-time sessions at the published context (docs/performance.md).",
     )
     dialogue_context: int | None = Field(
         default=None,
         ge=1,
         description="Frames of the conversation the LM attends over: each session's KV cache holds this many "
         "steps. Unset: the checkpoint's (3000 for the published Moshi, 4 minutes). Shorter: each session's "
-        "cache, and each step's read of it, shrink in proportion, so more sessions fit a GPU (docs/"
-        'performance.md, "A shorter context"); Moshi itself remembers less of the conversation, and the '
+        "cache, and each step's read of it, shrink in proportion, so more sessions fit a GPU (80 real-time "
+        'per H100 at 1500 in bf16, against 40 at 3000: docs/performance.md, "A shorter context"); Moshi '
+        "itself remembers less of the conversation, and the "
         "default context rollover comes sooner (the fresh state is primed with the transcript's tail). At "
         "most the checkpoint's context; at least twice the rollover margin "
         "(`CHORUS_DIALOGUE_MAX_PRIMER_TOKENS` plus the acoustic delay plus 2 s): a worker refuses to "

@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from bench.bench_quant import logits_difference, random_codes, streaming_text_logits
-from services.dialogue import quantized
+from services.dialogue import int8_attention, quantized
 from services.dialogue.batcher import Batcher
+from services.dialogue.int8_attention import triton_reads
 from services.dialogue.model import MoshiModel, load_moshi
 from services.dialogue.quantized import (
     Int8KVCache,
@@ -30,6 +31,7 @@ from services.dialogue.quantized import (
     Int8Read,
     LeanAttention,
     kernel_for,
+    resolve_int8_read,
     set_int8_read,
     w8a8_matmul,
 )
@@ -101,6 +103,22 @@ def test_the_in_place_reads_of_the_int8_cache_give_the_copys_logits(
     layers = sum(isinstance(m, LeanAttention) and m.kv_int8 for m in copy_model.lm.transformer.modules())
     assert len(calls) == STEPS * layers
     assert float((in_place - copied).norm() / copied.norm()) < 1e-4
+
+
+def test_the_worker_reads_the_int8_cache_the_fastest_way_that_runs_where_it_is() -> None:
+    """ "auto": where moshi compiles (a CUDA worker) the Triton kernel, measured fastest on an H100, when it
+    takes the step, else the compiled read; on a CPU (moshi compiles nothing there) the copy. A read
+    asked for by name is kept, and the Triton kernel never takes a CPU step, several steps at once or
+    a head size it cannot tile."""
+    assert resolve_int8_read("auto", compiling=True, triton_reads=True) == "triton"
+    assert resolve_int8_read("auto", compiling=True, triton_reads=False) == "compiled"
+    assert resolve_int8_read("auto", compiling=False, triton_reads=True) == "copy"
+    for read in ("copy", "compiled", "triton"):
+        assert resolve_int8_read(read, compiling=False, triton_reads=False) == read
+    assert triton_reads(torch.device("cuda"), 1, 128) == (int8_attention.triton is not None)
+    assert not triton_reads(torch.device("cpu"), 1, 128)
+    assert not triton_reads(torch.device("cuda"), 2, 128)
+    assert not triton_reads(torch.device("cuda"), 1, 96)
 
 
 @torch.no_grad()
