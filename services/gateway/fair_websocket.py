@@ -36,11 +36,12 @@ complete here once the response is sent.
 
 Refused before it was a request: an upgrade whose request line or a header line is over 8 KiB, or with
 over 128 headers (a long `?text_prompt=` is enough), is refused by the websockets parser itself, which
-queues a 414 or 431 (or, for a request it cannot parse, nothing) and the end of the stream, but hands no
-request on. uvicorn writes the parser's output only when answering a request, so the response was logged
-as sent and never written, and the connection stayed open until the client left (a client hung in its
-handshake; anyone could hold sockets). Here it is written and the connection half-closed, as after a
-refused frame.
+queues a 414 or 431 and the end of the stream, but hands no request on. uvicorn writes the parser's output
+only when answering a request, so the response was logged as sent and never written, and the connection
+stayed open until the client left (a client hung in its handshake; anyone could hold sockets). Here it is
+written and the connection half-closed, as after a refused frame. A request the parser refuses without
+an answer (one with a body: a `Content-Length` other than 0, or a `Transfer-Encoding`) gets a 400
+problem here, so that no refusal is a bare close.
 
 No compression of Opus: per-message deflate (negotiated when the client offers it, as browsers do) spends
 CPU on every message of Moshi's protocol, whose audio is Ogg/Opus and does not compress (about 5 % of the
@@ -53,6 +54,7 @@ costs 6x the CPU (~450 µs per 80 ms delta against ~70: 5.7 against 0.9 ms per s
 from __future__ import annotations
 
 import asyncio
+import json
 import zlib
 from typing import Any
 from urllib.parse import urlsplit
@@ -63,6 +65,7 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 from websockets.http11 import Request
 
 from shared import metrics
+from shared.errors import InvalidRequest
 
 FAIR_RECEIVE = "chorus.fair_receive"  # scope extension: `receive` yields before a message already waiting
 SLICE_BYTES = 4 * 1024  # ~600 of the smallest frames: ~2 ms of parsing
@@ -73,6 +76,19 @@ HUFFMAN_DEFLATE = ServerPerMessageDeflateFactory(
     client_max_window_bits=12,
     compress_settings={"memLevel": 5, "level": 1, "strategy": zlib.Z_HUFFMAN_ONLY},
 )
+
+
+def unparsed_upgrade_answer(refusal: BaseException) -> bytes:
+    """The 400 problem for an upgrade the handshake parser refused without an answer (module docstring),
+    saying what the parser found (websockets' reason: `unsupported request body`, ...)."""
+    reason = str(refusal.__cause__ or refusal)[:200]
+    error = InvalidRequest(f"the WebSocket upgrade request could not be taken: {reason}")
+    body = json.dumps(error.problem()).encode()
+    head = (
+        f"HTTP/1.1 {error.status} Bad Request\r\nContent-Type: application/problem+json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 class FairWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -156,7 +172,10 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
             # Refused before it was a request (no app runs): uvicorn would never write the parser's answer.
             metrics.SESSIONS_REJECTED.labels(reason="malformed_upgrade").inc()
             self._backlog.clear()  # the parser discards the rest
-            self._half_close()
+            queued = b"".join(self.conn.data_to_send())
+            if not queued.startswith(b"HTTP/"):
+                queued = unparsed_upgrade_answer(self.conn.handshake_exc) + queued
+            self._half_close(queued)
 
     def handle_parser_exception(self) -> None:
         if self._failed:
@@ -167,10 +186,10 @@ class FairWebSocketProtocol(WebSocketsSansIOProtocol):
         self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code, "reason": close.reason})
         self._half_close()
 
-    def _half_close(self) -> None:
-        """Write what the parser queued, then FIN (the client reads it all, even while still sending); close
-        when the client does, or after the close timeout."""
-        self.transport.write(b"".join(self.conn.data_to_send()))
+    def _half_close(self, answer: bytes | None = None) -> None:
+        """Write the answer (by default what the parser queued), then FIN (the client reads it all, even
+        while still sending); close when the client does, or after the close timeout."""
+        self.transport.write(b"".join(self.conn.data_to_send()) if answer is None else answer)
         self.close_sent = True
         if self.transport.can_write_eof():
             try:

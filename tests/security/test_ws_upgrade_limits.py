@@ -7,6 +7,7 @@ error."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import urllib.parse
@@ -66,6 +67,27 @@ def test_an_oversized_upgrade_is_answered_and_closed(start_gateway: StartGateway
     assert 'chorus_sessions_rejected_total{reason="malformed_upgrade"} 3.0' in counted, (
         "counted, not only logged"
     )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n"],
+    ids=["content-length", "transfer-encoding"],
+)
+def test_an_upgrade_with_a_body_is_refused_with_a_problem(start_gateway: StartGateway, body: bytes) -> None:
+    """The handshake parser refuses an upgrade carrying a body and answers nothing: the client got a bare
+    close. It now reads a 400 problem naming why, then the end of the stream."""
+    gateway = start_gateway()
+    payload = b"hello" if body.startswith(b"Content-Length") else b"5\r\nhello\r\n0\r\n\r\n"
+    response, closed_after_s = read_until_closed(gateway, with_headers("/v1/realtime", body) + payload)
+    head, _, problem = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), response[:300]
+    assert b"content-type: application/problem+json" in head.lower()
+    assert json.loads(problem)["code"] == "invalid_request"
+    assert closed_after_s < CLOSED_WITHIN_S
+    assert httpx.get(f"{gateway.url}/healthz", timeout=10).status_code == 200
+    counted = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    assert 'chorus_sessions_rejected_total{reason="malformed_upgrade"} 1.0' in counted
 
 
 async def test_a_client_with_a_long_prompt_is_told_instead_of_hanging(start_gateway: StartGateway) -> None:
