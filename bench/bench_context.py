@@ -18,8 +18,9 @@ H100 sweep's measurements predict for sessions per GPU at each context. Exact by
   is 89 % of the card's peak), not separated from the batch's other per-row costs. None of it is a
   measurement.
 - **Measured against predicted** (`bench/results/dialogue_gpu_ctx.json`, `bench/gpu/lease.sh`'s `ctx`
-  stage: bf16 at a shorter context on an H100), where that sweep is present: each measured point beside
-  the prediction for its context and slots, and the ratio of each figure (measured / predicted).
+  stage: bf16 at a shorter context on an H100), where that sweep is present and ran the same LM, dtype
+  and weights on the same card: each measured point beside the prediction for its context and slots,
+  and the ratio of each figure (measured / predicted).
 """
 
 from __future__ import annotations
@@ -56,20 +57,33 @@ def run() -> dict[str, Any]:
     sweep = json.loads(SWEEP.read_text(encoding="utf-8")) if SWEEP.is_file() else None
     if sweep is not None and _is_the_published_bf16_lm(sweep):
         result["predicted_from_h100"] = predict(sweep, caches)
-        if SHORT_CONTEXT_SWEEP.is_file():
-            measured = json.loads(SHORT_CONTEXT_SWEEP.read_text(encoding="utf-8"))
+        measured = (
+            json.loads(SHORT_CONTEXT_SWEEP.read_text(encoding="utf-8"))
+            if SHORT_CONTEXT_SWEEP.is_file()
+            else None
+        )
+        if measured is not None and comparable(measured, sweep):
             result["measured_against_predicted"] = compare(measured, result["predicted_from_h100"])
     return result
 
 
 def _is_the_published_bf16_lm(sweep: dict[str, Any]) -> bool:
     """The lines are fitted to a sweep of the published LM in bf16 with a bf16 cache at its own context."""
+    return _published_bf16(sweep) and sweep["configuration"].get("context_frames", PUBLISHED) == PUBLISHED
+
+
+def comparable(measured: dict[str, Any], sweep: dict[str, Any]) -> bool:
+    """A shorter-context sweep says something of the prediction only for the same LM, dtype and weights
+    on the same card as the sweep it was fitted to."""
+    return _published_bf16(measured) and measured["machine"].get("gpu") == sweep["machine"].get("gpu")
+
+
+def _published_bf16(sweep: dict[str, Any]) -> bool:
     configuration = sweep["configuration"]
     return (
         configuration.get("size") == "full"
         and configuration.get("dtype") == "torch.bfloat16"
         and (configuration.get("weights"), configuration.get("kv_cache")) == ("float", "float")
-        and configuration.get("context_frames", PUBLISHED) == PUBLISHED
     )
 
 

@@ -92,8 +92,8 @@ def random_codes(lm: LMModel, rows: int, steps: int, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def streaming_text_logits(lm: LMModel, codes: torch.Tensor, *, compiled: bool = False) -> torch.Tensor:
     """The text logits of each step, the LM streamed one step at a time: [steps, rows, text card].
-    Eager by default (moshi's lazy torch.compile off); `compiled` runs what a compiling worker runs (the
-    int8 cache's fused attention among it)."""
+    Eager by default (moshi's lazy torch.compile off); `compiled` runs what a compiling worker runs (on
+    a CPU the int8 cache's compiled read among it; on CUDA the Triton read either way)."""
     rows, _, steps = codes.shape
     logits = []
     with lm.streaming(rows), contextlib.nullcontext() if compiled else no_compile():

@@ -9,8 +9,9 @@ operation in question, one layer's attention for one step of every row, at Moshi
 shape (32 heads of 128, a 3000-step ring, every position filled, as in a long session):
 - `bf16_sdpa`: torch's attention over a bf16 cache with moshi's boolean mask (what a bf16 worker runs);
 - `copy`: the int8 cache dequantized into a bf16 copy, then the same attention (the uncompiled read);
-- `compiled`: `compiled_fused_int8_attention`, the worker's read where it compiles;
-- `triton_b{block}_w{warps}`: `triton_int8_attention` at each `--blocks` x `--warps` tuning.
+- `compiled`: `compiled_fused_int8_attention`, the worker's read where it compiles and Triton cannot run;
+- `triton_b{block}_w{warps}`: `triton_int8_attention` at each `--blocks` x `--warps` tuning (the CUDA
+  worker's read, at `TRITON_BLOCK_POSITIONS` and `TRITON_WARPS`).
 Each is checked against float32 attention on the dequantized cache (relative L2: a wrong read is ~1,
 bf16's rounding ~1e-2), then timed (CUDA events on a GPU, the wall clock on a CPU; median of `--repeats`
 after warm-up), with the bandwidth it reached: the bytes it must read at least (the cache in its own

@@ -66,6 +66,7 @@ import torch
 from chorus.devtools.moshi_checkpoint import TOKENIZER_NAME, published_architecture, write_moshi_checkpoint
 from services.dialogue.adapters import NO_ADAPTER, AdapterBank, AdapterTensors, LoraKernel, linear_layers
 from services.dialogue.batcher import Batcher
+from services.dialogue.int8_attention import TRITON_BLOCK_POSITIONS, TRITON_WARPS
 from services.dialogue.model import (
     MoshiModel,
     build_random_moshi,
@@ -643,7 +644,7 @@ def make_lean_measured(model: MoshiModel, config: Config) -> dict[str, Any]:
     """The LM made lean in place (int8 weights and/or KV cache, as `config` asks), with its text logits'
     difference from the float LM's on the same random codes, streamed step by step (the KV cache read)."""
     from bench.bench_quant import logits_difference, random_codes, streaming_text_logits
-    from services.dialogue.quantized import make_lean, set_int8_read
+    from services.dialogue.quantized import int8_read_of, make_lean, set_int8_read
 
     lm = model.lm
     codes = random_codes(lm, LOGIT_ROWS, LOGIT_STEPS, config.seed)
@@ -654,14 +655,14 @@ def make_lean_measured(model: MoshiModel, config: Config) -> dict[str, Any]:
     gc.collect()
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
-    # The lean LM as the worker runs it: compiled where the worker compiles (an int8 cache is then read
-    # by the fused attention), eager otherwise (read through a dequantized copy).
+    # The lean LM as the worker runs it: compiled where the worker compiles, eager otherwise; an int8
+    # cache read as `read` says (quantized.resolve_int8_read: the Triton kernel on CUDA).
     lean = streaming_text_logits(lm, codes, compiled=config.compile)
+    read = int8_read_of(lm, compiling=config.compile)
     inputs = f"{LOGIT_ROWS} rows x {LOGIT_STEPS} streamed steps of random codes, text logits"
-    result = {"inputs": inputs, "weights": config.weights, "kv_cache": config.kv_cache}
+    result = {"inputs": inputs, "weights": config.weights, "kv_cache": config.kv_cache, "kv_read": read}
     result |= logits_difference(reference, lean)
-    in_place = config.kv_read in ("compiled", "triton") or (config.kv_read == "auto" and config.compile)
-    if config.kv_cache == "int8" and in_place:
+    if read in ("compiled", "triton"):
         # The cache read in place against the same lean LM reading it through the dequantized copy.
         set_int8_read(lm, "copy")
         copy = streaming_text_logits(lm, codes)
@@ -739,6 +740,8 @@ def _header(model: MoshiModel, config: Config) -> dict[str, Any]:
             "weights": config.weights,
             "kv_cache": config.kv_cache,
             "kv_read": config.kv_read,
+            # The Triton read's tuning (what `--kv-read triton`, or `auto` on CUDA, ran with).
+            "triton_tuning": {"block_positions": TRITON_BLOCK_POSITIONS, "warps": TRITON_WARPS},
             "context_frames": model.lm.context,
             "ticks_per_point": config.ticks,
             "warmup_ticks": config.warmup_ticks,

@@ -16,9 +16,9 @@ KV cache: `Int8KVCache` stands in for moshi's `RingKVCache` in the main transfor
 cache holds 8 steps: nothing to save there). Keys and values are stored int8 with one scale per
 (row, head, position), the absolute maximum over the head's dimension. `LeanAttention.int8_read` says
 how attention reads it: "copy", dequantized into a float copy for torch's own attention (2.5x the bytes
-of a bf16 cache); "compiled" or "triton", in place (int8_attention.py); "auto" (the default), where
-moshi compiles (a CUDA worker) the Triton kernel where it takes the step (else the compiled read),
-elsewhere the copy. On an H100 the Triton read runs 64 sessions of int8 weights and cache in real time
+of a bf16 cache); "compiled" or "triton", in place (int8_attention.py); "auto" (the default), the Triton
+kernel where it takes the step (a CUDA worker), else the compiled read where moshi compiles, else the
+copy. On an H100 the Triton read runs 64 sessions of int8 weights and cache in real time
 (72 ms tick p50, against 115 ms through the compiled read; docs/performance.md, "int8 weights and KV
 cache").
 
@@ -180,9 +180,9 @@ class LeanAttention(StreamingMultiheadAttention):  # type: ignore[misc]  # moshi
 
     kv_dtype: torch.dtype
     kv_int8: bool
-    # How an int8 cache is read (module docstring). "auto" follows moshi's compile switch (on in a CUDA
-    # worker that compiles, off elsewhere: moshi's layers turn it off on any other device), then where
-    # the Triton kernel can take the step. The others are for the benchmark and the tests.
+    # How an int8 cache is read (module docstring): "auto" (`resolve_int8_read`) is the Triton kernel on
+    # CUDA, else moshi's compile switch decides (off on a CPU) between the compiled read and the copy.
+    # The others are for the benchmark and the tests.
     int8_read: Int8Read = "auto"
 
     def _init_streaming_state(self, batch_size: int) -> _MHAState:
@@ -259,14 +259,25 @@ class LeanAttention(StreamingMultiheadAttention):  # type: ignore[misc]  # moshi
 
 
 def resolve_int8_read(setting: Int8Read, *, compiling: bool, triton_reads: bool) -> Int8Read:
-    """The read an int8 cache's step takes: the setting, or for "auto" the fastest that runs here.
-    Where moshi compiles (a CUDA worker), the Triton kernel when it takes the step (measured on an H100:
-    docs/performance.md, "int8 weights and KV cache"), else the compiled read; elsewhere the copy."""
+    """The read an int8 cache's step takes: the setting, or for "auto" the fastest that runs here: the
+    Triton kernel when it takes the step (a CUDA worker; measured on an H100: docs/performance.md, "int8
+    weights and KV cache"), else the compiled read where moshi compiles, else the copy."""
     if setting != "auto":
         return setting
-    if not compiling:
-        return "copy"
-    return "triton" if triton_reads else "compiled"
+    if triton_reads:
+        return "triton"
+    return "compiled" if compiling else "copy"
+
+
+def int8_read_of(lm: nn.Module, *, compiling: bool) -> Int8Read | None:
+    """The read a lean LM's int8 cache takes for a one-step forward (the benchmark records it); None
+    without an int8 cache."""
+    for module in lm.modules():
+        if isinstance(module, LeanAttention) and module.kv_int8 and not module.weights_per_step:
+            device = next(module.parameters()).device
+            takes = triton_reads(device, 1, module.embed_dim // module.num_heads)
+            return resolve_int8_read(module.int8_read, compiling=compiling, triton_reads=takes)
+    return None
 
 
 def _moshi_compiles() -> bool:

@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import json
 import zlib
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -64,6 +65,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 
+from services.gateway.problems import PROBLEM_JSON
 from shared import metrics
 from shared.errors import InvalidRequest
 
@@ -81,11 +83,11 @@ HUFFMAN_DEFLATE = ServerPerMessageDeflateFactory(
 def unparsed_upgrade_answer(refusal: BaseException) -> bytes:
     """The 400 problem for an upgrade the handshake parser refused without an answer (module docstring),
     saying what the parser found (websockets' reason: `unsupported request body`, ...)."""
-    reason = str(refusal.__cause__ or refusal)[:200]
+    reason = str(refusal.__cause__ or refusal)[:64]  # it may quote the client's bytes: cut as elsewhere
     error = InvalidRequest(f"the WebSocket upgrade request could not be taken: {reason}")
     body = json.dumps(error.problem()).encode()
     head = (
-        f"HTTP/1.1 {error.status} Bad Request\r\nContent-Type: application/problem+json\r\n"
+        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\nContent-Type: {PROBLEM_JSON}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body

@@ -237,6 +237,8 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
     assert [ctx8["configuration"][k] for k in ("weights", "kv_cache")] == ["int8", "float"]
     # The Triton kernel (in Triton's interpreter here) read the cache: the copy's logits, to rounding.
     assert kv8t["int8_logits"]["in_place_vs_copy"]["l2_relative"] < 1e-4
+    assert kv8t["int8_logits"]["kv_read"] == "triton" and ctx8["int8_logits"]["kv_read"] is None
+    assert kv8t["configuration"]["triton_tuning"] == {"block_positions": 128, "warps": 4}
     assert kv8t["points"][0]["profile"]["ticks"] == 1 and ctx["points"][0]["profile"]["ticks"] == 1
 
 

@@ -30,6 +30,7 @@ from services.dialogue.quantized import (
     Int8Linear,
     Int8Read,
     LeanAttention,
+    int8_read_of,
     kernel_for,
     resolve_int8_read,
     set_int8_read,
@@ -105,20 +106,28 @@ def test_the_in_place_reads_of_the_int8_cache_give_the_copys_logits(
     assert float((in_place - copied).norm() / copied.norm()) < 1e-4
 
 
-def test_the_worker_reads_the_int8_cache_the_fastest_way_that_runs_where_it_is() -> None:
-    """ "auto": where moshi compiles (a CUDA worker) the Triton kernel, measured fastest on an H100, when it
-    takes the step, else the compiled read; on a CPU (moshi compiles nothing there) the copy. A read
-    asked for by name is kept, and the Triton kernel never takes a CPU step, several steps at once or
-    a head size it cannot tile."""
+def test_the_worker_reads_the_int8_cache_the_fastest_way_that_runs_where_it_is(moshi_dir: Path) -> None:
+    """`auto`: the Triton kernel, measured fastest on an H100, wherever it takes the step (a CUDA worker,
+    compiling or not); else the compiled read where moshi compiles; else (a CPU) the copy. A read asked
+    for by name is kept, and the Triton kernel never takes a CPU step, several steps at once or a head
+    size it cannot tile. `int8_read_of` says which read a lean LM takes (what the benchmark records)."""
     assert resolve_int8_read("auto", compiling=True, triton_reads=True) == "triton"
+    assert resolve_int8_read("auto", compiling=False, triton_reads=True) == "triton"
     assert resolve_int8_read("auto", compiling=True, triton_reads=False) == "compiled"
-    assert resolve_int8_read("auto", compiling=False, triton_reads=True) == "copy"
+    assert resolve_int8_read("auto", compiling=False, triton_reads=False) == "copy"
     for read in ("copy", "compiled", "triton"):
         assert resolve_int8_read(read, compiling=False, triton_reads=False) == read
     assert triton_reads(torch.device("cuda"), 1, 128) == (int8_attention.triton is not None)
     assert not triton_reads(torch.device("cpu"), 1, 128)
     assert not triton_reads(torch.device("cuda"), 2, 128)
     assert not triton_reads(torch.device("cuda"), 1, 96)
+
+    assert int8_read_of(lean_model(moshi_dir, "int8", "float").lm, compiling=True) is None
+    on_cpu = lean_model(moshi_dir, "float", "int8").lm
+    assert int8_read_of(on_cpu, compiling=False) == "copy"
+    assert int8_read_of(on_cpu, compiling=True) == "compiled"
+    set_int8_read(on_cpu, "triton")
+    assert int8_read_of(on_cpu, compiling=False) == "triton"
 
 
 @torch.no_grad()
