@@ -893,9 +893,9 @@ def parse(argv: list[str] | None = None) -> Config:
         "--kv-read",
         choices=INT8_READS,
         default="auto",
-        help="how an int8 KV cache is read: auto (where the worker compiles, the Triton kernel when it "
-        "takes the step, else compiled; elsewhere a dequantized copy), copy, compiled, triton (default: "
-        "auto, the worker's)",
+        help="how an int8 KV cache is read: auto (the Triton kernel where it takes the step, i.e. on CUDA; "
+        "else compiled where the worker compiles, else a dequantized copy), copy, compiled, triton "
+        "(default: auto, the worker's)",
     )
     parser.add_argument(
         "--profile-ticks",
