@@ -41,7 +41,9 @@ only when answering a request, so the response was logged as sent and never writ
 stayed open until the client left (a client hung in its handshake; anyone could hold sockets). Here it is
 written and the connection half-closed, as after a refused frame. A request the parser refuses without
 an answer (one with a body: a `Content-Length` other than 0, or a `Transfer-Encoding`) gets a 400
-problem here, so that no refusal is a bare close.
+problem here, so that no refusal is a bare close. An upgrade over HTTP/1.0 (RFC 6455 asks for 1.1) was
+taken: uvicorn writes the request out again as HTTP/1.1 before this protocol parses it. It is refused with
+a 400 problem by `StrictUpgradeHttpProtocol`, the HTTP protocol that hands upgrades over.
 
 No compression of Opus: per-message deflate (negotiated when the client offers it, as browsers do) spends
 CPU on every message of Moshi's protocol, whose audio is Ogg/Opus and does not compress (about 5 % of the
@@ -61,13 +63,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 
 from services.gateway.problems import PROBLEM_JSON
 from shared import metrics
-from shared.errors import InvalidRequest
+from shared.errors import ChorusError, InvalidRequest
 
 FAIR_RECEIVE = "chorus.fair_receive"  # scope extension: `receive` yields before a message already waiting
 SLICE_BYTES = 4 * 1024  # ~600 of the smallest frames: ~2 ms of parsing
@@ -84,13 +87,30 @@ def unparsed_upgrade_answer(refusal: BaseException) -> bytes:
     """The 400 problem for an upgrade the handshake parser refused without an answer (module docstring),
     saying what the parser found (websockets' reason: `unsupported request body`, ...)."""
     reason = str(refusal.__cause__ or refusal)[:64]  # it may quote the client's bytes: cut as elsewhere
-    error = InvalidRequest(f"the WebSocket upgrade request could not be taken: {reason}")
+    return problem_answer(InvalidRequest(f"the WebSocket upgrade request could not be taken: {reason}"))
+
+
+def problem_answer(error: ChorusError) -> bytes:
+    """A whole HTTP response carrying the problem, for a connection about to be closed."""
     body = json.dumps(error.problem()).encode()
     head = (
         f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\nContent-Type: {PROBLEM_JSON}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+class StrictUpgradeHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, refusing a WebSocket upgrade over HTTP/1.0 (module docstring)."""
+
+    def handle_websocket_upgrade(self) -> None:
+        if self.scope.get("http_version") != "1.1":
+            metrics.SESSIONS_REJECTED.labels(reason="malformed_upgrade").inc()
+            error = InvalidRequest("a WebSocket upgrade needs HTTP/1.1")
+            self.transport.write(problem_answer(error))
+            self.transport.close()
+            return
+        super().handle_websocket_upgrade()
 
 
 class FairWebSocketProtocol(WebSocketsSansIOProtocol):

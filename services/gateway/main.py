@@ -9,7 +9,7 @@ import uvicorn
 
 from services.gateway.app import create_app
 from services.gateway.auth import AuthSetupError
-from services.gateway.fair_websocket import FairWebSocketProtocol
+from services.gateway.fair_websocket import FairWebSocketProtocol, StrictUpgradeHttpProtocol
 from services.gateway.settings import get_settings
 from shared.audio import LibopusMissing, libopus
 from shared.logging import configure_logging
@@ -34,6 +34,7 @@ def main() -> None:
         port=settings.port,
         log_config=None,
         lifespan="on",
+        http=StrictUpgradeHttpProtocol,  # httptools (uvicorn[standard]'s), refusing HTTP/1.0 upgrades
         ws=FairWebSocketProtocol,  # one socket's input never holds the event loop for long
         ws_max_size=settings.ws_max_message_bytes,  # a larger frame: close 1009, with the reason
         timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S),

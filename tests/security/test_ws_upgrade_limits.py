@@ -90,6 +90,22 @@ def test_an_upgrade_with_a_body_is_refused_with_a_problem(start_gateway: StartGa
     assert 'chorus_sessions_rejected_total{reason="malformed_upgrade"} 1.0' in counted
 
 
+def test_an_upgrade_over_http_1_0_is_refused_with_a_problem(start_gateway: StartGateway) -> None:
+    """RFC 6455 asks for HTTP/1.1; uvicorn wrote an HTTP/1.0 upgrade out again as 1.1 and it was taken.
+    Now it is a 400 problem and the end of the stream; plain HTTP/1.0 requests are still served."""
+    gateway = start_gateway()
+    request = upgrade_request("/v1/realtime").replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    response, closed_after_s = read_until_closed(gateway, request)
+    head, _, problem = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), response[:300]
+    assert json.loads(problem)["detail"] == "a WebSocket upgrade needs HTTP/1.1"
+    assert closed_after_s < CLOSED_WITHIN_S
+    plain, _ = read_until_closed(gateway, b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    assert plain.startswith(b"HTTP/1.1 200 "), plain[:200]
+    counted = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    assert 'chorus_sessions_rejected_total{reason="malformed_upgrade"} 1.0' in counted
+
+
 async def test_a_client_with_a_long_prompt_is_told_instead_of_hanging(start_gateway: StartGateway) -> None:
     gateway = start_gateway()
     with pytest.raises(InvalidStatus) as refused:
