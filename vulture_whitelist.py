@@ -21,6 +21,7 @@ from services.dialogue.sampling import RowSampledLMGen
 from services.gateway.adapters import AdapterOut
 from services.gateway.client_secrets import ExpiresAfter
 from services.gateway.fair_websocket import FairWebSocketProtocol
+from services.gateway.problems import ProblemJSONResponse
 from services.gateway.protocols import realtime_events
 from services.gateway.protocols.response_carver import ResponseCarver
 from services.gateway.sessions import TranscriptExport
@@ -36,6 +37,7 @@ from shared.runtime import EmbeddedUvicorn
 from shared.sessions import SessionInfo
 
 # Called by the libraries they subclass or configure.
+ProblemJSONResponse.media_type  # starlette's Response reads the class's media type
 FairWebSocketProtocol.handle_parser_exception  # uvicorn's websockets-sansio protocol calls it
 FairWebSocketProtocol.handshake_complete  # read by uvicorn's protocol
 FairWebSocketProtocol.close_timer  # cancelled by uvicorn's protocol when the connection closes

@@ -69,6 +69,19 @@ def read_header_file(path: Path) -> tuple[dict[str, str], dict[str, TensorEntry]
         return _parse_header(f.read(length), size - 8 - length)
 
 
+def check_loads(path: Path) -> None:
+    """safetensors' own parser (the dialogue worker's loader) takes the file's header, its data unread:
+    415 otherwise. The checks above name what is wrong; this one guards against what they may miss (a
+    file that passes them must load on the worker). Blocking."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):  # type: ignore[no-untyped-call]  # untyped binding
+            pass
+    except SafetensorError as exc:
+        raise UnsupportedMedia(f"not a safetensors file its loader takes: {str(exc)[:120]}") from exc
+
+
 def _header_length(first: bytes, size: int) -> int:
     if len(first) < 8:
         raise UnsupportedMedia("not a safetensors file: shorter than its header length")
@@ -92,12 +105,15 @@ def _parse_header(raw: bytes, data_size: int) -> tuple[dict[str, str], dict[str,
         raise UnsupportedMedia("not a safetensors file: its header is nested too deeply") from None
     if not isinstance(header, dict):
         raise UnsupportedMedia("not a safetensors file: its header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise UnsupportedMedia("not a safetensors file: __metadata__ is not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    # safetensors' own loader (the dialogue worker's) takes string values only: what passes here loads.
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UnsupportedMedia("not a safetensors file: __metadata__ is not an object of strings")
     entries = {name: _entry(name, value, data_size) for name, value in header.items()}
     _check_tiling(entries, data_size)
-    return {str(k): str(v) for k, v in metadata.items()}, entries
+    return metadata, entries
 
 
 def _check_tiling(entries: dict[str, TensorEntry], data_size: int) -> None:
@@ -119,10 +135,15 @@ def _entry(name: str, value: object, data_size: int) -> TensorEntry:
     dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
     if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2):
         raise invalid
-    if not all(isinstance(n, int) and n >= 0 for n in (*shape, *offsets)):
+    # JSON's true and false are ints to Python, not to safetensors' loader.
+    if not all(type(n) is int and n >= 0 for n in (*shape, *offsets)):
+        raise invalid
+    if not isinstance(dtype, str):
         raise invalid
     if dtype not in _WIDTHS:
-        raise Unprocessable(f"tensor {name}: dtype {dtype} (an adapter is F32, BF16 or F16)", tensor=name)
+        raise Unprocessable(
+            f"tensor {name}: dtype {dtype[:16]} (an adapter is F32, BF16 or F16)", tensor=name
+        )
     start, end = offsets
     if end - start != _WIDTHS[dtype] * math.prod(shape) or end > data_size:
         raise UnsupportedMedia(f"not a safetensors file: tensor {name!r} does not fit its data offsets")

@@ -22,7 +22,7 @@ from torch import nn
 
 from services.dialogue.adapters import AdapterBank, AdapterTensors, read_adapter
 from shared.adapter_store import AdapterStore
-from shared.errors import ModelLoadError, NoCapacity
+from shared.errors import ModelLoadError, NoCapacity, Unprocessable
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ class AdapterCache:
         slot, evicted = self._free_slot()  # with every slot in use, refused before anything is read
         started = time.monotonic()
         record = await self.store.get(adapter_id)
+        if record.rank > self.bank.max_rank:  # before the file is read and converted on the model thread
+            raise Unprocessable(f"adapter rank {record.rank} is above this worker's {self.bank.max_rank}")
         data = await self.store.data(adapter_id)
         tensors: AdapterTensors = await self._in_model_thread(
             read_adapter,

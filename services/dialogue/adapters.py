@@ -49,7 +49,7 @@ from moshi.modules.lora import LoRALinear
 from torch import nn
 
 from shared.adapters import LayerShapes, check_adapter
-from shared.errors import ModelLoadError, Unprocessable
+from shared.errors import ModelLoadError, Unprocessable, UnsupportedMedia
 
 log = logging.getLogger(__name__)
 
@@ -306,10 +306,14 @@ def read_adapter(
     scaling: float | None = None,
 ) -> AdapterTensors:
     """An adapter file (moshi-finetune's layout) as tensors for the model; 422 when it does not fit."""
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
     layout = check_adapter(data, shapes, rank=rank, scaling=scaling)
-    raw = load(data)
+    try:
+        raw = load(data)
+    except SafetensorError as exc:  # what the header check let through (the gateway checks with it too)
+        raise UnsupportedMedia(f"the adapter file does not load: {str(exc)[:120]}") from exc
     layers = {
         layer: (
             raw[f"{layer}.lora_A.weight"].to(device=device, dtype=dtype),

@@ -36,7 +36,7 @@ from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
 from services.gateway.uploads import FORM_OVERHEAD, Upload, UploadRules, receive_form
 from shared.adapter_store import AdapterRecord, AdapterReferences, AdapterStore, new_adapter_id
-from shared.adapters import check_adapter, read_header_file
+from shared.adapters import check_adapter, check_loads, read_header_file
 from shared.errors import Conflict, InvalidRequest, NoCapacity, NotFound, PayloadTooLarge, UnsupportedMedia
 from shared.presence import WorkerInfo, list_workers
 from shared.sessions import SessionStore
@@ -222,6 +222,7 @@ async def _create_adapter(request: Request, owner: str) -> AdapterOut:
         rank, scaling = _number(form, "rank", int), _number(form, "scaling", float)
         # Not a safetensors file: 415, whether or not the model's layers are known yet.
         await asyncio.to_thread(read_header_file, form.path)
+        await asyncio.to_thread(check_loads, form.path)
         layout = await asyncio.to_thread(
             check_adapter,
             form.path,

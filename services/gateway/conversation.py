@@ -22,10 +22,18 @@ from services.gateway.lifetime import Lifetime
 from shared import metrics
 from shared.audio import FloatAudio, FrameSplitter, float_to_pcm16
 from shared.bus import Bus, SharedReader, SharedWriter
-from shared.errors import ChorusError, NoCapacity, RateLimited, ServiceUnavailable, SessionLost
+from shared.errors import (
+    ChorusError,
+    NoCapacity,
+    RateLimited,
+    ServiceUnavailable,
+    SessionLost,
+    error_for_code,
+)
 from shared.messages import (
     OUTPUT,
     EventName,
+    Failure,
     OutputMessage,
     PersonaSpec,
     Sampling,
@@ -157,6 +165,8 @@ class Conversation:
                     if message.name in (EventName.READY, EventName.RESUMED):
                         self.lifetime.started_at = time.monotonic()  # the maximum length counts from here
                         return
+                    if message.name == EventName.ERROR and (refusal := _worker_refusal(message)):
+                        raise refusal
                     if message.name in (EventName.NO_CAPACITY, EventName.ERROR, EventName.ENDED):
                         raise NoCapacity(message.detail or f"session refused: {message.name}")
             now = time.monotonic()
@@ -328,6 +338,15 @@ class Conversation:
             log.exception("could not signal the end of a session; its lease will", extra=self.log_extra)
             return
         log.info("session stopped", extra={**self.log_extra, "reason": reason})
+
+
+def _worker_refusal(event: SessionEvent) -> ChorusError | None:
+    """A worker's `error` refusing a start as what it says (an adapter it cannot take: `unprocessable`,
+    not retryable), where it names a code: the client is told why, not that there was no capacity."""
+    code = event.data_as(Failure).code if isinstance(event.data, Failure) else None
+    if code is None or code == NoCapacity.code:
+        return None
+    return error_for_code(code, event.detail or "the dialogue worker refused the session")
 
 
 def _ended_for_want_of_a_lease(message: OutputMessage) -> bool:

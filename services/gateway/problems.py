@@ -10,6 +10,7 @@ Every retryable problem carries `Retry-After`.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -85,15 +86,23 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 V1_ERRORS = problem_responses(401, 413, 422, 429, 503)
 
 
+class ProblemJSONResponse(JSONResponse):
+    """A problem body, escaped to ASCII: a detail may quote what the client sent, a lone surrogate
+    included (valid in JSON's escapes, not in UTF-8), which starlette's UTF-8 rendering cannot encode."""
+
+    media_type = PROBLEM_JSON
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def problem_response(error: ChorusError, instance: str | None = None) -> JSONResponse:
     headers = {}
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: a 401 names the scheme to use
     if error.retryable:
         headers["Retry-After"] = str(error.extra.get("retry_after_s", RETRY_AFTER_S))
-    return JSONResponse(
-        error.problem(instance), status_code=error.status, media_type=PROBLEM_JSON, headers=headers
-    )
+    return ProblemJSONResponse(error.problem(instance), status_code=error.status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
@@ -123,7 +132,7 @@ def install(app: FastAPI) -> None:
             "errors": errors,
             "instance": request.url.path,
         }
-        return JSONResponse(body, status_code=422, media_type=PROBLEM_JSON)
+        return ProblemJSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -141,4 +150,4 @@ def install(app: FastAPI) -> None:
             "retryable": exc.status_code in (429, 503),
             "instance": request.url.path,
         }
-        return JSONResponse(body, status_code=exc.status_code, media_type=PROBLEM_JSON, headers=exc.headers)
+        return ProblemJSONResponse(body, status_code=exc.status_code, headers=exc.headers)

@@ -4,12 +4,14 @@ conversations at once on the one dialogue worker, one with the adapter and one w
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import save
+from websockets.asyncio.client import connect
 
 from chorus.devtools.lora_adapter import write_random_adapter
 from shared.bus import Bus
@@ -134,6 +136,65 @@ async def test_a_realtime_session_picks_an_adapter_with_chorus_adapter(
         sid = client.events[0]["session"]["id"]
         await wait_until(lambda: _ended(http, sid), "the closed session to end")
         assert (await http.delete(f"/v1/adapters/{other}")).status_code == 204
+
+
+async def test_an_adapter_no_worker_can_take_is_refused_for_what_it_is_and_not_retried(
+    stack: ChorusStack, tmp_path: Path
+) -> None:
+    """A rank-16 adapter (the gateway takes ranks up to 1024; this worker serves 8) asked for at the
+    handshake: the first audio's start is refused by the worker as `unprocessable`, naming the rank (it
+    was reported as `no_capacity`, which clients retry), before the worker reads the file. Later audio is
+    answered the same at once, without another session start (one per append before), until a
+    session.update changes what the session asks for."""
+    wide = write_random_adapter(tmp_path / "wide.safetensors", stack.checkpoints / "moshi", rank=16)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+        created = await upload(http, wide.read_bytes(), "wide")
+        assert created.status_code == 201, created.text
+        adapter = created.json()["id"]
+        client = await RealtimeClient.open(stack.ws_url, adapter=adapter)
+        for _ in range(3):
+            await client.append_frame(speech_like(0.08))
+            error = await client.wait_for("error")
+            client.events.remove(error)
+            assert error["error"]["code"] == "unprocessable", error
+            assert "rank 16 is above this worker's 8" in error["error"]["message"]
+        refusals = stack.log_tail("dialogue", 200_000).count("adapter rank 16 is above this worker's 8")
+        assert refusals == 1, "one session start, refused once: later appends started nothing"
+
+        await client.send({"type": "session.update", "session": {"chorus_events": True}})
+        await client.wait_for("session.updated")
+        await client.append_frame(speech_like(0.08))
+        assert (await client.wait_for("error"))["error"]["code"] == "unprocessable"
+        await wait_until(
+            lambda: _logged(stack, "adapter rank 16 is above this worker's 8", 2), "the update's new start"
+        )
+        await client.ws.close()
+
+
+async def test_a_realtime_sockets_query_is_checked_at_the_handshake(stack: ChorusStack) -> None:
+    """`?adapter=` and `?voice=` are checked as `session.update` checks them, before anything else: an
+    unknown adapter came back in `session.created` (and a session.update naming it again skipped the
+    check), `?voice=` was ignored; a setting given twice is refused, not picked from."""
+    for query, why in [
+        ("adapter=adapter_nope", "adapter_nope"),
+        ("voice=nobody", "unknown voice"),
+        ("voice=moshiko&voice=moshika", "voice is given 2 times"),
+        ("adapter=adapter_a&adapter=adapter_b", "adapter is given 2 times"),
+    ]:
+        async with connect(f"{stack.ws_url}/v1/realtime?{query}", open_timeout=30) as ws:
+            event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert event["type"] == "error" and event["error"]["code"] == "invalid_request", (query, event)
+            assert why in event["error"]["message"], (query, event)
+            await ws.wait_closed()
+            assert ws.close_code == 1008, query
+    client = await RealtimeClient.open(stack.ws_url, voice="catalog:alba")
+    created = client.of_type("session.created")[0]["session"]
+    assert created["audio"]["output"]["voice"] == "catalog:alba", created
+    await client.ws.close()
+
+
+async def _logged(stack: ChorusStack, text: str, times: int) -> bool:
+    return stack.log_tail("dialogue", 200_000).count(text) == times
 
 
 async def _ended(http: httpx.AsyncClient, sid: str) -> bool:

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from fastapi import APIRouter, WebSocket
 from starlette.types import Message
@@ -63,7 +64,9 @@ from shared.errors import (
     IdleTimeout,
     InvalidRequest,
     LifetimeReached,
+    NoCapacity,
     RateLimited,
+    error_for_code,
 )
 from shared.messages import EventName, SessionEvent, model_of_voice, native_voice_for
 from shared.sessions import start_of
@@ -90,6 +93,7 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         held.enter_context(await websocket.app.state.open_sockets.take(caller.owner))
         if caller.voice is not None:  # a client secret's: still the owner's own profile?
             await check_voice_owned(websocket, caller.owner, check_voice(caller.voice))
+        opening = await _checked_query(websocket, caller.owner)
     except ChorusError as exc:
         metrics.SESSIONS_REJECTED.labels(reason=exc.code).inc()
         # A refused client may have left already (key guessers do not wait): nothing to tell then.
@@ -102,10 +106,40 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     model = native_voice_for(websocket.query_params.get("model") or caller.model)
     session = RealtimeSession(websocket, settings, caller.owner, model)
     session.instructions = caller.instructions or ""  # a client secret's session config, if any
-    session.voice = caller.voice or session.voice
+    session.voice = opening.voice or caller.voice or session.voice
+    session.adapter = opening.adapter
     session.send(ev.SessionCreated(session=session.session_object()))
     ending = await serve_and_stop(websocket, session.run, lambda: session.conversation)
     log.info("realtime session closed", extra={**session.log_extra, "reason": ending.reason})
+
+
+@dataclass(frozen=True)
+class _Opening:
+    """What the socket's query string asks of its session, checked as `session.update` would check it."""
+
+    voice: str | None
+    adapter: str | None
+
+
+_QUERY_SETTINGS = ("voice", "adapter", "persona", "model")
+
+
+async def _checked_query(websocket: WebSocket, owner: str) -> _Opening:
+    """`?voice=` and `?adapter=` refused at the handshake when `session.update` would refuse them (an
+    unknown voice, another key's profile or adapter), and each setting given once: never one of two
+    values picked silently. `?persona=` is resolved when the conversation starts (its first audio)."""
+    params = websocket.query_params
+    for name in _QUERY_SETTINGS:
+        if (count := len(params.getlist(name))) > 1:
+            raise InvalidRequest(f"{name} is given {count} times: give it once")
+    voice = params.get("voice") or None
+    if voice is not None:
+        voice = check_voice(voice)
+        await check_voice_owned(websocket, owner, voice)
+    adapter = params.get("adapter") or None
+    if adapter is not None:
+        await check_adapter_served(websocket, owner, adapter)
+    return _Opening(voice, adapter)
 
 
 def idle_timeout_s(value_ms: int | None, settings: GatewaySettings) -> float:
@@ -138,7 +172,7 @@ class RealtimeSession:
         self.instructions = ""
         self.voice = native_voice_for(model)
         self.persona_id = websocket.query_params.get("persona")
-        self.adapter = websocket.query_params.get("adapter")  # or `chorus_adapter` in session.update
+        self.adapter: str | None = None  # `?adapter=` (checked at the handshake) or `chorus_adapter`
         self.adapter_switched_at = -math.inf  # when `chorus_adapter` last changed mid-session (monotonic)
         self.idle_timeout_s = settings.idle_timeout_s  # a client's `idle_timeout_ms` may shorten it
         # Opened by the first audio; from then on, however the socket ends, the conversation is stopped.
@@ -156,6 +190,10 @@ class RealtimeSession:
         self.beta = "realtime=v1" in websocket.headers.get("openai-beta", "")  # the beta dialect
         self.chorus_events = True  # `session.chorus_events: false` turns Chorus's own events off
         self.appended_since_commit = False
+        # Why the last start was refused, when retrying the same session cannot help (an adapter no
+        # worker can load, say): each later append is answered so at once, without a new session start
+        # (one per append otherwise), until a session.update changes what the session asks for.
+        self.refused: ChorusError | None = None
 
     def adapter_in_use(self) -> str | None:
         """The session's LoRA adapter: its conversation's (a persona's own, or `chorus_adapter`), else the
@@ -380,6 +418,7 @@ class RealtimeSession:
         self.audio.set_formats(input_codec, output_codec)
         if config.chorus_events is not None:
             self.chorus_events = config.chorus_events
+        self.refused = None
         self.send(ev.SessionUpdated(session=self.session_object()))
 
     async def _set_adapter(self, adapter: str) -> None:
@@ -450,6 +489,8 @@ class RealtimeSession:
         if refused := await self.limits.pace_audio(self.audio.input_seconds(data)):
             raise refused
         if self.conversation is None:
+            if self.refused is not None:  # the same request again: the same answer, no new start
+                raise error_for_code(self.refused.code, self.refused.detail)
             await self.start_conversation()
         assert self.conversation is not None
         self.appended_since_commit = True
@@ -477,6 +518,8 @@ class RealtimeSession:
             self.conversation = None
             self.session_id = new_id("sess")
             await end_conversation(conversation, exc.code)
+            if not exc.retryable and not isinstance(exc, NoCapacity):
+                self.refused = exc  # what it asked for cannot be served: until a session.update changes it
             raise
         self.started.set()
 

@@ -3,6 +3,8 @@ no session uses them, refused when every slot is in use; sessions with and witho
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,12 +14,12 @@ import torch
 
 from chorus.devtools.lora_adapter import write_random_adapter
 from services.dialogue.adapter_cache import AdapterCache, refuse_with_quantized
-from services.dialogue.adapters import NO_ADAPTER, AdapterBank, layer_shapes
+from services.dialogue.adapters import NO_ADAPTER, AdapterBank, layer_shapes, read_adapter
 from services.dialogue.model import MoshiModel
-from shared.adapter_store import AdapterRecord, AdapterStore
+from shared.adapter_store import FILE, AdapterRecord, AdapterStore
 from shared.adapters import check_adapter
 from shared.bus import Bus
-from shared.errors import ModelLoadError, NoCapacity, NotFound
+from shared.errors import ModelLoadError, NoCapacity, NotFound, Unprocessable, UnsupportedMedia
 from shared.messages import (
     EventName,
     Failure,
@@ -81,6 +83,36 @@ async def test_the_least_recently_used_idle_adapter_is_evicted_and_a_full_bank_r
         await cache.acquire(a)  # b and c are in use
     weight = bank.lm.get_submodule("text_linear").lora_A.weight
     assert weight[slot_a].abs().sum() > 0 and not weight[NO_ADAPTER].any()
+
+
+async def test_an_adapter_wider_than_the_bank_or_that_its_loader_refuses_is_unprocessable(
+    bank: AdapterBank, moshi_dir: Path, tmp_path: Path
+) -> None:
+    """A rank past the worker's is refused from its record, before the file is read and converted on the
+    model thread (a file since removed proves it was not read). A file safetensors' loader refuses, past
+    the header checks (a lone surrogate in its metadata, which Python's JSON takes), is a 415, not an
+    exception every session start repeats."""
+    store = AdapterStore(LocalStorage(tmp_path / "data"))
+    data = write_random_adapter(tmp_path / "wide.safetensors", moshi_dir, rank=16).read_bytes()
+    record = AdapterRecord.of(
+        "adapter_wide", "", "wide", "moshiko", check_adapter(data, bank.shapes), len(data)
+    )
+    await store.create(record, data)
+    (file,) = (tmp_path / "data").rglob(FILE)
+    file.unlink()  # read, it would be a NotFound
+    cache = AdapterCache(bank, store, in_this_thread)
+    with pytest.raises(Unprocessable, match="rank 16 is above this worker's 8"):
+        await cache.acquire("adapter_wide")
+    assert cache.loads == 0 and cache.held() == []
+
+    narrow = write_random_adapter(tmp_path / "narrow.safetensors", moshi_dir, rank=4).read_bytes()
+    (length,) = struct.unpack("<Q", narrow[:8])
+    header = json.loads(narrow[8 : 8 + length])
+    header["__metadata__"]["note"] = "\ud800"
+    raw = json.dumps(header).encode()
+    odd = struct.pack("<Q", len(raw)) + raw + narrow[8 + length :]
+    with pytest.raises(UnsupportedMedia, match="does not load"):
+        read_adapter(odd, bank.shapes, torch.device("cpu"), torch.float32)
 
 
 def test_an_lm_with_int8_weights_is_refused() -> None:

@@ -23,7 +23,9 @@ from websockets.asyncio.client import connect
 from chorus.devtools.lora_adapter import checkpoint_layers, write_random_adapter
 from chorus.devtools.moshi_checkpoint import write_moshi_checkpoint
 from services.gateway.auth import ANONYMOUS
+from services.gateway.problems import problem_response
 from shared.adapter_store import AdapterStore
+from shared.errors import Unprocessable
 from shared.messages import (
     CONTROL,
     EventName,
@@ -242,6 +244,37 @@ async def test_crafted_headers_are_refused_before_they_reach_a_worker(
         refused = await upload(client, absurd, ALICE)
         assert refused.status_code == 422 and "lora_scaling" in refused.json()["detail"], refused.text
     assert (await client.get("/v1/adapters", headers=ALICE)).json()["items"] == []
+
+
+def _first(header: dict[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = header[min(k for k in header if k != "__metadata__")]
+    return entry
+
+
+def _renamed_first(header: dict[str, Any], name: str) -> None:
+    header[name] = header.pop(min(k for k in header if k != "__metadata__"))
+
+
+async def test_headers_safetensors_itself_would_refuse_are_refused_at_upload(
+    client: httpx.AsyncClient, adapter_file: bytes
+) -> None:
+    """What Python's JSON reads but safetensors' own parser (the worker's loader) refuses was taken with a
+    201 and failed every session that named it; two more gave a 500. Each is refused at upload now, with
+    a problem body that is plain ASCII whatever the client's strings held."""
+    refusals = {
+        "a metadata value that is a number": (lambda h: h["__metadata__"].update(lora_rank=4), 415),
+        "a lone surrogate in metadata": (lambda h: h["__metadata__"].update(note="\ud800"), 415),
+        "a dtype that is a list": (lambda h: _first(h).update(dtype=["F32"]), 415),
+        "a lone surrogate in a tensor's name": (lambda h: _renamed_first(h, "\ud800.lora_A.weight"), 415),
+    }
+    for case, (edit, status) in refusals.items():
+        refused = await upload(client, _with_header(adapter_file, edit), ALICE)
+        assert refused.status_code == status, (case, refused.status_code, refused.text)
+        assert refused.content.isascii() and refused.json()["status"] == status, case
+    assert (await client.get("/v1/adapters", headers=ALICE)).json()["items"] == []
+    # A detail quoting such a string (the header checks name tensors) renders, escaped: it was a 500.
+    quoted = problem_response(Unprocessable("tensor \ud800.lora_A.weight: not 2-D", tensor="\ud800"))
+    assert bytes(quoted.body).isascii() and json.loads(quoted.body)["tensor"] == "\ud800"
 
 
 async def test_a_session_fails_at_once_when_no_worker_serves_its_adapters_model(
