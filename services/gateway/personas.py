@@ -13,6 +13,7 @@ from services.gateway.adapters import check_adapter_owned, references
 from services.gateway.auth import current_owner
 from services.gateway.persona_store import Persona, PersonaFields, PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
+from services.gateway.voices import check_profile_owned
 
 router = APIRouter(prefix="/v1/personas", tags=["personas"])
 
@@ -52,6 +53,7 @@ async def _adapter_kept(request: Request, owner: str, fields: PersonaFields) -> 
 
 @router.post("", status_code=201, summary="Create a persona", responses=_ERRORS)
 async def create_persona(fields: PersonaFields, owner: Owner, store: Store, request: Request) -> Persona:
+    await check_profile_owned(request.app.state.voices, owner, fields.voice)
     async with _adapter_kept(request, owner, fields):
         return await store.create(owner, fields)
 
@@ -65,6 +67,7 @@ async def get_persona(persona_id: str, owner: Owner, store: Store) -> Persona:
 async def replace_persona(
     persona_id: str, fields: PersonaFields, owner: Owner, store: Store, request: Request
 ) -> Persona:
+    await check_profile_owned(request.app.state.voices, owner, fields.voice)
     async with _adapter_kept(request, owner, fields):
         return await store.replace(owner, persona_id, fields)
 

@@ -365,13 +365,21 @@ async def check_voice_usable(store: VoiceProfileStore, bus: Bus, owner: str, voi
         return
     if (profile_id := profile_id_of(voice)) is None:
         return
+    await check_profile_owned(store, owner, voice)
+    offer = await voice_offer(bus)
+    if offer.cloning_blocked and not offer.models.intersection(await store.states(profile_id)):
+        raise CloningUnavailable()
+
+
+async def check_profile_owned(store: VoiceProfileStore, owner: str, voice: str) -> None:
+    """A cloned voice names one of the caller's own profiles: another key's is refused exactly like a
+    missing one (InvalidRequest). Other voices pass."""
+    if (profile_id := profile_id_of(voice)) is None:
+        return
     try:
         await store.get_owned(profile_id, owner)
     except NotFound:
         raise InvalidRequest(f"unknown voice {voice!r}: no such profile for this API key") from None
-    offer = await voice_offer(bus)
-    if offer.cloning_blocked and not offer.models.intersection(await store.states(profile_id)):
-        raise CloningUnavailable()
 
 
 async def check_native_voice_served(bus: Bus, voice: str) -> None:

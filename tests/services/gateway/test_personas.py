@@ -13,6 +13,8 @@ from services.gateway.persona_store import PersonaStore
 from shared.errors import InvalidRequest
 from shared.storage import LocalStorage
 from tests.services.gateway.app_client import gateway_client
+from tests.support.audio import SPEECH_WAV
+from tests.support.tts import add_profile
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}
@@ -51,6 +53,24 @@ async def test_another_key_cannot_see_or_change_a_persona(client: httpx.AsyncCli
     assert (await client.delete(f"/v1/personas/{pid}", headers=BOB)).status_code == 404
     bob_ids = {p["id"] for p in (await client.get("/v1/personas", headers=BOB)).json()["items"]}
     assert pid not in bob_ids
+
+
+async def test_a_persona_names_only_the_callers_own_voice_profile(client: httpx.AsyncClient) -> None:
+    """Another key's profile is refused exactly like a missing one (as `session.update` refuses it); it
+    was stored with a 201. The caller's own profile is taken."""
+    app = client._transport.app  # type: ignore[attr-defined]  # the ASGI transport's app
+    alice_owner = owner_of("key-alice")
+    own = await add_profile(app.state.voices, SPEECH_WAV, owner=alice_owner)
+    theirs = await add_profile(app.state.voices, SPEECH_WAV, owner=owner_of("key-bob"))
+    for voice in (f"profile:{theirs.id}", "profile:voice_missing"):
+        for sent in (
+            client.post("/v1/personas", json={**NEW, "voice": voice}, headers=ALICE),
+            client.put("/v1/personas/none_yet", json={**NEW, "voice": voice}, headers=ALICE),
+        ):
+            refused = await sent
+            assert refused.status_code == 400 and "no such profile" in refused.json()["detail"], refused.text
+    created = await client.post("/v1/personas", json={**NEW, "voice": f"profile:{own.id}"}, headers=ALICE)
+    assert created.status_code == 201 and created.json()["voice"] == f"profile:{own.id}", created.text
 
 
 async def test_builtin_personas_cannot_be_modified_or_deleted(client: httpx.AsyncClient) -> None:
