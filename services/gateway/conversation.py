@@ -152,7 +152,8 @@ class Conversation:
 
     async def wait_ready(self, placement_wait_s: float, ready_timeout_s: float) -> None:
         """Wait for a dialogue slot (`placement_wait_s`), then for `ready` (`ready_timeout_s` more, the
-        priming); NoCapacity with the reason otherwise, or when a worker refused the session."""
+        priming); NoCapacity with the reason otherwise. A worker's refusal is raised as the error it names
+        (`unprocessable`: an adapter it cannot take), NoCapacity when it names none."""
         began = time.monotonic()
         placed_at: float | None = None
         cursor = "0-0"

@@ -93,7 +93,7 @@ class ProblemJSONResponse(JSONResponse):
     media_type = PROBLEM_JSON
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, separators=(",", ":")).encode("ascii")
+        return json.dumps(content, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def problem_response(error: ChorusError, instance: str | None = None) -> JSONResponse:

@@ -141,34 +141,41 @@ async def test_a_realtime_session_picks_an_adapter_with_chorus_adapter(
 async def test_an_adapter_no_worker_can_take_is_refused_for_what_it_is_and_not_retried(
     stack: ChorusStack, tmp_path: Path
 ) -> None:
-    """A rank-16 adapter (the gateway takes ranks up to 1024; this worker serves 8) asked for at the
-    handshake: the first audio's start is refused by the worker as `unprocessable`, naming the rank (it
-    was reported as `no_capacity`, which clients retry), before the worker reads the file. Later audio is
-    answered the same at once, without another session start (one per append before), until a
-    session.update changes what the session asks for."""
+    """A rank-16 adapter (the gateway takes ranks up to 1024; this worker serves 8): its session's start is
+    refused by the worker as `unprocessable`, naming the rank (it was reported as `no_capacity`, which
+    clients retry), before the worker reads the file. On /v1/realtime later audio is answered the same at
+    once, without another session start (one per append before), while the session asks for the same;
+    a session.update that changes it (here the instructions) starts again. /api/chat closes with 1008:
+    what the client asked for cannot be served (it was 1011, an internal error)."""
+    refusal = "adapter rank 16 is above this worker's 8"
     wide = write_random_adapter(tmp_path / "wide.safetensors", stack.checkpoints / "moshi", rank=16)
     async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         created = await upload(http, wide.read_bytes(), "wide")
         assert created.status_code == 201, created.text
         adapter = created.json()["id"]
         client = await RealtimeClient.open(stack.ws_url, adapter=adapter)
-        for _ in range(3):
+        for update in (None, None, {"chorus_events": True}):  # an update that changes nothing started
+            if update is not None:
+                await client.send({"type": "session.update", "session": update})
+                await client.wait_for("session.updated")
             await client.append_frame(speech_like(0.08))
             error = await client.wait_for("error")
             client.events.remove(error)
-            assert error["error"]["code"] == "unprocessable", error
-            assert "rank 16 is above this worker's 8" in error["error"]["message"]
-        refusals = stack.log_tail("dialogue", 200_000).count("adapter rank 16 is above this worker's 8")
-        assert refusals == 1, "one session start, refused once: later appends started nothing"
+            assert error["error"]["code"] == "unprocessable" and refusal in error["error"]["message"], error
+        assert stack.log_tail("dialogue", 200_000).count(refusal) == 1, "one start: later audio started none"
 
-        await client.send({"type": "session.update", "session": {"chorus_events": True}})
+        await client.send({"type": "session.update", "session": {"instructions": "Speak like a pirate."}})
         await client.wait_for("session.updated")
         await client.append_frame(speech_like(0.08))
         assert (await client.wait_for("error"))["error"]["code"] == "unprocessable"
-        await wait_until(
-            lambda: _logged(stack, "adapter rank 16 is above this worker's 8", 2), "the update's new start"
-        )
+        await wait_until(lambda: _logged(stack, refusal, 2), "the changed session's new start")
         await client.ws.close()
+
+        async with connect(f"{stack.ws_url}/api/chat?voice=moshiko&adapter={adapter}") as ws:
+            said = await asyncio.wait_for(ws.recv(), 30)
+            await ws.wait_closed()
+        assert isinstance(said, bytes) and said[0] == 5 and refusal.encode() in said, said
+        assert ws.close_code == 1008 and ws.close_reason == "unprocessable", (ws.close_code, ws.close_reason)
 
 
 async def test_a_realtime_sockets_query_is_checked_at_the_handshake(stack: ChorusStack) -> None:

@@ -29,7 +29,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
-from services.gateway.adapters import check_adapter_served, references
+from services.gateway.adapters import check_adapter_owned, check_adapter_served, references
 from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
 from services.gateway.lifetime import Lifetime
@@ -76,6 +76,7 @@ router = APIRouter()
 
 MIN_IDLE_TIMEOUT_MS = round(MIN_IDLE_TIMEOUT_S * 1000)  # shorter ones would end a session between two words
 MAX_IDLE_TIMEOUT_MS = 24 * 3600 * 1000  # the bound when the gateway sets neither limit
+REFUSAL_HELD_S = 5.0  # a start refused for what it asks is not tried again sooner (`RealtimeSession.refused`)
 _NO_CONVERSATION_CHECK_S = 0.25  # how often a socket without a conversation yet checks the lifetime policies
 
 
@@ -125,9 +126,10 @@ _QUERY_SETTINGS = ("voice", "adapter", "persona", "model")
 
 
 async def _checked_query(websocket: WebSocket, owner: str) -> _Opening:
-    """`?voice=` and `?adapter=` refused at the handshake when `session.update` would refuse them (an
+    """`?voice=` and `?adapter=` refused at the handshake for what `session.update` refuses them (an
     unknown voice, another key's profile or adapter), and each setting given once: never one of two
-    values picked silently. `?persona=` is resolved when the conversation starts (its first audio)."""
+    values picked silently. Whether a worker serves the adapter, and `?persona=`, are the start's (its
+    first audio) to say: a fleet restarting refuses no socket."""
     params = websocket.query_params
     for name in _QUERY_SETTINGS:
         if (count := len(params.getlist(name))) > 1:
@@ -137,8 +139,8 @@ async def _checked_query(websocket: WebSocket, owner: str) -> _Opening:
         voice = check_voice(voice)
         await check_voice_owned(websocket, owner, voice)
     adapter = params.get("adapter") or None
-    if adapter is not None:
-        await check_adapter_served(websocket, owner, adapter)
+    if adapter is not None:  # the caller's own; whether a worker serves it is the start's to say
+        await check_adapter_owned(websocket.app.state.adapters, owner, adapter)
     return _Opening(voice, adapter)
 
 
@@ -190,10 +192,11 @@ class RealtimeSession:
         self.beta = "realtime=v1" in websocket.headers.get("openai-beta", "")  # the beta dialect
         self.chorus_events = True  # `session.chorus_events: false` turns Chorus's own events off
         self.appended_since_commit = False
-        # Why the last start was refused, when retrying the same session cannot help (an adapter no
-        # worker can load, say): each later append is answered so at once, without a new session start
-        # (one per append otherwise), until a session.update changes what the session asks for.
-        self.refused: ChorusError | None = None
+        # The last start's refusal, when retrying the same session cannot help (an adapter wider than
+        # the worker serves, say): while the session asks for the same (`_start_request`), later audio is
+        # answered so at once, without a new session start (one per append otherwise), for
+        # REFUSAL_HELD_S: a fleet may hold another worker that can take it.
+        self.refused: tuple[ChorusError, tuple[str | None, ...], float] | None = None
 
     def adapter_in_use(self) -> str | None:
         """The session's LoRA adapter: its conversation's (a persona's own, or `chorus_adapter`), else the
@@ -418,7 +421,6 @@ class RealtimeSession:
         self.audio.set_formats(input_codec, output_codec)
         if config.chorus_events is not None:
             self.chorus_events = config.chorus_events
-        self.refused = None
         self.send(ev.SessionUpdated(session=self.session_object()))
 
     async def _set_adapter(self, adapter: str) -> None:
@@ -489,12 +491,25 @@ class RealtimeSession:
         if refused := await self.limits.pace_audio(self.audio.input_seconds(data)):
             raise refused
         if self.conversation is None:
-            if self.refused is not None:  # the same request again: the same answer, no new start
-                raise error_for_code(self.refused.code, self.refused.detail)
+            self._refuse_again()
             await self.start_conversation()
         assert self.conversation is not None
         self.appended_since_commit = True
         await self.conversation.send_audio(self.audio.decode_input(data))
+
+    def _start_request(self) -> tuple[str | None, ...]:
+        """What a conversation start asks for: a start refused for it is refused again while it holds."""
+        return (self.persona_id, self.instructions, self.voice, self.adapter)
+
+    def _refuse_again(self) -> None:
+        """The last start's refusal, raised again while it holds (`refused`); else nothing."""
+        if self.refused is None:
+            return
+        error, request, at = self.refused
+        if request != self._start_request() or time.monotonic() - at > REFUSAL_HELD_S:
+            self.refused = None
+            return
+        raise error_for_code(error.code, error.detail, **error.extra)
 
     async def start_conversation(self) -> None:
         persona = await resolve_persona(
@@ -519,7 +534,7 @@ class RealtimeSession:
             self.session_id = new_id("sess")
             await end_conversation(conversation, exc.code)
             if not exc.retryable and not isinstance(exc, NoCapacity):
-                self.refused = exc  # what it asked for cannot be served: until a session.update changes it
+                self.refused = (exc, self._start_request(), time.monotonic())
             raise
         self.started.set()
 

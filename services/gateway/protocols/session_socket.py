@@ -72,7 +72,10 @@ class Ending:
             return 1000  # a lifetime policy ends a session normally: the close reason says which
         if isinstance(self.error, (ClientNotReading, Unauthorized)):
             return POLICY_VIOLATION
-        return 1013 if self.error.retryable else 1011  # 1013: try again later
+        if self.error.retryable:
+            return 1013  # try again later
+        # What the client asked for cannot be served (a worker refused its adapter: 4xx), or a failure.
+        return POLICY_VIOLATION if self.error.status < 500 else 1011
 
 
 def refusal_close_code(error: ChorusError) -> int:
