@@ -344,7 +344,7 @@ class Conversation:
 def _worker_refusal(event: SessionEvent) -> ChorusError | None:
     """A worker's `error` refusing a start as what it says (an adapter it cannot take: `unprocessable`,
     not retryable), where it names a code: the client is told why, not that there was no capacity."""
-    code = event.data_as(Failure).code if isinstance(event.data, Failure) else None
+    code = event.data.code if isinstance(event.data, Failure) else None
     if code is None or code == NoCapacity.code:
         return None
     return error_for_code(code, event.detail or "the dialogue worker refused the session")
