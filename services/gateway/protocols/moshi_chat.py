@@ -41,6 +41,7 @@ from services.gateway.protocols.send_queue import SendQueue
 from services.gateway.protocols.session_socket import (
     Ending,
     SocketClosed,
+    as_refusal,
     check_voice,
     check_voice_owned,
     close_quietly,
@@ -222,12 +223,14 @@ async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         persona = _with_seeds(persona)
         conversation = open_conversation(websocket, owner, persona, voice, mode)
         await websocket.accept(headers=[(b"x-chorus-session-id", conversation.session_id.encode())])
-    except ChorusError as exc:
-        metrics.SESSIONS_REJECTED.labels(reason=exc.code).inc()
+    except Exception as exc:  # a check that reads Redis (a catalog voice, say) while it is away too
+        if (refusal := as_refusal(exc)) is None:
+            raise
+        metrics.SESSIONS_REJECTED.labels(reason=refusal.code).inc()
         await websocket.accept()
         with contextlib.suppress(WebSocketDisconnect):
-            await websocket.send_bytes(bytes([ERROR]) + exc.detail.encode())
-        await close_quietly(websocket, refusal_close_code(exc), exc.code)
+            await websocket.send_bytes(bytes([ERROR]) + refusal.detail.encode())
+        await close_quietly(websocket, refusal_close_code(refusal), refusal.code)
         return
     session = MoshiChatSession(websocket, conversation, settings.ws_send_queue_frames)
     session.metadata = metadata(conversation.session_id, persona, voice, mode)

@@ -42,6 +42,7 @@ from services.gateway.protocols.send_queue import SendQueue
 from services.gateway.protocols.session_socket import (
     Ending,
     SocketClosed,
+    as_refusal,
     check_voice,
     check_voice_owned,
     close_quietly,
@@ -95,12 +96,14 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         if caller.voice is not None:  # a client secret's: still the owner's own profile?
             await check_voice_owned(websocket, caller.owner, check_voice(caller.voice))
         opening = await _checked_query(websocket, caller.owner)
-    except ChorusError as exc:
-        metrics.SESSIONS_REJECTED.labels(reason=exc.code).inc()
+    except Exception as exc:  # a check that reads Redis (a catalog voice, say) while it is away too
+        if (refusal := as_refusal(exc)) is None:
+            raise
+        metrics.SESSIONS_REJECTED.labels(reason=refusal.code).inc()
         # A refused client may have left already (key guessers do not wait): nothing to tell then.
         with contextlib.suppress(WebSocketDisconnect):
-            await websocket.send_text(ev.wire(_error_event(exc)))
-        await close_quietly(websocket, refusal_close_code(exc), exc.code)
+            await websocket.send_text(ev.wire(_error_event(refusal)))
+        await close_quietly(websocket, refusal_close_code(refusal), refusal.code)
         return
     # The model asked for: OpenAI's names (or any other) mean moshiko, never echoed back (the query string
     # is the client's, of any length). A native voice, once chosen, decides (`session_object`).

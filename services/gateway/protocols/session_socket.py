@@ -78,6 +78,12 @@ class Ending:
         return POLICY_VIOLATION if self.error.status < 500 else 1011
 
 
+def as_refusal(exc: Exception) -> ChorusError | None:
+    """What a handshake's failure tells the client: a ChorusError as it is, Redis or the data volume
+    away as its outage (`service_unavailable`, retryable); None: a bug, which the caller raises."""
+    return exc if isinstance(exc, ChorusError) else outage_error(exc)
+
+
 def refusal_close_code(error: ChorusError) -> int:
     """The close code of a socket refused at open: 1013 (try again later) when waiting helps (over the
     auth failure budget, Redis away), else 1008 (a wrong key, voice or persona)."""
