@@ -5,14 +5,18 @@
 # Every JSON is rewritten after each point, so a cut stage keeps what it measured.
 #   bench/gpu/lease.sh [extra options for every sweep stage, e.g. --size small --ticks 5 for a CPU
 #   rehearsal; the attn stage takes LEASE_ATTN_ARGS instead]
-# LEASE_STAGES (default "kv8t int8t": what is still to measure), each with its length in seconds
+# LEASE_STAGES (default "ctxkv8t": what is still to measure), each with its length in seconds
 # (LEASE_<STAGE>_S):
-#   kv8t (200):  bf16 weights and an int8 KV cache read by the Triton kernel (the CUDA worker's read since
-#                2026-11-27), 500 ticks a point, 64 and 80 slots at the published context: bf16 weights
-#                step faster than int8 ones (the ctx8 profile), so this may be the fastest way to 64;
+#   ctxkv8t (400): bf16 weights, an int8 KV cache read by the Triton kernel and a shorter context
+#                (LEASE_CTX_FRAMES, default 1500), 1000 ticks a point (a published figure), 128, 144, 152
+#                slots: 500-tick points on an H100 on 2026-11-27 gave 144 real-time (58.9 ms p99), 152 is
+#                about the memory ceiling;
+#   kv8t (200):  bf16 weights and an int8 KV cache read by the Triton kernel (the CUDA worker's read),
+#                500 ticks a point, 64 and 80 slots at the published context. Measured on an H100 on
+#                2026-11-27 (80 real-time, at the memory ceiling; 72 in a second call);
 #   int8t (230): int8 weights and an int8 KV cache, the cache read by the Triton kernel (--kv-read triton),
-#                500 ticks a point, 64, 80, 96 slots. Measured at 64 slots with 64 positions a turn on an
-#                H100 on 2026-11-27 (real-time, 74.9 ms p99); the kernel's tuning is 128 since;
+#                500 ticks a point, 64, 80, 96 slots. Measured on an H100 on 2026-11-27 at both the
+#                64- and the 128-position tuning (64 real-time, 80 not);
 #   ctx (240):   bf16 with a shorter attention context (CHORUS_DIALOGUE_CONTEXT; LEASE_CTX_FRAMES, default
 #                1500), 1000 ticks a point, 64, 72, 80 slots. Measured on an H100 on 2026-11-27 (80 real-time);
 #   ctx8 (170):  the same context with int8 weights and a bf16 cache, 500 ticks a point, 64 and 80 slots,
@@ -31,7 +35,7 @@
 #                2026-11-26: not real-time);
 #   lora (300):  issue 16's figure alone: 32 sessions with no LoRA against 1, 4 and 8 distinct rank-128
 #                adapters, each LoRA kernel, 200 ticks a variant (docs/performance.md, "LoRA adapters").
-# The int8-cache stages (int8, int8t, kv8, kv8t) profile 20 more ticks a point (the LM step's kernels:
+# The int8-cache stages (ctxkv8t, int8, int8t, kv8, kv8t) profile 20 more ticks a point (the LM step's kernels:
 # where its time goes).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,7 +44,7 @@ INT8=(--weights int8 --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 64,8
 CTX=(--context "${LEASE_CTX_FRAMES:-1500}")
 KV8=(--weights float --kv-cache int8 --ticks 500 --baseline-ticks 0 --slots 64,80 --profile-ticks 20)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv 2>/dev/null
-for stage in ${LEASE_STAGES:-kv8t int8t}; do
+for stage in ${LEASE_STAGES:-ctxkv8t}; do
   if [ "$stage" = attn ]; then
     seconds=${LEASE_ATTN_S:-120}
     echo "== attn, $(date +%T), at most $seconds s"
@@ -59,9 +63,11 @@ for stage in ${LEASE_STAGES:-kv8t int8t}; do
     int8t) seconds=${LEASE_INT8T_S:-230}; options=("${INT8[@]}" --kv-read triton) ;;
     kv8)   seconds=${LEASE_KV8_S:-150}; options=("${KV8[@]}" --kv-read compiled) ;;
     kv8t)  seconds=${LEASE_KV8T_S:-200}; options=("${KV8[@]}" --kv-read triton) ;;
+    ctxkv8t) seconds=${LEASE_CTXKV8T_S:-400}
+           options=("${CTX[@]}" "${KV8[@]}" --kv-read triton --ticks 1000 --slots 128,144,152) ;;
     lora)  seconds=${LEASE_LORA_S:-300}
            options=(--slots "" --baseline-ticks 0 --adapters 0,1,4,8 --adapter-rank 128 --adapter-batch 32 --ticks 200) ;;
-    *) echo "unknown stage $stage (attn, bf16, ctx, ctx8, int8, int8t, kv8, kv8t, lora)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (attn, bf16, ctx, ctx8, ctxkv8t, int8, int8t, kv8, kv8t, lora)" >&2; exit 2 ;;
   esac
   file=dialogue_gpu.json
   [ "$stage" = bf16 ] || file=dialogue_gpu_$stage.json

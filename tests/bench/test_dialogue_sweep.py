@@ -182,9 +182,9 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
         "WHEELHOUSE": str(tmp_path / "no-wheelhouse"),
         "CHORUS_DIALOGUE_DEVICE": "cpu",
         "CHORUS_BENCH_THREADS": "1",
-        # The default stages (kv8t int8t), ctx (bf16 is ctx at the checkpoint's context) and attn; ctx8,
-        # measured, is ctx's context with int8t's weights.
-        "LEASE_STAGES": "attn ctx kv8t int8t",
+        # The default stage (ctxkv8t: kv8t at ctx's context), ctx (bf16 is ctx at the checkpoint's
+        # context), int8t and attn; ctx8 is ctx's context with int8t's weights.
+        "LEASE_STAGES": "attn ctx ctxkv8t int8t",
         "LEASE_CTX_FRAMES": "60",  # the small checkpoint attends over 100
         "LEASE_ATTN_ARGS": "--rows 2 --heads 4 --capacity 70 --dim 16 --repeats 2 --blocks 32,64 --warps 4",
     }
@@ -204,13 +204,13 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in ("attn", "ctx", "kv8t", "int8t"):
+    for stage in ("attn", "ctx", "ctxkv8t", "int8t"):
         assert f"== {stage} exit 0" in done.stdout, done.stdout[-2000:]
     written = sorted(p.name for p in tmp_path.glob("*.json"))
     assert written == [
         "dialogue_gpu_ctx.json",
+        "dialogue_gpu_ctxkv8t.json",
         "dialogue_gpu_int8t.json",
-        "dialogue_gpu_kv8t.json",
         "int8_attention.json",
     ]
     attention = json.loads((tmp_path / "int8_attention.json").read_text(encoding="utf-8"))
@@ -221,7 +221,7 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
     assert all(r["l2_relative_to_fp32"] < 1e-2 for name, r in reads.items() if name != "bf16_sdpa"), reads
     assert reads["bf16_sdpa"]["l2_relative_to_fp32"] < 5e-2
     ctx = json.loads((tmp_path / "dialogue_gpu_ctx.json").read_text(encoding="utf-8"))
-    kv8t = json.loads((tmp_path / "dialogue_gpu_kv8t.json").read_text(encoding="utf-8"))
+    kv8t = json.loads((tmp_path / "dialogue_gpu_ctxkv8t.json").read_text(encoding="utf-8"))
     assert [ctx["configuration"][k] for k in ("weights", "kv_cache", "kv_read")] == [
         "float",
         "float",
@@ -233,7 +233,7 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
         "triton",
     ]
     assert ctx["finished"] and kv8t["finished"] and kv8t["int8_logits"]["l2_relative"] > 0
-    assert ctx["configuration"]["context_frames"] == 60 and kv8t["configuration"]["context_frames"] == 100
+    assert ctx["configuration"]["context_frames"] == kv8t["configuration"]["context_frames"] == 60
     int8t = json.loads((tmp_path / "dialogue_gpu_int8t.json").read_text(encoding="utf-8"))
     assert int8t["finished"] and int8t["configuration"]["context_frames"] == 100
     assert [int8t["configuration"][k] for k in ("weights", "kv_cache", "kv_read")] == [
