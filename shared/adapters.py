@@ -44,6 +44,9 @@ class TensorEntry:
     end: int
 
 
+Header = tuple[dict[str, str], dict[str, TensorEntry]]  # a file's metadata and its tensors, by name
+
+
 @dataclass(frozen=True)
 class AdapterLayout:
     """What a checked adapter file holds."""
@@ -55,13 +58,13 @@ class AdapterLayout:
     parameters: int
 
 
-def read_header(data: bytes) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+def read_header(data: bytes) -> Header:
     """The metadata and tensor entries of a safetensors file; 415 when it is not one."""
     length = _header_length(data[:8], len(data))
     return _parse_header(data[8 : 8 + length], len(data) - 8 - length)
 
 
-def read_header_file(path: Path) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+def read_header_file(path: Path) -> Header:
     """`read_header` of a file, reading its header only (at most `MAX_HEADER` bytes): blocking I/O."""
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -96,7 +99,7 @@ def _header_length(first: bytes, size: int) -> int:
     return int(length)
 
 
-def _parse_header(raw: bytes, data_size: int) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+def _parse_header(raw: bytes, data_size: int) -> Header:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -151,14 +154,18 @@ def _entry(name: str, value: object, data_size: int) -> TensorEntry:
 
 
 def check_adapter(
-    data: bytes | Path, shapes: LayerShapes, *, rank: int | None = None, scaling: float | None = None
+    data: bytes | Path | Header, shapes: LayerShapes, *, rank: int | None = None, scaling: float | None = None
 ) -> AdapterLayout:
-    """Check an adapter file (its bytes, or its path: then only its header is read, blocking) against the
-    model's layers; 422 naming the first tensor that does not fit.
+    """Check an adapter file (its bytes, its path: then only its header is read, blocking, or its header
+    read already) against the model's layers; 422 naming the first tensor that does not fit.
 
     `rank` / `scaling` (the uploader's) must agree with the file's metadata where both are given.
     """
-    metadata, entries = read_header(data) if isinstance(data, bytes) else read_header_file(data)
+    if isinstance(data, bytes):
+        data = read_header(data)
+    elif isinstance(data, Path):
+        data = read_header_file(data)
+    metadata, entries = data
     if not entries:
         raise Unprocessable("the adapter holds no tensors")
     rank = _agreed_int("lora_rank", rank, metadata)

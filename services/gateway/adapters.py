@@ -220,12 +220,13 @@ async def _create_adapter(request: Request, owner: str) -> AdapterOut:
         if model not in ("moshiko", "moshika"):
             raise InvalidRequest(f"`model` is moshiko or moshika, got {model!r}")
         rank, scaling = _number(form, "rank", int), _number(form, "scaling", float)
-        # Not a safetensors file: 415, whether or not the model's layers are known yet.
-        await asyncio.to_thread(read_header_file, form.path)
+        # Not a safetensors file: 415, whether or not the model's layers are known yet. Our parser reads the
+        # header once for every check; safetensors' own (the worker's loader) must take it too.
+        header = await asyncio.to_thread(read_header_file, form.path)
         await asyncio.to_thread(check_loads, form.path)
         layout = await asyncio.to_thread(
             check_adapter,
-            form.path,
+            header,
             await store.layers(model),
             rank=None if rank is None else int(rank),
             scaling=scaling,
