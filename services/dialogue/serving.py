@@ -47,7 +47,7 @@ from services.dialogue.settings import DialogueSettings
 from services.dialogue.ticks import TickClock, prime_deadline
 from services.dialogue.utterances import UtteranceBuilder
 from shared import metrics
-from shared.adapter_store import AdapterStore
+from shared.adapter_store import AdapterRecord, AdapterStore
 from shared.audio import FRAME_BYTES, FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
 from shared.bus import Bus, Entry, GroupConsumer, Handled
 from shared.errors import ChorusError, MalformedMessage, NoCapacity, NotFound, Unprocessable
@@ -223,7 +223,11 @@ class DialogueWorker:
             "group": placement_group(self.model.name),
         }
         if self.adapters is not None:
-            fields.update(adapter_slots=self.adapters.bank.slots, adapters=" ".join(self.adapters.held()))
+            fields.update(
+                adapter_slots=self.adapters.bank.slots,
+                adapter_max_rank=self.adapters.bank.max_rank,
+                adapters=" ".join(self.adapters.held()),
+            )
         return fields
 
     def _adapter_bank(self) -> AdapterBank | None:
@@ -595,8 +599,9 @@ class DialogueWorker:
     async def _pass_on(self, start: SessionStart) -> bool:
         """Pass a start naming an adapter on to a better placed worker of the group: appended again to
         `chorus:control` (whichever worker reads it next: a few hops at most), this one acked. While this
-        worker serves no adapters and another of the group does; or when this worker does not hold the
-        adapter and another with a free slot does. At most MAX_HANDOFFS times, then it is placed here."""
+        worker serves no adapters and another of the group does; while the adapter's rank is above this
+        worker's bound and another's bound takes it; or when this worker does not hold the adapter and
+        another with a free slot does. At most MAX_HANDOFFS times, then it is placed here."""
         adapter = start.persona.adapter
         if adapter is None or start.handoffs >= MAX_HANDOFFS:
             return False
@@ -610,6 +615,8 @@ class DialogueWorker:
         ]
         if self.adapters is None:  # one that serves adapters takes it once it has a slot (or warmed up)
             better = any(int(w.fields.get("adapter_slots", "0")) > 0 for w in others)
+        elif (record := await self._adapter_record(start)) and record.rank > self.adapters.bank.max_rank:
+            better = any(int(w.fields.get("adapter_max_rank", "0")) >= record.rank for w in others)
         else:
             better = any(w.free_slots > 0 and adapter in w.fields.get("adapters", "").split() for w in others)
         if better:
@@ -638,10 +645,15 @@ class DialogueWorker:
     async def _adapter_model(self, start: SessionStart) -> str | None:
         """The model the session's adapter was checked against (None: no adapter, or none stored; loading
         it then says so). moshiko and moshika share their shapes: the file alone would load on either."""
+        record = await self._adapter_record(start)
+        return None if record is None else record.model
+
+    async def _adapter_record(self, start: SessionStart) -> AdapterRecord | None:
+        """The stored record of the session's adapter (None: no adapter, or none stored)."""
         if start.persona.adapter is None:
             return None
         try:
-            return (await self.adapter_store.get(start.persona.adapter)).model
+            return await self.adapter_store.get(start.persona.adapter)
         except NotFound:
             return None
 

@@ -196,6 +196,45 @@ async def test_a_start_naming_an_adapter_goes_to_a_worker_that_serves_adapters(
         assert ready is not None and ready.data_as(Placement).worker == "tuned"
 
 
+async def test_a_start_naming_an_adapter_above_a_workers_rank_goes_to_one_whose_bound_takes_it(
+    bus: Bus,
+    worker_processes: Callable[..., WorkerProcess],
+    moshi_model: MoshiModel,
+    moshi_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """A mixed fleet: one worker's adapters go to rank 4, the other's to 8. A rank-8 adapter read by the
+    narrow one is passed on (its presence publishes its bound), not refused: the wide one places it.
+    Four adapters, each new to both (a worker holding one would draw it anyway), so that the narrow one
+    reads some of the starts."""
+    store = AdapterStore(LocalStorage(tmp_path / "data"))  # the processes' CHORUS_DATA_DIR
+    adapters = await store_adapters(store, moshi_dir, tmp_path, layer_shapes(moshi_model.lm), 4)
+    assert {(await store.get(a)).rank for a in adapters} == {8}
+    memory = "50000000"
+    narrow = worker_processes(
+        "narrow", CHORUS_DIALOGUE_ADAPTER_MEMORY=memory, CHORUS_DIALOGUE_ADAPTER_MAX_RANK="4"
+    )
+    wide = worker_processes(
+        "wide", CHORUS_DIALOGUE_ADAPTER_MEMORY=memory, CHORUS_DIALOGUE_ADAPTER_MAX_RANK="8"
+    )
+
+    async def both_serving() -> bool:
+        workers = await list_workers(bus, "dialogue")
+        return sum(w.free_slots for w in workers) == 8 and {
+            w.worker_id: w.fields.get("adapter_max_rank") for w in workers
+        } == {"narrow": "4", "wide": "8"}
+
+    await wait_until(both_serving, f"the workers never served: {narrow.log_tail()}{wide.log_tail()}", 90)
+    for n, adapter in enumerate(adapters):
+        sid = f"wide{n}"
+        await open_session(bus, SessionStart(session_id=sid, persona=PersonaSpec(adapter=adapter)))
+        reader = DialogueReader(bus, sid)
+        await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
+        ready = reader.event(EventName.READY)
+        assert ready is not None and ready.data_as(Placement).worker == "wide"
+        assert reader.event(EventName.ERROR) is None
+
+
 async def test_an_adapter_checked_for_another_model_is_refused_not_applied(
     bus: Bus, start_worker: StartWorker, moshi_model: MoshiModel, moshi_dir: Path, tmp_path: Path
 ) -> None:
