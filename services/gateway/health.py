@@ -18,7 +18,8 @@ from shared.voice_offer import VoiceOffer, offer_of
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="The process is up")
+# HEAD too: load balancers and uptime monitors probe with it (the body is not sent).
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="The process is up")
 async def healthz() -> dict[str, str]:
     return {"status": "ok", "service": "gateway"}
 
@@ -69,8 +70,9 @@ async def readiness(bus: Bus) -> tuple[bool, dict[str, Any]]:
     return dialogue["ready"] and services["router"]["ready"], detail
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     summary="Redis reachable, a dialogue worker and a router serving",
     responses={503: {"description": "Not ready; the body says what is missing"}},
 )
