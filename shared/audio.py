@@ -333,6 +333,96 @@ def ogg_crc(data: bytes | bytearray) -> int:
     return int.from_bytes(reflected.to_bytes(4, "little").translate(_BIT_REVERSED), "big")
 
 
+class InvalidOggOpus(ValueError):
+    """Client audio that is not Ogg/Opus as a decoder may be given it."""
+
+
+def _opus_frames(toc: int) -> tuple[float, int]:
+    """(seconds a frame, frames a packet; 0 = the packet's second byte says) by an Opus packet's TOC byte
+    (RFC 6716, 3.1): its configuration's mode and frame size, and its frame count code."""
+    config, code = toc >> 3, toc & 3
+    if config < 12:  # SILK
+        size = (0.010, 0.020, 0.040, 0.060)[config & 3]
+    elif config < 16:  # hybrid
+        size = (0.010, 0.020)[config & 1]
+    else:  # CELT
+        size = (0.0025, 0.005, 0.010, 0.020)[config & 3]
+    return size, (1, 2, 2, 0)[code]
+
+
+_OPUS_TOC = [_opus_frames(toc) for toc in range(256)]
+OPUS_MAX_PACKET_S = 0.120  # RFC 6716: no packet carries more
+# What one message may hold, so that counting it costs at most ~0.3 ms: a client sends a page per 80 ms
+# (2 s, the burst, of 20 ms packets is 100 packets; of 2.5 ms ones, 800).
+OGG_MAX_PAGES, OPUS_MAX_PACKETS = 128, 1024
+_OGG_HEADER = struct.Struct("<4sBBqIIIB")  # capture, version, flags, granule, serial, sequence, CRC, segments
+
+
+class OggOpusMeter:
+    """The seconds of audio Ogg/Opus bytes carry, read from the pages and each packet's TOC byte, without
+    decoding: what a socket's audio pace is charged before the decoder runs, so that audio that fails to
+    decode (sphn decodes up to 5 s of a message before it raises) costs its sender as much as audio that
+    decodes. Pages are checked as an Ogg reader checks them (capture pattern, version, CRC); a page cut
+    across messages is counted once it is whole. Refused (`InvalidOggOpus`): anything else, an empty
+    packet (sphn conceals it as a lost packet with its whole 5 s buffer), and more than `OGG_MAX_PAGES`
+    pages or `OPUS_MAX_PACKETS` packets in one call (counting them in Python would cost more than decoding
+    them). A packet whose frames are not all there counts as the most a packet carries (120 ms): the
+    decoder refuses it."""
+
+    def __init__(self) -> None:
+        self._tail = b""  # an incomplete page, at most 65,307 bytes (27 + 255 + 255 x 255)
+        self._packets = 0  # packets begun in the current call
+
+    def push(self, data: bytes) -> float:
+        buf = self._tail + data if self._tail else data
+        seconds, at, size, pages = 0.0, 0, len(buf), 0
+        self._packets = 0
+        while size - at >= _OGG_HEADER.size:
+            if (pages := pages + 1) > OGG_MAX_PAGES:
+                raise InvalidOggOpus(f"more than {OGG_MAX_PAGES} Ogg pages in one message")
+            capture, version, flags, _, _, _, crc, segments = _OGG_HEADER.unpack_from(buf, at)
+            if capture != b"OggS" or version != 0:
+                raise InvalidOggOpus("not an Ogg page where one should begin")
+            lacing_at = at + _OGG_HEADER.size
+            body_at = lacing_at + segments
+            if size < body_at:
+                break
+            lacing = buf[lacing_at:body_at]
+            end = body_at + sum(lacing)
+            if size < end:
+                break
+            page = bytearray(buf[at:end])
+            page[22:26] = b"\0\0\0\0"
+            if ogg_crc(page) != crc:
+                raise InvalidOggOpus("an Ogg page whose CRC does not match its bytes")
+            seconds += self._page_seconds(buf, body_at, lacing, continued=bool(flags & 0x01))
+            at = end
+        self._tail = buf[at:]
+        return seconds
+
+    def _page_seconds(self, buf: bytes, at: int, lacing: bytes, *, continued: bool) -> float:
+        """The seconds of the packets that begin in this page (`_packets` counts them for the call)."""
+        seconds, starts = 0.0, not continued  # a continued page's first segments end an earlier packet
+        for length in lacing:
+            if starts:
+                self._packets += 1
+                if self._packets > OPUS_MAX_PACKETS:
+                    raise InvalidOggOpus(f"more than {OPUS_MAX_PACKETS} Opus packets in one message")
+                if length == 0:
+                    raise InvalidOggOpus("an empty Opus packet: send the audio, not a lost frame")
+                if buf[at : at + 8] not in (b"OpusHead", b"OpusTags"):
+                    frame_s, frames = _OPUS_TOC[buf[at]]
+                    if frames == 0 and length >= 2:  # code 3: the count is in the packet's second byte
+                        frames = buf[at + 1] & 0x3F
+                    seconds += min(frame_s * frames, OPUS_MAX_PACKET_S) if frames else OPUS_MAX_PACKET_S
+            starts = length < 255
+            at += length
+        return seconds
+
+    def reset(self) -> None:
+        self._tail = b""
+
+
 class OpusDecoder:
     """Ogg/Opus pages -> PCM (sphn.OpusStreamReader); returns what is decodable so far."""
 

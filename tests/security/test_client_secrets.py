@@ -239,3 +239,21 @@ async def test_the_bundled_page_opens_its_socket_with_a_secret_not_the_key(
         e["params"]["request"]["url"] for e in page.events if e["method"] == "Network.requestWillBeSent"
     ]
     assert requested and all(ALICE not in url for url in requested + sockets), "the key is in no URL"
+
+
+async def test_a_secrets_model_is_the_voice_of_a_moshi_protocol_socket_that_names_none(
+    start_gateway: StartGateway,
+) -> None:
+    """Found by an attack: a secret minted for `moshika` opened an /api/chat session on moshiko (the
+    Realtime socket took the model; this one ignored it), though the mint's answer promised moshika."""
+    gateway = start_gateway(CHORUS_API_KEYS=KEYS)
+    secret = await mint(gateway, model="moshika")
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with connect(f"{gateway.ws_url}/api/chat", additional_headers=headers, open_timeout=10) as ws:
+        assert ws.response is not None
+        session_id = ws.response.headers["x-chorus-session-id"]
+        async with httpx.AsyncClient(
+            base_url=gateway.url, headers={"Authorization": f"Bearer {ALICE}"}
+        ) as rest:
+            sessions = (await rest.get("/v1/sessions")).json()["items"]
+    assert [(s["id"], s["voice"]) for s in sessions] == [(session_id, "moshika")]

@@ -15,10 +15,11 @@ import json
 import time
 from typing import Any
 
+import httpx
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
-from shared.audio import SAMPLE_RATE
+from shared.audio import SAMPLE_RATE, OggPages
 from tests.support.stack import ChorusStack
 
 PACE = 1.5  # the defaults
@@ -72,3 +73,51 @@ async def test_one_message_with_more_audio_than_the_burst_is_refused_with_a_reas
     print(f"\nrefused: {error}")
     assert error["code"] == "payload_too_large"
     assert "3.00 s of audio" in error["message"]
+
+
+def decode_cpu_s(stack: ChorusStack) -> float:
+    """The gateway's CPU seconds in the Opus decoder so far (its /metrics)."""
+    sample = 'chorus_codec_cpu_seconds{direction="decode"} '
+    lines = httpx.get(f"{stack.url}/metrics", timeout=10).text.splitlines()
+    return next(float(line.split()[-1]) for line in lines if line.startswith(sample))
+
+
+async def test_moshi_audio_that_fails_to_decode_is_charged_to_the_pace_without_being_decoded(
+    socket_stack: ChorusStack,
+) -> None:
+    """Found by an attack on /api/chat: 5 s of 20 ms packets and one more in one message. sphn decoded the
+    5 s, then raised, and a message that did not decode was charged nothing, so one socket had the gateway
+    decode ~440 s of audio a second. Now the audio a message carries is counted from its packets before
+    the decoder runs: this one is more than the burst, so it is refused, charged a full burst, and never
+    decoded. A message refused as not Ogg/Opus at all (here a page whose CRC is wrong) is charged a frame,
+    so that even counting what is refused is paced."""
+    rng = np.random.default_rng(0)
+    packets = [b"\xf8" + rng.bytes(199) for _ in range(251)]  # CELT fullband, 20 ms each: 5.02 s
+    writer = OggPages(serial=7)
+    pages = [packets[at : at + 40] for at in range(0, len(packets), 40)]
+    too_long = b"\x01" + b"".join(writer.page([len(p) for p in page], b"".join(page), 0) for page in pages)
+    corrupt = bytearray(b"\x01" + writer.page([200], packets[0], 0))
+    corrupt[-1] ^= 0xFF
+    messages = [too_long, bytes(corrupt)] * 3
+    decoded_before = decode_cpu_s(socket_stack)
+    async with connect(f"{socket_stack.ws_url}/api/chat?voice=moshiko", max_size=1 << 24) as ws:
+        assert await ws.recv() == b"\x00"  # the handshake: placed
+        started = time.monotonic()
+        for message in messages:
+            await ws.send(message)
+        errors: list[bytes] = []
+        async with asyncio.timeout(60):
+            while len(errors) < len(messages):
+                if (reply := await ws.recv())[:1] == b"\x05":
+                    assert isinstance(reply, bytes)
+                    errors.append(reply[1:])
+        elapsed_s = time.monotonic() - started
+    decoded_s = decode_cpu_s(socket_stack) - decoded_before
+    print(
+        f"\n{len(messages)} refused over {elapsed_s:.1f} s, {decoded_s * 1000:.1f} ms decoding: {errors[:2]}"
+    )
+    assert [b"carries 5.02 s of audio" in e for e in errors] == [True, False] * 3, errors
+    assert all(b"CRC does not match" in e for e in errors[1::2]), errors
+    assert decoded_s < 0.002, "never decoded"
+    charged_s = 3 * BURST_S + 3 * 0.08  # a burst for each message over it, a frame for each corrupt one
+    assert elapsed_s >= 0.9 * (charged_s - BURST_S) / PACE, "each refusal charged"

@@ -4,6 +4,7 @@ positions at 48 kHz, the audio back within a lossy codec's error."""
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import io
 import itertools
@@ -24,7 +25,10 @@ from shared.audio import (
     FRAME_SAMPLES,
     OPUS_NOISE_FLOOR,
     SAMPLE_RATE,
+    InvalidOggOpus,
     LibopusMissing,
+    OggOpusMeter,
+    OggPages,
     OpusDecoder,
     OpusEncoder,
     libopus,
@@ -215,3 +219,104 @@ def test_an_encoder_still_encoding_when_the_interpreter_exits_is_not_freed_under
             [sys.executable, "-c", ENCODING_AT_EXIT], cwd=REPO, check=False, capture_output=True, timeout=60
         )
         assert done.returncode == 0, done.stderr.decode()[-500:]
+
+
+def libopus_stream(frame_ms: float, bitrate: int, application: str) -> bytes:
+    """Two seconds of a tone, Ogg/Opus by PyAV's libopus with these settings (SILK, hybrid or CELT frames
+    of 2.5 to 120 ms: every TOC configuration family and frame count code)."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="ogg") as container:
+        options = {"frame_duration": str(frame_ms), "application": application}
+        stream = container.add_stream("libopus", rate=48000, options=options)
+        stream.bit_rate, stream.layout = bitrate, "mono"
+        tone = (0.3 * np.sin(np.arange(96000) / 48000 * 2 * np.pi * 300)).astype(np.float32)[None]
+        frame = av.AudioFrame.from_ndarray(tone, format="flt", layout="mono")
+        frame.sample_rate = 48000
+        for packet in itertools.chain(stream.encode(frame), stream.encode(None)):
+            container.mux(packet)
+    return out.getvalue()
+
+
+def ours_by_frames() -> bytes:
+    """The gateway's stream: 80 ms frames, each encoded as it comes."""
+    encoder = OpusEncoder()
+    frames = speech()[: 62 * FRAME_SAMPLES].reshape(62, FRAME_SAMPLES)
+    return b"".join(encoder.encode(frame) for frame in frames)
+
+
+STREAMS = {
+    "ours": ours_by_frames,
+    "independent encoder": OGG_OPUS_FIXTURE.read_bytes,
+    **{
+        f"{frame_ms} ms {application}": functools.partial(libopus_stream, frame_ms, bitrate, application)
+        for frame_ms, bitrate, application in [
+            (2.5, 64000, "lowdelay"),
+            (10, 32000, "audio"),
+            (20, 8000, "voip"),
+            (60, 6000, "voip"),
+            (120, 6000, "voip"),
+        ]
+    },
+}
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_the_meter_counts_the_audio_the_decoder_gives_without_decoding(name: str) -> None:
+    """The gateway charges a socket's pace by `OggOpusMeter` before decoding: it must count what sphn
+    will decode, to the sample, whole or cut across messages anywhere."""
+    stream = STREAMS[name]()
+    decoder = OpusDecoder()  # in pieces: sphn decodes at most ~5 s a call
+    decoded_s = sum(len(decoder.decode(stream[at : at + 4096])) for at in range(0, len(stream), 4096))
+    decoded_s /= SAMPLE_RATE
+    assert decoded_s > 1
+    assert OggOpusMeter().push(stream) == pytest.approx(decoded_s, abs=1e-9)
+    meter = OggOpusMeter()
+    assert sum(meter.push(stream[at : at + 97]) for at in range(0, len(stream), 97)) == pytest.approx(
+        decoded_s, abs=1e-9
+    )
+
+
+def celt_page(writer: OggPages, packets: list[bytes]) -> bytes:
+    return writer.page([len(p) for p in packets], b"".join(packets), granule=0)
+
+
+def test_audio_that_fails_to_decode_is_counted_as_what_it_carries() -> None:
+    """The attack the meter answers: 5 s of 20 ms packets and one more in one message. sphn decodes the 5
+    s, then raises: charged after decoding, it cost its sender nothing."""
+    rng = np.random.default_rng(0)
+    packets = [b"\xf8" + rng.bytes(199) for _ in range(251)]  # CELT fullband, 20 ms, one frame each
+    writer = OggPages(serial=1)
+    message = b"".join(celt_page(writer, packets[at : at + 40]) for at in range(0, 251, 40))
+    with pytest.raises(Exception, match="invalid argument"):
+        OpusDecoder().decode(message)
+    assert OggOpusMeter().push(message) == pytest.approx(5.02)
+    code3 = b"\xfb\x06" + rng.bytes(100)  # code 3: six 20 ms frames in one packet
+    assert OggOpusMeter().push(celt_page(writer, [code3, b"\xfb"])) == pytest.approx(0.12 + 0.12)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("a flipped byte", "CRC"),
+        ("no capture pattern", "not an Ogg page"),
+        ("an empty packet", "empty Opus packet"),
+        # Bounds on the Python that counts a message (~0.3 ms): 1 MiB of the smallest pages took 65 ms.
+        ("pages of nothing", "more than 128 Ogg pages"),
+        ("tiny packets", "more than 1024 Opus packets"),
+    ],
+)
+def test_the_meter_refuses_what_is_not_ogg_opus(case: str, reason: str) -> None:
+    writer = OggPages(serial=1)
+    page = bytearray(celt_page(writer, [b"\xf8" + bytes(99)]))
+    if case == "a flipped byte":
+        page[-1] ^= 0xFF
+    elif case == "no capture pattern":
+        page = bytearray(b"XXXX") + page
+    elif case == "an empty packet":
+        page = bytearray(writer.page([60, 0, 60], b"\xf8" * 120, granule=0))
+    elif case == "pages of nothing":
+        page = bytearray(b"".join(writer.page([], b"", granule=0) for _ in range(129)))
+    else:  # 2.5 ms CELT packets of one byte: 1,025 of them are 2.6 s
+        page = bytearray(b"".join(writer.page([1] * 205, b"\x80" * 205, granule=0) for _ in range(5)))
+    with pytest.raises(InvalidOggOpus, match=reason):
+        OggOpusMeter().push(bytes(page))

@@ -24,6 +24,7 @@ import logging
 import math
 import re
 import secrets
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -56,7 +57,15 @@ from services.gateway.protocols.session_socket import (
 )
 from services.gateway.settings import GatewaySettings
 from shared import metrics
-from shared.audio import SAMPLE_RATE, FloatAudio, OpusDecoder, OpusEncoder, pcm16_to_float
+from shared.audio import (
+    SAMPLE_RATE,
+    FloatAudio,
+    InvalidOggOpus,
+    OggOpusMeter,
+    OpusDecoder,
+    OpusEncoder,
+    pcm16_to_float,
+)
 from shared.errors import ChorusError, ClientNotReading, InvalidRequest
 from shared.messages import (
     EventName,
@@ -66,6 +75,7 @@ from shared.messages import (
     Sampling,
     SessionEvent,
     VoiceMode,
+    native_voice_for,
     parse_voice_mode,
 )
 
@@ -74,6 +84,7 @@ router = APIRouter()
 
 HANDSHAKE, AUDIO, TEXT, CONTROL, METADATA, ERROR, PING = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
 PING_MAX_BYTES = 125  # a ping's payload is echoed back: bounded like a WebSocket ping's
+CLIENT_ERROR_LOG_S = 10.0  # a socket's client errors are logged at most this often (each is still answered)
 
 # Kyutai's query parameter -> the `Sampling` field it sets.
 SAMPLING_PARAMS = {
@@ -211,7 +222,8 @@ async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         owner = caller.owner
         held.enter_context(await websocket.app.state.open_sockets.take(owner))
         check_single(params)
-        voice = check_voice(params.get("voice") or caller.voice or "moshiko")
+        # A client secret's voice, else its model's (what its `session` promised), else moshiko.
+        voice = check_voice(params.get("voice") or caller.voice or native_voice_for(caller.model))
         await check_voice_owned(websocket, owner, voice)
         mode = _voice_mode(params.get("voice_mode"))
         primer = params.get("primer") or params.get("text_prompt") or caller.instructions
@@ -248,9 +260,11 @@ class MoshiChatSession:
         )
         self.limits = SocketLimits(settings, "moshi")
         self.decoder = OpusDecoder()
+        self.meter = OggOpusMeter()  # the audio the decoder is given, counted before it runs
         self.encoder = OpusEncoder()
         self.early: deque[Message] = deque()  # received while waiting for the dialogue slot
         self.metadata = b"{}"  # sent right after the handshake
+        self._error_logged_at, self._errors_unlogged = -math.inf, 0
 
     async def run(self) -> Ending:
         """Place the session, send the handshake once it has a slot, then serve it until either side ends
@@ -281,31 +295,59 @@ class MoshiChatSession:
                 if refusal.tell:
                     self.error(refusal.error.detail)
                 continue
-            pcm = self._decode(message)
+            if (pages := self._audio_of(message)) is None:
+                continue
+            try:
+                seconds = self.meter.push(pages)
+            except InvalidOggOpus as exc:
+                await self.limits.pace_undecodable()  # then told, as a refusal over the burst is
+                self._undecodable(str(exc))
+                continue
+            # Waits while the client sends audio faster than its pace (backpressure), before decoding it:
+            # charged what its packets say they carry, whether or not they decode.
+            if refused := await self.limits.pace_audio(seconds):
+                self.error(refused.detail)
+                self._reset_decoder()  # it never saw these pages
+                continue
+            pcm = self._decode(pages)
             if pcm is None or not len(pcm):
                 continue
-            # Waits while the client sends audio faster than its pace (backpressure), before decoding more.
-            if refused := await self.limits.pace_audio(len(pcm) / SAMPLE_RATE):
+            # Never more than was charged (the meter reads packets as libopus does), but if so, paced too.
+            if (unpaced_s := len(pcm) / SAMPLE_RATE - seconds) > 1e-3 and (
+                refused := await self.limits.pace_audio(unpaced_s)
+            ):
                 self.error(refused.detail)
                 continue
             await self.conversation.send_audio(pcm)
 
-    def _decode(self, message: Message) -> FloatAudio | None:
-        """The audio of a client message, or None after telling the client why there is none."""
-        data = message.get("bytes")
+    def _audio_of(self, message: Message) -> bytes | None:
+        """The Ogg/Opus pages of a client audio message, or None after handling any other message."""
+        data: bytes | None = message.get("bytes")
         if not data:
             self.error("expected binary messages whose first byte is the kind")
             return None
         if data[0] != AUDIO:
             self._other_kind(data)
             return None
+        return data[1:]
+
+    def _decode(self, pages: bytes) -> FloatAudio | None:
+        """The audio of paced pages, or None after telling the client why there is none."""
         try:
-            # Bounded: sphn decodes at most ~5 s of audio per call and raises past it.
-            return self.decoder.decode(data[1:])
+            # Bounded: the pace refused more than its burst (2 s) before this, and sphn raises past ~5 s.
+            return self.decoder.decode(pages)
         except Exception as exc:  # sphn raises plain exceptions on corrupt Ogg
-            self.error(f"undecodable Ogg/Opus audio: {exc}")
-            self.decoder = type(self.decoder)()
+            self._undecodable(str(exc))
             return None
+
+    def _undecodable(self, reason: str) -> None:
+        self.error(f"undecodable Ogg/Opus audio: {reason}")
+        self._reset_decoder()
+
+    def _reset_decoder(self) -> None:
+        """A fresh decoder and meter, in step: both drop any page cut across messages."""
+        self.decoder = OpusDecoder()
+        self.meter.reset()
 
     def _other_kind(self, data: bytes) -> None:
         """A client message that carries no audio: control is accepted (Moshi is full duplex: start, end of
@@ -320,7 +362,18 @@ class MoshiChatSession:
             self.error(f"unsupported message kind 0x{data[0]:02x} from client")
 
     def error(self, reason: str) -> None:
-        log.info("client error: %s", reason, extra=self.conversation.log_extra)
+        """Tell the client; log it, but not a line per bad message (a client may send 100 a second)."""
+        now = time.monotonic()
+        if now - self._error_logged_at >= CLIENT_ERROR_LOG_S:
+            log.info(
+                "client error: %s (%d more since the last logged)",
+                reason,
+                self._errors_unlogged,
+                extra=self.conversation.log_extra,
+            )
+            self._error_logged_at, self._errors_unlogged = now, 0
+        else:
+            self._errors_unlogged += 1
         self.queue.put((ERROR, reason.encode()), droppable=False)
 
     def report(self, error: ChorusError) -> None:
