@@ -352,8 +352,8 @@ def _opus_frames(toc: int) -> tuple[float, int]:
 
 _OPUS_TOC = [_opus_frames(toc) for toc in range(256)]
 OPUS_MAX_PACKET_S = 0.120  # RFC 6716: no packet carries more
-# What one message may hold, so that counting it costs at most ~0.3 ms: a client sends a page per 80 ms
-# (2 s, the burst, of 20 ms packets is 100 packets; of 2.5 ms ones, 800).
+# What one message may hold, so that counting it costs about 1 ms at most (2 ms for 1 MiB of the largest
+# pages: their CRC): a client sends a page per 80 ms (2 s, the burst, of 20 ms packets is 100 packets).
 OGG_MAX_PAGES, OPUS_MAX_PACKETS = 128, 1024
 _OGG_HEADER = struct.Struct("<4sBBqIIIB")  # capture, version, flags, granule, serial, sequence, CRC, segments
 
@@ -363,20 +363,23 @@ class OggOpusMeter:
     decoding: what a socket's audio pace is charged before the decoder runs, so that audio that fails to
     decode (sphn decodes up to 5 s of a message before it raises) costs its sender as much as audio that
     decodes. Pages are checked as an Ogg reader checks them (capture pattern, version, CRC); a page cut
-    across messages is counted once it is whole. Refused (`InvalidOggOpus`): anything else, an empty
-    packet (sphn conceals it as a lost packet with its whole 5 s buffer), and more than `OGG_MAX_PAGES`
-    pages or `OPUS_MAX_PACKETS` packets in one call (counting them in Python would cost more than decoding
-    them). A packet whose frames are not all there counts as the most a packet carries (120 ms): the
-    decoder refuses it."""
+    across messages is counted once it is whole.
+
+    A packet is counted in the page where it begins. Whether a page's first segments continue a packet
+    is what the meter tracks itself (the last segment of the page before was 255 bytes): a page whose
+    "continued" flag says otherwise is refused, because sphn ignores the flag and would decode a packet
+    the flag had hidden from the count. Refused (`InvalidOggOpus`) too: an empty packet (sphn conceals it
+    as a lost packet with its whole 5 s buffer), and more than `OGG_MAX_PAGES` pages or `OPUS_MAX_PACKETS`
+    packets in one call (counting them in Python would cost more than decoding them). A packet whose
+    frames are not all there counts as the most a packet carries (120 ms): the decoder refuses it."""
 
     def __init__(self) -> None:
         self._tail = b""  # an incomplete page, at most 65,307 bytes (27 + 255 + 255 x 255)
-        self._packets = 0  # packets begun in the current call
+        self._pending = False  # the last whole page ended inside a packet
 
     def push(self, data: bytes) -> float:
         buf = self._tail + data if self._tail else data
-        seconds, at, size, pages = 0.0, 0, len(buf), 0
-        self._packets = 0
+        seconds, at, size, pages, packets = 0.0, 0, len(buf), 0, 0
         while size - at >= _OGG_HEADER.size:
             if (pages := pages + 1) > OGG_MAX_PAGES:
                 raise InvalidOggOpus(f"more than {OGG_MAX_PAGES} Ogg pages in one message")
@@ -395,32 +398,41 @@ class OggOpusMeter:
             page[22:26] = b"\0\0\0\0"
             if ogg_crc(page) != crc:
                 raise InvalidOggOpus("an Ogg page whose CRC does not match its bytes")
-            seconds += self._page_seconds(buf, body_at, lacing, continued=bool(flags & 0x01))
+            if bool(flags & 0x01) != self._pending:
+                raise InvalidOggOpus(
+                    "an Ogg page whose continued flag does not match the packet before it"
+                    if self._pending
+                    else "an Ogg page that continues no packet"
+                )
+            page_s, packets = self._page_seconds(buf, body_at, lacing, packets)
+            seconds += page_s
+            if lacing:
+                self._pending = lacing[-1] == 255
             at = end
         self._tail = buf[at:]
         return seconds
 
-    def _page_seconds(self, buf: bytes, at: int, lacing: bytes, *, continued: bool) -> float:
-        """The seconds of the packets that begin in this page (`_packets` counts them for the call)."""
-        seconds, starts = 0.0, not continued  # a continued page's first segments end an earlier packet
+    def _page_seconds(self, buf: bytes, at: int, lacing: bytes, packets: int) -> tuple[float, int]:
+        """The seconds of the packets that begin in this page, and `packets` (the call's count so far)
+        with them."""
+        seconds, starts = 0.0, not self._pending  # a continued page's first segments end a packet
         for length in lacing:
             if starts:
-                self._packets += 1
-                if self._packets > OPUS_MAX_PACKETS:
+                if (packets := packets + 1) > OPUS_MAX_PACKETS:
                     raise InvalidOggOpus(f"more than {OPUS_MAX_PACKETS} Opus packets in one message")
                 if length == 0:
                     raise InvalidOggOpus("an empty Opus packet: send the audio, not a lost frame")
-                if buf[at : at + 8] not in (b"OpusHead", b"OpusTags"):
+                if length < 8 or buf[at : at + 8] not in (b"OpusHead", b"OpusTags"):
                     frame_s, frames = _OPUS_TOC[buf[at]]
                     if frames == 0 and length >= 2:  # code 3: the count is in the packet's second byte
                         frames = buf[at + 1] & 0x3F
                     seconds += min(frame_s * frames, OPUS_MAX_PACKET_S) if frames else OPUS_MAX_PACKET_S
             starts = length < 255
             at += length
-        return seconds
+        return seconds, packets
 
     def reset(self) -> None:
-        self._tail = b""
+        self._tail, self._pending = b"", False
 
 
 class OpusDecoder:

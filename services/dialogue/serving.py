@@ -79,7 +79,7 @@ from shared.transcripts import TranscriptLog, TranscriptWriter
 log = logging.getLogger(__name__)
 
 SERVICE = "dialogue"
-MAX_HANDOFFS = 8  # a start naming an adapter is passed on at most this often, then placed where it is read
+MAX_HANDOFFS = 16  # a start naming an adapter is passed on at most this often, then placed where it is read
 ROLLOVERS_COUNTER = "context_rollovers"  # in the session hash: the session detail's counters
 SILENCE = bytes(FRAME_BYTES)  # a frame of a session re-primed in place (PCM16)
 T = TypeVar("T")

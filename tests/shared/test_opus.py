@@ -320,3 +320,39 @@ def test_the_meter_refuses_what_is_not_ogg_opus(case: str, reason: str) -> None:
         page = bytearray(b"".join(writer.page([1] * 205, b"\x80" * 205, granule=0) for _ in range(5)))
     with pytest.raises(InvalidOggOpus, match=reason):
         OggOpusMeter().push(bytes(page))
+
+
+def raw_page(lacing: list[int], body: bytes, *, continued: bool, sequence: int) -> bytes:
+    """An Ogg page with this lacing as given (a packet may run on into the next page) and its CRC."""
+    header = struct.pack("<4sBBqIIIB", b"OggS", 0, int(continued), 0, 1, sequence, 0, len(lacing))
+    page = bytearray(header + bytes(lacing) + body)
+    struct.pack_into("<I", page, 22, ogg_crc(page))
+    return bytes(page)
+
+
+def test_a_packet_across_two_pages_is_counted_once_and_the_continued_flag_is_the_meters_own() -> None:
+    """Found by a review: sphn ignores a page's continued flag, so a meter that believed it counted
+    nothing of packets the flag hid (a page flagged continued after a whole packet) while sphn decoded
+    them. The meter knows itself whether a packet is pending, and refuses a page that says otherwise."""
+    raw = libopus_stream(20, 128_000, "audio")  # 20 ms packets of 300-600 bytes
+    stream = pages(raw)
+    heads = raw[: len(stream[0][2]) + len(stream[1][2])]  # as sent: `pages` zeroes the CRC it checked
+    _, _, first, sizes = stream[2]
+    packet = first[27 + first[26] :][: sizes[0]]  # the first audio packet
+    assert len(packet) > 255, "longer than a segment: its first 255 bytes in one page, the rest in the next"
+    cut = 255 * (len(packet) // 255)
+    split = raw_page([255] * (cut // 255), packet[:cut], continued=False, sequence=2) + raw_page(
+        [len(packet) - cut], packet[cut:], continued=True, sequence=3
+    )
+    meter, decoder = OggOpusMeter(), OpusDecoder()
+    counted = [meter.push(heads), meter.push(split[:40]), meter.push(split[40:])]
+    decoded = len(decoder.decode(heads + split)) / SAMPLE_RATE
+    assert counted == [0, 0, pytest.approx(0.02)] and decoded == pytest.approx(0.02)
+    whole = [255] * (cut // 255) + [len(packet) - cut]
+    hidden = raw_page(whole, packet, continued=True, sequence=4)
+    with pytest.raises(InvalidOggOpus, match="continues no packet"):
+        meter.push(hidden)  # after a whole packet: the flag would hide this one from the count
+    pending = OggOpusMeter()
+    pending.push(raw_page([255] * (cut // 255), packet[:cut], continued=False, sequence=2))
+    with pytest.raises(InvalidOggOpus, match="continued flag does not match"):
+        pending.push(raw_page(whole, packet, continued=False, sequence=3))

@@ -261,6 +261,7 @@ class MoshiChatSession:
         self.limits = SocketLimits(settings, "moshi")
         self.decoder = OpusDecoder()
         self.meter = OggOpusMeter()  # the audio the decoder is given, counted before it runs
+        self.charged_ahead_s = 0.0  # audio charged to the pace that the decoder has not given yet
         self.encoder = OpusEncoder()
         self.early: deque[Message] = deque()  # received while waiting for the dialogue slot
         self.metadata = b"{}"  # sent right after the handshake
@@ -309,16 +310,21 @@ class MoshiChatSession:
                 self.error(refused.detail)
                 self._reset_decoder()  # it never saw these pages
                 continue
-            pcm = self._decode(pages)
-            if pcm is None or not len(pcm):
+            self.charged_ahead_s += seconds
+            if (pcm := self._decode(pages)) is None:
+                await self.limits.pace_undecodable()  # sphn refused what the meter passed: never free
                 continue
-            # Never more than was charged (the meter reads packets as libopus does), but if so, paced too.
-            if (unpaced_s := len(pcm) / SAMPLE_RATE - seconds) > 1e-3 and (
-                refused := await self.limits.pace_audio(unpaced_s)
-            ):
-                self.error(refused.detail)
-                continue
-            await self.conversation.send_audio(pcm)
+            # A packet is charged in the page where it begins and decoded once it ends (maybe a message
+            # later): what is decoded beyond what was charged ahead, which the meter should never let
+            # happen, is paced too.
+            self.charged_ahead_s -= len(pcm) / SAMPLE_RATE
+            if self.charged_ahead_s < -1e-3:
+                unpaced_s, self.charged_ahead_s = -self.charged_ahead_s, 0.0
+                if refused := await self.limits.pace_audio(unpaced_s):
+                    self.error(refused.detail)
+                    continue
+            if len(pcm):
+                await self.conversation.send_audio(pcm)
 
     def _audio_of(self, message: Message) -> bytes | None:
         """The Ogg/Opus pages of a client audio message, or None after handling any other message."""
@@ -348,6 +354,7 @@ class MoshiChatSession:
         """A fresh decoder and meter, in step: both drop any page cut across messages."""
         self.decoder = OpusDecoder()
         self.meter.reset()
+        self.charged_ahead_s = 0.0
 
     def _other_kind(self, data: bytes) -> None:
         """A client message that carries no audio: control is accepted (Moshi is full duplex: start, end of
@@ -365,12 +372,9 @@ class MoshiChatSession:
         """Tell the client; log it, but not a line per bad message (a client may send 100 a second)."""
         now = time.monotonic()
         if now - self._error_logged_at >= CLIENT_ERROR_LOG_S:
-            log.info(
-                "client error: %s (%d more since the last logged)",
-                reason,
-                self._errors_unlogged,
-                extra=self.conversation.log_extra,
-            )
+            more = self._errors_unlogged
+            since = f" ({more} more since the last logged)" if more else ""
+            log.info("client error: %s%s", reason, since, extra=self.conversation.log_extra)
             self._error_logged_at, self._errors_unlogged = now, 0
         else:
             self._errors_unlogged += 1
