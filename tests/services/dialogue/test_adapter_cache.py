@@ -187,13 +187,17 @@ async def test_a_start_naming_an_adapter_goes_to_a_worker_that_serves_adapters(
         return sum(w.free_slots for w in await list_workers(bus, "dialogue")) == 8
 
     await wait_until(both_serving, f"the workers never served: {plain.log_tail()}{tuned.log_tail()}", 90)
-    for n in range(3):
-        sid = f"tuned{n}"
-        await open_session(bus, SessionStart(session_id=sid, persona=PersonaSpec(adapter=adapter)))
-        reader = DialogueReader(bus, sid)
-        await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
-        ready = reader.event(EventName.READY)
-        assert ready is not None and ready.data_as(Placement).worker == "tuned"
+    assert [await placing_worker(bus, f"tuned{n}", adapter) for n in range(3)] == ["tuned"] * 3
+
+
+async def placing_worker(bus: Bus, sid: str, adapter: str) -> str:
+    """The worker that places (not refuses) a new session naming `adapter`."""
+    await open_session(bus, SessionStart(session_id=sid, persona=PersonaSpec(adapter=adapter)))
+    reader = DialogueReader(bus, sid)
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
+    ready = reader.event(EventName.READY)
+    assert ready is not None
+    return ready.data_as(Placement).worker
 
 
 async def test_a_start_naming_an_adapter_above_a_workers_rank_goes_to_one_whose_bound_takes_it(
@@ -225,14 +229,8 @@ async def test_a_start_naming_an_adapter_above_a_workers_rank_goes_to_one_whose_
         } == {"narrow": "4", "wide": "8"}
 
     await wait_until(both_serving, f"the workers never served: {narrow.log_tail()}{wide.log_tail()}", 90)
-    for n, adapter in enumerate(adapters):
-        sid = f"wide{n}"
-        await open_session(bus, SessionStart(session_id=sid, persona=PersonaSpec(adapter=adapter)))
-        reader = DialogueReader(bus, sid)
-        await reader.until(lambda r: r.event(EventName.READY) is not None, 30, "no ready event")
-        ready = reader.event(EventName.READY)
-        assert ready is not None and ready.data_as(Placement).worker == "wide"
-        assert reader.event(EventName.ERROR) is None
+    placed = [await placing_worker(bus, f"wide{n}", adapter) for n, adapter in enumerate(adapters)]
+    assert placed == ["wide"] * len(adapters)
 
 
 async def test_an_adapter_checked_for_another_model_is_refused_not_applied(
