@@ -308,11 +308,11 @@ class SocketLimits:
         return Refusal(RateLimited(detail), tell=tell)
 
     async def pace_undecodable(self) -> None:
-        """Charge a message refused as not audio at all (before decoding) one frame of audio: checking it
-        cost at most ~0.3 ms, and the pace then bounds how many a socket sends (about 19 a second at the
-        default pace, where the message rate allows 100). Not a full burst, as a message over the burst is:
-        the socket is not read while it waits, so a client that sent many and left would keep its session
-        until the waits ran out."""
+        """Charge a message refused as not audio at all (before or by the decoder) one frame of audio:
+        checking it cost about 1 ms at most, and the pace bounds how many a socket sends (about 19 a
+        second at the default pace, where the message rate allows 100). Not a full burst, as a message
+        over the burst is: the socket is not read while it waits, so a client that sent many and left
+        would keep its session until the waits ran out."""
         await self.pace_audio(FRAME_SEC)
 
     async def pace_audio(self, seconds: float) -> ChorusError | None:
