@@ -582,12 +582,10 @@ class DialogueWorker:
             return None
         if message.session_id in self.sessions:
             return None
-        if required_model(message) is None and await self._adapter_model(message) not in (
-            None,
-            self.model.name,
-        ):
+        record = await self._adapter_record(message)  # read once for both checks below
+        if required_model(message) is None and record is not None and record.model != self.model.name:
             return None  # any model may serve it, but its adapter is for the other one: that group places it
-        if await self._pass_on(message):
+        if await self._pass_on(message, record):
             return None
         async with self._placing:
             if not self.can_take():  # a takeover filled the last slot since the read: pending for another
@@ -596,12 +594,13 @@ class DialogueWorker:
                 await self._place(start, resumed_from=None)
         return None
 
-    async def _pass_on(self, start: SessionStart) -> bool:
+    async def _pass_on(self, start: SessionStart, record: AdapterRecord | None) -> bool:
         """Pass a start naming an adapter on to a better placed worker of the group: appended again to
         `chorus:control` (whichever worker reads it next: a few hops at most), this one acked. While this
         worker serves no adapters and another of the group does; while the adapter's rank is above this
         worker's bound and another's bound takes it; or when this worker does not hold the adapter and
-        another with a free slot does. At most MAX_HANDOFFS times, then it is placed here."""
+        another with a free slot does. At most MAX_HANDOFFS times, then it is placed here. `record`: the
+        adapter's stored record (None: none stored, or no adapter)."""
         adapter = start.persona.adapter
         if adapter is None or start.handoffs >= MAX_HANDOFFS:
             return False
@@ -615,7 +614,7 @@ class DialogueWorker:
         ]
         if self.adapters is None:  # one that serves adapters takes it once it has a slot (or warmed up)
             better = any(int(w.fields.get("adapter_slots", "0")) > 0 for w in others)
-        elif (record := await self._adapter_record(start)) and record.rank > self.adapters.bank.max_rank:
+        elif record is not None and record.rank > self.adapters.bank.max_rank:
             better = any(int(w.fields.get("adapter_max_rank", "0")) >= record.rank for w in others)
         else:
             better = any(w.free_slots > 0 and adapter in w.fields.get("adapters", "").split() for w in others)
