@@ -6,17 +6,21 @@
 #   bench/gpu/lease.sh [extra options for every sweep stage, e.g. --size small --ticks 5 for a CPU
 #   rehearsal; the attn stage takes LEASE_ATTN_ARGS instead]
 # LEASE_STAGES (default "ctxkv8t": what is still to measure), each with its length in seconds
-# (LEASE_<STAGE>_S):
+# (LEASE_<STAGE>_S) and its slots replaceable (LEASE_<STAGE>_SLOTS):
 #   ctxkv8t (400): bf16 weights, an int8 KV cache read by the Triton kernel and a shorter context
 #                (LEASE_CTX_FRAMES, default 1500), 1000 ticks a point (a published figure), 128, 144, 152
-#                slots: 500-tick points on an H100 on 2026-11-27 gave 144 real-time (58.9 ms p99), 152 is
-#                about the memory ceiling;
+#                slots. Measured on an H100 on 2026-11-27 (500 ticks: 96-144; 1000 ticks, with
+#                LEASE_CTXKV8T_SLOTS=144,152: both real-time, 152 at the memory ceiling). The default:
+#                the most sessions a card holds, the figure to measure first on another card;
 #   kv8t (200):  bf16 weights and an int8 KV cache read by the Triton kernel (the CUDA worker's read),
 #                500 ticks a point, 64 and 80 slots at the published context. Measured on an H100 on
-#                2026-11-27 (80 real-time, at the memory ceiling; 72 in a second call);
+#                2026-11-27 (80 real-time, at the memory ceiling; 72 in a second call; 80 again with
+#                --ticks 1000);
 #   int8t (230): int8 weights and an int8 KV cache, the cache read by the Triton kernel (--kv-read triton),
 #                500 ticks a point, 64, 80, 96 slots. Measured on an H100 on 2026-11-27 at both the
-#                64- and the 128-position tuning (64 real-time, 80 not);
+#                64- and the 128-position tuning (64 real-time, 80 not), then with --ticks 1000 and
+#                LEASE_INT8T_SLOTS=64, then 72 (64 real-time, 72 not). On a fresh machine its first
+#                compile takes about a minute more than on a warm one: give it 250 s there;
 #   ctx (240):   bf16 with a shorter attention context (CHORUS_DIALOGUE_CONTEXT; LEASE_CTX_FRAMES, default
 #                1500), 1000 ticks a point, 64, 72, 80 slots. Measured on an H100 on 2026-11-27 (80 real-time);
 #   ctx8 (170):  the same context with int8 weights and a bf16 cache, 500 ticks a point, 64 and 80 slots,
@@ -69,9 +73,14 @@ for stage in ${LEASE_STAGES:-ctxkv8t}; do
            options=(--slots "" --baseline-ticks 0 --adapters 0,1,4,8 --adapter-rank 128 --adapter-batch 32 --ticks 200) ;;
     *) echo "unknown stage $stage (attn, bf16, ctx, ctx8, ctxkv8t, int8, int8t, kv8, kv8t, lora)" >&2; exit 2 ;;
   esac
+  # LEASE_<STAGE>_SLOTS replaces a stage's slots (e.g. LEASE_INT8T_SLOTS=64), the trailing options' too:
+  # it goes last, and the last --slots wins.
+  slots_override="LEASE_${stage^^}_SLOTS"
+  last=()
+  [ -z "${!slots_override:-}" ] || last=(--slots "${!slots_override}")
   file=dialogue_gpu.json
   [ "$stage" = bf16 ] || file=dialogue_gpu_$stage.json
   echo "== $stage, $(date +%T), at most $seconds s"
-  timeout "$seconds" bench/gpu/run.sh "${options[@]}" --budget-s $((seconds - 15)) --out "$DIR/$file" "$@"
+  timeout "$seconds" bench/gpu/run.sh "${options[@]}" --budget-s $((seconds - 15)) --out "$DIR/$file" "$@" "${last[@]}"
   echo "== $stage exit $?, $(date +%T)"
 done

@@ -61,7 +61,7 @@ class DialogueSettings(CommonSettings):
         description="The LM's KV cache: `float` (moshi's ring cache in the LM's dtype) or `int8` (one "
         "scale per head and position: about half the memory of bf16 per session; on a CUDA worker read in "
         "place by a Triton kernel, elsewhere through a dequantized copy). Measured on an H100 with bf16 "
-        "weights: 80 real-time sessions at the published context (40 with a bf16 cache), 144 with a "
+        "weights: 80 real-time sessions at the published context (40 with a bf16 cache), 152 with a "
         '1500-frame context (docs/performance.md, "An int8 KV cache with bf16 weights").',
     )
     dialogue_context: int | None = Field(

@@ -186,6 +186,7 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
         # context), int8t and attn; ctx8 is ctx's context with int8t's weights.
         "LEASE_STAGES": "attn ctx ctxkv8t int8t",
         "LEASE_CTX_FRAMES": "60",  # the small checkpoint attends over 100
+        "LEASE_INT8T_SLOTS": "1",  # one stage's slots, over the trailing options' too
         "LEASE_ATTN_ARGS": "--rows 2 --heads 4 --capacity 70 --dim 16 --repeats 2 --blocks 32,64 --warps 4",
     }
     args = ["--size", "small", "--slots", "2", "--ticks", "3", "--warmup-ticks", "1", "--baseline-ticks", "2"]
@@ -236,6 +237,7 @@ def test_the_lease_script_runs_each_stage_into_its_own_results(tmp_path: Path) -
     assert ctx["configuration"]["context_frames"] == kv8t["configuration"]["context_frames"] == 60
     int8t = json.loads((tmp_path / "dialogue_gpu_int8t.json").read_text(encoding="utf-8"))
     assert int8t["finished"] and int8t["configuration"]["context_frames"] == 100
+    assert [p["slots"] for p in int8t["points"]] == [1] and [p["slots"] for p in ctx["points"]] == [2]
     assert [int8t["configuration"][k] for k in ("weights", "kv_cache", "kv_read")] == [
         "int8",
         "int8",
