@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from shared.adapters import AdapterLayout, LayerShapes
 from shared.bus import Bus
-from shared.errors import NotFound, ServiceUnavailable
+from shared.errors import NotFound, ServiceUnavailable, excerpt
 from shared.messages import ProfileId, valid_id
 from shared.owner_index import OwnerIndex
 from shared.storage import Storage
@@ -86,13 +86,13 @@ class AdapterRecord(BaseModel):
 
 def _key(adapter_id: str, name: str = "") -> str:
     if not valid_id(adapter_id):  # ids come from URLs and starts: only ours may become storage keys
-        raise NotFound(f"no adapter {adapter_id!r}")
+        raise NotFound(f"no adapter {excerpt(adapter_id)}")
     return f"{PREFIX}{adapter_id}/{name}"
 
 
 def _layers_key(model: str) -> str:
     if not valid_id(model):
-        raise NotFound(f"no model {model!r}")
+        raise NotFound(f"no model {excerpt(model)}")
     return f"models/{model}/layers.json"
 
 
@@ -130,14 +130,14 @@ class AdapterStore:
         try:
             raw = await self.storage.get(_key(adapter_id, RECORD))
         except NotFound:
-            raise NotFound(f"no adapter {adapter_id!r}") from None
+            raise NotFound(f"no adapter {excerpt(adapter_id)}") from None
         return AdapterRecord.model_validate_json(raw)
 
     async def get_owned(self, adapter_id: str, owner: str) -> AdapterRecord:
         """Another owner's adapter is indistinguishable from a missing one."""
         record = await self.get(adapter_id)
         if record.owner != owner:
-            raise NotFound(f"no adapter {adapter_id!r}")
+            raise NotFound(f"no adapter {excerpt(adapter_id)}")
         return record
 
     async def adapters(self, owner: str) -> list[AdapterRecord]:
@@ -156,7 +156,7 @@ class AdapterStore:
         try:
             return await self.storage.get(_key(adapter_id, FILE))
         except NotFound:
-            raise NotFound(f"adapter {adapter_id!r} has no file") from None
+            raise NotFound(f"adapter {excerpt(adapter_id)} has no file") from None
 
     async def delete(self, adapter_id: str) -> None:
         record = await self.get(adapter_id)
@@ -176,7 +176,7 @@ class AdapterStore:
             raw = await self.storage.get(_layers_key(model))
         except NotFound:
             raise ServiceUnavailable(
-                f"no dialogue worker of model {model!r} has published its layers yet: adapters for it "
+                f"no dialogue worker of model {excerpt(model)} has published its layers yet: adapters for it "
                 "can be checked once one has started"
             ) from None
         return {name: (int(shape[0]), int(shape[1])) for name, shape in json.loads(raw).items()}

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+MAX_INSTANCE = 256  # a problem's `instance` (the request path) is cut to this many characters
+
+
+def excerpt(value: object, limit: int = 64) -> str:
+    """A client's value quoted in an error, cut short: an error never echoes a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 class ChorusError(Exception):
     """Base error. `code` is stable and machine-readable; `status` is the HTTP status it maps to."""
@@ -29,7 +37,8 @@ class ChorusError(Exception):
             "retryable": self.retryable,
         }
         if instance:
-            body["instance"] = instance
+            # A path can be kilobytes (an id no route accepts): the detail quotes what it needs of it.
+            body["instance"] = instance if len(instance) <= MAX_INSTANCE else instance[:MAX_INSTANCE] + "..."
         body.update(self.extra)
         return body
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from shared.errors import InvalidRequest, NotFound
+from shared.errors import InvalidRequest, NotFound, excerpt
 
 
 class Storage(Protocol):
@@ -40,7 +40,7 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
         if not key or key.startswith("/") or not path.is_relative_to(self.root) or path == self.root:
-            raise InvalidRequest(f"invalid storage key {key!r}")
+            raise InvalidRequest(f"invalid storage key {excerpt(key, 160)}")
         return path
 
     def _put(self, key: str, data: bytes) -> None:
@@ -116,7 +116,7 @@ class LocalStorage:
         try:
             return await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
-            raise NotFound(f"no stored object {key!r}") from None
+            raise NotFound(f"no stored object {excerpt(key, 160)}") from None
 
     async def exists(self, key: str) -> bool:
         return self._path(key).is_file()

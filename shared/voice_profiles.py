@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.audio import SAMPLE_RATE, FloatAudio, float_to_pcm16, pcm16_to_float, pcm16_to_wav, wav_to_pcm16
-from shared.errors import NotFound
+from shared.errors import NotFound, excerpt
 from shared.messages import ProfileId, cloned_voice, valid_id
 from shared.owner_index import OwnerIndex, Reconciled
 from shared.storage import Storage
@@ -69,7 +69,7 @@ class VoiceProfile(BaseModel):
 def _key(profile_id: str, *parts: str) -> str:
     # Ids come from URLs: only ids of our own form may become storage keys ('..' would climb out).
     if not valid_id(profile_id):
-        raise NotFound(f"no voice profile {profile_id!r}")
+        raise NotFound(f"no voice profile {excerpt(profile_id)}")
     return PREFIX + "/".join((profile_id, *parts))
 
 
@@ -114,14 +114,14 @@ class VoiceProfileStore:
         try:
             raw = await self.storage.get(_key(profile_id, PROFILE_FILE))
         except NotFound:
-            raise NotFound(f"no voice profile {profile_id!r}") from None
+            raise NotFound(f"no voice profile {excerpt(profile_id)}") from None
         return VoiceProfile.model_validate_json(raw)
 
     async def get_owned(self, profile_id: str, owner: str) -> VoiceProfile:
         """Another owner's profile is indistinguishable from a missing one."""
         profile = await self.get(profile_id)
         if profile.owner != owner:
-            raise NotFound(f"no voice profile {profile_id!r}")
+            raise NotFound(f"no voice profile {excerpt(profile_id)}")
         return profile
 
     async def _ids(self) -> tuple[set[str], set[str]]:
@@ -155,7 +155,7 @@ class VoiceProfileStore:
         try:
             data = await self.storage.get(_key(profile_id, CLIP_FILE))
         except NotFound:
-            raise NotFound(f"voice profile {profile_id!r} has no clip") from None
+            raise NotFound(f"voice profile {excerpt(profile_id)} has no clip") from None
         pcm, _ = wav_to_pcm16(data)
         return pcm16_to_float(pcm)
 

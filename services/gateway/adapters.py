@@ -37,7 +37,15 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.uploads import FORM_OVERHEAD, Upload, UploadRules, receive_form
 from shared.adapter_store import AdapterRecord, AdapterReferences, AdapterStore, new_adapter_id
 from shared.adapters import check_adapter, check_loads, read_header_file
-from shared.errors import Conflict, InvalidRequest, NoCapacity, NotFound, PayloadTooLarge, UnsupportedMedia
+from shared.errors import (
+    Conflict,
+    InvalidRequest,
+    NoCapacity,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMedia,
+    excerpt,
+)
 from shared.presence import WorkerInfo, list_workers
 from shared.sessions import SessionStore
 
@@ -104,7 +112,9 @@ async def check_adapter_owned(store: AdapterStore, owner: str, adapter_id: str) 
     try:
         return await store.get_owned(adapter_id, owner)
     except NotFound:
-        raise InvalidRequest(f"unknown adapter {adapter_id!r}: no such adapter for this API key") from None
+        raise InvalidRequest(
+            f"unknown adapter {excerpt(adapter_id)}: no such adapter for this API key"
+        ) from None
 
 
 async def check_adapter_served(conn: HTTPConnection, owner: str, adapter_id: str) -> AdapterRecord:

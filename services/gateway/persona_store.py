@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.errors import Conflict, InvalidRequest, NotFound
+from shared.errors import Conflict, InvalidRequest, NotFound, excerpt
 from shared.messages import PersonaSpec, ProfileId, Sampling, VoiceName, valid_id
 from shared.owner_index import OwnerIndex, Reconciled
 from shared.storage import Storage
@@ -97,7 +97,7 @@ class PersonaStore:
     @staticmethod
     def _key(persona_id: str) -> str:
         if not valid_id(persona_id):
-            raise NotFound(f"no persona {persona_id!r}")
+            raise NotFound(f"no persona {excerpt(persona_id)}")
         return f"personas/{persona_id}.json"
 
     async def get(self, owner: str, persona_id: str) -> Persona:
@@ -106,7 +106,7 @@ class PersonaStore:
         raw = await self.storage.get(self._key(persona_id))
         stored = _load(raw)
         if stored.owner != owner:
-            raise NotFound(f"no persona {persona_id!r}")
+            raise NotFound(f"no persona {excerpt(persona_id)}")
         return stored
 
     async def list(self, owner: str) -> list[Persona]:
@@ -138,7 +138,7 @@ class PersonaStore:
     async def replace(self, owner: str, persona_id: str, fields: PersonaFields) -> Persona:
         current = await self.get(owner, persona_id)
         if current.builtin:
-            raise Conflict(f"built-in persona {persona_id!r} cannot be modified")
+            raise Conflict(f"built-in persona {excerpt(persona_id)} cannot be modified")
         persona = Persona(id=persona_id, owner=owner, **fields.model_dump())
         await self._save(persona)
         return persona
@@ -146,7 +146,7 @@ class PersonaStore:
     async def delete(self, owner: str, persona_id: str) -> None:
         current = await self.get(owner, persona_id)
         if current.builtin:
-            raise Conflict(f"built-in persona {persona_id!r} cannot be deleted")
+            raise Conflict(f"built-in persona {excerpt(persona_id)} cannot be deleted")
         await self.storage.delete(self._key(persona_id))
         await self.index.remove(owner, persona_id)
 
@@ -171,7 +171,7 @@ class PersonaStore:
         try:
             base = await self.get(owner, persona_id or "default")
         except NotFound:
-            raise InvalidRequest(f"unknown persona {persona_id!r}") from None
+            raise InvalidRequest(f"unknown persona {excerpt(persona_id)}") from None
         data = base.spec().model_dump()
         data.update({k: v for k, v in overrides.items() if v is not None and k != "sampling"})
         data["sampling"].update(overrides.get("sampling") or {})  # field by field over the persona's own

@@ -18,7 +18,7 @@ from services.gateway.auth import current_owner
 from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus
-from shared.errors import NotFound
+from shared.errors import NotFound, excerpt
 from shared.messages import valid_id
 from shared.sessions import SessionInfo, SessionStore
 from shared.transcripts import TranscriptLog
@@ -85,7 +85,7 @@ def _checked(sid: str) -> str:
     """A path's session id, refused (404) unless it has our ids' form, before it becomes part of a Redis
     key or a storage path: `x:transcript` would name another key of the session (a list, not a hash)."""
     if not valid_id(sid):
-        raise NotFound(f"no session {sid!r}")
+        raise NotFound(f"no session {excerpt(sid)}")
     return sid
 
 
@@ -93,7 +93,7 @@ async def _owned(request: Request, owner: str, sid: str) -> SessionInfo:
     settings = request.app.state.settings
     info = await SessionStore(_bus(request), settings.session_ttl_s).get(_checked(sid))
     if info is None or info.owner != owner:
-        raise NotFound(f"no session {sid!r}")
+        raise NotFound(f"no session {excerpt(sid)}")
     return info
 
 
@@ -145,7 +145,7 @@ async def get_transcript(session_id: str, request: Request, owner: Owner) -> Tra
     try:
         document = await transcripts.document(_checked(session_id))
     except NotFound:
-        raise NotFound(f"no transcript for {session_id!r}") from None
+        raise NotFound(f"no transcript for {excerpt(session_id)}") from None
     if document.get("owner", "") != owner:
-        raise NotFound(f"no transcript for {session_id!r}")
+        raise NotFound(f"no transcript for {excerpt(session_id)}")
     return TranscriptExport.model_validate(document)

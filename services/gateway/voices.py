@@ -50,6 +50,7 @@ from shared.errors import (
     ServiceUnavailable,
     UnsupportedMedia,
     error_for_code,
+    excerpt,
 )
 from shared.messages import (
     TTS_REPLIES,
@@ -379,7 +380,7 @@ async def check_profile_owned(store: VoiceProfileStore, owner: str, voice: str) 
     try:
         await store.get_owned(profile_id, owner)
     except NotFound:
-        raise InvalidRequest(f"unknown voice {voice!r}: no such profile for this API key") from None
+        raise InvalidRequest(f"unknown voice {excerpt(voice)}: no such profile for this API key") from None
 
 
 async def check_native_voice_served(bus: Bus, voice: str) -> None:
@@ -393,7 +394,7 @@ async def check_native_voice_served(bus: Bus, voice: str) -> None:
     if workers and not any(not w.serving or w.fields.get("model", model) == model for w in workers):
         running = sorted({w.fields["model"] for w in workers if "model" in w.fields})
         raise NoCapacity(
-            f"no dialogue worker runs {model}, the model whose voice {voice!r} is: use "
+            f"no dialogue worker runs {model}, the model whose voice {excerpt(voice)} is: use "
             f"{' or '.join(running) or 'another voice'}, or start a {model} worker",
             reason="no_model_worker",
             model=model,

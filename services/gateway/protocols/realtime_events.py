@@ -32,7 +32,7 @@ import pybase64
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from shared.audio import G711_RATE, SAMPLE_RATE
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, excerpt
 from shared.messages import PRIMER_MAX_CHARS
 
 
@@ -348,12 +348,6 @@ CLIENT_EVENT_TYPES = (
 
 
 MAX_ECHOED_ID = 512  # a longer client `event_id` is not echoed in errors about its event
-
-
-def excerpt(value: object, limit: int = 64) -> str:
-    """A client's value quoted in an error, cut short: an error never echoes a megabyte back."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def echoed_event_id(value: str | None) -> str | None:

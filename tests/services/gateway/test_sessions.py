@@ -153,3 +153,25 @@ async def test_transcripts_are_deleted_after_the_retention(tmp_path: Path) -> No
         "transcripts/new/meta.json",
         "transcripts/running/meta.json",
     ]
+
+
+async def test_a_kilobytes_long_id_in_a_path_is_not_echoed_back_whole(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A 404 for an id no route accepts quotes an excerpt of it, in `detail` and in `instance`: the
+    answer stays small whatever the path (uvicorn takes request lines up to about 8 KB)."""
+    long_id = "x" * 6000
+    async with running(redis_url, key_prefix, tmp_path) as (_, client):
+        answers = [
+            await client.get(f"/v1/sessions/{long_id}", headers=ALICE),
+            await client.get(f"/v1/sessions/{long_id}/transcript", headers=ALICE),
+            await client.get(f"/v1/personas/{long_id}", headers=ALICE),
+            await client.get(f"/v1/voices/{long_id}", headers=ALICE),
+            await client.delete(f"/v1/adapters/{long_id}", headers=ALICE),
+        ]
+    for response in answers:
+        assert response.status_code == 404, response.text[:300]
+        body = response.json()
+        assert len(response.content) < 1000, body
+        assert "(6000 characters)" in body["detail"] or "(6002 characters)" in body["detail"], body
+        assert body["instance"].endswith("...") and len(body["instance"]) < 300
