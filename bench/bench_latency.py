@@ -82,6 +82,9 @@ PROTOCOL = os.environ.get("CHORUS_BENCH_PROTOCOL", "moshi")
 SESSION_COUNTS = tuple(int(n) for n in os.environ.get("CHORUS_BENCH_SESSIONS", "1,10,50,100").split(","))
 # How long every session talks in the measured window; CHORUS_BENCH_SECONDS changes it (longer: steadier).
 SECONDS_PER_SESSION = float(os.environ.get("CHORUS_BENCH_SECONDS", "10"))
+# CHORUS_BENCH_STACK_ENV="CHORUS_WS_COMPRESSION=false ..." adds settings to every process of the stack
+# (the stack takes no CHORUS_* variable from this environment): a setting's cost, measured.
+STACK_ENV = dict(pair.split("=", 1) for pair in os.environ.get("CHORUS_BENCH_STACK_ENV", "").split())
 SPEECH_S, PAUSE_S = 1.2, 0.8  # a user talks, then listens: the speech detector sees both
 SPEECH_RMS, ROOM_RMS = 0.1, 0.0005  # -20 dBFS of noise for speech, -66 dBFS of room noise between
 OPEN_WAVE = 20  # sessions opened at once, before the measured window
@@ -505,6 +508,7 @@ def run() -> dict[str, Any]:
                     "CHORUS_SESSION_STREAM_MAXLEN": str(
                         max(1500, int(4 * (SECONDS_PER_SESSION + 60) / FRAME_SEC))
                     ),
+                    **STACK_ENV,
                 },
             )
             try:
@@ -518,6 +522,7 @@ def run() -> dict[str, Any]:
     return {
         "description": __doc__.split("\n\n")[0],
         "protocol": PROTOCOL,
+        "stack_env": STACK_ENV,
         "seconds_per_session": SECONDS_PER_SESSION,
         "model": "tiny generated Moshi checkpoint (CHORUS_MOSHI_DIR), small TTS checkpoint, CPU",
         "user_audio": f"{SPEECH_S:g} s of speech-level noise, {PAUSE_S:g} s of room noise, repeated",

@@ -36,6 +36,7 @@ def main() -> None:
         lifespan="on",
         http=StrictUpgradeHttpProtocol,  # httptools (uvicorn[standard]'s), refusing HTTP/1.0 upgrades
         ws=FairWebSocketProtocol,  # one socket's input never holds the event loop for long
+        ws_per_message_deflate=settings.ws_compression,  # offered as Huffman-only (fair_websocket.py)
         ws_max_size=settings.ws_max_message_bytes,  # a larger frame: close 1009, with the reason
         timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S),
     )
