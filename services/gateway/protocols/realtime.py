@@ -68,6 +68,7 @@ from shared.errors import (
     NoCapacity,
     RateLimited,
     error_for_code,
+    excerpt,
 )
 from shared.messages import EventName, SessionEvent, model_of_voice, native_voice_for
 from shared.sessions import start_of
@@ -345,7 +346,7 @@ class RealtimeSession:
         sent yet: not one more delta of it reaches the client. Returns its id."""
         current = self.carver.response_id
         if current is None or response_id not in (None, current):
-            named = ev.excerpt(response_id) if response_id is not None else ""
+            named = excerpt(response_id) if response_id is not None else ""
             raise ev.ResponseNotActive(f"no response {named} in progress to cancel")
         self.queue.drop_audio()
         await self.send_output(self.carver.cancel())
@@ -380,14 +381,14 @@ class RealtimeSession:
             raise ev.FunctionCallsNotSupported("Moshi cannot call functions")
         if item.type != "message" or item.role != "user":
             raise ev.TextInputNotSupported(
-                f"only a user message of input_audio can be added, not a {ev.excerpt(item.role or '', 32)} "
-                f"{ev.excerpt(item.type, 32)}"
+                f"only a user message of input_audio can be added, not a {excerpt(item.role or '', 32)} "
+                f"{excerpt(item.type, 32)}"
             )
         audio = [part.audio for part in item.content if part.type == "input_audio" and part.audio]
         if len(audio) != len(item.content) or not audio:
             raise ev.TextInputNotSupported("Moshi hears audio only: send content of type input_audio")
         if item.id is not None and item.id in self.items:  # its audio is not heard either
-            raise InvalidRequest(f"item id {ev.excerpt(item.id)} is already in this conversation")
+            raise InvalidRequest(f"item id {excerpt(item.id)} is already in this conversation")
         decoded = [self.input_bytes(part) for part in audio]  # all checked before any is heard
         for data in decoded:
             await self.append_bytes(data)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from services.gateway.protocols import realtime_events as ev
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, excerpt
 
 # A long conversation costs bounded memory: past either bound the oldest items are forgotten, and an item's
 # transcript stops growing (its deltas are still sent) past MAX_ITEM_PIECES (minutes of speech).
@@ -93,7 +93,7 @@ class ConversationItems:
     def get(self, item_id: str) -> Item:
         item = self._items.get(item_id)
         if item is None:
-            raise ev.ItemNotFound(f"no item {ev.excerpt(item_id)} in this conversation")
+            raise ev.ItemNotFound(f"no item {excerpt(item_id)} in this conversation")
         return item
 
     def delete(self, item_id: str) -> None:
