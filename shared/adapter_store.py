@@ -205,7 +205,8 @@ return 0
 
 
 class AdapterReferences:
-    """One owner's adapter deletes and adapter-naming persona writes, one at a time across gateways.
+    """One owner's adapter deletes, adapter-naming persona and session writes, and persona replaces and
+    deletes, one at a time across gateways.
 
     A lock in Redis per owner (`SET NX PX`, a random token, released by compare-and-delete): a gateway
     that dies holding it frees it after `ttl_s`. A live holder extends it every third of `ttl_s` for as
@@ -241,7 +242,7 @@ class AdapterReferences:
             if not bound.expired():
                 raise
             raise ServiceUnavailable(
-                "this API key's adapter lock was lost before the change was written: retry"
+                "this API key's lock was lost before the change was written: retry"
             ) from None
         finally:
             await self._give_back(key, token)
@@ -280,7 +281,9 @@ class AdapterReferences:
         deadline, pause = loop.time() + self.wait_s, 0.002
         while not await self.bus.redis.set(key, token, nx=True, px=self.ttl_ms):
             if loop.time() >= deadline:
-                raise ServiceUnavailable("this API key's adapters are being changed: retry in a moment")
+                raise ServiceUnavailable(
+                    "this API key's adapters or personas are being changed: retry in a moment"
+                )
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
 

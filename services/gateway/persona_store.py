@@ -103,7 +103,10 @@ class PersonaStore:
     async def get(self, owner: str, persona_id: str) -> Persona:
         if persona_id in BUILTINS:
             return BUILTINS[persona_id]
-        raw = await self.storage.get(self._key(persona_id))
+        try:
+            raw = await self.storage.get(self._key(persona_id))
+        except NotFound:  # the storage's own words would name its layout
+            raise NotFound(f"no persona {excerpt(persona_id)}") from None
         stored = _load(raw)
         if stored.owner != owner:
             raise NotFound(f"no persona {excerpt(persona_id)}")

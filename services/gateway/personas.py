@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -40,21 +41,24 @@ async def list_personas(owner: Owner, store: Store) -> PersonaList:
 
 
 @asynccontextmanager
-async def _adapter_kept(request: Request, owner: str, fields: PersonaFields) -> AsyncIterator[None]:
-    """The persona's adapter is the owner's and stays until the persona is written: checked and written
-    under the owner's adapter lock, which a delete of the adapter takes too."""
-    if fields.adapter is None:
-        yield
-        return
+async def _owner_turn(
+    request: Request, owner: str, fields: PersonaFields | None = None
+) -> AsyncIterator[None]:
+    """Writes that could race take turns under the owner's lock (the one an adapter delete takes): a replace
+    that read the persona just before a delete removed it would write it back, unindexed (usable by id,
+    outside the quota), and two deletes would both answer 204. A persona's adapter is checked under it, so
+    the adapter stays until the persona is written."""
     async with references(request).held(owner):
-        await check_adapter_owned(request.app.state.adapters, owner, fields.adapter)
+        if fields is not None and fields.adapter is not None:
+            await check_adapter_owned(request.app.state.adapters, owner, fields.adapter)
         yield
 
 
 @router.post("", status_code=201, summary="Create a persona", responses=_ERRORS)
 async def create_persona(fields: PersonaFields, owner: Owner, store: Store, request: Request) -> Persona:
     await check_profile_owned(request.app.state.voices, owner, fields.voice)
-    async with _adapter_kept(request, owner, fields):
+    # A new id races nothing but an adapter delete: the lock only then.
+    async with _owner_turn(request, owner, fields) if fields.adapter else contextlib.nullcontext():
         return await store.create(owner, fields)
 
 
@@ -68,11 +72,12 @@ async def replace_persona(
     persona_id: str, fields: PersonaFields, owner: Owner, store: Store, request: Request
 ) -> Persona:
     await check_profile_owned(request.app.state.voices, owner, fields.voice)
-    async with _adapter_kept(request, owner, fields):
+    async with _owner_turn(request, owner, fields):
         return await store.replace(owner, persona_id, fields)
 
 
 @router.delete("/{persona_id}", status_code=204, summary="Delete a persona", responses=_ERRORS)
-async def delete_persona(persona_id: str, owner: Owner, store: Store) -> Response:
-    await store.delete(owner, persona_id)
+async def delete_persona(persona_id: str, owner: Owner, store: Store, request: Request) -> Response:
+    async with _owner_turn(request, owner):
+        await store.delete(owner, persona_id)
     return Response(status_code=204)

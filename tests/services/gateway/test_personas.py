@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -44,6 +45,41 @@ async def test_a_persona_is_created_read_replaced_and_deleted(client: httpx.Asyn
     assert replaced.json()["name"] == "Captain"
     assert (await client.delete(f"/v1/personas/{pid}", headers=ALICE)).status_code == 204
     assert (await client.get(f"/v1/personas/{pid}", headers=ALICE)).status_code == 404
+
+
+async def test_a_replace_racing_a_delete_never_brings_the_persona_back(
+    client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A PUT that read the persona before a DELETE removed it used to write it back, unindexed: the DELETE
+    answered 204 and the persona lived on (usable by id, not listed, outside the quota), and a second
+    DELETE answered 204 too. Writes to a key's personas now take turns: after a 204 the persona is gone."""
+    for round_ in range(8):
+        pid = (await client.post("/v1/personas", json=NEW, headers=ALICE)).json()["id"]
+        answers = await asyncio.gather(
+            client.delete(f"/v1/personas/{pid}", headers=ALICE),
+            *(
+                client.put(f"/v1/personas/{pid}", json={**NEW, "name": f"r{round_}"}, headers=ALICE)
+                for _ in range(3)
+            ),
+            client.delete(f"/v1/personas/{pid}", headers=ALICE),
+        )
+        deletes = [answers[0].status_code, answers[-1].status_code]
+        assert sorted(deletes) == [204, 404], deletes  # exactly one DELETE removed it
+        assert {a.status_code for a in answers[1:-1]} <= {200, 404}
+        assert (await client.get(f"/v1/personas/{pid}", headers=ALICE)).status_code == 404
+        assert not (tmp_path / "personas" / f"{pid}.json").exists(), "no file left behind, unindexed"
+
+
+async def test_an_unknown_persona_id_is_not_found_without_naming_the_storage(
+    client: httpx.AsyncClient,
+) -> None:
+    for answer in (
+        await client.get("/v1/personas/p_nope", headers=ALICE),
+        await client.put("/v1/personas/p_nope", json=NEW, headers=ALICE),
+        await client.delete("/v1/personas/p_nope", headers=ALICE),
+    ):
+        assert answer.status_code == 404
+        assert answer.json()["detail"] == "no persona 'p_nope'"
 
 
 async def test_another_key_cannot_see_or_change_a_persona(client: httpx.AsyncClient) -> None:
