@@ -346,8 +346,8 @@ class RealtimeSession:
         sent yet: not one more delta of it reaches the client. Returns its id."""
         current = self.carver.response_id
         if current is None or response_id not in (None, current):
-            named = excerpt(response_id) if response_id is not None else ""
-            raise ev.ResponseNotActive(f"no response {named} in progress to cancel")
+            named = f" {excerpt(response_id)}" if response_id is not None else ""
+            raise ev.ResponseNotActive(f"no response{named} in progress to cancel")
         self.queue.drop_audio()
         await self.send_output(self.carver.cancel())
         return current
@@ -390,8 +390,12 @@ class RealtimeSession:
         if item.id is not None and item.id in self.items:  # its audio is not heard either
             raise InvalidRequest(f"item id {excerpt(item.id)} is already in this conversation")
         decoded = [self.input_bytes(part) for part in audio]  # all checked before any is heard
+        # ... and paced as one message: a refusal (over the burst) hears none of it, where part by part
+        # the first parts were heard, and started a conversation, before a later one was refused.
+        if refused := await self.limits.pace_audio(sum(self.audio.input_seconds(d) for d in decoded)):
+            raise refused
         for data in decoded:
-            await self.append_bytes(data)
+            await self.hear(data)
         self.appended_since_commit = False
         self.add_user_item(item.id or new_id("item"))
 
@@ -490,10 +494,16 @@ class RealtimeSession:
     async def append_bytes(self, data: bytes) -> None:
         if not data:
             return
-        self.audio_at = time.monotonic()
         # Waits while the client sends audio faster than its pace (backpressure).
         if refused := await self.limits.pace_audio(self.audio.input_seconds(data)):
             raise refused
+        await self.hear(data)
+
+    async def hear(self, data: bytes) -> None:
+        """Audio already paced, sent on (the conversation started by the first)."""
+        if not data:
+            return
+        self.audio_at = time.monotonic()
         if self.conversation is None:
             self._refuse_again()
             await self.start_conversation()

@@ -105,6 +105,14 @@ async def answer(ws: ClientConnection, event: dict[str, Any], *, beta: bool = Fa
     return conforming(await asyncio.wait_for(ws.recv(), 5), beta=beta)
 
 
+async def answer_past_chorus_events(ws: ClientConnection, event: dict[str, Any]) -> dict[str, Any]:
+    """`answer` (beta) on a socket whose conversation runs: Chorus's own events (`ready`) may come first."""
+    got = await answer(ws, event, beta=True)
+    while got["type"] == "chorus.event":
+        got = conforming(await asyncio.wait_for(ws.recv(), 5), beta=True)
+    return got
+
+
 async def test_every_ga_client_event_is_answered_with_an_event_or_a_coded_error(gateway: Gateway) -> None:
     async with connect(f"{gateway.ws_url}/v1/realtime?model=moshika") as ws:
         assert conforming(await ws.recv())["type"] == "session.created"
@@ -161,6 +169,14 @@ async def test_a_beta_client_gets_the_beta_session_and_sends_mu_law(gateway: Gat
         refused = await answer(ws, bad, beta=True)
         assert (refused["type"], refused["error"]["code"]) == ("error", "invalid_request"), refused
         empty = await answer(ws, {"type": "input_audio_buffer.commit"}, beta=True)
+        assert empty["error"]["code"] == "input_audio_buffer_commit_empty", empty
+        # ... and so is one whose parts together carry more than a socket's burst (2 s): paced as one
+        # message, where part by part its first parts were heard before a later one was refused.
+        long = base64.b64encode(bytes([0xFF]) * 20_000).decode()  # 2.5 s of μ-law
+        over = [{"type": "input_audio", "audio": audio}, {"type": "input_audio", "audio": long}]
+        too_much = {"type": "conversation.item.create", "item": {**mine, "content": over}}
+        assert (await answer_past_chorus_events(ws, too_much))["error"]["code"] == "payload_too_large"
+        empty = await answer_past_chorus_events(ws, {"type": "input_audio_buffer.commit"})
         assert empty["error"]["code"] == "input_audio_buffer_commit_empty", empty
 
 
