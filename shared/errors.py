@@ -13,6 +13,12 @@ def excerpt(value: object, limit: int = 64) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def problem_instance(path: str) -> str:
+    """A problem's `instance`, the request path, cut short: a path can be kilobytes (an id no route
+    accepts), and the detail quotes what it needs of it."""
+    return path if len(path) <= MAX_INSTANCE else path[:MAX_INSTANCE] + "..."
+
+
 class ChorusError(Exception):
     """Base error. `code` is stable and machine-readable; `status` is the HTTP status it maps to."""
 
@@ -37,8 +43,7 @@ class ChorusError(Exception):
             "retryable": self.retryable,
         }
         if instance:
-            # A path can be kilobytes (an id no route accepts): the detail quotes what it needs of it.
-            body["instance"] = instance if len(instance) <= MAX_INSTANCE else instance[:MAX_INSTANCE] + "..."
+            body["instance"] = problem_instance(instance)
         body.update(self.extra)
         return body
 

@@ -21,7 +21,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import ChorusError, InsufficientStorage, ServiceUnavailable
+from shared.errors import (
+    ChorusError,
+    InsufficientStorage,
+    InvalidRequest,
+    ServiceUnavailable,
+    problem_instance,
+)
 from shared.retry import StoreError, is_retryable
 
 log = logging.getLogger(__name__)
@@ -130,12 +136,16 @@ def install(app: FastAPI) -> None:
             "detail": errors[0]["msg"] if errors else "invalid request",
             "code": "invalid_request",
             "errors": errors,
-            "instance": request.url.path,
+            "instance": problem_instance(request.url.path),
         }
         return ProblemJSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's: a body it could not parse (not UTF-8, nested too deep)
+            return problem_response(
+                InvalidRequest(f"the request body is not valid JSON: {exc.detail}"), request.url.path
+            )
         # Starlette's own answers (no route: 404, a wrong method: 405) carry a code like ours.
         try:
             code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
@@ -148,6 +158,6 @@ def install(app: FastAPI) -> None:
             "detail": str(exc.detail),
             "code": code,
             "retryable": exc.status_code in (429, 503),
-            "instance": request.url.path,
+            "instance": problem_instance(request.url.path),
         }
         return ProblemJSONResponse(body, status_code=exc.status_code, headers=exc.headers)

@@ -78,3 +78,26 @@ async def test_unknown_routes_and_methods_are_problems_with_a_code(
         assert response.headers["content-type"] == "application/problem+json"
         body = response.json()
         assert (body["code"], body["retryable"], body["detail"]) == (code, False, body["title"])
+
+
+async def test_a_body_that_cannot_be_parsed_is_an_invalid_request_problem(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """Not UTF-8, nested past the parser, an integer past its digits, cut short: each is our documented
+    `invalid_request` problem (FastAPI's own 400 was `about:blank` with a code of its own), and an unknown
+    route's `instance` is cut short as every problem's is."""
+    bodies = [b'\xff\xfe{"name": "a"}', b"[" * 20_000, b'{"name": 1' + b"0" * 5000 + b"}", b"{"]
+    async with gateway_client(redis_url, key_prefix, tmp_path) as client:
+        answers = [
+            await client.post("/v1/personas", content=body, headers={"content-type": "application/json"})
+            for body in bodies
+        ]
+        unknown = await client.get("/v1/" + "x" * 5000)
+    for answer in answers:
+        body = answer.json()
+        assert answer.status_code in (400, 422), body
+        assert (body["type"], body["code"]) == (
+            "https://chorus.dev/problems/invalid_request",
+            "invalid_request",
+        )
+    assert unknown.status_code == 404 and len(unknown.json()["instance"]) < 300
