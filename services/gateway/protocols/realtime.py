@@ -58,7 +58,7 @@ from services.gateway.protocols.session_socket import (
 )
 from services.gateway.settings import MIN_IDLE_TIMEOUT_S, GatewaySettings
 from shared import metrics
-from shared.audio import FRAME_SEC
+from shared.audio import FRAME_SEC, SAMPLE_RATE
 from shared.errors import (
     ChorusError,
     ClientNotReading,
@@ -295,6 +295,11 @@ class RealtimeSession:
     async def handle_text(self, text: str) -> None:
         event = ev.parse_client_event(text)
         if isinstance(event, ev.ErrorDetail):
+            if len(text) > ev.MAX_CONTROL_EVENT_CHARS:
+                # A large message that is no audio event is charged to the audio pace by its size, as
+                # base64 PCM16 (a full burst at most): reading it cost up to tens of ms, and the message
+                # rate alone would let a socket send 100 of them a second.
+                await self.limits.pace_audio(len(text) * 3 / 4 / (2 * SAMPLE_RATE))
             self.send(ev.ErrorEvent(error=event))
             return
         try:

@@ -374,13 +374,32 @@ def _client_event_id(raw: object) -> str | None:
     return None
 
 
+# The events that carry audio, and so may be large (bounded by the socket's audio burst); any other is
+# at most MAX_CONTROL_EVENT_CHARS (a session.update with the longest instructions is about 3 KB): a larger
+# one is refused unparsed where it names neither type, else before pydantic validates it.
+AUDIO_EVENT_TYPES = ("input_audio_buffer.append", "conversation.item.create")
+MAX_CONTROL_EVENT_CHARS = 64 * 1024
+
+
 def parse_client_event(text: str) -> ClientEvent | ErrorDetail:
     """A client's text message as its event, or the error telling the client why it is not one. The
     commonest event takes a lean path (`_plain_append`); any other, and any it refuses, the general one
     (`parse_event_model`)."""
     if (append := _plain_append(text)) is not None:
         return append
+    if len(text) > MAX_CONTROL_EVENT_CHARS and not any(f'"{kind}"' in text for kind in AUDIO_EVENT_TYPES):
+        return oversized_event(len(text))
     return parse_event_model(text)
+
+
+def oversized_event(chars: int, kind: str | None = None, event_id: str | None = None) -> ErrorDetail:
+    named = f"a {kind} event" if kind else "an event that carries no audio"
+    return ErrorDetail(
+        code="payload_too_large",
+        message=f"{named} of {chars} characters; only {' and '.join(AUDIO_EVENT_TYPES)} may be over "
+        f"{MAX_CONTROL_EVENT_CHARS}",
+        event_id=event_id,
+    )
 
 
 def parse_event_model(text: str) -> ClientEvent | ErrorDetail:
@@ -397,6 +416,8 @@ def parse_event_model(text: str) -> ClientEvent | ErrorDetail:
         supported = ", ".join(CLIENT_EVENT_TYPES)
         message = f"unsupported event type {excerpt(kind)}; supported: {supported}"
         return ErrorDetail(code="unsupported_event", message=message, param="type", event_id=client_id)
+    if len(text) > MAX_CONTROL_EVENT_CHARS and kind not in AUDIO_EVENT_TYPES:
+        return oversized_event(len(text), kind, client_id)
     try:
         return CLIENT_EVENT.validate_python(raw)
     except ValidationError as exc:

@@ -222,3 +222,20 @@ async def test_the_session_names_the_model_that_serves_it_never_the_clients_stri
             ws, {"type": "session.update", "session": {"audio": {"output": {"voice": "moshika"}}}}
         )
         assert updated["session"]["model"] == "moshika", "a native voice is spoken by its own model"
+
+
+async def test_a_large_event_that_carries_no_audio_is_refused_unread(gateway: Gateway) -> None:
+    """A session.update padded to a megabyte of unknown fields cost ~100 ms of the gateway's loop to read
+    and keep; an event other than the two that carry audio is refused over 64 KiB, unparsed where it names
+    neither audio type, and charged to the socket's audio pace by its size. The socket goes on."""
+    padded = {"type": "realtime", **{f"k{i}": i for i in range(50_000)}}  # ~800 KB
+    fat = {"type": "session.update", "session": padded}
+    smuggled = {**fat, "note": "input_audio_buffer.append"}  # parsed, then refused by its type
+    async with connect(f"{gateway.ws_url}/v1/realtime?model=moshika", max_size=None) as ws:
+        conforming(await ws.recv())
+        for event in (fat, smuggled):
+            got = await answer(ws, event)
+            assert (got["type"], got["error"]["code"]) == ("error", "payload_too_large"), got
+        assert "session.update" in got["error"]["message"]
+        updated = await answer(ws, {"type": "session.update", "session": {"instructions": "Be brief."}})
+        assert updated["type"] == "session.updated", updated
