@@ -119,11 +119,11 @@ async def create_client_secret(
     config = body.session or SessionConfig()
     requested = body.expires_after.seconds if body.expires_after else settings.client_secret_ttl_s
     ttl_s = min(requested, settings.client_secret_ttl_s)
-    model = config.model or "moshiko"
+    model = native_voice_for(config.model)  # what the socket will run: another model's name is moshiko
     if config.voice is not None:  # another key's profile: refused now, like a session.update to it
         await check_voice_owned(request, owner, config.voice)
-    voice = config.voice or native_voice_for(model)
-    caller = Caller(owner, model=config.model, instructions=config.instructions, voice=config.voice)
+    voice = config.voice or model
+    caller = Caller(owner, model=model, instructions=config.instructions, voice=config.voice)
     store: ClientSecretStore = request.app.state.client_secrets
     value = await store.mint(caller, ttl_s)
     expires_at = int(time.time()) + ttl_s

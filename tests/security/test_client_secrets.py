@@ -71,6 +71,11 @@ async def test_the_official_sdk_mints_a_secret_in_openais_shape(
         await client.aclose()
     shorter = await sdk(gateway, ALICE).realtime.client_secrets.create(expires_after={"seconds": 10})
     assert shorter.expires_at - time.time() <= 11
+    # Another model's name answers the model the socket will run (as `?model=` does), not the name.
+    other = await sdk(gateway, ALICE).realtime.client_secrets.create(
+        session={"type": "realtime", "model": "gpt-4o-realtime"}
+    )
+    assert other.session.model == "moshiko"
 
 
 async def test_a_secret_opens_one_realtime_socket_with_its_session_config(
