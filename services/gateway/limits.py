@@ -270,20 +270,27 @@ class SocketLimits:
     """
 
     RATE_ERROR_INTERVAL_S = 1.0  # at most one rate-limit error per socket per this
+    DROP_READ_FACTOR = 10  # dropped messages are read at most this many times the message rate
 
     def __init__(self, settings: GatewaySettings, protocol: str) -> None:
         self.protocol = protocol
         self.max_bytes = settings.ws_max_message_bytes
         self.message_rate = settings.ws_messages_per_second
         self.messages = AsyncLimiter(2 * self.message_rate, 2.0)
+        # Messages past the rate are dropped, but each was read and parsed (~10 µs): a flood read as fast
+        # as it comes costs a core. Past DROP_READ_FACTOR times the rate the socket is not read until the
+        # drops are back within it (TCP slows the client), a second's worth of them as a burst.
+        self.drops = AsyncLimiter(self.DROP_READ_FACTOR * self.message_rate, 1.0)
         burst = settings.ws_audio_burst_s
         self.audio = AsyncLimiter(burst, burst / settings.ws_audio_pace)
         self._rate_error_at = -math.inf
 
     async def check(self, message: Mapping[str, Any]) -> Refusal | None:
         """`None` = serve it. Every message counts against the rate (oversized ones too); past the rate
-        it is dropped, and the client is told at most once a second (the rest are only counted)."""
+        it is dropped, and the client is told at most once a second (the rest are only counted); past
+        DROP_READ_FACTOR times the rate, the next is not read until it is within that (backpressure)."""
         if not self.messages.has_capacity(1):
+            await self.drops.acquire(1)
             return self._rate_limited()
         await self.messages.acquire(1)  # there is capacity: returns at once
         size = len(message.get("bytes") or b"") + len((message.get("text") or "").encode())

@@ -224,7 +224,8 @@ class GatewaySettings(CommonSettings):
         default=100.0,
         gt=0,
         description="Sustained WebSocket messages per second per socket (burst: 2 s worth); past it "
-        "messages are dropped, with at most one `rate_limited` error a second.",
+        "messages are dropped, with at most one `rate_limited` error a second, and read at most ten times as "
+        "fast as this rate (past it the socket is not read: TCP slows the client).",
     )
     ws_audio_pace: float = Field(
         default=1.5,
