@@ -84,7 +84,9 @@ SESSION_COUNTS = tuple(int(n) for n in os.environ.get("CHORUS_BENCH_SESSIONS", "
 SECONDS_PER_SESSION = float(os.environ.get("CHORUS_BENCH_SECONDS", "10"))
 # CHORUS_BENCH_STACK_ENV="CHORUS_WS_COMPRESSION=false ..." adds settings to every process of the stack
 # (the stack takes no CHORUS_* variable from this environment): a setting's cost, measured.
-STACK_ENV = dict(pair.split("=", 1) for pair in os.environ.get("CHORUS_BENCH_STACK_ENV", "").split())
+STACK_ENV = dict(pair.partition("=")[::2] for pair in os.environ.get("CHORUS_BENCH_STACK_ENV", "").split())
+if bad := [name for name in STACK_ENV if not name.startswith("CHORUS_")]:
+    raise SystemExit(f"CHORUS_BENCH_STACK_ENV takes CHORUS_NAME=value pairs, not {bad}")
 SPEECH_S, PAUSE_S = 1.2, 0.8  # a user talks, then listens: the speech detector sees both
 SPEECH_RMS, ROOM_RMS = 0.1, 0.0005  # -20 dBFS of noise for speech, -66 dBFS of room noise between
 OPEN_WAVE = 20  # sessions opened at once, before the measured window

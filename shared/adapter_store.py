@@ -11,7 +11,7 @@ Each owner's adapters are indexed (`owners/{owner}/adapters/{id}`), like voices.
 metadata first (the adapter is gone for every reader), then the file, then the index entry.
 
 Deleting an adapter (after checking no persona names it) and writing a persona that names one (after
-checking it exists) are two check-then-write steps over files: `AdapterReferences` runs them one at a time
+checking it exists) are two check-then-write steps over files: `OwnerLock` runs them one at a time
 per owner, across every gateway, so no persona is left naming a deleted adapter.
 """
 
@@ -204,7 +204,7 @@ return 0
 """
 
 
-class AdapterReferences:
+class OwnerLock:
     """One owner's adapter deletes, adapter-naming persona and session writes, and persona replaces and
     deletes, one at a time across gateways.
 
@@ -213,7 +213,8 @@ class AdapterReferences:
     long as its block runs (a store slowed past the TTL must not let a second writer in); a holder that
     finds it lost (Redis restarted, or its extensions could not reach Redis in time) has its block cancelled
     and answered 503 instead of writing unguarded. A caller that cannot take it within `wait_s` is answered
-    503 (retryable)."""
+    503 (retryable). Its Redis key keeps its first name (`adapter_lock`): gateways before and after the
+    lock took persona writes too still exclude each other."""
 
     def __init__(self, bus: Bus, *, ttl_s: float = 10.0, wait_s: float = 5.0) -> None:
         self.bus = bus

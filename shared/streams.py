@@ -109,7 +109,7 @@ class StreamNames:
 
     def adapter_lock(self, owner: str) -> str:
         """Held while one of an owner's adapters is deleted or a persona naming one is written
-        (`shared/adapter_store.py`, `AdapterReferences`)."""
+        (`shared/adapter_store.py`, `OwnerLock`)."""
         return f"{self.prefix}adapters:lock:{owner or 'anonymous'}"
 
     def client_secret(self, digest: str) -> str:

@@ -13,7 +13,7 @@ persona names it by id (`adapter`), and a socket may for one session (`?adapter=
 of its owner runs, is refused (409): a worker taking such a session over could not load it.
 
 Who may name an adapter and who deletes one take turns under the owner's adapter lock
-(`AdapterReferences`): a delete checks the personas and the live sessions under it; a persona write, a
+(`OwnerLock`): a delete checks the personas and the live sessions under it; a persona write, a
 session start and a mid-session switch check the adapter exists under it once what names the adapter is
 written (the persona, the session hash), so one of the two always sees the other.
 """
@@ -35,7 +35,7 @@ from services.gateway.persona_store import PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.settings import GatewaySettings
 from services.gateway.uploads import FORM_OVERHEAD, Upload, UploadRules, receive_form
-from shared.adapter_store import AdapterRecord, AdapterReferences, AdapterStore, new_adapter_id
+from shared.adapter_store import AdapterRecord, AdapterStore, OwnerLock, new_adapter_id
 from shared.adapters import check_adapter, check_loads, read_header_file
 from shared.errors import (
     Conflict,
@@ -97,13 +97,14 @@ def _store(request: Request) -> AdapterStore:
     return store
 
 
-def references(conn: HTTPConnection) -> AdapterReferences:
-    """Held around deleting an adapter and around writing a persona, or a session, that names one (made on
-    first use: the bus it needs opens with the app's lifespan)."""
+def owner_lock(conn: HTTPConnection) -> OwnerLock:
+    """The owner's lock, held around deleting an adapter, writing a persona or a session that names one,
+    and replacing or deleting a persona (made on first use: the bus it needs opens with the app's
+    lifespan)."""
     state = conn.app.state
-    held: AdapterReferences | None = getattr(state, "adapter_references", None)
+    held: OwnerLock | None = getattr(state, "owner_lock", None)
     if held is None:
-        held = state.adapter_references = AdapterReferences(state.bus)
+        held = state.owner_lock = OwnerLock(state.bus)
     return held
 
 
@@ -137,7 +138,7 @@ async def confirm_adapter_kept(conn: HTTPConnection, owner: str, adapter_id: str
     """Once a session's hash names the adapter: it still exists (else 400), checked under the owner's
     adapter lock. A delete checks the live sessions under the same lock: either it saw this session's
     hash (409) or this check sees the adapter gone; never both missed."""
-    async with references(conn).held(owner):
+    async with owner_lock(conn).held(owner):
         await check_adapter_owned(conn.app.state.adapters, owner, adapter_id)
 
 
@@ -271,7 +272,7 @@ async def delete_adapter(adapter_id: str, request: Request, owner: str = Depends
     await store.get_owned(adapter_id, owner)
     personas: PersonaStore = request.app.state.personas
     sessions = SessionStore(request.app.state.bus, request.app.state.settings.session_ttl_s)
-    async with references(request).held(owner):  # no persona nor session comes to name it until it is gone
+    async with owner_lock(request).held(owner):  # no persona nor session comes to name it until it is gone
         users = [p.id for p in await personas.list(owner) if p.adapter == adapter_id]
         if users:
             raise Conflict(

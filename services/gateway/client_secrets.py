@@ -29,7 +29,7 @@ from services.gateway.settings import GatewaySettings
 from shared.audio import SAMPLE_RATE
 from shared.bus import Bus
 from shared.client_secrets import OneUseSecrets
-from shared.messages import VoiceName, native_voice_for
+from shared.messages import VoiceName, model_of_voice, native_voice_for
 
 router = APIRouter(prefix="/v1/realtime", tags=["realtime"], responses=V1_ERRORS)
 Owner = Annotated[str, Depends(current_owner)]
@@ -119,11 +119,12 @@ async def create_client_secret(
     config = body.session or SessionConfig()
     requested = body.expires_after.seconds if body.expires_after else settings.client_secret_ttl_s
     ttl_s = min(requested, settings.client_secret_ttl_s)
-    model = native_voice_for(config.model)  # what the socket will run: another model's name is moshiko
+    model = native_voice_for(config.model)  # another model's name is moshiko, as `?model=` takes it
     if config.voice is not None:  # another key's profile: refused now, like a session.update to it
         await check_voice_owned(request, owner, config.voice)
     voice = config.voice or model
     caller = Caller(owner, model=model, instructions=config.instructions, voice=config.voice)
+    model = model_of_voice(voice) or model  # what the socket will run: a native voice's own model
     store: ClientSecretStore = request.app.state.client_secrets
     value = await store.mint(caller, ttl_s)
     expires_at = int(time.time()) + ttl_s

@@ -25,7 +25,7 @@ from services.gateway.auth import ANONYMOUS, OWNER
 from services.gateway.problems import outage_error, problem_response
 from services.gateway.settings import GatewaySettings
 from shared import metrics
-from shared.audio import FRAME_SEC
+from shared.audio import FRAME_SEC, SAMPLE_RATE
 from shared.bus import Bus
 from shared.errors import ChorusError, PayloadTooLarge, RateLimited
 from shared.rate_windows import RateWindows
@@ -284,6 +284,7 @@ class SocketLimits:
         burst = settings.ws_audio_burst_s
         self.audio = AsyncLimiter(burst, burst / settings.ws_audio_pace)
         self._rate_error_at = -math.inf
+        self.audio_paced_s = 0.0  # seconds charged to the audio pace so far
 
     async def check(self, message: Mapping[str, Any]) -> Refusal | None:
         """`None` = serve it. Every message counts against the rate (oversized ones too); past the rate
@@ -299,6 +300,16 @@ class SocketLimits:
             detail = f"message of {size} bytes is larger than {self.max_bytes}; dropped"
             return Refusal(PayloadTooLarge(detail))
         return None
+
+    async def _charge(self, seconds: float) -> None:
+        """Take `seconds` (at most a burst) from the audio pace, waiting for them when they are not there."""
+        self.audio_paced_s += seconds
+        if self.audio.has_capacity(seconds):
+            await self.audio.acquire(seconds)
+            return
+        started = time.monotonic()
+        await self.audio.acquire(seconds)
+        metrics.WS_AUDIO_PACING_WAIT.labels(protocol=self.protocol).observe(time.monotonic() - started)
 
     def _rate_limited(self) -> Refusal:
         metrics.LIMIT_REJECTIONS.labels(limit="ws_message_rate").inc()
@@ -322,20 +333,22 @@ class SocketLimits:
         would keep its session until the waits ran out."""
         await self.pace_audio(FRAME_SEC)
 
+    async def pace_oversized(self, chars: int, paced_s: float = 0.0) -> None:
+        """Charge a refused text message over the control events' bound by its size, as if it were base64
+        PCM16 at 24 kHz (4 characters, 3 bytes, 1.5 samples), less the `paced_s` of audio it was charged
+        already; a full burst at most."""
+        seconds = chars * 3 / 4 / (2 * SAMPLE_RATE) - paced_s
+        if seconds > 0:
+            metrics.LIMIT_REJECTIONS.labels(limit="ws_event_size").inc()
+            await self._charge(min(seconds, self.audio.max_rate))
+
     async def pace_audio(self, seconds: float) -> ChorusError | None:
         """Wait until `seconds` more input audio is within this socket's pace: backpressure (the socket is
         not read meanwhile, so TCP flow control slows the client; other sockets and the event loop go on).
         `None` = send it on. A message carrying more than the burst could never fit: it is refused, and
         still charged a full burst, so refusing is paced too (the gateway decodes no faster than the pace)."""
         burst = self.audio.max_rate
-        charge = min(seconds, burst)
-        if self.audio.has_capacity(charge):
-            await self.audio.acquire(charge)
-        else:
-            started = time.monotonic()
-            await self.audio.acquire(charge)
-            waited = time.monotonic() - started
-            metrics.WS_AUDIO_PACING_WAIT.labels(protocol=self.protocol).observe(waited)
+        await self._charge(min(seconds, burst))
         if seconds <= burst:
             return None
         metrics.LIMIT_REJECTIONS.labels(limit="ws_audio_burst").inc()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -10,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
-from services.gateway.adapters import check_adapter_owned, references
+from services.gateway.adapters import check_adapter_owned, owner_lock
 from services.gateway.auth import current_owner
 from services.gateway.persona_store import Persona, PersonaFields, PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
@@ -48,7 +47,7 @@ async def _owner_turn(
     that read the persona just before a delete removed it would write it back, unindexed (usable by id,
     outside the quota), and two deletes would both answer 204. A persona's adapter is checked under it, so
     the adapter stays until the persona is written."""
-    async with references(request).held(owner):
+    async with owner_lock(request).held(owner):
         if fields is not None and fields.adapter is not None:
             await check_adapter_owned(request.app.state.adapters, owner, fields.adapter)
         yield
@@ -57,8 +56,9 @@ async def _owner_turn(
 @router.post("", status_code=201, summary="Create a persona", responses=_ERRORS)
 async def create_persona(fields: PersonaFields, owner: Owner, store: Store, request: Request) -> Persona:
     await check_profile_owned(request.app.state.voices, owner, fields.voice)
-    # A new id races nothing but an adapter delete: the lock only then.
-    async with _owner_turn(request, owner, fields) if fields.adapter else contextlib.nullcontext():
+    if fields.adapter is None:  # a new id races nothing but an adapter delete: no lock needed
+        return await store.create(owner, fields)
+    async with _owner_turn(request, owner, fields):
         return await store.create(owner, fields)
 
 

@@ -144,7 +144,7 @@ def install(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI's: a body it could not parse (not UTF-8, nested too deep)
             return problem_response(
-                InvalidRequest(f"the request body is not valid JSON: {exc.detail}"), request.url.path
+                InvalidRequest(f"the request body could not be parsed: {exc.detail}"), request.url.path
             )
         # Starlette's own answers (no route: 404, a wrong method: 405) carry a code like ours.
         try:

@@ -222,7 +222,7 @@ class GatewaySettings(CommonSettings):
     )
     ws_messages_per_second: float = Field(
         default=100.0,
-        gt=0,
+        ge=1,
         description="Sustained WebSocket messages per second per socket (burst: 2 s worth); past it "
         "messages are dropped, with at most one `rate_limited` error a second, and read at most ten times as "
         "fast as this rate (past it the socket is not read: TCP slows the client).",

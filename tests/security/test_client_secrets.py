@@ -59,6 +59,7 @@ async def test_the_official_sdk_mints_a_secret_in_openais_shape(
     assert created.session.type == "realtime"
     assert created.session.audio and created.session.audio.output
     assert created.session.audio.output.voice == "moshika"
+    assert created.session.model == "moshika", "the model the socket runs: its native voice's own"
     # Redis holds the secret's digest with that TTL, never the secret itself.
     digest = hashlib.sha256(created.value.encode()).hexdigest()
     client = aioredis.Redis.from_url(redis_url)

@@ -1,4 +1,4 @@
-"""`AdapterReferences`, the per-owner lock around adapter deletes and adapter-naming persona writes, against
+"""`OwnerLock`, the per-owner lock around adapter deletes and adapter-naming persona writes, against
 redis-server: it holds while its block runs, however long, and a block whose lock is lost does not write."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from chorus.devtools.redis_server import EmbeddedRedis
-from shared.adapter_store import AdapterReferences
+from shared.adapter_store import OwnerLock
 from shared.bus import Bus
 from shared.errors import ServiceUnavailable
 from shared.streams import StreamNames
@@ -18,7 +18,7 @@ OWNER = "a1b2c3d4e5f60718"
 
 async def test_a_holder_slower_than_the_ttl_keeps_the_lock_until_it_is_done(bus: Bus) -> None:
     """A store stalled past the lock's TTL must not let a second writer in: the holder extends it."""
-    references = AdapterReferences(bus, ttl_s=0.5, wait_s=1.5)  # the second waits three TTLs
+    references = OwnerLock(bus, ttl_s=0.5, wait_s=1.5)  # the second waits three TTLs
     inside, refused = asyncio.Event(), asyncio.Event()
 
     async def slow_write() -> None:
@@ -43,7 +43,7 @@ async def test_a_holder_slower_than_the_ttl_keeps_the_lock_until_it_is_done(bus:
 async def test_a_holder_whose_lock_was_lost_is_stopped_before_it_writes(bus: Bus) -> None:
     """Its lock expired and was taken by another (Redis restarted and lost it, say): the block is cancelled
     and answered 503, and the other's lock is left alone."""
-    references = AdapterReferences(bus, ttl_s=0.3, wait_s=0.5)
+    references = OwnerLock(bus, ttl_s=0.3, wait_s=0.5)
     key = bus.names.adapter_lock(OWNER)
     wrote = False
     with pytest.raises(ServiceUnavailable, match="lost"):
@@ -63,7 +63,7 @@ async def test_a_change_made_is_not_answered_as_failed_when_redis_is_gone_by_the
     redis = EmbeddedRedis().start()
     bus = await Bus.connect(redis.url, names, timeout_s=1, socket_timeout_s=1)
     try:
-        async with AdapterReferences(bus).held(OWNER):
+        async with OwnerLock(bus).held(OWNER):
             redis.stop()  # after the write, before the release
     finally:
         await bus.close()

@@ -29,7 +29,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
-from services.gateway.adapters import check_adapter_owned, check_adapter_served, references
+from services.gateway.adapters import check_adapter_owned, check_adapter_served, owner_lock
 from services.gateway.auth import authenticate_socket
 from services.gateway.conversation import Conversation
 from services.gateway.lifetime import Lifetime
@@ -58,7 +58,7 @@ from services.gateway.protocols.session_socket import (
 )
 from services.gateway.settings import MIN_IDLE_TIMEOUT_S, GatewaySettings
 from shared import metrics
-from shared.audio import FRAME_SEC, SAMPLE_RATE
+from shared.audio import FRAME_SEC
 from shared.errors import (
     ChorusError,
     ClientNotReading,
@@ -293,18 +293,22 @@ class RealtimeSession:
             await self.handle_text(text)
 
     async def handle_text(self, text: str) -> None:
+        # A refused message over the control events' bound is charged to the audio pace by its size
+        # (`pace_oversized`): reading it cost up to tens of ms, and the message rate alone would let a
+        # socket send 100 of them a second. Audio it was paced for already counts.
+        large = len(text) > ev.MAX_CONTROL_EVENT_CHARS
         event = ev.parse_client_event(text)
         if isinstance(event, ev.ErrorDetail):
-            if len(text) > ev.MAX_CONTROL_EVENT_CHARS:
-                # A large message that is no audio event is charged to the audio pace by its size, as
-                # base64 PCM16 (a full burst at most): reading it cost up to tens of ms, and the message
-                # rate alone would let a socket send 100 of them a second.
-                await self.limits.pace_audio(len(text) * 3 / 4 / (2 * SAMPLE_RATE))
+            if large:
+                await self.limits.pace_oversized(len(text))
             self.send(ev.ErrorEvent(error=event))
             return
+        paced_before = self.limits.audio_paced_s
         try:
             await self.dispatch(event)
         except ChorusError as exc:
+            if large:
+                await self.limits.pace_oversized(len(text), self.limits.audio_paced_s - paced_before)
             self.error(exc.detail, exc.code, ev.echoed_event_id(event.event_id))
 
     async def dispatch(self, event: ev.ClientEvent) -> None:
@@ -453,7 +457,7 @@ class RealtimeSession:
             self._check_switch_rate()
         # Checked and written to the session hash under the owner's adapter lock: a delete at the same
         # moment either sees the session run it (409) or has deleted it before this check.
-        async with references(self.websocket).held(self.owner):
+        async with owner_lock(self.websocket).held(self.owner):
             await check_adapter_served(self.websocket, self.owner, adapter)
             if adapter != running:
                 self.adapter_switched_at = time.monotonic()

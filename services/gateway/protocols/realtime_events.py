@@ -374,9 +374,10 @@ def _client_event_id(raw: object) -> str | None:
     return None
 
 
-# The events that carry audio, and so may be large (bounded by the socket's audio burst); any other is
-# at most MAX_CONTROL_EVENT_CHARS (a session.update with the longest instructions is about 3 KB): a larger
-# one is refused unparsed where it names neither type, else before pydantic validates it.
+# The events that carry audio: their base64 audio may be large (the socket's audio pace bounds it).
+# Besides its audio, an event is at most MAX_CONTROL_EVENT_CHARS (a session.update with the longest
+# instructions is about 3 KB): a larger one is refused, unparsed where it names neither audio type, else
+# before pydantic validates it. Without the bound, 800 KB of unknown fields cost ~100 ms each to read.
 AUDIO_EVENT_TYPES = ("input_audio_buffer.append", "conversation.item.create")
 MAX_CONTROL_EVENT_CHARS = 64 * 1024
 
@@ -393,13 +394,27 @@ def parse_client_event(text: str) -> ClientEvent | ErrorDetail:
 
 
 def oversized_event(chars: int, kind: str | None = None, event_id: str | None = None) -> ErrorDetail:
-    named = f"a {kind} event" if kind else "an event that carries no audio"
+    """The refusal of an event over MAX_CONTROL_EVENT_CHARS besides its audio (`kind` None: not read)."""
+    named = f"a {kind} event" if kind else "an event"
+    besides = " besides its audio" if kind in AUDIO_EVENT_TYPES else ""
     return ErrorDetail(
         code="payload_too_large",
-        message=f"{named} of {chars} characters; only {' and '.join(AUDIO_EVENT_TYPES)} may be over "
-        f"{MAX_CONTROL_EVENT_CHARS}",
+        message=f"{named} of {chars} characters{besides}; at most {MAX_CONTROL_EVENT_CHARS} characters "
+        f"are taken, besides the audio of {' and '.join(AUDIO_EVENT_TYPES)}",
         event_id=event_id,
     )
+
+
+def _audio_chars(kind: str, raw: dict[str, Any]) -> int:
+    """The characters of base64 audio an audio event carries (the pace bounds them, not the cap)."""
+    if kind == "input_audio_buffer.append":
+        audio = raw.get("audio")
+        return len(audio) if isinstance(audio, str) else 0
+    item = raw.get("item")
+    content = item.get("content") if isinstance(item, dict) else None
+    if not isinstance(content, list):
+        return 0
+    return sum(len(p["audio"]) for p in content if isinstance(p, dict) and isinstance(p.get("audio"), str))
 
 
 def parse_event_model(text: str) -> ClientEvent | ErrorDetail:
@@ -416,8 +431,10 @@ def parse_event_model(text: str) -> ClientEvent | ErrorDetail:
         supported = ", ".join(CLIENT_EVENT_TYPES)
         message = f"unsupported event type {excerpt(kind)}; supported: {supported}"
         return ErrorDetail(code="unsupported_event", message=message, param="type", event_id=client_id)
-    if len(text) > MAX_CONTROL_EVENT_CHARS and kind not in AUDIO_EVENT_TYPES:
-        return oversized_event(len(text), kind, client_id)
+    if len(text) > MAX_CONTROL_EVENT_CHARS:
+        besides_audio = len(text) - (_audio_chars(kind, raw) if kind in AUDIO_EVENT_TYPES else 0)
+        if besides_audio > MAX_CONTROL_EVENT_CHARS:
+            return oversized_event(besides_audio, kind, client_id)
     try:
         return CLIENT_EVENT.validate_python(raw)
     except ValidationError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -172,8 +173,8 @@ async def test_a_beta_client_gets_the_beta_session_and_sends_mu_law(gateway: Gat
         assert empty["error"]["code"] == "input_audio_buffer_commit_empty", empty
         # ... and so is one whose parts together carry more than a socket's burst (2 s): paced as one
         # message, where part by part its first parts were heard before a later one was refused.
-        long = base64.b64encode(bytes([0xFF]) * 20_000).decode()  # 2.5 s of μ-law
-        over = [{"type": "input_audio", "audio": audio}, {"type": "input_audio", "audio": long}]
+        half = base64.b64encode(bytes([0xFF]) * 12_000).decode()  # 1.5 s of μ-law: each fits the burst
+        over = [{"type": "input_audio", "audio": half}, {"type": "input_audio", "audio": half}]
         too_much = {"type": "conversation.item.create", "item": {**mine, "content": over}}
         assert (await answer_past_chorus_events(ws, too_much))["error"]["code"] == "payload_too_large"
         empty = await answer_past_chorus_events(ws, {"type": "input_audio_buffer.commit"})
@@ -226,16 +227,28 @@ async def test_the_session_names_the_model_that_serves_it_never_the_clients_stri
 
 async def test_a_large_event_that_carries_no_audio_is_refused_unread(gateway: Gateway) -> None:
     """A session.update padded to a megabyte of unknown fields cost ~100 ms of the gateway's loop to read
-    and keep; an event other than the two that carry audio is refused over 64 KiB, unparsed where it names
-    neither audio type, and charged to the socket's audio pace by its size. The socket goes on."""
-    padded = {"type": "realtime", **{f"k{i}": i for i in range(50_000)}}  # ~800 KB
-    fat = {"type": "session.update", "session": padded}
-    smuggled = {**fat, "note": "input_audio_buffer.append"}  # parsed, then refused by its type
+    and keep. An event is at most 64 Ki characters besides its audio: refused unparsed where it names
+    neither audio type, before pydantic otherwise (padding the two audio events too), and each refusal
+    is charged to the socket's audio pace by its size. The socket goes on."""
+    padding = {f"k{i}": i for i in range(50_000)}  # ~800 KB
+    padded = [
+        {"type": "session.update", "session": {"type": "realtime", **padding}},
+        {"type": "session.update", "session": padding, "note": "input_audio_buffer.append"},  # parsed
+        {"type": "input_audio_buffer.append", "audio": "", **padding},
+        {"type": "conversation.item.create", "item": {"type": "message", "role": "assistant", **padding}},
+    ]
     async with connect(f"{gateway.ws_url}/v1/realtime?model=moshika", max_size=None) as ws:
         conforming(await ws.recv())
-        for event in (fat, smuggled):
+        started = time.monotonic()
+        for event in padded:
             got = await answer(ws, event)
             assert (got["type"], got["error"]["code"]) == ("error", "payload_too_large"), got
-        assert "session.update" in got["error"]["message"]
+            named = (
+                "an event of " if event is padded[0] else f"a {event['type']} event of "
+            )  # the first unread
+            assert got["error"]["message"].startswith(named), got
+        # Each was charged a full burst (2 s) of the pace, refilled at 1.5 s a second: the last three
+        # waited 4 s in all.
+        assert time.monotonic() - started >= 3.5
         updated = await answer(ws, {"type": "session.update", "session": {"instructions": "Be brief."}})
         assert updated["type"] == "session.updated", updated
