@@ -108,8 +108,9 @@ class StreamNames:
         return f"{self.prefix}limits"
 
     def adapter_lock(self, owner: str) -> str:
-        """Held while one of an owner's adapters is deleted or a persona naming one is written
-        (`shared/adapter_store.py`, `OwnerLock`)."""
+        """The owner's lock (`shared/adapter_store.py`, `OwnerLock`): held while one of its adapters is
+        deleted, a persona or a session naming one is written, or a persona is replaced or deleted. The key
+        keeps its first name, from when it guarded adapters alone."""
         return f"{self.prefix}adapters:lock:{owner or 'anonymous'}"
 
     def client_secret(self, digest: str) -> str:

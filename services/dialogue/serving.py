@@ -632,20 +632,18 @@ class DialogueWorker:
             raise NoCapacity(
                 "this dialogue worker serves no LoRA adapters (CHORUS_DIALOGUE_ADAPTER_MEMORY=0)"
             )
-        if (model := await self._adapter_model(start)) not in (None, self.model.name):
+        # The model it was checked against (none stored: loading it says so). moshiko and moshika share
+        # their shapes: the file alone would load on either.
+        record = await self._adapter_record(start)
+        if record is not None and record.model != self.model.name:
             raise Unprocessable(
-                f"adapter {adapter} was checked against {model}; this session runs on {self.model.name} "
-                "(its voice is that model's): upload the adapter for it, or pick another voice"
+                f"adapter {adapter} was checked against {record.model}; this session runs on "
+                f"{self.model.name} (its voice is that model's): upload the adapter for it, or pick "
+                "another voice"
             )
         slot = await self.adapters.acquire(adapter)
         await self._slots_changed()  # presence lists the adapter: placement prefers this worker for it
         return slot
-
-    async def _adapter_model(self, start: SessionStart) -> str | None:
-        """The model the session's adapter was checked against (None: no adapter, or none stored; loading
-        it then says so). moshiko and moshika share their shapes: the file alone would load on either."""
-        record = await self._adapter_record(start)
-        return None if record is None else record.model
 
     async def _adapter_record(self, start: SessionStart) -> AdapterRecord | None:
         """The stored record of the session's adapter (None: no adapter, or none stored)."""

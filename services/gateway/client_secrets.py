@@ -124,14 +124,13 @@ async def create_client_secret(
         await check_voice_owned(request, owner, config.voice)
     voice = config.voice or model
     caller = Caller(owner, model=model, instructions=config.instructions, voice=config.voice)
-    model = model_of_voice(voice) or model  # what the socket will run: a native voice's own model
     store: ClientSecretStore = request.app.state.client_secrets
     value = await store.mint(caller, ttl_s)
     expires_at = int(time.time()) + ttl_s
     pcm = {"type": "audio/pcm", "rate": SAMPLE_RATE}
     session = SecretSession(
         id=f"sess_{secrets.token_hex(10)}",
-        model=model,
+        model=model_of_voice(voice) or model,  # what the socket will run: a native voice's own model
         instructions=config.instructions or "",
         expires_at=expires_at,
         audio={"input": {"format": pcm}, "output": {"format": pcm, "voice": voice}},
