@@ -106,7 +106,7 @@ class _Lenient(BaseModel):
 
 class AudioFormat(_Lenient):
     type: str | None = None
-    rate: int | None = None
+    rate: Annotated[int, Field(strict=True)] | None = None  # "24000" is refused, as OpenAI's API does
 
 
 class TurnDetection(_Lenient):
@@ -139,7 +139,8 @@ class SessionConfig(_Lenient):
     voice: str | None = None
     input_audio_format: str | None = None
     output_audio_format: str | None = None
-    temperature: float | None = None
+    # Unused (a persona's sampling applies), but a value that could never be valid is refused, not ignored.
+    temperature: Annotated[float, Field(strict=True, allow_inf_nan=False)] | None = None
     turn_detection: TurnDetection | None = None
     tools: list[Any] | None = None
     output_modalities: list[str] | None = None

@@ -89,6 +89,23 @@ def test_telephony_formats_are_accepted_in_both_shapes(session: dict[str, object
     assert event.session.codecs() == codecs
 
 
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"audio": {"input": {"format": {"type": "audio/pcm", "rate": "24000"}}}}', "rate"),
+        ('{"temperature": NaN}', "temperature"),
+        ('{"temperature": Infinity}', "temperature"),
+        ('{"temperature": "0.8"}', "temperature"),
+    ],
+)
+def test_a_session_update_with_a_value_of_the_wrong_kind_is_refused(text: str, field: str) -> None:
+    """Fields Chorus does not use are still checked: a client that sent a rate as a string or an
+    impossible temperature learns so, where OpenAI's API would refuse it too."""
+    error = ev.parse_client_event(f'{{"type": "session.update", "event_id": "e1", "session": {text}}}')
+    assert isinstance(error, ev.ErrorDetail), error
+    assert error.code == "invalid_event" and field in error.message and error.event_id == "e1", error
+
+
 def test_server_events_carry_event_id_and_type() -> None:
     delta = ev.OutputAudioDelta(response_id="resp_1", item_id="item_1", delta="AAAA")
     body = delta.model_dump()
