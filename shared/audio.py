@@ -91,6 +91,27 @@ class FrameSplitter:
         self._pending = np.zeros(0, dtype=np.float32)
 
 
+class Pcm16Frames:
+    """Accumulates PCM16 bytes of any length and hands out whole 80 ms frames of it; keeps the remainder.
+    What a client sends as PCM16 is cut as bytes: no trip through float and back (~10 µs a frame)."""
+
+    def __init__(self, frame_bytes: int = FRAME_BYTES) -> None:
+        self.frame_bytes = frame_bytes
+        self._pending = bytearray()
+
+    def push(self, pcm: bytes) -> list[bytes]:
+        if len(pcm) % 2:
+            raise ValueError(f"PCM16 needs an even number of bytes, got {len(pcm)}")
+        self._pending += pcm
+        whole = len(self._pending) - len(self._pending) % self.frame_bytes
+        frames = [bytes(self._pending[i : i + self.frame_bytes]) for i in range(0, whole, self.frame_bytes)]
+        del self._pending[:whole]
+        return frames
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+
 class OpusEncoder:
     """PCM -> an Ogg/Opus stream as Moshi's server sends it: the `OpusHead` and `OpusTags` pages first, then
     one page per call with the 20 ms packets encoded so far (any length in; a remainder under 20 ms waits

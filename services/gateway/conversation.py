@@ -20,7 +20,7 @@ from typing import Any
 from services.gateway.leases import LeaseKeeper
 from services.gateway.lifetime import Lifetime
 from shared import metrics
-from shared.audio import FloatAudio, FrameSplitter, float_to_pcm16
+from shared.audio import FloatAudio, Pcm16Frames, float_to_pcm16
 from shared.bus import Bus, SharedReader, SharedWriter
 from shared.errors import (
     ChorusError,
@@ -102,7 +102,7 @@ class Conversation:
         self.leases = leases
         self.transcripts = transcripts
         self.lifetime = Lifetime(max_session_s, idle_timeout_s)  # `outputs` ends the session by it
-        self._splitter = FrameSplitter()
+        self._splitter = Pcm16Frames()
         self._seq = 0
         self._lost: str | None = None  # why the session ended without this gateway (see LeaseKeeper)
         self._input_dropped = 0
@@ -184,7 +184,11 @@ class Conversation:
         return bool(await self.store.dialogue_worker(self.session_id))
 
     async def send_audio(self, samples: FloatAudio) -> int:
-        """Cut arbitrary-length 24 kHz audio into 80 ms frames and append them to `:in` (through the
+        """`send_pcm16` of float audio."""
+        return await self.send_pcm16(float_to_pcm16(samples))
+
+    async def send_pcm16(self, pcm: bytes) -> int:
+        """Cut arbitrary-length 24 kHz PCM16 into 80 ms frames and append them to `:in` (through the
         gateway's `SharedWriter`: with other sessions' frames that arrive meanwhile, in one round trip).
         While Redis is away the frames are dropped (it is live audio: late is as good as lost), counted
         and logged: the writer answers within its `max_wait_s` once a write stalls, so a session's receive
@@ -192,8 +196,8 @@ class Conversation:
         socket timeout while the client's audio piles up."""
         stream = self.bus.names.session_input(self.session_id)
         frames = [
-            (stream, UserAudio(session_id=self.session_id, seq=self._seq + i, pcm=float_to_pcm16(frame)))
-            for i, frame in enumerate(self._splitter.push(samples))
+            (stream, UserAudio(session_id=self.session_id, seq=self._seq + i, pcm=frame))
+            for i, frame in enumerate(self._splitter.push(pcm))
         ]
         self._seq += len(frames)
         if not frames:

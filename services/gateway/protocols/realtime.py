@@ -518,7 +518,7 @@ class RealtimeSession:
             await self.start_conversation()
         assert self.conversation is not None
         self.appended_since_commit = True
-        await self.conversation.send_audio(self.audio.decode_input(data))
+        await self.conversation.send_pcm16(self.audio.decode_input(data))
 
     def _start_request(self) -> tuple[str | None, ...]:
         """What a conversation start asks for: a start refused for it is refused again while it holds."""

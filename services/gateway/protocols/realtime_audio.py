@@ -1,5 +1,5 @@
 """A realtime session's audio formats: what the client appends is decoded to the conversation's 24 kHz
-float audio, and Moshi's 24 kHz PCM16 is encoded as the client asked (`pcm16` 24 kHz, or G.711 μ-law /
+PCM16, and Moshi's 24 kHz PCM16 is encoded as the client asked (`pcm16` 24 kHz, or G.711 μ-law /
 A-law 8 kHz for telephony bridges, resampled with a stream resampler per direction so chunk edges do not
 click). The codecs themselves are in shared/audio.py."""
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 from services.gateway.protocols.realtime_events import CODEC_RATES, AudioCodec
 from shared.audio import (
     SAMPLE_RATE,
-    FloatAudio,
     StreamResampler,
     float_to_pcm16,
     g711_decode,
@@ -40,14 +39,15 @@ class RealtimeAudio:
         sample_bytes = 2 if self.input == "pcm16" else 1
         return len(data) / (sample_bytes * CODEC_RATES[self.input])
 
-    def decode_input(self, data: bytes) -> FloatAudio:
+    def decode_input(self, data: bytes) -> bytes:
+        """What the client appended, as the conversation's 24 kHz PCM16 (PCM16 is that already)."""
         if self.input == "pcm16":
             if len(data) % 2:
                 raise InvalidRequest("audio must be PCM16: an even number of bytes")
-            return pcm16_to_float(data)
+            return data
         if self._upsample is None:
             self._upsample = StreamResampler(CODEC_RATES[self.input], SAMPLE_RATE)
-        return self._upsample.push(pcm16_to_float(g711_decode(data, self.input)))
+        return float_to_pcm16(self._upsample.push(pcm16_to_float(g711_decode(data, self.input))))
 
     def encode_output(self, pcm: bytes) -> bytes:
         """Moshi's 24 kHz PCM16 in the client's output format (empty while the resampler fills)."""

@@ -14,12 +14,13 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -30,7 +31,7 @@ from chorus.devtools.redis_server import free_port
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus
-from shared.messages import CONTROL, EventName, SessionEvent, SessionStop
+from shared.messages import CONTROL, INPUT, EventName, SessionEvent, SessionStop
 from shared.presence import WorkerPresence
 from shared.sessions import SessionState
 from tests.support.waiting import wait_until
@@ -194,6 +195,35 @@ async def test_a_client_that_leaves_mid_session_ends_it(gateway: Gateway, bus: B
     await ready(bus, sid, protocol, ws)
     await ws.close()
     await assert_stopped(bus, sid, "client_closed")
+
+
+async def test_a_realtime_clients_pcm16_reaches_the_input_stream_byte_for_byte_in_whole_frames(
+    gateway: Gateway, bus: Bus
+) -> None:
+    """Appends of any even length are cut into 80 ms frames as they came: nothing resampled, rounded or
+    lost at a chunk's edge; the remainder waits for the next append."""
+    ws, sid = await open_session("realtime", gateway.ws_url)
+    await ready(bus, sid, "realtime", ws)
+    sent = np.random.default_rng(7).integers(-32768, 32768, 5 * 1920, dtype="<i2").tobytes()
+    for start, end in ((0, 1000), (1000, 3842), (3842, 11000), (11000, 11002), (11002, len(sent) - 6)):
+        await ws.send(
+            json.dumps(
+                {"type": "input_audio_buffer.append", "audio": base64.b64encode(sent[start:end]).decode()}
+            )
+        )
+
+    async def frames() -> list[bytes]:
+        return [INPUT.decode(e.fields).pcm for e in await bus.range(bus.names.session_input(sid))]
+
+    await wait_until(lambda: _count_at_least(frames, 5), "the appended frames on :in")
+    written = await frames()
+    assert written[0] == bytes(3840), "the opening append's silence"
+    assert b"".join(written[1:]) == sent[: 4 * 3840], "four whole frames, as sent; the rest still waits"
+    await ws.close()
+
+
+async def _count_at_least(read: Callable[[], Awaitable[list[bytes]]], count: int) -> bool:
+    return len(await read()) >= count
 
 
 # --- malformed input --------------------------------------------------------------------------------
