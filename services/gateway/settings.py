@@ -47,7 +47,7 @@ class GatewaySettings(CommonSettings):
     )
     client_secret_ttl_s: int = Field(
         default=60,
-        ge=10,
+        ge=1,
         le=7200,
         description="Longest life of a realtime client secret (`POST /v1/realtime/client_secrets`); "
         "a shorter `expires_after.seconds` is honoured.",
