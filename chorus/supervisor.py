@@ -194,13 +194,19 @@ def terminate(children: Sequence[Child], timeout_s: float) -> None:
             child.process.wait()
 
 
-def probe_ready(url: str, timeout_s: float) -> tuple[bool, str]:
-    """(ready, why not) from one GET of the gateway's /readyz."""
+def probe_ready(url: str, timeout_s: float, workers: Sequence[str] = ()) -> tuple[bool, str]:
+    """(ready, why not) from one GET of the gateway's /readyz: it answers ready, and each of `workers`
+    (the worker services `chorus up` started) has a worker serving. The gateway's own readiness does not
+    wait for a TTS worker (native voices need none); the ready line, which names every service, does."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
     try:
         with opener.open(url, timeout=timeout_s) as response:
-            ready = response.status == 200 and json.loads(response.read()).get("ready") is True
-            return ready, "" if ready else f"/readyz answered {response.status} without ready: true"
+            body = json.loads(response.read())
+            if response.status != 200 or body.get("ready") is not True:
+                return False, f"/readyz answered {response.status} without ready: true"
+            services = body.get("services") or {}
+            waiting = [name for name in workers if not (services.get(name) or {}).get("ready")]
+            return not waiting, f"no {' or '.join(waiting)} worker serves yet" if waiting else ""
     except urllib.error.HTTPError as error:
         return False, f"/readyz answered {error.code} {error.read()[:300].decode(errors='replace')}"
     except (OSError, ValueError) as error:  # refused, timed out, not JSON
@@ -215,12 +221,14 @@ class ReadinessWatch:
         self,
         url: str,
         ready_line: str,
+        workers: Sequence[str] = (),
         interval_s: float = 0.5,
         timeout_s: float = 1.0,
         misses_before_not_ready: int = 2,  # one slow answer is not an outage
     ) -> None:
         self.url = url
         self.ready_line = ready_line
+        self.workers = workers
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.misses_before_not_ready = misses_before_not_ready
@@ -239,7 +247,7 @@ class ReadinessWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            ready, why = probe_ready(self.url, self.timeout_s)
+            ready, why = probe_ready(self.url, self.timeout_s, self.workers)
             if not self._stop.is_set():
                 self.observe(ready, why)
 
@@ -294,7 +302,8 @@ def up(port: int | None, services: Sequence[str] = SERVICE_ORDER) -> int:
     watch = None
     if "gateway" in services:
         ready_line = f"chorus is ready: {gateway.base_url()} ({', '.join(services)})"
-        watch = ReadinessWatch(f"{gateway.base_url()}/readyz", ready_line)
+        workers = [name for name in services if name != "gateway"]
+        watch = ReadinessWatch(f"{gateway.base_url()}/readyz", ready_line, workers)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)

@@ -47,29 +47,25 @@ def start_up(tmp_path: Path, checkpoints: Path) -> Iterator[Callable[..., Chorus
         up.kill()
 
 
-def test_chorus_up_serves_health_and_stops_everything_on_sigterm(start_up: Callable[..., ChorusUp]) -> None:
+def test_chorus_up_says_ready_once_serves_and_stops_everything_on_sigterm(
+    start_up: Callable[..., ChorusUp],
+) -> None:
     up = start_up()
-    assert wait_answering(up.url("gateway", "/healthz"), 60, up.process)["status"] == "ok"
-    up.wait_until_ready()
+    line = f"chorus is ready: http://127.0.0.1:{up.ports['gateway']} (router, tts, dialogue, gateway)"
+    up.wait_for_line(re.escape(line), 60)
+    assert get_json(up.url("gateway", "/readyz"))[0] == 200, "the line comes once /readyz answered 200"
+    assert get_json(up.url("gateway", "/healthz"))[1]["status"] == "ok"
     ready = wait_answering(up.url("gateway", "/readyz"), 60, up.process)
     assert ready["dialogue_workers"] == 1 and ready["tts_workers"] == 1 and ready["router_workers"] == 1
+    time.sleep(2)  # four more polls of a ready gateway
+    assert sum(line in logged for logged in up.up_lines()) == 1
+    assert not any("not ready" in logged for logged in up.up_lines())
     assert up.stop() == 0
     output = up.output()
     assert "all services stopped" in output
     for service in SERVICES:
         assert f"{service} stopped" in output, f"{service} did not shut down cleanly:\n{output[-3000:]}"
     assert not any(pid_exists(pid) for pid in up.pids().values())
-
-
-def test_the_ready_line_is_logged_once_after_readyz_answered_200(start_up: Callable[..., ChorusUp]) -> None:
-    up = start_up()
-    line = f"chorus is ready: http://127.0.0.1:{up.ports['gateway']} (router, tts, dialogue, gateway)"
-    up.wait_for_line(re.escape(line), 60)
-    assert get_json(up.url("gateway", "/readyz"))[0] == 200
-    time.sleep(2)  # four more polls of a ready gateway
-    assert sum(line in logged for logged in up.up_lines()) == 1
-    assert not any("not ready" in logged for logged in up.up_lines())
-    assert up.stop() == 0
 
 
 def test_a_worker_killed_with_sigkill_is_restarted_and_the_stack_is_ready_again(

@@ -3,7 +3,10 @@ tests/test_up.py runs the real thing."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import logging
+import threading
 
 import pytest
 
@@ -70,6 +73,32 @@ def test_a_gateway_that_does_not_answer_is_not_ready() -> None:
     ready, why = probe_ready(f"http://127.0.0.1:{free_port()}/readyz", timeout_s=0.5)
     assert not ready
     assert "does not answer" in why
+
+
+def test_the_ready_line_waits_for_every_worker_service_started_not_only_for_the_gateways_readiness() -> None:
+    """The gateway is ready without a TTS worker (native voices need none), but the ready line names tts:
+    it came while the TTS worker was still loading."""
+    body = {"ready": True, "services": {"dialogue": {"ready": True}, "router": {"ready": True}, "tts": {}}}
+
+    class Readyz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the handler's name is http.server's)
+            payload = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Readyz) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/readyz"
+        assert probe_ready(url, 2.0, ["router", "tts", "dialogue"]) == (False, "no tts worker serves yet")
+        assert probe_ready(url, 2.0, ["router", "dialogue"]) == (True, "")
+        body["services"]["tts"] = {"ready": True}
+        assert probe_ready(url, 2.0, ["router", "tts", "dialogue"]) == (True, "")
+        server.shutdown()
 
 
 def test_the_embedded_redis_avoids_every_port_a_service_is_configured_with() -> None:
