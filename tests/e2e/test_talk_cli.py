@@ -21,6 +21,9 @@ async def test_chorus_talk_saves_the_reply_and_transcript(
     stack: ChorusStack, tmp_path: Path, protocol: str, cloned: bool
 ) -> None:
     voice = f"profile:{await upload_voice(stack.url, str(SPEECH_WAV))}" if cloned else "moshiko"
+    said = tmp_path / "said.wav"  # 2.5 s of the speech clip: `talk` streams it in real time
+    speech, rate = sphn.read(str(SPEECH_WAV))
+    sphn.write_wav(str(said), speech[0, : int(2.5 * rate)], rate)
     out = tmp_path / "reply.wav"
     result = subprocess.run(
         [
@@ -28,7 +31,7 @@ async def test_chorus_talk_saves_the_reply_and_transcript(
             "-m",
             "chorus.cli",
             "talk",
-            str(SPEECH_WAV),
+            str(said),
             "--out",
             str(out),
             "--voice",
