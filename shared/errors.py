@@ -67,11 +67,19 @@ class Unauthorized(ChorusError):
 
 
 class RequestTimeout(ChorusError):
-    """A request body that does not arrive in time (an upload trickled or stalled)."""
+    """A request that does not arrive in time: its head, or an upload's body (trickled or stalled)."""
 
     code = "request_timeout"
     status = 408
-    title = "Request body too slow"
+    title = "Request too slow"
+
+
+class HeadTooLarge(ChorusError):
+    """A request line and headers over the gateway's bound, refused before any of it is used."""
+
+    code = "request_header_fields_too_large"
+    status = 431
+    title = "Request head too large"
 
 
 class Forbidden(ChorusError):

@@ -115,6 +115,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(
         limits.BodySizeLimit,
         max_bytes=settings.max_body_bytes,
+        timeout_s=settings.request_body_timeout_s,
         routes={
             voices.UPLOAD_ROUTE: voices.upload_body_cap(settings),
             adapters.UPLOAD_ROUTE: adapters.upload_body_cap(settings),

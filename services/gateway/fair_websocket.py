@@ -43,7 +43,7 @@ written and the connection half-closed, as after a refused frame. A request the 
 an answer (one with a body: a `Content-Length` other than 0, or a `Transfer-Encoding`) gets a 400
 problem here, so that no refusal is a bare close. An upgrade over HTTP/1.0 (RFC 6455 asks for 1.1) was
 taken: uvicorn writes the request out again as HTTP/1.1 before this protocol parses it. It is refused with
-a 400 problem by `StrictUpgradeHttpProtocol`, the HTTP protocol that hands upgrades over.
+a 400 problem by `http_protocol.BoundedHttpProtocol`, the HTTP protocol that hands upgrades over.
 
 No compression of Opus: per-message deflate (negotiated when the client offers it, as browsers do) spends
 CPU on every message of Moshi's protocol, whose audio is Ogg/Opus and does not compress (about 5 % of the
@@ -62,7 +62,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from uvicorn._types import ASGISendEvent
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
@@ -96,19 +95,6 @@ def problem_answer(error: ChorusError) -> bytes:
     status = f"HTTP/1.1 {response.status_code} {HTTPStatus(response.status_code).phrase}".encode()
     headers = [name + b": " + value for name, value in response.raw_headers]
     return b"\r\n".join([status, *headers, b"connection: close", b"", bytes(response.body)])
-
-
-class StrictUpgradeHttpProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol, refusing a WebSocket upgrade over HTTP/1.0 (module docstring)."""
-
-    def handle_websocket_upgrade(self) -> None:
-        if self.scope.get("http_version") != "1.1":
-            metrics.SESSIONS_REJECTED.labels(reason="malformed_upgrade").inc()
-            error = InvalidRequest("a WebSocket upgrade needs HTTP/1.1")
-            self.transport.write(problem_answer(error))
-            self.transport.close()
-            return
-        super().handle_websocket_upgrade()
 
 
 class FairWebSocketProtocol(WebSocketsSansIOProtocol):

@@ -27,7 +27,7 @@ from services.gateway.settings import GatewaySettings
 from shared import metrics
 from shared.audio import FRAME_SEC, SAMPLE_RATE
 from shared.bus import Bus
-from shared.errors import ChorusError, PayloadTooLarge, RateLimited
+from shared.errors import ChorusError, PayloadTooLarge, RateLimited, RequestTimeout
 from shared.rate_windows import RateWindows
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,25 @@ class BodySizeLimit:
     Every route gets `max_bytes` (JSON bodies: small), except the (method, path) pairs in `routes`, which
     carry their own cap: the voice upload's is the upload setting, and it applies nowhere else.
 
+    A body of the default cap must also arrive within `timeout_s` (else a 408 problem): a client trickling
+    64 KiB of JSON a byte at a time held its request, and its socket, for days. The uploads' routes bound
+    their own bodies' time (`uploads.py`: the stall and whole-body bounds).
+
     Not Starlette's `max_body_size` (FastAPI's per-route one is the same middleware): its 413 carries no
     measured size, limit or unit and is counted nowhere, and per route it runs inside the app, after the
     rate limit has counted the request.
     """
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, routes: Mapping[tuple[str, str], BodyCap] | None = None
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        timeout_s: float,
+        routes: Mapping[tuple[str, str], BodyCap] | None = None,
     ) -> None:
         self.app = app
         self.default = BodyCap(max_bytes)
+        self.timeout_s = timeout_s  # a body of the default cap; the routes' (uploads) bound their own time
         self.routes = dict(routes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,23 +81,37 @@ class BodySizeLimit:
         cap = self.routes.get((scope["method"], scope["path"]), self.default)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap.allowed:
-            await self._refuse(cap, int(declared), scope, receive, send)
+            await self._refuse(self._too_large(cap, int(declared)), scope, receive, send)
             return
         seen = 0
         started = refused = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s if cap is self.default else None  # on the loop's clock
 
         async def bounded_receive() -> Message:
-            # Past the limit: answer 413 now and tell the app the client left, so it stops reading.
-            nonlocal seen, refused
-            message = await receive()
-            if message["type"] == "http.request":
+            # Past the limit or the deadline: answer now; the app is told the client left (it stops reading).
+            # The deadline is the body's: a receive after its end (a streamed answer's wait for the client
+            # to leave) has none.
+            nonlocal seen, refused, deadline
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                refusal: ChorusError = self._too_slow()
+            else:
+                if message["type"] != "http.request":
+                    return message
+                if not message.get("more_body", False):
+                    deadline = None
                 seen += len(message.get("body", b""))
-                if seen > cap.allowed and not refused:
-                    refused = True
-                    if not started:
-                        await self._refuse(cap, seen, scope, receive, send)
-                    return {"type": "http.disconnect"}
-            return message
+                if seen <= cap.allowed or refused:
+                    return message
+                refusal = self._too_large(cap, seen)
+            if not refused:
+                refused = True
+                if not started:
+                    await self._refuse(refusal, scope, receive, send)
+            return {"type": "http.disconnect"}
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
@@ -99,15 +122,28 @@ class BodySizeLimit:
 
         await self.app(scope, bounded_receive, tracking_send)
 
-    async def _refuse(self, cap: BodyCap, measured: int, scope: Scope, receive: Receive, send: Send) -> None:
+    @staticmethod
+    def _too_large(cap: BodyCap, measured: int) -> ChorusError:
         metrics.LIMIT_REJECTIONS.labels(limit="body_size").inc()
-        error = PayloadTooLarge(
+        return PayloadTooLarge(
             f"the request body is larger than the limit of {cap.limit} bytes",
             reason="too_large",
             measured=measured,
             limit=cap.limit,
             unit="bytes",
         )
+
+    def _too_slow(self) -> ChorusError:
+        metrics.LIMIT_REJECTIONS.labels(limit="body_time").inc()
+        return RequestTimeout(
+            f"the request body did not arrive within {self.timeout_s:g} s",
+            reason="body_too_slow",
+            limit=self.timeout_s,
+            unit="s",
+        )
+
+    @staticmethod
+    async def _refuse(error: ChorusError, scope: Scope, receive: Receive, send: Send) -> None:
         await problem_response(error, scope.get("path"))(scope, receive, send)
 
 

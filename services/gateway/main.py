@@ -9,7 +9,8 @@ import uvicorn
 
 from services.gateway.app import create_app
 from services.gateway.auth import AuthSetupError
-from services.gateway.fair_websocket import FairWebSocketProtocol, StrictUpgradeHttpProtocol
+from services.gateway.fair_websocket import FairWebSocketProtocol
+from services.gateway.http_protocol import BoundedHttpProtocol
 from services.gateway.settings import get_settings
 from shared.audio import LibopusMissing, libopus
 from shared.logging import configure_logging
@@ -34,7 +35,7 @@ def main() -> None:
         port=settings.port,
         log_config=None,
         lifespan="on",
-        http=StrictUpgradeHttpProtocol,  # httptools (uvicorn[standard]'s), refusing HTTP/1.0 upgrades
+        http=BoundedHttpProtocol.with_head_timeout(settings.request_head_timeout_s),  # http_protocol.py
         ws=FairWebSocketProtocol,  # one socket's input never holds the event loop for long
         ws_per_message_deflate=settings.ws_compression,  # offered as Huffman-only (fair_websocket.py)
         ws_max_size=settings.ws_max_message_bytes,  # a larger frame: close 1009, with the reason

@@ -272,6 +272,22 @@ class GatewaySettings(CommonSettings):
         description="Voice uploads one gateway receives and decodes at once; past it a new one is refused "
         "at once (503 `busy`, Retry-After) before its body is read.",
     )
+    request_head_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="Longest a request's line and headers may take to arrive, from the connection (or, on "
+        "a kept-alive one, from the request's first byte); past it the request is refused (408 "
+        "`head_too_slow`) and the connection closed. A client that connects and sends nothing is closed "
+        "after it too.",
+    )
+    request_body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Longest a request body (other than an upload's, which CHORUS_UPLOAD_TIMEOUT_S bounds) "
+        "may take to arrive; past it the request is refused (408 `body_too_slow`).",
+    )
     upload_timeout_s: float = Field(
         default=900.0,
         gt=0,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -13,6 +14,7 @@ from tests.support.tts import SPEECH
 
 JSON_CAP = 64 * 1024  # the default CHORUS_MAX_BODY_BYTES
 UPLOAD_CAP = 1024 * 1024  # CHORUS_VOICE_MAX_UPLOAD_BYTES, lowered to keep the bodies small
+ENDED_WITHIN_S = 3.0  # generous: an answered connection is ended at once
 
 
 @pytest.fixture
@@ -60,6 +62,25 @@ def test_a_json_body_over_the_small_cap_is_refused_before_it_is_parsed(
     listed = httpx.get(f"{gateway.url}/v1/personas", timeout=10).json()["items"]
     assert [p["name"] for p in listed if not p["builtin"]] == [], "nothing was created"
     assert "Traceback" not in gateway.log_text()
+
+
+def test_a_request_answered_before_its_body_arrived_ends_its_connection(gateway: GatewayProcess) -> None:
+    """Refused by its declared length, the body still coming: the 413 is followed by the end of the stream
+    while the client sends on (uvicorn kept reading the body, and the client's next byte stopped its
+    keep-alive timer: the socket stayed open for as long as the client liked). Then it is served again."""
+    head = (
+        b"POST /v1/personas HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {10 * JSON_CAP}\r\n\r\n".encode()
+    )
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=ENDED_WITHIN_S) as client:
+        client.sendall(head + b'{"name": "')
+        received = client.recv(65536)
+        client.sendall(b"y" * 1000)  # the client sends on
+        while chunk := client.recv(65536):  # times out if the gateway keeps the socket open
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 413 "), received[:200]
+    assert b'"code":"payload_too_large"' in received
+    assert httpx.get(f"{gateway.url}/healthz", timeout=10).status_code == 200
 
 
 def test_a_json_body_under_the_cap_is_accepted(gateway: GatewayProcess) -> None:

@@ -3,12 +3,14 @@ auth-failure budget belongs to (socket limits: test_socket_limits.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
-from services.gateway.limits import client_network
+from services.gateway.limits import BodySizeLimit, client_network
 from shared import metrics
 from tests.services.gateway.app_client import gateway_client
 
@@ -70,3 +72,55 @@ async def test_requests_per_minute_are_limited_per_key(
 )
 def test_auth_failures_are_counted_per_ipv4_address_or_ipv6_64(client: str, counted_as: str) -> None:
     assert client_network(client) == counted_as
+
+
+async def _body_then_wait(messages: list[Message], wait_s: float) -> Receive:
+    """An ASGI `receive` giving `messages`, then the client's leaving after `wait_s`."""
+    pending = list(messages)
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        await asyncio.sleep(wait_s)
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _answered(limit: BodySizeLimit, receive: Receive) -> list[Message]:
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/personas", "headers": []}
+    await limit(scope, receive, send)
+    return sent
+
+
+async def test_a_body_slower_than_its_bound_is_refused_and_the_app_told_the_client_left() -> None:
+    told: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (message := await receive())["type"] == "http.request" and message.get("more_body"):
+            pass
+        told.append(message["type"])
+
+    limit = BodySizeLimit(app, max_bytes=1024, timeout_s=0.2)
+    sent = await _answered(limit, await _body_then_wait([{"type": "http.request", "more_body": True}], 5))
+    assert sent[0]["status"] == 408 and b'"reason":"body_too_slow"' in sent[1]["body"]
+    assert told == ["http.disconnect"]
+
+
+async def test_a_wait_after_the_whole_body_has_no_deadline() -> None:
+    """A streamed answer waits for the client to leave after the body: that is not a slow body."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # the whole body
+        assert (await receive())["type"] == "http.disconnect"  # past the body's bound
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    limit = BodySizeLimit(app, max_bytes=1024, timeout_s=0.2)
+    sent = await _answered(limit, await _body_then_wait([{"type": "http.request", "body": b"{}"}], 0.5))
+    assert sent[0]["status"] == 200
