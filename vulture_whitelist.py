@@ -21,6 +21,7 @@ from services.dialogue.sampling import RowSampledLMGen
 from services.gateway.adapters import AdapterOut
 from services.gateway.client_secrets import ExpiresAfter
 from services.gateway.fair_websocket import FairWebSocketProtocol
+from services.gateway.http_protocol import BoundedHttpProtocol
 from services.gateway.problems import ProblemJSONResponse
 from services.gateway.protocols import realtime_events
 from services.gateway.protocols.response_carver import ResponseCarver
@@ -41,6 +42,10 @@ ProblemJSONResponse.media_type  # starlette's Response reads the class's media t
 FairWebSocketProtocol.handle_parser_exception  # uvicorn's websockets-sansio protocol calls it
 FairWebSocketProtocol.handshake_complete  # read by uvicorn's protocol
 FairWebSocketProtocol.close_timer  # cancelled by uvicorn's protocol when the connection closes
+BoundedHttpProtocol.send_400_response  # uvicorn's httptools protocol calls it on a parser error
+BoundedHttpProtocol.timeout_keep_alive_task  # cancelled by uvicorn's protocol on the next bytes or the close
+BoundedHttpProtocol.server_state.total_requests  # uvicorn counts answered requests (limit_max_requests)
+uvicorn.protocols.http.httptools_impl.RequestResponseCycle.disconnected  # its send and receive read it
 EmbeddedUvicorn.capture_signals  # uvicorn.Server.serve enters it
 uvicorn.Server.should_exit  # uvicorn's main loop polls it
 JsonFormatter.formatTime  # logging.Formatter calls it for asctime
