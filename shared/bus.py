@@ -40,6 +40,7 @@ from shared.streams import StreamNames
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Envelope)
+MAX_CONNECTIONS = 100  # per process (redis-py's default); the hot loops' lanes hold one each
 Fields = dict[bytes, bytes]
 
 
@@ -193,8 +194,13 @@ class Bus:
         Every command fails after `socket_timeout_s` without an answer (a hung or partitioned Redis
         surfaces as a retryable TimeoutError instead of a hang); blocking reads block at most half of it.
         """
-        redis = aioredis.Redis.from_url(
+        # Blocking: past `MAX_CONNECTIONS` in use a command waits for one (at most its socket timeout) where
+        # redis-py's default pool failed it at once: a burst of one client's requests (300 at once, even
+        # unauthenticated: each refusal is counted in Redis) made other clients' requests fail with 503.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=socket_timeout_s,
             decode_responses=False,
             socket_connect_timeout=timeout_s,
             socket_timeout=socket_timeout_s,
@@ -203,6 +209,7 @@ class Bus:
             # next command fails: one immediate retry on a fresh connection, never on a timeout.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        redis = aioredis.Redis.from_pool(pool)
         try:
             async with asyncio.timeout(timeout_s):
                 await redis.ping()

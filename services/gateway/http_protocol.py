@@ -12,6 +12,8 @@ as a client sent. `BoundedHttpProtocol` closes them:
 - **The head's size**: `HEAD_MAX_BYTES` on the wire, counted as the bytes arrive (httptools buffers a
   header until its end, quadratically: one endless header value took ~90 MB and a core for the whole
   head time), and `HEAD_MAX_FIELDS` headers. Past either: a 431 problem, before the parser is fed more.
+  A chunked body's trailers (headers after its last chunk) are buffered the same way: the reads after a
+  chunk's header that bring none of its data are counted against the same bound.
 - **A request the parser refuses** (a malformed line or header): a 400 problem, where uvicorn wrote plain
   text.
 - **A WebSocket upgrade** over HTTP/1.0 (RFC 6455 asks for 1.1; uvicorn rewrote it as 1.1 and took it), or
@@ -55,6 +57,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes = 0  # on the wire, since the head's clock started
     _head_fields = 0
+    _chunk_gap: int | None = None  # bytes read since a chunk's header without its data (None: not waiting)
     _ending = False  # the answer that ends the connection is written or owed: input is dropped
     _owed: bytes | None = None  # that answer, while earlier requests' answers are still being written
     _drained = 0
@@ -88,10 +91,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 if self._ending or self.transport.is_closing() or self.transport.get_protocol() is not self:
                     return  # refused, or upgraded to a WebSocket (which takes no more from here)
                 if self._head_timer is not None:  # it did not
-                    self._refuse(self._too_large(f"over {HEAD_MAX_BYTES} bytes", HEAD_MAX_BYTES, "bytes"))
+                    self._refuse(
+                        self._too_large(
+                            f"the request line and headers are over {HEAD_MAX_BYTES} bytes",
+                            HEAD_MAX_BYTES,
+                            "bytes",
+                        )
+                    )
                     return
                 data = data[room:]
         super().data_received(data)
+        if self._chunk_gap is not None and not self._ending:
+            self._count_chunk_gap(len(data))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -102,13 +113,38 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_fields += 1
         if self._head_fields > HEAD_MAX_FIELDS:
-            self.refusal = self._too_large(f"over {HEAD_MAX_FIELDS} headers", HEAD_MAX_FIELDS, "headers")
+            self.refusal = self._too_large(
+                f"the request has over {HEAD_MAX_FIELDS} headers", HEAD_MAX_FIELDS, "headers"
+            )
             raise HeadRefused  # the parser stops; uvicorn answers through `send_400_response`
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._stop_head_timer()
         super().on_headers_complete()
+
+    # A chunk's header, then its data (`on_body`); after the last chunk's (size 0), its trailers, then the
+    # chunk's end. Only reads wholly after a chunk's header are counted (-1: the one that brought it).
+    def on_chunk_header(self) -> None:
+        self._chunk_gap = -1
+
+    def on_body(self, body: bytes) -> None:
+        self._chunk_gap = None
+        super().on_body(body)
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_gap = None
+
+    def _count_chunk_gap(self, size: int) -> None:
+        assert self._chunk_gap is not None
+        self._chunk_gap = 0 if self._chunk_gap < 0 else self._chunk_gap + size
+        if self._chunk_gap > HEAD_MAX_BYTES:
+            self._chunk_gap = None
+            self._refuse(
+                self._too_large(
+                    f"followed by over {HEAD_MAX_BYTES} bytes of trailers", HEAD_MAX_BYTES, "bytes"
+                )
+            )
 
     def _start_head_timer(self) -> None:
         self._head_bytes = 0
@@ -134,9 +170,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         )
 
     @staticmethod
-    def _too_large(what: str, limit: int, unit: str) -> HeadTooLarge:
+    def _too_large(detail: str, limit: int, unit: str) -> HeadTooLarge:
         metrics.LIMIT_REJECTIONS.labels(limit="http_head_size").inc()
-        return HeadTooLarge(f"the request line and headers are {what}", limit=limit, unit=unit)
+        return HeadTooLarge(detail, limit=limit, unit=unit)
 
     # --- refusals, and how a connection ends ---------------------------------------------------------
 

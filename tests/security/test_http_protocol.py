@@ -202,3 +202,30 @@ def test_a_refusal_pipelined_behind_a_request_comes_after_its_answer(
     assert b"HTTP/1.1 400 " in rest and b"invalid_request" in rest, received[:600]
     log = gateway.log_text()
     assert '"level": "error"' not in log and "Traceback" not in log, log[-2000:]
+
+
+def test_an_endless_trailer_after_a_chunked_body_is_refused_once_past_the_bound(
+    gateway: GatewayProcess,
+) -> None:
+    """httptools buffers a trailer as it does a header: an endless one held a core until the body's bound."""
+    head = (
+        b"POST /v1/personas HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Endless: "
+    )
+    with socket.create_connection(("127.0.0.1", gateway.port)) as client:
+        client.sendall(head)
+        time.sleep(0.05)  # the last chunk's header read apart from the trailer
+        for _ in range(20):  # 80 KiB, well within the body's bound
+            client.sendall(b"a" * 4096)
+        status, problem = answer_then_end(client)
+    assert (status, problem["limit"], problem["unit"]) == (431, 64 * 1024, "bytes"), problem
+    assert "trailers" in problem["detail"]
+
+
+def test_a_chunked_body_in_large_chunks_is_taken(gateway: GatewayProcess) -> None:
+    body = json.dumps({"name": "chunked", "primer": "p" * 1900}).encode()
+    chunks = [body[i : i + 500] for i in range(0, len(body), 500)]
+    response = httpx.post(
+        f"{gateway.url}/v1/personas", content=iter(chunks), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 201, response.text

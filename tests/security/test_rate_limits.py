@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
+from collections import Counter
 
 import httpx
 from websockets.asyncio.client import connect
@@ -77,3 +79,26 @@ def test_the_request_rate_counts_authenticated_owners(start_gateway: StartGatewa
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert get(gateway.url, BOB).status_code == 200, "each owner has a budget of its own"
     assert httpx.get(f"{gateway.url}/healthz", timeout=10).status_code == 200, "probes are never limited"
+
+
+def test_a_burst_of_requests_waits_for_redis_connections_instead_of_failing(
+    start_gateway: StartGateway,
+) -> None:
+    """300 requests at once, each counted in Redis: the pool (100 connections) ran out and the rest were
+    refused 503 at once, so one client's burst failed other clients' requests. Now they wait for one."""
+    gateway = start_gateway()
+    request = b"GET /v1/personas HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    clients = [socket.create_connection(("127.0.0.1", gateway.port), timeout=30) for _ in range(300)]
+    try:
+        for client in clients:
+            client.sendall(request)
+        statuses = Counter()
+        for client in clients:
+            received = b""
+            while chunk := client.recv(65536):
+                received += chunk
+            statuses[int(received.split()[1])] += 1
+    finally:
+        for client in clients:
+            client.close()
+    assert statuses == {200: 300}, statuses
