@@ -43,6 +43,8 @@ FairWebSocketProtocol.handle_parser_exception  # uvicorn's websockets-sansio pro
 FairWebSocketProtocol.handshake_complete  # read by uvicorn's protocol
 FairWebSocketProtocol.close_timer  # cancelled by uvicorn's protocol when the connection closes
 BoundedHttpProtocol.send_400_response  # uvicorn's httptools protocol calls it on a parser error
+BoundedHttpProtocol.on_chunk_header  # httptools' parser calls it (a chunked body's next chunk)
+BoundedHttpProtocol.on_chunk_complete  # httptools' parser calls it
 BoundedHttpProtocol.timeout_keep_alive_task  # cancelled by uvicorn's protocol on the next bytes or the close
 BoundedHttpProtocol.server_state.total_requests  # uvicorn counts answered requests (limit_max_requests)
 uvicorn.protocols.http.httptools_impl.RequestResponseCycle.disconnected  # its send and receive read it

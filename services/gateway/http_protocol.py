@@ -56,6 +56,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     refusal: ChorusError | None = None  # why the head was refused, raised as `HeadRefused` mid-parse
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes = 0  # on the wire, since the head's clock started
+    _heads_started = 0
     _head_fields = 0
     _chunk_gap: int | None = None  # bytes read since a chunk's header without its data (None: not waiting)
     _ending = False  # the answer that ends the connection is written or owed: input is dropped
@@ -87,10 +88,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             room = HEAD_MAX_BYTES - self._head_bytes
             self._head_bytes += min(len(data), room + 1)
             if len(data) > room:
+                head = self._heads_started
                 super().data_received(data[:room])  # the head may end within its bound
                 if self._ending or self.transport.is_closing() or self.transport.get_protocol() is not self:
                     return  # refused, or upgraded to a WebSocket (which takes no more from here)
-                if self._head_timer is not None:  # it did not
+                if self._heads_started != head:  # it ended, and a pipelined one began: count that one on
+                    self.data_received(data[room:])
+                    return
+                if self._head_timer is not None:  # it did not end
                     self._refuse(
                         self._too_large(
                             f"the request line and headers are over {HEAD_MAX_BYTES} bytes",
@@ -147,6 +152,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             )
 
     def _start_head_timer(self) -> None:
+        self._heads_started += 1
         self._head_bytes = 0
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_too_slow)
 

@@ -229,3 +229,18 @@ def test_a_chunked_body_in_large_chunks_is_taken(gateway: GatewayProcess) -> Non
         f"{gateway.url}/v1/personas", content=iter(chunks), headers={"content-type": "application/json"}
     )
     assert response.status_code == 201, response.text
+
+
+def test_a_head_pipelined_behind_another_in_one_read_is_counted_from_its_own_start(
+    gateway: GatewayProcess,
+) -> None:
+    """The first head's bytes moved the bound's cut: a second head just under 64 KiB was refused 431."""
+    first = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    second = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Pad: "
+    second += b"p" * (64 * 1024 - len(second) - 40) + b"\r\n\r\n"  # with the first, over 64 KiB
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=ENDED_WITHIN_S) as client:
+        client.sendall(first + second)
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+    assert received.count(b"HTTP/1.1 200 ") == 2, received[:600]
