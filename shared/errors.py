@@ -67,7 +67,8 @@ class Unauthorized(ChorusError):
 
 
 class RequestTimeout(ChorusError):
-    """A request that does not arrive in time: its head, or an upload's body (trickled or stalled)."""
+    """A request that does not arrive in time: its head, or its body (a small one too slow, an upload's
+    trickled or stalled)."""
 
     code = "request_timeout"
     status = 408
@@ -75,7 +76,8 @@ class RequestTimeout(ChorusError):
 
 
 class HeadTooLarge(ChorusError):
-    """A request line and headers over the gateway's bound, refused before any of it is used."""
+    """A request's line and headers (or a chunked body's trailers) over the gateway's bound in bytes or in
+    headers, refused before any of it is used."""
 
     code = "request_header_fields_too_large"
     status = 431

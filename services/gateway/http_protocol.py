@@ -147,7 +147,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._chunk_gap = None
             self._refuse(
                 self._too_large(
-                    f"followed by over {HEAD_MAX_BYTES} bytes of trailers", HEAD_MAX_BYTES, "bytes"
+                    f"the body's trailers are over {HEAD_MAX_BYTES} bytes", HEAD_MAX_BYTES, "bytes"
                 )
             )
 

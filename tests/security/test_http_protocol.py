@@ -42,6 +42,13 @@ def answer_then_end(client: socket.socket, received: bytes = b"") -> tuple[int, 
     return int(head.split()[1]), json.loads(body)
 
 
+def refusal_of(gateway: GatewayProcess, request: bytes) -> tuple[int, dict[str, Any]]:
+    """Send the request whole on a new connection: the status and problem it is answered with."""
+    with socket.create_connection(("127.0.0.1", gateway.port)) as client:
+        client.sendall(request)
+        return answer_then_end(client)
+
+
 def trickle(client: socket.socket, data: bytes, every_s: float = 0.2) -> bytes:
     """Send `data` a byte at a time until the gateway answers; what it answered so far."""
     for byte in data:
@@ -105,9 +112,7 @@ OVERSIZED_HEADS = {
 
 def test_a_head_over_64_kib_is_refused_before_it_is_used(gateway: GatewayProcess) -> None:
     for name, head in OVERSIZED_HEADS.items():
-        with socket.create_connection(("127.0.0.1", gateway.port)) as client:
-            client.sendall(head)
-            status, problem = answer_then_end(client)
+        status, problem = refusal_of(gateway, head)
         assert (status, problem["code"]) == (431, "request_header_fields_too_large"), (name, problem)
         assert problem["limit"] == 64 * 1024 and problem["unit"] == "bytes", name
     assert httpx.get(f"{gateway.url}/healthz", timeout=10).status_code == 200
@@ -156,9 +161,7 @@ UNPARSABLE = {
 def test_a_request_the_parser_refuses_gets_a_problem(gateway: GatewayProcess) -> None:
     """uvicorn answered these with a plain-text 400; every refusal is a problem."""
     for name, request in UNPARSABLE.items():
-        with socket.create_connection(("127.0.0.1", gateway.port)) as client:
-            client.sendall(request)
-            status, problem = answer_then_end(client)
+        status, problem = refusal_of(gateway, request)
         assert (status, problem["code"]) == (400, "invalid_request"), (name, problem)
 
 
@@ -185,9 +188,7 @@ def test_an_endless_header_is_refused_once_past_the_bound_not_buffered(gateway: 
 
 def test_over_256_headers_are_refused(gateway: GatewayProcess) -> None:
     many = b"".join(b"a%d:\r\n" % i for i in range(300))  # 2 KB: small, but a parse each
-    with socket.create_connection(("127.0.0.1", gateway.port)) as client:
-        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + many + b"\r\n")
-        status, problem = answer_then_end(client)
+    status, problem = refusal_of(gateway, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + many + b"\r\n")
     assert (status, problem["limit"], problem["unit"]) == (431, 256, "headers"), problem
 
 
