@@ -39,6 +39,9 @@
 #                2026-11-26: not real-time);
 #   lora (300):  issue 16's figure alone: 32 sessions with no LoRA against 1, 4 and 8 distinct rank-128
 #                adapters, each LoRA kernel, 200 ticks a variant (docs/performance.md, "LoRA adapters").
+#                Measured on an H100 on 2026-11-27: the eager kernels' ticks are 4-10x, so all three
+#                kernels need about 500 s (LEASE_LORA_S); `--lora-kernels grouped_graphs` alone, about 90 s.
+#                bench/gpu_lora_graphs.py (BENCH_MODULE, about 10 s) checks that path's replays are right.
 # The int8-cache stages (ctxkv8t, int8, int8t, kv8, kv8t) profile 20 more ticks a point (the LM step's kernels:
 # where its time goes).
 set -uo pipefail

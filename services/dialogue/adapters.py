@@ -31,7 +31,8 @@ a layer whose input width is not (the small test model's gating) keeps A padded 
 pads its gathered input per step. A^T and B^T are transposed views of the stacked slots, a (column-major)
 layout it takes as they are: no copy, at load or per step. With CHORUS_DIALOGUE_LORA_GRAPHS the grouped
 path runs on every step, adapters or not (`static`), so one captured CUDA graph serves every step and
-the batcher keeps LMGen's graphs on with adapters.
+the batcher keeps LMGen's graphs on with adapters: the default wherever LMGen replays graphs
+(`resolve_graphs`), since a step run eagerly costs several frames on a GPU.
 
 The scaling is folded into B when an adapter is loaded. With int8 weights (moshi refuses LoRA with its
 quantized path) the bank is not installed: see `refuse_with_quantized`.
@@ -40,6 +41,7 @@ quantized path) the bank is not installed: see `refuse_with_quantized`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -264,6 +266,25 @@ def resolve_kernel(
     if choice == "grouped" and problem:
         raise ModelLoadError(f"the grouped LoRA kernel cannot run this LM: {problem}")
     return choice
+
+
+def resolve_graphs(
+    choice: bool | None,
+    lm: nn.Module,
+    max_rank: int,
+    kernel: Literal["auto", "per_adapter", "grouped"],
+) -> bool:
+    """CHORUS_DIALOGUE_LORA_GRAPHS for this LM: unset is on wherever LMGen replays CUDA graphs (the LM on
+    CUDA, moshi's NO_CUDA_GRAPH unset) and the grouped kernel can run there. On an H100 a step with
+    adapters run eagerly took 4-10x a graphed one, far past the 80 ms frame; graphed, 1.3-1.4x
+    (docs/performance.md, "LoRA adapters"). Off the GPU there are no graphs to keep: the grouped path
+    on every step would only cost."""
+    if choice is not None:
+        return choice
+    on_cuda = next(lm.parameters()).device.type == "cuda"
+    # moshi's own reading of NO_CUDA_GRAPH (moshi.utils.compile): any value but 0 / no / n turns them off.
+    graphs_on = os.environ.get("NO_CUDA_GRAPH", "").lower() in {"0", "no", "n", ""}
+    return on_cuda and graphs_on and kernel != "per_adapter" and _grouped_problem(lm, max_rank) is None
 
 
 def _grouped_problem(lm: nn.Module, max_rank: int) -> str | None:

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from services.dialogue.adapter_cache import AdapterCache, slots_for
-from services.dialogue.adapters import NO_ADAPTER, AdapterBank, layer_shapes, resolve_kernel
+from services.dialogue.adapters import NO_ADAPTER, AdapterBank, layer_shapes, resolve_graphs, resolve_kernel
 from services.dialogue.batcher import Batcher, Phase, RolloverKind, RowOutput, Slot
 from services.dialogue.inputs import Arrival, InputTimeline, Take
 from services.dialogue.model import MoshiModel
@@ -239,8 +239,16 @@ class DialogueWorker:
         lm = self.model.lm
         rank = s.dialogue_adapter_max_rank
         slots = slots_for(lm, s.dialogue_adapter_memory, rank)
-        kernel = resolve_kernel(s.dialogue_lora_kernel, lm, rank, graphs=s.dialogue_lora_graphs)
-        return AdapterBank(lm, s.dialogue_slots, slots, rank, kernel=kernel, static=s.dialogue_lora_graphs)
+        graphs = resolve_graphs(s.dialogue_lora_graphs, lm, rank, s.dialogue_lora_kernel)
+        kernel = resolve_kernel(s.dialogue_lora_kernel, lm, rank, graphs=graphs)
+        log.info(
+            "adapter bank: %d slots of rank %d, %s kernel, CUDA graphs with adapters %s",
+            slots,
+            rank,
+            kernel,
+            "on" if graphs else "off",
+        )
+        return AdapterBank(lm, s.dialogue_slots, slots, rank, kernel=kernel, static=graphs)
 
     # --- the core loop -------------------------------------------------------------------------
 

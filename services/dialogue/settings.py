@@ -180,12 +180,15 @@ class DialogueSettings(CommonSettings):
         "on such a GPU in bfloat16 or with CHORUS_DIALOGUE_LORA_GRAPHS, else `per_adapter` (faster on "
         "the CPU: bench/bench_lora.py).",
     )
-    dialogue_lora_graphs: bool = Field(
-        default=False,
+    dialogue_lora_graphs: bool | None = Field(
+        default=None,
         description="Keep LMGen's CUDA graphs on while rows use adapters: the grouped LoRA path then runs "
         "on every step (no-adapter rows add zero), so the graph captured at warm-up serves every step. "
-        "Off: a step with adapters runs eagerly. Needs the grouped kernel (auto picks it); not yet measured "
-        "on a GPU (bench/gpu_sessions.py `--adapters` compares it).",
+        "Off: a step with adapters runs eagerly. Unset = on where the worker replays CUDA graphs (CUDA, "
+        "NO_CUDA_GRAPH unset) and the grouped kernel can run (bfloat16, compute capability 9.0+, an "
+        "aligned rank bound, CHORUS_DIALOGUE_LORA_KERNEL not per_adapter), else off. On an H100 (32 "
+        "sessions, rank 128) a tick with 8 distinct adapters took 1.4x the plain LM's with it, 4-10x "
+        "eagerly (docs/performance.md, LoRA); it costs 1.3x with no adapter in use.",
     )
 
     @model_validator(mode="after")

@@ -31,6 +31,7 @@ from services.dialogue.adapters import (
     LoraKernel,
     layer_shapes,
     read_adapter,
+    resolve_graphs,
     resolve_kernel,
 )
 from services.dialogue.settings import DialogueSettings
@@ -275,6 +276,17 @@ def test_auto_is_the_per_adapter_kernel_on_the_cpu_unless_cuda_graphs_ask_for_th
     assert resolve_kernel("grouped", layers, 8) == "grouped"
     with pytest.raises(ModelLoadError, match=r"rank bound \(6\)"):
         resolve_kernel("auto", layers, 6, graphs=True)
+
+
+def test_graphs_with_adapters_are_on_by_default_only_where_lmgen_replays_cuda_graphs() -> None:
+    """CHORUS_DIALOGUE_LORA_GRAPHS unset: off on the CPU (no graphs to keep, the grouped path would only
+    cost); an explicit choice is taken as it is (the settings refuse it with per_adapter)."""
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
+    assert resolve_graphs(None, layers, 8, "auto") is False
+    assert resolve_graphs(None, layers, 8, "grouped") is False
+    assert resolve_graphs(True, layers, 8, "auto") is True
+    assert resolve_graphs(False, layers, 8, "grouped") is False
+    assert DialogueSettings().dialogue_lora_graphs is None
 
 
 class _Ops(TorchDispatchMode):
