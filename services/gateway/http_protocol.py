@@ -22,6 +22,12 @@ as a client sent. `BoundedHttpProtocol` closes them:
 - **A request answered before its body arrived** (a 401, a 413, an upload's 408): uvicorn kept the
   connection to read the rest of the body, and the client's next byte stopped its keep-alive timer for
   good. The connection ends after the answer.
+- **A client that stops reading its answers** (`stall_timeout_s`, CHORUS_RESPONSE_STALL_TIMEOUT_S):
+  uvicorn has no write timeout, so a client that pipelined requests and read none of the answers held
+  its socket, the answers buffered for it and the handler waiting to write the next, for good (asyncio's
+  `close()` waits for the buffer to empty, too). Whenever answer bytes wait in the transport, past its
+  high-water mark or after a response is complete, the wait is watched: when none of them has left for
+  that long, the connection is aborted. A slow reader that makes any progress is left alone.
 
 Every refusal ends the connection the same way (`_end_after`): the answer, after the answers still owed
 to requests the client pipelined before it (in order: it is theirs to be first), then FIN. What the
@@ -33,6 +39,11 @@ socket closes when the client does, or after uvicorn's `timeout_keep_alive`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import logging
+import sys
+import termios
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -46,13 +57,19 @@ HEAD_MAX_BYTES = 64 * 1024
 HEAD_MAX_FIELDS = 256
 DRAIN_MAX_BYTES = 1024 * 1024  # read and dropped after a refusal, at most (then reading pauses)
 
+log = logging.getLogger(__name__)
+
+# The bytes in a socket's kernel send queue (Linux's SIOCOUTQ); elsewhere only the transport's count.
+_SEND_QUEUE_IOCTL: int | None = getattr(termios, "TIOCOUTQ", None)
+
 
 class HeadRefused(Exception):
     """Raised in a parser callback: the head is refused (`BoundedHttpProtocol.refusal` says why)."""
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
-    head_timeout_s = 10.0  # `with_head_timeout` sets the gateway's setting
+    head_timeout_s = 10.0  # `configured` sets the gateway's settings
+    stall_timeout_s = 30.0
     refusal: ChorusError | None = None  # why the head was refused, raised as `HeadRefused` mid-parse
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes = 0  # on the wire, since the head's clock started
@@ -62,11 +79,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     _ending = False  # the answer that ends the connection is written or owed: input is dropped
     _owed: bytes | None = None  # that answer, while earlier requests' answers are still being written
     _drained = 0
+    _stall_timer: asyncio.TimerHandle | None = None
+    _stall_buffered = 0  # bytes the client had not taken when the stall's clock (re)started
 
     @classmethod
-    def with_head_timeout(cls, timeout_s: float) -> type[BoundedHttpProtocol]:
-        """This protocol with its head's time set (uvicorn makes one per connection from the class)."""
-        return type(cls.__name__, (cls,), {"head_timeout_s": timeout_s})
+    def configured(cls, head_timeout_s: float, stall_timeout_s: float) -> type[BoundedHttpProtocol]:
+        """This protocol with the gateway's bounds (uvicorn makes one per connection from the class)."""
+        return type(
+            cls.__name__, (cls,), {"head_timeout_s": head_timeout_s, "stall_timeout_s": stall_timeout_s}
+        )
 
     # --- the head: its clock and its size -----------------------------------------------------------
 
@@ -76,6 +97,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_stall_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -212,6 +234,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._end_after(answer)
 
     def on_response_complete(self) -> None:
+        self._watch_stall()  # the answer may still be waiting in the transport: watched until it leaves
         if self.transport.is_closing() or self.pipeline:
             super().on_response_complete()  # the next pipelined request runs
         elif self._owed is not None:
@@ -238,3 +261,52 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._drained += size
         if self._drained > DRAIN_MAX_BYTES:
             self.flow.pause_reading()
+
+    # --- answers that do not leave: a client that stops reading -------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_stall()
+
+    def resume_writing(self) -> None:
+        self._stop_stall_timer()  # the buffer drained to its low-water mark: the client reads
+        super().resume_writing()
+
+    def _watch_stall(self) -> None:
+        """Start the stall's clock over while answer bytes wait in the transport."""
+        self._stop_stall_timer()
+        if self.transport.get_write_buffer_size():
+            self._stall_buffered = self._unread()
+            self._stall_timer = self.loop.call_later(self.stall_timeout_s, self._check_stall)
+
+    def _unread(self) -> int:
+        """Answer bytes the client has not taken: in the transport, and in the kernel's send queue. The
+        kernel's counts because it holds megabytes and wakes the transport only once much of it is
+        free: a slow reader's progress shows there first."""
+        unread = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if _SEND_QUEUE_IOCTL is not None and sock is not None:
+            with contextlib.suppress(OSError):
+                queued = fcntl.ioctl(sock.fileno(), _SEND_QUEUE_IOCTL, b"\0" * 4)
+                unread += int.from_bytes(queued, sys.byteorder, signed=True)
+        return unread
+
+    def _stop_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        unread = self._unread()
+        if unread < self._stall_buffered:  # the client took some: watch what is left
+            self._watch_stall()
+            return
+        metrics.LIMIT_REJECTIONS.labels(limit="http_write_stall").inc()
+        log.warning(
+            "connection dropped: its client read none of its answers for %g s (%d bytes waiting)",
+            self.stall_timeout_s,
+            unread,
+            extra={"client": f"{self.client[0]}:{self.client[1]}" if self.client else None},
+        )
+        self.transport.abort()

@@ -35,7 +35,9 @@ def main() -> None:
         port=settings.port,
         log_config=None,
         lifespan="on",
-        http=BoundedHttpProtocol.with_head_timeout(settings.request_head_timeout_s),  # http_protocol.py
+        http=BoundedHttpProtocol.configured(  # http_protocol.py
+            settings.request_head_timeout_s, settings.response_stall_timeout_s
+        ),
         ws=FairWebSocketProtocol,  # one socket's input never holds the event loop for long
         ws_per_message_deflate=settings.ws_compression,  # offered as Huffman-only (fair_websocket.py)
         ws_max_size=settings.ws_max_message_bytes,  # a larger frame: close 1009, with the reason

@@ -288,6 +288,15 @@ class GatewaySettings(CommonSettings):
         description="Longest a request body (other than an upload's, which CHORUS_UPLOAD_TIMEOUT_S bounds) "
         "may take to arrive; past it the request is refused (408 `body_too_slow`).",
     )
+    response_stall_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Longest an HTTP answer may wait for its client to read any of it: when answer bytes "
+        "wait on a connection (the client reads nothing) for this long, the connection is dropped. A "
+        "slow reader that takes some of it in each period is left alone. (A WebSocket that is not read "
+        "is bounded by its send queue: `ws_send_queue_bytes`.)",
+    )
     upload_timeout_s: float = Field(
         default=900.0,
         gt=0,

@@ -28,7 +28,9 @@ ENDED_WITHIN_S = 5.0  # the socket times out if the gateway keeps the connection
 @pytest.fixture
 def gateway(start_gateway: StartGateway) -> GatewayProcess:
     return start_gateway(
-        CHORUS_REQUEST_HEAD_TIMEOUT_S=str(BOUND_S), CHORUS_REQUEST_BODY_TIMEOUT_S=str(BOUND_S)
+        CHORUS_REQUEST_HEAD_TIMEOUT_S=str(BOUND_S),
+        CHORUS_REQUEST_BODY_TIMEOUT_S=str(BOUND_S),
+        CHORUS_RESPONSE_STALL_TIMEOUT_S=str(BOUND_S),
     )
 
 
@@ -260,3 +262,39 @@ def test_a_head_pipelined_behind_another_in_one_read_is_counted_from_its_own_sta
         while chunk := client.recv(65536):
             received += chunk
     assert received.count(b"HTTP/1.1 200 ") == 2, received[:600]
+
+
+def test_a_client_that_stops_reading_its_answers_is_dropped(gateway: GatewayProcess) -> None:
+    """uvicorn has no write timeout: a client that pipelined requests and never read their answers held
+    its socket, and the answers buffered for it, for good. Now answers that make no way out for
+    CHORUS_RESPONSE_STALL_TIMEOUT_S end the connection; a client that reads is left alone."""
+    request = b"GET /static/app.js HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    size = len(httpx.get(f"{gateway.url}/static/app.js", timeout=10).content)
+    count = 8 * 1024 * 1024 // size  # past what the kernels' buffers and the transport's hold
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", gateway.port))
+        client.sendall(request * count)
+        time.sleep(BOUND_S + 3)  # reading nothing
+        client.settimeout(ENDED_WITHIN_S)
+        received, reset = bytearray(), False
+        try:
+            while chunk := client.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            reset = True
+    answers = received.count(b"HTTP/1.1 200 ")
+    assert reset or answers < count, (answers, count)
+    assert metric(gateway, 'chorus_limit_rejections_total{limit="http_write_stall"}') == 1
+    with socket.socket() as reader:  # reads slowly, but reads: every answer, over several stall bounds
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        reader.connect(("127.0.0.1", gateway.port))
+        reader.settimeout(ENDED_WITHIN_S)
+        reader.sendall(request * count + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        started, received = time.monotonic(), bytearray()
+        while chunk := reader.recv(32768):
+            received += chunk
+            time.sleep(0.02)
+    assert received.count(b"HTTP/1.1 200 ") == count + 1
+    assert time.monotonic() - started > 3 * BOUND_S  # the writes paused for longer than the bound
+    assert metric(gateway, 'chorus_limit_rejections_total{limit="http_write_stall"}') == 1
