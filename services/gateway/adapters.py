@@ -207,7 +207,7 @@ def _number(form: Upload, name: str, kind: type[int] | type[float]) -> int | flo
 )
 async def create_adapter(request: Request, owner: str = Depends(current_owner)) -> AdapterOut:
     await _store(request).check_quota(owner)  # both refusals come before the body is read
-    with request.app.state.upload_slots.take():
+    with request.app.state.upload_slots.take(owner):
         return await _create_adapter(request, owner)
 
 

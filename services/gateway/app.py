@@ -95,7 +95,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.transcripts = TranscriptLog(app.state.storage, max_per_owner=settings.max_transcripts_per_key)
     app.state.personas = PersonaStore(app.state.storage, max_per_owner=settings.max_personas_per_key)
     app.state.resolve_persona = app.state.personas.resolve
-    app.state.upload_slots = voices.UploadSlots(settings.voice_max_concurrent_uploads)
+    app.state.upload_slots = voices.UploadSlots(
+        settings.voice_max_concurrent_uploads, settings.max_concurrent_uploads_per_key
+    )
     app.state.open_sockets = limits.OpenSockets(settings.ws_max_sockets_per_key)
     problems.install(app)
     app.include_router(health.router)

@@ -272,6 +272,13 @@ class GatewaySettings(CommonSettings):
         description="Voice uploads one gateway receives and decodes at once; past it a new one is refused "
         "at once (503 `busy`, Retry-After) before its body is read.",
     )
+    max_concurrent_uploads_per_key: int = Field(
+        default=1,
+        ge=1,
+        description="Uploads (voices and adapters) one API key may have in progress on one gateway; past "
+        "it a new one is refused at once (429 `rate_limited`, reason `uploads_per_key`, Retry-After), "
+        "so one client's slow uploads cannot take every slot of `CHORUS_VOICE_MAX_CONCURRENT_UPLOADS`.",
+    )
     request_head_timeout_s: float = Field(
         default=10.0,
         gt=0,

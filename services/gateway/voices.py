@@ -46,6 +46,7 @@ from shared.errors import (
     InvalidRequest,
     NoCapacity,
     NotFound,
+    RateLimited,
     RequestTimeout,
     ServiceUnavailable,
     UnsupportedMedia,
@@ -189,14 +190,18 @@ def upload_body_cap(settings: GatewaySettings) -> BodyCap:
 class UploadSlots:
     """Uploads this gateway processes at once. Each holds its body, its decoded audio and a CPU core for
     up to a second: past the bound a new upload is refused at once (503 `busy`, Retry-After) instead of
-    queueing, before any of its body is read. One event loop takes and frees them: no lock needed."""
+    queueing, before any of its body is read. One key holds at most `per_key` of them (429 past it), so
+    a client with slow uploads cannot take every slot from the others. One event loop takes and frees
+    them: no lock needed."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_key: int) -> None:
         self.limit = limit
+        self.per_key = per_key
         self.in_use = 0
+        self._by_owner: dict[str, int] = {}
 
     @contextlib.contextmanager
-    def take(self) -> Iterator[None]:
+    def take(self, owner: str) -> Iterator[None]:
         if self.in_use >= self.limit:
             raise rejected(
                 ServiceUnavailable(
@@ -207,12 +212,29 @@ class UploadSlots:
                 ),
                 "busy",
             )
+        held = self._by_owner.get(owner, 0)
+        if held >= self.per_key:
+            raise rejected(
+                RateLimited(
+                    f"this key has {held} uploads in progress on this gateway already, the most one key "
+                    "may; retry when one has finished",
+                    reason="uploads_per_key",
+                    limit=self.per_key,
+                    retry_after_s=UPLOAD_BUSY_RETRY_AFTER_S,
+                ),
+                "uploads_per_key",
+            )
         self.in_use += 1
+        self._by_owner[owner] = held + 1
         metrics.UPLOADS_IN_PROGRESS.inc()
         try:
             yield
         finally:
             self.in_use -= 1
+            if self._by_owner[owner] == 1:
+                del self._by_owner[owner]
+            else:
+                self._by_owner[owner] -= 1
             metrics.UPLOADS_IN_PROGRESS.dec()
 
 
@@ -267,7 +289,7 @@ async def create_voice(request: Request, owner: str = Depends(current_owner)) ->
         raise CloningUnavailable()
     await _store(request).check_quota(owner)
     slots: UploadSlots = request.app.state.upload_slots
-    with slots.take():
+    with slots.take(owner):
         return await _create_voice(request, owner)
 
 

@@ -65,18 +65,22 @@ def largest_accepted_clip() -> bytes:
     return encoded(np.stack([samples, 0.8 * samples], axis=1), 48_000, "WAV", "PCM_24")
 
 
-def post_clip(gateway: GatewayProcess, data: bytes | Iterator[bytes], name: str = "clip") -> httpx.Response:
+def post_clip(
+    gateway: GatewayProcess, data: bytes | Iterator[bytes], name: str = "clip", key: str | None = None
+) -> httpx.Response:
+    auth = {"authorization": f"Bearer {key}"} if key else {}
     if isinstance(data, bytes):
         return httpx.post(
             f"{gateway.url}/v1/voices",
             files={"file": ("clip", data)},
             data={"name": name, "consent": "true"},
+            headers=auth,
             timeout=120,
         )
     return httpx.post(  # a hand-made multipart body, sent as it is produced
         f"{gateway.url}/v1/voices",
         content=data,
-        headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+        headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}", **auth},
         timeout=120,
     )
 
@@ -166,7 +170,7 @@ def test_the_largest_accepted_clip_keeps_the_gateway_under_300_mb(start_gateway:
 
 
 def test_many_largest_clips_at_once_stay_under_300_mb(start_gateway: StartGateway) -> None:
-    """Eight at once: the gateway processes its bound (2) and refuses the rest as busy."""
+    """Eight at once: the gateway processes its bound (one per key) and refuses the rest at once."""
     gateway = start_gateway()
     data = largest_accepted_clip()
 
@@ -175,7 +179,7 @@ def test_many_largest_clips_at_once_stay_under_300_mb(start_gateway: StartGatewa
             return list(pool.map(lambda i: post_clip(gateway, data, f"clip {i}"), range(8)))
 
     responses, figures = measured(gateway, "8 largest clips at once", eight_at_once)
-    assert {r.status_code for r in responses} <= {201, 503}
+    assert {r.status_code for r in responses} <= {201, 429, 503}
     assert any(r.status_code == 201 for r in responses)
     assert figures.peak_rss_mb < RSS_BOUND_MB
 
@@ -225,6 +229,27 @@ def test_uploads_past_the_concurrency_bound_are_refused_busy_at_once(start_gatew
     problem = busy.json()
     assert (problem["reason"], problem["limit"], problem["retryable"]) == ("busy", 1, True)
     assert post_clip(gateway, SPEECH.read_bytes()).status_code == 201, "the slot is free again"
+
+
+def test_one_key_holds_one_upload_slot_and_leaves_the_others_theirs(start_gateway: StartGateway) -> None:
+    """A client with a slow upload used to be able to take both of a gateway's slots (each waits up to
+    CHORUS_UPLOAD_STALL_S), so every other client's upload answered 503 busy meanwhile."""
+    gateway = start_gateway(CHORUS_API_KEYS="slow-key,other-key")
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post_clip, gateway, held_open_upload(release), "slow", "slow-key")
+        wait_until_blocking(lambda: uploads_in_progress(gateway) >= 1, "the slow upload in progress", 30)
+        second = post_clip(gateway, SPEECH.read_bytes(), "second", "slow-key")
+        other = post_clip(gateway, SPEECH.read_bytes(), "other", "other-key")
+        release.set()
+        assert slow.result().status_code == 201, slow.result().text
+    assert second.status_code == 429, second.text
+    assert second.headers["retry-after"] == "2"
+    problem = second.json()
+    assert (problem["code"], problem["reason"], problem["limit"]) == ("rate_limited", "uploads_per_key", 1)
+    assert other.status_code == 201, other.text
+    assert metric(gateway, 'chorus_voice_upload_rejections_total{reason="uploads_per_key"}') == 1
+    assert post_clip(gateway, SPEECH.read_bytes(), "again", "slow-key").status_code == 201, "its slot is free"
 
 
 # --- LoRA adapters: streamed to disk ----------------------------------------------------------------
