@@ -602,6 +602,9 @@ class Handled(enum.StrEnum):
 
     DONE = "done"  # acked
     RETRY_LATER = "retry_later"  # not now (e.g. no free slot since the read): stays pending, claimed again
+    # The handler took it on and acks it itself (`GroupConsumer.ack`) once done: pending until then, so
+    # if this consumer dies first, another claims it.
+    TAKEN = "taken"
 
 
 Handler = Callable[[M, Entry], Awaitable[Handled | None]]
@@ -734,6 +737,12 @@ class GroupConsumer(Generic[M]):
         if handled is Handled.RETRY_LATER:
             log.info("entry left pending for retry", extra={**extra, "claimed": claimed})
             return
+        if handled is Handled.TAKEN:
+            return
+        await self.ack(entry)
+
+    async def ack(self, entry: Entry) -> None:
+        """Ack an entry a handler took on (`Handled.TAKEN`)."""
         await self.bus.ack(self.stream, self.group, entry.entry_id)
 
 

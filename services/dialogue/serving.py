@@ -80,6 +80,15 @@ log = logging.getLogger(__name__)
 
 SERVICE = "dialogue"
 MAX_HANDOFFS = 16  # a start naming an adapter is passed on at most this often, then placed where it is read
+HANDOFF_FIRST_DELAY_S = 0.005  # doubled each hop, up to HANDOFF_MAX_DELAY_S: 16 hops take ~5 s at most
+HANDOFF_MAX_DELAY_S = 0.5
+
+
+def handoff_delay(handoffs: int) -> float:
+    """How long a start passed on `handoffs` times already waits before its next hop."""
+    return min(HANDOFF_FIRST_DELAY_S * (1 << min(handoffs, 16)), HANDOFF_MAX_DELAY_S)
+
+
 ROLLOVERS_COUNTER = "context_rollovers"  # in the session hash: the session detail's counters
 SILENCE = bytes(FRAME_BYTES)  # a frame of a session re-primed in place (PCM16)
 T = TypeVar("T")
@@ -193,6 +202,7 @@ class DialogueWorker:
         # The tick loop's own connections (`shared.bus.Lane`): its `:in` read, its write (in flight beside).
         self._read_lane, self._write_lane = bus.lane(), bus.lane()
         self._switches: dict[str, asyncio.Task[None]] = {}  # each session's latest adapter switch, running
+        self._handoffs: set[asyncio.Task[None]] = set()  # starts being passed on (`_hand_off`)
         # A due rollover waits this long for a free slot, then goes in place.
         self._last_call = (self.rollover_at or 0) + ROLLOVER_SLACK_FRAMES
         metrics.WORKER_SLOTS_TOTAL.labels(service=SERVICE).set(self.capacity)
@@ -291,6 +301,8 @@ class DialogueWorker:
             writer.cancel()
             for switch in list(self._switches.values()):
                 switch.cancel()  # the session is re-placed with what the hash holds
+            for handoff in list(self._handoffs):
+                handoff.cancel()  # its entry stays pending: another worker claims it
             self._model_thread.shutdown(wait=True)
             self.batcher.close()
             if self.adapters is not None:
@@ -593,8 +605,9 @@ class DialogueWorker:
         record = await self._adapter_record(message)  # read once for both checks below
         if required_model(message) is None and record is not None and record.model != self.model.name:
             return None  # any model may serve it, but its adapter is for the other one: that group places it
-        if await self._pass_on(message, record):
-            return None
+        if await self._better_placed_elsewhere(message, record):
+            self._hand_off(message, entry)
+            return Handled.TAKEN
         async with self._placing:
             if not self.can_take():  # a takeover filled the last slot since the read: pending for another
                 return Handled.RETRY_LATER
@@ -602,13 +615,12 @@ class DialogueWorker:
                 await self._place(start, resumed_from=None)
         return None
 
-    async def _pass_on(self, start: SessionStart, record: AdapterRecord | None) -> bool:
-        """Pass a start naming an adapter on to a better placed worker of the group: appended again to
-        `chorus:control` (whichever worker reads it next: a few hops at most), this one acked. While this
-        worker serves no adapters and another of the group does; while the adapter's rank is above this
-        worker's bound and another's bound takes it; or when this worker does not hold the adapter and
-        another with a free slot does. At most MAX_HANDOFFS times, then it is placed here. `record`: the
-        adapter's stored record (None: none stored, or no adapter)."""
+    async def _better_placed_elsewhere(self, start: SessionStart, record: AdapterRecord | None) -> bool:
+        """Whether a start naming an adapter is for a better placed worker of the group (`_hand_off`):
+        while this worker serves no adapters and another of the group does; while the adapter's rank is
+        above this worker's bound and another's bound takes it; or when this worker does not hold the
+        adapter and another with a free slot does. At most MAX_HANDOFFS times, then it is placed here.
+        `record`: the adapter's stored record (None: none stored, or no adapter)."""
         adapter = start.persona.adapter
         if adapter is None or start.handoffs >= MAX_HANDOFFS:
             return False
@@ -626,10 +638,37 @@ class DialogueWorker:
             better = any(int(w.fields.get("adapter_max_rank", "0")) >= record.rank for w in others)
         else:
             better = any(w.free_slots > 0 and adapter in w.fields.get("adapters", "").split() for w in others)
-        if better:
-            await self.bus.append_control(start.model_copy(update={"handoffs": start.handoffs + 1}))
-            log.info("start passed on for its adapter", extra={"session_id": start.session_id})
         return better
+
+    def _hand_off(self, start: SessionStart, entry: Entry) -> None:
+        """Append the start to `chorus:control` again (whichever worker reads it next: a few hops at
+        most), then ack this entry. Each hop waits longer (`handoff_delay`), in a task of its own so this
+        worker's placement reads on: a worker that is not reading at that moment (busy, or just joined)
+        would otherwise lose every hop to this one, which reads its own hand-off back at once, and the
+        start would be placed where it is worst served. The entry is pending until then: if this worker
+        dies first, another claims it."""
+
+        async def hand_off() -> None:
+            await asyncio.sleep(handoff_delay(start.handoffs))
+            await self.bus.append_control(start.model_copy(update={"handoffs": start.handoffs + 1}))
+            await self.consumer.ack(entry)
+            log.info(
+                "start passed on for its adapter",
+                extra={"session_id": start.session_id, "handoffs": start.handoffs + 1},
+            )
+
+        task = asyncio.create_task(hand_off(), name=f"hand-off {start.session_id}")
+        self._handoffs.add(task)
+        task.add_done_callback(self._handed_off)
+
+    def _handed_off(self, task: asyncio.Task[None]) -> None:
+        self._handoffs.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning(  # the entry stays pending: another worker claims it after CHORUS_CLAIM_IDLE_MS
+                "a start's hand-off failed; its entry is left pending: %s",
+                exc,
+                extra={"task": task.get_name()},
+            )
 
     async def _adapter_slot(self, start: SessionStart) -> int:
         """The bank slot of the session's adapter (loaded now if this worker does not hold it)."""

@@ -3,7 +3,9 @@ no session uses them, refused when every slot is in use; sessions with and witho
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import struct
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -175,7 +177,10 @@ async def test_a_start_naming_an_adapter_goes_to_a_worker_that_serves_adapters(
     tmp_path: Path,
 ) -> None:
     """Two `chorus dialogue` processes of one group, one without adapter memory (an int8 worker, say):
-    whichever reads a start naming an adapter, the one serving adapters places it."""
+    whichever reads a start naming an adapter, the one serving adapters places it; also when it is not
+    reading as the start comes (stopped for 0.3 s here: busy, or just joined). The plain worker used to
+    read its own hand-offs straight back, 16 hops in 20 ms, and refuse the start as one serving no
+    adapters (seen in a loaded `make test`)."""
     store = AdapterStore(LocalStorage(tmp_path / "data"))  # the processes' CHORUS_DATA_DIR
     (adapter,) = await store_adapters(store, moshi_dir, tmp_path, layer_shapes(moshi_model.lm), 1)
     plain = worker_processes("plain")
@@ -188,6 +193,23 @@ async def test_a_start_naming_an_adapter_goes_to_a_worker_that_serves_adapters(
 
     await wait_until(both_serving, f"the workers never served: {plain.log_tail()}{tuned.log_tail()}", 90)
     assert [await placing_worker(bus, f"tuned{n}", adapter) for n in range(3)] == ["tuned"] * 3
+    tuned.process.send_signal(signal.SIGSTOP)
+    try:
+        # Stopped, it would still be served an entry by the XREADGROUP it is blocked in: unblock every
+        # blocked reader (the plain worker blocks again at once; the stopped one cannot).
+        for client in await bus.redis.client_list():
+            if "b" in client["flags"]:
+                await bus.redis.client_unblock(int(client["id"]))
+        await open_session(
+            bus, SessionStart(session_id="while-stopped", persona=PersonaSpec(adapter=adapter))
+        )
+        await asyncio.sleep(0.3)
+    finally:
+        tuned.process.send_signal(signal.SIGCONT)
+    reader = DialogueReader(bus, "while-stopped")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 30, f"no ready: {plain.log_tail()}")
+    ready = reader.event(EventName.READY)
+    assert ready is not None and ready.data_as(Placement).worker == "tuned"
 
 
 async def placing_worker(bus: Bus, sid: str, adapter: str) -> str:
