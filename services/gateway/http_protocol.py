@@ -25,9 +25,10 @@ as a client sent. `BoundedHttpProtocol` closes them:
 - **A client that stops reading its answers** (`stall_timeout_s`, CHORUS_RESPONSE_STALL_TIMEOUT_S):
   uvicorn has no write timeout, so a client that pipelined requests and read none of the answers held
   its socket, the answers buffered for it and the handler waiting to write the next, for good (asyncio's
-  `close()` waits for the buffer to empty, too). Whenever answer bytes wait in the transport, past its
-  high-water mark or after a response is complete, the wait is watched: when none of them has left for
-  that long, the connection is aborted. A slow reader that makes any progress is left alone.
+  `close()` waits for the buffer to empty, too). Whenever answer bytes wait in the transport (past its
+  high-water mark, after a response is complete, or left below the low-water mark), the wait is watched:
+  when none of them has left for that long, the connection is reset (the kernel's queue dropped too). A
+  slow reader that makes any progress is left alone.
 
 Every refusal ends the connection the same way (`_end_after`): the answer, after the answers still owed
 to requests the client pipelined before it (in order: it is theirs to be first), then FIN. What the
@@ -42,6 +43,8 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import socket
+import struct
 import sys
 import termios
 
@@ -269,7 +272,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._watch_stall()
 
     def resume_writing(self) -> None:
-        self._stop_stall_timer()  # the buffer drained to its low-water mark: the client reads
+        # The buffer drained to its low-water mark: the client reads. What is left (up to the mark) is
+        # watched afresh: no answer may come to re-arm the watch.
+        self._watch_stall()
         super().resume_writing()
 
     def _watch_stall(self) -> None:
@@ -309,4 +314,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             unread,
             extra={"client": f"{self.client[0]}:{self.client[1]}" if self.client else None},
         )
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # a reset: the kernel drops its send queue too (a close would keep it queued)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
