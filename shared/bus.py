@@ -602,8 +602,9 @@ class Handled(enum.StrEnum):
 
     DONE = "done"  # acked
     RETRY_LATER = "retry_later"  # not now (e.g. no free slot since the read): stays pending, claimed again
-    # The handler took it on and acks it itself (`GroupConsumer.ack`) once done: pending until then, so
-    # if this consumer dies first, another claims it.
+    # The handler took it on and acks it itself (`GroupConsumer.ack`) once done, or gives it up
+    # (`GroupConsumer.let_go`): pending until then, so if this consumer dies first, another claims it.
+    # Its handler must be done within `claim_idle_ms`, or another consumer claims it meanwhile.
     TAKEN = "taken"
 
 
@@ -651,6 +652,7 @@ class GroupConsumer(Generic[M]):
         self.can_take = can_take
         self.claim_batch = claim_batch or batch
         self._last_claim = 0.0
+        self._taken: set[str] = set()  # entries a handler took on (`Handled.TAKEN`), not acked yet
 
     async def run(self, stop: asyncio.Event) -> None:
         await keep_running(
@@ -689,6 +691,8 @@ class GroupConsumer(Generic[M]):
         for entry in await self.bus.claim_stale(
             self.stream, self.group, self.consumer, min_idle_ms=self.claim_idle_ms, count=self.claim_batch
         ):
+            if entry.entry_id in self._taken:  # this consumer's, in hand (the claim kept it fresh)
+                continue
             deliveries = await self.bus.delivery_count(self.stream, self.group, entry.entry_id)
             if deliveries > self.max_deliveries:
                 log.error(
@@ -738,12 +742,18 @@ class GroupConsumer(Generic[M]):
             log.info("entry left pending for retry", extra={**extra, "claimed": claimed})
             return
         if handled is Handled.TAKEN:
+            self._taken.add(entry.entry_id)
             return
         await self.ack(entry)
 
     async def ack(self, entry: Entry) -> None:
-        """Ack an entry a handler took on (`Handled.TAKEN`)."""
+        """Ack an entry (one a handler took on, `Handled.TAKEN`, once it is done)."""
+        self._taken.discard(entry.entry_id)
         await self.bus.ack(self.stream, self.group, entry.entry_id)
+
+    def let_go(self, entry: Entry) -> None:
+        """An entry a handler took on and gave up: left pending, to be claimed (by any consumer)."""
+        self._taken.discard(entry.entry_id)
 
 
 class SharedReader:

@@ -648,8 +648,11 @@ class DialogueWorker:
         start would be placed where it is worst served. The entry is pending until then: if this worker
         dies first, another claims it."""
 
+        # Well inside the claim bound: a pending entry idle that long is claimed by another worker.
+        delay = min(handoff_delay(start.handoffs), self.settings.claim_idle_ms / 1000 / 4)
+
         async def hand_off() -> None:
-            await asyncio.sleep(handoff_delay(start.handoffs))
+            await asyncio.sleep(delay)
             await self.bus.append_control(start.model_copy(update={"handoffs": start.handoffs + 1}))
             await self.consumer.ack(entry)
             log.info(
@@ -657,18 +660,20 @@ class DialogueWorker:
                 extra={"session_id": start.session_id, "handoffs": start.handoffs + 1},
             )
 
+        def handed_off(task: asyncio.Task[None]) -> None:
+            self._handoffs.discard(task)
+            if task.cancelled() or task.exception() is not None:
+                self.consumer.let_go(entry)  # pending: claimed after CHORUS_CLAIM_IDLE_MS
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.warning(  # if the append landed and the ack failed, admission takes the copy once
+                    "a start's hand-off failed; its entry is left pending for a worker to claim: %s",
+                    exc,
+                    extra={"session_id": start.session_id},
+                )
+
         task = asyncio.create_task(hand_off(), name=f"hand-off {start.session_id}")
         self._handoffs.add(task)
-        task.add_done_callback(self._handed_off)
-
-    def _handed_off(self, task: asyncio.Task[None]) -> None:
-        self._handoffs.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning(  # the entry stays pending: another worker claims it after CHORUS_CLAIM_IDLE_MS
-                "a start's hand-off failed; its entry is left pending: %s",
-                exc,
-                extra={"task": task.get_name()},
-            )
+        task.add_done_callback(handed_off)
 
     async def _adapter_slot(self, start: SessionStart) -> int:
         """The bank slot of the session's adapter (loaded now if this worker does not hold it)."""

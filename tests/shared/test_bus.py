@@ -123,6 +123,37 @@ async def test_a_dead_consumers_entries_are_claimed_by_another(bus: Bus, names: 
     assert pending["pending"] == 0
 
 
+async def test_an_entry_a_handler_took_on_is_not_claimed_back_until_it_is_acked_or_let_go(
+    bus: Bus, names: StreamNames
+) -> None:
+    """`Handled.TAKEN`: the handler acks it itself later. Its own consumer's claim rounds used to hand it
+    back to the handler meanwhile, once per round (a start passed on for its adapter, re-appended after a
+    delay longer than the claim bound, multiplied: 57 copies of one start in 2 s)."""
+    stream = names.control
+    await bus.ensure_group(stream, "dialogue")
+    handled: list[Entry] = []
+
+    async def take(message: ControlMessage, entry: Entry) -> Handled:
+        handled.append(entry)
+        return Handled.TAKEN
+
+    consumer = GroupConsumer(bus, stream, "dialogue", "w1", CONTROL, take, claim_idle_ms=100, block_ms=50)
+    await bus.append_control(start("kept"))
+    async with running(consumer):
+        await wait_until(lambda: len(handled) == 1, "the entry handled")
+        await asyncio.sleep(0.5)  # five claim bounds: its own consumer's claim rounds leave it be
+        assert len(handled) == 1
+        assert (await bus.redis.xpending(stream, "dialogue"))["pending"] == 1
+        await consumer.ack(handled[0])
+        await bus.append_control(start("let-go"))
+        await wait_until(lambda: len(handled) == 2, "the second entry handled")
+        consumer.let_go(handled[1])  # given up on: claimed again, by any consumer
+        await wait_until(lambda: len(handled) == 3, "the entry let go, claimed again")
+        assert handled[2].entry_id == handled[1].entry_id
+        await consumer.ack(handled[2])
+    assert (await bus.redis.xpending(stream, "dialogue"))["pending"] == 0
+
+
 async def test_a_fenced_write_lands_only_while_the_writer_owns_the_session(
     bus: Bus, names: StreamNames
 ) -> None:
