@@ -55,8 +55,15 @@ class SocketClosed(Exception):
         self.reason = closed_reason(code)
 
 
+# Close codes the server's WebSocket layer gives a socket whose client broke the protocol (RFC 6455): the
+# session ends for that, not because its client left.
+PROTOCOL_FAILURES = {1002: "protocol_error", 1007: "invalid_payload", 1009: "message_too_big"}
+
+
 def closed_reason(code: int | None) -> str:
-    return "shutdown" if code == SERVICE_RESTART else "client_closed"
+    if code == SERVICE_RESTART:
+        return "shutdown"
+    return PROTOCOL_FAILURES.get(code or 0, "client_closed")
 
 
 @dataclass(frozen=True)

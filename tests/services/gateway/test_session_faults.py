@@ -197,6 +197,18 @@ async def test_a_client_that_leaves_mid_session_ends_it(gateway: Gateway, bus: B
     await assert_stopped(bus, sid, "client_closed")
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_session_whose_client_broke_the_websocket_protocol_ends_saying_so(
+    gateway: Gateway, bus: Bus, protocol: str
+) -> None:
+    """A text frame that is not UTF-8: the server's WebSocket layer closes with 1007. The session used to
+    end as `client_closed`, as if the client had left."""
+    ws, sid = await open_session(protocol, gateway.ws_url)
+    await ready(bus, sid, protocol, ws)
+    await ws.send(b"\xff\xfe not UTF-8", text=True)
+    await assert_stopped(bus, sid, "invalid_payload")
+
+
 async def test_a_realtime_clients_pcm16_reaches_the_input_stream_byte_for_byte_in_whole_frames(
     gateway: Gateway, bus: Bus
 ) -> None:
