@@ -36,10 +36,12 @@ async def preview(http: httpx.AsyncClient, voice_id: str, delay_s: float) -> tup
 async def test_previews_while_the_only_tts_worker_is_busy_answer_in_time_and_never_500(
     make_stack: Callable[..., ChorusStack],
 ) -> None:
-    # Four uploads in flight at once is the load under test: the gateway lets them all in.
+    # Four uploads in flight at once is the load under test: the gateway lets them all in (one key's
+    # too: by default a key holds one upload slot).
     stack = make_stack(
         CHORUS_VOICE_PREVIEW_TIMEOUT_S=str(PREVIEW_TIMEOUT_S),
         CHORUS_VOICE_MAX_CONCURRENT_UPLOADS=str(UPLOADS),
+        CHORUS_MAX_CONCURRENT_UPLOADS_PER_KEY=str(UPLOADS),
     )
     stack.start_services("tts")
     voice_id = await upload_voice(stack.url, str(SPEECH_WAV))
