@@ -41,13 +41,13 @@ quantized path) the bank is not installed: see `refuse_with_quantized`.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from moshi.modules.lora import LoRALinear
+from moshi.utils.compile import _is_cuda_graph_enabled as cuda_graphs_enabled
 from torch import nn
 
 from shared.adapters import LayerShapes, check_adapter
@@ -282,8 +282,7 @@ def resolve_graphs(
     if choice is not None:
         return choice
     on_cuda = next(lm.parameters()).device.type == "cuda"
-    # moshi's own reading of NO_CUDA_GRAPH (moshi.utils.compile): any value but 0 / no / n turns them off.
-    graphs_on = os.environ.get("NO_CUDA_GRAPH", "").lower() in {"0", "no", "n", ""}
+    graphs_on = bool(cuda_graphs_enabled())  # moshi's own answer (NO_CUDA_GRAPH): its graphs, its rule
     return on_cuda and graphs_on and kernel != "per_adapter" and _grouped_problem(lm, max_rank) is None
 
 

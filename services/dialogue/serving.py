@@ -86,7 +86,7 @@ HANDOFF_MAX_DELAY_S = 0.5
 
 def handoff_delay(handoffs: int) -> float:
     """How long a start passed on `handoffs` times already waits before its next hop."""
-    return min(HANDOFF_FIRST_DELAY_S * (1 << min(handoffs, 16)), HANDOFF_MAX_DELAY_S)
+    return min(HANDOFF_FIRST_DELAY_S * 2.0**handoffs, HANDOFF_MAX_DELAY_S)
 
 
 ROLLOVERS_COUNTER = "context_rollovers"  # in the session hash: the session detail's counters
@@ -662,9 +662,10 @@ class DialogueWorker:
 
         def handed_off(task: asyncio.Task[None]) -> None:
             self._handoffs.discard(task)
-            if task.cancelled() or task.exception() is not None:
+            exc = None if task.cancelled() else task.exception()
+            if task.cancelled() or exc is not None:
                 self.consumer.let_go(entry)  # pending: claimed after CHORUS_CLAIM_IDLE_MS
-            if not task.cancelled() and (exc := task.exception()) is not None:
+            if exc is not None:
                 log.warning(  # if the append landed and the ack failed, admission takes the copy once
                     "a start's hand-off failed; its entry is left pending for a worker to claim: %s",
                     exc,
