@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--voice",
         type=_voice,
         default=None,
-        help="moshiko, moshika, profile:<id> or catalog:<name> (alba, marius...: `chorus voices list`)",
+        help="moshiko, moshika, profile:<id> or catalog:<name> (alba, marius...: `chorus voices list`); "
+        "default: the persona's voice, else moshiko",
     )
     talk.add_argument("--persona", default=None, help="persona id")
     talk.add_argument("--protocol", choices=("moshi", "realtime"), default="moshi")

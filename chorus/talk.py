@@ -121,7 +121,7 @@ async def talk_moshi(args: argparse.Namespace, frames: list[FloatAudio], headers
 
 async def talk_realtime(args: argparse.Namespace, frames: list[FloatAudio], headers: dict[str, str]) -> Reply:
     reply = Reply()
-    url = ws_url(args.url, "/v1/realtime", {"model": "moshiko", "persona": args.persona or ""})
+    url = ws_url(args.url, "/v1/realtime", {"persona": args.persona or ""})  # no model: the persona's voice
     async with connect(url, additional_headers=headers, open_timeout=30, max_size=1 << 22) as ws:
         created = json.loads(await asyncio.wait_for(ws.recv(), 30))
         reply.session_id = created.get("session", {}).get("id", "")

@@ -123,7 +123,8 @@ async def create_client_secret(
     if config.voice is not None:  # another key's profile: refused now, like a session.update to it
         await check_voice_owned(request, owner, config.voice)
     voice = config.voice or model
-    caller = Caller(owner, model=model, instructions=config.instructions, voice=config.voice)
+    # The model as asked for: one of Moshi's decides the voice; none (or another) leaves it to the persona.
+    caller = Caller(owner, model=config.model, instructions=config.instructions, voice=config.voice)
     store: ClientSecretStore = request.app.state.client_secrets
     value = await store.mint(caller, ttl_s)
     expires_at = int(time.time()) + ttl_s

@@ -1,7 +1,13 @@
 """Personas: built-ins shipped in code plus ones stored per owner at `personas/{id}.json`.
 
-A persona is a `PersonaSpec` (what a session needs) plus who owns it and its default voice. Built-ins
-belong to nobody, every owner sees them, and they cannot be changed or deleted.
+A persona is a `PersonaSpec` (what a session needs) plus who owns it and its default voice: the voice a
+session with it speaks in when the client names none (`session_socket.starting_voice`). Built-ins belong
+to nobody, every owner sees them, and they cannot be changed or deleted; they name no voice, so each
+speaks in the voice of whichever Moshi model the deployment serves.
+
+Stored format 2 (since personas' voices are used): before it, `voice` was always written, "moshika" when
+the client gave none, and sessions never used it. A record without a format saying "moshika" is read as
+naming no voice: its sessions keep the voice they had; any other voice there was the client's choice.
 
 Each owner's stored personas are indexed (`shared.owner_index`: `owners/{owner}/personas/{id}`, written
 before the persona and removed after it), so an owner's listing and quota read only that owner's files.
@@ -29,7 +35,10 @@ class PersonaFields(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     primer: str = Field(default="", max_length=2000, description="Text forced into Moshi's text stream.")
     greeting: str = Field(default="", max_length=500)
-    voice: VoiceName = "moshika"
+    voice: VoiceName | None = Field(
+        default=None,
+        description="The voice its sessions speak in when the client names none; null: the model's own.",
+    )
     sampling: Sampling = Field(default_factory=Sampling)
     adapter: ProfileId | None = Field(
         default=None, description="A LoRA adapter id (/v1/adapters): a fine-tuned persona, docs/personas.md."
@@ -55,12 +64,11 @@ class Persona(PersonaFields):
 BUILTINS: dict[str, Persona] = {
     p.id: p
     for p in (
-        Persona(id="default", name="Default", builtin=True, voice="moshika"),
+        Persona(id="default", name="Default", builtin=True),
         Persona(
             id="assistant",
             name="Helpful assistant",
             builtin=True,
-            voice="moshika",
             primer="You are a helpful, concise voice assistant. Answer briefly and ask when unsure.",
             greeting="Hi, how can I help?",
         ),
@@ -68,7 +76,6 @@ BUILTINS: dict[str, Persona] = {
             id="tutor",
             name="Language tutor",
             builtin=True,
-            voice="moshiko",
             primer="You are a patient English tutor. Speak slowly and correct mistakes gently.",
             greeting="Hello! What would you like to practise today?",
         ),
@@ -76,7 +83,6 @@ BUILTINS: dict[str, Persona] = {
             id="storyteller",
             name="Storyteller",
             builtin=True,
-            voice="moshiko",
             primer="You are a warm storyteller who improvises short stories with the listener.",
             greeting="Shall I tell you a story?",
             sampling=Sampling(text_temperature=0.9),
@@ -169,6 +175,14 @@ class PersonaStore:
 
         return await self.index.reconcile(present, describe)
 
+    async def voice_of(self, owner: str, persona_id: str | None) -> str | None:
+        """The persona's default voice; None when it names none, or is not the owner's (a session that
+        asks for it is refused when its persona is resolved, `resolve`)."""
+        try:
+            return (await self.get(owner, persona_id or "default")).voice
+        except NotFound:
+            return None
+
     async def resolve(self, owner: str, persona_id: str | None, overrides: dict[str, Any]) -> PersonaSpec:
         """The spec a session runs with: persona by id (default when none) with per-session overrides."""
         try:
@@ -187,11 +201,21 @@ class PersonaStore:
         await self.storage.put(self._key(persona.id), _dump(persona))
 
 
+STORED_FORMAT = 2  # module docstring
+_UNSET_VOICE_BEFORE_FORMAT_2 = "moshika"
+
+
 def _dump(persona: Persona) -> bytes:
     data = persona.model_dump(mode="json")
     data["owner"] = persona.owner  # excluded from API output, kept on disk
+    data["format"] = STORED_FORMAT
     return json.dumps(data).encode()
 
 
 def _load(raw: bytes) -> Persona:
-    return Persona.model_validate_json(raw)
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("a stored persona is a JSON object")
+    if data.pop("format", 1) == 1 and data.get("voice") == _UNSET_VOICE_BEFORE_FORMAT_2:
+        data["voice"] = None
+    return Persona.model_validate(data)

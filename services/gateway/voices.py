@@ -394,10 +394,10 @@ async def check_voice_usable(store: VoiceProfileStore, bus: Bus, owner: str, voi
         raise CloningUnavailable()
 
 
-async def check_profile_owned(store: VoiceProfileStore, owner: str, voice: str) -> None:
+async def check_profile_owned(store: VoiceProfileStore, owner: str, voice: str | None) -> None:
     """A cloned voice names one of the caller's own profiles: another key's is refused exactly like a
-    missing one (InvalidRequest). Other voices pass."""
-    if (profile_id := profile_id_of(voice)) is None:
+    missing one (InvalidRequest). Other voices (and none) pass."""
+    if voice is None or (profile_id := profile_id_of(voice)) is None:
         return
     try:
         await store.get_owned(profile_id, owner)

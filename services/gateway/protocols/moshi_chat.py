@@ -43,8 +43,6 @@ from services.gateway.protocols.session_socket import (
     Ending,
     SocketClosed,
     as_refusal,
-    check_voice,
-    check_voice_owned,
     close_quietly,
     open_conversation,
     place,
@@ -53,6 +51,7 @@ from services.gateway.protocols.session_socket import (
     resolve_persona,
     run_loops,
     serve_and_stop,
+    starting_voice,
     watch_key,
 )
 from services.gateway.settings import GatewaySettings
@@ -75,7 +74,6 @@ from shared.messages import (
     Sampling,
     SessionEvent,
     VoiceMode,
-    native_voice_for,
     parse_voice_mode,
 )
 
@@ -222,9 +220,8 @@ async def _chat(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         owner = caller.owner
         held.enter_context(await websocket.app.state.open_sockets.take(owner))
         check_single(params)
-        # A client secret's voice, else its model's (what its `session` promised), else moshiko.
-        voice = check_voice(params.get("voice") or caller.voice or native_voice_for(caller.model))
-        await check_voice_owned(websocket, owner, voice)
+        asked = params.get("voice") or caller.voice
+        voice = await starting_voice(websocket, owner, asked, caller.model, params.get("persona"))
         mode = _voice_mode(params.get("voice_mode"))
         primer = params.get("primer") or params.get("text_prompt") or caller.instructions
         sampling = sampling_overrides(params)

@@ -54,6 +54,7 @@ from services.gateway.protocols.session_socket import (
     resolve_persona,
     run_loops,
     serve_and_stop,
+    starting_voice,
     watch_key,
 )
 from services.gateway.settings import MIN_IDLE_TIMEOUT_S, GatewaySettings
@@ -94,9 +95,13 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
     try:
         caller = await authenticate_socket(websocket)
         held.enter_context(await websocket.app.state.open_sockets.take(caller.owner))
-        if caller.voice is not None:  # a client secret's: still the owner's own profile?
-            await check_voice_owned(websocket, caller.owner, check_voice(caller.voice))
         opening = await _checked_query(websocket, caller.owner)
+        # Asked for (`?voice=`, else a client secret's: still the owner's own profile?), else as the model
+        # or the persona says.
+        requested_model = websocket.query_params.get("model") or caller.model
+        persona_id = websocket.query_params.get("persona")
+        asked = opening.voice or caller.voice
+        voice = await starting_voice(websocket, caller.owner, asked, requested_model, persona_id)
     except Exception as exc:  # a check that reads Redis (a catalog voice, say) while it is away too
         if (refusal := as_refusal(exc)) is None:
             raise
@@ -108,10 +113,10 @@ async def _realtime(websocket: WebSocket, held: contextlib.ExitStack) -> None:
         return
     # The model asked for: OpenAI's names (or any other) mean moshiko, never echoed back (the query string
     # is the client's, of any length). A native voice, once chosen, decides (`session_object`).
-    model = native_voice_for(websocket.query_params.get("model") or caller.model)
+    model = native_voice_for(requested_model)
     session = RealtimeSession(websocket, settings, caller.owner, model)
     session.instructions = caller.instructions or ""  # a client secret's session config, if any
-    session.voice = opening.voice or caller.voice or session.voice
+    session.voice = voice
     session.adapter = opening.adapter
     session.send(ev.SessionCreated(session=session.session_object()))
     ending = await serve_and_stop(websocket, session.run, lambda: session.conversation)
@@ -130,18 +135,15 @@ _QUERY_SETTINGS = ("voice", "adapter", "persona", "model")
 
 
 async def _checked_query(websocket: WebSocket, owner: str) -> _Opening:
-    """`?voice=` and `?adapter=` refused at the handshake for what `session.update` refuses them (an
-    unknown voice, another key's profile or adapter), and each setting given once: never one of two
+    """`?adapter=` refused at the handshake for what `session.update` refuses it (another key's adapter;
+    `?voice=` likewise, by `starting_voice`), and each setting given once: never one of two
     values picked silently. Whether a worker serves the adapter, and `?persona=`, are the start's (its
     first audio) to say: a fleet restarting refuses no socket."""
     params = websocket.query_params
     for name in _QUERY_SETTINGS:
         if (count := len(params.getlist(name))) > 1:
             raise InvalidRequest(f"{name} is given {count} times: give it once")
-    voice = params.get("voice") or None
-    if voice is not None:
-        voice = check_voice(voice)
-        await check_voice_owned(websocket, owner, voice)
+    voice = params.get("voice") or None  # checked with the voice the session starts with (`starting_voice`)
     adapter = params.get("adapter") or None
     if adapter is not None:  # the caller's own; whether a worker serves it is the start's to say
         await check_adapter_owned(websocket.app.state.adapters, owner, adapter)

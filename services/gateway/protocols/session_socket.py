@@ -36,7 +36,7 @@ from shared.errors import (
     LifetimeReached,
     Unauthorized,
 )
-from shared.messages import PersonaSpec, VoiceMode, parse_voice
+from shared.messages import NATIVE_VOICES, PersonaSpec, VoiceMode, native_voice_for, parse_voice
 from shared.runtime import cancel_and_wait
 from shared.voice_profiles import VoiceProfileStore
 
@@ -120,6 +120,23 @@ async def check_voice_owned(conn: HTTPConnection, owner: str, voice: str) -> Non
     TTS workers' catalog (`voices.check_voice_usable`). Sockets and the client secret route ask it."""
     store: VoiceProfileStore = conn.app.state.voices
     await check_voice_usable(store, conn.app.state.bus, owner, voice)
+
+
+async def starting_voice(
+    conn: HTTPConnection, owner: str, asked: str | None, model: str | None, persona_id: str | None
+) -> str:
+    """The voice a session starts with, checked (`check_voice_owned`): the one the client asked for (`?voice=`
+    or its client secret's), else its model's own when the client named one of Moshi's models, else its
+    persona's default voice, else moshiko. A persona that is not the caller's names none here: the
+    session's start refuses it (`resolve_persona`)."""
+    if asked:
+        voice = check_voice(asked)
+    elif model in NATIVE_VOICES:
+        voice = model
+    else:
+        voice = await conn.app.state.personas.voice_of(owner, persona_id) or native_voice_for(None)
+    await check_voice_owned(conn, owner, voice)
+    return voice
 
 
 async def resolve_persona(

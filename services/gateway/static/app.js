@@ -19,12 +19,14 @@ function logEvent(text) {
   $("events").prepend(line);
 }
 
-// A one-use secret for one WebSocket (POST /v1/realtime/client_secrets, OpenAI's shape).
+// A one-use secret for one WebSocket (POST /v1/realtime/client_secrets, OpenAI's shape). No voice: the
+// persona's (the secret names no model either: one would decide the voice).
 async function clientSecret(voice) {
+  const session = voice ? { type: "realtime", audio: { output: { voice } } } : { type: "realtime" };
   const response = await fetch("/v1/realtime/client_secrets", {
     method: "POST",
     headers: { ...authHeaders(), "Content-Type": "application/json" },
-    body: JSON.stringify({ session: { type: "realtime", model: "moshiko", audio: { output: { voice } } } }),
+    body: JSON.stringify({ session }),
   });
   const body = await response.json();
   if (!response.ok) throw new Error(body.detail ?? `HTTP ${response.status}`);
@@ -42,7 +44,8 @@ async function loadPickers() {
   const voices = (await fetchJson("/v1/voices")) ?? { items: [] };
   const personaItems = personas.items ?? personas;
   $("persona").replaceChildren(...personaItems.map((p) => new Option(p.name ?? p.id, p.id)));
-  const voiceOptions = [new Option("Moshiko (native)", "moshiko"), new Option("Moshika (native)", "moshika")];
+  const voiceOptions = [new Option("The persona's voice", ""), new Option("Moshiko (native)", "moshiko"),
+    new Option("Moshika (native)", "moshika")];
   for (const v of voices.items ?? voices) voiceOptions.push(new Option(`${v.name} (cloned)`, `profile:${v.id}`));
   for (const v of voices.catalog ?? []) voiceOptions.push(new Option(`${v.name} (catalog, ${v.language})`, v.voice));
   $("voice").replaceChildren(...voiceOptions);
@@ -131,13 +134,15 @@ async function start() {
   const capture = new AudioWorkletNode(context, "chorus-capture");
   context.createMediaStreamSource(stream).connect(capture);
 
-  const secret = await clientSecret($("voice").value);
-  const query = new URLSearchParams({ model: "moshiko", persona: $("persona").value, client_secret: secret });
+  const voice = $("voice").value;  // "": the persona's
+  const secret = await clientSecret(voice);
+  const query = new URLSearchParams({ persona: $("persona").value, client_secret: secret });
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   socket = new WebSocket(`${scheme}://${location.host}/v1/realtime?${query}`);
   socket.onopen = () => {
-    socket.send(JSON.stringify({ type: "session.update", session: { type: "realtime",
-      audio: { input: { format: { type: "audio/pcm", rate: RATE } }, output: { voice: $("voice").value } } } }));
+    const input = { format: { type: "audio/pcm", rate: RATE } };
+    const audio = voice ? { input, output: { voice } } : { input };
+    socket.send(JSON.stringify({ type: "session.update", session: { type: "realtime", audio } }));
     setStatus("Listening…");
     $("stop").disabled = false;
   };
