@@ -122,7 +122,8 @@ async def create_client_secret(
     model = native_voice_for(config.model)  # another model's name is moshiko, as `?model=` takes it
     if config.voice is not None:  # another key's profile: refused now, like a session.update to it
         await check_voice_owned(request, owner, config.voice)
-    voice = config.voice or model
+    # None: the socket decides (its persona's voice, else the native voice that runs: `starting_voice`).
+    voice = config.voice or model_of_voice(config.model or "")
     # The model as asked for: one of Moshi's decides the voice; none (or another) leaves it to the persona.
     caller = Caller(owner, model=config.model, instructions=config.instructions, voice=config.voice)
     store: ClientSecretStore = request.app.state.client_secrets
@@ -131,9 +132,9 @@ async def create_client_secret(
     pcm = {"type": "audio/pcm", "rate": SAMPLE_RATE}
     session = SecretSession(
         id=f"sess_{secrets.token_hex(10)}",
-        model=model_of_voice(voice) or model,  # what the socket will run: a native voice's own model
+        model=model_of_voice(voice or "") or model,  # what the socket will run: a native voice's own model
         instructions=config.instructions or "",
         expires_at=expires_at,
-        audio={"input": {"format": pcm}, "output": {"format": pcm, "voice": voice}},
+        audio={"input": {"format": pcm}, "output": {"format": pcm} | ({"voice": voice} if voice else {})},
     )
     return ClientSecret(value=value, expires_at=expires_at, session=session)

@@ -16,6 +16,7 @@ before the persona and removed after it), so an owner's listing and quota read o
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -25,6 +26,8 @@ from shared.errors import Conflict, InvalidRequest, NotFound, excerpt
 from shared.messages import PersonaSpec, ProfileId, Sampling, VoiceName, valid_id
 from shared.owner_index import OwnerIndex, Reconciled
 from shared.storage import Storage
+
+log = logging.getLogger(__name__)
 
 
 class PersonaFields(BaseModel):
@@ -182,6 +185,9 @@ class PersonaStore:
             return (await self.get(owner, persona_id or "default")).voice
         except NotFound:
             return None
+        except ValueError:  # a stored file that does not parse: the start refuses the session, saying so
+            log.error("a stored persona cannot be read", extra={"persona_id": excerpt(persona_id or "")})
+            return None
 
     async def resolve(self, owner: str, persona_id: str | None, overrides: dict[str, Any]) -> PersonaSpec:
         """The spec a session runs with: persona by id (default when none) with per-session overrides."""
@@ -216,6 +222,7 @@ def _load(raw: bytes) -> Persona:
     data = json.loads(raw)
     if not isinstance(data, dict):
         raise ValueError("a stored persona is a JSON object")
-    if data.pop("format", 1) == 1 and data.get("voice") == _UNSET_VOICE_BEFORE_FORMAT_2:
+    if "format" not in data and data.get("voice") == _UNSET_VOICE_BEFORE_FORMAT_2:
         data["voice"] = None
+    data.pop("format", None)
     return Persona.model_validate(data)

@@ -45,19 +45,18 @@ async def _owner_turn(
 ) -> AsyncIterator[None]:
     """Writes that could race take turns under the owner's lock (the one an adapter delete takes): a replace
     that read the persona just before a delete removed it would write it back, unindexed (usable by id,
-    outside the quota), and two deletes would both answer 204. A persona's adapter is checked under it, so
-    the adapter stays until the persona is written."""
+    outside the quota), and two deletes would both answer 204. A persona's adapter and voice profile are
+    checked under it (their deletes take it too), so each stays until the persona is written."""
     async with owner_lock(request).held(owner):
-        if fields is not None and fields.adapter is not None:
-            await check_adapter_owned(request.app.state.adapters, owner, fields.adapter)
+        if fields is not None:
+            await check_profile_owned(request.app.state.voices, owner, fields.voice)
+            if fields.adapter is not None:
+                await check_adapter_owned(request.app.state.adapters, owner, fields.adapter)
         yield
 
 
 @router.post("", status_code=201, summary="Create a persona", responses=_ERRORS)
 async def create_persona(fields: PersonaFields, owner: Owner, store: Store, request: Request) -> Persona:
-    await check_profile_owned(request.app.state.voices, owner, fields.voice)
-    if fields.adapter is None:  # a new id races nothing but an adapter delete: no lock needed
-        return await store.create(owner, fields)
     async with _owner_turn(request, owner, fields):
         return await store.create(owner, fields)
 
@@ -71,7 +70,6 @@ async def get_persona(persona_id: str, owner: Owner, store: Store) -> Persona:
 async def replace_persona(
     persona_id: str, fields: PersonaFields, owner: Owner, store: Store, request: Request
 ) -> Persona:
-    await check_profile_owned(request.app.state.voices, owner, fields.voice)
     async with _owner_turn(request, owner, fields):
         return await store.replace(owner, persona_id, fields)
 

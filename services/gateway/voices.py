@@ -30,9 +30,11 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
+from services.gateway.adapters import owner_lock
 from services.gateway.auth import current_owner
 from services.gateway.clips import ACCEPTED_TEXT, ClipLimits, prepare_clip, rejected, too_large
 from services.gateway.limits import BodyCap
+from services.gateway.persona_store import PersonaStore
 from services.gateway.problems import problem_responses
 from services.gateway.settings import GatewaySettings
 from services.gateway.uploads import FORM_OVERHEAD, UploadRules, receive_form
@@ -42,6 +44,7 @@ from shared.bus import Bus, Entry
 from shared.errors import (
     ChorusError,
     CloningUnavailable,
+    Conflict,
     GatewayTimeout,
     InvalidRequest,
     NoCapacity,
@@ -62,6 +65,7 @@ from shared.messages import (
     catalog_voice,
     cloned_voice,
     model_of_voice,
+    native_voice_for,
     profile_id_of,
 )
 from shared.presence import list_workers
@@ -405,6 +409,13 @@ async def check_profile_owned(store: VoiceProfileStore, owner: str, voice: str |
         raise InvalidRequest(f"unknown voice {excerpt(voice)}: no such profile for this API key") from None
 
 
+async def served_native_voice(bus: Bus) -> str:
+    """The native voice of a session that names none: moshiko, unless every dialogue worker that runs
+    has said it runs moshika (then moshika: moshiko would be refused)."""
+    models = {w.fields.get("model") for w in await list_workers(bus, "dialogue")}
+    return "moshika" if models == {"moshika"} else native_voice_for(None)
+
+
 async def check_native_voice_served(bus: Bus, voice: str) -> None:
     """A native voice is its own model's (moshika speaks only on moshika): when dialogue workers run but
     none runs that model, nor is loading (its model not announced yet), NoCapacity at once, naming it,
@@ -432,12 +443,21 @@ async def get_voice(voice_id: str, request: Request, owner: str = Depends(curren
     "/{voice_id}",
     status_code=204,
     response_class=Response,
-    summary="Delete a profile: its clip, metadata and every cached voice state",
+    summary="Delete a profile: its clip, metadata and cached voice states (refused while a persona names it)",
 )
 async def delete_voice(voice_id: str, request: Request, owner: str = Depends(current_owner)) -> Response:
     store = _store(request)
     await store.get_owned(voice_id, owner)
-    await store.delete(voice_id)
+    personas: PersonaStore = request.app.state.personas
+    async with owner_lock(request).held(owner):  # no persona comes to name it until it is gone
+        voice = cloned_voice(voice_id)
+        if users := [p.id for p in await personas.list(owner) if p.voice == voice]:
+            raise Conflict(
+                f"voice {voice_id!r} is persona {users[0]!r}'s voice: change or delete the persona first",
+                reason="in_use",
+                personas=users,
+            )
+        await store.delete(voice_id)
     bus: Bus = request.app.state.bus
     try:
         await bus.append(

@@ -28,7 +28,7 @@ from services.gateway.conversation import Conversation
 from services.gateway.fair_websocket import FAIR_RECEIVE
 from services.gateway.problems import outage_error
 from services.gateway.settings import GatewaySettings
-from services.gateway.voices import check_native_voice_served, check_voice_usable
+from services.gateway.voices import check_native_voice_served, check_voice_usable, served_native_voice
 from shared.errors import (
     ChorusError,
     ClientNotReading,
@@ -36,7 +36,7 @@ from shared.errors import (
     LifetimeReached,
     Unauthorized,
 )
-from shared.messages import NATIVE_VOICES, PersonaSpec, VoiceMode, native_voice_for, parse_voice
+from shared.messages import NATIVE_VOICES, PersonaSpec, VoiceMode, parse_voice
 from shared.runtime import cancel_and_wait
 from shared.voice_profiles import VoiceProfileStore
 
@@ -127,14 +127,15 @@ async def starting_voice(
 ) -> str:
     """The voice a session starts with, checked (`check_voice_owned`): the one the client asked for (`?voice=`
     or its client secret's), else its model's own when the client named one of Moshi's models, else its
-    persona's default voice, else moshiko. A persona that is not the caller's names none here: the
-    session's start refuses it (`resolve_persona`)."""
+    persona's default voice, else the native voice of the model that runs (`served_native_voice`). A
+    persona that is not the caller's names none here: the session's start refuses it (`resolve_persona`)."""
     if asked:
         voice = check_voice(asked)
     elif model in NATIVE_VOICES:
         voice = model
     else:
-        voice = await conn.app.state.personas.voice_of(owner, persona_id) or native_voice_for(None)
+        persona_voice = await conn.app.state.personas.voice_of(owner, persona_id)
+        voice = persona_voice or await served_native_voice(conn.app.state.bus)
     await check_voice_owned(conn, owner, voice)
     return voice
 

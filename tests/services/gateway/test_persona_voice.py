@@ -6,13 +6,18 @@ process on a real Redis; the REST calls and sockets are a client's."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import httpx
+import pytest
 from websockets.asyncio.client import connect
 
 from services.gateway.persona_store import PersonaFields, PersonaStore
+from shared.bus import Bus
+from shared.presence import WorkerPresence
 from shared.storage import LocalStorage
+from shared.streams import StreamNames
 from tests.security.conftest import GatewayProcess, launch_gateway, stop_gateway
 from tests.support.waiting import wait_until
 
@@ -66,9 +71,11 @@ async def test_a_session_speaks_in_its_personas_voice_unless_its_client_names_on
                     "",
                 )
             }
+            promised = {}
             for asked in ({}, {"model": "moshiko"}):  # a client secret's session, then one naming a model
                 minted = await client.post("/v1/realtime/client_secrets", json={"session": asked})
                 assert minted.status_code == 200, minted.text
+                promised[str(asked)] = minted.json()["session"]["audio"]["output"].get("voice")
                 query = f"persona={kay}&client_secret={minted.json()['value']}"
                 realtime[f"secret {asked}"] = await realtime_voice(gw, query)
             moshi = {
@@ -95,6 +102,35 @@ async def test_a_session_speaks_in_its_personas_voice_unless_its_client_names_on
         "": "moshiko",
     }
     assert all(p["voice"] is None for p in listed if p["builtin"]), "built-ins name no voice: the model's own"
+    assert promised == {"{}": None, "{'model': 'moshiko'}": "moshiko"}, "a secret promises only what it names"
+
+
+async def test_a_session_naming_no_voice_speaks_in_the_native_voice_of_the_model_that_runs(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """moshiko by default; moshika where every dialogue worker runs moshika (moshiko would be refused
+    there, `no_model_worker`)."""
+    gw = launch_gateway(redis_url, tmp_path, "served-voice")
+    bus = await Bus.connect(redis_url, StreamNames(gw.key_prefix))
+    try:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            voices = []
+            for models in (("moshika",), ("moshika", "moshiko")):
+                for n, model in enumerate(models):
+                    fields = {"model": model, "free_slots": 1}
+                    await WorkerPresence(
+                        bus, "dialogue", f"w{n}", ttl_s=60, interval_s=5, describe=lambda f=fields: f
+                    ).beat()
+                voices.append(
+                    (
+                        await realtime_voice(gw, "persona=assistant"),
+                        await moshi_voice(gw, client, "persona=assistant"),
+                    )
+                )
+    finally:
+        await bus.close()
+        stop_gateway(gw)
+    assert voices == [("moshika", "moshika"), ("moshiko", "moshiko")]
 
 
 async def test_a_persona_stored_before_voices_were_used_keeps_the_voice_its_sessions_had(
@@ -119,3 +155,16 @@ async def test_a_persona_stored_before_voices_were_used_keeps_the_voice_its_sess
     assert replaced.voice == "moshika"
     assert json.loads(await storage.get("personas/p_defaulted.json"))["format"] == 2
     assert await store.voice_of("alice", "p_defaulted") == "moshika", "chosen now: used"
+
+
+async def test_a_stored_persona_that_does_not_parse_names_no_voice_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The socket opens (its start then refuses the persona); the operator is told which file is bad."""
+    storage = LocalStorage(tmp_path)
+    await storage.put("personas/p_broken.json", b"{not json")
+    with caplog.at_level(logging.ERROR):
+        assert await PersonaStore(storage).voice_of("alice", "p_broken") is None
+    assert [(r.getMessage(), r.persona_id) for r in caplog.records] == [  # type: ignore[attr-defined]
+        ("a stored persona cannot be read", "'p_broken'")
+    ]

@@ -109,6 +109,27 @@ async def test_a_persona_names_only_the_callers_own_voice_profile(client: httpx.
     assert created.status_code == 201 and created.json()["voice"] == f"profile:{own.id}", created.text
 
 
+async def test_a_voice_profile_a_persona_names_is_not_deleted_under_it(client: httpx.AsyncClient) -> None:
+    """A persona's voice is what its sessions start with: deleting the profile would refuse every one of
+    them with an unknown voice the client never named. The delete is refused (409 `in_use`, naming the
+    personas) until the persona speaks in another voice, as an adapter's is (tests/.../test_adapters)."""
+    app = client._transport.app  # type: ignore[attr-defined]  # the ASGI transport's app
+    profile = await add_profile(app.state.voices, SPEECH_WAV, owner=owner_of("key-alice"))
+    made = await client.post("/v1/personas", json={**NEW, "voice": profile.voice}, headers=ALICE)
+    assert made.status_code == 201, made.text
+    refused = await client.delete(f"/v1/voices/{profile.id}", headers=ALICE)
+    assert refused.status_code == 409, refused.text
+    problem = refused.json()
+    persona_id = made.json()["id"]
+    assert (problem["code"], problem["reason"], problem["personas"]) == ("conflict", "in_use", [persona_id])
+    assert made.json()["id"] in problem["detail"]
+    assert (await client.get(f"/v1/voices/{profile.id}", headers=ALICE)).status_code == 200
+    unvoiced = {**NEW, "voice": None}
+    changed = await client.put(f"/v1/personas/{made.json()['id']}", json=unvoiced, headers=ALICE)
+    assert changed.status_code == 200 and changed.json()["voice"] is None, changed.text
+    assert (await client.delete(f"/v1/voices/{profile.id}", headers=ALICE)).status_code == 204
+
+
 async def test_builtin_personas_cannot_be_modified_or_deleted(client: httpx.AsyncClient) -> None:
     put = await client.put("/v1/personas/tutor", json=NEW, headers=ALICE)
     assert put.status_code == 409
