@@ -49,7 +49,7 @@ end
 redis.call('SADD', KEYS[1], ARGV[1])
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('HSET', KEYS[2], 'state', 'placing', 'owner', ARGV[3],
-    'started_at', ARGV[4], 'updated_at', ARGV[4])
+    'started_at', ARGV[4], 'updated_at', ARGV[4], unpack(ARGV, 6))
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
 return 1
@@ -280,14 +280,18 @@ class SessionStore:
                 users.append(sid)
         return users
 
-    async def register(self, owner: str, sid: str, limit: int) -> None:
+    async def register(
+        self, owner: str, sid: str, limit: int, described: dict[str, str] | None = None
+    ) -> None:
         """Count a new session against its owner's limit (0 = unlimited); RateLimited when full. Its hash
-        is begun with it (state `placing`; `create` writes the rest): counted without one, it would look
+        is begun with it (state `placing`, and what `described` says of it: voice, persona..., so that
+        `/v1/sessions` shows them at once; `create` writes the rest): counted without one, it would look
         expired to another session of the owner starting meanwhile, be pruned from the set, and a delete of
         its adapter would miss it (`using_adapter`)."""
         await self.live_session_ids(owner)
         keys = [self.bus.names.owner_sessions(owner), self.bus.names.session(sid)]
         args = [sid, str(limit), owner, time.time(), self.ttl_s]
+        args += [item for pair in (described or {}).items() for item in pair]
         if not await self._register(keys=keys, args=args):
             raise RateLimited(f"this API key already has {limit} live sessions", limit=limit)
 

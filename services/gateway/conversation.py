@@ -117,7 +117,8 @@ class Conversation:
         """Open the session: count it against its owner's limit, write its hash and lease, and hand its
         `start` to the workers. A dialogue slot is waited for in `wait_ready`."""
         try:
-            await self.store.register(self.owner, self.session_id, self.max_sessions)
+            described = {"voice": self.voice, "voice_mode": self.voice_mode, "persona_id": self.persona.id}
+            await self.store.register(self.owner, self.session_id, self.max_sessions, described)
         except RateLimited:
             metrics.SESSIONS_REJECTED.labels(reason="per_key_limit").inc()
             raise

@@ -164,6 +164,26 @@ async def test_the_store_returns_the_parsed_hash_and_none_without_one(bus: Bus) 
     assert ended.ended_at is not None
 
 
+async def test_a_counted_session_is_described_before_it_is_created(bus: Bus) -> None:
+    """`register` begins the hash; `create` follows it after the transcript's header is written. Between
+    the two, `/v1/sessions/{id}` showed an empty voice and persona: they go in with the count now."""
+    store = SessionStore(bus, 60)
+    described = {"voice": "moshika", "voice_mode": "native", "persona_id": "tutor"}
+    await store.register("alice", "s1", 2, described)
+    await store.register("alice", "s2", 2)
+    counted = await store.get("s1")
+    assert counted is not None
+    assert (counted.state, counted.owner, counted.voice, counted.voice_mode, counted.persona_id) == (
+        SessionState.PLACING,
+        "alice",
+        "moshika",
+        "native",
+        "tutor",
+    )
+    bare = await store.get("s2")
+    assert bare is not None and (bare.state, bare.voice) == (SessionState.PLACING, None)
+
+
 async def test_a_hash_written_by_hand_with_a_bad_voice_is_refused(bus: Bus) -> None:
     store = SessionStore(bus, 60)
     await store.create(SessionStart(session_id="s1"), lease_s=60)

@@ -38,9 +38,8 @@ async def moshi_voice(gw: GatewayProcess, client: httpx.AsyncClient, query: str)
         assert ws.response is not None
         session_id = ws.response.headers["x-chorus-session-id"]
 
-        async def stored() -> bool:  # its hash written whole (begun with its state when it was counted)
-            detail = await client.get(f"/v1/sessions/{session_id}")
-            return detail.status_code == 200 and detail.json()["persona_id"] != ""
+        async def stored() -> bool:  # its voice and persona are in from the first: its count
+            return (await client.get(f"/v1/sessions/{session_id}")).status_code == 200
 
         await wait_until(stored, "the session to be stored", 10)
         voice: str = (await client.get(f"/v1/sessions/{session_id}")).json()["voice"]
