@@ -14,6 +14,7 @@ from services.gateway.auth import current_owner
 from services.gateway.persona_store import Persona, PersonaFields, PersonaStore
 from services.gateway.problems import V1_ERRORS, problem_responses
 from services.gateway.voices import check_profile_owned
+from shared.messages import profile_id_of
 
 router = APIRouter(prefix="/v1/personas", tags=["personas"])
 
@@ -57,6 +58,8 @@ async def _owner_turn(
 
 @router.post("", status_code=201, summary="Create a persona", responses=_ERRORS)
 async def create_persona(fields: PersonaFields, owner: Owner, store: Store, request: Request) -> Persona:
+    if fields.adapter is None and profile_id_of(fields.voice or "") is None:
+        return await store.create(owner, fields)  # a new id names nothing a delete could race: no lock
     async with _owner_turn(request, owner, fields):
         return await store.create(owner, fields)
 
