@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_voice,
         default=None,
         help="moshiko, moshika, profile:<id> or catalog:<name> (alba, marius...: `chorus voices list`); "
-        "default: the persona's voice, else moshiko",
+        "default: the persona's voice, else the native voice of the model that runs",
     )
     talk.add_argument("--persona", default=None, help="persona id")
     talk.add_argument("--protocol", choices=("moshi", "realtime"), default="moshi")
