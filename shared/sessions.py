@@ -223,6 +223,7 @@ class SessionStore:
                 for sid in running:
                     pipe.set(names.session_lease(sid), b"1", px=int(lease_s * 1000))
                     pipe.expire(names.session(sid), self.ttl_s)
+                    pipe.expire(names.session_transcript(sid), self.ttl_s)  # its words last as long
                 await pipe.execute()
         return dict(zip(sids, states, strict=True))
 

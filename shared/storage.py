@@ -102,7 +102,14 @@ class LocalStorage:
         # appends; fsync so a record the caller was told is stored survives a crash.
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, data)
+            before = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(data):  # a full disk takes part of a record, then refuses the rest
+                    written += os.write(fd, data[written:])
+            except OSError:
+                os.ftruncate(fd, before)  # the record whole or not at all: a part would glue onto the next
+                raise
             os.fsync(fd)
         finally:
             os.close(fd)

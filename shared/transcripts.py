@@ -12,7 +12,8 @@ The export (`GET /v1/sessions/{id}/transcript`) is read from these files, never 
 
 Each owner's transcripts are indexed (`shared.owner_index`: `owners/{owner}/transcripts/{start ms}.{sid}`,
 written before `meta.json`, removed after the folder), oldest first by name. Past `max_per_owner` a new
-session is never refused: the owner's oldest transcripts are deleted instead, and the log says which.
+session is never refused: the owner's oldest transcripts of ended sessions are deleted instead (never a
+live one's), and the log says which.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Collection
 from typing import Any
 
 from shared.errors import NotFound
@@ -54,22 +56,35 @@ class TranscriptLog:
         self.max_per_owner = max_per_owner
         self.index = OwnerIndex(storage, "transcripts")
 
-    async def begin(self, sid: str, *, owner: str, persona_id: str, voice: str) -> None:
+    async def begin(
+        self, sid: str, *, owner: str, persona_id: str, voice: str, live: Collection[str] = ()
+    ) -> None:
+        """Start the session's transcript; past the quota, delete the owner's oldest, never one of the
+        `live` sessions' (they go once ended, when a later session begins)."""
         started_at = time.time()
         meta = {"session_id": sid, "owner": owner, "persona_id": persona_id, "voice": voice}
-        await self.index.add(owner, _entry(sid, started_at))
-        await self.storage.put(
-            _key(sid, "meta.json"), json.dumps({**meta, "started_at": started_at}).encode()
-        )
-        await self._prune(owner)
+        entry = _entry(sid, started_at)
+        await self.index.add(owner, entry)
+        try:
+            await self.storage.put(
+                _key(sid, "meta.json"), json.dumps({**meta, "started_at": started_at}).encode()
+            )
+        except BaseException:
+            with contextlib.suppress(OSError):  # an index entry without its transcript counts for nothing
+                await self.index.remove(owner, entry)
+            raise
+        await self._prune(owner, {sid, *live})
 
-    async def _prune(self, owner: str) -> None:
-        """Delete the owner's oldest transcripts past the quota: a conversation is never refused for the
-        records of old ones."""
+    async def _prune(self, owner: str, live: set[str]) -> None:
+        """Delete the owner's oldest transcripts past the quota, sparing the live sessions': a conversation
+        is never refused for the records of old ones."""
         entries = await self.index.names(owner)
         if not self.max_per_owner or len(entries) <= self.max_per_owner:
             return
-        oldest = entries[: len(entries) - self.max_per_owner]
+        ended = [entry for entry in entries if _session_of(entry) not in live]
+        oldest = ended[: len(entries) - self.max_per_owner]
+        if not oldest:
+            return
         for entry in oldest:
             await self.storage.delete_prefix(f"{PREFIX}{_session_of(entry)}/")
             await self.index.remove(owner, entry)
@@ -86,14 +101,26 @@ class TranscriptLog:
         line = json.dumps(utterance, ensure_ascii=False, separators=(",", ":")) + "\n"
         await self.storage.append(_key(sid, "utterances.jsonl"), line.encode())
 
-    async def end(self, sid: str, reason: str) -> None:
+    async def end(self, sid: str, reason: str, *, unless_ended: bool = False) -> None:
+        """Record when and why the session ended; `unless_ended`: only if nobody recorded it yet (a
+        session whose end was not this caller's to decide, say its hash lost with Redis)."""
+        if unless_ended and await self.storage.exists(_key(sid, "end.json")):
+            return
         await self.storage.put(
             _key(sid, "end.json"), json.dumps({"ended_at": time.time(), "reason": reason}).encode()
         )
 
     async def document(self, sid: str) -> dict[str, Any]:
-        """The whole transcript of a session (NotFound if it never started here)."""
-        meta = json.loads(await self.storage.get(_key(sid, "meta.json")))
+        """The whole transcript of a session (NotFound if it never started here, or its record of who
+        and what cannot be read: it cannot be told whose it is)."""
+        try:
+            meta = json.loads(await self.storage.get(_key(sid, "meta.json")))
+        except ValueError:
+            log.error("a transcript's meta.json cannot be read", extra={"session_id": sid})
+            raise NotFound(f"no transcript for {sid}") from None
+        if not isinstance(meta, dict):
+            log.error("a transcript's meta.json is not an object", extra={"session_id": sid})
+            raise NotFound(f"no transcript for {sid}")
         end = await self._optional_json(sid, "end.json")
         return {
             **meta,

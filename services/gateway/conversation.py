@@ -141,8 +141,9 @@ class Conversation:
         if self.transcripts is None:
             return
         try:
+            live = await self.store.live_session_ids(self.owner)  # their transcripts are not pruned
             await self.transcripts.begin(
-                self.session_id, owner=self.owner, persona_id=self.persona.id, voice=self.voice
+                self.session_id, owner=self.owner, persona_id=self.persona.id, voice=self.voice, live=live
             )
         except OSError:
             # The conversation matters more than its record: go on, loudly.
@@ -338,12 +339,18 @@ class Conversation:
     async def _end(self, reason: str) -> None:
         try:
             ended = await self.store.finalize(self.session_id, reason, owner=self.owner)
-            if ended and self.transcripts is not None:
-                await self.transcripts.end(self.session_id, reason)
         except Exception:
             log.exception("could not signal the end of a session; its lease will", extra=self.log_extra)
-            return
-        log.info("session stopped", extra={**self.log_extra, "reason": reason})
+            ended = None
+        if self.transcripts is not None and ended is not None:
+            try:
+                # Ended by another (a worker: it records the end) or gone (Redis lost it): recorded here
+                # unless someone did.
+                await self.transcripts.end(self.session_id, reason, unless_ended=not ended)
+            except OSError:
+                log.exception("could not record the end of the session's transcript", extra=self.log_extra)
+        if ended is not None:
+            log.info("session stopped", extra={**self.log_extra, "reason": reason})
 
 
 def _worker_refusal(event: SessionEvent) -> ChorusError | None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from services.gateway.persona_store import PersonaFields, PersonaStore
-from shared.errors import QuotaExceeded
+from shared.errors import NotFound, QuotaExceeded
 from shared.owner_index import OwnerIndex, owner_folder
 from shared.storage import LocalStorage
 from shared.transcripts import TranscriptLog
@@ -247,3 +247,47 @@ def test_owner_folders_are_plain_ids_and_anything_else_is_hashed() -> None:
     assert owner_folder(ME) == ME
     assert owner_folder("") == "anonymous"
     assert owner_folder("../../etc").startswith("h-") and "/" not in owner_folder("../../etc")
+
+
+async def test_the_transcript_quota_never_deletes_a_live_sessions_transcript(tmp_path: Path) -> None:
+    """Past the quota the oldest go, but not one whose session still runs: its export would answer 404
+    while the conversation goes on. It goes once ended, when a later session begins."""
+    transcripts = TranscriptLog(LocalStorage(tmp_path), max_per_owner=2)
+    for sid in ("s_long", "s_short", "s_new"):
+        await transcripts.begin(sid, owner=ME, persona_id="default", voice="moshiko", live=["s_long"])
+        await asyncio.sleep(0.002)  # distinct start times, in order
+    assert sorted(p.name for p in (tmp_path / "transcripts").iterdir()) == ["s_long", "s_new"]
+    await transcripts.begin("s_later", owner=ME, persona_id="default", voice="moshiko")
+    assert sorted(p.name for p in (tmp_path / "transcripts").iterdir()) == ["s_later", "s_new"]
+
+
+async def test_a_transcript_that_could_not_begin_leaves_no_index_entry(tmp_path: Path) -> None:
+    transcripts = TranscriptLog(LocalStorage(tmp_path))
+    (tmp_path / "transcripts").mkdir()
+    (tmp_path / "transcripts" / "s_1").write_bytes(b"")  # a file where its folder goes: the write fails
+    with pytest.raises(OSError):
+        await transcripts.begin("s_1", owner=ME, persona_id="default", voice="moshiko")
+    assert await transcripts.index.names(ME) == []
+
+
+async def test_an_unreadable_transcript_record_is_no_transcript_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its owner cannot be told: every key gets the 404 an unknown id gets, never a 500."""
+    storage = LocalStorage(tmp_path)
+    transcripts = TranscriptLog(storage)
+    for sid, meta in (("s_empty", b""), ("s_list", b"[1]")):
+        await storage.put(f"transcripts/{sid}/meta.json", meta)
+        with pytest.raises(NotFound):
+            await transcripts.document(sid)
+    assert [r.levelname for r in caplog.records] == ["ERROR", "ERROR"]
+
+
+async def test_an_end_recorded_unless_ended_keeps_the_first(tmp_path: Path) -> None:
+    transcripts = TranscriptLog(LocalStorage(tmp_path))
+    await transcripts.begin("s_1", owner=ME, persona_id="default", voice="moshiko")
+    await transcripts.end("s_1", "lease_expired")
+    await transcripts.end("s_1", "session_lost", unless_ended=True)
+    await transcripts.end("s_2", "session_lost", unless_ended=True)
+    assert (await transcripts.document("s_1"))["end_reason"] == "lease_expired"
+    assert json.loads((tmp_path / "transcripts/s_2/end.json").read_text())["reason"] == "session_lost"

@@ -190,3 +190,15 @@ async def test_a_hash_written_by_hand_with_a_bad_voice_is_refused(bus: Bus) -> N
     await bus.redis.hset(bus.names.session("s1"), "voice", "profile:a/b")
     with pytest.raises(ValidationError):
         await store.get("s1")
+
+
+async def test_a_renewed_lease_keeps_the_live_transcript_as_long_as_the_hash(bus: Bus) -> None:
+    """The live list (the session detail's words, a resumed session's primer) expired a TTL after its last
+    utterance, while its session ran on: a long silence lost it."""
+    store = SessionStore(bus, 60)
+    await store.create(SessionStart(session_id="s1", owner="alice"), lease_s=30)
+    await store.append_utterance("s1", {"speaker": "assistant", "text": "hello"})
+    await bus.redis.expire(bus.names.session_transcript("s1"), 5)  # the TTL's end near
+    await store.renew_leases(["s1"], 30)
+    assert await bus.redis.ttl(bus.names.session_transcript("s1")) > 30
+    assert [u["text"] for u in await store.transcript("s1")] == ["hello"]

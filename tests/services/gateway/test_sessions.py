@@ -175,3 +175,17 @@ async def test_a_kilobytes_long_id_in_a_path_is_not_echoed_back_whole(
         assert len(response.content) < 1000, body
         assert "(6000 characters)" in body["detail"] or "(6002 characters)" in body["detail"], body
         assert body["instance"].endswith("...") and len(body["instance"]) < 300
+
+
+async def test_a_session_whose_hash_redis_lost_still_records_its_end(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A Redis restarted without its data takes the session hash: the end can no longer be marked there,
+    and was not recorded in the transcript either (no `end.json`: the export said it never ended)."""
+    async with running(redis_url, key_prefix, tmp_path) as (app, client):
+        conv = conversation(app, "key-alice")
+        await conv.start()
+        await app.state.bus.redis.delete(app.state.bus.names.session(conv.session_id))  # Redis lost it
+        await conv.stop("session_lost")
+        document = (await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=ALICE)).json()
+    assert document["end_reason"] == "session_lost" and document["ended_at"] is not None
