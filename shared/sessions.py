@@ -332,11 +332,11 @@ class SessionStore:
                     pipe.hdel(names.session(sid), "utterance")
             await pipe.execute()
 
-    async def count(self, sid: str, counter: str) -> None:
-        """Add one to a counter of the session hash (the session detail's `counters`)."""
+    async def count(self, sid: str, counter: str, by: int = 1) -> None:
+        """Add to a counter of the session hash (the session detail's `counters`)."""
         key = self.bus.names.session(sid)
         async with self.bus.redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(key, counter, 1)
+            pipe.hincrby(key, counter, by)
             pipe.expire(key, self.ttl_s)  # a hash gone meanwhile is not left behind for good
             await pipe.execute()
 

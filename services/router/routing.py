@@ -66,6 +66,9 @@ SERVICE = "router"
 # against ~0.55 ms for one loud frame, ~2.6 against ~2.3 ms for ten, measured alone), and the round waits
 # for the scores either way; past this many (a few ms of silero) the loop stays free for the other tasks.
 INLINE_SPEECH_FRAMES = 16
+# In the session hash: the session detail's `counters` (docs/api.md).
+VOICE_SWITCHES_COUNTER = "voice_switches"
+FRAMES_DROPPED_COUNTER = "frames_dropped"
 
 
 @dataclass
@@ -352,8 +355,21 @@ class Router:
                 log.info("audio source switched to %s (%s)", to, reason, extra={"session_id": session.sid})
             for dropped, count in out.dropped.items():
                 metrics.FRAMES_DROPPED.labels(service=SERVICE, reason=dropped).inc(count)
+            if out.switches or out.dropped:  # rare (a switch, a late phrase): one call then, none per frame
+                await self._count(session.sid, len(out.switches), sum(out.dropped.values()))
         for sid in lost:
             await self._forget(sid, Liveness.MOVED)
+
+    async def _count(self, sid: str, switches: int, dropped: int) -> None:
+        """The session detail's `voice_switches` and `frames_dropped`; its output is written already, so a
+        count Redis refuses is logged, not retried."""
+        try:
+            if switches:
+                await self.store.count(sid, VOICE_SWITCHES_COUNTER, switches)
+            if dropped:
+                await self.store.count(sid, FRAMES_DROPPED_COUNTER, dropped)
+        except Exception:
+            log.warning("could not count a session's switches and drops", extra={"session_id": sid})
 
     async def _finish_stopped(self) -> None:
         stopped = [s for s in self.sessions.values() if s.stop_reason is not None]

@@ -187,7 +187,9 @@ async def test_a_voice_update_switches_a_live_session_to_its_cloned_voice(bus: B
         await play.phrase("two", 2)
         await play.dialogue(" two")
         out = await play.wait_output(lambda o: CLONED in [a.pcm for a in audio(o)], "cloned audio", tick=True)
+        detail = await SessionStore(bus, 60).get(SID)
     assert audio(out)[0].pcm == NATIVE
+    assert detail is not None and detail.counters.get("voice_switches") == 1, "the session detail counts it"
 
 
 async def test_without_a_tts_worker_a_cloned_session_falls_back_to_native(bus: Bus) -> None:
