@@ -178,6 +178,17 @@ class GatewaySettings(CommonSettings):
     )
 
     @model_validator(mode="after")
+    def _hash_outlives_the_lease(self) -> GatewaySettings:
+        """A dead gateway's sessions are ended by their workers when the lease lapses, which needs the
+        session hash: expiring first, it left them let go as moved, their transcripts never ended."""
+        if self.session_ttl_s <= self.session_lease_s:
+            raise ValueError(
+                f"CHORUS_SESSION_TTL_S ({self.session_ttl_s}) must be longer than CHORUS_SESSION_LEASE_S "
+                f"({self.session_lease_s:g})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _live_transcripts_within_the_quota(self) -> GatewaySettings:
         """Pruning deletes a key's oldest transcripts: with fewer places than live sessions it would delete
         the transcript of a conversation still going on."""

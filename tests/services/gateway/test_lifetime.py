@@ -110,3 +110,13 @@ def test_a_gateway_idle_timeout_under_a_second_is_refused_at_start() -> None:
     # Accepted, session.created said idle_timeout_ms 500, and a client echoing it back was refused.
     with pytest.raises(ValidationError, match=r"IDLE_TIMEOUT_S \(0.5\) must be 0 \(off\) or at least 1 s"):
         GatewaySettings(_env_file=None, idle_timeout_s=0.5)  # type: ignore[call-arg]
+
+
+def test_a_session_hash_that_would_expire_before_its_lease_is_refused_at_start() -> None:
+    # Accepted, a dead gateway's sessions lost their hash before the lease lapsed: the workers let them go
+    # as moved, and their transcripts never ended.
+    with pytest.raises(
+        ValidationError, match=r"SESSION_TTL_S \(20\) must be longer than CHORUS_SESSION_LEASE_S"
+    ):
+        GatewaySettings(_env_file=None, session_ttl_s=20)  # type: ignore[call-arg]
+    GatewaySettings(_env_file=None, session_ttl_s=31)  # type: ignore[call-arg]
