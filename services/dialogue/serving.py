@@ -343,9 +343,14 @@ class DialogueWorker:
     async def _published(self) -> None:
         """The previous tick's write has landed; the sessions it found moved away are let go."""
         task, self._publishing = self._publishing, None
-        if task is not None:
-            for sid in await task:
-                await self._forget(sid, Liveness.MOVED)
+        if task is None or not (lost := await task):
+            return
+        try:  # a write the fence refused: another worker owns the session, or its hash is gone (rare)
+            found = await self.ownership.check(lost)
+        except Exception:
+            found = {}
+        for sid in lost:
+            await self._forget(sid, Liveness.GONE if found.get(sid) is Liveness.GONE else Liveness.MOVED)
 
     def _prime_until(self, started: float, interval_s: float) -> float | None:
         """How long a tick's spare time may go on priming steps (`ticks.prime_deadline`); none when off."""
@@ -937,6 +942,8 @@ class DialogueWorker:
                 return
             self.batcher.leave(session.row)
             self._release_adapter(session.start)
+        if why is Liveness.GONE and (utterance := session.utterances.current) is not None and utterance.text:
+            self.transcripts.append(sid, utterance.record())  # nobody takes it over: its last words, kept
         await self._slots_changed()
         await self.ownership.release(sid)
         log.warning("session let go: %s", why, extra={"session_id": sid})

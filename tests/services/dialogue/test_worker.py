@@ -4,6 +4,7 @@ frames on :dlg, priming, silence filling for a slow client, stop, and a full wor
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -209,6 +210,37 @@ async def test_a_worker_that_lost_its_session_while_paused_stops_publishing_for_
         await reader.poll()
     assert len(reader.entries) <= written + 1, "at most the tick in flight; nothing after the fence"
     assert reader.event(EventName.ENDED) is None, "it is not this worker's to end"
+
+
+async def test_a_session_redis_lost_keeps_its_last_words_in_the_transcript(
+    bus: Bus, start_worker: StartWorker
+) -> None:
+    """A Redis restarted without its data loses the session hash: the worker lets the session go (nobody
+    takes it over). The utterance it was in the middle of was dropped with it, words the client heard
+    and its transcript never had; it is recorded now."""
+    running = await start_worker(dialogue_slots=1, session_check_s=0.2)
+    await open_session(bus, SessionStart(session_id="lost"))
+    reader = DialogueReader(bus, "lost")
+    await reader.until(lambda r: r.event(EventName.READY) is not None, 20, "no ready event")
+    await talk(bus, "lost", range(0, 30))
+    await reader.until(lambda r: len("".join(f.text for f in r.frames).split()) >= 3, 20, "no words")
+    await bus.redis.delete(bus.names.session("lost"))  # what a restart without persistence does
+    await wait_until(lambda: _slot_free(running), "the worker kept the lost session's slot", 10)
+    await reader.poll()  # every frame written before the hash went (the fence refuses those after)
+    heard = "".join("".join(f.text for f in reader.frames).split())
+    log = running.settings.data_dir / "transcripts" / "lost" / "utterances.jsonl"
+
+    async def recorded() -> str:
+        if not await _exists(log):
+            return ""
+        lines = (await asyncio.to_thread(log.read_text)).splitlines()
+        return "".join("".join(json.loads(line)["text"] for line in lines).split())
+
+    await wait_until(lambda: _startswith(recorded(), heard), "the transcript to hold every word heard", 5)
+
+
+async def _startswith(text: Awaitable[str], prefix: str) -> bool:
+    return (await text).startswith(prefix)
 
 
 async def _exists(path: Path) -> bool:
