@@ -77,7 +77,8 @@ class GatewaySettings(CommonSettings):
         default=30.0,
         gt=0,
         description="A session whose gateway stops renewing its lease (it died) is ended by its workers "
-        "this long after the last renewal.",
+        "this long after the last renewal. Under CHORUS_SESSION_TTL_S (a start-up error otherwise): the "
+        "workers need the session's hash to end it.",
     )
     session_lease_renew_s: float = Field(
         default=5.0, gt=0, description="How often the gateway renews the leases of its live sessions."
@@ -173,8 +174,9 @@ class GatewaySettings(CommonSettings):
     max_transcripts_per_key: int = Field(
         default=1000,
         ge=0,
-        description="Transcripts kept per API key (0 = unlimited); a new session deletes the key's oldest "
-        "past it (never refused). At least CHORUS_MAX_SESSIONS_PER_KEY, so no live session's goes.",
+        description="Transcripts kept per API key (0 = unlimited); a new session deletes the key's oldest of "
+        "ended sessions past it (never refused; a live session's is kept, however long it runs). At least "
+        "CHORUS_MAX_SESSIONS_PER_KEY.",
     )
 
     @model_validator(mode="after")
