@@ -283,18 +283,20 @@ class SessionStore:
 
     async def register(
         self, owner: str, sid: str, limit: int, described: dict[str, str] | None = None
-    ) -> None:
-        """Count a new session against its owner's limit (0 = unlimited); RateLimited when full. Its hash
+    ) -> list[str]:
+        """Count a new session against its owner's limit (0 = unlimited); RateLimited when full. Returns the
+        owner's live sessions, this one among them (read for the count: no second look needed). Its hash
         is begun with it (state `placing`, and what `described` says of it: voice, persona..., so that
         `/v1/sessions` shows them at once; `create` writes the rest): counted without one, it would look
         expired to another session of the owner starting meanwhile, be pruned from the set, and a delete of
         its adapter would miss it (`using_adapter`)."""
-        await self.live_session_ids(owner)
+        live = await self.live_session_ids(owner)
         keys = [self.bus.names.owner_sessions(owner), self.bus.names.session(sid)]
         args = [sid, str(limit), owner, time.time(), self.ttl_s]
         args += [item for pair in (described or {}).items() for item in pair]
         if not await self._register(keys=keys, args=args):
             raise RateLimited(f"this API key already has {limit} live sessions", limit=limit)
+        return [*live, sid]
 
     # --- the live transcript ---------------------------------------------------------------------------
 

@@ -118,7 +118,7 @@ class Conversation:
         `start` to the workers. A dialogue slot is waited for in `wait_ready`."""
         try:
             described = {"voice": self.voice, "voice_mode": self.voice_mode, "persona_id": self.persona.id}
-            await self.store.register(self.owner, self.session_id, self.max_sessions, described)
+            live = await self.store.register(self.owner, self.session_id, self.max_sessions, described)
         except RateLimited:
             metrics.SESSIONS_REJECTED.labels(reason="per_key_limit").inc()
             raise
@@ -131,17 +131,17 @@ class Conversation:
         )
         self.started = True  # from here on, `stop` must run: the owner's set holds the session
         metrics.SESSIONS_ACTIVE.labels(service="gateway").inc()
-        await self._begin_transcript()
+        await self._begin_transcript(live)
         await self.store.open(start, lease_s=self.lease_s)
         if self.leases is not None:
             self.leases.add(self.session_id, self._on_lost)
         log.info("session started", extra={**self.log_extra, "voice": self.voice, "persona": self.persona.id})
 
-    async def _begin_transcript(self) -> None:
+    async def _begin_transcript(self, live: list[str]) -> None:
+        """`live`: the owner's live sessions, whose transcripts the quota does not prune."""
         if self.transcripts is None:
             return
         try:
-            live = await self.store.live_session_ids(self.owner)  # their transcripts are not pruned
             await self.transcripts.begin(
                 self.session_id, owner=self.owner, persona_id=self.persona.id, voice=self.voice, live=live
             )
