@@ -185,7 +185,8 @@ class PersonaStore:
             return (await self.get(owner, persona_id or "default")).voice
         except NotFound:
             return None
-        except ValueError:  # a stored file that does not parse: the start refuses the session, saying so
+        except (ValueError, OSError):  # a file that does not parse, or a volume that cannot be read: the
+            # start refuses the session, saying so; the socket opens meanwhile, as before personas had voices
             log.error("a stored persona cannot be read", extra={"persona_id": excerpt(persona_id or "")})
             return None
 

@@ -162,8 +162,11 @@ async def test_a_stored_persona_that_does_not_parse_names_no_voice_and_says_so(
     """The socket opens (its start then refuses the persona); the operator is told which file is bad."""
     storage = LocalStorage(tmp_path)
     await storage.put("personas/p_broken.json", b"{not json")
+    (tmp_path / "personas" / "p_unreadable.json").mkdir()  # the volume refuses the read (EISDIR here)
     with caplog.at_level(logging.ERROR):
         assert await PersonaStore(storage).voice_of("alice", "p_broken") is None
+        assert await PersonaStore(storage).voice_of("alice", "p_unreadable") is None
     assert [(r.getMessage(), r.persona_id) for r in caplog.records] == [  # type: ignore[attr-defined]
-        ("a stored persona cannot be read", "'p_broken'")
+        ("a stored persona cannot be read", "'p_broken'"),
+        ("a stored persona cannot be read", "'p_unreadable'"),
     ]
