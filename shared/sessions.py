@@ -98,6 +98,11 @@ class SessionInfo(BaseModel):
     utterance: dict[str, Any] | None = Field(
         default=None, description="The dialogue's unfinished utterance (kept for a worker taking over)."
     )
+    transcript_error: str | None = Field(
+        default=None,
+        description="Why the durable transcript could not begin (`storage_failed`): the session runs "
+        "without one, and its export says so.",
+    )
     workers: dict[str, str] = Field(default_factory=dict)
     owners: dict[str, str] = Field(default_factory=dict)
     counters: dict[str, int] = Field(default_factory=dict)
@@ -181,10 +186,10 @@ class SessionStore:
             pipe.set(self.bus.names.session_lease(sid), b"1", px=int(lease_s * 1000))
             await pipe.execute()
 
-    async def open(self, start: SessionStart, *, lease_s: float) -> None:
-        """`create` the session, then hand its `start` to the workers (in that order: a worker that reads
-        the start must find the hash)."""
-        await self.create(start, lease_s=lease_s)
+    async def open(self, start: SessionStart, *, lease_s: float, **fields: str | float) -> None:
+        """`create` the session (with `fields`), then hand its `start` to the workers (in that order: a
+        worker that reads the start must find the hash)."""
+        await self.create(start, lease_s=lease_s, **fields)
         await self.bus.append_control(start)
 
     async def update(self, sid: str, **fields: str | int | float) -> None:

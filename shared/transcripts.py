@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 PREFIX = "transcripts/"
 
 
+class TranscriptUnreadable(NotFound):
+    """The transcript is stored, but its record of who and what cannot be read (logged): a 404 to everyone,
+    as it cannot be told whose it is, and not to be taken for one not written yet."""
+
+
 def _key(sid: str, name: str) -> str:
     return f"{PREFIX}{sid}/{name}"
 
@@ -111,16 +116,16 @@ class TranscriptLog:
         )
 
     async def document(self, sid: str) -> dict[str, Any]:
-        """The whole transcript of a session (NotFound if it never started here, or its record of who
-        and what cannot be read: it cannot be told whose it is)."""
+        """The whole transcript of a session (NotFound if it never started here; TranscriptUnreadable if its
+        record of who and what cannot be read)."""
         try:
             meta = json.loads(await self.storage.get(_key(sid, "meta.json")))
         except ValueError:
             log.error("a transcript's meta.json cannot be read", extra={"session_id": sid})
-            raise NotFound(f"no transcript for {sid}") from None
+            raise TranscriptUnreadable(f"no transcript for {sid}") from None
         if not isinstance(meta, dict):
             log.error("a transcript's meta.json is not an object", extra={"session_id": sid})
-            raise NotFound(f"no transcript for {sid}")
+            raise TranscriptUnreadable(f"no transcript for {sid}")
         end = await self._optional_json(sid, "end.json")
         return {
             **meta,

@@ -131,23 +131,26 @@ class Conversation:
         )
         self.started = True  # from here on, `stop` must run: the owner's set holds the session
         metrics.SESSIONS_ACTIVE.labels(service="gateway").inc()
-        await self._begin_transcript(live)
-        await self.store.open(start, lease_s=self.lease_s)
+        unrecorded = await self._begin_transcript(live)
+        await self.store.open(start, lease_s=self.lease_s, **unrecorded)
         if self.leases is not None:
             self.leases.add(self.session_id, self._on_lost)
         log.info("session started", extra={**self.log_extra, "voice": self.voice, "persona": self.persona.id})
 
-    async def _begin_transcript(self, live: list[str]) -> None:
-        """`live`: the owner's live sessions, whose transcripts the quota does not prune."""
+    async def _begin_transcript(self, live: list[str]) -> dict[str, str]:
+        """`live`: the owner's live sessions, whose transcripts the quota does not prune. Returns the
+        hash field that tells the transcript's readers it could not begin, if it could not."""
         if self.transcripts is None:
-            return
+            return {}
         try:
             await self.transcripts.begin(
                 self.session_id, owner=self.owner, persona_id=self.persona.id, voice=self.voice, live=live
             )
         except OSError:
-            # The conversation matters more than its record: go on, loudly.
+            # The conversation matters more than its record: go on, loudly (the export says why it has none).
             log.exception("could not store the transcript's header", extra=self.log_extra)
+            return {"transcript_error": "storage_failed"}
+        return {}
 
     def _on_lost(self, why: str) -> None:
         self._lost = why

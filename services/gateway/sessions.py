@@ -21,7 +21,7 @@ from shared.bus import Bus
 from shared.errors import NotFound, excerpt
 from shared.messages import valid_id
 from shared.sessions import SessionInfo, SessionStore
-from shared.transcripts import TranscriptLog
+from shared.transcripts import TranscriptLog, TranscriptUnreadable
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,34 @@ async def get_transcript(session_id: str, request: Request, owner: Owner) -> Tra
     transcripts: TranscriptLog = request.app.state.transcripts
     try:
         document = await transcripts.document(_checked(session_id))
-    except NotFound:
+    except TranscriptUnreadable:
         raise NotFound(f"no transcript for {excerpt(session_id)}") from None
+    except NotFound:
+        return await _unstored_transcript(request, owner, session_id)
     if document.get("owner", "") != owner:
         raise NotFound(f"no transcript for {excerpt(session_id)}")
     return TranscriptExport.model_validate(document)
+
+
+async def _unstored_transcript(request: Request, owner: str, sid: str) -> TranscriptExport:
+    """A session with no stored transcript: one still opening (its header not written yet) has an empty
+    one, as it would a moment later; one whose header storage refused says so; any other has none."""
+    try:
+        info = await _owned(request, owner, sid)
+    except NotFound:
+        raise NotFound(f"no transcript for {excerpt(sid)}") from None
+    if info.transcript_error:
+        raise NotFound(
+            f"no transcript for {excerpt(sid)}: it could not be stored when the session began "
+            f"({info.transcript_error}; the gateway logged why), and the session runs without one"
+        )
+    if info.ended:
+        raise NotFound(f"no transcript for {excerpt(sid)}")  # deleted past the key's quota
+    return TranscriptExport(
+        session_id=sid,
+        persona_id=info.persona_id,
+        voice=info.voice or "",
+        started_at=info.started_at,
+        ended_at=None,
+        turns=[],
+    )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -47,6 +51,16 @@ async def running(
             transport=httpx.ASGITransport(app=app), base_url="http://localhost"
         ) as client:
             yield app, client
+
+
+class ReadOnlyStorage(LocalStorage):
+    """A data volume remounted read-only (as after disk errors): reads work, every write is refused."""
+
+    async def put(self, key: str, data: bytes) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), key)
+
+    async def append(self, key: str, data: bytes) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), key)
 
 
 def conversation(app: FastAPI, key: str) -> Conversation:
@@ -189,3 +203,70 @@ async def test_a_session_whose_hash_redis_lost_still_records_its_end(
         await conv.stop("session_lost")
         document = (await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=ALICE)).json()
     assert document["end_reason"] == "session_lost" and document["ended_at"] is not None
+
+
+async def test_a_session_still_opening_has_an_empty_transcript_not_a_404(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """Listed as soon as it is counted, a session's transcript header is written a moment later: an export
+    fetched meanwhile is the empty transcript it is, not a 404 for a session the listing just showed."""
+    async with running(redis_url, key_prefix, tmp_path) as (app, client):
+        conv = conversation(app, "key-alice")
+        header_held, release = asyncio.Event(), asyncio.Event()
+        begin = app.state.transcripts.begin
+
+        async def held_begin(*args: Any, **kwargs: Any) -> None:
+            header_held.set()
+            await release.wait()
+            await begin(*args, **kwargs)
+
+        app.state.transcripts.begin = held_begin
+        starting = asyncio.create_task(conv.start())
+        await header_held.wait()
+        assert [s["id"] for s in (await client.get("/v1/sessions", headers=ALICE)).json()["items"]] == [
+            conv.session_id
+        ]
+        export = await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=ALICE)
+        assert export.status_code == 200, export.text
+        assert export.json()["turns"] == [] and export.json()["ended_at"] is None
+        assert export.json()["voice"] == "moshika" and export.json()["started_at"] is not None
+        other = await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=BOB)
+        assert other.status_code == 404
+        release.set()
+        await starting
+        assert (await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=ALICE)).json()[
+            "started_at"
+        ] == pytest.approx(export.json()["started_at"], abs=5)
+        await conv.stop("test")
+
+
+async def test_a_session_whose_transcript_storage_refused_says_why_it_has_none(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """The conversation goes on without its record (logged); the export's 404 says why there is none,
+    while the session runs and after it ended."""
+    async with running(redis_url, key_prefix, tmp_path) as (app, client):
+        app.state.transcripts = TranscriptLog(ReadOnlyStorage(tmp_path))
+        conv = conversation(app, "key-alice")
+        await conv.start()
+        for _ in range(2):
+            export = await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=ALICE)
+            assert export.status_code == 404
+            assert "could not be stored when the session began (storage_failed" in export.json()["detail"]
+            await conv.stop("client_closed")
+        bobs = await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=BOB)
+        assert bobs.status_code == 404 and "storage_failed" not in bobs.json()["detail"]
+
+
+async def test_an_ended_session_whose_transcript_was_deleted_has_none(
+    redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """Only a live session's missing header means "not written yet": an ended one's was deleted (past the
+    key's quota) and answers 404, though its hash lives on for a while."""
+    async with running(redis_url, key_prefix, tmp_path) as (app, client):
+        conv = conversation(app, "key-alice")
+        await conv.start()
+        await conv.stop("client_closed")
+        await app.state.transcripts.storage.delete_prefix(f"transcripts/{conv.session_id}/")
+        export = await client.get(f"/v1/sessions/{conv.session_id}/transcript", headers=ALICE)
+        assert export.status_code == 404 and "storage_failed" not in export.json()["detail"]
