@@ -238,6 +238,14 @@ class InsufficientStorage(ChorusError):
     retryable = True
 
 
+class StorageUnavailable(ServiceUnavailable):
+    """The data volume cannot be read or written (an I/O error, remounted read-only, permissions): an
+    operator's problem, logged at ERROR; retryable, as it is once the volume is mended."""
+
+    code = "storage_unavailable"
+    title = "Storage unavailable"
+
+
 class ModelLoadError(ChorusError):
     code = "model_load_error"
     status = 503

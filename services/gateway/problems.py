@@ -1,8 +1,10 @@
 """The one mapping of errors to RFC 9457 problem details.
 
-Besides our own `ChorusError`s, two failures from below have a meaning for clients: Redis away (a
+Besides our own `ChorusError`s, three failures from below have a meaning for clients: Redis away (a
 connection error, a timeout, or a "not now" reply such as `OOM command not allowed` or `LOADING`) is a
-retryable `503 service_unavailable`, and a full data volume (ENOSPC, EDQUOT) a `507 insufficient_storage`.
+retryable `503 service_unavailable`, a full data volume (ENOSPC, EDQUOT) a `507 insufficient_storage`, and
+a data volume that fails (EIO, remounted read-only, permissions, a file where a folder should be) a
+retryable `503 storage_unavailable`, logged at ERROR: an operator has to mend it.
 `outage_error` says which; REST answers it here, the rate limit middleware and the WebSockets use it too.
 Every retryable problem carries `Retry-After`.
 """
@@ -26,6 +28,7 @@ from shared.errors import (
     InsufficientStorage,
     InvalidRequest,
     ServiceUnavailable,
+    StorageUnavailable,
     problem_instance,
 )
 from shared.retry import StoreError, is_retryable
@@ -37,6 +40,8 @@ RETRY_AFTER_S = 5  # for a retryable problem that names no delay of its own
 REDIS_RETRY_AFTER_S = 2  # a restarted Redis answers within seconds; the client reconnects by itself
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_VOLUME_FAULTS = (errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
+STORAGE_RETRY_AFTER_S = 30  # an operator mends a volume in minutes, not seconds
 
 
 def outage_error(exc: BaseException) -> ChorusError | None:
@@ -47,6 +52,11 @@ def outage_error(exc: BaseException) -> ChorusError | None:
         )
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
         return InsufficientStorage("the data volume is full: nothing was stored; retry later")
+    if isinstance(exc, OSError) and exc.errno in _VOLUME_FAULTS:
+        return StorageUnavailable(
+            "the data volume cannot be read or written right now (logged for the operator); retry later",
+            retry_after_s=STORAGE_RETRY_AFTER_S,
+        )
     return None
 
 
@@ -123,7 +133,8 @@ def install(app: FastAPI) -> None:
         error = outage_error(exc)
         if error is None:
             raise exc
-        log.warning("%s %s: %s (%r)", request.method, request.url.path, error.code, exc)
+        level = logging.ERROR if isinstance(error, StorageUnavailable) else logging.WARNING
+        log.log(level, "%s %s: %s (%r)", request.method, request.url.path, error.code, exc)
         return problem_response(error, request.url.path)
 
     @app.exception_handler(RequestValidationError)

@@ -10,6 +10,7 @@ from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.gateway.conversation import new_session_id
 from services.gateway.problems import outage_error, problem_response
 from shared.errors import GatewayTimeout, NotFound
 from tests.services.gateway.app_client import gateway_client
@@ -45,6 +46,30 @@ def test_a_full_data_volume_is_a_retryable_507(code: int) -> None:
     error = outage_error(OSError(code, "No space left on device"))
     assert error is not None
     assert (error.status, error.code, error.retryable) == (507, "insufficient_storage", True)
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR])
+def test_a_failing_data_volume_is_a_retryable_503_for_the_operator(code: int) -> None:
+    error = outage_error(OSError(code, "volume fault", "/data/transcripts/sess_x/meta.json"))
+    assert error is not None
+    assert (error.status, error.code, error.retryable) == (503, "storage_unavailable", True)
+    assert "/data" not in error.detail, "no internals in what clients see"
+    assert problem_response(error).headers["retry-after"] == "30"
+
+
+async def test_a_data_volume_that_fails_a_read_answers_503_and_logs_an_error(
+    redis_url: str, key_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file where the transcripts' folder should be (a volume restored wrong): every read under it fails
+    with ENOTDIR. The export was a bare 500; it is a problem that says the volume is at fault."""
+    (tmp_path / "transcripts").write_text("not a folder")
+    async with gateway_client(redis_url, key_prefix, tmp_path) as client:
+        answer = await client.get(f"/v1/sessions/{new_session_id()}/transcript")
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["code"] == "storage_unavailable" and answer.headers["retry-after"] == "30"
+    assert any(r.levelname == "ERROR" and "storage_unavailable" in r.getMessage() for r in caplog.records), (
+        "the operator is told"
+    )
 
 
 @pytest.mark.parametrize(
