@@ -44,6 +44,7 @@ from shared.messages import (
     profile_id_of,
     spoken_by_tts,
 )
+from shared.retry import is_retryable, keep_running
 from shared.runtime import cancel_and_wait
 from shared.voice_profiles import VoiceProfileStore
 
@@ -108,6 +109,7 @@ class ClonedSession:
         self._last_dialogue_seq = -1
         self._text_times: dict[int, float] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._dialogue_cursor = "$"  # the last `:dlg` entry the reader took ("$": none yet, from now on)
         self._speaker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.log_extra = {"session_id": session_id}
@@ -145,11 +147,9 @@ class ClonedSession:
             await self._stop_reader()
             return
         self._spawn(self._warm(spoken))
-        if self._reader is None:
-            cursor = "0-0" if from_beginning else "$"
-            self._reader = asyncio.create_task(
-                self._read_dialogue(cursor), name=f"tts-read-{self.session_id}"
-            )
+        if self._reader is None or self._reader.done():  # done: a bug ended it (logged); read again
+            self._dialogue_cursor = "0-0" if from_beginning else "$"
+            self._reader = asyncio.create_task(self._read_dialogue(), name=f"tts-read-{self.session_id}")
 
     async def drop_voice(self, detail: str, code: str = "not_found") -> None:
         """The voice became unusable (its profile deleted): stop speaking and tell the router."""
@@ -191,9 +191,28 @@ class ClonedSession:
 
     # --- reading Moshi's text ------------------------------------------------------------------------
 
-    async def _read_dialogue(self, cursor: str) -> None:
+    async def _read_dialogue(self) -> None:
+        """Read Moshi's text from `_dialogue_cursor` on. Redis away (a stall past the socket timeout, a
+        restart) is waited out and the read goes on from the last entry taken: a reader that died with
+        the first timeout left its session silent, or native, for the rest of the conversation."""
+        try:
+            await keep_running(
+                "tts dialogue reader", self._read_dialogue_once, asyncio.Event(), extra=self.log_extra
+            )
+        except Exception:
+            log.exception(
+                "the dialogue reader failed: the session's cloned speech stops", extra=self.log_extra
+            )
+            raise
+
+    async def _read_dialogue_once(self) -> None:
         stream = self.s.bus.names.session_dialogue(self.session_id)
-        async for message, _ in tail(self.s.bus, stream, DIALOGUE, start=cursor, block_ms=500):
+        if self._dialogue_cursor == "$":
+            self._dialogue_cursor = await self.s.bus.last_id(stream)
+        async for message, entry in tail(
+            self.s.bus, stream, DIALOGUE, start=self._dialogue_cursor, block_ms=500
+        ):
+            self._dialogue_cursor = entry.entry_id
             if isinstance(message, SessionEvent):
                 if message.name == EventName.ENDED:
                     self._queue(self._phraser.flush(), message.created_at)
@@ -243,16 +262,30 @@ class ClonedSession:
             if item.generation != self._generation or item.voice != self.spoken:
                 continue
             try:
-                await self._speak(item)
-            except NotFound:
-                await self.drop_voice(f"voice {item.voice} not found")
-            except CloningUnavailable as exc:
-                await self.drop_voice(exc.detail, code=exc.code)
+                await self._speak_or_report(item)
             except Exception as exc:
-                log.exception(
-                    "synthesis failed", extra={**self.log_extra, "phrase_id": item.phrase.phrase_id}
+                if not is_retryable(exc):
+                    raise
+                # Redis away mid-phrase: the phrase is lost (its audio could not go out), the loop is not.
+                log.warning(
+                    "a phrase was lost: Redis unavailable (%s: %s)",
+                    type(exc).__name__,
+                    exc,
+                    extra={**self.log_extra, "phrase_id": item.phrase.phrase_id},
                 )
-                await self._event(EventName.ERROR, f"synthesis failed: {exc}", Failure(code="tts_failed"))
+
+    async def _speak_or_report(self, item: QueuedPhrase) -> None:
+        try:
+            await self._speak(item)
+        except NotFound:
+            await self.drop_voice(f"voice {item.voice} not found")
+        except CloningUnavailable as exc:
+            await self.drop_voice(exc.detail, code=exc.code)
+        except Exception as exc:
+            if is_retryable(exc):
+                raise
+            log.exception("synthesis failed", extra={**self.log_extra, "phrase_id": item.phrase.phrase_id})
+            await self._event(EventName.ERROR, f"synthesis failed: {exc}", Failure(code="tts_failed"))
 
     async def _speak(self, item: QueuedPhrase) -> None:
         state = await self.s.voices.for_voice(item.voice)

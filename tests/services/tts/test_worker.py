@@ -3,12 +3,16 @@ text read from :dlg as the dialogue service writes it, cloned frames on :tts."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from chorus.devtools.redis_server import EmbeddedRedis
 from services.tts.engine import Engine
 from services.tts.settings import TtsSettings
 from shared.audio import FRAME_BYTES, silence_frame
@@ -300,3 +304,33 @@ async def test_a_full_backlog_drops_the_oldest_phrases_and_speaks_the_newest(
         entries = await wait_until(lambda: phrases_done(bus, "s1", 1), "a phrase")
     assert [f.text for f in frames_of(entries) if f.text] == ["Four."]
     assert [e.data_as(PhraseDone).phrase_id for e in events(entries, EventName.PHRASE_DONE)] == [3]
+
+
+async def test_a_redis_stall_past_the_socket_timeout_leaves_cloned_speech_going(
+    own_redis: EmbeddedRedis, names: StreamNames, tmp_path: Path, tts_checkpoint: Path, tts_engine: Engine
+) -> None:
+    """Redis paused for longer than the socket timeout (a hung or partitioned server): the session's reader
+    of Moshi's text failed with the timeout and was never restarted, so the session stayed silent (or
+    native) for the rest of the conversation, with nothing said to anyone. It is waited out now."""
+    settings = tts_settings(
+        tts_checkpoint, tmp_path / "data", own_redis.url, names.prefix, redis_socket_timeout_s=1.0
+    )
+    profile = await add_profile(VoiceProfileStore(LocalStorage(settings.data_dir)), SPEECH)
+    bus = await Bus.connect(own_redis.url, names, timeout_s=1.0, socket_timeout_s=1.0)
+    try:
+        async with running_worker(bus, settings, tts_engine):
+            await start_session(bus, "s-stall", profile.voice)
+            dialogue = Dialogue(bus, "s-stall")
+            await dialogue.say(" Before", " it", ".")
+            await wait_until(lambda: phrases_done(bus, "s-stall", 1), "the phrase before the stall")
+            assert own_redis.process is not None
+            os.kill(own_redis.process.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(2.5)  # every blocked read times out meanwhile
+            finally:
+                os.kill(own_redis.process.pid, signal.SIGCONT)
+            await dialogue.say(" After", " it", ".")
+            entries = await wait_until(lambda: phrases_done(bus, "s-stall", 2), "the phrase after the stall")
+    finally:
+        await bus.close()
+    assert [f.text for f in frames_of(entries) if f.text] == ["Before it.", "After it."]
