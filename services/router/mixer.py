@@ -34,6 +34,7 @@ from shared.messages import (
     OutputAudio,
     OutputMessage,
     OutputText,
+    PhraseDone,
     SessionEvent,
     SwitchReason,
     TtsMessage,
@@ -79,6 +80,7 @@ class _TextDebt:
 
     tick: int
     chars: str  # its letters and digits, lowercased: what a phrase's text is matched against
+    seq: int  # the dialogue frame it came on: a finished phrase settles every debt up to its last
 
 
 def _speakable(text: str) -> str:
@@ -161,7 +163,7 @@ class Mixer:
         if frame.text:
             self._emit(OutputText(session_id=self.session_id, seq=self._seq, text=frame.text))
             if self.wants_tts and self.tts_up and (chars := _speakable(frame.text)):
-                self._debts.append(_TextDebt(self.tick, chars))
+                self._debts.append(_TextDebt(self.tick, chars, frame.seq))
         self._settle_source()
         self._emit(
             OutputAudio(session_id=self.session_id, seq=self._seq, pcm=self._audio(frame), source=self.source)
@@ -171,8 +173,10 @@ class Mixer:
     def on_dialogue_event(self, event: SessionEvent) -> MixerOutput:
         """Dialogue events (ready, resumed, error, no_capacity, ended...) go to the client unchanged."""
         if event.name == EventName.RESUMED:
-            # A new dialogue worker may number its frames afresh.
+            # A new dialogue worker may number its frames afresh: debts are settled by their frame's
+            # number, so the old ones (text before the takeover) are let go.
             self._last_dialogue_seq = -1
+            self._debts.clear()
         if event.name == EventName.ENDED:
             if self.ended:
                 return self._take()
@@ -210,6 +214,8 @@ class Mixer:
         elif event.name == EventName.FLUSH:
             # The TTS confirms the flush; its stream is in order, so what follows is fresh audio.
             self._flush_window_until = None
+        elif isinstance(event.data, PhraseDone):
+            self._settle_debts(event.data.dialogue_seq[1])
         return self._take()
 
     def on_user_speech(self, started: bool) -> MixerOutput:
@@ -321,6 +327,13 @@ class Mixer:
                 oldest.chars = oldest.chars[remaining:]
                 return
             remaining -= len(oldest.chars)
+            self._debts.popleft()
+
+    def _settle_debts(self, last_seq: int) -> None:
+        """A phrase is done: the TTS speaks in order, so the text of every dialogue frame up to its last is
+        voiced or never will be (phrases its backlog dropped). Letters alone paid the oldest debts first,
+        so a dropped phrase's letters stayed owed for good and `auto` never came back from native."""
+        while self._debts and self._debts[0].seq <= last_seq:
             self._debts.popleft()
 
     def _in_flush_window(self, frame: ClonedAudio) -> bool:

@@ -16,6 +16,7 @@ from shared.messages import (
     Flushed,
     OutputAudio,
     OutputText,
+    PhraseDone,
     Placement,
     SessionEvent,
     SwitchReason,
@@ -302,3 +303,33 @@ def test_ended_is_said_once() -> None:
     dialogue_ended = mixer.on_dialogue(SessionEvent(session_id=SID, name=EventName.ENDED))
     assert len(events(dialogue_ended, EventName.ENDED)) == 1
     assert mixer.end("stop").messages == []
+
+
+def test_auto_mode_comes_back_to_cloned_after_the_tts_dropped_phrases() -> None:
+    """A TTS whose backlog overflowed drops its oldest phrases: their text is never voiced. Letters alone
+    paid the oldest debts first, so the dropped phrases' letters stayed owed, the oldest debt aged past
+    the budget for good and `auto` played native for the rest of the session. A finished phrase names
+    the dialogue frames it came from; everything up to its last is settled."""
+    talk = Conversation(mode="auto")
+    played: list[OutputAudio] = []
+    for k in range(12):
+        first = talk.dlg_seq + 1
+        played += [audio(talk.tick(f" alpha{k}")), audio(talk.tick(f" beta{k}")), *talk.ticks(2)]
+        if k in (3, 4):  # dropped from the TTS's full backlog: never voiced, never done
+            continue
+        talk.phrase_audio(f"alpha{k} beta{k}", 4)
+        done = PhraseDone(phrase_id=talk.phrase, frames=4, dialogue_seq=(first, first + 1))
+        talk.tts_event(EventName.PHRASE_DONE, done)
+    assert "native" in sources(played[16:28]), "behind while the dropped phrases' words went unvoiced"
+    assert sources(played[-12:]) == ["cloned"] * 12, sources(played)
+    assert not talk.mixer.behind
+
+
+def test_a_dialogue_worker_taking_over_lets_the_debts_of_its_old_numbering_go() -> None:
+    """A resumed dialogue may number its frames afresh: debts settled by frame number must not outlive the
+    numbering they were taken in (the new frames' phrases could never settle them)."""
+    talk = Conversation(mode="auto")
+    talk.tick(" before")
+    talk.mixer.on_dialogue_event(SessionEvent.of(SID, 99, EventName.RESUMED))
+    talk.dlg_seq = 0
+    assert not talk.mixer.behind and sources(talk.ticks(BUDGET + 2)) == ["cloned"] * (BUDGET + 2)
