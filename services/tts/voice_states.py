@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import wave
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
@@ -117,9 +118,25 @@ class VoiceStates:
         await self.store.get(profile_id)  # NotFound for a deleted or incomplete profile
         cached = await self.store.load_state(profile_id, self.engine.version)
         if cached is not None:
-            metrics.TTS_VOICE_STATES.labels(source="disk").inc()
-            return state_from_bytes(cached)
-        clip = await self.store.clip(profile_id)
+            try:
+                state = state_from_bytes(cached)
+            except Exception:  # damaged on the volume (safetensors' own errors): the clip makes it again
+                log.exception(
+                    "a cached voice state cannot be read: computing it again from the clip",
+                    extra={"profile_id": profile_id, "model_version": self.engine.version},
+                )
+            else:
+                metrics.TTS_VOICE_STATES.labels(source="disk").inc()
+                return state
+        try:
+            clip = await self.store.clip(profile_id)
+        except (ValueError, EOFError, wave.Error) as exc:
+            log.error(
+                "a voice profile's clip cannot be read", extra={"profile_id": profile_id, "error": str(exc)}
+            )
+            raise NotFound(
+                f"voice profile {profile_id} cannot be used: its stored clip is damaged; upload it again"
+            ) from exc
         state = await self.engine.voice_state(clip[: self.prompt_max_samples])
         self.computed += 1
         metrics.TTS_VOICE_STATES.labels(source="computed").inc()

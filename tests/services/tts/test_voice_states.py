@@ -12,7 +12,7 @@ from services.tts.engine import Engine
 from services.tts.voice_states import VoiceStates, state_from_bytes, state_to_bytes
 from shared.errors import NotFound
 from shared.storage import LocalStorage
-from shared.voice_profiles import VoiceProfileStore
+from shared.voice_profiles import CLIP_FILE, VoiceProfileStore
 from tests.support.tts import SPEECH, SPEECH2, add_profile
 
 
@@ -87,3 +87,30 @@ async def test_states_round_trip_through_safetensors(tts_engine: Engine, store: 
     profile = await add_profile(store, SPEECH)
     state = await VoiceStates(tts_engine, store, capacity=1, prompt_max_s=15).get(profile.id)
     assert same_state(state_from_bytes(state_to_bytes(state)), state)
+
+
+@pytest.mark.parametrize("damage", [b"", b"\xff" * 64], ids=["empty", "garbage"])
+async def test_a_damaged_cached_state_is_computed_again_from_the_clip(
+    tts_engine: Engine, store: VoiceProfileStore, damage: bytes
+) -> None:
+    """A state file damaged on the volume broke its profile for good: every phrase failed to load it (a
+    traceback each), and nothing ever computed it again. It is made again from the clip, and cached."""
+    profile = await add_profile(store, SPEECH)
+    state = await VoiceStates(tts_engine, store, capacity=4, prompt_max_s=15).get(profile.id)
+    await store.save_state(profile.id, tts_engine.version, damage)
+    restarted = VoiceStates(tts_engine, store, capacity=4, prompt_max_s=15)
+    assert same_state(await restarted.get(profile.id), state)
+    assert restarted.computed == 1
+    cached = await store.load_state(profile.id, tts_engine.version)
+    assert cached is not None and same_state(state_from_bytes(cached), state)
+
+
+async def test_a_damaged_clip_makes_its_profile_unusable_with_a_reason(
+    tts_engine: Engine, store: VoiceProfileStore
+) -> None:
+    """Not an internal error per phrase (and a bare 500 for its preview): the profile cannot be used,
+    and the caller is told to upload it again."""
+    profile = await add_profile(store, SPEECH)
+    await store.storage.put(f"voices/{profile.id}/{CLIP_FILE}", b"RIFF\x00\x10\x00\x00WAVEfmt ")
+    with pytest.raises(NotFound, match="its stored clip is damaged"):
+        await VoiceStates(tts_engine, store, capacity=4, prompt_max_s=15).get(profile.id)
