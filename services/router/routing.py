@@ -395,14 +395,18 @@ class Router:
 
     async def _check_tts(self, sessions: list[RoutedSession]) -> None:
         """A session's TTS is up when the worker named in its hash (`tts_worker`) is alive, or, before
-        one is named, when any TTS worker is."""
+        one is named, while a live TTS worker has room to take its start. Every worker full (or still
+        loading), the start waits in the `tts` group and nobody speaks the session: counted as up, a
+        cloned session played silence with nothing said to the client."""
         sessions = [s for s in sessions if s.mixer.wants_tts]
         if not sessions:
             return
-        alive = {worker.worker_id for worker in await list_workers(self.bus, "tts")}
+        workers = await list_workers(self.bus, "tts")
+        alive = {worker.worker_id for worker in workers}
+        room = any(worker.free_slots > 0 for worker in workers)
         named = await self.store.tts_workers([session.sid for session in sessions])
         for session, worker in zip(sessions, named, strict=True):
-            up = worker in alive if worker else bool(alive)
+            up = worker in alive if worker else room
             session.pending.merge(session.mixer.set_tts_available(up))
 
 

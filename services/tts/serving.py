@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from services.tts.engine import Engine
@@ -44,6 +45,7 @@ from shared.voice_profiles import VoiceProfileStore
 log = logging.getLogger(__name__)
 
 SERVICE = "tts"
+LATE_START_S = 2.0  # a start older than this when taken: its text so far is older than the router's budget
 
 
 def phrase_rules(settings: TtsSettings) -> PhraseRules:
@@ -192,7 +194,14 @@ class TtsWorker:
                 "voice_mode": start.voice_mode,
             },
         )
-        await session.start(start.voice, start.voice_mode, resumed=resumed)
+        # A start taken late (every worker was full meanwhile) reads Moshi's text from now on: from the
+        # session's first words it voiced text many seconds old, minutes after it was said.
+        late = time.time() - start.created_at > LATE_START_S
+        if late and not resumed:
+            log.warning("session placed late: its earlier text is not voiced", extra={"session_id": sid})
+        await session.start(
+            start.voice, start.voice_mode, resumed=resumed, from_beginning=not (resumed or late)
+        )
 
     async def end(self, sid: str, reason: str) -> None:
         session = self.sessions.pop(sid, None)

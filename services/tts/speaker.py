@@ -109,7 +109,7 @@ class ClonedSession:
         self._last_dialogue_seq = -1
         self._text_times: dict[int, float] = {}
         self._reader: asyncio.Task[None] | None = None
-        self._dialogue_cursor = "$"  # the last `:dlg` entry the reader took ("$": none yet, from now on)
+        self._dialogue_cursor = "0-0"  # the last `:dlg` entry the reader took, or where it starts
         self._speaker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.log_extra = {"session_id": session_id}
@@ -123,13 +123,14 @@ class ClonedSession:
         """The profile it clones (None: a catalog voice, or none)."""
         return cloned_profile(self.spoken, self.voice_mode) if self.spoken is not None else None
 
-    async def start(self, voice: str, voice_mode: VoiceMode, *, resumed: bool) -> None:
-        """Serve the session. A new one reads `:dlg` from its first entry; one `resumed` (taken over from
-        a dead worker) only what comes next, so nothing is said twice, and says so on `:tts`."""
+    async def start(self, voice: str, voice_mode: VoiceMode, *, resumed: bool, from_beginning: bool) -> None:
+        """Serve the session, reading `:dlg` from its first entry or only what comes next (one `resumed`,
+        taken over from a dead worker, so nothing is said twice; one taken late); `resumed` says so on
+        `:tts`."""
         self._speaker = asyncio.create_task(self._speak_loop(), name=f"tts-speak-{self.session_id}")
         # The router takes either as "this session's TTS is up" (clearing an earlier failure).
         await self._event(EventName.RESUMED if resumed else EventName.READY)
-        await self.set_voice(voice, voice_mode, from_beginning=not resumed)
+        await self.set_voice(voice, voice_mode, from_beginning=from_beginning)
 
     async def set_voice(self, voice: str, voice_mode: VoiceMode, *, from_beginning: bool = False) -> None:
         self.voice, self.voice_mode = voice, voice_mode
@@ -141,14 +142,19 @@ class ClonedSession:
         if spoken is not None and (refusal := await self._refusal(spoken)) is not None:
             await self._event(EventName.ERROR, refusal.detail, Failure(code=refusal.code))
             spoken = None
-        self.spoken = spoken
-        log.info("session voice", extra={**self.log_extra, "tts_voice": spoken, "voice_mode": voice_mode})
         if spoken is None:
+            self.spoken = None
+            log.info("session voice", extra={**self.log_extra, "tts_voice": None, "voice_mode": voice_mode})
             await self._stop_reader()
             return
+        reading = self._reader is not None and not self._reader.done()  # done: a bug ended it (logged)
+        if not reading:  # where to read from, known before the session counts as cloning
+            stream = self.s.bus.names.session_dialogue(self.session_id)
+            self._dialogue_cursor = "0-0" if from_beginning else await self.s.bus.last_id(stream)
+        self.spoken = spoken
+        log.info("session voice", extra={**self.log_extra, "tts_voice": spoken, "voice_mode": voice_mode})
         self._spawn(self._warm(spoken))
-        if self._reader is None or self._reader.done():  # done: a bug ended it (logged); read again
-            self._dialogue_cursor = "0-0" if from_beginning else "$"
+        if not reading:
             self._reader = asyncio.create_task(self._read_dialogue(), name=f"tts-read-{self.session_id}")
 
     async def drop_voice(self, detail: str, code: str = "not_found") -> None:
@@ -207,8 +213,6 @@ class ClonedSession:
 
     async def _read_dialogue_once(self) -> None:
         stream = self.s.bus.names.session_dialogue(self.session_id)
-        if self._dialogue_cursor == "$":
-            self._dialogue_cursor = await self.s.bus.last_id(stream)
         async for message, entry in tail(
             self.s.bus, stream, DIALOGUE, start=self._dialogue_cursor, block_ms=500
         ):

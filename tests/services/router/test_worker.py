@@ -76,8 +76,10 @@ async def running_router(bus: Bus, worker_id: str = "router-1") -> AsyncIterator
 
 
 @contextlib.asynccontextmanager
-async def tts_worker(bus: Bus) -> AsyncIterator[WorkerPresence]:
-    presence = WorkerPresence(bus, "tts", "tts-1", ttl_s=30, interval_s=1)
+async def tts_worker(bus: Bus, free_slots: int = 8) -> AsyncIterator[WorkerPresence]:
+    presence = WorkerPresence(
+        bus, "tts", "tts-1", ttl_s=30, interval_s=1, describe=lambda: {"free_slots": free_slots}
+    )
     await presence.beat()
     try:
         yield presence
@@ -195,6 +197,18 @@ async def test_a_voice_update_switches_a_live_session_to_its_cloned_voice(bus: B
 async def test_without_a_tts_worker_a_cloned_session_falls_back_to_native(bus: Bus) -> None:
     play = Player(bus)
     async with running_router(bus):
+        await play.start(PROFILE, "cloned")
+        await play.dialogue(" hi")
+        out = await play.wait_output(lambda o: len(audio(o)) == 1, "an audio frame")
+    assert audio(out)[0].pcm == NATIVE
+    assert events(out, EventName.VOICE_CHANGED)[0].data_as(VoiceChanged).reason == "tts_down"
+
+
+async def test_a_cloned_session_no_tts_worker_has_room_for_falls_back_to_native_and_says_so(bus: Bus) -> None:
+    """Every TTS worker full: the start waits in the `tts` group, nobody speaks the session. It played
+    silence as if a TTS were about to, with nothing said to the client."""
+    play = Player(bus)
+    async with tts_worker(bus, free_slots=0), running_router(bus):
         await play.start(PROFILE, "cloned")
         await play.dialogue(" hi")
         out = await play.wait_output(lambda o: len(audio(o)) == 1, "an audio frame")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -334,3 +335,23 @@ async def test_a_redis_stall_past_the_socket_timeout_leaves_cloned_speech_going(
     finally:
         await bus.close()
     assert [f.text for f in frames_of(entries) if f.text] == ["Before it.", "After it."]
+
+
+async def test_a_start_taken_late_voices_what_is_said_from_then_on_not_the_old_text(
+    bus: Bus, settings: TtsSettings, store: VoiceProfileStore, tts_engine: Engine
+) -> None:
+    """Every TTS worker was full when the session began; one takes it seconds later. It read Moshi's text
+    from the session's first words and voiced them, many seconds stale, before anything said now."""
+    profile = await add_profile(store, SPEECH)
+    dialogue = Dialogue(bus, "s-late")
+    await dialogue.say(" Said", " long", " ago", ".", "")
+    start = SessionStart(
+        session_id="s-late", voice=profile.voice, voice_mode="cloned", created_at=time.time() - 10
+    )
+    async with running_worker(bus, settings, tts_engine) as worker:
+        await open_session(bus, start)
+        await wait_until(lambda: _placed(worker, "s-late"), "the late start taken")
+        await wait_until(lambda: _cloning(worker, "s-late"), "its reader placed")
+        await dialogue.say(" Said", " now", ".", "")
+        entries = await wait_until(lambda: phrases_done(bus, "s-late", 1), "a phrase")
+    assert [f.text for f in frames_of(entries) if f.text] == ["Said now."]
