@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from tests.security.conftest import GatewayProcess, StartGateway, upgrade_request
+from tests.support.audio import speech_like
+from tests.support.clients import RealtimeClient
 
 KEY = "sk-refusal-logs-0123456789"
 SOCKETS = ["/api/chat", "/v1/realtime"]
@@ -87,3 +89,30 @@ async def test_a_socket_past_its_keys_session_limit_is_refused_and_counted(
     assert refused[1:].decode() == "this API key already has 1 live sessions"
     assert ws.close_code == 1013 and ws.close_reason == "rate_limited"
     assert counters(gateway, "chorus_sessions_rejected_total", "reason") == {"per_key_limit": 1}
+
+
+async def test_a_realtime_socket_past_its_keys_session_limit_is_told_once_a_second_not_per_message(
+    start_gateway: StartGateway,
+) -> None:
+    """A Realtime socket keeps its socket when its start is refused, and the next audio tries again: over
+    the key's session limit every append was a new start, refused and counted, and an `error` (12 a
+    second at the audio's pace). A refusal that may pass is now tried again, and told, once a second."""
+    gateway = start_gateway(
+        CHORUS_API_KEYS=KEY, CHORUS_MAX_SESSIONS_PER_KEY="1", CHORUS_PLACEMENT_WAIT_S="20"
+    )
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with connect(f"{gateway.ws_url}/api/chat", additional_headers=headers, open_timeout=10):
+        await asyncio.sleep(0.5)  # the first session waits for a dialogue slot, counted as live
+        ws = await connect(f"{gateway.ws_url}/v1/realtime", additional_headers=headers, open_timeout=10)
+        client = RealtimeClient(ws)
+        await client.wait_for("session.created")
+        began = time.monotonic()
+        await client.append(speech_like(2.4))  # 30 appends, at the audio's pace
+        await client.drain(0.3)
+        seconds = time.monotonic() - began
+        await client.ws.close()
+    errors = client.of_type("error")
+    assert errors and {e["error"]["code"] for e in errors} == {"rate_limited"}, errors
+    assert len(errors) <= seconds + 1, (len(errors), seconds)
+    rejected = counters(gateway, "chorus_sessions_rejected_total", "reason")["per_key_limit"]
+    assert rejected == len(errors), "one start a second, each told"

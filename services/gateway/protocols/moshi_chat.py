@@ -280,7 +280,7 @@ class MoshiChatSession:
         )
 
     async def _place(self) -> None:
-        self.early.extend(await place(self.websocket, self.conversation))
+        await place(self.websocket, self.conversation, self.early)
         self.queue.put((HANDSHAKE, b""), droppable=False)
         self.queue.put((METADATA, self.metadata), droppable=False)
 

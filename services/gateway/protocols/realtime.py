@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -80,6 +81,22 @@ router = APIRouter()
 MIN_IDLE_TIMEOUT_MS = round(MIN_IDLE_TIMEOUT_S * 1000)  # shorter ones would end a session between two words
 MAX_IDLE_TIMEOUT_MS = 24 * 3600 * 1000  # the bound when the gateway sets neither limit
 REFUSAL_HELD_S = 5.0  # a start refused for what it asks is not tried again sooner (`RealtimeSession.refused`)
+RETRY_HELD_S = (
+    1.0  # one refused for now (a full fleet, the key's session limit): tried again at most this often
+)
+REFUSAL_TOLD_EVERY_S = 1.0  # a held refusal's `error`: at most one this often; the audio between is dropped
+
+
+@dataclasses.dataclass
+class HeldRefusal:
+    """A conversation start's refusal, answered again without a new start while it holds."""
+
+    error: ChorusError
+    request: tuple[str | None, ...]  # what the refused start asked for (`_start_request`)
+    until: float  # monotonic
+    told_at: float
+
+
 _NO_CONVERSATION_CHECK_S = 0.25  # how often a socket without a conversation yet checks the lifetime policies
 
 
@@ -198,11 +215,12 @@ class RealtimeSession:
         self.beta = "realtime=v1" in websocket.headers.get("openai-beta", "")  # the beta dialect
         self.chorus_events = True  # `session.chorus_events: false` turns Chorus's own events off
         self.appended_since_commit = False
-        # The last start's refusal, when retrying the same session cannot help (an adapter wider than
-        # the worker serves, say): while the session asks for the same (`_start_request`), later audio is
-        # answered so at once, without a new session start (one per append otherwise), for
-        # REFUSAL_HELD_S: a fleet may hold another worker that can take it.
-        self.refused: tuple[ChorusError, tuple[str | None, ...], float] | None = None
+        # The last start's refusal: while the session asks for the same (`_start_request`), later audio
+        # is answered so at once, without a new session start (one per append, 12 a second, otherwise),
+        # and told at most once a second. When retrying cannot help (an adapter wider than the worker
+        # serves, say) for REFUSAL_HELD_S (a fleet may hold another worker that can take it); when it may
+        # (no capacity, the key's session limit), for RETRY_HELD_S.
+        self.refused: HeldRefusal | None = None
 
     def adapter_in_use(self) -> str | None:
         """The session's LoRA adapter: its conversation's (a persona's own, or `chorus_adapter`), else the
@@ -516,7 +534,8 @@ class RealtimeSession:
             return
         self.audio_at = time.monotonic()
         if self.conversation is None:
-            self._refuse_again()
+            if self._refuse_again():
+                return  # refused, and the client was told within the last second: the audio is dropped
             await self.start_conversation()
         assert self.conversation is not None
         self.appended_since_commit = True
@@ -526,15 +545,20 @@ class RealtimeSession:
         """What a conversation start asks for: a start refused for it is refused again while it holds."""
         return (self.persona_id, self.instructions, self.voice, self.adapter)
 
-    def _refuse_again(self) -> None:
-        """The last start's refusal, raised again while it holds (`refused`); else nothing."""
-        if self.refused is None:
-            return
-        error, request, at = self.refused
-        if request != self._start_request() or time.monotonic() - at > REFUSAL_HELD_S:
+    def _refuse_again(self) -> bool:
+        """The last start's refusal while it holds (`refused`): raised again, or, told less than
+        REFUSAL_TOLD_EVERY_S ago, True (drop the audio, counted). False: no refusal holds, start."""
+        held, now = self.refused, time.monotonic()
+        if held is None:
+            return False
+        if held.request != self._start_request() or now > held.until:
             self.refused = None
-            return
-        raise error_for_code(error.code, error.detail, **error.extra)
+            return False
+        if now - held.told_at < REFUSAL_TOLD_EVERY_S:
+            metrics.WS_ERRORS_SUPPRESSED.labels(protocol="realtime").inc()
+            return True
+        held.told_at = now
+        raise error_for_code(held.error.code, held.error.detail, **held.error.extra)
 
     async def start_conversation(self) -> None:
         persona = await resolve_persona(
@@ -551,15 +575,16 @@ class RealtimeSession:
         )
         self.conversation = conversation
         try:
-            self.early.extend(await place(self.websocket, conversation))
+            await place(self.websocket, conversation, self.early)
         except ChorusError as exc:
             # Refused (no capacity, no slot in time): the socket stays open, the next audio tries again,
             # as a new session: every worker remembers the refused id as stopped, and its `:out` ends.
             self.conversation = None
             self.session_id = new_id("sess")
             await end_conversation(conversation, exc.code)
-            if not exc.retryable and not isinstance(exc, NoCapacity):
-                self.refused = (exc, self._start_request(), time.monotonic())
+            now = time.monotonic()
+            held_s = RETRY_HELD_S if exc.retryable or isinstance(exc, NoCapacity) else REFUSAL_HELD_S
+            self.refused = HeldRefusal(exc, self._start_request(), until=now + held_s, told_at=now)
             raise
         self.started.set()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,11 +194,11 @@ def open_conversation(
     )
 
 
-async def place(websocket: WebSocket, conversation: Conversation) -> list[Message]:
+async def place(websocket: WebSocket, conversation: Conversation, early: MutableSequence[Message]) -> None:
     """Start the conversation and wait until its session is ready, watching the socket meanwhile
-    (`wait_ready_watching`): refused at once when Redis is nearly full or too many conversations already
-    wait for a slot, or when its adapter was deleted while it started (`confirm_adapter_kept`); NoCapacity
-    after the placement wait. Returns what the client sent meanwhile."""
+    (`wait_ready_watching`: what the client sends meanwhile goes to `early`, ready or refused): refused at
+    once when Redis is nearly full or too many conversations already wait for a slot, or when its adapter
+    was deleted while it started (`confirm_adapter_kept`); NoCapacity after the placement wait."""
     admission: Admission = websocket.app.state.admission
     await admission.check_memory()
     await check_native_voice_served(websocket.app.state.bus, conversation.voice)
@@ -206,7 +206,7 @@ async def place(websocket: WebSocket, conversation: Conversation) -> list[Messag
         await conversation.start()
         if (adapter := conversation.persona.adapter) is not None:
             await confirm_adapter_kept(websocket, conversation.owner, adapter)
-        return await wait_ready_watching(websocket, conversation)
+        await wait_ready_watching(websocket, conversation, early)
 
 
 async def receive_fairly(websocket: WebSocket) -> Message:
@@ -221,19 +221,22 @@ async def receive_fairly(websocket: WebSocket) -> Message:
     return await websocket.receive()
 
 
-async def wait_ready_watching(websocket: WebSocket, conversation: Conversation) -> list[Message]:
+async def wait_ready_watching(
+    websocket: WebSocket, conversation: Conversation, early: MutableSequence[Message]
+) -> None:
     """`conversation.wait_ready` while reading the socket: a client that leaves meanwhile ends the wait
     (`SocketClosed`) instead of holding a dialogue slot until the session is ready.
 
-    What the client sent meanwhile is returned in order, for the receive loop to handle first (audio
-    before `ready` would not be heard; keeping it keeps what the client said). At most a socket rate
-    limit's burst is kept, what the receive loop accepts at once anyway, and at most two of the largest
-    messages' worth of bytes; the rest is dropped.
+    What the client sent meanwhile goes to `early` in order, for the receive loop to handle first (audio
+    before `ready` would not be heard; keeping it keeps what the client said), whether the session is
+    ready or refused: a refused start's socket stays open, and what was sent while it was placed (a
+    `session.update`, say) was lost with the refusal, never answered. At most a socket rate limit's burst
+    is kept, what the receive loop accepts at once anyway, and at most two of the largest messages' worth
+    of bytes; the rest is dropped.
     """
     settings: GatewaySettings = websocket.app.state.settings
     max_early = int(2 * settings.ws_messages_per_second)
     max_early_bytes = 2 * settings.ws_max_message_bytes
-    early: list[Message] = []
     early_bytes = dropped = 0
 
     async def watch() -> None:
@@ -265,7 +268,6 @@ async def wait_ready_watching(websocket: WebSocket, conversation: Conversation) 
     if not watcher.cancelled():
         watcher.result()  # the client left (or reading failed): that ends the session first
     ready.result()  # the session was refused, or did not get a slot in time
-    return early
 
 
 async def guarded(work: Awaitable[None], log_extra: dict[str, str], report: Report) -> Ending | None:
