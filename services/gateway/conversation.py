@@ -36,6 +36,7 @@ from shared.messages import (
     Failure,
     OutputMessage,
     PersonaSpec,
+    Placement,
     Sampling,
     SessionEvent,
     SessionStart,
@@ -105,6 +106,7 @@ class Conversation:
         self._splitter = Pcm16Frames()
         self._seq = 0
         self._lost: str | None = None  # why the session ended without this gateway (see LeaseKeeper)
+        self.served_model: str | None = None  # the Moshi model of the dialogue worker serving it, once ready
         self._input_dropped = 0
         self.started = False
         self.closed = False
@@ -170,6 +172,7 @@ class Conversation:
                 if isinstance(message, SessionEvent):
                     if message.name in (EventName.READY, EventName.RESUMED):
                         self.lifetime.started_at = time.monotonic()  # the maximum length counts from here
+                        self._note_placement(message)
                         return
                     if message.name == EventName.ERROR and (refusal := _worker_refusal(message)):
                         raise refusal
@@ -184,6 +187,11 @@ class Conversation:
                     raise NoCapacity(f"no dialogue worker had a free slot within {placement_wait_s:g} s")
             elif now - placed_at > ready_timeout_s:
                 raise NoCapacity(f"the session was placed but not ready within {ready_timeout_s:g} s")
+
+    def _note_placement(self, message: OutputMessage) -> None:
+        """A dialogue worker's `ready` or `resumed` names its model (a TTS worker's names none)."""
+        if isinstance(message, SessionEvent) and isinstance(message.data, Placement) and message.data.model:
+            self.served_model = message.data.model
 
     async def _placed(self) -> bool:
         return bool(await self.store.dialogue_worker(self.session_id))
@@ -263,6 +271,7 @@ class Conversation:
                 if _ended_for_want_of_a_lease(message):
                     raise self._lease_lapsed()
                 self.lifetime.observe(message)
+                self._note_placement(message)
                 _OUT_LAG.observe(max(0.0, time.time() - message.created_at))
                 yield message
 

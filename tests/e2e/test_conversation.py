@@ -175,3 +175,18 @@ async def test_an_abrupt_disconnect_frees_the_dialogue_slot_within_three_seconds
     await wait_until(
         ended_relayed, "`ended` on the session's output stream", 3.0 - (time.monotonic() - closed_at)
     )
+
+
+async def test_a_realtime_switch_to_the_other_models_voice_mid_session_is_refused(stack: ChorusStack) -> None:
+    """The stack runs moshiko: moshika mid-session was accepted and announced (`session.updated` said
+    moshika) while moshiko's audio kept playing. It is refused, and the session keeps its voice."""
+    client = await RealtimeClient.open(stack.ws_url)
+    await client.append(speech_like(1.0))
+    await client.wait_for("response.output_audio.delta", timeout_s=30)  # the conversation runs
+    await client.send({"type": "session.update", "session": {"audio": {"output": {"voice": "moshika"}}}})
+    error = await client.wait_for("error")
+    assert error["error"]["code"] == "invalid_request" and "runs on moshiko" in error["error"]["message"]
+    await client.send({"type": "session.update", "session": {"chorus_events": True}})
+    updated = await client.wait_for("session.updated")
+    assert updated["session"]["audio"]["output"]["voice"] == "moshiko"
+    await client.ws.close()

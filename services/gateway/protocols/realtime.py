@@ -435,6 +435,7 @@ class RealtimeSession:
         if voice is not None:
             voice = check_voice(voice)
             await check_voice_owned(self.websocket, self.owner, voice)
+            self._check_native_voice_served(voice)
         sets_idle, idle_ms = config.idle_timeout_update()
         idle_s = idle_timeout_s(idle_ms, self.settings) if sets_idle else self.idle_timeout_s
         changes_primer = config.instructions is not None and config.instructions != self.instructions
@@ -459,6 +460,17 @@ class RealtimeSession:
         if config.chorus_events is not None:
             self.chorus_events = config.chorus_events
         self.send(ev.SessionUpdated(session=self.session_object()))
+
+    def _check_native_voice_served(self, voice: str) -> None:
+        """A native voice is its model's own: mid-session only the model serving the session can speak it
+        (it was accepted and announced while the other model's audio kept playing)."""
+        served = self.conversation.served_model if self.conversation is not None else None
+        wanted = model_of_voice(voice)
+        if served and wanted and wanted != served:
+            raise InvalidRequest(
+                f"this session runs on {served}, whose voice is {served}: {voice} needs its own model, "
+                f"chosen when a session starts; switch to {served}, a profile: or a catalog: voice"
+            )
 
     async def _set_adapter(self, adapter: str) -> None:
         """`chorus_adapter`: the session's LoRA adapter; mid-session its rows switch from the worker's
