@@ -195,7 +195,7 @@ class TtsWorker:
             },
         )
         # A start taken late (every worker was full meanwhile) reads Moshi's text from now on: from the
-        # session's first words it voiced text many seconds old, minutes after it was said.
+        # session's first words it voiced text seconds old before what is said now.
         late = time.time() - start.created_at > LATE_START_S
         if late and not resumed:
             log.warning("session placed late: its earlier text is not voiced", extra={"session_id": sid})

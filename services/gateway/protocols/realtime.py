@@ -81,9 +81,8 @@ router = APIRouter()
 MIN_IDLE_TIMEOUT_MS = round(MIN_IDLE_TIMEOUT_S * 1000)  # shorter ones would end a session between two words
 MAX_IDLE_TIMEOUT_MS = 24 * 3600 * 1000  # the bound when the gateway sets neither limit
 REFUSAL_HELD_S = 5.0  # a start refused for what it asks is not tried again sooner (`RealtimeSession.refused`)
-RETRY_HELD_S = (
-    1.0  # one refused for now (a full fleet, the key's session limit): tried again at most this often
-)
+# A start refused for now (a full fleet, the key's session limit) is tried again at most this often.
+RETRY_HELD_S = 1.0
 REFUSAL_TOLD_EVERY_S = 1.0  # a held refusal's `error`: at most one this often; the audio between is dropped
 
 
