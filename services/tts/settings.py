@@ -58,7 +58,10 @@ class TtsSettings(CommonSettings):
         "time and memory (english_2m keeps 8 continuous sessions per core in real time: performance.md).",
     )
     tts_max_sessions: int = Field(
-        default=8, ge=1, description="Sessions this worker serves at once (cloned or waiting to be)."
+        default=8,
+        ge=1,
+        description="Sessions this worker owns at once, native ones too (an owner for a later switch to a "
+        "cloned voice): the fleet's slots must cover every concurrent session (docs/capacity.md).",
     )
     tts_temperature: float | None = Field(
         default=None,
