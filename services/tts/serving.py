@@ -45,6 +45,7 @@ from shared.voice_profiles import VoiceProfileStore
 log = logging.getLogger(__name__)
 
 SERVICE = "tts"
+OWNED_PER_SLOT = 8  # sessions a worker owns per synthesis slot, native ones included (a few idle tasks each)
 LATE_START_S = 2.0  # a start older than this when taken: its text so far is older than the router's budget
 
 
@@ -104,7 +105,7 @@ class TtsWorker:
             settings.worker_id,
             CONTROL,
             self.on_start,
-            can_take=lambda: self.room() > 0,
+            can_take=self.can_take,
             **consumer_options,
         )
         self.requests = VoiceRequests(self.bus, services.engine, services.voices, services.limits)
@@ -119,7 +120,14 @@ class TtsWorker:
         )
 
     def room(self) -> int:
-        return max(0, self.settings.tts_max_sessions - len(self.sessions))
+        """Synthesis slots left: sessions speaking through the TTS (a profile's or a catalog voice) take
+        one; native ones, owned only so that a switch to such a voice has an owner, take none (they filled
+        the slots: a fleet of native sessions left no TTS for the cloned ones)."""
+        return max(0, self.settings.tts_max_sessions - sum(s.cloning for s in self.sessions.values()))
+
+    def can_take(self) -> bool:
+        """A `start` may be read: a synthesis slot is free, and the sessions owned stay bounded."""
+        return self.room() > 0 and len(self.sessions) < OWNED_PER_SLOT * self.settings.tts_max_sessions
 
     def describe(self) -> WorkerFields:
         return {
@@ -182,6 +190,7 @@ class TtsWorker:
             start.owner,
             fence=self.ownership.fence,
             next_seq=await next_seq(self.bus, stream, TTS),
+            synthesis_room=self.room,
         )
         self.sessions[sid] = session
         metrics.SESSIONS_ACTIVE.labels(service=SERVICE).set(len(self.sessions))

@@ -60,8 +60,8 @@ class TtsSettings(CommonSettings):
     tts_max_sessions: int = Field(
         default=8,
         ge=1,
-        description="Sessions this worker owns at once, native ones too (an owner for a later switch to a "
-        "cloned voice): the fleet's slots must cover every concurrent session (docs/capacity.md).",
+        description="Sessions this worker speaks for at once (a profile's or a catalog voice). Native "
+        "sessions it owns (an owner for a later switch) take no slot; it owns at most 8 per slot in all.",
     )
     tts_temperature: float | None = Field(
         default=None,

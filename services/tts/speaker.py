@@ -19,6 +19,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,8 +93,10 @@ class ClonedSession:
         *,
         fence: Fence | None = None,
         next_seq: int = 0,
+        synthesis_room: Callable[[], int] = lambda: 1,
     ) -> None:
         self.s = services
+        self.synthesis_room = synthesis_room  # the worker's slots left for sessions speaking through the TTS
         self.session_id = session_id
         self.owner = owner
         self.fence = fence  # writes only while this worker owns the session
@@ -139,7 +142,14 @@ class ClonedSession:
             return
         if self.cloning:
             await self.flush("voice_changed")
-        if spoken is not None and (refusal := await self._refusal(spoken)) is not None:
+        if spoken is not None and not self.cloning and self.synthesis_room() <= 0:
+            # A native session switching to a TTS voice on a worker whose synthesis slots are all taken:
+            # the router plays native and the client is told (`tts_down`); a later switch may find room.
+            detail = "no TTS capacity for this voice on the worker serving the session"
+            log.warning(detail, extra={**self.log_extra, "tts_voice": spoken})
+            await self._event(EventName.ERROR, detail, Failure(code="no_capacity"))
+            spoken = None
+        elif spoken is not None and (refusal := await self._refusal(spoken)) is not None:
             await self._event(EventName.ERROR, refusal.detail, Failure(code=refusal.code))
             spoken = None
         if spoken is None:

@@ -355,3 +355,28 @@ async def test_a_start_taken_late_voices_what_is_said_from_then_on_not_the_old_t
         await dialogue.say(" Said", " now", ".", "")
         entries = await wait_until(lambda: phrases_done(bus, "s-late", 1), "a phrase")
     assert [f.text for f in frames_of(entries) if f.text] == ["Said now."]
+
+
+async def test_native_sessions_take_no_synthesis_slot_and_a_switch_past_the_slots_is_refused(
+    bus: Bus, settings: TtsSettings, store: VoiceProfileStore, tts_engine: Engine
+) -> None:
+    """A worker owns every session placed on it, native ones too (an owner for a later switch), and they
+    took its slots: a fleet of native sessions left no TTS for cloned ones, which played native. Only
+    sessions speaking through the TTS take a slot now; a switch to a TTS voice with none left is refused
+    with an `error` (the router plays native and tells the client)."""
+    profile = await add_profile(store, SPEECH)
+    one_slot = settings.model_copy(update={"tts_max_sessions": 1})
+    async with running_worker(bus, one_slot, tts_engine) as worker:
+        for sid in ("s-native-1", "s-native-2"):
+            await start_session(bus, sid, "moshiko", mode="auto")
+            await wait_until(lambda sid=sid: _placed(worker, sid), "a native session placed")
+        await start_session(bus, "s-cloned", profile.voice)
+        await wait_until(lambda: _placed(worker, "s-cloned"), "the cloned session placed past two natives")
+        await Dialogue(bus, "s-cloned").say(" Still", " room", ".")
+        await wait_until(lambda: phrases_done(bus, "s-cloned", 1), "its phrase")
+        assert worker.describe()["free_slots"] == 0
+
+        await bus.append_control(SessionUpdate(session_id="s-native-1", voice=profile.voice))
+        refused = await wait_until(lambda: _event(bus, "s-native-1", EventName.ERROR), "the refusal")
+        assert refused[0].data_as(Failure).code == "no_capacity"  # type: ignore[attr-defined]
+        assert not worker.sessions["s-native-1"].cloning
