@@ -123,7 +123,11 @@ class TtsWorker:
         """Synthesis slots left: sessions speaking through the TTS (a profile's or a catalog voice) take
         one; native ones, owned only so that a switch to such a voice has an owner, take none (they filled
         the slots: a fleet of native sessions left no TTS for the cloned ones)."""
-        return max(0, self.settings.tts_max_sessions - sum(s.cloning for s in self.sessions.values()))
+        return max(0, self.settings.tts_max_sessions - self.cloning())
+
+    def cloning(self) -> int:
+        """Sessions speaking through the TTS now."""
+        return sum(s.cloning for s in self.sessions.values())
 
     def can_take(self) -> bool:
         """A `start` may be read: a synthesis slot is free, and the sessions owned stay bounded."""
@@ -133,7 +137,7 @@ class TtsWorker:
         return {
             "capacity": self.settings.tts_max_sessions,
             "free_slots": self.room(),
-            "cloning": sum(s.cloning for s in self.sessions.values()),
+            "cloning": self.cloning(),
             "instances": self.s.engine.instances,
             "model": self.s.engine.version,
             **presence_fields(self.s.engine.can_clone, self.s.engine.catalog.listing()),

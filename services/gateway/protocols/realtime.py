@@ -67,7 +67,6 @@ from shared.errors import (
     IdleTimeout,
     InvalidRequest,
     LifetimeReached,
-    NoCapacity,
     RateLimited,
     error_for_code,
     excerpt,
@@ -594,7 +593,7 @@ class RealtimeSession:
             self.session_id = new_id("sess")
             await end_conversation(conversation, exc.code)
             now = time.monotonic()
-            held_s = RETRY_HELD_S if exc.retryable or isinstance(exc, NoCapacity) else REFUSAL_HELD_S
+            held_s = RETRY_HELD_S if exc.retryable else REFUSAL_HELD_S  # no_capacity is retryable
             self.refused = HeldRefusal(exc, self._start_request(), until=now + held_s, told_at=now)
             raise
         self.started.set()
